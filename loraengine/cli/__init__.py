@@ -1,0 +1,1 @@
+"""The ``loraengine`` command line."""

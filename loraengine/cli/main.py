@@ -1,0 +1,205 @@
+"""The ``loraengine`` click group and its built-in commands."""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+import traceback
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click
+
+from loraengine import __version__
+from loraengine.core.errors import LoraEngineError
+from loraengine.core.manager import PluginHost, PluginLoadWarning, build_plugin_manager
+
+
+class State:
+    def __init__(self, debug: bool, strict: bool):
+        self.debug, self.strict = debug, strict
+        self._host: PluginHost | None = None
+
+    @property
+    def host(self) -> PluginHost:
+        if self._host is None:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always", PluginLoadWarning)
+                self._host = build_plugin_manager(strict=self.strict)
+            for w in caught:
+                click.echo(f"warning: {w.message}", err=True)
+        return self._host
+
+
+def reports_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn engine errors into one line per problem and the error's exit status."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        debug = bool(click.get_current_context().find_root().params.get("debug"))
+        try:
+            return fn(*args, **kwargs)
+        except LoraEngineError as exc:
+            if debug:
+                traceback.print_exc()
+            for line in str(exc).splitlines() or [type(exc).__name__]:
+                click.echo(f"error: {line}", err=True)
+            sys.exit(exc.exit_code)
+
+    return wrapper
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="loraengine")
+@click.option("--debug", is_flag=True, help="Show tracebacks.")
+@click.option("--strict", is_flag=True, help="A plugin that fails to load is an error.")
+@click.pass_context
+def cli(ctx: click.Context, debug: bool, strict: bool) -> None:
+    """Train LoRA-family adapters on diffusion models."""
+    ctx.obj = State(debug, strict)
+
+
+config_option = click.argument("config", type=click.Path(path_type=Path))
+set_option = click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+                          help="Override a config key, e.g. --set training.steps=100.")
+
+
+@cli.command()
+@config_option
+@set_option
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar or summary.")
+@click.option("--events", type=click.Path(path_type=Path), default=None,
+              help="Write one JSON line per step to this file.")
+@click.pass_obj
+@reports_errors
+def train(state: State, config: Path, overrides: tuple[str, ...], quiet: bool,
+          events: Path | None) -> None:
+    """Train an adapter as CONFIG describes."""
+    from loraengine.api import resolve_config
+    from loraengine.cli.progress import EventLog, ProgressBar
+    from loraengine.core.orchestrator import build_pipeline
+    from loraengine.core.trainer import Trainer
+
+    host = state.host
+    cfg, base_dir = resolve_config(config, host, overrides=list(overrides))
+    if not quiet:
+        host.register(ProgressBar(), name="loraengine.cli.progress")
+    if events is not None:
+        host.register(EventLog(events), name="loraengine.cli.events")
+    pipe = build_pipeline(cfg, host, base_dir=base_dir)
+    try:
+        result = Trainer(pipe).run()
+    finally:
+        pipe.close()
+    if not quiet:
+        losses = result.loss_map["loss"]
+        click.echo(f"trained {len(losses)} steps (total {result.steps}); loss "
+                   f"{losses[0]:.4f} -> {losses[-1]:.4f}")
+        for kind, path in result.files.items():
+            click.echo(f"  {kind}: {path}")
+
+
+@cli.command()
+@config_option
+@set_option
+@click.pass_obj
+@reports_errors
+def validate(state: State, config: Path, overrides: tuple[str, ...]) -> None:
+    """Check CONFIG without training."""
+    from loraengine.api import resolve_config
+
+    resolve_config(config, state.host, overrides=list(overrides))
+    click.echo(f"{config}: ok")
+
+
+@cli.command("plugins")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON records.")
+@click.pass_obj
+@reports_errors
+def plugins_cmd(state: State, as_json: bool) -> None:
+    """List every installed plugin record."""
+    records = [{"category": p.category, "name": p.name, "plugin": p.plugin,
+                "distribution": p.distribution, "version": p.version}
+               for p in state.host.registry.all()]
+    if as_json:
+        click.echo(json.dumps(records, indent=1))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table("category", "name", "plugin", "distribution", "version")
+    for r in records:
+        table.add_row(*(str(r[k] or "-") for k in ("category", "name", "plugin",
+                                                     "distribution", "version")))
+    Console().print(table)
+    for f in state.host.failures:
+        click.echo(f"failed: {f.describe()}", err=True)
+
+
+@cli.group("config")
+def config_group() -> None:
+    """Inspect the configuration schema."""
+
+
+@config_group.command("schema")
+@click.pass_obj
+@reports_errors
+def config_schema(state: State) -> None:
+    """Print the JSON Schema of the config for the installed plugins."""
+    from loraengine.core.config import build_config_model
+
+    model = build_config_model(state.host.registry)
+    click.echo(json.dumps(model.model_json_schema(), indent=1))
+
+
+@cli.command()
+@click.argument("file", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@reports_errors
+def inspect(file: Path, as_json: bool) -> None:
+    """Describe a LoRA file: metadata, algorithm, rank/alpha, modules, parameters."""
+    from loraengine.core.inspect import describe
+
+    info = describe(file)
+    if as_json:
+        click.echo(json.dumps(info, indent=1))
+        return
+    click.echo(f"file:        {info['file']}")
+    click.echo(f"algorithm:   {info['algorithm']}")
+    click.echo(f"rank:        {info['rank']}")
+    click.echo(f"alpha:       {info['alpha']}")
+    click.echo(f"modules:     {info['modules']}")
+    click.echo(f"parameters:  {info['parameters']:,}")
+    click.echo(f"steps:       {info['steps']}")
+    click.echo(f"dtype:       {', '.join(info['dtypes'])}")
+    click.echo("metadata:")
+    for k, v in sorted(info["metadata"].items()):
+        v = v if len(v) <= 100 else v[:97] + "..."
+        click.echo(f"  {k}: {v}")
+
+
+def main() -> None:
+    host_cli = cli
+    try:
+        state_host = build_plugin_manager_for_commands()
+        if state_host is not None:
+            state_host.register_commands(host_cli)
+    except LoraEngineError:
+        pass  # commands from plugins are optional; errors surface when the host is built
+    host_cli(prog_name="loraengine")
+
+
+def build_plugin_manager_for_commands() -> PluginHost | None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", PluginLoadWarning)
+        try:
+            return build_plugin_manager()
+        except LoraEngineError:
+            return None
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,86 @@
+"""Lifecycle-hook plugins the CLI registers: a progress bar and a JSON-lines event log."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any, TextIO
+
+from loraengine.core.hookspecs import hookimpl
+
+
+class ProgressBar:
+    """A rich progress bar with loss, it/s and ETA; silent when not on a terminal."""
+
+    def __init__(self, stream: TextIO | None = None, enabled: bool | None = None):
+        self.stream = stream or sys.stderr
+        self.enabled = self.stream.isatty() if enabled is None else enabled
+        self._progress: Any = None
+        self._task: Any = None
+
+    @hookimpl
+    def loraengine_on_train_start(self, run: Any) -> None:
+        if not self.enabled:
+            return
+        from rich.console import Console
+        from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
+                                   TimeElapsedColumn, TimeRemainingColumn)
+
+        self._progress = Progress(
+            TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+            TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[rate]} it/s"),
+            TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
+            console=Console(file=self.stream), transient=False)
+        self._progress.start()
+        self._task = self._progress.add_task(run.config.output.name, total=run.total_steps,
+                                             completed=run.start_step, loss="-", rate="-")
+        self._t0 = time.perf_counter()
+        self._done0 = run.start_step
+
+    @hookimpl
+    def loraengine_on_step_end(self, run: Any, step: int, metrics: dict[str, float]) -> None:
+        if self._progress is None:
+            return
+        rate = (step - self._done0) / max(time.perf_counter() - self._t0, 1e-9)
+        self._progress.update(self._task, completed=step, loss=f"{metrics['loss']:.4f}",
+                              rate=f"{rate:.2f}")
+
+    @hookimpl
+    def loraengine_on_train_end(self, run: Any, result: Any) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+            self._progress = None
+
+
+class EventLog:
+    """Writes one JSON object per line: train_start, step, save, train_end."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._fh = self.path.open("w", encoding="utf-8")
+
+    def _write(self, event: dict[str, Any]) -> None:
+        event["time"] = time.time()
+        self._fh.write(json.dumps(event) + "\n")
+        self._fh.flush()
+
+    @hookimpl
+    def loraengine_on_train_start(self, run: Any) -> None:
+        self._write({"event": "train_start", "total_steps": run.total_steps,
+                     "start_step": run.start_step})
+
+    @hookimpl
+    def loraengine_on_step_end(self, run: Any, step: int, metrics: dict[str, float]) -> None:
+        self._write({"event": "step", "step": step, **metrics})
+
+    @hookimpl
+    def loraengine_on_save(self, run: Any, path: str, kind: str) -> None:
+        self._write({"event": "save", "kind": kind, "path": path})
+
+    @hookimpl
+    def loraengine_on_train_end(self, run: Any, result: Any) -> None:
+        self._write({"event": "train_end", "steps": result.steps})
+        self._fh.close()

@@ -1,0 +1,1 @@
+"""The engine: contracts, configuration, the training loop. Imports no built-in plugin."""

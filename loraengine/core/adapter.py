@@ -1,0 +1,208 @@
+"""The adapter contract and the network that attaches adapters to a model.
+
+An ``AdapterLayer`` adapts one base layer (Linear or Conv1d/2d/3d). It provides
+``delta_weight()`` (ΔW with its scale), ``bypass(x, base_out)`` (the adapted output
+from the base output, without building W+ΔW where the algorithm allows it) and
+``file_tensors()`` (its tensors under their standard key names). The engine uses
+three equivalent paths: *rebuild* (run the layer with W+ΔW), *bypass* (forward hook)
+and *merge* (write W+ΔW into the base weight).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import types
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from loraengine.core.errors import ConfigError
+
+ADAPTABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+AttachMode = Literal["weight", "bypass"]
+
+
+def layer_op(base: nn.Module, x: torch.Tensor, weight: torch.Tensor,
+             bias: torch.Tensor | None) -> torch.Tensor:
+    """Run ``base``'s operation (linear or its convolution) with another weight/bias."""
+    if isinstance(base, nn.Linear):
+        return F.linear(x, weight, bias)
+    if isinstance(base, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+        return base._conv_forward(x, weight, bias)
+    raise TypeError(f"cannot adapt {type(base).__name__}")
+
+
+class AdapterLayer(nn.Module):
+    """Base class of one adapted layer. Subclasses define ``delta_weight`` and may
+    override ``bypass``, ``delta_bias`` and ``forward``.
+
+    Parameters are kept in their own (master) dtype and cast to the compute dtype of
+    the input on use.
+    """
+
+    #: Set by the spec; used when writing files.
+    algorithm: str = ""
+
+    def __init__(self, base: nn.Module, rank: int, alpha: float):
+        super().__init__()
+        self._base = (base,)  # a tuple keeps the base layer out of this module's tree
+        self.rank = int(rank)
+        self.alpha = float(alpha)
+        self.multiplier = 1.0
+
+    @property
+    def base(self) -> nn.Module:
+        return self._base[0]
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+    def delta_weight(self) -> torch.Tensor:
+        """ΔW in the shape of the base weight, scale and multiplier included."""
+        raise NotImplementedError
+
+    def delta_bias(self) -> torch.Tensor | None:
+        """Δb, or ``None`` when the algorithm leaves the bias alone."""
+        return None
+
+    def file_tensors(self) -> dict[str, torch.Tensor]:
+        """Tensors to save, by parameter key (``lora_down.weight``, ``alpha``...)."""
+        raise NotImplementedError
+
+    def compute_dtype(self, x: torch.Tensor) -> torch.dtype:
+        return x.dtype if x.is_floating_point() else torch.float32
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The rebuild path: the base operation with W+ΔW (and b+Δb)."""
+        base = self.base
+        w = base.weight
+        dw = self.delta_weight().to(dtype=w.dtype, device=w.device)
+        b = base.bias
+        db = self.delta_bias()
+        if db is not None:
+            db = db.to(dtype=w.dtype, device=w.device)
+            b = db if b is None else b + db
+        return layer_op(base, x, w + dw, b)
+
+    def bypass(self, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
+        """The adapted output given the base output. Default: add the delta layer's
+        output, which never reads the base weight."""
+        dw = self.delta_weight().to(dtype=base_out.dtype, device=base_out.device)
+        db = self.delta_bias()
+        if db is not None:
+            db = db.to(dtype=base_out.dtype, device=base_out.device)
+        return base_out + layer_op(self.base, x.to(base_out.dtype), dw, db)
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Add ΔW (and Δb) into the base layer's parameters in place."""
+        base = self.base
+        base.weight.add_(self.delta_weight().to(base.weight.dtype))
+        db = self.delta_bias()
+        if db is not None:
+            if base.bias is None:
+                base.bias = nn.Parameter(db.to(base.weight.dtype), requires_grad=False)
+            else:
+                base.bias.add_(db.to(base.bias.dtype))
+
+
+def _patched_forward(adapter: AdapterLayer) -> Callable[..., torch.Tensor]:
+    def forward(self: nn.Module, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return adapter(x)
+
+    return forward
+
+
+class AdapterNetwork(nn.Module):
+    """All adapters of one model, keyed by module path, and their attachment."""
+
+    def __init__(self, layers: dict[str, AdapterLayer]):
+        super().__init__()
+        self.paths = list(layers)
+        self.layers = nn.ModuleDict({_key(p): m for p, m in layers.items()})
+        self._undo: list[Callable[[], None]] = []
+        self.mode: AttachMode | None = None
+
+    def items(self) -> Iterator[tuple[str, AdapterLayer]]:
+        for p in self.paths:
+            yield p, self.layers[_key(p)]  # type: ignore[misc]
+
+    def __getitem__(self, path: str) -> AdapterLayer:
+        return self.layers[_key(path)]  # type: ignore[return-value]
+
+    def attach(self, mode: AttachMode = "weight") -> None:
+        """Route each base layer through its adapter: ``weight`` replaces the layer's
+        forward by the adapter's (rebuild or factored path); ``bypass`` adds a forward
+        hook that maps the untouched base output."""
+        self.detach()
+        for _, layer in self.items():
+            base = layer.base
+            if mode == "weight":
+                base.forward = types.MethodType(_patched_forward(layer), base)
+                self._undo.append(lambda b=base: b.__dict__.pop("forward", None))
+            else:
+                handle = base.register_forward_hook(
+                    lambda mod, args, out, a=layer: a.bypass(args[0], out))
+                self._undo.append(handle.remove)
+        self.mode = mode
+
+    def detach(self) -> None:
+        while self._undo:
+            self._undo.pop()()
+        self.mode = None
+
+    def set_multiplier(self, value: float) -> None:
+        for _, layer in self.items():
+            layer.multiplier = float(value)
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Bake every adapter into its base layer and detach."""
+        self.detach()
+        for _, layer in self.items():
+            layer.merge()
+
+    def file_modules(self, dtype: torch.dtype | None = None) -> dict[str, dict[str, torch.Tensor]]:
+        out: dict[str, dict[str, torch.Tensor]] = {}
+        for path, layer in self.items():
+            tensors = {}
+            for k, v in layer.file_tensors().items():
+                v = v.detach()
+                if dtype is not None and v.is_floating_point():
+                    v = v.to(dtype)
+                tensors[k] = v.contiguous().cpu()
+            out[path] = tensors
+        return out
+
+
+def _key(path: str) -> str:
+    return path.replace(".", "::")
+
+
+def select_layers(model: nn.Module, include: Iterable[str], exclude: Iterable[str],
+                  types_: tuple[type, ...] = ADAPTABLE) -> dict[str, nn.Module]:
+    """The adaptable layers of ``model`` whose path matches ``include`` but not
+    ``exclude`` (shell-style globs over dotted module paths)."""
+    include, exclude = list(include), list(exclude)
+    found: dict[str, nn.Module] = {}
+    for path, mod in model.named_modules():
+        if not path or not isinstance(mod, types_):
+            continue
+        if getattr(mod, "groups", 1) != 1:
+            continue  # grouped convolutions have no low-rank form here
+        if any(fnmatch.fnmatchcase(path, p) for p in include) and not any(
+                fnmatch.fnmatchcase(path, p) for p in exclude):
+            found[path] = mod
+    if not found:
+        raise ConfigError(f"adapter.include: no Linear/Conv layer matches {include} "
+                          f"(minus {exclude})")
+    return found
+
+
+def flat_in(weight: torch.Tensor) -> int:
+    """in_features × kernel size: the column count of a weight seen as a matrix."""
+    return int(weight[0].numel())

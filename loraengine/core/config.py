@@ -1,0 +1,418 @@
+"""Configuration: strict pydantic models, YAML loading with line numbers, overrides.
+
+The root model is built after plugins load: each plugin category (optimizer, loss,
+adapter, model, lr_scheduler) is a discriminated union of the installed plugins'
+option models, and the ``memory`` section is the union of every memory strategy's
+fields. Unknown keys, out-of-range values and unknown plugin names are errors.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    create_model,
+)
+
+from loraengine.core.errors import ConfigError, NotImplementedYetError, PluginError
+from loraengine.core.registry import Registry
+
+SEED_MAX = 2**64 - 1
+
+
+def _resolve_path(value: Path | None, info: ValidationInfo) -> Path | None:
+    if value is None:
+        return None
+    base = (info.context or {}).get("base_dir")
+    value = Path(value).expanduser()
+    if base is not None and not value.is_absolute():
+        value = Path(base) / value
+    return value
+
+
+#: A path; relative paths resolve against the config file's folder.
+ConfigPath = Annotated[Path, AfterValidator(_resolve_path)]
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+
+class TrainingConfig(Strict):
+    """How long and how to train."""
+
+    batch_size: int = Field(1, ge=1, le=10000, description="Samples per micro-batch.")
+    grad_accumulation_steps: int = Field(
+        1, ge=1, le=1024, description="Micro-batches per optimizer step.")
+    steps: int = Field(16, ge=1, le=100000, description="Optimizer steps to train.")
+    seed: int = Field(0, ge=0, le=SEED_MAX,
+                      description="Seeds adapter init, batch order, noise and timesteps.")
+    dtype: Literal["bf16", "fp32", "none"] = Field(
+        "bf16", description="Compute dtype of the base model; none keeps the model's own "
+        "(an fp16 model then trains with a gradient scaler).")
+    max_grad_norm: float | None = Field(
+        None, gt=0, description="Clip the adapter gradients' global norm to this value.")
+    device: str = Field("auto", description="auto (cuda when available), cpu, cuda, cuda:N.")
+
+
+class DataConfig(Strict):
+    """Pre-encoded training data."""
+
+    latents: ConfigPath | None = Field(
+        None, description="safetensors file with `latents` [N,C,H,W] (or [N,C,T,H,W]).")
+    conditioning: ConfigPath | None = Field(
+        None, description="safetensors file with `cond` [N|1,L,D] plus family extras.")
+    bucket_mode: bool = Field(False, description="Latents are pre-bucketed by resolution.")
+
+
+class OutputConfig(Strict):
+    """Where and what to write."""
+
+    dir: ConfigPath = Field(Path("output"), description="Output folder.")
+    name: str = Field("lora", min_length=1, pattern=r"^[^/\\]+$",
+                      description="Base name of the written files.")
+    plot: bool = Field(True, description="Write <name>.loss.png.")
+
+
+PLUGIN_SECTIONS: dict[str, tuple[str, str]] = {
+    # section -> (registry category, discriminator key)
+    "model": ("model", "family"),
+    "optimizer": ("optimizer", "name"),
+    "loss": ("loss", "name"),
+    "adapter": ("adapter", "algorithm"),
+    "lr_scheduler": ("lr_scheduler", "name"),
+}
+
+DEFAULT_NAMES = {"optimizer": "adamw", "loss": "mse", "adapter": "lora",
+                 "lr_scheduler": "constant", "model": "diffusers"}
+
+
+def _common_fields(section: str) -> dict[str, Any]:
+    """Fields every member of a plugin section carries besides the plugin's own."""
+    if section == "optimizer":
+        return {"lr": (float, Field(5e-4, ge=1e-7, le=1.0, description="Learning rate."))}
+    if section == "loss":
+        return {"target": (Literal["native", "x0"], Field(
+            "native", description="native: the family's own target (eps/v/flow); x0: "
+            "compare predicted and clean latents."))}
+    if section == "adapter":
+        return {
+            "rank": (int, Field(8, ge=1, le=128, description="Adapter rank.")),
+            "alpha": (float | None, Field(None, gt=0, description="Scale numerator; "
+                      "the delta is scaled by alpha/rank. Default: rank (scale 1).")),
+            "dtype": (Literal["bf16", "fp32"], Field("bf16", description="Adapter dtype "
+                      "(the saved file's dtype).")),
+            "master_weights": (bool, Field(True, description="Keep fp32 master weights "
+                               "for a bf16 adapter.")),
+            "existing": (ConfigPath | None, Field(None, description="A LoRA file to "
+                         "continue training from.")),
+            "include": (list[str], Field(["*"], description="Glob patterns of module "
+                        "paths to adapt.")),
+            "exclude": (list[str], Field([], description="Glob patterns of module paths "
+                        "to leave alone.")),
+            "exporter": (str | None, Field(None, description="Key format of the written "
+                         "file (kohya, comfyui, ...); default: the model family's.")),
+        }
+    return {}
+
+
+def _member(section: str, key: str, spec: Any) -> type[BaseModel]:
+    base = spec.config_model
+    common = _common_fields(section)
+    clash = (set(common) | {key}) & set(base.model_fields)
+    if clash:
+        raise PluginError(f"{section} plugin {spec.name!r} defines reserved option(s) "
+                          f"{sorted(clash)}")
+    fields = {key: (Literal[spec.name], spec.name), **common}
+    member = create_model(f"{section.title().replace('_', '')}_{spec.name}", __base__=base,
+                          **fields)
+    member.model_config["extra"] = "forbid"
+    member.model_rebuild(force=True)
+    return member
+
+
+def _union(section: str, registry: Registry) -> Any:
+    category, key = PLUGIN_SECTIONS[section]
+    members = [_member(section, key, s) for s in registry.specs(category)]
+    if not members:
+        raise PluginError(f"no {category} plugin is installed")
+    if len(members) == 1:
+        return members[0]
+    return Annotated[Union[tuple(members)], Field(discriminator=key)]  # noqa: UP007
+
+
+def _memory_model(registry: Registry) -> type[BaseModel]:
+    fields: dict[str, Any] = {}
+    owners: dict[str, str] = {}
+    for spec in sorted(registry.specs("memory"), key=lambda s: s.order):
+        for fname, finfo in spec.config_model.model_fields.items():
+            if fname in owners:
+                raise PluginError(f"memory option {fname!r} is defined by both strategies "
+                                  f"{owners[fname]!r} and {spec.name!r}")
+            owners[fname] = spec.name
+            fields[fname] = (finfo.annotation, finfo)
+    return create_model("MemoryConfig", __base__=Strict, **fields)
+
+
+_MODEL_CACHE: dict[int, type[BaseModel]] = {}
+
+
+def build_config_model(registry: Registry) -> type[BaseModel]:
+    """The root config model for the installed plugins."""
+    cached = _MODEL_CACHE.get(id(registry))
+    if cached is not None:
+        return cached
+    sections: dict[str, Any] = {}
+    for section in PLUGIN_SECTIONS:
+        union = _union(section, registry)
+        default = DEFAULT_NAMES[section]
+        if section == "model":
+            sections[section] = (union, Field(description="The model family and its options."))
+        else:
+            _, key = PLUGIN_SECTIONS[section]
+            sections[section] = (union, Field(default_factory=lambda d={key: default}, u=union:
+                                              _default_member(u, d)))
+    memory = _memory_model(registry)
+    root = create_model(
+        "TrainConfig", __base__=Strict,
+        training=(TrainingConfig, Field(default_factory=TrainingConfig)),
+        data=(DataConfig, Field(default_factory=DataConfig)),
+        memory=(memory, Field(default_factory=memory)),
+        output=(OutputConfig, Field(default_factory=OutputConfig)),
+        **sections,
+    )
+    _MODEL_CACHE[id(registry)] = root
+    return root
+
+
+def _default_member(union: Any, data: dict[str, Any]) -> Any:
+    from pydantic import TypeAdapter
+
+    return TypeAdapter(union).validate_python(data)
+
+
+# -- loading --------------------------------------------------------------------------
+
+def yaml_lines(text: str) -> dict[tuple[str, ...], int]:
+    """Map each key path of a YAML mapping document to its 1-based line."""
+    lines: dict[tuple[str, ...], int] = {}
+    try:
+        root = yaml.compose(text)
+    except yaml.YAMLError:
+        return lines
+
+    def walk(node: Any, path: tuple[str, ...]) -> None:
+        if isinstance(node, yaml.MappingNode):
+            for k, v in node.value:
+                key = (*path, str(k.value))
+                lines[key] = k.start_mark.line + 1
+                walk(v, key)
+        elif isinstance(node, yaml.SequenceNode):
+            for i, v in enumerate(node.value):
+                key = (*path, str(i))
+                lines[key] = v.start_mark.line + 1
+                walk(v, key)
+
+    if root is not None:
+        walk(root, ())
+    return lines
+
+
+def read_yaml(path: Path) -> tuple[dict[str, Any], dict[tuple[str, ...], int]]:
+    """Read a YAML config file; return the data and its line map."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read config file: {exc.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
+        raise ConfigError(f"{where}: not valid YAML: {getattr(exc, 'problem', exc)}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the config must be a mapping of sections, "
+                          f"not {type(data).__name__}")
+    return data, yaml_lines(text)
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> set[tuple[str, ...]]:
+    """Apply ``key.path=value`` overrides in place (values parsed as YAML)."""
+    touched: set[tuple[str, ...]] = set()
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected key.path=value")
+        key, raw = item.split("=", 1)
+        parts = tuple(p for p in key.strip().split(".") if p)
+        if not parts:
+            raise ConfigError(f"--set {item!r}: empty key")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            value = raw
+        node = data
+        for p in parts[:-1]:
+            nxt = node.get(p)
+            if nxt is None:
+                nxt = node[p] = {}
+            if not isinstance(nxt, dict):
+                raise ConfigError(f"--set {key}: {p!r} is not a section")
+            node = nxt
+        node[parts[-1]] = value
+        touched.add(parts)
+    return touched
+
+
+class ConfigSource:
+    """Where a config came from, for error messages."""
+
+    def __init__(self, path: Path | None = None, lines: Mapping[tuple[str, ...], int] | None
+                 = None, overrides: set[tuple[str, ...]] | None = None):
+        self.path = path
+        self.lines = dict(lines or {})
+        self.overrides = overrides or set()
+
+    def where(self, loc: tuple[str, ...]) -> str:
+        if loc in self.overrides:
+            return " (--set)"
+        probe = loc
+        while probe:
+            if probe in self.lines and self.path is not None:
+                return f" ({self.path}:{self.lines[probe]})"
+            probe = probe[:-1]
+        return f" ({self.path})" if self.path is not None else ""
+
+
+def _data_loc(raw: Any, loc: tuple[Any, ...]) -> tuple[str, ...]:
+    """Drop union-tag elements from a pydantic error location by walking the data."""
+    out: list[str] = []
+    node = raw
+    for part in loc:
+        if isinstance(node, dict) and part in node:
+            out.append(str(part))
+            node = node[part]
+        elif isinstance(node, list) and isinstance(part, int) and part < len(node):
+            out.append(str(part))
+            node = node[part]
+        elif isinstance(node, dict) and isinstance(part, str) and "_" in part and \
+                part[0].isupper():
+            continue  # a union member's class name
+        elif isinstance(node, dict):
+            out.append(str(part))
+            node = None
+        else:
+            continue
+    return tuple(out)
+
+
+def _message(err: Mapping[str, Any]) -> str:
+    kind = err.get("type", "")
+    if kind == "extra_forbidden":
+        return "unknown key"
+    if kind == "missing":
+        return "required key is missing"
+    msg = str(err.get("msg", "invalid value"))
+    if "input" in err and kind not in ("union_tag_invalid",) and not isinstance(
+            err["input"], (dict, list)):
+        msg += f" (got {err['input']!r})"
+    return msg
+
+
+def _check_plugin_names(data: dict[str, Any], registry: Registry,
+                        source: ConfigSource) -> list[str]:
+    problems: list[str] = []
+    for section, (category, key) in PLUGIN_SECTIONS.items():
+        sect = data.get(section)
+        if sect is None:
+            continue
+        if not isinstance(sect, dict):
+            problems.append(f"{section}: expected a mapping{source.where((section,))}")
+            continue
+        sect.setdefault(key, DEFAULT_NAMES[section])
+        name = sect[key]
+        if name not in registry.entries[category]:
+            note = registry.host.failure_for(category, str(name)) if registry.host else ""
+            problems.append(
+                f"{section}.{key}: unknown {category} {name!r}; installed: "
+                f"{', '.join(registry.names(category))}{note}{source.where((section, key))}")
+    return problems
+
+
+def parse_config(data: Mapping[str, Any], registry: Registry,
+                 source: ConfigSource | None = None, base_dir: Path | None = None) -> Any:
+    """Validate raw config data into the root model; raise ``ConfigError`` listing every
+    problem as ``path.to.key: message (file:line)``."""
+    source = source or ConfigSource()
+    data = json.loads(json.dumps(data, default=str)) if not isinstance(data, dict) else \
+        _plain_copy(data)
+    problems = _check_plugin_names(data, registry, source)
+    if problems:
+        raise ConfigError(problems)
+    root = build_config_model(registry)
+    try:
+        cfg = root.model_validate(data, context={"base_dir": base_dir})
+    except ValidationError as exc:
+        lines = []
+        for err in exc.errors():
+            loc = _data_loc(data, err["loc"])
+            lines.append(f"{'.'.join(loc) or '<root>'}: {_message(err)}{source.where(loc)}")
+        raise ConfigError(list(dict.fromkeys(lines))) from None
+    check_not_implemented(cfg, source)
+    return cfg
+
+
+def _plain_copy(data: Any) -> Any:
+    if isinstance(data, Mapping):
+        return {str(k): _plain_copy(v) for k, v in data.items()}
+    if isinstance(data, (list, tuple)):
+        return [_plain_copy(v) for v in data]
+    return data
+
+
+#: Keys in the schema whose implementation is still to come: key path -> default.
+NOT_IMPLEMENTED: dict[tuple[str, ...], Any] = {
+    ("memory", "offloading"): False,
+    ("memory", "quantized_backward"): False,
+    ("data", "bucket_mode"): False,
+}
+
+
+def check_not_implemented(cfg: Any, source: ConfigSource) -> None:
+    problems = []
+    for loc, default in NOT_IMPLEMENTED.items():
+        node = cfg
+        for part in loc:
+            node = getattr(node, part, default)
+        if node != default:
+            problems.append(f"{'.'.join(loc)}: not implemented yet (only {default!r} is "
+                            f"supported in this version){source.where(loc)}")
+    if problems:
+        raise NotImplementedYetError(problems)
+
+
+def load_config(path: Path, registry: Registry, overrides: list[str] | None = None) -> Any:
+    """Read, override and validate a YAML config file."""
+    path = Path(path)
+    data, lines = read_yaml(path)
+    touched = apply_overrides(data, overrides or [])
+    source = ConfigSource(path, lines, touched)
+    return parse_config(data, registry, source, base_dir=path.resolve().parent)
+
+
+def config_to_dict(cfg: BaseModel) -> dict[str, Any]:
+    """The config as JSON-ready data (paths as strings)."""
+    return json.loads(cfg.model_dump_json())

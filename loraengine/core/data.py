@@ -1,0 +1,132 @@
+"""Training data: latents and conditioning from safetensors files or tensors, and a
+seeded, resumable stream of sample indices."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+
+from loraengine.core.errors import DataError
+
+
+def read_safetensors(path: Path, what: str) -> dict[str, torch.Tensor]:
+    """Load a safetensors file, naming ``what`` and the file in any error."""
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"{what} file not found: {path}")
+    if path.is_dir():
+        raise DataError(f"{what} path is a folder, not a safetensors file: {path}")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise DataError(f"{what} file {path} is not a readable safetensors file: "
+                        f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
+                        ) from None
+
+
+@dataclass
+class Dataset:
+    """N latents, each with its own conditioning tensors (first dimension N)."""
+
+    latents: torch.Tensor
+    cond: dict[str, torch.Tensor]
+
+    def __len__(self) -> int:
+        return int(self.latents.shape[0])
+
+    def batch(self, indices: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        return self.latents[indices], {k: v[indices] for k, v in self.cond.items()}
+
+
+def make_dataset(latents: torch.Tensor | Mapping[str, torch.Tensor],
+                 conditioning: torch.Tensor | Mapping[str, torch.Tensor],
+                 *, required: tuple[str, ...] = ("cond",), latents_name: str = "latents",
+                 cond_name: str = "conditioning") -> Dataset:
+    """Check shapes and pair each latent with its conditioning.
+
+    One conditioning entry is repeated for every latent; any other count mismatch is
+    an error naming the tensor.
+    """
+    if isinstance(latents, Mapping):
+        if "latents" not in latents:
+            raise DataError(f"{latents_name}: no tensor named 'latents' (found: "
+                            f"{', '.join(sorted(latents)) or 'none'})")
+        latents = latents["latents"]
+    if not isinstance(latents, torch.Tensor):
+        raise DataError(f"{latents_name}: expected a tensor, got {type(latents).__name__}")
+    if latents.ndim not in (4, 5):
+        raise DataError(f"{latents_name}: tensor 'latents' must be [N,C,H,W] or "
+                        f"[N,C,T,H,W]; got shape {list(latents.shape)}")
+    if not latents.is_floating_point():
+        raise DataError(f"{latents_name}: tensor 'latents' must be floating point, "
+                        f"got {latents.dtype}")
+    n = int(latents.shape[0])
+    if n == 0:
+        raise DataError(f"{latents_name}: tensor 'latents' holds no samples")
+    cond = {"cond": conditioning} if isinstance(conditioning, torch.Tensor) else dict(
+        conditioning)
+    for key in required:
+        if key not in cond:
+            raise DataError(f"{cond_name}: no tensor named {key!r} (found: "
+                            f"{', '.join(sorted(cond)) or 'none'})")
+    out: dict[str, torch.Tensor] = {}
+    for key, t in cond.items():
+        if not isinstance(t, torch.Tensor):
+            raise DataError(f"{cond_name}: {key!r} is not a tensor")
+        if key == "cond" and t.ndim == 2:
+            t = t.unsqueeze(0)  # one [L, D] entry
+        if key == "cond" and t.ndim != 3:
+            raise DataError(f"{cond_name}: tensor 'cond' must be [N,L,D] or [1,L,D]; "
+                            f"got shape {list(t.shape)}")
+        if t.shape[0] == 1 and n != 1:
+            t = t.expand(n, *t.shape[1:])
+        elif t.shape[0] != n:
+            raise DataError(f"{cond_name}: tensor {key!r} has {t.shape[0]} entries but "
+                            f"there are {n} latents; give one entry (used for all) or "
+                            f"one per latent")
+        out[key] = t
+    return Dataset(latents, out)
+
+
+class IndexStream:
+    """An endless stream of sample indices: a fresh seeded permutation each epoch.
+
+    Drawing ``k·b`` indices at once gives the same indices as ``k`` draws of ``b``, so
+    gradient accumulation sees the same samples as one large batch. ``state()`` /
+    ``load_state()`` make the position resumable.
+    """
+
+    def __init__(self, n: int, generator: torch.Generator):
+        self.n = n
+        self.generator = generator
+        self.epoch = 0
+        self.pos = 0
+        self._perm = torch.randperm(n, generator=generator)
+
+    def take(self, count: int) -> torch.Tensor:
+        out = []
+        while count > 0:
+            if self.pos >= self.n:
+                self._perm = torch.randperm(self.n, generator=self.generator)
+                self.epoch += 1
+                self.pos = 0
+            k = min(count, self.n - self.pos)
+            out.append(self._perm[self.pos:self.pos + k])
+            self.pos += k
+            count -= k
+        return torch.cat(out)
+
+    def state(self) -> dict[str, object]:
+        return {"epoch": self.epoch, "pos": self.pos, "perm": self._perm.clone(),
+                "generator": self.generator.get_state()}
+
+    def load_state(self, state: Mapping[str, object]) -> None:
+        self.epoch = int(state["epoch"])  # type: ignore[arg-type]
+        self.pos = int(state["pos"])  # type: ignore[arg-type]
+        self._perm = state["perm"].clone()  # type: ignore[union-attr]
+        self.generator.set_state(state["generator"])  # type: ignore[arg-type]

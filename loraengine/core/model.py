@@ -1,0 +1,48 @@
+"""What a model-family plugin hands the engine."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from loraengine.core.schedule import NoiseSchedule
+
+#: predict(module, x_t, model_timesteps, cond) -> model output shaped like x_t
+PredictFn = Callable[[nn.Module, torch.Tensor, torch.Tensor, dict[str, torch.Tensor]],
+                     torch.Tensor]
+
+
+@dataclass
+class LoadedModel:
+    """A denoiser ready to train.
+
+    ``module`` is the network adapters go on; ``predict`` calls it with a batch;
+    ``blocks`` are its top-level blocks (gradient checkpointing depth 1 wraps each);
+    ``cond_keys`` the conditioning tensors it needs.
+    """
+
+    module: nn.Module
+    predict: PredictFn
+    schedule: NoiseSchedule
+    blocks: list[nn.Module] = field(default_factory=list)
+    family: str = ""
+    default_exporter: str = "kohya"
+    base_model_version: str = ""
+    cond_keys: tuple[str, ...] = ("cond",)
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+def top_level_blocks(module: nn.Module) -> list[nn.Module]:
+    """Direct children of ``module``, with containers (ModuleList/Sequential without a
+    forward of their own that matters) opened up."""
+    out: list[nn.Module] = []
+    for child in module.children():
+        if isinstance(child, (nn.ModuleList, nn.ModuleDict)):
+            out.extend(child.children())
+        else:
+            out.append(child)
+    return out

@@ -1,0 +1,192 @@
+"""Config -> Pipeline: the model, data, adapters, memory strategies, optimizer, loss."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from loraengine.core.adapter import ADAPTABLE, AdapterLayer, AdapterNetwork, select_layers
+from loraengine.core.data import Dataset, make_dataset, read_safetensors
+from loraengine.core.errors import ConfigError, DataError, LoraEngineError
+from loraengine.core.lora_io import load_lora, split_modules, steps_of
+from loraengine.core.manager import PluginHost
+from loraengine.core.model import LoadedModel
+from loraengine.core.seeding import make_generator
+from loraengine.core.specs import LossFn
+
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
+
+
+@dataclass
+class Pipeline:
+    """Everything the trainer needs, built and wired."""
+
+    config: Any
+    host: PluginHost
+    loaded: LoadedModel
+    dataset: Dataset
+    network: AdapterNetwork
+    adapter_spec: Any
+    optimizer: torch.optim.Optimizer
+    lr_scheduler: Any
+    loss_fn: LossFn
+    device: torch.device
+    compute_dtype: torch.dtype
+    save_dtype: torch.dtype
+    previous_steps: int = 0
+    attach_mode: str = "weight"
+    undo: list[Callable[[], None]] = field(default_factory=list)
+
+    @property
+    def model(self) -> nn.Module:
+        return self.loaded.module
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.network.parameters() if p.requires_grad]
+
+    def close(self) -> None:
+        """Remove every hook and patch the pipeline put on the model."""
+        while self.undo:
+            self.undo.pop()()
+        self.network.detach()
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"training.device: unknown device {name!r}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"training.device: {name!r} requested but CUDA is not available")
+    return dev
+
+
+def load_model(config: Any, host: PluginHost, module: nn.Module | None = None,
+               base_dir: Path | None = None) -> LoadedModel:
+    spec = host.registry.get("model", config.model.family)
+    loaded = spec.load(config.model, {"base_dir": base_dir, "module": module})
+    loaded.family = loaded.family or spec.name
+    return loaded
+
+
+def load_data(config: Any, loaded: LoadedModel, latents: Any = None,
+              conditioning: Any = None) -> Dataset:
+    if latents is None:
+        if config.data.latents is None:
+            raise ConfigError("data.latents: required (a safetensors file with 'latents')")
+        latents = read_safetensors(config.data.latents, "latents")
+        lat_name = str(config.data.latents)
+    else:
+        lat_name = "latents"
+    if conditioning is None:
+        if config.data.conditioning is None:
+            raise ConfigError("data.conditioning: required (a safetensors file with 'cond')")
+        conditioning = read_safetensors(config.data.conditioning, "conditioning")
+        cond_name = str(config.data.conditioning)
+    else:
+        cond_name = "conditioning"
+    return make_dataset(latents, conditioning, required=loaded.cond_keys,
+                        latents_name=lat_name, cond_name=cond_name)
+
+
+def build_adapters(config: Any, host: PluginHost, loaded: LoadedModel, device: torch.device
+                   ) -> tuple[AdapterNetwork, Any, int]:
+    """Create (or restore from ``adapter.existing``) one adapter per selected layer."""
+    acfg = config.adapter
+    spec = host.registry.get("adapter", acfg.algorithm)
+    layers = select_layers(loaded.module, acfg.include, acfg.exclude,
+                           spec.layer_types or ADAPTABLE)
+    alpha = float(acfg.alpha) if acfg.alpha is not None else float(acfg.rank)
+    param_dtype = torch.float32 if (acfg.dtype == "fp32" or acfg.master_weights) else \
+        DTYPES[acfg.dtype]
+    saved: dict[str, dict[str, torch.Tensor]] = {}
+    previous_steps = 0
+    if acfg.existing is not None:
+        saved, previous_steps = _read_existing(acfg.existing, host, layers, spec)
+    g = make_generator(config.training.seed, "init")
+    built: dict[str, AdapterLayer] = {}
+    fresh: list[str] = []
+    for path in sorted(layers):
+        base = layers[path]
+        if path in saved:
+            try:
+                layer = spec.load(base, saved[path], acfg)
+            except LoraEngineError:
+                raise
+            except Exception as exc:
+                raise DataError(f"{acfg.existing}: module {path}: cannot restore "
+                                f"{spec.name} adapter: {exc}") from None
+        else:
+            layer = spec.create(base, acfg.rank, alpha, acfg, g)
+            if saved:
+                fresh.append(path)
+        layer.algorithm = spec.name
+        built[path] = layer.to(device=device, dtype=param_dtype)
+    if fresh:
+        warnings.warn(f"{acfg.existing}: {len(fresh)} layer(s) not in the file start fresh: "
+                      f"{', '.join(fresh[:10])}{' ...' if len(fresh) > 10 else ''}",
+                      stacklevel=2)
+    return AdapterNetwork(built), spec, previous_steps
+
+
+def _read_existing(path: Path, host: PluginHost, layers: Mapping[str, nn.Module], spec: Any
+                   ) -> tuple[dict[str, dict[str, torch.Tensor]], int]:
+    tensors, meta = load_lora(path)
+    exporters = host.registry.specs("exporter")
+    _, grouped = split_modules(tensors, exporters, layers)
+    unknown = sorted(set(grouped) - set(layers))
+    if unknown:
+        raise DataError(f"{path}: {len(unknown)} module(s) are not adapted layers of this "
+                        f"model: {', '.join(unknown[:5])}")
+    for mod_path, params in grouped.items():
+        if not spec.owns_keys(set(params)):
+            owners = [s.name for s in host.registry.specs("adapter") if s.owns_keys(set(params))]
+            found = owners[0] if owners else "an unknown algorithm"
+            raise DataError(f"{path}: module {mod_path} holds a {found} adapter "
+                            f"(keys {sorted(params)}), but adapter.algorithm is {spec.name!r}")
+    return grouped, steps_of(path, meta)
+
+
+def build_pipeline(config: Any, host: PluginHost, *, model: nn.Module | None = None,
+                   latents: Any = None, conditioning: Any = None,
+                   base_dir: Path | None = None) -> Pipeline:
+    reg = host.registry
+    device = resolve_device(config.training.device)
+    loaded = load_model(config, host, model, base_dir)
+    module = loaded.module
+    module.requires_grad_(False)
+    module.eval()  # no dropout: all randomness comes from the seeded generators
+    tdtype = config.training.dtype
+    if tdtype != "none":
+        module.to(dtype=DTYPES[tdtype])
+    module.to(device)
+    compute_dtype = next((p.dtype for p in module.parameters() if p.is_floating_point()),
+                         torch.float32)
+    dataset = load_data(config, loaded, latents, conditioning)
+    network, adapter_spec, previous = build_adapters(config, host, loaded, device)
+    optimizer = reg.get("optimizer", config.optimizer.name).factory(
+        list(p for p in network.parameters() if p.requires_grad), config.optimizer.lr,
+        config.optimizer)
+    lr_scheduler = reg.get("lr_scheduler", config.lr_scheduler.name).factory(
+        optimizer, config.training.steps, config.lr_scheduler)
+    loss_fn = reg.get("loss", config.loss.name).factory(config.loss)
+    pipe = Pipeline(config=config, host=host, loaded=loaded, dataset=dataset,
+                    network=network, adapter_spec=adapter_spec, optimizer=optimizer,
+                    lr_scheduler=lr_scheduler, loss_fn=loss_fn, device=device,
+                    compute_dtype=compute_dtype, save_dtype=DTYPES[config.adapter.dtype],
+                    previous_steps=previous)
+    network.attach("weight")
+    for spec in sorted(reg.specs("memory"), key=lambda s: s.order):
+        if spec.enabled(config.memory):
+            undo = spec.apply(pipe, config.memory)
+            if undo is not None:
+                pipe.undo.append(undo)
+    return pipe

@@ -1,0 +1,126 @@
+"""Noise schedules: how a clean latent becomes ``x_t`` and what the model must predict.
+
+Three kinds cover the families: ``epsilon`` and ``v_prediction`` on a discrete DDPM
+schedule, and ``flow`` (rectified flow, as SD3 and Flux train).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+PredictionType = Literal["epsilon", "v_prediction", "flow"]
+
+
+def _bcast(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return v.reshape(-1, *([1] * (like.ndim - 1))).to(device=like.device, dtype=like.dtype)
+
+
+@dataclass
+class NoiseSchedule:
+    """A training noise schedule.
+
+    For DDPM kinds ``alphas_cumprod`` holds ᾱ per integer timestep; for ``flow`` the
+    "timestep" is σ ∈ (0, 1] and the model sees ``σ · timestep_scale``.
+    """
+
+    prediction_type: PredictionType
+    alphas_cumprod: torch.Tensor | None = None
+    shift: float = 1.0
+    timestep_scale: float = 1000.0
+    sampling: Literal["uniform", "logit_normal"] = "uniform"
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+
+    @classmethod
+    def ddpm(cls, prediction_type: PredictionType = "epsilon", num_train_timesteps: int = 1000,
+             beta_start: float = 0.00085, beta_end: float = 0.012,
+             beta_schedule: str = "scaled_linear") -> NoiseSchedule:
+        """The DDPM schedule as diffusers builds it (``scaled_linear`` for SD)."""
+        if beta_schedule == "scaled_linear":
+            betas = torch.linspace(beta_start**0.5, beta_end**0.5, num_train_timesteps,
+                                   dtype=torch.float64) ** 2
+        elif beta_schedule == "linear":
+            betas = torch.linspace(beta_start, beta_end, num_train_timesteps,
+                                   dtype=torch.float64)
+        else:
+            raise ValueError(f"unsupported beta_schedule {beta_schedule!r}")
+        alphas_cumprod = torch.cumprod(1.0 - betas, dim=0)
+        return cls(prediction_type, alphas_cumprod=alphas_cumprod)
+
+    @classmethod
+    def flow(cls, shift: float = 1.0, sampling: str = "uniform", timestep_scale: float =
+             1000.0) -> NoiseSchedule:
+        return cls("flow", shift=shift, sampling=sampling,  # type: ignore[arg-type]
+                   timestep_scale=timestep_scale)
+
+    @property
+    def is_flow(self) -> bool:
+        return self.prediction_type == "flow"
+
+    @property
+    def num_timesteps(self) -> int:
+        return 0 if self.alphas_cumprod is None else int(self.alphas_cumprod.shape[0])
+
+    # -- sampling -----------------------------------------------------------------
+    def sample_timestep(self, generator: torch.Generator) -> torch.Tensor:
+        """One timestep (0-dim tensor) drawn from the schedule's distribution."""
+        if not self.is_flow:
+            return torch.randint(0, self.num_timesteps, (), generator=generator)
+        if self.sampling == "logit_normal":
+            z = torch.randn((), generator=generator, dtype=torch.float64)
+            sigma = torch.sigmoid(z * self.logit_std + self.logit_mean)
+        else:
+            sigma = torch.rand((), generator=generator, dtype=torch.float64)
+        return self.shift_sigma(sigma)
+
+    def shift_sigma(self, sigma: torch.Tensor) -> torch.Tensor:
+        s = self.shift
+        return s * sigma / (1 + (s - 1) * sigma)
+
+    def model_timesteps(self, t: torch.Tensor) -> torch.Tensor:
+        """What the denoiser is given as its timestep input."""
+        if self.is_flow:
+            return (t * self.timestep_scale).float()
+        return t.long()
+
+    # -- the forward process ----------------------------------------------------------
+    def coefficients(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(a, b) with x_t = a·x0 + b·noise, in float64."""
+        if self.is_flow:
+            sigma = t.double()
+            return 1.0 - sigma, sigma
+        assert self.alphas_cumprod is not None
+        ac = self.alphas_cumprod.to(t.device)[t.long()]
+        return ac.sqrt(), (1.0 - ac).sqrt()
+
+    def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        a, b = self.coefficients(t)
+        return _bcast(a, x0) * x0 + _bcast(b, x0) * noise
+
+    def target(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The model's native training target."""
+        if self.prediction_type == "epsilon":
+            return noise
+        if self.prediction_type == "flow":
+            return noise - x0
+        a, b = self.coefficients(t)  # v = sqrt(ᾱ)·ε − sqrt(1−ᾱ)·x0
+        return _bcast(a, x0) * noise - _bcast(b, x0) * x0
+
+    def predicted_x0(self, pred: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor
+                     ) -> torch.Tensor:
+        """The clean latent implied by a model output."""
+        a, b = self.coefficients(t)
+        a, b = _bcast(a, x_t), _bcast(b, x_t)
+        if self.prediction_type == "epsilon":
+            return (x_t - b * pred) / a.clamp_min(1e-8)
+        if self.prediction_type == "flow":
+            return x_t - b * pred  # x_t = x0 + σ(n − x0)
+        return a * x_t - b * pred
+
+    def snr(self, t: torch.Tensor) -> torch.Tensor:
+        a, b = self.coefficients(t)
+        return (a * a) / (b * b).clamp_min(1e-20)
+

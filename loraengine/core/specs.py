@@ -1,0 +1,146 @@
+"""Typed records that plugins return from the registration hooks.
+
+Every record names the thing it provides and carries a pydantic model for its own
+options (``extra="forbid"``) plus a factory. The engine only ever sees these records.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol
+
+from pydantic import BaseModel, ConfigDict
+
+if TYPE_CHECKING:
+    import torch
+
+    from loraengine.core.adapter import AdapterLayer
+    from loraengine.core.model import LoadedModel
+
+
+class PluginOptions(BaseModel):
+    """Base for a plugin's own options: unknown keys are errors."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class NoOptions(PluginOptions):
+    """For plugins that take no options."""
+
+
+@dataclass(frozen=True)
+class OptimizerSpec:
+    """An optimizer. ``factory(params, lr, options) -> torch.optim.Optimizer``."""
+
+    name: str
+    factory: Callable[[Iterable[torch.nn.Parameter], float, Any], torch.optim.Optimizer]
+    config_model: type[BaseModel] = NoOptions
+    description: str = ""
+
+
+class LossFn(Protocol):
+    def __call__(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor: ...
+
+
+@dataclass(frozen=True)
+class LossSpec:
+    """A loss. ``factory(options)`` returns ``fn(pred, target)`` giving the elementwise
+    loss (same shape as ``pred``); the engine reduces it."""
+
+    name: str
+    factory: Callable[[Any], LossFn]
+    config_model: type[BaseModel] = NoOptions
+    description: str = ""
+
+
+@dataclass(frozen=True)
+class AdapterSpec:
+    """An adapter algorithm.
+
+    ``create(layer, rank, alpha, options, generator)`` builds a fresh adapter for one
+    base layer (its delta weight must be exactly zero); ``load(layer, tensors, options)``
+    rebuilds one from saved tensors keyed by parameter name (``lora_down.weight``...),
+    inferring shapes; ``owns_keys(param_names)`` says whether a saved module is in this
+    algorithm's format. ``network_module`` is written to ``ss_network_module``.
+    """
+
+    name: str
+    create: Callable[..., AdapterLayer]
+    load: Callable[..., AdapterLayer]
+    owns_keys: Callable[[set[str]], bool]
+    config_model: type[BaseModel] = NoOptions
+    network_module: str = ""
+    layer_types: tuple[type, ...] = ()
+    description: str = ""
+
+
+@dataclass(frozen=True)
+class MemoryStrategySpec:
+    """A memory strategy. Its ``config_model`` fields become keys of the ``memory``
+    section (so ``gradient_checkpointing`` and ``checkpoint_depth`` sit there as in the
+    node). ``enabled(memory)`` says whether it is switched on; ``apply(context, memory)``
+    installs it on the prepared pipeline and may return a callable that undoes it.
+    Strategies apply in ascending ``order``."""
+
+    name: str
+    config_model: type[BaseModel]
+    enabled: Callable[[Any], bool]
+    apply: Callable[[Any, Any], Callable[[], None] | None]
+    order: int = 100
+    description: str = ""
+
+
+@dataclass(frozen=True)
+class ModelFamilySpec:
+    """A model family. ``load(options, context) -> LoadedModel``. ``context`` has
+    ``base_dir`` (for relative paths) and, for in-memory use, ``module``."""
+
+    name: str
+    load: Callable[[Any, Mapping[str, Any]], LoadedModel]
+    config_model: type[BaseModel] = NoOptions
+    description: str = ""
+
+
+@dataclass(frozen=True)
+class LRSchedulerSpec:
+    """A learning-rate schedule. ``factory(optimizer, total_steps, options)`` returns a
+    ``torch.optim.lr_scheduler.LRScheduler`` stepped once per optimizer step."""
+
+    name: str
+    factory: Callable[[torch.optim.Optimizer, int, Any], Any]
+    config_model: type[BaseModel] = NoOptions
+    description: str = ""
+
+
+@dataclass(frozen=True)
+class ExporterSpec:
+    """A key format for LoRA files.
+
+    ``to_file(modules)`` maps ``{module_path: {param: tensor}}`` to flat file keys;
+    ``from_file(tensors, module_paths)`` maps file keys back, returning ``None`` when the
+    file is not in this format. ``module_paths`` are the adaptable paths of the model.
+    """
+
+    name: str
+    to_file: Callable[[Mapping[str, Mapping[str, torch.Tensor]]], dict[str, torch.Tensor]]
+    from_file: Callable[
+        [Mapping[str, torch.Tensor], Iterable[str]], dict[str, dict[str, torch.Tensor]] | None
+    ]
+    description: str = ""
+
+
+@dataclass(frozen=True)
+class ProvidedSpec:
+    """A spec together with where it came from (for listings and clash errors)."""
+
+    category: str
+    spec: Any
+    plugin: str
+    distribution: str | None = None
+    version: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return self.spec.name

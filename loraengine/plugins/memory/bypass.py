@@ -1,0 +1,24 @@
+"""Bypass mode: adapters run as forward hooks on the untouched base layers."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import Field
+
+from loraengine.core.specs import MemoryStrategySpec, PluginOptions
+
+
+class BypassOptions(PluginOptions):
+    bypass_mode: bool = Field(False, description="Apply adapters as forward hooks "
+                              "(y = f(x) + h(x)); base weights are never read for "
+                              "adaptation nor modified.")
+
+
+def apply(pipe: Any, memory: Any) -> None:
+    pipe.network.attach("bypass")
+    pipe.attach_mode = "bypass"
+
+
+SPEC = MemoryStrategySpec("bypass_mode", BypassOptions, enabled=lambda m: m.bypass_mode,
+                          apply=apply, order=10, description="Adapters as forward hooks.")

@@ -1,0 +1,77 @@
+"""Gradient checkpointing at a chosen depth.
+
+Depth 1 wraps each top-level block of the denoiser (each down/mid/up block, each
+transformer block); each further level wraps the children of the level above. A
+wrapped block keeps only its inputs during the forward pass and recomputes its
+activations during the backward pass.
+"""
+
+from __future__ import annotations
+
+import types
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from pydantic import Field
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from loraengine.core.model import top_level_blocks
+from loraengine.core.specs import MemoryStrategySpec, PluginOptions
+
+
+class CheckpointOptions(PluginOptions):
+    gradient_checkpointing: bool = Field(True, description="Recompute block activations "
+                                         "in the backward pass to save memory.")
+    checkpoint_depth: int = Field(1, ge=1, le=5, description="1 wraps each top-level "
+                                  "block; each further level wraps the children of the "
+                                  "level above.")
+
+
+def blocks_at_depth(top: list[nn.Module], depth: int) -> list[nn.Module]:
+    level = list(top)
+    for _ in range(depth - 1):
+        nxt: list[nn.Module] = []
+        for mod in level:
+            children = top_level_blocks(mod)
+            nxt.extend(children if children else [mod])
+        level = nxt
+    return [m for m in level if any(True for _ in m.parameters())]
+
+
+def _wrap(block: nn.Module) -> Callable[[], None]:
+    had_own = "forward" in block.__dict__
+    previous = block.__dict__.get("forward")
+    inner = block.forward
+
+    def forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        if torch.is_grad_enabled():
+            return checkpoint(inner, *args, use_reentrant=False, **kwargs)
+        return inner(*args, **kwargs)
+
+    block.forward = types.MethodType(forward, block)
+
+    def undo() -> None:
+        if had_own:
+            block.forward = previous
+        else:
+            block.__dict__.pop("forward", None)
+
+    return undo
+
+
+def apply(pipe: Any, memory: Any) -> Callable[[], None]:
+    top = pipe.loaded.blocks or top_level_blocks(pipe.model)
+    undos = [_wrap(b) for b in blocks_at_depth(top, memory.checkpoint_depth)]
+
+    def undo_all() -> None:
+        for u in reversed(undos):
+            u()
+
+    return undo_all
+
+
+SPEC = MemoryStrategySpec("gradient_checkpointing", CheckpointOptions,
+                          enabled=lambda m: m.gradient_checkpointing, apply=apply, order=50,
+                          description="Gradient checkpointing at checkpoint_depth.")

@@ -1,0 +1,122 @@
+"""The ``diffusers`` family: a denoiser saved with diffusers' ``save_pretrained``,
+loaded from a local folder (a pipeline folder or its ``unet`` subfolder), never from a
+hub. The noise schedule comes from the pipeline's scheduler config when there is one."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from pydantic import Field
+from torch import nn
+
+from loraengine.core.config import ConfigPath
+from loraengine.core.errors import ConfigError, DataError
+from loraengine.core.model import LoadedModel
+from loraengine.core.schedule import NoiseSchedule
+from loraengine.core.specs import ModelFamilySpec
+from loraengine.plugins.models.module import ScheduleOptions
+
+SUPPORTED = {"UNet2DConditionModel"}
+
+
+class DiffusersOptions(ScheduleOptions):
+    path: ConfigPath = Field(description="A diffusers pipeline folder, or a model folder "
+                             "with config.json and its weights.")
+    subfolder: str | None = Field(None, description="Model subfolder of a pipeline "
+                                  "folder (default: unet).")
+    prediction_type: Literal["auto", "epsilon", "v_prediction", "flow"] = Field(  # type: ignore[assignment]
+        "auto", description="auto: from the pipeline's scheduler config, else epsilon.")
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise DataError(f"{path}: cannot read JSON: {exc}") from None
+
+
+def locate(options: DiffusersOptions) -> tuple[Path, Path | None]:
+    """(model folder, scheduler config or None)."""
+    root = Path(options.path)
+    if not root.exists():
+        raise DataError(f"model.path: {root} does not exist")
+    if not root.is_dir():
+        raise DataError(f"model.path: {root} is not a folder (single-file checkpoints need "
+                        f"a model family that reads them)")
+    if (root / "model_index.json").exists():
+        sub = options.subfolder or "unet"
+        model_dir = root / sub
+        if not (model_dir / "config.json").exists():
+            raise DataError(f"model.path: pipeline folder {root} has no {sub}/config.json")
+        sched = root / "scheduler" / "scheduler_config.json"
+        return model_dir, sched if sched.exists() else None
+    if options.subfolder:
+        root = root / options.subfolder
+    if not (root / "config.json").exists():
+        raise DataError(f"model.path: {root} has neither model_index.json nor config.json")
+    sched = root.parent / "scheduler" / "scheduler_config.json"
+    return root, sched if sched.exists() else None
+
+
+def schedule_from(options: DiffusersOptions, sched_path: Path | None) -> NoiseSchedule:
+    if options.prediction_type != "auto" or sched_path is None:
+        kind = "epsilon" if options.prediction_type == "auto" else options.prediction_type
+        return options.schedule(kind)
+    sc = _read_json(sched_path)
+    if "FlowMatch" in str(sc.get("_class_name", "")):
+        return NoiseSchedule.flow(float(sc.get("shift", options.flow_shift)),
+                                  options.timestep_sampling)
+    return NoiseSchedule.ddpm(sc.get("prediction_type", "epsilon"),
+                              int(sc.get("num_train_timesteps", 1000)),
+                              float(sc.get("beta_start", 0.00085)),
+                              float(sc.get("beta_end", 0.012)),
+                              str(sc.get("beta_schedule", "scaled_linear")))
+
+
+def _predict_unet(module: nn.Module, x_t: torch.Tensor, t: torch.Tensor,
+                  cond: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    added = None
+    if "text_embeds" in cond and "time_ids" in cond:
+        added = {"text_embeds": cond["text_embeds"], "time_ids": cond["time_ids"]}
+    return module(x_t, t, encoder_hidden_states=cond["cond"], added_cond_kwargs=added,
+                  return_dict=False)[0]
+
+
+def unet_blocks(unet: nn.Module) -> list[nn.Module]:
+    blocks: list[nn.Module] = [*unet.down_blocks]
+    if getattr(unet, "mid_block", None) is not None:
+        blocks.append(unet.mid_block)
+    blocks.extend(unet.up_blocks)
+    return blocks
+
+
+def load(options: DiffusersOptions, context: Mapping[str, Any]) -> LoadedModel:
+    import diffusers
+
+    diffusers.utils.logging.set_verbosity_error()  # the engine reports what matters itself
+    model_dir, sched_path = locate(options)
+    cls_name = _read_json(model_dir / "config.json").get("_class_name", "")
+    if cls_name not in SUPPORTED:
+        raise ConfigError(f"model.path: {model_dir} holds a {cls_name or 'unknown'} model; "
+                          f"the 'diffusers' family reads {', '.join(sorted(SUPPORTED))}")
+    cls = getattr(diffusers, cls_name)
+    try:
+        module = cls.from_pretrained(str(model_dir), local_files_only=True)
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise DataError(f"model.path: cannot load {cls_name} from {model_dir}: "
+                        f"{str(exc).splitlines()[0]}") from None
+    cond_keys = ("cond",)
+    if getattr(module.config, "addition_embed_type", None) == "text_time":
+        cond_keys = ("cond", "text_embeds", "time_ids")
+    return LoadedModel(module=module, predict=_predict_unet,
+                       schedule=schedule_from(options, sched_path), blocks=unet_blocks(module),
+                       family="diffusers", default_exporter="kohya", cond_keys=cond_keys,
+                       base_model_version=f"diffusers:{cls_name}")
+
+
+SPEC = ModelFamilySpec("diffusers", load, DiffusersOptions,
+                       "A diffusers UNet2DConditionModel from a local folder.")
