@@ -105,6 +105,10 @@ def _common_fields(section: str) -> dict[str, Any]:
         return {"target": (Literal["native", "x0"], Field(
             "native", description="native: the family's own target (eps/v/flow); x0: "
             "compare predicted and clean latents."))}
+    if section == "model":
+        return {"quantize": (Literal["none", "fp8", "int8"], Field(
+            "none", description="Store the frozen base's Linear weights quantized "
+            "(per-output-channel scales)."))}
     if section == "adapter":
         return {
             "rank": (int, Field(8, ge=1, le=128, description="Adapter rank.")),
@@ -164,12 +168,9 @@ def _memory_model(registry: Registry) -> type[BaseModel]:
     return create_model("MemoryConfig", __base__=Strict, **fields)
 
 
-_MODEL_CACHE: dict[int, type[BaseModel]] = {}
-
-
 def build_config_model(registry: Registry) -> type[BaseModel]:
     """The root config model for the installed plugins."""
-    cached = _MODEL_CACHE.get(id(registry))
+    cached = getattr(registry, "config_model", None)
     if cached is not None:
         return cached
     sections: dict[str, Any] = {}
@@ -191,7 +192,7 @@ def build_config_model(registry: Registry) -> type[BaseModel]:
         output=(OutputConfig, Field(default_factory=OutputConfig)),
         **sections,
     )
-    _MODEL_CACHE[id(registry)] = root
+    registry.config_model = root
     return root
 
 
@@ -388,6 +389,7 @@ NOT_IMPLEMENTED: dict[tuple[str, ...], Any] = {
     ("memory", "offloading"): False,
     ("memory", "quantized_backward"): False,
     ("data", "bucket_mode"): False,
+    ("model", "quantize"): "none",
 }
 
 

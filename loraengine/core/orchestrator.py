@@ -185,7 +185,7 @@ def build_pipeline(config: Any, host: PluginHost, *, model: nn.Module | None = N
                     previous_steps=previous)
     network.attach("weight")
     for spec in sorted(reg.specs("memory"), key=lambda s: s.order):
-        if spec.enabled(config.memory):
+        if spec.enabled(config):
             undo = spec.apply(pipe, config.memory)
             if undo is not None:
                 pipe.undo.append(undo)

@@ -29,6 +29,7 @@ class Registry:
 
     entries: dict[str, dict[str, S.ProvidedSpec]] = field(default_factory=dict)
     host: Any = None
+    config_model: Any = None  # the root config model, built on first use
 
     @classmethod
     def collect(cls, host: PluginHost) -> Registry:

@@ -79,8 +79,9 @@ class AdapterSpec:
 class MemoryStrategySpec:
     """A memory strategy. Its ``config_model`` fields become keys of the ``memory``
     section (so ``gradient_checkpointing`` and ``checkpoint_depth`` sit there as in the
-    node). ``enabled(memory)`` says whether it is switched on; ``apply(context, memory)``
-    installs it on the prepared pipeline and may return a callable that undoes it.
+    node). ``enabled(config)`` (the whole validated config) says whether it is switched
+    on; ``apply(pipeline, memory)`` installs it on the built pipeline and may return a
+    callable that undoes it.
     Strategies apply in ascending ``order``."""
 
     name: str

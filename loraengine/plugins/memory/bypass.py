@@ -20,5 +20,5 @@ def apply(pipe: Any, memory: Any) -> None:
     pipe.attach_mode = "bypass"
 
 
-SPEC = MemoryStrategySpec("bypass_mode", BypassOptions, enabled=lambda m: m.bypass_mode,
+SPEC = MemoryStrategySpec("bypass_mode", BypassOptions, enabled=lambda c: c.memory.bypass_mode,
                           apply=apply, order=10, description="Adapters as forward hooks.")

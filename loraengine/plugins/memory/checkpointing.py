@@ -73,5 +73,5 @@ def apply(pipe: Any, memory: Any) -> Callable[[], None]:
 
 
 SPEC = MemoryStrategySpec("gradient_checkpointing", CheckpointOptions,
-                          enabled=lambda m: m.gradient_checkpointing, apply=apply, order=50,
+                          enabled=lambda c: c.memory.gradient_checkpointing, apply=apply, order=50,
                           description="Gradient checkpointing at checkpoint_depth.")

@@ -30,9 +30,9 @@ def _refuse(key: str):
 
 
 SPECS = [
-    MemoryStrategySpec("offloading", OffloadOptions, enabled=lambda m: m.offloading,
+    MemoryStrategySpec("offloading", OffloadOptions, enabled=lambda c: c.memory.offloading,
                        apply=_refuse("offloading"), order=60),
     MemoryStrategySpec("quantized_backward", QuantizedBackwardOptions,
-                       enabled=lambda m: m.quantized_backward,
+                       enabled=lambda c: c.memory.quantized_backward,
                        apply=_refuse("quantized_backward"), order=5),
 ]

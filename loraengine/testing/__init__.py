@@ -1,0 +1,2 @@
+"""Helpers for testing loraengine and its plugins: tiny models, tiny data, fixtures and
+conformance suites."""

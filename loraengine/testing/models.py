@@ -1,0 +1,81 @@
+"""Tiny models and data for tests (random init, seeded; nothing downloaded)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+
+class TinyDenoiser(nn.Module):
+    """A small conv + attention-free denoiser called as ``model(x_t, t, cond)``.
+
+    It has Linear, Conv1d-free Conv2d layers and a time/conditioning path, enough to
+    exercise adapters, checkpointing and the training loop in well under a second.
+    """
+
+    def __init__(self, channels: int = 4, hidden: int = 16, cond_dim: int = 8, seed: int = 0):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.conv_in = nn.Conv2d(channels, hidden, 3, padding=1)
+        self.time_mlp = nn.Sequential(nn.Linear(1, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
+        self.cond_proj = nn.Linear(cond_dim, hidden)
+        self.blocks = nn.ModuleList([
+            nn.Sequential(nn.Conv2d(hidden, hidden, 3, padding=1), nn.GroupNorm(4, hidden),
+                          nn.SiLU(), nn.Conv2d(hidden, hidden, 1))
+            for _ in range(2)])
+        self.conv_out = nn.Conv2d(hidden, channels, 3, padding=1)
+        with torch.no_grad():
+            for p in self.parameters():
+                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        h = self.conv_in(x)
+        temb = self.time_mlp(t.float().reshape(-1, 1) / 1000.0)
+        c = self.cond_proj(cond.mean(dim=1))
+        h = h + (temb + c)[:, :, None, None]
+        for block in self.blocks:
+            h = h + block(h)
+        return self.conv_out(h)
+
+
+def tiny_latents(n: int = 6, channels: int = 4, size: int = 8, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, channels, size, size, generator=g)
+
+
+def tiny_conditioning(n: int = 6, length: int = 3, dim: int = 8, seed: int = 1) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, length, dim, generator=g)
+
+
+def tiny_unet_config(cross_attention_dim: int = 16) -> dict:
+    """Config of a ~100k-parameter diffusers UNet2DConditionModel."""
+    return dict(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
+                block_out_channels=(16, 32),
+                down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+                cross_attention_dim=cross_attention_dim, attention_head_dim=4,
+                norm_num_groups=8)
+
+
+def save_tiny_unet(folder: Path, seed: int = 0, prediction_type: str = "epsilon") -> Path:
+    """Save a tiny UNet as a diffusers pipeline folder (``unet/`` + ``scheduler/``)."""
+    import json
+
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(**tiny_unet_config())
+    folder = Path(folder)
+    unet.save_pretrained(folder / "unet")
+    (folder / "model_index.json").write_text(json.dumps(
+        {"_class_name": "StableDiffusionPipeline",
+         "unet": ["diffusers", "UNet2DConditionModel"]}))
+    (folder / "scheduler").mkdir(parents=True, exist_ok=True)
+    (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(
+        {"_class_name": "DDPMScheduler", "num_train_timesteps": 1000, "beta_start": 0.00085,
+         "beta_end": 0.012, "beta_schedule": "scaled_linear",
+         "prediction_type": prediction_type}))
+    return folder
