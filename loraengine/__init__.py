@@ -13,18 +13,22 @@ from loraengine.core.specs import (  # noqa: E402
     AdapterSpec,
     ExporterSpec,
     LossSpec,
+    LossWeightingSpec,
     LRSchedulerSpec,
     MemoryStrategySpec,
     ModelFamilySpec,
     NoOptions,
     OptimizerSpec,
     PluginOptions,
+    RecipeSpec,
+    TimestepSamplerSpec,
 )
 
 __all__ = [
-    "AdapterSpec", "ExporterSpec", "LRSchedulerSpec", "LossSpec", "MemoryStrategySpec",
-    "ModelFamilySpec", "NoOptions", "OptimizerSpec", "PluginOptions", "TrainResult",
-    "__version__", "build_plugin_manager", "hookimpl", "train",
+    "AdapterSpec", "ExporterSpec", "LRSchedulerSpec", "LossSpec", "LossWeightingSpec",
+    "MemoryStrategySpec", "ModelFamilySpec", "NoOptions", "OptimizerSpec", "PluginOptions",
+    "RecipeSpec", "TimestepSamplerSpec", "TrainResult",
+    "__version__", "apply", "build_plugin_manager", "hookimpl", "train",
 ]
 
 
@@ -37,6 +41,11 @@ def __getattr__(name: str):  # lazy: keep `import loraengine` light for plugin a
         from loraengine.core.trainer import TrainResult
 
         return TrainResult
+    if name == "apply":
+        from loraengine.apply import apply
+
+        globals()["apply"] = apply  # the function, not the submodule of the same name
+        return apply
     if name == "build_plugin_manager":
         from loraengine.core.manager import build_plugin_manager
 

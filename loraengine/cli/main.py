@@ -73,10 +73,13 @@ set_option = click.option("--set", "overrides", multiple=True, metavar="KEY=VALU
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar or summary.")
 @click.option("--events", type=click.Path(path_type=Path), default=None,
               help="Write one JSON line per step to this file.")
+@click.option("--resume", default=None, metavar="[DIR|latest]", is_flag=False,
+              flag_value="latest", help="Continue from a checkpoint: latest (default), a "
+              "checkpoints folder or one step_N folder.")
 @click.pass_obj
 @reports_errors
 def train(state: State, config: Path, overrides: tuple[str, ...], quiet: bool,
-          events: Path | None) -> None:
+          events: Path | None, resume: str | None) -> None:
     """Train an adapter as CONFIG describes."""
     from loraengine.api import resolve_config
     from loraengine.cli.progress import EventLog, ProgressBar
@@ -91,7 +94,16 @@ def train(state: State, config: Path, overrides: tuple[str, ...], quiet: bool,
         host.register(EventLog(events), name="loraengine.cli.events")
     pipe = build_pipeline(cfg, host, base_dir=base_dir)
     try:
-        result = Trainer(pipe).run()
+        trainer = Trainer(pipe)
+        if resume is not None:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                used = trainer.resume(resume)
+            for w in caught:
+                click.echo(f"warning: {w.message}", err=True)
+            if used is not None and not quiet:
+                click.echo(f"resuming from {used} (step {trainer.start_step})", err=True)
+        result = trainer.run()
     finally:
         pipe.close()
     if not quiet:
@@ -179,6 +191,19 @@ def inspect(file: Path, as_json: bool) -> None:
     for k, v in sorted(info["metadata"].items()):
         v = v if len(v) <= 100 else v[:97] + "..."
         click.echo(f"  {k}: {v}")
+
+
+from loraengine.cli.merge import merge as merge_command  # noqa: E402
+
+cli.add_command(merge_command)
+
+from loraengine.cli.prepare import prepare as prepare_command  # noqa: E402
+
+cli.add_command(prepare_command)
+
+from loraengine.cli.plan import plan as plan_command  # noqa: E402
+
+cli.add_command(plan_command)
 
 
 def main() -> None:

@@ -63,6 +63,16 @@ class TrainingConfig(Strict):
     max_grad_norm: float | None = Field(
         None, gt=0, description="Clip the adapter gradients' global norm to this value.")
     device: str = Field("auto", description="auto (cuda when available), cpu, cuda, cuda:N.")
+    max_bad_steps: int = Field(
+        5, ge=1, description="Consecutive non-finite steps (each skipped) after which "
+        "training rolls back to the last good checkpoint and stops.")
+
+
+class ValidationData(Strict):
+    """Held-out latents and conditioning for the validation loss."""
+
+    latents: ConfigPath = Field(description="safetensors file with `latents`.")
+    conditioning: ConfigPath = Field(description="safetensors file with `cond`.")
 
 
 class DataConfig(Strict):
@@ -72,7 +82,25 @@ class DataConfig(Strict):
         None, description="safetensors file with `latents` [N,C,H,W] (or [N,C,T,H,W]).")
     conditioning: ConfigPath | None = Field(
         None, description="safetensors file with `cond` [N|1,L,D] plus family extras.")
-    bucket_mode: bool = Field(False, description="Latents are pre-bucketed by resolution.")
+    bucket_mode: bool = Field(False, description="Latents are pre-bucketed by resolution: "
+                              "`latents.<i>` with `cond.<i>`; each batch comes from one bucket.")
+    validation: ValidationData | None = Field(None, description="Held-out data for a "
+                                              "deterministic validation loss.")
+
+
+class ValidationConfig(Strict):
+    """When to compute the validation loss."""
+
+    every: int | None = Field(None, ge=1, description="Steps between validation losses "
+                              "(and after the last step); needs data.validation.")
+
+
+class EarlyStopConfig(Strict):
+    """Stop when the validation loss stops improving."""
+
+    patience: int | None = Field(None, ge=1, description="Validations without an "
+                                 "improvement of at least min_delta before stopping.")
+    min_delta: float = Field(0.0, ge=0)
 
 
 class OutputConfig(Strict):
@@ -82,6 +110,12 @@ class OutputConfig(Strict):
     name: str = Field("lora", min_length=1, pattern=r"^[^/\\]+$",
                       description="Base name of the written files.")
     plot: bool = Field(True, description="Write <name>.loss.png.")
+    save_every: int | None = Field(None, ge=1, description="Write a resumable checkpoint "
+                                   "every N steps to <dir>/<name>.checkpoints/.")
+    keep_last: int | None = Field(None, ge=1, description="Keep only the newest K "
+                                  "checkpoints.")
+    keep_best: bool = Field(False, description="Also write <name>.best.safetensors at the "
+                            "lowest validation loss.")
 
 
 PLUGIN_SECTIONS: dict[str, tuple[str, str]] = {
@@ -91,9 +125,12 @@ PLUGIN_SECTIONS: dict[str, tuple[str, str]] = {
     "loss": ("loss", "name"),
     "adapter": ("adapter", "algorithm"),
     "lr_scheduler": ("lr_scheduler", "name"),
+    "timestep_sampler": ("timestep_sampler", "name"),
+    "loss_weighting": ("loss_weighting", "name"),
 }
 
-DEFAULT_NAMES = {"optimizer": "adamw", "loss": "mse", "adapter": "lora",
+DEFAULT_NAMES = {"timestep_sampler": "family", "loss_weighting": "none",
+                 "optimizer": "adamw", "loss": "mse", "adapter": "lora",
                  "lr_scheduler": "constant", "model": "diffusers"}
 
 
@@ -155,17 +192,19 @@ def _union(section: str, registry: Registry) -> Any:
     return Annotated[Union[tuple(members)], Field(discriminator=key)]  # noqa: UP007
 
 
-def _memory_model(registry: Registry) -> type[BaseModel]:
+def _memory_model(registry: Registry, category: str = "memory",
+                  model_name: str = "MemoryConfig") -> type[BaseModel]:
+    """A section merged from the option fields of every plugin of ``category``."""
     fields: dict[str, Any] = {}
     owners: dict[str, str] = {}
-    for spec in sorted(registry.specs("memory"), key=lambda s: s.order):
+    for spec in sorted(registry.specs(category), key=lambda s: s.order):
         for fname, finfo in spec.config_model.model_fields.items():
             if fname in owners:
-                raise PluginError(f"memory option {fname!r} is defined by both strategies "
-                                  f"{owners[fname]!r} and {spec.name!r}")
+                raise PluginError(f"{category} option {fname!r} is defined by both "
+                                  f"plugins {owners[fname]!r} and {spec.name!r}")
             owners[fname] = spec.name
             fields[fname] = (finfo.annotation, finfo)
-    return create_model("MemoryConfig", __base__=Strict, **fields)
+    return create_model(model_name, __base__=Strict, **fields)
 
 
 def build_config_model(registry: Registry) -> type[BaseModel]:
@@ -184,12 +223,16 @@ def build_config_model(registry: Registry) -> type[BaseModel]:
             sections[section] = (union, Field(default_factory=lambda d={key: default}, u=union:
                                               _default_member(u, d)))
     memory = _memory_model(registry)
+    recipe = _memory_model(registry, "recipe", "RecipeConfig")
     root = create_model(
         "TrainConfig", __base__=Strict,
         training=(TrainingConfig, Field(default_factory=TrainingConfig)),
         data=(DataConfig, Field(default_factory=DataConfig)),
         memory=(memory, Field(default_factory=memory)),
+        recipe=(recipe, Field(default_factory=recipe)),
         output=(OutputConfig, Field(default_factory=OutputConfig)),
+        validation=(ValidationConfig, Field(default_factory=ValidationConfig)),
+        early_stop=(EarlyStopConfig, Field(default_factory=EarlyStopConfig)),
         **sections,
     )
     registry.config_model = root
@@ -309,9 +352,9 @@ def _data_loc(raw: Any, loc: tuple[Any, ...]) -> tuple[str, ...]:
         elif isinstance(node, list) and isinstance(part, int) and part < len(node):
             out.append(str(part))
             node = node[part]
-        elif isinstance(node, dict) and isinstance(part, str) and "_" in part and \
-                part[0].isupper():
-            continue  # a union member's class name
+        elif isinstance(node, dict) and isinstance(part, str) and (
+                part in node.values() or part[:1].isupper()):
+            continue  # a union tag (the plugin name) or a member's class name
         elif isinstance(node, dict):
             out.append(str(part))
             node = None
@@ -373,7 +416,22 @@ def parse_config(data: Mapping[str, Any], registry: Registry,
             lines.append(f"{'.'.join(loc) or '<root>'}: {_message(err)}{source.where(loc)}")
         raise ConfigError(list(dict.fromkeys(lines))) from None
     check_not_implemented(cfg, source)
+    check_consistency(cfg, source)
+    check_strategies(cfg, registry, source)
     return cfg
+
+
+def check_strategies(cfg: Any, registry: Registry, source: ConfigSource) -> None:
+    """Run every memory strategy's ``validate`` over the whole config (combinations
+    such as a quantized base without bypass mode)."""
+    problems: list[str] = []
+    for spec in sorted(registry.specs("memory"), key=lambda s: s.order):
+        check = getattr(spec, "validate", None)
+        for problem in (check(cfg) if check is not None else ()):
+            key = problem.split(":", 1)[0].strip()
+            problems.append(problem + source.where(tuple(key.split("."))))
+    if problems:
+        raise ConfigError(problems)
 
 
 def _plain_copy(data: Any) -> Any:
@@ -386,10 +444,6 @@ def _plain_copy(data: Any) -> Any:
 
 #: Keys in the schema whose implementation is still to come: key path -> default.
 NOT_IMPLEMENTED: dict[tuple[str, ...], Any] = {
-    ("memory", "offloading"): False,
-    ("memory", "quantized_backward"): False,
-    ("data", "bucket_mode"): False,
-    ("model", "quantize"): "none",
 }
 
 
@@ -418,3 +472,23 @@ def load_config(path: Path, registry: Registry, overrides: list[str] | None = No
 def config_to_dict(cfg: BaseModel) -> dict[str, Any]:
     """The config as JSON-ready data (paths as strings)."""
     return json.loads(cfg.model_dump_json())
+
+
+def check_consistency(cfg: Any, source: ConfigSource) -> None:
+    """Rules that involve more than one key."""
+    problems = []
+    needs_val = [("validation", "every"), ("early_stop", "patience")]
+    if cfg.data.validation is None:
+        for loc in needs_val:
+            if getattr(getattr(cfg, loc[0]), loc[1]) is not None:
+                problems.append(f"{'.'.join(loc)}: needs data.validation (held-out latents "
+                                f"and conditioning){source.where(loc)}")
+    if (cfg.output.keep_best or cfg.early_stop.patience is not None) and \
+            cfg.validation.every is None:
+        loc = ("output", "keep_best") if cfg.output.keep_best else ("early_stop", "patience")
+        problems.append(f"{'.'.join(loc)}: needs validation.every{source.where(loc)}")
+    if cfg.output.keep_last is not None and cfg.output.save_every is None:
+        problems.append(f"output.keep_last: needs output.save_every"
+                        f"{source.where(('output', 'keep_last'))}")
+    if problems:
+        raise ConfigError(problems)

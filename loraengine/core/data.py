@@ -130,3 +130,93 @@ class IndexStream:
         self.pos = int(state["pos"])  # type: ignore[arg-type]
         self._perm = state["perm"].clone()  # type: ignore[union-attr]
         self.generator.set_state(state["generator"])  # type: ignore[arg-type]
+
+
+class BucketedDataset(Dataset):
+    """Several same-resolution groups behind one global index space: bucket ``i`` holds
+    global indices ``offsets[i] .. offsets[i] + len(bucket i) - 1``. A batch must come
+    from one bucket."""
+
+    def __init__(self, buckets: list[Dataset]):
+        self.buckets = buckets
+        self.offsets = []
+        total = 0
+        for b in buckets:
+            self.offsets.append(total)
+            total += len(b)
+        self.total = total
+        self.latents = buckets[0].latents  # for shape/dtype queries
+        self.cond = buckets[0].cond
+
+    def __len__(self) -> int:
+        return self.total
+
+    def locate(self, index: int) -> int:
+        for i in range(len(self.buckets) - 1, -1, -1):
+            if index >= self.offsets[i]:
+                return i
+        raise IndexError(index)
+
+    def batch(self, indices: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        i = self.locate(int(indices[0]))
+        local = indices - self.offsets[i]
+        if bool((local < 0).any()) or bool((local >= len(self.buckets[i])).any()):
+            raise ValueError("a batch must come from a single bucket")
+        return self.buckets[i].batch(local)
+
+
+def make_bucketed_dataset(latents: Mapping[str, torch.Tensor], conditioning:
+                          Mapping[str, torch.Tensor], *, required: tuple[str, ...] = ("cond",),
+                          latents_name: str = "latents", cond_name: str = "conditioning"
+                          ) -> BucketedDataset:
+    """Pair ``latents.<i>`` with ``cond.<i>`` (and ``<extra>.<i>``) for every bucket i."""
+    ids = sorted(int(k.split(".", 1)[1]) for k in latents
+                 if k.startswith("latents.") and k.split(".", 1)[1].isdigit())
+    if not ids:
+        raise DataError(f"{latents_name}: bucket mode needs tensors named latents.<i> "
+                        f"(found: {', '.join(sorted(latents)) or 'none'})")
+    buckets = []
+    for i in ids:
+        # shared entries (no suffix) apply to every bucket; ``<key>.<i>`` to bucket i
+        cond_i = {k: v for k, v in conditioning.items() if not _bucket_suffix(k)}
+        cond_i.update({k.rsplit(".", 1)[0]: v for k, v in conditioning.items()
+                       if _bucket_suffix(k) == str(i)})
+        missing = [k for k in required if k not in cond_i]
+        if missing:
+            raise DataError(f"{cond_name}: bucket {i} has no tensor "
+                            f"{', '.join(f'{m}.{i}' for m in missing)}")
+        buckets.append(make_dataset(latents[f"latents.{i}"], cond_i, required=required,
+                                    latents_name=f"{latents_name} (latents.{i})",
+                                    cond_name=f"{cond_name} (bucket {i})"))
+    return BucketedDataset(buckets)
+
+
+def _bucket_suffix(key: str) -> str:
+    tail = key.rsplit(".", 1)[-1] if "." in key else ""
+    return tail if tail.isdigit() else ""
+
+
+class BucketStream:
+    """Draws a bucket in proportion to its size, then a batch from that bucket's own
+    seeded index stream. Same interface as ``IndexStream`` (global indices)."""
+
+    def __init__(self, dataset: BucketedDataset, generator: torch.Generator):
+        self.dataset = dataset
+        self.generator = generator
+        self.sizes = torch.tensor([len(b) for b in dataset.buckets], dtype=torch.float64)
+        seeds = torch.randint(0, 2**62, (len(dataset.buckets),), generator=generator)
+        self.streams = [IndexStream(len(b), torch.Generator().manual_seed(int(s)))
+                        for b, s in zip(dataset.buckets, seeds, strict=True)]
+
+    def take(self, count: int) -> torch.Tensor:
+        i = int(torch.multinomial(self.sizes, 1, generator=self.generator))
+        return self.streams[i].take(count) + self.dataset.offsets[i]
+
+    def state(self) -> dict[str, object]:
+        return {"generator": self.generator.get_state(),
+                "streams": [s.state() for s in self.streams]}
+
+    def load_state(self, state: Mapping[str, object]) -> None:
+        self.generator.set_state(state["generator"])  # type: ignore[arg-type]
+        for s, st in zip(self.streams, state["streams"], strict=True):  # type: ignore[arg-type]
+            s.load_state(st)

@@ -103,6 +103,46 @@ def loraengine_exporters() -> Iterable[Any]:
 
 
 @hookspec
+def loraengine_timestep_samplers() -> Iterable[Any]:
+    """Return the ``TimestepSamplerSpec`` records (training-timestep distributions) this
+    plugin provides; the config picks one with ``timestep_sampler.name``.
+
+    Example::
+
+        @hookimpl
+        def loraengine_timestep_samplers():
+            return [TimestepSamplerSpec("beta", factory=make_beta, config_model=BetaOptions)]
+    """
+
+
+@hookspec
+def loraengine_loss_weightings() -> Iterable[Any]:
+    """Return the ``LossWeightingSpec`` records (per-sample loss weights by timestep)
+    this plugin provides; the config picks one with ``loss_weighting.name``.
+
+    Example::
+
+        @hookimpl
+        def loraengine_loss_weightings():
+            return [LossWeightingSpec("p2", factory=make_p2, config_model=P2Options)]
+    """
+
+
+@hookspec
+def loraengine_recipes() -> Iterable[Any]:
+    """Return the ``RecipeSpec`` records (training tweaks such as noise offset or EMA)
+    this plugin provides. Their option fields join the ``recipe`` config section.
+
+    Example::
+
+        @hookimpl
+        def loraengine_recipes():
+            return [RecipeSpec("swa", SWAOptions, enabled=lambda c: c.recipe.swa,
+                               build=make_swa)]
+    """
+
+
+@hookspec
 def loraengine_on_train_start(run: Any) -> None:
     """Called once before the first step. ``run`` exposes ``config``, ``total_steps``,
     ``start_step`` and ``output_dir``.

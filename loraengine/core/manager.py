@@ -24,6 +24,7 @@ BUILTIN_PLUGINS: tuple[str, ...] = (
     "loraengine.plugins.adapters",
     "loraengine.plugins.memory",
     "loraengine.plugins.models",
+    "loraengine.plugins.recipes",
 )
 
 ENTRY_POINT_GROUP = "loraengine"

@@ -34,6 +34,12 @@ class LoadedModel:
     base_model_version: str = ""
     cond_keys: tuple[str, ...] = ("cond",)
     info: dict[str, Any] = field(default_factory=dict)
+    #: Latents are ``(vae_mean - vae_shift) * vae_scale``; decode with the inverse.
+    vae_scale: float = 1.0
+    vae_shift: float = 0.0
+    #: The family's default adapter targets (globs over module paths), used when the
+    #: config leaves ``adapter.include`` unset; empty means every adaptable layer.
+    default_include: tuple[str, ...] = ()
 
 
 def top_level_blocks(module: nn.Module) -> list[nn.Module]:

@@ -12,11 +12,12 @@ import torch
 from torch import nn
 
 from loraengine.core.adapter import ADAPTABLE, AdapterLayer, AdapterNetwork, select_layers
-from loraengine.core.data import Dataset, make_dataset, read_safetensors
+from loraengine.core.data import Dataset, make_bucketed_dataset, make_dataset, read_safetensors
 from loraengine.core.errors import ConfigError, DataError, LoraEngineError
 from loraengine.core.lora_io import load_lora, split_modules, steps_of
 from loraengine.core.manager import PluginHost
 from loraengine.core.model import LoadedModel
+from loraengine.core.recipe import install_recipes
 from loraengine.core.seeding import make_generator
 from loraengine.core.specs import LossFn
 
@@ -41,7 +42,13 @@ class Pipeline:
     save_dtype: torch.dtype
     previous_steps: int = 0
     attach_mode: str = "weight"
+    validation: Dataset | None = None
     undo: list[Callable[[], None]] = field(default_factory=list)
+    # Training recipes (core/recipe.py): None/empty keep the family's own behaviour.
+    timestep_sampler: Callable[[torch.Generator], torch.Tensor] | None = None
+    loss_weighting: Callable[[torch.Tensor], torch.Tensor] | None = None
+    loss_timestep_aware: bool = False
+    recipes: list[Any] = field(default_factory=list)
 
     @property
     def model(self) -> nn.Module:
@@ -49,6 +56,21 @@ class Pipeline:
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.network.parameters() if p.requires_grad]
+
+    def per_sample_loss(self, pred: torch.Tensor, target: torch.Tensor, t: torch.Tensor
+                        ) -> torch.Tensor:
+        """Each sample's loss ``[B]``: the elementwise loss averaged over all but the
+        batch dimension."""
+        fn: Any = self.loss_fn
+        elem = fn(pred, target, t, self.loaded.schedule) if self.loss_timestep_aware else \
+            fn(pred, target)
+        return elem.flatten(1).mean(dim=1)
+
+    def loss_weights(self, t: torch.Tensor) -> torch.Tensor:
+        """Per-sample loss weights ``[B]`` for the timesteps ``t`` (ones by default)."""
+        if self.loss_weighting is None:
+            return torch.ones(t.shape[0], device=t.device)
+        return self.loss_weighting(t)
 
     def close(self) -> None:
         """Remove every hook and patch the pipeline put on the model."""
@@ -93,6 +115,12 @@ def load_data(config: Any, loaded: LoadedModel, latents: Any = None,
         cond_name = str(config.data.conditioning)
     else:
         cond_name = "conditioning"
+    if config.data.bucket_mode:
+        if not isinstance(latents, Mapping) or not isinstance(conditioning, Mapping):
+            raise DataError("data.bucket_mode: give latents and conditioning as mappings "
+                            "with latents.<i> / cond.<i> per bucket")
+        return make_bucketed_dataset(latents, conditioning, required=loaded.cond_keys,
+                                     latents_name=lat_name, cond_name=cond_name)
     return make_dataset(latents, conditioning, required=loaded.cond_keys,
                         latents_name=lat_name, cond_name=cond_name)
 
@@ -171,6 +199,14 @@ def build_pipeline(config: Any, host: PluginHost, *, model: nn.Module | None = N
     compute_dtype = next((p.dtype for p in module.parameters() if p.is_floating_point()),
                          torch.float32)
     dataset = load_data(config, loaded, latents, conditioning)
+    validation = None
+    if config.data.validation is not None:
+        val = config.data.validation
+        validation = make_dataset(
+            read_safetensors(val.latents, "validation latents"),
+            read_safetensors(val.conditioning, "validation conditioning"),
+            required=loaded.cond_keys, latents_name=str(val.latents),
+            cond_name=str(val.conditioning))
     network, adapter_spec, previous = build_adapters(config, host, loaded, device)
     optimizer = reg.get("optimizer", config.optimizer.name).factory(
         list(p for p in network.parameters() if p.requires_grad), config.optimizer.lr,
@@ -182,11 +218,12 @@ def build_pipeline(config: Any, host: PluginHost, *, model: nn.Module | None = N
                     network=network, adapter_spec=adapter_spec, optimizer=optimizer,
                     lr_scheduler=lr_scheduler, loss_fn=loss_fn, device=device,
                     compute_dtype=compute_dtype, save_dtype=DTYPES[config.adapter.dtype],
-                    previous_steps=previous)
+                    previous_steps=previous, validation=validation)
     network.attach("weight")
     for spec in sorted(reg.specs("memory"), key=lambda s: s.order):
         if spec.enabled(config):
             undo = spec.apply(pipe, config.memory)
             if undo is not None:
                 pipe.undo.append(undo)
+    install_recipes(pipe)
     return pipe

@@ -20,6 +20,9 @@ CATEGORIES: dict[str, tuple[str, type]] = {
     "model": ("loraengine_models", S.ModelFamilySpec),
     "lr_scheduler": ("loraengine_lr_schedulers", S.LRSchedulerSpec),
     "exporter": ("loraengine_exporters", S.ExporterSpec),
+    "timestep_sampler": ("loraengine_timestep_samplers", S.TimestepSamplerSpec),
+    "loss_weighting": ("loraengine_loss_weightings", S.LossWeightingSpec),
+    "recipe": ("loraengine_recipes", S.RecipeSpec),
 }
 
 

@@ -46,12 +46,15 @@ class LossFn(Protocol):
 @dataclass(frozen=True)
 class LossSpec:
     """A loss. ``factory(options)`` returns ``fn(pred, target)`` giving the elementwise
-    loss (same shape as ``pred``); the engine reduces it."""
+    loss (same shape as ``pred``); the engine reduces it. With ``timestep_aware`` the
+    function is called ``fn(pred, target, t, schedule)`` instead (``t``: the batch's
+    timesteps, ``schedule``: the model's ``NoiseSchedule``)."""
 
     name: str
     factory: Callable[[Any], LossFn]
     config_model: type[BaseModel] = NoOptions
     description: str = ""
+    timestep_aware: bool = False
 
 
 @dataclass(frozen=True)
@@ -90,6 +93,9 @@ class MemoryStrategySpec:
     apply: Callable[[Any, Any], Callable[[], None] | None]
     order: int = 100
     description: str = ""
+    #: ``validate(config) -> [problem, ...]`` checks combinations across sections
+    #: before anything is built; each problem reads ``key.path: message``.
+    validate: Callable[[Any], list[str]] | None = None
 
 
 @dataclass(frozen=True)
@@ -101,6 +107,40 @@ class ModelFamilySpec:
     load: Callable[[Any, Mapping[str, Any]], LoadedModel]
     config_model: type[BaseModel] = NoOptions
     description: str = ""
+    #: For ``loraengine prepare``: ``make_encoder(path, options) -> DataEncoder`` builds
+    #: the family's VAE + text-encoder front end from a local pipeline folder
+    #: (``options``: ``device``, ``dtype``, ``max_sequence_length``); ``None`` when the
+    #: family cannot prepare data.
+    make_encoder: Callable[[Any, Mapping[str, Any]], DataEncoder] | None = None
+    #: ``detect(path) -> bool``: whether a pipeline folder holds this family's model.
+    detect: Callable[[Any], bool] | None = None
+
+
+class DataEncoder(Protocol):
+    """What ``loraengine prepare`` needs from a model family.
+
+    ``bucket_multiple``: image sides are multiples of it (VAE factor × what the
+    denoiser needs); ``default_resolution``: the side of a square training image;
+    ``fingerprint``: changes whenever the encoders or their settings do (keys the cache).
+    """
+
+    family: str
+    bucket_multiple: int
+    default_resolution: int
+    fingerprint: str
+
+    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        """``[B,3,H,W]`` in [-1, 1] -> scaled, shifted latents ``[B,C,h,w]`` (float32)."""
+        ...
+
+    def encode_captions(self, captions: list[str]) -> dict[str, torch.Tensor]:
+        """Captions -> conditioning tensors, first dimension ``len(captions)``."""
+        ...
+
+    def image_conditioning(self, original_hw: tuple[int, int], crop_tl: tuple[int, int],
+                           target_hw: tuple[int, int]) -> dict[str, torch.Tensor]:
+        """Per-image conditioning that depends on its geometry (SDXL ``time_ids``)."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -128,6 +168,46 @@ class ExporterSpec:
     from_file: Callable[
         [Mapping[str, torch.Tensor], Iterable[str]], dict[str, dict[str, torch.Tensor]] | None
     ]
+    description: str = ""
+
+
+@dataclass(frozen=True)
+class TimestepSamplerSpec:
+    """A training-timestep distribution. ``factory(options, schedule)`` returns
+    ``draw(generator) -> t``: one timestep (a 0-dim tensor in the schedule's units: an
+    integer step for DDPM schedules, sigma in [0, 1] for flow) per call, drawn only from
+    ``generator``."""
+
+    name: str
+    factory: Callable[[Any, Any], Callable[[torch.Generator], torch.Tensor]]
+    config_model: type[BaseModel] = NoOptions
+    description: str = ""
+
+
+@dataclass(frozen=True)
+class LossWeightingSpec:
+    """Per-sample loss weights. ``factory(options, schedule, loss_target)`` returns
+    ``weights(t) -> w``: a float tensor ``[B]`` for the timesteps ``[B]``, multiplying
+    each sample's loss. ``loss_target`` is ``native`` or ``x0`` (``loss.target``)."""
+
+    name: str
+    factory: Callable[[Any, Any, str], Callable[[torch.Tensor], torch.Tensor]]
+    config_model: type[BaseModel] = NoOptions
+    description: str = ""
+
+
+@dataclass(frozen=True)
+class RecipeSpec:
+    """A training tweak (noise offset, EMA...). Its ``config_model`` fields become keys
+    of the ``recipe`` section. ``enabled(config)`` says whether it is switched on;
+    ``build(config, pipeline)`` returns a ``loraengine.core.recipe.Recipe`` whose hooks
+    the trainer calls. Recipes run in ascending ``order``."""
+
+    name: str
+    config_model: type[BaseModel]
+    enabled: Callable[[Any], bool]
+    build: Callable[[Any, Any], Any]
+    order: int = 100
     description: str = ""
 
 

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import json
 import math
+import signal
+import threading
+import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -11,7 +15,10 @@ from typing import Any
 import torch
 
 from loraengine import __version__
+from loraengine.core import checkpoint as ckpt
 from loraengine.core.config import config_to_dict
+from loraengine.core.data import BucketedDataset, BucketStream, IndexStream
+from loraengine.core.errors import DataError, LoraEngineError, NonFiniteError
 from loraengine.core.lora_io import save_lora, write_text_atomic
 from loraengine.core.orchestrator import Pipeline
 from loraengine.core.seeding import make_generator
@@ -27,6 +34,17 @@ class TrainResult:
     steps: int
     path: Path | None = None
     files: dict[str, Path] = field(default_factory=dict)
+    stopped_early: bool = False
+
+
+class TrainingInterrupted(LoraEngineError):
+    """SIGINT/SIGTERM: the current step finished, a checkpoint and the LoRA so far were
+    written."""
+
+    exit_code = 130
+
+
+STEP_KEYS = ("loss", "lr", "skipped")
 
 
 class Trainer:
@@ -42,12 +60,20 @@ class Trainer:
         self.output_dir = Path(self.config.output.dir)
         self.write_files = write_files
         seed = self.config.training.seed
-        from loraengine.core.data import IndexStream
-
-        self.indices = IndexStream(len(pipeline.dataset), make_generator(seed, "data"))
+        data_gen = make_generator(seed, "data")
+        dataset = pipeline.dataset
+        self.indices: IndexStream | BucketStream = (
+            BucketStream(dataset, data_gen) if isinstance(dataset, BucketedDataset)
+            else IndexStream(len(dataset), data_gen))
         self.noise_gen = make_generator(seed, "noise")
-        self.loss_map: dict[str, list[float]] = {"loss": [], "lr": [], "skipped": []}
+        self.loss_map: dict[str, list[float]] = {k: [] for k in STEP_KEYS}
         self.scaler = self._make_scaler()
+        self.checkpoint_dir = self.output_dir / f"{self.config.output.name}.checkpoints"
+        self.bad_streak = 0
+        self.best_val: float | None = None
+        self.since_best = 0
+        self.last_checkpoint: Path | None = None
+        self._stop_signal: int | None = None
 
     def _make_scaler(self) -> Any:
         if self.pipe.compute_dtype != torch.float16:
@@ -55,22 +81,32 @@ class Trainer:
         return torch.amp.GradScaler(self.pipe.device.type)
 
     # -- one micro-batch ------------------------------------------------------------
-    def _noise_and_timesteps(self, x0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-sample draws, so a batch of k·b sees exactly the draws of k batches of b."""
-        schedule = self.pipe.loaded.schedule
-        noise = torch.stack([torch.randn(x0.shape[1:], generator=self.noise_gen)
-                             for _ in range(x0.shape[0])])
-        t = torch.stack([schedule.sample_timestep(self.noise_gen) for _ in range(x0.shape[0])])
-        return noise, t
+    def _noise_and_timesteps(self, x0: torch.Tensor
+                             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per-sample draws, so a batch of k·b sees exactly the draws of k batches of b.
+        Returns the target's noise, the timesteps and the noise that makes ``x_t`` (the
+        two noises differ only when a recipe such as input perturbation says so)."""
+        pipe = self.pipe
+        draw_t = pipe.timestep_sampler or pipe.loaded.schedule.sample_timestep
+        noises, ts, xt_noises = [], [], []
+        for _ in range(x0.shape[0]):  # sample by sample: noise, its timestep, tweaks
+            noise = torch.randn(x0.shape[1:], generator=self.noise_gen)
+            ts.append(draw_t(self.noise_gen))
+            xt_noise = noise
+            for recipe in pipe.recipes:
+                xt_noise, noise = recipe.perturb_noise(xt_noise, noise, self.noise_gen)
+            noises.append(noise)
+            xt_noises.append(xt_noise)
+        return torch.stack(noises), torch.stack(ts), torch.stack(xt_noises)
 
-    def micro_step(self, indices: torch.Tensor) -> torch.Tensor:
+    def micro_step(self, indices: torch.Tensor, dataset: Any = None) -> torch.Tensor:
         """Forward one micro-batch and return its (unscaled) mean loss."""
         pipe = self.pipe
         schedule = pipe.loaded.schedule
-        x0, cond = pipe.dataset.batch(indices)
+        x0, cond = (dataset or pipe.dataset).batch(indices)
         x0 = x0.float()
-        noise, t = self._noise_and_timesteps(x0)
-        x_t = schedule.add_noise(x0, noise, t)
+        noise, t, xt_noise = self._noise_and_timesteps(x0)
+        x_t = schedule.add_noise(x0, xt_noise, t)
         dev, dt = pipe.device, pipe.compute_dtype
         cond = {k: v.to(dev, dt) if v.is_floating_point() else v.to(dev)
                 for k, v in cond.items()}
@@ -81,12 +117,15 @@ class Trainer:
             pred, target = schedule.predicted_x0(pred, x_t, t), x0
         else:
             target = schedule.target(x0, noise, t)
-        return pipe.loss_fn(pred, target.float()).mean()
+        per_sample = pipe.per_sample_loss(pred, target.float(), t)
+        return (per_sample * pipe.loss_weights(t).to(per_sample)).mean()
 
     # -- one optimizer step ---------------------------------------------------------
     def step(self) -> dict[str, float]:
         pipe, tcfg = self.pipe, self.config.training
         accum = tcfg.grad_accumulation_steps
+        if callable(getattr(pipe.optimizer, "train", None)):
+            pipe.optimizer.train()  # schedule-free optimizers take gradients at y
         pipe.optimizer.zero_grad(set_to_none=True)
         total = 0.0
         finite = True
@@ -115,20 +154,207 @@ class Trainer:
             pipe.optimizer.step()
         pipe.optimizer.zero_grad(set_to_none=True)
         pipe.lr_scheduler.step()
+        if not skipped:
+            for recipe in pipe.recipes:
+                recipe.after_optimizer_step()  # e.g. the EMA of the adapter weights
         return {"loss": total, "lr": lr, "skipped": float(skipped)}
 
     # -- the run ----------------------------------------------------------------------
     def run(self) -> TrainResult:
+        """Train from ``start_step`` to ``total_steps``: checkpoints, validation, early
+        stop, the non-finite watchdog and Ctrl-C handling included."""
+        out = self.config.output
         self.host.on_train_start(self)
         self.pipe.network.train()
-        for step in range(self.start_step, self.total_steps):
-            metrics = self.step()
-            for k in self.loss_map:
-                self.loss_map[k].append(metrics[k])
-            self.host.on_step_end(self, step + 1, metrics)
+        stopped_early = False
+        with self._signals():
+            for step in range(self.start_step + 1, self.total_steps + 1):
+                metrics = self.step()
+                for k in STEP_KEYS:
+                    self.loss_map[k].append(metrics[k])
+                self.host.on_step_end(self, step, metrics)
+                self._watch(step, bool(metrics["skipped"]))
+                if self._validation_due(step) and self._validate(step):
+                    stopped_early = True
+                if self.write_files and out.save_every and step % out.save_every == 0:
+                    self.save_checkpoint(step)
+                if stopped_early:
+                    break
+                if self._stop_signal is not None:
+                    self._interrupted(step)
         result = self.finish()
+        result.stopped_early = stopped_early
         self.host.on_train_end(self, result)
         return result
+
+    # -- validation -------------------------------------------------------------------
+    def _validation_due(self, step: int) -> bool:
+        every = self.config.validation.every
+        return self.pipe.validation is not None and every is not None and (
+            step % every == 0 or step == self.total_steps)
+
+    def validation_loss(self) -> float:
+        """Mean loss over the held-out set with fixed noise and timesteps: the same
+        number for the same adapter, whenever and however often it is computed."""
+        data = self.pipe.validation
+        saved = self.noise_gen
+        self.noise_gen = make_generator(self.config.training.seed, "validation")
+        total, n = 0.0, len(data)
+        try:
+            with torch.no_grad():
+                for start in range(0, n, self.config.training.batch_size):
+                    idx = torch.arange(start, min(n, start + self.config.training.batch_size))
+                    total += float(self.micro_step(idx, data)) * len(idx)
+        finally:
+            self.noise_gen = saved
+        return total / n
+
+    def _validate(self, step: int) -> bool:
+        """Record the validation loss; return True when early stopping says stop."""
+        value = self.validation_loss()
+        self.loss_map.setdefault("val_loss", []).append(value)
+        self.loss_map.setdefault("val_loss_step", []).append(step)
+        self.host.on_step_end(self, step, {"val_loss": value})
+        stop_cfg = self.config.early_stop
+        if self.best_val is None or value < self.best_val - stop_cfg.min_delta:
+            self.best_val, self.since_best = value, 0
+            if self.config.output.keep_best and self.write_files:
+                path = self.output_dir / f"{self.config.output.name}.best.safetensors"
+                meta = self.metadata() | {"loraengine.val_loss": repr(value),
+                                          "loraengine.best_step": str(step)}
+                save_lora(path, self.lora_tensors(), meta)
+                self.host.on_save(self, str(path), "best")
+        else:
+            self.since_best += 1
+        return stop_cfg.patience is not None and self.since_best >= stop_cfg.patience
+
+    # -- the non-finite watchdog ----------------------------------------------------
+    def _watch(self, step: int, skipped: bool) -> None:
+        self.bad_streak = self.bad_streak + 1 if skipped else 0
+        limit = self.config.training.max_bad_steps
+        if self.bad_streak < limit:
+            return
+        first = step - self.bad_streak + 1
+        found = ckpt.load_latest_valid(self.checkpoint_dir) if self.write_files else None
+        if found is not None:
+            good_step, adapter, state, path = found
+            self.load_state(adapter, state)
+            where = f"rolled back to the checkpoint at step {good_step} ({path})"
+        else:
+            where = ("no checkpoint to roll back to; the adapter is unchanged since step "
+                     f"{first - 1}, the last finite one")
+        written = ""
+        if self.write_files:
+            result = self.finish()
+            written = f"; that state is written to {result.path}"
+        raise NonFiniteError(f"{self.bad_streak} consecutive non-finite steps "
+                             f"({first}-{step}), each skipped; {where}{written}")
+
+    # -- checkpoints and resume -----------------------------------------------------
+    def state(self) -> dict[str, Any]:
+        """Everything besides the adapter weights that a resume needs."""
+        return {
+            "step": len(self.loss_map["loss"]),
+            "optimizer": self.pipe.optimizer.state_dict(),
+            "lr_scheduler": self.pipe.lr_scheduler.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+            "noise_gen": self.noise_gen.get_state(),
+            "data": self.indices.state(),
+            "loss_map": self.loss_map,
+            "watch": {"bad_streak": self.bad_streak, "best_val": self.best_val,
+                      "since_best": self.since_best},
+            "recipes": [r.state_dict() if hasattr(r, "state_dict") else None
+                        for r in self.pipe.recipes],
+        }
+
+    def load_state(self, adapter: dict[str, torch.Tensor], state: dict[str, Any]) -> None:
+        pipe = self.pipe
+        try:
+            missing, unexpected = pipe.network.load_state_dict(adapter, strict=False)
+            if missing or unexpected:
+                raise RuntimeError(f"missing {missing[:3]}, unexpected {unexpected[:3]}")
+            pipe.optimizer.load_state_dict(state["optimizer"])
+        except (RuntimeError, ValueError, KeyError) as exc:
+            raise DataError(f"checkpoint does not fit this config's adapter: {exc}") from None
+        pipe.lr_scheduler.load_state_dict(state["lr_scheduler"])
+        if self.scaler is not None and state.get("scaler") is not None:
+            self.scaler.load_state_dict(state["scaler"])
+        self.noise_gen.set_state(state["noise_gen"])
+        self.indices.load_state(state["data"])
+        self.loss_map = {k: list(v) for k, v in state["loss_map"].items()}
+        watch = state.get("watch", {})
+        self.bad_streak = int(watch.get("bad_streak", 0))
+        self.best_val = watch.get("best_val")
+        self.since_best = int(watch.get("since_best", 0))
+        for recipe, rstate in zip(pipe.recipes, state.get("recipes", []), strict=False):
+            if rstate is not None and hasattr(recipe, "load_state_dict"):
+                recipe.load_state_dict(rstate)
+        self.start_step = int(state["step"])
+
+    def save_checkpoint(self, step: int) -> Path:
+        state = self.state()
+        path = ckpt.save_checkpoint(self.checkpoint_dir, step, self.pipe.network.state_dict(),
+                                    state, config_to_dict(self.config))
+        if self.config.output.keep_last:
+            ckpt.prune(self.checkpoint_dir, self.config.output.keep_last)
+        self.last_checkpoint = path
+        self.host.on_save(self, str(path), "checkpoint")
+        return path
+
+    def resume(self, where: str | Path = "latest") -> Path | None:
+        """Continue from a checkpoint: ``latest`` (the newest valid one in this run's
+        checkpoint folder), a checkpoints folder, or one ``step_N`` folder. A corrupt
+        checkpoint is reported and the previous one used. Returns the one used."""
+        folder, before = self.checkpoint_dir, None
+        if str(where) != "latest":
+            path = Path(where)
+            if (path / ckpt.MANIFEST).exists() or path.name.startswith("step_"):
+                folder = path.parent
+                before = int(path.name.split("_")[-1]) if path.name[5:].isdigit() else None
+            else:
+                folder = path
+            if not folder.exists():
+                raise DataError(f"--resume: {where} does not exist")
+        found = ckpt.load_latest_valid(folder, before)
+        if found is None:
+            if str(where) != "latest":
+                raise DataError(f"--resume: no usable checkpoint in {folder}")
+            warnings.warn(f"no checkpoint in {folder}; starting from step 0",
+                          ckpt.CheckpointWarning, stacklevel=2)
+            return None
+        _, adapter, state, path = found
+        self.load_state(adapter, state)
+        self.last_checkpoint = path
+        return path
+
+    # -- Ctrl-C -----------------------------------------------------------------------
+    @contextmanager
+    def _signals(self):
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+
+        def handler(signum: int, frame: Any) -> None:
+            if self._stop_signal is not None:  # a second Ctrl-C: stop at once
+                raise KeyboardInterrupt
+            self._stop_signal = signum
+
+        previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for s, h in previous.items():
+                signal.signal(s, h)
+
+    def _interrupted(self, step: int) -> None:
+        saved = ""
+        if self.write_files:
+            path = self.save_checkpoint(step)
+            result = self.finish()
+            saved = (f"; checkpoint {path}, LoRA so far {result.path}; continue with "
+                     f"--resume latest")
+        name = signal.Signals(self._stop_signal).name if self._stop_signal else "signal"
+        raise TrainingInterrupted(f"{name}: stopped after step {step}{saved}")
 
     @property
     def steps_done(self) -> int:
@@ -158,6 +384,8 @@ class Trainer:
         }
 
     def finish(self) -> TrainResult:
+        if callable(getattr(self.pipe.optimizer, "eval", None)):
+            self.pipe.optimizer.eval()  # schedule-free optimizers: save the averaged x
         tensors = self.lora_tensors()
         result = TrainResult(tensors, {k: list(v) for k, v in self.loss_map.items()},
                              self.steps_done)
@@ -170,6 +398,13 @@ class Trainer:
         result.path = lora_path
         result.files["lora"] = lora_path
         self.host.on_save(self, str(lora_path), "lora")
+        for recipe in self.pipe.recipes:  # other versions of the adapter, e.g. its EMA
+            for suffix, swapped in recipe.variants().items():
+                with swapped():
+                    variant_path = out / f"{name}.{suffix}.safetensors"
+                    save_lora(variant_path, self.lora_tensors(), self.metadata())
+                result.files[suffix] = variant_path
+                self.host.on_save(self, str(variant_path), suffix)
         loss_path = out / f"{name}.loss.json"
         write_text_atomic(loss_path, json.dumps(result.loss_map, indent=1))
         result.files["loss_map"] = loss_path

@@ -3,6 +3,8 @@
 - ``kohya``: ``lora_unet_<path with . as _>.<param>`` — ComfyUI, A1111/Forge and
   diffusers' ``load_lora_weights`` read it.
 - ``comfyui``: ``diffusion_model.<path>.<param>`` — ComfyUI's own trained files.
+- ``diffusers`` (alias ``peft``): ``<unet|transformer>.<path>.lora_A.weight`` — what
+  diffusers' ``load_lora_weights`` and ComfyUI read for transformer models.
 """
 
 from __future__ import annotations
@@ -71,10 +73,85 @@ class PrefixedFormat:
 KOHYA = PrefixedFormat("kohya", "lora_unet_", underscore=True)
 COMFYUI = PrefixedFormat("comfyui", "diffusion_model.", underscore=False)
 
+#: Top-level modules of a diffusers UNet2DConditionModel: their files say ``unet.``.
+UNET_ROOTS = frozenset({"down_blocks", "mid_block", "up_blocks", "conv_in", "conv_out",
+                        "conv_norm_out", "time_embedding", "add_embedding",
+                        "class_embedding", "encoder_hid_proj"})
+#: LoRA parameter names: ours (kohya's) -> PEFT's.
+PEFT_NAMES = {"lora_down.weight": "lora_A.weight", "lora_up.weight": "lora_B.weight"}
+OURS = {v: k for k, v in PEFT_NAMES.items()}
+
+
+class PeftFormat:
+    """diffusers/PEFT keys: ``<unet|transformer>.<path>.lora_A.weight`` / ``lora_B``.
+
+    PEFT keeps no per-module alpha in the weights (a loader assumes α = r unless told
+    otherwise), so a LoRA's scale α/r is folded into ``lora_B`` on writing: every PEFT
+    reader then builds the same ΔW. Other algorithms keep their own parameter names.
+    """
+
+    prefixes = ("unet.", "transformer.")
+
+    def __init__(self, name: str):
+        self.name = name
+
+    @staticmethod
+    def prefix_for(paths: Iterable[str]) -> str:
+        roots = {p.split(".", 1)[0] for p in paths}
+        return "unet." if roots and roots <= UNET_ROOTS else "transformer."
+
+    def to_file(self, modules: Modules) -> dict[str, torch.Tensor]:
+        prefix = self.prefix_for(modules)
+        out: dict[str, torch.Tensor] = {}
+        for path, params in modules.items():
+            stem = f"{prefix}{path}"
+            if "lora_down.weight" in params and "lora_up.weight" in params:
+                down, up = params["lora_down.weight"], params["lora_up.weight"]
+                rank = int(down.shape[0])
+                alpha = float(params["alpha"]) if "alpha" in params else float(rank)
+                out[f"{stem}.lora_A.weight"] = down
+                out[f"{stem}.lora_B.weight"] = (up.float() * (alpha / rank)).to(up.dtype)
+                rest = {k: v for k, v in params.items() if k not in PEFT_NAMES and
+                        k != "alpha"}
+            else:
+                rest = dict(params)
+            for param, tensor in rest.items():
+                out[f"{stem}.{param}"] = tensor
+        return out
+
+    def from_file(self, tensors: Mapping[str, torch.Tensor], module_paths: Iterable[str]
+                  ) -> dict[str, dict[str, torch.Tensor]] | None:
+        keys = [k for k in tensors if k.startswith(self.prefixes)]
+        if not keys:
+            return None
+        paths = set(module_paths)
+        grouped: dict[str, dict[str, torch.Tensor]] = {}
+        for key in keys:
+            rest = key.split(".", 1)[1]
+            found = _split_by_paths(rest, paths)
+            if found is None:
+                tail = next((n for n in (*OURS, *PEFT_NAMES) if rest.endswith("." + n)),
+                            None)
+                found = (rest[:-len(tail) - 1], tail) if tail else tuple(
+                    rest.rsplit(".", 1))  # type: ignore[assignment]
+            module, param = found
+            grouped.setdefault(module, {})[OURS.get(param, param)] = tensors[key]
+        return grouped
+
+    def spec(self, description: str) -> ExporterSpec:
+        return ExporterSpec(self.name, self.to_file, self.from_file, description)
+
+
+DIFFUSERS = PeftFormat("diffusers")
+PEFT = PeftFormat("peft")
+
 
 @hookimpl
 def loraengine_exporters():
     return [
         KOHYA.spec("kohya keys (lora_unet_*): ComfyUI, A1111/Forge, diffusers."),
         COMFYUI.spec("ComfyUI keys (diffusion_model.*)."),
+        DIFFUSERS.spec("diffusers/PEFT keys (unet.* / transformer.* with lora_A/lora_B): "
+                       "diffusers' load_lora_weights, ComfyUI."),
+        PEFT.spec("Same keys as diffusers (the PEFT spelling)."),
     ]

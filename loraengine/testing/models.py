@@ -32,7 +32,7 @@ class TinyDenoiser(nn.Module):
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         h = self.conv_in(x)
-        temb = self.time_mlp(t.float().reshape(-1, 1) / 1000.0)
+        temb = self.time_mlp((t.float().reshape(-1, 1) / 1000.0).to(x.dtype))
         c = self.cond_proj(cond.mean(dim=1))
         h = h + (temb + c)[:, :, None, None]
         for block in self.blocks:

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from loraengine.core.hookspecs import hookimpl
-from loraengine.plugins.adapters import lora
+from loraengine.plugins.adapters import boft, full, glora, ia3, loha, lokr, lora, oft
 
 
 @hookimpl
 def loraengine_adapters():
-    return [lora.SPEC]
+    return [lora.SPEC, loha.SPEC, lokr.SPEC, full.SPEC, oft.SPEC, boft.SPEC, glora.SPEC, ia3.SPEC]

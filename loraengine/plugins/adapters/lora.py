@@ -1,5 +1,8 @@
 """LoRA: ΔW = up · down · α/r (kohya keys ``lora_down.weight``, ``lora_up.weight``,
-``alpha``). Convolutions keep their kernel in ``down`` and a 1×1 ``up``, saved 4-D."""
+``alpha``). Convolutions keep their kernel in ``down`` and a 1×1 ``up``, saved 4-D.
+
+Options: ``rs_lora`` (scale α/√r; the file stores α·√r so every reader, which divides
+by r, gets the same scale) and ``weight_decompose`` (DoRA, ``dora_scale``)."""
 
 from __future__ import annotations
 
@@ -11,12 +14,15 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from loraengine.core.adapter import AdapterLayer, layer_op
+from loraengine.core.adapter import layer_op
 from loraengine.core.specs import AdapterSpec, PluginOptions
+from loraengine.plugins.adapters.dora import AdditiveAdapter, load_dora
 
 
 class LoRAOptions(PluginOptions):
     rs_lora: bool = Field(False, description="Rank-stabilised scale α/√r instead of α/r.")
+    weight_decompose: bool = Field(False, description="DoRA: train a per-output-channel "
+                                   "magnitude and the direction separately (dora_scale).")
 
 
 def _shapes(base: nn.Module, rank: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
@@ -27,45 +33,33 @@ def _shapes(base: nn.Module, rank: int) -> tuple[tuple[int, ...], tuple[int, ...
     return (rank, w.shape[1], *kernel), (w.shape[0], rank, *([1] * len(kernel)))
 
 
-class LoRALayer(AdapterLayer):
+class LoRALayer(AdditiveAdapter):
     """Low-rank update of one Linear/Conv layer."""
 
     algorithm = "lora"
 
     def __init__(self, base: nn.Module, rank: int, alpha: float, rs_lora: bool = False,
                  generator: torch.Generator | None = None):
-        super().__init__(base, rank, alpha)
+        # rs_lora is folded into alpha: α/√r == (α·√r)/r, which is what the file says.
+        super().__init__(base, rank, alpha * math.sqrt(rank) if rs_lora else alpha)
         self.rs_lora = rs_lora
         down_shape, up_shape = _shapes(base, rank)
         self.lora_down = nn.Parameter(torch.empty(down_shape, dtype=torch.float32))
         self.lora_up = nn.Parameter(torch.zeros(up_shape, dtype=torch.float32))
         nn.init.kaiming_uniform_(self.lora_down, a=math.sqrt(5), generator=generator)
 
-    @property
-    def scale(self) -> float:
-        return self.alpha / (math.sqrt(self.rank) if self.rs_lora else self.rank)
-
-    def delta_weight(self) -> torch.Tensor:
-        shape = self.base.weight.shape
+    def raw_delta(self) -> torch.Tensor:
         dw = self.lora_up.flatten(1) @ self.lora_down.flatten(1)
-        return dw.reshape(shape) * (self.scale * self.multiplier)
+        return dw.reshape(self.base.weight.shape) * self.scale
 
-    def bypass(self, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
-        dt = base_out.dtype
+    def raw_bypass(self, x: torch.Tensor) -> torch.Tensor:
+        dt = x.dtype
         down, up = self.lora_down.to(dt), self.lora_up.to(dt)
-        h = layer_op(self.base, x.to(dt), down, None)  # the base's stride/padding/dilation
-        if down.ndim == 2:
-            h = F.linear(h, up)
-        else:
-            h = _pointwise(h, up)
-        return base_out + h * (self.scale * self.multiplier)
+        h = layer_op(self.base, x, down, None)  # the base's stride/padding/dilation
+        h = F.linear(h, up) if down.ndim == 2 else _pointwise(h, up)
+        return h * self.scale
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # The factored path is exact and cheaper than rebuilding W+ΔW.
-        base = self.base
-        return self.bypass(x, layer_op(base, x, base.weight, base.bias))
-
-    def file_tensors(self) -> dict[str, torch.Tensor]:
+    def adapter_tensors(self) -> dict[str, torch.Tensor]:
         return {"lora_down.weight": self.lora_down, "lora_up.weight": self.lora_up,
                 "alpha": torch.tensor(self.alpha)}
 
@@ -77,14 +71,18 @@ def _pointwise(h: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 
 def create(base: nn.Module, rank: int, alpha: float, options: Any,
            generator: torch.Generator | None) -> LoRALayer:
-    return LoRALayer(base, rank, alpha, getattr(options, "rs_lora", False), generator)
+    layer = LoRALayer(base, rank, alpha, getattr(options, "rs_lora", False), generator)
+    if getattr(options, "weight_decompose", False):
+        layer.enable_dora()
+    return layer
 
 
 def load(base: nn.Module, tensors: dict[str, torch.Tensor], options: Any) -> LoRALayer:
+    """Rebuild from saved tensors. The saved alpha already carries any rs_lora factor."""
     down, up = tensors["lora_down.weight"], tensors["lora_up.weight"]
     rank = int(down.shape[0])
     alpha = float(tensors["alpha"]) if "alpha" in tensors else float(rank)
-    layer = LoRALayer(base, rank, alpha, getattr(options, "rs_lora", False))
+    layer = LoRALayer(base, rank, alpha)
     want_down, want_up = _shapes(base, rank)
     w = base.weight
     if down.numel() != math.prod(want_down) or up.numel() != math.prod(want_up):
@@ -93,6 +91,7 @@ def load(base: nn.Module, tensors: dict[str, torch.Tensor], options: Any) -> LoR
     with torch.no_grad():
         layer.lora_down.copy_(down.reshape(want_down).float())
         layer.lora_up.copy_(up.reshape(want_up).float())
+    load_dora(layer, tensors)
     return layer
 
 
@@ -102,4 +101,5 @@ def owns_keys(keys: set[str]) -> bool:
 
 SPEC = AdapterSpec(
     name="lora", create=create, load=load, owns_keys=owns_keys, config_model=LoRAOptions,
-    network_module="networks.lora", description="Low-rank adaptation (LoRA / LoCon).")
+    network_module="networks.lora", description="Low-rank adaptation (LoRA / LoCon), "
+    "optionally rank-stabilised or weight-decomposed (DoRA).")

@@ -1,11 +1,13 @@
-"""Built-in memory strategies. Their option fields form the ``memory`` config section."""
+"""Built-in memory strategies. Their option fields form the ``memory`` config section;
+they apply in ascending ``order`` once the adapters are attached: quantized base (5),
+bypass mode (10), gradient checkpointing (50), offloading (60)."""
 
 from __future__ import annotations
 
 from loraengine.core.hookspecs import hookimpl
-from loraengine.plugins.memory import bypass, checkpointing, pending
+from loraengine.plugins.memory import bypass, checkpointing, offload, quantize
 
 
 @hookimpl
 def loraengine_memory_strategies():
-    return [bypass.SPEC, checkpointing.SPEC, *pending.SPECS]
+    return [quantize.SPEC, bypass.SPEC, checkpointing.SPEC, offload.SPEC]

@@ -1,11 +1,13 @@
-"""Built-in model families."""
+"""Built-in model families: ``sd15``, ``sd2``, ``sdxl``, ``sd3`` and ``flux`` on
+diffusers, plus ``diffusers`` (any local UNet folder) and ``module`` (an in-memory
+``nn.Module``)."""
 
 from __future__ import annotations
 
 from loraengine.core.hookspecs import hookimpl
-from loraengine.plugins.models import diffusers_folder, module
+from loraengine.plugins.models import diffusers_folder, flux, module, sd3, unet
 
 
 @hookimpl
 def loraengine_models():
-    return [diffusers_folder.SPEC, module.SPEC]
+    return [diffusers_folder.SPEC, module.SPEC, *unet.SPECS, sd3.SPEC, flux.SPEC]

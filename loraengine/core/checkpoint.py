@@ -1,0 +1,146 @@
+"""Training checkpoints: one folder per saved step, written atomically and verified.
+
+A checkpoint folder ``step_<N>`` holds ``adapter.safetensors`` (the adapter's own
+parameters, in their master dtype), ``state.pt`` (optimizer, LR schedule, grad scaler,
+every random stream and the data position, the loss map), ``config.json`` and, written
+last, ``manifest.json`` with the SHA-256 of each file. The folder is built under a
+temporary name, every file fsynced, and renamed into place: a crash leaves either the
+previous checkpoint set or the new one, never half a checkpoint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import tempfile
+import warnings
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from loraengine.core.errors import DataError
+
+MANIFEST = "manifest.json"
+_STEP_DIR = re.compile(r"^step_(\d+)$")
+
+
+class CheckpointWarning(UserWarning):
+    """A checkpoint was unusable and an older one is used instead."""
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save_checkpoint(folder: Path, step: int, adapter: Mapping[str, torch.Tensor],
+                    state: Mapping[str, Any], config: Mapping[str, Any]) -> Path:
+    """Write ``folder/step_<step>`` atomically and return its path."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    final = folder / f"step_{step:08d}"
+    tmp = Path(tempfile.mkdtemp(prefix=f".step_{step:08d}.", dir=folder))
+    try:
+        save_file({k: v.detach().contiguous().cpu() for k, v in adapter.items()},
+                  str(tmp / "adapter.safetensors"))
+        torch.save(dict(state), tmp / "state.pt")
+        (tmp / "config.json").write_text(json.dumps(config, indent=1), encoding="utf-8")
+        files = {}
+        for name in ("adapter.safetensors", "state.pt", "config.json"):
+            _fsync(tmp / name)
+            files[name] = _sha256(tmp / name)
+        (tmp / MANIFEST).write_text(json.dumps({"step": step, "files": files}, indent=1),
+                                    encoding="utf-8")
+        _fsync(tmp / MANIFEST)
+        if final.exists():  # the same step saved again (after a resume): replace it
+            old = final.with_name(f".{final.name}.old")
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+        _fsync(folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final
+
+
+def list_checkpoints(folder: Path) -> list[tuple[int, Path]]:
+    """Finished checkpoint folders under ``folder``, oldest first."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    found = []
+    for child in folder.iterdir():
+        m = _STEP_DIR.match(child.name)
+        if m and child.is_dir():
+            found.append((int(m.group(1)), child))
+    return sorted(found)
+
+
+def verify(path: Path) -> None:
+    """Raise ``DataError`` unless the checkpoint's files match its manifest."""
+    path = Path(path)
+    manifest_path = path / MANIFEST
+    try:
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+        files = manifest["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        raise DataError(f"checkpoint {path}: missing or unreadable {MANIFEST}") from None
+    for name, digest in files.items():
+        f = path / name
+        if not f.exists():
+            raise DataError(f"checkpoint {path}: {name} is missing")
+        if _sha256(f) != digest:
+            raise DataError(f"checkpoint {path}: {name} does not match its hash "
+                            f"(truncated or corrupted)")
+
+
+def load_checkpoint(path: Path) -> tuple[int, dict[str, torch.Tensor], dict[str, Any]]:
+    """Verify and read one checkpoint: (step, adapter tensors, state)."""
+    verify(path)
+    step = int(json.loads((Path(path) / MANIFEST).read_text())["step"])
+    adapter = load_file(str(Path(path) / "adapter.safetensors"))
+    state = torch.load(Path(path) / "state.pt", map_location="cpu", weights_only=True)
+    return step, adapter, state
+
+
+def load_latest_valid(folder: Path, before: int | None = None
+                      ) -> tuple[int, dict[str, torch.Tensor], dict[str, Any], Path] | None:
+    """The newest checkpoint that verifies; corrupt ones are reported and skipped."""
+    for step, path in reversed(list_checkpoints(folder)):
+        if before is not None and step > before:
+            continue
+        try:
+            s, adapter, state = load_checkpoint(path)
+        except (DataError, RuntimeError, OSError, ValueError) as exc:
+            warnings.warn(f"{exc}; trying the previous checkpoint", CheckpointWarning,
+                          stacklevel=2)
+            continue
+        return s, adapter, state, path
+    return None
+
+
+def prune(folder: Path, keep_last: int) -> None:
+    """Delete all but the newest ``keep_last`` checkpoints."""
+    found = list_checkpoints(folder)
+    for _, path in found[:-keep_last] if keep_last > 0 else []:
+        shutil.rmtree(path, ignore_errors=True)

@@ -1,0 +1,138 @@
+"""The shared base of the additive adapters (LoRA, LoHa, LoKr) and their DoRA option.
+
+A subclass supplies ``raw_delta()`` — its ΔW with the algorithm's scale, without the
+multiplier — and may supply ``raw_bypass(x)``, the output of that delta layer computed
+from its factors. This class adds the multiplier and, with ``weight_decompose: true``,
+DoRA: the adapted weight is ``m · (W+ΔW) / ‖W+ΔW‖`` with one norm per output channel
+and a trained magnitude ``m`` (the file's ``dora_scale``, shape ``[out, 1, ...]``),
+initialised to ‖W‖ so the adapter starts as the identity.
+
+DoRA is written so that it is exactly zero at init and the three paths agree:
+``ΔW_total = (s−1)·W + s·ΔW`` with ``s = m/‖W+ΔW‖``, and in bypass
+``y = f(x) + (s−1)·(f(x) − b) + s·Δ(x)``. The norm reads the base weight, so DoRA is
+the one case where bypass mode reads it. ComfyUI normalises the output-axis case by
+‖W‖ instead of ‖W+ΔW‖; that is a defect not copied here. Files whose ``dora_scale``
+is per input column (``[1, in, ...]``, older LyCORIS) load too; their bypass builds ΔW.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from loraengine.core.adapter import AdapterLayer, layer_op
+
+
+def f32(value: float) -> float:
+    """``value`` rounded to float32, as it will read back from a file."""
+    return float(torch.tensor(float(value), dtype=torch.float32))
+
+
+def column_norms(weight: torch.Tensor, on_out: bool) -> torch.Tensor:
+    """‖W‖ per output row (``[out, 1, ...]``) or per input column (``[1, in, ...]``)."""
+    ones = [1] * (weight.ndim - 1)
+    if on_out:
+        return weight.reshape(weight.shape[0], -1).norm(dim=1).reshape(-1, *ones)
+    w = weight.transpose(0, 1)
+    return w.reshape(w.shape[0], -1).norm(dim=1).reshape(-1, *ones).transpose(0, 1)
+
+
+def _channel_view(t: torch.Tensor, base: nn.Module, out: torch.Tensor) -> torch.Tensor:
+    """Reshape a per-output-channel tensor to broadcast over ``base``'s output:
+    channels last for Linear, at dim 1 for convolutions."""
+    flat = t.reshape(-1)
+    if isinstance(base, nn.Linear):
+        return flat
+    return flat.reshape(-1, *([1] * (out.ndim - 2)))
+
+
+class AdditiveAdapter(AdapterLayer):
+    """ΔW = multiplier · raw ΔW, or its DoRA form when ``dora_scale`` is set."""
+
+    def __init__(self, base: nn.Module, rank: int, alpha: float):
+        super().__init__(base, rank, f32(alpha))
+        self.dora_scale: nn.Parameter | None = None
+        self.dora_on_out = True
+
+    # -- what subclasses provide ------------------------------------------------------
+    def raw_delta(self) -> torch.Tensor:
+        """ΔW with the algorithm's scale and without the multiplier or DoRA."""
+        raise NotImplementedError
+
+    def raw_bypass(self, x: torch.Tensor) -> torch.Tensor:
+        """Output of the delta layer alone. Default: run the base op with ΔW."""
+        return layer_op(self.base, x, self.raw_delta().to(x.dtype), None)
+
+    def adapter_tensors(self) -> dict[str, torch.Tensor]:
+        """The algorithm's own file tensors (``alpha`` included, ``dora_scale`` not)."""
+        raise NotImplementedError
+
+    # -- DoRA -------------------------------------------------------------------------
+    def enable_dora(self, saved: torch.Tensor | None = None) -> None:
+        """Add the magnitude: from the base weight's norms, or a saved ``dora_scale``."""
+        w = self.base.weight
+        if saved is None:
+            self.dora_on_out = True
+            value = column_norms(w.detach().float(), True)
+        else:
+            out_shape = (w.shape[0], *[1] * (w.ndim - 1))
+            in_shape = (1, w.shape[1], *[1] * (w.ndim - 2))
+            if saved.numel() == w.shape[0] and (saved.ndim == 1 or saved.shape[0] == w.shape[0]):
+                self.dora_on_out, value = True, saved.reshape(out_shape)
+            elif saved.numel() == w.shape[1]:
+                self.dora_on_out, value = False, saved.reshape(in_shape)
+            else:
+                raise ValueError(f"dora_scale of shape {list(saved.shape)} fits neither the "
+                                 f"output nor the input channels of weight {list(w.shape)}")
+        self.dora_scale = nn.Parameter(value.detach().float().clone())
+
+    def _dora_factor(self, raw: torch.Tensor) -> torch.Tensor:
+        """s = m / ‖W + ΔW‖ (fp32), per output row or input column."""
+        w = self.base.weight.float()
+        norms = column_norms(w + raw.float(), self.dora_on_out)
+        return self.dora_scale.float() / norms  # type: ignore[union-attr]
+
+    # -- the contract -----------------------------------------------------------------
+    def delta_weight(self) -> torch.Tensor:
+        raw = self.raw_delta()
+        if self.dora_scale is None:
+            return raw if self.multiplier == 1 else raw * self.multiplier
+        s = self._dora_factor(raw)
+        w = self.base.weight.float()
+        # (s-1)·W + s·ΔW rather than s·(W+ΔW) − W: exactly zero when s is exactly 1.
+        return ((s - 1) * w + s * raw.float()) * self.multiplier
+
+    def bypass(self, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
+        dt = base_out.dtype
+        if self.dora_scale is None:
+            return base_out + self.raw_bypass(x.to(dt)) * self.multiplier
+        if not self.dora_on_out:
+            return super().bypass(x, base_out)  # per-column norms: build ΔW
+        s = _channel_view(self._dora_factor(self.raw_delta()), self.base, base_out)
+        bias = self.base.bias
+        plain = base_out if bias is None else base_out - _channel_view(bias, self.base, base_out)
+        h = self.raw_bypass(x.to(dt)).float()
+        delta = (s - 1) * plain.float() + s * h
+        return base_out + (delta * self.multiplier).to(dt)
+
+    #: Whether weight mode runs the factored delta beside the base op (cheaper when the
+    #: factors are small) or the base op once with W+ΔW (cheaper when ΔW is built anyway).
+    factored_forward = True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.factored_forward:
+            return super().forward(x)
+        base = self.base
+        return self.bypass(x, layer_op(base, x, base.weight, base.bias))
+
+    def file_tensors(self) -> dict[str, torch.Tensor]:
+        out = self.adapter_tensors()
+        if self.dora_scale is not None:
+            out["dora_scale"] = self.dora_scale
+        return out
+
+
+def load_dora(layer: AdditiveAdapter, tensors: dict[str, torch.Tensor]) -> None:
+    """Restore ``dora_scale`` when the saved module has one."""
+    if "dora_scale" in tensors:
+        layer.enable_dora(tensors["dora_scale"])

@@ -1,0 +1,130 @@
+"""LoHa: ΔW = (w1a·w1b) ⊙ (w2a·w2b) · α/r — the Hadamard product of two low-rank
+matrices (LyCORIS keys ``hada_w1_a``, ``hada_w1_b``, ``hada_w2_a``, ``hada_w2_b``,
+``alpha``). ``w2a`` starts at zero.
+
+Shapes follow LyCORIS: ``w?a`` is ``[out, r]`` and ``w?b`` is ``[r, in·k]`` (a conv
+kernel flattened into the columns). With ``use_tucker`` on a conv whose kernel is not
+1×1, each half is a Tucker product instead: ``hada_t?`` ``[r, r, *k]`` with ``w?a``
+``[r, out]`` and ``w?b`` ``[r, in]``, ``W? = Σ t[i,j]·w?a[i,:]ᵀ·w?b[j,:]``.
+
+The Hadamard product does not factor through the input, so bypass builds ΔW (it never
+reads the base weight, unless DoRA is on) and weight mode runs the base op once with
+W+ΔW.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from pydantic import Field
+from torch import nn
+
+from loraengine.core.specs import AdapterSpec, PluginOptions
+from loraengine.plugins.adapters.dora import AdditiveAdapter, load_dora
+
+KEYS = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")
+
+
+class LoHaOptions(PluginOptions):
+    use_tucker: bool = Field(False, description="Tucker-decompose conv kernels larger than "
+                             "1×1 (hada_t1/hada_t2) instead of flattening them.")
+    weight_decompose: bool = Field(False, description="DoRA: train a per-output-channel "
+                                   "magnitude and the direction separately (dora_scale).")
+
+
+def tucker(t: torch.Tensor, wa: torch.Tensor, wb: torch.Tensor) -> torch.Tensor:
+    """[out, in, *k] from a core ``t`` [r, r, *k], ``wa`` [r, out] and ``wb`` [r, in]."""
+    return torch.einsum("ij...,ip,jq->pq...", t, wa, wb)
+
+
+class LoHaLayer(AdditiveAdapter):
+    """Hadamard product of two low-rank updates of one Linear/Conv layer."""
+
+    algorithm = "loha"
+    factored_forward = False  # ΔW is built either way: one op with W+ΔW is cheaper
+
+    def __init__(self, base: nn.Module, rank: int, alpha: float, use_tucker: bool = False,
+                 generator: torch.Generator | None = None):
+        super().__init__(base, rank, alpha)
+        w = base.weight
+        out, cin, kernel = w.shape[0], w.shape[1], tuple(w.shape[2:])
+        self.tucker = bool(use_tucker and any(k != 1 for k in kernel))
+
+        def randn(*shape: int, std: float) -> nn.Parameter:
+            return nn.Parameter(torch.randn(shape, generator=generator) * std)
+
+        if self.tucker:
+            self.hada_t1 = randn(rank, rank, *kernel, std=0.1)
+            self.hada_t2 = randn(rank, rank, *kernel, std=0.1)
+            self.hada_w1_a = randn(rank, out, std=0.1)
+            self.hada_w1_b = randn(rank, cin, std=1.0)
+            self.hada_w2_a = nn.Parameter(torch.zeros(rank, out))
+            self.hada_w2_b = randn(rank, cin, std=1.0)
+        else:
+            cols = int(w[0].numel())
+            self.hada_w1_a = randn(out, rank, std=0.1)
+            self.hada_w1_b = randn(rank, cols, std=1.0)
+            self.hada_w2_a = nn.Parameter(torch.zeros(out, rank))
+            self.hada_w2_b = randn(rank, cols, std=1.0)
+
+    def halves(self) -> tuple[torch.Tensor, torch.Tensor]:
+        shape = self.base.weight.shape
+        if self.tucker:
+            return (tucker(self.hada_t1, self.hada_w1_a, self.hada_w1_b),
+                    tucker(self.hada_t2, self.hada_w2_a, self.hada_w2_b))
+        return ((self.hada_w1_a @ self.hada_w1_b).reshape(shape),
+                (self.hada_w2_a @ self.hada_w2_b).reshape(shape))
+
+    def raw_delta(self) -> torch.Tensor:
+        w1, w2 = self.halves()
+        return w1 * w2 * self.scale
+
+    def adapter_tensors(self) -> dict[str, torch.Tensor]:
+        out = {k: getattr(self, k) for k in KEYS}
+        if self.tucker:
+            out["hada_t1"], out["hada_t2"] = self.hada_t1, self.hada_t2
+        out["alpha"] = torch.tensor(self.alpha)
+        return out
+
+
+def create(base: nn.Module, rank: int, alpha: float, options: Any,
+           generator: torch.Generator | None) -> LoHaLayer:
+    layer = LoHaLayer(base, rank, alpha, getattr(options, "use_tucker", False), generator)
+    if getattr(options, "weight_decompose", False):
+        layer.enable_dora()
+    return layer
+
+
+def load(base: nn.Module, tensors: dict[str, torch.Tensor], options: Any) -> LoHaLayer:
+    """Rebuild from saved tensors: rank from ``hada_w1_b``, Tucker from ``hada_t1``."""
+    missing = [k for k in KEYS if k not in tensors]
+    if missing:
+        raise ValueError(f"LoHa module lacks {', '.join(missing)}")
+    use_tucker = "hada_t1" in tensors
+    rank = int(tensors["hada_w1_b"].shape[0])
+    alpha = float(tensors["alpha"]) if "alpha" in tensors else float(rank)
+    layer = LoHaLayer(base, rank, alpha, use_tucker)
+    if use_tucker and not layer.tucker:
+        raise ValueError("LoHa Tucker tensors (hada_t1) on a layer without a spatial kernel")
+    names = [*KEYS, *(("hada_t1", "hada_t2") if use_tucker else ())]
+    with torch.no_grad():
+        for name in names:
+            param = getattr(layer, name)
+            saved = tensors[name]
+            if saved.numel() != param.numel():
+                raise ValueError(f"{name} of shape {list(saved.shape)} does not fit a layer "
+                                 f"with weight {list(base.weight.shape)} at rank {rank}")
+            param.copy_(saved.reshape(param.shape).float())
+    load_dora(layer, tensors)
+    return layer
+
+
+def owns_keys(keys: set[str]) -> bool:
+    return "hada_w1_a" in keys and "hada_w2_b" in keys
+
+
+SPEC = AdapterSpec(
+    name="loha", create=create, load=load, owns_keys=owns_keys, config_model=LoHaOptions,
+    network_module="lycoris.kohya", description="LoHa: Hadamard product of two low-rank "
+    "updates (LyCORIS), optional Tucker conv and DoRA.")

@@ -1,0 +1,267 @@
+"""LoKr: ΔW = kron(w1, w2) · α/r — a Kronecker product of a small and a large factor
+(LyCORIS keys ``lokr_w1`` or ``lokr_w1_a``/``lokr_w1_b``, ``lokr_w2`` or
+``lokr_w2_a``/``lokr_w2_b`` [+ ``lokr_t2``], ``alpha``).
+
+Geometry (as LyCORIS and ComfyUI): ``out = a·b`` and ``in = c·d`` split by
+``factorization(dim, factor)``; ``w1`` is ``[a, c]``, ``w2`` is ``[b, d, *kernel]``.
+``w2`` is stored low rank (``w2_a`` ``[b, r]`` · ``w2_b`` ``[r, d·k]``; with Tucker,
+``t2`` ``[r, r, *k]``, ``w2_a`` ``[r, b]``, ``w2_b`` ``[r, d]``) unless
+``r ≥ max(b, d)/2`` (the full-matrix rule) or ``full_matrix`` is set; ``w1`` is stored
+low rank only with ``decompose_both`` and ``r < max(a, c)/2``. When neither factor is
+low rank, the scale is 1 whatever alpha says. The zero-initialised factor is ``w2``
+(or ``w2_b``).
+
+``factor`` defaults to the rank, as ComfyUI's trainer uses its rank input; ``-1`` picks
+the most balanced split (LyCORIS's default). Bypass applies the Kronecker product
+factored — ``y = vec(w1 · unvec(x) · w2ᵀ)`` as a grouped op chain — and never builds
+ΔW, except for files whose ``w2`` mixes the conv kernel into its split (ComfyUI's
+trainer can write such), where it builds ΔW.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field, field_validator
+from torch import nn
+
+from loraengine.core.adapter import layer_op
+from loraengine.core.specs import AdapterSpec, PluginOptions
+from loraengine.plugins.adapters.dora import AdditiveAdapter, load_dora
+
+KEYS = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2")
+_POINTWISE = {3: F.conv1d, 4: F.conv2d, 5: F.conv3d}
+
+
+class LoKrOptions(PluginOptions):
+    factor: int | None = Field(None, ge=-1, description="Split each dimension as "
+                               "factor × rest. Default: the rank, as ComfyUI's trainer "
+                               "does; -1: the most balanced split (LyCORIS).")
+    decompose_both: bool = Field(False, description="Also store the small factor w1 low "
+                                 "rank when the rank is below half its size.")
+    full_matrix: bool = Field(False, description="Never store a factor low rank (scale "
+                              "1); the parameter count of ComfyUI's trainer.")
+    use_tucker: bool = Field(False, description="Tucker-decompose w2 of conv kernels "
+                             "larger than 1×1 (lokr_t2).")
+    weight_decompose: bool = Field(False, description="DoRA: train a per-output-channel "
+                                   "magnitude and the direction separately (dora_scale).")
+
+    @field_validator("factor")
+    @classmethod
+    def _not_zero(cls, v: int | None) -> int | None:
+        if v == 0:
+            raise ValueError("factor must be -1 (balanced) or a positive integer")
+        return v
+
+
+def factorization(dim: int, factor: int = -1) -> tuple[int, int]:
+    """Split ``dim`` into ``(m, n)``, ``m ≤ n``, ``m·n = dim``: ``m = factor`` when it
+    divides ``dim``; otherwise walk the divisors upwards while they stay ≤ ``factor``
+    (any, for -1) and until the split crosses the square root."""
+    if factor > 0 and dim % factor == 0:
+        m, n = factor, dim // factor
+        return (m, n) if m <= n else (n, m)
+    limit = dim if factor < 0 else factor
+    m, n = 1, dim
+    while m < n:
+        nxt = m + 1
+        while dim % nxt:
+            nxt += 1
+        if nxt > limit:
+            break
+        m, n = nxt, dim // nxt
+    return (m, n) if m <= n else (n, m)
+
+
+def _tucker(t: torch.Tensor, wa: torch.Tensor, wb: torch.Tensor) -> torch.Tensor:
+    """[b, d, *k] from ``t`` [r, r, *k], ``wa`` [r, b], ``wb`` [r, d]."""
+    return torch.einsum("ij...,ip,jq->pq...", t, wa, wb)
+
+
+def _kaiming(*shape: int, generator: torch.Generator | None) -> torch.Tensor:
+    t = torch.empty(shape)
+    nn.init.kaiming_uniform_(t, a=math.sqrt(5), generator=generator)
+    return t
+
+
+def initial_tensors(base: nn.Module, rank: int, options: Any,
+                    generator: torch.Generator | None) -> dict[str, torch.Tensor]:
+    """Fresh factors for ``base`` (``w2`` or ``w2_b`` zero, so ΔW is zero)."""
+    w = base.weight
+    out, cin, kernel = w.shape[0], w.shape[1], tuple(w.shape[2:])
+    factor = getattr(options, "factor", None)
+    factor = rank if factor is None else factor
+    full = getattr(options, "full_matrix", False)
+    a, b = factorization(out, factor)
+    c, d = factorization(cin, factor)
+    ksize = math.prod(kernel)
+    tucker = getattr(options, "use_tucker", False) and any(k != 1 for k in kernel)
+    t: dict[str, torch.Tensor] = {}
+    if getattr(options, "decompose_both", False) and not full and rank < max(a, c) / 2:
+        t["lokr_w1_a"] = _kaiming(a, rank, generator=generator)
+        t["lokr_w1_b"] = _kaiming(rank, c, generator=generator)
+    else:
+        t["lokr_w1"] = _kaiming(a, c, generator=generator)
+    if full or rank >= max(b, d) / 2:
+        t["lokr_w2"] = torch.zeros(b, d, *kernel)
+    elif tucker:
+        t["lokr_t2"] = _kaiming(rank, rank, *kernel, generator=generator)
+        t["lokr_w2_a"] = _kaiming(rank, b, generator=generator)
+        t["lokr_w2_b"] = torch.zeros(rank, d)
+    else:
+        t["lokr_w2_a"] = _kaiming(b, rank, generator=generator)
+        t["lokr_w2_b"] = torch.zeros(rank, d * ksize)
+    return t
+
+
+class LoKrLayer(AdditiveAdapter):
+    """Kronecker-product update of one Linear/Conv layer, built from its factors."""
+
+    algorithm = "lokr"
+
+    def __init__(self, base: nn.Module, tensors: dict[str, torch.Tensor], alpha: float):
+        low = tensors.get("lokr_w2_b", tensors.get("lokr_w1_b"))
+        super().__init__(base, int(low.shape[0]) if low is not None else 1, alpha)
+        self.factored = low is not None
+        for name in KEYS:
+            if name in tensors:
+                setattr(self, name, nn.Parameter(tensors[name].detach().float().clone()))
+            else:
+                setattr(self, name, None)
+        self._check_geometry()
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank if self.factored else 1.0
+
+    # -- geometry ---------------------------------------------------------------------
+    def _check_geometry(self) -> None:
+        w = self.base.weight
+        out, cin, kernel = w.shape[0], w.shape[1], tuple(w.shape[2:])
+        self.kernel = kernel
+        if self.lokr_w1 is not None:
+            a, c = self.lokr_w1.shape
+        elif self.lokr_w1_a is not None and self.lokr_w1_b is not None:
+            a, c = self.lokr_w1_a.shape[0], self.lokr_w1_b.shape[1]
+        else:
+            raise ValueError("LoKr module has neither lokr_w1 nor lokr_w1_a/lokr_w1_b")
+        if self.lokr_w2 is not None:
+            b, cols = self.lokr_w2.shape[0], self.lokr_w2[0].numel()
+        elif self.lokr_w2_a is not None and self.lokr_w2_b is not None:
+            if self.lokr_t2 is not None:
+                b = self.lokr_w2_a.shape[1]
+                cols = self.lokr_w2_b.shape[1] * math.prod(self.lokr_t2.shape[2:])
+            else:
+                b, cols = self.lokr_w2_a.shape[0], self.lokr_w2_b[0].numel()
+        else:
+            raise ValueError("LoKr module has neither lokr_w2 nor lokr_w2_a/lokr_w2_b")
+        ksize = math.prod(kernel)
+        if a * b != out or c * cols != cin * ksize:
+            raise ValueError(f"LoKr factors [{a}, {c}] ⊗ [{b}, {cols}] do not fit a layer "
+                             f"with weight {list(w.shape)}")
+        self.a, self.b, self.c = int(a), int(b), int(c)
+        # Channel layout: w1 mixes whole groups of input channels and w2 holds the kernel,
+        # so the product factors through the input. Otherwise the kernel is split.
+        self.by_channel = cin % c == 0 and cols == (cin // c) * ksize
+        self.d = cin // c if self.by_channel else int(cols)
+        if self.lokr_t2 is not None and not (kernel and self.by_channel):
+            raise ValueError("LoKr Tucker core (lokr_t2) on a layer without a spatial kernel")
+
+    def w1(self) -> torch.Tensor:
+        if self.lokr_w1 is not None:
+            return self.lokr_w1
+        return self.lokr_w1_a @ self.lokr_w1_b  # type: ignore[operator]
+
+    def w2(self) -> torch.Tensor:
+        """[b, d, *kernel] in channel layout, else [b, cols]."""
+        if self.lokr_t2 is not None:
+            return _tucker(self.lokr_t2, self.lokr_w2_a, self.lokr_w2_b)  # type: ignore[arg-type]
+        w2 = self.lokr_w2 if self.lokr_w2 is not None else \
+            self.lokr_w2_a @ self.lokr_w2_b.flatten(1)  # type: ignore[union-attr]
+        if self.by_channel:
+            return w2.reshape(self.b, self.d, *self.kernel)
+        return w2.reshape(self.b, -1)
+
+    # -- the contract -----------------------------------------------------------------
+    def raw_delta(self) -> torch.Tensor:
+        w1, w2 = self.w1(), self.w2()
+        w1 = w1.reshape(*w1.shape, *([1] * (w2.ndim - 2)))
+        return torch.kron(w1, w2).reshape(self.base.weight.shape) * self.scale
+
+    def raw_bypass(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.by_channel:
+            return super().raw_bypass(x)
+        dt = x.dtype
+        w1 = self.w1().to(dt)
+        a, b, c, d = self.a, self.b, self.c, self.d
+        if not self.kernel:  # Linear: [..., c·d] -> [..., c, d] -> w2 -> w1
+            h = x.reshape(*x.shape[:-1], c, d)
+            h = self._w2_apply(h, dt)  # [..., c, b]
+            y = torch.matmul(w1, h)  # [..., a, b]
+            return y.reshape(*x.shape[:-1], a * b) * self.scale
+        n = x.shape[0]
+        h = self._w2_apply(x.reshape(n * c, d, *x.shape[2:]), dt)  # [n·c, b, *sp]
+        spatial = h.shape[2:]
+        y = torch.matmul(w1, h.reshape(n, c, -1))  # [n, a, b·sp]
+        return y.reshape(n, a * b, *spatial) * self.scale
+
+    def _w2_apply(self, h: torch.Tensor, dt: torch.dtype) -> torch.Tensor:
+        """Apply w2 to grouped inputs: Linear ``[..., c, d] -> [..., c, b]``, conv
+        ``[n·c, d, *sp] -> [n·c, b, *sp']`` with the base layer's stride and padding."""
+        if not self.kernel:
+            if self.lokr_w2 is not None:
+                return F.linear(h, self.lokr_w2.to(dt))
+            return F.linear(F.linear(h, self.lokr_w2_b.to(dt)),  # type: ignore[union-attr]
+                            self.lokr_w2_a.to(dt))  # type: ignore[union-attr]
+        ones = [1] * len(self.kernel)
+        pointwise = _POINTWISE[len(self.kernel) + 2]
+        if self.lokr_w2 is not None:
+            return layer_op(self.base, h, self.w2().to(dt), None)
+        wa, wb = self.lokr_w2_a.to(dt), self.lokr_w2_b.to(dt)  # type: ignore[union-attr]
+        if self.lokr_t2 is not None:
+            h = pointwise(h, wb.reshape(*wb.shape, *ones))  # d -> r
+            h = layer_op(self.base, h, self.lokr_t2.to(dt), None)  # the kernel, r -> r
+            return pointwise(h, wa.t().reshape(self.b, -1, *ones))  # r -> b
+        h = layer_op(self.base, h, wb.reshape(wb.shape[0], self.d, *self.kernel), None)
+        return pointwise(h, wa.reshape(*wa.shape, *ones))  # r -> b
+
+    def adapter_tensors(self) -> dict[str, torch.Tensor]:
+        out = {k: getattr(self, k) for k in KEYS if getattr(self, k) is not None}
+        out["alpha"] = torch.tensor(self.alpha)
+        return out
+
+
+def create(base: nn.Module, rank: int, alpha: float, options: Any,
+           generator: torch.Generator | None) -> LoKrLayer:
+    layer = LoKrLayer(base, initial_tensors(base, rank, options, generator), alpha)
+    if not layer.factored:
+        layer.rank = int(rank)  # informative only: the scale is 1
+    if getattr(options, "weight_decompose", False):
+        layer.enable_dora()
+    return layer
+
+
+def load(base: nn.Module, tensors: dict[str, torch.Tensor], options: Any) -> LoKrLayer:
+    """Rebuild from saved tensors: which factors are low rank, the rank, the split and
+    Tucker all follow from the keys and shapes present."""
+    present = {k: tensors[k] for k in KEYS if k in tensors}
+    low = present.get("lokr_w2_b", present.get("lokr_w1_b"))
+    rank = int(low.shape[0]) if low is not None else 1
+    alpha = float(tensors["alpha"]) if "alpha" in tensors else float(rank)
+    layer = LoKrLayer(base, present, alpha or float(rank))
+    load_dora(layer, tensors)
+    return layer
+
+
+def owns_keys(keys: Any) -> bool:
+    names = set(keys)  # a set of names, or the tensors by name
+    return bool({"lokr_w1", "lokr_w1_a"} & names) and bool({"lokr_w2", "lokr_w2_a"} & names)
+
+
+SPEC = AdapterSpec(
+    name="lokr", create=create, load=load, owns_keys=owns_keys, config_model=LoKrOptions,
+    network_module="lycoris.kohya", description="LoKr: Kronecker product of a small and a "
+    "(low-rank) large factor (LyCORIS), optional Tucker conv and DoRA.")

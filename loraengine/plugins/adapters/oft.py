@@ -1,0 +1,261 @@
+"""OFT (orthogonal fine-tuning, LyCORIS "diag-oft"): the output rows of the weight are
+rotated block by block, W′ₖ = Rₖᵀ·Wₖ, with Rₖ = (I+Qₖ)(I−Qₖ)⁻¹ the Cayley transform of
+the skew-symmetric Qₖ = Bₖ − Bₖᵀ. Blocks start at zero, so R = I and ΔW = 0.
+
+Keys (LyCORIS/ComfyUI): ``oft_blocks`` ``[n, b, b]``, ``alpha`` (the norm constraint on
+Q) and, with ``rescaled``, ``rescale`` ``[out, 1, ...]`` (a per-output-row scale).
+
+The constraint bounds the Frobenius norm of all of a layer's Q together. ComfyUI reads
+a file's ``alpha`` as that bound (‖Q‖_F ≤ alpha), LyCORIS as alpha·out_dim; files are
+written and read in ComfyUI's reading, so a constraint of 0 (off) means the same to both.
+
+This module also holds ``ChannelMapLayer``, the base of every adapter whose adapted
+weight is a linear map T applied to the output-channel axis of W (OFT, BOFT): the
+weight path computes T(W), the bypass path applies T to the weight-only part of the
+base output, ``T(y − b) + b``, so the bias is never rotated.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from pydantic import Field, model_validator
+from torch import nn
+
+from loraengine.core.adapter import AdapterLayer
+from loraengine.core.specs import AdapterSpec, PluginOptions
+
+#: Added to ‖Q‖ before dividing, as both reference implementations do.
+NORM_EPS = 1e-8
+
+
+class OFTOptions(PluginOptions):
+    block_size: int | None = Field(
+        None, ge=1, description="Rotation block size: the largest divisor of each layer's "
+        "output size not above this value. Default: derived from adapter.rank as ComfyUI "
+        "and LyCORIS do (output size split into two balanced factors, the smaller at most "
+        "rank; the smaller factor is the block size). LyCORIS only reloads files whose "
+        "block size is at most the block count.")
+    block_count: int | None = Field(
+        None, ge=1, description="Number of rotation blocks per layer (at least this many: "
+        "the block size is the largest divisor of the output size not above "
+        "output/block_count). Exclusive with block_size.")
+    constraint: float = Field(
+        0.0, ge=0, description="Bound on the Frobenius norm of Q over all blocks of a "
+        "layer (0: off). Saved as the module's alpha in ComfyUI's reading (LyCORIS reads "
+        "alpha·out_dim). OFT has no scale: adapter.alpha does not apply.")
+    rescaled: bool = Field(False, description="Also train a per-output-row scale "
+                           "(LyCORIS `rescale`).")
+
+    @model_validator(mode="after")
+    def _one_block_rule(self) -> OFTOptions:
+        if self.block_size is not None and self.block_count is not None:
+            raise ValueError("set block_size or block_count, not both")
+        return self
+
+
+# -- block-size rules ------------------------------------------------------------------
+
+def balanced_split(dim: int, factor: int) -> tuple[int, int]:
+    """``(block_size, block_count)`` with ``block_size ≤ block_count`` as ComfyUI's
+    TrainLoraNode and LyCORIS derive them from ``rank``: an exact split when ``factor``
+    divides ``dim``, otherwise the most balanced split whose smaller part is at most
+    ``factor`` (``factor ≤ 0``: no cap)."""
+    if factor > 0 and dim % factor == 0:
+        a, b = factor, dim // factor
+        return min(a, b), max(a, b)
+    cap = dim if factor <= 0 else factor
+    best = 1
+    d = 1
+    # d + dim/d shrinks as d grows towards √dim, so the last divisor below √dim wins.
+    while d * d <= dim and d <= cap:
+        if dim % d == 0:
+            best = d
+        d += 1
+    return best, dim // best
+
+
+def largest_divisor_at_most(dim: int, limit: int) -> int:
+    limit = max(1, min(limit, dim))
+    for d in range(limit, 0, -1):
+        if dim % d == 0:
+            return d
+    return 1
+
+
+def oft_block_size(out_dim: int, rank: int, options: Any) -> int:
+    size = getattr(options, "block_size", None)
+    count = getattr(options, "block_count", None)
+    if size is not None:
+        return largest_divisor_at_most(out_dim, size)
+    if count is not None:
+        return largest_divisor_at_most(out_dim, out_dim // min(count, out_dim))
+    return balanced_split(out_dim, rank)[0]
+
+
+# -- the shared math -------------------------------------------------------------------
+
+def cayley(blocks: torch.Tensor, constraint: float) -> torch.Tensor:
+    """R = (I+Q)(I−Q)⁻¹ for every trailing ``[b, b]`` block, Q = B − Bᵀ, with Q scaled
+    down as a whole when ‖Q‖_F exceeds ``constraint`` (> 0). Computed in fp32."""
+    blocks = blocks.float()
+    q = blocks - blocks.transpose(-1, -2)
+    if constraint > 0:
+        norm = torch.linalg.vector_norm(q) + NORM_EPS
+        if norm > constraint:
+            q = q * (constraint / norm)
+    eye = torch.eye(q.shape[-1], dtype=q.dtype, device=q.device)
+    # (I+Q) and (I−Q)⁻¹ commute, so R = (I−Q)⁻¹(I+Q): one batched solve, no inverse.
+    return torch.linalg.solve(eye - q, eye + q)
+
+
+class ChannelMapLayer(AdapterLayer):
+    """An adapter whose adapted weight is T(W) for a linear map T on the output-channel
+    axis, optionally followed by a trainable per-row ``rescale``. Subclasses implement
+    ``channel_map(t)``, applying T along the last axis of ``t``.
+
+    The multiplier m scales the change linearly: W + m·(T(W) − W), and in bypass
+    y + m·(T(y − b) − (y − b)); at m = 1 this is exactly T(W).
+    """
+
+    rescale: nn.Parameter | None
+
+    def __init__(self, base: nn.Module, rank: int, alpha: float, rescaled: bool):
+        super().__init__(base, rank, alpha)
+        w = base.weight
+        if rescaled:
+            self.rescale = nn.Parameter(
+                torch.ones(w.shape[0], *([1] * (w.ndim - 1)), dtype=torch.float32))
+        else:
+            self.rescale = None
+
+    @property
+    def constraint(self) -> float:
+        return self.alpha
+
+    def channel_map(self, t: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _mapped_minus_identity(self, t: torch.Tensor) -> torch.Tensor:
+        """T(t) − t along the last axis, rescale included."""
+        out = self.channel_map(t)
+        if self.rescale is not None:
+            out = out * self.rescale.reshape(-1).to(out.dtype)
+        return out - t
+
+    def delta_weight(self) -> torch.Tensor:
+        w = self.base.weight.detach().float()
+        rows_last = w.movedim(0, -1)
+        delta = self._mapped_minus_identity(rows_last).movedim(-1, 0)
+        return delta * self.multiplier
+
+    def bypass(self, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
+        channel_axis = -1 if isinstance(self.base, nn.Linear) else 1
+        weight_part = base_out
+        bias = self.base.bias
+        if bias is not None:
+            shape = [1] * base_out.ndim
+            shape[channel_axis] = -1
+            weight_part = base_out - bias.detach().to(base_out.dtype).reshape(shape)
+        moved = weight_part.movedim(channel_axis, -1)
+        delta = self._mapped_minus_identity(moved).movedim(-1, channel_axis)
+        return base_out + delta * self.multiplier
+
+    def file_tensors(self) -> dict[str, torch.Tensor]:
+        out = {"oft_blocks": self.oft_blocks, "alpha": torch.tensor(float(self.alpha))}
+        if self.rescale is not None:
+            out["rescale"] = self.rescale
+        return out
+
+
+class OFTLayer(ChannelMapLayer):
+    """Block-diagonal orthogonal rotation of the output rows."""
+
+    algorithm = "oft"
+
+    def __init__(self, base: nn.Module, block_size: int, constraint: float = 0.0,
+                 rescaled: bool = False):
+        out_dim = int(base.weight.shape[0])
+        if out_dim % block_size:
+            raise ValueError(f"OFT block size {block_size} does not divide the output size "
+                             f"{out_dim}")
+        super().__init__(base, block_size, constraint, rescaled)
+        self.oft_blocks = nn.Parameter(torch.zeros(out_dim // block_size, block_size,
+                                                   block_size, dtype=torch.float32))
+
+    def rotation(self) -> torch.Tensor:
+        """R per block, ``[n, b, b]`` (fp32)."""
+        return cayley(self.oft_blocks, self.constraint)
+
+    def channel_map(self, t: torch.Tensor) -> torch.Tensor:
+        r = self.rotation().to(t.dtype)
+        n, b, _ = r.shape
+        blocks = t.unflatten(-1, (n, b))
+        # Row m of block k becomes Σₙ R[k, n, m]·row n: the rows are multiplied by Rᵀ.
+        return torch.einsum("knm,...kn->...km", r, blocks).flatten(-2)
+
+
+# -- the spec ---------------------------------------------------------------------------
+
+def _warn_alpha(options: Any, name: str) -> None:
+    if getattr(options, "alpha", None) is not None:
+        warnings.warn(f"adapter.alpha has no effect on {name} (no scale); the norm bound "
+                      f"is adapter.constraint", stacklevel=3)
+
+
+def create(base: nn.Module, rank: int, alpha: float, options: Any,
+           generator: torch.Generator | None) -> OFTLayer:
+    _warn_alpha(options, "oft")
+    out_dim = int(base.weight.shape[0])
+    return OFTLayer(base, oft_block_size(out_dim, rank, options), float(getattr(options, "constraint", 0.0) or 0.0),
+                    bool(getattr(options, "rescaled", False)))
+
+
+def _read_rescale(tensors: Mapping[str, torch.Tensor], out_dim: int) -> torch.Tensor | None:
+    rescale = tensors.get("rescale")
+    if rescale is None:
+        return None
+    if rescale.numel() != out_dim:
+        raise ValueError(f"rescale has {rescale.numel()} values, the layer has {out_dim} "
+                         f"output channels")
+    return rescale
+
+
+def load(base: nn.Module, tensors: dict[str, torch.Tensor], options: Any) -> OFTLayer:
+    blocks = tensors["oft_blocks"]
+    if blocks.ndim != 3:
+        hint = " (a BOFT file: use adapter.algorithm: boft)" if blocks.ndim == 4 else ""
+        raise ValueError(f"oft_blocks has shape {list(blocks.shape)}, OFT needs "
+                         f"[blocks, size, size]{hint}")
+    n, b, b2 = blocks.shape
+    out_dim = int(base.weight.shape[0])
+    if b != b2 or n * b != out_dim:
+        raise ValueError(f"oft_blocks {list(blocks.shape)} does not fit a layer with "
+                         f"{out_dim} output channels")
+    constraint = float(tensors["alpha"]) if "alpha" in tensors else 0.0
+    rescale = _read_rescale(tensors, out_dim)
+    layer = OFTLayer(base, b, max(constraint, 0.0), rescaled=rescale is not None)
+    with torch.no_grad():
+        layer.oft_blocks.copy_(blocks.float())
+        if rescale is not None and layer.rescale is not None:
+            layer.rescale.copy_(rescale.float().reshape(layer.rescale.shape))
+    return layer
+
+
+def owns_keys(keys: Any) -> bool:
+    """``oft_blocks`` of three dimensions. Given only names, OFT and BOFT files look the
+    same (both use ``oft_blocks``); given the tensors, the block rank tells them apart."""
+    if "oft_blocks" not in keys:
+        return False
+    if isinstance(keys, Mapping):
+        return getattr(keys["oft_blocks"], "ndim", 3) == 3
+    return True
+
+
+SPEC = AdapterSpec(
+    name="oft", create=create, load=load, owns_keys=owns_keys, config_model=OFTOptions,
+    network_module="lycoris.kohya",
+    description="Orthogonal fine-tuning: block-diagonal Cayley rotation of output rows.")

@@ -1,0 +1,286 @@
+"""What the diffusion-model families share: finding and loading a denoiser from a local
+pipeline folder, a model folder or a single original-layout ``.safetensors`` file, and
+reading the pipeline's scheduler and VAE settings. Nothing is ever fetched from a hub.
+
+A family is described by a :class:`Family` record; :func:`make_spec` turns it into the
+``ModelFamilySpec`` the registry sees.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field
+from torch import nn
+
+from loraengine.core.config import ConfigPath
+from loraengine.core.errors import ConfigError, DataError
+from loraengine.core.model import LoadedModel, PredictFn
+from loraengine.core.schedule import NoiseSchedule
+from loraengine.core.specs import ModelFamilySpec, PluginOptions
+
+SINGLE_FILE_SUFFIXES = (".safetensors", ".sft")
+
+
+class FamilyOptions(PluginOptions):
+    """Where the model is. Shared by every diffusers-based family."""
+
+    path: ConfigPath = Field(description="A diffusers pipeline folder, its unet/transformer "
+                             "folder, or a single original-layout .safetensors file.")
+    subfolder: str | None = Field(None, description="Model subfolder of a pipeline folder "
+                                  "(default: the family's, unet or transformer).")
+    config: ConfigPath | None = Field(None, description="For a single-file checkpoint: a "
+                                      "local diffusers folder with the model's config.json "
+                                      "(a pipeline folder or the model folder itself).")
+
+
+class DDPMOptions(FamilyOptions):
+    """Options of the UNet families (discrete DDPM schedule)."""
+
+    prediction_type: Literal["auto", "epsilon", "v_prediction"] = Field(
+        "auto", description="auto: the pipeline's scheduler config, else the family's "
+        "default.")
+
+
+class FlowOptions(FamilyOptions):
+    """Options of the rectified-flow families."""
+
+    flow_shift: float | None = Field(None, gt=0, description="Timestep shift s: "
+                                     "σ' = s·σ/(1+(s−1)·σ). Default: the scheduler config's "
+                                     "shift (1 when it shifts by resolution), else the "
+                                     "family's.")
+    timestep_sampling: Literal["uniform", "logit_normal"] = Field(
+        "logit_normal", description="Distribution of σ before the shift.")
+    logit_mean: float = Field(0.0, description="Mean of the logit-normal distribution.")
+    logit_std: float = Field(1.0, gt=0, description="Std of the logit-normal distribution.")
+
+
+@dataclass(frozen=True)
+class Family:
+    """Everything that makes one model family what it is."""
+
+    name: str
+    model_class: str                 # the diffusers class of the denoiser
+    subfolder: str                   # its folder inside a pipeline folder
+    pipeline_classes: tuple[str, ...]
+    prediction_type: str             # epsilon / v_prediction / flow when nothing says
+    vae_scale: float
+    vae_shift: float
+    vae_factor: int                  # pixels per latent cell of the real VAE
+    default_include: tuple[str, ...]
+    default_exporter: str
+    base_model_version: str          # ss_base_model_version, as kohya writes it
+    cond_keys: tuple[str, ...]
+    default_resolution: int
+    options: type[FamilyOptions]
+    #: predictor(options, module, schedule, vae_factor) -> the family's predict function
+    predictor: Callable[[Any, nn.Module, NoiseSchedule, int], PredictFn]
+    blocks: Callable[[nn.Module], list[nn.Module]]
+    description: str
+    flow_shift: float = 1.0
+
+
+@dataclass
+class Located:
+    """A denoiser's weights and the pipeline folder its settings come from."""
+
+    model: Path                      # model folder or single file
+    root: Path | None                # pipeline folder (scheduler/, vae/), if any
+    config: Path | None = None       # for single files: the folder passed as ``config=``
+    config_subfolder: str | None = None
+
+    @property
+    def single_file(self) -> bool:
+        return self.model.is_file()
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise DataError(f"{path}: cannot read JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise DataError(f"{path}: expected a JSON object")
+    return data
+
+
+def _folder(path: Path, subfolder: str, what: str) -> tuple[Path, Path | None]:
+    """(model folder, pipeline root) for a pipeline folder or a model folder."""
+    if (path / "model_index.json").exists():
+        model_dir = path / subfolder
+        if not (model_dir / "config.json").exists():
+            raise DataError(f"{what}: pipeline folder {path} has no {subfolder}/config.json")
+        return model_dir, path
+    if not (path / "config.json").exists():
+        raise DataError(f"{what}: {path} has neither model_index.json (a pipeline folder) "
+                        f"nor config.json (a model folder)")
+    parent = path.parent
+    return path, parent if (parent / "model_index.json").exists() else None
+
+
+def locate(family: Family, options: FamilyOptions) -> Located:
+    path = Path(options.path)
+    sub = options.subfolder or family.subfolder
+    if not path.exists():
+        raise DataError(f"model.path: {path} does not exist")
+    if path.is_dir():
+        if options.subfolder and not (path / "model_index.json").exists():
+            path = path / options.subfolder
+        model_dir, root = _folder(path, sub, "model.path")
+        return Located(model_dir, root)
+    if path.suffix.lower() not in SINGLE_FILE_SUFFIXES:
+        raise DataError(f"model.path: {path} is not a .safetensors checkpoint or a folder")
+    if options.config is None:
+        raise ConfigError(f"model.config: required for the single-file checkpoint {path}: a "
+                          f"local diffusers folder holding the {family.model_class} "
+                          f"config.json (a pipeline folder or its {sub} folder)")
+    cfg = Path(options.config)
+    if not cfg.is_dir():
+        raise DataError(f"model.config: {cfg} is not a folder")
+    if (cfg / "model_index.json").exists():
+        _folder(cfg, sub, "model.config")  # checks that sub/config.json is there
+        return Located(path, cfg, cfg, sub)
+    model_dir, root = _folder(cfg, sub, "model.config")
+    return Located(path, root, model_dir, None)
+
+
+def load_module(family: Family, where: Located) -> nn.Module:
+    """Load the denoiser with diffusers, from local files only."""
+    import diffusers
+
+    diffusers.utils.logging.set_verbosity_error()  # the engine reports what matters itself
+    cls = getattr(diffusers, family.model_class)
+    if where.single_file:
+        cfg_dir = where.config / where.config_subfolder if where.config_subfolder else \
+            where.config
+        _check_class(family, cfg_dir)
+        try:
+            return cls.from_single_file(str(where.model), config=str(where.config),
+                                        subfolder=where.config_subfolder,
+                                        local_files_only=True)
+        except Exception as exc:  # diffusers raises many kinds for a wrong file
+            raise DataError(f"model.path: cannot load {family.model_class} from the "
+                            f"single file {where.model} with config {cfg_dir}: "
+                            f"{_first_line(exc)}") from None
+    _check_class(family, where.model)
+    try:
+        return cls.from_pretrained(str(where.model), local_files_only=True)
+    except Exception as exc:
+        raise DataError(f"model.path: cannot load {family.model_class} from {where.model}: "
+                        f"{_first_line(exc)}") from None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _check_class(family: Family, model_dir: Path) -> None:
+    found = read_json(model_dir / "config.json").get("_class_name", "")
+    if found and found != family.model_class:
+        raise ConfigError(f"model.family: {model_dir} holds a {found}, but family "
+                          f"{family.name!r} needs a {family.model_class}")
+
+
+def scheduler_config(root: Path | None) -> dict[str, Any] | None:
+    if root is None:
+        return None
+    path = root / "scheduler" / "scheduler_config.json"
+    return read_json(path) if path.exists() else None
+
+
+def vae_settings(family: Family, root: Path | None) -> tuple[float, float, int]:
+    """(scale, shift, pixels per latent cell) from the pipeline's VAE config, falling
+    back to the family's values."""
+    scale, shift, factor = family.vae_scale, family.vae_shift, family.vae_factor
+    path = None if root is None else root / "vae" / "config.json"
+    if path is not None and path.exists():
+        cfg = read_json(path)
+        if cfg.get("scaling_factor") is not None:
+            scale = float(cfg["scaling_factor"])
+        if cfg.get("shift_factor") is not None:
+            shift = float(cfg["shift_factor"])
+        if cfg.get("block_out_channels"):
+            factor = 2 ** (len(cfg["block_out_channels"]) - 1)
+    return scale, shift, factor
+
+
+def ddpm_schedule(family: Family, options: DDPMOptions, sched: Mapping[str, Any] | None
+                  ) -> NoiseSchedule:
+    """The UNet families' schedule: the scheduler config's betas (SD's when absent) and
+    prediction type (the option, else the config, else the family's)."""
+    sched = sched or {}
+    kind = options.prediction_type
+    if kind == "auto":
+        kind = sched.get("prediction_type") or family.prediction_type
+    if kind not in ("epsilon", "v_prediction"):
+        raise ConfigError(f"model.prediction_type: the scheduler config says {kind!r}; "
+                          f"family {family.name!r} trains epsilon or v_prediction")
+    return NoiseSchedule.ddpm(kind, int(sched.get("num_train_timesteps", 1000)),
+                              float(sched.get("beta_start", 0.00085)),
+                              float(sched.get("beta_end", 0.012)),
+                              str(sched.get("beta_schedule", "scaled_linear")))
+
+
+def flow_schedule(family: Family, options: FlowOptions, sched: Mapping[str, Any] | None
+                  ) -> NoiseSchedule:
+    """Rectified flow. A scheduler that shifts by resolution (``use_dynamic_shifting``)
+    trains unshifted, as diffusers' own training scripts do."""
+    shift = options.flow_shift
+    if shift is None:
+        if sched and not sched.get("use_dynamic_shifting", False) and "shift" in sched:
+            shift = float(sched["shift"])
+        elif sched and sched.get("use_dynamic_shifting", False):
+            shift = 1.0
+        else:
+            shift = family.flow_shift
+    scale = float((sched or {}).get("num_train_timesteps", 1000))
+    return NoiseSchedule("flow", shift=float(shift), timestep_scale=scale,
+                         sampling=options.timestep_sampling, logit_mean=options.logit_mean,
+                         logit_std=options.logit_std)
+
+
+def load_family(family: Family, options: FamilyOptions, context: Mapping[str, Any]
+                ) -> LoadedModel:
+    where = locate(family, options)
+    module = load_module(family, where)
+    sched = scheduler_config(where.root)
+    if family.prediction_type == "flow":
+        schedule = flow_schedule(family, options, sched)  # type: ignore[arg-type]
+    else:
+        schedule = ddpm_schedule(family, options, sched)  # type: ignore[arg-type]
+    scale, shift, factor = vae_settings(family, where.root)
+    return LoadedModel(
+        module=module, predict=family.predictor(options, module, schedule, factor),
+        schedule=schedule, blocks=family.blocks(module), family=family.name,
+        default_exporter=family.default_exporter,
+        base_model_version=family.base_model_version, cond_keys=family.cond_keys,
+        info={"path": str(where.model), "pipeline": str(where.root) if where.root else None,
+              "vae_factor": factor, "single_file": where.single_file},
+        vae_scale=scale, vae_shift=shift, default_include=family.default_include)
+
+
+def pipeline_class(path: Path) -> str:
+    index = Path(path) / "model_index.json"
+    if not index.exists():
+        return ""
+    try:
+        return str(read_json(index).get("_class_name", ""))
+    except DataError:
+        return ""
+
+
+def make_spec(family: Family, make_encoder: Callable[..., Any] | None = None,
+              detect: Callable[[Any], bool] | None = None) -> ModelFamilySpec:
+    def load(options: Any, context: Mapping[str, Any]) -> LoadedModel:
+        return load_family(family, options, context)
+
+    def detect_default(path: Any) -> bool:
+        return pipeline_class(Path(path)) in family.pipeline_classes
+
+    return ModelFamilySpec(family.name, load, family.options, family.description,
+                           make_encoder=make_encoder, detect=detect or detect_default)

@@ -1,0 +1,56 @@
+"""The ``sd3`` family: Stable Diffusion 3 / 3.5 (``SD3Transformer2DModel``), trained
+with rectified flow.
+
+A conditioning file holds ``cond`` (the joint CLIP-L/G + T5 sequence, ``[N,L,D]``) and
+``pooled`` (the two CLIP pooled embeddings side by side). The transformer sees the
+timestep as ``σ·1000`` and predicts the velocity ``noise − x0``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from loraengine.core.model import PredictFn
+from loraengine.plugins.models.common import Family, FlowOptions, make_spec
+
+#: Every Linear of the joint transformer blocks: attention (both streams), feed-forward
+#: and the AdaLN modulation; patch/timestep/caption embedders stay frozen.
+SD3_TARGETS = ("transformer_blocks.*",)
+
+
+def sd3_blocks(model: nn.Module) -> list[nn.Module]:
+    return list(model.transformer_blocks)
+
+
+def sd3_predictor(options: Any, module: nn.Module, schedule: Any, vae_factor: int
+                  ) -> PredictFn:
+    def predict(model: nn.Module, x_t: torch.Tensor, t: torch.Tensor,
+                cond: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        return model(hidden_states=x_t, encoder_hidden_states=cond["cond"],
+                     pooled_projections=cond["pooled"], timestep=t.to(x_t.dtype),
+                     return_dict=False)[0]
+
+    return predict
+
+
+def _make_encoder(path: Any, options: Mapping[str, Any]) -> Any:
+    from loraengine.plugins.models import encoders
+
+    return encoders.make_encoder(SD3, Path(path), options)
+
+
+SD3 = Family(
+    name="sd3", model_class="SD3Transformer2DModel", subfolder="transformer",
+    pipeline_classes=("StableDiffusion3Pipeline",), prediction_type="flow",
+    vae_scale=1.5305, vae_shift=0.0609, vae_factor=8, default_include=SD3_TARGETS,
+    default_exporter="diffusers", base_model_version="sd3", cond_keys=("cond", "pooled"),
+    default_resolution=1024, options=FlowOptions, predictor=sd3_predictor,
+    blocks=sd3_blocks, flow_shift=3.0,
+    description="Stable Diffusion 3 / 3.5 MMDiT (rectified flow, shift 3).")
+
+SPEC = make_spec(SD3, _make_encoder)

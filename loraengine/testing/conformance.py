@@ -1,0 +1,392 @@
+"""The adapter conformance suite: what every adapter algorithm, built in or third party,
+must satisfy.
+
+For each layer case (Linear, Conv1d, Conv2d 3×3, Conv2d 1×3, Conv2d stride 2, Conv3d,
+all with a bias) and an ``alpha`` different from ``rank``, the checks are:
+
+- ``zero_init``: ΔW (and Δb) is exactly zero at init, and the bypass and weight-mode
+  outputs equal the base layer's output bit for bit;
+- ``paths_agree``: after perturbing the adapter's parameters (seeded), the bypass
+  output, the rebuilt-weight output (the base operation run with W+ΔW, b+Δb), the
+  adapter's own forward and the merged-weight output agree in fp32 (≤ ``rtol``
+  relative to the output's largest magnitude), and differ from the base output;
+- ``file_roundtrip``: ``file_tensors()`` written to safetensors and read back, then
+  ``spec.load`` into a fresh copy of the base layer, gives identical outputs; the
+  spec's ``owns_keys`` recognises the keys;
+- ``gradients``: with the base frozen, every adapter parameter gets a finite gradient,
+  none is the base layer's own tensor, and the base weight/bias get no gradient;
+- ``low_precision``: with the base in fp16 and in bf16 (adapter in fp32 and cast to
+  the same dtype) the outputs keep the input dtype, are finite and near the fp32 ones.
+
+A plugin's tests use it in one line::
+
+    from loraengine.testing.conformance import run_adapter_conformance
+    run_adapter_conformance(MY_SPEC, {"my_option": 2})
+
+or parametrised, one test per case and check::
+
+    @pytest.mark.parametrize("case", adapter_cases(), ids=str)
+    @pytest.mark.parametrize("check", CHECKS)
+    def test_conformance(case, check):
+        run_check(MY_SPEC, case, check, {"my_option": 2})
+
+Every failure is an ``AssertionError`` naming the algorithm, options, case and check.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from pydantic import BaseModel
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+from torch import nn
+
+from loraengine.core.adapter import AdapterLayer, AdapterNetwork, layer_op
+from loraengine.core.specs import AdapterSpec
+
+__all__ = [
+    "CHECKS", "ConformanceReport", "LayerCase", "adapter_cases", "build_adapter",
+    "perturb", "relative_error", "resolve_options", "run_adapter_conformance", "run_check",
+]
+
+CHECKS: tuple[str, ...] = ("zero_init", "paths_agree", "file_roundtrip", "gradients",
+                           "low_precision")
+
+#: Defaults of the suite: alpha deliberately differs from rank.
+RANK, ALPHA = 4, 3.0
+
+
+@dataclass(frozen=True)
+class LayerCase:
+    """One base layer to adapt: a constructor and the shape of an input batch."""
+
+    name: str
+    make: Callable[[], nn.Module]
+    input_shape: tuple[int, ...]
+
+    def __str__(self) -> str:
+        return self.name
+
+    def layer(self, seed: int = 0) -> nn.Module:
+        """The base layer with seeded weights and bias (never the global RNG)."""
+        module = self.make()
+        g = torch.Generator().manual_seed(1000 + seed)
+        with torch.no_grad():
+            w = module.weight
+            w.copy_(torch.randn(w.shape, generator=g) / w[0].numel() ** 0.5)
+            if module.bias is not None:
+                module.bias.copy_(torch.randn(module.bias.shape, generator=g) * 0.1)
+        module.requires_grad_(False)
+        return module.eval()
+
+    def input(self, seed: int = 0, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        g = torch.Generator().manual_seed(2000 + seed)
+        return torch.randn(self.input_shape, generator=g).to(dtype)
+
+    def supported_by(self, spec: AdapterSpec) -> bool:
+        """Whether ``spec`` declares it adapts this kind of layer."""
+        return not spec.layer_types or isinstance(self.make(), spec.layer_types)
+
+
+def _skip(cls: type[nn.Module], *args: Any, **kwargs: Any) -> Callable[[], nn.Module]:
+    # skip_init: no draw from the global RNG; ``layer()`` fills the tensors itself.
+    return lambda: nn.utils.skip_init(cls, *args, **kwargs)
+
+
+def adapter_cases(spec: AdapterSpec | None = None) -> list[LayerCase]:
+    """The layer cases; with ``spec``, only those its ``layer_types`` allow.
+
+    Channel counts are composite (LoKr factorises them, OFT splits them into blocks).
+    """
+    cases = [
+        LayerCase("linear", _skip(nn.Linear, 24, 16), (3, 24)),
+        LayerCase("conv1d", _skip(nn.Conv1d, 8, 16, 3, padding=1), (2, 8, 9)),
+        LayerCase("conv2d_3x3", _skip(nn.Conv2d, 8, 16, 3, padding=1), (2, 8, 7, 7)),
+        LayerCase("conv2d_1x3", _skip(nn.Conv2d, 8, 16, (1, 3), padding=(0, 1)),
+                  (2, 8, 5, 6)),
+        LayerCase("conv2d_stride2", _skip(nn.Conv2d, 8, 16, 3, stride=2, padding=1),
+                  (2, 8, 8, 8)),
+        LayerCase("conv3d", _skip(nn.Conv3d, 4, 8, 3, padding=1), (2, 4, 4, 5, 5)),
+    ]
+    if spec is not None:
+        cases = [c for c in cases if c.supported_by(spec)]
+    return cases
+
+
+# -- helpers --------------------------------------------------------------------------
+
+def resolve_options(spec: AdapterSpec, options: Any = None) -> Any:
+    """``None`` or a mapping -> the spec's validated option model; a model passes."""
+    if isinstance(options, BaseModel):
+        return options
+    return spec.config_model.model_validate(dict(options or {}))
+
+
+def build_adapter(spec: AdapterSpec, base: nn.Module, options: Any = None, *,
+                  rank: int = RANK, alpha: float = ALPHA, seed: int = 0) -> AdapterLayer:
+    """A fresh adapter from ``spec.create`` with a seeded generator."""
+    g = torch.Generator().manual_seed(3000 + seed)
+    layer = spec.create(base, rank, alpha, resolve_options(spec, options), g)
+    layer.algorithm = spec.name
+    return layer
+
+
+@torch.no_grad()
+def perturb(adapter: AdapterLayer, seed: int = 0, std: float = 0.1) -> None:
+    """Add seeded noise to every trainable adapter parameter, so nothing is zero."""
+    g = torch.Generator().manual_seed(4000 + seed)
+    for _, p in sorted(adapter.named_parameters()):
+        if p.requires_grad:
+            p.add_((torch.randn(p.shape, generator=g) * std).to(p.dtype))
+
+
+def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    """max |a−b| over max |b| (both in fp32)."""
+    a, b = a.detach().float(), b.detach().float()
+    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-12))
+
+
+def _rebuilt(adapter: AdapterLayer, x: torch.Tensor) -> torch.Tensor:
+    """The base operation with W+ΔW and b+Δb, computed here, not by the adapter."""
+    base = adapter.base
+    w = base.weight + adapter.delta_weight().to(base.weight.dtype)
+    b = base.bias
+    db = adapter.delta_bias()
+    if db is not None:
+        b = db.to(w.dtype) if b is None else b + db.to(b.dtype)
+    return layer_op(base, x, w, b)
+
+
+def _attached(adapter: AdapterLayer, x: torch.Tensor, mode: str) -> torch.Tensor:
+    """Call the base layer with the adapter attached through an AdapterNetwork."""
+    net = AdapterNetwork({"layer": adapter})
+    net.attach(mode)  # type: ignore[arg-type]
+    try:
+        return adapter.base(x)
+    finally:
+        net.detach()
+
+
+def _roundtrip_tensors(adapter: AdapterLayer) -> dict[str, torch.Tensor]:
+    """``file_tensors()`` through a real safetensors serialisation."""
+    tensors = {k: v.detach().contiguous().cpu() for k, v in adapter.file_tensors().items()}
+    return st_load(st_save(tensors))
+
+
+# -- the checks -----------------------------------------------------------------------
+
+class _Ctx:
+    """Everything one check needs, with a failure message prefix."""
+
+    def __init__(self, spec: AdapterSpec, case: LayerCase, options: Any, rank: int,
+                 alpha: float, seed: int, rtol: float):
+        self.spec, self.case, self.rank, self.alpha = spec, case, rank, alpha
+        self.options = resolve_options(spec, options)
+        self.seed, self.rtol = seed, rtol
+        opts = self.options.model_dump() if isinstance(self.options, BaseModel) else {}
+        self.where = f"{spec.name}{opts or ''} on {case.name}"
+
+    def fail(self, check: str, msg: str) -> AssertionError:
+        return AssertionError(f"[{check}] {self.where}: {msg}")
+
+    def fresh(self) -> tuple[nn.Module, AdapterLayer]:
+        base = self.case.layer(self.seed)
+        return base, build_adapter(self.spec, base, self.options, rank=self.rank,
+                                   alpha=self.alpha, seed=self.seed)
+
+    def perturbed(self) -> tuple[nn.Module, AdapterLayer]:
+        base, adapter = self.fresh()
+        perturb(adapter, self.seed)
+        return base, adapter
+
+
+@torch.no_grad()
+def _check_zero_init(c: _Ctx) -> None:
+    base, adapter = c.fresh()
+    x = c.case.input(c.seed)
+    dw = adapter.delta_weight()
+    if tuple(dw.shape) != tuple(base.weight.shape):
+        raise c.fail("zero_init", f"delta_weight shape {list(dw.shape)} != weight shape "
+                     f"{list(base.weight.shape)}")
+    if int(torch.count_nonzero(dw)):
+        raise c.fail("zero_init", f"ΔW has {int(torch.count_nonzero(dw))} non-zero "
+                     f"entries at init (max |ΔW| {float(dw.abs().max()):.3g})")
+    db = adapter.delta_bias()
+    if db is not None and int(torch.count_nonzero(db)):
+        raise c.fail("zero_init", "Δb is not zero at init")
+    ref = base(x)
+    for label, out in (("bypass", adapter.bypass(x, base(x))),
+                       ("bypass hook", _attached(adapter, x, "bypass")),
+                       ("weight mode", _attached(adapter, x, "weight"))):
+        if not torch.equal(out, ref):
+            raise c.fail("zero_init", f"{label} output differs from the base output at "
+                         f"init (relative {relative_error(out, ref):.3g})")
+
+
+@torch.no_grad()
+def _check_paths_agree(c: _Ctx) -> None:
+    base, adapter = c.perturbed()
+    x = c.case.input(c.seed)
+    base_out = base(x)
+    outs = {
+        "bypass": adapter.bypass(x, base(x)),
+        "bypass hook": _attached(adapter, x, "bypass"),
+        "adapter forward": adapter(x),
+        "weight mode": _attached(adapter, x, "weight"),
+    }
+    rebuilt = _rebuilt(adapter, x)
+    if relative_error(rebuilt, base_out) < 1e-4:
+        raise c.fail("paths_agree", "after perturbing the parameters the adapted output "
+                     "still equals the base output: the adapter has no effect")
+    adapter.merge()
+    outs["merged"] = base(x)
+    for label, out in outs.items():
+        if out.shape != rebuilt.shape:
+            raise c.fail("paths_agree", f"{label} output shape {list(out.shape)} != "
+                         f"{list(rebuilt.shape)}")
+        err = relative_error(out, rebuilt)
+        if not err <= c.rtol:
+            raise c.fail("paths_agree", f"{label} output differs from the rebuilt-weight "
+                         f"output by {err:.3g} relative (tolerance {c.rtol:g})")
+
+
+@torch.no_grad()
+def _check_file_roundtrip(c: _Ctx) -> None:
+    base, adapter = c.perturbed()
+    fresh_base = c.case.layer(c.seed)
+    x = c.case.input(c.seed)
+    tensors = _roundtrip_tensors(adapter)
+    if not c.spec.owns_keys(set(tensors)):
+        raise c.fail("file_roundtrip", f"owns_keys does not recognise its own keys "
+                     f"{sorted(tensors)}")
+    loaded = c.spec.load(fresh_base, tensors, c.options)
+    loaded.algorithm = c.spec.name
+    if loaded.base is not fresh_base:
+        raise c.fail("file_roundtrip", "spec.load did not wrap the layer it was given")
+    pairs = (("bypass", loaded.bypass(x, fresh_base(x)), adapter.bypass(x, base(x))),
+             ("adapter forward", loaded(x), adapter(x)))
+    for label, out, want in pairs:
+        if not torch.equal(out, want):
+            raise c.fail("file_roundtrip", f"{label} output after save/load differs "
+                         f"(relative {relative_error(out, want):.3g})")
+    if not torch.equal(loaded.delta_weight(), adapter.delta_weight()):
+        raise c.fail("file_roundtrip", "ΔW after save/load differs")
+    again = _roundtrip_tensors(loaded)
+    if set(again) != set(tensors):
+        raise c.fail("file_roundtrip", f"keys change on a second save: {sorted(tensors)} "
+                     f"-> {sorted(again)}")
+
+
+def _check_gradients(c: _Ctx) -> None:
+    base, adapter = c.perturbed()
+    x = c.case.input(c.seed)
+    base_tensors = [t for t in (base.weight, base.bias) if t is not None]
+    params = [(n, p) for n, p in adapter.named_parameters() if p.requires_grad]
+    if not params:
+        raise c.fail("gradients", "the adapter has no trainable parameters")
+    for n, p in adapter.named_parameters():
+        if any(p is t or p.data_ptr() == t.data_ptr() for t in base_tensors):
+            raise c.fail("gradients", f"adapter parameter {n} is the base layer's tensor")
+    g = torch.Generator().manual_seed(5000 + c.seed)
+    for mode in ("bypass", "weight"):
+        adapter.zero_grad(set_to_none=True)
+        out = _attached(adapter, x, mode)
+        (out * torch.randn(out.shape, generator=g)).sum().backward()
+        for t, label in zip(base_tensors, ("weight", "bias"), strict=False):
+            if t.grad is not None:
+                raise c.fail("gradients", f"{mode} mode: the base {label} got a gradient")
+        for n, p in params:
+            if p.grad is None:
+                raise c.fail("gradients", f"{mode} mode: parameter {n} got no gradient")
+            if not bool(torch.isfinite(p.grad).all()):
+                raise c.fail("gradients", f"{mode} mode: parameter {n} has a non-finite "
+                             f"gradient")
+        if not any(bool(p.grad.abs().sum() > 0) for _, p in params):
+            raise c.fail("gradients", f"{mode} mode: every gradient is zero")
+
+
+#: Loose agreement with fp32 expected of each half precision.
+LOW_PRECISION_TOL = {torch.float16: 2e-2, torch.bfloat16: 1e-1}
+
+
+@torch.no_grad()
+def _check_low_precision(c: _Ctx) -> None:
+    base, adapter = c.perturbed()
+    x32 = c.case.input(c.seed)
+    ref = _rebuilt(adapter, x32)
+    for dtype, tol in LOW_PRECISION_TOL.items():
+        for adapter_dtype in (torch.float32, dtype):
+            b = copy.deepcopy(base).to(dtype)
+            a = c.spec.load(b, _roundtrip_tensors(adapter), c.options).to(adapter_dtype)
+            x = x32.to(dtype)
+            for mode in ("bypass", "weight"):
+                out = _attached(a, x, mode)
+                what = f"{mode} mode, base {dtype}, adapter {adapter_dtype}"
+                if out.dtype != dtype:
+                    raise c.fail("low_precision", f"{what}: output dtype {out.dtype}")
+                if not bool(torch.isfinite(out).all()):
+                    raise c.fail("low_precision", f"{what}: non-finite output")
+                err = relative_error(out, ref)
+                if not err <= tol:
+                    raise c.fail("low_precision", f"{what}: {err:.3g} relative from fp32 "
+                                 f"(tolerance {tol:g})")
+
+
+_CHECK_FNS: dict[str, Callable[[_Ctx], None]] = {
+    "zero_init": _check_zero_init,
+    "paths_agree": _check_paths_agree,
+    "file_roundtrip": _check_file_roundtrip,
+    "gradients": _check_gradients,
+    "low_precision": _check_low_precision,
+}
+
+
+# -- entry points ---------------------------------------------------------------------
+
+def run_check(spec: AdapterSpec, case: LayerCase, check: str, options: Any = None, *,
+              rank: int = RANK, alpha: float = ALPHA, seed: int = 0,
+              rtol: float = 1e-5) -> None:
+    """Run one check on one case; raise ``AssertionError`` when it fails."""
+    if check not in _CHECK_FNS:
+        raise ValueError(f"unknown conformance check {check!r}; choose from {CHECKS}")
+    fn = _CHECK_FNS[check]
+    with torch.random.fork_rng(devices=[]):
+        # An adapter drawing from the global RNG must not leak state between checks.
+        fn(_Ctx(spec, case, options, rank, alpha, seed, rtol))
+
+
+@dataclass
+class ConformanceReport:
+    """Which (case, check) pairs ran and which cases the spec does not support."""
+
+    algorithm: str
+    passed: list[tuple[str, str]] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+
+
+def run_adapter_conformance(spec: AdapterSpec, options: Mapping[str, Any] | Any = None, *,
+                            rank: int = RANK, alpha: float = ALPHA, seed: int = 0,
+                            rtol: float = 1e-5, cases: Iterable[LayerCase] | None = None,
+                            checks: Iterable[str] = CHECKS) -> ConformanceReport:
+    """Run every check on every case the spec supports; raise ``AssertionError`` on the
+    first failure, else return what ran."""
+    if alpha == rank:
+        raise ValueError("conformance needs alpha != rank, or a wrong scale goes unseen")
+    report = ConformanceReport(spec.name)
+    checks = list(checks)
+    for case in (adapter_cases() if cases is None else list(cases)):
+        if not case.supported_by(spec):
+            report.skipped.append(case.name)
+            continue
+        for check in checks:
+            run_check(spec, case, check, options, rank=rank, alpha=alpha, seed=seed,
+                      rtol=rtol)
+            report.passed.append((case.name, check))
+    if not report.passed:
+        raise AssertionError(f"{spec.name}: supports none of the conformance cases")
+    return report

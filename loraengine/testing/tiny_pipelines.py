@@ -1,0 +1,249 @@
+"""Tiny, complete diffusers pipelines of every built-in family, for tests.
+
+Each is built from small configs with seeded random weights — VAE, text encoders with
+hand-made character-level tokenizers, denoiser and scheduler — and saved with
+``save_pretrained``, so loading, ``loraengine prepare`` and training run end to end in
+seconds without downloading anything. :func:`unet_to_original` writes a UNet in the
+original (LDM) single-file layout.
+"""
+
+from __future__ import annotations
+
+import json
+import string
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+FAMILIES = ("sd15", "sd2", "sdxl", "sd3", "flux")
+_CHARS = string.ascii_lowercase + string.digits + ".,!?'-"
+
+
+def clip_tokenizer() -> Any:
+    """A CLIP BPE tokenizer over single characters (no merges), 77 tokens long."""
+    from transformers import CLIPTokenizer
+
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for c in _CHARS:
+        vocab[c] = len(vocab)
+        vocab[c + "</w>"] = len(vocab)
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "vocab.json").write_text(json.dumps(vocab))
+        (Path(tmp) / "merges.txt").write_text("#version: 0.2\n")
+        return CLIPTokenizer(str(Path(tmp) / "vocab.json"), str(Path(tmp) / "merges.txt"),
+                             model_max_length=77)
+
+
+def t5_tokenizer() -> Any:
+    """A T5 (unigram) tokenizer whose pieces are single characters."""
+    from transformers import T5Tokenizer
+
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0)]
+    vocab += [(c, -3.0) for c in _CHARS] + [("▁" + c, -2.5) for c in _CHARS]
+    return T5Tokenizer(vocab=vocab, extra_ids=0, model_max_length=512)
+
+
+def clip_text(hidden: int, projection: int | None = None, seed: int = 0) -> Any:
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    torch.manual_seed(seed)
+    cfg = CLIPTextConfig(vocab_size=2 + 2 * len(_CHARS), hidden_size=hidden,
+                         intermediate_size=2 * hidden, num_hidden_layers=2,
+                         num_attention_heads=2, max_position_embeddings=77,
+                         projection_dim=projection or hidden, bos_token_id=0,
+                         eos_token_id=1, pad_token_id=1)
+    cls = CLIPTextModelWithProjection if projection else CLIPTextModel
+    return cls(cfg).eval()
+
+
+def t5_text(d_model: int = 32, seed: int = 0) -> Any:
+    from transformers import T5Config, T5EncoderModel
+
+    torch.manual_seed(seed)
+    cfg = T5Config(vocab_size=4 + 2 * len(_CHARS), d_model=d_model, d_kv=8, d_ff=2 * d_model,
+                   num_layers=1, num_heads=2, relative_attention_num_buckets=8,
+                   decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
+    return T5EncoderModel(cfg).eval()
+
+
+def vae(latent_channels: int = 4, scaling_factor: float = 0.18215,
+        shift_factor: float | None = None, seed: int = 0) -> Any:
+    """A 2×-downsampling AutoencoderKL."""
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    return AutoencoderKL(in_channels=3, out_channels=3, latent_channels=latent_channels,
+                         block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=8,
+                         down_block_types=("DownEncoderBlock2D",) * 2,
+                         up_block_types=("UpDecoderBlock2D",) * 2, sample_size=32,
+                         scaling_factor=scaling_factor, shift_factor=shift_factor).eval()
+
+
+def unet(cross_attention_dim: int, sdxl_pooled: int | None = None, linear_proj: bool = False,
+         seed: int = 0) -> Any:
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    extra: dict[str, Any] = {}
+    if sdxl_pooled is not None:
+        extra = dict(addition_embed_type="text_time", addition_time_embed_dim=8,
+                     projection_class_embeddings_input_dim=sdxl_pooled + 6 * 8)
+    return UNet2DConditionModel(
+        sample_size=16, in_channels=4, out_channels=4, layers_per_block=1,
+        block_out_channels=(16, 32), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=cross_attention_dim, attention_head_dim=4, norm_num_groups=8,
+        use_linear_projection=linear_proj, **extra)
+
+
+def sd3_transformer(seed: int = 0) -> Any:
+    from diffusers import SD3Transformer2DModel
+
+    torch.manual_seed(seed)
+    return SD3Transformer2DModel(
+        sample_size=16, patch_size=2, in_channels=4, out_channels=4, num_layers=2,
+        attention_head_dim=8, num_attention_heads=2, joint_attention_dim=32,
+        caption_projection_dim=16, pooled_projection_dim=16, pos_embed_max_size=32)
+
+
+def flux_transformer(seed: int = 0, guidance: bool = True) -> Any:
+    from diffusers import FluxTransformer2DModel
+
+    torch.manual_seed(seed)
+    return FluxTransformer2DModel(
+        patch_size=1, in_channels=16, num_layers=1, num_single_layers=1,
+        attention_head_dim=8, num_attention_heads=2, joint_attention_dim=32,
+        pooled_projection_dim=16, guidance_embeds=guidance, axes_dims_rope=(2, 2, 4))
+
+
+def build(family: str, seed: int = 0) -> Any:
+    """A tiny pipeline object of ``family`` (random weights from ``seed``)."""
+    import diffusers as d
+
+    if family in ("sd15", "sd2"):
+        v = family == "sd2"
+        sched = d.DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085,
+                                beta_end=0.012, steps_offset=1, clip_sample=False,
+                                prediction_type="v_prediction" if v else "epsilon")
+        return d.StableDiffusionPipeline(
+            vae=vae(seed=seed), text_encoder=clip_text(32, seed=seed),
+            tokenizer=clip_tokenizer(), unet=unet(32, linear_proj=v, seed=seed),
+            scheduler=sched, safety_checker=None, feature_extractor=None,
+            requires_safety_checker=False)
+    if family == "sdxl":
+        sched = d.EulerDiscreteScheduler(beta_schedule="scaled_linear", beta_start=0.00085,
+                                         beta_end=0.012)
+        return d.StableDiffusionXLPipeline(
+            vae=vae(scaling_factor=0.13025, seed=seed), text_encoder=clip_text(16, seed=seed),
+            text_encoder_2=clip_text(16, projection=16, seed=seed + 1),
+            tokenizer=clip_tokenizer(), tokenizer_2=clip_tokenizer(),
+            unet=unet(32, sdxl_pooled=16, linear_proj=True, seed=seed), scheduler=sched)
+    if family == "sd3":
+        return d.StableDiffusion3Pipeline(
+            vae=vae(scaling_factor=1.5305, shift_factor=0.0609, seed=seed),
+            text_encoder=clip_text(8, projection=8, seed=seed), tokenizer=clip_tokenizer(),
+            text_encoder_2=clip_text(8, projection=8, seed=seed + 1),
+            tokenizer_2=clip_tokenizer(), text_encoder_3=t5_text(32, seed=seed),
+            tokenizer_3=t5_tokenizer(), transformer=sd3_transformer(seed),
+            scheduler=d.FlowMatchEulerDiscreteScheduler(shift=3.0))
+    if family == "flux":
+        sched = d.FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True,
+                                                  base_shift=0.5, max_shift=1.15)
+        return d.FluxPipeline(
+            vae=vae(scaling_factor=0.3611, shift_factor=0.1159, seed=seed),
+            text_encoder=clip_text(16, seed=seed), tokenizer=clip_tokenizer(),
+            text_encoder_2=t5_text(32, seed=seed), tokenizer_2=t5_tokenizer(),
+            transformer=flux_transformer(seed), scheduler=sched)
+    raise ValueError(f"unknown family {family!r}; choose from {', '.join(FAMILIES)}")
+
+
+def save(family: str, folder: Path, seed: int = 0) -> Path:
+    """Build a tiny ``family`` pipeline and ``save_pretrained`` it into ``folder``."""
+    folder = Path(folder)
+    build(family, seed).save_pretrained(str(folder))
+    return folder
+
+
+# -- the original (LDM) single-file layout of a UNet -----------------------------------
+
+_RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1",
+           "norm2": "out_layers.0", "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}
+_TOP = {"time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": "time_embed.2",
+        "add_embedding.linear_1": "label_emb.0.0", "add_embedding.linear_2": "label_emb.0.2",
+        "conv_in": "input_blocks.0.0", "conv_norm_out": "out.0", "conv_out": "out.2"}
+
+
+def _resnet(rest: str) -> str:
+    head, _, tail = rest.partition(".")
+    return f"{_RESNET.get(head, head)}.{tail}"
+
+
+def unet_to_original(state_dict: dict[str, torch.Tensor], config: Any,
+                     prefix: str = "model.diffusion_model.") -> dict[str, torch.Tensor]:
+    """Rename a diffusers UNet2DConditionModel state dict to the original layout
+    (``input_blocks`` / ``middle_block`` / ``output_blocks``)."""
+    per = int(config["layers_per_block"]) + 1
+    ups_with_attn = {i for i, t in enumerate(config["up_block_types"]) if "CrossAttn" in t}
+    out: dict[str, torch.Tensor] = {}
+    for key, tensor in state_dict.items():
+        parts = key.split(".")
+        new = None
+        for src, dst in _TOP.items():
+            if key.startswith(src + "."):
+                new = dst + key[len(src):]
+        if new is None and parts[0] == "down_blocks":
+            i, kind, j, rest = int(parts[1]), parts[2], int(parts[3]), ".".join(parts[4:])
+            if kind == "resnets":
+                new = f"input_blocks.{per * i + j + 1}.0.{_resnet(rest)}"
+            elif kind == "attentions":
+                new = f"input_blocks.{per * i + j + 1}.1.{rest}"
+            else:  # downsamplers.0.conv.*
+                new = f"input_blocks.{per * (i + 1)}.0.op.{'.'.join(parts[5:])}"
+        elif new is None and parts[0] == "mid_block":
+            kind, j, rest = parts[1], int(parts[2]), ".".join(parts[3:])
+            new = f"middle_block.{2 * j}.{_resnet(rest)}" if kind == "resnets" else \
+                f"middle_block.1.{rest}"
+        elif new is None and parts[0] == "up_blocks":
+            i, kind, j, rest = int(parts[1]), parts[2], int(parts[3]), ".".join(parts[4:])
+            if kind == "resnets":
+                new = f"output_blocks.{per * i + j}.0.{_resnet(rest)}"
+            elif kind == "attentions":
+                new = f"output_blocks.{per * i + j}.1.{rest}"
+            else:  # upsamplers.0.conv.*
+                slot = 2 if i in ups_with_attn else 1
+                new = f"output_blocks.{per * i + per - 1}.{slot}.{'.'.join(parts[4:])}"
+        if new is None:
+            raise KeyError(f"no original-layout name for {key}")
+        out[prefix + new] = tensor
+    return out
+
+
+# -- a small image folder ------------------------------------------------------------
+
+def write_images(folder: Path, sizes: list[tuple[int, int]], seed: int = 0,
+                 captions: bool = True) -> list[Path]:
+    """PNG images of the given (width, height) — smooth colour gradients with a bright
+    square, different per image — each with ``NAME.txt`` holding its caption."""
+    from PIL import Image
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    g = torch.Generator().manual_seed(seed)
+    paths = []
+    for i, (w, h) in enumerate(sizes):
+        ys = torch.linspace(0, 1, h)[:, None, None]
+        xs = torch.linspace(0, 1, w)[None, :, None]
+        colour = torch.rand(2, 3, generator=g)
+        img = colour[0] * xs + colour[1] * ys
+        top, left = int(torch.randint(0, max(1, h // 2), (), generator=g)), \
+            int(torch.randint(0, max(1, w // 2), (), generator=g))
+        img[top:top + h // 3, left:left + w // 3] = 1.0
+        data = (img.clamp(0, 1) * 255).to(torch.uint8).numpy()
+        path = folder / f"image_{i:02d}.png"
+        Image.fromarray(data, "RGB").save(path)
+        if captions:
+            path.with_suffix(".txt").write_text(f"picture {i} of a square", encoding="utf-8")
+        paths.append(path)
+    return paths

@@ -1,0 +1,46 @@
+"""``loraengine inspect`` describes a LoRA file."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+from click.testing import CliRunner
+from safetensors.torch import save_file
+
+import loraengine
+from loraengine.cli.main import cli
+
+
+def test_inspect_reports_what_was_trained(unet_config):
+    result = loraengine.train(unet_config)
+    out = CliRunner().invoke(cli, ["inspect", "--json", str(result.path)])
+    assert out.exit_code == 0, out.output
+    info = json.loads(out.output)
+    n_modules = sum(1 for k in result.lora if k.endswith(".alpha"))
+    params = sum(v.numel() for k, v in result.lora.items() if not k.endswith(".alpha"))
+    assert info["algorithm"] == "lora"
+    assert (info["rank"], info["alpha"]) == ("4", "2.0")
+    assert info["modules"] == n_modules > 10
+    assert info["parameters"] == params
+    assert info["steps"] == 3
+    text = CliRunner().invoke(cli, ["inspect", str(result.path)])
+    assert "algorithm:   lora" in text.output and f"{params:,}" in text.output
+
+
+def test_inspect_a_foreign_file_without_metadata(tmp_path):
+    path = tmp_path / "other_steps_120_.safetensors"
+    save_file({"lora_unet_a.lora_down.weight": torch.zeros(2, 5),
+               "lora_unet_a.lora_up.weight": torch.zeros(3, 2),
+               "lora_unet_a.alpha": torch.tensor(1.0)}, str(path))
+    info = json.loads(CliRunner().invoke(cli, ["inspect", "--json", str(path)]).output)
+    assert (info["algorithm"], info["rank"], info["alpha"], info["modules"], info["parameters"],
+            info["steps"]) == ("lora", "2", "1", 1, 16, 120)
+
+
+def test_inspect_a_bad_file_is_a_clean_error(tmp_path):
+    bad = tmp_path / "bad.safetensors"
+    bad.write_text("nope")
+    out = CliRunner().invoke(cli, ["inspect", str(bad)])
+    assert out.exit_code == 1
+    assert "bad.safetensors" in out.stderr and "Traceback" not in out.stderr
