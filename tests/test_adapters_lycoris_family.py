@@ -157,6 +157,29 @@ def test_lokr_matches_peft(case, options, rank, alpha):
     assert relative_error(ours, theirs) < 1e-5
 
 
+@pytest.mark.parametrize(("factor", "by_channel"), [(3, False), (4, True)])
+def test_lokr_file_with_the_kernel_in_its_split_loads_and_applies(factor, by_channel):
+    """ComfyUI's trainer splits ``in·k`` (not ``in``) by its rank: such files load and
+    ΔW is their kron reshaped. When the split cuts through a channel's kernel (3 does
+    not divide 8 channels) bypass builds ΔW; otherwise it stays factored. Either way it
+    agrees with the rebuild."""
+    case = CASES["conv2d_3x3"]  # 8 -> 16, 3x3: in·k = 72
+    base = case.layer()
+    g = torch.Generator().manual_seed(5)
+    a, b = factorization(16, 4)
+    c, d = factorization(72, factor)
+    w1, w2 = torch.randn(a, c, generator=g), torch.randn(b, d, generator=g)
+    layer = spec("lokr").load(base, {"lokr_w1": w1, "lokr_w2": w2,
+                                     "alpha": torch.tensor(9.0)}, None)
+    assert layer.by_channel is by_channel and layer.scale == 1.0
+    with torch.no_grad():
+        assert torch.equal(layer.delta_weight(), torch.kron(w1, w2).reshape(base.weight.shape))
+        x = case.input()
+        rebuilt = nn.functional.conv2d(x, base.weight + layer.delta_weight(), base.bias,
+                                       padding=1)
+        assert relative_error(layer.bypass(x, base(x)), rebuilt) < 1e-5
+
+
 def test_lokr_default_factor_is_the_rank_and_whole_factors_scale_one():
     """With no factor given the rank splits the dimensions (ComfyUI's trainer); when
     neither factor is low rank alpha does not scale ΔW."""
@@ -269,13 +292,17 @@ def test_lycoris_file_applies_like_lycoris(tmp_path):
 
     model = _Layers().eval().requires_grad_(False)
     results = {}
-    for algo in ("loha", "lokr"):
+    variants = {"loha": ("loha", {}), "lokr": ("lokr", {}),
+                "dora": ("lora", {"weight_decompose": True}),
+                # older LyCORIS DoRA: one norm per input column (dora_scale [1, in, ...])
+                "doha-in": ("loha", {"weight_decompose": True, "wd_on_out": False})}
+    for label, (algo, kwargs) in variants.items():
         target = copy.deepcopy(model)
         torch.manual_seed(0)  # LyCORIS initialises from the global RNG
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             net = create_lycoris(target, 1.0, linear_dim=4, linear_alpha=4, algo=algo,
-                                 conv_dim=4, conv_alpha=4, factor=-1)
+                                 conv_dim=4, conv_alpha=4, factor=-1, **kwargs)
         net.apply_to()
         with torch.no_grad():
             for p in net.parameters():
@@ -283,14 +310,15 @@ def test_lycoris_file_applies_like_lycoris(tmp_path):
             want = target()
         sd = {k.replace("lycoris_", "lora_unet_", 1): v.detach().contiguous()
               for k, v in net.state_dict().items()}
-        file = tmp_path / f"{algo}.safetensors"
+        file = tmp_path / f"{label}.safetensors"
         save_file(sd, str(file))
-        fresh = copy.deepcopy(model)
-        handle = loraengine.apply(fresh, file, mode="bypass")
-        with torch.no_grad():
-            got = fresh()
-        results[algo] = relative_error(got, want)
-        assert set(handle.algorithms.values()) == {algo}
+        for mode in ("bypass", "merge"):
+            fresh = copy.deepcopy(model)
+            handle = loraengine.apply(fresh, file, mode=mode)
+            with torch.no_grad():
+                got = fresh()
+            results[f"{label}-{mode}"] = relative_error(got, want)
+            assert set(handle.algorithms.values()) == {algo}
     assert max(results.values()) < 1e-5, results
 
 
@@ -447,3 +475,37 @@ def test_cli_train_then_merge_writes_the_merged_model(unet_config, unet_dir, tmp
                                   str(tmp_path / "m2"), "--overwrite"])
     assert missing.exit_code == 1 and "none.safetensors" in missing.output
     assert not (tmp_path / "m2").exists()
+
+
+def test_merge_of_a_plain_model_folder_keeps_or_sets_the_dtype(unet_dir, tmp_path):
+    """A model folder (config.json + weights) in, the same kind of folder out, in the
+    requested dtype; the merged weights equal W+ΔW."""
+    from loraengine.cli.main import cli
+    from loraengine.core.lora_io import save_lora
+
+    unet = _fresh_unet(unet_dir)
+    network = _network_on(unet, "loha", {}, 2, 1.0)
+    lora = tmp_path / "loha.safetensors"
+    save_lora(lora, REG.get("exporter", "kohya").to_file(network.file_modules()), {})
+    out = tmp_path / "unet16"
+    res = CliRunner().invoke(cli, ["merge", "--model", str(unet_dir / "unet"), "--lora",
+                                   str(lora), "--out", str(out), "--dtype", "fp16"])
+    assert res.exit_code == 0, res.output
+    from safetensors import safe_open
+
+    weights = sorted(out.glob("*.safetensors"))
+    with safe_open(str(weights[0]), framework="pt") as fh:
+        assert {fh.get_slice(k).get_dtype() for k in fh.keys()} == {"F16"}
+    merged = _fresh_unet_folder(out)
+    path, layer = next(iter(network.items()))
+    want = (unet.get_submodule(path).weight + layer.delta_weight()).detach()
+    got = merged.get_submodule(path).weight.float()
+    assert relative_error(got, want) < 2e-3  # fp16 rounding only
+    assert relative_error(want, unet.get_submodule(path).weight) > 1e-3
+
+
+def _fresh_unet_folder(folder):
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel.from_pretrained(str(folder), local_files_only=True,
+                                                torch_dtype=torch.float16)

@@ -168,7 +168,10 @@ def test_each_family_trains_from_prepared_data_and_the_loss_falls(pipes, tmp_pat
     assert result.exit_code == 0, result.output
     losses = json.loads((tmp_path / "out" / f"{family}.loss.json").read_text())["loss"]
     assert len(losses) == 12 and all(torch.isfinite(torch.tensor(losses)))
-    print(family, [round(x,3) for x in losses])
+    if family != "sd2":
+        # A v-prediction loss swings with each draw's timestep far more than 12 steps
+        # of training move it; the fixed-draw check below holds for every family.
+        assert sum(losses[-4:]) < sum(losses[:4])
 
     # The saved LoRA, reloaded, beats the base model at fixed noise and timesteps.
     host = build_plugin_manager()
@@ -181,5 +184,4 @@ def test_each_family_trains_from_prepared_data_and_the_loss_falls(pipes, tmp_pat
         untouched = _eval_loss(pipe)
     finally:
         pipe.close()
-    print(family, trained, untouched)
     assert trained < untouched * 0.97, (trained, untouched)

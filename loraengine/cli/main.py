@@ -205,6 +205,10 @@ from loraengine.cli.plan import plan as plan_command  # noqa: E402
 
 cli.add_command(plan_command)
 
+from loraengine.cli.bucket import bucket as bucket_command  # noqa: E402
+
+cli.add_command(bucket_command)
+
 
 def main() -> None:
     host_cli = cli

@@ -3,7 +3,7 @@
 Prints the estimated peak by kind (base weights, adapter, gradients, optimizer state,
 activations) under the configured memory strategies and the step's cost (FLOPs,
 host-to-device traffic), from a dry run on the meta device (``loraengine.core.plan``).
-``--measure`` also runs two real steps and prints the measured peak beside it.
+``--measure`` also runs three real steps and prints the measured peak beside it.
 """
 
 from __future__ import annotations
@@ -47,8 +47,8 @@ def _run(state: Any, config: Path, overrides: tuple[str, ...], as_json: bool,
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
               help="Override a config key, e.g. --set memory.checkpoint_depth=2.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-@click.option("--measure", is_flag=True, help="Also run two real steps and print the "
-              "measured peak (this trains for two steps; nothing is written).")
+@click.option("--measure", is_flag=True, help="Also run three real steps and print the "
+              "measured peak (this trains for three steps; nothing is written).")
 @click.pass_obj
 def plan(state: Any, config: Path, overrides: tuple[str, ...], as_json: bool,
          measure: bool) -> None:

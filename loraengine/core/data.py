@@ -220,3 +220,39 @@ class BucketStream:
         self.generator.set_state(state["generator"])  # type: ignore[arg-type]
         for s, st in zip(self.streams, state["streams"], strict=True):  # type: ignore[arg-type]
             s.load_state(st)
+
+
+def group_into_buckets(latents: Mapping[str, torch.Tensor], conditioning:
+                       Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor],
+                                                            dict[str, torch.Tensor]]:
+    """Group mixed-size latents into same-shape buckets.
+
+    Input: tensors named ``latents.<k>`` (each ``[C,H,W]`` or ``[n,C,H,W]``) and the
+    matching ``<key>.<k>`` conditioning entries (``cond.<k>``, ``pooled.<k>``...).
+    Output: ``latents.<i>`` / ``<key>.<i>`` per bucket, buckets ordered by shape, samples
+    in input order within a bucket.
+    """
+    items = sorted((k.split(".", 1)[1], v) for k, v in latents.items()
+                   if k.startswith("latents."))
+    if not items:
+        raise DataError("no tensors named latents.<k> to group")
+    groups: dict[tuple[int, ...], list[tuple[str, torch.Tensor]]] = {}
+    for k, v in items:
+        v = v if v.ndim >= 4 else v.unsqueeze(0)
+        groups.setdefault(tuple(v.shape[1:]), []).append((k, v))
+    cond_keys = sorted({c.rsplit(".", 1)[0] for c in conditioning if "." in c})
+    out_lat: dict[str, torch.Tensor] = {}
+    out_cond: dict[str, torch.Tensor] = {}
+    for i, shape in enumerate(sorted(groups)):
+        members = groups[shape]
+        out_lat[f"latents.{i}"] = torch.cat([v for _, v in members])
+        for ck in cond_keys:
+            parts = []
+            for k, v in members:
+                c = conditioning.get(f"{ck}.{k}")
+                if c is None:
+                    raise DataError(f"conditioning: no tensor {ck}.{k} for latents.{k}")
+                c = c if c.shape[0] == v.shape[0] and c.ndim >= 2 else c.unsqueeze(0)
+                parts.append(c.expand(v.shape[0], *c.shape[1:]))
+            out_cond[f"{ck}.{i}"] = torch.cat(parts)
+    return out_lat, out_cond

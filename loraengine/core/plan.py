@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import gc
+import os
 import time
 import weakref
 from collections.abc import Callable, Iterable, Iterator
@@ -318,6 +319,7 @@ def estimate(config: Any, host: PluginHost, *, model: torch.nn.Module | None = N
 def _cpu_allocation_rise(fn: Callable[[], Any]) -> int:
     """The largest rise of CPU-allocated bytes while ``fn`` runs, from the allocator
     events ``torch.profiler`` records with ``profile_memory=True``."""
+    os.environ.setdefault("KINETO_LOG_LEVEL", "5")  # no profiler banner on stderr
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
@@ -332,27 +334,28 @@ def _cpu_allocation_rise(fn: Callable[[], Any]) -> int:
 
 
 def measure(pipe: Any, trainer: Any | None = None) -> Measurement:
-    """Run one warm-up step (it creates the optimizer state), then measure one step."""
+    """Run one warm-up step (it creates the optimizer state), time one step, then
+    measure the peak of another (on the CPU the profiler slows that one down)."""
     from loraengine.core.trainer import Trainer
 
     trainer = trainer or Trainer(pipe, write_files=False)
     trainer.step()
     dev = pipe.device
+    sync = (lambda: torch.cuda.synchronize(dev)) if dev.type == "cuda" else (lambda: None)
+    sync()
+    t0 = time.perf_counter()
+    trainer.step()
+    sync()
+    seconds = time.perf_counter() - t0
     if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
         resident = torch.cuda.memory_allocated(dev)
         torch.cuda.reset_peak_memory_stats(dev)
-        t0 = time.perf_counter()
         trainer.step()
-        torch.cuda.synchronize(dev)
-        seconds = time.perf_counter() - t0
+        sync()
         return Measurement(torch.cuda.max_memory_allocated(dev), resident, seconds)
     parts = resident_parts(pipe)
     resident = parts["weights"] + parts["adapter"] + parts["optimizer_state"]
-    t0 = time.perf_counter()
-    rise = _cpu_allocation_rise(trainer.step)
-    seconds = time.perf_counter() - t0
-    return Measurement(resident + rise, resident, seconds)
+    return Measurement(resident + _cpu_allocation_rise(trainer.step), resident, seconds)
 
 
 def format_plan(plan: MemoryPlan, measured: Measurement | None = None) -> str:

@@ -234,7 +234,7 @@ class Trainer:
         limit = self.config.training.max_bad_steps
         if self.bad_streak < limit:
             return
-        first = step - self.bad_streak + 1
+        streak, first = self.bad_streak, step - self.bad_streak + 1
         found = ckpt.load_latest_valid(self.checkpoint_dir) if self.write_files else None
         if found is not None:
             good_step, adapter, state, path = found
@@ -247,7 +247,7 @@ class Trainer:
         if self.write_files:
             result = self.finish()
             written = f"; that state is written to {result.path}"
-        raise NonFiniteError(f"{self.bad_streak} consecutive non-finite steps "
+        raise NonFiniteError(f"{streak} consecutive non-finite steps "
                              f"({first}-{step}), each skipped; {where}{written}")
 
     # -- checkpoints and resume -----------------------------------------------------

@@ -60,14 +60,27 @@ def tiny_unet_config(cross_attention_dim: int = 16) -> dict:
                 norm_num_groups=8)
 
 
-def save_tiny_unet(folder: Path, seed: int = 0, prediction_type: str = "epsilon") -> Path:
-    """Save a tiny UNet as a diffusers pipeline folder (``unet/`` + ``scheduler/``)."""
+def small_unet_config() -> dict:
+    """Config of a ~1.5M-parameter UNet2DConditionModel (three levels, cross-attention
+    on two, cross_attention_dim 64): the memory benchmark's model, for 32×32 latents."""
+    return dict(sample_size=32, in_channels=4, out_channels=4, layers_per_block=1,
+                block_out_channels=(32, 64, 64),
+                down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D",
+                                  "DownBlock2D"),
+                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+                cross_attention_dim=64, attention_head_dim=8, norm_num_groups=16)
+
+
+def save_tiny_unet(folder: Path, seed: int = 0, prediction_type: str = "epsilon",
+                   config: dict | None = None) -> Path:
+    """Save a tiny UNet (or one built from ``config``) as a diffusers pipeline folder
+    (``unet/`` + ``scheduler/``)."""
     import json
 
     from diffusers import UNet2DConditionModel
 
     torch.manual_seed(seed)
-    unet = UNet2DConditionModel(**tiny_unet_config())
+    unet = UNet2DConditionModel(**(config or tiny_unet_config()))
     folder = Path(folder)
     unet.save_pretrained(folder / "unet")
     (folder / "model_index.json").write_text(json.dumps(
