@@ -5,7 +5,8 @@ PEFT's and LyCORIS's implementations measured in the same run.
 
 Two stacks: Linear layers on a batch of tokens and 3×3 convolutions on a feature map.
 Every adapter parameter is perturbed first (so no zero factor short-cuts anything),
-and each configuration is timed as the median of ``--iters`` steps after a warm-up.
+and each configuration is timed as the median of ``--iters`` steps after a warm-up,
+the implementations taking turns step by step.
 Printed ratios are ours / theirs: below 1 means faster. Absolute times depend on the
 machine and are printed only to read the ratios against.
 """
@@ -57,15 +58,19 @@ def perturb(params: list[nn.Parameter]) -> None:
         p.add_(torch.randn(p.shape, generator=g) * 0.01)
 
 
-def timed(step: Callable[[], None], iters: int) -> float:
-    for _ in range(3):
-        step()
-    times = []
+def timed(steps: dict[str, Callable[[], None]], iters: int) -> dict[str, float]:
+    """Median ms per step of each variant. The variants take turns, so a busy machine
+    slows them alike and the ratios stay meaningful."""
+    for step in steps.values():
+        for _ in range(3):
+            step()
+    times: dict[str, list[float]] = {k: [] for k in steps}
     for _ in range(iters):
-        t0 = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1e3
+        for key, step in steps.items():
+            t0 = time.perf_counter()
+            step()
+            times[key].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) * 1e3 for k, v in times.items()}
 
 
 def make_step(model: nn.Module, x: torch.Tensor, params: list[nn.Parameter]
@@ -139,28 +144,31 @@ def main() -> None:
           f"{'lycoris':>8} {'w/lyco':>7}")
     for stack, (model, x) in stacks(args.width, args.layers).items():
         for name, (algo, options, peft_kind, lyco) in CONFIGS.items():
-            row = {}
+            steps = {}
             for mode in ("weight", "bypass"):
                 m, params = ours(model, algo, options, rank, alpha, mode)
                 perturb(params)
-                row[mode] = timed(make_step(m, x, params), args.iters)
+                steps[mode] = make_step(m, x, params)
             if peft_kind is not None:
                 m, params = peft_stack(model, peft_kind, rank, alpha)
                 perturb(params)
-                row["peft"] = timed(make_step(m, x, params), args.iters)
+                steps["peft"] = make_step(m, x, params)
             if lyco is not None:
                 m, params = lycoris_stack(model, lyco[0], lyco[1], rank, alpha)
                 perturb(params)
-                row["lycoris"] = timed(make_step(m, x, params), args.iters)
+                steps["lycoris"] = make_step(m, x, params)
+            row = timed(steps, args.iters)
+            print(f"{stack:8} {name:6} {_ms(row, 'weight')} {_ms(row, 'bypass')} "
+                  f"{_ms(row, 'peft')} {_ratio(row, 'peft')} {_ms(row, 'lycoris')} "
+                  f"{_ratio(row, 'lycoris')}")
 
-            def ratio(key: str) -> str:
-                return f"{row['weight'] / row[key]:7.2f}" if key in row else f"{'-':>7}"
 
-            def ms(key: str) -> str:
-                return f"{row[key]:8.2f}" if key in row else f"{'-':>8}"
+def _ratio(row: dict[str, float], key: str) -> str:
+    return f"{row['weight'] / row[key]:7.2f}" if key in row else f"{'-':>7}"
 
-            print(f"{stack:8} {name:6} {ms('weight')} {ms('bypass')} {ms('peft')} "
-                  f"{ratio('peft')} {ms('lycoris')} {ratio('lycoris')}")
+
+def _ms(row: dict[str, float], key: str) -> str:
+    return f"{row[key]:8.2f}" if key in row else f"{'-':>8}"
 
 
 if __name__ == "__main__":

@@ -62,17 +62,20 @@ SERIES: list[tuple[str, dict[str, Any], dict[str, Any], str]] = [
 ]
 
 
-def make_inputs(folder: Path, size: int, count: int) -> dict[str, Path]:
+def make_inputs(folder: Path, size: int, count: int) -> dict[str, Any]:
     """The benchmark model (``small_unet_config``) and seeded latents/conditioning."""
     pipe_dir = save_tiny_unet(folder / "unet", config=small_unet_config())
     g = torch.Generator().manual_seed(0)
     lat, cond = folder / "latents.safetensors", folder / "cond.safetensors"
     save_file({"latents": torch.randn(count, 4, size, size, generator=g)}, str(lat))
     save_file({"cond": torch.randn(count, 8, 64, generator=g)}, str(cond))
-    return {"model": pipe_dir, "latents": lat, "cond": cond}
+    from diffusers import UNet2DConditionModel
+
+    count_params = sum(p.numel() for p in UNet2DConditionModel(**small_unet_config()).parameters())
+    return {"model": pipe_dir, "latents": lat, "cond": cond, "parameters": count_params}
 
 
-def config_for(inputs: dict[str, Path], memory: dict[str, Any], model: dict[str, Any],
+def config_for(inputs: dict[str, Any], memory: dict[str, Any], model: dict[str, Any],
                dtype: str, batch: int, device: str) -> dict[str, Any]:
     return {
         "model": {"family": "diffusers", "path": str(inputs["model"]), **model},
@@ -146,7 +149,7 @@ def main() -> None:
             print(f"{label}: peak {row['peak'] / MiB:.1f} MiB, step {row['step_s']:.3f} s",
                   flush=True)
     print()
-    print(f"small UNet ({sum(1 for _ in ())}{'1.5M'} parameters), latents "
+    print(f"small UNet ({inputs['parameters'] / 1e6:.2f}M parameters), latents "
           f"{args.batch}×4×{args.size}×{args.size}, LoRA rank 8, device {args.device}, "
           f"{args.threads} thread(s), torch {torch.__version__}")
     print()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import sys
 import traceback
 import warnings
@@ -88,9 +89,10 @@ def train(state: State, config: Path, overrides: tuple[str, ...], quiet: bool,
 
     host = state.host
     cfg, base_dir = resolve_config(config, host, overrides=list(overrides))
-    if not quiet:
+    main_rank = os.environ.get("RANK", "0") == "0"  # under torchrun, rank 0 reports
+    if not quiet and main_rank:
         host.register(ProgressBar(), name="loraengine.cli.progress")
-    if events is not None:
+    if events is not None and main_rank:
         host.register(EventLog(events), name="loraengine.cli.events")
     pipe = build_pipeline(cfg, host, base_dir=base_dir)
     try:
@@ -106,7 +108,7 @@ def train(state: State, config: Path, overrides: tuple[str, ...], quiet: bool,
         result = trainer.run()
     finally:
         pipe.close()
-    if not quiet:
+    if not quiet and main_rank:
         losses = result.loss_map["loss"]
         click.echo(f"trained {len(losses)} steps (total {result.steps}); loss "
                    f"{losses[0]:.4f} -> {losses[-1]:.4f}")
@@ -204,6 +206,10 @@ cli.add_command(prepare_command)
 from loraengine.cli.plan import plan as plan_command  # noqa: E402
 
 cli.add_command(plan_command)
+
+from loraengine.cli.sample import sample as sample_command  # noqa: E402
+
+cli.add_command(sample_command)
 
 from loraengine.cli.bucket import bucket as bucket_command  # noqa: E402
 

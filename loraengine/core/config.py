@@ -1,9 +1,9 @@
 """Configuration: strict pydantic models, YAML loading with line numbers, overrides.
 
 The root model is built after plugins load: each plugin category (optimizer, loss,
-adapter, model, lr_scheduler) is a discriminated union of the installed plugins'
-option models, and the ``memory`` section is the union of every memory strategy's
-fields. Unknown keys, out-of-range values and unknown plugin names are errors.
+adapter, model, lr_scheduler, timestep_sampler, loss_weighting) is a discriminated
+union of the installed plugins' option models, and the ``memory`` and ``recipe``
+sections are the union of every memory strategy's / recipe's fields. Unknown keys, out-of-range values and unknown plugin names are errors.
 """
 
 from __future__ import annotations
@@ -63,6 +63,9 @@ class TrainingConfig(Strict):
     max_grad_norm: float | None = Field(
         None, gt=0, description="Clip the adapter gradients' global norm to this value.")
     device: str = Field("auto", description="auto (cuda when available), cpu, cuda, cuda:N.")
+    dist_timeout: float = Field(
+        600.0, gt=0, description="Seconds a process waits for the others (torchrun) before "
+        "the run stops with an error.")
     max_bad_steps: int = Field(
         5, ge=1, description="Consecutive non-finite steps (each skipped) after which "
         "training rolls back to the last good checkpoint and stops.")
@@ -103,6 +106,36 @@ class EarlyStopConfig(Strict):
     min_delta: float = Field(0.0, ge=0)
 
 
+class SamplesConfig(Strict):
+    """Preview images rendered while training (``<name>.samples/``); off unless set."""
+
+    every: int | None = Field(None, ge=1, description="Steps between preview grids "
+                              "(step_<n>.png); the last step always gets one.")
+    conditioning: ConfigPath | None = Field(
+        None, description="safetensors file with the prompts' conditioning (`cond` "
+        "[P,L,D] plus family extras); default: the distinct training conditionings.")
+    count: int = Field(4, ge=1, le=64, description="At most this many prompts (grid rows).")
+    per_prompt: int = Field(2, ge=1, le=16, description="Images per prompt, one seed each "
+                            "(grid columns).")
+    negative: ConfigPath | None = Field(
+        None, description="safetensors file with the negative conditioning for guidance "
+        "(one entry); default: zeros, an empty conditioning.")
+    seed: int = Field(0, ge=0, le=SEED_MAX, description="Seeds the starting noise; the same "
+                      "every time, so grids compare across steps.")
+    steps: int = Field(20, ge=1, le=1000, description="Sampler steps.")
+    guidance: float = Field(1.0, ge=0.0, le=100.0, description="Classifier-free guidance "
+                            "scale; 1 uses the conditional prediction alone.")
+    sampler: str = Field("auto", min_length=1, description="A sampler plugin (ddim, "
+                         "euler, ...); auto: ddim for epsilon/v models, euler for flow.")
+    sampler_options: dict[str, Any] = Field(
+        default_factory=dict, description="The sampler's own options (ddim: eta; euler: "
+        "karras, rho, shift).")
+    size: tuple[int, int] | None = Field(None, description="Latent height and width; "
+                                         "default: the training latents'.")
+    compare: bool = Field(True, description="At the end also write compare.png: the base "
+                          "model beside the adapted one, same prompts and seeds.")
+
+
 class OutputConfig(Strict):
     """Where and what to write."""
 
@@ -116,6 +149,8 @@ class OutputConfig(Strict):
                                   "checkpoints.")
     keep_best: bool = Field(False, description="Also write <name>.best.safetensors at the "
                             "lowest validation loss.")
+    samples: SamplesConfig | None = Field(None, description="Render preview images during "
+                                          "training (off by default).")
 
 
 PLUGIN_SECTIONS: dict[str, tuple[str, str]] = {
@@ -418,6 +453,9 @@ def parse_config(data: Mapping[str, Any], registry: Registry,
     check_not_implemented(cfg, source)
     check_consistency(cfg, source)
     check_strategies(cfg, registry, source)
+    from loraengine.core.sampling import check_samples  # torch-heavy; import on use
+
+    check_samples(cfg, registry, source)
     return cfg
 
 

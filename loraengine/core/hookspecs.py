@@ -143,6 +143,19 @@ def loraengine_recipes() -> Iterable[Any]:
 
 
 @hookspec
+def loraengine_samplers() -> Iterable[Any]:
+    """Return the ``SamplerSpec`` records (samplers for preview images and
+    ``loraengine sample``) this plugin provides; ``output.samples.sampler`` picks one.
+
+    Example::
+
+        @hookimpl
+        def loraengine_samplers():
+            return [SamplerSpec("heun", factory=make_heun, prediction_types=("flow",))]
+    """
+
+
+@hookspec
 def loraengine_on_train_start(run: Any) -> None:
     """Called once before the first step. ``run`` exposes ``config``, ``total_steps``,
     ``start_step`` and ``output_dir``.

@@ -25,6 +25,8 @@ BUILTIN_PLUGINS: tuple[str, ...] = (
     "loraengine.plugins.memory",
     "loraengine.plugins.models",
     "loraengine.plugins.recipes",
+    "loraengine.plugins.samplers",
+    "loraengine.plugins.previews",
 )
 
 ENTRY_POINT_GROUP = "loraengine"

@@ -13,6 +13,7 @@ from torch import nn
 
 from loraengine.core.adapter import ADAPTABLE, AdapterLayer, AdapterNetwork, select_layers
 from loraengine.core.data import Dataset, make_bucketed_dataset, make_dataset, read_safetensors
+from loraengine.core.distributed import DistContext, wrap_ddp
 from loraengine.core.errors import ConfigError, DataError, LoraEngineError
 from loraengine.core.lora_io import load_lora, split_modules, steps_of
 from loraengine.core.manager import PluginHost
@@ -43,6 +44,8 @@ class Pipeline:
     previous_steps: int = 0
     attach_mode: str = "weight"
     validation: Dataset | None = None
+    dist: DistContext = field(default_factory=DistContext)
+    denoise: Any = None  # the DDP-wrapped model call when data-parallel
     undo: list[Callable[[], None]] = field(default_factory=list)
     # Training recipes (core/recipe.py): None/empty keep the family's own behaviour.
     timestep_sampler: Callable[[torch.Generator], torch.Tensor] | None = None
@@ -77,6 +80,7 @@ class Pipeline:
         while self.undo:
             self.undo.pop()()
         self.network.detach()
+        self.dist.close()
 
 
 def resolve_device(name: str) -> torch.device:
@@ -130,7 +134,11 @@ def build_adapters(config: Any, host: PluginHost, loaded: LoadedModel, device: t
     """Create (or restore from ``adapter.existing``) one adapter per selected layer."""
     acfg = config.adapter
     spec = host.registry.get("adapter", acfg.algorithm)
-    layers = select_layers(loaded.module, acfg.include, acfg.exclude,
+    include = acfg.include
+    default_include = getattr(loaded, "default_include", None)
+    if "include" not in acfg.model_fields_set and default_include:
+        include = list(default_include)  # the family's own default targets
+    layers = select_layers(loaded.module, include, acfg.exclude,
                            spec.layer_types or ADAPTABLE)
     alpha = float(acfg.alpha) if acfg.alpha is not None else float(acfg.rank)
     param_dtype = torch.float32 if (acfg.dtype == "fp32" or acfg.master_weights) else \
@@ -188,6 +196,10 @@ def build_pipeline(config: Any, host: PluginHost, *, model: nn.Module | None = N
                    base_dir: Path | None = None) -> Pipeline:
     reg = host.registry
     device = resolve_device(config.training.device)
+    dist_ctx = DistContext.from_env(config.training.dist_timeout, device.type)
+    if dist_ctx.enabled and device.type == "cuda":
+        device = torch.device("cuda", dist_ctx.local_rank)
+        torch.cuda.set_device(device)
     loaded = load_model(config, host, model, base_dir)
     module = loaded.module
     module.requires_grad_(False)
@@ -218,7 +230,7 @@ def build_pipeline(config: Any, host: PluginHost, *, model: nn.Module | None = N
                     network=network, adapter_spec=adapter_spec, optimizer=optimizer,
                     lr_scheduler=lr_scheduler, loss_fn=loss_fn, device=device,
                     compute_dtype=compute_dtype, save_dtype=DTYPES[config.adapter.dtype],
-                    previous_steps=previous, validation=validation)
+                    previous_steps=previous, validation=validation, dist=dist_ctx)
     network.attach("weight")
     for spec in sorted(reg.specs("memory"), key=lambda s: s.order):
         if spec.enabled(config):
@@ -226,4 +238,7 @@ def build_pipeline(config: Any, host: PluginHost, *, model: nn.Module | None = N
             if undo is not None:
                 pipe.undo.append(undo)
     install_recipes(pipe)
+    if dist_ctx.enabled:
+        dist_ctx.slice_of(config.training.batch_size)  # checks the split early
+        pipe.denoise = wrap_ddp(module, network, loaded.predict, device)
     return pipe

@@ -146,7 +146,8 @@ def scan(images: Iterable[Path], captions: Mapping[str, str] | None, caption_ext
                 img.verify()  # structure check without decoding every pixel
             with Image.open(io.BytesIO(data)) as img:
                 size = _upright_size(img)
-        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        except (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError,
+                ValueError) as exc:
             unreadable.append(f"{rel} ({str(exc).splitlines()[0] if str(exc) else 'unreadable'})")
             continue
         if captions is not None:
@@ -294,7 +295,11 @@ def prepare(encoder: Any, images: Path, out: Path, *, captions_file: Path | None
             chunk = idxs[start:start + batch_size]
             loaded = [load_pixels(items[i].path, bucket) for i in chunk]
             encoded = encoder.encode_images(torch.stack([p for p, _, _ in loaded]))
-            for i, lat, (_, crop, orig) in zip(chunk, encoded, loaded):
+            if not bool(torch.isfinite(encoded).all()):
+                names = ", ".join(items[i].path.name for i in chunk)
+                raise DataError(f"the VAE gave non-finite latents for {names}; try "
+                                f"--dtype fp32")
+            for i, lat, (_, crop, orig) in zip(chunk, encoded, loaded, strict=True):
                 item = items[i]
                 latents[i], geometry[i] = lat.float().contiguous(), (crop, orig)
                 cache.put("img", _key(fp, item.digest, f"{bucket[0]}x{bucket[1]}"),

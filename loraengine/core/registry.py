@@ -23,6 +23,7 @@ CATEGORIES: dict[str, tuple[str, type]] = {
     "timestep_sampler": ("loraengine_timestep_samplers", S.TimestepSamplerSpec),
     "loss_weighting": ("loraengine_loss_weightings", S.LossWeightingSpec),
     "recipe": ("loraengine_recipes", S.RecipeSpec),
+    "sampler": ("loraengine_samplers", S.SamplerSpec),
 }
 
 

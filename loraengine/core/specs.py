@@ -212,6 +212,24 @@ class RecipeSpec:
 
 
 @dataclass(frozen=True)
+class SamplerSpec:
+    """A sampler for preview images and ``loraengine sample``.
+
+    ``factory(options)`` returns ``sample(model_fn, noise, schedule, steps, generator)
+    -> x0``. ``model_fn(x_t, t)`` gives the model's native prediction (guidance already
+    applied) for ``x_t`` at ``t``, a 0-dim float64 tensor in the schedule's units (a DDPM
+    timestep, possibly fractional, or σ for flow); ``noise`` is the unit-variance start
+    ``[B, ...]``; ``generator`` feeds any stochastic part. ``prediction_types`` lists the
+    schedule kinds (``epsilon``, ``v_prediction``, ``flow``) it can sample."""
+
+    name: str
+    factory: Callable[[Any], Callable[..., torch.Tensor]]
+    config_model: type[BaseModel] = NoOptions
+    prediction_types: tuple[str, ...] = ("epsilon", "v_prediction", "flow")
+    description: str = ""
+
+
+@dataclass(frozen=True)
 class ProvidedSpec:
     """A spec together with where it came from (for listings and clash errors)."""
 

@@ -18,6 +18,7 @@ from loraengine import __version__
 from loraengine.core import checkpoint as ckpt
 from loraengine.core.config import config_to_dict
 from loraengine.core.data import BucketedDataset, BucketStream, IndexStream
+from loraengine.core.distributed import guarded
 from loraengine.core.errors import DataError, LoraEngineError, NonFiniteError
 from loraengine.core.lora_io import save_lora, write_text_atomic
 from loraengine.core.orchestrator import Pipeline
@@ -58,7 +59,8 @@ class Trainer:
         self.total_steps = int(self.config.training.steps)
         self.start_step = 0
         self.output_dir = Path(self.config.output.dir)
-        self.write_files = write_files
+        self.dist = pipeline.dist
+        self.write_files = write_files and self.dist.is_main
         seed = self.config.training.seed
         data_gen = make_generator(seed, "data")
         dataset = pipeline.dataset
@@ -99,19 +101,30 @@ class Trainer:
             xt_noises.append(xt_noise)
         return torch.stack(noises), torch.stack(ts), torch.stack(xt_noises)
 
-    def micro_step(self, indices: torch.Tensor, dataset: Any = None) -> torch.Tensor:
-        """Forward one micro-batch and return its (unscaled) mean loss."""
+    def micro_step(self, indices: torch.Tensor, dataset: Any = None,
+                   part: slice | None = None) -> torch.Tensor:
+        """Forward one micro-batch and return its (unscaled) mean loss. With ``part``,
+        the random draws are made for the whole batch (keeping every rank's streams in
+        step) and only those rows are computed."""
         pipe = self.pipe
         schedule = pipe.loaded.schedule
-        x0, cond = (dataset or pipe.dataset).batch(indices)
+        data = dataset or pipe.dataset
+        x0, cond = data.batch(indices[part] if part is not None else indices)
         x0 = x0.float()
-        noise, t, xt_noise = self._noise_and_timesteps(x0)
+        if part is not None:
+            full = torch.empty((len(indices), *x0.shape[1:]))
+            noise, t, xt_noise = (v[part] for v in self._noise_and_timesteps(full))
+        else:
+            noise, t, xt_noise = self._noise_and_timesteps(x0)
         x_t = schedule.add_noise(x0, xt_noise, t)
         dev, dt = pipe.device, pipe.compute_dtype
         cond = {k: v.to(dev, dt) if v.is_floating_point() else v.to(dev)
                 for k, v in cond.items()}
-        pred = pipe.loaded.predict(pipe.model, x_t.to(dev, dt),
-                                   schedule.model_timesteps(t).to(dev), cond).float()
+        model_t = schedule.model_timesteps(t).to(dev)
+        if pipe.denoise is not None:
+            pred = pipe.denoise(x_t.to(dev, dt), model_t, cond).float()
+        else:
+            pred = pipe.loaded.predict(pipe.model, x_t.to(dev, dt), model_t, cond).float()
         x0, noise, t, x_t = x0.to(dev), noise.to(dev), t.to(dev), x_t.to(dev)
         if self.config.loss.target == "x0":
             pred, target = schedule.predicted_x0(pred, x_t, t), x0
@@ -129,16 +142,24 @@ class Trainer:
         pipe.optimizer.zero_grad(set_to_none=True)
         total = 0.0
         finite = True
-        for _ in range(accum):
-            loss = self.micro_step(self.indices.take(tcfg.batch_size))
-            value = float(loss.detach())
-            if not math.isfinite(value):
-                finite = False
-            total += value / accum
-            scaled = loss / accum
-            if self.scaler is not None:
-                scaled = self.scaler.scale(scaled)
-            scaled.backward()
+        part = self.dist.slice_of(tcfg.batch_size) if self.dist.enabled else None
+        for i in range(accum):
+            with self._no_sync(last=i == accum - 1):
+                loss = self.micro_step(self.indices.take(tcfg.batch_size), part=part)
+                value = float(loss.detach())
+                if not math.isfinite(value):
+                    finite = False
+                total += value / accum
+                scaled = loss / accum
+                if self.scaler is not None:
+                    scaled = self.scaler.scale(scaled)
+                if self.dist.enabled:
+                    guarded(scaled.backward, "averaging gradients")
+                else:
+                    scaled.backward()
+        if self.dist.enabled:
+            total = self.dist.mean(total)  # nan on any rank makes the mean nan
+            finite = math.isfinite(total)
         params = pipe.trainable_parameters()
         if self.scaler is not None:
             self.scaler.unscale_(pipe.optimizer)
@@ -158,6 +179,16 @@ class Trainer:
             for recipe in pipe.recipes:
                 recipe.after_optimizer_step()  # e.g. the EMA of the adapter weights
         return {"loss": total, "lr": lr, "skipped": float(skipped)}
+
+    @contextmanager
+    def _no_sync(self, last: bool):
+        """Skip DDP's gradient exchange on all but the last micro-batch of a step."""
+        denoise = self.pipe.denoise
+        if denoise is None or last or not hasattr(denoise, "no_sync"):
+            yield
+        else:
+            with denoise.no_sync():
+                yield
 
     # -- the run ----------------------------------------------------------------------
     def run(self) -> TrainResult:

@@ -1,13 +1,25 @@
-"""pytest fixtures for plugin authors (loaded through the ``pytest11`` entry point).
+"""pytest fixtures for plugin authors (loaded through the ``pytest11`` entry point, so
+they are available in any project that has loraengine installed).
 
 - ``loraengine_host``: a fresh plugin host with the built-ins and installed plugins;
-- ``register_plugin``: register a plugin object on that host for one test;
-- ``tiny_model``, ``tiny_latents``, ``tiny_conditioning``: a small denoiser and data.
+  ``loraengine_builtin_host``: the built-ins only;
+- ``register_plugin``: register a plugin object — or spec records — on
+  ``loraengine_host`` for one test; it is unregistered afterwards;
+- ``tiny_model``, ``tiny_latents``, ``tiny_conditioning``: a small denoiser and data;
+  ``tiny_dataset``: both tensors together (``.save(folder)`` writes the files);
+- ``tiny_unet_dir``: a tiny diffusers pipeline folder (unet + scheduler), one per session;
+- ``train_tiny``: ``train_tiny(overlay)`` trains the tiny model on ``loraengine_host``
+  for two steps with the config overlay and returns the ``TrainResult``.
+
+Everything heavy is imported inside the fixtures: loading this plugin costs nothing
+for test runs that do not use them.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from contextlib import ExitStack
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -21,17 +33,24 @@ def loraengine_host() -> Any:
 
 
 @pytest.fixture
-def register_plugin(loraengine_host: Any) -> Iterator[Callable[[Any], str]]:
-    names: list[str] = []
+def loraengine_builtin_host() -> Any:
+    from loraengine.core.manager import build_plugin_manager
 
-    def register(plugin: Any, name: str | None = None) -> str:
-        registered = loraengine_host.register(plugin, name=name)
-        names.append(registered)
-        return registered
+    return build_plugin_manager(entry_points=False)
 
-    yield register
-    for name in reversed(names):
-        loraengine_host.unregister(name)
+
+@pytest.fixture
+def register_plugin(loraengine_host: Any) -> Iterator[Callable[..., str]]:
+    """``register_plugin(plugin)`` or ``register_plugin(spec, spec, ..., name=...)``:
+    registered on ``loraengine_host`` until the test ends; returns the plugin's name."""
+    from loraengine.testing.harness import registered
+
+    with ExitStack() as stack:
+        def register(*plugins_or_specs: Any, name: str | None = None) -> str:
+            return stack.enter_context(registered(loraengine_host, *plugins_or_specs,
+                                                  name=name))
+
+        yield register
 
 
 @pytest.fixture
@@ -53,3 +72,27 @@ def tiny_conditioning() -> Any:
     from loraengine.testing.models import tiny_conditioning
 
     return tiny_conditioning()
+
+
+@pytest.fixture
+def tiny_dataset() -> Any:
+    from loraengine.testing.harness import tiny_data
+
+    return tiny_data()
+
+
+@pytest.fixture(scope="session")
+def tiny_unet_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from loraengine.testing.models import save_tiny_unet
+
+    return save_tiny_unet(tmp_path_factory.mktemp("loraengine_unet") / "pipe")
+
+
+@pytest.fixture
+def train_tiny(loraengine_host: Any, tiny_dataset: Any) -> Callable[..., Any]:
+    from loraengine.testing.harness import train_tiny as run
+
+    def train(overlay: dict[str, Any] | None = None, **kwargs: Any) -> Any:
+        return run(loraengine_host, overlay, data=tiny_dataset, **kwargs)
+
+    return train

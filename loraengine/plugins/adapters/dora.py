@@ -1,8 +1,8 @@
 """The shared base of the additive adapters (LoRA, LoHa, LoKr) and their DoRA option.
 
 A subclass supplies ``raw_delta()`` — its ΔW with the algorithm's scale, without the
-multiplier — and may supply ``raw_bypass(x)``, the output of that delta layer computed
-from its factors. This class adds the multiplier and, with ``weight_decompose: true``,
+multiplier — and may supply ``raw_bypass(x, gain)``, the output of that delta layer
+times ``gain``, computed from its factors (folding the gain into its smallest factor). This class adds the multiplier and, with ``weight_decompose: true``,
 DoRA: the adapted weight is ``m · (W+ΔW) / ‖W+ΔW‖`` with one norm per output channel
 and a trained magnitude ``m`` (the file's ``dora_scale``, shape ``[out, 1, ...]``),
 initialised to ‖W‖ so the adapter starts as the identity.
@@ -59,9 +59,11 @@ class AdditiveAdapter(AdapterLayer):
         """ΔW with the algorithm's scale and without the multiplier or DoRA."""
         raise NotImplementedError
 
-    def raw_bypass(self, x: torch.Tensor) -> torch.Tensor:
-        """Output of the delta layer alone. Default: run the base op with ΔW."""
-        return layer_op(self.base, x, self.raw_delta().to(x.dtype), None)
+    def raw_bypass(self, x: torch.Tensor, gain: float = 1.0) -> torch.Tensor:
+        """Output of the delta layer alone, times ``gain``. Default: the base op with
+        ΔW."""
+        dw = self.raw_delta()
+        return layer_op(self.base, x, (dw if gain == 1 else dw * gain).to(x.dtype), None)
 
     def adapter_tensors(self) -> dict[str, torch.Tensor]:
         """The algorithm's own file tensors (``alpha`` included, ``dora_scale`` not)."""
@@ -105,7 +107,7 @@ class AdditiveAdapter(AdapterLayer):
     def bypass(self, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
         dt = base_out.dtype
         if self.dora_scale is None:
-            return base_out + self.raw_bypass(x.to(dt)) * self.multiplier
+            return base_out + self.raw_bypass(x.to(dt), self.multiplier)
         if not self.dora_on_out:
             return super().bypass(x, base_out)  # per-column norms: build ΔW
         s = _channel_view(self._dora_factor(self.raw_delta()), self.base, base_out)

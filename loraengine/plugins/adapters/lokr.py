@@ -191,22 +191,22 @@ class LoKrLayer(AdditiveAdapter):
         w1 = w1.reshape(*w1.shape, *([1] * (w2.ndim - 2)))
         return torch.kron(w1, w2).reshape(self.base.weight.shape) * self.scale
 
-    def raw_bypass(self, x: torch.Tensor) -> torch.Tensor:
+    def raw_bypass(self, x: torch.Tensor, gain: float = 1.0) -> torch.Tensor:
         if not self.by_channel:
-            return super().raw_bypass(x)
+            return super().raw_bypass(x, gain)
         dt = x.dtype
-        w1 = self.w1().to(dt)
+        w1 = (self.w1() * (self.scale * gain)).to(dt)  # the small factor carries the scale
         a, b, c, d = self.a, self.b, self.c, self.d
         if not self.kernel:  # Linear: [..., c·d] -> [..., c, d] -> w2 -> w1
             h = x.reshape(*x.shape[:-1], c, d)
             h = self._w2_apply(h, dt)  # [..., c, b]
             y = torch.matmul(w1, h)  # [..., a, b]
-            return y.reshape(*x.shape[:-1], a * b) * self.scale
+            return y.reshape(*x.shape[:-1], a * b)
         n = x.shape[0]
         h = self._w2_apply(x.reshape(n * c, d, *x.shape[2:]), dt)  # [n·c, b, *sp]
         spatial = h.shape[2:]
         y = torch.matmul(w1, h.reshape(n, c, -1))  # [n, a, b·sp]
-        return y.reshape(n, a * b, *spatial) * self.scale
+        return y.reshape(n, a * b, *spatial)
 
     def _w2_apply(self, h: torch.Tensor, dt: torch.dtype) -> torch.Tensor:
         """Apply w2 to grouped inputs: Linear ``[..., c, d] -> [..., c, b]``, conv

@@ -52,12 +52,12 @@ class LoRALayer(AdditiveAdapter):
         dw = self.lora_up.flatten(1) @ self.lora_down.flatten(1)
         return dw.reshape(self.base.weight.shape) * self.scale
 
-    def raw_bypass(self, x: torch.Tensor) -> torch.Tensor:
+    def raw_bypass(self, x: torch.Tensor, gain: float = 1.0) -> torch.Tensor:
         dt = x.dtype
-        down, up = self.lora_down.to(dt), self.lora_up.to(dt)
+        down = self.lora_down.to(dt)
+        up = (self.lora_up * (self.scale * gain)).to(dt)  # scale the small factor, not h
         h = layer_op(self.base, x, down, None)  # the base's stride/padding/dilation
-        h = F.linear(h, up) if down.ndim == 2 else _pointwise(h, up)
-        return h * self.scale
+        return F.linear(h, up) if down.ndim == 2 else _pointwise(h, up)
 
     def adapter_tensors(self) -> dict[str, torch.Tensor]:
         return {"lora_down.weight": self.lora_down, "lora_up.weight": self.lora_up,

@@ -118,7 +118,8 @@ class Offloader:
         self.stats = {"loads": 0, "prefetches": 0, "releases": 0, "fetches": 0,
                       "bytes_in": 0}
         self._by_storage: dict[int, tuple[_Slot, torch.Tensor]] = {}
-        self._handles: list[Any] = []
+        self._owners: list[tuple[nn.Module, int]] = []
+        self._undo: list[Callable[[], None]] = []
         self._stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         pin = device.type == "cuda"
         seen: set[int] = set()
@@ -139,9 +140,7 @@ class Offloader:
                                             torch.empty(0, dtype=t.dtype, device=device)))
                     owned = True
                 if owned:
-                    idx = len(self.units)
-                    self._handles.append(mod.register_forward_pre_hook(
-                        lambda _m, _a, i=idx: self.use(i)))
+                    self._owners.append((mod, len(self.units)))
             if unit.slots:
                 self.units.append(unit)
         for unit in self.units:
@@ -223,13 +222,15 @@ class Offloader:
         copy = packed.slot.home.to(self.device, copy=True)
         return copy.as_strided(packed.size, packed.stride, packed.offset)
 
-    # -- the model's forward ----------------------------------------------------------------
-    def wrap_forward(self) -> Callable[[], None]:
-        model = self.model
-        had_own = "forward" in model.__dict__
-        previous = model.__dict__.get("forward")
-        inner = model.forward
+    # -- wiring into the model ----------------------------------------------------------
+    def _layer_forward(self, inner: Callable[..., Any], idx: int) -> Callable[..., Any]:
+        def forward(_self: nn.Module, *args: Any, **kwargs: Any) -> Any:
+            self.use(idx)
+            return inner(*args, **kwargs)
 
+        return forward
+
+    def _model_forward(self, inner: Callable[..., Any]) -> Callable[..., Any]:
         def forward(_self: nn.Module, *args: Any, **kwargs: Any) -> Any:
             self.release_all()
             self.phase = "forward"
@@ -237,29 +238,34 @@ class Offloader:
                 with torch.autograd.graph.saved_tensors_hooks(self.pack, self.unpack):
                     return inner(*args, **kwargs)
             finally:
-                # Everything the backward pass needs was saved as a note (or lives in a
-                # checkpoint's recomputation), so the device copies can go now.
+                # Everything the backward pass needs was saved as a note (or will be
+                # recomputed by a checkpoint), so the device copies can go now.
                 self.release_all()
                 self.phase = "backward"
 
-        model.forward = types.MethodType(forward, model)
+        return forward
 
-        def undo() -> None:
-            if had_own:
-                model.forward = previous
-            else:
-                model.__dict__.pop("forward", None)
+    def install(self) -> None:
+        """Wrap the forward of every layer that holds unit tensors (it loads its unit
+        first) and the model's forward (saved-tensor hooks, release at the end).
 
-        return undo
+        Forwards are wrapped rather than hooked because checkpointing recomputes a
+        wrapped layer by calling its forward directly, skipping module hooks; hence
+        offloading applies before checkpointing wraps anything."""
+        for mod, idx in self._owners:
+            self._undo.append(_patch_forward(mod, lambda inner, i=idx:
+                                             self._layer_forward(inner, i)))
+        self._undo.append(_patch_forward(self.model, self._model_forward))
 
     def close(self) -> None:
-        """Put every tensor back on the device as a plain resident tensor."""
+        """Unwrap, and put every tensor back on the device as a plain resident tensor."""
+        while self._undo:
+            self._undo.pop()()
         self.release_all()
-        for handle in self._handles:
-            handle.remove()
         for unit in self.units:
             for slot in unit.slots:
-                slot.install(slot.home.to(self.device, copy=True))
+                home = slot.home
+                slot.install(home if home.device == self.device else home.to(self.device))
         self._by_storage.clear()
 
     @property
@@ -267,11 +273,27 @@ class Offloader:
         return sum(u.nbytes for u in self.units)
 
 
+def _patch_forward(module: nn.Module, make: Callable[[Callable[..., Any]], Callable[..., Any]]
+                   ) -> Callable[[], None]:
+    """Replace ``module.forward`` by ``make(current forward)``; return the undo."""
+    had_own = "forward" in module.__dict__
+    previous = module.__dict__.get("forward")
+    module.forward = types.MethodType(make(module.forward), module)
+
+    def undo() -> None:
+        if had_own:
+            module.forward = previous
+        else:
+            module.__dict__.pop("forward", None)
+
+    return undo
+
+
 def apply(pipe: Any, memory: Any) -> Callable[[], None]:
     model = pipe.model
     blocks = pipe.loaded.blocks or top_level_blocks(model)
     offloader = Offloader(model, blocks, pipe.device)
-    undo_forward = offloader.wrap_forward()
+    offloader.install()
     info = pipe.loaded.info
     info["offloader"] = offloader
     # Host copies, so that memory planning can tell them from device memory.
@@ -279,7 +301,6 @@ def apply(pipe: Any, memory: Any) -> Callable[[], None]:
                                                 for s in u.slots)
 
     def undo() -> None:
-        undo_forward()
         offloader.close()
         info.pop("offloader", None)
         info.pop("host_resident", None)
@@ -289,5 +310,5 @@ def apply(pipe: Any, memory: Any) -> Callable[[], None]:
 
 SPEC = MemoryStrategySpec(
     "offloading", OffloadOptions, enabled=lambda c: c.memory.offloading, apply=apply,
-    order=60, description="Frozen base weights on the CPU, moved to the device block by "
+    order=40, description="Frozen base weights on the CPU, moved to the device block by "
                           "block with the next block prefetched.")

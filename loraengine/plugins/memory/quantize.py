@@ -120,8 +120,8 @@ def quantized_input_grad(grad_out: torch.Tensor, q: torch.Tensor, scale: torch.T
     else:
         a = _pad2(g_vals, m, kp)
         b = _pad2(w_vals, kp, np_)
-        if b.device.type == "cuda":
-            b = b.t().contiguous().t()  # the CUDA kernel wants the second operand column-major
+        if b.device.type != "cpu":
+            b = b.t().contiguous().t()  # CUDA (and meta) want the second operand column-major
         ones = torch.ones((1, b.shape[1]), dtype=torch.float32, device=b.device)
         out = torch._scaled_mm(a, b, scale_a=g_scale[:, None].contiguous(), scale_b=ones,
                                out_dtype=torch.float32)[:m, :n]

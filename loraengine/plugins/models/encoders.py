@@ -109,6 +109,9 @@ class PipelineEncoder:
         self.dtype = resolve_dtype(str(options.get("dtype", "auto")), self.device)
         self.max_sequence_length = options.get("max_sequence_length")
         skip = {name: None for name in UNUSED if name in index}
+        # Components saved as [null, null] (SD3 without T5...) must be passed as None.
+        skip.update({name: None for name, value in index.items() if
+                     isinstance(value, list) and value and value[0] is None})
         try:
             with _quiet_loading():
                 pipe = DiffusionPipeline.from_pretrained(str(self.root), local_files_only=True,
@@ -120,8 +123,10 @@ class PipelineEncoder:
         if getattr(pipe, "vae", None) is None:
             raise DataError(f"--model: pipeline {root} has no vae")
         pipe.to(self.device)
-        self.pipe = pipe
         vae_cfg = pipe.vae.config
+        if self.dtype == torch.float16 and getattr(vae_cfg, "force_upcast", False):
+            pipe.vae.to(torch.float32)  # e.g. SDXL's VAE overflows in fp16
+        self.pipe = pipe
         self.vae_scale = float(vae_cfg.scaling_factor if vae_cfg.scaling_factor is not None
                                else family.vae_scale)
         shift = getattr(vae_cfg, "shift_factor", None)

@@ -32,7 +32,7 @@ def sd3_predictor(options: Any, module: nn.Module, schedule: Any, vae_factor: in
     def predict(model: nn.Module, x_t: torch.Tensor, t: torch.Tensor,
                 cond: Mapping[str, torch.Tensor]) -> torch.Tensor:
         return model(hidden_states=x_t, encoder_hidden_states=cond["cond"],
-                     pooled_projections=cond["pooled"], timestep=t.to(x_t.dtype),
+                     pooled_projections=cond["pooled"], timestep=t.float(),
                      return_dict=False)[0]
 
     return predict

@@ -1,0 +1,209 @@
+"""The optimizer conformance suite: what every ``OptimizerSpec``, built in or third
+party, must satisfy for the trainer to use it.
+
+The problem is a small seeded least-squares fit (a weight and a bias, plus a third
+parameter that never gets a gradient). The checks:
+
+- ``options``: the options model forbids unknown keys, has a default for every option
+  and gives a JSON schema;
+- ``builds``: ``factory(params, lr, options)`` returns a ``torch.optim.Optimizer``
+  holding exactly the given parameters, each group's ``lr`` equal to the given one (LR
+  schedulers and the loss map read and write ``param_groups[i]["lr"]``);
+- ``descends``: ``steps`` steps lower the loss below ``descent`` × its start and keep
+  every parameter finite;
+- ``skips_missing_grads``: a parameter whose ``grad`` is ``None`` is left bit for bit
+  (an adapter layer a batch did not reach must not drift, e.g. by weight decay);
+- ``deterministic``: two runs from the same start end bit-identical, and none draws
+  from torch's global RNG;
+- ``state_roundtrip``: ``state_dict()`` saved with ``torch.save``, loaded into a fresh
+  optimizer over copies of the parameters, continues exactly as the original (resume
+  from a checkpoint is exact).
+
+Use it in one line::
+
+    from loraengine.testing.optimizer_conformance import run_optimizer_conformance
+    run_optimizer_conformance(MY_SPEC, {"beta": 0.9}, lr=5e-2)
+
+Optimizers with ``train()``/``eval()`` modes (schedule-free) are put in train mode
+before stepping, as the trainer does. Every failure is an ``AssertionError`` naming the
+optimizer and the check.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import torch
+
+from loraengine.core.specs import OptimizerSpec
+from loraengine.testing.suite import (
+    ConformanceReport,
+    Failing,
+    global_rng_untouched,
+    options_problems,
+    resolve,
+    run_checks,
+)
+
+__all__ = ["OPTIMIZER_CHECKS", "Problem", "run_optimizer_check", "run_optimizer_conformance"]
+
+OPTIMIZER_CHECKS: tuple[str, ...] = ("options", "builds", "descends", "skips_missing_grads",
+                                     "deterministic", "state_roundtrip")
+
+
+class Problem:
+    """A seeded least-squares fit ``y ≈ x·Wᵀ + b``; ``idle`` never gets a gradient."""
+
+    def __init__(self, seed: int = 0):
+        g = torch.Generator().manual_seed(7000 + seed)
+        self.x = torch.randn(32, 6, generator=g)
+        true_w = torch.randn(3, 6, generator=g)
+        self.y = self.x @ true_w.T + 0.5
+        self.start = {"weight": torch.randn(3, 6, generator=g) * 0.1,
+                      "bias": torch.zeros(3), "idle": torch.randn(4, generator=g)}
+
+    def params(self) -> dict[str, torch.nn.Parameter]:
+        return {k: torch.nn.Parameter(v.clone()) for k, v in self.start.items()}
+
+    def loss(self, p: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        return (self.x @ p["weight"].T + p["bias"] - self.y).square().mean()
+
+
+def _make(spec: OptimizerSpec, params: Iterable[torch.nn.Parameter], lr: float,
+          options: Any) -> torch.optim.Optimizer:
+    opt = spec.factory(list(params), lr, options)
+    if callable(getattr(opt, "train", None)):
+        opt.train()  # as the trainer does before each step
+    return opt
+
+
+def _step(problem: Problem, p: Mapping[str, torch.nn.Parameter],
+          opt: torch.optim.Optimizer) -> float:
+    opt.zero_grad(set_to_none=True)
+    loss = problem.loss(p)
+    loss.backward()
+    opt.step()
+    return float(loss.detach())
+
+
+class _Ctx:
+    def __init__(self, spec: OptimizerSpec, options: Any, lr: float, steps: int,
+                 descent: float, seed: int):
+        self.spec, self.lr, self.steps, self.descent = spec, lr, steps, descent
+        self.options = resolve(spec.config_model, options)
+        self.problem = Problem(seed)
+        self.fail = Failing(f"optimizer {spec.name!r} (lr {lr:g}, "
+                            f"{self.options.model_dump() or 'default options'})")
+
+    def run(self, n: int) -> tuple[dict[str, torch.nn.Parameter], torch.optim.Optimizer,
+                                   list[float]]:
+        p = self.problem.params()
+        opt = _make(self.spec, p.values(), self.lr, self.options)
+        losses = [_step(self.problem, p, opt) for _ in range(n)]
+        return p, opt, losses
+
+
+def _check_options(c: _Ctx) -> None:
+    problems = options_problems(c.spec.config_model)
+    if problems:
+        raise c.fail("options", "; ".join(problems))
+
+
+def _check_builds(c: _Ctx) -> None:
+    p = c.problem.params()
+    opt = _make(c.spec, p.values(), c.lr, c.options)
+    if not isinstance(opt, torch.optim.Optimizer):
+        raise c.fail("builds", f"factory returned {type(opt).__name__}, not a "
+                     f"torch.optim.Optimizer")
+    held = [q for group in opt.param_groups for q in group["params"]]
+    given = list(p.values())
+    if len(held) != len(given) or any(not any(q is g for g in given) for q in held):
+        raise c.fail("builds", f"the optimizer holds {len(held)} parameter(s), not exactly "
+                     f"the {len(given)} given")
+    for i, group in enumerate(opt.param_groups):
+        if "lr" not in group or float(group["lr"]) != float(c.lr):
+            raise c.fail("builds", f"param_groups[{i}]['lr'] is {group.get('lr')!r}, not "
+                         f"the given {c.lr!r}")
+
+
+def _check_descends(c: _Ctx) -> None:
+    p, _, losses = c.run(c.steps)
+    final = float(c.problem.loss(p).detach())
+    if not all(bool(torch.isfinite(q).all()) for q in p.values()):
+        raise c.fail("descends", "a parameter became non-finite")
+    if not final < c.descent * losses[0]:
+        raise c.fail("descends", f"{c.steps} steps took the loss from {losses[0]:.4g} to "
+                     f"{final:.4g} (wanted below {c.descent:g}×; try another lr)")
+
+
+def _check_skips_missing_grads(c: _Ctx) -> None:
+    p, _, _ = c.run(3)
+    if p["idle"].grad is not None:
+        raise c.fail("skips_missing_grads", "the optimizer created a gradient for a "
+                     "parameter that had none")
+    if not torch.equal(p["idle"].detach(), c.problem.start["idle"]):
+        raise c.fail("skips_missing_grads", "a parameter without a gradient changed")
+
+
+def _check_deterministic(c: _Ctx) -> None:
+    with global_rng_untouched(lambda msg: c.fail("deterministic", msg)):
+        first, _, _ = c.run(5)
+        second, _, _ = c.run(5)
+    for name in first:
+        if not torch.equal(first[name].detach(), second[name].detach()):
+            raise c.fail("deterministic", f"two runs from the same start differ in {name}")
+
+
+def _check_state_roundtrip(c: _Ctx) -> None:
+    p, opt, _ = c.run(3)
+    buffer = io.BytesIO()
+    torch.save(opt.state_dict(), buffer)
+    buffer.seek(0)
+    q = {k: torch.nn.Parameter(v.detach().clone()) for k, v in p.items()}
+    fresh = _make(c.spec, q.values(), c.lr, c.options)
+    try:
+        fresh.load_state_dict(torch.load(buffer, weights_only=False))
+    except Exception as exc:  # noqa: BLE001
+        raise c.fail("state_roundtrip", f"load_state_dict failed: {type(exc).__name__}: "
+                     f"{exc}") from exc
+    if callable(getattr(fresh, "train", None)):
+        fresh.train()
+    for _ in range(3):
+        _step(c.problem, p, opt)
+        _step(c.problem, q, fresh)
+    for name in p:
+        if not torch.equal(p[name].detach(), q[name].detach()):
+            err = float((p[name] - q[name]).detach().abs().max())
+            raise c.fail("state_roundtrip", f"after reloading the state, {name} differs "
+                         f"from the uninterrupted run by {err:.3g}")
+
+
+_CHECK_FNS: dict[str, Callable[[_Ctx], None]] = {
+    "options": _check_options,
+    "builds": _check_builds,
+    "descends": _check_descends,
+    "skips_missing_grads": _check_skips_missing_grads,
+    "deterministic": _check_deterministic,
+    "state_roundtrip": _check_state_roundtrip,
+}
+
+
+def run_optimizer_check(spec: OptimizerSpec, check: str, options: Any = None, *,
+                        lr: float = 5e-2, steps: int = 60, descent: float = 0.5,
+                        seed: int = 0) -> None:
+    """Run one check; raise ``AssertionError`` when it fails."""
+    run_optimizer_conformance(spec, options, lr=lr, steps=steps, descent=descent,
+                              seed=seed, checks=(check,))
+
+
+def run_optimizer_conformance(spec: OptimizerSpec, options: Mapping[str, Any] | Any = None,
+                              *, lr: float = 5e-2, steps: int = 60, descent: float = 0.5,
+                              seed: int = 0, checks: Iterable[str] = OPTIMIZER_CHECKS
+                              ) -> ConformanceReport:
+    """Run the checks on ``spec`` with ``options`` at learning rate ``lr``; raise
+    ``AssertionError`` on the first failure, else return what ran."""
+    ctx = _Ctx(spec, options, lr, steps, descent, seed)
+    fns = {name: (lambda fn=fn: fn(ctx)) for name, fn in _CHECK_FNS.items()}
+    return run_checks(spec.name, fns, tuple(checks), "least_squares")

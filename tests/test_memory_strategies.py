@@ -1,0 +1,185 @@
+"""Memory strategies change memory and speed, never the math: one step's adapter
+gradients under each strategy (and their combinations) equal the plain run's in fp32,
+and gradient checkpointing wraps the blocks DESIGN.md names at each depth."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from loraengine.core.config import parse_config
+from loraengine.core.model import top_level_blocks
+from loraengine.core.orchestrator import build_pipeline
+from loraengine.core.trainer import Trainer
+from loraengine.plugins.memory import checkpointing
+from loraengine.testing.models import tiny_conditioning, tiny_latents
+
+ALGORITHMS = ["lora", "loha", "lokr", "oft"]
+STRATEGIES = {
+    "checkpoint-depth-1": {"gradient_checkpointing": True, "checkpoint_depth": 1},
+    "checkpoint-depth-2": {"gradient_checkpointing": True, "checkpoint_depth": 2},
+    "checkpoint-depth-3": {"gradient_checkpointing": True, "checkpoint_depth": 3},
+    "offloading": {"offloading": True},
+    "bypass": {"bypass_mode": True},
+    "offloading+checkpoint-depth-1": {"offloading": True, "gradient_checkpointing": True},
+    "offloading+checkpoint-depth-3": {"offloading": True, "gradient_checkpointing": True,
+                                      "checkpoint_depth": 3},
+    "bypass+offloading+checkpoint-depth-2": {"bypass_mode": True, "offloading": True,
+                                             "gradient_checkpointing": True,
+                                             "checkpoint_depth": 2},
+}
+RTOL = 1e-6
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory) -> tuple[Path, Path]:
+    folder = tmp_path_factory.mktemp("memory-data")
+    lat, cond = folder / "latents.safetensors", folder / "cond.safetensors"
+    save_file({"latents": tiny_latents()}, str(lat))
+    save_file({"cond": tiny_conditioning(dim=16)}, str(cond))
+    return lat, cond
+
+
+def make_config(unet_dir: Path, files: tuple[Path, Path], algorithm: str,
+                memory: dict) -> dict:
+    return {
+        "model": {"family": "diffusers", "path": str(unet_dir)},
+        "data": {"latents": str(files[0]), "conditioning": str(files[1])},
+        "training": {"steps": 1, "batch_size": 2, "dtype": "fp32", "seed": 0},
+        "adapter": {"algorithm": algorithm, "rank": 4, "alpha": 2, "dtype": "fp32"},
+        "memory": {"gradient_checkpointing": False, **memory},
+    }
+
+
+def one_step_grads(host, unet_dir, files, algorithm: str, memory: dict
+                   ) -> tuple[float, dict[str, torch.Tensor]]:
+    """Loss and adapter gradients of one micro-batch. Adapter parameters are set to
+    seeded random values first: at init some factors are zero, which would make other
+    factors' gradients zero and the comparison weak."""
+    if algorithm not in host.registry.names("adapter"):
+        pytest.skip(f"adapter algorithm {algorithm!r} is not installed")
+    cfg = parse_config(make_config(unet_dir, files, algorithm, memory), host.registry)
+    pipe = build_pipeline(cfg, host)
+    try:
+        g = torch.Generator().manual_seed(1)
+        with torch.no_grad():
+            for p in pipe.network.parameters():
+                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+        trainer = Trainer(pipe, write_files=False)
+        loss = trainer.micro_step(trainer.indices.take(2))
+        loss.backward()
+        grads = {n: p.grad.detach().clone() for n, p in pipe.network.named_parameters()
+                 if p.requires_grad}
+    finally:
+        pipe.close()
+    return float(loss), grads
+
+
+_plain: dict[str, tuple[float, dict[str, torch.Tensor]]] = {}
+
+
+def plain_grads(host, unet_dir, files, algorithm):
+    if algorithm not in _plain:
+        _plain[algorithm] = one_step_grads(host, unet_dir, files, algorithm, {})
+    return _plain[algorithm]
+
+
+@pytest.mark.parametrize("strategy", list(STRATEGIES))
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+def test_strategy_gradients_equal_plain_run(host, unet_dir, files, algorithm, strategy):
+    loss0, g0 = plain_grads(host, unet_dir, files, algorithm)
+    loss, g = one_step_grads(host, unet_dir, files, algorithm, STRATEGIES[strategy])
+    assert abs(loss - loss0) <= RTOL * abs(loss0)
+    assert set(g) == set(g0) and g0
+    total = torch.sqrt(sum((v.double() ** 2).sum() for v in g0.values()))
+    assert total > 0
+    for name, ref in g0.items():
+        err = (g[name].double() - ref.double()).norm()
+        assert err <= RTOL * max(ref.double().norm(), 1e-12 * total), (name, float(err))
+
+
+# -- checkpoint depth semantics ---------------------------------------------------------
+
+def _children(mod: nn.Module) -> list[nn.Module]:
+    out = []
+    for child in mod.children():
+        out.extend(child.children() if isinstance(child, (nn.ModuleList, nn.ModuleDict))
+                   else [child])
+    return out
+
+
+def _has_params(mod: nn.Module) -> bool:
+    return next(mod.parameters(), None) is not None
+
+
+def expected_at_depth(top: list[nn.Module], depth: int) -> list[nn.Module]:
+    """DESIGN.md: depth 1 is the top-level blocks; each further level the children of
+    the level above (a block without children stays itself)."""
+    level = top
+    for _ in range(depth - 1):
+        level = [c for m in level for c in (_children(m) or [m])]
+    return [m for m in level if _has_params(m)]
+
+
+def test_checkpoint_depth_1_wraps_each_top_level_block_not_the_model(unet_dir):
+    from diffusers import UNet2DConditionModel
+
+    unet = UNet2DConditionModel.from_pretrained(str(unet_dir / "unet"))
+    top = [*unet.down_blocks, unet.mid_block, *unet.up_blocks]
+    assert checkpointing.blocks_at_depth(top, 1) == top
+    assert unet not in checkpointing.blocks_at_depth(top, 1)
+
+
+@pytest.mark.parametrize("depth", [2, 3, 4])
+def test_checkpoint_deeper_levels_wrap_children_of_the_level_above(unet_dir, depth):
+    from diffusers import UNet2DConditionModel
+
+    unet = UNet2DConditionModel.from_pretrained(str(unet_dir / "unet"))
+    top = [*unet.down_blocks, unet.mid_block, *unet.up_blocks]
+    got = checkpointing.blocks_at_depth(top, depth)
+    assert [id(m) for m in got] == [id(m) for m in expected_at_depth(top, depth)]
+    if depth == 2:  # resnets, attentions, down/upsamplers of each block
+        names = {type(m).__name__ for m in got}
+        assert {"ResnetBlock2D", "Transformer2DModel", "Downsample2D"} <= names
+
+
+@pytest.mark.parametrize("depth", [1, 2, 3])
+def test_checkpoint_runs_once_per_wrapped_block_per_forward(host, unet_dir, files, depth,
+                                                            monkeypatch):
+    calls: list[int] = []
+    real = checkpointing.checkpoint
+
+    def counting(fn, *args, **kwargs):
+        calls.append(1)
+        return real(fn, *args, **kwargs)
+
+    monkeypatch.setattr(checkpointing, "checkpoint", counting)
+    cfg = parse_config(make_config(unet_dir, files, "lora",
+                                   {"gradient_checkpointing": True,
+                                    "checkpoint_depth": depth}), host.registry)
+    pipe = build_pipeline(cfg, host)
+    try:
+        wrapped = checkpointing.blocks_at_depth(pipe.loaded.blocks, depth)
+        trainer = Trainer(pipe, write_files=False)
+        trainer.micro_step(trainer.indices.take(2)).backward()
+        assert len(calls) == len(wrapped) > 0
+        with torch.no_grad():  # inference does not checkpoint
+            calls.clear()
+            trainer.micro_step(trainer.indices.take(2))
+            assert calls == []
+    finally:
+        pipe.close()
+    assert all("forward" not in m.__dict__ for m in pipe.model.modules())
+
+
+def test_module_family_depth_1_wraps_top_level_children():
+    from loraengine.testing.models import TinyDenoiser
+
+    model = TinyDenoiser()
+    top = top_level_blocks(model)
+    assert list(model.blocks) == [m for m in top if m in list(model.blocks)]
+    assert checkpointing.blocks_at_depth(top, 1) == [m for m in top if _has_params(m)]
