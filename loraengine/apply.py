@@ -73,12 +73,26 @@ def _adaptable_paths(model: nn.Module) -> dict[str, nn.Module]:
             if p and isinstance(getattr(m, "weight", None), torch.Tensor)}
 
 
-def _pick_spec(specs: list[Any], params: Mapping[str, torch.Tensor], hint: str | None
-               ) -> list[Any]:
-    """Specs claiming ``params``, the file's own algorithm first."""
-    owners = [s for s in specs if s.owns_keys(params)]
+def owners_of(specs: list[Any], params: Mapping[str, torch.Tensor], hint: str | None = None
+              ) -> list[Any]:
+    """The adapter specs claiming a saved module, the file's own algorithm first.
+
+    ``owns_keys`` is asked with the parameter names, as its contract says. When several
+    specs claim the same names (OFT's and BOFT's ``oft_blocks``), the ones that accept
+    the tensors themselves — a richer question some specs answer — are preferred."""
+    owners = [s for s in specs if s.owns_keys(set(params))]
+    if len(owners) > 1:
+        narrowed = [s for s in owners if _claims_tensors(s, params)]
+        owners = narrowed or owners
     owners.sort(key=lambda s: s.name != hint)
     return owners
+
+
+def _claims_tensors(spec: Any, params: Mapping[str, torch.Tensor]) -> bool:
+    try:
+        return bool(spec.owns_keys(params))
+    except Exception:  # a spec that only understands a set of names
+        return True
 
 
 def build_network(model: nn.Module, tensors: Mapping[str, torch.Tensor],
@@ -108,7 +122,7 @@ def build_network(model: nn.Module, tensors: Mapping[str, torch.Tensor],
     algorithms: dict[str, str] = {}
     for path in sorted(set(grouped) & set(layers)):
         params = grouped[path]
-        owners = _pick_spec(specs, params, hint)
+        owners = owners_of(specs, params, hint)
         if not owners:
             raise DataError(f"{source}: module {path}: keys {sorted(params)} match no "
                             f"installed adapter algorithm ({', '.join(reg.names('adapter'))})")

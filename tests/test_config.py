@@ -112,9 +112,15 @@ def test_set_overrides_and_reports_the_override(tmp_path):
                        "adapter.rank", "(--set)")
 
 
-def test_not_yet_built_options_are_refused_by_name(tmp_path):
+def test_not_yet_built_options_are_refused_by_name(tmp_path, monkeypatch):
+    from loraengine.core import config as config_mod
+
+    # the mechanism that guards schema keys whose feature is still to come
+    monkeypatch.setitem(config_mod.NOT_IMPLEMENTED, ("data", "bucket_mode"), False)
     path = write_config(tmp_path, {"model": {"path": "m"}, "data": {"bucket_mode": True}})
     assert_clean_error(run("validate", str(path)), 2, "data.bucket_mode: not implemented yet")
+    ok = write_config(tmp_path, {"model": {"path": "m"}}, "ok.yaml")
+    assert run("validate", str(ok)).exit_code == 0
 
 
 def test_invalid_yaml_names_the_line(tmp_path):

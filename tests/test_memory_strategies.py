@@ -33,6 +33,7 @@ STRATEGIES = {
                                              "checkpoint_depth": 2},
 }
 RTOL = 1e-6
+BYPASS_FP32_RTOL = 1e-5
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +77,7 @@ def one_step_grads(host, unet_dir, files, algorithm: str, memory: dict
                  if p.requires_grad}
     finally:
         pipe.close()
-    return float(loss), grads
+    return float(loss.detach()), grads
 
 
 _plain: dict[str, tuple[float, dict[str, torch.Tensor]]] = {}
@@ -88,18 +89,65 @@ def plain_grads(host, unet_dir, files, algorithm):
     return _plain[algorithm]
 
 
-@pytest.mark.parametrize("strategy", list(STRATEGIES))
-@pytest.mark.parametrize("algorithm", ALGORITHMS)
-def test_strategy_gradients_equal_plain_run(host, unet_dir, files, algorithm, strategy):
-    loss0, g0 = plain_grads(host, unet_dir, files, algorithm)
-    loss, g = one_step_grads(host, unet_dir, files, algorithm, STRATEGIES[strategy])
-    assert abs(loss - loss0) <= RTOL * abs(loss0)
+def relative_errors(g: dict[str, torch.Tensor], g0: dict[str, torch.Tensor]
+                    ) -> tuple[float, float]:
+    """(error of all gradients as one vector, largest error of one tensor), relative."""
     assert set(g) == set(g0) and g0
     total = torch.sqrt(sum((v.double() ** 2).sum() for v in g0.values()))
     assert total > 0
-    for name, ref in g0.items():
-        err = (g[name].double() - ref.double()).norm()
-        assert err <= RTOL * max(ref.double().norm(), 1e-12 * total), (name, float(err))
+    diff = torch.sqrt(sum(((g[k].double() - g0[k].double()) ** 2).sum() for k in g0))
+    worst = max(float((g[k].double() - g0[k].double()).norm()
+                      / g0[k].double().norm().clamp_min(1e-12 * total)) for k in g0)
+    return float(diff / total), worst
+
+
+@pytest.mark.parametrize("strategy", list(STRATEGIES))
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+def test_strategy_gradients_equal_plain_run(host, unet_dir, files, algorithm, strategy):
+    """Checkpointing and offloading run the very same operations: ≤1e-6 (in practice
+    0). Bypass mode computes f(x) + h(x) where the plain run computes (W+ΔW)·x: the same
+    function rounded differently, so for algorithms whose two paths differ (LoHa, OFT)
+    fp32 agrees to a few 1e-6 and the fp64 test below shows the paths are equal; LoRA's
+    and LoKr's paths coincide and are held to 1e-6 as well."""
+    memory = STRATEGIES[strategy]
+    loss0, g0 = plain_grads(host, unet_dir, files, algorithm)
+    loss, g = one_step_grads(host, unet_dir, files, algorithm, memory)
+    overall, worst = relative_errors(g, g0)
+    reordered = memory.get("bypass_mode") and algorithm not in ("lora", "lokr")
+    tol = BYPASS_FP32_RTOL if reordered else RTOL
+    assert abs(loss - loss0) <= tol * abs(loss0)
+    assert overall <= tol and worst <= tol, (overall, worst)
+
+
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+def test_bypass_gradients_equal_plain_run_in_fp64(host, unet_dir, files, algorithm):
+    def grads(bypass: bool) -> dict[str, torch.Tensor]:
+        if algorithm not in host.registry.names("adapter"):
+            pytest.skip(f"adapter algorithm {algorithm!r} is not installed")
+        cfg = parse_config(make_config(unet_dir, files, algorithm, {"bypass_mode": bypass}),
+                           host.registry)
+        pipe = build_pipeline(cfg, host)
+        try:
+            pipe.model.double()
+            pipe.network.double()
+            g = torch.Generator().manual_seed(3)
+            with torch.no_grad():
+                for p in pipe.network.parameters():
+                    p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float64) * 0.05)
+            x = torch.randn(2, 4, 8, 8, generator=g, dtype=torch.float64)
+            cond = torch.randn(2, 3, 16, generator=g, dtype=torch.float64)
+            out = pipe.loaded.predict(pipe.model, x, torch.tensor([10, 700]), {"cond": cond})
+            (out ** 2).mean().backward()
+            return {n: p.grad.clone() for n, p in pipe.network.named_parameters()
+                    if p.requires_grad}
+        finally:
+            pipe.close()
+
+    overall, worst = relative_errors(grads(True), grads(False))
+    # OFT builds its rotation in fp32 whatever the input dtype (a Cayley solve), so its
+    # fp64 run still carries fp32 rounding; the others compute in the input's dtype.
+    tol = 1e-6 if algorithm == "oft" else 1e-10
+    assert overall <= tol and worst <= tol, (overall, worst)
 
 
 # -- checkpoint depth semantics ---------------------------------------------------------

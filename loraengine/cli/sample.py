@@ -214,7 +214,9 @@ def sample(state: Any, model_path: Path, lora: Path | None, prompts: Path, out: 
     def run() -> dict[str, Any]:
         settings = S.SampleSettings(steps=steps, guidance=guidance, seed=seed,
                                     sampler=sampler,
-                                    sampler_options=_parse_options(sampler_options))
+                                    sampler_options=_parse_options(sampler_options),
+                                    sampler_key="--sampler", options_key="--sampler-option",
+                                    steps_key="--steps")
         bar = _progress_bar()
         try:
             return sample_to_folder(

@@ -3,7 +3,8 @@
 The root model is built after plugins load: each plugin category (optimizer, loss,
 adapter, model, lr_scheduler, timestep_sampler, loss_weighting) is a discriminated
 union of the installed plugins' option models, and the ``memory`` and ``recipe``
-sections are the union of every memory strategy's / recipe's fields. Unknown keys, out-of-range values and unknown plugin names are errors.
+sections are the union of every memory strategy's / recipe's fields. Unknown keys,
+out-of-range values and unknown plugin names are errors.
 """
 
 from __future__ import annotations
@@ -66,6 +67,9 @@ class TrainingConfig(Strict):
     dist_timeout: float = Field(
         600.0, gt=0, description="Seconds a process waits for the others (torchrun) before "
         "the run stops with an error.")
+    fsdp: bool = Field(False, description="Under torchrun, shard the frozen base over the "
+                       "processes (FSDP2) for models that do not fit one device; adapters "
+                       "stay replicated.")
     max_bad_steps: int = Field(
         5, ge=1, description="Consecutive non-finite steps (each skipped) after which "
         "training rolls back to the last good checkpoint and stops.")

@@ -115,3 +115,31 @@ def wrap_ddp(model: nn.Module, network: nn.Module, predict: Callable[..., Any],
                   inspect.signature(DDP.__init__).parameters else "broadcast_buffers")
     return guarded(lambda: DDP(module, device_ids=ids, **{no_sync_kw: False}),
                    "setting up data-parallel training")
+
+
+def shard_base(model: nn.Module, blocks: list[nn.Module], device: torch.device) -> None:
+    """Shard the frozen base over the ranks with FSDP2: each top-level block, then the
+    rest of the model. Adapters stay outside (they are not submodules of the model), so
+    they are replicated and their gradients averaged by ``average_gradients``."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    for block in blocks:
+        guarded(lambda b=block: fully_shard(b, mesh=mesh), "sharding the base model")
+    guarded(lambda: fully_shard(model, mesh=mesh), "sharding the base model")
+
+
+def average_gradients(params: list[nn.Parameter], world_size: int) -> None:
+    """All-reduce the adapter gradients into their mean over ranks (one flat buffer)."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    guarded(lambda: dist.all_reduce(flat), "averaging gradients")
+    flat /= world_size
+    offset = 0
+    for g in grads:
+        n = g.numel()
+        g.copy_(flat[offset:offset + n].view_as(g))
+        offset += n

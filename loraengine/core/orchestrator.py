@@ -13,7 +13,7 @@ from torch import nn
 
 from loraengine.core.adapter import ADAPTABLE, AdapterLayer, AdapterNetwork, select_layers
 from loraengine.core.data import Dataset, make_bucketed_dataset, make_dataset, read_safetensors
-from loraengine.core.distributed import DistContext, wrap_ddp
+from loraengine.core.distributed import DistContext, shard_base, wrap_ddp
 from loraengine.core.errors import ConfigError, DataError, LoraEngineError
 from loraengine.core.lora_io import load_lora, split_modules, steps_of
 from loraengine.core.manager import PluginHost
@@ -46,6 +46,7 @@ class Pipeline:
     validation: Dataset | None = None
     dist: DistContext = field(default_factory=DistContext)
     denoise: Any = None  # the DDP-wrapped model call when data-parallel
+    sharded: bool = False  # FSDP2 base: the trainer averages adapter gradients itself
     undo: list[Callable[[], None]] = field(default_factory=list)
     # Training recipes (core/recipe.py): None/empty keep the family's own behaviour.
     timestep_sampler: Callable[[torch.Generator], torch.Tensor] | None = None
@@ -240,5 +241,9 @@ def build_pipeline(config: Any, host: PluginHost, *, model: nn.Module | None = N
     install_recipes(pipe)
     if dist_ctx.enabled:
         dist_ctx.slice_of(config.training.batch_size)  # checks the split early
-        pipe.denoise = wrap_ddp(module, network, loaded.predict, device)
+        if config.training.fsdp:
+            shard_base(module, loaded.blocks, device)
+            pipe.sharded = True
+        else:
+            pipe.denoise = wrap_ddp(module, network, loaded.predict, device)
     return pipe

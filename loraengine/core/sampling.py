@@ -39,6 +39,10 @@ class SampleSettings:
     sampler: str = "auto"
     sampler_options: Mapping[str, Any] | None = None
     batch_size: int = 16
+    #: How errors name these settings: config keys here, option names in the CLI.
+    sampler_key: str = "output.samples.sampler"
+    options_key: str = "output.samples.sampler_options"
+    steps_key: str = "output.samples.steps"
 
 
 # -- the sampler --------------------------------------------------------------------------
@@ -49,7 +53,9 @@ def auto_sampler(schedule: NoiseSchedule) -> str:
 
 def resolve_sampler(registry: Any, name: str, options: Mapping[str, Any] | None,
                     schedule: NoiseSchedule | None = None,
-                    key: str = "output.samples.sampler") -> Callable[..., torch.Tensor]:
+                    key: str = "output.samples.sampler",
+                    options_key: str = "output.samples.sampler_options"
+                    ) -> Callable[..., torch.Tensor]:
     """The ``sample`` function of sampler ``name`` (``auto``: by the schedule) with its
     options validated; a ``ConfigError`` naming ``key`` when it does not fit."""
     if name == "auto":
@@ -70,7 +76,7 @@ def resolve_sampler(registry: Any, name: str, options: Mapping[str, Any] | None,
     except ValidationError as exc:
         err = exc.errors()[0]
         where = ".".join(str(p) for p in err["loc"])
-        raise ConfigError(f"{key}_options.{where}: {err['msg']}") from None
+        raise ConfigError(f"{options_key}: {where}: {err['msg']}") from None
     return spec.factory(opts)
 
 
@@ -196,9 +202,9 @@ def sample_latents(loaded: LoadedModel, cond: Mapping[str, torch.Tensor], shape:
     ``negative`` (one entry, or P) is the guidance's unconditional input; by default an
     empty conditioning. ``progress(done, total)`` is called after each model step."""
     sample = resolve_sampler(registry, settings.sampler, settings.sampler_options,
-                             loaded.schedule)
+                             loaded.schedule, settings.sampler_key, settings.options_key)
     if not loaded.schedule.is_flow and settings.steps > loaded.schedule.num_timesteps:
-        raise ConfigError(f"output.samples.steps: at most {loaded.schedule.num_timesteps} "
+        raise ConfigError(f"{settings.steps_key}: at most {loaded.schedule.num_timesteps} "
                           f"for this schedule, got {settings.steps}")
     params = [p for p in loaded.module.parameters() if p.is_floating_point()]
     device = device or (params[0].device if params else torch.device("cpu"))

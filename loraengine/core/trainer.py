@@ -18,7 +18,7 @@ from loraengine import __version__
 from loraengine.core import checkpoint as ckpt
 from loraengine.core.config import config_to_dict
 from loraengine.core.data import BucketedDataset, BucketStream, IndexStream
-from loraengine.core.distributed import guarded
+from loraengine.core.distributed import average_gradients, guarded
 from loraengine.core.errors import DataError, LoraEngineError, NonFiniteError
 from loraengine.core.lora_io import save_lora, write_text_atomic
 from loraengine.core.orchestrator import Pipeline
@@ -157,10 +157,12 @@ class Trainer:
                     guarded(scaled.backward, "averaging gradients")
                 else:
                     scaled.backward()
+        params = pipe.trainable_parameters()
         if self.dist.enabled:
+            if pipe.sharded:
+                average_gradients(params, self.dist.world_size)
             total = self.dist.mean(total)  # nan on any rank makes the mean nan
             finite = math.isfinite(total)
-        params = pipe.trainable_parameters()
         if self.scaler is not None:
             self.scaler.unscale_(pipe.optimizer)
         grads_ok = all(p.grad is None or bool(torch.isfinite(p.grad).all()) for p in params)

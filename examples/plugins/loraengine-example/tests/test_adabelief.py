@@ -45,7 +45,7 @@ def test_steady_gradient_gives_larger_steps_than_a_noisy_one():
         for g in grads:
             p.grad = torch.tensor([g])
             opt.step()
-        moved[label] = abs(float(p))
+        moved[label] = abs(float(p.detach()))
     assert moved["steady"] > 3 * moved["noisy"]
 
 
