@@ -13,7 +13,7 @@ from __future__ import annotations
 import sys
 import types
 import warnings
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -73,9 +73,10 @@ def _adaptable_paths(model: nn.Module) -> dict[str, nn.Module]:
             if p and isinstance(getattr(m, "weight", None), torch.Tensor)}
 
 
-def owners_of(specs: list[Any], params: Mapping[str, torch.Tensor], hint: str | None = None
-              ) -> list[Any]:
-    """The adapter specs claiming a saved module, the file's own algorithm first.
+def owners_of(specs: list[Any], params: Mapping[str, torch.Tensor], hint: str | None = None,
+              builtin: Collection[str] = ()) -> list[Any]:
+    """The adapter specs claiming a saved module, best first: the algorithm the file's
+    metadata names, then built-in algorithms, then plugins'.
 
     ``owns_keys`` is asked with the parameter names, as its contract says. When several
     specs claim the same names (OFT's and BOFT's ``oft_blocks``), the ones that accept
@@ -84,7 +85,7 @@ def owners_of(specs: list[Any], params: Mapping[str, torch.Tensor], hint: str | 
     if len(owners) > 1:
         narrowed = [s for s in owners if _claims_tensors(s, params)]
         owners = narrowed or owners
-    owners.sort(key=lambda s: s.name != hint)
+    owners.sort(key=lambda s: (s.name != hint, s.name not in builtin))
     return owners
 
 
@@ -118,11 +119,14 @@ def build_network(model: nn.Module, tensors: Mapping[str, torch.Tensor],
         warnings.warn(msg, stacklevel=3)
     hint = (metadata or {}).get("loraengine.algorithm")
     specs = reg.specs("adapter")
+    from loraengine.core.manager import BUILTIN_PLUGINS
+
+    builtin = {n for n, p in reg.entries["adapter"].items() if p.plugin in BUILTIN_PLUGINS}
     built: dict[str, AdapterLayer] = {}
     algorithms: dict[str, str] = {}
     for path in sorted(set(grouped) & set(layers)):
         params = grouped[path]
-        owners = owners_of(specs, params, hint)
+        owners = owners_of(specs, params, hint, builtin)
         if not owners:
             raise DataError(f"{source}: module {path}: keys {sorted(params)} match no "
                             f"installed adapter algorithm ({', '.join(reg.names('adapter'))})")

@@ -35,8 +35,12 @@ def _variants(spec):
 
 
 def _registry_specs():
+    """The built-in algorithms (third-party ones installed here run their own suite)."""
+    from loraengine.core.manager import BUILTIN_PLUGINS
+
     reg = build_plugin_manager().registry
-    return [reg.get("adapter", name) for name in reg.names("adapter")]
+    return [p.spec for _, p in sorted(reg.entries["adapter"].items())
+            if p.plugin in BUILTIN_PLUGINS]
 
 
 def _params():

@@ -421,7 +421,6 @@ def test_cli_sample_errors_name_the_option(tmp_path, unet_dir, data_files):
     assert "Traceback" not in bad.output + missing.output + opt.output
 
 
-@pytest.mark.slow
 def test_cli_sample_encodes_text_prompts_and_decodes_with_the_vae(tmp_path):
     from loraengine.testing import tiny_pipelines
 

@@ -212,7 +212,7 @@ def test_existing_comfyui_style_file_takes_steps_from_its_name(tmp_path):
     paths = [n for n, m in TinyDenoiser().named_modules()
              if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))]
     comfy = COMFYUI.to_file(KOHYA.from_file(tensors, paths))
-    path = tmp_path / "trained_steps_7_.safetensors"
+    path = tmp_path / "ComfyUI_trained_lora_7_steps_00001_.safetensors"  # its naming
     save_file(comfy, str(path))
     cfg = base_cfg(tmp_path, steps=1)
     cfg["adapter"]["existing"] = str(path)

@@ -15,11 +15,20 @@ _KEY_ALGOS = (("lora_down.weight", "lora"), ("lora_A.weight", "lora"), ("hada_w1
               ("a1.weight", "glora"), ("diff", "full"), ("weight", "ia3"))
 
 
+#: every parameter name a module of a LoRA-family file may carry, longest first
+_PARAM_SUFFIXES = sorted({
+    "lora_down.weight", "lora_up.weight", "lora_mid.weight", "lora_A.weight", "lora_B.weight",
+    "hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2", "lokr_w1",
+    "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2", "oft_blocks",
+    "oft_R", "rescale", "a1.weight", "a2.weight", "b1.weight", "b2.weight", "diff", "diff_b",
+    "alpha", "dora_scale", "on_input", "weight", "bias"}, key=len, reverse=True)
+
+
 def describe(path: Path) -> dict[str, Any]:
     tensors, meta = load_lora(Path(path))
     modules: dict[str, list[str]] = {}
     for key in tensors:
-        for suffix, _ in _KEY_ALGOS + (("alpha", ""), ("dora_scale", ""), ("diff_b", "")):
+        for suffix in _PARAM_SUFFIXES:
             if key.endswith("." + suffix):
                 modules.setdefault(key[: -len(suffix) - 1], []).append(suffix)
                 break

@@ -18,7 +18,8 @@ from safetensors.torch import save_file
 from loraengine.core.data import read_safetensors
 from loraengine.core.errors import DataError, NonFiniteError
 
-_STEPS_IN_NAME = re.compile(r"_steps_(\d+)_")
+# ComfyUI names trained files ``<prefix>_<N>_steps_<counter>_``; others use ``_steps_<N>_``
+_STEPS_IN_NAME = (re.compile(r"_(\d+)_steps_"), re.compile(r"_steps_(\d+)_"))
 
 
 @contextmanager
@@ -96,15 +97,20 @@ def load_lora(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
 
 
 def steps_of(path: Path, metadata: Mapping[str, str]) -> int:
-    """Steps already trained into a file: metadata first, then ``_steps_N_`` in its name."""
+    """Steps already trained into a file: metadata first, then the name (ComfyUI's
+    ``..._<N>_steps_...`` or ``..._steps_<N>_...``)."""
     for key in ("loraengine.steps", "ss_steps"):
         if key in metadata:
             try:
                 return int(metadata[key])
             except ValueError:
                 pass
-    m = _STEPS_IN_NAME.search(Path(path).name + "_")
-    return int(m.group(1)) if m else 0
+    name = Path(path).name + "_"
+    for pattern in _STEPS_IN_NAME:
+        m = pattern.search(name)
+        if m:
+            return int(m.group(1))
+    return 0
 
 
 def split_modules(tensors: Mapping[str, torch.Tensor], exporters: Iterable[Any],

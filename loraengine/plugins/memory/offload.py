@@ -209,7 +209,7 @@ class Offloader:
 
     # -- saved tensors --------------------------------------------------------------------
     def pack(self, t: torch.Tensor) -> Any:
-        found = None
+        found = self._by_storage.get(id(t.untyped_storage()))
         if found is None:
             return t
         return _Fetch(found[0], tuple(t.shape), tuple(t.stride()), t.storage_offset())
