@@ -24,6 +24,7 @@ from torch import nn
 from loraengine.core.adapter import AdapterLayer, AdapterNetwork
 from loraengine.core.errors import ConfigError, DataError, LoraEngineError
 from loraengine.core.lora_io import load_lora, split_modules
+from loraengine.core.manager import BUILTIN_PLUGINS
 
 ApplyMode = Literal["bypass", "merge"]
 
@@ -119,8 +120,6 @@ def build_network(model: nn.Module, tensors: Mapping[str, torch.Tensor],
         warnings.warn(msg, stacklevel=3)
     hint = (metadata or {}).get("loraengine.algorithm")
     specs = reg.specs("adapter")
-    from loraengine.core.manager import BUILTIN_PLUGINS
-
     builtin = {n for n, p in reg.entries["adapter"].items() if p.plugin in BUILTIN_PLUGINS}
     built: dict[str, AdapterLayer] = {}
     algorithms: dict[str, str] = {}

@@ -357,6 +357,23 @@ def test_apply_errors_name_the_problem(tmp_path):
         loraengine.apply(model, bad)
 
 
+def test_a_module_claimed_twice_goes_to_the_named_then_the_builtin_algorithm():
+    from dataclasses import replace
+
+    from loraengine.apply import owners_of
+
+    lora = spec("lora")
+    names_only = replace(lora, name="plugin_lora",
+                         owns_keys=lambda keys: {"lora_down.weight"} <= keys)  # sets only
+    params = {"lora_down.weight": torch.zeros(2, 3), "lora_up.weight": torch.zeros(3, 2)}
+    specs = [names_only, lora]
+    assert [s.name for s in owners_of(specs, params, None, {"lora"})] == ["lora", "plugin_lora"]
+    assert [s.name for s in owners_of(specs, params, "plugin_lora", {"lora"})][0] == "plugin_lora"
+    oft, boft = spec("oft"), spec("boft")  # same names; the tensors' shapes decide
+    blocks = {"oft_blocks": torch.zeros(3, 4, 4, 4), "alpha": torch.tensor(0.0)}
+    assert [s.name for s in owners_of([oft, boft], blocks)] == ["boft"]
+
+
 def test_apply_is_the_function_even_after_importing_the_module():
     import importlib
 

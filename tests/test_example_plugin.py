@@ -12,9 +12,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from safetensors import safe_open
-
 from conftest import REPO
+from safetensors import safe_open
 
 EXAMPLE = REPO / "examples" / "plugins" / "loraengine-example"
 PROVIDED = {("adapter", "lora_fa"), ("optimizer", "adabelief"), ("loss", "log_cosh")}

@@ -17,17 +17,21 @@ import pytest
 import torch
 from click.testing import CliRunner
 from PIL import Image
+from pydantic import Field
 from safetensors.torch import save_file
 
 import loraengine
 from loraengine.api import resolve_config
 from loraengine.cli.main import cli
 from loraengine.core import sampling as S
-from loraengine.core.errors import ConfigError
+from loraengine.core.errors import ConfigError, PluginError
+from loraengine.core.hookspecs import hookimpl
 from loraengine.core.lora_io import load_lora
+from loraengine.core.manager import build_plugin_manager
 from loraengine.core.model import LoadedModel
 from loraengine.core.orchestrator import build_pipeline
 from loraengine.core.schedule import NoiseSchedule
+from loraengine.core.specs import PluginOptions, SamplerSpec
 from loraengine.core.trainer import Trainer
 from loraengine.plugins import samplers as P
 from loraengine.testing.models import TinyDenoiser, tiny_conditioning, tiny_latents
@@ -341,9 +345,10 @@ def test_previews_are_written_without_changing_training(tmp_path, host, unet_con
 def test_previews_are_off_by_default_and_need_files(unet_config, host):
     cfg = resolve_config(unet_config, host)[0]
     assert cfg.output.samples is None
-    in_memory = dict(unet_config, output=dict(unet_config["output"], samples={}))
-    del in_memory["output"]
-    loraengine.train(in_memory, write_files=False)
+    # Asked for, but the run writes no files: no previews either.
+    in_memory = dict(unet_config, output=dict(unet_config["output"], samples={"every": 1}))
+    result = loraengine.train(in_memory, write_files=False)
+    assert "samples" not in result.files
     assert not Path(unet_config["output"]["dir"]).exists()
 
 
@@ -368,6 +373,62 @@ def test_sampler_settings_are_checked_with_the_config(tmp_path, unet_config):
         assert "Traceback" not in result.output
 
 
+class HalfwayOptions(PluginOptions):
+    stop: float = Field(0.5, gt=0, lt=1)
+
+
+class HalfwaySamplerPlugin:
+    """A third-party sampler: Euler on a flow model, stopping at σ = ``stop`` and
+    returning the predicted clean image from there."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[float, int]] = []
+
+    @hookimpl
+    def loraengine_samplers(self):
+        def factory(options):
+            def sample(model_fn, noise, schedule, steps, generator=None):
+                self.calls.append((options.stop, steps))
+                v = model_fn(noise, torch.tensor(1.0, dtype=torch.float64))
+                x = noise + (options.stop - 1.0) * v
+                return x - options.stop * model_fn(x, torch.tensor(options.stop))
+
+            return sample
+
+        return [SamplerSpec("halfway", factory, HalfwayOptions, prediction_types=("flow",))]
+
+
+def test_a_plugin_sampler_drives_the_previews(tmp_path):
+    plugin = HalfwaySamplerPlugin()
+    host = build_plugin_manager(extra=[plugin])
+    assert host.registry.names("sampler") == ["ddim", "euler", "halfway"]
+    cfg = {"model": {"family": "module", "prediction_type": "flow"},
+           "training": {"steps": 2, "dtype": "fp32"},
+           "memory": {"gradient_checkpointing": False},
+           "output": {"dir": str(tmp_path), "plot": False, "samples": {
+               "sampler": "halfway", "sampler_options": {"stop": 0.25}, "steps": 3,
+               "count": 2, "per_prompt": 1, "compare": False}}}
+    loraengine.train(cfg, model=TinyDenoiser(), latents=tiny_latents(),
+                     conditioning=tiny_conditioning(), host=host)
+    assert plugin.calls == [(0.25, 3)]  # one batch, at the last step only
+    assert _pixels(tmp_path / "lora.samples" / "step_2.png").shape == (2 * 66 + 2, 68, 3)
+    with pytest.raises(ConfigError, match=r"output.samples.sampler_options: stop: Input "
+                       r"should be less than 1"):
+        bad = dict(cfg, output=dict(cfg["output"], samples={"sampler": "halfway",
+                                                            "sampler_options": {"stop": 2}}))
+        resolve_config(bad, host, has_model=True)
+
+
+def test_a_sampler_name_provided_twice_is_a_conflict():
+    class Clash:
+        @hookimpl
+        def loraengine_samplers(self):
+            return [SamplerSpec("euler", lambda o: None)]
+
+    with pytest.raises(PluginError, match="conflicting plugins: sampler 'euler'"):
+        build_plugin_manager(extra=[Clash()]).registry  # noqa: B018
+
+
 def test_a_sampler_that_cannot_sample_the_model_stops_before_training(tmp_path):
     cfg = {"model": {"family": "module", "prediction_type": "flow"},
            "training": {"steps": 2, "dtype": "fp32"},
@@ -390,8 +451,14 @@ def test_cli_sample_writes_the_grid_and_base_vs_adapted(tmp_path, unet_config, u
     result = run_cli(*common, "--lora", str(lora), "--out", str(tmp_path / "a"))
     assert result.exit_code == 0, result.output
     assert "4 image(s)" in result.output and "compare.png" in result.output
+    # The base model again, named by a training config's model section this time.
+    import yaml
+
+    (tmp_path / "train.yaml").write_text(yaml.safe_dump(unet_config))
+    common[2] = str(tmp_path / "train.yaml")
     base = run_cli(*common, "--out", str(tmp_path / "b"))
     assert base.exit_code == 0, base.output
+    assert "of a diffusers model" in base.output
     names = {p.name for p in (tmp_path / "a").iterdir()}
     assert {"grid.png", "compare.png", "image_0_0.png", "image_1_1.png"} <= names
     assert _pixels(tmp_path / "a" / "image_0_0.png").shape == (8, 8, 3)

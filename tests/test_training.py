@@ -204,3 +204,30 @@ def test_quickstart_runs_from_the_repository_root(tmp_path):
     assert [e["event"] for e in events].count("step") == 60
     assert events[0]["event"] == "train_start" and events[-1]["event"] == "train_end"
     assert (out / "quickstart_lora.loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_progress_bar_shows_steps_loss_rate_and_eta(host):
+    import io
+
+    from loraengine.cli.progress import ProgressBar
+
+    stream = io.StringIO()
+    host.register(ProgressBar(stream=stream, enabled=True))
+    pipe = pipeline(host, module_config(steps=3))
+    Trainer(pipe, write_files=False).run()
+    pipe.close()
+    text = stream.getvalue()
+    assert "3/3" in text and "loss " in text and "it/s" in text and "ETA" in text
+
+
+def test_progress_bar_is_silent_when_not_a_terminal(host):
+    import io
+
+    from loraengine.cli.progress import ProgressBar
+
+    stream = io.StringIO()  # isatty() is False
+    host.register(ProgressBar(stream=stream))
+    pipe = pipeline(host, module_config(steps=2))
+    Trainer(pipe, write_files=False).run()
+    pipe.close()
+    assert stream.getvalue() == ""

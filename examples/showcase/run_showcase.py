@@ -2,14 +2,15 @@
 
 1. Load the base model (``base_model.safetensors``, made by ``pretrain.py`` from red,
    green and blue shapes only).
-2. Train a LoRA with ``lora.yaml`` on 64 yellow shapes (preview grids are written
-   while it trains).
+2. Train a LoRA with ``lora.yaml`` on 64 yellow shapes plus 64 red, green and blue
+   ones as regularisation images (preview grids are written while it trains).
 3. Put the saved LoRA file on a fresh copy of the base with ``loraengine.apply`` and
    sample the same prompts from the same noise with and without it.
 4. Print the adoption figure, the share of "yellow <shape>" samples whose dominant
    colour is yellow (a plain pixel statistic, see ``shapes.dominant_colour``), for the
    base model and the adapted one, and how often each still draws red, green and blue
-   when asked. The side-by-side grid goes to ``docs/showcase.png``.
+   when asked. The side-by-side grid goes to ``docs/showcase.png``, the training
+   preview's base-vs-adapted grid to ``docs/showcase_previews.png``.
 
     python examples/showcase/run_showcase.py [--steps N] [--threads 2]
 """
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -82,6 +84,10 @@ def figures(model: ShapesDenoiser, host: Any) -> dict[str, float]:
 def train_lora(steps: int | None, out_dir: Path | None) -> Path:
     g = torch.Generator().manual_seed(2024)
     images, cond = make_images(64, (NEW_COLOUR,), g)
+    # Regularisation images: the colours the model already knows, so the LoRA learns
+    # "yellow" for the yellow prompt rather than "everything yellow".
+    known, known_cond = make_images(64, BASE_COLOURS, g)
+    images, cond = torch.cat([images, known]), torch.cat([cond, known_cond])
     overrides = {}
     if steps is not None:
         overrides["training.steps"] = steps
@@ -116,6 +122,9 @@ def run(steps: int | None = None, out_dir: Path | None = None, grid: Path | None
                                                 "with the LoRA: same prompts, same noise")),
                    grid)
         result["grid"] = str(grid)
+        # The engine's own end-of-training preview (output.samples) goes beside it.
+        previews = lora.with_name(lora.name.replace(".safetensors", ".samples"))
+        shutil.copyfile(previews / "compare.png", grid.with_name(f"{grid.stem}_previews.png"))
     result["seconds"] = round(time.perf_counter() - t0, 1)
     return result
 

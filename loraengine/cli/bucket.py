@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 from safetensors.torch import save_file
 
-from loraengine.cli.main import reports_errors
+from loraengine.cli.common import reports_errors
 from loraengine.core.data import group_into_buckets, read_safetensors
 from loraengine.core.lora_io import write_atomic
 

@@ -147,7 +147,7 @@ def _replace_dir(tmp: Path, out: Path) -> None:
 def merge(model_path: Path, lora: Path, out: Path, strength: float, subfolder: str | None,
           dtype: str, overwrite: bool) -> None:
     """Bake an adapter file into a model's weights and save the merged model."""
-    from loraengine.cli.main import reports_errors
+    from loraengine.cli.common import reports_errors
 
     info = reports_errors(merge_model)(model_path, lora, out, strength, subfolder, dtype,
                                        overwrite)

@@ -53,6 +53,6 @@ def _run(state: Any, config: Path, overrides: tuple[str, ...], as_json: bool,
 def plan(state: Any, config: Path, overrides: tuple[str, ...], as_json: bool,
          measure: bool) -> None:
     """Estimate CONFIG's peak memory and step cost without training."""
-    from loraengine.cli.main import reports_errors
+    from loraengine.cli.common import reports_errors
 
     reports_errors(_run)(state, config, overrides, as_json, measure)

@@ -99,7 +99,7 @@ class _Bar:
 @click.pass_context
 def prepare(ctx: click.Context, **options: Any) -> None:
     """Encode a folder of images and captions into training files."""
-    from loraengine.cli.main import reports_errors
+    from loraengine.cli.common import reports_errors
 
     reports_errors(_run)(ctx.obj, **options)
 

@@ -209,7 +209,7 @@ def sample(state: Any, model_path: Path, lora: Path | None, prompts: Path, out: 
            size: tuple[int, int] | None, strength: float, mode: str, compare: bool,
            device: str, dtype: str) -> None:
     """Render prompts with a model and (optionally) an adapter file."""
-    from loraengine.cli.main import reports_errors
+    from loraengine.cli.common import reports_errors
 
     def run() -> dict[str, Any]:
         settings = S.SampleSettings(steps=steps, guidance=guidance, seed=seed,

@@ -110,6 +110,90 @@ class AdapterLayer(nn.Module):
                 base.bias.add_(db.to(base.bias.dtype))
 
 
+NORMS: tuple[type, ...] = (nn.GroupNorm, nn.LayerNorm) + (
+    (nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ())
+
+
+def _channels_last(base: nn.Module) -> bool:
+    return isinstance(base, (nn.Linear, nn.LayerNorm)) or (
+        hasattr(nn, "RMSNorm") and isinstance(base, nn.RMSNorm))
+
+
+class ChannelDelta(AdapterLayer):
+    """Full deltas of a layer's 1-D parameters, as ComfyUI trains them: ``diff_b`` for a
+    bias (any layer) and ``diff`` for a norm layer's scale. Both start at zero and act
+    on the output alone, so one formula serves every mode:
+    ``y + norm(x)·diff + diff_b`` (the normalised input times the scale delta)."""
+
+    algorithm = "diff"
+
+    def __init__(self, base: nn.Module, weight: bool, bias: bool):
+        super().__init__(base, 1, 1.0)
+        self.diff = nn.Parameter(torch.zeros(base.weight.shape)) if weight else None
+        self.diff_b = nn.Parameter(torch.zeros(base.bias.shape)) if bias else None
+
+    def _channel(self, t: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        t = t.to(out.dtype) * self.multiplier
+        if _channels_last(self.base):
+            return t
+        return t.reshape(-1, *([1] * (out.ndim - 2)))
+
+    def _normalised(self, x: torch.Tensor) -> torch.Tensor:
+        b = self.base
+        if isinstance(b, nn.GroupNorm):
+            return F.group_norm(x, b.num_groups, None, None, b.eps)
+        if isinstance(b, nn.LayerNorm):
+            return F.layer_norm(x, b.normalized_shape, None, None, b.eps)
+        return F.rms_norm(x, b.normalized_shape, None, b.eps)
+
+    def bypass(self, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
+        out = base_out
+        if self.diff is not None:
+            out = out + self._normalised(x.to(out.dtype)) * self._channel(self.diff, out)
+        if self.diff_b is not None:
+            out = out + self._channel(self.diff_b, out)
+        return out
+
+    def delta_weight(self) -> torch.Tensor:
+        if self.diff is None:
+            return torch.zeros_like(self.base.weight)
+        return self.diff * self.multiplier
+
+    def delta_bias(self) -> torch.Tensor | None:
+        return None if self.diff_b is None else self.diff_b * self.multiplier
+
+    def file_tensors(self) -> dict[str, torch.Tensor]:
+        out = {}
+        if self.diff is not None:
+            out["diff"] = self.diff
+        if self.diff_b is not None:
+            out["diff_b"] = self.diff_b
+        return out
+
+    @classmethod
+    def fresh(cls, base: nn.Module) -> ChannelDelta | None:
+        """Deltas for every 1-D parameter ComfyUI trains on ``base``, or None."""
+        weight = isinstance(base, NORMS) and getattr(base, "weight", None) is not None
+        bias = getattr(base, "bias", None) is not None
+        return cls(base, weight, bias) if (weight or bias) else None
+
+    @classmethod
+    def from_tensors(cls, base: nn.Module, tensors: dict[str, torch.Tensor]) -> ChannelDelta:
+        layer = cls(base, "diff" in tensors, "diff_b" in tensors)
+        with torch.no_grad():
+            for name in ("diff", "diff_b"):
+                if name in tensors:
+                    target = getattr(layer, name)
+                    if target.numel() != tensors[name].numel():
+                        raise ValueError(f"{name} has {tensors[name].numel()} values; the "
+                                         f"layer needs {target.numel()}")
+                    target.copy_(tensors[name].reshape(target.shape).float())
+        return layer
+
+
+DELTA_KEYS = frozenset({"diff", "diff_b"})
+
+
 def _patched_forward(adapter: AdapterLayer) -> Callable[..., torch.Tensor]:
     def forward(self: nn.Module, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         return adapter(x)
@@ -120,12 +204,20 @@ def _patched_forward(adapter: AdapterLayer) -> Callable[..., torch.Tensor]:
 class AdapterNetwork(nn.Module):
     """All adapters of one model, keyed by module path, and their attachment."""
 
-    def __init__(self, layers: dict[str, AdapterLayer]):
+    def __init__(self, layers: dict[str, AdapterLayer],
+                 deltas: dict[str, ChannelDelta] | None = None):
         super().__init__()
         self.paths = list(layers)
         self.layers = nn.ModuleDict({_key(p): m for p, m in layers.items()})
+        deltas = deltas or {}
+        self.delta_paths = list(deltas)
+        self.deltas = nn.ModuleDict({_key(p): m for p, m in deltas.items()})
         self._undo: list[Callable[[], None]] = []
         self.mode: AttachMode | None = None
+
+    def delta_items(self) -> Iterator[tuple[str, ChannelDelta]]:
+        for p in self.delta_paths:
+            yield p, self.deltas[_key(p)]  # type: ignore[misc]
 
     def items(self) -> Iterator[tuple[str, AdapterLayer]]:
         for p in self.paths:
@@ -148,6 +240,10 @@ class AdapterNetwork(nn.Module):
                 handle = base.register_forward_hook(
                     lambda mod, args, out, a=layer: a.bypass(args[0], out))
                 self._undo.append(handle.remove)
+        for _, delta in self.delta_items():  # output-side deltas: a hook in every mode
+            handle = delta.base.register_forward_hook(
+                lambda mod, args, out, d=delta: d.bypass(args[0], out))
+            self._undo.append(handle.remove)
         self.mode = mode
 
     def detach(self) -> None:
@@ -155,27 +251,30 @@ class AdapterNetwork(nn.Module):
             self._undo.pop()()
         self.mode = None
 
+    def all_items(self) -> Iterator[tuple[str, AdapterLayer]]:
+        yield from self.items()
+        yield from self.delta_items()
+
     def set_multiplier(self, value: float) -> None:
-        for _, layer in self.items():
+        for _, layer in self.all_items():
             layer.multiplier = float(value)
 
     @torch.no_grad()
     def merge(self) -> None:
         """Bake every adapter into its base layer and detach."""
         self.detach()
-        for _, layer in self.items():
+        for _, layer in self.all_items():  # adapters first: DoRA reads the base weight
             layer.merge()
 
     def file_modules(self, dtype: torch.dtype | None = None) -> dict[str, dict[str, torch.Tensor]]:
         out: dict[str, dict[str, torch.Tensor]] = {}
-        for path, layer in self.items():
-            tensors = {}
+        for path, layer in self.all_items():
+            tensors = out.setdefault(path, {})
             for k, v in layer.file_tensors().items():
                 v = v.detach()
                 if dtype is not None and v.is_floating_point():
                     v = v.to(dtype)
                 tensors[k] = v.contiguous().cpu()
-            out[path] = tensors
         return out
 
 

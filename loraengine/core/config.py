@@ -200,6 +200,9 @@ def _common_fields(section: str) -> dict[str, Any]:
                         "paths to adapt.")),
             "exclude": (list[str], Field([], description="Glob patterns of module paths "
                         "to leave alone.")),
+            "norm_and_bias_deltas": (bool, Field(False, description="Also train full "
+                                     "deltas of every bias and norm scale (diff / diff_b), "
+                                     "as ComfyUI's trainer does.")),
             "exporter": (str | None, Field(None, description="Key format of the written "
                          "file (kohya, comfyui, ...); default: the model family's.")),
         }

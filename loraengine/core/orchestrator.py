@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from loraengine.core.adapter import ADAPTABLE, AdapterLayer, AdapterNetwork, select_layers
+from loraengine.core.adapter import ADAPTABLE, DELTA_KEYS, NORMS, AdapterLayer, ChannelDelta, AdapterNetwork, select_layers
 from loraengine.core.data import Dataset, make_bucketed_dataset, make_dataset, read_safetensors
 from loraengine.core.distributed import DistContext, shard_base, wrap_ddp
 from loraengine.core.errors import ConfigError, DataError, LoraEngineError
@@ -145,15 +145,18 @@ def build_adapters(config: Any, host: PluginHost, loaded: LoadedModel, device: t
     param_dtype = torch.float32 if (acfg.dtype == "fp32" or acfg.master_weights) else \
         DTYPES[acfg.dtype]
     saved: dict[str, dict[str, torch.Tensor]] = {}
+    saved_deltas: dict[str, dict[str, torch.Tensor]] = {}
     previous_steps = 0
+    norms = _norm_layers(loaded.module, include, acfg.exclude)
     if acfg.existing is not None:
-        saved, previous_steps = _read_existing(acfg.existing, host, layers, spec)
+        saved, saved_deltas, previous_steps = _read_existing(
+            acfg.existing, host, layers, norms, spec)
     g = make_generator(config.training.seed, "init")
     built: dict[str, AdapterLayer] = {}
     fresh: list[str] = []
     for path in sorted(layers):
         base = layers[path]
-        if path in saved:
+        if saved.get(path):
             try:
                 layer = spec.load(base, saved[path], acfg)
             except LoraEngineError:
@@ -171,25 +174,67 @@ def build_adapters(config: Any, host: PluginHost, loaded: LoadedModel, device: t
         warnings.warn(f"{acfg.existing}: {len(fresh)} layer(s) not in the file start fresh: "
                       f"{', '.join(fresh[:10])}{' ...' if len(fresh) > 10 else ''}",
                       stacklevel=2)
-    return AdapterNetwork(built), spec, previous_steps
+    deltas = _build_deltas(acfg, {**norms, **layers}, saved_deltas)
+    for delta in deltas.values():
+        delta.to(device=device, dtype=param_dtype)
+    return AdapterNetwork(built, deltas), spec, previous_steps
 
 
-def _read_existing(path: Path, host: PluginHost, layers: Mapping[str, nn.Module], spec: Any
-                   ) -> tuple[dict[str, dict[str, torch.Tensor]], int]:
+def _norm_layers(model: nn.Module, include: list[str], exclude: list[str]
+                 ) -> dict[str, nn.Module]:
+    try:
+        return select_layers(model, include, exclude, NORMS)
+    except ConfigError:
+        return {}  # a model without norm layers
+
+
+def _build_deltas(acfg: Any, candidates: Mapping[str, nn.Module],
+                  saved: Mapping[str, dict[str, torch.Tensor]]) -> dict[str, ChannelDelta]:
+    """``diff``/``diff_b`` deltas: restored from the file, and fresh ones for every
+    bias and norm scale when ``adapter.norm_and_bias_deltas`` is on."""
+    out: dict[str, ChannelDelta] = {}
+    for path in sorted(candidates):
+        base = candidates[path]
+        if path in saved:
+            try:
+                out[path] = ChannelDelta.from_tensors(base, saved[path])
+            except ValueError as exc:
+                raise DataError(f"{acfg.existing}: module {path}: {exc}") from None
+        elif acfg.norm_and_bias_deltas:
+            delta = ChannelDelta.fresh(base)
+            if delta is not None:
+                out[path] = delta
+    return out
+
+
+def _read_existing(path: Path, host: PluginHost, layers: Mapping[str, nn.Module],
+                   norms: Mapping[str, nn.Module], spec: Any
+                   ) -> tuple[dict[str, dict[str, torch.Tensor]],
+                              dict[str, dict[str, torch.Tensor]], int]:
+    """Split a file into algorithm tensors and ``diff``/``diff_b`` deltas per module."""
     tensors, meta = load_lora(path)
     exporters = host.registry.specs("exporter")
-    _, grouped = split_modules(tensors, exporters, layers)
-    unknown = sorted(set(grouped) - set(layers))
+    _, grouped = split_modules(tensors, exporters, [*layers, *norms])
+    unknown = sorted(set(grouped) - set(layers) - set(norms))
     if unknown:
         raise DataError(f"{path}: {len(unknown)} module(s) are not adapted layers of this "
                         f"model: {', '.join(unknown[:5])}")
+    deltas = {p: {k: v for k, v in params.items() if k in DELTA_KEYS}
+              for p, params in grouped.items()}
+    deltas = {p: d for p, d in deltas.items() if d}
+    grouped = {p: {k: v for k, v in params.items() if k not in DELTA_KEYS}
+               for p, params in grouped.items()}
+    grouped = {p: params for p, params in grouped.items() if params}
     for mod_path, params in grouped.items():
+        if mod_path not in layers:
+            raise DataError(f"{path}: module {mod_path} is a norm layer; only diff/diff_b "
+                            f"can be applied to it (found {sorted(params)})")
         if not spec.owns_keys(set(params)):
             owners = [s.name for s in host.registry.specs("adapter") if s.owns_keys(set(params))]
             found = owners[0] if owners else "an unknown algorithm"
             raise DataError(f"{path}: module {mod_path} holds a {found} adapter "
                             f"(keys {sorted(params)}), but adapter.algorithm is {spec.name!r}")
-    return grouped, steps_of(path, meta)
+    return grouped, deltas, steps_of(path, meta)
 
 
 def build_pipeline(config: Any, host: PluginHost, *, model: nn.Module | None = None,

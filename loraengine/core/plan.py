@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
+from loraengine.core.errors import ConfigError
 from loraengine.core.manager import PluginHost
 
 MiB = 1024 * 1024
@@ -273,7 +274,10 @@ def estimate(config: Any, host: PluginHost, *, model: torch.nn.Module | None = N
     from loraengine.core.orchestrator import build_pipeline, resolve_device
     from loraengine.core.trainer import Trainer
 
-    target = str(resolve_device(config.training.device))
+    try:
+        target = str(resolve_device(config.training.device))
+    except ConfigError:  # planning for a GPU this machine lacks is still useful
+        target = str(config.training.device)
     dry = config.model_copy(deep=True)
     dry.training.device = "meta"
     if model is not None:

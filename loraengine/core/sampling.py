@@ -26,7 +26,7 @@ from loraengine.core.schedule import NoiseSchedule
 from loraengine.core.seeding import make_generator
 
 #: Conditioning tensors an "empty" negative zeroes; others (ids, sizes) are kept.
-TEXT_KEYS = ("cond", "pooled")
+TEXT_KEYS = ("cond", "pooled", "text_embeds")
 
 
 @dataclass
@@ -259,7 +259,7 @@ def find_vae(loaded: LoadedModel) -> Any | None:
         except Exception as exc:  # a broken VAE folder should name itself
             raise DataError(f"{folder}: cannot load the VAE: {exc}") from None
         vae.eval().requires_grad_(False)
-    loaded.info["vae"] = vae  # load once per model
+        loaded.info["vae"] = vae  # load once per model
     return vae
 
 

@@ -30,6 +30,9 @@ class CheckpointOptions(PluginOptions):
 
 
 def blocks_at_depth(top: list[nn.Module], depth: int) -> list[nn.Module]:
+    """The modules wrapped at ``depth``: ``top`` at 1, then the children of the level
+    above (module lists opened up). A layer without children cannot be split further
+    and stays itself at deeper levels; modules without parameters are left out."""
     level = list(top)
     for _ in range(depth - 1):
         nxt: list[nn.Module] = []

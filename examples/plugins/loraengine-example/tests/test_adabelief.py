@@ -8,8 +8,9 @@ import torch
 
 pytest.importorskip("loraengine_example", reason="pip install -e examples/plugins/loraengine-example")
 
-from loraengine.testing.optimizer_conformance import run_optimizer_conformance
 from loraengine_example.optimizer import SPEC, AdaBeliefOptions
+
+from loraengine.testing.optimizer_conformance import run_optimizer_conformance
 
 
 @pytest.mark.parametrize("options", [{}, {"weight_decay": 0.1, "betas": (0.8, 0.99)}],

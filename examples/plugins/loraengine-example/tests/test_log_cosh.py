@@ -10,8 +10,9 @@ import torch
 
 pytest.importorskip("loraengine_example", reason="pip install -e examples/plugins/loraengine-example")
 
-from loraengine.testing.loss_conformance import run_loss_conformance
 from loraengine_example.loss import SPEC, log_cosh
+
+from loraengine.testing.loss_conformance import run_loss_conformance
 
 
 @pytest.mark.parametrize("options", [{}, {"delta": 0.25}], ids=["delta1", "delta0.25"])

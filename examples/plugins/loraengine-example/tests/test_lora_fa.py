@@ -8,8 +8,9 @@ import torch
 
 pytest.importorskip("loraengine_example", reason="pip install -e examples/plugins/loraengine-example")
 
-from loraengine.testing.conformance import CHECKS, adapter_cases, build_adapter, perturb, run_check
 from loraengine_example.adapter import SPEC
+
+from loraengine.testing.conformance import CHECKS, adapter_cases, build_adapter, perturb, run_check
 
 OPTIONS = [{}, {"train_down": True}]
 

@@ -1,0 +1,212 @@
+"""``loraengine plan``: the dry-run estimate of a step's peak memory and cost, checked
+against real steps measured with the CPU allocator's profiler events."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from click.testing import CliRunner
+from safetensors.torch import save_file
+
+from loraengine.cli.main import cli
+from loraengine.core import plan
+from loraengine.core.config import parse_config
+from loraengine.core.orchestrator import build_pipeline
+from loraengine.testing.models import (
+    save_tiny_unet,
+    small_unet_config,
+    tiny_conditioning,
+    tiny_latents,
+)
+
+
+def make_config(model_dir: Path, lat: Path, cond: Path, memory: dict,
+                model: dict | None = None, rank: int = 4, dtype: str = "fp32") -> dict:
+    return {
+        "model": {"family": "diffusers", "path": str(model_dir), **(model or {})},
+        "data": {"latents": str(lat), "conditioning": str(cond)},
+        "training": {"steps": 3, "batch_size": 2, "dtype": dtype, "seed": 0},
+        "adapter": {"rank": rank, "dtype": "fp32"},
+        "memory": {"gradient_checkpointing": False, **memory},
+    }
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory, unet_dir) -> dict:
+    folder = tmp_path_factory.mktemp("plan-data")
+    lat, cond = folder / "latents.safetensors", folder / "cond.safetensors"
+    save_file({"latents": tiny_latents()}, str(lat))
+    save_file({"cond": tiny_conditioning(dim=16)}, str(cond))
+    return {"model_dir": unet_dir, "lat": lat, "cond": cond}
+
+
+def estimate(host, tiny, memory, model=None, dtype="fp32"):
+    cfg = parse_config(make_config(tiny["model_dir"], tiny["lat"], tiny["cond"], memory,
+                                   model, dtype=dtype), host.registry)
+    return plan.estimate(cfg, host)
+
+
+@pytest.fixture(scope="module")
+def host_m():
+    from loraengine.core.manager import build_plugin_manager
+
+    return build_plugin_manager()
+
+
+@pytest.fixture(scope="module")
+def base(host_m, tiny) -> plan.MemoryPlan:
+    return estimate(host_m, tiny, {})
+
+
+@pytest.fixture(scope="module")
+def unet_tensors(tiny) -> dict:
+    from diffusers import UNet2DConditionModel
+
+    unet = UNet2DConditionModel.from_pretrained(str(tiny["model_dir"] / "unet"))
+    linears = [m for m in unet.modules() if isinstance(m, torch.nn.Linear)]
+    return {"bytes": sum(t.numel() * 4 for t in [*unet.parameters(), *unet.buffers()]),
+            "linear": sum(m.weight.numel() for m in linears),
+            "linear_rows": sum(m.weight.shape[0] for m in linears)}
+
+
+def test_breakdown_adds_up_to_the_peak(base, unet_tensors):
+    parts = (base.weights_device + base.adapter + base.optimizer_state + base.gradients
+             + base.other_resident + base.activations)
+    assert parts == base.peak
+    assert base.weights_device == unet_tensors["bytes"] and base.weights_host == 0
+    assert base.gradients == base.adapter > 0
+    assert base.optimizer_state >= 2 * base.adapter  # AdamW: two moments per parameter
+    assert base.forward_flops > 0 and base.backward_flops > 0 and base.transfer_bytes == 0
+
+
+def test_checkpointing_plan_has_fewer_activations_and_recomputes(host_m, tiny, base):
+    ckpt = estimate(host_m, tiny, {"gradient_checkpointing": True})
+    assert ckpt.activations < base.activations
+    assert ckpt.forward_flops == base.forward_flops
+    assert ckpt.backward_flops > base.backward_flops  # the recomputation
+
+
+def test_offloading_plan_moves_the_weights_to_the_host(host_m, tiny, unet_tensors):
+    off = estimate(host_m, tiny, {"offloading": True})
+    weights = unet_tensors["bytes"]
+    assert off.weights_host == weights
+    assert off.weights_device < weights * 0.05  # what is not in any unit
+    assert off.transfer_bytes >= weights  # every unit came over at least once
+
+
+def test_quantized_plan_stores_a_byte_per_linear_weight(host_m, tiny, unet_tensors):
+    quant = estimate(host_m, tiny, {"bypass_mode": True}, {"quantize": "int8"})
+    # each Linear weight: 4 bytes -> 1 byte, plus one fp32 scale per output row
+    assert quant.weights_device == (unet_tensors["bytes"] - 3 * unet_tensors["linear"]
+                                    + 4 * unet_tensors["linear_rows"])
+
+
+def test_estimate_is_close_to_the_measured_peak_on_the_tiny_unet(host, tiny):
+    memory = {"gradient_checkpointing": True, "checkpoint_depth": 2}
+    cfg = parse_config(make_config(tiny["model_dir"], tiny["lat"], tiny["cond"], memory),
+                       host.registry)
+    estimated = plan.estimate(cfg, host)
+    pipe = build_pipeline(cfg, host)
+    try:
+        measured = plan.measure(pipe)
+    finally:
+        pipe.close()
+    # resident at the step's start: the same tensors (the real run also holds the
+    # optimizer's step counters, CPU scalars that the meta run leaves on the host)
+    static = estimated.peak - estimated.activations - estimated.gradients
+    assert 0 <= measured.resident - static <= 0.01 * static
+    assert abs(estimated.peak / measured.peak - 1) <= 0.25
+
+
+COMBINATIONS = {
+    "none": ({}, None),
+    "checkpointing-depth-1": ({"gradient_checkpointing": True, "checkpoint_depth": 1}, None),
+    "checkpointing-depth-2+offloading": ({"gradient_checkpointing": True,
+                                          "checkpoint_depth": 2, "offloading": True}, None),
+    "bypass+int8-base": ({"bypass_mode": True}, {"quantize": "int8"}),
+}
+
+
+@pytest.fixture(scope="module")
+def bench(tmp_path_factory) -> dict:
+    """The model and data of benchmarks/memory.py (small_unet_config, 32×32 latents)."""
+    folder = tmp_path_factory.mktemp("bench")
+    model_dir = save_tiny_unet(folder / "unet", config=small_unet_config())
+    g = torch.Generator().manual_seed(0)
+    lat, cond = folder / "latents.safetensors", folder / "cond.safetensors"
+    save_file({"latents": torch.randn(4, 4, 32, 32, generator=g)}, str(lat))
+    save_file({"cond": torch.randn(4, 8, 64, generator=g)}, str(cond))
+    return {"model_dir": model_dir, "lat": lat, "cond": cond}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("combination", list(COMBINATIONS))
+def test_plan_is_within_25_percent_of_the_measured_peak_on_the_benchmark_model(
+        host, bench, combination):
+    memory, model = COMBINATIONS[combination]
+    cfg = parse_config(make_config(bench["model_dir"], bench["lat"], bench["cond"], memory,
+                                   model, rank=8), host.registry)
+    estimated = plan.estimate(cfg, host)
+    pipe = build_pipeline(cfg, host)
+    try:
+        measured = plan.measure(pipe)
+    finally:
+        pipe.close()
+    assert measured.peak > measured.resident > 0
+    assert abs(estimated.peak / measured.peak - 1) <= 0.25, (estimated.peak, measured.peak)
+
+
+# -- the command ------------------------------------------------------------------------------
+
+def write_yaml(tmp_path: Path, data: dict) -> Path:
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def test_plan_command_prints_the_breakdown_and_writes_nothing(tiny, tmp_path):
+    data = make_config(tiny["model_dir"], tiny["lat"], tiny["cond"],
+                       {"gradient_checkpointing": True})
+    data["output"] = {"dir": str(tmp_path / "out")}
+    path = write_yaml(tmp_path, data)
+    res = CliRunner().invoke(cli, ["plan", str(path)])
+    assert res.exit_code == 0, res.output
+    for label in ("base weights (device)", "adapter", "optimizer state", "gradients",
+                  "activations and temporaries", "estimated peak", "forward", "backward"):
+        assert label in res.output
+    assert "gradient_checkpointing(depth 1)" in res.output
+    assert not (tmp_path / "out").exists()
+
+
+def test_plan_command_json_takes_overrides(tiny, tmp_path):
+    data = make_config(tiny["model_dir"], tiny["lat"], tiny["cond"],
+                       {"gradient_checkpointing": True})
+    path = write_yaml(tmp_path, data)
+    res = CliRunner().invoke(cli, ["plan", str(path), "--json", "--set",
+                                   "memory.checkpoint_depth=2"])
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.output)
+    assert out["strategies"] == ["gradient_checkpointing(depth 2)"]
+    assert out["peak"] == sum(out[k] for k in ("weights_device", "adapter", "optimizer_state",
+                                               "gradients", "other_resident", "activations"))
+
+
+def test_plan_command_measure_reports_the_ratio(tiny, tmp_path):
+    path = write_yaml(tmp_path, make_config(tiny["model_dir"], tiny["lat"], tiny["cond"], {}))
+    res = CliRunner().invoke(cli, ["plan", str(path), "--measure", "--json"])
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.output[res.output.index("{"):])
+    assert abs(out["peak"] / out["measured"]["peak"] - 1) <= 0.25
+
+
+def test_plan_command_config_errors_exit_2(tiny, tmp_path):
+    data = make_config(tiny["model_dir"], tiny["lat"], tiny["cond"], {}, {"quantize": "fp8"})
+    path = write_yaml(tmp_path, data)
+    res = CliRunner().invoke(cli, ["plan", str(path)])
+    assert res.exit_code == 2
+    assert "error: model.quantize: fp8 needs memory.bypass_mode: true" in res.output
+    assert "Traceback" not in res.output
