@@ -10,14 +10,15 @@ ratios to the plain row:
   tensors resident at the step's start plus the largest rise of allocated bytes the
   allocator reports to ``torch.profiler``; on CUDA, ``max_memory_allocated``);
 - activations: that peak less what was resident at the step's start;
-- step: the median wall time of ``--steps`` unprofiled steps;
+- step: the median wall time of one unprofiled step, timed in ``--steps`` rounds that
+  step every row once each, in rotating order (load changes hit all rows alike);
 - plan: ``loraengine plan``'s estimate of the peak, over the measured peak.
 
 On a CPU-only machine offloading copies CPU to CPU: its "device" figures leave out the
 host copies, but the copies it makes cost time there and save nothing real.
 
     python benchmarks/memory.py                 # the table, markdown
-    python benchmarks/memory.py --steps 5 --json results.json
+    python benchmarks/memory.py --steps 9 --json results.json
 """
 
 from __future__ import annotations
@@ -88,25 +89,32 @@ def config_for(inputs: dict[str, Any], memory: dict[str, Any], model: dict[str, 
     }
 
 
-def run_row(host: Any, data: dict[str, Any], steps: int, with_plan: bool) -> dict[str, Any]:
+def prepare_row(host: Any, data: dict[str, Any], with_plan: bool) -> dict[str, Any]:
+    """Build the row's pipeline, plan it and measure its peak; keep it for timing."""
     cfg = parse_config(data, host.registry)
     planned = estimate(cfg, host).peak if with_plan else None
     pipe = build_pipeline(cfg, host)
-    try:
-        trainer = Trainer(pipe, write_files=False)
-        measured = measure(pipe, trainer)
-        times = []
-        for _ in range(steps):
+    trainer = Trainer(pipe, write_files=False)
+    measured = measure(pipe, trainer)
+    return {"pipe": pipe, "trainer": trainer, "peak": measured.peak,
+            "resident": measured.resident, "activations": measured.peak - measured.resident,
+            "plan": planned, "times": [measured.seconds]}
+
+
+def time_rows(rows: list[dict[str, Any]], rounds: int) -> None:
+    """Time one step of every row per round, rotating the order each round, so that a
+    change in the machine's load falls on all rows alike."""
+    for r in range(rounds):
+        for i in range(len(rows)):
+            row = rows[(i + r) % len(rows)]
+            pipe = row["pipe"]
             t0 = time.perf_counter()
-            trainer.step()
+            row["trainer"].step()
             if pipe.device.type == "cuda":
                 torch.cuda.synchronize(pipe.device)
-            times.append(time.perf_counter() - t0)
-    finally:
-        pipe.close()
-    return {"peak": measured.peak, "resident": measured.resident,
-            "activations": measured.peak - measured.resident,
-            "step_s": statistics.median([measured.seconds, *times]), "plan": planned}
+            row["times"].append(time.perf_counter() - t0)
+    for row in rows:
+        row["step_s"] = statistics.median(row["times"])
 
 
 def table(rows: list[dict[str, Any]]) -> str:
@@ -125,7 +133,8 @@ def table(rows: list[dict[str, Any]]) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--steps", type=int, default=3, help="timed steps per row (median)")
+    ap.add_argument("--steps", type=int, default=5, help="timing rounds (one step of "
+                    "every row each; the median is reported)")
     ap.add_argument("--size", type=int, default=32, help="latent side")
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--device", default="cpu")
@@ -143,11 +152,16 @@ def main() -> None:
             if args.only and label != "none" and label not in args.only:
                 continue
             data = config_for(inputs, memory, model, dtype, args.batch, args.device)
-            row = run_row(host, data, args.steps, not args.no_plan)
+            row = prepare_row(host, data, not args.no_plan)
             row["label"] = label
             rows.append(row)
-            print(f"{label}: peak {row['peak'] / MiB:.1f} MiB, step {row['step_s']:.3f} s",
-                  flush=True)
+            print(f"{label}: peak {row['peak'] / MiB:.1f} MiB", flush=True)
+        try:
+            time_rows(rows, args.steps)
+        finally:
+            for row in rows:
+                row.pop("trainer")
+                row.pop("pipe").close()
     print()
     print(f"small UNet ({inputs['parameters'] / 1e6:.2f}M parameters), latents "
           f"{args.batch}×4×{args.size}×{args.size}, LoRA rank 8, device {args.device}, "

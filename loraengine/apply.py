@@ -21,7 +21,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from loraengine.core.adapter import AdapterLayer, AdapterNetwork
+from loraengine.core.adapter import AdapterLayer, AdapterNetwork, ChannelDelta, split_deltas
 from loraengine.core.errors import ConfigError, DataError, LoraEngineError
 from loraengine.core.lora_io import load_lora, split_modules
 from loraengine.core.manager import BUILTIN_PLUGINS
@@ -122,9 +122,18 @@ def build_network(model: nn.Module, tensors: Mapping[str, torch.Tensor],
     specs = reg.specs("adapter")
     builtin = {n for n, p in reg.entries["adapter"].items() if p.plugin in BUILTIN_PLUGINS}
     built: dict[str, AdapterLayer] = {}
+    deltas: dict[str, ChannelDelta] = {}
     algorithms: dict[str, str] = {}
     for path in sorted(set(grouped) & set(layers)):
-        params = grouped[path]
+        params, delta = split_deltas(dict(grouped[path]))
+        if delta:
+            try:
+                deltas[path] = ChannelDelta.from_tensors(layers[path], delta).to(
+                    device=layers[path].weight.device)
+            except ValueError as exc:
+                raise DataError(f"{source}: module {path}: {exc}") from None
+        if not params:
+            continue
         owners = owners_of(specs, params, hint, builtin)
         if not owners:
             raise DataError(f"{source}: module {path}: keys {sorted(params)} match no "
@@ -146,9 +155,9 @@ def build_network(model: nn.Module, tensors: Mapping[str, torch.Tensor],
         else:
             raise DataError(f"{source}: module {path}: cannot load the adapter "
                             f"({'; '.join(errors)})")
-    if not built:
+    if not built and not deltas:
         raise DataError(f"{source}: no adapter in it fits a layer of this model")
-    return AdapterNetwork(built), key_format, algorithms
+    return AdapterNetwork(built, deltas), key_format, algorithms
 
 
 def apply(model: nn.Module, path: str | Path | Mapping[str, torch.Tensor],

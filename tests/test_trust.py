@@ -257,3 +257,87 @@ def test_bucket_command_groups_mixed_sizes(tmp_path):
     cfg = base_cfg()
     cfg["data"] = {"bucket_mode": True}
     assert len(train(cfg, latents=bl, conditioning=bc).loss_map["loss"]) == 6
+
+
+def test_norm_and_bias_deltas_train_and_a_comfyui_file_continues_with_them(tmp_path):
+    """A ComfyUI-trained file: diffusion_model.* keys, LoRA with alpha, diff/diff_b on
+    norms and biases, steps only in its name."""
+    from loraengine.plugins.exporters import COMFYUI
+
+    host = build_plugin_manager()
+    cfg = base_cfg(tmp_path, steps=3)
+    cfg["adapter"].update({"norm_and_bias_deltas": True, "exporter": "comfyui", "alpha": 1.0})
+    cfg["output"]["name"] = "ComfyUI_trained_lora_3_steps_00001_"
+    config = parse_config(cfg, host.registry)
+    model = TinyDenoiser()
+    x, t, c = torch.randn(2, 4, 8, 8), torch.tensor([50, 700]), torch.randn(2, 3, 8)
+    pipe = build_pipeline(config, host, model=model, latents=tiny_latents(),
+                          conditioning=tiny_conditioning())
+    first = Trainer(pipe).run()
+    with torch.no_grad():
+        trained = model(x, t, c)
+    pipe.close()
+    tensors = load_file(str(first.path))
+    assert "diffusion_model.blocks.0.1.diff" in tensors  # the GroupNorm's scale
+    assert "diffusion_model.blocks.0.1.diff_b" in tensors
+    assert "diffusion_model.conv_in.diff_b" in tensors
+    assert float(tensors["diffusion_model.blocks.0.1.diff"].abs().sum()) > 0
+    assert all(k.startswith("diffusion_model.") for k in tensors)
+    # no metadata: a plain file as ComfyUI writes it
+    plain = tmp_path / first.path.name
+    save_file(tensors, str(plain))
+    cfg2 = base_cfg(tmp_path, steps=2)
+    cfg2["adapter"]["existing"] = str(plain)
+    cfg2["output"]["name"] = "continued"
+    pipe = build_pipeline(parse_config(cfg2, host.registry), host, model=model,
+                          latents=tiny_latents(), conditioning=tiny_conditioning())
+    assert len(pipe.network.delta_paths) > 0
+    with torch.no_grad():
+        torch.testing.assert_close(model(x, t, c), trained, rtol=0, atol=0)
+    second = Trainer(pipe).run()
+    pipe.close()
+    assert second.steps == 5
+    assert any(k.endswith(".diff_b") for k in second.lora)
+    assert COMFYUI.from_file(tensors, ["conv_in"])  # the format is recognised
+
+
+def test_channel_deltas_merge_equals_hook(tmp_path):
+    from loraengine.core.adapter import AdapterNetwork, ChannelDelta
+
+    for base in (torch.nn.GroupNorm(2, 4), torch.nn.LayerNorm(6), torch.nn.Linear(6, 5),
+                 torch.nn.Conv2d(4, 3, 3)):
+        delta = ChannelDelta.fresh(base)
+        with torch.no_grad():
+            for p in delta.parameters():
+                p.normal_()
+        x = torch.randn(2, 4, 6, 6) if not isinstance(base, (torch.nn.LayerNorm, torch.nn.Linear)) \
+            else torch.randn(2, 3, 6)
+        net = AdapterNetwork({}, {"m": delta})
+        net.attach("weight")
+        with torch.no_grad():
+            hooked = base(x)
+        net.merge()
+        with torch.no_grad():
+            merged = base(x)
+        torch.testing.assert_close(hooked, merged, rtol=1e-5, atol=1e-5)
+
+
+def test_apply_puts_diff_deltas_on_a_fresh_model(tmp_path):
+    import loraengine.apply as apply_mod
+
+    cfg = base_cfg(tmp_path, steps=3)
+    cfg["adapter"]["norm_and_bias_deltas"] = True
+    host = build_plugin_manager()
+    model = TinyDenoiser()
+    x, t, c = torch.randn(2, 4, 8, 8), torch.tensor([50, 700]), torch.randn(2, 3, 8)
+    pipe = build_pipeline(parse_config(cfg, host.registry), host, model=model,
+                          latents=tiny_latents(), conditioning=tiny_conditioning())
+    result = Trainer(pipe).run()
+    with torch.no_grad():
+        trained = model(x, t, c)
+    pipe.close()
+    for mode in ("bypass", "merge"):
+        fresh = TinyDenoiser()
+        apply_mod.apply(fresh, result.path, mode=mode)
+        with torch.no_grad():
+            torch.testing.assert_close(fresh(x, t, c), trained, rtol=1e-5, atol=1e-5)

@@ -194,6 +194,17 @@ class ChannelDelta(AdapterLayer):
 DELTA_KEYS = frozenset({"diff", "diff_b"})
 
 
+def split_deltas(params: dict[str, torch.Tensor]
+                 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Separate a saved module's 1-D channel deltas (``diff_b``, a norm's 1-D ``diff``)
+    from its adapter tensors. A ``diff`` of two or more dimensions is a full ΔW and stays
+    with the adapter (the ``full`` algorithm)."""
+    if "diff" in params and params["diff"].ndim >= 2:
+        return dict(params), {}
+    deltas = {k: v for k, v in params.items() if k in DELTA_KEYS}
+    return {k: v for k, v in params.items() if k not in DELTA_KEYS}, deltas
+
+
 def _patched_forward(adapter: AdapterLayer) -> Callable[..., torch.Tensor]:
     def forward(self: nn.Module, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         return adapter(x)

@@ -11,7 +11,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from loraengine.core.adapter import ADAPTABLE, DELTA_KEYS, NORMS, AdapterLayer, ChannelDelta, AdapterNetwork, select_layers
+from loraengine.core.adapter import (
+    ADAPTABLE,
+    NORMS,
+    AdapterLayer,
+    AdapterNetwork,
+    ChannelDelta,
+    select_layers,
+    split_deltas,
+)
 from loraengine.core.data import Dataset, make_bucketed_dataset, make_dataset, read_safetensors
 from loraengine.core.distributed import DistContext, shard_base, wrap_ddp
 from loraengine.core.errors import ConfigError, DataError, LoraEngineError
@@ -219,12 +227,9 @@ def _read_existing(path: Path, host: PluginHost, layers: Mapping[str, nn.Module]
     if unknown:
         raise DataError(f"{path}: {len(unknown)} module(s) are not adapted layers of this "
                         f"model: {', '.join(unknown[:5])}")
-    deltas = {p: {k: v for k, v in params.items() if k in DELTA_KEYS}
-              for p, params in grouped.items()}
-    deltas = {p: d for p, d in deltas.items() if d}
-    grouped = {p: {k: v for k, v in params.items() if k not in DELTA_KEYS}
-               for p, params in grouped.items()}
-    grouped = {p: params for p, params in grouped.items() if params}
+    split = {p: split_deltas(params) for p, params in grouped.items()}
+    deltas = {p: d for p, (_, d) in split.items() if d}
+    grouped = {p: a for p, (a, _) in split.items() if a}
     for mod_path, params in grouped.items():
         if mod_path not in layers:
             raise DataError(f"{path}: module {mod_path} is a norm layer; only diff/diff_b "
