@@ -86,3 +86,35 @@ def test_a_rank_that_dies_stops_the_run_and_checkpoints_stay_intact(tmp_path, un
     assert found, proc.stderr[-4000:]
     for _, path in found:
         ckpt.verify(path)  # every finished checkpoint is intact
+
+
+@pytest.mark.slow
+def test_resume_with_another_world_size(tmp_path, unet_config):
+    """Checkpoints hold world-size-independent state: two processes stop after step 2,
+    one process finishes; the result matches a single uninterrupted process."""
+    ref_cfg = config(tmp_path, unet_config, "ref")
+    cfg = yaml.safe_load(ref_cfg.read_text())
+    cfg["training"].update({"batch_size": 2, "grad_accumulation_steps": 2})
+    ref_cfg.write_text(yaml.safe_dump(cfg))
+    assert launch(ref_cfg, tmp_path / "ref", 1).returncode == 0
+    split = config(tmp_path, unet_config, "split", save_every=1)
+    cfg = yaml.safe_load(split.read_text())
+    cfg["training"]["steps"] = 2
+    split.write_text(yaml.safe_dump(cfg))
+    proc = launch(split, tmp_path / "split", 2)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    cfg["training"].update({"steps": 3, "batch_size": 2, "grad_accumulation_steps": 2})
+    split.write_text(yaml.safe_dump(cfg))
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "loraengine.cli.main", "train", str(split),
+                           "-q", "--resume", "latest"], env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    a = load_file(str(tmp_path / "ref" / "run.safetensors"))
+    b = load_file(str(tmp_path / "split" / "run.safetensors"))
+    ups = [k for k in a if k.endswith("lora_up.weight")]
+    diff = torch.cat([(a[k] - b[k]).flatten() for k in ups]).norm()
+    assert float(diff / torch.cat([a[k].flatten() for k in ups]).norm()) <= 1e-6
+    la = json.loads((tmp_path / "ref" / "run.loss.json").read_text())["loss"]
+    lb = json.loads((tmp_path / "split" / "run.loss.json").read_text())["loss"]
+    assert lb == pytest.approx(la, rel=1e-6)
