@@ -263,7 +263,7 @@ def test_loraengine_register_commands_adds_a_working_subcommand(builtin_host, mo
 
     builtin_host.register(plugin("hooks_cli",
                                  loraengine_register_commands=lambda cli: cli.add_command(hello)))
-    monkeypatch.setattr(cli_main, "build_plugin_manager_for_commands", lambda: builtin_host)
+    monkeypatch.setattr(cli_main, "build_plugin_manager", lambda: builtin_host)
     monkeypatch.setattr("sys.argv", ["loraengine", "hook-hello", "world"])
     try:
         with pytest.raises(SystemExit) as done:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import warnings
@@ -12,7 +13,7 @@ import click
 from loraengine import __version__
 from loraengine.cli.common import State, reports_errors  # noqa: E402
 from loraengine.core.errors import LoraEngineError
-from loraengine.core.manager import PluginHost, PluginLoadWarning, build_plugin_manager
+from loraengine.core.manager import PluginLoadWarning, build_plugin_manager
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -157,45 +158,27 @@ def inspect(file: Path, as_json: bool) -> None:
         click.echo(f"  {k}: {v}")
 
 
-from loraengine.cli.merge import merge as merge_command  # noqa: E402
-
-cli.add_command(merge_command)
-
-from loraengine.cli.prepare import prepare as prepare_command  # noqa: E402
-
-cli.add_command(prepare_command)
-
-from loraengine.cli.plan import plan as plan_command  # noqa: E402
-
-cli.add_command(plan_command)
-
-from loraengine.cli.sample import sample as sample_command  # noqa: E402
-
-cli.add_command(sample_command)
-
-from loraengine.cli.bucket import bucket as bucket_command  # noqa: E402
-
-cli.add_command(bucket_command)
+#: Built-in subcommands kept in modules of their own: (module, command object).
+BUILTIN_COMMANDS = (
+    ("loraengine.cli.merge", "merge"),
+    ("loraengine.cli.prepare", "prepare"),
+    ("loraengine.cli.plan", "plan"),
+    ("loraengine.cli.sample", "sample"),
+    ("loraengine.cli.bucket", "bucket"),
+)
+for _module, _name in BUILTIN_COMMANDS:
+    cli.add_command(getattr(importlib.import_module(_module), _name))
 
 
 def main() -> None:
-    host_cli = cli
-    try:
-        state_host = build_plugin_manager_for_commands()
-        if state_host is not None:
-            state_host.register_commands(host_cli)
-    except LoraEngineError:
-        pass  # commands from plugins are optional; errors surface when the host is built
-    host_cli(prog_name="loraengine")
-
-
-def build_plugin_manager_for_commands() -> PluginHost | None:
+    """The console script: plugins may add subcommands before the group runs."""
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", PluginLoadWarning)
+        warnings.simplefilter("ignore", PluginLoadWarning)  # reported when commands run
         try:
-            return build_plugin_manager()
+            build_plugin_manager().register_commands(cli)
         except LoraEngineError:
-            return None
+            pass  # a broken plugin set is reported by the command that needs it
+    cli(prog_name="loraengine")
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -104,9 +104,9 @@ class Denoise(nn.Module):
 
 def wrap_ddp(model: nn.Module, network: nn.Module, predict: Callable[..., Any],
              device: torch.device) -> nn.Module:
-    from torch.nn.parallel import DistributedDataParallel as DDP
-
     import inspect
+
+    from torch.nn.parallel import DistributedDataParallel as DDP
 
     module = Denoise(model, network, predict)
     ids = [device.index] if device.type == "cuda" else None

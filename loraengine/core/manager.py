@@ -140,7 +140,7 @@ def build_plugin_manager(*, builtins: bool = True, entry_points: bool = True,
     if entry_points:
         for ep in metadata.entry_points(group=ENTRY_POINT_GROUP):
             dist, ver = _distribution_of(ep)
-            if pm.has_plugin(ep.name) or pm.get_plugin(ep.name) is not None:
+            if pm.get_plugin(ep.name) is not None:  # the same module published twice
                 continue
             try:
                 plugin = ep.load()
