@@ -4,7 +4,8 @@ base's forward+backward alone. One small SD-style diffusers UNet (random init, n
 downloaded), the same data and the same adapted layers for every contender, all in
 one run; writes docs/benchmarks.md.
 
-    python benchmarks/run.py [--quick] [--rank 4] [--rounds 5] [--threads 1]
+    python benchmarks/run.py [--quick | --size quick|full|large] [--rank 4] [--rounds 5]
+                             [--threads 1]
                              [--device cpu|cuda] [--no-write]
 
 What is timed is one optimizer step of batch ``--batch``: for the floor, forward,
@@ -51,6 +52,7 @@ REPORT = REPO / "docs" / "benchmarks.md"
 SIZES = {
     "full": {"channels": (64, 128, 128), "latent": 16, "tokens": 16, "text_dim": 96},
     "quick": {"channels": (32, 64), "latent": 8, "tokens": 8, "text_dim": 32},
+    "large": {"channels": (128, 256, 256), "latent": 16, "tokens": 16, "text_dim": 128},
 }
 
 #: contender -> (loraengine algorithm, its options, LyCORIS algo, LyCORIS kwargs)
@@ -198,6 +200,7 @@ def peft_lora(unet: nn.Module, batches: Cycle, rank: int, alpha: float) -> Conte
 def lycoris(unet: nn.Module, batches: Cycle, name: str, rank: int, alpha: float) -> Contender:
     from lycoris import create_lycoris
 
+    logging.getLogger("LyCORIS").setLevel(logging.ERROR)  # it sets its own level on import
     _, _, algo, kwargs = ALGOS[name]
     model = copy.deepcopy(unet)
     with warnings.catch_warnings():
@@ -406,7 +409,10 @@ def write_report(body: str, missed: list[Target], by_name: dict[str, Contender],
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="A smaller UNet and fewer rounds.")
+    ap.add_argument("--quick", action="store_true", help="A smaller UNet and fewer rounds "
+                    "(the same as --size quick).")
+    ap.add_argument("--size", choices=sorted(SIZES), default="full",
+                    help="UNet size: quick, full (default) or large (4× the compute).")
     ap.add_argument("--rank", type=int, default=4)
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=None, help="Default 5 (quick: 3).")
@@ -418,8 +424,10 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     logging.getLogger("LyCORIS").setLevel(logging.ERROR)
     device = torch.device(args.device)
-    size = SIZES["quick" if args.quick else "full"]
-    rounds = args.rounds or (3 if args.quick else 5)
+    if args.quick:
+        args.size = "quick"
+    size = SIZES[args.size]
+    rounds = args.rounds or (3 if args.size == "quick" else 5)
     rank, alpha = args.rank, float(args.rank)
 
     unet = make_unet(size).to(device)
@@ -459,7 +467,8 @@ def main(argv: list[str] | None = None) -> int:
     print(body)
     print(f"\n({time.perf_counter() - t0:.0f} s of measuring)")
     if not args.no_write:
-        command = "python benchmarks/run.py" + (" --quick" if args.quick else "")
+        command = "python benchmarks/run.py" + ("" if args.size == "full" else
+                                                 f" --size {args.size}")
         write_report(body, missed, by_name, setup, command)
         print(f"wrote {REPORT.relative_to(REPO)}")
     return 0

@@ -51,7 +51,9 @@ def make_config(unet_dir: Path, files: tuple[Path, Path], algorithm: str,
         "model": {"family": "diffusers", "path": str(unet_dir)},
         "data": {"latents": str(files[0]), "conditioning": str(files[1])},
         "training": {"steps": 1, "batch_size": 2, "dtype": "fp32", "seed": 0},
-        "adapter": {"algorithm": algorithm, "rank": 4, "alpha": 2, "dtype": "fp32"},
+        # alpha ≠ rank where it is a scale; OFT has none (its alpha is a norm bound)
+        "adapter": {"algorithm": algorithm, "rank": 4, "dtype": "fp32",
+                    **({} if algorithm == "oft" else {"alpha": 2})},
         "memory": {"gradient_checkpointing": False, **memory},
     }
 

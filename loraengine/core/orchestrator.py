@@ -258,7 +258,10 @@ def build_pipeline(config: Any, host: PluginHost, *, model: nn.Module | None = N
     tdtype = config.training.dtype
     if tdtype != "none":
         module.to(dtype=DTYPES[tdtype])
-    module.to(device)
+    strategies = sorted((s for s in reg.specs("memory") if s.enabled(config)),
+                        key=lambda s: s.order)
+    if device.type == "meta" or not any(s.places_weights for s in strategies):
+        module.to(device)  # else a strategy streams the base to the device itself
     compute_dtype = next((p.dtype for p in module.parameters() if p.is_floating_point()),
                          torch.float32)
     dataset = load_data(config, loaded, latents, conditioning)
@@ -283,11 +286,10 @@ def build_pipeline(config: Any, host: PluginHost, *, model: nn.Module | None = N
                     compute_dtype=compute_dtype, save_dtype=DTYPES[config.adapter.dtype],
                     previous_steps=previous, validation=validation, dist=dist_ctx)
     network.attach("weight")
-    for spec in sorted(reg.specs("memory"), key=lambda s: s.order):
-        if spec.enabled(config):
-            undo = spec.apply(pipe, config.memory)
-            if undo is not None:
-                pipe.undo.append(undo)
+    for spec in strategies:
+        undo = spec.apply(pipe, config.memory)
+        if undo is not None:
+            pipe.undo.append(undo)
     install_recipes(pipe)
     if dist_ctx.enabled:
         dist_ctx.slice_of(config.training.batch_size)  # checks the split early

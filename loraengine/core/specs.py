@@ -96,6 +96,9 @@ class MemoryStrategySpec:
     #: ``validate(config) -> [problem, ...]`` checks combinations across sections
     #: before anything is built; each problem reads ``key.path: message``.
     validate: Callable[[Any], list[str]] | None = None
+    #: True when the strategy puts the frozen base on the compute device itself (block
+    #: by block); the engine then leaves the loaded model where it is.
+    places_weights: bool = False
 
 
 @dataclass(frozen=True)

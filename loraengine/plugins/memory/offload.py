@@ -289,10 +289,26 @@ def _patch_forward(module: nn.Module, make: Callable[[Callable[..., Any]], Calla
     return undo
 
 
+def _place_the_rest(model: nn.Module, device: torch.device) -> None:
+    """Move what no unit owns (tensors held by an ancestor of a block) to the device:
+    the engine leaves the loaded model on the host when offloading is on."""
+    if device.type == "meta":
+        return
+    for mod in model.modules():
+        for name, t in list(mod._parameters.items()):
+            if t is not None and t.device != device:
+                mod._parameters[name] = nn.Parameter(t.detach().to(device),
+                                                     requires_grad=t.requires_grad)
+        for name, t in list(mod._buffers.items()):
+            if t is not None and t.device != device:
+                mod._buffers[name] = t.to(device)
+
+
 def apply(pipe: Any, memory: Any) -> Callable[[], None]:
     model = pipe.model
     blocks = pipe.loaded.blocks or top_level_blocks(model)
     offloader = Offloader(model, blocks, pipe.device)
+    _place_the_rest(model, pipe.device)
     offloader.install()
     info = pipe.loaded.info
     info["offloader"] = offloader
@@ -310,5 +326,5 @@ def apply(pipe: Any, memory: Any) -> Callable[[], None]:
 
 SPEC = MemoryStrategySpec(
     "offloading", OffloadOptions, enabled=lambda c: c.memory.offloading, apply=apply,
-    order=40, description="Frozen base weights on the CPU, moved to the device block by "
+    order=40, places_weights=True, description="Frozen base weights on the CPU, moved to the device block by "
                           "block with the next block prefetched.")
