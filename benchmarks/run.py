@@ -127,7 +127,7 @@ class Contender:
     keep: Any = None  # whatever must stay alive with the step (a network, a pipeline)
     times: list[float] = field(default_factory=list)
     peak_bytes: int | None = None
-    profile: str = ""
+    profile: dict[str, tuple[int, float]] | None = None
 
     @property
     def params(self) -> int:
@@ -292,8 +292,8 @@ def peak_memory(c: Contender, device: torch.device) -> int | None:
         return None
 
 
-def op_profile(c: Contender, device: torch.device, rows: int = 8) -> str:
-    """The operators taking the most self time in one step."""
+def op_profile(c: Contender, device: torch.device) -> dict[str, tuple[int, float]]:
+    """``{operator: (calls, self time in ms)}`` over one profiled step."""
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA]
@@ -302,12 +302,29 @@ def op_profile(c: Contender, device: torch.device, rows: int = 8) -> str:
         c.step()
         sync(device)
     key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
-    events = sorted(prof.key_averages(), key=lambda e: getattr(e, key), reverse=True)
-    total = sum(getattr(e, key) for e in events) or 1.0
-    lines = ["| operator | calls | self time (ms) | share |", "|---|---|---|---|"]
-    for e in events[:rows]:
-        value = getattr(e, key)
-        lines.append(f"| `{e.key}` | {e.count} | {value / 1e3:.2f} | {value / total:.0%} |")
+    return {e.key: (e.count, getattr(e, key) / 1e3) for e in prof.key_averages()}
+
+
+def profile_diff(ours: dict[str, tuple[int, float]], base: dict[str, tuple[int, float]],
+                 names: tuple[str, str], rows: int = 10) -> str:
+    """Where the extra time goes: operators by self time added over the baseline."""
+    ops = set(ours) | set(base)
+    added = sorted(ops, key=lambda o: ours.get(o, (0, 0.0))[1] - base.get(o, (0, 0.0))[1],
+                   reverse=True)
+    a, b = names
+    lines = [f"| operator | calls: {a} / {b} | self ms: {a} / {b} | added ms |",
+             "|---|---|---|---|"]
+
+    def row(label: str, x: tuple[int, float], y: tuple[int, float]) -> str:
+        return (f"| {label} | {x[0]} / {y[0]} | {x[1]:.2f} / {y[1]:.2f} | "
+                f"{x[1] - y[1]:+.2f} |")
+
+    for op in added[:rows]:
+        lines.append(row(f"`{op}`", ours.get(op, (0, 0.0)), base.get(op, (0, 0.0))))
+    def total(p: dict[str, tuple[int, float]]) -> tuple[int, float]:
+        return sum(n for n, _ in p.values()), sum(t for _, t in p.values())
+
+    lines.append(row("**all operators**", total(ours), total(base)))
     return "\n".join(lines)
 
 
@@ -397,11 +414,18 @@ def write_report(body: str, missed: list[Target], by_name: dict[str, Contender],
         f"- Date: {datetime.date.today().isoformat()}", "",
         body, ""]
     if missed:
-        text += ["## Profiles of the missed targets", "",
-                 "Top operators by self time in one profiled step.", ""]
+        text += ["## Where the time goes in the missed targets", "",
+                 "One profiled step of the contender and of its baseline: the operators "
+                 "that add the most self time, then the totals. Operator counts show the "
+                 "fixed cost per adapted layer; `convolution_backward` and `mm` growing "
+                 "beyond the extra adapter work show weight gradients of the base layers "
+                 "being computed (algorithms that rebuild W+ΔW need dL/dW to reach ΔW).",
+                 ""]
         for t in missed:
-            for name in (t.contender, t.baseline):
-                text += [f"### {name}", "", by_name[name].profile, ""]
+            ours, base = by_name[t.contender], by_name[t.baseline]
+            text += [f"### {t.contender} / {t.baseline}", "",
+                     profile_diff(ours.profile or {}, base.profile or {},
+                                  ("ours", "base")), ""]
     REPORT.write_text("\n".join(text).rstrip() + "\n", encoding="utf-8")
 
 
@@ -462,7 +486,7 @@ def main(argv: list[str] | None = None) -> int:
     body, missed = report(by_name, targets, comparisons, setup, device)
     for t in missed:
         for name in (t.contender, t.baseline):
-            if not by_name[name].profile:
+            if by_name[name].profile is None:
                 by_name[name].profile = op_profile(by_name[name], device)
     print(body)
     print(f"\n({time.perf_counter() - t0:.0f} s of measuring)")
