@@ -44,9 +44,9 @@ def main() -> None:
         def build(**kwargs):
             return real_build(**kwargs, extra=extra)
 
-        import loraengine.cli.main as main_mod
+        import loraengine.cli.common as common
 
-        main_mod.build_plugin_manager = build
+        common.build_plugin_manager = build
     cli(["train", config, "--resume", "latest", "-q"], prog_name="loraengine")
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from safetensors.torch import save_file
 
+import loraengine.cli.common as common
 import loraengine.cli.main as main_mod
 from loraengine.core import manager
 from loraengine.core.hookspecs import hookimpl
@@ -40,7 +41,7 @@ def main() -> None:
         die = (int(k), int(r))
     report = RankReport(out, die)
     real_build = manager.build_plugin_manager
-    main_mod.build_plugin_manager = lambda **kw: real_build(**kw, extra=[report])
+    common.build_plugin_manager = lambda **kw: real_build(**kw, extra=[report])
     main_mod.cli(["train", config, "-q"], prog_name="loraengine")
 
 
