@@ -42,9 +42,8 @@ def __getattr__(name: str):  # lazy: keep `import loraengine` light for plugin a
 
         return TrainResult
     if name == "apply":
-        from loraengine.apply import apply
+        from loraengine.inference import apply
 
-        globals()["apply"] = apply  # the function, not the submodule of the same name
         return apply
     if name == "build_plugin_manager":
         from loraengine.core.manager import build_plugin_manager

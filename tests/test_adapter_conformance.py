@@ -132,7 +132,7 @@ def test_file_keys_identify_exactly_one_algorithm():
     """A saved module's tensors must be claimed by its own algorithm only, or applying
     a file could not tell which algorithm to rebuild. (Names alone may be shared, as
     OFT's and BOFT's ``oft_blocks`` are; the tensors' shapes then decide.)"""
-    from loraengine.apply import owners_of
+    from loraengine.inference import owners_of
     from loraengine.testing.conformance import build_adapter, perturb
 
     specs = _registry_specs()

@@ -11,11 +11,10 @@ import sys
 import pytest
 import torch
 import yaml
+from conftest import REPO
 from safetensors.torch import load_file
 
 from loraengine.core import checkpoint as ckpt
-
-from conftest import REPO
 
 HELPER = REPO / "tests" / "helpers" / "dist_train.py"
 pytestmark = pytest.mark.skipif(shutil.which("torchrun") is None and

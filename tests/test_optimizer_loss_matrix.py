@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import REPO
 
 from loraengine.core.config import parse_config
 from loraengine.core.orchestrator import build_pipeline
 from loraengine.core.seeding import make_generator
 from loraengine.core.trainer import Trainer
-
-from conftest import REPO
 
 QS = REPO / "examples" / "quickstart"
 LR = {"adamw": 2e-3, "adam": 2e-3, "rmsprop": 1e-3, "sgd": 0.5}

@@ -9,13 +9,12 @@ import warnings
 
 import pytest
 from click.testing import CliRunner
+from conftest import REPO
 
 from loraengine import OptimizerSpec, hookimpl
 from loraengine.cli.main import cli
 from loraengine.core.errors import PluginError
 from loraengine.core.manager import PluginLoadWarning, build_plugin_manager
-
-from conftest import REPO
 
 SITE = REPO / "tests" / "plugins" / "site"
 BROKEN = REPO / "tests" / "plugins" / "broken_site"

@@ -13,14 +13,13 @@ import warnings
 import pytest
 import torch
 import yaml
+from conftest import REPO
 from safetensors.torch import load_file
 
 from loraengine.core import checkpoint as ckpt
 from loraengine.core.config import parse_config
 from loraengine.core.orchestrator import build_pipeline
 from loraengine.core.trainer import Trainer
-
-from conftest import REPO
 
 HELPER = REPO / "tests" / "helpers" / "crash_train.py"
 

@@ -10,6 +10,7 @@ import sys
 
 import pytest
 import torch
+from conftest import REPO
 from safetensors import safe_open
 from safetensors.torch import load_file
 
@@ -18,8 +19,6 @@ from loraengine.core.config import parse_config
 from loraengine.core.orchestrator import build_pipeline
 from loraengine.core.trainer import Trainer
 from loraengine.testing.models import TinyDenoiser, tiny_conditioning, tiny_latents
-
-from conftest import REPO
 
 
 def module_config(**training) -> dict:

@@ -323,7 +323,7 @@ def test_channel_deltas_merge_equals_hook(tmp_path):
 
 
 def test_apply_puts_diff_deltas_on_a_fresh_model(tmp_path):
-    import loraengine.apply as apply_mod
+    import loraengine
 
     cfg = base_cfg(tmp_path, steps=3)
     cfg["adapter"]["norm_and_bias_deltas"] = True
@@ -338,6 +338,6 @@ def test_apply_puts_diff_deltas_on_a_fresh_model(tmp_path):
     pipe.close()
     for mode in ("bypass", "merge"):
         fresh = TinyDenoiser()
-        apply_mod.apply(fresh, result.path, mode=mode)
+        loraengine.apply(fresh, result.path, mode=mode)
         with torch.no_grad():
             torch.testing.assert_close(fresh(x, t, c), trained, rtol=1e-5, atol=1e-5)

@@ -81,7 +81,7 @@ def merge_model(model_path: Path, lora: Path, out: Path, strength: float = 1.0,
                 subfolder: str | None = None, dtype: str = "auto",
                 overwrite: bool = False) -> dict[str, Any]:
     """Merge ``lora`` into the model at ``model_path`` and write it to ``out``."""
-    from loraengine.apply import apply
+    from loraengine.inference import apply
 
     model_path, out = Path(model_path), Path(out)
     if out.exists() and not overwrite:

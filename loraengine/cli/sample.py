@@ -119,7 +119,7 @@ def sample_to_folder(model: Path, prompts: Path, out: Path, *, host: Any,
                      compare: bool = True, device: str = "auto", dtype: str = "fp32",
                      progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
     """Everything ``loraengine sample`` does; returns what was written."""
-    from loraengine.apply import apply
+    from loraengine.inference import apply
 
     settings = settings or S.SampleSettings()
     loaded, _ = load_model_for_sampling(model, family, host, device, dtype)

@@ -10,8 +10,6 @@ later) or ``merge`` (W+ΔW written into the weights, what ComfyUI's LoRA loader 
 
 from __future__ import annotations
 
-import sys
-import types
 import warnings
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
@@ -187,15 +185,3 @@ def apply(model: nn.Module, path: str | Path | Mapping[str, torch.Tensor],
         network.eval()
         network.attach("bypass")
     return handle
-
-
-class _CallableModule(types.ModuleType):
-    """``import loraengine.apply`` binds this module as the package attribute ``apply``,
-    shadowing the function of the same name; calling the module calls the function, so
-    ``loraengine.apply(model, path)`` works whichever import happened first."""
-
-    def __call__(self, *args: Any, **kwargs: Any) -> AppliedAdapter:
-        return apply(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule
