@@ -50,7 +50,9 @@ def _wrap(block: nn.Module) -> Callable[[], None]:
 
     def forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
         if torch.is_grad_enabled():
-            return checkpoint(inner, *args, use_reentrant=False, **kwargs)
+            # preserve_rng_state off: the base runs in eval mode and draws no random numbers
+            return checkpoint(inner, *args, use_reentrant=False, preserve_rng_state=False,
+                              **kwargs)
         return inner(*args, **kwargs)
 
     block.forward = types.MethodType(forward, block)
