@@ -205,18 +205,21 @@ def test_quickstart_runs_from_the_repository_root(tmp_path):
     assert (out / "quickstart_lora.loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_progress_bar_shows_steps_loss_rate_and_eta(host):
+def test_progress_bar_shows_steps_loss_rate_and_eta(host, tmp_path):
     import io
 
     from loraengine.cli.progress import ProgressBar
 
     stream = io.StringIO()
     host.register(ProgressBar(stream=stream, enabled=True))
-    pipe = pipeline(host, module_config(steps=3))
-    Trainer(pipe, write_files=False).run()
+    cfg = module_config(steps=3)
+    cfg["output"] = {"dir": str(tmp_path), "name": "bar", "plot": False, "save_every": 2}
+    pipe = pipeline(host, cfg)
+    Trainer(pipe).run()
     pipe.close()
     text = stream.getvalue()
     assert "3/3" in text and "loss " in text and "it/s" in text and "ETA" in text
+    assert "checkpoint:" in text and "step_00000002" in text
 
 
 def test_progress_bar_is_silent_when_not_a_terminal(host):

@@ -54,6 +54,12 @@ class ProgressBar:
                               rate=f"{rate:.2f}")
 
     @hookimpl
+    def loraengine_on_save(self, run: Any, path: str, kind: str) -> None:
+        """Note checkpoints and sample grids above the bar as they are written."""
+        if self._progress is not None and kind in ("checkpoint", "samples", "best"):
+            self._progress.console.log(f"{kind}: {path}")
+
+    @hookimpl
     def loraengine_on_train_end(self, run: Any, result: Any) -> None:
         if self._progress is not None:
             self._progress.stop()
