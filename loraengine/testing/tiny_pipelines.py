@@ -4,7 +4,8 @@ Each is built from small configs with seeded random weights — VAE, text encode
 hand-made character-level tokenizers, denoiser and scheduler — and saved with
 ``save_pretrained``, so loading, ``loraengine prepare`` and training run end to end in
 seconds without downloading anything. :func:`unet_to_original` writes a UNet in the
-original (LDM) single-file layout.
+original (LDM) single-file layout, :func:`sd3_to_original` an SD3 transformer in the
+original (MMDiT) one.
 """
 
 from __future__ import annotations
@@ -218,6 +219,85 @@ def unet_to_original(state_dict: dict[str, torch.Tensor], config: Any,
             raise KeyError(f"no original-layout name for {key}")
         out[prefix + new] = tensor
     return out
+
+
+# -- the original (MMDiT) single-file layout of an SD3 transformer ---------------------
+
+#: diffusers module -> original module, for the parts outside the joint blocks
+_SD3_TOP = {"pos_embed.proj": "x_embedder.proj",
+            "time_text_embed.timestep_embedder.linear_1": "t_embedder.mlp.0",
+            "time_text_embed.timestep_embedder.linear_2": "t_embedder.mlp.2",
+            "time_text_embed.text_embedder.linear_1": "y_embedder.mlp.0",
+            "time_text_embed.text_embedder.linear_2": "y_embedder.mlp.2",
+            "context_embedder": "context_embedder", "proj_out": "final_layer.linear"}
+#: inside joint block i: diffusers module -> original module (no fused projections)
+_SD3_BLOCK = {"attn.norm_q": "x_block.attn.ln_q", "attn.norm_k": "x_block.attn.ln_k",
+              "attn.norm_added_q": "context_block.attn.ln_q",
+              "attn.norm_added_k": "context_block.attn.ln_k",
+              "attn.to_out.0": "x_block.attn.proj", "attn.to_add_out": "context_block.attn.proj",
+              "attn2.norm_q": "x_block.attn2.ln_q", "attn2.norm_k": "x_block.attn2.ln_k",
+              "attn2.to_out.0": "x_block.attn2.proj",
+              "norm1.linear": "x_block.adaLN_modulation.1",
+              "norm1_context.linear": "context_block.adaLN_modulation.1",
+              "ff.net.0.proj": "x_block.mlp.fc1", "ff.net.2": "x_block.mlp.fc2",
+              "ff_context.net.0.proj": "context_block.mlp.fc1",
+              "ff_context.net.2": "context_block.mlp.fc2"}
+#: separate q/k/v projections of block i that the original fuses into one ``qkv``
+_SD3_QKV = {"x_block.attn.qkv": ("attn.to_q", "attn.to_k", "attn.to_v"),
+            "context_block.attn.qkv": ("attn.add_q_proj", "attn.add_k_proj",
+                                       "attn.add_v_proj"),
+            "x_block.attn2.qkv": ("attn2.to_q", "attn2.to_k", "attn2.to_v")}
+
+
+def _halves_swapped(tensor: torch.Tensor) -> torch.Tensor:
+    """(a, b) -> (b, a) along dim 0: diffusers' AdaLayerNormContinuous reads (scale,
+    shift) where the original stores (shift, scale). Its own inverse."""
+    first, second = tensor.chunk(2, dim=0)
+    return torch.cat([second, first], dim=0)
+
+
+def sd3_to_original(state_dict: dict[str, torch.Tensor],
+                    prefix: str = "model.diffusion_model.") -> dict[str, torch.Tensor]:
+    """Rename a diffusers SD3Transformer2DModel state dict to the original MMDiT layout
+    (``joint_blocks.<i>.x_block`` / ``context_block``, fused ``qkv``, ``final_layer``),
+    the layout SD3/3.5 single files use. Covers SD3.5's qk-norm and dual attention."""
+    src = dict(state_dict)
+    out: dict[str, torch.Tensor] = {}
+    blocks = sorted({int(k.split(".")[1]) for k in src if k.startswith("transformer_blocks.")})
+    last = blocks[-1] if blocks else -1
+
+    def take(key: str) -> torch.Tensor:
+        try:
+            return src.pop(key)
+        except KeyError:
+            raise KeyError(f"{key} is missing from the SD3 state dict") from None
+
+    out["pos_embed"] = take("pos_embed.pos_embed")
+    for old, new in _SD3_TOP.items():
+        for kind in ("weight", "bias"):
+            out[f"{new}.{kind}"] = take(f"{old}.{kind}")
+    for kind in ("weight", "bias"):
+        out[f"final_layer.adaLN_modulation.1.{kind}"] = _halves_swapped(
+            take(f"norm_out.linear.{kind}"))
+    for i in blocks:
+        here, there = f"transformer_blocks.{i}.", f"joint_blocks.{i}."
+        for fused, parts in _SD3_QKV.items():
+            for kind in ("weight", "bias"):
+                names = [f"{here}{part}.{kind}" for part in parts]
+                if all(n in src for n in names):
+                    out[f"{there}{fused}.{kind}"] = torch.cat([src.pop(n) for n in names])
+        for old, new in _SD3_BLOCK.items():
+            for kind in ("weight", "bias"):
+                key = f"{here}{old}.{kind}"
+                if key not in src:
+                    continue
+                tensor = src.pop(key)
+                if i == last and old == "norm1_context.linear":
+                    tensor = _halves_swapped(tensor)  # the last block's context is pre-only
+                out[f"{there}{new}.{kind}"] = tensor
+    if src:
+        raise KeyError(f"no original-layout name for {sorted(src)}")
+    return {prefix + k: v for k, v in out.items()}
 
 
 # -- a small image folder ------------------------------------------------------------
