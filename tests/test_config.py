@@ -200,3 +200,25 @@ def test_nothing_is_written_when_training_fails(tmp_path, unet_config):
     train_cli(tmp_path, unet_config)
     assert (out / "test.safetensors").read_bytes() == b"previous good file"
     assert sorted(p.name for p in out.iterdir()) == ["test.safetensors"]
+
+
+def test_unknown_exporter_is_a_config_error(tmp_path):
+    path = write_config(tmp_path, {"model": {"path": "m"}, "adapter": {"exporter": "kohyaa"}})
+    assert_clean_error(run("validate", str(path)), 2,
+                       "adapter.exporter: unknown key format 'kohyaa'", "kohya")
+
+
+def test_plugin_name_that_is_not_a_string(tmp_path):
+    path = write_config(tmp_path, {"model": {"path": "m"}, "adapter": {"algorithm": ["lora"]}})
+    assert_clean_error(run("validate", str(path)), 2, "adapter.algorithm: expected a name")
+
+
+def test_config_that_is_not_utf8(tmp_path):
+    path = tmp_path / "latin1.yaml"
+    path.write_bytes("model: {path: caf\xe9}\n".encode("latin-1"))
+    assert_clean_error(run("validate", str(path)), 2, "not UTF-8 text")
+
+
+def test_unusable_device_is_a_config_error(tmp_path, unet_config):
+    unet_config["training"]["device"] = "mps"
+    assert_clean_error(train_cli(tmp_path, unet_config), 2, "training.device: 'mps'")

@@ -20,7 +20,7 @@ def test_inspect_reports_what_was_trained(unet_config):
     n_modules = sum(1 for k in result.lora if k.endswith(".alpha"))
     params = sum(v.numel() for k, v in result.lora.items() if not k.endswith(".alpha"))
     assert info["algorithm"] == "lora"
-    assert (info["rank"], info["alpha"]) == ("4", "2.0")
+    assert (info["rank"], info["alpha"]) == ("4", "2")
     assert info["modules"] == n_modules > 10
     assert info["parameters"] == params
     assert info["steps"] == 3

@@ -72,7 +72,8 @@ def test_k_bad_steps_in_a_row_roll_back_and_stop(tmp_path):
         train(cfg, nan_loss_host(set(range(3, 100))))
     msg = str(err.value)
     assert "3 consecutive non-finite steps (4-6)" in msg
-    assert "rolled back to the checkpoint at step 4" in msg and "step_00000004" in msg
+    # the newest checkpoint from before the streak (step 4 was saved during it)
+    assert "rolled back to the checkpoint at step 2" in msg and "step_00000002" in msg
     lora = tmp_path / "out" / "run.safetensors"
     assert str(lora) in msg
     assert all(bool(torch.isfinite(v).all()) for v in load_file(str(lora)).values())
@@ -341,3 +342,57 @@ def test_apply_puts_diff_deltas_on_a_fresh_model(tmp_path):
         loraengine.apply(fresh, result.path, mode=mode)
         with torch.no_grad():
             torch.testing.assert_close(fresh(x, t, c), trained, rtol=1e-5, atol=1e-5)
+
+
+def test_loss_map_file_is_strict_json_after_a_skipped_step(tmp_path):
+    import json
+
+    cfg = base_cfg(tmp_path)
+    cfg["loss"] = {"name": "flaky"}
+    result = train(cfg, nan_loss_host({1}))
+    text = (tmp_path / "out" / "run.loss.json").read_text()
+    assert "NaN" not in text
+    assert json.loads(text)["loss"][1] is None
+    assert result.loss_map["skipped"][1] == 1.0
+
+
+def test_a_failed_build_leaves_the_model_unpatched(tmp_path):
+    from loraengine.core.errors import ConfigError
+
+    model = TinyDenoiser()
+    cfg = base_cfg()
+    cfg["timestep_sampler"] = {"name": "uniform", "shift": 3.0}  # shift needs a flow model
+    with pytest.raises(ConfigError):
+        loraengine.train(cfg, model=model, latents=tiny_latents(),
+                         conditioning=tiny_conditioning())
+    assert not any("forward" in m.__dict__ for m in model.modules())
+
+
+def test_train_end_fires_when_training_stops_with_an_error(tmp_path):
+    import json
+
+    from loraengine.cli.progress import EventLog
+
+    host = nan_loss_host(set(range(100)))
+    log = tmp_path / "events.jsonl"
+    host.register(EventLog(log))
+    cfg = base_cfg(tmp_path, max_bad_steps=2)
+    cfg["loss"] = {"name": "flaky"}
+    with pytest.raises(NonFiniteError):
+        train(cfg, host)
+    events = [json.loads(line) for line in log.read_text().splitlines()]
+    assert events[-1]["event"] == "train_end" and events[-1]["error"] is True
+    losses = [e["loss"] for e in events if e["event"] == "step"]
+    assert losses and all(v is None for v in losses)  # NaN is written as null
+
+
+def test_fp16_scaler_backoff_is_not_counted_as_bad_steps(tmp_path):
+    model = TinyDenoiser().half()
+    with torch.no_grad():
+        model.conv_out.weight.mul_(10)  # a large loss: the scale must back off a few times
+    cfg = base_cfg(tmp_path, dtype="none", max_bad_steps=2, steps=8)
+    cfg["adapter"]["dtype"] = "fp32"
+    result = loraengine.train(cfg, model=model, latents=tiny_latents(),
+                              conditioning=tiny_conditioning())
+    assert result.loss_map["skipped"] == [0.0] * 8  # overflow is the scaler's business
+    assert all(bool(torch.isfinite(v).all()) for v in result.lora.values())

@@ -39,6 +39,9 @@ def reports_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
         debug = bool(click.get_current_context().find_root().params.get("debug"))
         try:
             return fn(*args, **kwargs)
+        except KeyboardInterrupt:
+            click.echo("error: interrupted", err=True)
+            sys.exit(130)
         except LoraEngineError as exc:
             if debug:
                 traceback.print_exc()

@@ -50,8 +50,9 @@ class ProgressBar:
         if self._progress is None:
             return
         rate = (step - self._done0) / max(time.perf_counter() - self._t0, 1e-9)
-        self._progress.update(self._task, completed=step, loss=f"{metrics['loss']:.4f}",
-                              rate=f"{rate:.2f}")
+        loss = metrics.get("loss")
+        self._progress.update(self._task, completed=step,
+                              loss="-" if loss is None else f"{loss:.4f}", rate=f"{rate:.2f}")
 
     @hookimpl
     def loraengine_on_save(self, run: Any, path: str, kind: str) -> None:
@@ -76,6 +77,7 @@ class EventLog:
 
     def _write(self, event: dict[str, Any]) -> None:
         event["time"] = time.time()
+        event = {k: (None if isinstance(v, float) and v != v else v) for k, v in event.items()}
         self._fh.write(json.dumps(event) + "\n")
         self._fh.flush()
 
@@ -94,5 +96,8 @@ class EventLog:
 
     @hookimpl
     def loraengine_on_train_end(self, run: Any, result: Any) -> None:
-        self._write({"event": "train_end", "steps": result.steps})
+        if result is None:
+            self._write({"event": "train_end", "error": True})
+        else:
+            self._write({"event": "train_end", "steps": result.steps})
         self._fh.close()

@@ -69,8 +69,10 @@ def save_checkpoint(folder: Path, step: int, adapter: Mapping[str, torch.Tensor]
         (tmp / MANIFEST).write_text(json.dumps({"step": step, "files": files}, indent=1),
                                     encoding="utf-8")
         _fsync(tmp / MANIFEST)
+        _fsync(tmp)  # the folder's entries, before it is renamed into place
         if final.exists():  # the same step saved again (after a resume): replace it
             old = final.with_name(f".{final.name}.old")
+            shutil.rmtree(old, ignore_errors=True)  # from a crash between the renames
             os.replace(final, old)
             os.replace(tmp, final)
             shutil.rmtree(old, ignore_errors=True)

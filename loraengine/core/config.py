@@ -317,11 +317,13 @@ def yaml_lines(text: str) -> dict[tuple[str, ...], int]:
 def read_yaml(path: Path) -> tuple[dict[str, Any], dict[tuple[str, ...], int]]:
     """Read a YAML config file; return the data and its line map."""
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        text = Path(path).read_bytes().decode("utf-8")
     except FileNotFoundError:
         raise ConfigError(f"{path}: config file not found") from None
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read config file: {exc.strerror}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start})") from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
@@ -430,11 +432,21 @@ def _check_plugin_names(data: dict[str, Any], registry: Registry,
             continue
         sect.setdefault(key, DEFAULT_NAMES[section])
         name = sect[key]
+        if not isinstance(name, str):
+            problems.append(f"{section}.{key}: expected a name, got {name!r}"
+                            f"{source.where((section, key))}")
+            continue
         if name not in registry.entries[category]:
             note = registry.host.failure_for(category, str(name)) if registry.host else ""
             problems.append(
                 f"{section}.{key}: unknown {category} {name!r}; installed: "
                 f"{', '.join(registry.names(category))}{note}{source.where((section, key))}")
+    exporter = (data.get("adapter") or {}).get("exporter") if isinstance(
+        data.get("adapter"), dict) else None
+    if exporter is not None and exporter not in registry.entries["exporter"]:
+        problems.append(f"adapter.exporter: unknown key format {exporter!r}; installed: "
+                        f"{', '.join(registry.names('exporter'))}"
+                        f"{source.where(('adapter', 'exporter'))}")
     return problems
 
 

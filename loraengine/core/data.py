@@ -232,27 +232,33 @@ def group_into_buckets(latents: Mapping[str, torch.Tensor], conditioning:
     Output: ``latents.<i>`` / ``<key>.<i>`` per bucket, buckets ordered by shape, samples
     in input order within a bucket.
     """
-    items = sorted((k.split(".", 1)[1], v) for k, v in latents.items()
-                   if k.startswith("latents."))
+    items = sorted(((k.split(".", 1)[1], v) for k, v in latents.items()
+                    if k.startswith("latents.")),
+                   key=lambda kv: (not kv[0].isdigit(), int(kv[0]) if kv[0].isdigit()
+                                   else 0, kv[0]))
     if not items:
         raise DataError("no tensors named latents.<k> to group")
-    groups: dict[tuple[int, ...], list[tuple[str, torch.Tensor]]] = {}
+    groups: dict[tuple[int, ...], list[tuple[str, torch.Tensor, bool]]] = {}
     for k, v in items:
-        v = v if v.ndim >= 4 else v.unsqueeze(0)
-        groups.setdefault(tuple(v.shape[1:]), []).append((k, v))
+        single = v.ndim == 3  # one [C,H,W] latent: its conditioning has no batch dim
+        v = v.unsqueeze(0) if single else v
+        groups.setdefault(tuple(v.shape[1:]), []).append((k, v, single))
     cond_keys = sorted({c.rsplit(".", 1)[0] for c in conditioning if "." in c})
     out_lat: dict[str, torch.Tensor] = {}
     out_cond: dict[str, torch.Tensor] = {}
     for i, shape in enumerate(sorted(groups)):
         members = groups[shape]
-        out_lat[f"latents.{i}"] = torch.cat([v for _, v in members])
+        out_lat[f"latents.{i}"] = torch.cat([v for _, v, _ in members])
         for ck in cond_keys:
             parts = []
-            for k, v in members:
+            for k, v, single in members:
                 c = conditioning.get(f"{ck}.{k}")
                 if c is None:
                     raise DataError(f"conditioning: no tensor {ck}.{k} for latents.{k}")
-                c = c if c.shape[0] == v.shape[0] and c.ndim >= 2 else c.unsqueeze(0)
+                c = c.unsqueeze(0) if single else c
+                if c.shape[0] not in (1, v.shape[0]):
+                    raise DataError(f"conditioning: {ck}.{k} has {c.shape[0]} entries for "
+                                    f"{v.shape[0]} latents")
                 parts.append(c.expand(v.shape[0], *c.shape[1:]))
             out_cond[f"{ck}.{i}"] = torch.cat(parts)
     return out_lat, out_cond

@@ -53,7 +53,8 @@ class DistContext:
         local = int(os.environ.get("LOCAL_RANK", "0"))
         here = False
         if not dist.is_initialized():
-            backend = "nccl" if device_type == "cuda" else "gloo"
+            # gloo for the CPU collectives (loss averaging) even beside nccl on GPUs
+            backend = "cpu:gloo,cuda:nccl" if device_type == "cuda" else "gloo"
             dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
             here = True
         return cls(rank, world, local, here)
@@ -79,13 +80,24 @@ class DistContext:
             dist.destroy_process_group()
 
 
+_PEER_LOST = ("connection", "closed", "timed out", "timeout", "gloo", "nccl", "peer",
+              "broken pipe")
+
+
 def guarded(fn: Callable[[], Any], what: str) -> Any:
-    """Run a collective; turn a lost peer into one clear error."""
+    """Run a collective; turn a lost peer into one clear error. Other failures (an
+    out-of-memory error in the backward pass, say) pass through unchanged."""
     try:
         return fn()
-    except (RuntimeError, dist.DistBackendError) as exc:  # type: ignore[attr-defined]
+    except RuntimeError as exc:
+        text = str(exc)
+        lost = isinstance(exc, getattr(dist, "DistError", ())) or any(
+            word in text.lower() for word in _PEER_LOST)
+        if not lost:
+            raise
         raise RankLostError(f"lost contact with another process while {what}: "
-                            f"{str(exc).splitlines()[0]}") from None
+                            f"{text.splitlines()[0] if text else type(exc).__name__}"
+                            ) from None
 
 
 class Denoise(nn.Module):

@@ -196,7 +196,8 @@ def loraengine_on_save(run: Any, path: str, kind: str) -> None:
 
 @hookspec
 def loraengine_on_train_end(run: Any, result: Any) -> None:
-    """Called once after training ends, with the ``TrainResult``.
+    """Called once after training ends, with the ``TrainResult`` — or ``None`` when
+    training stopped with an error (so loggers can close and displays stop).
 
     Example::
 

@@ -42,10 +42,17 @@ def atomic_path(path: Path):
         raise
 
 
-def _umask() -> int:
+def _read_umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+_UMASK = _read_umask()  # read once: umask() can only be read by setting it
+
+
+def _umask() -> int:
+    return _UMASK
 
 
 def _fsync_dir(folder: Path) -> None:

@@ -101,6 +101,13 @@ def resolve_device(name: str) -> torch.device:
         raise ConfigError(f"training.device: unknown device {name!r}") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"training.device: {name!r} requested but CUDA is not available")
+    if dev.type != "meta":
+        try:
+            torch.empty(0, device=dev)
+        except (RuntimeError, AssertionError) as exc:
+            raise ConfigError(f"training.device: {name!r} is not usable here: "
+                              f"{str(exc).splitlines()[0] if str(exc) else 'unavailable'}"
+                              ) from None
     return dev
 
 
@@ -245,12 +252,25 @@ def _read_existing(path: Path, host: PluginHost, layers: Mapping[str, nn.Module]
 def build_pipeline(config: Any, host: PluginHost, *, model: nn.Module | None = None,
                    latents: Any = None, conditioning: Any = None,
                    base_dir: Path | None = None) -> Pipeline:
-    reg = host.registry
+    """Build the pipeline; on any failure the model is left unpatched and a process
+    group opened here is closed."""
     device = resolve_device(config.training.device)
     dist_ctx = DistContext.from_env(config.training.dist_timeout, device.type)
     if dist_ctx.enabled and device.type == "cuda":
         device = torch.device("cuda", dist_ctx.local_rank)
         torch.cuda.set_device(device)
+    try:
+        return _assemble(config, host, device, dist_ctx, model, latents, conditioning,
+                         base_dir)
+    except BaseException:
+        dist_ctx.close()
+        raise
+
+
+def _assemble(config: Any, host: PluginHost, device: torch.device, dist_ctx: DistContext,
+              model: nn.Module | None, latents: Any, conditioning: Any,
+              base_dir: Path | None) -> Pipeline:
+    reg = host.registry
     loaded = load_model(config, host, model, base_dir)
     module = loaded.module
     module.requires_grad_(False)
@@ -285,17 +305,21 @@ def build_pipeline(config: Any, host: PluginHost, *, model: nn.Module | None = N
                     lr_scheduler=lr_scheduler, loss_fn=loss_fn, device=device,
                     compute_dtype=compute_dtype, save_dtype=DTYPES[config.adapter.dtype],
                     previous_steps=previous, validation=validation, dist=dist_ctx)
-    network.attach("weight")
-    for spec in strategies:
-        undo = spec.apply(pipe, config.memory)
-        if undo is not None:
-            pipe.undo.append(undo)
-    install_recipes(pipe)
-    if dist_ctx.enabled:
-        dist_ctx.slice_of(config.training.batch_size)  # checks the split early
-        if config.training.fsdp:
-            shard_base(module, loaded.blocks, device)
-            pipe.sharded = True
-        else:
-            pipe.denoise = wrap_ddp(module, network, loaded.predict, device)
+    try:
+        network.attach("weight")
+        for spec in strategies:
+            undo = spec.apply(pipe, config.memory)
+            if undo is not None:
+                pipe.undo.append(undo)
+        install_recipes(pipe)
+        if dist_ctx.enabled:
+            dist_ctx.slice_of(config.training.batch_size)  # checks the split early
+            if config.training.fsdp:
+                shard_base(module, loaded.blocks, device)
+                pipe.sharded = True
+            else:
+                pipe.denoise = wrap_ddp(module, network, loaded.predict, device)
+    except BaseException:
+        pipe.close()  # the caller's model leaves as it came
+        raise
     return pipe

@@ -76,6 +76,9 @@ class AdapterSpec:
     network_module: str = ""
     layer_types: tuple[type, ...] = ()
     description: str = ""
+    #: ``file_metadata(options) -> {key: value}``: notes the algorithm adds to the
+    #: file's metadata (e.g. how to read its ``alpha``).
+    file_metadata: Callable[[Any], dict[str, str]] | None = None
 
 
 @dataclass(frozen=True)

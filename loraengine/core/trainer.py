@@ -167,17 +167,23 @@ class Trainer:
             self.scaler.unscale_(pipe.optimizer)
         grads_ok = all(p.grad is None or bool(torch.isfinite(p.grad).all()) for p in params)
         lr = float(pipe.optimizer.param_groups[0]["lr"])
-        skipped = not (finite and grads_ok)
-        if tcfg.max_grad_norm is not None and not skipped:
+        # A non-finite loss, or non-finite gradients without a scaler, is a bad step. With
+        # fp16's scaler, overflowing gradients are its normal way of finding the scale:
+        # the step is not applied, but it is not counted against the watchdog.
+        skipped = not finite or (self.scaler is None and not grads_ok)
+        overflow = self.scaler is not None and not grads_ok
+        applied = not skipped and not overflow
+        if tcfg.max_grad_norm is not None and applied:
             torch.nn.utils.clip_grad_norm_(params, tcfg.max_grad_norm)
         if self.scaler is not None:
-            self.scaler.step(pipe.optimizer)  # the scaler skips non-finite steps itself
+            if finite:
+                self.scaler.step(pipe.optimizer)  # skips overflowing steps itself
             self.scaler.update()
-        elif not skipped:
+        elif applied:
             pipe.optimizer.step()
         pipe.optimizer.zero_grad(set_to_none=True)
         pipe.lr_scheduler.step()
-        if not skipped:
+        if applied:
             for recipe in pipe.recipes:
                 recipe.after_optimizer_step()  # e.g. the EMA of the adapter weights
         return {"loss": total, "lr": lr, "skipped": float(skipped)}
@@ -200,24 +206,28 @@ class Trainer:
         self.host.on_train_start(self)
         self.pipe.network.train()
         stopped_early = False
-        with self._signals():
-            for step in range(self.start_step + 1, self.total_steps + 1):
-                metrics = self.step()
-                for k in STEP_KEYS:
-                    self.loss_map[k].append(metrics[k])
-                self.host.on_step_end(self, step, metrics)
-                self._watch(step, bool(metrics["skipped"]))
-                if self._validation_due(step) and self._validate(step):
-                    stopped_early = True
-                if self.write_files and out.save_every and step % out.save_every == 0:
-                    self.save_checkpoint(step)
-                if stopped_early:
-                    break
-                if self._stop_signal is not None:
-                    self._interrupted(step)
-        result = self.finish()
-        result.stopped_early = stopped_early
-        self.host.on_train_end(self, result)
+        result: TrainResult | None = None
+        try:
+            with self._signals():
+                for step in range(self.start_step + 1, self.total_steps + 1):
+                    metrics = self.step()
+                    for k in STEP_KEYS:
+                        self.loss_map[k].append(metrics[k])
+                    self._watch(step, bool(metrics["skipped"]))
+                    if self._validation_due(step):
+                        stopped_early = self._validate(step, metrics)
+                    self.host.on_step_end(self, step, metrics)
+                    if self.write_files and out.save_every and step % out.save_every == 0:
+                        self.save_checkpoint(step)
+                    if stopped_early:
+                        break
+                    if self._stop_signal is not None:
+                        self._interrupted(step)
+            result = self.finish()
+            result.stopped_early = stopped_early
+        finally:
+            # also when training stops with an error: loggers close, displays stop
+            self.host.on_train_end(self, result)
         return result
 
     # -- validation -------------------------------------------------------------------
@@ -242,12 +252,13 @@ class Trainer:
             self.noise_gen = saved
         return total / n
 
-    def _validate(self, step: int) -> bool:
-        """Record the validation loss; return True when early stopping says stop."""
+    def _validate(self, step: int, metrics: dict[str, float]) -> bool:
+        """Record the validation loss (also in ``metrics``); return True when early
+        stopping says stop."""
         value = self.validation_loss()
         self.loss_map.setdefault("val_loss", []).append(value)
         self.loss_map.setdefault("val_loss_step", []).append(step)
-        self.host.on_step_end(self, step, {"val_loss": value})
+        metrics["val_loss"] = value
         stop_cfg = self.config.early_stop
         if self.best_val is None or value < self.best_val - stop_cfg.min_delta:
             self.best_val, self.since_best = value, 0
@@ -268,7 +279,9 @@ class Trainer:
         if self.bad_streak < limit:
             return
         streak, first = self.bad_streak, step - self.bad_streak + 1
-        found = ckpt.load_latest_valid(self.checkpoint_dir) if self.write_files else None
+        # the newest checkpoint from before the streak began
+        found = (ckpt.load_latest_valid(self.checkpoint_dir, before=first - 1)
+                 if self.write_files else None)
         if found is not None:
             good_step, adapter, state, path = found
             self.load_state(adapter, state)
@@ -400,13 +413,19 @@ class Trainer:
         return exporter.to_file(pipe.network.file_modules(pipe.save_dtype))
 
     def metadata(self) -> dict[str, str]:
+        """The file's metadata, from the adapters as trained (a continued file keeps its
+        own rank and alpha) and the spec's own notes."""
         cfg = self.config
-        alpha = cfg.adapter.alpha if cfg.adapter.alpha is not None else cfg.adapter.rank
         spec = self.pipe.adapter_spec
-        return {
+        layers = [layer for _, layer in self.pipe.network.items()]
+        ranks = sorted({layer.rank for layer in layers}) or [cfg.adapter.rank]
+        alphas = sorted({layer.alpha for layer in layers}) or [
+            cfg.adapter.alpha if cfg.adapter.alpha is not None else cfg.adapter.rank]
+        extra = spec.file_metadata(cfg.adapter) if spec.file_metadata else {}
+        return extra | {
             "ss_network_module": spec.network_module or f"loraengine.{spec.name}",
-            "ss_network_dim": str(cfg.adapter.rank),
-            "ss_network_alpha": str(alpha),
+            "ss_network_dim": str(ranks[-1]),
+            "ss_network_alpha": f"{alphas[-1]:g}",
             "ss_network_args": json.dumps({"algo": spec.name}),
             "ss_steps": str(self.steps_done),
             "ss_base_model_version": self.pipe.loaded.base_model_version,
@@ -439,7 +458,7 @@ class Trainer:
                 result.files[suffix] = variant_path
                 self.host.on_save(self, str(variant_path), suffix)
         loss_path = out / f"{name}.loss.json"
-        write_text_atomic(loss_path, json.dumps(result.loss_map, indent=1))
+        write_text_atomic(loss_path, json.dumps(_finite_or_null(result.loss_map), indent=1))
         result.files["loss_map"] = loss_path
         self.host.on_save(self, str(loss_path), "loss_map")
         if self.config.output.plot:
@@ -451,3 +470,9 @@ class Trainer:
             self.host.on_save(self, str(plot_path), "plot")
         return result
 
+
+
+def _finite_or_null(loss_map: dict[str, list[float]]) -> dict[str, list[float | None]]:
+    """The loss map as strict JSON: a skipped step's NaN/inf loss becomes null."""
+    return {k: [v if not isinstance(v, float) or math.isfinite(v) else None for v in vals]
+            for k, vals in loss_map.items()}

@@ -126,7 +126,7 @@ def loraengine_on_step_end(run: Any, step: int, metrics: dict[str, float]) -> No
 @hookimpl
 def loraengine_on_train_end(run: Any, result: Any) -> None:
     preview = _ACTIVE.pop(run, None)
-    if preview is None:
+    if preview is None or result is None:  # nothing to render after a failed run
         return
     final = _steps_done(run)
     if preview.last_step != final:

@@ -22,7 +22,13 @@ from torch import nn
 
 from loraengine.core.errors import ConfigError
 from loraengine.core.specs import AdapterSpec, PluginOptions
-from loraengine.plugins.adapters.oft import ChannelMapLayer, _read_rescale, _warn_alpha, cayley
+from loraengine.plugins.adapters.oft import (
+    ChannelMapLayer,
+    _read_rescale,
+    _warn_alpha,
+    cayley,
+    constraint_metadata,
+)
 
 
 class BOFTOptions(PluginOptions):
@@ -142,5 +148,5 @@ def owns_keys(keys: Any) -> bool:
 
 SPEC = AdapterSpec(
     name="boft", create=create, load=load, owns_keys=owns_keys, config_model=BOFTOptions,
-    network_module="lycoris.kohya",
+    network_module="lycoris.kohya", file_metadata=constraint_metadata,
     description="Butterfly OFT: stages of block rotations that mix all output rows.")

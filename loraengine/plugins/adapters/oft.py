@@ -255,7 +255,14 @@ def owns_keys(keys: Any) -> bool:
     return True
 
 
+def constraint_metadata(options: Any) -> dict[str, str]:
+    """How a reader must take the file's ``alpha`` (shared with BOFT)."""
+    return {"loraengine.oft_constraint": f"{getattr(options, 'constraint', 0.0):g}",
+            "loraengine.alpha_reading": "ComfyUI: ||Q||_F <= alpha (LyCORIS reads "
+                                        "alpha*out_dim; the same when alpha is 0)"}
+
+
 SPEC = AdapterSpec(
     name="oft", create=create, load=load, owns_keys=owns_keys, config_model=OFTOptions,
-    network_module="lycoris.kohya",
+    network_module="lycoris.kohya", file_metadata=constraint_metadata,
     description="Orthogonal fine-tuning: block-diagonal Cayley rotation of output rows.")
