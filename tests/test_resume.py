@@ -135,3 +135,20 @@ def test_sigint_finishes_the_step_saves_and_exits_130(tmp_path, unet_config):
 
     with safe_open(str(lora), "pt") as fh:
         assert int(fh.metadata()["loraengine.steps"]) == done[0]
+
+
+def test_resume_with_a_changed_config_warns_naming_the_keys(host, unet_config, tmp_path):
+    pipe = pipeline_for(host, unet_config, tmp_path, save_every=2)
+    Trainer(pipe).run()
+    pipe.close()
+    changed = json.loads(json.dumps(unet_config))
+    changed["optimizer"] = {"name": "adamw", "lr": 0.01}
+    pipe = pipeline_for(host, changed, tmp_path, save_every=2)
+    trainer = Trainer(pipe)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.resume("latest")
+    pipe.close()
+    msgs = " ".join(str(w.message) for w in caught)
+    assert "changed config" in msgs and "optimizer.lr: 0.0005 -> 0.01" in msgs
+    assert "training.steps" not in msgs
