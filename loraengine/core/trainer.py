@@ -165,7 +165,11 @@ class Trainer:
             finite = math.isfinite(total)
         if self.scaler is not None:
             self.scaler.unscale_(pipe.optimizer)
-        grads_ok = all(p.grad is None or bool(torch.isfinite(p.grad).all()) for p in params)
+        # one fused norm over every gradient: non-finite anywhere makes it non-finite,
+        # and clipping reuses it (one device sync per step instead of one per tensor)
+        grads = [p.grad for p in params if p.grad is not None]
+        total_norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
+        grads_ok = bool(torch.isfinite(total_norm))
         lr = float(pipe.optimizer.param_groups[0]["lr"])
         # A non-finite loss, or non-finite gradients without a scaler, is a bad step. With
         # fp16's scaler, overflowing gradients are its normal way of finding the scale:
@@ -174,7 +178,7 @@ class Trainer:
         overflow = self.scaler is not None and not grads_ok
         applied = not skipped and not overflow
         if tcfg.max_grad_norm is not None and applied:
-            torch.nn.utils.clip_grad_norm_(params, tcfg.max_grad_norm)
+            torch.nn.utils.clip_grads_with_norm_(params, tcfg.max_grad_norm, total_norm)
         if self.scaler is not None:
             if finite:
                 self.scaler.step(pipe.optimizer)  # skips overflowing steps itself
