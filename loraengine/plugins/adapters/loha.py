@@ -38,6 +38,27 @@ def tucker(t: torch.Tensor, wa: torch.Tensor, wb: torch.Tensor) -> torch.Tensor:
     return torch.einsum("ij...,ip,jq->pq...", t, wa, wb)
 
 
+class HadamardProduct(torch.autograd.Function):
+    """``(w1a·w1b) ⊙ (w2a·w2b) · scale`` that keeps only the four small factors for the
+    backward pass and recomputes the two full-size products there: two weight-sized
+    tensors per layer less held between the passes."""
+
+    @staticmethod
+    def forward(ctx: Any, w1a: torch.Tensor, w1b: torch.Tensor, w2a: torch.Tensor,
+                w2b: torch.Tensor, scale: float) -> torch.Tensor:
+        ctx.save_for_backward(w1a, w1b, w2a, w2b)
+        ctx.scale = scale
+        return (w1a @ w1b) * (w2a @ w2b) * scale
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        w1a, w1b, w2a, w2b = ctx.saved_tensors
+        grad = grad * ctx.scale
+        g1 = grad * (w2a @ w2b)  # d/d(w1a·w1b)
+        g2 = grad * (w1a @ w1b)  # d/d(w2a·w2b)
+        return g1 @ w1b.T, w1a.T @ g1, g2 @ w2b.T, w2a.T @ g2, None
+
+
 class LoHaLayer(AdditiveAdapter):
     """Hadamard product of two low-rank updates of one Linear/Conv layer."""
 
@@ -77,6 +98,10 @@ class LoHaLayer(AdditiveAdapter):
                 (self.hada_w2_a @ self.hada_w2_b).reshape(shape))
 
     def raw_delta(self) -> torch.Tensor:
+        if not self.tucker:
+            return HadamardProduct.apply(self.hada_w1_a, self.hada_w1_b, self.hada_w2_a,
+                                         self.hada_w2_b, self.scale
+                                         ).reshape(self.base.weight.shape)
         w1, w2 = self.halves()
         return w1 * w2 * self.scale
 
