@@ -190,3 +190,23 @@ def test_every_family_is_registered_with_its_defaults():
         assert (fam.default_exporter, fam.prediction_type) == (exporter, prediction)
         assert spec.config_model is fam.options
     assert {"diffusers", "peft"} <= set(reg.names("exporter"))
+
+
+def test_explicit_prediction_type_keeps_the_scheduler_betas(tmp_path):
+    import json
+
+    from loraengine.core.errors import ConfigError
+    from loraengine.plugins.models.diffusers_folder import DiffusersOptions, schedule_from
+
+    sched = tmp_path / "scheduler_config.json"
+    sched.write_text(json.dumps({"_class_name": "DDPMScheduler", "num_train_timesteps": 500,
+                                 "beta_start": 0.0001, "beta_end": 0.02,
+                                 "beta_schedule": "linear", "prediction_type": "epsilon"}))
+    auto = schedule_from(DiffusersOptions(path=tmp_path), sched)
+    v = schedule_from(DiffusersOptions(path=tmp_path, prediction_type="v_prediction"), sched)
+    assert (auto.prediction_type, v.prediction_type) == ("epsilon", "v_prediction")
+    assert v.num_timesteps == 500 and torch.equal(v.alphas_cumprod, auto.alphas_cumprod)
+    sched.write_text(json.dumps({"_class_name": "DDPMScheduler",
+                                 "beta_schedule": "squaredcos_cap_v2"}))
+    with pytest.raises(ConfigError, match="beta_schedule 'squaredcos_cap_v2' is not supported"):
+        schedule_from(DiffusersOptions(path=tmp_path), sched)

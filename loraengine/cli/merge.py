@@ -47,7 +47,11 @@ def _saved_dtype(folder: Path) -> torch.dtype:
     """The floating dtype the model's weights are stored in (fp32 when unknown)."""
     from safetensors import safe_open
 
-    for file in sorted(folder.glob("*.safetensors")):
+    # the file from_pretrained loads, not a variant such as *.fp16.safetensors
+    main = folder / "diffusion_pytorch_model.safetensors"
+    files = [main] if main.exists() else sorted(
+        f for f in folder.glob("*.safetensors") if f.name.count(".") == 1)
+    for file in files:
         with safe_open(str(file), framework="pt") as fh:
             for key in fh.keys():
                 dtype = fh.get_slice(key).get_dtype()
@@ -93,6 +97,9 @@ def merge_model(model_path: Path, lora: Path, out: Path, strength: float = 1.0,
     model = load_diffusers_model(folder)
     handle = apply(model, lora, strength=strength, mode="merge")
     model.to(target)
+    if out.resolve().is_relative_to(Path(model_path).resolve()):
+        raise DataError(f"--out: {out} is inside --model {model_path}; write the merged "
+                        f"model somewhere else")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     try:

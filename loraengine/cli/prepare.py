@@ -112,6 +112,9 @@ def _run(state: Any, model: Path, images: Path, out: Path, family: str,
 
     if not model.exists():
         raise DataError(f"--model: {model} does not exist")
+    if len(caption_ext) < 2 or not caption_ext.startswith(".") or "/" in caption_ext:
+        raise DataError(f"--caption-ext: expected an extension such as .txt, got "
+                        f"{caption_ext!r}")
     spec = pick_family(state.host, model, family)
     encoder = spec.make_encoder(model, {"device": device, "dtype": dtype,
                                         "max_sequence_length": max_sequence_length})

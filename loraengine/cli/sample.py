@@ -108,6 +108,8 @@ def latent_shape(loaded: Any, size: tuple[int, int] | None, vae: Any) -> tuple[i
             size = (side, side) if isinstance(side, int) else tuple(side)  # type: ignore[assignment]
     if size is None:
         raise ConfigError("--size: required for this model (latent height and width)")
+    if min(size) < 1:
+        raise ConfigError(f"--size: height and width must be positive, got {list(size)}")
     return int(channels), int(size[0]), int(size[1])
 
 

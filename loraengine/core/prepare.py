@@ -90,6 +90,8 @@ def read_captions_file(path: Path) -> dict[str, str]:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise DataError(f"--captions: cannot read {path}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError as exc:
+        raise DataError(f"--captions: {path} is not UTF-8 text (byte {exc.start})") from None
     out: dict[str, str] = {}
     try:
         if path.suffix.lower() == ".jsonl":
@@ -97,6 +99,8 @@ def read_captions_file(path: Path) -> dict[str, str]:
                 if not line.strip():
                     continue
                 row = json.loads(line)
+                if not isinstance(row, dict):
+                    raise DataError(f"--captions: {path}:{n}: expected a JSON object")
                 name = row.get("file_name", row.get("file"))
                 cap = row.get("text", row.get("caption"))
                 if not isinstance(name, str) or not isinstance(cap, str):
@@ -154,7 +158,11 @@ def scan(images: Iterable[Path], captions: Mapping[str, str] | None, caption_ext
             caption = captions.get(rel, captions.get(path.name))
         else:
             side = path.with_suffix(caption_ext)
-            caption = side.read_text(encoding="utf-8").strip() if side.is_file() else None
+            try:
+                caption = side.read_text(encoding="utf-8").strip() if side.is_file() else None
+            except UnicodeDecodeError:
+                unreadable.append(f"{side.name} (caption is not UTF-8 text)")
+                continue
         if caption is None:
             missing.append(rel)
             continue

@@ -166,7 +166,8 @@ def guided_model_fn(loaded: LoadedModel, cond: Mapping[str, torch.Tensor],
         if negative is None:
             raise ValueError("guidance needs a negative conditioning")
         neg = {k: to(v) for k, v in negative.items()}
-        both = {k: torch.cat([neg[k], cond[k]]) for k in cond}
+        # keys the negative lacks (SDXL's time_ids...) are the prompt's own
+        both = {k: torch.cat([neg.get(k, cond[k]), cond[k]]) for k in cond}
     schedule = loaded.schedule
 
     def model_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -217,7 +218,6 @@ def sample_latents(loaded: LoadedModel, cond: Mapping[str, torch.Tensor], shape:
     chunks = range(0, total, max(1, settings.batch_size))
     n_steps = settings.steps * len(chunks)
     done = 0
-    gen = make_generator(settings.seed, "sampler")  # stochastic samplers only
     out = []
     for start in chunks:
         idx = torch.arange(start, min(total, start + settings.batch_size))
@@ -234,7 +234,9 @@ def sample_latents(loaded: LoadedModel, cond: Mapping[str, torch.Tensor], shape:
             return result
 
         noise = start_noise(shape, settings.seed, len(idx), start)
-        out.append(sample(counted, noise, loaded.schedule, settings.steps, gen).float().cpu())
+        # stochastic samplers draw each image's noise from that image's own generator
+        gens = [make_generator(settings.seed, f"sampler.{int(i)}") for i in idx]
+        out.append(sample(counted, noise, loaded.schedule, settings.steps, gens).float().cpu())
     return torch.cat(out)
 
 

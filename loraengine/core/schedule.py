@@ -11,6 +11,8 @@ from typing import Literal
 
 import torch
 
+from loraengine.core.errors import ConfigError
+
 PredictionType = Literal["epsilon", "v_prediction", "flow"]
 
 
@@ -46,7 +48,8 @@ class NoiseSchedule:
             betas = torch.linspace(beta_start, beta_end, num_train_timesteps,
                                    dtype=torch.float64)
         else:
-            raise ValueError(f"unsupported beta_schedule {beta_schedule!r}")
+            raise ConfigError(f"model: the scheduler's beta_schedule {beta_schedule!r} is "
+                              f"not supported (scaled_linear, linear)")
         alphas_cumprod = torch.cumprod(1.0 - betas, dim=0)
         return cls(prediction_type, alphas_cumprod=alphas_cumprod)
 

@@ -225,7 +225,9 @@ class SamplerSpec:
     -> x0``. ``model_fn(x_t, t)`` gives the model's native prediction (guidance already
     applied) for ``x_t`` at ``t``, a 0-dim float64 tensor in the schedule's units (a DDPM
     timestep, possibly fractional, or σ for flow); ``noise`` is the unit-variance start
-    ``[B, ...]``; ``generator`` feeds any stochastic part. ``prediction_types`` lists the
+    ``[B, ...]``; ``generator`` feeds any stochastic part: a list of one
+    ``torch.Generator`` per row, so that row ``i`` draws only from ``generator[i]``
+    (an image must not depend on what is sampled beside it). ``prediction_types`` lists the
     schedule kinds (``epsilon``, ``v_prediction``, ``flow``) it can sample."""
 
     name: str

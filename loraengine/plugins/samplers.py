@@ -39,6 +39,15 @@ class EulerOptions(PluginOptions):
                                 "(default: the schedule's).")
 
 
+
+def row_noise(shape: torch.Size, generator: Any) -> torch.Tensor:
+    """Fresh unit noise of ``shape``: row ``i`` from ``generator[i]`` when given one
+    generator per image (so an image does not depend on what is sampled beside it)."""
+    if isinstance(generator, (list, tuple)):
+        return torch.stack([torch.randn(tuple(shape[1:]), generator=g, dtype=torch.float32)
+                            for g in generator])
+    return torch.randn(tuple(shape), generator=generator, dtype=torch.float32)
+
 def trailing_timesteps(num_train: int, steps: int) -> list[int]:
     """``steps`` descending training timesteps, the first at ``num_train − 1``."""
     if not 1 <= steps <= num_train:
@@ -83,7 +92,7 @@ def make_ddim(options: DDIMOptions) -> Callable[..., torch.Tensor]:
             sigma = eta * ((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)) ** 0.5
             x = a_prev ** 0.5 * x0 + max(1 - a_prev - sigma ** 2, 0.0) ** 0.5 * eps
             if sigma > 0:
-                z = torch.randn(x.shape, generator=generator, dtype=torch.float32)
+                z = row_noise(x.shape, generator)
                 x = x + sigma * z.to(x.device)
         return x
 

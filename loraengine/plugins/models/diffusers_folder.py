@@ -63,14 +63,24 @@ def locate(options: DiffusersOptions) -> tuple[Path, Path | None]:
 
 
 def schedule_from(options: DiffusersOptions, sched_path: Path | None) -> NoiseSchedule:
-    if options.prediction_type != "auto" or sched_path is None:
+    """The scheduler config's schedule; an explicit ``prediction_type`` overrides only
+    the prediction type (the betas and step count stay the config's)."""
+    if sched_path is None:
         kind = "epsilon" if options.prediction_type == "auto" else options.prediction_type
         return options.schedule(kind)
     sc = _read_json(sched_path)
-    if "FlowMatch" in str(sc.get("_class_name", "")):
-        return NoiseSchedule.flow(float(sc.get("shift", options.flow_shift)),
-                                  options.timestep_sampling)
-    return NoiseSchedule.ddpm(sc.get("prediction_type", "epsilon"),
+    is_flow = "FlowMatch" in str(sc.get("_class_name", ""))
+    kind = options.prediction_type
+    if kind == "flow" or (kind == "auto" and is_flow):
+        shift = float(sc.get("shift", options.flow_shift)) if is_flow and \
+            "flow_shift" not in options.model_fields_set else options.flow_shift
+        return NoiseSchedule.flow(shift, options.timestep_sampling)
+    if kind == "auto":
+        kind = sc.get("prediction_type", "epsilon")
+    if kind not in ("epsilon", "v_prediction"):
+        raise ConfigError(f"model.prediction_type: {kind!r} cannot be trained; use "
+                          f"epsilon, v_prediction or flow")
+    return NoiseSchedule.ddpm(kind,
                               int(sc.get("num_train_timesteps", 1000)),
                               float(sc.get("beta_start", 0.00085)),
                               float(sc.get("beta_end", 0.012)),
