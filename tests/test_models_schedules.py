@@ -210,3 +210,17 @@ def test_explicit_prediction_type_keeps_the_scheduler_betas(tmp_path):
                                  "beta_schedule": "squaredcos_cap_v2"}))
     with pytest.raises(ConfigError, match="beta_schedule 'squaredcos_cap_v2' is not supported"):
         schedule_from(DiffusersOptions(path=tmp_path), sched)
+
+
+def test_zero_terminal_snr_rescale_matches_diffusers():
+    from diffusers import DDPMScheduler
+
+    from loraengine.core.schedule import NoiseSchedule
+
+    ref = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                        rescale_betas_zero_snr=True).alphas_cumprod.double()
+    ours = NoiseSchedule.ddpm("v_prediction", rescale_zero_terminal_snr=True).alphas_cumprod
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-7)
+    assert float(ours[-1]) < 1e-12  # the last step is pure noise
+    plain = NoiseSchedule.ddpm("v_prediction").alphas_cumprod
+    assert float(ours[0]) == pytest.approx(float(plain[0]))

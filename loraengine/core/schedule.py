@@ -39,8 +39,11 @@ class NoiseSchedule:
     @classmethod
     def ddpm(cls, prediction_type: PredictionType = "epsilon", num_train_timesteps: int = 1000,
              beta_start: float = 0.00085, beta_end: float = 0.012,
-             beta_schedule: str = "scaled_linear") -> NoiseSchedule:
-        """The DDPM schedule as diffusers builds it (``scaled_linear`` for SD)."""
+             beta_schedule: str = "scaled_linear", rescale_zero_terminal_snr: bool = False
+             ) -> NoiseSchedule:
+        """The DDPM schedule as diffusers builds it (``scaled_linear`` for SD). With
+        ``rescale_zero_terminal_snr`` (diffusers' ``rescale_betas_zero_snr``), √ᾱ is
+        shifted and scaled so that the last step is pure noise and the first unchanged."""
         if beta_schedule == "scaled_linear":
             betas = torch.linspace(beta_start**0.5, beta_end**0.5, num_train_timesteps,
                                    dtype=torch.float64) ** 2
@@ -51,6 +54,11 @@ class NoiseSchedule:
             raise ConfigError(f"model: the scheduler's beta_schedule {beta_schedule!r} is "
                               f"not supported (scaled_linear, linear)")
         alphas_cumprod = torch.cumprod(1.0 - betas, dim=0)
+        if rescale_zero_terminal_snr:
+            root = alphas_cumprod.sqrt()
+            first, last = root[0].clone(), root[-1].clone()
+            root = (root - last) * (first / (first - last))
+            alphas_cumprod = root**2
         return cls(prediction_type, alphas_cumprod=alphas_cumprod)
 
     @classmethod

@@ -223,7 +223,8 @@ def ddpm_schedule(family: Family, options: DDPMOptions, sched: Mapping[str, Any]
     return NoiseSchedule.ddpm(kind, int(sched.get("num_train_timesteps", 1000)),
                               float(sched.get("beta_start", 0.00085)),
                               float(sched.get("beta_end", 0.012)),
-                              str(sched.get("beta_schedule", "scaled_linear")))
+                              str(sched.get("beta_schedule", "scaled_linear")),
+                              bool(sched.get("rescale_betas_zero_snr", False)))
 
 
 def flow_schedule(family: Family, options: FlowOptions, sched: Mapping[str, Any] | None

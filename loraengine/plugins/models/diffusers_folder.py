@@ -84,7 +84,8 @@ def schedule_from(options: DiffusersOptions, sched_path: Path | None) -> NoiseSc
                               int(sc.get("num_train_timesteps", 1000)),
                               float(sc.get("beta_start", 0.00085)),
                               float(sc.get("beta_end", 0.012)),
-                              str(sc.get("beta_schedule", "scaled_linear")))
+                              str(sc.get("beta_schedule", "scaled_linear")),
+                              bool(sc.get("rescale_betas_zero_snr", False)))
 
 
 def _predict_unet(module: nn.Module, x_t: torch.Tensor, t: torch.Tensor,
