@@ -339,29 +339,3 @@ def _finite_or_null(loss_map: dict[str, list[float]]) -> dict[str, list[float | 
     """The loss map as strict JSON: a skipped step's NaN/inf loss becomes null."""
     return {k: [v if not isinstance(v, float) or math.isfinite(v) else None for v in vals]
             for k, vals in loss_map.items()}
-
-
-#: Keys that may change between a run and its resume without changing what is trained.
-_RESUMABLE_CHANGES = ("training.steps", "training.device", "training.dist_timeout",
-                      "output.", "validation.", "early_stop.", "memory.")
-
-
-def config_changes(checkpoint: Path, current: dict[str, Any]) -> list[str]:
-    """``key: saved -> now`` for every config value that differs from the checkpoint's,
-    except those a resume may change freely (steps, device, outputs, memory...)."""
-    try:
-        saved = json.loads((Path(checkpoint) / "config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return []
-
-    def flat(d: Any, prefix: str = "") -> dict[str, Any]:
-        if not isinstance(d, dict):
-            return {prefix[:-1]: d}
-        out: dict[str, Any] = {}
-        for k, v in d.items():
-            out.update(flat(v, f"{prefix}{k}."))
-        return out
-
-    a, b = flat(saved), flat(current)
-    return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b))
-            if a.get(k) != b.get(k) and not k.startswith(_RESUMABLE_CHANGES)]

@@ -13,7 +13,6 @@ ComfyUI's reading as for OFT) and optional ``rescale``.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -26,8 +25,10 @@ from loraengine.plugins.adapters.oft import (
     ChannelMapLayer,
     _read_rescale,
     _warn_alpha,
+    blocks_with_rank,
     cayley,
     constraint_metadata,
+    fill_saved,
 )
 
 
@@ -130,20 +131,10 @@ def load(base: nn.Module, tensors: dict[str, torch.Tensor], options: Any) -> BOF
     constraint = float(tensors["alpha"]) if "alpha" in tensors else 0.0
     rescale = _read_rescale(tensors, out_dim)
     layer = BOFTLayer(base, b, stages, max(constraint, 0.0), rescaled=rescale is not None)
-    with torch.no_grad():
-        layer.oft_blocks.copy_(blocks.float())
-        if rescale is not None and layer.rescale is not None:
-            layer.rescale.copy_(rescale.float().reshape(layer.rescale.shape))
-    return layer
+    return fill_saved(layer, blocks, rescale)
 
 
-def owns_keys(keys: Any) -> bool:
-    """``oft_blocks`` of four dimensions (see ``oft.owns_keys``)."""
-    if "oft_blocks" not in keys:
-        return False
-    if isinstance(keys, Mapping):
-        return getattr(keys["oft_blocks"], "ndim", 4) == 4
-    return True
+owns_keys = blocks_with_rank(4)
 
 
 SPEC = AdapterSpec(

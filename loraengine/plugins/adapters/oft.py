@@ -238,6 +238,11 @@ def load(base: nn.Module, tensors: dict[str, torch.Tensor], options: Any) -> OFT
     constraint = float(tensors["alpha"]) if "alpha" in tensors else 0.0
     rescale = _read_rescale(tensors, out_dim)
     layer = OFTLayer(base, b, max(constraint, 0.0), rescaled=rescale is not None)
+    return fill_saved(layer, blocks, rescale)
+
+
+def fill_saved(layer: Any, blocks: torch.Tensor, rescale: torch.Tensor | None) -> Any:
+    """Copy saved ``oft_blocks`` (and ``rescale``) into a fresh OFT/BOFT layer."""
     with torch.no_grad():
         layer.oft_blocks.copy_(blocks.float())
         if rescale is not None and layer.rescale is not None:
@@ -245,14 +250,21 @@ def load(base: nn.Module, tensors: dict[str, torch.Tensor], options: Any) -> OFT
     return layer
 
 
-def owns_keys(keys: Any) -> bool:
-    """``oft_blocks`` of three dimensions. Given only names, OFT and BOFT files look the
-    same (both use ``oft_blocks``); given the tensors, the block rank tells them apart."""
-    if "oft_blocks" not in keys:
-        return False
-    if isinstance(keys, Mapping):
-        return getattr(keys["oft_blocks"], "ndim", 3) == 3
-    return True
+def blocks_with_rank(ndim: int) -> Any:
+    """``owns_keys`` for ``oft_blocks`` of ``ndim`` dimensions. Given only names, OFT and
+    BOFT files look the same (both use ``oft_blocks``); given the tensors, the block
+    rank tells them apart (OFT 3, BOFT 4)."""
+    def owns_keys(keys: Any) -> bool:
+        if "oft_blocks" not in keys:
+            return False
+        if isinstance(keys, Mapping):
+            return getattr(keys["oft_blocks"], "ndim", ndim) == ndim
+        return True
+
+    return owns_keys
+
+
+owns_keys = blocks_with_rank(3)
 
 
 def constraint_metadata(options: Any) -> dict[str, str]:
