@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from loraengine.core.adapter import AdapterNetwork
-from loraengine.core.manager import build_plugin_manager
+from loraengine.plugins import build_plugin_manager
 
 #: name -> (our algorithm, our options, PEFT config factory or None, LyCORIS algo + kwargs)
 CONFIGS: dict[str, tuple[str, dict, str | None, tuple[str, dict] | None]] = {

@@ -6,7 +6,7 @@ require), plus the quantized backward on both bases. Every row trains the same L
 (rank 8, all Linear and Conv layers, fp32) on the same seeded data and prints, as
 ratios to the plain row:
 
-- peak: the device peak of one step (``loraengine.core.plan.measure``: on the CPU, the
+- peak: the device peak of one step (``loraengine.tools.plan.logic.measure``: on the CPU, the
   tensors resident at the step's start plus the largest rise of allocated bytes the
   allocator reports to ``torch.profiler``; on CUDA, ``max_memory_allocated``);
 - activations: that peak less what was resident at the step's start;
@@ -34,12 +34,12 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from loraengine.core.config import parse_config
-from loraengine.core.manager import build_plugin_manager
-from loraengine.core.orchestrator import build_pipeline
-from loraengine.core.plan import estimate, measure
-from loraengine.core.trainer import Trainer
+from loraengine.core.build import build_pipeline
+from loraengine.core.config.root import parse_config
+from loraengine.core.train.loop import Trainer
+from loraengine.plugins import build_plugin_manager
 from loraengine.testing.models import save_tiny_unet, small_unet_config
+from loraengine.tools.plan.logic import estimate, measure
 
 MiB = 1024 * 1024
 

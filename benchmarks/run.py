@@ -217,10 +217,10 @@ def lycoris(unet: nn.Module, batches: Cycle, name: str, rank: int, alpha: float)
 def loraengine(unet: nn.Module, latents: torch.Tensor, cond: torch.Tensor, algo: str,
                options: dict, rank: int, alpha: float, batch: int, device: torch.device
                ) -> Contender:
-    from loraengine.core.config import parse_config
-    from loraengine.core.manager import build_plugin_manager
-    from loraengine.core.orchestrator import build_pipeline
-    from loraengine.core.trainer import Trainer
+    from loraengine.core.build import build_pipeline
+    from loraengine.core.config.root import parse_config
+    from loraengine.core.train.loop import Trainer
+    from loraengine.plugins import build_plugin_manager
 
     host = build_plugin_manager(entry_points=False)
     config = parse_config({

@@ -1,8 +1,8 @@
 """Generate the reference parts of the docs from the code, so they cannot drift from it.
 
 - ``docs/plugins.md``: the text between the ``BEGIN GENERATED`` / ``END GENERATED``
-  markers — every hook of ``loraengine/core/hookspecs.py`` (signature, docstring,
-  example) and every spec record of ``loraengine/core/specs.py`` (fields, types,
+  markers — every hook of ``loraengine/core/plugins/hookspecs.py`` (signature, docstring,
+  example) and every spec record of ``loraengine/core/plugins/specs.py`` (fields, types,
   defaults). The prose around the markers is written by hand.
 - ``docs/config.md``: all of it, from the pydantic config models built with the
   built-in plugins (installed third-party plugins are left out, so the file is the same
@@ -66,7 +66,7 @@ def table(header: list[str], rows: list[list[str]]) -> list[str]:
 
 def hookspecs() -> list[Callable[..., Any]]:
     """Every hook specification, in the order of the source file."""
-    from loraengine.core import hookspecs as module
+    from loraengine.core.plugins import hookspecs as module
 
     marker = f"{module.PROJECT}_spec"
     found = [fn for _, fn in inspect.getmembers(module, inspect.isfunction)
@@ -88,7 +88,7 @@ def hook_section(fn: Callable[..., Any], categories: dict[str, str],
     lines = [f"### `{fn.__name__}({params})`", "", markdown(text), ""]
     category = categories.get(fn.__name__)
     if category is not None:
-        from loraengine.core.registry import CATEGORIES
+        from loraengine.core.plugins.registry import CATEGORIES
 
         record = CATEGORIES[category][1].__name__
         lines += [f"Returns: an iterable of [`{record}`](#{record.lower()}) — category "
@@ -141,8 +141,8 @@ WHERE_CHOSEN = {
 
 def section_phrases() -> dict[str, str]:
     """How the config reaches each category's records."""
-    from loraengine.core.config import PLUGIN_SECTIONS
-    from loraengine.core.registry import CATEGORIES
+    from loraengine.core.config.root import PLUGIN_SECTIONS
+    from loraengine.core.plugins.registry import CATEGORIES
 
     out = {}
     for category in CATEGORIES:
@@ -158,8 +158,8 @@ def section_phrases() -> dict[str, str]:
 
 
 def hook_reference() -> str:
-    from loraengine.core import specs
-    from loraengine.core.registry import CATEGORIES
+    from loraengine.core.plugins import specs
+    from loraengine.core.plugins.registry import CATEGORIES
 
     categories = {hook: category for category, (hook, _) in CATEGORIES.items()}
     sections = section_phrases()
@@ -167,7 +167,7 @@ def hook_reference() -> str:
     registration = [h for h in hooks if h.__name__ in categories]
     lifecycle = [h for h in hooks if h.__name__ not in categories]
     lines = ["## Hook reference", "",
-             "Generated from the docstrings of `loraengine/core/hookspecs.py`.", "",
+             "Generated from the docstrings of `loraengine/core/plugins/hookspecs.py`.", "",
              "Registration hooks take no arguments and return spec records; loraengine "
              "calls each once when it builds its registry.", ""]
     for fn in registration:
@@ -177,7 +177,7 @@ def hook_reference() -> str:
     for fn in lifecycle:
         lines += hook_section(fn, categories, sections)
     lines += ["## Spec records", "",
-              "Generated from `loraengine/core/specs.py`. Import them from `loraengine`.", ""]
+              "Generated from `loraengine/core/plugins/specs.py`. Import them from `loraengine`.", ""]
     for _, record in CATEGORIES.values():
         lines += spec_section(record)
     options = specs.PluginOptions
@@ -302,7 +302,7 @@ HEADER = ["key", "type", "default", "range", "description"]
 
 
 def plugin_section(section: str, ann: Any, registry: Any) -> list[str]:
-    from loraengine.core.config import PLUGIN_SECTIONS
+    from loraengine.core.config.root import PLUGIN_SECTIONS
 
     category, key = PLUGIN_SECTIONS[section]
     members = [m for m in _submodels(ann)]
@@ -342,8 +342,8 @@ def merged_section(section: str, model: type[BaseModel], registry: Any) -> list[
 
 
 def config_reference() -> str:
-    from loraengine.core.config import PLUGIN_SECTIONS, build_config_model
-    from loraengine.core.manager import build_plugin_manager
+    from loraengine.core.config.root import PLUGIN_SECTIONS, build_config_model
+    from loraengine.plugins import build_plugin_manager
 
     registry = build_plugin_manager(entry_points=False).registry
     root = build_config_model(registry)

@@ -6,10 +6,8 @@ Public API: ``train``, ``TrainResult``, ``hookimpl``, the spec records, and
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
-
-from loraengine.core.hookspecs import hookimpl  # noqa: E402
-from loraengine.core.specs import (  # noqa: E402
+from loraengine.core.plugins.hookspecs import hookimpl  # noqa: E402
+from loraengine.core.plugins.specs import (  # noqa: E402
     AdapterSpec,
     ExporterSpec,
     LossSpec,
@@ -23,6 +21,7 @@ from loraengine.core.specs import (  # noqa: E402
     RecipeSpec,
     TimestepSamplerSpec,
 )
+from loraengine.core.version import __version__  # noqa: E402
 
 __all__ = [
     "AdapterSpec", "ExporterSpec", "LRSchedulerSpec", "LossSpec", "LossWeightingSpec",
@@ -38,7 +37,7 @@ def __getattr__(name: str):  # lazy: keep `import loraengine` light for plugin a
 
         return train
     if name == "TrainResult":
-        from loraengine.core.trainer import TrainResult
+        from loraengine.core.train.loop import TrainResult
 
         return TrainResult
     if name == "apply":
@@ -46,7 +45,7 @@ def __getattr__(name: str):  # lazy: keep `import loraengine` light for plugin a
 
         return apply
     if name == "build_plugin_manager":
-        from loraengine.core.manager import build_plugin_manager
+        from loraengine.plugins import build_plugin_manager
 
         return build_plugin_manager
     raise AttributeError(name)

@@ -11,10 +11,11 @@ import torch
 from pydantic import BaseModel
 from torch import nn
 
-from loraengine.core.config import load_config, parse_config
-from loraengine.core.manager import PluginHost, build_plugin_manager
-from loraengine.core.orchestrator import build_pipeline
-from loraengine.core.trainer import Trainer, TrainResult
+from loraengine.core.build import build_pipeline
+from loraengine.core.config.root import load_config, parse_config
+from loraengine.core.plugins.host import PluginHost
+from loraengine.core.train.loop import Trainer, TrainResult
+from loraengine.plugins import build_plugin_manager
 
 
 def resolve_config(config: Any, host: PluginHost, *, has_model: bool = False,

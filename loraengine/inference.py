@@ -21,8 +21,8 @@ from torch import nn
 
 from loraengine.core.adapter import AdapterLayer, AdapterNetwork, ChannelDelta, split_deltas
 from loraengine.core.errors import ConfigError, DataError, LoraEngineError
-from loraengine.core.lora_io import load_lora, split_modules
-from loraengine.core.manager import BUILTIN_PLUGINS
+from loraengine.core.files import load_lora, split_modules
+from loraengine.plugins import BUILTIN_PLUGINS
 
 ApplyMode = Literal["bypass", "merge"]
 
@@ -103,7 +103,7 @@ def build_network(model: nn.Module, tensors: Mapping[str, torch.Tensor],
 
     Returns the network, the key format found and each module's algorithm."""
     if host is None:
-        from loraengine.core.manager import build_plugin_manager
+        from loraengine.plugins import build_plugin_manager
 
         host = build_plugin_manager()
     reg = host.registry

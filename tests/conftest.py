@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from loraengine.core.manager import build_plugin_manager
+from loraengine.plugins import build_plugin_manager
 from loraengine.testing.models import save_tiny_unet, tiny_conditioning, tiny_latents
 
 torch.set_num_threads(1)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from loraengine.core.manager import build_plugin_manager
+from loraengine.plugins import build_plugin_manager
 from loraengine.testing.conformance import CHECKS, adapter_cases, run_adapter_conformance, run_check
 
 #: Option sets worth running besides the defaults, per algorithm; "rank" (popped) is
@@ -36,7 +36,7 @@ def _variants(spec):
 
 def _registry_specs():
     """The built-in algorithms (third-party ones installed here run their own suite)."""
-    from loraengine.core.manager import BUILTIN_PLUGINS
+    from loraengine.plugins import BUILTIN_PLUGINS
 
     reg = build_plugin_manager().registry
     return [p.spec for _, p in sorted(reg.entries["adapter"].items())

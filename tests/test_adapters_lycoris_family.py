@@ -19,10 +19,10 @@ from torch import nn
 import loraengine
 from loraengine.api import resolve_config
 from loraengine.core.adapter import AdapterNetwork
+from loraengine.core.build import build_pipeline
 from loraengine.core.errors import ConfigError, DataError
-from loraengine.core.manager import build_plugin_manager
-from loraengine.core.orchestrator import build_pipeline
-from loraengine.core.trainer import Trainer
+from loraengine.core.train.loop import Trainer
+from loraengine.plugins import build_plugin_manager
 from loraengine.plugins.adapters.lokr import factorization
 from loraengine.testing.conformance import (
     adapter_cases,
@@ -495,7 +495,7 @@ def test_merge_of_a_plain_model_folder_keeps_or_sets_the_dtype(unet_dir, tmp_pat
     """A model folder (config.json + weights) in, the same kind of folder out, in the
     requested dtype; the merged weights equal W+ΔW."""
     from loraengine.cli.main import cli
-    from loraengine.core.lora_io import save_lora
+    from loraengine.core.files import save_lora
 
     unet = _fresh_unet(unet_dir)
     network = _network_on(unet, "loha", {}, 2, 1.0)

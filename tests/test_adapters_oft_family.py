@@ -15,12 +15,12 @@ from safetensors.torch import load_file
 from torch import nn
 
 import loraengine
-from loraengine.core.config import parse_config
+from loraengine.core.build import build_pipeline
+from loraengine.core.config.root import parse_config
 from loraengine.core.errors import ConfigError
-from loraengine.core.manager import build_plugin_manager
-from loraengine.core.orchestrator import build_pipeline
 from loraengine.core.seeding import make_generator
-from loraengine.core.trainer import Trainer
+from loraengine.core.train.loop import Trainer
+from loraengine.plugins import build_plugin_manager
 from loraengine.plugins.adapters import boft, glora, ia3, oft
 from loraengine.testing.conformance import (
     adapter_cases,

@@ -12,7 +12,7 @@ from click.testing import CliRunner
 from safetensors.torch import save_file
 
 from loraengine.cli.main import cli
-from loraengine.core.config import parse_config
+from loraengine.core.config.root import parse_config
 
 
 def write_config(tmp_path, cfg: dict, name: str = "config.yaml"):
@@ -46,7 +46,7 @@ def test_defaults_match_the_node(host):
 
 
 def test_relative_paths_resolve_against_the_config_folder(tmp_path, host):
-    from loraengine.core.config import load_config
+    from loraengine.core.config.root import load_config
 
     sub = tmp_path / "cfgs"
     sub.mkdir()
@@ -110,17 +110,6 @@ def test_set_overrides_and_reports_the_override(tmp_path):
     assert run("validate", str(path), "--set", "training.steps=5").exit_code == 0
     assert_clean_error(run("validate", str(path), "--set", "adapter.rank=200"), 2,
                        "adapter.rank", "(--set)")
-
-
-def test_not_yet_built_options_are_refused_by_name(tmp_path, monkeypatch):
-    from loraengine.core import config as config_mod
-
-    # the mechanism that guards schema keys whose feature is still to come
-    monkeypatch.setitem(config_mod.NOT_IMPLEMENTED, ("data", "bucket_mode"), False)
-    path = write_config(tmp_path, {"model": {"path": "m"}, "data": {"bucket_mode": True}})
-    assert_clean_error(run("validate", str(path)), 2, "data.bucket_mode: not implemented yet")
-    ok = write_config(tmp_path, {"model": {"path": "m"}}, "ok.yaml")
-    assert run("validate", str(ok)).exit_code == 0
 
 
 def test_invalid_yaml_names_the_line(tmp_path):

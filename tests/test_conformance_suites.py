@@ -12,7 +12,7 @@ from pydantic import BaseModel, Field
 from torch import nn
 
 from loraengine import LossSpec, MemoryStrategySpec, OptimizerSpec, PluginOptions
-from loraengine.core.manager import build_plugin_manager
+from loraengine.plugins import build_plugin_manager
 from loraengine.testing.loss_conformance import (
     LOSS_CHECKS,
     loss_cases,

@@ -14,7 +14,7 @@ import yaml
 from conftest import REPO
 from safetensors.torch import load_file
 
-from loraengine.core import checkpoint as ckpt
+from loraengine.core.train import checkpoints as ckpt
 
 HELPER = REPO / "tests" / "helpers" / "dist_train.py"
 pytestmark = pytest.mark.skipif(shutil.which("torchrun") is None and

@@ -1,5 +1,5 @@
 """Meta-tests that keep the plugin contract honest: every hook of
-``loraengine/core/hookspecs.py`` has a docstring with an example, a section in
+``loraengine/core/plugins/hookspecs.py`` has a docstring with an example, a section in
 ``docs/plugins.md``, and at least one test that names it; and the generated parts of
 the docs match the code.
 
@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 from conftest import REPO
 
-HOOKSPECS = REPO / "loraengine" / "core" / "hookspecs.py"
+HOOKSPECS = REPO / "loraengine" / "core" / "plugins" / "hookspecs.py"
 PLUGINS_MD = REPO / "docs" / "plugins.md"
 THIS = Path(__file__).resolve()
 
@@ -134,7 +134,7 @@ def test_generated_docs_are_up_to_date():
 
 def test_the_check_sees_every_hook():
     hooks = hookspecs_in(HOOKSPECS.read_text(encoding="utf-8"))
-    from loraengine.core import hookspecs
+    from loraengine.core.plugins import hookspecs
 
     declared = {n for n in dir(hookspecs) if hasattr(getattr(hookspecs, n),
                                                      f"{hookspecs.PROJECT}_spec")}

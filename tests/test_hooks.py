@@ -1,4 +1,4 @@
-"""Every hook of core/hookspecs.py, implemented the way a third-party package would and
+"""Every hook of core/plugins/hookspecs.py, implemented the way a third-party package would and
 driven through the engine: the record a registration hook returns is validated in the
 config and used in training; the lifecycle hooks are called in order with what they
 promise; ``loraengine_register_commands`` adds a working subcommand.
@@ -44,7 +44,7 @@ def plugin(name: str, **hooks: Any) -> types.ModuleType:
 
 @pytest.fixture
 def builtin_host():
-    from loraengine.core.manager import build_plugin_manager
+    from loraengine.plugins import build_plugin_manager
 
     return build_plugin_manager(entry_points=False)
 

@@ -11,10 +11,10 @@ import torch
 from safetensors.torch import load_file
 
 from loraengine.api import train
-from loraengine.core.config import parse_config
-from loraengine.core.hookspecs import hookimpl
-from loraengine.core.orchestrator import build_pipeline
-from loraengine.core.trainer import Trainer
+from loraengine.core.build import build_pipeline
+from loraengine.core.config.root import parse_config
+from loraengine.core.plugins.hookspecs import hookimpl
+from loraengine.core.train.loop import Trainer
 from loraengine.testing.models import tiny_conditioning, tiny_latents, tiny_unet_config
 
 

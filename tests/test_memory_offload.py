@@ -12,9 +12,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from loraengine.core.config import parse_config
-from loraengine.core.orchestrator import build_pipeline
-from loraengine.core.trainer import Trainer
+from loraengine.core.build import build_pipeline
+from loraengine.core.config.root import parse_config
+from loraengine.core.train.loop import Trainer
 from loraengine.plugins.memory import offload
 from loraengine.testing.models import tiny_conditioning, tiny_latents
 

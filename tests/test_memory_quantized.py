@@ -15,10 +15,10 @@ from safetensors.torch import save_file
 from torch import nn
 
 from loraengine.cli.main import cli
-from loraengine.core.config import parse_config
+from loraengine.core.build import build_pipeline
+from loraengine.core.config.root import parse_config
 from loraengine.core.errors import ConfigError
-from loraengine.core.orchestrator import build_pipeline
-from loraengine.core.trainer import Trainer
+from loraengine.core.train.loop import Trainer
 from loraengine.plugins.memory import quantize as qz
 from loraengine.testing.models import tiny_conditioning, tiny_latents
 

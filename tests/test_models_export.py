@@ -14,8 +14,8 @@ from safetensors.torch import load_file, save_file
 
 from loraengine.api import resolve_config
 from loraengine.cli.main import cli
-from loraengine.core.manager import build_plugin_manager
-from loraengine.core.orchestrator import build_pipeline
+from loraengine.core.build import build_pipeline
+from loraengine.plugins import build_plugin_manager
 from loraengine.plugins.adapters.lora import LoRALayer
 from loraengine.plugins.exporters import DIFFUSERS, KOHYA
 from loraengine.testing import tiny_pipelines as tp

@@ -16,9 +16,9 @@ from safetensors.torch import save_file
 
 from loraengine.api import resolve_config
 from loraengine.cli.main import cli
+from loraengine.core.build import build_pipeline
 from loraengine.core.errors import ConfigError, DataError
-from loraengine.core.manager import build_plugin_manager
-from loraengine.core.orchestrator import build_pipeline
+from loraengine.plugins import build_plugin_manager
 from loraengine.testing import tiny_pipelines as tp
 
 TARGETS = {"sd15": ["down_blocks.*", "mid_block.*", "up_blocks.*"],

@@ -8,8 +8,8 @@ import math
 import pytest
 import torch
 
-from loraengine.core.manager import build_plugin_manager
 from loraengine.core.seeding import make_generator
+from loraengine.plugins import build_plugin_manager
 from loraengine.plugins.models import flux as flux_family
 from loraengine.plugins.models.common import ddpm_schedule, flow_schedule
 from loraengine.plugins.models.flux import image_ids, pack, unpack

@@ -18,8 +18,8 @@ from click.testing import CliRunner
 from safetensors.torch import save_file
 
 from loraengine.cli.main import cli
-from loraengine.core import orchestrator
-from loraengine.core.manager import build_plugin_manager
+from loraengine.core import build as orchestrator
+from loraengine.plugins import build_plugin_manager
 from loraengine.testing import tiny_pipelines as tp
 
 FAMILIES = ("sdxl", "sd3")

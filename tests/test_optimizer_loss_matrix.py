@@ -7,10 +7,10 @@ import pytest
 import torch
 from conftest import REPO
 
-from loraengine.core.config import parse_config
-from loraengine.core.orchestrator import build_pipeline
+from loraengine.core.build import build_pipeline
+from loraengine.core.config.root import parse_config
 from loraengine.core.seeding import make_generator
-from loraengine.core.trainer import Trainer
+from loraengine.core.train.loop import Trainer
 
 QS = REPO / "examples" / "quickstart"
 LR = {"adamw": 2e-3, "adam": 2e-3, "rmsprop": 1e-3, "sgd": 0.5}

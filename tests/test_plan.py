@@ -13,15 +13,15 @@ from click.testing import CliRunner
 from safetensors.torch import save_file
 
 from loraengine.cli.main import cli
-from loraengine.core import plan
-from loraengine.core.config import parse_config
-from loraengine.core.orchestrator import build_pipeline
+from loraengine.core.build import build_pipeline
+from loraengine.core.config.root import parse_config
 from loraengine.testing.models import (
     save_tiny_unet,
     small_unet_config,
     tiny_conditioning,
     tiny_latents,
 )
+from loraengine.tools.plan import logic as plan
 
 
 def make_config(model_dir: Path, lat: Path, cond: Path, memory: dict,
@@ -52,7 +52,7 @@ def estimate(host, tiny, memory, model=None, dtype="fp32"):
 
 @pytest.fixture(scope="module")
 def host_m():
-    from loraengine.core.manager import build_plugin_manager
+    from loraengine.plugins import build_plugin_manager
 
     return build_plugin_manager()
 

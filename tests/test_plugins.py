@@ -14,7 +14,8 @@ from conftest import REPO
 from loraengine import OptimizerSpec, hookimpl
 from loraengine.cli.main import cli
 from loraengine.core.errors import PluginError
-from loraengine.core.manager import PluginLoadWarning, build_plugin_manager
+from loraengine.core.plugins.host import PluginLoadWarning
+from loraengine.plugins import build_plugin_manager
 
 SITE = REPO / "tests" / "plugins" / "site"
 BROKEN = REPO / "tests" / "plugins" / "broken_site"
@@ -73,7 +74,7 @@ def test_config_naming_external_plugins_trains(extra_site, unet_config):
 
 
 def test_external_plugin_options_are_validated(extra_site, unet_config):
-    from loraengine.core.config import parse_config
+    from loraengine.core.config.root import parse_config
     from loraengine.core.errors import ConfigError
 
     host = build_plugin_manager()

@@ -14,8 +14,8 @@ from safetensors.torch import load_file
 
 from loraengine.cli.main import cli
 from loraengine.core.errors import DataError
-from loraengine.core.prepare import bucket_sizes, choose_bucket, prepare
 from loraengine.testing import tiny_pipelines as tp
+from loraengine.tools.prepare.logic import bucket_sizes, choose_bucket, prepare
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +29,7 @@ def _run(*args: str):
 
 
 def _encoder(folder: Path, family: str, **options):
-    from loraengine.core.manager import build_plugin_manager
+    from loraengine.plugins import build_plugin_manager
 
     spec = build_plugin_manager().registry.get("model", family)
     return spec.make_encoder(folder, {"device": "cpu", "dtype": "fp32", **options})
@@ -192,10 +192,6 @@ def test_bucketed_files_train_in_bucket_mode(tmp_path, pipes):
     """The files prepare makes for several buckets are what bucket mode trains on."""
     import yaml
 
-    from loraengine.core.config import NOT_IMPLEMENTED
-
-    if ("data", "bucket_mode") in NOT_IMPLEMENTED:
-        pytest.skip("data.bucket_mode training is not implemented in this version yet")
     images = tmp_path / "images"
     tp.write_images(images, [(32, 32), (48, 24)] * 2)
     out = tmp_path / "data"

@@ -13,7 +13,7 @@ from safetensors.torch import save_file
 
 import loraengine
 from loraengine.cli.main import cli
-from loraengine.core.config import read_yaml
+from loraengine.core.config.root import read_yaml
 from loraengine.testing import tiny_pipelines
 
 EXAMPLES = {"sd15_lora.yaml": "sd15", "sdxl_lora.yaml": "sdxl", "flux_lora.yaml": "flux"}

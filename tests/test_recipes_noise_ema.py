@@ -9,12 +9,12 @@ import torch
 from safetensors.torch import load_file
 
 import loraengine
-from loraengine.core.config import parse_config
+from loraengine.core.build import build_pipeline
+from loraengine.core.config.root import parse_config
 from loraengine.core.errors import ConfigError
-from loraengine.core.lora_io import read_metadata
-from loraengine.core.orchestrator import build_pipeline
+from loraengine.core.files import read_metadata
 from loraengine.core.seeding import make_generator
-from loraengine.core.trainer import Trainer
+from loraengine.core.train.loop import Trainer
 from loraengine.testing.models import TinyDenoiser, tiny_conditioning, tiny_latents
 
 SEED = 5

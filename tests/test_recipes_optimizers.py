@@ -13,10 +13,10 @@ import yaml
 from conftest import REPO
 
 import loraengine
-from loraengine.core.config import parse_config
+from loraengine.core.build import build_pipeline
+from loraengine.core.config.root import parse_config
 from loraengine.core.errors import ConfigError
-from loraengine.core.orchestrator import build_pipeline
-from loraengine.core.trainer import Trainer
+from loraengine.core.train.loop import Trainer
 from loraengine.plugins import optimizers
 from loraengine.testing.models import TinyDenoiser, tiny_conditioning, tiny_latents
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import loraengine
-from loraengine.core.config import parse_config
+from loraengine.core.config.root import parse_config
 from loraengine.core.errors import ConfigError
 from loraengine.testing.models import TinyDenoiser, tiny_conditioning, tiny_latents
 
@@ -111,8 +111,8 @@ def test_training_records_the_scheduled_lr(tmp_path):
 
 def _one_sgd_step(max_grad_norm: float | None) -> tuple[float, float]:
     """(norm of the first step's parameter change, lr) for plain SGD."""
-    from loraengine.core.orchestrator import build_pipeline
-    from loraengine.core.trainer import Trainer
+    from loraengine.core.build import build_pipeline
+    from loraengine.core.train.loop import Trainer
 
     host = loraengine.build_plugin_manager()
     cfg = parse_config({

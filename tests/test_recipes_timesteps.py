@@ -9,12 +9,12 @@ import math
 import pytest
 import torch
 
-from loraengine.core.config import parse_config
+from loraengine.core.build import build_pipeline
+from loraengine.core.config.root import parse_config
 from loraengine.core.errors import ConfigError
-from loraengine.core.orchestrator import build_pipeline
 from loraengine.core.schedule import NoiseSchedule
 from loraengine.core.seeding import make_generator
-from loraengine.core.trainer import Trainer
+from loraengine.core.train.loop import Trainer
 from loraengine.testing.models import TinyDenoiser, tiny_conditioning, tiny_latents
 
 N = 20000

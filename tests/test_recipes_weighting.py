@@ -11,12 +11,12 @@ import torch
 from diffusers import DDPMScheduler
 from diffusers.training_utils import compute_snr
 
-from loraengine.core.config import parse_config
+from loraengine.core.build import build_pipeline
+from loraengine.core.config.root import parse_config
 from loraengine.core.errors import ConfigError
-from loraengine.core.orchestrator import build_pipeline
 from loraengine.core.schedule import NoiseSchedule
 from loraengine.core.seeding import make_generator
-from loraengine.core.trainer import Trainer
+from loraengine.core.train.loop import Trainer
 from loraengine.plugins.losses import ScheduledHuberOptions, huber_threshold, scheduled_huber
 from loraengine.testing.models import TinyDenoiser, tiny_conditioning, tiny_latents
 

@@ -16,10 +16,10 @@ import yaml
 from conftest import REPO
 from safetensors.torch import load_file
 
-from loraengine.core import checkpoint as ckpt
-from loraengine.core.config import parse_config
-from loraengine.core.orchestrator import build_pipeline
-from loraengine.core.trainer import Trainer
+from loraengine.core.build import build_pipeline
+from loraengine.core.config.root import parse_config
+from loraengine.core.train import checkpoints as ckpt
+from loraengine.core.train.loop import Trainer
 
 HELPER = REPO / "tests" / "helpers" / "crash_train.py"
 

@@ -23,18 +23,19 @@ from safetensors.torch import save_file
 import loraengine
 from loraengine.api import resolve_config
 from loraengine.cli.main import cli
-from loraengine.core import sampling as S
+from loraengine.core.build import build_pipeline
 from loraengine.core.errors import ConfigError, PluginError
-from loraengine.core.hookspecs import hookimpl
-from loraengine.core.lora_io import load_lora
-from loraengine.core.manager import build_plugin_manager
+from loraengine.core.files import load_lora
 from loraengine.core.model import LoadedModel
-from loraengine.core.orchestrator import build_pipeline
+from loraengine.core.plugins.hookspecs import hookimpl
+from loraengine.core.plugins.specs import PluginOptions, SamplerSpec
+from loraengine.core.samplers import auto_sampler
 from loraengine.core.schedule import NoiseSchedule
-from loraengine.core.specs import PluginOptions, SamplerSpec
-from loraengine.core.trainer import Trainer
+from loraengine.core.train.loop import Trainer
+from loraengine.plugins import build_plugin_manager
 from loraengine.plugins import samplers as P
 from loraengine.testing.models import TinyDenoiser, tiny_conditioning, tiny_latents
+from loraengine.tools.sample import logic as S
 
 MU, S_DATA = 0.7, 0.5
 NOISE = torch.randn(2000, generator=torch.Generator().manual_seed(0))
@@ -203,8 +204,8 @@ def test_ddim_refuses_a_flow_model(host):
     with pytest.raises(ConfigError, match=r"output.samples.sampler: sampler 'ddim' cannot "
                        r"sample a flow model; use one of: euler"):
         S.resolve_sampler(host.registry, "ddim", {}, NoiseSchedule.flow())
-    assert S.auto_sampler(NoiseSchedule.flow()) == "euler"
-    assert S.auto_sampler(NoiseSchedule.ddpm("v_prediction")) == "ddim"
+    assert auto_sampler(NoiseSchedule.flow(), host.registry) == "euler"
+    assert auto_sampler(NoiseSchedule.ddpm("v_prediction"), host.registry) == "ddim"
 
 
 # -- guidance, seeds and the adapter ------------------------------------------------------

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from loraengine import LossSpec, OptimizerSpec
-from loraengine.core.manager import build_plugin_manager
+from loraengine.plugins import build_plugin_manager
 from loraengine.testing.harness import make_plugin, registered, tiny_train_config
 
 pytest_plugins = ["pytester"]
@@ -31,7 +31,7 @@ def test_register_plugin_wraps_spec_records_and_the_registry_sees_them(
 def test_register_plugin_undoes_the_registration_when_the_test_ends(pytester):
     pytester.makeconftest("""
         import pytest
-        from loraengine.core.manager import build_plugin_manager
+        from loraengine.plugins import build_plugin_manager
 
         @pytest.fixture(scope="module")
         def loraengine_host():

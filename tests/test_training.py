@@ -15,9 +15,9 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 import loraengine
-from loraengine.core.config import parse_config
-from loraengine.core.orchestrator import build_pipeline
-from loraengine.core.trainer import Trainer
+from loraengine.core.build import build_pipeline
+from loraengine.core.config.root import parse_config
+from loraengine.core.train.loop import Trainer
 from loraengine.testing.models import TinyDenoiser, tiny_conditioning, tiny_latents
 
 

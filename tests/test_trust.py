@@ -11,13 +11,13 @@ from safetensors.torch import load_file, save_file
 
 import loraengine
 from loraengine import LossSpec, hookimpl
-from loraengine.core.config import parse_config
+from loraengine.core.build import build_pipeline
+from loraengine.core.config.root import parse_config
 from loraengine.core.data import BucketedDataset, BucketStream
 from loraengine.core.errors import NonFiniteError
-from loraengine.core.manager import build_plugin_manager
-from loraengine.core.orchestrator import build_pipeline
 from loraengine.core.seeding import make_generator
-from loraengine.core.trainer import Trainer
+from loraengine.core.train.loop import Trainer
+from loraengine.plugins import build_plugin_manager
 from loraengine.testing.models import TinyDenoiser, tiny_conditioning, tiny_latents
 
 

@@ -43,8 +43,8 @@ from shapes import (  # noqa: E402
 
 import loraengine  # noqa: E402
 from loraengine.core import sampling as S  # noqa: E402
-from loraengine.core.manager import build_plugin_manager  # noqa: E402
 from loraengine.core.model import LoadedModel  # noqa: E402
+from loraengine.core.plugins.host import build_plugin_manager  # noqa: E402
 from loraengine.core.schedule import NoiseSchedule  # noqa: E402
 
 WEIGHTS = HERE / "base_model.safetensors"
@@ -94,7 +94,7 @@ def train_lora(steps: int | None, out_dir: Path | None) -> Path:
     if out_dir is not None:
         overrides["output.dir"] = str(out_dir)
     host = build_plugin_manager()
-    from loraengine.core.config import load_config
+    from loraengine.core.config.root import load_config
 
     cfg = load_config(CONFIG, host.registry, [f"{k}={v}" for k, v in overrides.items()])
     result = loraengine.train(cfg, model=base_model().requires_grad_(False), latents=images,

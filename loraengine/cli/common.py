@@ -12,7 +12,8 @@ from typing import Any
 import click
 
 from loraengine.core.errors import LoraEngineError
-from loraengine.core.manager import PluginHost, PluginLoadWarning, build_plugin_manager
+from loraengine.core.plugins.host import PluginHost, PluginLoadWarning
+from loraengine.plugins import build_plugin_manager
 
 
 class State:

@@ -13,7 +13,8 @@ import click
 from loraengine import __version__
 from loraengine.cli.common import State, reports_errors  # noqa: E402
 from loraengine.core.errors import LoraEngineError
-from loraengine.core.manager import PluginLoadWarning, build_plugin_manager
+from loraengine.core.plugins.host import PluginLoadWarning
+from loraengine.plugins import build_plugin_manager
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -47,8 +48,8 @@ def train(state: State, config: Path, overrides: tuple[str, ...], quiet: bool,
     """Train an adapter as CONFIG describes."""
     from loraengine.api import resolve_config
     from loraengine.cli.progress import EventLog, ProgressBar
-    from loraengine.core.orchestrator import build_pipeline
-    from loraengine.core.trainer import Trainer
+    from loraengine.core.build import build_pipeline
+    from loraengine.core.train.loop import Trainer
 
     host = state.host
     cfg, base_dir = resolve_config(config, host, overrides=list(overrides))
@@ -126,45 +127,20 @@ def config_group() -> None:
 @reports_errors
 def config_schema(state: State) -> None:
     """Print the JSON Schema of the config for the installed plugins."""
-    from loraengine.core.config import build_config_model
+    from loraengine.core.config.root import build_config_model
 
     model = build_config_model(state.host.registry)
     click.echo(json.dumps(model.model_json_schema(), indent=1))
 
 
-@cli.command()
-@click.argument("file", type=click.Path(path_type=Path))
-@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-@reports_errors
-def inspect(file: Path, as_json: bool) -> None:
-    """Describe a LoRA file: metadata, algorithm, rank/alpha, modules, parameters."""
-    from loraengine.core.inspect import describe
-
-    info = describe(file)
-    if as_json:
-        click.echo(json.dumps(info, indent=1))
-        return
-    click.echo(f"file:        {info['file']}")
-    click.echo(f"algorithm:   {info['algorithm']}")
-    click.echo(f"rank:        {info['rank']}")
-    click.echo(f"alpha:       {info['alpha']}")
-    click.echo(f"modules:     {info['modules']}")
-    click.echo(f"parameters:  {info['parameters']:,}")
-    click.echo(f"steps:       {info['steps']}")
-    click.echo(f"dtype:       {', '.join(info['dtypes'])}")
-    click.echo("metadata:")
-    for k, v in sorted(info["metadata"].items()):
-        v = v if len(v) <= 100 else v[:97] + "..."
-        click.echo(f"  {k}: {v}")
-
-
 #: Built-in subcommands kept in modules of their own: (module, command object).
 BUILTIN_COMMANDS = (
-    ("loraengine.cli.merge", "merge"),
-    ("loraengine.cli.prepare", "prepare"),
-    ("loraengine.cli.plan", "plan"),
-    ("loraengine.cli.sample", "sample"),
-    ("loraengine.cli.bucket", "bucket"),
+    ("loraengine.tools.inspect.command", "inspect"),
+    ("loraengine.tools.merge.command", "merge"),
+    ("loraengine.tools.prepare.command", "prepare"),
+    ("loraengine.tools.plan.command", "plan"),
+    ("loraengine.tools.sample.command", "sample"),
+    ("loraengine.tools.bucket.command", "bucket"),
 )
 for _module, _name in BUILTIN_COMMANDS:
     cli.add_command(getattr(importlib.import_module(_module), _name))

@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 from typing import Any, TextIO
 
-from loraengine.core.hookspecs import hookimpl
+from loraengine.core.plugins.hookspecs import hookimpl
 
 
 class ProgressBar:

@@ -21,10 +21,6 @@ class ConfigError(LoraEngineError):
         super().__init__("\n".join(self.problems))
 
 
-class NotImplementedYetError(ConfigError):
-    """A config key names a feature that is in the schema but not built yet."""
-
-
 class DataError(LoraEngineError):
     """A latents, conditioning or LoRA file is missing, unreadable or malformed."""
 

@@ -13,8 +13,8 @@ from collections.abc import Iterable, Mapping
 
 import torch
 
-from loraengine.core.hookspecs import hookimpl
-from loraengine.core.specs import ExporterSpec
+from loraengine.core.plugins.hookspecs import hookimpl
+from loraengine.core.plugins.specs import ExporterSpec
 
 Modules = Mapping[str, Mapping[str, torch.Tensor]]
 

@@ -21,9 +21,9 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field
 
-from loraengine.core.hookspecs import hookimpl
+from loraengine.core.plugins.hookspecs import hookimpl
+from loraengine.core.plugins.specs import LossSpec, NoOptions, PluginOptions
 from loraengine.core.schedule import NoiseSchedule
-from loraengine.core.specs import LossSpec, NoOptions, PluginOptions
 
 
 class HuberOptions(PluginOptions):

@@ -19,8 +19,8 @@ from pydantic import Field, model_validator
 from pydantic_core import PydanticCustomError
 
 from loraengine.core.errors import ConfigError
-from loraengine.core.hookspecs import hookimpl
-from loraengine.core.specs import OptimizerSpec, PluginOptions
+from loraengine.core.plugins.hookspecs import hookimpl
+from loraengine.core.plugins.specs import OptimizerSpec, PluginOptions
 
 Params = Iterable[torch.nn.Parameter]
 

@@ -18,9 +18,9 @@ from typing import Any
 import torch
 from pydantic import Field
 
-from loraengine.core.hookspecs import hookimpl
+from loraengine.core.plugins.hookspecs import hookimpl
+from loraengine.core.plugins.specs import PluginOptions, SamplerSpec
 from loraengine.core.schedule import NoiseSchedule
-from loraengine.core.specs import PluginOptions, SamplerSpec
 
 ModelFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -163,8 +163,9 @@ def _euler_flow(model_fn: ModelFn, noise: torch.Tensor, schedule: NoiseSchedule,
 
 SPECS = [
     SamplerSpec("ddim", make_ddim, DDIMOptions, prediction_types=("epsilon", "v_prediction"),
+                default_for=("epsilon", "v_prediction"),
                 description="DDIM (deterministic at eta 0) for epsilon and v models."),
-    SamplerSpec("euler", make_euler, EulerOptions,
+    SamplerSpec("euler", make_euler, EulerOptions, default_for=("flow",),
                 description="Euler steps of the probability-flow ODE; flow models too."),
 ]
 

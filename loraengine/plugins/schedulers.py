@@ -22,8 +22,8 @@ from collections.abc import Callable
 import torch
 from pydantic import Field, model_validator
 
-from loraengine.core.hookspecs import hookimpl
-from loraengine.core.specs import LRSchedulerSpec, PluginOptions
+from loraengine.core.plugins.hookspecs import hookimpl
+from loraengine.core.plugins.specs import LRSchedulerSpec, PluginOptions
 
 Multiplier = Callable[[float], float]
 

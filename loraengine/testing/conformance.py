@@ -47,7 +47,7 @@ from safetensors.torch import save as st_save
 from torch import nn
 
 from loraengine.core.adapter import AdapterLayer, AdapterNetwork, layer_op
-from loraengine.core.specs import AdapterSpec
+from loraengine.core.plugins.specs import AdapterSpec
 
 __all__ = [
     "CHECKS", "ConformanceReport", "LayerCase", "adapter_cases", "build_adapter",

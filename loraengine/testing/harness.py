@@ -25,7 +25,7 @@ __all__ = [
 
 def is_spec(obj: Any) -> bool:
     """Whether ``obj`` is one of the spec records a registration hook returns."""
-    from loraengine.core.registry import CATEGORIES
+    from loraengine.core.plugins.registry import CATEGORIES
 
     return isinstance(obj, tuple(t for _, t in CATEGORIES.values()))
 
@@ -38,8 +38,8 @@ def make_plugin(*specs: Any, name: str = "loraengine_test_plugin",
 
     The functions given by keyword must use the hook's argument names.
     """
-    from loraengine.core.hookspecs import hookimpl
-    from loraengine.core.registry import CATEGORIES
+    from loraengine.core.plugins.hookspecs import hookimpl
+    from loraengine.core.plugins.registry import CATEGORIES
 
     plugin = types.ModuleType(name)
     by_hook: dict[str, list[Any]] = {}

@@ -34,8 +34,8 @@ from typing import Any
 
 import torch
 
+from loraengine.core.plugins.specs import LossSpec
 from loraengine.core.schedule import NoiseSchedule
-from loraengine.core.specs import LossSpec
 from loraengine.testing.suite import (
     ConformanceReport,
     Failing,

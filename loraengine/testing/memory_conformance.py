@@ -38,7 +38,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from loraengine.core.specs import MemoryStrategySpec
+from loraengine.core.plugins.specs import MemoryStrategySpec
 from loraengine.testing.harness import (
     TinyData,
     deep_merge,
@@ -78,7 +78,7 @@ class _Ctx:
         self.fail = Failing(f"memory strategy {spec.name!r} (enabled by {self.enable})")
 
     def config(self, enabled: bool) -> Any:
-        from loraengine.core.config import parse_config
+        from loraengine.core.config.root import parse_config
 
         # SGD keeps the trained tensors linear in the gradients, so a lossy strategy's
         # error shows up in proportion rather than through Adam's normalisation.
@@ -87,14 +87,14 @@ class _Ctx:
                             self.host.registry)
 
     def pipeline(self, enabled: bool, model: nn.Module | None = None) -> Any:
-        from loraengine.core.orchestrator import build_pipeline
+        from loraengine.core.build import build_pipeline
 
         return build_pipeline(self.config(enabled), self.host,
                               model=model or self.model_factory(),
                               latents=self.data.latents, conditioning=self.data.conditioning)
 
     def train(self, enabled: bool) -> Any:
-        from loraengine.core.trainer import Trainer
+        from loraengine.core.train.loop import Trainer
 
         pipe = self.pipeline(enabled)
         try:
@@ -150,7 +150,7 @@ def _check_same_training(c: _Ctx) -> None:
 
 
 def _check_frozen_base(c: _Ctx) -> None:
-    from loraengine.core.trainer import Trainer
+    from loraengine.core.train.loop import Trainer
 
     model = c.model_factory()
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -176,7 +176,7 @@ def _check_frozen_base(c: _Ctx) -> None:
 
 
 def _check_restores(c: _Ctx) -> None:
-    from loraengine.core.trainer import Trainer
+    from loraengine.core.train.loop import Trainer
 
     model = c.model_factory()
     state, out = _module_state(model), _bare_output(model, c.data)
@@ -214,7 +214,7 @@ _CHECK_FNS: dict[str, Callable[[_Ctx], None]] = {
 def _host_with(spec: MemoryStrategySpec, host: Any) -> Iterator[Any]:
     """``host`` (default: the built-ins) with ``spec`` registered unless it is there."""
     if host is None:
-        from loraengine.core.manager import build_plugin_manager
+        from loraengine.plugins import build_plugin_manager
 
         host = build_plugin_manager(entry_points=False)
     provided = host.registry.entries["memory"].get(spec.name)

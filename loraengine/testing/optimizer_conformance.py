@@ -37,7 +37,7 @@ from typing import Any
 
 import torch
 
-from loraengine.core.specs import OptimizerSpec
+from loraengine.core.plugins.specs import OptimizerSpec
 from loraengine.testing.suite import (
     ConformanceReport,
     Failing,

@@ -27,14 +27,14 @@ import pytest
 
 @pytest.fixture
 def loraengine_host() -> Any:
-    from loraengine.core.manager import build_plugin_manager
+    from loraengine.plugins import build_plugin_manager
 
     return build_plugin_manager()
 
 
 @pytest.fixture
 def loraengine_builtin_host() -> Any:
-    from loraengine.core.manager import build_plugin_manager
+    from loraengine.plugins import build_plugin_manager
 
     return build_plugin_manager(entry_points=False)
 

@@ -9,8 +9,8 @@ import signal
 import sys
 
 from loraengine.cli.main import cli
-from loraengine.core import checkpoint
-from loraengine.core.hookspecs import hookimpl
+from loraengine.core.plugins.hookspecs import hookimpl
+from loraengine.core.train import checkpoints as checkpoint
 
 
 def main() -> None:
@@ -37,7 +37,7 @@ def main() -> None:
 
         extra.append(Killer())
     if extra:
-        from loraengine.core import manager
+        import loraengine.plugins as manager
 
         real_build = manager.build_plugin_manager
 

@@ -13,8 +13,8 @@ from safetensors.torch import save_file
 
 import loraengine.cli.common as common
 import loraengine.cli.main as main_mod
-from loraengine.core import manager
-from loraengine.core.hookspecs import hookimpl
+import loraengine.plugins as manager
+from loraengine.core.plugins.hookspecs import hookimpl
 
 
 class RankReport:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from loraengine.core.hookspecs import hookimpl
+from loraengine.core.plugins.hookspecs import hookimpl
 from loraengine.plugins.adapters import boft, full, glora, ia3, loha, lokr, lora, oft
 
 

@@ -20,7 +20,7 @@ from pydantic import Field
 from torch import nn
 
 from loraengine.core.errors import ConfigError
-from loraengine.core.specs import AdapterSpec, PluginOptions
+from loraengine.core.plugins.specs import AdapterSpec, PluginOptions
 from loraengine.plugins.adapters.oft import (
     ChannelMapLayer,
     _read_rescale,

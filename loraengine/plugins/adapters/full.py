@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from loraengine.core.adapter import AdapterLayer
-from loraengine.core.specs import AdapterSpec
+from loraengine.core.plugins.specs import AdapterSpec
 
 
 class FullLayer(AdapterLayer):

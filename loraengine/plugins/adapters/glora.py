@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from loraengine.core.adapter import AdapterLayer, layer_op
-from loraengine.core.specs import AdapterSpec
+from loraengine.core.plugins.specs import AdapterSpec
 
 _POINTWISE = {3: F.conv1d, 4: F.conv2d, 5: F.conv3d}
 

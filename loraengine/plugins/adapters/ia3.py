@@ -17,7 +17,7 @@ from pydantic import Field
 from torch import nn
 
 from loraengine.core.adapter import AdapterLayer
-from loraengine.core.specs import AdapterSpec, PluginOptions
+from loraengine.core.plugins.specs import AdapterSpec, PluginOptions
 from loraengine.plugins.adapters.glora import base_forward
 
 

@@ -20,7 +20,7 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from loraengine.core.specs import AdapterSpec, PluginOptions
+from loraengine.core.plugins.specs import AdapterSpec, PluginOptions
 from loraengine.plugins.adapters.dora import AdditiveAdapter, load_dora
 
 KEYS = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")

@@ -29,7 +29,7 @@ from pydantic import Field, field_validator
 from torch import nn
 
 from loraengine.core.adapter import layer_op
-from loraengine.core.specs import AdapterSpec, PluginOptions
+from loraengine.core.plugins.specs import AdapterSpec, PluginOptions
 from loraengine.plugins.adapters.dora import AdditiveAdapter, load_dora
 
 KEYS = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2")

@@ -15,7 +15,7 @@ from pydantic import Field
 from torch import nn
 
 from loraengine.core.adapter import layer_op
-from loraengine.core.specs import AdapterSpec, PluginOptions
+from loraengine.core.plugins.specs import AdapterSpec, PluginOptions
 from loraengine.plugins.adapters.dora import AdditiveAdapter, load_dora
 
 

@@ -26,7 +26,7 @@ from pydantic import Field, model_validator
 from torch import nn
 
 from loraengine.core.adapter import AdapterLayer
-from loraengine.core.specs import AdapterSpec, PluginOptions
+from loraengine.core.plugins.specs import AdapterSpec, PluginOptions
 
 #: Added to ‖Q‖ before dividing, as both reference implementations do.
 NORM_EPS = 1e-8

@@ -5,7 +5,7 @@ forwards) and gradient checkpointing (50, wraps blocks around all of that)."""
 
 from __future__ import annotations
 
-from loraengine.core.hookspecs import hookimpl
+from loraengine.core.plugins.hookspecs import hookimpl
 from loraengine.plugins.memory import bypass, checkpointing, offload, quantize
 
 

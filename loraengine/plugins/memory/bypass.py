@@ -6,7 +6,7 @@ from typing import Any
 
 from pydantic import Field
 
-from loraengine.core.specs import MemoryStrategySpec, PluginOptions
+from loraengine.core.plugins.specs import MemoryStrategySpec, PluginOptions
 
 
 class BypassOptions(PluginOptions):

@@ -18,7 +18,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from loraengine.core.model import top_level_blocks
-from loraengine.core.specs import MemoryStrategySpec, PluginOptions
+from loraengine.core.plugins.specs import MemoryStrategySpec, PluginOptions
 
 
 class CheckpointOptions(PluginOptions):

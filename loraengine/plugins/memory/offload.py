@@ -34,7 +34,7 @@ from pydantic import Field
 from torch import nn
 
 from loraengine.core.model import top_level_blocks
-from loraengine.core.specs import MemoryStrategySpec, PluginOptions
+from loraengine.core.plugins.specs import MemoryStrategySpec, PluginOptions
 
 
 class OffloadOptions(PluginOptions):

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from loraengine.core.specs import MemoryStrategySpec, PluginOptions
+from loraengine.core.plugins.specs import MemoryStrategySpec, PluginOptions
 
 FP8 = torch.float8_e4m3fn
 #: format -> (largest representable magnitude, dtype of the values)

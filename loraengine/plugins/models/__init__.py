@@ -4,7 +4,7 @@ diffusers, plus ``diffusers`` (any local UNet folder) and ``module`` (an in-memo
 
 from __future__ import annotations
 
-from loraengine.core.hookspecs import hookimpl
+from loraengine.core.plugins.hookspecs import hookimpl
 from loraengine.plugins.models import diffusers_folder, flux, module, sd3, unet
 
 

@@ -17,11 +17,11 @@ from typing import Any, Literal
 from pydantic import Field
 from torch import nn
 
-from loraengine.core.config import ConfigPath
+from loraengine.core.config.root import ConfigPath
 from loraengine.core.errors import ConfigError, DataError
 from loraengine.core.model import LoadedModel, PredictFn
+from loraengine.core.plugins.specs import ModelFamilySpec, PluginOptions
 from loraengine.core.schedule import NoiseSchedule
-from loraengine.core.specs import ModelFamilySpec, PluginOptions
 
 SINGLE_FILE_SUFFIXES = (".safetensors", ".sft")
 

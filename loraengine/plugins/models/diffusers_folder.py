@@ -13,11 +13,11 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from loraengine.core.config import ConfigPath
+from loraengine.core.config.root import ConfigPath
 from loraengine.core.errors import ConfigError, DataError
 from loraengine.core.model import LoadedModel
+from loraengine.core.plugins.specs import ModelFamilySpec
 from loraengine.core.schedule import NoiseSchedule
-from loraengine.core.specs import ModelFamilySpec
 from loraengine.plugins.models.module import ScheduleOptions
 
 SUPPORTED = {"UNet2DConditionModel"}

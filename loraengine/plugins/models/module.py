@@ -12,8 +12,8 @@ from torch import nn
 
 from loraengine.core.errors import ConfigError
 from loraengine.core.model import LoadedModel, top_level_blocks
+from loraengine.core.plugins.specs import ModelFamilySpec, PluginOptions
 from loraengine.core.schedule import NoiseSchedule
-from loraengine.core.specs import ModelFamilySpec, PluginOptions
 
 
 class ScheduleOptions(PluginOptions):

@@ -1,0 +1,16 @@
+"""Adapter bases and the network that puts adapters on a model."""
+
+from loraengine.core.adapter.layer import (
+    ADAPTABLE,
+    DELTA_KEYS,
+    NORMS,
+    AdapterLayer,
+    AttachMode,
+    ChannelDelta,
+    layer_op,
+    split_deltas,
+)
+from loraengine.core.adapter.network import AdapterNetwork, select_layers
+
+__all__ = ["ADAPTABLE", "DELTA_KEYS", "NORMS", "AdapterLayer", "AdapterNetwork", "AttachMode",
+           "ChannelDelta", "layer_op", "select_layers", "split_deltas"]

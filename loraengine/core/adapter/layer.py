@@ -1,0 +1,200 @@
+"""The adapter contract: one adapted layer, and the channel deltas of biases and norms.
+
+An ``AdapterLayer`` adapts one base layer (Linear or Conv1d/2d/3d). It provides
+``delta_weight()`` (ΔW with its scale), ``bypass(x, base_out)`` (the adapted output
+from the base output, without building W+ΔW where the algorithm allows it) and
+``file_tensors()`` (its tensors under their standard key names). The engine uses
+three equivalent paths: *rebuild* (run the layer with W+ΔW), *bypass* (forward hook)
+and *merge* (write W+ΔW into the base weight).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+ADAPTABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+AttachMode = Literal["weight", "bypass"]
+
+
+def layer_op(base: nn.Module, x: torch.Tensor, weight: torch.Tensor,
+             bias: torch.Tensor | None) -> torch.Tensor:
+    """Run ``base``'s operation (linear or its convolution) with another weight/bias."""
+    if isinstance(base, nn.Linear):
+        return F.linear(x, weight, bias)
+    if isinstance(base, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+        return base._conv_forward(x, weight, bias)
+    raise TypeError(f"cannot adapt {type(base).__name__}")
+
+
+class AdapterLayer(nn.Module):
+    """Base class of one adapted layer. Subclasses define ``delta_weight`` and may
+    override ``bypass``, ``delta_bias`` and ``forward``.
+
+    Parameters are kept in their own (master) dtype and cast to the compute dtype of
+    the input on use.
+    """
+
+    #: Set by the spec; used when writing files.
+    algorithm: str = ""
+
+    def __init__(self, base: nn.Module, rank: int, alpha: float):
+        super().__init__()
+        self._base = (base,)  # a tuple keeps the base layer out of this module's tree
+        self.rank = int(rank)
+        self.alpha = float(alpha)
+        self.multiplier = 1.0
+
+    @property
+    def base(self) -> nn.Module:
+        return self._base[0]
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+    def delta_weight(self) -> torch.Tensor:
+        """ΔW in the shape of the base weight, scale and multiplier included."""
+        raise NotImplementedError
+
+    def delta_bias(self) -> torch.Tensor | None:
+        """Δb, or ``None`` when the algorithm leaves the bias alone."""
+        return None
+
+    def file_tensors(self) -> dict[str, torch.Tensor]:
+        """Tensors to save, by parameter key (``lora_down.weight``, ``alpha``...)."""
+        raise NotImplementedError
+
+    def compute_dtype(self, x: torch.Tensor) -> torch.dtype:
+        return x.dtype if x.is_floating_point() else torch.float32
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The rebuild path: the base operation with W+ΔW (and b+Δb)."""
+        base = self.base
+        w = base.weight
+        dw = self.delta_weight().to(dtype=w.dtype, device=w.device)
+        b = base.bias
+        db = self.delta_bias()
+        if db is not None:
+            db = db.to(dtype=w.dtype, device=w.device)
+            b = db if b is None else b + db
+        return layer_op(base, x, w + dw, b)
+
+    def bypass(self, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
+        """The adapted output given the base output. Default: add the delta layer's
+        output, which never reads the base weight."""
+        dw = self.delta_weight().to(dtype=base_out.dtype, device=base_out.device)
+        db = self.delta_bias()
+        if db is not None:
+            db = db.to(dtype=base_out.dtype, device=base_out.device)
+        return base_out + layer_op(self.base, x.to(base_out.dtype), dw, db)
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Add ΔW (and Δb) into the base layer's parameters in place."""
+        base = self.base
+        base.weight.add_(self.delta_weight().to(base.weight.dtype))
+        db = self.delta_bias()
+        if db is not None:
+            if base.bias is None:
+                base.bias = nn.Parameter(db.to(base.weight.dtype), requires_grad=False)
+            else:
+                base.bias.add_(db.to(base.bias.dtype))
+
+
+NORMS: tuple[type, ...] = (nn.GroupNorm, nn.LayerNorm) + (
+    (nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ())
+
+
+def _channels_last(base: nn.Module) -> bool:
+    return isinstance(base, (nn.Linear, nn.LayerNorm)) or (
+        hasattr(nn, "RMSNorm") and isinstance(base, nn.RMSNorm))
+
+
+class ChannelDelta(AdapterLayer):
+    """Full deltas of a layer's 1-D parameters, as ComfyUI trains them: ``diff_b`` for a
+    bias (any layer) and ``diff`` for a norm layer's scale. Both start at zero and act
+    on the output alone, so one formula serves every mode:
+    ``y + norm(x)·diff + diff_b`` (the normalised input times the scale delta)."""
+
+    algorithm = "diff"
+
+    def __init__(self, base: nn.Module, weight: bool, bias: bool):
+        super().__init__(base, 1, 1.0)
+        self.diff = nn.Parameter(torch.zeros(base.weight.shape)) if weight else None
+        self.diff_b = nn.Parameter(torch.zeros(base.bias.shape)) if bias else None
+
+    def _channel(self, t: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        t = t.to(out.dtype) * self.multiplier
+        if _channels_last(self.base):
+            return t
+        return t.reshape(-1, *([1] * (out.ndim - 2)))
+
+    def _normalised(self, x: torch.Tensor) -> torch.Tensor:
+        b = self.base
+        if isinstance(b, nn.GroupNorm):
+            return F.group_norm(x, b.num_groups, None, None, b.eps)
+        if isinstance(b, nn.LayerNorm):
+            return F.layer_norm(x, b.normalized_shape, None, None, b.eps)
+        return F.rms_norm(x, b.normalized_shape, None, b.eps)
+
+    def bypass(self, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
+        out = base_out
+        if self.diff is not None:
+            out = out + self._normalised(x.to(out.dtype)) * self._channel(self.diff, out)
+        if self.diff_b is not None:
+            out = out + self._channel(self.diff_b, out)
+        return out
+
+    def delta_weight(self) -> torch.Tensor:
+        if self.diff is None:
+            return torch.zeros_like(self.base.weight)
+        return self.diff * self.multiplier
+
+    def delta_bias(self) -> torch.Tensor | None:
+        return None if self.diff_b is None else self.diff_b * self.multiplier
+
+    def file_tensors(self) -> dict[str, torch.Tensor]:
+        out = {}
+        if self.diff is not None:
+            out["diff"] = self.diff
+        if self.diff_b is not None:
+            out["diff_b"] = self.diff_b
+        return out
+
+    @classmethod
+    def fresh(cls, base: nn.Module) -> ChannelDelta | None:
+        """Deltas for every 1-D parameter ComfyUI trains on ``base``, or None."""
+        weight = isinstance(base, NORMS) and getattr(base, "weight", None) is not None
+        bias = getattr(base, "bias", None) is not None
+        return cls(base, weight, bias) if (weight or bias) else None
+
+    @classmethod
+    def from_tensors(cls, base: nn.Module, tensors: dict[str, torch.Tensor]) -> ChannelDelta:
+        layer = cls(base, "diff" in tensors, "diff_b" in tensors)
+        with torch.no_grad():
+            for name in ("diff", "diff_b"):
+                if name in tensors:
+                    target = getattr(layer, name)
+                    if target.numel() != tensors[name].numel():
+                        raise ValueError(f"{name} has {tensors[name].numel()} values; the "
+                                         f"layer needs {target.numel()}")
+                    target.copy_(tensors[name].reshape(target.shape).float())
+        return layer
+
+
+DELTA_KEYS = frozenset({"diff", "diff_b"})
+
+
+def split_deltas(params: dict[str, torch.Tensor]
+                 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Separate a saved module's 1-D channel deltas (``diff_b``, a norm's 1-D ``diff``)
+    from its adapter tensors. A ``diff`` of two or more dimensions is a full ΔW and stays
+    with the adapter (the ``full`` algorithm)."""
+    if "diff" in params and params["diff"].ndim >= 2:
+        return dict(params), {}
+    deltas = {k: v for k, v in params.items() if k in DELTA_KEYS}
+    return {k: v for k, v in params.items() if k not in DELTA_KEYS}, deltas

@@ -1,0 +1,325 @@
+"""Config -> Pipeline: the model, data, adapters, memory strategies, optimizer, loss."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from loraengine.core.adapter import (
+    ADAPTABLE,
+    NORMS,
+    AdapterLayer,
+    AdapterNetwork,
+    ChannelDelta,
+    select_layers,
+    split_deltas,
+)
+from loraengine.core.data import Dataset, make_bucketed_dataset, make_dataset, read_safetensors
+from loraengine.core.distributed import DistContext, shard_base, wrap_ddp
+from loraengine.core.errors import ConfigError, DataError, LoraEngineError
+from loraengine.core.files import load_lora, split_modules, steps_of
+from loraengine.core.model import LoadedModel
+from loraengine.core.plugins.host import PluginHost
+from loraengine.core.plugins.specs import LossFn
+from loraengine.core.recipe import install_recipes
+from loraengine.core.seeding import make_generator
+
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
+
+
+@dataclass
+class Pipeline:
+    """Everything the trainer needs, built and wired."""
+
+    config: Any
+    host: PluginHost
+    loaded: LoadedModel
+    dataset: Dataset
+    network: AdapterNetwork
+    adapter_spec: Any
+    optimizer: torch.optim.Optimizer
+    lr_scheduler: Any
+    loss_fn: LossFn
+    device: torch.device
+    compute_dtype: torch.dtype
+    save_dtype: torch.dtype
+    previous_steps: int = 0
+    attach_mode: str = "weight"
+    validation: Dataset | None = None
+    dist: DistContext = field(default_factory=DistContext)
+    denoise: Any = None  # the DDP-wrapped model call when data-parallel
+    sharded: bool = False  # FSDP2 base: the trainer averages adapter gradients itself
+    undo: list[Callable[[], None]] = field(default_factory=list)
+    # Training recipes (core/recipe.py): None/empty keep the family's own behaviour.
+    timestep_sampler: Callable[[torch.Generator], torch.Tensor] | None = None
+    loss_weighting: Callable[[torch.Tensor], torch.Tensor] | None = None
+    loss_timestep_aware: bool = False
+    recipes: list[Any] = field(default_factory=list)
+
+    @property
+    def model(self) -> nn.Module:
+        return self.loaded.module
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.network.parameters() if p.requires_grad]
+
+    def per_sample_loss(self, pred: torch.Tensor, target: torch.Tensor, t: torch.Tensor
+                        ) -> torch.Tensor:
+        """Each sample's loss ``[B]``: the elementwise loss averaged over all but the
+        batch dimension."""
+        fn: Any = self.loss_fn
+        elem = fn(pred, target, t, self.loaded.schedule) if self.loss_timestep_aware else \
+            fn(pred, target)
+        return elem.flatten(1).mean(dim=1)
+
+    def loss_weights(self, t: torch.Tensor) -> torch.Tensor:
+        """Per-sample loss weights ``[B]`` for the timesteps ``t`` (ones by default)."""
+        if self.loss_weighting is None:
+            return torch.ones(t.shape[0], device=t.device)
+        return self.loss_weighting(t)
+
+    def close(self) -> None:
+        """Remove every hook and patch the pipeline put on the model."""
+        while self.undo:
+            self.undo.pop()()
+        self.network.detach()
+        self.dist.close()
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"training.device: unknown device {name!r}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"training.device: {name!r} requested but CUDA is not available")
+    if dev.type != "meta":
+        try:
+            torch.empty(0, device=dev)
+        except (RuntimeError, AssertionError) as exc:
+            raise ConfigError(f"training.device: {name!r} is not usable here: "
+                              f"{str(exc).splitlines()[0] if str(exc) else 'unavailable'}"
+                              ) from None
+    return dev
+
+
+def load_model(config: Any, host: PluginHost, module: nn.Module | None = None,
+               base_dir: Path | None = None) -> LoadedModel:
+    spec = host.registry.get("model", config.model.family)
+    loaded = spec.load(config.model, {"base_dir": base_dir, "module": module})
+    loaded.family = loaded.family or spec.name
+    return loaded
+
+
+def load_data(config: Any, loaded: LoadedModel, latents: Any = None,
+              conditioning: Any = None) -> Dataset:
+    if latents is None:
+        if config.data.latents is None:
+            raise ConfigError("data.latents: required (a safetensors file with 'latents')")
+        latents = read_safetensors(config.data.latents, "latents")
+        lat_name = str(config.data.latents)
+    else:
+        lat_name = "latents"
+    if conditioning is None:
+        if config.data.conditioning is None:
+            raise ConfigError("data.conditioning: required (a safetensors file with 'cond')")
+        conditioning = read_safetensors(config.data.conditioning, "conditioning")
+        cond_name = str(config.data.conditioning)
+    else:
+        cond_name = "conditioning"
+    if config.data.bucket_mode:
+        if not isinstance(latents, Mapping) or not isinstance(conditioning, Mapping):
+            raise DataError("data.bucket_mode: give latents and conditioning as mappings "
+                            "with latents.<i> / cond.<i> per bucket")
+        return make_bucketed_dataset(latents, conditioning, required=loaded.cond_keys,
+                                     latents_name=lat_name, cond_name=cond_name)
+    return make_dataset(latents, conditioning, required=loaded.cond_keys,
+                        latents_name=lat_name, cond_name=cond_name)
+
+
+def build_adapters(config: Any, host: PluginHost, loaded: LoadedModel, device: torch.device
+                   ) -> tuple[AdapterNetwork, Any, int]:
+    """Create (or restore from ``adapter.existing``) one adapter per selected layer."""
+    acfg = config.adapter
+    spec = host.registry.get("adapter", acfg.algorithm)
+    include = acfg.include
+    default_include = getattr(loaded, "default_include", None)
+    if "include" not in acfg.model_fields_set and default_include:
+        include = list(default_include)  # the family's own default targets
+    layers = select_layers(loaded.module, include, acfg.exclude,
+                           spec.layer_types or ADAPTABLE)
+    alpha = float(acfg.alpha) if acfg.alpha is not None else float(acfg.rank)
+    param_dtype = torch.float32 if (acfg.dtype == "fp32" or acfg.master_weights) else \
+        DTYPES[acfg.dtype]
+    saved: dict[str, dict[str, torch.Tensor]] = {}
+    saved_deltas: dict[str, dict[str, torch.Tensor]] = {}
+    previous_steps = 0
+    norms = _norm_layers(loaded.module, include, acfg.exclude)
+    if acfg.existing is not None:
+        saved, saved_deltas, previous_steps = _read_existing(
+            acfg.existing, host, layers, norms, spec)
+    g = make_generator(config.training.seed, "init")
+    built: dict[str, AdapterLayer] = {}
+    fresh: list[str] = []
+    for path in sorted(layers):
+        base = layers[path]
+        if saved.get(path):
+            try:
+                layer = spec.load(base, saved[path], acfg)
+            except LoraEngineError:
+                raise
+            except Exception as exc:
+                raise DataError(f"{acfg.existing}: module {path}: cannot restore "
+                                f"{spec.name} adapter: {exc}") from None
+        else:
+            layer = spec.create(base, acfg.rank, alpha, acfg, g)
+            if saved:
+                fresh.append(path)
+        layer.algorithm = spec.name
+        built[path] = layer.to(device=device, dtype=param_dtype)
+    if fresh:
+        warnings.warn(f"{acfg.existing}: {len(fresh)} layer(s) not in the file start fresh: "
+                      f"{', '.join(fresh[:10])}{' ...' if len(fresh) > 10 else ''}",
+                      stacklevel=2)
+    deltas = _build_deltas(acfg, {**norms, **layers}, saved_deltas)
+    for delta in deltas.values():
+        delta.to(device=device, dtype=param_dtype)
+    return AdapterNetwork(built, deltas), spec, previous_steps
+
+
+def _norm_layers(model: nn.Module, include: list[str], exclude: list[str]
+                 ) -> dict[str, nn.Module]:
+    try:
+        return select_layers(model, include, exclude, NORMS)
+    except ConfigError:
+        return {}  # a model without norm layers
+
+
+def _build_deltas(acfg: Any, candidates: Mapping[str, nn.Module],
+                  saved: Mapping[str, dict[str, torch.Tensor]]) -> dict[str, ChannelDelta]:
+    """``diff``/``diff_b`` deltas: restored from the file, and fresh ones for every
+    bias and norm scale when ``adapter.norm_and_bias_deltas`` is on."""
+    out: dict[str, ChannelDelta] = {}
+    for path in sorted(candidates):
+        base = candidates[path]
+        if path in saved:
+            try:
+                out[path] = ChannelDelta.from_tensors(base, saved[path])
+            except ValueError as exc:
+                raise DataError(f"{acfg.existing}: module {path}: {exc}") from None
+        elif acfg.norm_and_bias_deltas:
+            delta = ChannelDelta.fresh(base)
+            if delta is not None:
+                out[path] = delta
+    return out
+
+
+def _read_existing(path: Path, host: PluginHost, layers: Mapping[str, nn.Module],
+                   norms: Mapping[str, nn.Module], spec: Any
+                   ) -> tuple[dict[str, dict[str, torch.Tensor]],
+                              dict[str, dict[str, torch.Tensor]], int]:
+    """Split a file into algorithm tensors and ``diff``/``diff_b`` deltas per module."""
+    tensors, meta = load_lora(path)
+    exporters = host.registry.specs("exporter")
+    _, grouped = split_modules(tensors, exporters, [*layers, *norms])
+    unknown = sorted(set(grouped) - set(layers) - set(norms))
+    if unknown:
+        raise DataError(f"{path}: {len(unknown)} module(s) are not adapted layers of this "
+                        f"model: {', '.join(unknown[:5])}")
+    split = {p: split_deltas(params) for p, params in grouped.items()}
+    deltas = {p: d for p, (_, d) in split.items() if d}
+    grouped = {p: a for p, (a, _) in split.items() if a}
+    for mod_path, params in grouped.items():
+        if mod_path not in layers:
+            raise DataError(f"{path}: module {mod_path} is a norm layer; only diff/diff_b "
+                            f"can be applied to it (found {sorted(params)})")
+        if not spec.owns_keys(set(params)):
+            owners = [s.name for s in host.registry.specs("adapter") if s.owns_keys(set(params))]
+            found = owners[0] if owners else "an unknown algorithm"
+            raise DataError(f"{path}: module {mod_path} holds a {found} adapter "
+                            f"(keys {sorted(params)}), but adapter.algorithm is {spec.name!r}")
+    return grouped, deltas, steps_of(path, meta)
+
+
+def build_pipeline(config: Any, host: PluginHost, *, model: nn.Module | None = None,
+                   latents: Any = None, conditioning: Any = None,
+                   base_dir: Path | None = None) -> Pipeline:
+    """Build the pipeline; on any failure the model is left unpatched and a process
+    group opened here is closed."""
+    device = resolve_device(config.training.device)
+    dist_ctx = DistContext.from_env(config.training.dist_timeout, device.type)
+    if dist_ctx.enabled and device.type == "cuda":
+        device = torch.device("cuda", dist_ctx.local_rank)
+        torch.cuda.set_device(device)
+    try:
+        return _assemble(config, host, device, dist_ctx, model, latents, conditioning,
+                         base_dir)
+    except BaseException:
+        dist_ctx.close()
+        raise
+
+
+def _assemble(config: Any, host: PluginHost, device: torch.device, dist_ctx: DistContext,
+              model: nn.Module | None, latents: Any, conditioning: Any,
+              base_dir: Path | None) -> Pipeline:
+    reg = host.registry
+    loaded = load_model(config, host, model, base_dir)
+    module = loaded.module
+    module.requires_grad_(False)
+    module.eval()  # no dropout: all randomness comes from the seeded generators
+    tdtype = config.training.dtype
+    if tdtype != "none":
+        module.to(dtype=DTYPES[tdtype])
+    strategies = sorted((s for s in reg.specs("memory") if s.enabled(config)),
+                        key=lambda s: s.order)
+    if device.type == "meta" or not any(s.places_weights for s in strategies):
+        module.to(device)  # else a strategy streams the base to the device itself
+    compute_dtype = next((p.dtype for p in module.parameters() if p.is_floating_point()),
+                         torch.float32)
+    dataset = load_data(config, loaded, latents, conditioning)
+    validation = None
+    if config.data.validation is not None:
+        val = config.data.validation
+        validation = make_dataset(
+            read_safetensors(val.latents, "validation latents"),
+            read_safetensors(val.conditioning, "validation conditioning"),
+            required=loaded.cond_keys, latents_name=str(val.latents),
+            cond_name=str(val.conditioning))
+    network, adapter_spec, previous = build_adapters(config, host, loaded, device)
+    optimizer = reg.get("optimizer", config.optimizer.name).factory(
+        list(p for p in network.parameters() if p.requires_grad), config.optimizer.lr,
+        config.optimizer)
+    lr_scheduler = reg.get("lr_scheduler", config.lr_scheduler.name).factory(
+        optimizer, config.training.steps, config.lr_scheduler)
+    loss_fn = reg.get("loss", config.loss.name).factory(config.loss)
+    pipe = Pipeline(config=config, host=host, loaded=loaded, dataset=dataset,
+                    network=network, adapter_spec=adapter_spec, optimizer=optimizer,
+                    lr_scheduler=lr_scheduler, loss_fn=loss_fn, device=device,
+                    compute_dtype=compute_dtype, save_dtype=DTYPES[config.adapter.dtype],
+                    previous_steps=previous, validation=validation, dist=dist_ctx)
+    try:
+        network.attach("weight")
+        for spec in strategies:
+            undo = spec.apply(pipe, config.memory)
+            if undo is not None:
+                pipe.undo.append(undo)
+        install_recipes(pipe)
+        if dist_ctx.enabled:
+            dist_ctx.slice_of(config.training.batch_size)  # checks the split early
+            if config.training.fsdp:
+                shard_base(module, loaded.blocks, device)
+                pipe.sharded = True
+            else:
+                pipe.denoise = wrap_ddp(module, network, loaded.predict, device)
+    except BaseException:
+        pipe.close()  # the caller's model leaves as it came
+        raise
+    return pipe

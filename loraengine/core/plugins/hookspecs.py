@@ -1,0 +1,219 @@
+"""Every hook of loraengine. Built-in plugins implement these exactly as third-party
+packages do; a package publishes its module under the ``loraengine`` entry-point group.
+
+Registration hooks return iterables of spec records (see ``loraengine.core.plugins.specs``);
+lifecycle hooks are called by the trainer and return nothing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import pluggy
+
+PROJECT = "loraengine"
+hookspec = pluggy.HookspecMarker(PROJECT)
+hookimpl = pluggy.HookimplMarker(PROJECT)
+
+
+@hookspec
+def loraengine_optimizers() -> Iterable[Any]:
+    """Return the ``OptimizerSpec`` records this plugin provides.
+
+    Example::
+
+        @hookimpl
+        def loraengine_optimizers():
+            return [OptimizerSpec("lion", factory=make_lion, config_model=LionOptions)]
+    """
+
+
+@hookspec
+def loraengine_losses() -> Iterable[Any]:
+    """Return the ``LossSpec`` records this plugin provides.
+
+    Example::
+
+        @hookimpl
+        def loraengine_losses():
+            return [LossSpec("charbonnier", factory=lambda o: charbonnier)]
+    """
+
+
+@hookspec
+def loraengine_adapters() -> Iterable[Any]:
+    """Return the ``AdapterSpec`` records (adapter algorithms) this plugin provides.
+
+    Example::
+
+        @hookimpl
+        def loraengine_adapters():
+            return [AdapterSpec("myalgo", create=..., load=..., owns_keys=...)]
+    """
+
+
+@hookspec
+def loraengine_memory_strategies() -> Iterable[Any]:
+    """Return the ``MemoryStrategySpec`` records this plugin provides. Their option
+    fields join the ``memory`` config section.
+
+    Example::
+
+        @hookimpl
+        def loraengine_memory_strategies():
+            return [MemoryStrategySpec("cpu_adam", MyOptions, enabled=..., apply=...)]
+    """
+
+
+@hookspec
+def loraengine_models() -> Iterable[Any]:
+    """Return the ``ModelFamilySpec`` records (model families) this plugin provides.
+
+    Example::
+
+        @hookimpl
+        def loraengine_models():
+            return [ModelFamilySpec("mymodel", load=load_mymodel, config_model=MyOptions)]
+    """
+
+
+@hookspec
+def loraengine_lr_schedulers() -> Iterable[Any]:
+    """Return the ``LRSchedulerSpec`` records this plugin provides.
+
+    Example::
+
+        @hookimpl
+        def loraengine_lr_schedulers():
+            return [LRSchedulerSpec("step", factory=make_step, config_model=StepOptions)]
+    """
+
+
+@hookspec
+def loraengine_exporters() -> Iterable[Any]:
+    """Return the ``ExporterSpec`` records (LoRA file key formats) this plugin provides.
+
+    Example::
+
+        @hookimpl
+        def loraengine_exporters():
+            return [ExporterSpec("mine", to_file=..., from_file=...)]
+    """
+
+
+@hookspec
+def loraengine_timestep_samplers() -> Iterable[Any]:
+    """Return the ``TimestepSamplerSpec`` records (training-timestep distributions) this
+    plugin provides; the config picks one with ``timestep_sampler.name``.
+
+    Example::
+
+        @hookimpl
+        def loraengine_timestep_samplers():
+            return [TimestepSamplerSpec("beta", factory=make_beta, config_model=BetaOptions)]
+    """
+
+
+@hookspec
+def loraengine_loss_weightings() -> Iterable[Any]:
+    """Return the ``LossWeightingSpec`` records (per-sample loss weights by timestep)
+    this plugin provides; the config picks one with ``loss_weighting.name``.
+
+    Example::
+
+        @hookimpl
+        def loraengine_loss_weightings():
+            return [LossWeightingSpec("p2", factory=make_p2, config_model=P2Options)]
+    """
+
+
+@hookspec
+def loraengine_recipes() -> Iterable[Any]:
+    """Return the ``RecipeSpec`` records (training tweaks such as noise offset or EMA)
+    this plugin provides. Their option fields join the ``recipe`` config section.
+
+    Example::
+
+        @hookimpl
+        def loraengine_recipes():
+            return [RecipeSpec("swa", SWAOptions, enabled=lambda c: c.recipe.swa,
+                               build=make_swa)]
+    """
+
+
+@hookspec
+def loraengine_samplers() -> Iterable[Any]:
+    """Return the ``SamplerSpec`` records (samplers for preview images and
+    ``loraengine sample``) this plugin provides; ``output.samples.sampler`` picks one.
+
+    Example::
+
+        @hookimpl
+        def loraengine_samplers():
+            return [SamplerSpec("heun", factory=make_heun, prediction_types=("flow",))]
+    """
+
+
+@hookspec
+def loraengine_on_train_start(run: Any) -> None:
+    """Called once before the first step. ``run`` exposes ``config``, ``total_steps``,
+    ``start_step`` and ``output_dir``.
+
+    Example::
+
+        @hookimpl
+        def loraengine_on_train_start(run):
+            print("training", run.config.output.name)
+    """
+
+
+@hookspec
+def loraengine_on_step_end(run: Any, step: int, metrics: dict[str, float]) -> None:
+    """Called after every optimizer step with the 1-based ``step`` and its ``metrics``
+    (``loss``, ``lr``, ``skipped``...).
+
+    Example::
+
+        @hookimpl
+        def loraengine_on_step_end(run, step, metrics):
+            wandb.log(metrics, step=step)
+    """
+
+
+@hookspec
+def loraengine_on_save(run: Any, path: str, kind: str) -> None:
+    """Called after a file has been written atomically. ``kind`` is ``lora``,
+    ``loss_map``, ``plot`` or ``checkpoint``.
+
+    Example::
+
+        @hookimpl
+        def loraengine_on_save(run, path, kind):
+            upload(path)
+    """
+
+
+@hookspec
+def loraengine_on_train_end(run: Any, result: Any) -> None:
+    """Called once after training ends, with the ``TrainResult`` — or ``None`` when
+    training stopped with an error (so loggers can close and displays stop).
+
+    Example::
+
+        @hookimpl
+        def loraengine_on_train_end(run, result):
+            print(result.steps)
+    """
+
+
+@hookspec
+def loraengine_register_commands(cli: Any) -> None:
+    """Add subcommands to the ``loraengine`` click group ``cli``.
+
+    Example::
+
+        @hookimpl
+        def loraengine_register_commands(cli):
+            cli.add_command(my_command)
+    """

@@ -1,0 +1,156 @@
+"""The plugin manager factory and the typed facade that is the only caller of hooks."""
+
+from __future__ import annotations
+
+import importlib
+import warnings
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from importlib import metadata
+from typing import Any
+
+import pluggy
+
+from loraengine.core.errors import PluginError
+from loraengine.core.plugins import hookspecs
+from loraengine.core.plugins.registry import CATEGORIES, Registry
+
+ENTRY_POINT_GROUP = "loraengine"
+
+
+@dataclass(frozen=True)
+class PluginFailure:
+    """An external plugin that could not be loaded."""
+
+    entry_point: str
+    distribution: str | None
+    error: str
+
+    def describe(self) -> str:
+        dist = self.distribution or "unknown distribution"
+        return f"plugin {self.entry_point!r} from distribution {dist!r} failed to load: {self.error}"
+
+
+class PluginLoadWarning(UserWarning):
+    """An external plugin failed to load and was skipped."""
+
+
+class PluginHost:
+    """Owns the pluggy manager and the registry built from it.
+
+    Every hook call of the engine goes through a method here, so call sites are typed.
+    """
+
+    def __init__(self, pm: pluggy.PluginManager, failures: Sequence[PluginFailure] = ()):
+        self.pm = pm
+        self.failures: list[PluginFailure] = list(failures)
+        self._registry: Registry | None = None
+        self.distributions: dict[str, tuple[str | None, str | None]] = {}
+
+    # -- registration -------------------------------------------------------------
+    def register(self, plugin: Any, name: str | None = None, distribution: str | None = None,
+                 version: str | None = None) -> str:
+        """Register one plugin object (module or instance). Returns its name."""
+        registered = self.pm.register(plugin, name=name)
+        if registered is None:
+            raise PluginError(f"plugin {name or plugin!r} is already registered")
+        self.distributions[registered] = (distribution, version)
+        self._registry = None
+        return registered
+
+    def unregister(self, name: str) -> None:
+        self.pm.unregister(name=name)
+        self.distributions.pop(name, None)
+        self._registry = None
+
+    @property
+    def registry(self) -> Registry:
+        if self._registry is None:
+            self._registry = Registry.collect(self)
+        return self._registry
+
+    def provided(self, hook_name: str) -> Iterable[tuple[str, Any]]:
+        """Yield ``(plugin_name, spec)`` for each record returned by ``hook_name``."""
+        caller = getattr(self.pm.hook, hook_name)
+        for impl in reversed(caller.get_hookimpls()):  # registration order
+            result = impl.function()
+            for spec in result or ():
+                yield impl.plugin_name, spec
+
+    def failure_for(self, category: str, name: str) -> str:
+        """Text to append to an unknown-name error when some plugin failed to load."""
+        if not self.failures:
+            return ""
+        return " (note: " + "; ".join(f.describe() for f in self.failures) + ")"
+
+    # -- lifecycle ------------------------------------------------------------------
+    def on_train_start(self, run: Any) -> None:
+        self.pm.hook.loraengine_on_train_start(run=run)
+
+    def on_step_end(self, run: Any, step: int, metrics: dict[str, float]) -> None:
+        self.pm.hook.loraengine_on_step_end(run=run, step=step, metrics=metrics)
+
+    def on_save(self, run: Any, path: str, kind: str) -> None:
+        self.pm.hook.loraengine_on_save(run=run, path=path, kind=kind)
+
+    def on_train_end(self, run: Any, result: Any) -> None:
+        self.pm.hook.loraengine_on_train_end(run=run, result=result)
+
+    def register_commands(self, cli: Any) -> None:
+        self.pm.hook.loraengine_register_commands(cli=cli)
+
+
+def _distribution_of(ep: metadata.EntryPoint) -> tuple[str | None, str | None]:
+    dist = getattr(ep, "dist", None)
+    if dist is None:
+        return None, None
+    return dist.metadata["Name"], dist.version
+
+
+def make_host(builtin_modules: Sequence[str] = (), *, entry_points: bool = True,
+              strict: bool = False, extra: Iterable[Any] = ()) -> PluginHost:
+    """Make a plugin host: ``builtin_modules`` (imported and registered one by one,
+    exactly like external plugins), then every ``loraengine`` entry point.
+
+    An entry point that fails to import is a ``PluginLoadWarning`` naming its
+    distribution, or a ``PluginError`` when ``strict``. Name clashes between records
+    surface when the registry is first built.
+    """
+    pm = pluggy.PluginManager(hookspecs.PROJECT)
+    pm.add_hookspecs(hookspecs)
+    host = PluginHost(pm)
+    if builtin_modules:
+        version = metadata.version("loraengine") if _installed() else None
+        for modname in builtin_modules:
+            host.register(importlib.import_module(modname), name=modname,
+                          distribution="loraengine", version=version)
+    if entry_points:
+        for ep in metadata.entry_points(group=ENTRY_POINT_GROUP):
+            dist, ver = _distribution_of(ep)
+            if pm.get_plugin(ep.name) is not None:  # the same module published twice
+                continue
+            try:
+                plugin = ep.load()
+            except Exception as exc:  # a broken third-party plugin must not stop the tool
+                failure = PluginFailure(ep.name, dist, f"{type(exc).__name__}: {exc}")
+                if strict:
+                    raise PluginError(failure.describe()) from exc
+                warnings.warn(failure.describe(), PluginLoadWarning, stacklevel=2)
+                host.failures.append(failure)
+                continue
+            host.register(plugin, name=ep.name, distribution=dist, version=ver)
+    for plugin in extra:
+        host.register(plugin)
+    pm.check_pending()
+    return host
+
+
+def _installed() -> bool:
+    try:
+        metadata.version("loraengine")
+    except metadata.PackageNotFoundError:
+        return False
+    return True
+
+
+__all__ = ["CATEGORIES", "PluginFailure", "PluginHost", "PluginLoadWarning", "make_host"]

@@ -1,0 +1,1 @@
+"""Built-in outputs: the loss plot and preview grids, as lifecycle plugins."""

@@ -1,0 +1,31 @@
+"""``loraengine bucket``: group mixed-size latents into resolution buckets."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+from safetensors.torch import save_file
+
+from loraengine.cli.common import reports_errors
+from loraengine.core.data import group_into_buckets, read_safetensors
+from loraengine.core.files import write_atomic
+
+
+@click.command("bucket")
+@click.option("--latents", "latents_path", required=True, type=click.Path(path_type=Path),
+              help="safetensors with latents.<k> tensors of mixed sizes.")
+@click.option("--conditioning", "cond_path", required=True, type=click.Path(path_type=Path),
+              help="safetensors with cond.<k> (and other <key>.<k>) entries.")
+@click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path),
+              help="Folder for latents.safetensors and conditioning.safetensors.")
+@reports_errors
+def bucket(latents_path: Path, cond_path: Path, out_dir: Path) -> None:
+    """Write bucketed latents.<i> / cond.<i> files for data.bucket_mode."""
+    lat, cond = group_into_buckets(read_safetensors(latents_path, "latents"),
+                                   read_safetensors(cond_path, "conditioning"))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_atomic(out_dir / "latents.safetensors", lambda p: save_file(lat, str(p)))
+    write_atomic(out_dir / "conditioning.safetensors", lambda p: save_file(cond, str(p)))
+    for key in sorted(lat, key=lambda k: int(k.split(".")[1])):
+        click.echo(f"{key}: {list(lat[key].shape)}")

@@ -1,0 +1,380 @@
+"""Memory and cost planning: what one training step will need, before training.
+
+``estimate`` builds the configured pipeline (model family, adapters, every enabled
+memory strategy, optimizer) on the ``meta`` device and runs training steps there: every
+tensor has its shape and dtype but no storage, so nothing is computed and no device
+memory is used (the model family still reads the weights once on the host to learn the
+shapes). A dispatch-mode counter follows every meta allocation and its release, so the
+peak it reports is the live bytes of a real step under the real strategies: what
+checkpointing recomputes, what offloading loads and releases, what a quantized base
+stores. The first step creates the optimizer state, the second is the one reported and
+a third counts the FLOPs. Attention takes the fused kernel the CPU and CUDA would take
+(on ``meta`` PyTorch would otherwise pick the unfused path, which keeps the attention
+matrix). Not modelled: allocator caching and fragmentation, library workspaces.
+
+``measure`` runs real steps on the pipeline's device and reports the measured peak, to
+check an estimate: on CUDA from the allocator's own peak counter; on the CPU as the
+tensors resident at the start of the step (the model's, the adapter's and the optimizer
+state, host copies of offloading excluded) plus the largest rise of allocated bytes
+that the CPU allocator reports to ``torch.profiler`` during one full step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import gc
+import os
+import time
+import weakref
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+from loraengine.core.errors import ConfigError
+from loraengine.core.plugins.host import PluginHost
+
+MiB = 1024 * 1024
+
+
+@dataclass
+class MemoryPlan:
+    """Bytes of one training step's peak by kind, and the step's cost."""
+
+    weights_device: int
+    weights_host: int
+    adapter: int
+    optimizer_state: int
+    gradients: int
+    other_resident: int
+    activations: int
+    peak: int
+    forward_flops: int
+    backward_flops: int
+    transfer_bytes: int
+    strategies: list[str] = field(default_factory=list)
+    device: str = ""
+
+    def rows(self) -> list[tuple[str, int]]:
+        return [("base weights (device)", self.weights_device),
+                ("base weights (host, offloaded)", self.weights_host),
+                ("adapter", self.adapter),
+                ("optimizer state", self.optimizer_state),
+                ("gradients", self.gradients),
+                ("other resident tensors", self.other_resident),
+                ("activations and temporaries", self.activations),
+                ("estimated peak (device)", self.peak)]
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class Measurement:
+    """A measured step: device peak bytes, bytes resident at its start, its seconds."""
+
+    peak: int
+    resident: int
+    seconds: float
+
+
+# -- counting live bytes ---------------------------------------------------------------
+
+class LiveBytes(TorchDispatchMode):
+    """Counts the bytes of live storages on one device type, and their peak.
+
+    A storage is counted when an operator returns it for the first time (outputs that
+    share an input's storage, such as views and in-place results, are not new) and
+    uncounted when it is freed, through a weak reference on the storage.
+    """
+
+    def __init__(self, device_type: str):
+        super().__init__()
+        self.device_type = device_type
+        self.live = 0
+        self.peak = 0
+        self._tracked: dict[int, Any] = {}
+
+    def reset_peak(self) -> None:
+        self.peak = self.live
+
+    def _freed(self, key: int, nbytes: int) -> None:
+        if self._tracked.pop(key, None) is not None:
+            self.live -= nbytes
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None
+                           ) -> Any:
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        inputs = {id(_storage(t)) for t in tree_flatten((args, kwargs))[0]
+                  if isinstance(t, torch.Tensor)}
+        for t in tree_flatten(out)[0]:
+            if not isinstance(t, torch.Tensor) or t.device.type != self.device_type:
+                continue
+            st = _storage(t)
+            key = id(st)
+            if st is None or key in inputs or key in self._tracked:
+                continue
+            nbytes = st.nbytes()
+            self._tracked[key] = weakref.ref(st, lambda _r, k=key, n=nbytes: self._freed(k, n))
+            self.live += nbytes
+            self.peak = max(self.peak, self.live)
+        return out
+
+
+def _storage(t: torch.Tensor) -> Any:
+    try:
+        return t.untyped_storage()
+    except (RuntimeError, NotImplementedError):
+        return None
+
+
+_sdpa = F.scaled_dot_product_attention
+
+
+def _fused_attention_on_meta(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                             attn_mask: torch.Tensor | None = None, dropout_p: float = 0.0,
+                             is_causal: bool = False, scale: float | None = None,
+                             **kwargs: Any) -> torch.Tensor:
+    """``scaled_dot_product_attention`` that takes the fused kernel on meta tensors,
+    whose saved tensors (output and log-sum-exp) are what CPU and CUDA keep."""
+    if query.device.type == "meta" and not kwargs.get("enable_gqa", False):
+        try:
+            return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+                query, key, value, float(dropout_p), bool(is_causal), attn_mask=attn_mask,
+                scale=scale)[0]
+        except (RuntimeError, TypeError):
+            pass  # shapes the fused kernel refuses: the default path
+    return _sdpa(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p,
+                 is_causal=is_causal, scale=scale, **kwargs)
+
+
+@contextlib.contextmanager
+def _fused_attention() -> Iterator[None]:
+    # Patched at module level rather than with a TorchFunctionMode: checkpointing's
+    # recomputation in the backward pass must see it too.
+    F.scaled_dot_product_attention = _fused_attention_on_meta
+    try:
+        yield
+    finally:
+        F.scaled_dot_product_attention = _sdpa
+
+
+def _attention_flops(q: Any, k: Any, v: Any, *args: Any, **kwargs: Any) -> int:
+    b, h, lq, d = q
+    lk, dv = k[-2], v[-1]
+    return 2 * b * h * lq * lk * (d + dv)
+
+
+def _attention_backward_flops(grad: Any, q: Any, k: Any, v: Any, *args: Any, **kwargs: Any
+                              ) -> int:
+    return 2 * _attention_flops(q, k, v)
+
+
+def _flop_counter() -> Any:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    aten = torch.ops.aten
+    custom = {aten._scaled_dot_product_flash_attention_for_cpu: _attention_flops,
+              aten._scaled_dot_product_flash_attention_for_cpu_backward:
+                  _attention_backward_flops}
+    return FlopCounterMode(display=False, custom_mapping=custom)
+
+
+# -- what is resident -------------------------------------------------------------------
+
+def _nbytes(tensors: Iterable[torch.Tensor], device_type: str | None = None,
+            exclude: set[int] | None = None, seen: set[int] | None = None) -> int:
+    seen = set() if seen is None else seen
+    total = 0
+    for t in tensors:
+        if not isinstance(t, torch.Tensor):
+            continue
+        if device_type is not None and t.device.type != device_type:
+            continue
+        st = _storage(t)
+        if st is None or id(st) in seen or (exclude and id(st) in exclude):
+            continue
+        seen.add(id(st))
+        total += st.nbytes()
+    return total
+
+
+def _optimizer_tensors(opt: torch.optim.Optimizer) -> list[torch.Tensor]:
+    return [v for state in opt.state.values() for v in state.values()
+            if isinstance(v, torch.Tensor)]
+
+
+def _host_storages(pipe: Any) -> set[int]:
+    return {id(_storage(t)) for t in pipe.loaded.info.get("host_resident", ())}
+
+
+def resident_parts(pipe: Any) -> dict[str, int]:
+    """Bytes resident on the pipeline's device now, by kind (storages counted once)."""
+    dev = pipe.device.type
+    host = _host_storages(pipe)
+    seen: set[int] = set()
+    model = pipe.model
+    weights = _nbytes([*model.parameters(), *model.buffers()], dev, host, seen)
+    adapter = _nbytes(pipe.network.parameters(), dev, host, seen)
+    state = _nbytes(_optimizer_tensors(pipe.optimizer), dev, host, seen)
+    host_bytes = _nbytes(pipe.loaded.info.get("host_resident", ()))
+    return {"weights": weights, "adapter": adapter, "optimizer_state": state,
+            "host": host_bytes}
+
+
+def enabled_strategies(config: Any, host: PluginHost) -> list[str]:
+    names = []
+    for spec in sorted(host.registry.specs("memory"), key=lambda s: s.order):
+        if spec.enabled(config):
+            name = spec.name
+            if name == "gradient_checkpointing":
+                name += f"(depth {config.memory.checkpoint_depth})"
+            if name == "quantized_base":
+                name += f"({config.model.quantize}"
+                name += ", quantized backward)" if config.memory.quantized_backward else ")"
+            names.append(name)
+    return names
+
+
+# -- one step, by hand (the trainer's step reads the loss value, which meta lacks) -------
+
+def _run_step(trainer: Any, on_forward: Callable[[], Any] | None = None,
+              on_backward: Callable[[], Any] | None = None) -> None:
+    pipe, tcfg = trainer.pipe, trainer.config.training
+    accum = tcfg.grad_accumulation_steps
+    pipe.optimizer.zero_grad(set_to_none=True)
+    for _ in range(accum):
+        with on_forward() if on_forward else _null():
+            loss = trainer.micro_step(trainer.indices.take(tcfg.batch_size))
+        with on_backward() if on_backward else _null():
+            (loss / accum).backward()
+    pipe.optimizer.step()
+    pipe.optimizer.zero_grad(set_to_none=True)
+
+
+class _null:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: Any) -> None:
+        return None
+
+
+def estimate(config: Any, host: PluginHost, *, model: torch.nn.Module | None = None,
+             latents: Any = None, conditioning: Any = None,
+             base_dir: Path | None = None) -> MemoryPlan:
+    """Plan one training step of ``config`` by a dry run on the meta device."""
+    from loraengine.core.build import build_pipeline, resolve_device
+    from loraengine.core.train.loop import Trainer
+
+    try:
+        target = str(resolve_device(config.training.device))
+    except ConfigError:  # planning for a GPU this machine lacks is still useful
+        target = str(config.training.device)
+    dry = config.model_copy(deep=True)
+    dry.training.device = "meta"
+    if model is not None:
+        model = copy.deepcopy(model)  # the dry run moves it to meta
+    counter = LiveBytes("meta")
+    fwd, bwd = _flop_counter(), _flop_counter()
+    with counter, _fused_attention():
+        pipe = build_pipeline(dry, host, model=model, latents=latents,
+                              conditioning=conditioning, base_dir=base_dir)
+        try:
+            trainer = Trainer(pipe, write_files=False)
+            _run_step(trainer)  # creates the optimizer state
+            gc.collect()  # storages held only by reference cycles would count as live
+            parts = resident_parts(pipe)
+            offloader = pipe.loaded.info.get("offloader")
+            moved_before = offloader.stats["bytes_in"] if offloader is not None else 0
+            start = counter.live
+            counter.reset_peak()
+            _run_step(trainer)
+            peak_rise = counter.peak - start
+            moved = (offloader.stats["bytes_in"] - moved_before) if offloader else 0
+            grads = _nbytes(pipe.trainable_parameters())
+            # FLOPs in a step of their own: the counter keeps tensors alive that a
+            # checkpointed step would free, which would spoil the memory figure.
+            _run_step(trainer, lambda: fwd, lambda: bwd)
+        finally:
+            pipe.close()
+    host_bytes = parts["host"]
+    device_start = start - host_bytes
+    known = parts["weights"] + parts["adapter"] + parts["optimizer_state"]
+    activations = max(peak_rise - grads, 0)
+    return MemoryPlan(
+        weights_device=parts["weights"], weights_host=host_bytes, adapter=parts["adapter"],
+        optimizer_state=parts["optimizer_state"], gradients=grads,
+        other_resident=max(device_start - known, 0), activations=activations,
+        peak=device_start + peak_rise, forward_flops=int(fwd.get_total_flops()),
+        backward_flops=int(bwd.get_total_flops()), transfer_bytes=int(moved),
+        strategies=enabled_strategies(config, host), device=target)
+
+
+# -- measuring a real step ----------------------------------------------------------------
+
+def _cpu_allocation_rise(fn: Callable[[], Any]) -> int:
+    """The largest rise of CPU-allocated bytes while ``fn`` runs, from the allocator
+    events ``torch.profiler`` records with ``profile_memory=True``."""
+    os.environ.setdefault("KINETO_LOG_LEVEL", "5")  # no profiler banner on stderr
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
+                    if e.name() == "[memory]" and e.device_type().name == "CPU")
+    live = peak = 0
+    for _, nbytes in events:
+        live += nbytes
+        peak = max(peak, live)
+    return peak
+
+
+def measure(pipe: Any, trainer: Any | None = None) -> Measurement:
+    """Run one warm-up step (it creates the optimizer state), time one step, then
+    measure the peak of another (on the CPU the profiler slows that one down)."""
+    from loraengine.core.train.loop import Trainer
+
+    trainer = trainer or Trainer(pipe, write_files=False)
+    trainer.step()
+    dev = pipe.device
+    sync = (lambda: torch.cuda.synchronize(dev)) if dev.type == "cuda" else (lambda: None)
+    sync()
+    t0 = time.perf_counter()
+    trainer.step()
+    sync()
+    seconds = time.perf_counter() - t0
+    if dev.type == "cuda":
+        resident = torch.cuda.memory_allocated(dev)
+        torch.cuda.reset_peak_memory_stats(dev)
+        trainer.step()
+        sync()
+        return Measurement(torch.cuda.max_memory_allocated(dev), resident, seconds)
+    parts = resident_parts(pipe)
+    resident = parts["weights"] + parts["adapter"] + parts["optimizer_state"]
+    return Measurement(resident + _cpu_allocation_rise(trainer.step), resident, seconds)
+
+
+def format_plan(plan: MemoryPlan, measured: Measurement | None = None) -> str:
+    """The plan as aligned text lines."""
+    lines = [f"memory plan (device {plan.device}; strategies: "
+             f"{', '.join(plan.strategies) or 'none'})"]
+    for label, nbytes in plan.rows():
+        lines.append(f"  {label:<32}{nbytes / MiB:>12.2f} MiB")
+    lines.append("step cost")
+    lines.append(f"  {'forward':<32}{plan.forward_flops / 1e9:>12.3f} GFLOP")
+    lines.append(f"  {'backward (with recomputation)':<32}"
+                 f"{plan.backward_flops / 1e9:>12.3f} GFLOP")
+    lines.append(f"  {'host to device':<32}{plan.transfer_bytes / MiB:>12.2f} MiB")
+    if measured is not None:
+        ratio = plan.peak / measured.peak if measured.peak else float("nan")
+        lines.append(f"measured peak (one real step)   {measured.peak / MiB:>12.2f} MiB "
+                     f"(estimate / measured = {ratio:.2f}; step {measured.seconds:.3f} s)")
+    return "\n".join(lines)

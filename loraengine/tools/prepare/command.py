@@ -1,0 +1,136 @@
+"""``loraengine prepare``: images + captions -> latents and conditioning files, encoded
+with the model's own VAE and text encoders (see ``loraengine.tools.prepare.logic``)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from loraengine.core.errors import ConfigError, DataError
+
+
+def pick_family(host: Any, model: Path, name: str) -> Any:
+    """The model-family spec to prepare with: ``name``, or the one that recognises the
+    pipeline folder when ``name`` is ``auto``."""
+    able = {s.name: s for s in host.registry.specs("model") if s.make_encoder is not None}
+    if name != "auto":
+        if name not in able:
+            raise ConfigError(f"--family: {name!r} cannot prepare data; choose from "
+                              f"{', '.join(sorted(able))}")
+        return able[name]
+    if not (model / "model_index.json").exists():
+        raise DataError(f"--model: {model} is not a diffusers pipeline folder (no "
+                        f"model_index.json); prepare needs its VAE and text encoders")
+    matches = [s for s in able.values() if s.detect is not None and s.detect(model)]
+    if len(matches) != 1:
+        found = ", ".join(s.name for s in matches) or "none"
+        raise ConfigError(f"--family: cannot tell the family of {model} (matches: {found}); "
+                          f"pass --family with one of {', '.join(sorted(able))}")
+    return matches[0]
+
+
+class _Bar:
+    """A rich progress bar per stage, on stderr, only when it is a terminal."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled and sys.stderr.isatty()
+        self.progress: Any = None
+        self.tasks: dict[str, Any] = {}
+
+    def __enter__(self) -> _Bar:
+        if self.enabled:
+            from rich.console import Console
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                Progress,
+                TextColumn,
+                TimeElapsedColumn,
+                TimeRemainingColumn,
+            )
+
+            self.progress = Progress(
+                TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
+                console=Console(file=sys.stderr))
+            self.progress.start()
+        return self
+
+    def __call__(self, stage: str, done: int, total: int) -> None:
+        if self.progress is None:
+            return
+        if stage not in self.tasks:
+            self.tasks[stage] = self.progress.add_task(f"encoding {stage}", total=total)
+        self.progress.update(self.tasks[stage], completed=done, total=total)
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+
+
+@click.command("prepare")
+@click.option("--model", "model", required=True, type=click.Path(path_type=Path),
+              help="A local diffusers pipeline folder (its VAE and text encoders are used).")
+@click.option("--images", required=True, type=click.Path(path_type=Path),
+              help="Folder of images; captions in NAME.txt beside each, or --captions.")
+@click.option("--out", required=True, type=click.Path(path_type=Path),
+              help="Where latents.safetensors and conditioning.safetensors go.")
+@click.option("--family", default="auto", show_default=True,
+              help="Model family (sd15, sd2, sdxl, sd3, flux...); auto reads the folder.")
+@click.option("--captions", "captions_file", type=click.Path(path_type=Path), default=None,
+              help="Captions file: a JSON object {file: caption} or metadata.jsonl lines "
+              "with file_name and text.")
+@click.option("--caption-ext", default=".txt", show_default=True,
+              help="Extension of the caption file beside each image.")
+@click.option("--resolution", type=click.IntRange(1), default=None,
+              help="Side of a square bucket in pixels (default: the family's).")
+@click.option("--batch-size", type=click.IntRange(1), default=4, show_default=True)
+@click.option("--device", default="auto", show_default=True)
+@click.option("--dtype", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto",
+              show_default=True, help="Encoder dtype (auto: bf16 on CUDA, else fp32).")
+@click.option("--max-sequence-length", type=click.IntRange(1), default=None,
+              help="T5 tokens per caption (SD3, Flux; default: the pipeline's).")
+@click.option("--cache", "cache_dir", type=click.Path(path_type=Path), default=None,
+              help="Encoding cache folder (default: OUT/.cache).")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar or summary.")
+@click.pass_context
+def prepare(ctx: click.Context, **options: Any) -> None:
+    """Encode a folder of images and captions into training files."""
+    from loraengine.cli.common import reports_errors
+
+    reports_errors(_run)(ctx.obj, **options)
+
+
+def _run(state: Any, model: Path, images: Path, out: Path, family: str,
+         captions_file: Path | None, caption_ext: str, resolution: int | None,
+         batch_size: int, device: str, dtype: str, max_sequence_length: int | None,
+         cache_dir: Path | None, quiet: bool) -> None:
+    from loraengine.tools.prepare.logic import prepare as run_prepare
+
+    if not model.exists():
+        raise DataError(f"--model: {model} does not exist")
+    if len(caption_ext) < 2 or not caption_ext.startswith(".") or "/" in caption_ext:
+        raise DataError(f"--caption-ext: expected an extension such as .txt, got "
+                        f"{caption_ext!r}")
+    spec = pick_family(state.host, model, family)
+    encoder = spec.make_encoder(model, {"device": device, "dtype": dtype,
+                                        "max_sequence_length": max_sequence_length})
+    with _Bar(not quiet) as bar:
+        report = run_prepare(encoder, images, out, captions_file=captions_file,
+                             caption_ext=caption_ext, resolution=resolution,
+                             batch_size=batch_size, cache_dir=cache_dir, progress=bar)
+    if quiet:
+        return
+    sizes = ", ".join(f"{w}x{h}: {n}" for w, h, n in report.buckets)
+    click.echo(f"prepared {report.images} image(s) for {spec.name} in "
+               f"{len(report.buckets)} bucket(s) ({sizes})")
+    click.echo(f"  encoded {report.encoded_images} image(s) and {report.encoded_captions} "
+               f"caption(s); reused {report.cached_images} image(s) and "
+               f"{report.cached_captions} caption(s) from the cache")
+    click.echo(f"  latents: {report.latents_path}")
+    click.echo(f"  conditioning: {report.conditioning_path}")
+    if len(report.buckets) > 1:
+        click.echo("  several buckets: train with data.bucket_mode: true")

@@ -1,0 +1,311 @@
+"""Render images from a model: prompts' conditioning in, a PNG grid out.
+
+Used by the training previews (``output.samples``) and ``loraengine sample``. Each
+image's starting noise comes from its own generator, derived from the seed and the
+image's index, so the same seed gives the same images whatever else runs, and grids
+from different training steps show the same noise. Latents are decoded with the
+model's VAE when it has one; otherwise their first three channels are shown as RGB
+(values in [-1, 1], as pixel-space models produce).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from loraengine.core.errors import ConfigError, DataError
+from loraengine.core.files import write_atomic
+from loraengine.core.model import LoadedModel
+from loraengine.core.samplers import resolve_sampler
+from loraengine.core.schedule import NoiseSchedule
+from loraengine.core.seeding import make_generator
+
+#: Conditioning tensors an "empty" negative zeroes; others (ids, sizes) are kept.
+TEXT_KEYS = ("cond", "pooled", "text_embeds")
+
+
+@dataclass
+class SampleSettings:
+    """How to sample. ``sampler`` is a plugin name or ``auto``."""
+
+    steps: int = 20
+    guidance: float = 1.0
+    seed: int = 0
+    sampler: str = "auto"
+    sampler_options: Mapping[str, Any] | None = None
+    batch_size: int = 16
+    #: How errors name these settings: config keys here, option names in the CLI.
+    sampler_key: str = "output.samples.sampler"
+    options_key: str = "output.samples.sampler_options"
+    steps_key: str = "output.samples.steps"
+
+
+# -- conditioning -------------------------------------------------------------------------
+
+def read_conditioning(path: Path, loaded: LoadedModel, what: str) -> dict[str, torch.Tensor]:
+    """A conditioning file's tensors, checked for the family's keys."""
+    from loraengine.core.data import read_safetensors
+
+    tensors = read_safetensors(Path(path), what)
+    missing = [k for k in loaded.cond_keys if k not in tensors]
+    if missing:
+        raise DataError(f"{what} file {path}: no tensor named {missing[0]!r} (found: "
+                        f"{', '.join(sorted(tensors)) or 'none'})")
+    return tensors
+
+
+def distinct_entries(cond: Mapping[str, torch.Tensor], limit: int) -> dict[str, torch.Tensor]:
+    """The first ``limit`` distinct entries of a conditioning set, in order."""
+    n = int(next(iter(cond.values())).shape[0])
+    seen: set[bytes] = set()
+    keep: list[int] = []
+    for i in range(n):
+        sig = b"".join(v[i].detach().cpu().contiguous().numpy().tobytes()
+                       for _, v in sorted(cond.items()))
+        if sig not in seen:
+            seen.add(sig)
+            keep.append(i)
+            if len(keep) == limit:
+                break
+    index = torch.tensor(keep)
+    return {k: v[index] for k, v in cond.items()}
+
+
+def empty_like(cond: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """One "empty" conditioning: text embeddings zeroed, other tensors as the first
+    prompt's."""
+    return {k: (torch.zeros_like(v[:1]) if k in TEXT_KEYS else v[:1].clone())
+            for k, v in cond.items()}
+
+
+def _take(cond: Mapping[str, torch.Tensor], index: torch.Tensor) -> dict[str, torch.Tensor]:
+    return {k: (v.expand(len(index), *v.shape[1:]) if v.shape[0] == 1 else v[index])
+            for k, v in cond.items()}
+
+
+# -- sampling -----------------------------------------------------------------------------
+
+def _model_timesteps(schedule: NoiseSchedule, t: torch.Tensor, n: int) -> torch.Tensor:
+    t = t.reshape(1).expand(n)
+    if schedule.is_flow:
+        return schedule.model_timesteps(t)
+    if bool((t == t.round()).all()):
+        return t.long()
+    return t.float()  # a fractional DDPM timestep (e.g. Karras spacing)
+
+
+def guided_model_fn(loaded: LoadedModel, cond: Mapping[str, torch.Tensor],
+                    negative: Mapping[str, torch.Tensor] | None, guidance: float,
+                    device: torch.device, dtype: torch.dtype
+                    ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """``model_fn(x_t, t)`` for a sampler: the model's prediction for ``cond``, with
+    classifier-free guidance ``uncond + g·(cond − uncond)`` when ``guidance != 1``."""
+    def to(v: torch.Tensor) -> torch.Tensor:
+        return v.to(device, dtype) if v.is_floating_point() else v.to(device)
+
+    cond = {k: to(v) for k, v in cond.items()}
+    guided = guidance != 1.0
+    if guided:
+        if negative is None:
+            raise ValueError("guidance needs a negative conditioning")
+        neg = {k: to(v) for k, v in negative.items()}
+        # keys the negative lacks (SDXL's time_ids...) are the prompt's own
+        both = {k: torch.cat([neg.get(k, cond[k]), cond[k]]) for k in cond}
+    schedule = loaded.schedule
+
+    def model_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        n = x.shape[0]
+        xin = x.to(device, dtype)
+        if not guided:
+            mt = _model_timesteps(schedule, t, n).to(device)
+            return loaded.predict(loaded.module, xin, mt, cond).float().to(x.device)
+        mt = _model_timesteps(schedule, t, 2 * n).to(device)
+        out = loaded.predict(loaded.module, torch.cat([xin, xin]), mt, both).float()
+        uncond, conditional = out.chunk(2)
+        return (uncond + guidance * (conditional - uncond)).to(x.device)
+
+    return model_fn
+
+
+def start_noise(shape: Sequence[int], seed: int, count: int, first: int = 0
+                ) -> torch.Tensor:
+    """Unit noise ``[count, *shape]``; image ``i`` from its own generator."""
+    return torch.stack([torch.randn(tuple(shape), generator=make_generator(seed, f"sample.{i}"))
+                        for i in range(first, first + count)])
+
+
+@torch.no_grad()
+def sample_latents(loaded: LoadedModel, cond: Mapping[str, torch.Tensor], shape: Sequence[int],
+                   settings: SampleSettings, registry: Any, *,
+                   negative: Mapping[str, torch.Tensor] | None = None, per_prompt: int = 1,
+                   device: torch.device | None = None, dtype: torch.dtype | None = None,
+                   progress: Callable[[int, int], None] | None = None) -> torch.Tensor:
+    """Sample ``per_prompt`` latents for each of the P prompts in ``cond`` (first
+    dimension P): ``[P·per_prompt, *shape]`` in prompt-major order, float32 on the CPU.
+
+    ``negative`` (one entry, or P) is the guidance's unconditional input; by default an
+    empty conditioning. ``progress(done, total)`` is called after each model step."""
+    sample = resolve_sampler(registry, settings.sampler, settings.sampler_options,
+                             loaded.schedule, settings.sampler_key, settings.options_key)
+    if not loaded.schedule.is_flow and settings.steps > loaded.schedule.num_timesteps:
+        raise ConfigError(f"{settings.steps_key}: at most {loaded.schedule.num_timesteps} "
+                          f"for this schedule, got {settings.steps}")
+    params = [p for p in loaded.module.parameters() if p.is_floating_point()]
+    device = device or (params[0].device if params else torch.device("cpu"))
+    dtype = dtype or (params[0].dtype if params else torch.float32)
+    n_prompts = int(next(iter(cond.values())).shape[0])
+    if negative is None and settings.guidance != 1.0:
+        negative = empty_like(cond)
+    total = n_prompts * per_prompt
+    prompt_of = torch.arange(total) // per_prompt
+    chunks = range(0, total, max(1, settings.batch_size))
+    n_steps = settings.steps * len(chunks)
+    done = 0
+    out = []
+    for start in chunks:
+        idx = torch.arange(start, min(total, start + settings.batch_size))
+        fn = guided_model_fn(loaded, _take(cond, prompt_of[idx]),
+                             None if negative is None else _take(negative, prompt_of[idx]),
+                             settings.guidance, device, dtype)
+
+        def counted(x: torch.Tensor, t: torch.Tensor, fn: Any = fn) -> torch.Tensor:
+            nonlocal done
+            result = fn(x, t)
+            done += 1
+            if progress is not None:
+                progress(done, n_steps)
+            return result
+
+        noise = start_noise(shape, settings.seed, len(idx), start)
+        # stochastic samplers draw each image's noise from that image's own generator
+        gens = [make_generator(settings.seed, f"sampler.{int(i)}") for i in idx]
+        out.append(sample(counted, noise, loaded.schedule, settings.steps, gens).float().cpu())
+    return torch.cat(out)
+
+
+# -- decoding and grids -------------------------------------------------------------------
+
+def find_vae(loaded: LoadedModel) -> Any | None:
+    """The model's VAE: one the family attached (``loaded.vae`` or ``info['vae']``, a
+    module or a loader), else the ``vae/`` folder of its pipeline, loaded from local
+    files. ``None`` when there is none."""
+    vae = getattr(loaded, "vae", None) or loaded.info.get("vae")
+    if vae is not None and not hasattr(vae, "decode") and callable(vae):
+        vae = vae()
+    if vae is None:
+        root = loaded.info.get("pipeline")
+        folder = Path(root) / "vae" if root else None
+        if folder is None or not (folder / "config.json").exists():
+            return None
+        import diffusers
+
+        try:
+            vae = diffusers.AutoencoderKL.from_pretrained(str(folder), local_files_only=True)
+        except Exception as exc:  # a broken VAE folder should name itself
+            raise DataError(f"{folder}: cannot load the VAE: {exc}") from None
+        vae.eval().requires_grad_(False)
+        loaded.info["vae"] = vae  # load once per model
+    return vae
+
+
+@torch.no_grad()
+def decode(loaded: LoadedModel, latents: torch.Tensor, vae: Any | None = None) -> torch.Tensor:
+    """Latents -> RGB images ``[N,3,H,W]`` in [0, 1] (video: the first frame)."""
+    if latents.ndim == 5:
+        latents = latents[:, :, 0]
+    if vae is not None:
+        p = next(vae.parameters())
+        z = latents / loaded.vae_scale + loaded.vae_shift
+        pixels = torch.cat([vae.decode(z[i:i + 8].to(p.device, p.dtype)).sample.float().cpu()
+                            for i in range(0, z.shape[0], 8)])
+    else:
+        pixels = latents[:, :3]
+        if pixels.shape[1] < 3:
+            pixels = pixels[:, :1].expand(-1, 3, -1, -1)
+    return ((pixels.float() + 1) / 2).clamp(0, 1)
+
+
+def grid_image(images: torch.Tensor, columns: int, *, pad: int = 2, min_tile: int = 64,
+               row_labels: Sequence[str] | None = None) -> Any:
+    """A PIL image of ``images`` ``[N,3,H,W]`` in [0, 1], ``columns`` per row, small
+    images scaled up (nearest neighbour) to at least ``min_tile`` pixels."""
+    from PIL import Image, ImageDraw
+
+    n, _, h, w = images.shape
+    scale = max(1, -(-min_tile // max(h, w)))
+    th, tw = h * scale, w * scale
+    rows = -(-n // columns)
+    label_w = 0
+    if row_labels:
+        label_w = 8 + 6 * max(len(s) for s in row_labels)
+    canvas = Image.new("RGB", (label_w + columns * (tw + pad) + pad, rows * (th + pad) + pad),
+                       (255, 255, 255))
+    tiles = (images.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    for i in range(n):
+        r, c = divmod(i, columns)
+        tile = Image.fromarray(tiles[i], "RGB").resize((tw, th), Image.NEAREST)
+        canvas.paste(tile, (label_w + pad + c * (tw + pad), pad + r * (th + pad)))
+    if row_labels:
+        draw = ImageDraw.Draw(canvas)
+        for r, text in enumerate(row_labels):
+            draw.text((4, pad + r * (th + pad) + th // 2 - 5), text, fill=(0, 0, 0))
+    return canvas
+
+
+def side_by_side(left: Any, right: Any, titles: tuple[str, str] = ("base", "adapted"),
+                 gap: int = 12) -> Any:
+    """Two grids next to each other under their titles."""
+    from PIL import Image, ImageDraw
+
+    top = 16
+    width = left.width + gap + right.width
+    canvas = Image.new("RGB", (width, top + max(left.height, right.height)), (255, 255, 255))
+    canvas.paste(left, (0, top))
+    canvas.paste(right, (left.width + gap, top))
+    draw = ImageDraw.Draw(canvas)
+    draw.text((4, 2), titles[0], fill=(0, 0, 0))
+    draw.text((left.width + gap + 4, 2), titles[1], fill=(0, 0, 0))
+    return canvas
+
+
+def save_png(image: Any, path: Path) -> Path:
+    """Write a PIL image as PNG atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(path, lambda p: image.save(p, format="PNG"))
+    return path
+
+
+# -- adapters on and off --------------------------------------------------------------------
+
+@contextmanager
+def adapters_off(network: Any) -> Iterator[None]:
+    """Run the base model: every adapter's multiplier is 0 (each algorithm scales its
+    change linearly by it, so the layers compute exactly W), restored after. Unlike
+    detaching, this leaves alone whatever other strategies wrapped around the layers."""
+    saved = [(layer, layer.multiplier) for _, layer in network.items()]
+    for layer, _ in saved:
+        layer.multiplier = 0.0
+    try:
+        yield
+    finally:
+        for layer, value in saved:
+            layer.multiplier = value
+
+
+@contextmanager
+def eval_mode(*modules: Any) -> Iterator[None]:
+    """Modules in eval mode for sampling, their training flags restored after."""
+    flags = [m.training for m in modules]
+    for m in modules:
+        m.eval()
+    try:
+        yield
+    finally:
+        for m, flag in zip(modules, flags, strict=True):
+            m.train(flag)
