@@ -6,9 +6,6 @@ import hashlib
 
 import torch
 
-STREAMS = ("init", "data", "noise")
-
-
 def derive_seed(seed: int, stream: str) -> int:
     """A 63-bit seed for ``stream``, a pure function of ``(seed, stream)``."""
     digest = hashlib.sha256(f"loraengine:{seed}:{stream}".encode()).digest()
