@@ -68,7 +68,8 @@ class AppliedAdapter:
             self.remove()
 
 
-def _adaptable_paths(model: nn.Module) -> dict[str, nn.Module]:
+def adaptable_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """Every layer of ``model`` with a weight tensor, by path: where a file may adapt."""
     return {p: m for p, m in model.named_modules()
             if p and isinstance(getattr(m, "weight", None), torch.Tensor)}
 
@@ -81,7 +82,7 @@ def build_network(model: nn.Module, tensors: Mapping[str, torch.Tensor],
 
     Returns the network, the key format found and each module's algorithm."""
     host = host if host is not None else _default_host()
-    file = read_adapter_file(tensors, host.registry, _adaptable_paths(model), name=source,
+    file = read_adapter_file(tensors, host.registry, adaptable_layers(model), name=source,
                              metadata=metadata)
     return network_from_file(model, file, host.registry, strict=strict)
 
@@ -97,7 +98,7 @@ def network_from_file(model: nn.Module, file: AdapterFile, registry: Registry, *
     """Rebuild the adapters of a file read against ``model`` (``read_adapter_file``):
     each module by the first of its owners whose ``load`` accepts the tensors."""
     source = file.source
-    layers = _adaptable_paths(model)
+    layers = adaptable_layers(model)
     unknown = file.not_in(layers)
     if unknown:
         msg = (f"{source}: {len(unknown)} module(s) are not layers of this model: "
@@ -161,7 +162,7 @@ def apply(model: nn.Module, path: str | Path | Mapping[str, torch.Tensor],
         raise ConfigError(f"mode: expected 'bypass' or 'merge', got {mode!r}")
     host = host if host is not None else _default_host()
     file = read_adapter_file(path if isinstance(path, Mapping) else Path(path), host.registry,
-                             _adaptable_paths(model))
+                             adaptable_layers(model))
     network, key_format, algorithms = network_from_file(model, file, host.registry,
                                                         strict=strict)
     network.set_multiplier(strength)
