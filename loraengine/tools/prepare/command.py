@@ -3,12 +3,12 @@ with the model's own VAE and text encoders (see ``loraengine.tools.prepare.logic
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Any
 
 import click
 
+from loraengine.cli.progress import TaskBars
 from loraengine.core.errors import ConfigError, DataError
 
 
@@ -30,45 +30,6 @@ def pick_family(host: Any, model: Path, name: str) -> Any:
         raise ConfigError(f"--family: cannot tell the family of {model} (matches: {found}); "
                           f"pass --family with one of {', '.join(sorted(able))}")
     return matches[0]
-
-
-class _Bar:
-    """A rich progress bar per stage, on stderr, only when it is a terminal."""
-
-    def __init__(self, enabled: bool):
-        self.enabled = enabled and sys.stderr.isatty()
-        self.progress: Any = None
-        self.tasks: dict[str, Any] = {}
-
-    def __enter__(self) -> _Bar:
-        if self.enabled:
-            from rich.console import Console
-            from rich.progress import (
-                BarColumn,
-                MofNCompleteColumn,
-                Progress,
-                TextColumn,
-                TimeElapsedColumn,
-                TimeRemainingColumn,
-            )
-
-            self.progress = Progress(
-                TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
-                console=Console(file=sys.stderr))
-            self.progress.start()
-        return self
-
-    def __call__(self, stage: str, done: int, total: int) -> None:
-        if self.progress is None:
-            return
-        if stage not in self.tasks:
-            self.tasks[stage] = self.progress.add_task(f"encoding {stage}", total=total)
-        self.progress.update(self.tasks[stage], completed=done, total=total)
-
-    def __exit__(self, *exc: Any) -> None:
-        if self.progress is not None:
-            self.progress.stop()
 
 
 @click.command("prepare")
@@ -118,7 +79,7 @@ def _run(state: Any, model: Path, images: Path, out: Path, family: str,
     spec = pick_family(state.host, model, family)
     encoder = spec.make_encoder(model, {"device": device, "dtype": dtype,
                                         "max_sequence_length": max_sequence_length})
-    with _Bar(not quiet) as bar:
+    with TaskBars(not quiet, label="encoding {}") as bar:
         report = run_prepare(encoder, images, out, captions_file=captions_file,
                              caption_ext=caption_ext, resolution=resolution,
                              batch_size=batch_size, cache_dir=cache_dir, progress=bar)
