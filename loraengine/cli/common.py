@@ -8,6 +8,7 @@ import sys
 import traceback
 import warnings
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, TypeVar
 
 import click
@@ -97,3 +98,9 @@ def field_option(model: type[BaseModel], field: str, *decls: str, default: Any =
     if option_type is not None:
         kwargs["type"] = option_type
     return click.option(*decls, **kwargs, **extra)
+
+
+def path_option(*decls: str, help: str, required: bool = False) -> Callable[[F], F]:
+    """A ``click.option`` taking a filesystem path (a ``pathlib.Path``; default ``None``)."""
+    return click.option(*decls, type=click.Path(path_type=Path), required=required,
+                        default=None, help=help)

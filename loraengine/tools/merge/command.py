@@ -7,17 +7,16 @@ from pathlib import Path
 
 import click
 
-from loraengine.cli.common import State, reports_errors
+from loraengine.cli.common import State, path_option, reports_errors
 from loraengine.core.devices import DTYPES
 
 
 @click.command("merge")
-@click.option("--model", "model_path", required=True, type=click.Path(path_type=Path),
-              help="A diffusers model folder or pipeline folder.")
-@click.option("--lora", required=True, type=click.Path(path_type=Path),
-              help="The adapter file (any format loraengine reads).")
-@click.option("--out", required=True, type=click.Path(path_type=Path),
-              help="Folder to write the merged model to.")
+@path_option("--model", "model_path", required=True,
+             help="A diffusers model folder or pipeline folder.")
+@path_option("--lora", required=True, help="The adapter file (any format loraengine reads).")
+@path_option("--out", required=True,
+             help="Folder to write the merged model to.")
 @click.option("--strength", type=float, default=1.0, show_default=True,
               help="Multiplier of the adapter's delta.")
 @click.option("--subfolder", default=None, help="The denoiser's subfolder of a pipeline "

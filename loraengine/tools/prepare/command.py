@@ -8,6 +8,7 @@ from typing import Any
 
 import click
 
+from loraengine.cli.common import path_option
 from loraengine.cli.progress import TaskBars
 from loraengine.core.errors import ConfigError, DataError
 
@@ -33,17 +34,17 @@ def pick_family(host: Any, model: Path, name: str) -> Any:
 
 
 @click.command("prepare")
-@click.option("--model", "model", required=True, type=click.Path(path_type=Path),
-              help="A local diffusers pipeline folder (its VAE and text encoders are used).")
-@click.option("--images", required=True, type=click.Path(path_type=Path),
-              help="Folder of images; captions in NAME.txt beside each, or --captions.")
-@click.option("--out", required=True, type=click.Path(path_type=Path),
-              help="Where latents.safetensors and conditioning.safetensors go.")
+@path_option("--model", "model", required=True,
+             help="A local diffusers pipeline folder (its VAE and text encoders are used).")
+@path_option("--images", required=True,
+             help="Folder of images; captions in NAME.txt beside each, or --captions.")
+@path_option("--out", required=True,
+             help="Where latents.safetensors and conditioning.safetensors go.")
 @click.option("--family", default="auto", show_default=True,
               help="Model family (sd15, sd2, sdxl, sd3, flux...); auto reads the folder.")
-@click.option("--captions", "captions_file", type=click.Path(path_type=Path), default=None,
-              help="Captions file: a JSON object {file: caption} or metadata.jsonl lines "
-              "with file_name and text.")
+@path_option("--captions", "captions_file",
+             help="Captions file: a JSON object {file: caption} or metadata.jsonl lines "
+             "with file_name and text.")
 @click.option("--caption-ext", default=".txt", show_default=True,
               help="Extension of the caption file beside each image.")
 @click.option("--resolution", type=click.IntRange(1), default=None,
@@ -54,8 +55,8 @@ def pick_family(host: Any, model: Path, name: str) -> Any:
               show_default=True, help="Encoder dtype (auto: bf16 on CUDA, else fp32).")
 @click.option("--max-sequence-length", type=click.IntRange(1), default=None,
               help="T5 tokens per caption (SD3, Flux; default: the pipeline's).")
-@click.option("--cache", "cache_dir", type=click.Path(path_type=Path), default=None,
-              help="Encoding cache folder (default: OUT/.cache).")
+@path_option("--cache", "cache_dir",
+             help="Encoding cache folder (default: OUT/.cache).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar or summary.")
 @click.pass_context
 def prepare(ctx: click.Context, **options: Any) -> None:

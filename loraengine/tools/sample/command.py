@@ -18,7 +18,7 @@ from typing import Any
 
 import click
 
-from loraengine.cli.common import State, field_option, reports_errors
+from loraengine.cli.common import State, field_option, path_option, reports_errors
 from loraengine.cli.progress import TaskBars
 from loraengine.core.config.root import SamplesConfig
 from loraengine.core.devices import DTYPES
@@ -41,20 +41,20 @@ def _parse_options(items: tuple[str, ...]) -> dict[str, Any]:
 
 
 @click.command("sample")
-@click.option("--model", "model_path", required=True, type=click.Path(path_type=Path),
-              help="A diffusers pipeline or model folder, a single-file checkpoint (with "
-              "--family) or a training config whose model section is used.")
-@click.option("--lora", type=click.Path(path_type=Path), default=None,
-              help="The adapter file to apply (omit to sample the base model).")
-@click.option("--prompts", required=True, type=click.Path(path_type=Path),
-              help="Conditioning .safetensors (cond [P,L,D] + family extras) or a .txt "
-              "file, one prompt per line.")
-@click.option("--out", required=True, type=click.Path(path_type=Path),
-              help="Folder for grid.png, compare.png and the single images.")
+@path_option("--model", "model_path", required=True,
+             help="A diffusers pipeline or model folder, a single-file checkpoint (with "
+             "--family) or a training config whose model section is used.")
+@path_option("--lora",
+             help="The adapter file to apply (omit to sample the base model).")
+@path_option("--prompts", required=True,
+             help="Conditioning .safetensors (cond [P,L,D] + family extras) or a .txt "
+             "file, one prompt per line.")
+@path_option("--out", required=True,
+             help="Folder for grid.png, compare.png and the single images.")
 @click.option("--family", default=None, help="Model family (default: detected).")
-@click.option("--negative", type=click.Path(path_type=Path), default=None,
-              help="Negative conditioning for guidance (.safetensors or .txt); default: "
-              "an empty conditioning.")
+@path_option("--negative",
+             help="Negative conditioning for guidance (.safetensors or .txt); default: "
+             "an empty conditioning.")
 # The options below mirror output.samples: range, default and help come from its fields.
 @field_option(SamplesConfig, "seed", "--seed")
 @field_option(SamplesConfig, "steps", "--steps")
