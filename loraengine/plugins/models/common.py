@@ -12,7 +12,7 @@ import json
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 from pydantic import Field
 from torch import nn
@@ -24,6 +24,8 @@ from loraengine.core.plugins.specs import ModelFamilySpec, PluginOptions
 from loraengine.core.schedule import NoiseSchedule
 
 SINGLE_FILE_SUFFIXES = (".safetensors", ".sft")
+#: The prediction types of a DDPM schedule.
+DDPMKind = Literal["epsilon", "v_prediction"]
 
 
 class FamilyOptions(PluginOptions):
@@ -161,6 +163,7 @@ def load_module(family: Family, where: Located) -> nn.Module:
     diffusers.utils.logging.set_verbosity_error()  # the engine reports what matters itself
     cls = getattr(diffusers, family.model_class)
     if where.single_file:
+        assert where.config is not None  # locate() requires model.config for a single file
         cfg_dir = where.config / where.config_subfolder if where.config_subfolder else \
             where.config
         _check_class(family, cfg_dir)
@@ -223,14 +226,13 @@ def ddpm_schedule(family: Family, options: DDPMOptions, sched: Mapping[str, Any]
     kind: str = options.prediction_type
     if kind == "auto":
         kind = sched.get("prediction_type") or family.prediction_type
-    if kind == "epsilon" or kind == "v_prediction":
-        return ddpm_from_config(kind, sched)
+    if kind in ("epsilon", "v_prediction"):
+        return ddpm_from_config(cast(DDPMKind, kind), sched)
     raise ConfigError(f"model.prediction_type: the scheduler config says {kind!r}; "
                       f"family {family.name!r} trains epsilon or v_prediction")
 
 
-def ddpm_from_config(kind: Literal["epsilon", "v_prediction"],
-                     sched: Mapping[str, Any] | None) -> NoiseSchedule:
+def ddpm_from_config(kind: DDPMKind, sched: Mapping[str, Any] | None) -> NoiseSchedule:
     """A DDPM schedule with a scheduler config's betas and step count (Stable
     Diffusion's when a key is absent)."""
     sched = sched or {}

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import torch
 from pydantic import Field
@@ -18,6 +18,7 @@ from loraengine.core.model import LoadedModel
 from loraengine.core.plugins.specs import ModelFamilySpec
 from loraengine.core.schedule import NoiseSchedule
 from loraengine.plugins.models.common import (
+    DDPMKind,
     ddpm_from_config,
     locate_folder,
     read_json,
@@ -55,19 +56,19 @@ def schedule_from(options: DiffusersOptions, sched_path: Path | None) -> NoiseSc
     """The scheduler config's schedule; an explicit ``prediction_type`` overrides only
     the prediction type (the betas and step count stay the config's)."""
     if sched_path is None:
-        kind = "epsilon" if options.prediction_type == "auto" else options.prediction_type
-        return options.schedule(kind)
+        return options.schedule("epsilon" if options.prediction_type == "auto"
+                                else options.prediction_type)
     sc = read_json(sched_path)
     is_flow = "FlowMatch" in str(sc.get("_class_name", ""))
-    kind = options.prediction_type
+    kind: str = options.prediction_type
     if kind == "flow" or (kind == "auto" and is_flow):
         shift = float(sc.get("shift", options.flow_shift)) if is_flow and \
             "flow_shift" not in options.model_fields_set else options.flow_shift
         return NoiseSchedule.flow(shift, options.timestep_sampling)
     if kind == "auto":
         kind = sc.get("prediction_type", "epsilon")
-    if kind == "epsilon" or kind == "v_prediction":
-        return ddpm_from_config(kind, sc)
+    if kind in ("epsilon", "v_prediction"):
+        return ddpm_from_config(cast(DDPMKind, kind), sc)
     raise ConfigError(f"model.prediction_type: {kind!r} cannot be trained; use "
                       f"epsilon, v_prediction or flow")
 

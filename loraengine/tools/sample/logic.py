@@ -253,7 +253,7 @@ def grid_image(images: torch.Tensor, columns: int, *, pad: int = 2, min_tile: in
     tiles = (images.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
     for i in range(n):
         r, c = divmod(i, columns)
-        tile = Image.fromarray(tiles[i], "RGB").resize((tw, th), Image.NEAREST)
+        tile = Image.fromarray(tiles[i], "RGB").resize((tw, th), Image.Resampling.NEAREST)
         canvas.paste(tile, (label_w + pad + c * (tw + pad), pad + r * (th + pad)))
     if row_labels:
         draw = ImageDraw.Draw(canvas)
