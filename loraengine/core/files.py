@@ -131,7 +131,18 @@ def save_lora(path: Path, tensors: Mapping[str, torch.Tensor], metadata: Mapping
     write_atomic(path, lambda p: save_file(data, str(p), metadata=meta))
 
 
+def write_adapter_file(path: Path, modules: Mapping[str, Mapping[str, torch.Tensor]],
+                       exporter: ExporterSpec, metadata: Mapping[str, Any]
+                       ) -> dict[str, torch.Tensor]:
+    """Write ``{module_path: {param: tensor}}`` in ``exporter``'s key format, atomically
+    (``save_lora``); returns the file's tensors by key."""
+    tensors = exporter.to_file(modules)
+    save_lora(path, tensors, metadata)
+    return tensors
+
+
 def read_metadata(path: Path) -> dict[str, str]:
+    """A safetensors file's metadata (strings by key)."""
     try:
         with safe_open(str(path), framework="pt") as fh:
             return dict(fh.metadata() or {})
@@ -140,6 +151,7 @@ def read_metadata(path: Path) -> dict[str, str]:
 
 
 def load_lora(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """A LoRA file's tensors and metadata, errors naming the file."""
     tensors = read_safetensors(Path(path), "LoRA")
     return tensors, read_metadata(path)
 
