@@ -1,9 +1,11 @@
 """Put a saved adapter file on a model for inference: ``loraengine.apply``.
 
 Reads any file the engine writes, in any installed key format (kohya, ComfyUI,
-diffusers/PEFT...), and kohya/LyCORIS files from elsewhere. The exporters map file keys
-to module paths; each module's tensors pick their algorithm through the adapter specs'
-``owns_keys``, and the spec rebuilds the adapter with its shapes inferred. Then either
+diffusers/PEFT...), and kohya/LyCORIS files from elsewhere. The file is read by
+``loraengine.core.files.read_adapter_file``, the reader ``adapter.existing``, ``merge``
+and ``inspect`` share: the exporters map file keys to module paths and each module's
+tensors pick their algorithm through the adapter specs' ``owns_keys``; here the chosen
+spec rebuilds the adapter with its shapes inferred. Then either
 ``bypass`` (forward hooks; the base weights stay untouched and the strength can change
 later) or ``merge`` (W+ΔW written into the weights, what ComfyUI's LoRA loader does).
 """
