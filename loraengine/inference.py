@@ -1,9 +1,11 @@
 """Put a saved adapter file on a model for inference: ``loraengine.apply``.
 
 Reads any file the engine writes, in any installed key format (kohya, ComfyUI,
-diffusers/PEFT...), and kohya/LyCORIS files from elsewhere. The exporters map file keys
-to module paths; each module's tensors pick their algorithm through the adapter specs'
-``owns_keys``, and the spec rebuilds the adapter with its shapes inferred. Then either
+diffusers/PEFT...), and kohya/LyCORIS files from elsewhere. The file is read by
+``loraengine.core.files.read_adapter_file``, the reader ``adapter.existing``, ``merge``
+and ``inspect`` share: the exporters map file keys to module paths and each module's
+tensors pick their algorithm through the adapter specs' ``owns_keys``; here the chosen
+spec rebuilds the adapter with its shapes inferred. Then either
 ``bypass`` (forward hooks; the base weights stay untouched and the strength can change
 later) or ``merge`` (W+ΔW written into the weights, what ComfyUI's LoRA loader does).
 """
@@ -11,7 +13,7 @@ later) or ``merge`` (W+ΔW written into the weights, what ComfyUI's LoRA loader 
 from __future__ import annotations
 
 import warnings
-from collections.abc import Collection, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -19,10 +21,11 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from loraengine.core.adapter import AdapterLayer, AdapterNetwork, ChannelDelta, split_deltas
+from loraengine.core.adapter import AdapterLayer, AdapterNetwork, ChannelDelta
 from loraengine.core.errors import ConfigError, DataError, LoraEngineError
-from loraengine.core.files import load_lora, split_modules
-from loraengine.plugins import BUILTIN_PLUGINS
+from loraengine.core.files import AdapterFile, owners_of, read_adapter_file
+from loraengine.core.plugins.host import PluginHost
+from loraengine.core.plugins.registry import Registry
 
 ApplyMode = Literal["bypass", "merge"]
 
@@ -67,87 +70,71 @@ class AppliedAdapter:
             self.remove()
 
 
-def _adaptable_paths(model: nn.Module) -> dict[str, nn.Module]:
+def adaptable_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """Every layer of ``model`` with a weight tensor, by path: where a file may adapt."""
     return {p: m for p, m in model.named_modules()
             if p and isinstance(getattr(m, "weight", None), torch.Tensor)}
 
 
-def owners_of(specs: list[Any], params: Mapping[str, torch.Tensor], hint: str | None = None,
-              builtin: Collection[str] = ()) -> list[Any]:
-    """The adapter specs claiming a saved module, best first: the algorithm the file's
-    metadata names, then built-in algorithms, then plugins'.
-
-    ``owns_keys`` is asked with the parameter names, as its contract says. When several
-    specs claim the same names (OFT's and BOFT's ``oft_blocks``), the ones that accept
-    the tensors themselves — a richer question some specs answer — are preferred."""
-    owners = [s for s in specs if s.owns_keys(set(params))]
-    if len(owners) > 1:
-        narrowed = [s for s in owners if _claims_tensors(s, params)]
-        owners = narrowed or owners
-    owners.sort(key=lambda s: (s.name != hint, s.name not in builtin))
-    return owners
-
-
-def _claims_tensors(spec: Any, params: Mapping[str, torch.Tensor]) -> bool:
-    try:
-        return bool(spec.owns_keys(params))
-    except Exception:  # a spec that only understands a set of names
-        return True
-
-
 def build_network(model: nn.Module, tensors: Mapping[str, torch.Tensor],
-                  metadata: Mapping[str, str] | None = None, *, host: Any = None,
+                  metadata: Mapping[str, str] | None = None, *, host: PluginHost | None = None,
                   source: str = "adapter", strict: bool = True
                   ) -> tuple[AdapterNetwork, str, dict[str, str]]:
     """Rebuild every adapter of a file's tensors on ``model``'s layers (not attached).
 
     Returns the network, the key format found and each module's algorithm."""
-    if host is None:
-        from loraengine.plugins import build_plugin_manager
+    host = host if host is not None else _default_host()
+    file = read_adapter_file(tensors, host.registry, adaptable_layers(model), name=source,
+                             metadata=metadata)
+    return network_from_file(model, file, host.registry, strict=strict)
 
-        host = build_plugin_manager()
-    reg = host.registry
-    layers = _adaptable_paths(model)
-    key_format, grouped = split_modules(tensors, reg.specs("exporter"), layers)
-    unknown = sorted(set(grouped) - set(layers))
+
+def _default_host() -> PluginHost:
+    from loraengine.plugins import build_plugin_manager
+
+    return build_plugin_manager()
+
+
+def network_from_file(model: nn.Module, file: AdapterFile, registry: Registry, *,
+                      strict: bool = True) -> tuple[AdapterNetwork, str, dict[str, str]]:
+    """Rebuild the adapters of a file read against ``model`` (``read_adapter_file``):
+    each module by the first of its owners whose ``load`` accepts the tensors."""
+    source = file.source
+    layers = adaptable_layers(model)
+    unknown = file.not_in(layers)
     if unknown:
         msg = (f"{source}: {len(unknown)} module(s) are not layers of this model: "
                f"{', '.join(unknown[:5])}{' ...' if len(unknown) > 5 else ''}")
         if strict:
             raise DataError(msg)
         warnings.warn(msg, stacklevel=3)
-    hint = (metadata or {}).get("loraengine.algorithm")
-    specs = reg.specs("adapter")
-    builtin = {n for n, p in reg.entries["adapter"].items() if p.plugin in BUILTIN_PLUGINS}
     built: dict[str, AdapterLayer] = {}
     deltas: dict[str, ChannelDelta] = {}
     algorithms: dict[str, str] = {}
-    for path in sorted(set(grouped) & set(layers)):
-        params, delta = split_deltas(dict(grouped[path]))
-        if delta:
+    for path in sorted(set(file.modules) & set(layers)):
+        module, base = file.modules[path], layers[path]
+        device = _device_of(base)
+        if module.deltas:
             try:
-                deltas[path] = ChannelDelta.from_tensors(layers[path], delta).to(
-                    device=layers[path].weight.device)
+                deltas[path] = ChannelDelta.from_tensors(base, module.deltas).to(device=device)
             except ValueError as exc:
                 raise DataError(f"{source}: module {path}: {exc}") from None
-        if not params:
+        if not module.params:
             continue
-        owners = owners_of(specs, params, hint, builtin)
-        if not owners:
-            raise DataError(f"{source}: module {path}: keys {sorted(params)} match no "
-                            f"installed adapter algorithm ({', '.join(reg.names('adapter'))})")
-        base = layers[path]
+        if not module.owners:
+            raise DataError(f"{source}: module {path}: keys {sorted(module.params)} match no "
+                            f"installed adapter algorithm ({', '.join(registry.names('adapter'))})")
         errors = []
-        for spec in owners:  # names alone may be shared; the shapes then decide
+        for spec in module.owners:  # names alone may be shared; the shapes then decide
             try:
-                layer = spec.load(base, dict(params), spec.config_model())
+                layer = spec.load(base, dict(module.params), spec.config_model())
             except LoraEngineError:
                 raise
             except Exception as exc:
                 errors.append(f"{spec.name}: {exc}")
                 continue
             layer.algorithm = spec.name
-            built[path] = layer.to(device=base.weight.device)
+            built[path] = layer.to(device=device)
             algorithms[path] = spec.name
             break
         else:
@@ -155,11 +142,17 @@ def build_network(model: nn.Module, tensors: Mapping[str, torch.Tensor],
                             f"({'; '.join(errors)})")
     if not built and not deltas:
         raise DataError(f"{source}: no adapter in it fits a layer of this model")
-    return AdapterNetwork(built, deltas), key_format, algorithms
+    return AdapterNetwork(built, deltas), file.key_format or "", algorithms
+
+
+def _device_of(layer: nn.Module) -> torch.device:
+    weight = layer.weight
+    assert isinstance(weight, torch.Tensor)  # _adaptable_paths keeps only such layers
+    return weight.device
 
 
 def apply(model: nn.Module, path: str | Path | Mapping[str, torch.Tensor],
-          strength: float = 1.0, mode: ApplyMode = "bypass", *, host: Any = None,
+          strength: float = 1.0, mode: ApplyMode = "bypass", *, host: PluginHost | None = None,
           strict: bool = True) -> AppliedAdapter:
     """Apply an adapter file (or its tensors, e.g. ``TrainResult.lora``) to ``model``.
 
@@ -169,13 +162,11 @@ def apply(model: nn.Module, path: str | Path | Mapping[str, torch.Tensor],
     """
     if mode not in ("bypass", "merge"):
         raise ConfigError(f"mode: expected 'bypass' or 'merge', got {mode!r}")
-    if isinstance(path, Mapping):
-        tensors, metadata, source = dict(path), {}, "adapter tensors"
-    else:
-        tensors, metadata = load_lora(Path(path))
-        source = str(path)
-    network, key_format, algorithms = build_network(
-        model, tensors, metadata, host=host, source=source, strict=strict)
+    host = host if host is not None else _default_host()
+    file = read_adapter_file(path if isinstance(path, Mapping) else Path(path), host.registry,
+                             adaptable_layers(model))
+    network, key_format, algorithms = network_from_file(model, file, host.registry,
+                                                        strict=strict)
     network.set_multiplier(strength)
     handle = AppliedAdapter(network, mode, key_format, algorithms, float(strength))
     if mode == "merge":
@@ -185,3 +176,7 @@ def apply(model: nn.Module, path: str | Path | Mapping[str, torch.Tensor],
         network.eval()
         network.attach("bypass")
     return handle
+
+
+__all__ = ["AppliedAdapter", "ApplyMode", "apply", "build_network", "network_from_file",
+           "owners_of"]

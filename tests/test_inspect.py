@@ -44,3 +44,21 @@ def test_inspect_a_bad_file_is_a_clean_error(tmp_path):
     out = CliRunner().invoke(cli, ["inspect", str(bad)])
     assert out.exit_code == 1
     assert "bad.safetensors" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_inspect_names_the_algorithm_the_one_reader_chooses(tmp_path):
+    """Without metadata a module's algorithm is the one ``apply`` would load it as: a
+    BOFT file's 4-D ``oft_blocks`` read as BOFT, PEFT's lora_A/lora_B as LoRA."""
+    boft = tmp_path / "boft.safetensors"
+    save_file({"lora_unet_a.oft_blocks": torch.zeros(1, 2, 4, 4),
+               "lora_unet_a.alpha": torch.tensor(0.0)}, str(boft))
+    peft = tmp_path / "peft.safetensors"
+    save_file({"transformer.blocks.0.attn.to_q.lora_A.weight": torch.zeros(2, 5),
+               "transformer.blocks.0.attn.to_q.lora_B.weight": torch.zeros(3, 2),
+               "transformer.blocks.0.attn.to_k.lora_A.weight": torch.zeros(2, 5),
+               "transformer.blocks.0.attn.to_k.lora_B.weight": torch.zeros(3, 2)}, str(peft))
+    got = {p.name: json.loads(CliRunner().invoke(cli, ["inspect", "--json", str(p)]).output)
+           for p in (boft, peft)}
+    assert got["boft.safetensors"]["algorithm"] == "boft"
+    assert (got["peft.safetensors"]["algorithm"], got["peft.safetensors"]["modules"],
+            got["peft.safetensors"]["rank"]) == ("lora", 2, "2")

@@ -235,6 +235,27 @@ def test_existing_file_with_another_algorithm_is_a_clear_error(tmp_path):
         train(cfg)
 
 
+def test_existing_and_apply_read_a_file_the_same_way(tmp_path):
+    """A BOFT file without metadata (``oft_blocks``, which OFT also names): ``apply`` and
+    ``adapter.existing`` choose the same algorithm for it, through the one reader."""
+    cfg = base_cfg(tmp_path, steps=2)
+    cfg["adapter"].update({"algorithm": "boft", "rank": 2})
+    first = train(cfg)
+    plain = tmp_path / "plain_boft.safetensors"
+    save_file(load_file(str(first.path)), str(plain))
+    with loraengine.apply(TinyDenoiser(), plain) as handle:
+        assert set(handle.algorithms.values()) == {"boft"}
+    again = base_cfg(tmp_path, steps=1)
+    again["adapter"].update({"algorithm": "boft", "rank": 2, "existing": str(plain)})
+    again["output"]["name"] = "more"
+    assert train(again).steps == 1  # no metadata and no steps in the name
+    from loraengine.core.errors import DataError
+
+    again["adapter"]["algorithm"] = "oft"
+    with pytest.raises(DataError, match=r"holds a boft adapter.*'oft'"):
+        train(again)
+
+
 def test_bucket_command_groups_mixed_sizes(tmp_path):
     from click.testing import CliRunner
 

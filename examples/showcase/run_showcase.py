@@ -42,10 +42,10 @@ from shapes import (  # noqa: E402
 )
 
 import loraengine  # noqa: E402
-from loraengine.core import sampling as S  # noqa: E402
 from loraengine.core.model import LoadedModel  # noqa: E402
-from loraengine.core.plugins.host import build_plugin_manager  # noqa: E402
 from loraengine.core.schedule import NoiseSchedule  # noqa: E402
+from loraengine.plugins import build_plugin_manager  # noqa: E402
+from loraengine.tools.sample import logic as S  # noqa: E402
 
 WEIGHTS = HERE / "base_model.safetensors"
 CONFIG = HERE / "lora.yaml"

@@ -1,4 +1,5 @@
-"""Shared pieces of the command line: the per-invocation state and error reporting."""
+"""Shared pieces of the command line: the per-invocation state, error reporting, and
+click options made from the config fields they mirror."""
 
 from __future__ import annotations
 
@@ -7,16 +8,23 @@ import sys
 import traceback
 import warnings
 from collections.abc import Callable
-from typing import Any
+from pathlib import Path
+from typing import Any, TypeVar
 
 import click
+from pydantic import BaseModel
 
 from loraengine.core.errors import LoraEngineError
 from loraengine.core.plugins.host import PluginHost, PluginLoadWarning
 from loraengine.plugins import build_plugin_manager
 
+F = TypeVar("F", bound=Callable[..., Any])
+
 
 class State:
+    """What one command-line invocation shares: ``--debug``, ``--strict`` and the plugin
+    host, built on first use (plugin load failures are echoed as warnings)."""
+
     def __init__(self, debug: bool, strict: bool):
         self.debug, self.strict = debug, strict
         self._host: PluginHost | None = None
@@ -51,3 +59,48 @@ def reports_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
             sys.exit(exc.exit_code)
 
     return wrapper
+
+
+_UNSET: Any = object()
+
+
+def field_option(model: type[BaseModel], field: str, *decls: str, default: Any = _UNSET,
+                 help: str | None = None, **extra: Any) -> Callable[[F], F]:
+    """A ``click.option`` for an option that mirrors a config field: its type, range,
+    default and help come from ``model.model_fields[field]`` (``default`` and ``help``
+    may differ where the command's use differs, e.g. one image per prompt by default).
+
+    Numbers take a ``click.IntRange``/``FloatRange`` from the field's ``ge``/``gt``/
+    ``le``/``lt`` bounds, so the command accepts exactly what the config does."""
+    info = model.model_fields[field]
+    kind = info.annotation
+    bounds: dict[str, Any] = {}
+    for item in info.metadata:
+        for key, name, closed in (("ge", "min", True), ("gt", "min", False),
+                                  ("le", "max", True), ("lt", "max", False)):
+            value = getattr(item, key, None)
+            if value is not None:
+                bounds[name] = value
+                bounds[f"{name}_open"] = not closed
+    option_type: Any
+    if kind is bool:
+        option_type = None
+    elif kind is int:
+        option_type = click.IntRange(**bounds) if bounds else int
+    elif kind is float:
+        option_type = click.FloatRange(**bounds) if bounds else float
+    else:
+        option_type = str
+    if default is _UNSET:
+        default = info.get_default(call_default_factory=True)
+    kwargs: dict[str, Any] = {"default": default, "show_default": True,
+                              "help": help if help is not None else info.description}
+    if option_type is not None:
+        kwargs["type"] = option_type
+    return click.option(*decls, **kwargs, **extra)
+
+
+def path_option(*decls: str, help: str, required: bool = False) -> Callable[[F], F]:
+    """A ``click.option`` taking a filesystem path (a ``pathlib.Path``; default ``None``)."""
+    return click.option(*decls, type=click.Path(path_type=Path), required=required,
+                        default=None, help=help)

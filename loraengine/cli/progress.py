@@ -1,4 +1,6 @@
-"""Lifecycle-hook plugins the CLI registers: a progress bar and a JSON-lines event log."""
+"""Progress display of the command line: the one rich progress-bar helper, task bars for
+commands (prepare, sample), and the lifecycle-hook plugins the CLI registers for
+training (a progress bar and a JSON-lines event log)."""
 
 from __future__ import annotations
 
@@ -11,8 +13,61 @@ from typing import Any, TextIO
 from loraengine.core.plugins.hookspecs import hookimpl
 
 
+def rich_progress(stream: TextIO, *fields: str, transient: bool = False) -> Any:
+    """A rich ``Progress`` on ``stream``: name, bar, done/total, then ``fields`` (column
+    templates such as ``"loss {task.fields[loss]}"``), elapsed time and ETA. Not started."""
+    from rich.console import Console
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    return Progress(
+        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+        *(TextColumn(f) for f in fields), TimeElapsedColumn(), TextColumn("ETA"),
+        TimeRemainingColumn(), console=Console(file=stream), transient=transient)
+
+
+class TaskBars:
+    """Progress bars by task name, on stderr and only when it is a terminal; a context
+    manager. ``bars(task, done, total)`` adds the task's bar on first use.
+
+    ``label`` turns a task name into the text shown (``"encoding {}"``)."""
+
+    def __init__(self, enabled: bool = True, *, label: str = "{}", transient: bool = False,
+                 stream: TextIO | None = None):
+        self.stream = stream or sys.stderr
+        self.enabled = enabled and self.stream.isatty()
+        self.label, self.transient = label, transient
+        self.progress: Any = None
+        self.tasks: dict[str, Any] = {}
+
+    def __enter__(self) -> TaskBars:
+        if self.enabled:
+            self.progress = rich_progress(self.stream, transient=self.transient)
+            self.progress.start()
+        return self
+
+    def __call__(self, task: str, done: int, total: int) -> None:
+        if self.progress is None:
+            return
+        if task not in self.tasks:
+            self.tasks[task] = self.progress.add_task(self.label.format(task), total=total)
+        self.progress.update(self.tasks[task], completed=done, total=total)
+
+    def __exit__(self, *exc: object) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+            self.progress = None
+
+
 class ProgressBar:
-    """A rich progress bar with loss, it/s and ETA; silent when not on a terminal."""
+    """The training run's progress bar with loss, it/s and ETA; silent when not on a
+    terminal."""
 
     def __init__(self, stream: TextIO | None = None, enabled: bool | None = None):
         self.stream = stream or sys.stderr
@@ -24,21 +79,8 @@ class ProgressBar:
     def loraengine_on_train_start(self, run: Any) -> None:
         if not self.enabled:
             return
-        from rich.console import Console
-        from rich.progress import (
-            BarColumn,
-            MofNCompleteColumn,
-            Progress,
-            TextColumn,
-            TimeElapsedColumn,
-            TimeRemainingColumn,
-        )
-
-        self._progress = Progress(
-            TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-            TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[rate]} it/s"),
-            TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
-            console=Console(file=self.stream), transient=False)
+        self._progress = rich_progress(self.stream, "loss {task.fields[loss]}",
+                                       "{task.fields[rate]} it/s")
         self._progress.start()
         self._task = self._progress.add_task(run.config.output.name, total=run.total_steps,
                                              completed=run.start_step, loss="-", rate="-")

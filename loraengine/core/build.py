@@ -18,12 +18,11 @@ from loraengine.core.adapter import (
     AdapterNetwork,
     ChannelDelta,
     select_layers,
-    split_deltas,
 )
 from loraengine.core.data import Dataset, make_bucketed_dataset, make_dataset, read_safetensors
 from loraengine.core.distributed import DistContext, shard_base, wrap_ddp
 from loraengine.core.errors import ConfigError, DataError, LoraEngineError
-from loraengine.core.files import load_lora, split_modules, steps_of
+from loraengine.core.files import read_adapter_file
 from loraengine.core.model import LoadedModel
 from loraengine.core.plugins.host import PluginHost
 from loraengine.core.plugins.specs import LossFn
@@ -226,27 +225,27 @@ def _read_existing(path: Path, host: PluginHost, layers: Mapping[str, nn.Module]
                    norms: Mapping[str, nn.Module], spec: Any
                    ) -> tuple[dict[str, dict[str, torch.Tensor]],
                               dict[str, dict[str, torch.Tensor]], int]:
-    """Split a file into algorithm tensors and ``diff``/``diff_b`` deltas per module."""
-    tensors, meta = load_lora(path)
-    exporters = host.registry.specs("exporter")
-    _, grouped = split_modules(tensors, exporters, [*layers, *norms])
-    unknown = sorted(set(grouped) - set(layers) - set(norms))
+    """Split a file into algorithm tensors and ``diff``/``diff_b`` deltas per module,
+    read the way ``apply`` reads it; each module must be ``spec``'s algorithm."""
+    file = read_adapter_file(path, host.registry, [*layers, *norms])
+    unknown = file.not_in({**layers, **norms})
     if unknown:
         raise DataError(f"{path}: {len(unknown)} module(s) are not adapted layers of this "
                         f"model: {', '.join(unknown[:5])}")
-    split = {p: split_deltas(params) for p, params in grouped.items()}
-    deltas = {p: d for p, (_, d) in split.items() if d}
-    grouped = {p: a for p, (a, _) in split.items() if a}
-    for mod_path, params in grouped.items():
+    for mod_path, module in file.modules.items():
+        if not module.params:
+            continue
         if mod_path not in layers:
             raise DataError(f"{path}: module {mod_path} is a norm layer; only diff/diff_b "
-                            f"can be applied to it (found {sorted(params)})")
-        if not spec.owns_keys(set(params)):
-            owners = [s.name for s in host.registry.specs("adapter") if s.owns_keys(set(params))]
-            found = owners[0] if owners else "an unknown algorithm"
+                            f"can be applied to it (found {sorted(module.params)})")
+        if spec.name not in {s.name for s in module.owners}:
+            found = module.algorithm or "an unknown algorithm"
             raise DataError(f"{path}: module {mod_path} holds a {found} adapter "
-                            f"(keys {sorted(params)}), but adapter.algorithm is {spec.name!r}")
-    return grouped, deltas, steps_of(path, meta)
+                            f"(keys {sorted(module.params)}), but adapter.algorithm is "
+                            f"{spec.name!r}")
+    grouped = {p: m.params for p, m in file.modules.items() if m.params}
+    deltas = {p: m.deltas for p, m in file.modules.items() if m.deltas}
+    return grouped, deltas, file.steps
 
 
 def build_pipeline(config: Any, host: PluginHost, *, model: nn.Module | None = None,

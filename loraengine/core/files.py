@@ -1,13 +1,17 @@
-"""LoRA files: atomic writes, metadata, and reading files back into module tensors."""
+"""Adapter files: atomic writes, metadata, key formats and reading a file back into
+per-module tensors with each module's algorithm (the one reader train, ``apply``,
+``merge`` and ``inspect`` share)."""
 
 from __future__ import annotations
 
 import json
 import os
 import re
+import shutil
 import tempfile
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -15,15 +19,18 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from loraengine.core.adapter.layer import DELTA_KEYS, split_deltas
 from loraengine.core.data import read_safetensors
 from loraengine.core.errors import DataError, NonFiniteError
+from loraengine.core.plugins.registry import Registry
+from loraengine.core.plugins.specs import AdapterSpec, ExporterSpec
 
 # ComfyUI names trained files ``<prefix>_<N>_steps_<counter>_``; others use ``_steps_<N>_``
 _STEPS_IN_NAME = (re.compile(r"_(\d+)_steps_"), re.compile(r"_steps_(\d+)_"))
 
 
 @contextmanager
-def atomic_path(path: Path):
+def atomic_path(path: Path) -> Iterator[Path]:
     """Yield a temporary path in ``path``'s folder; on success fsync and rename it over
     ``path``. On failure the temporary file is removed and ``path`` is untouched."""
     path = Path(path)
@@ -39,6 +46,39 @@ def atomic_path(path: Path):
         _fsync_dir(path.parent)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+@contextmanager
+def atomic_folder(path: Path) -> Iterator[Path]:
+    """Yield a temporary folder beside ``path``; on success it is renamed to ``path``.
+
+    An existing ``path`` is moved aside first and removed only once the new folder is in
+    place (a failed rename puts it back). On failure the temporary folder is removed and
+    ``path`` is untouched."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        yield tmp
+        _fsync_dir(tmp)
+        old = None
+        if path.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old",
+                                        dir=path.parent))
+            os.rmdir(old)
+            os.replace(path, old)
+        try:
+            os.replace(tmp, path)
+        except BaseException:
+            if old is not None:
+                os.replace(old, path)
+            raise
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+        _fsync_dir(path.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 
@@ -68,7 +108,8 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def write_atomic(path: Path, writer: Callable[[Path], None]) -> None:
+def write_atomic(path: Path, writer: Callable[[Path], object]) -> None:
+    """Write ``path`` through ``writer(temporary_path)`` so it appears whole or not at all."""
     with atomic_path(path) as tmp:
         writer(tmp)
 
@@ -90,7 +131,18 @@ def save_lora(path: Path, tensors: Mapping[str, torch.Tensor], metadata: Mapping
     write_atomic(path, lambda p: save_file(data, str(p), metadata=meta))
 
 
+def write_adapter_file(path: Path, modules: Mapping[str, Mapping[str, torch.Tensor]],
+                       exporter: ExporterSpec, metadata: Mapping[str, Any]
+                       ) -> dict[str, torch.Tensor]:
+    """Write ``{module_path: {param: tensor}}`` in ``exporter``'s key format, atomically
+    (``save_lora``); returns the file's tensors by key."""
+    tensors = exporter.to_file(modules)
+    save_lora(path, tensors, metadata)
+    return tensors
+
+
 def read_metadata(path: Path) -> dict[str, str]:
+    """A safetensors file's metadata (strings by key)."""
     try:
         with safe_open(str(path), framework="pt") as fh:
             return dict(fh.metadata() or {})
@@ -99,6 +151,7 @@ def read_metadata(path: Path) -> dict[str, str]:
 
 
 def load_lora(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """A LoRA file's tensors and metadata, errors naming the file."""
     tensors = read_safetensors(Path(path), "LoRA")
     return tensors, read_metadata(path)
 
@@ -120,7 +173,7 @@ def steps_of(path: Path, metadata: Mapping[str, str]) -> int:
     return 0
 
 
-def split_modules(tensors: Mapping[str, torch.Tensor], exporters: Iterable[Any],
+def split_modules(tensors: Mapping[str, torch.Tensor], exporters: Iterable[ExporterSpec],
                   module_paths: Iterable[str]) -> tuple[str, dict[str, dict[str, torch.Tensor]]]:
     """Find the exporter whose key format the file is in and group tensors per module."""
     paths = list(module_paths)
@@ -131,3 +184,164 @@ def split_modules(tensors: Mapping[str, torch.Tensor], exporters: Iterable[Any],
     sample = ", ".join(sorted(tensors)[:3])
     raise DataError(f"no key format matches this file's tensors (e.g. {sample}) against "
                     f"the model's layers")
+
+
+# -- reading an adapter file ---------------------------------------------------------------
+
+#: The distribution of the engine's own plugins: their algorithms win a tie.
+ENGINE_DISTRIBUTION = "loraengine"
+
+
+@dataclass(frozen=True)
+class AdapterModule:
+    """One module of an adapter file: its algorithm tensors, its ``diff``/``diff_b``
+    channel deltas, and the algorithms claiming the tensors, best first."""
+
+    path: str
+    params: dict[str, torch.Tensor]
+    deltas: dict[str, torch.Tensor]
+    owners: tuple[AdapterSpec, ...] = ()
+
+    @property
+    def algorithm(self) -> str | None:
+        """The algorithm this module is read as (``None``: deltas only, or unknown)."""
+        return self.owners[0].name if self.owners else None
+
+
+@dataclass(frozen=True)
+class AdapterFile:
+    """An adapter file read against a model's module paths: what train
+    (``adapter.existing``), ``apply``, ``merge`` and ``inspect`` all start from."""
+
+    source: str
+    key_format: str | None
+    modules: dict[str, AdapterModule]
+    metadata: dict[str, str] = field(default_factory=dict)
+    steps: int = 0
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    @property
+    def algorithm_hint(self) -> str | None:
+        """The algorithm the file's metadata names, if any."""
+        return self.metadata.get("loraengine.algorithm") or None
+
+    def not_in(self, paths: Collection[str]) -> list[str]:
+        """Module paths of the file that are not among ``paths``, sorted."""
+        return sorted(set(self.modules) - set(paths))
+
+
+def owners_of(specs: Iterable[AdapterSpec], params: Mapping[str, torch.Tensor],
+              hint: str | None = None, builtin: Collection[str] = ()) -> list[AdapterSpec]:
+    """The adapter specs claiming a saved module, best first: the algorithm the file's
+    metadata names, then the engine's own algorithms, then plugins'.
+
+    ``owns_keys`` is asked with the parameter names, as its contract says. When several
+    specs claim the same names (OFT's and BOFT's ``oft_blocks``), the ones that accept
+    the tensors themselves — a richer question some specs answer — are preferred."""
+    owners = [s for s in specs if s.owns_keys(set(params))]
+    if len(owners) > 1:
+        narrowed = [s for s in owners if _claims_tensors(s, params)]
+        owners = narrowed or owners
+    owners.sort(key=lambda s: (s.name != hint, s.name not in builtin))
+    return owners
+
+
+def _claims_tensors(spec: AdapterSpec, params: Mapping[str, torch.Tensor]) -> bool:
+    try:
+        return bool(spec.owns_keys(params))  # type: ignore[arg-type]
+    except Exception:  # a spec that only understands a set of names
+        return True
+
+
+def engine_algorithms(registry: Registry) -> set[str]:
+    """Names of the adapter algorithms the engine's own distribution provides."""
+    return {name for name, provided in registry.entries["adapter"].items()
+            if provided.distribution == ENGINE_DISTRIBUTION}
+
+
+def read_adapter_file(source: Path | str | Mapping[str, torch.Tensor], registry: Registry,
+                      module_paths: Iterable[str] | None = None, *,
+                      name: str | None = None, metadata: Mapping[str, str] | None = None
+                      ) -> AdapterFile:
+    """Read an adapter file (a path, or its tensors) in any installed key format.
+
+    Tensors are grouped per module against ``module_paths`` (a model's layers); without
+    them the module boundaries are inferred from the parameter names the installed
+    algorithms claim (``loraengine inspect``, which has no model). Each module's
+    ``diff``/``diff_b`` deltas are split off and its algorithm chosen by ``owners_of``.
+    ``name`` is how errors name the source (default: the path); ``metadata`` goes with
+    tensors given directly."""
+    meta: dict[str, str]
+    if isinstance(source, Mapping):
+        tensors, meta, steps = dict(source), dict(metadata or {}), 0
+        label = name or "adapter tensors"
+    else:
+        path = Path(source)
+        tensors, meta = load_lora(path)
+        steps, label = steps_of(path, meta), name or str(path)
+    exporters = registry.specs("exporter")
+    specs: list[AdapterSpec] = registry.specs("adapter")
+    key_format: str | None
+    if module_paths is None:
+        key_format, grouped = _group_without_model(tensors, exporters, specs)
+    else:
+        key_format, grouped = split_modules(tensors, exporters, module_paths)
+    hint = meta.get("loraengine.algorithm") or None
+    builtin = engine_algorithms(registry)
+    modules: dict[str, AdapterModule] = {}
+    for path_, found in grouped.items():
+        params, deltas = split_deltas(dict(found))
+        owners = tuple(owners_of(specs, params, hint, builtin)) if params else ()
+        modules[path_] = AdapterModule(path_, params, deltas, owners)
+    return AdapterFile(label, key_format, modules, meta, steps, tensors)
+
+
+def _group_without_model(tensors: Mapping[str, torch.Tensor],
+                         exporters: Sequence[ExporterSpec], specs: Sequence[AdapterSpec]
+                         ) -> tuple[str | None, dict[str, dict[str, torch.Tensor]]]:
+    """Group a file's tensors per module when no model says where modules end.
+
+    The key format's own reading (with no known paths) gives ``<path>.<param>`` names in
+    the engine's parameter spelling; a module is then the shortest prefix whose names an
+    installed algorithm claims (or that holds only channel deltas). The format then
+    groups the file again against those paths."""
+    key_format, flat = None, dict(tensors)
+    for exporter in exporters:
+        rough = exporter.from_file(tensors, [])
+        if rough:
+            key_format = exporter.name
+            flat = {f"{m}.{p}": t for m, params in rough.items() for p, t in params.items()}
+            break
+    under: dict[str, set[str]] = {}
+    for key in flat:
+        parts = key.split(".")
+        for i in range(1, len(parts)):
+            under.setdefault(".".join(parts[:i]), set()).add(".".join(parts[i:]))
+
+    claimed: dict[str, bool] = {}
+
+    def is_module(prefix: str) -> bool:
+        if prefix not in claimed:
+            names = under[prefix]
+            rest = names - set(DELTA_KEYS)
+            claimed[prefix] = not rest or any(s.owns_keys(rest) for s in specs)
+        return claimed[prefix]
+
+    # Shortest first: a longer prefix can look like a module of its own (``a.lora_down``
+    # holding only ``weight`` reads as IA3). Adaptable layers have no adaptable children,
+    # so the shortest claimed prefix is the layer.
+    paths: set[str] = set()
+    for key in flat:
+        parts = key.split(".")
+        prefixes = [".".join(parts[:i]) for i in range(1, len(parts))]
+        found = next((p for p in prefixes if is_module(p)), None)
+        paths.add(found if found is not None else key.rsplit(".", 1)[0])
+    if key_format is None:
+        grouped: dict[str, dict[str, torch.Tensor]] = {}
+        for key, tensor in flat.items():
+            module = max((p for p in paths if key.startswith(p + ".")), key=len,
+                         default=key.rsplit(".", 1)[0])
+            grouped.setdefault(module, {})[key[len(module) + 1:]] = tensor
+        return None, grouped
+    exporter = next(e for e in exporters if e.name == key_format)
+    return key_format, exporter.from_file(tensors, sorted(paths)) or {}

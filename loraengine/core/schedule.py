@@ -16,6 +16,12 @@ from loraengine.core.errors import ConfigError
 PredictionType = Literal["epsilon", "v_prediction", "flow"]
 
 
+def shift_sigma(sigma: torch.Tensor, shift: float) -> torch.Tensor:
+    """The flow-matching timestep shift σ' = s·σ / (1 + (s−1)·σ): ``shift`` > 1 moves
+    σ toward the noisy end (SD3's 3.0), 1 leaves it unchanged."""
+    return shift * sigma / (1 + (shift - 1) * sigma)
+
+
 def _bcast(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return v.reshape(-1, *([1] * (like.ndim - 1))).to(device=like.device, dtype=like.dtype)
 
@@ -88,8 +94,8 @@ class NoiseSchedule:
         return self.shift_sigma(sigma)
 
     def shift_sigma(self, sigma: torch.Tensor) -> torch.Tensor:
-        s = self.shift
-        return s * sigma / (1 + (s - 1) * sigma)
+        """``sigma`` shifted by this schedule's ``shift``."""
+        return shift_sigma(sigma, self.shift)
 
     def model_timesteps(self, t: torch.Tensor) -> torch.Tensor:
         """What the denoiser is given as its timestep input."""

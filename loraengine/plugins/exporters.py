@@ -132,8 +132,11 @@ class PeftFormat:
             if found is None:
                 tail = next((n for n in (*OURS, *PEFT_NAMES) if rest.endswith("." + n)),
                             None)
-                found = (rest[:-len(tail) - 1], tail) if tail else tuple(
-                    rest.rsplit(".", 1))  # type: ignore[assignment]
+                if tail:
+                    found = rest[:-len(tail) - 1], tail
+                else:
+                    stem, _, last = rest.rpartition(".")
+                    found = stem, last
             module, param = found
             grouped.setdefault(module, {})[OURS.get(param, param)] = tensors[key]
         return grouped

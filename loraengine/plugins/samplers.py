@@ -20,7 +20,7 @@ from pydantic import Field
 
 from loraengine.core.plugins.hookspecs import hookimpl
 from loraengine.core.plugins.specs import PluginOptions, SamplerSpec
-from loraengine.core.schedule import NoiseSchedule
+from loraengine.core.schedule import NoiseSchedule, shift_sigma
 
 ModelFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -147,8 +147,7 @@ def make_euler(options: EulerOptions) -> Callable[..., torch.Tensor]:
 
 def flow_sigmas(steps: int, shift: float) -> torch.Tensor:
     """``steps + 1`` values from σ = 1 to 0, evenly spaced before the shift."""
-    s = torch.linspace(1, 0, steps + 1, dtype=torch.float64)
-    return shift * s / (1 + (shift - 1) * s)
+    return shift_sigma(torch.linspace(1, 0, steps + 1, dtype=torch.float64), shift)
 
 
 def _euler_flow(model_fn: ModelFn, noise: torch.Tensor, schedule: NoiseSchedule, steps: int,

@@ -12,7 +12,7 @@ import json
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 from pydantic import Field
 from torch import nn
@@ -24,6 +24,8 @@ from loraengine.core.plugins.specs import ModelFamilySpec, PluginOptions
 from loraengine.core.schedule import NoiseSchedule
 
 SINGLE_FILE_SUFFIXES = (".safetensors", ".sft")
+#: The prediction types of a DDPM schedule.
+DDPMKind = Literal["epsilon", "v_prediction"]
 
 
 class FamilyOptions(PluginOptions):
@@ -108,7 +110,7 @@ def read_json(path: Path) -> dict[str, Any]:
     return data
 
 
-def _folder(path: Path, subfolder: str, what: str) -> tuple[Path, Path | None]:
+def model_folder(path: Path, subfolder: str, what: str) -> tuple[Path, Path | None]:
     """(model folder, pipeline root) for a pipeline folder or a model folder."""
     if (path / "model_index.json").exists():
         model_dir = path / subfolder
@@ -122,16 +124,22 @@ def _folder(path: Path, subfolder: str, what: str) -> tuple[Path, Path | None]:
     return path, parent if (parent / "model_index.json").exists() else None
 
 
+def locate_folder(path: Path, subfolder: str | None, default: str) -> tuple[Path, Path | None]:
+    """(model folder, pipeline root) of ``model.path`` when it is a folder: a pipeline
+    folder (the model is its ``subfolder``, else ``default``) or a model folder (inside
+    it, ``subfolder`` when given)."""
+    if subfolder and not (path / "model_index.json").exists():
+        path = path / subfolder
+    return model_folder(path, subfolder or default, "model.path")
+
+
 def locate(family: Family, options: FamilyOptions) -> Located:
     path = Path(options.path)
     sub = options.subfolder or family.subfolder
     if not path.exists():
         raise DataError(f"model.path: {path} does not exist")
     if path.is_dir():
-        if options.subfolder and not (path / "model_index.json").exists():
-            path = path / options.subfolder
-        model_dir, root = _folder(path, sub, "model.path")
-        return Located(model_dir, root)
+        return Located(*locate_folder(path, options.subfolder, family.subfolder))
     if path.suffix.lower() not in SINGLE_FILE_SUFFIXES:
         raise DataError(f"model.path: {path} is not a .safetensors checkpoint or a folder")
     if options.config is None:
@@ -142,9 +150,9 @@ def locate(family: Family, options: FamilyOptions) -> Located:
     if not cfg.is_dir():
         raise DataError(f"model.config: {cfg} is not a folder")
     if (cfg / "model_index.json").exists():
-        _folder(cfg, sub, "model.config")  # checks that sub/config.json is there
+        model_folder(cfg, sub, "model.config")  # checks that sub/config.json is there
         return Located(path, cfg, cfg, sub)
-    model_dir, root = _folder(cfg, sub, "model.config")
+    model_dir, root = model_folder(cfg, sub, "model.config")
     return Located(path, root, model_dir, None)
 
 
@@ -155,6 +163,7 @@ def load_module(family: Family, where: Located) -> nn.Module:
     diffusers.utils.logging.set_verbosity_error()  # the engine reports what matters itself
     cls = getattr(diffusers, family.model_class)
     if where.single_file:
+        assert where.config is not None  # locate() requires model.config for a single file
         cfg_dir = where.config / where.config_subfolder if where.config_subfolder else \
             where.config
         _check_class(family, cfg_dir)
@@ -214,12 +223,19 @@ def ddpm_schedule(family: Family, options: DDPMOptions, sched: Mapping[str, Any]
     """The UNet families' schedule: the scheduler config's betas (SD's when absent) and
     prediction type (the option, else the config, else the family's)."""
     sched = sched or {}
-    kind = options.prediction_type
+    kind: str = options.prediction_type
     if kind == "auto":
         kind = sched.get("prediction_type") or family.prediction_type
-    if kind not in ("epsilon", "v_prediction"):
-        raise ConfigError(f"model.prediction_type: the scheduler config says {kind!r}; "
-                          f"family {family.name!r} trains epsilon or v_prediction")
+    if kind in ("epsilon", "v_prediction"):
+        return ddpm_from_config(cast(DDPMKind, kind), sched)
+    raise ConfigError(f"model.prediction_type: the scheduler config says {kind!r}; "
+                      f"family {family.name!r} trains epsilon or v_prediction")
+
+
+def ddpm_from_config(kind: DDPMKind, sched: Mapping[str, Any] | None) -> NoiseSchedule:
+    """A DDPM schedule with a scheduler config's betas and step count (Stable
+    Diffusion's when a key is absent)."""
+    sched = sched or {}
     return NoiseSchedule.ddpm(kind, int(sched.get("num_train_timesteps", 1000)),
                               float(sched.get("beta_start", 0.00085)),
                               float(sched.get("beta_end", 0.012)),
@@ -263,6 +279,52 @@ def load_family(family: Family, options: FamilyOptions, context: Mapping[str, An
         info={"path": str(where.model), "pipeline": str(where.root) if where.root else None,
               "vae_factor": factor, "single_file": where.single_file},
         vae_scale=scale, vae_shift=shift, default_include=family.default_include)
+
+
+def unet_blocks(unet: nn.Module) -> list[nn.Module]:
+    """A diffusers UNet's down, mid and up blocks: the units memory strategies work on."""
+    blocks: list[nn.Module] = list(unet.get_submodule("down_blocks").children())
+    mid = getattr(unet, "mid_block", None)
+    if mid is not None:
+        blocks.append(mid)
+    blocks.extend(unet.get_submodule("up_blocks").children())
+    return blocks
+
+
+def submodules(model: nn.Module, *names: str) -> list[nn.Module]:
+    """The children of each of ``model``'s module lists ``names``, in order."""
+    return [block for name in names for block in model.get_submodule(name).children()]
+
+
+def unet_family(**fields: Any) -> Family:
+    """A ``UNet2DConditionModel`` family on a DDPM schedule (SD 1.x/2.x/XL): the fields
+    they share, then ``fields``."""
+    shared: dict[str, Any] = dict(
+        model_class="UNet2DConditionModel", subfolder="unet", vae_shift=0.0, vae_factor=8,
+        default_exporter="kohya", options=DDPMOptions, blocks=unet_blocks)
+    return Family(**{**shared, **fields})
+
+
+def flow_transformer_family(**fields: Any) -> Family:
+    """A rectified-flow transformer family (SD3, Flux): the fields they share, then
+    ``fields``."""
+    shared: dict[str, Any] = dict(
+        subfolder="transformer", prediction_type="flow", vae_factor=8,
+        default_exporter="diffusers", cond_keys=("cond", "pooled"), default_resolution=1024,
+        options=FlowOptions)
+    return Family(**{**shared, **fields})
+
+
+def family_spec(family: Family, detect: Callable[[Any], bool] | None = None
+                ) -> ModelFamilySpec:
+    """The registry record of a family that can also prepare data (``loraengine
+    prepare``) with its pipeline's VAE and text encoders."""
+    def make_encoder(path: Any, options: Mapping[str, Any]) -> Any:
+        from loraengine.plugins.models import encoders
+
+        return encoders.make_encoder(family, Path(path), options)
+
+    return make_spec(family, make_encoder, detect)
 
 
 def pipeline_class(path: Path) -> str:

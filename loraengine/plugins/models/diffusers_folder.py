@@ -4,10 +4,9 @@ hub. The noise schedule comes from the pipeline's scheduler config when there is
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import torch
 from pydantic import Field
@@ -18,6 +17,13 @@ from loraengine.core.errors import ConfigError, DataError
 from loraengine.core.model import LoadedModel
 from loraengine.core.plugins.specs import ModelFamilySpec
 from loraengine.core.schedule import NoiseSchedule
+from loraengine.plugins.models.common import (
+    DDPMKind,
+    ddpm_from_config,
+    locate_folder,
+    read_json,
+    unet_blocks,
+)
 from loraengine.plugins.models.module import ScheduleOptions
 
 SUPPORTED = {"UNet2DConditionModel"}
@@ -32,13 +38,6 @@ class DiffusersOptions(ScheduleOptions):
         "auto", description="auto: from the pipeline's scheduler config, else epsilon.")
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
-        raise DataError(f"{path}: cannot read JSON: {exc}") from None
-
-
 def locate(options: DiffusersOptions) -> tuple[Path, Path | None]:
     """(model folder, scheduler config or None)."""
     root = Path(options.path)
@@ -47,45 +46,31 @@ def locate(options: DiffusersOptions) -> tuple[Path, Path | None]:
     if not root.is_dir():
         raise DataError(f"model.path: {root} is not a folder (single-file checkpoints need "
                         f"a model family that reads them)")
-    if (root / "model_index.json").exists():
-        sub = options.subfolder or "unet"
-        model_dir = root / sub
-        if not (model_dir / "config.json").exists():
-            raise DataError(f"model.path: pipeline folder {root} has no {sub}/config.json")
-        sched = root / "scheduler" / "scheduler_config.json"
-        return model_dir, sched if sched.exists() else None
-    if options.subfolder:
-        root = root / options.subfolder
-    if not (root / "config.json").exists():
-        raise DataError(f"model.path: {root} has neither model_index.json nor config.json")
-    sched = root.parent / "scheduler" / "scheduler_config.json"
-    return root, sched if sched.exists() else None
+    model_dir, pipeline = locate_folder(root, options.subfolder, "unet")
+    # a model folder's scheduler is its sibling, whether or not a model_index.json says so
+    sched = (pipeline or model_dir.parent) / "scheduler" / "scheduler_config.json"
+    return model_dir, sched if sched.exists() else None
 
 
 def schedule_from(options: DiffusersOptions, sched_path: Path | None) -> NoiseSchedule:
     """The scheduler config's schedule; an explicit ``prediction_type`` overrides only
     the prediction type (the betas and step count stay the config's)."""
     if sched_path is None:
-        kind = "epsilon" if options.prediction_type == "auto" else options.prediction_type
-        return options.schedule(kind)
-    sc = _read_json(sched_path)
+        return options.schedule("epsilon" if options.prediction_type == "auto"
+                                else options.prediction_type)
+    sc = read_json(sched_path)
     is_flow = "FlowMatch" in str(sc.get("_class_name", ""))
-    kind = options.prediction_type
+    kind: str = options.prediction_type
     if kind == "flow" or (kind == "auto" and is_flow):
         shift = float(sc.get("shift", options.flow_shift)) if is_flow and \
             "flow_shift" not in options.model_fields_set else options.flow_shift
         return NoiseSchedule.flow(shift, options.timestep_sampling)
     if kind == "auto":
         kind = sc.get("prediction_type", "epsilon")
-    if kind not in ("epsilon", "v_prediction"):
-        raise ConfigError(f"model.prediction_type: {kind!r} cannot be trained; use "
-                          f"epsilon, v_prediction or flow")
-    return NoiseSchedule.ddpm(kind,
-                              int(sc.get("num_train_timesteps", 1000)),
-                              float(sc.get("beta_start", 0.00085)),
-                              float(sc.get("beta_end", 0.012)),
-                              str(sc.get("beta_schedule", "scaled_linear")),
-                              bool(sc.get("rescale_betas_zero_snr", False)))
+    if kind in ("epsilon", "v_prediction"):
+        return ddpm_from_config(cast(DDPMKind, kind), sc)
+    raise ConfigError(f"model.prediction_type: {kind!r} cannot be trained; use "
+                      f"epsilon, v_prediction or flow")
 
 
 def _predict_unet(module: nn.Module, x_t: torch.Tensor, t: torch.Tensor,
@@ -97,20 +82,12 @@ def _predict_unet(module: nn.Module, x_t: torch.Tensor, t: torch.Tensor,
                   return_dict=False)[0]
 
 
-def unet_blocks(unet: nn.Module) -> list[nn.Module]:
-    blocks: list[nn.Module] = [*unet.down_blocks]
-    if getattr(unet, "mid_block", None) is not None:
-        blocks.append(unet.mid_block)
-    blocks.extend(unet.up_blocks)
-    return blocks
-
-
 def load(options: DiffusersOptions, context: Mapping[str, Any]) -> LoadedModel:
     import diffusers
 
     diffusers.utils.logging.set_verbosity_error()  # the engine reports what matters itself
     model_dir, sched_path = locate(options)
-    cls_name = _read_json(model_dir / "config.json").get("_class_name", "")
+    cls_name = read_json(model_dir / "config.json").get("_class_name", "")
     if cls_name not in SUPPORTED:
         raise ConfigError(f"model.path: {model_dir} holds a {cls_name or 'unknown'} model; "
                           f"the 'diffusers' family reads {', '.join(sorted(SUPPORTED))}")
@@ -120,7 +97,7 @@ def load(options: DiffusersOptions, context: Mapping[str, Any]) -> LoadedModel:
     except (OSError, ValueError, RuntimeError) as exc:
         raise DataError(f"model.path: cannot load {cls_name} from {model_dir}: "
                         f"{str(exc).splitlines()[0]}") from None
-    cond_keys = ("cond",)
+    cond_keys: tuple[str, ...] = ("cond",)
     if getattr(module.config, "addition_embed_type", None) == "text_time":
         cond_keys = ("cond", "text_embeds", "time_ids")
     return LoadedModel(module=module, predict=_predict_unet,
@@ -128,6 +105,8 @@ def load(options: DiffusersOptions, context: Mapping[str, Any]) -> LoadedModel:
                        family="diffusers", default_exporter="kohya", cond_keys=cond_keys,
                        base_model_version=f"diffusers:{cls_name}")
 
+
+__all__ = ["SPEC", "DiffusersOptions", "load", "locate", "schedule_from", "unet_blocks"]
 
 SPEC = ModelFamilySpec("diffusers", load, DiffusersOptions,
                        "A diffusers UNet2DConditionModel from a local folder.")

@@ -19,10 +19,11 @@ from typing import Any
 
 import torch
 
+from loraengine.core import devices
+from loraengine.core.devices import DTYPES
 from loraengine.core.errors import DataError
 from loraengine.plugins.models.common import Family, read_json
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 #: Components an encoder never needs; passing None skips loading them.
 UNUSED = ("unet", "transformer", "safety_checker", "feature_extractor", "image_encoder")
 #: Components whose files decide what an encoder produces.
@@ -31,12 +32,9 @@ ENCODING = ("vae", "text_encoder", "text_encoder_2", "text_encoder_3", "tokenize
 
 
 def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        return torch.device(name)
-    except RuntimeError:
-        raise DataError(f"--device: unknown device {name!r}") from None
+    """The encoders' device (``--device`` of ``loraengine prepare``); not probed here,
+    the first tensor put on it says whether it works."""
+    return devices.resolve_device(name, key="--device", error=DataError, probe=False)
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:

@@ -10,7 +10,6 @@ models (Flux dev) are given the ``guidance`` value through their guidance embedd
 from __future__ import annotations
 
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -18,7 +17,12 @@ from pydantic import Field
 from torch import nn
 
 from loraengine.core.model import PredictFn
-from loraengine.plugins.models.common import Family, FlowOptions, make_spec
+from loraengine.plugins.models.common import (
+    FlowOptions,
+    family_spec,
+    flow_transformer_family,
+    submodules,
+)
 
 #: Every Linear of the double- and single-stream blocks.
 FLUX_TARGETS = ("transformer_blocks.*", "single_transformer_blocks.*")
@@ -56,7 +60,7 @@ def image_ids(height: int, width: int, device: torch.device, dtype: torch.dtype
 
 
 def flux_blocks(model: nn.Module) -> list[nn.Module]:
-    return [*model.transformer_blocks, *model.single_transformer_blocks]
+    return submodules(model, "transformer_blocks", "single_transformer_blocks")
 
 
 def flux_predictor(options: Any, module: nn.Module, schedule: Any, vae_factor: int
@@ -88,19 +92,11 @@ def flux_predictor(options: Any, module: nn.Module, schedule: Any, vae_factor: i
     return predict
 
 
-def _make_encoder(path: Any, options: Mapping[str, Any]) -> Any:
-    from loraengine.plugins.models import encoders
-
-    return encoders.make_encoder(FLUX, Path(path), options)
-
-
-FLUX = Family(
-    name="flux", model_class="FluxTransformer2DModel", subfolder="transformer",
-    pipeline_classes=("FluxPipeline",), prediction_type="flow",
-    vae_scale=0.3611, vae_shift=0.1159, vae_factor=8, default_include=FLUX_TARGETS,
-    default_exporter="diffusers", base_model_version="flux1", cond_keys=("cond", "pooled"),
-    default_resolution=1024, options=FluxOptions, predictor=flux_predictor,
+FLUX = flow_transformer_family(
+    name="flux", model_class="FluxTransformer2DModel", pipeline_classes=("FluxPipeline",),
+    vae_scale=0.3611, vae_shift=0.1159, default_include=FLUX_TARGETS,
+    base_model_version="flux1", options=FluxOptions, predictor=flux_predictor,
     blocks=flux_blocks, flow_shift=1.0,
     description="FLUX.1 transformer (rectified flow, packed 2×2 latents, guidance).")
 
-SPEC = make_spec(FLUX, _make_encoder)
+SPEC = family_spec(FLUX)

@@ -9,14 +9,13 @@ timestep as ``σ·1000`` and predicts the velocity ``noise − x0``.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
 from loraengine.core.model import PredictFn
-from loraengine.plugins.models.common import Family, FlowOptions, make_spec
+from loraengine.plugins.models.common import family_spec, flow_transformer_family, submodules
 
 #: Every Linear of the joint transformer blocks: attention (both streams), feed-forward
 #: and the AdaLN modulation; patch/timestep/caption embedders stay frozen.
@@ -24,7 +23,7 @@ SD3_TARGETS = ("transformer_blocks.*",)
 
 
 def sd3_blocks(model: nn.Module) -> list[nn.Module]:
-    return list(model.transformer_blocks)
+    return submodules(model, "transformer_blocks")
 
 
 def sd3_predictor(options: Any, module: nn.Module, schedule: Any, vae_factor: int
@@ -38,19 +37,11 @@ def sd3_predictor(options: Any, module: nn.Module, schedule: Any, vae_factor: in
     return predict
 
 
-def _make_encoder(path: Any, options: Mapping[str, Any]) -> Any:
-    from loraengine.plugins.models import encoders
-
-    return encoders.make_encoder(SD3, Path(path), options)
-
-
-SD3 = Family(
-    name="sd3", model_class="SD3Transformer2DModel", subfolder="transformer",
-    pipeline_classes=("StableDiffusion3Pipeline",), prediction_type="flow",
-    vae_scale=1.5305, vae_shift=0.0609, vae_factor=8, default_include=SD3_TARGETS,
-    default_exporter="diffusers", base_model_version="sd3", cond_keys=("cond", "pooled"),
-    default_resolution=1024, options=FlowOptions, predictor=sd3_predictor,
+SD3 = flow_transformer_family(
+    name="sd3", model_class="SD3Transformer2DModel",
+    pipeline_classes=("StableDiffusion3Pipeline",), vae_scale=1.5305, vae_shift=0.0609,
+    default_include=SD3_TARGETS, base_model_version="sd3", predictor=sd3_predictor,
     blocks=sd3_blocks, flow_shift=3.0,
     description="Stable Diffusion 3 / 3.5 MMDiT (rectified flow, shift 3).")
 
-SPEC = make_spec(SD3, _make_encoder)
+SPEC = family_spec(SD3)

@@ -17,24 +17,16 @@ from torch import nn
 
 from loraengine.core.model import PredictFn
 from loraengine.plugins.models.common import (
-    DDPMOptions,
-    Family,
-    make_spec,
+    family_spec,
     pipeline_class,
     read_json,
+    unet_blocks,
+    unet_family,
 )
 
 #: Every Linear/Conv inside the down/mid/up blocks: attention, feed-forward, resnets
 #: and resamplers (kohya's LoRA + LoCon set); embeddings and conv_in/out stay frozen.
 UNET_TARGETS = ("down_blocks.*", "mid_block.*", "up_blocks.*")
-
-
-def unet_blocks(unet: nn.Module) -> list[nn.Module]:
-    blocks: list[nn.Module] = [*unet.down_blocks]
-    if getattr(unet, "mid_block", None) is not None:
-        blocks.append(unet.mid_block)
-    blocks.extend(unet.up_blocks)
-    return blocks
 
 
 def sd_predictor(options: Any, module: nn.Module, schedule: Any, vae_factor: int
@@ -86,45 +78,28 @@ def _detect_sd2(path: Any) -> bool:
     return pipeline_class(path) == "StableDiffusionPipeline" and _looks_sd2(path)
 
 
-def _encoder(name: str):
-    def make(path: Any, options: Mapping[str, Any]) -> Any:
-        from loraengine.plugins.models import encoders
-
-        return encoders.make_encoder(FAMILIES[name], Path(path), options)
-
-    return make
-
-
-SD15 = Family(
-    name="sd15", model_class="UNet2DConditionModel", subfolder="unet",
-    pipeline_classes=("StableDiffusionPipeline",), prediction_type="epsilon",
-    vae_scale=0.18215, vae_shift=0.0, vae_factor=8, default_include=UNET_TARGETS,
-    default_exporter="kohya", base_model_version="sd_v1", cond_keys=("cond",),
-    default_resolution=512, options=DDPMOptions, predictor=sd_predictor, blocks=unet_blocks,
+SD15 = unet_family(
+    name="sd15", pipeline_classes=("StableDiffusionPipeline",), prediction_type="epsilon",
+    vae_scale=0.18215, default_include=UNET_TARGETS, base_model_version="sd_v1",
+    cond_keys=("cond",), default_resolution=512, predictor=sd_predictor,
     description="Stable Diffusion 1.x UNet (epsilon prediction).")
 
-SD2 = Family(
-    name="sd2", model_class="UNet2DConditionModel", subfolder="unet",
-    pipeline_classes=("StableDiffusionPipeline",), prediction_type="v_prediction",
-    vae_scale=0.18215, vae_shift=0.0, vae_factor=8, default_include=UNET_TARGETS,
-    default_exporter="kohya", base_model_version="sd_v2_768_v", cond_keys=("cond",),
-    default_resolution=768, options=DDPMOptions, predictor=sd_predictor, blocks=unet_blocks,
+SD2 = unet_family(
+    name="sd2", pipeline_classes=("StableDiffusionPipeline",), prediction_type="v_prediction",
+    vae_scale=0.18215, default_include=UNET_TARGETS, base_model_version="sd_v2_768_v",
+    cond_keys=("cond",), default_resolution=768, predictor=sd_predictor,
     description="Stable Diffusion 2.x UNet (v-prediction unless the scheduler says "
     "epsilon).")
 
-SDXL = Family(
-    name="sdxl", model_class="UNet2DConditionModel", subfolder="unet",
-    pipeline_classes=("StableDiffusionXLPipeline",), prediction_type="epsilon",
-    vae_scale=0.13025, vae_shift=0.0, vae_factor=8, default_include=UNET_TARGETS,
-    default_exporter="kohya", base_model_version="sdxl_base_v1-0",
-    cond_keys=("cond", "pooled"), default_resolution=1024, options=DDPMOptions,
-    predictor=sdxl_predictor, blocks=unet_blocks,
+SDXL = unet_family(
+    name="sdxl", pipeline_classes=("StableDiffusionXLPipeline",), prediction_type="epsilon",
+    vae_scale=0.13025, default_include=UNET_TARGETS, base_model_version="sdxl_base_v1-0",
+    cond_keys=("cond", "pooled"), default_resolution=1024, predictor=sdxl_predictor,
     description="Stable Diffusion XL UNet (pooled text embeds + size/crop time_ids).")
 
 FAMILIES = {f.name: f for f in (SD15, SD2, SDXL)}
 
-SPECS = [
-    make_spec(SD15, _encoder("sd15"), _detect_sd15),
-    make_spec(SD2, _encoder("sd2"), _detect_sd2),
-    make_spec(SDXL, _encoder("sdxl")),
-]
+SPECS = [family_spec(SD15, _detect_sd15), family_spec(SD2, _detect_sd2), family_spec(SDXL)]
+
+__all__ = ["FAMILIES", "SD2", "SD15", "SDXL", "SPECS", "UNET_TARGETS", "default_time_ids",
+           "sd_predictor", "sdxl_predictor", "unet_blocks"]

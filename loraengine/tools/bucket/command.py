@@ -7,18 +7,18 @@ from pathlib import Path
 import click
 from safetensors.torch import save_file
 
-from loraengine.cli.common import reports_errors
+from loraengine.cli.common import path_option, reports_errors
 from loraengine.core.data import group_into_buckets, read_safetensors
 from loraengine.core.files import write_atomic
 
 
 @click.command("bucket")
-@click.option("--latents", "latents_path", required=True, type=click.Path(path_type=Path),
-              help="safetensors with latents.<k> tensors of mixed sizes.")
-@click.option("--conditioning", "cond_path", required=True, type=click.Path(path_type=Path),
-              help="safetensors with cond.<k> (and other <key>.<k>) entries.")
-@click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path),
-              help="Folder for latents.safetensors and conditioning.safetensors.")
+@path_option("--latents", "latents_path", required=True,
+             help="safetensors with latents.<k> tensors of mixed sizes.")
+@path_option("--conditioning", "cond_path", required=True,
+             help="safetensors with cond.<k> (and other <key>.<k>) entries.")
+@path_option("--out", "out_dir", required=True,
+             help="Folder for latents.safetensors and conditioning.safetensors.")
 @reports_errors
 def bucket(latents_path: Path, cond_path: Path, out_dir: Path) -> None:
     """Write bucketed latents.<i> / cond.<i> files for data.bucket_mode."""

@@ -7,18 +7,19 @@ from pathlib import Path
 
 import click
 
-from loraengine.cli.common import reports_errors
+from loraengine.cli.common import State, reports_errors
 
 
 @click.command()
 @click.argument("file", type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.pass_obj
 @reports_errors
-def inspect(file: Path, as_json: bool) -> None:
+def inspect(state: State, file: Path, as_json: bool) -> None:
     """Describe a LoRA file: metadata, algorithm, rank/alpha, modules, parameters."""
     from loraengine.tools.inspect.logic import describe
 
-    info = describe(file)
+    info = describe(file, state.host.registry)
     if as_json:
         click.echo(json.dumps(info, indent=1))
         return

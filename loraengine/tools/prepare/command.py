@@ -3,12 +3,13 @@ with the model's own VAE and text encoders (see ``loraengine.tools.prepare.logic
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Any
 
 import click
 
+from loraengine.cli.common import path_option
+from loraengine.cli.progress import TaskBars
 from loraengine.core.errors import ConfigError, DataError
 
 
@@ -32,57 +33,18 @@ def pick_family(host: Any, model: Path, name: str) -> Any:
     return matches[0]
 
 
-class _Bar:
-    """A rich progress bar per stage, on stderr, only when it is a terminal."""
-
-    def __init__(self, enabled: bool):
-        self.enabled = enabled and sys.stderr.isatty()
-        self.progress: Any = None
-        self.tasks: dict[str, Any] = {}
-
-    def __enter__(self) -> _Bar:
-        if self.enabled:
-            from rich.console import Console
-            from rich.progress import (
-                BarColumn,
-                MofNCompleteColumn,
-                Progress,
-                TextColumn,
-                TimeElapsedColumn,
-                TimeRemainingColumn,
-            )
-
-            self.progress = Progress(
-                TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
-                console=Console(file=sys.stderr))
-            self.progress.start()
-        return self
-
-    def __call__(self, stage: str, done: int, total: int) -> None:
-        if self.progress is None:
-            return
-        if stage not in self.tasks:
-            self.tasks[stage] = self.progress.add_task(f"encoding {stage}", total=total)
-        self.progress.update(self.tasks[stage], completed=done, total=total)
-
-    def __exit__(self, *exc: Any) -> None:
-        if self.progress is not None:
-            self.progress.stop()
-
-
 @click.command("prepare")
-@click.option("--model", "model", required=True, type=click.Path(path_type=Path),
-              help="A local diffusers pipeline folder (its VAE and text encoders are used).")
-@click.option("--images", required=True, type=click.Path(path_type=Path),
-              help="Folder of images; captions in NAME.txt beside each, or --captions.")
-@click.option("--out", required=True, type=click.Path(path_type=Path),
-              help="Where latents.safetensors and conditioning.safetensors go.")
+@path_option("--model", "model", required=True,
+             help="A local diffusers pipeline folder (its VAE and text encoders are used).")
+@path_option("--images", required=True,
+             help="Folder of images; captions in NAME.txt beside each, or --captions.")
+@path_option("--out", required=True,
+             help="Where latents.safetensors and conditioning.safetensors go.")
 @click.option("--family", default="auto", show_default=True,
               help="Model family (sd15, sd2, sdxl, sd3, flux...); auto reads the folder.")
-@click.option("--captions", "captions_file", type=click.Path(path_type=Path), default=None,
-              help="Captions file: a JSON object {file: caption} or metadata.jsonl lines "
-              "with file_name and text.")
+@path_option("--captions", "captions_file",
+             help="Captions file: a JSON object {file: caption} or metadata.jsonl lines "
+             "with file_name and text.")
 @click.option("--caption-ext", default=".txt", show_default=True,
               help="Extension of the caption file beside each image.")
 @click.option("--resolution", type=click.IntRange(1), default=None,
@@ -93,8 +55,8 @@ class _Bar:
               show_default=True, help="Encoder dtype (auto: bf16 on CUDA, else fp32).")
 @click.option("--max-sequence-length", type=click.IntRange(1), default=None,
               help="T5 tokens per caption (SD3, Flux; default: the pipeline's).")
-@click.option("--cache", "cache_dir", type=click.Path(path_type=Path), default=None,
-              help="Encoding cache folder (default: OUT/.cache).")
+@path_option("--cache", "cache_dir",
+             help="Encoding cache folder (default: OUT/.cache).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar or summary.")
 @click.pass_context
 def prepare(ctx: click.Context, **options: Any) -> None:
@@ -118,7 +80,7 @@ def _run(state: Any, model: Path, images: Path, out: Path, family: str,
     spec = pick_family(state.host, model, family)
     encoder = spec.make_encoder(model, {"device": device, "dtype": dtype,
                                         "max_sequence_length": max_sequence_length})
-    with _Bar(not quiet) as bar:
+    with TaskBars(not quiet, label="encoding {}") as bar:
         report = run_prepare(encoder, images, out, captions_file=captions_file,
                              caption_ext=caption_ext, resolution=resolution,
                              batch_size=batch_size, cache_dir=cache_dir, progress=bar)

@@ -291,8 +291,8 @@ def prepare(encoder: Any, images: Path, out: Path, *, captions_file: Path | None
         hit = cache.get("img", _key(fp, item.digest, f"{item.bucket[0]}x{item.bucket[1]}"))
         if hit is not None and "latent" in hit and "crop" in hit:
             latents[i] = hit["latent"]
-            crop, orig = hit["crop"].tolist(), hit["original"].tolist()
-            geometry[i] = ((int(crop[0]), int(crop[1])), (int(orig[0]), int(orig[1])))
+            c, o = hit["crop"].tolist(), hit["original"].tolist()
+            geometry[i] = ((int(c[0]), int(c[1])), (int(o[0]), int(o[1])))
         else:
             todo.setdefault(item.bucket, []).append(i)
     cached_images = len(latents)
@@ -329,12 +329,12 @@ def prepare(encoder: Any, images: Path, out: Path, *, captions_file: Path | None
     cached_captions = len(conds)
     report_progress("captions", cached_captions, len(unique))
     for start in range(0, len(missing), batch_size):
-        chunk = missing[start:start + batch_size]
-        encoded = encoder.encode_captions(chunk)
-        for j, cap in enumerate(chunk):
-            conds[cap] = {k: v[j].contiguous() for k, v in encoded.items()}
+        batch = missing[start:start + batch_size]
+        by_key = encoder.encode_captions(batch)
+        for j, cap in enumerate(batch):
+            conds[cap] = {k: v[j].contiguous() for k, v in by_key.items()}
             cache.put("txt", _key(fp, cap), conds[cap])
-        report_progress("captions", cached_captions + start + len(chunk), len(unique))
+        report_progress("captions", cached_captions + start + len(batch), len(unique))
 
     # Assemble the buckets in (width, height) order, images in name order within each.
     order = sorted({item.bucket for item in items})

@@ -1,6 +1,7 @@
 """Render images from a model: prompts' conditioning in, a PNG grid out.
 
-Used by the training previews (``output.samples``) and ``loraengine sample``. Each
+Used by the training previews (``output.samples``) and ``loraengine sample`` (whose
+model loading, prompt reading and folder writing are at the end of this module). Each
 image's starting noise comes from its own generator, derived from the seed and the
 image's index, so the same seed gives the same images whatever else runs, and grids
 from different training steps show the same noise. Latents are decoded with the
@@ -14,16 +15,20 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
+from loraengine.core.devices import DTYPES, resolve_device
 from loraengine.core.errors import ConfigError, DataError
 from loraengine.core.files import write_atomic
 from loraengine.core.model import LoadedModel
 from loraengine.core.samplers import resolve_sampler
 from loraengine.core.schedule import NoiseSchedule
 from loraengine.core.seeding import make_generator
+
+if TYPE_CHECKING:
+    from loraengine.inference import ApplyMode
 
 #: Conditioning tensors an "empty" negative zeroes; others (ids, sizes) are kept.
 TEXT_KEYS = ("cond", "pooled", "text_embeds")
@@ -248,7 +253,7 @@ def grid_image(images: torch.Tensor, columns: int, *, pad: int = 2, min_tile: in
     tiles = (images.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
     for i in range(n):
         r, c = divmod(i, columns)
-        tile = Image.fromarray(tiles[i], "RGB").resize((tw, th), Image.NEAREST)
+        tile = Image.fromarray(tiles[i], "RGB").resize((tw, th), Image.Resampling.NEAREST)
         canvas.paste(tile, (label_w + pad + c * (tw + pad), pad + r * (th + pad)))
     if row_labels:
         draw = ImageDraw.Draw(canvas)
@@ -309,3 +314,138 @@ def eval_mode(*modules: Any) -> Iterator[None]:
     finally:
         for m, flag in zip(modules, flags, strict=True):
             m.train(flag)
+
+
+# -- loraengine sample: a model folder and prompts to images --------------------------------
+
+def detect_family(path: Path, registry: Any) -> str:
+    """The model family of a local folder: the first family that recognises it, else
+    ``diffusers`` for any diffusers model folder."""
+    for spec in registry.specs("model"):
+        if spec.detect is not None and path.is_dir():
+            try:
+                if spec.detect(path):
+                    return spec.name
+            except Exception:  # a family's probe must not stop the others
+                continue
+    if (path / "model_index.json").exists() or (path / "config.json").exists():
+        return "diffusers"
+    raise ConfigError(f"--family: cannot tell the model family of {path}; pass --family "
+                      f"(installed: {', '.join(registry.names('model'))})")
+
+
+def load_model_for_sampling(model: Path, family: str | None, host: Any, device: str,
+                            dtype: str) -> tuple[Any, Any]:
+    """(LoadedModel ready for inference, its validated config)."""
+    from loraengine.core.build import load_model
+    from loraengine.core.config.root import parse_config
+    from loraengine.core.config.source import read_yaml
+
+    model = Path(model)
+    if model.suffix.lower() in (".yaml", ".yml"):
+        raw, _ = read_yaml(model)
+        if "model" not in raw:
+            raise ConfigError(f"--model: {model} has no model section")
+        section, base_dir = dict(raw["model"]), model.resolve().parent
+        if family is not None:
+            section["family"] = family
+    else:
+        if not model.exists():
+            raise DataError(f"--model: {model} does not exist")
+        section = {"family": family or detect_family(model, host.registry),
+                   "path": str(model.resolve())}
+        base_dir = Path.cwd()
+    cfg = parse_config({"model": section, "training": {"device": device}}, host.registry,
+                       base_dir=base_dir)
+    loaded = load_model(cfg, host, base_dir=base_dir)
+    dev = resolve_device(device)
+    loaded.module.requires_grad_(False).eval().to(dev, DTYPES[dtype])
+    return loaded, cfg
+
+
+def read_prompts(path: Path, loaded: Any, host: Any, what: str = "--prompts"
+                 ) -> dict[str, torch.Tensor]:
+    """Conditioning from a ``.safetensors`` file, or encoded from a ``.txt`` file."""
+    path = Path(path)
+    if path.suffix.lower() != ".txt":
+        cond = read_conditioning(path, loaded, what)
+        n = int(cond[loaded.cond_keys[0]].shape[0])
+        return {k: v for k, v in cond.items() if v.ndim and v.shape[0] == n}
+    if not path.exists():
+        raise DataError(f"{what} file not found: {path}")
+    lines = path.read_text(encoding="utf-8").splitlines()
+    prompts = [line.strip() for line in lines if line.strip()] or [""]
+    spec = host.registry.get("model", loaded.family)
+    root = loaded.info.get("pipeline")
+    if spec.make_encoder is None or not root:
+        raise ConfigError(f"{what}: the {loaded.family} model has no text encoders to "
+                          f"read {path.name}; give a conditioning .safetensors instead "
+                          f"(loraengine prepare writes one)")
+    encoder = spec.make_encoder(Path(root), {"device": "cpu", "dtype": "fp32"})
+    return {k: v.float() if v.is_floating_point() else v
+            for k, v in encoder.encode_captions(prompts).items()}
+
+
+def latent_shape(loaded: Any, size: tuple[int, int] | None, vae: Any) -> tuple[int, int, int]:
+    """(channels, height, width) of the latents to sample."""
+    config = getattr(loaded.module, "config", None)
+    channels = None
+    if vae is not None:
+        channels = getattr(vae.config, "latent_channels", None)
+    if channels is None and config is not None:
+        channels = getattr(config, "in_channels", None)
+    if channels is None:
+        raise ConfigError("--channels: cannot tell the latent channels of this model")
+    if size is None and config is not None:
+        side = getattr(config, "sample_size", None)
+        if side is not None:
+            size = (side, side) if isinstance(side, int) else (int(side[0]), int(side[1]))
+    if size is None:
+        raise ConfigError("--size: required for this model (latent height and width)")
+    if min(size) < 1:
+        raise ConfigError(f"--size: height and width must be positive, got {list(size)}")
+    return int(channels), int(size[0]), int(size[1])
+
+
+def sample_to_folder(model: Path, prompts: Path, out: Path, *, host: Any,
+                     lora: Path | None = None, family: str | None = None,
+                     strength: float = 1.0, mode: ApplyMode = "bypass",
+                     negative: Path | None = None, settings: SampleSettings | None = None,
+                     per_prompt: int = 1, size: tuple[int, int] | None = None,
+                     compare: bool = True, device: str = "auto", dtype: str = "fp32",
+                     progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
+    """Everything ``loraengine sample`` does; returns what was written."""
+    from loraengine.inference import apply
+
+    settings = settings or SampleSettings()
+    loaded, _ = load_model_for_sampling(model, family, host, device, dtype)
+    cond = read_prompts(prompts, loaded, host)
+    neg = None
+    if negative is not None:
+        neg = read_prompts(negative, loaded, host, "--negative")
+        neg = {k: v[:1] for k, v in neg.items() if k in cond}
+    vae = find_vae(loaded)
+    shape = latent_shape(loaded, size, vae)
+
+    def render() -> torch.Tensor:
+        latents = sample_latents(loaded, cond, shape, settings, host.registry,
+                                   negative=neg, per_prompt=per_prompt, progress=progress)
+        return decode(loaded, latents, vae)
+
+    out = Path(out)
+    written: dict[str, Any] = {"family": loaded.family, "shape": list(shape)}
+    base = render() if lora is not None and compare else None
+    if lora is not None:
+        handle = apply(loaded.module, lora, strength=strength, mode=mode, host=host)
+        written["modules"] = len(handle.modules)
+    images = render() if lora is not None or base is None else base
+    written["grid"] = save_png(grid_image(images, per_prompt), out / "grid.png")
+    for i in range(images.shape[0]):
+        p, j = divmod(i, per_prompt)
+        save_png(grid_image(images[i:i + 1], 1, pad=0, min_tile=1),
+                   out / f"image_{p}_{j}.png")
+    written["images"] = int(images.shape[0])
+    if base is not None:
+        pair = side_by_side(grid_image(base, per_prompt), grid_image(images, per_prompt))
+        written["compare"] = save_png(pair, out / "compare.png")
+    return written

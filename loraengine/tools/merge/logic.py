@@ -1,0 +1,123 @@
+"""Bake an adapter file into a diffusers model's weights: what ``loraengine merge`` does.
+
+A diffusers model folder (``config.json`` + weights) or a pipeline folder
+(``model_index.json``; the denoiser is its ``unet`` or ``transformer`` subfolder) goes
+in; the merged model comes out as the same kind of folder, written with
+``save_pretrained``. The output appears atomically: everything is written to a
+temporary folder beside it, which is renamed into place at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from loraengine.core.devices import DTYPES, SAFETENSORS_DTYPES
+from loraengine.core.errors import ConfigError, DataError
+from loraengine.core.files import atomic_folder, read_adapter_file
+from loraengine.core.plugins.host import PluginHost
+
+DENOISERS = ("unet", "transformer")
+
+
+def locate_denoiser(root: Path, subfolder: str | None) -> tuple[Path, str | None]:
+    """(model folder, its subfolder name inside a pipeline folder or None)."""
+    if not root.is_dir():
+        raise DataError(f"--model: {root} is not a folder")
+    if (root / "model_index.json").exists():
+        names = [subfolder] if subfolder else list(DENOISERS)
+        for name in names:
+            if (root / name / "config.json").exists():
+                return root / name, name
+        raise DataError(f"--model: pipeline folder {root} has no "
+                        f"{' or '.join(n + '/config.json' for n in names)}")
+    if subfolder:
+        root = root / subfolder
+    if not (root / "config.json").exists():
+        raise DataError(f"--model: {root} has neither model_index.json nor config.json")
+    return root, None
+
+
+def saved_dtype(folder: Path) -> torch.dtype:
+    """The floating dtype the model's weights are stored in (fp32 when unknown)."""
+    from safetensors import safe_open
+
+    # the file from_pretrained loads, not a variant such as *.fp16.safetensors
+    main = folder / "diffusion_pytorch_model.safetensors"
+    files = [main] if main.exists() else sorted(
+        f for f in folder.glob("*.safetensors") if f.name.count(".") == 1)
+    for file in files:
+        with safe_open(str(file), framework="pt") as fh:
+            for key in fh.keys():
+                dtype = fh.get_slice(key).get_dtype()
+                if dtype in SAFETENSORS_DTYPES:
+                    return SAFETENSORS_DTYPES[dtype]
+    return torch.float32
+
+
+def load_diffusers_model(folder: Path) -> Any:
+    """The diffusers model class the folder's ``config.json`` names, loaded in fp32."""
+    import diffusers
+
+    diffusers.utils.logging.set_verbosity_error()
+    try:
+        cls_name = json.loads((folder / "config.json").read_text(encoding="utf-8"))["_class_name"]
+    except (OSError, ValueError, KeyError) as exc:
+        raise DataError(f"--model: {folder}/config.json: cannot read the model class ({exc})"
+                        ) from None
+    cls = getattr(diffusers, cls_name, None)
+    if cls is None or not hasattr(cls, "from_pretrained"):
+        raise DataError(f"--model: {folder} holds a {cls_name}, not a diffusers model class")
+    try:
+        # fp32 for the merge itself; the result is cast back to the stored dtype.
+        return cls.from_pretrained(str(folder), local_files_only=True, torch_dtype=torch.float32)
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise DataError(f"--model: cannot load {cls_name} from {folder}: "
+                        f"{str(exc).splitlines()[0]}") from None
+
+
+def merge_model(model_path: Path, lora: Path, out: Path, strength: float = 1.0,
+                subfolder: str | None = None, dtype: str = "auto",
+                overwrite: bool = False, *, host: PluginHost | None = None) -> dict[str, Any]:
+    """Merge ``lora`` into the model at ``model_path`` and write it to ``out``.
+
+    Returns what was written: ``out``, ``modules``, key ``format``, ``algorithms`` and
+    the output ``dtype``."""
+    from loraengine.inference import adaptable_layers, network_from_file
+
+    if host is None:
+        from loraengine.plugins import build_plugin_manager
+
+        host = build_plugin_manager()
+    model_path, out = Path(model_path), Path(out)
+    if out.exists() and not overwrite:
+        raise ConfigError(f"--out: {out} exists (pass --overwrite to replace it)")
+    if out.resolve() == model_path.resolve():
+        raise ConfigError("--out: must differ from --model")
+    folder, sub = locate_denoiser(model_path, subfolder)
+    target = saved_dtype(folder) if dtype == "auto" else DTYPES[dtype]
+    model = load_diffusers_model(folder)
+    file = read_adapter_file(lora, host.registry, adaptable_layers(model))
+    network, key_format, algorithms = network_from_file(model, file, host.registry)
+    network.set_multiplier(strength)
+    with torch.no_grad():
+        network.merge()
+    model.to(target)
+    if out.resolve().is_relative_to(Path(model_path).resolve()):
+        raise DataError(f"--out: {out} is inside --model {model_path}; write the merged "
+                        f"model somewhere else")
+    with atomic_folder(out) as tmp:
+        if sub is not None:
+            # A pipeline folder: copy everything else, then write the merged denoiser.
+            shutil.copytree(model_path, tmp, dirs_exist_ok=True,
+                            ignore=lambda d, names: [sub] if Path(d) == model_path else [])
+            model.save_pretrained(str(tmp / sub))
+        else:
+            model.save_pretrained(str(tmp))
+    return {"out": str(out), "modules": len(network.paths), "format": key_format,
+            "algorithms": sorted(set(algorithms.values())),
+            "dtype": str(target).replace("torch.", "")}
