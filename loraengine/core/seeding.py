@@ -6,6 +6,7 @@ import hashlib
 
 import torch
 
+
 def derive_seed(seed: int, stream: str) -> int:
     """A 63-bit seed for ``stream``, a pure function of ``(seed, stream)``."""
     digest = hashlib.sha256(f"loraengine:{seed}:{stream}".encode()).digest()
