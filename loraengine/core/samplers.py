@@ -4,13 +4,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 
-import torch
 from pydantic import ValidationError
 
 from loraengine.core.errors import ConfigError
 from loraengine.core.plugins.registry import Registry
+from loraengine.core.plugins.specs import SampleFn
 from loraengine.core.schedule import NoiseSchedule
 
 
@@ -28,7 +28,7 @@ def resolve_sampler(registry: Registry, name: str, options: Mapping[str, object]
                     schedule: NoiseSchedule | None = None,
                     key: str = "output.samples.sampler",
                     options_key: str = "output.samples.sampler_options"
-                    ) -> Callable[..., torch.Tensor]:
+                    ) -> SampleFn:
     """The ``sample`` function of sampler ``name`` (``auto``: by the schedule) with its
     options validated; a ``ConfigError`` naming ``key`` when it does not fit."""
     if name == "auto":

@@ -18,7 +18,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeAlias, TypeVar
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel
+
+# The option bases are pydantic models, which mypy cannot hold to this package's no-Any
+# rule; they live below it and are part of the contract through these names.
+from loraengine.core.options import NoOptions as NoOptions
+from loraengine.core.options import PluginOptions as PluginOptions
 
 if TYPE_CHECKING:
     import torch
@@ -26,22 +31,9 @@ if TYPE_CHECKING:
 
     from loraengine.core.adapter import AdapterLayer
     from loraengine.core.model import LoadedModel
+    from loraengine.core.options import TrainConfig
     from loraengine.core.recipe import Recipe
     from loraengine.core.schedule import NoiseSchedule
-
-
-class PluginOptions(BaseModel):
-    """Base for a plugin's own options: unknown keys are errors.
-
-    A record with options is generic in its options model ``OptionsT`` (a pydantic
-    model, usually a subclass of this one): its factory receives an instance of that model,
-    validated, with the keys its config section adds (``optimizer.lr``...)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-
-class NoOptions(PluginOptions):
-    """For plugins that take no options."""
 
 
 #: The options model of a record. Covariant: the engine reads records of every options
@@ -61,7 +53,7 @@ class OptimizerSpec(Generic[OptionsT]):
     description: str = ""
 
 
-class LossFn(Protocol):
+class ElementwiseLossFn(Protocol):
     """An elementwise loss: ``fn(pred, target)``, same shape as ``pred``."""
 
     def __call__(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor: ...
@@ -74,6 +66,11 @@ class TimestepLossFn(Protocol):
                  schedule: NoiseSchedule) -> torch.Tensor: ...
 
 
+#: What a ``LossSpec`` factory returns: which of the two is the record's
+#: ``timestep_aware`` flag.
+LossFn: TypeAlias = "ElementwiseLossFn | TimestepLossFn"
+
+
 @dataclass(frozen=True)
 class LossSpec(Generic[OptionsT]):
     """A loss. ``factory(options)`` returns ``fn(pred, target)`` giving the elementwise
@@ -81,12 +78,10 @@ class LossSpec(Generic[OptionsT]):
     function is called ``fn(pred, target, t, schedule)`` instead (``t``: the batch's
     timesteps, ``schedule``: the model's ``NoiseSchedule``).
 
-    The factory's result is a ``LossFn`` or, with ``timestep_aware``, a
-    ``TimestepLossFn``; which one is a runtime flag, so it is typed by its result only.
     """
 
     name: str
-    factory: Callable[[OptionsT], Callable[..., torch.Tensor]]
+    factory: Callable[[OptionsT], LossFn]
     config_model: type[OptionsT] = NoOptions  # type: ignore[assignment]  # see OptimizerSpec
     description: str = ""
     timestep_aware: bool = False
@@ -245,16 +240,23 @@ class RecipeSpec:
     ``build(config, pipeline)`` returns a ``loraengine.core.recipe.Recipe`` whose hooks
     the trainer calls. Recipes run in ascending ``order``.
 
-    ``config`` is the validated root config (a ``TrainConfig``) and ``pipeline`` the
-    assembled ``Pipeline``; both are built on top of this registry, so this layer names
-    them only in words and leaves their arguments unchecked."""
+    ``pipeline`` is the assembled ``loraengine.core.build.Pipeline``, which is made
+    from this registry and so cannot be named here."""
 
     name: str
     config_model: type[BaseModel]
-    enabled: Callable[..., bool]
-    build: Callable[..., Recipe]
+    enabled: Callable[[TrainConfig], bool]
+    build: Callable[[TrainConfig, object], Recipe]
     order: int = 100
     description: str = ""
+
+
+class SampleFn(Protocol):
+    """What a ``SamplerSpec`` factory returns (see there)."""
+
+    def __call__(self, model_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+                 noise: torch.Tensor, schedule: NoiseSchedule, steps: int,
+                 generator: list[torch.Generator]) -> torch.Tensor: ...
 
 
 @dataclass(frozen=True)
@@ -271,7 +273,7 @@ class SamplerSpec(Generic[OptionsT]):
     schedule kinds (``epsilon``, ``v_prediction``, ``flow``) it can sample."""
 
     name: str
-    factory: Callable[[OptionsT], Callable[..., torch.Tensor]]
+    factory: Callable[[OptionsT], SampleFn]
     config_model: type[OptionsT] = NoOptions  # type: ignore[assignment]  # see OptimizerSpec
     prediction_types: tuple[str, ...] = ("epsilon", "v_prediction", "flow")
     description: str = ""
