@@ -17,19 +17,7 @@ if TYPE_CHECKING:
     import click
     from pydantic import BaseModel
 
-    from loraengine.core.plugins.specs import (
-        AdapterSpec,
-        ExporterSpec,
-        LossSpec,
-        LossWeightingSpec,
-        LRSchedulerSpec,
-        MemoryStrategySpec,
-        ModelFamilySpec,
-        OptimizerSpec,
-        RecipeSpec,
-        SamplerSpec,
-        TimestepSamplerSpec,
-    )
+    from loraengine.core.plugins import specs as S
 
 PROJECT = "loraengine"
 hookspec = pluggy.HookspecMarker(PROJECT)
@@ -37,7 +25,7 @@ hookimpl = pluggy.HookimplMarker(PROJECT)
 
 
 @hookspec
-def loraengine_optimizers() -> Iterable[OptimizerSpec[BaseModel]]:
+def loraengine_optimizers() -> Iterable[S.OptimizerSpec[BaseModel]]:
     """Return the ``OptimizerSpec`` records this plugin provides.
 
     Example::
@@ -50,7 +38,7 @@ def loraengine_optimizers() -> Iterable[OptimizerSpec[BaseModel]]:
 
 
 @hookspec
-def loraengine_losses() -> Iterable[LossSpec[BaseModel]]:
+def loraengine_losses() -> Iterable[S.LossSpec[BaseModel]]:
     """Return the ``LossSpec`` records this plugin provides.
 
     Example::
@@ -63,7 +51,7 @@ def loraengine_losses() -> Iterable[LossSpec[BaseModel]]:
 
 
 @hookspec
-def loraengine_adapters() -> Iterable[AdapterSpec[BaseModel]]:
+def loraengine_adapters() -> Iterable[S.AdapterSpec[BaseModel]]:
     """Return the ``AdapterSpec`` records (adapter algorithms) this plugin provides.
 
     Example::
@@ -76,7 +64,7 @@ def loraengine_adapters() -> Iterable[AdapterSpec[BaseModel]]:
 
 
 @hookspec
-def loraengine_memory_strategies() -> Iterable[MemoryStrategySpec]:
+def loraengine_memory_strategies() -> Iterable[S.MemoryStrategySpec]:
     """Return the ``MemoryStrategySpec`` records this plugin provides. Their option
     fields join the ``memory`` config section.
 
@@ -90,7 +78,7 @@ def loraengine_memory_strategies() -> Iterable[MemoryStrategySpec]:
 
 
 @hookspec
-def loraengine_models() -> Iterable[ModelFamilySpec[BaseModel]]:
+def loraengine_models() -> Iterable[S.ModelFamilySpec[BaseModel]]:
     """Return the ``ModelFamilySpec`` records (model families) this plugin provides.
 
     Example::
@@ -103,7 +91,7 @@ def loraengine_models() -> Iterable[ModelFamilySpec[BaseModel]]:
 
 
 @hookspec
-def loraengine_lr_schedulers() -> Iterable[LRSchedulerSpec[BaseModel]]:
+def loraengine_lr_schedulers() -> Iterable[S.LRSchedulerSpec[BaseModel]]:
     """Return the ``LRSchedulerSpec`` records this plugin provides.
 
     Example::
@@ -116,7 +104,7 @@ def loraengine_lr_schedulers() -> Iterable[LRSchedulerSpec[BaseModel]]:
 
 
 @hookspec
-def loraengine_exporters() -> Iterable[ExporterSpec]:
+def loraengine_exporters() -> Iterable[S.ExporterSpec]:
     """Return the ``ExporterSpec`` records (LoRA file key formats) this plugin provides.
 
     Example::
@@ -129,7 +117,7 @@ def loraengine_exporters() -> Iterable[ExporterSpec]:
 
 
 @hookspec
-def loraengine_timestep_samplers() -> Iterable[TimestepSamplerSpec[BaseModel]]:
+def loraengine_timestep_samplers() -> Iterable[S.TimestepSamplerSpec[BaseModel]]:
     """Return the ``TimestepSamplerSpec`` records (training-timestep distributions) this
     plugin provides; the config picks one with ``timestep_sampler.name``.
 
@@ -143,7 +131,7 @@ def loraengine_timestep_samplers() -> Iterable[TimestepSamplerSpec[BaseModel]]:
 
 
 @hookspec
-def loraengine_loss_weightings() -> Iterable[LossWeightingSpec[BaseModel]]:
+def loraengine_loss_weightings() -> Iterable[S.LossWeightingSpec[BaseModel]]:
     """Return the ``LossWeightingSpec`` records (per-sample loss weights by timestep)
     this plugin provides; the config picks one with ``loss_weighting.name``.
 
@@ -157,7 +145,7 @@ def loraengine_loss_weightings() -> Iterable[LossWeightingSpec[BaseModel]]:
 
 
 @hookspec
-def loraengine_recipes() -> Iterable[RecipeSpec]:
+def loraengine_recipes() -> Iterable[S.RecipeSpec]:
     """Return the ``RecipeSpec`` records (training tweaks such as noise offset or EMA)
     this plugin provides. Their option fields join the ``recipe`` config section.
 
@@ -172,7 +160,7 @@ def loraengine_recipes() -> Iterable[RecipeSpec]:
 
 
 @hookspec
-def loraengine_samplers() -> Iterable[SamplerSpec[BaseModel]]:
+def loraengine_samplers() -> Iterable[S.SamplerSpec[BaseModel]]:
     """Return the ``SamplerSpec`` records (samplers for preview images and
     ``loraengine sample``) this plugin provides; ``output.samples.sampler`` picks one.
 
