@@ -4,14 +4,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
-from typing import Any
+from collections.abc import Mapping
 
-import torch
 from pydantic import ValidationError
 
 from loraengine.core.errors import ConfigError
 from loraengine.core.plugins.registry import Registry
+from loraengine.core.plugins.specs import SampleFn
 from loraengine.core.schedule import NoiseSchedule
 
 
@@ -25,11 +24,11 @@ def auto_sampler(schedule: NoiseSchedule, registry: Registry) -> str:
                       f"{schedule.prediction_type} model; name one")
 
 
-def resolve_sampler(registry: Any, name: str, options: Mapping[str, Any] | None,
+def resolve_sampler(registry: Registry, name: str, options: Mapping[str, object] | None,
                     schedule: NoiseSchedule | None = None,
                     key: str = "output.samples.sampler",
                     options_key: str = "output.samples.sampler_options"
-                    ) -> Callable[..., torch.Tensor]:
+                    ) -> SampleFn:
     """The ``sample`` function of sampler ``name`` (``auto``: by the schedule) with its
     options validated; a ``ConfigError`` naming ``key`` when it does not fit."""
     if name == "auto":
@@ -52,20 +51,3 @@ def resolve_sampler(registry: Any, name: str, options: Mapping[str, Any] | None,
         where = ".".join(str(p) for p in err["loc"])
         raise ConfigError(f"{options_key}: {where}: {err['msg']}") from None
     return spec.factory(opts)
-
-
-def check_samples(cfg: Any, registry: Any, source: Any = None) -> None:
-    """Config-time check of ``output.samples``: the sampler exists and takes the
-    options given (a sampler chosen by ``auto`` is checked when the model is known)."""
-    samples = getattr(cfg.output, "samples", None)
-    if samples is None:
-        return
-    where = source.where(("output", "samples")) if source is not None else ""
-    if samples.size is not None and min(samples.size) < 1:
-        raise ConfigError(f"output.samples.size: sides must be positive, got "
-                          f"{list(samples.size)}{where}")
-    if samples.sampler != "auto":
-        try:
-            resolve_sampler(registry, samples.sampler, samples.sampler_options)
-        except ConfigError as exc:
-            raise ConfigError(f"{exc}{where}") from None

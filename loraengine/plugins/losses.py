@@ -15,14 +15,14 @@ noise. With ``τ`` the noise level in [0, 1] (``t / num_timesteps`` for DDPM sch
 from __future__ import annotations
 
 import math
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from pydantic import Field
 
 from loraengine.core.plugins.hookspecs import hookimpl
-from loraengine.core.plugins.specs import LossSpec, NoOptions, PluginOptions
+from loraengine.core.plugins.specs import LossSpec, NoOptions, PluginOptions, TimestepLossFn
 from loraengine.core.schedule import NoiseSchedule
 
 
@@ -63,7 +63,7 @@ def huber_threshold(t: torch.Tensor, schedule: NoiseSchedule, o: ScheduledHuberO
     return (o.scale * c).to(t.device)
 
 
-def scheduled_huber(o: ScheduledHuberOptions) -> Any:
+def scheduled_huber(o: ScheduledHuberOptions) -> TimestepLossFn:
     def loss(pred: torch.Tensor, target: torch.Tensor, t: torch.Tensor,
              schedule: NoiseSchedule) -> torch.Tensor:
         c = huber_threshold(t, schedule, o).to(pred.dtype)

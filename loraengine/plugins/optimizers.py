@@ -12,7 +12,7 @@ import importlib
 import importlib.util
 from collections.abc import Callable, Iterable
 from types import ModuleType
-from typing import Any, ClassVar
+from typing import Any, ClassVar, overload
 
 import torch
 from pydantic import Field, model_validator
@@ -25,31 +25,62 @@ from loraengine.core.plugins.specs import OptimizerSpec, PluginOptions
 Params = Iterable[torch.nn.Parameter]
 
 
-class AdamWOptions(PluginOptions):
-    betas: tuple[float, float] = Field((0.9, 0.999), description="Moment decay rates.")
-    eps: float = Field(1e-8, gt=0, description="Denominator term.")
-    weight_decay: float = Field(0.01, ge=0, description="Decoupled weight decay.")
+# The options several optimizers share are declared once here, with their type, default
+# and range; an optimizer states only what is its own (a different default, what the
+# option means there).
+
+def betas_option(default: tuple[float, float] = (0.9, 0.999), description: str | None = None
+          ) -> tuple[float, float]:
+    """The ``betas`` option: decay rates of the moment estimates."""
+    rates: tuple[float, float] = Field(default=default, description=description)
+    return rates
+
+
+def eps_option(description: str | None = None) -> float:
+    """The ``eps`` option: the term that keeps a denominator away from zero."""
+    term: float = Field(default=1e-8, gt=0, description=description)
+    return term
+
+
+def weight_decay_option(default: float = 0.0, description: str | None = None) -> float:
+    """The ``weight_decay`` option: its range is the same everywhere, while its default
+    and what it means (decoupled decay or an L2 penalty) are each optimizer's own."""
+    decay: float = Field(default=default, ge=0, description=description)
+    return decay
+
+
+class AdamFamilyOptions(PluginOptions):
+    """What every Adam-style optimizer takes: moment decay rates, denominator term and
+    weight decay."""
+
+    betas: tuple[float, float] = betas_option()
+    eps: float = eps_option()
+    weight_decay: float = weight_decay_option()
+
+
+class AdamWOptions(AdamFamilyOptions):
+    betas: tuple[float, float] = betas_option(description="Moment decay rates.")
+    eps: float = eps_option("Denominator term.")
+    weight_decay: float = weight_decay_option(0.01, "Decoupled weight decay.")
     amsgrad: bool = False
 
 
-class AdamOptions(PluginOptions):
-    betas: tuple[float, float] = (0.9, 0.999)
-    eps: float = Field(1e-8, gt=0)
-    weight_decay: float = Field(0.0, ge=0, description="L2 penalty.")
+class AdamOptions(AdamFamilyOptions):
+    weight_decay: float = weight_decay_option(0.0, "L2 penalty.")
     amsgrad: bool = False
 
 
 class SGDOptions(PluginOptions):
     momentum: float = Field(0.0, ge=0)
     dampening: float = Field(0.0, ge=0)
-    weight_decay: float = Field(0.0, ge=0)
+    weight_decay: float = weight_decay_option()
     nesterov: bool = False
 
 
 class RMSpropOptions(PluginOptions):
     alpha: float = Field(0.99, gt=0, lt=1, description="Smoothing constant.")
-    eps: float = Field(1e-8, gt=0)
-    weight_decay: float = Field(0.0, ge=0)
+    eps: float = eps_option()
+    weight_decay: float = weight_decay_option()
     momentum: float = Field(0.0, ge=0)
     centered: bool = False
 
@@ -61,14 +92,14 @@ class AdafactorOptions(PluginOptions):
                                             "second moment (None: the dtype's eps) and "
                                             "floor of the parameter RMS scale.")
     d: float = Field(1.0, gt=0, description="Clipping threshold of the update RMS.")
-    weight_decay: float = Field(0.0, ge=0, description="Decoupled weight decay.")
+    weight_decay: float = weight_decay_option(0.0, "Decoupled weight decay.")
 
 
 class LionOptions(PluginOptions):
-    betas: tuple[float, float] = Field((0.9, 0.99), description="Interpolation rate of "
-                                       "the update sign and decay rate of the momentum.")
-    weight_decay: float = Field(0.0, ge=0, description="Decoupled weight decay (scaled "
-                                "by the learning rate).")
+    betas: tuple[float, float] = betas_option((0.9, 0.99), "Interpolation rate of the "
+                                              "update sign and decay rate of the momentum.")
+    weight_decay: float = weight_decay_option(0.0, "Decoupled weight decay (scaled by "
+                                              "the learning rate).")
 
 
 # -- optional packages ------------------------------------------------------------------
@@ -111,11 +142,11 @@ class NeedsPackage(PluginOptions):
 
 class ProdigyOptions(NeedsPackage):
     package = ("prodigy", "prodigyopt", "prodigy")
-    betas: tuple[float, float] = (0.9, 0.999)
+    betas: tuple[float, float] = betas_option()
     beta3: float | None = Field(None, gt=0, lt=1, description="Decay of the step-size "
                                 "estimate's statistics (default: sqrt(beta2)).")
-    eps: float = Field(1e-8, gt=0)
-    weight_decay: float = Field(0.0, ge=0)
+    eps: float = eps_option()
+    weight_decay: float = weight_decay_option()
     decouple: bool = Field(True, description="AdamW-style decoupled weight decay.")
     use_bias_correction: bool = False
     safeguard_warmup: bool = Field(False, description="Leave the LR out of the step-size "
@@ -126,11 +157,8 @@ class ProdigyOptions(NeedsPackage):
                                "estimate may grow per step.")
 
 
-class ScheduleFreeOptions(NeedsPackage):
+class ScheduleFreeOptions(AdamFamilyOptions, NeedsPackage):
     package = ("schedule_free_adamw", "schedulefree", "schedulefree")
-    betas: tuple[float, float] = (0.9, 0.999)
-    eps: float = Field(1e-8, gt=0)
-    weight_decay: float = Field(0.0, ge=0)
     warmup_steps: int = Field(0, ge=0, description="The optimizer's own LR warmup (use it "
                               "instead of an lr_scheduler).")
     r: float = Field(0.0, ge=0, description="Polynomial weighting of the average.")
@@ -138,11 +166,9 @@ class ScheduleFreeOptions(NeedsPackage):
                                    "iterate in the average.")
 
 
-class AdamW8bitOptions(NeedsPackage):
+class AdamW8bitOptions(AdamFamilyOptions, NeedsPackage):
     package = ("adamw8bit", "bitsandbytes", "bitsandbytes")
-    betas: tuple[float, float] = (0.9, 0.999)
-    eps: float = Field(1e-8, gt=0)
-    weight_decay: float = Field(0.01, ge=0)
+    weight_decay: float = weight_decay_option(0.01)
     min_8bit_size: int = Field(4096, ge=1, description="Tensors with fewer elements keep "
                                "32-bit states.")
 
@@ -177,6 +203,11 @@ class Lion(torch.optim.Optimizer):
         if not 0.0 <= betas[0] < 1.0 or not 0.0 <= betas[1] < 1.0:
             raise ValueError(f"Lion betas must be in [0, 1), got {betas}")
         super().__init__(params, {"lr": lr, "betas": betas, "weight_decay": weight_decay})
+
+    @overload
+    def step(self, closure: None = None) -> None: ...
+    @overload
+    def step(self, closure: Callable[[], float]) -> float: ...
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import TypeVar
 
 import torch
 from pydantic import Field, model_validator
@@ -100,12 +101,27 @@ def _polynomial(power: float) -> Multiplier:
     return lambda p: (1.0 - p) ** power
 
 
-def _scheduler(make_decay: Callable[[PluginOptions], Multiplier]
-               ) -> Callable[[torch.optim.Optimizer, int, PluginOptions],
+def _fixed(decay: Multiplier) -> Callable[[WarmupOptions], Multiplier]:
+    """A decay that does not depend on the options."""
+    return lambda o: decay
+
+
+def _restarts_of(o: RestartOptions) -> Multiplier:
+    return _restarts(o.cycles)
+
+
+def _polynomial_of(o: PolynomialOptions) -> Multiplier:
+    return _polynomial(o.power)
+
+
+Options = TypeVar("Options", bound=WarmupOptions)
+
+
+def _scheduler(make_decay: Callable[[Options], Multiplier]
+               ) -> Callable[[torch.optim.Optimizer, int, Options],
                              torch.optim.lr_scheduler.LRScheduler]:
-    def factory(optimizer: torch.optim.Optimizer, total: int, o: PluginOptions
+    def factory(optimizer: torch.optim.Optimizer, total: int, o: Options
                 ) -> torch.optim.lr_scheduler.LRScheduler:
-        assert isinstance(o, WarmupOptions)
         floor = o.min_lr_ratio if isinstance(o, DecayOptions) else 0.0
         at = multiplier(make_decay(o), o.warmup_for(total), total, floor)
         return torch.optim.lr_scheduler.LambdaLR(optimizer, at)
@@ -116,16 +132,14 @@ def _scheduler(make_decay: Callable[[PluginOptions], Multiplier]
 @hookimpl
 def loraengine_lr_schedulers() -> list[LRSchedulerSpec]:
     return [
-        LRSchedulerSpec("constant", _scheduler(lambda o: _constant), WarmupOptions,
+        LRSchedulerSpec("constant", _scheduler(_fixed(_constant)), WarmupOptions,
                         "The rate never changes (the node's), after an optional warmup."),
-        LRSchedulerSpec("linear", _scheduler(lambda o: _linear), DecayOptions,
+        LRSchedulerSpec("linear", _scheduler(_fixed(_linear)), DecayOptions,
                         "Linear decay to min_lr_ratio."),
-        LRSchedulerSpec("cosine", _scheduler(lambda o: _cosine), DecayOptions,
+        LRSchedulerSpec("cosine", _scheduler(_fixed(_cosine)), DecayOptions,
                         "Half-cosine decay to min_lr_ratio."),
-        LRSchedulerSpec("cosine_with_restarts",
-                        _scheduler(lambda o: _restarts(o.cycles)),  # type: ignore[attr-defined]
-                        RestartOptions, "Cosine decay restarted `cycles` times."),
-        LRSchedulerSpec("polynomial",
-                        _scheduler(lambda o: _polynomial(o.power)),  # type: ignore[attr-defined]
-                        PolynomialOptions, "Decay by (1 - progress)^power."),
+        LRSchedulerSpec("cosine_with_restarts", _scheduler(_restarts_of), RestartOptions,
+                        "Cosine decay restarted `cycles` times."),
+        LRSchedulerSpec("polynomial", _scheduler(_polynomial_of), PolynomialOptions,
+                        "Decay by (1 - progress)^power."),
     ]

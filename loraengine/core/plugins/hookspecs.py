@@ -2,15 +2,22 @@
 packages do; a package publishes its module under the ``loraengine`` entry-point group.
 
 Registration hooks return iterables of spec records (see ``loraengine.core.plugins.specs``);
-lifecycle hooks are called by the trainer and return nothing.
+a plugin implements only the hooks it needs, so each specification's own body returns
+nothing to register. Lifecycle hooks are called by the trainer and return nothing.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pluggy
+
+if TYPE_CHECKING:
+    import click
+    from pydantic import BaseModel
+
+    from loraengine.core.plugins import specs as S
 
 PROJECT = "loraengine"
 hookspec = pluggy.HookspecMarker(PROJECT)
@@ -18,7 +25,7 @@ hookimpl = pluggy.HookimplMarker(PROJECT)
 
 
 @hookspec
-def loraengine_optimizers() -> Iterable[Any]:
+def loraengine_optimizers() -> Iterable[S.OptimizerSpec[BaseModel]]:
     """Return the ``OptimizerSpec`` records this plugin provides.
 
     Example::
@@ -27,10 +34,11 @@ def loraengine_optimizers() -> Iterable[Any]:
         def loraengine_optimizers():
             return [OptimizerSpec("lion", factory=make_lion, config_model=LionOptions)]
     """
+    return ()
 
 
 @hookspec
-def loraengine_losses() -> Iterable[Any]:
+def loraengine_losses() -> Iterable[S.LossSpec[BaseModel]]:
     """Return the ``LossSpec`` records this plugin provides.
 
     Example::
@@ -39,10 +47,11 @@ def loraengine_losses() -> Iterable[Any]:
         def loraengine_losses():
             return [LossSpec("charbonnier", factory=lambda o: charbonnier)]
     """
+    return ()
 
 
 @hookspec
-def loraengine_adapters() -> Iterable[Any]:
+def loraengine_adapters() -> Iterable[S.AdapterSpec[BaseModel]]:
     """Return the ``AdapterSpec`` records (adapter algorithms) this plugin provides.
 
     Example::
@@ -51,10 +60,11 @@ def loraengine_adapters() -> Iterable[Any]:
         def loraengine_adapters():
             return [AdapterSpec("myalgo", create=..., load=..., owns_keys=...)]
     """
+    return ()
 
 
 @hookspec
-def loraengine_memory_strategies() -> Iterable[Any]:
+def loraengine_memory_strategies() -> Iterable[S.MemoryStrategySpec]:
     """Return the ``MemoryStrategySpec`` records this plugin provides. Their option
     fields join the ``memory`` config section.
 
@@ -64,10 +74,11 @@ def loraengine_memory_strategies() -> Iterable[Any]:
         def loraengine_memory_strategies():
             return [MemoryStrategySpec("cpu_adam", MyOptions, enabled=..., apply=...)]
     """
+    return ()
 
 
 @hookspec
-def loraengine_models() -> Iterable[Any]:
+def loraengine_models() -> Iterable[S.ModelFamilySpec[BaseModel]]:
     """Return the ``ModelFamilySpec`` records (model families) this plugin provides.
 
     Example::
@@ -76,10 +87,11 @@ def loraengine_models() -> Iterable[Any]:
         def loraengine_models():
             return [ModelFamilySpec("mymodel", load=load_mymodel, config_model=MyOptions)]
     """
+    return ()
 
 
 @hookspec
-def loraengine_lr_schedulers() -> Iterable[Any]:
+def loraengine_lr_schedulers() -> Iterable[S.LRSchedulerSpec[BaseModel]]:
     """Return the ``LRSchedulerSpec`` records this plugin provides.
 
     Example::
@@ -88,10 +100,11 @@ def loraengine_lr_schedulers() -> Iterable[Any]:
         def loraengine_lr_schedulers():
             return [LRSchedulerSpec("step", factory=make_step, config_model=StepOptions)]
     """
+    return ()
 
 
 @hookspec
-def loraengine_exporters() -> Iterable[Any]:
+def loraengine_exporters() -> Iterable[S.ExporterSpec]:
     """Return the ``ExporterSpec`` records (LoRA file key formats) this plugin provides.
 
     Example::
@@ -100,10 +113,11 @@ def loraengine_exporters() -> Iterable[Any]:
         def loraengine_exporters():
             return [ExporterSpec("mine", to_file=..., from_file=...)]
     """
+    return ()
 
 
 @hookspec
-def loraengine_timestep_samplers() -> Iterable[Any]:
+def loraengine_timestep_samplers() -> Iterable[S.TimestepSamplerSpec[BaseModel]]:
     """Return the ``TimestepSamplerSpec`` records (training-timestep distributions) this
     plugin provides; the config picks one with ``timestep_sampler.name``.
 
@@ -113,10 +127,11 @@ def loraengine_timestep_samplers() -> Iterable[Any]:
         def loraengine_timestep_samplers():
             return [TimestepSamplerSpec("beta", factory=make_beta, config_model=BetaOptions)]
     """
+    return ()
 
 
 @hookspec
-def loraengine_loss_weightings() -> Iterable[Any]:
+def loraengine_loss_weightings() -> Iterable[S.LossWeightingSpec[BaseModel]]:
     """Return the ``LossWeightingSpec`` records (per-sample loss weights by timestep)
     this plugin provides; the config picks one with ``loss_weighting.name``.
 
@@ -126,10 +141,11 @@ def loraengine_loss_weightings() -> Iterable[Any]:
         def loraengine_loss_weightings():
             return [LossWeightingSpec("p2", factory=make_p2, config_model=P2Options)]
     """
+    return ()
 
 
 @hookspec
-def loraengine_recipes() -> Iterable[Any]:
+def loraengine_recipes() -> Iterable[S.RecipeSpec]:
     """Return the ``RecipeSpec`` records (training tweaks such as noise offset or EMA)
     this plugin provides. Their option fields join the ``recipe`` config section.
 
@@ -140,10 +156,11 @@ def loraengine_recipes() -> Iterable[Any]:
             return [RecipeSpec("swa", SWAOptions, enabled=lambda c: c.recipe.swa,
                                build=make_swa)]
     """
+    return ()
 
 
 @hookspec
-def loraengine_samplers() -> Iterable[Any]:
+def loraengine_samplers() -> Iterable[S.SamplerSpec[BaseModel]]:
     """Return the ``SamplerSpec`` records (samplers for preview images and
     ``loraengine sample``) this plugin provides; ``output.samples.sampler`` picks one.
 
@@ -153,6 +170,7 @@ def loraengine_samplers() -> Iterable[Any]:
         def loraengine_samplers():
             return [SamplerSpec("heun", factory=make_heun, prediction_types=("flow",))]
     """
+    return ()
 
 
 @hookspec
@@ -208,7 +226,7 @@ def loraengine_on_train_end(run: Any, result: Any) -> None:
 
 
 @hookspec
-def loraengine_register_commands(cli: Any) -> None:
+def loraengine_register_commands(cli: click.Group) -> None:
     """Add subcommands to the ``loraengine`` click group ``cli``.
 
     Example::

@@ -7,13 +7,21 @@ import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from importlib import metadata
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pluggy
 
 from loraengine.core.errors import PluginError
 from loraengine.core.plugins import hookspecs
 from loraengine.core.plugins.registry import CATEGORIES, Registry
+from loraengine.core.plugins.specs import ProvidedSpec
+
+if TYPE_CHECKING:
+    import click
+
+#: What may be registered as a plugin: a module or any object carrying ``@hookimpl``
+#: functions (pluggy reads them by attribute), so nothing narrower than ``object``.
+Plugin = object
 
 ENTRY_POINT_GROUP = "loraengine"
 
@@ -36,7 +44,7 @@ class PluginLoadWarning(UserWarning):
 
 
 class PluginHost:
-    """Owns the pluggy manager and the registry built from it.
+    """Owns the pluggy manager and makes the registry from what its plugins provide.
 
     Every hook call of the engine goes through a method here, so call sites are typed.
     """
@@ -48,7 +56,7 @@ class PluginHost:
         self.distributions: dict[str, tuple[str | None, str | None]] = {}
 
     # -- registration -------------------------------------------------------------
-    def register(self, plugin: Any, name: str | None = None, distribution: str | None = None,
+    def register(self, plugin: Plugin, name: str | None = None, distribution: str | None = None,
                  version: str | None = None) -> str:
         """Register one plugin object (module or instance). Returns its name."""
         registered = self.pm.register(plugin, name=name)
@@ -65,19 +73,35 @@ class PluginHost:
 
     @property
     def registry(self) -> Registry:
+        """The registry of every record the registered plugins provide; made on first
+        use and again after a plugin is registered or unregistered."""
         if self._registry is None:
-            self._registry = Registry.collect(self)
+            self._registry = Registry.of(self.records(), self.failure_note())
         return self._registry
 
-    def provided(self, hook_name: str) -> Iterable[tuple[str, Any]]:
-        """Yield ``(plugin_name, spec)`` for each record returned by ``hook_name``."""
+    def records(self) -> Iterable[ProvidedSpec]:
+        """Every record of every registration hook, category by category in
+        registration order, with the plugin that returned it. A record of the wrong
+        type for its hook is a ``PluginError``."""
+        for category, (hook, record_type) in CATEGORIES.items():
+            for plugin_name, spec in self.provided(hook):
+                if not isinstance(spec, record_type):
+                    raise PluginError(
+                        f"plugin {plugin_name!r} returned {type(spec).__name__} from {hook}; "
+                        f"expected {record_type.__name__}")
+                dist, version = self.distributions.get(plugin_name, (None, None))
+                yield ProvidedSpec(category, spec, plugin_name, dist, version)
+
+    def provided(self, hook_name: str) -> Iterable[tuple[str, object]]:
+        """Yield ``(plugin_name, record)`` for each record returned by ``hook_name``
+        (unchecked: ``records`` checks each one's type)."""
         caller = getattr(self.pm.hook, hook_name)
         for impl in reversed(caller.get_hookimpls()):  # registration order
             result = impl.function()
             for spec in result or ():
                 yield impl.plugin_name, spec
 
-    def failure_for(self, category: str, name: str) -> str:
+    def failure_note(self) -> str:
         """Text to append to an unknown-name error when some plugin failed to load."""
         if not self.failures:
             return ""
@@ -96,7 +120,7 @@ class PluginHost:
     def on_train_end(self, run: Any, result: Any) -> None:
         self.pm.hook.loraengine_on_train_end(run=run, result=result)
 
-    def register_commands(self, cli: Any) -> None:
+    def register_commands(self, cli: click.Group) -> None:
         self.pm.hook.loraengine_register_commands(cli=cli)
 
 
@@ -108,7 +132,7 @@ def _distribution_of(ep: metadata.EntryPoint) -> tuple[str | None, str | None]:
 
 
 def make_host(builtin_modules: Sequence[str] = (), *, entry_points: bool = True,
-              strict: bool = False, extra: Iterable[Any] = ()) -> PluginHost:
+              strict: bool = False, extra: Iterable[Plugin] = ()) -> PluginHost:
     """Make a plugin host: ``builtin_modules`` (imported and registered one by one,
     exactly like external plugins), then every ``loraengine`` entry point.
 

@@ -1,18 +1,25 @@
-"""Collects the spec records of every plugin into one name -> record map per category."""
+"""The registry: every spec record the plugins provide, one name -> record map per
+category. The host collects the records and makes the registry; the registry itself is
+frozen and knows nothing of the host."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Literal, overload
+
+from pydantic import BaseModel
 
 from loraengine.core.errors import ConfigError, PluginError
 from loraengine.core.plugins import specs as S
 
-if TYPE_CHECKING:
-    from loraengine.core.plugins.host import PluginHost
+#: The categories of records, as ``Registry.get`` and ``names`` take them.
+Category = Literal["optimizer", "loss", "adapter", "memory", "model", "lr_scheduler",
+                   "exporter", "timestep_sampler", "loss_weighting", "recipe", "sampler"]
 
 #: category -> (hook name, record type)
-CATEGORIES: dict[str, tuple[str, type]] = {
+CATEGORIES: dict[str, tuple[str, type[S.AnySpec]]] = {
     "optimizer": ("loraengine_optimizers", S.OptimizerSpec),
     "loss": ("loraengine_losses", S.LossSpec),
     "adapter": ("loraengine_adapters", S.AdapterSpec),
@@ -27,47 +34,113 @@ CATEGORIES: dict[str, tuple[str, type]] = {
 }
 
 
-@dataclass
-class Registry:
-    """Every provided record, by category and name."""
+#: What ``Registry.specs`` returns: the list of one category's records.
+_SpecList = (
+    list[S.OptimizerSpec[BaseModel]] | list[S.LossSpec[BaseModel]]
+    | list[S.AdapterSpec[BaseModel]] | list[S.MemoryStrategySpec]
+    | list[S.ModelFamilySpec[BaseModel]] | list[S.LRSchedulerSpec[BaseModel]]
+    | list[S.ExporterSpec] | list[S.TimestepSamplerSpec[BaseModel]]
+    | list[S.LossWeightingSpec[BaseModel]] | list[S.RecipeSpec] | list[S.SamplerSpec[BaseModel]]
+    | list[S.AnySpec])
 
-    entries: dict[str, dict[str, S.ProvidedSpec]] = field(default_factory=dict)
-    host: Any = None
-    config_model: Any = None  # the root config model, built on first use
+
+@dataclass(frozen=True, eq=False)  # compared (and hashed, e.g. as a cache key) by identity
+class Registry:
+    """Every provided record, by category and name.
+
+    ``failure_note`` is appended to unknown-name errors: it names the external plugins
+    that failed to load, one of which may have been meant to provide the name.
+    """
+
+    entries: Mapping[str, Mapping[str, S.ProvidedSpec]]
+    failure_note: str = ""
 
     @classmethod
-    def collect(cls, host: PluginHost) -> Registry:
-        reg = cls(entries={c: {} for c in CATEGORIES}, host=host)
-        for category, (hook, record_type) in CATEGORIES.items():
-            for plugin_name, spec in host.provided(hook):
-                if not isinstance(spec, record_type):
-                    raise PluginError(
-                        f"plugin {plugin_name!r} returned {type(spec).__name__} from {hook}; "
-                        f"expected {record_type.__name__}")
-                dist, version = host.distributions.get(plugin_name, (None, None))
-                provided = S.ProvidedSpec(category, spec, plugin_name, dist, version)
-                existing = reg.entries[category].get(spec.name)
-                if existing is not None:
-                    raise PluginError(
-                        f"conflicting plugins: {category} {spec.name!r} is provided by both "
-                        f"{_who(existing)} and {_who(provided)}")
-                reg.entries[category][spec.name] = provided
-        return reg
+    def of(cls, records: Iterable[S.ProvidedSpec], failure_note: str = "") -> Registry:
+        """The registry of ``records`` (in registration order); two records of one
+        category with the same name are a ``PluginError`` naming both plugins."""
+        entries: dict[str, dict[str, S.ProvidedSpec]] = {c: {} for c in CATEGORIES}
+        for provided in records:
+            existing = entries[provided.category].get(provided.name)
+            if existing is not None:
+                raise PluginError(
+                    f"conflicting plugins: {provided.category} {provided.name!r} is provided "
+                    f"by both {_who(existing)} and {_who(provided)}")
+            entries[provided.category][provided.name] = provided
+        frozen = {c: MappingProxyType(by_name) for c, by_name in entries.items()}
+        return cls(MappingProxyType(frozen), failure_note)
 
     def names(self, category: str) -> list[str]:
         return sorted(self.entries[category])
 
-    def specs(self, category: str) -> list[Any]:
+    @overload
+    def specs(self, category: Literal["optimizer"]) -> list[S.OptimizerSpec[BaseModel]]: ...
+    @overload
+    def specs(self, category: Literal["loss"]) -> list[S.LossSpec[BaseModel]]: ...
+    @overload
+    def specs(self, category: Literal["adapter"]) -> list[S.AdapterSpec[BaseModel]]: ...
+    @overload
+    def specs(self, category: Literal["memory"]) -> list[S.MemoryStrategySpec]: ...
+    @overload
+    def specs(self, category: Literal["model"]) -> list[S.ModelFamilySpec[BaseModel]]: ...
+    @overload
+    def specs(self, category: Literal["lr_scheduler"]
+              ) -> list[S.LRSchedulerSpec[BaseModel]]: ...
+    @overload
+    def specs(self, category: Literal["exporter"]) -> list[S.ExporterSpec]: ...
+    @overload
+    def specs(self, category: Literal["timestep_sampler"]
+              ) -> list[S.TimestepSamplerSpec[BaseModel]]: ...
+    @overload
+    def specs(self, category: Literal["loss_weighting"]
+              ) -> list[S.LossWeightingSpec[BaseModel]]: ...
+    @overload
+    def specs(self, category: Literal["recipe"]) -> list[S.RecipeSpec]: ...
+    @overload
+    def specs(self, category: Literal["sampler"]) -> list[S.SamplerSpec[BaseModel]]: ...
+
+    def specs(self, category: str) -> _SpecList:
+        """The records of ``category``, in registration order."""
         return [p.spec for p in self.entries[category].values()]
 
-    def get(self, category: str, name: str) -> Any:
+    @overload
+    def get(self, category: Literal["optimizer"], name: str) -> S.OptimizerSpec[BaseModel]: ...
+    @overload
+    def get(self, category: Literal["loss"], name: str) -> S.LossSpec[BaseModel]: ...
+    @overload
+    def get(self, category: Literal["adapter"], name: str) -> S.AdapterSpec[BaseModel]: ...
+    @overload
+    def get(self, category: Literal["memory"], name: str) -> S.MemoryStrategySpec: ...
+    @overload
+    def get(self, category: Literal["model"], name: str) -> S.ModelFamilySpec[BaseModel]: ...
+    @overload
+    def get(self, category: Literal["lr_scheduler"], name: str
+            ) -> S.LRSchedulerSpec[BaseModel]: ...
+    @overload
+    def get(self, category: Literal["exporter"], name: str) -> S.ExporterSpec: ...
+    @overload
+    def get(self, category: Literal["timestep_sampler"], name: str
+            ) -> S.TimestepSamplerSpec[BaseModel]: ...
+    @overload
+    def get(self, category: Literal["loss_weighting"], name: str
+            ) -> S.LossWeightingSpec[BaseModel]: ...
+    @overload
+    def get(self, category: Literal["recipe"], name: str) -> S.RecipeSpec: ...
+    @overload
+    def get(self, category: Literal["sampler"], name: str) -> S.SamplerSpec[BaseModel]: ...
+
+    def get(self, category: str, name: str) -> S.AnySpec:
+        """The record ``name`` of ``category``; a ``ConfigError`` listing the installed
+        names when there is none."""
         try:
             return self.entries[category][name].spec
         except KeyError:
-            note = self.host.failure_for(category, name) if self.host is not None else ""
-            raise ConfigError(
-                f"unknown {category} {name!r}; installed: {', '.join(self.names(category))}{note}"
-            ) from None
+            raise ConfigError(self.unknown(category, name)) from None
+
+    def unknown(self, category: str, name: str) -> str:
+        """The message for a name no plugin of ``category`` provides."""
+        return (f"unknown {category} {name!r}; installed: "
+                f"{', '.join(self.names(category))}{self.failure_note}")
 
     def all(self) -> list[S.ProvidedSpec]:
         return [p for cat in CATEGORIES for p in self.entries[cat].values()]

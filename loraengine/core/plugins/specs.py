@@ -2,63 +2,93 @@
 
 Every record names the thing it provides and carries a pydantic model for its own
 options (``extra="forbid"``) plus a factory. The engine only ever sees these records.
+
+A record with options is generic in its options model ``OptionsT``: the type checker ties
+the factory's options argument to ``config_model`` where the record is made
+(``OptimizerSpec("lion", make_lion, LionOptions)`` is ``OptimizerSpec[LionOptions]``).
+The engine holds every record as ``XSpec[BaseModel]`` and calls the factory with an
+instance of that record's own ``config_model`` (validated, with the section's common
+keys); ``OptionsT`` is covariant so that a record of any options model fits there.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeAlias, TypeVar
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel
+
+# The option bases are pydantic models, which mypy cannot hold to this package's no-Any
+# rule; they live below it and are part of the contract through these names.
+from loraengine.core.options import NoOptions as NoOptions
+from loraengine.core.options import PluginOptions as PluginOptions
 
 if TYPE_CHECKING:
     import torch
+    from torch import nn
 
     from loraengine.core.adapter import AdapterLayer
     from loraengine.core.model import LoadedModel
+    from loraengine.core.options import TrainConfig
+    from loraengine.core.recipe import Recipe
+    from loraengine.core.schedule import NoiseSchedule
 
 
-class PluginOptions(BaseModel):
-    """Base for a plugin's own options: unknown keys are errors."""
-
-    model_config = ConfigDict(extra="forbid")
-
-
-class NoOptions(PluginOptions):
-    """For plugins that take no options."""
+#: The options model of a record. Covariant: the engine reads records of every options
+#: model as ``XSpec[BaseModel]`` and passes each factory its own model's instance.
+OptionsT = TypeVar("OptionsT", bound=BaseModel, covariant=True)
 
 
 @dataclass(frozen=True)
-class OptimizerSpec:
+class OptimizerSpec(Generic[OptionsT]):
     """An optimizer. ``factory(params, lr, options) -> torch.optim.Optimizer``."""
 
     name: str
-    factory: Callable[[Iterable[torch.nn.Parameter], float, Any], torch.optim.Optimizer]
-    config_model: type[BaseModel] = NoOptions
+    factory: Callable[[Iterable[torch.nn.Parameter], float, OptionsT], torch.optim.Optimizer]
+    # mypy cannot check a default against a TypeVar; NoOptions is right for the records
+    # that leave config_model out, whose factories take no options of their own.
+    config_model: type[OptionsT] = NoOptions  # type: ignore[assignment]
     description: str = ""
 
 
-class LossFn(Protocol):
+class ElementwiseLossFn(Protocol):
+    """An elementwise loss: ``fn(pred, target)``, same shape as ``pred``."""
+
     def __call__(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor: ...
 
 
+class TimestepLossFn(Protocol):
+    """An elementwise loss that depends on the timestep: ``fn(pred, target, t, schedule)``."""
+
+    def __call__(self, pred: torch.Tensor, target: torch.Tensor, t: torch.Tensor,
+                 schedule: NoiseSchedule) -> torch.Tensor: ...
+
+
+#: What a ``LossSpec`` factory returns: which of the two is the record's
+#: ``timestep_aware`` flag.
+LossFn: TypeAlias = "ElementwiseLossFn | TimestepLossFn"
+
+
 @dataclass(frozen=True)
-class LossSpec:
+class LossSpec(Generic[OptionsT]):
     """A loss. ``factory(options)`` returns ``fn(pred, target)`` giving the elementwise
     loss (same shape as ``pred``); the engine reduces it. With ``timestep_aware`` the
     function is called ``fn(pred, target, t, schedule)`` instead (``t``: the batch's
-    timesteps, ``schedule``: the model's ``NoiseSchedule``)."""
+    timesteps, ``schedule``: the model's ``NoiseSchedule``).
+
+    """
 
     name: str
-    factory: Callable[[Any], LossFn]
-    config_model: type[BaseModel] = NoOptions
+    factory: Callable[[OptionsT], LossFn]
+    config_model: type[OptionsT] = NoOptions  # type: ignore[assignment]  # see OptimizerSpec
     description: str = ""
     timestep_aware: bool = False
 
 
 @dataclass(frozen=True)
-class AdapterSpec:
+class AdapterSpec(Generic[OptionsT]):
     """An adapter algorithm.
 
     ``create(layer, rank, alpha, options, generator)`` builds a fresh adapter for one
@@ -69,16 +99,16 @@ class AdapterSpec:
     """
 
     name: str
-    create: Callable[..., AdapterLayer]
-    load: Callable[..., AdapterLayer]
+    create: Callable[[nn.Module, int, float, OptionsT, torch.Generator], AdapterLayer]
+    load: Callable[[nn.Module, dict[str, torch.Tensor], OptionsT], AdapterLayer]
     owns_keys: Callable[[set[str]], bool]
-    config_model: type[BaseModel] = NoOptions
+    config_model: type[OptionsT] = NoOptions  # type: ignore[assignment]  # see OptimizerSpec
     network_module: str = ""
-    layer_types: tuple[type, ...] = ()
+    layer_types: tuple[type[nn.Module], ...] = ()
     description: str = ""
     #: ``file_metadata(options) -> {key: value}``: notes the algorithm adds to the
     #: file's metadata (e.g. how to read its ``alpha``).
-    file_metadata: Callable[[Any], dict[str, str]] | None = None
+    file_metadata: Callable[[OptionsT], dict[str, str]] | None = None
 
 
 @dataclass(frozen=True)
@@ -105,21 +135,21 @@ class MemoryStrategySpec:
 
 
 @dataclass(frozen=True)
-class ModelFamilySpec:
+class ModelFamilySpec(Generic[OptionsT]):
     """A model family. ``load(options, context) -> LoadedModel``. ``context`` has
     ``base_dir`` (for relative paths) and, for in-memory use, ``module``."""
 
     name: str
-    load: Callable[[Any, Mapping[str, Any]], LoadedModel]
-    config_model: type[BaseModel] = NoOptions
+    load: Callable[[OptionsT, Mapping[str, object]], LoadedModel]
+    config_model: type[OptionsT] = NoOptions  # type: ignore[assignment]  # see OptimizerSpec
     description: str = ""
     #: For ``loraengine prepare``: ``make_encoder(path, options) -> DataEncoder`` builds
     #: the family's VAE + text-encoder front end from a local pipeline folder
     #: (``options``: ``device``, ``dtype``, ``max_sequence_length``); ``None`` when the
     #: family cannot prepare data.
-    make_encoder: Callable[[Any, Mapping[str, Any]], DataEncoder] | None = None
+    make_encoder: Callable[[Path, Mapping[str, object]], DataEncoder] | None = None
     #: ``detect(path) -> bool``: whether a pipeline folder holds this family's model.
-    detect: Callable[[Any], bool] | None = None
+    detect: Callable[[Path], bool] | None = None
 
 
 class DataEncoder(Protocol):
@@ -150,13 +180,14 @@ class DataEncoder(Protocol):
 
 
 @dataclass(frozen=True)
-class LRSchedulerSpec:
+class LRSchedulerSpec(Generic[OptionsT]):
     """A learning-rate schedule. ``factory(optimizer, total_steps, options)`` returns a
     ``torch.optim.lr_scheduler.LRScheduler`` stepped once per optimizer step."""
 
     name: str
-    factory: Callable[[torch.optim.Optimizer, int, Any], Any]
-    config_model: type[BaseModel] = NoOptions
+    factory: Callable[[torch.optim.Optimizer, int, OptionsT],
+                      torch.optim.lr_scheduler.LRScheduler]
+    config_model: type[OptionsT] = NoOptions  # type: ignore[assignment]  # see OptimizerSpec
     description: str = ""
 
 
@@ -178,27 +209,27 @@ class ExporterSpec:
 
 
 @dataclass(frozen=True)
-class TimestepSamplerSpec:
+class TimestepSamplerSpec(Generic[OptionsT]):
     """A training-timestep distribution. ``factory(options, schedule)`` returns
     ``draw(generator) -> t``: one timestep (a 0-dim tensor in the schedule's units: an
     integer step for DDPM schedules, sigma in [0, 1] for flow) per call, drawn only from
     ``generator``."""
 
     name: str
-    factory: Callable[[Any, Any], Callable[[torch.Generator], torch.Tensor]]
-    config_model: type[BaseModel] = NoOptions
+    factory: Callable[[OptionsT, NoiseSchedule], Callable[[torch.Generator], torch.Tensor]]
+    config_model: type[OptionsT] = NoOptions  # type: ignore[assignment]  # see OptimizerSpec
     description: str = ""
 
 
 @dataclass(frozen=True)
-class LossWeightingSpec:
+class LossWeightingSpec(Generic[OptionsT]):
     """Per-sample loss weights. ``factory(options, schedule, loss_target)`` returns
     ``weights(t) -> w``: a float tensor ``[B]`` for the timesteps ``[B]``, multiplying
     each sample's loss. ``loss_target`` is ``native`` or ``x0`` (``loss.target``)."""
 
     name: str
-    factory: Callable[[Any, Any, str], Callable[[torch.Tensor], torch.Tensor]]
-    config_model: type[BaseModel] = NoOptions
+    factory: Callable[[OptionsT, NoiseSchedule, str], Callable[[torch.Tensor], torch.Tensor]]
+    config_model: type[OptionsT] = NoOptions  # type: ignore[assignment]  # see OptimizerSpec
     description: str = ""
 
 
@@ -207,18 +238,29 @@ class RecipeSpec:
     """A training tweak (noise offset, EMA...). Its ``config_model`` fields become keys
     of the ``recipe`` section. ``enabled(config)`` says whether it is switched on;
     ``build(config, pipeline)`` returns a ``loraengine.core.recipe.Recipe`` whose hooks
-    the trainer calls. Recipes run in ascending ``order``."""
+    the trainer calls. Recipes run in ascending ``order``.
+
+    ``pipeline`` is the assembled ``loraengine.core.build.Pipeline``, which is made
+    from this registry and so cannot be named here."""
 
     name: str
     config_model: type[BaseModel]
-    enabled: Callable[[Any], bool]
-    build: Callable[[Any, Any], Any]
+    enabled: Callable[[TrainConfig], bool]
+    build: Callable[[TrainConfig, object], Recipe]
     order: int = 100
     description: str = ""
 
 
+class SampleFn(Protocol):
+    """What a ``SamplerSpec`` factory returns (see there)."""
+
+    def __call__(self, model_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+                 noise: torch.Tensor, schedule: NoiseSchedule, steps: int,
+                 generator: list[torch.Generator]) -> torch.Tensor: ...
+
+
 @dataclass(frozen=True)
-class SamplerSpec:
+class SamplerSpec(Generic[OptionsT]):
     """A sampler for preview images and ``loraengine sample``.
 
     ``factory(options)`` returns ``sample(model_fn, noise, schedule, steps, generator)
@@ -231,12 +273,20 @@ class SamplerSpec:
     schedule kinds (``epsilon``, ``v_prediction``, ``flow``) it can sample."""
 
     name: str
-    factory: Callable[[Any], Callable[..., torch.Tensor]]
-    config_model: type[BaseModel] = NoOptions
+    factory: Callable[[OptionsT], SampleFn]
+    config_model: type[OptionsT] = NoOptions  # type: ignore[assignment]  # see OptimizerSpec
     prediction_types: tuple[str, ...] = ("epsilon", "v_prediction", "flow")
     description: str = ""
     #: Prediction types for which this sampler is what ``sampler: auto`` picks.
     default_for: tuple[str, ...] = ()
+
+
+#: Any record a registration hook may return.
+AnySpec: TypeAlias = (
+    OptimizerSpec[BaseModel] | LossSpec[BaseModel] | AdapterSpec[BaseModel]
+    | MemoryStrategySpec | ModelFamilySpec[BaseModel] | LRSchedulerSpec[BaseModel]
+    | ExporterSpec | TimestepSamplerSpec[BaseModel] | LossWeightingSpec[BaseModel]
+    | RecipeSpec | SamplerSpec[BaseModel])
 
 
 @dataclass(frozen=True)
@@ -244,11 +294,10 @@ class ProvidedSpec:
     """A spec together with where it came from (for listings and clash errors)."""
 
     category: str
-    spec: Any
+    spec: AnySpec
     plugin: str
     distribution: str | None = None
     version: str | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def name(self) -> str:

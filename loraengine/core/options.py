@@ -1,0 +1,273 @@
+"""Option models with no tie to the installed plugins: the base of every plugin's own
+options, the keys each plugin section shares (``AdapterOptions.rank``...), the fixed
+sections, and ``TrainConfig``, the static shape of a validated config.
+
+They sit below both the plugin contracts (records name ``TrainConfig`` and default to
+``NoOptions``) and the config builder (``loraengine.core.config``, which makes the model
+that validates for the installed plugins), so neither has to import the other.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any, Literal
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo
+
+
+class PluginOptions(BaseModel):
+    """Base for a plugin's own options: unknown keys are errors.
+
+    A record with options is generic in its options model ``OptionsT`` (a pydantic
+    model, usually a subclass of this one): its factory receives an instance of that
+    model, validated, with the keys its config section adds (``optimizer.lr``...)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class NoOptions(PluginOptions):
+    """For plugins that take no options."""
+
+
+SEED_MAX = 2**64 - 1
+
+
+def _resolve_path(value: Path | None, info: ValidationInfo) -> Path | None:
+    if value is None:
+        return None
+    base = (info.context or {}).get("base_dir")
+    value = Path(value).expanduser()
+    if base is not None and not value.is_absolute():
+        value = Path(base) / value
+    return value
+
+
+#: A path; relative paths resolve against the config file's folder.
+ConfigPath = Annotated[Path, AfterValidator(_resolve_path)]
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+
+class TrainingConfig(Strict):
+    """How long and how to train."""
+
+    batch_size: int = Field(default=1, ge=1, le=10000, description="Samples per micro-batch.")
+    grad_accumulation_steps: int = Field(
+        default=1, ge=1, le=1024, description="Micro-batches per optimizer step.")
+    steps: int = Field(default=16, ge=1, le=100000, description="Optimizer steps to train.")
+    seed: int = Field(default=0, ge=0, le=SEED_MAX,
+                      description="Seeds adapter init, batch order, noise and timesteps.")
+    dtype: Literal["bf16", "fp32", "none"] = Field(
+        default="bf16", description="Compute dtype of the base model; none keeps the model's own "
+        "(an fp16 model then trains with a gradient scaler).")
+    max_grad_norm: float | None = Field(
+        default=None, gt=0, description="Clip the adapter gradients' global norm to this value.")
+    device: str = Field(default="auto",
+                        description="auto (cuda when available), cpu, cuda, cuda:N.")
+    dist_timeout: float = Field(
+        default=600.0, gt=0, description="Seconds a process waits for the others (torchrun) before "
+        "the run stops with an error.")
+    fsdp: bool = Field(default=False, description="Under torchrun, shard the frozen base over the "
+                       "processes (FSDP2) for models that do not fit one device; adapters "
+                       "stay replicated.")
+    max_bad_steps: int = Field(
+        default=5, ge=1, description="Consecutive non-finite steps (each skipped) after which "
+        "training rolls back to the last good checkpoint and stops.")
+
+
+class ValidationData(Strict):
+    """Held-out latents and conditioning for the validation loss."""
+
+    latents: ConfigPath = Field(description="safetensors file with `latents`.")
+    conditioning: ConfigPath = Field(description="safetensors file with `cond`.")
+
+
+class DataConfig(Strict):
+    """Pre-encoded training data."""
+
+    latents: ConfigPath | None = Field(
+        default=None, description="safetensors file with `latents` [N,C,H,W] (or [N,C,T,H,W]).")
+    conditioning: ConfigPath | None = Field(
+        default=None, description="safetensors file with `cond` [N|1,L,D] plus family extras.")
+    bucket_mode: bool = Field(default=False, description="Latents are pre-bucketed by resolution: "
+                              "`latents.<i>` with `cond.<i>`; each batch comes from one bucket.")
+    validation: ValidationData | None = Field(default=None, description="Held-out data for a "
+                                              "deterministic validation loss.")
+
+
+class ValidationConfig(Strict):
+    """When to compute the validation loss."""
+
+    every: int | None = Field(default=None, ge=1, description="Steps between validation losses "
+                              "(and after the last step); needs data.validation.")
+
+
+class EarlyStopConfig(Strict):
+    """Stop when the validation loss stops improving."""
+
+    patience: int | None = Field(default=None, ge=1, description="Validations without an "
+                                 "improvement of at least min_delta before stopping.")
+    min_delta: float = Field(default=0.0, ge=0)
+
+
+class SamplesConfig(Strict):
+    """Preview images rendered while training (``<name>.samples/``); off unless set."""
+
+    every: int | None = Field(default=None, ge=1, description="Steps between preview grids "
+                              "(step_<n>.png); the last step always gets one.")
+    conditioning: ConfigPath | None = Field(
+        default=None, description="safetensors file with the prompts' conditioning (`cond` "
+        "[P,L,D] plus family extras); default: the distinct training conditionings.")
+    count: int = Field(default=4, ge=1, le=64, description="At most this many prompts (grid rows).")
+    per_prompt: int = Field(default=2, ge=1, le=16, description="Images per prompt, one seed each "
+                            "(grid columns).")
+    negative: ConfigPath | None = Field(
+        default=None, description="safetensors file with the negative conditioning for guidance "
+        "(one entry); default: zeros, an empty conditioning.")
+    seed: int = Field(default=0, ge=0, le=SEED_MAX, description="Seeds the starting noise; "
+                      "the same every time, so grids compare across steps.")
+    steps: int = Field(default=20, ge=1, le=1000, description="Sampler steps.")
+    guidance: float = Field(default=1.0, ge=0.0, le=100.0, description="Classifier-free guidance "
+                            "scale; 1 uses the conditional prediction alone.")
+    sampler: str = Field(default="auto", min_length=1, description="A sampler plugin (ddim, "
+                         "euler, ...); auto: ddim for epsilon/v models, euler for flow.")
+    sampler_options: dict[str, Any] = Field(
+        default_factory=dict, description="The sampler's own options (ddim: eta; euler: "
+        "karras, rho, shift).")
+    size: tuple[int, int] | None = Field(default=None, description="Latent height and width; "
+                                         "default: the training latents'.")
+    compare: bool = Field(default=True, description="At the end also write compare.png: the base "
+                          "model beside the adapted one, same prompts and seeds.")
+
+
+class OutputConfig(Strict):
+    """Where and what to write."""
+
+    dir: ConfigPath = Field(default=Path("output"), description="Output folder.")
+    name: str = Field(default="lora", min_length=1, pattern=r"^[^/\\]+$",
+                      description="Base name of the written files.")
+    plot: bool = Field(default=True, description="Write <name>.loss.png.")
+    save_every: int | None = Field(default=None, ge=1, description="Write a resumable checkpoint "
+                                   "every N steps to <dir>/<name>.checkpoints/.")
+    keep_last: int | None = Field(default=None, ge=1, description="Keep only the newest K "
+                                  "checkpoints.")
+    keep_best: bool = Field(default=False, description="Also write <name>.best.safetensors at the "
+                            "lowest validation loss.")
+    samples: SamplesConfig | None = Field(default=None, description="Render preview images during "
+                                          "training (off by default).")
+
+
+# -- the plugin sections ----------------------------------------------------------------
+#
+# Each plugin section of the config is one of the installed plugins' option models plus
+# the keys every choice of that section takes. Those keys (and the name that picks the
+# plugin) are declared once, on the section's base below; the root model built for the
+# installed plugins makes each member a subclass of the section base and the plugin's
+# own ``config_model``, so the engine reads e.g. ``config.adapter.rank`` as an ``int``
+# whichever algorithm is chosen.
+
+
+class SectionOptions(PluginOptions):
+    """Base of the shared keys of a plugin section; ``extra="forbid"`` as plugin options."""
+
+
+class ModelOptions(SectionOptions):
+    """Keys every model family takes."""
+
+    family: str
+    quantize: Literal["none", "fp8", "int8"] = Field(
+        default="none", description="Store the frozen base's Linear weights quantized "
+        "(per-output-channel scales).")
+
+
+class OptimizerOptions(SectionOptions):
+    """Keys every optimizer takes."""
+
+    name: str
+    lr: float = Field(default=5e-4, ge=1e-7, le=1.0, description="Learning rate.")
+
+
+class LossOptions(SectionOptions):
+    """Keys every loss takes."""
+
+    name: str
+    target: Literal["native", "x0"] = Field(
+        default="native", description="native: the family's own target (eps/v/flow); x0: "
+        "compare predicted and clean latents.")
+
+
+class AdapterOptions(SectionOptions):
+    """Keys every adapter algorithm takes."""
+
+    algorithm: str
+    rank: int = Field(default=8, ge=1, le=128, description="Adapter rank.")
+    alpha: float | None = Field(default=None, gt=0, description="Scale numerator; the delta is "
+                                "scaled by alpha/rank. Default: rank (scale 1).")
+    dtype: Literal["bf16", "fp32"] = Field(default="bf16", description="Adapter dtype (the saved "
+                                           "file's dtype).")
+    master_weights: bool = Field(default=True, description="Keep fp32 master weights for a bf16 "
+                                 "adapter.")
+    existing: ConfigPath | None = Field(default=None, description="A LoRA file to continue "
+                                        "training from.")
+    include: list[str] = Field(default=["*"], description="Glob patterns of module paths to adapt.")
+    exclude: list[str] = Field(default=[], description="Glob patterns of module paths to leave "
+                               "alone.")
+    norm_and_bias_deltas: bool = Field(default=False, description="Also train full deltas of every "
+                                       "bias and norm scale (diff / diff_b), as ComfyUI's "
+                                       "trainer does.")
+    exporter: str | None = Field(default=None, description="Key format of the written file "
+                                 "(kohya, comfyui, ...); default: the model family's.")
+
+
+class LRSchedulerOptions(SectionOptions):
+    """Keys every learning-rate schedule takes."""
+
+    name: str
+
+
+class TimestepSamplerOptions(SectionOptions):
+    """Keys every timestep sampler takes."""
+
+    name: str
+
+
+class LossWeightingOptions(SectionOptions):
+    """Keys every loss weighting takes."""
+
+    name: str
+
+
+class MergedSection(Strict):
+    """Base of a section merged from the option fields of every plugin of a category
+    (``memory``, ``recipe``); its keys are the plugins' own."""
+
+    if TYPE_CHECKING:
+        # Which keys exist depends on the installed plugins; each plugin reads its own.
+        def __getattr__(self, name: str) -> Any: ...
+
+
+class TrainConfig(Strict):
+    """A validated training config: the static shape the engine reads.
+
+    The model that validates a config is built for the installed plugins by
+    ``build_config_model``: a subclass of this one whose plugin sections are
+    discriminated unions of the section base and each plugin's options, and whose
+    ``memory`` and ``recipe`` sections hold every strategy's / recipe's fields.
+    """
+
+    training: TrainingConfig = Field(default_factory=TrainingConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    memory: MergedSection = Field(default_factory=MergedSection)
+    recipe: MergedSection = Field(default_factory=MergedSection)
+    output: OutputConfig = Field(default_factory=OutputConfig)
+    validation: ValidationConfig = Field(default_factory=ValidationConfig)
+    early_stop: EarlyStopConfig = Field(default_factory=EarlyStopConfig)
+    model: ModelOptions = Field(description="The model family and its options.")
+    optimizer: OptimizerOptions
+    loss: LossOptions
+    adapter: AdapterOptions
+    lr_scheduler: LRSchedulerOptions
+    timestep_sampler: TimestepSamplerOptions
+    loss_weighting: LossWeightingOptions
