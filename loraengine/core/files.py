@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from pydantic import BaseModel
 from safetensors import safe_open
 from safetensors.torch import save_file
 
@@ -200,7 +201,7 @@ class AdapterModule:
     path: str
     params: dict[str, torch.Tensor]
     deltas: dict[str, torch.Tensor]
-    owners: tuple[AdapterSpec, ...] = ()
+    owners: tuple[AdapterSpec[BaseModel], ...] = ()
 
     @property
     def algorithm(self) -> str | None:
@@ -230,8 +231,8 @@ class AdapterFile:
         return sorted(set(self.modules) - set(paths))
 
 
-def owners_of(specs: Iterable[AdapterSpec], params: Mapping[str, torch.Tensor],
-              hint: str | None = None, builtin: Collection[str] = ()) -> list[AdapterSpec]:
+def owners_of(specs: Iterable[AdapterSpec[BaseModel]], params: Mapping[str, torch.Tensor],
+              hint: str | None = None, builtin: Collection[str] = ()) -> list[AdapterSpec[BaseModel]]:
     """The adapter specs claiming a saved module, best first: the algorithm the file's
     metadata names, then the engine's own algorithms, then plugins'.
 
@@ -246,7 +247,7 @@ def owners_of(specs: Iterable[AdapterSpec], params: Mapping[str, torch.Tensor],
     return owners
 
 
-def _claims_tensors(spec: AdapterSpec, params: Mapping[str, torch.Tensor]) -> bool:
+def _claims_tensors(spec: AdapterSpec[BaseModel], params: Mapping[str, torch.Tensor]) -> bool:
     try:
         return bool(spec.owns_keys(params))  # type: ignore[arg-type]
     except Exception:  # a spec that only understands a set of names
@@ -280,7 +281,7 @@ def read_adapter_file(source: Path | str | Mapping[str, torch.Tensor], registry:
         tensors, meta = load_lora(path)
         steps, label = steps_of(path, meta), name or str(path)
     exporters = registry.specs("exporter")
-    specs: list[AdapterSpec] = registry.specs("adapter")
+    specs: list[AdapterSpec[BaseModel]] = registry.specs("adapter")
     key_format: str | None
     if module_paths is None:
         key_format, grouped = _group_without_model(tensors, exporters, specs)
@@ -297,7 +298,7 @@ def read_adapter_file(source: Path | str | Mapping[str, torch.Tensor], registry:
 
 
 def _group_without_model(tensors: Mapping[str, torch.Tensor],
-                         exporters: Sequence[ExporterSpec], specs: Sequence[AdapterSpec]
+                         exporters: Sequence[ExporterSpec], specs: Sequence[AdapterSpec[BaseModel]]
                          ) -> tuple[str | None, dict[str, dict[str, torch.Tensor]]]:
     """Group a file's tensors per module when no model says where modules end.
 

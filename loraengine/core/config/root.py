@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any, Literal, Protocol, Union
+from typing import Annotated, Any, Literal, Protocol, Union, cast
 from weakref import WeakKeyDictionary
 
 from pydantic import (
@@ -121,9 +121,11 @@ def _member(section: str, key: str, spec: _Named) -> type[SectionOptions]:
                           f"{sorted(clash)}")
     # The plugin's fields come first, then the discriminator and the shared keys (the
     # base's order): pydantic orders inherited fields from the last base to the first.
-    member: type[SectionOptions] = create_model(
+    # (create_model's stubs take one base class; a tuple of bases is valid at run time)
+    made = create_model(  # type: ignore[call-overload]
         f"{section.title().replace('_', '')}_{spec.name}", __base__=(section_base, own),
-        **{key: (Literal[spec.name], spec.name)})  # type: ignore[call-overload]
+        **{key: (Literal[spec.name], spec.name)})
+    member = cast("type[SectionOptions]", made)
     # A plugin's model may relax its own config; a member never takes unknown keys.
     member.model_config["extra"] = "forbid"
     member.model_rebuild(force=True)
