@@ -46,14 +46,8 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 from torch import nn
 
-from loraengine.core.adapter import (
-    AdapterLayer,
-    AdapterNetwork,
-    AttachMode,
-    bias_of,
-    layer_op,
-    weight_of,
-)
+from loraengine.core.adapter import AdapterLayer, AdapterNetwork, AttachMode, layer_op
+from loraengine.core.adapter.layer import bias_of, weight_of
 from loraengine.core.plugins.specs import AdapterSpec
 from loraengine.testing.suite import Checks, ConformanceReport, Failing, relative_error
 

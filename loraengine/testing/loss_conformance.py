@@ -36,14 +36,7 @@ import torch
 
 from loraengine.core.plugins.specs import LossSpec
 from loraengine.core.schedule import NoiseSchedule
-from loraengine.testing.suite import (
-    Checks,
-    ConformanceReport,
-    Failing,
-    global_rng_untouched,
-    options_check,
-    resolve,
-)
+from loraengine.testing.suite import Checks, ConformanceReport, Failing, check_options, resolve
 
 __all__ = ["LOSS_CHECKS", "LossCase", "loss_cases", "run_loss_check", "run_loss_conformance"]
 
@@ -99,11 +92,7 @@ class _Ctx:
 
 
 _TABLE: Checks[_Ctx] = Checks()
-
-
-@_TABLE("options")
-def _check_options(c: _Ctx) -> None:
-    options_check(c.spec.config_model, c.fail)
+_TABLE("options")(check_options)
 
 
 @_TABLE("elementwise")
@@ -169,7 +158,7 @@ def _check_per_sample(c: _Ctx) -> None:
 @torch.no_grad()
 def _check_deterministic(c: _Ctx) -> None:
     pred, target, t = c.case.tensors(c.seed)
-    with global_rng_untouched(lambda msg: c.fail("deterministic", msg)):
+    with c.fail.if_global_rng_drawn("deterministic"):
         first = c(pred, target, t)
         second = c(pred, target, t)
     if not torch.equal(first, second):

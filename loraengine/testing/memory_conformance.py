@@ -50,7 +50,7 @@ from loraengine.testing.suite import (
     Checks,
     ConformanceReport,
     Failing,
-    options_check,
+    check_options,
     relative_error,
 )
 
@@ -117,11 +117,7 @@ def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 _TABLE: Checks[_Ctx] = Checks()
-
-
-@_TABLE("options")
-def _check_options(c: _Ctx) -> None:
-    options_check(c.spec.config_model, c.fail)
+_TABLE("options")(check_options)
 
 
 @_TABLE("switch")

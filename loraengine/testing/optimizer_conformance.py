@@ -38,14 +38,7 @@ from typing import Any
 import torch
 
 from loraengine.core.plugins.specs import OptimizerSpec
-from loraengine.testing.suite import (
-    Checks,
-    ConformanceReport,
-    Failing,
-    global_rng_untouched,
-    options_check,
-    resolve,
-)
+from loraengine.testing.suite import Checks, ConformanceReport, Failing, check_options, resolve
 
 __all__ = ["OPTIMIZER_CHECKS", "Problem", "run_optimizer_check", "run_optimizer_conformance"]
 
@@ -110,11 +103,7 @@ class _Ctx:
 
 
 _TABLE: Checks[_Ctx] = Checks()
-
-
-@_TABLE("options")
-def _check_options(c: _Ctx) -> None:
-    options_check(c.spec.config_model, c.fail)
+_TABLE("options")(check_options)
 
 
 @_TABLE("builds")
@@ -158,7 +147,7 @@ def _check_skips_missing_grads(c: _Ctx) -> None:
 
 @_TABLE("deterministic")
 def _check_deterministic(c: _Ctx) -> None:
-    with global_rng_untouched(lambda msg: c.fail("deterministic", msg)):
+    with c.fail.if_global_rng_drawn("deterministic"):
         first, _, _ = c.run(5)
         second, _, _ = c.run(5)
     for name in first:

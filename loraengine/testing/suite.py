@@ -6,14 +6,14 @@ the global RNG, and the relative error the checks compare with."""
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 import torch
 from pydantic import BaseModel, ValidationError
 
-__all__ = ["Checks", "ConformanceReport", "Failing", "global_rng_untouched", "options_check",
+__all__ = ["Checks", "ConformanceReport", "Failing", "check_options", "global_rng_untouched",
            "options_problems", "relative_error", "resolve"]
 
 Ctx = TypeVar("Ctx")
@@ -80,6 +80,10 @@ class Failing:
     def __call__(self, check: str, msg: str) -> AssertionError:
         return AssertionError(f"[{check}] {self.where}: {msg}")
 
+    def if_global_rng_drawn(self, check: str) -> AbstractContextManager[None]:
+        """:func:`global_rng_untouched`, failing ``check``."""
+        return global_rng_untouched(lambda msg: self(check, msg))
+
 
 def options_problems(model: type[BaseModel]) -> list[str]:
     """What is wrong with a plugin's options model: it must forbid unknown keys, accept
@@ -103,11 +107,27 @@ def options_problems(model: type[BaseModel]) -> list[str]:
     return problems
 
 
-def options_check(model: type[BaseModel], fail: Failing) -> None:
-    """The ``options`` check of a suite: raise when :func:`options_problems` finds any."""
-    problems = options_problems(model)
+class _WithOptions(Protocol):
+    @property
+    def config_model(self) -> type[BaseModel]: ...
+
+
+class PluginContext(Protocol):
+    """What :func:`check_options` needs of a suite's context."""
+
+    @property
+    def spec(self) -> _WithOptions: ...
+
+    @property
+    def fail(self) -> Failing: ...
+
+
+def check_options(c: PluginContext) -> None:
+    """The ``options`` check every plugin suite has: raise when :func:`options_problems`
+    finds anything wrong with the spec's options model."""
+    problems = options_problems(c.spec.config_model)
     if problems:
-        raise fail("options", "; ".join(problems))
+        raise c.fail("options", "; ".join(problems))
 
 
 def resolve(model: type[BaseModel], options: Any) -> Any:

@@ -107,6 +107,9 @@ def _shape_for(out_dim: int, rank: int, options: object) -> tuple[int, int, int]
     return b, n, min(stages, max_stages(n))
 
 
+owns_keys = blocks_with_rank(4)
+
+
 def create(base: nn.Module, rank: int, alpha: float, options: object,
            generator: torch.Generator | None) -> BOFTLayer:
     constraint, rescaled = rotation_settings(options, "boft")
@@ -119,9 +122,6 @@ def load(base: nn.Module, tensors: Mapping[str, torch.Tensor], options: object) 
     stages, _, b, _ = blocks.shape
     layer = BOFTLayer(base, b, stages, constraint, rescaled=rescale is not None)
     return fill_saved(layer, blocks, rescale)
-
-
-owns_keys = blocks_with_rank(4)
 
 
 SPEC = AdapterSpec(

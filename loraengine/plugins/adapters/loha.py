@@ -27,6 +27,8 @@ from loraengine.plugins.adapters.common import copy_saved, has_keys, saved_alpha
 from loraengine.plugins.adapters.dora import AdditiveAdapter, DoRAOptions, load_dora, with_dora
 
 KEYS = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")
+#: A saved module is LoHa when it has the first and the last factor.
+owns_keys = has_keys("hada_w1_a", "hada_w2_b")
 
 
 class LoHaOptions(DoRAOptions):
@@ -136,9 +138,6 @@ def load(base: nn.Module, tensors: Mapping[str, torch.Tensor], options: object) 
                    f"{name} of shape {list(saved.shape)} does not fit a layer with weight "
                    f"{list(weight_of(base).shape)} at rank {rank}")
     return load_dora(layer, tensors)
-
-
-owns_keys = has_keys("hada_w1_a", "hada_w2_b")
 
 
 SPEC = AdapterSpec(

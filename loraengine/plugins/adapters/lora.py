@@ -24,6 +24,10 @@ class LoRAOptions(DoRAOptions):
     rs_lora: bool = Field(False, description="Rank-stabilised scale α/√r instead of α/r.")
 
 
+#: A saved module is LoRA when it has both factors.
+owns_keys = has_keys("lora_down.weight", "lora_up.weight")
+
+
 def _shapes(base: nn.Module, rank: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
     w = weight_of(base)
     if w.ndim == 2:
@@ -84,9 +88,6 @@ def load(base: nn.Module, tensors: Mapping[str, torch.Tensor], options: object) 
     copy_saved(layer.lora_down, down, mismatch)
     copy_saved(layer.lora_up, up, mismatch)
     return load_dora(layer, tensors)
-
-
-owns_keys = has_keys("lora_down.weight", "lora_up.weight")
 
 
 SPEC = AdapterSpec(

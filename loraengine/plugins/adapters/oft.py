@@ -288,6 +288,9 @@ def constraint_metadata(options: object) -> dict[str, str]:
 
 # -- the spec ---------------------------------------------------------------------------
 
+owns_keys = blocks_with_rank(3)
+
+
 def create(base: nn.Module, rank: int, alpha: float, options: object,
            generator: torch.Generator | None) -> OFTLayer:
     constraint, rescaled = rotation_settings(options, "oft")
@@ -299,9 +302,6 @@ def load(base: nn.Module, tensors: Mapping[str, torch.Tensor], options: object) 
     blocks, constraint, rescale = saved_blocks(base, tensors, 3)
     layer = OFTLayer(base, blocks.shape[1], constraint, rescaled=rescale is not None)
     return fill_saved(layer, blocks, rescale)
-
-
-owns_keys = blocks_with_rank(3)
 
 
 SPEC = AdapterSpec(
