@@ -12,7 +12,8 @@ written and read in ComfyUI's reading, so a constraint of 0 (off) means the same
 This module also holds ``ChannelMapLayer``, the base of every adapter whose adapted
 weight is a linear map T applied to the output-channel axis of W (OFT, BOFT): the
 weight path computes T(W), the bypass path applies T to the weight-only part of the
-base output, ``T(y − b) + b``, so the bias is never rotated.
+base output, ``T(y − b) + b``, so the bias is never rotated; and what the OFT and BOFT
+specs share: their common options, the Cayley transform, and reading saved blocks.
 """
 
 from __future__ import annotations
