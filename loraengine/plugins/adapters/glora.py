@@ -16,28 +16,17 @@ import math
 from collections.abc import Mapping
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from loraengine.core.adapter import AdapterLayer, layer_op, weight_of
 from loraengine.core.plugins.specs import AdapterSpec
-from loraengine.plugins.adapters.common import copy_saved, has_keys, saved_alpha
-
-_POINTWISE = {3: F.conv1d, 4: F.conv2d, 5: F.conv3d}
-
-
-def pointwise(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """Apply a ``[o, i(,1…)]`` weight on the channel axis (last for 2-D weights)."""
-    if weight.ndim == 2:
-        return F.linear(x, weight)
-    return _POINTWISE[weight.ndim](x, weight)
-
-
-def base_forward(base: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """The base layer's own operation, skipping its hooks and any patched forward (so
-    a quantized or otherwise custom layer runs its own code)."""
-    out: torch.Tensor = type(base).forward(base, x)  # forward is typed Any on nn.Module
-    return out
+from loraengine.plugins.adapters.common import (
+    base_forward,
+    copy_saved,
+    has_keys,
+    pointwise,
+    saved_alpha,
+)
 
 
 def glora_shapes(base: nn.Module, rank: int) -> dict[str, tuple[int, ...]]:

@@ -18,7 +18,7 @@ from torch import nn
 
 from loraengine.core.adapter import AdapterLayer, bias_of, weight_of
 from loraengine.core.plugins.specs import AdapterSpec, PluginOptions
-from loraengine.plugins.adapters.glora import base_forward
+from loraengine.plugins.adapters.common import base_forward
 
 
 class IA3Options(PluginOptions):

@@ -23,7 +23,7 @@ from torch import nn
 
 from loraengine.core.adapter import weight_of
 from loraengine.core.plugins.specs import AdapterSpec
-from loraengine.plugins.adapters.common import copy_saved, has_keys, saved_alpha
+from loraengine.plugins.adapters.common import copy_saved, has_keys, saved_alpha, tucker
 from loraengine.plugins.adapters.dora import AdditiveAdapter, DoRAOptions, load_dora, with_dora
 
 KEYS = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")
@@ -34,11 +34,6 @@ owns_keys = has_keys("hada_w1_a", "hada_w2_b")
 class LoHaOptions(DoRAOptions):
     use_tucker: bool = Field(False, description="Tucker-decompose conv kernels larger than "
                              "1×1 (hada_t1/hada_t2) instead of flattening them.")
-
-
-def tucker(t: torch.Tensor, wa: torch.Tensor, wb: torch.Tensor) -> torch.Tensor:
-    """[out, in, *k] from a core ``t`` [r, r, *k], ``wa`` [r, out] and ``wb`` [r, in]."""
-    return torch.einsum("ij...,ip,jq->pq...", t, wa, wb)
 
 
 class HadamardProduct(torch.autograd.Function):

@@ -31,11 +31,10 @@ from torch import nn
 
 from loraengine.core.adapter import layer_op, weight_of
 from loraengine.core.plugins.specs import AdapterSpec
-from loraengine.plugins.adapters.common import saved_alpha
+from loraengine.plugins.adapters.common import pointwise, saved_alpha, tucker
 from loraengine.plugins.adapters.dora import AdditiveAdapter, DoRAOptions, load_dora, with_dora
 
 KEYS = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2")
-_POINTWISE = {3: F.conv1d, 4: F.conv2d, 5: F.conv3d}
 
 
 class LoKrOptions(DoRAOptions):
@@ -74,11 +73,6 @@ def factorization(dim: int, factor: int = -1) -> tuple[int, int]:
             break
         m, n = nxt, dim // nxt
     return (m, n) if m <= n else (n, m)
-
-
-def _tucker(t: torch.Tensor, wa: torch.Tensor, wb: torch.Tensor) -> torch.Tensor:
-    """[b, d, *k] from ``t`` [r, r, *k], ``wa`` [r, b], ``wb`` [r, d]."""
-    return torch.einsum("ij...,ip,jq->pq...", t, wa, wb)
 
 
 def _kaiming(*shape: int, generator: torch.Generator | None) -> torch.Tensor:
@@ -187,7 +181,7 @@ class LoKrLayer(AdditiveAdapter):
     def w2(self) -> torch.Tensor:
         """[b, d, *kernel] in channel layout, else [b, cols]."""
         if self.lokr_t2 is not None:
-            return _tucker(self.lokr_t2, _given(self.lokr_w2_a), _given(self.lokr_w2_b))
+            return tucker(self.lokr_t2, _given(self.lokr_w2_a), _given(self.lokr_w2_b))
         w2 = self.lokr_w2 if self.lokr_w2 is not None else \
             _given(self.lokr_w2_a) @ _given(self.lokr_w2_b).flatten(1)
         if self.by_channel:
@@ -226,7 +220,6 @@ class LoKrLayer(AdditiveAdapter):
             return F.linear(F.linear(h, _given(self.lokr_w2_b).to(dt)),
                             _given(self.lokr_w2_a).to(dt))
         ones = [1] * len(self.kernel)
-        pointwise = _POINTWISE[len(self.kernel) + 2]
         if self.lokr_w2 is not None:
             return layer_op(self.base, h, self.w2().to(dt), None)
         wa, wb = _given(self.lokr_w2_a).to(dt), _given(self.lokr_w2_b).to(dt)

@@ -10,13 +10,12 @@ import math
 from collections.abc import Mapping
 
 import torch
-import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
 from loraengine.core.adapter import layer_op, weight_of
 from loraengine.core.plugins.specs import AdapterSpec
-from loraengine.plugins.adapters.common import copy_saved, has_keys, saved_alpha
+from loraengine.plugins.adapters.common import copy_saved, has_keys, pointwise, saved_alpha
 from loraengine.plugins.adapters.dora import AdditiveAdapter, DoRAOptions, load_dora, with_dora
 
 
@@ -60,16 +59,11 @@ class LoRALayer(AdditiveAdapter):
         down = self.lora_down.to(dt)
         up = (self.lora_up * (self.scale * gain)).to(dt)  # scale the small factor, not h
         h = layer_op(self.base, x, down, None)  # the base's stride/padding/dilation
-        return F.linear(h, up) if down.ndim == 2 else _pointwise(h, up)
+        return pointwise(h, up)
 
     def adapter_tensors(self) -> dict[str, torch.Tensor]:
         return {"lora_down.weight": self.lora_down, "lora_up.weight": self.lora_up,
                 "alpha": torch.tensor(self.alpha)}
-
-
-def _pointwise(h: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    conv = {3: F.conv1d, 4: F.conv2d, 5: F.conv3d}[up.ndim]
-    return conv(h, up)
 
 
 def create(base: nn.Module, rank: int, alpha: float, options: object,
