@@ -49,7 +49,7 @@ from torch import nn
 from loraengine.core.adapter import AdapterLayer, AdapterNetwork, AttachMode, layer_op
 from loraengine.core.adapter.layer import bias_of, weight_of
 from loraengine.core.plugins.specs import AdapterSpec
-from loraengine.testing.suite import Checks, ConformanceReport, Failing, relative_error
+from loraengine.testing.suite import Checks, ConformanceReport, Failing, relative_error, resolve
 
 __all__ = [
     "CHECKS", "ConformanceReport", "LayerCase", "adapter_cases", "build_adapter",
@@ -121,9 +121,7 @@ def adapter_cases(spec: AdapterSpec | None = None) -> list[LayerCase]:
 
 def resolve_options(spec: AdapterSpec, options: Any = None) -> Any:
     """``None`` or a mapping -> the spec's validated option model; a model passes."""
-    if isinstance(options, BaseModel):
-        return options
-    return spec.config_model.model_validate(dict(options or {}))
+    return resolve(spec.config_model, options)
 
 
 def build_adapter(spec: AdapterSpec, base: nn.Module, options: Any = None, *,
