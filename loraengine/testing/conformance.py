@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -46,16 +46,15 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 from torch import nn
 
-from loraengine.core.adapter import AdapterLayer, AdapterNetwork, layer_op
+from loraengine.core.adapter import AdapterLayer, AdapterNetwork, AttachMode, layer_op
+from loraengine.core.adapter.layer import bias_of, weight_of
 from loraengine.core.plugins.specs import AdapterSpec
+from loraengine.testing.suite import Checks, ConformanceReport, Failing, relative_error, resolve
 
 __all__ = [
     "CHECKS", "ConformanceReport", "LayerCase", "adapter_cases", "build_adapter",
     "perturb", "relative_error", "resolve_options", "run_adapter_conformance", "run_check",
 ]
-
-CHECKS: tuple[str, ...] = ("zero_init", "paths_agree", "file_roundtrip", "gradients",
-                           "low_precision")
 
 #: Defaults of the suite: alpha deliberately differs from rank.
 RANK, ALPHA = 4, 3.0
@@ -77,10 +76,10 @@ class LayerCase:
         module = self.make()
         g = torch.Generator().manual_seed(1000 + seed)
         with torch.no_grad():
-            w = module.weight
+            w, bias = weight_of(module), bias_of(module)
             w.copy_(torch.randn(w.shape, generator=g) / w[0].numel() ** 0.5)
-            if module.bias is not None:
-                module.bias.copy_(torch.randn(module.bias.shape, generator=g) * 0.1)
+            if bias is not None:
+                bias.copy_(torch.randn(bias.shape, generator=g) * 0.1)
         module.requires_grad_(False)
         return module.eval()
 
@@ -122,16 +121,14 @@ def adapter_cases(spec: AdapterSpec | None = None) -> list[LayerCase]:
 
 def resolve_options(spec: AdapterSpec, options: Any = None) -> Any:
     """``None`` or a mapping -> the spec's validated option model; a model passes."""
-    if isinstance(options, BaseModel):
-        return options
-    return spec.config_model.model_validate(dict(options or {}))
+    return resolve(spec.config_model, options)
 
 
 def build_adapter(spec: AdapterSpec, base: nn.Module, options: Any = None, *,
                   rank: int = RANK, alpha: float = ALPHA, seed: int = 0) -> AdapterLayer:
     """A fresh adapter from ``spec.create`` with a seeded generator."""
     g = torch.Generator().manual_seed(3000 + seed)
-    layer = spec.create(base, rank, alpha, resolve_options(spec, options), g)
+    layer: AdapterLayer = spec.create(base, rank, alpha, resolve_options(spec, options), g)
     layer.algorithm = spec.name
     return layer
 
@@ -145,29 +142,25 @@ def perturb(adapter: AdapterLayer, seed: int = 0, std: float = 0.1) -> None:
             p.add_((torch.randn(p.shape, generator=g) * std).to(p.dtype))
 
 
-def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
-    """max |a−b| over max |b| (both in fp32)."""
-    a, b = a.detach().float(), b.detach().float()
-    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-12))
-
-
 def _rebuilt(adapter: AdapterLayer, x: torch.Tensor) -> torch.Tensor:
     """The base operation with W+ΔW and b+Δb, computed here, not by the adapter."""
     base = adapter.base
-    w = base.weight + adapter.delta_weight().to(base.weight.dtype)
-    b = base.bias
+    weight = weight_of(base)
+    w = weight + adapter.delta_weight().to(weight.dtype)
+    b = bias_of(base)
     db = adapter.delta_bias()
     if db is not None:
         b = db.to(w.dtype) if b is None else b + db.to(b.dtype)
     return layer_op(base, x, w, b)
 
 
-def _attached(adapter: AdapterLayer, x: torch.Tensor, mode: str) -> torch.Tensor:
+def _attached(adapter: AdapterLayer, x: torch.Tensor, mode: AttachMode) -> torch.Tensor:
     """Call the base layer with the adapter attached through an AdapterNetwork."""
     net = AdapterNetwork({"layer": adapter})
-    net.attach(mode)  # type: ignore[arg-type]
+    net.attach(mode)
     try:
-        return adapter.base(x)
+        out: torch.Tensor = adapter.base(x)  # Module.__call__ is typed Any
+        return out
     finally:
         net.detach()
 
@@ -189,10 +182,10 @@ class _Ctx:
         self.options = resolve_options(spec, options)
         self.seed, self.rtol = seed, rtol
         opts = self.options.model_dump() if isinstance(self.options, BaseModel) else {}
-        self.where = f"{spec.name}{opts or ''} on {case.name}"
+        self.fail = Failing(f"{spec.name}{opts or ''} on {case.name}")
 
-    def fail(self, check: str, msg: str) -> AssertionError:
-        return AssertionError(f"[{check}] {self.where}: {msg}")
+    def input(self) -> torch.Tensor:
+        return self.case.input(self.seed)
 
     def fresh(self) -> tuple[nn.Module, AdapterLayer]:
         base = self.case.layer(self.seed)
@@ -204,15 +197,28 @@ class _Ctx:
         perturb(adapter, self.seed)
         return base, adapter
 
+    def identical(self, check: str, outputs: Iterable[tuple[str, torch.Tensor, torch.Tensor]],
+                  differs: str) -> None:
+        """Fail ``check`` unless each ``(label, out, want)`` matches bit for bit."""
+        for label, out, want in outputs:
+            if not torch.equal(out, want):
+                raise self.fail(check, f"{label} output {differs} "
+                                f"(relative {relative_error(out, want):.3g})")
 
+
+_TABLE: Checks[_Ctx] = Checks()
+
+
+@_TABLE("zero_init")
 @torch.no_grad()
 def _check_zero_init(c: _Ctx) -> None:
     base, adapter = c.fresh()
-    x = c.case.input(c.seed)
+    x = c.input()
     dw = adapter.delta_weight()
-    if tuple(dw.shape) != tuple(base.weight.shape):
+    weight = weight_of(base)
+    if tuple(dw.shape) != tuple(weight.shape):
         raise c.fail("zero_init", f"delta_weight shape {list(dw.shape)} != weight shape "
-                     f"{list(base.weight.shape)}")
+                     f"{list(weight.shape)}")
     if int(torch.count_nonzero(dw)):
         raise c.fail("zero_init", f"ΔW has {int(torch.count_nonzero(dw))} non-zero "
                      f"entries at init (max |ΔW| {float(dw.abs().max()):.3g})")
@@ -220,18 +226,18 @@ def _check_zero_init(c: _Ctx) -> None:
     if db is not None and int(torch.count_nonzero(db)):
         raise c.fail("zero_init", "Δb is not zero at init")
     ref = base(x)
-    for label, out in (("bypass", adapter.bypass(x, base(x))),
-                       ("bypass hook", _attached(adapter, x, "bypass")),
-                       ("weight mode", _attached(adapter, x, "weight"))):
-        if not torch.equal(out, ref):
-            raise c.fail("zero_init", f"{label} output differs from the base output at "
-                         f"init (relative {relative_error(out, ref):.3g})")
+    c.identical("zero_init", ((label, out, ref) for label, out in (
+        ("bypass", adapter.bypass(x, base(x))),
+        ("bypass hook", _attached(adapter, x, "bypass")),
+        ("weight mode", _attached(adapter, x, "weight")))),
+        "differs from the base output at init")
 
 
+@_TABLE("paths_agree")
 @torch.no_grad()
 def _check_paths_agree(c: _Ctx) -> None:
     base, adapter = c.perturbed()
-    x = c.case.input(c.seed)
+    x = c.input()
     base_out = base(x)
     outs = {
         "bypass": adapter.bypass(x, base(x)),
@@ -255,11 +261,12 @@ def _check_paths_agree(c: _Ctx) -> None:
                          f"output by {err:.3g} relative (tolerance {c.rtol:g})")
 
 
+@_TABLE("file_roundtrip")
 @torch.no_grad()
 def _check_file_roundtrip(c: _Ctx) -> None:
     base, adapter = c.perturbed()
     fresh_base = c.case.layer(c.seed)
-    x = c.case.input(c.seed)
+    x = c.input()
     tensors = _roundtrip_tensors(adapter)
     if not c.spec.owns_keys(set(tensors)):
         raise c.fail("file_roundtrip", f"owns_keys does not recognise its own keys "
@@ -268,12 +275,10 @@ def _check_file_roundtrip(c: _Ctx) -> None:
     loaded.algorithm = c.spec.name
     if loaded.base is not fresh_base:
         raise c.fail("file_roundtrip", "spec.load did not wrap the layer it was given")
-    pairs = (("bypass", loaded.bypass(x, fresh_base(x)), adapter.bypass(x, base(x))),
-             ("adapter forward", loaded(x), adapter(x)))
-    for label, out, want in pairs:
-        if not torch.equal(out, want):
-            raise c.fail("file_roundtrip", f"{label} output after save/load differs "
-                         f"(relative {relative_error(out, want):.3g})")
+    c.identical("file_roundtrip",
+                (("bypass", loaded.bypass(x, fresh_base(x)), adapter.bypass(x, base(x))),
+                 ("adapter forward", loaded(x), adapter(x))),
+                "after save/load differs")
     if not torch.equal(loaded.delta_weight(), adapter.delta_weight()):
         raise c.fail("file_roundtrip", "ΔW after save/load differs")
     again = _roundtrip_tensors(loaded)
@@ -282,10 +287,11 @@ def _check_file_roundtrip(c: _Ctx) -> None:
                      f"-> {sorted(again)}")
 
 
+@_TABLE("gradients")
 def _check_gradients(c: _Ctx) -> None:
     base, adapter = c.perturbed()
-    x = c.case.input(c.seed)
-    base_tensors = [t for t in (base.weight, base.bias) if t is not None]
+    x = c.input()
+    base_tensors = [t for t in (weight_of(base), bias_of(base)) if t is not None]
     params = [(n, p) for n, p in adapter.named_parameters() if p.requires_grad]
     if not params:
         raise c.fail("gradients", "the adapter has no trainable parameters")
@@ -293,20 +299,23 @@ def _check_gradients(c: _Ctx) -> None:
         if any(p is t or p.data_ptr() == t.data_ptr() for t in base_tensors):
             raise c.fail("gradients", f"adapter parameter {n} is the base layer's tensor")
     g = torch.Generator().manual_seed(5000 + c.seed)
-    for mode in ("bypass", "weight"):
+    modes: tuple[AttachMode, ...] = ("bypass", "weight")
+    for mode in modes:
         adapter.zero_grad(set_to_none=True)
         out = _attached(adapter, x, mode)
         (out * torch.randn(out.shape, generator=g)).sum().backward()
         for t, label in zip(base_tensors, ("weight", "bias"), strict=False):
             if t.grad is not None:
                 raise c.fail("gradients", f"{mode} mode: the base {label} got a gradient")
+        grads = []
         for n, p in params:
             if p.grad is None:
                 raise c.fail("gradients", f"{mode} mode: parameter {n} got no gradient")
             if not bool(torch.isfinite(p.grad).all()):
                 raise c.fail("gradients", f"{mode} mode: parameter {n} has a non-finite "
                              f"gradient")
-        if not any(bool(p.grad.abs().sum() > 0) for _, p in params):
+            grads.append(p.grad)
+        if not any(bool(grad.abs().sum() > 0) for grad in grads):
             raise c.fail("gradients", f"{mode} mode: every gradient is zero")
 
 
@@ -314,17 +323,19 @@ def _check_gradients(c: _Ctx) -> None:
 LOW_PRECISION_TOL = {torch.float16: 2e-2, torch.bfloat16: 1e-1}
 
 
+@_TABLE("low_precision")
 @torch.no_grad()
 def _check_low_precision(c: _Ctx) -> None:
     base, adapter = c.perturbed()
-    x32 = c.case.input(c.seed)
+    x32 = c.input()
     ref = _rebuilt(adapter, x32)
+    modes: tuple[AttachMode, ...] = ("bypass", "weight")
     for dtype, tol in LOW_PRECISION_TOL.items():
         for adapter_dtype in (torch.float32, dtype):
             b = copy.deepcopy(base).to(dtype)
             a = c.spec.load(b, _roundtrip_tensors(adapter), c.options).to(adapter_dtype)
             x = x32.to(dtype)
-            for mode in ("bypass", "weight"):
+            for mode in modes:
                 out = _attached(a, x, mode)
                 what = f"{mode} mode, base {dtype}, adapter {adapter_dtype}"
                 if out.dtype != dtype:
@@ -337,13 +348,8 @@ def _check_low_precision(c: _Ctx) -> None:
                                  f"(tolerance {tol:g})")
 
 
-_CHECK_FNS: dict[str, Callable[[_Ctx], None]] = {
-    "zero_init": _check_zero_init,
-    "paths_agree": _check_paths_agree,
-    "file_roundtrip": _check_file_roundtrip,
-    "gradients": _check_gradients,
-    "low_precision": _check_low_precision,
-}
+#: The checks, in the order they run.
+CHECKS: tuple[str, ...] = _TABLE.names
 
 
 # -- entry points ---------------------------------------------------------------------
@@ -352,21 +358,7 @@ def run_check(spec: AdapterSpec, case: LayerCase, check: str, options: Any = Non
               rank: int = RANK, alpha: float = ALPHA, seed: int = 0,
               rtol: float = 1e-5) -> None:
     """Run one check on one case; raise ``AssertionError`` when it fails."""
-    if check not in _CHECK_FNS:
-        raise ValueError(f"unknown conformance check {check!r}; choose from {CHECKS}")
-    fn = _CHECK_FNS[check]
-    with torch.random.fork_rng(devices=[]):
-        # An adapter drawing from the global RNG must not leak state between checks.
-        fn(_Ctx(spec, case, options, rank, alpha, seed, rtol))
-
-
-@dataclass
-class ConformanceReport:
-    """Which (case, check) pairs ran and which cases the spec does not support."""
-
-    algorithm: str
-    passed: list[tuple[str, str]] = field(default_factory=list)
-    skipped: list[str] = field(default_factory=list)
+    _TABLE.run(check, lambda: _Ctx(spec, case, options, rank, alpha, seed, rtol))
 
 
 def run_adapter_conformance(spec: AdapterSpec, options: Mapping[str, Any] | Any = None, *,

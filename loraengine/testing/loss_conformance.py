@@ -36,18 +36,9 @@ import torch
 
 from loraengine.core.plugins.specs import LossSpec
 from loraengine.core.schedule import NoiseSchedule
-from loraengine.testing.suite import (
-    ConformanceReport,
-    Failing,
-    global_rng_untouched,
-    options_problems,
-    resolve,
-)
+from loraengine.testing.suite import Checks, ConformanceReport, Failing, check_options, resolve
 
 __all__ = ["LOSS_CHECKS", "LossCase", "loss_cases", "run_loss_check", "run_loss_conformance"]
-
-LOSS_CHECKS: tuple[str, ...] = ("options", "elementwise", "minimum_at_target", "gradient",
-                                "per_sample", "deterministic")
 
 
 @dataclass(frozen=True)
@@ -87,7 +78,8 @@ class _Ctx:
                  rtol: float):
         self.spec, self.case, self.seed, self.rtol = spec, case, seed, rtol
         self.options = resolve(spec.config_model, options)
-        self.fn = spec.factory(self.options)
+        # Called with two or four arguments, as ``timestep_aware`` says.
+        self.fn: Callable[..., torch.Tensor] = spec.factory(self.options)
         self.schedule = case.schedule()
         self.fail = Failing(f"loss {spec.name!r} "
                             f"({self.options.model_dump() or 'default options'}) on {case}")
@@ -99,12 +91,11 @@ class _Ctx:
         return self.fn(pred, target)
 
 
-def _check_options(c: _Ctx) -> None:
-    problems = options_problems(c.spec.config_model)
-    if problems:
-        raise c.fail("options", "; ".join(problems))
+_TABLE: Checks[_Ctx] = Checks()
+_TABLE("options")(check_options)
 
 
+@_TABLE("elementwise")
 @torch.no_grad()
 def _check_elementwise(c: _Ctx) -> None:
     pred, target, t = c.case.tensors(c.seed)
@@ -117,6 +108,7 @@ def _check_elementwise(c: _Ctx) -> None:
         raise c.fail("elementwise", "the loss is not a finite floating-point tensor")
 
 
+@_TABLE("minimum_at_target")
 @torch.no_grad()
 def _check_minimum_at_target(c: _Ctx) -> None:
     pred, target, t = c.case.tensors(c.seed)
@@ -131,6 +123,7 @@ def _check_minimum_at_target(c: _Ctx) -> None:
                      f"loss away from the target than at it")
 
 
+@_TABLE("gradient")
 def _check_gradient(c: _Ctx) -> None:
     pred, target, t = c.case.tensors(c.seed)
     pred.requires_grad_(True)
@@ -147,6 +140,7 @@ def _check_gradient(c: _Ctx) -> None:
         raise c.fail("gradient", "the gradient with respect to the prediction is all zero")
 
 
+@_TABLE("per_sample")
 @torch.no_grad()
 def _check_per_sample(c: _Ctx) -> None:
     pred, target, t = c.case.tensors(c.seed)
@@ -160,33 +154,25 @@ def _check_per_sample(c: _Ctx) -> None:
                          f"(differs by {err / scale:.3g} relative when computed alone)")
 
 
+@_TABLE("deterministic")
 @torch.no_grad()
 def _check_deterministic(c: _Ctx) -> None:
     pred, target, t = c.case.tensors(c.seed)
-    with global_rng_untouched(lambda msg: c.fail("deterministic", msg)):
+    with c.fail.if_global_rng_drawn("deterministic"):
         first = c(pred, target, t)
         second = c(pred, target, t)
     if not torch.equal(first, second):
         raise c.fail("deterministic", "the same inputs gave different losses")
 
 
-_CHECK_FNS: dict[str, Callable[[_Ctx], None]] = {
-    "options": _check_options,
-    "elementwise": _check_elementwise,
-    "minimum_at_target": _check_minimum_at_target,
-    "gradient": _check_gradient,
-    "per_sample": _check_per_sample,
-    "deterministic": _check_deterministic,
-}
+#: The checks, in the order they run.
+LOSS_CHECKS: tuple[str, ...] = _TABLE.names
 
 
 def run_loss_check(spec: LossSpec, case: LossCase, check: str, options: Any = None, *,
                    seed: int = 0, rtol: float = 1e-5) -> None:
     """Run one check on one case; raise ``AssertionError`` when it fails."""
-    if check not in _CHECK_FNS:
-        raise ValueError(f"unknown conformance check {check!r}; choose from {LOSS_CHECKS}")
-    with torch.random.fork_rng(devices=[]):
-        _CHECK_FNS[check](_Ctx(spec, case, options, seed, rtol))
+    _TABLE.run(check, lambda: _Ctx(spec, case, options, seed, rtol))
 
 
 def run_loss_conformance(spec: LossSpec, options: Mapping[str, Any] | Any = None, *,

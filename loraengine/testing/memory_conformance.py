@@ -46,12 +46,15 @@ from loraengine.testing.harness import (
     tiny_data,
     tiny_train_config,
 )
-from loraengine.testing.suite import ConformanceReport, Failing, options_problems, run_checks
+from loraengine.testing.suite import (
+    Checks,
+    ConformanceReport,
+    Failing,
+    check_options,
+    relative_error,
+)
 
 __all__ = ["MEMORY_CHECKS", "run_memory_check", "run_memory_conformance"]
-
-MEMORY_CHECKS: tuple[str, ...] = ("options", "switch", "same_training", "frozen_base",
-                                  "restores")
 
 
 def _module_state(model: nn.Module) -> dict[str, tuple[Any, ...]]:
@@ -94,21 +97,30 @@ class _Ctx:
                               latents=self.data.latents, conditioning=self.data.conditioning)
 
     def train(self, enabled: bool) -> Any:
+        return self.run(self.pipeline(enabled))
+
+    def run(self, pipe: Any, before: Callable[[Any], None] | None = None) -> Any:
+        """Train ``pipe`` (after ``before(pipe)``, when given) and close it whatever
+        happens; return the ``TrainResult``."""
         from loraengine.core.train.loop import Trainer
 
-        pipe = self.pipeline(enabled)
         try:
+            if before is not None:
+                before(pipe)
             return Trainer(pipe, write_files=False).run()
         finally:
             pipe.close()
 
 
-def _check_options(c: _Ctx) -> None:
-    problems = options_problems(c.spec.config_model)
-    if problems:
-        raise c.fail("options", "; ".join(problems))
+def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
+    return relative_error(a, b, torch.float64)
 
 
+_TABLE: Checks[_Ctx] = Checks()
+_TABLE("options")(check_options)
+
+
+@_TABLE("switch")
 def _check_switch(c: _Ctx) -> None:
     on, off = c.config(True), c.config(False)
     if not c.spec.enabled(on):
@@ -125,11 +137,7 @@ def _check_switch(c: _Ctx) -> None:
                              f"{problems!r}, expected []")
 
 
-def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.detach().double(), b.detach().double()
-    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-12))
-
-
+@_TABLE("same_training")
 def _check_same_training(c: _Ctx) -> None:
     plain, with_it = c.train(False), c.train(True)
     want, got = plain.loss_map["loss"], with_it.loss_map["loss"]
@@ -149,13 +157,9 @@ def _check_same_training(c: _Ctx) -> None:
                          f"without the strategy by {err:.3g} relative (tolerance {c.rtol:g})")
 
 
+@_TABLE("frozen_base")
 def _check_frozen_base(c: _Ctx) -> None:
-    from loraengine.core.train.loop import Trainer
-
-    model = c.model_factory()
-    before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    pipe = c.pipeline(True, model)
-    try:
+    def while_applied(pipe: Any) -> None:
         held = {id(p) for g in pipe.optimizer.param_groups for p in g["params"]}
         trainable = {id(p) for p in pipe.trainable_parameters()}
         if held != trainable:
@@ -164,9 +168,10 @@ def _check_frozen_base(c: _Ctx) -> None:
         grad_on = [n for n, p in pipe.model.named_parameters() if p.requires_grad]
         if grad_on:
             raise c.fail("frozen_base", f"base parameters require a gradient: {grad_on[:5]}")
-        Trainer(pipe, write_files=False).run()
-    finally:
-        pipe.close()
+
+    model = c.model_factory()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    c.run(c.pipeline(True, model), while_applied)
     for name, p in model.named_parameters():
         if name in before:
             err = _relative(p, before[name])
@@ -175,16 +180,11 @@ def _check_frozen_base(c: _Ctx) -> None:
                              f"({err:.3g} relative, tolerance {c.restore_rtol:g})")
 
 
+@_TABLE("restores")
 def _check_restores(c: _Ctx) -> None:
-    from loraengine.core.train.loop import Trainer
-
     model = c.model_factory()
     state, out = _module_state(model), _bare_output(model, c.data)
-    pipe = c.pipeline(True, model)
-    try:
-        Trainer(pipe, write_files=False).run()
-    finally:
-        pipe.close()
+    c.run(c.pipeline(True, model))
     after = _module_state(model)
     for name, was in state.items():
         now = after.get(name)
@@ -201,13 +201,8 @@ def _check_restores(c: _Ctx) -> None:
                      f"{err:.3g} relative (tolerance {c.restore_rtol:g})")
 
 
-_CHECK_FNS: dict[str, Callable[[_Ctx], None]] = {
-    "options": _check_options,
-    "switch": _check_switch,
-    "same_training": _check_same_training,
-    "frozen_base": _check_frozen_base,
-    "restores": _check_restores,
-}
+#: The checks, in the order they run.
+MEMORY_CHECKS: tuple[str, ...] = _TABLE.names
 
 
 @contextmanager
@@ -249,5 +244,4 @@ def run_memory_conformance(spec: MemoryStrategySpec, enable: Mapping[str, Any], 
     the built-ins (``spec`` is registered on it for the run when it is not there)."""
     with _host_with(spec, host) as h:
         ctx = _Ctx(spec, enable, h, model_factory or _default_model, rtol, restore_rtol)
-        fns = {name: (lambda fn=fn: fn(ctx)) for name, fn in _CHECK_FNS.items()}
-        return run_checks(spec.name, fns, tuple(checks), "tiny_denoiser")
+        return _TABLE.run_all(spec.name, ctx, checks, "tiny_denoiser")

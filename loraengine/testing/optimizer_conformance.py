@@ -32,25 +32,15 @@ optimizer and the check.
 from __future__ import annotations
 
 import io
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
 
 from loraengine.core.plugins.specs import OptimizerSpec
-from loraengine.testing.suite import (
-    ConformanceReport,
-    Failing,
-    global_rng_untouched,
-    options_problems,
-    resolve,
-    run_checks,
-)
+from loraengine.testing.suite import Checks, ConformanceReport, Failing, check_options, resolve
 
 __all__ = ["OPTIMIZER_CHECKS", "Problem", "run_optimizer_check", "run_optimizer_conformance"]
-
-OPTIMIZER_CHECKS: tuple[str, ...] = ("options", "builds", "descends", "skips_missing_grads",
-                                     "deterministic", "state_roundtrip")
 
 
 class Problem:
@@ -74,9 +64,16 @@ class Problem:
 def _make(spec: OptimizerSpec, params: Iterable[torch.nn.Parameter], lr: float,
           options: Any) -> torch.optim.Optimizer:
     opt = spec.factory(list(params), lr, options)
-    if callable(getattr(opt, "train", None)):
-        opt.train()  # as the trainer does before each step
+    _train_mode(opt)
     return opt
+
+
+def _train_mode(opt: torch.optim.Optimizer) -> None:
+    """Put an optimizer with modes (schedule-free) in train mode, as the trainer does
+    before each step; ``torch.optim.Optimizer`` itself has no modes."""
+    train = getattr(opt, "train", None)
+    if callable(train):
+        train()
 
 
 def _step(problem: Problem, p: Mapping[str, torch.nn.Parameter],
@@ -105,12 +102,11 @@ class _Ctx:
         return p, opt, losses
 
 
-def _check_options(c: _Ctx) -> None:
-    problems = options_problems(c.spec.config_model)
-    if problems:
-        raise c.fail("options", "; ".join(problems))
+_TABLE: Checks[_Ctx] = Checks()
+_TABLE("options")(check_options)
 
 
+@_TABLE("builds")
 def _check_builds(c: _Ctx) -> None:
     p = c.problem.params()
     opt = _make(c.spec, p.values(), c.lr, c.options)
@@ -128,6 +124,7 @@ def _check_builds(c: _Ctx) -> None:
                          f"the given {c.lr!r}")
 
 
+@_TABLE("descends")
 def _check_descends(c: _Ctx) -> None:
     p, _, losses = c.run(c.steps)
     final = float(c.problem.loss(p).detach())
@@ -138,6 +135,7 @@ def _check_descends(c: _Ctx) -> None:
                      f"{final:.4g} (wanted below {c.descent:g}×; try another lr)")
 
 
+@_TABLE("skips_missing_grads")
 def _check_skips_missing_grads(c: _Ctx) -> None:
     p, _, _ = c.run(3)
     if p["idle"].grad is not None:
@@ -147,8 +145,9 @@ def _check_skips_missing_grads(c: _Ctx) -> None:
         raise c.fail("skips_missing_grads", "a parameter without a gradient changed")
 
 
+@_TABLE("deterministic")
 def _check_deterministic(c: _Ctx) -> None:
-    with global_rng_untouched(lambda msg: c.fail("deterministic", msg)):
+    with c.fail.if_global_rng_drawn("deterministic"):
         first, _, _ = c.run(5)
         second, _, _ = c.run(5)
     for name in first:
@@ -156,6 +155,7 @@ def _check_deterministic(c: _Ctx) -> None:
             raise c.fail("deterministic", f"two runs from the same start differ in {name}")
 
 
+@_TABLE("state_roundtrip")
 def _check_state_roundtrip(c: _Ctx) -> None:
     p, opt, _ = c.run(3)
     buffer = io.BytesIO()
@@ -168,8 +168,7 @@ def _check_state_roundtrip(c: _Ctx) -> None:
     except Exception as exc:  # noqa: BLE001
         raise c.fail("state_roundtrip", f"load_state_dict failed: {type(exc).__name__}: "
                      f"{exc}") from exc
-    if callable(getattr(fresh, "train", None)):
-        fresh.train()
+    _train_mode(fresh)
     for _ in range(3):
         _step(c.problem, p, opt)
         _step(c.problem, q, fresh)
@@ -180,14 +179,8 @@ def _check_state_roundtrip(c: _Ctx) -> None:
                          f"from the uninterrupted run by {err:.3g}")
 
 
-_CHECK_FNS: dict[str, Callable[[_Ctx], None]] = {
-    "options": _check_options,
-    "builds": _check_builds,
-    "descends": _check_descends,
-    "skips_missing_grads": _check_skips_missing_grads,
-    "deterministic": _check_deterministic,
-    "state_roundtrip": _check_state_roundtrip,
-}
+#: The checks, in the order they run.
+OPTIMIZER_CHECKS: tuple[str, ...] = _TABLE.names
 
 
 def run_optimizer_check(spec: OptimizerSpec, check: str, options: Any = None, *,
@@ -205,5 +198,4 @@ def run_optimizer_conformance(spec: OptimizerSpec, options: Mapping[str, Any] | 
     """Run the checks on ``spec`` with ``options`` at learning rate ``lr``; raise
     ``AssertionError`` on the first failure, else return what ran."""
     ctx = _Ctx(spec, options, lr, steps, descent, seed)
-    fns = {name: (lambda fn=fn: fn(ctx)) for name, fn in _CHECK_FNS.items()}
-    return run_checks(spec.name, fns, tuple(checks), "least_squares")
+    return _TABLE.run_all(spec.name, ctx, checks, "least_squares")

@@ -65,7 +65,9 @@ def t5_text(d_model: int = 32, seed: int = 0) -> Any:
     torch.manual_seed(seed)
     cfg = T5Config(vocab_size=4 + 2 * len(_CHARS), d_model=d_model, d_kv=8, d_ff=2 * d_model,
                    num_layers=1, num_heads=2, relative_attention_num_buckets=8,
-                   decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
+                   # taken through the config's extra keys, which its signature omits
+                   decoder_start_token_id=0,  # type: ignore[call-arg]
+                   pad_token_id=0, eos_token_id=1)
     return T5EncoderModel(cfg).eval()
 
 
@@ -75,11 +77,13 @@ def vae(latent_channels: int = 4, scaling_factor: float = 0.18215,
     from diffusers import AutoencoderKL
 
     torch.manual_seed(seed)
-    return AutoencoderKL(in_channels=3, out_channels=3, latent_channels=latent_channels,
-                         block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=8,
-                         down_block_types=("DownEncoderBlock2D",) * 2,
-                         up_block_types=("UpDecoderBlock2D",) * 2, sample_size=32,
-                         scaling_factor=scaling_factor, shift_factor=shift_factor).eval()
+    model = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=latent_channels,
+                          block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=8,
+                          down_block_types=("DownEncoderBlock2D",) * 2,
+                          up_block_types=("UpDecoderBlock2D",) * 2, sample_size=32,
+                          scaling_factor=scaling_factor, shift_factor=shift_factor)
+    # mypy does not follow AutoencoderKL's mixin bases to nn.Module, which has eval()
+    return model.eval()  # type: ignore[attr-defined]
 
 
 def unet(cross_attention_dim: int, sdxl_pooled: int | None = None, linear_proj: bool = False,
@@ -125,22 +129,22 @@ def build(family: str, seed: int = 0) -> Any:
 
     if family in ("sd15", "sd2"):
         v = family == "sd2"
-        sched = d.DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085,
-                                beta_end=0.012, steps_offset=1, clip_sample=False,
-                                prediction_type="v_prediction" if v else "epsilon")
+        ddpm = d.DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085,
+                               beta_end=0.012, steps_offset=1, clip_sample=False,
+                               prediction_type="v_prediction" if v else "epsilon")
         return d.StableDiffusionPipeline(
             vae=vae(seed=seed), text_encoder=clip_text(32, seed=seed),
             tokenizer=clip_tokenizer(), unet=unet(32, linear_proj=v, seed=seed),
-            scheduler=sched, safety_checker=None, feature_extractor=None,
+            scheduler=ddpm, safety_checker=None, feature_extractor=None,
             requires_safety_checker=False)
     if family == "sdxl":
-        sched = d.EulerDiscreteScheduler(beta_schedule="scaled_linear", beta_start=0.00085,
+        euler = d.EulerDiscreteScheduler(beta_schedule="scaled_linear", beta_start=0.00085,
                                          beta_end=0.012)
         return d.StableDiffusionXLPipeline(
             vae=vae(scaling_factor=0.13025, seed=seed), text_encoder=clip_text(16, seed=seed),
             text_encoder_2=clip_text(16, projection=16, seed=seed + 1),
             tokenizer=clip_tokenizer(), tokenizer_2=clip_tokenizer(),
-            unet=unet(32, sdxl_pooled=16, linear_proj=True, seed=seed), scheduler=sched)
+            unet=unet(32, sdxl_pooled=16, linear_proj=True, seed=seed), scheduler=euler)
     if family == "sd3":
         return d.StableDiffusion3Pipeline(
             vae=vae(scaling_factor=1.5305, shift_factor=0.0609, seed=seed),
@@ -150,13 +154,13 @@ def build(family: str, seed: int = 0) -> Any:
             tokenizer_3=t5_tokenizer(), transformer=sd3_transformer(seed),
             scheduler=d.FlowMatchEulerDiscreteScheduler(shift=3.0))
     if family == "flux":
-        sched = d.FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True,
-                                                  base_shift=0.5, max_shift=1.15)
+        flow = d.FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True,
+                                                 base_shift=0.5, max_shift=1.15)
         return d.FluxPipeline(
             vae=vae(scaling_factor=0.3611, shift_factor=0.1159, seed=seed),
             text_encoder=clip_text(16, seed=seed), tokenizer=clip_tokenizer(),
             text_encoder_2=t5_text(32, seed=seed), tokenizer_2=t5_tokenizer(),
-            transformer=flux_transformer(seed), scheduler=sched)
+            transformer=flux_transformer(seed), scheduler=flow)
     raise ValueError(f"unknown family {family!r}; choose from {', '.join(FAMILIES)}")
 
 
@@ -181,6 +185,18 @@ def _resnet(rest: str) -> str:
     return f"{_RESNET.get(head, head)}.{tail}"
 
 
+def _block_part(parts: list[str], per: int, blocks: str, first: int) -> str | None:
+    """The original name of a resnet or attention of ``down_blocks``/``up_blocks``
+    (``parts``: the dotted key split) in ``blocks``, whose block ``i``'s ``j``-th layer
+    sits at ``per·i + j + first``; ``None`` for the block's down/upsampler."""
+    i, kind, j, rest = int(parts[1]), parts[2], int(parts[3]), ".".join(parts[4:])
+    if kind == "resnets":
+        return f"{blocks}.{per * i + j + first}.0.{_resnet(rest)}"
+    if kind == "attentions":
+        return f"{blocks}.{per * i + j + first}.1.{rest}"
+    return None
+
+
 def unet_to_original(state_dict: dict[str, torch.Tensor], config: Any,
                      prefix: str = "model.diffusion_model.") -> dict[str, torch.Tensor]:
     """Rename a diffusers UNet2DConditionModel state dict to the original layout
@@ -195,26 +211,19 @@ def unet_to_original(state_dict: dict[str, torch.Tensor], config: Any,
             if key.startswith(src + "."):
                 new = dst + key[len(src):]
         if new is None and parts[0] == "down_blocks":
-            i, kind, j, rest = int(parts[1]), parts[2], int(parts[3]), ".".join(parts[4:])
-            if kind == "resnets":
-                new = f"input_blocks.{per * i + j + 1}.0.{_resnet(rest)}"
-            elif kind == "attentions":
-                new = f"input_blocks.{per * i + j + 1}.1.{rest}"
-            else:  # downsamplers.0.conv.*
-                new = f"input_blocks.{per * (i + 1)}.0.op.{'.'.join(parts[5:])}"
+            i = int(parts[1])
+            new = _block_part(parts, per, "input_blocks", 1) or \
+                f"input_blocks.{per * (i + 1)}.0.op.{'.'.join(parts[5:])}"  # downsamplers.0.conv
         elif new is None and parts[0] == "mid_block":
             kind, j, rest = parts[1], int(parts[2]), ".".join(parts[3:])
             new = f"middle_block.{2 * j}.{_resnet(rest)}" if kind == "resnets" else \
                 f"middle_block.1.{rest}"
         elif new is None and parts[0] == "up_blocks":
-            i, kind, j, rest = int(parts[1]), parts[2], int(parts[3]), ".".join(parts[4:])
-            if kind == "resnets":
-                new = f"output_blocks.{per * i + j}.0.{_resnet(rest)}"
-            elif kind == "attentions":
-                new = f"output_blocks.{per * i + j}.1.{rest}"
-            else:  # upsamplers.0.conv.*
-                slot = 2 if i in ups_with_attn else 1
-                new = f"output_blocks.{per * i + per - 1}.{slot}.{'.'.join(parts[4:])}"
+            i = int(parts[1])
+            # the upsampler follows the resnet, and the attention when the block has one
+            slot = 2 if i in ups_with_attn else 1
+            new = _block_part(parts, per, "output_blocks", 0) or \
+                f"output_blocks.{per * i + per - 1}.{slot}.{'.'.join(parts[4:])}"
         if new is None:
             raise KeyError(f"no original-layout name for {key}")
         out[prefix + new] = tensor

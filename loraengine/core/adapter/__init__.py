@@ -7,10 +7,12 @@ from loraengine.core.adapter.layer import (
     AdapterLayer,
     AttachMode,
     ChannelDelta,
+    bias_of,
     layer_op,
     split_deltas,
+    weight_of,
 )
 from loraengine.core.adapter.network import AdapterNetwork, select_layers
 
 __all__ = ["ADAPTABLE", "DELTA_KEYS", "NORMS", "AdapterLayer", "AdapterNetwork", "AttachMode",
-           "ChannelDelta", "layer_op", "select_layers", "split_deltas"]
+           "ChannelDelta", "bias_of", "layer_op", "select_layers", "split_deltas", "weight_of"]

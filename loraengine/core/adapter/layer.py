@@ -10,7 +10,7 @@ and *merge* (write W+ΔW into the base weight).
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, cast
 
 import torch
 import torch.nn.functional as F
@@ -20,13 +20,26 @@ ADAPTABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 AttachMode = Literal["weight", "bypass"]
 
 
+def weight_of(layer: nn.Module) -> torch.Tensor:
+    """``layer.weight`` as a tensor. ``nn.Module`` attribute lookup is typed
+    ``Tensor | Module``; the weight of every layer an adapter wraps (Linear, Conv, a
+    norm, a quantized stand-in) is a tensor."""
+    return cast(torch.Tensor, layer.weight)
+
+
+def bias_of(layer: nn.Module) -> torch.Tensor | None:
+    """``layer.bias`` as a tensor or ``None`` (typed as :func:`weight_of` says)."""
+    return cast("torch.Tensor | None", layer.bias)
+
+
 def layer_op(base: nn.Module, x: torch.Tensor, weight: torch.Tensor,
              bias: torch.Tensor | None) -> torch.Tensor:
     """Run ``base``'s operation (linear or its convolution) with another weight/bias."""
     if isinstance(base, nn.Linear):
         return F.linear(x, weight, bias)
     if isinstance(base, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
-        return base._conv_forward(x, weight, bias)
+        out: torch.Tensor = base._conv_forward(x, weight, bias)  # untyped in torch
+        return out
     raise TypeError(f"cannot adapt {type(base).__name__}")
 
 
@@ -74,9 +87,9 @@ class AdapterLayer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """The rebuild path: the base operation with W+ΔW (and b+Δb)."""
         base = self.base
-        w = base.weight
+        w = weight_of(base)
         dw = self.delta_weight().to(dtype=w.dtype, device=w.device)
-        b = base.bias
+        b = bias_of(base)
         db = self.delta_bias()
         if db is not None:
             db = db.to(dtype=w.dtype, device=w.device)
@@ -96,13 +109,14 @@ class AdapterLayer(nn.Module):
     def merge(self) -> None:
         """Add ΔW (and Δb) into the base layer's parameters in place."""
         base = self.base
-        base.weight.add_(self.delta_weight().to(base.weight.dtype))
+        weight, bias = weight_of(base), bias_of(base)
+        weight.add_(self.delta_weight().to(weight.dtype))
         db = self.delta_bias()
         if db is not None:
-            if base.bias is None:
-                base.bias = nn.Parameter(db.to(base.weight.dtype), requires_grad=False)
+            if bias is None:
+                base.bias = nn.Parameter(db.to(weight.dtype), requires_grad=False)
             else:
-                base.bias.add_(db.to(base.bias.dtype))
+                bias.add_(db.to(bias.dtype))
 
 
 NORMS: tuple[type, ...] = (nn.GroupNorm, nn.LayerNorm) + (
@@ -124,8 +138,9 @@ class ChannelDelta(AdapterLayer):
 
     def __init__(self, base: nn.Module, weight: bool, bias: bool):
         super().__init__(base, 1, 1.0)
-        self.diff = nn.Parameter(torch.zeros(base.weight.shape)) if weight else None
-        self.diff_b = nn.Parameter(torch.zeros(base.bias.shape)) if bias else None
+        self.diff = nn.Parameter(torch.zeros(weight_of(base).shape)) if weight else None
+        self.diff_b = (nn.Parameter(torch.zeros(cast(torch.Tensor, base.bias).shape))
+                       if bias else None)  # asked for only when the base has a bias
 
     def _channel(self, t: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         t = t.to(out.dtype) * self.multiplier
@@ -139,7 +154,10 @@ class ChannelDelta(AdapterLayer):
             return F.group_norm(x, b.num_groups, None, None, b.eps)
         if isinstance(b, nn.LayerNorm):
             return F.layer_norm(x, b.normalized_shape, None, None, b.eps)
-        return F.rms_norm(x, b.normalized_shape, None, b.eps)
+        # A scale delta exists only on NORMS, so what is left is an RMSNorm (named as a
+        # string: older torch has no nn.RMSNorm, and then this line is never reached).
+        rms = cast("nn.RMSNorm", b)
+        return F.rms_norm(x, rms.normalized_shape, None, rms.eps)
 
     def bypass(self, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
         out = base_out
@@ -151,14 +169,14 @@ class ChannelDelta(AdapterLayer):
 
     def delta_weight(self) -> torch.Tensor:
         if self.diff is None:
-            return torch.zeros_like(self.base.weight)
+            return torch.zeros_like(weight_of(self.base))
         return self.diff * self.multiplier
 
     def delta_bias(self) -> torch.Tensor | None:
         return None if self.diff_b is None else self.diff_b * self.multiplier
 
     def file_tensors(self) -> dict[str, torch.Tensor]:
-        out = {}
+        out: dict[str, torch.Tensor] = {}
         if self.diff is not None:
             out["diff"] = self.diff
         if self.diff_b is not None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import fnmatch
 import types
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -17,9 +17,18 @@ from loraengine.core.errors import ConfigError
 
 def _patched_forward(adapter: AdapterLayer) -> Callable[..., torch.Tensor]:
     def forward(self: nn.Module, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        return adapter(x)
+        out: torch.Tensor = adapter(x)  # Module.__call__ is typed Any
+        return out
 
     return forward
+
+
+def _unpatch(base: nn.Module) -> Callable[[], None]:
+    """Undo of ``attach("weight")`` on ``base``: drop the instance's own forward."""
+    def undo() -> None:
+        base.__dict__.pop("forward", None)
+
+    return undo
 
 
 class AdapterNetwork(nn.Module):
@@ -36,16 +45,17 @@ class AdapterNetwork(nn.Module):
         self._undo: list[Callable[[], None]] = []
         self.mode: AttachMode | None = None
 
+    # ModuleDict entries are typed nn.Module; __init__ put in only adapters and deltas.
     def delta_items(self) -> Iterator[tuple[str, ChannelDelta]]:
         for p in self.delta_paths:
-            yield p, self.deltas[_key(p)]  # type: ignore[misc]
+            yield p, cast(ChannelDelta, self.deltas[_key(p)])
 
     def items(self) -> Iterator[tuple[str, AdapterLayer]]:
         for p in self.paths:
-            yield p, self.layers[_key(p)]  # type: ignore[misc]
+            yield p, self[p]
 
     def __getitem__(self, path: str) -> AdapterLayer:
-        return self.layers[_key(path)]  # type: ignore[return-value]
+        return cast(AdapterLayer, self.layers[_key(path)])
 
     def attach(self, mode: AttachMode = "weight") -> None:
         """Route each base layer through its adapter: ``weight`` replaces the layer's
@@ -56,7 +66,7 @@ class AdapterNetwork(nn.Module):
             base = layer.base
             if mode == "weight":
                 base.forward = types.MethodType(_patched_forward(layer), base)
-                self._undo.append(lambda b=base: b.__dict__.pop("forward", None))
+                self._undo.append(_unpatch(base))
             else:
                 handle = base.register_forward_hook(
                     lambda mod, args, out, a=layer: a.bypass(args[0], out))
@@ -104,7 +114,7 @@ def _key(path: str) -> str:
 
 
 def select_layers(model: nn.Module, include: Iterable[str], exclude: Iterable[str],
-                  types_: tuple[type, ...] = ADAPTABLE) -> dict[str, nn.Module]:
+                  types_: tuple[type[nn.Module], ...] = ADAPTABLE) -> dict[str, nn.Module]:
     """The adaptable layers of ``model`` whose path matches ``include`` but not
     ``exclude`` (shell-style globs over dotted module paths)."""
     include, exclude = list(include), list(exclude)

@@ -13,26 +13,28 @@ ComfyUI's reading as for OFT) and optional ``rescale``.
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Mapping
 
 import torch
 from pydantic import Field
 from torch import nn
 
+from loraengine.core.adapter import weight_of
 from loraengine.core.errors import ConfigError
-from loraengine.core.plugins.specs import AdapterSpec, PluginOptions
+from loraengine.core.plugins.specs import AdapterSpec
 from loraengine.plugins.adapters.oft import (
     ChannelMapLayer,
-    _read_rescale,
-    _warn_alpha,
+    RotationOptions,
     blocks_with_rank,
     cayley,
     constraint_metadata,
     fill_saved,
+    rotation_settings,
+    saved_blocks,
 )
 
 
-class BOFTOptions(PluginOptions):
+class BOFTOptions(RotationOptions):
     block_size: int | None = Field(
         None, ge=2, description="Largest block size to use: the largest even b not above "
         "it with output size / b a power of two. Default: adapter.rank (as LyCORIS).")
@@ -40,10 +42,6 @@ class BOFTOptions(PluginOptions):
         None, ge=1, description="Butterfly stages m (capped at log2(blocks)+1, which "
         "also is the default: every row can reach every other). LyCORIS only reloads "
         "files with the full stage count.")
-    constraint: float = Field(
-        0.0, ge=0, description="Bound on the Frobenius norm of Q over all blocks and "
-        "stages of a layer (0: off); saved as alpha in ComfyUI's reading.")
-    rescaled: bool = Field(False, description="Also train a per-output-row scale.")
 
 
 def power_of_two(n: int) -> bool:
@@ -69,7 +67,7 @@ class BOFTLayer(ChannelMapLayer):
 
     def __init__(self, base: nn.Module, block_size: int, stages: int,
                  constraint: float = 0.0, rescaled: bool = False):
-        out_dim = int(base.weight.shape[0])
+        out_dim = int(weight_of(base).shape[0])
         if block_size % 2 or out_dim % block_size or not power_of_two(out_dim // block_size):
             raise ValueError(f"BOFT block size {block_size} does not fit output size "
                              f"{out_dim} (need an even size with a power-of-two count)")
@@ -94,7 +92,7 @@ class BOFTLayer(ChannelMapLayer):
         return t
 
 
-def _shape_for(out_dim: int, rank: int, options: Any) -> tuple[int, int, int]:
+def _shape_for(out_dim: int, rank: int, options: object) -> tuple[int, int, int]:
     limit = getattr(options, "block_size", None) or rank
     split = butterfly_split(out_dim, limit)
     if split is None:
@@ -109,32 +107,21 @@ def _shape_for(out_dim: int, rank: int, options: Any) -> tuple[int, int, int]:
     return b, n, min(stages, max_stages(n))
 
 
-def create(base: nn.Module, rank: int, alpha: float, options: Any,
-           generator: torch.Generator | None) -> BOFTLayer:
-    _warn_alpha(options, "boft")
-    b, _, stages = _shape_for(int(base.weight.shape[0]), rank, options)
-    return BOFTLayer(base, b, stages, float(getattr(options, "constraint", 0.0) or 0.0),
-                     bool(getattr(options, "rescaled", False)))
-
-
-def load(base: nn.Module, tensors: dict[str, torch.Tensor], options: Any) -> BOFTLayer:
-    blocks = tensors["oft_blocks"]
-    if blocks.ndim != 4:
-        hint = " (an OFT file: use adapter.algorithm: oft)" if blocks.ndim == 3 else ""
-        raise ValueError(f"oft_blocks has shape {list(blocks.shape)}, BOFT needs "
-                         f"[stages, blocks, size, size]{hint}")
-    stages, n, b, b2 = blocks.shape
-    out_dim = int(base.weight.shape[0])
-    if b != b2 or n * b != out_dim:
-        raise ValueError(f"oft_blocks {list(blocks.shape)} does not fit a layer with "
-                         f"{out_dim} output channels")
-    constraint = float(tensors["alpha"]) if "alpha" in tensors else 0.0
-    rescale = _read_rescale(tensors, out_dim)
-    layer = BOFTLayer(base, b, stages, max(constraint, 0.0), rescaled=rescale is not None)
-    return fill_saved(layer, blocks, rescale)
-
-
 owns_keys = blocks_with_rank(4)
+
+
+def create(base: nn.Module, rank: int, alpha: float, options: object,
+           generator: torch.Generator | None) -> BOFTLayer:
+    constraint, rescaled = rotation_settings(options, "boft")
+    b, _, stages = _shape_for(int(weight_of(base).shape[0]), rank, options)
+    return BOFTLayer(base, b, stages, constraint, rescaled)
+
+
+def load(base: nn.Module, tensors: Mapping[str, torch.Tensor], options: object) -> BOFTLayer:
+    blocks, constraint, rescale = saved_blocks(base, tensors, 4)
+    stages, _, b, _ = blocks.shape
+    layer = BOFTLayer(base, b, stages, constraint, rescaled=rescale is not None)
+    return fill_saved(layer, blocks, rescale)
 
 
 SPEC = AdapterSpec(

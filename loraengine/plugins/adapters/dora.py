@@ -2,7 +2,8 @@
 
 A subclass supplies ``raw_delta()`` — its ΔW with the algorithm's scale, without the
 multiplier — and may supply ``raw_bypass(x, gain)``, the output of that delta layer
-times ``gain``, computed from its factors (folding the gain into its smallest factor). This class adds the multiplier and, with ``weight_decompose: true``,
+times ``gain``, computed from its factors (folding the gain into its smallest factor).
+This class adds the multiplier and, with ``weight_decompose: true``,
 DoRA: the adapted weight is ``m · (W+ΔW) / ‖W+ΔW‖`` with one norm per output channel
 and a trained magnitude ``m`` (the file's ``dora_scale``, shape ``[out, 1, ...]``),
 initialised to ‖W‖ so the adapter starts as the identity.
@@ -17,10 +18,22 @@ is per input column (``[1, in, ...]``, older LyCORIS) load too; their bypass bui
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import TypeVar
+
 import torch
+from pydantic import Field
 from torch import nn
 
-from loraengine.core.adapter import AdapterLayer, layer_op
+from loraengine.core.adapter import AdapterLayer, bias_of, layer_op, weight_of
+from loraengine.core.plugins.specs import PluginOptions
+
+
+class DoRAOptions(PluginOptions):
+    """The option every additive algorithm has: its options model derives from this."""
+
+    weight_decompose: bool = Field(False, description="DoRA: train a per-output-channel "
+                                   "magnitude and the direction separately (dora_scale).")
 
 
 def f32(value: float) -> float:
@@ -72,7 +85,7 @@ class AdditiveAdapter(AdapterLayer):
     # -- DoRA -------------------------------------------------------------------------
     def enable_dora(self, saved: torch.Tensor | None = None) -> None:
         """Add the magnitude: from the base weight's norms, or a saved ``dora_scale``."""
-        w = self.base.weight
+        w = weight_of(self.base)
         if saved is None:
             self.dora_on_out = True
             value = column_norms(w.detach().float(), True)
@@ -88,19 +101,19 @@ class AdditiveAdapter(AdapterLayer):
                                  f"output nor the input channels of weight {list(w.shape)}")
         self.dora_scale = nn.Parameter(value.detach().float().clone())
 
-    def _dora_factor(self, raw: torch.Tensor) -> torch.Tensor:
+    def _dora_factor(self, raw: torch.Tensor, magnitude: torch.Tensor) -> torch.Tensor:
         """s = m / ‖W + ΔW‖ (fp32), per output row or input column."""
-        w = self.base.weight.float()
+        w = weight_of(self.base).float()
         norms = column_norms(w + raw.float(), self.dora_on_out)
-        return self.dora_scale.float() / norms  # type: ignore[union-attr]
+        return magnitude.float() / norms
 
     # -- the contract -----------------------------------------------------------------
     def delta_weight(self) -> torch.Tensor:
         raw = self.raw_delta()
         if self.dora_scale is None:
             return raw if self.multiplier == 1 else raw * self.multiplier
-        s = self._dora_factor(raw)
-        w = self.base.weight.float()
+        s = self._dora_factor(raw, self.dora_scale)
+        w = weight_of(self.base).float()
         # (s-1)·W + s·ΔW rather than s·(W+ΔW) − W: exactly zero when s is exactly 1.
         return ((s - 1) * w + s * raw.float()) * self.multiplier
 
@@ -110,8 +123,9 @@ class AdditiveAdapter(AdapterLayer):
             return base_out + self.raw_bypass(x.to(dt), self.multiplier)
         if not self.dora_on_out:
             return super().bypass(x, base_out)  # per-column norms: build ΔW
-        s = _channel_view(self._dora_factor(self.raw_delta()), self.base, base_out)
-        bias = self.base.bias
+        s = _channel_view(self._dora_factor(self.raw_delta(), self.dora_scale), self.base,
+                          base_out)
+        bias = bias_of(self.base)
         plain = base_out if bias is None else base_out - _channel_view(bias, self.base, base_out)
         h = self.raw_bypass(x.to(dt)).float()
         delta = (s - 1) * plain.float() + s * h
@@ -125,7 +139,7 @@ class AdditiveAdapter(AdapterLayer):
         if not self.factored_forward:
             return super().forward(x)
         base = self.base
-        return self.bypass(x, layer_op(base, x, base.weight, base.bias))
+        return self.bypass(x, layer_op(base, x, weight_of(base), bias_of(base)))
 
     def file_tensors(self) -> dict[str, torch.Tensor]:
         out = self.adapter_tensors()
@@ -134,7 +148,19 @@ class AdditiveAdapter(AdapterLayer):
         return out
 
 
-def load_dora(layer: AdditiveAdapter, tensors: dict[str, torch.Tensor]) -> None:
-    """Restore ``dora_scale`` when the saved module has one."""
+Additive = TypeVar("Additive", bound=AdditiveAdapter)
+
+
+def with_dora(layer: Additive, options: object) -> Additive:
+    """``layer`` with DoRA switched on when ``options`` ask for it (``create``)."""
+    if getattr(options, "weight_decompose", False):
+        layer.enable_dora()
+    return layer
+
+
+def load_dora(layer: Additive, tensors: Mapping[str, torch.Tensor]) -> Additive:
+    """``layer`` with its ``dora_scale`` restored when the saved module has one
+    (``load``)."""
     if "dora_scale" in tensors:
         layer.enable_dora(tensors["dora_scale"])
+    return layer

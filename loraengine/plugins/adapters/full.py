@@ -7,13 +7,14 @@ kept as a difference from the base, so it can still be applied at any strength.
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Mapping
 
 import torch
 from torch import nn
 
-from loraengine.core.adapter import AdapterLayer
+from loraengine.core.adapter import AdapterLayer, weight_of
 from loraengine.core.plugins.specs import AdapterSpec
+from loraengine.plugins.adapters.common import has_keys
 
 
 class FullLayer(AdapterLayer):
@@ -23,10 +24,11 @@ class FullLayer(AdapterLayer):
 
     def __init__(self, base: nn.Module, with_bias: bool | None = None):
         super().__init__(base, 1, 1.0)
-        self.diff = nn.Parameter(torch.zeros(base.weight.shape))
+        w = weight_of(base)
+        self.diff = nn.Parameter(torch.zeros(w.shape))
         if with_bias is None:
             with_bias = getattr(base, "bias", None) is not None
-        self.diff_b = nn.Parameter(torch.zeros(base.weight.shape[0])) if with_bias else None
+        self.diff_b = nn.Parameter(torch.zeros(w.shape[0])) if with_bias else None
 
     @property
     def scale(self) -> float:
@@ -41,20 +43,20 @@ class FullLayer(AdapterLayer):
         return self.diff_b * self.multiplier
 
     def file_tensors(self) -> dict[str, torch.Tensor]:
-        out = {"diff": self.diff}
+        out: dict[str, torch.Tensor] = {"diff": self.diff}
         if self.diff_b is not None:
             out["diff_b"] = self.diff_b
         return out
 
 
-def create(base: nn.Module, rank: int, alpha: float, options: Any,
+def create(base: nn.Module, rank: int, alpha: float, options: object,
            generator: torch.Generator | None) -> FullLayer:
     return FullLayer(base)
 
 
-def load(base: nn.Module, tensors: dict[str, torch.Tensor], options: Any) -> FullLayer:
+def load(base: nn.Module, tensors: Mapping[str, torch.Tensor], options: object) -> FullLayer:
     diff = tensors["diff"]
-    w = base.weight
+    w = weight_of(base)
     if diff.numel() != w.numel():
         raise ValueError(f"diff of shape {list(diff.shape)} does not fit weight {list(w.shape)}")
     layer = FullLayer(base, with_bias="diff_b" in tensors)
@@ -69,8 +71,7 @@ def load(base: nn.Module, tensors: dict[str, torch.Tensor], options: Any) -> Ful
     return layer
 
 
-def owns_keys(keys: set[str]) -> bool:
-    return "diff" in keys
+owns_keys = has_keys("diff")
 
 
 SPEC = AdapterSpec(

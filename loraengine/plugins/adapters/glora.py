@@ -13,33 +13,24 @@ each term (LyCORIS once applied it twice in bypass).
 from __future__ import annotations
 
 import math
-from typing import Any
+from collections.abc import Mapping
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from loraengine.core.adapter import AdapterLayer, layer_op
+from loraengine.core.adapter import AdapterLayer, layer_op, weight_of
 from loraengine.core.plugins.specs import AdapterSpec
-
-_POINTWISE = {3: F.conv1d, 4: F.conv2d, 5: F.conv3d}
-
-
-def pointwise(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """Apply a ``[o, i(,1…)]`` weight on the channel axis (last for 2-D weights)."""
-    if weight.ndim == 2:
-        return F.linear(x, weight)
-    return _POINTWISE[weight.ndim](x, weight)
-
-
-def base_forward(base: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """The base layer's own operation, skipping its hooks and any patched forward (so
-    a quantized or otherwise custom layer runs its own code)."""
-    return type(base).forward(base, x)
+from loraengine.plugins.adapters.common import (
+    base_forward,
+    copy_saved,
+    has_keys,
+    pointwise,
+    saved_alpha,
+)
 
 
 def glora_shapes(base: nn.Module, rank: int) -> dict[str, tuple[int, ...]]:
-    w = base.weight
+    w = weight_of(base)
     out_dim, in_dim, kernel = int(w.shape[0]), int(w.shape[1]), tuple(w.shape[2:])
     ones = (1,) * len(kernel)
     return {"a1": (in_dim, rank, *ones), "a2": (rank, in_dim, *ones),
@@ -67,7 +58,7 @@ class GLoRALayer(AdapterLayer):
         return self.a1.flatten(1) @ self.a2.flatten(1)
 
     def delta_weight(self) -> torch.Tensor:
-        w = self.base.weight.detach().float()
+        w = weight_of(self.base).detach().float()
         wa = torch.einsum("oi...,ij->oj...", w, self.input_map().float())
         b = (self.b1.flatten(1) @ self.b2.flatten(1)).reshape(w.shape).float()
         return (wa + b) * (self.scale * self.multiplier)
@@ -87,7 +78,7 @@ class GLoRALayer(AdapterLayer):
                 "b2.weight": self.b2, "alpha": torch.tensor(self.alpha)}
 
 
-def create(base: nn.Module, rank: int, alpha: float, options: Any,
+def create(base: nn.Module, rank: int, alpha: float, options: object,
            generator: torch.Generator | None) -> GLoRALayer:
     return GLoRALayer(base, rank, alpha, generator)
 
@@ -95,28 +86,23 @@ def create(base: nn.Module, rank: int, alpha: float, options: Any,
 KEYS = ("a1.weight", "a2.weight", "b1.weight", "b2.weight")
 
 
-def load(base: nn.Module, tensors: dict[str, torch.Tensor], options: Any) -> GLoRALayer:
+def load(base: nn.Module, tensors: Mapping[str, torch.Tensor], options: object) -> GLoRALayer:
     if "bm.weight" in tensors:
         raise ValueError("GLoRA with a Tucker core (bm.weight) is not supported")
     rank = int(tensors["a2.weight"].shape[0])
-    alpha = float(tensors["alpha"]) if "alpha" in tensors else float(rank)
-    if alpha == 0:
-        alpha = float(rank)  # LyCORIS reads alpha 0 as "no scaling"
-    layer = GLoRALayer(base, rank, alpha)
+    # LyCORIS reads alpha 0 as "no scaling"
+    layer = GLoRALayer(base, rank, saved_alpha(tensors, rank) or float(rank))
     want = glora_shapes(base, rank)
-    with torch.no_grad():
-        for key in KEYS:
-            name = key.split(".")[0]
-            t = tensors[key]
-            if t.numel() != math.prod(want[name]):
-                raise ValueError(f"{key} has shape {list(t.shape)}, a layer with weight "
-                                 f"{list(base.weight.shape)} needs {list(want[name])}")
-            getattr(layer, name).copy_(t.float().reshape(want[name]))
+    for key in KEYS:
+        name = key.split(".")[0]
+        t = tensors[key]
+        copy_saved(getattr(layer, name), t,
+                   f"{key} has shape {list(t.shape)}, a layer with weight "
+                   f"{list(weight_of(base).shape)} needs {list(want[name])}")
     return layer
 
 
-def owns_keys(keys: Any) -> bool:
-    return all(k in keys for k in KEYS)
+owns_keys = has_keys(*KEYS)
 
 
 SPEC = AdapterSpec(

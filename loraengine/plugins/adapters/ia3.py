@@ -10,15 +10,15 @@ its value as in the merged layer; on the input side it runs the base on x ⊙ (1
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Collection, Mapping
 
 import torch
 from pydantic import Field
 from torch import nn
 
-from loraengine.core.adapter import AdapterLayer
+from loraengine.core.adapter import AdapterLayer, bias_of, weight_of
 from loraengine.core.plugins.specs import AdapterSpec, PluginOptions
-from loraengine.plugins.adapters.glora import base_forward
+from loraengine.plugins.adapters.common import base_forward
 
 
 class IA3Options(PluginOptions):
@@ -29,7 +29,7 @@ class IA3Options(PluginOptions):
 def _vector_shape(base: nn.Module, channels: int) -> tuple[int, ...]:
     if isinstance(base, nn.Linear):
         return (channels,)
-    return (1, channels, *([1] * (base.weight.ndim - 2)))
+    return (1, channels, *([1] * (weight_of(base).ndim - 2)))
 
 
 class IA3Layer(AdapterLayer):
@@ -40,13 +40,13 @@ class IA3Layer(AdapterLayer):
     def __init__(self, base: nn.Module, on_input: bool = False):
         super().__init__(base, 1, 1.0)
         self.on_input = bool(on_input)
-        w = base.weight
+        w = weight_of(base)
         channels = int(w.shape[1] if on_input else w.shape[0])
         self.weight = nn.Parameter(torch.zeros(_vector_shape(base, channels),
                                                dtype=torch.float32))
 
     def delta_weight(self) -> torch.Tensor:
-        w = self.base.weight.detach().float()
+        w = weight_of(self.base).detach().float()
         shape = [1] * w.ndim
         shape[1 if self.on_input else 0] = -1
         return w * self.weight.reshape(shape).float() * self.multiplier
@@ -57,7 +57,7 @@ class IA3Layer(AdapterLayer):
         if self.on_input:
             return base_forward(self.base, x.to(dt) * (1 + scale))
         weight_part = base_out
-        bias = self.base.bias
+        bias = bias_of(self.base)
         if bias is not None:
             weight_part = base_out - bias.detach().to(dt).reshape(scale.shape)
         return base_out + weight_part * scale
@@ -66,14 +66,14 @@ class IA3Layer(AdapterLayer):
         return {"weight": self.weight, "on_input": torch.tensor(int(self.on_input))}
 
 
-def create(base: nn.Module, rank: int, alpha: float, options: Any,
+def create(base: nn.Module, rank: int, alpha: float, options: object,
            generator: torch.Generator | None) -> IA3Layer:
     return IA3Layer(base, bool(getattr(options, "on_input", False)))
 
 
-def load(base: nn.Module, tensors: dict[str, torch.Tensor], options: Any) -> IA3Layer:
+def load(base: nn.Module, tensors: Mapping[str, torch.Tensor], options: object) -> IA3Layer:
     vec = tensors["weight"]
-    out_dim, in_dim = int(base.weight.shape[0]), int(base.weight.shape[1])
+    out_dim, in_dim = int(weight_of(base).shape[0]), int(weight_of(base).shape[1])
     if "on_input" in tensors:
         on_input = bool(int(tensors["on_input"]))
     elif vec.numel() in (out_dim, in_dim):
@@ -91,7 +91,7 @@ def load(base: nn.Module, tensors: dict[str, torch.Tensor], options: Any) -> IA3
     return layer
 
 
-def owns_keys(keys: Any) -> bool:
+def owns_keys(keys: Collection[str]) -> bool:
     names = set(keys)
     return "weight" in names and names <= {"weight", "on_input"}
 

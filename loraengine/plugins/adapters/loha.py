@@ -14,28 +14,26 @@ W+ΔW.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 from pydantic import Field
 from torch import nn
 
-from loraengine.core.plugins.specs import AdapterSpec, PluginOptions
-from loraengine.plugins.adapters.dora import AdditiveAdapter, load_dora
+from loraengine.core.adapter import weight_of
+from loraengine.core.plugins.specs import AdapterSpec
+from loraengine.plugins.adapters.common import copy_saved, has_keys, saved_alpha, tucker
+from loraengine.plugins.adapters.dora import AdditiveAdapter, DoRAOptions, load_dora, with_dora
 
 KEYS = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")
+#: A saved module is LoHa when it has the first and the last factor.
+owns_keys = has_keys("hada_w1_a", "hada_w2_b")
 
 
-class LoHaOptions(PluginOptions):
+class LoHaOptions(DoRAOptions):
     use_tucker: bool = Field(False, description="Tucker-decompose conv kernels larger than "
                              "1×1 (hada_t1/hada_t2) instead of flattening them.")
-    weight_decompose: bool = Field(False, description="DoRA: train a per-output-channel "
-                                   "magnitude and the direction separately (dora_scale).")
-
-
-def tucker(t: torch.Tensor, wa: torch.Tensor, wb: torch.Tensor) -> torch.Tensor:
-    """[out, in, *k] from a core ``t`` [r, r, *k], ``wa`` [r, out] and ``wb`` [r, in]."""
-    return torch.einsum("ij...,ip,jq->pq...", t, wa, wb)
 
 
 class HadamardProduct(torch.autograd.Function):
@@ -68,7 +66,7 @@ class LoHaLayer(AdditiveAdapter):
     def __init__(self, base: nn.Module, rank: int, alpha: float, use_tucker: bool = False,
                  generator: torch.Generator | None = None):
         super().__init__(base, rank, alpha)
-        w = base.weight
+        w = weight_of(base)
         out, cin, kernel = w.shape[0], w.shape[1], tuple(w.shape[2:])
         self.tucker = bool(use_tucker and any(k != 1 for k in kernel))
 
@@ -90,7 +88,7 @@ class LoHaLayer(AdditiveAdapter):
             self.hada_w2_b = randn(rank, cols, std=1.0)
 
     def halves(self) -> tuple[torch.Tensor, torch.Tensor]:
-        shape = self.base.weight.shape
+        shape = weight_of(self.base).shape
         if self.tucker:
             return (tucker(self.hada_t1, self.hada_w1_a, self.hada_w1_b),
                     tucker(self.hada_t2, self.hada_w2_a, self.hada_w2_b))
@@ -99,54 +97,42 @@ class LoHaLayer(AdditiveAdapter):
 
     def raw_delta(self) -> torch.Tensor:
         if not self.tucker:
-            return HadamardProduct.apply(self.hada_w1_a, self.hada_w1_b, self.hada_w2_a,
-                                         self.hada_w2_b, self.scale
-                                         ).reshape(self.base.weight.shape)
+            product: torch.Tensor = HadamardProduct.apply(  # Function.apply is untyped
+                self.hada_w1_a, self.hada_w1_b, self.hada_w2_a, self.hada_w2_b, self.scale)
+            return product.reshape(weight_of(self.base).shape)
         w1, w2 = self.halves()
         return w1 * w2 * self.scale
 
     def adapter_tensors(self) -> dict[str, torch.Tensor]:
-        out = {k: getattr(self, k) for k in KEYS}
+        out: dict[str, torch.Tensor] = {k: getattr(self, k) for k in KEYS}
         if self.tucker:
             out["hada_t1"], out["hada_t2"] = self.hada_t1, self.hada_t2
         out["alpha"] = torch.tensor(self.alpha)
         return out
 
 
-def create(base: nn.Module, rank: int, alpha: float, options: Any,
+def create(base: nn.Module, rank: int, alpha: float, options: object,
            generator: torch.Generator | None) -> LoHaLayer:
-    layer = LoHaLayer(base, rank, alpha, getattr(options, "use_tucker", False), generator)
-    if getattr(options, "weight_decompose", False):
-        layer.enable_dora()
-    return layer
+    use_tucker = bool(getattr(options, "use_tucker", False))
+    return with_dora(LoHaLayer(base, rank, alpha, use_tucker, generator), options)
 
 
-def load(base: nn.Module, tensors: dict[str, torch.Tensor], options: Any) -> LoHaLayer:
+def load(base: nn.Module, tensors: Mapping[str, torch.Tensor], options: object) -> LoHaLayer:
     """Rebuild from saved tensors: rank from ``hada_w1_b``, Tucker from ``hada_t1``."""
     missing = [k for k in KEYS if k not in tensors]
     if missing:
         raise ValueError(f"LoHa module lacks {', '.join(missing)}")
     use_tucker = "hada_t1" in tensors
     rank = int(tensors["hada_w1_b"].shape[0])
-    alpha = float(tensors["alpha"]) if "alpha" in tensors else float(rank)
-    layer = LoHaLayer(base, rank, alpha, use_tucker)
+    layer = LoHaLayer(base, rank, saved_alpha(tensors, rank), use_tucker)
     if use_tucker and not layer.tucker:
         raise ValueError("LoHa Tucker tensors (hada_t1) on a layer without a spatial kernel")
-    names = [*KEYS, *(("hada_t1", "hada_t2") if use_tucker else ())]
-    with torch.no_grad():
-        for name in names:
-            param = getattr(layer, name)
-            saved = tensors[name]
-            if saved.numel() != param.numel():
-                raise ValueError(f"{name} of shape {list(saved.shape)} does not fit a layer "
-                                 f"with weight {list(base.weight.shape)} at rank {rank}")
-            param.copy_(saved.reshape(param.shape).float())
-    load_dora(layer, tensors)
-    return layer
-
-
-def owns_keys(keys: set[str]) -> bool:
-    return "hada_w1_a" in keys and "hada_w2_b" in keys
+    for name in (*KEYS, *(("hada_t1", "hada_t2") if use_tucker else ())):
+        saved = tensors[name]
+        copy_saved(getattr(layer, name), saved,
+                   f"{name} of shape {list(saved.shape)} does not fit a layer with weight "
+                   f"{list(weight_of(base).shape)} at rank {rank}")
+    return load_dora(layer, tensors)
 
 
 SPEC = AdapterSpec(

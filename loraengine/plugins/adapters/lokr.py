@@ -21,22 +21,23 @@ trainer can write such), where it builds ΔW.
 from __future__ import annotations
 
 import math
-from typing import Any
+from collections.abc import Collection, Mapping
+from typing import cast
 
 import torch
 import torch.nn.functional as F
 from pydantic import Field, field_validator
 from torch import nn
 
-from loraengine.core.adapter import layer_op
-from loraengine.core.plugins.specs import AdapterSpec, PluginOptions
-from loraengine.plugins.adapters.dora import AdditiveAdapter, load_dora
+from loraengine.core.adapter import layer_op, weight_of
+from loraengine.core.plugins.specs import AdapterSpec
+from loraengine.plugins.adapters.common import pointwise, saved_alpha, tucker
+from loraengine.plugins.adapters.dora import AdditiveAdapter, DoRAOptions, load_dora, with_dora
 
 KEYS = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2")
-_POINTWISE = {3: F.conv1d, 4: F.conv2d, 5: F.conv3d}
 
 
-class LoKrOptions(PluginOptions):
+class LoKrOptions(DoRAOptions):
     factor: int | None = Field(None, ge=-1, description="Split each dimension as "
                                "factor × rest. Default: the rank, as ComfyUI's trainer "
                                "does; -1: the most balanced split (LyCORIS).")
@@ -46,8 +47,6 @@ class LoKrOptions(PluginOptions):
                               "1); the parameter count of ComfyUI's trainer.")
     use_tucker: bool = Field(False, description="Tucker-decompose w2 of conv kernels "
                              "larger than 1×1 (lokr_t2).")
-    weight_decompose: bool = Field(False, description="DoRA: train a per-output-channel "
-                                   "magnitude and the direction separately (dora_scale).")
 
     @field_validator("factor")
     @classmethod
@@ -76,21 +75,16 @@ def factorization(dim: int, factor: int = -1) -> tuple[int, int]:
     return (m, n) if m <= n else (n, m)
 
 
-def _tucker(t: torch.Tensor, wa: torch.Tensor, wb: torch.Tensor) -> torch.Tensor:
-    """[b, d, *k] from ``t`` [r, r, *k], ``wa`` [r, b], ``wb`` [r, d]."""
-    return torch.einsum("ij...,ip,jq->pq...", t, wa, wb)
-
-
 def _kaiming(*shape: int, generator: torch.Generator | None) -> torch.Tensor:
     t = torch.empty(shape)
     nn.init.kaiming_uniform_(t, a=math.sqrt(5), generator=generator)
     return t
 
 
-def initial_tensors(base: nn.Module, rank: int, options: Any,
+def initial_tensors(base: nn.Module, rank: int, options: object,
                     generator: torch.Generator | None) -> dict[str, torch.Tensor]:
     """Fresh factors for ``base`` (``w2`` or ``w2_b`` zero, so ΔW is zero)."""
-    w = base.weight
+    w = weight_of(base)
     out, cin, kernel = w.shape[0], w.shape[1], tuple(w.shape[2:])
     factor = getattr(options, "factor", None)
     factor = rank if factor is None else factor
@@ -122,7 +116,16 @@ class LoKrLayer(AdditiveAdapter):
 
     algorithm = "lokr"
 
-    def __init__(self, base: nn.Module, tensors: dict[str, torch.Tensor], alpha: float):
+    # The factors a module has are parameters, the others None (see KEYS).
+    lokr_w1: nn.Parameter | None
+    lokr_w1_a: nn.Parameter | None
+    lokr_w1_b: nn.Parameter | None
+    lokr_w2: nn.Parameter | None
+    lokr_w2_a: nn.Parameter | None
+    lokr_w2_b: nn.Parameter | None
+    lokr_t2: nn.Parameter | None
+
+    def __init__(self, base: nn.Module, tensors: Mapping[str, torch.Tensor], alpha: float):
         low = tensors.get("lokr_w2_b", tensors.get("lokr_w1_b"))
         super().__init__(base, int(low.shape[0]) if low is not None else 1, alpha)
         self.factored = low is not None
@@ -139,7 +142,7 @@ class LoKrLayer(AdditiveAdapter):
 
     # -- geometry ---------------------------------------------------------------------
     def _check_geometry(self) -> None:
-        w = self.base.weight
+        w = weight_of(self.base)
         out, cin, kernel = w.shape[0], w.shape[1], tuple(w.shape[2:])
         self.kernel = kernel
         if self.lokr_w1 is not None:
@@ -173,14 +176,14 @@ class LoKrLayer(AdditiveAdapter):
     def w1(self) -> torch.Tensor:
         if self.lokr_w1 is not None:
             return self.lokr_w1
-        return self.lokr_w1_a @ self.lokr_w1_b  # type: ignore[operator]
+        return _given(self.lokr_w1_a) @ _given(self.lokr_w1_b)
 
     def w2(self) -> torch.Tensor:
         """[b, d, *kernel] in channel layout, else [b, cols]."""
         if self.lokr_t2 is not None:
-            return _tucker(self.lokr_t2, self.lokr_w2_a, self.lokr_w2_b)  # type: ignore[arg-type]
+            return tucker(self.lokr_t2, _given(self.lokr_w2_a), _given(self.lokr_w2_b))
         w2 = self.lokr_w2 if self.lokr_w2 is not None else \
-            self.lokr_w2_a @ self.lokr_w2_b.flatten(1)  # type: ignore[union-attr]
+            _given(self.lokr_w2_a) @ _given(self.lokr_w2_b).flatten(1)
         if self.by_channel:
             return w2.reshape(self.b, self.d, *self.kernel)
         return w2.reshape(self.b, -1)
@@ -189,7 +192,7 @@ class LoKrLayer(AdditiveAdapter):
     def raw_delta(self) -> torch.Tensor:
         w1, w2 = self.w1(), self.w2()
         w1 = w1.reshape(*w1.shape, *([1] * (w2.ndim - 2)))
-        return torch.kron(w1, w2).reshape(self.base.weight.shape) * self.scale
+        return torch.kron(w1, w2).reshape(weight_of(self.base).shape) * self.scale
 
     def raw_bypass(self, x: torch.Tensor, gain: float = 1.0) -> torch.Tensor:
         if not self.by_channel:
@@ -214,13 +217,12 @@ class LoKrLayer(AdditiveAdapter):
         if not self.kernel:
             if self.lokr_w2 is not None:
                 return F.linear(h, self.lokr_w2.to(dt))
-            return F.linear(F.linear(h, self.lokr_w2_b.to(dt)),  # type: ignore[union-attr]
-                            self.lokr_w2_a.to(dt))  # type: ignore[union-attr]
+            return F.linear(F.linear(h, _given(self.lokr_w2_b).to(dt)),
+                            _given(self.lokr_w2_a).to(dt))
         ones = [1] * len(self.kernel)
-        pointwise = _POINTWISE[len(self.kernel) + 2]
         if self.lokr_w2 is not None:
             return layer_op(self.base, h, self.w2().to(dt), None)
-        wa, wb = self.lokr_w2_a.to(dt), self.lokr_w2_b.to(dt)  # type: ignore[union-attr]
+        wa, wb = _given(self.lokr_w2_a).to(dt), _given(self.lokr_w2_b).to(dt)
         if self.lokr_t2 is not None:
             h = pointwise(h, wb.reshape(*wb.shape, *ones))  # d -> r
             h = layer_op(self.base, h, self.lokr_t2.to(dt), None)  # the kernel, r -> r
@@ -229,34 +231,36 @@ class LoKrLayer(AdditiveAdapter):
         return pointwise(h, wa.reshape(*wa.shape, *ones))  # r -> b
 
     def adapter_tensors(self) -> dict[str, torch.Tensor]:
-        out = {k: getattr(self, k) for k in KEYS if getattr(self, k) is not None}
+        out: dict[str, torch.Tensor] = {k: getattr(self, k) for k in KEYS
+                                        if getattr(self, k) is not None}
         out["alpha"] = torch.tensor(self.alpha)
         return out
 
 
-def create(base: nn.Module, rank: int, alpha: float, options: Any,
+def _given(factor: torch.Tensor | None) -> torch.Tensor:
+    """A factor that ``_check_geometry`` has shown to be present when it is read."""
+    return cast(torch.Tensor, factor)
+
+
+def create(base: nn.Module, rank: int, alpha: float, options: object,
            generator: torch.Generator | None) -> LoKrLayer:
     layer = LoKrLayer(base, initial_tensors(base, rank, options, generator), alpha)
     if not layer.factored:
         layer.rank = int(rank)  # informative only: the scale is 1
-    if getattr(options, "weight_decompose", False):
-        layer.enable_dora()
-    return layer
+    return with_dora(layer, options)
 
 
-def load(base: nn.Module, tensors: dict[str, torch.Tensor], options: Any) -> LoKrLayer:
+def load(base: nn.Module, tensors: Mapping[str, torch.Tensor], options: object) -> LoKrLayer:
     """Rebuild from saved tensors: which factors are low rank, the rank, the split and
     Tucker all follow from the keys and shapes present."""
     present = {k: tensors[k] for k in KEYS if k in tensors}
     low = present.get("lokr_w2_b", present.get("lokr_w1_b"))
     rank = int(low.shape[0]) if low is not None else 1
-    alpha = float(tensors["alpha"]) if "alpha" in tensors else float(rank)
-    layer = LoKrLayer(base, present, alpha or float(rank))
-    load_dora(layer, tensors)
-    return layer
+    layer = LoKrLayer(base, present, saved_alpha(tensors, rank) or float(rank))
+    return load_dora(layer, tensors)
 
 
-def owns_keys(keys: Any) -> bool:
+def owns_keys(keys: Collection[str]) -> bool:
     names = set(keys)  # a set of names, or the tensors by name
     return bool({"lokr_w1", "lokr_w1_a"} & names) and bool({"lokr_w2", "lokr_w2_a"} & names)
 

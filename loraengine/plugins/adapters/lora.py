@@ -7,26 +7,28 @@ by r, gets the same scale) and ``weight_decompose`` (DoRA, ``dora_scale``)."""
 from __future__ import annotations
 
 import math
-from typing import Any
+from collections.abc import Mapping
 
 import torch
-import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from loraengine.core.adapter import layer_op
-from loraengine.core.plugins.specs import AdapterSpec, PluginOptions
-from loraengine.plugins.adapters.dora import AdditiveAdapter, load_dora
+from loraengine.core.adapter import layer_op, weight_of
+from loraengine.core.plugins.specs import AdapterSpec
+from loraengine.plugins.adapters.common import copy_saved, has_keys, pointwise, saved_alpha
+from loraengine.plugins.adapters.dora import AdditiveAdapter, DoRAOptions, load_dora, with_dora
 
 
-class LoRAOptions(PluginOptions):
+class LoRAOptions(DoRAOptions):
     rs_lora: bool = Field(False, description="Rank-stabilised scale α/√r instead of α/r.")
-    weight_decompose: bool = Field(False, description="DoRA: train a per-output-channel "
-                                   "magnitude and the direction separately (dora_scale).")
+
+
+#: A saved module is LoRA when it has both factors.
+owns_keys = has_keys("lora_down.weight", "lora_up.weight")
 
 
 def _shapes(base: nn.Module, rank: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    w = base.weight
+    w = weight_of(base)
     if w.ndim == 2:
         return (rank, w.shape[1]), (w.shape[0], rank)
     kernel = tuple(w.shape[2:])
@@ -50,53 +52,36 @@ class LoRALayer(AdditiveAdapter):
 
     def raw_delta(self) -> torch.Tensor:
         dw = self.lora_up.flatten(1) @ self.lora_down.flatten(1)
-        return dw.reshape(self.base.weight.shape) * self.scale
+        return dw.reshape(weight_of(self.base).shape) * self.scale
 
     def raw_bypass(self, x: torch.Tensor, gain: float = 1.0) -> torch.Tensor:
         dt = x.dtype
         down = self.lora_down.to(dt)
         up = (self.lora_up * (self.scale * gain)).to(dt)  # scale the small factor, not h
         h = layer_op(self.base, x, down, None)  # the base's stride/padding/dilation
-        return F.linear(h, up) if down.ndim == 2 else _pointwise(h, up)
+        return pointwise(h, up)
 
     def adapter_tensors(self) -> dict[str, torch.Tensor]:
         return {"lora_down.weight": self.lora_down, "lora_up.weight": self.lora_up,
                 "alpha": torch.tensor(self.alpha)}
 
 
-def _pointwise(h: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    conv = {3: F.conv1d, 4: F.conv2d, 5: F.conv3d}[up.ndim]
-    return conv(h, up)
-
-
-def create(base: nn.Module, rank: int, alpha: float, options: Any,
+def create(base: nn.Module, rank: int, alpha: float, options: object,
            generator: torch.Generator | None) -> LoRALayer:
-    layer = LoRALayer(base, rank, alpha, getattr(options, "rs_lora", False), generator)
-    if getattr(options, "weight_decompose", False):
-        layer.enable_dora()
-    return layer
+    rs_lora = bool(getattr(options, "rs_lora", False))
+    return with_dora(LoRALayer(base, rank, alpha, rs_lora, generator), options)
 
 
-def load(base: nn.Module, tensors: dict[str, torch.Tensor], options: Any) -> LoRALayer:
+def load(base: nn.Module, tensors: Mapping[str, torch.Tensor], options: object) -> LoRALayer:
     """Rebuild from saved tensors. The saved alpha already carries any rs_lora factor."""
     down, up = tensors["lora_down.weight"], tensors["lora_up.weight"]
     rank = int(down.shape[0])
-    alpha = float(tensors["alpha"]) if "alpha" in tensors else float(rank)
-    layer = LoRALayer(base, rank, alpha)
-    want_down, want_up = _shapes(base, rank)
-    w = base.weight
-    if down.numel() != math.prod(want_down) or up.numel() != math.prod(want_up):
-        raise ValueError(f"LoRA shapes {list(down.shape)}/{list(up.shape)} do not fit a layer "
-                         f"with weight {list(w.shape)}")
-    with torch.no_grad():
-        layer.lora_down.copy_(down.reshape(want_down).float())
-        layer.lora_up.copy_(up.reshape(want_up).float())
-    load_dora(layer, tensors)
-    return layer
-
-
-def owns_keys(keys: set[str]) -> bool:
-    return "lora_down.weight" in keys and "lora_up.weight" in keys
+    layer = LoRALayer(base, rank, saved_alpha(tensors, rank))
+    mismatch = (f"LoRA shapes {list(down.shape)}/{list(up.shape)} do not fit a layer "
+                f"with weight {list(weight_of(base).shape)}")
+    copy_saved(layer.lora_down, down, mismatch)
+    copy_saved(layer.lora_up, up, mismatch)
+    return load_dora(layer, tensors)
 
 
 SPEC = AdapterSpec(

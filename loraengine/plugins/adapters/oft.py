@@ -12,27 +12,39 @@ written and read in ComfyUI's reading, so a constraint of 0 (off) means the same
 This module also holds ``ChannelMapLayer``, the base of every adapter whose adapted
 weight is a linear map T applied to the output-channel axis of W (OFT, BOFT): the
 weight path computes T(W), the bypass path applies T to the weight-only part of the
-base output, ``T(y − b) + b``, so the bias is never rotated.
+base output, ``T(y − b) + b``, so the bias is never rotated; and what the OFT and BOFT
+specs share: their common options, the Cayley transform, and reading saved blocks.
 """
 
 from __future__ import annotations
 
 import warnings
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Callable, Collection, Mapping
+from typing import TypeVar
 
 import torch
 from pydantic import Field, model_validator
 from torch import nn
 
-from loraengine.core.adapter import AdapterLayer
+from loraengine.core.adapter import AdapterLayer, bias_of, weight_of
 from loraengine.core.plugins.specs import AdapterSpec, PluginOptions
 
 #: Added to ‖Q‖ before dividing, as both reference implementations do.
 NORM_EPS = 1e-8
 
 
-class OFTOptions(PluginOptions):
+class RotationOptions(PluginOptions):
+    """The options OFT and BOFT share; their options models derive from this."""
+
+    constraint: float = Field(
+        0.0, ge=0, description="Bound on the Frobenius norm of Q over all blocks (and "
+        "stages) of a layer (0: off). Saved as the module's alpha in ComfyUI's reading "
+        "(LyCORIS reads alpha·out_dim). There is no scale: adapter.alpha does not apply.")
+    rescaled: bool = Field(False, description="Also train a per-output-row scale "
+                           "(LyCORIS `rescale`).")
+
+
+class OFTOptions(RotationOptions):
     block_size: int | None = Field(
         None, ge=1, description="Rotation block size: the largest divisor of each layer's "
         "output size not above this value. Default: derived from adapter.rank as ComfyUI "
@@ -43,12 +55,6 @@ class OFTOptions(PluginOptions):
         None, ge=1, description="Number of rotation blocks per layer (at least this many: "
         "the block size is the largest divisor of the output size not above "
         "output/block_count). Exclusive with block_size.")
-    constraint: float = Field(
-        0.0, ge=0, description="Bound on the Frobenius norm of Q over all blocks of a "
-        "layer (0: off). Saved as the module's alpha in ComfyUI's reading (LyCORIS reads "
-        "alpha·out_dim). OFT has no scale: adapter.alpha does not apply.")
-    rescaled: bool = Field(False, description="Also train a per-output-row scale "
-                           "(LyCORIS `rescale`).")
 
     @model_validator(mode="after")
     def _one_block_rule(self) -> OFTOptions:
@@ -86,7 +92,7 @@ def largest_divisor_at_most(dim: int, limit: int) -> int:
     return 1
 
 
-def oft_block_size(out_dim: int, rank: int, options: Any) -> int:
+def oft_block_size(out_dim: int, rank: int, options: object) -> int:
     size = getattr(options, "block_size", None)
     count = getattr(options, "block_count", None)
     if size is not None:
@@ -121,11 +127,13 @@ class ChannelMapLayer(AdapterLayer):
     y + m·(T(y − b) − (y − b)); at m = 1 this is exactly T(W).
     """
 
+    #: The rotation parameters, shaped by the subclass.
+    oft_blocks: nn.Parameter
     rescale: nn.Parameter | None
 
     def __init__(self, base: nn.Module, rank: int, alpha: float, rescaled: bool):
         super().__init__(base, rank, alpha)
-        w = base.weight
+        w = weight_of(base)
         if rescaled:
             self.rescale = nn.Parameter(
                 torch.ones(w.shape[0], *([1] * (w.ndim - 1)), dtype=torch.float32))
@@ -147,7 +155,7 @@ class ChannelMapLayer(AdapterLayer):
         return out - t
 
     def delta_weight(self) -> torch.Tensor:
-        w = self.base.weight.detach().float()
+        w = weight_of(self.base).detach().float()
         rows_last = w.movedim(0, -1)
         delta = self._mapped_minus_identity(rows_last).movedim(-1, 0)
         return delta * self.multiplier
@@ -155,7 +163,7 @@ class ChannelMapLayer(AdapterLayer):
     def bypass(self, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
         channel_axis = -1 if isinstance(self.base, nn.Linear) else 1
         weight_part = base_out
-        bias = self.base.bias
+        bias = bias_of(self.base)
         if bias is not None:
             shape = [1] * base_out.ndim
             shape[channel_axis] = -1
@@ -165,7 +173,8 @@ class ChannelMapLayer(AdapterLayer):
         return base_out + delta * self.multiplier
 
     def file_tensors(self) -> dict[str, torch.Tensor]:
-        out = {"oft_blocks": self.oft_blocks, "alpha": torch.tensor(float(self.alpha))}
+        out: dict[str, torch.Tensor] = {"oft_blocks": self.oft_blocks,
+                                        "alpha": torch.tensor(float(self.alpha))}
         if self.rescale is not None:
             out["rescale"] = self.rescale
         return out
@@ -178,7 +187,7 @@ class OFTLayer(ChannelMapLayer):
 
     def __init__(self, base: nn.Module, block_size: int, constraint: float = 0.0,
                  rescaled: bool = False):
-        out_dim = int(base.weight.shape[0])
+        out_dim = int(weight_of(base).shape[0])
         if out_dim % block_size:
             raise ValueError(f"OFT block size {block_size} does not divide the output size "
                              f"{out_dim}")
@@ -198,20 +207,43 @@ class OFTLayer(ChannelMapLayer):
         return torch.einsum("knm,...kn->...km", r, blocks).flatten(-2)
 
 
-# -- the spec ---------------------------------------------------------------------------
+# -- what the OFT and BOFT specs share -------------------------------------------------
 
-def _warn_alpha(options: Any, name: str) -> None:
+Rotation = TypeVar("Rotation", bound=ChannelMapLayer)
+
+#: oft_blocks rank -> (algorithm, block layout, the hint that a file is of that kind)
+_LAYOUTS = {3: ("OFT", "[blocks, size, size]", " (an OFT file: use adapter.algorithm: oft)"),
+            4: ("BOFT", "[stages, blocks, size, size]",
+                " (a BOFT file: use adapter.algorithm: boft)")}
+
+
+def rotation_settings(options: object, name: str) -> tuple[float, bool]:
+    """``(constraint, rescaled)`` for ``create``; warns that adapter.alpha, if set,
+    does nothing for ``name``."""
     if getattr(options, "alpha", None) is not None:
         warnings.warn(f"adapter.alpha has no effect on {name} (no scale); the norm bound "
                       f"is adapter.constraint", stacklevel=3)
+    return (float(getattr(options, "constraint", 0.0) or 0.0),
+            bool(getattr(options, "rescaled", False)))
 
 
-def create(base: nn.Module, rank: int, alpha: float, options: Any,
-           generator: torch.Generator | None) -> OFTLayer:
-    _warn_alpha(options, "oft")
-    out_dim = int(base.weight.shape[0])
-    return OFTLayer(base, oft_block_size(out_dim, rank, options), float(getattr(options, "constraint", 0.0) or 0.0),
-                    bool(getattr(options, "rescaled", False)))
+def saved_blocks(base: nn.Module, tensors: Mapping[str, torch.Tensor], ndim: int
+                 ) -> tuple[torch.Tensor, float, torch.Tensor | None]:
+    """``(oft_blocks, constraint, rescale)`` of a saved module for ``load``, checked
+    against ``base`` (``ndim``: 3 for OFT, 4 for BOFT)."""
+    blocks = tensors["oft_blocks"]
+    if blocks.ndim != ndim:
+        name, layout, _ = _LAYOUTS[ndim]
+        hint = _LAYOUTS[blocks.ndim][2] if blocks.ndim in _LAYOUTS else ""
+        raise ValueError(f"oft_blocks has shape {list(blocks.shape)}, {name} needs "
+                         f"{layout}{hint}")
+    n, b, b2 = blocks.shape[-3:]
+    out_dim = int(weight_of(base).shape[0])
+    if b != b2 or n * b != out_dim:
+        raise ValueError(f"oft_blocks {list(blocks.shape)} does not fit a layer with "
+                         f"{out_dim} output channels")
+    constraint = float(tensors["alpha"]) if "alpha" in tensors else 0.0
+    return blocks, max(constraint, 0.0), _read_rescale(tensors, out_dim)
 
 
 def _read_rescale(tensors: Mapping[str, torch.Tensor], out_dim: int) -> torch.Tensor | None:
@@ -224,24 +256,8 @@ def _read_rescale(tensors: Mapping[str, torch.Tensor], out_dim: int) -> torch.Te
     return rescale
 
 
-def load(base: nn.Module, tensors: dict[str, torch.Tensor], options: Any) -> OFTLayer:
-    blocks = tensors["oft_blocks"]
-    if blocks.ndim != 3:
-        hint = " (a BOFT file: use adapter.algorithm: boft)" if blocks.ndim == 4 else ""
-        raise ValueError(f"oft_blocks has shape {list(blocks.shape)}, OFT needs "
-                         f"[blocks, size, size]{hint}")
-    n, b, b2 = blocks.shape
-    out_dim = int(base.weight.shape[0])
-    if b != b2 or n * b != out_dim:
-        raise ValueError(f"oft_blocks {list(blocks.shape)} does not fit a layer with "
-                         f"{out_dim} output channels")
-    constraint = float(tensors["alpha"]) if "alpha" in tensors else 0.0
-    rescale = _read_rescale(tensors, out_dim)
-    layer = OFTLayer(base, b, max(constraint, 0.0), rescaled=rescale is not None)
-    return fill_saved(layer, blocks, rescale)
-
-
-def fill_saved(layer: Any, blocks: torch.Tensor, rescale: torch.Tensor | None) -> Any:
+def fill_saved(layer: Rotation, blocks: torch.Tensor, rescale: torch.Tensor | None
+               ) -> Rotation:
     """Copy saved ``oft_blocks`` (and ``rescale``) into a fresh OFT/BOFT layer."""
     with torch.no_grad():
         layer.oft_blocks.copy_(blocks.float())
@@ -250,11 +266,11 @@ def fill_saved(layer: Any, blocks: torch.Tensor, rescale: torch.Tensor | None) -
     return layer
 
 
-def blocks_with_rank(ndim: int) -> Any:
+def blocks_with_rank(ndim: int) -> Callable[[Collection[str]], bool]:
     """``owns_keys`` for ``oft_blocks`` of ``ndim`` dimensions. Given only names, OFT and
     BOFT files look the same (both use ``oft_blocks``); given the tensors, the block
     rank tells them apart (OFT 3, BOFT 4)."""
-    def owns_keys(keys: Any) -> bool:
+    def owns_keys(keys: Collection[str]) -> bool:
         if "oft_blocks" not in keys:
             return False
         if isinstance(keys, Mapping):
@@ -264,14 +280,29 @@ def blocks_with_rank(ndim: int) -> Any:
     return owns_keys
 
 
-owns_keys = blocks_with_rank(3)
-
-
-def constraint_metadata(options: Any) -> dict[str, str]:
+def constraint_metadata(options: object) -> dict[str, str]:
     """How a reader must take the file's ``alpha`` (shared with BOFT)."""
     return {"loraengine.oft_constraint": f"{getattr(options, 'constraint', 0.0):g}",
             "loraengine.alpha_reading": "ComfyUI: ||Q||_F <= alpha (LyCORIS reads "
                                         "alpha*out_dim; the same when alpha is 0)"}
+
+
+# -- the spec ---------------------------------------------------------------------------
+
+owns_keys = blocks_with_rank(3)
+
+
+def create(base: nn.Module, rank: int, alpha: float, options: object,
+           generator: torch.Generator | None) -> OFTLayer:
+    constraint, rescaled = rotation_settings(options, "oft")
+    out_dim = int(weight_of(base).shape[0])
+    return OFTLayer(base, oft_block_size(out_dim, rank, options), constraint, rescaled)
+
+
+def load(base: nn.Module, tensors: Mapping[str, torch.Tensor], options: object) -> OFTLayer:
+    blocks, constraint, rescale = saved_blocks(base, tensors, 3)
+    layer = OFTLayer(base, blocks.shape[1], constraint, rescaled=rescale is not None)
+    return fill_saved(layer, blocks, rescale)
 
 
 SPEC = AdapterSpec(
