@@ -82,7 +82,8 @@ def save_tiny_unet(folder: Path, seed: int = 0, prediction_type: str = "epsilon"
     from diffusers import UNet2DConditionModel
 
     torch.manual_seed(seed)
-    unet = UNet2DConditionModel(**(config or tiny_unet_config()))
+    # diffusers types save_pretrained on a mixin mypy does not see through
+    unet: Any = UNet2DConditionModel(**(config or tiny_unet_config()))
     folder = Path(folder)
     unet.save_pretrained(folder / "unet")
     (folder / "model_index.json").write_text(json.dumps(
