@@ -15,6 +15,7 @@ from loraengine.core.build import build_pipeline
 from loraengine.core.config.root import parse_config
 from loraengine.core.train.loop import Trainer
 from loraengine.testing.harness import tiny_data, tiny_train_config
+from loraengine.testing.models import TinyDenoiser
 
 
 def _run(host, out: Path, ema: dict, steps: int, resume: bool = False) -> Path:
@@ -25,8 +26,6 @@ def _run(host, out: Path, ema: dict, steps: int, resume: bool = False) -> Path:
         "recipe": {"ema": ema},
         "output": {"dir": str(out), "name": "run", "plot": False, "save_every": 2}})
     data = tiny_data()
-    from loraengine.testing.models import TinyDenoiser
-
     pipe = build_pipeline(parse_config(cfg, host.registry), host, model=TinyDenoiser(),
                           latents=data.latents, conditioning=data.conditioning)
     try:
