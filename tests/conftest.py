@@ -1,14 +1,14 @@
+"""The suite's short fixture names, each one of the ``loraengine.testing`` fixtures that
+plugin authors get from the pytest plugin (``loraengine.testing.pytest_plugin``)."""
+
 from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
-from safetensors.torch import save_file
-
-from loraengine.plugins import build_plugin_manager
-from loraengine.testing.models import save_tiny_unet, tiny_conditioning, tiny_latents
 
 torch.set_num_threads(1)
 os.environ.setdefault("MPLBACKEND", "Agg")
@@ -17,34 +17,30 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
-def host():
-    return build_plugin_manager()
+def host(loraengine_host: Any) -> Any:
+    """A fresh plugin host: the built-ins and installed plugins."""
+    return loraengine_host
+
+
+@pytest.fixture
+def builtin_host(loraengine_builtin_host: Any) -> Any:
+    """A fresh plugin host with the built-ins only."""
+    return loraengine_builtin_host
 
 
 @pytest.fixture(scope="session")
-def unet_dir(tmp_path_factory) -> Path:
+def unet_dir(tiny_unet_dir: Path) -> Path:
     """A tiny diffusers pipeline folder (unet + scheduler), built once per session."""
-    return save_tiny_unet(tmp_path_factory.mktemp("unet") / "pipe")
+    return tiny_unet_dir
 
 
 @pytest.fixture
-def data_files(tmp_path) -> tuple[Path, Path]:
+def data_files(tiny_unet_files: tuple[Path, Path]) -> tuple[Path, Path]:
     """latents [6,4,8,8] and conditioning [6,3,16] files matching the tiny UNet."""
-    lat, cond = tmp_path / "latents.safetensors", tmp_path / "cond.safetensors"
-    save_file({"latents": tiny_latents()}, str(lat))
-    save_file({"cond": tiny_conditioning(dim=16)}, str(cond))
-    return lat, cond
+    return tiny_unet_files
 
 
 @pytest.fixture
-def unet_config(tmp_path, unet_dir, data_files) -> dict:
+def unet_config(tiny_unet_train_config: dict[str, Any]) -> dict[str, Any]:
     """A small, fast config dict for the tiny UNet (fp32, no checkpointing)."""
-    lat, cond = data_files
-    return {
-        "model": {"family": "diffusers", "path": str(unet_dir)},
-        "data": {"latents": str(lat), "conditioning": str(cond)},
-        "training": {"steps": 3, "batch_size": 2, "dtype": "fp32", "seed": 0},
-        "adapter": {"rank": 4, "alpha": 2, "dtype": "fp32"},
-        "memory": {"gradient_checkpointing": False},
-        "output": {"dir": str(tmp_path / "out"), "name": "test", "plot": False},
-    }
+    return tiny_unet_train_config

@@ -9,7 +9,6 @@ promise; ``loraengine_register_commands`` adds a working subcommand.
 from __future__ import annotations
 
 import dataclasses
-import types
 from typing import Any
 
 import click
@@ -28,33 +27,16 @@ from loraengine import (
     PluginOptions,
     RecipeSpec,
     TimestepSamplerSpec,
-    hookimpl,
 )
 from loraengine.core.errors import ConfigError
-from loraengine.testing.harness import tiny_data, tiny_train_config, train_tiny
-
-
-def plugin(name: str, **hooks: Any) -> types.ModuleType:
-    module = types.ModuleType(name)
-    for hook, fn in hooks.items():
-        fn.__name__ = hook
-        setattr(module, hook, hookimpl(fn))
-    return module
-
-
-@pytest.fixture
-def builtin_host():
-    from loraengine.plugins import build_plugin_manager
-
-    return build_plugin_manager(entry_points=False)
-
+from loraengine.testing.harness import make_plugin, tiny_data, tiny_train_config, train_tiny
 
 # -- registration hooks ------------------------------------------------------------------
 
 def test_loraengine_adapters_record_trains_and_names_the_file(builtin_host, tmp_path):
     lora = builtin_host.registry.get("adapter", "lora")
     mine = dataclasses.replace(lora, name="hook_lora")
-    builtin_host.register(plugin("hooks_adapter", loraengine_adapters=lambda: [mine]))
+    builtin_host.register(make_plugin(name="hooks_adapter", loraengine_adapters=lambda: [mine]))
     result = train_tiny(builtin_host, {"adapter": {"algorithm": "hook_lora"},
                                        "output": {"dir": str(tmp_path), "plot": False}},
                         write_files=True)
@@ -78,7 +60,8 @@ def test_loraengine_memory_strategies_record_joins_memory_and_is_undone(builtin_
 
     spec = MemoryStrategySpec("hook_counter", CountOptions,
                               enabled=lambda c: c.memory.count_forwards, apply=apply)
-    builtin_host.register(plugin("hooks_memory", loraengine_memory_strategies=lambda: [spec]))
+    builtin_host.register(make_plugin(name="hooks_memory",
+                                      loraengine_memory_strategies=lambda: [spec]))
     from loraengine.testing.models import TinyDenoiser
 
     model = TinyDenoiser()
@@ -107,7 +90,7 @@ def test_loraengine_models_record_loads_the_model_named_in_the_config(builtin_ho
                            schedule=NoiseSchedule.ddpm(), blocks=list(module.blocks))
 
     spec = ModelFamilySpec("hook_family", load, SizeOptions)
-    builtin_host.register(plugin("hooks_model", loraengine_models=lambda: [spec]))
+    builtin_host.register(make_plugin(name="hooks_model", loraengine_models=lambda: [spec]))
     data = tiny_data()
     import loraengine
 
@@ -124,7 +107,7 @@ def test_loraengine_lr_schedulers_record_sets_each_steps_rate(builtin_host):
         return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 ** s)
 
     spec = LRSchedulerSpec("hook_halving", halving)
-    builtin_host.register(plugin("hooks_sched", loraengine_lr_schedulers=lambda: [spec]))
+    builtin_host.register(make_plugin(name="hooks_sched", loraengine_lr_schedulers=lambda: [spec]))
     result = train_tiny(builtin_host, {"lr_scheduler": {"name": "hook_halving"},
                                        "training": {"steps": 3}, "optimizer": {"lr": 0.01}})
     assert result.loss_map["lr"] == pytest.approx([0.01, 0.005, 0.0025])
@@ -147,7 +130,7 @@ def _flat_from_file(tensors, module_paths):
 
 def test_loraengine_exporters_record_writes_and_reads_its_key_format(builtin_host, tmp_path):
     spec = ExporterSpec("hook_flat", _flat_to_file, _flat_from_file)
-    builtin_host.register(plugin("hooks_export", loraengine_exporters=lambda: [spec]))
+    builtin_host.register(make_plugin(name="hooks_export", loraengine_exporters=lambda: [spec]))
     first = train_tiny(builtin_host, {"adapter": {"exporter": "hook_flat"},
                                       "output": {"dir": str(tmp_path), "name": "a",
                                                  "plot": False}}, write_files=True)
@@ -174,8 +157,8 @@ def test_loraengine_timestep_samplers_and_loss_weightings_records_are_used(built
     def weighting(options, schedule, loss_target):
         return lambda t: torch.zeros(t.shape[0])
 
-    builtin_host.register(plugin(
-        "hooks_recipes",
+    builtin_host.register(make_plugin(
+        name="hooks_recipes",
         loraengine_timestep_samplers=lambda: [TimestepSamplerSpec("hook_late", sampler)],
         loraengine_loss_weightings=lambda: [LossWeightingSpec("hook_zero", weighting)],
         loraengine_losses=lambda: [LossSpec("hook_seen", loss, timestep_aware=True)]))
@@ -210,7 +193,7 @@ def test_loraengine_recipes_record_joins_recipe_and_is_called_each_step(builtin_
 
     spec = RecipeSpec("hook_tally", TallyOptions, enabled=lambda c: c.recipe.hook_tally,
                       build=lambda config, pipe: Tally())
-    builtin_host.register(plugin("hooks_recipe", loraengine_recipes=lambda: [spec]))
+    builtin_host.register(make_plugin(name="hooks_recipe", loraengine_recipes=lambda: [spec]))
     train_tiny(builtin_host, {"recipe": {"hook_tally": True}, "training": {"steps": 3}})
     assert [t.steps for t in tallies] == [3]
     train_tiny(builtin_host, {})
@@ -234,8 +217,8 @@ def test_lifecycle_hooks_are_called_in_order_with_their_arguments(builtin_host, 
     def loraengine_on_train_end(run, result):
         events.append(("end", result))
 
-    builtin_host.register(plugin(
-        "hooks_lifecycle", loraengine_on_train_start=loraengine_on_train_start,
+    builtin_host.register(make_plugin(
+        name="hooks_lifecycle", loraengine_on_train_start=loraengine_on_train_start,
         loraengine_on_step_end=loraengine_on_step_end, loraengine_on_save=loraengine_on_save,
         loraengine_on_train_end=loraengine_on_train_end))
     result = train_tiny(builtin_host, {"output": {"dir": str(tmp_path), "name": "life"}},
@@ -261,8 +244,8 @@ def test_loraengine_register_commands_adds_a_working_subcommand(builtin_host, mo
     def hello(who):
         click.echo(f"hello {who}")
 
-    builtin_host.register(plugin("hooks_cli",
-                                 loraengine_register_commands=lambda cli: cli.add_command(hello)))
+    builtin_host.register(make_plugin(name="hooks_cli",
+                                      loraengine_register_commands=lambda cli: cli.add_command(hello)))
     monkeypatch.setattr(cli_main, "build_plugin_manager", lambda: builtin_host)
     monkeypatch.setattr("sys.argv", ["loraengine", "hook-hello", "world"])
     try:
@@ -275,5 +258,5 @@ def test_loraengine_register_commands_adds_a_working_subcommand(builtin_host, mo
 
 
 def test_a_hook_returning_nothing_is_allowed(builtin_host):
-    builtin_host.register(plugin("hooks_none", loraengine_losses=lambda: None))
+    builtin_host.register(make_plugin(name="hooks_none", loraengine_losses=lambda: None))
     assert "mse" in builtin_host.registry.names("loss")

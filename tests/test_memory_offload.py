@@ -10,28 +10,21 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import save_file
 
 from loraengine.core.build import build_pipeline
 from loraengine.core.config.root import parse_config
 from loraengine.core.train.loop import Trainer
 from loraengine.plugins.memory import offload
-from loraengine.testing.models import tiny_conditioning, tiny_latents
+from loraengine.testing.models import tiny_unet_train_config
 
 
 @pytest.fixture
-def offload_config(tmp_path, unet_dir) -> dict:
-    lat, cond = tmp_path / "latents.safetensors", tmp_path / "cond.safetensors"
-    save_file({"latents": tiny_latents()}, str(lat))
-    save_file({"cond": tiny_conditioning(dim=16)}, str(cond))
-    return {
-        "model": {"family": "diffusers", "path": str(unet_dir)},
-        "data": {"latents": str(lat), "conditioning": str(cond)},
-        "training": {"steps": 2, "batch_size": 2, "dtype": "fp32", "seed": 0},
-        "adapter": {"rank": 4, "dtype": "fp32"},
-        "memory": {"gradient_checkpointing": False, "offloading": True},
+def offload_config(tmp_path, unet_dir, data_files) -> dict:
+    return tiny_unet_train_config(unet_dir, data_files, {
+        "training": {"steps": 2},
+        "memory": {"offloading": True},
         "output": {"dir": str(tmp_path / "out"), "plot": False},
-    }
+    })
 
 
 def _offloaded_params(pipe) -> list[tuple[str, torch.nn.Parameter]]:

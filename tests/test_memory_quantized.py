@@ -11,7 +11,6 @@ import torch
 import torch.nn.functional as F
 import yaml
 from click.testing import CliRunner
-from safetensors.torch import save_file
 from torch import nn
 
 from loraengine.cli.main import cli
@@ -20,25 +19,20 @@ from loraengine.core.config.root import parse_config
 from loraengine.core.errors import ConfigError
 from loraengine.core.train.loop import Trainer
 from loraengine.plugins.memory import quantize as qz
-from loraengine.testing.models import tiny_conditioning, tiny_latents
+from loraengine.testing.models import tiny_unet_train_config
 
 FORMATS = ["fp8", "int8"]
 
 
 @pytest.fixture
-def qconfig(tmp_path, unet_dir) -> dict:
-    lat, cond = tmp_path / "latents.safetensors", tmp_path / "cond.safetensors"
-    save_file({"latents": tiny_latents()}, str(lat))
-    save_file({"cond": tiny_conditioning(dim=16)}, str(cond))
-    return {
-        "model": {"family": "diffusers", "path": str(unet_dir), "quantize": "int8"},
-        "data": {"latents": str(lat), "conditioning": str(cond)},
-        "training": {"steps": 2, "batch_size": 2, "dtype": "fp32", "seed": 0},
+def qconfig(tmp_path, unet_dir, data_files) -> dict:
+    return tiny_unet_train_config(unet_dir, data_files, {
+        "model": {"quantize": "int8"},
+        "training": {"steps": 2},
         "optimizer": {"lr": 0.01},
-        "adapter": {"rank": 4, "dtype": "fp32"},
-        "memory": {"gradient_checkpointing": False, "bypass_mode": True},
+        "memory": {"bypass_mode": True},
         "output": {"dir": str(tmp_path / "out"), "plot": False},
-    }
+    })
 
 
 # -- the number format -------------------------------------------------------------------

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import save_file
 from torch import nn
 
 from loraengine.core.build import build_pipeline
@@ -16,7 +15,7 @@ from loraengine.core.config.root import parse_config
 from loraengine.core.model import top_level_blocks
 from loraengine.core.train.loop import Trainer
 from loraengine.plugins.memory import checkpointing
-from loraengine.testing.models import tiny_conditioning, tiny_latents
+from loraengine.testing.models import save_tiny_unet_data, tiny_unet_train_config
 
 ALGORITHMS = ["lora", "loha", "lokr", "oft"]
 STRATEGIES = {
@@ -38,24 +37,17 @@ BYPASS_FP32_RTOL = 1e-5
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory) -> tuple[Path, Path]:
-    folder = tmp_path_factory.mktemp("memory-data")
-    lat, cond = folder / "latents.safetensors", folder / "cond.safetensors"
-    save_file({"latents": tiny_latents()}, str(lat))
-    save_file({"cond": tiny_conditioning(dim=16)}, str(cond))
-    return lat, cond
+    return save_tiny_unet_data(tmp_path_factory.mktemp("memory-data"))
 
 
 def make_config(unet_dir: Path, files: tuple[Path, Path], algorithm: str,
                 memory: dict) -> dict:
-    return {
-        "model": {"family": "diffusers", "path": str(unet_dir)},
-        "data": {"latents": str(files[0]), "conditioning": str(files[1])},
-        "training": {"steps": 1, "batch_size": 2, "dtype": "fp32", "seed": 0},
+    return tiny_unet_train_config(unet_dir, files, {
+        "training": {"steps": 1},
         # alpha ≠ rank where it is a scale; OFT has none (its alpha is a norm bound)
-        "adapter": {"algorithm": algorithm, "rank": 4, "dtype": "fp32",
-                    **({} if algorithm == "oft" else {"alpha": 2})},
-        "memory": {"gradient_checkpointing": False, **memory},
-    }
+        "adapter": {"algorithm": algorithm, **({} if algorithm == "oft" else {"alpha": 2})},
+        "memory": memory,
+    })
 
 
 def one_step_grads(host, unet_dir, files, algorithm: str, memory: dict

@@ -17,30 +17,23 @@ from loraengine.core.build import build_pipeline
 from loraengine.core.config.root import parse_config
 from loraengine.testing.models import (
     save_tiny_unet,
+    save_tiny_unet_data,
     small_unet_config,
-    tiny_conditioning,
-    tiny_latents,
+    tiny_unet_train_config,
 )
 from loraengine.tools.plan import logic as plan
 
 
 def make_config(model_dir: Path, lat: Path, cond: Path, memory: dict,
                 model: dict | None = None, rank: int = 4, dtype: str = "fp32") -> dict:
-    return {
-        "model": {"family": "diffusers", "path": str(model_dir), **(model or {})},
-        "data": {"latents": str(lat), "conditioning": str(cond)},
-        "training": {"steps": 3, "batch_size": 2, "dtype": dtype, "seed": 0},
-        "adapter": {"rank": rank, "dtype": "fp32"},
-        "memory": {"gradient_checkpointing": False, **memory},
-    }
+    return tiny_unet_train_config(model_dir, (lat, cond), {
+        "model": model or {}, "training": {"dtype": dtype}, "adapter": {"rank": rank},
+        "memory": memory})
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory, unet_dir) -> dict:
-    folder = tmp_path_factory.mktemp("plan-data")
-    lat, cond = folder / "latents.safetensors", folder / "cond.safetensors"
-    save_file({"latents": tiny_latents()}, str(lat))
-    save_file({"cond": tiny_conditioning(dim=16)}, str(cond))
+    lat, cond = save_tiny_unet_data(tmp_path_factory.mktemp("plan-data"))
     return {"model_dir": unet_dir, "lat": lat, "cond": cond}
 
 

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import copy
-import types
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
 import loraengine
-from loraengine import LossSpec, hookimpl
+from loraengine import LossSpec
 from loraengine.core.build import build_pipeline
 from loraengine.core.config.root import parse_config
 from loraengine.core.data import BucketedDataset, BucketStream
@@ -18,6 +17,7 @@ from loraengine.core.errors import NonFiniteError
 from loraengine.core.seeding import make_generator
 from loraengine.core.train.loop import Trainer
 from loraengine.plugins import build_plugin_manager
+from loraengine.testing.harness import make_plugin
 from loraengine.testing.models import TinyDenoiser, tiny_conditioning, tiny_latents
 
 
@@ -44,9 +44,8 @@ def nan_loss_host(bad_calls: set[int]):
             return value * float("nan") if i in bad_calls else value
         return loss
 
-    plugin = types.ModuleType("flaky_loss")
-    plugin.loraengine_losses = hookimpl(lambda: [LossSpec("flaky", make)])
-    return build_plugin_manager(entry_points=False, extra=[plugin])
+    return build_plugin_manager(entry_points=False,
+                                extra=[make_plugin(LossSpec("flaky", make), name="flaky_loss")])
 
 
 def train(cfg, host=None, **data):

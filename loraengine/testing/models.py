@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -80,7 +82,8 @@ def save_tiny_unet(folder: Path, seed: int = 0, prediction_type: str = "epsilon"
     from diffusers import UNet2DConditionModel
 
     torch.manual_seed(seed)
-    unet = UNet2DConditionModel(**(config or tiny_unet_config()))
+    # diffusers types save_pretrained on a mixin mypy does not see through
+    unet: Any = UNet2DConditionModel(**(config or tiny_unet_config()))
     folder = Path(folder)
     unet.save_pretrained(folder / "unet")
     (folder / "model_index.json").write_text(json.dumps(
@@ -92,3 +95,34 @@ def save_tiny_unet(folder: Path, seed: int = 0, prediction_type: str = "epsilon"
          "beta_end": 0.012, "beta_schedule": "scaled_linear",
          "prediction_type": prediction_type}))
     return folder
+
+
+def save_tiny_unet_data(folder: Path, n: int = 6) -> tuple[Path, Path]:
+    """Write latents ``[n,4,8,8]`` and conditioning ``[n,3,16]`` for the tiny UNet as
+    ``latents.safetensors`` and ``cond.safetensors`` in ``folder``; return both paths."""
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    lat, cond = folder / "latents.safetensors", folder / "cond.safetensors"
+    save_file({"latents": tiny_latents(n=n)}, str(lat))
+    save_file({"cond": tiny_conditioning(n=n, dim=16)}, str(cond))
+    return lat, cond
+
+
+def tiny_unet_train_config(model_dir: Path, data: tuple[Path, Path],
+                           overlay: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """A config training the tiny UNet folder ``model_dir`` (``save_tiny_unet``) on the
+    ``data`` files (``save_tiny_unet_data``): 3 steps of batch 2, fp32, rank 4,
+    checkpointing off, nothing written unless ``overlay`` adds an ``output`` section.
+    ``overlay`` is merged over it section by section."""
+    from loraengine.testing.harness import deep_merge
+
+    base: dict[str, Any] = {
+        "model": {"family": "diffusers", "path": str(model_dir)},
+        "data": {"latents": str(data[0]), "conditioning": str(data[1])},
+        "training": {"steps": 3, "batch_size": 2, "dtype": "fp32", "seed": 0},
+        "adapter": {"rank": 4, "dtype": "fp32"},
+        "memory": {"gradient_checkpointing": False},
+    }
+    return deep_merge(base, overlay or {})

@@ -8,6 +8,9 @@ they are available in any project that has loraengine installed).
 - ``tiny_model``, ``tiny_latents``, ``tiny_conditioning``: a small denoiser and data;
   ``tiny_dataset``: both tensors together (``.save(folder)`` writes the files);
 - ``tiny_unet_dir``: a tiny diffusers pipeline folder (unet + scheduler), one per session;
+  ``tiny_unet_files``: latents and conditioning files for it (in the test's tmp_path);
+  ``tiny_unet_train_config``: a small config training it on them, writing
+  ``<tmp_path>/out/test.safetensors``;
 - ``train_tiny``: ``train_tiny(overlay)`` trains the tiny model on ``loraengine_host``
   for two steps with the config overlay and returns the ``TrainResult``.
 
@@ -86,6 +89,23 @@ def tiny_unet_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from loraengine.testing.models import save_tiny_unet
 
     return save_tiny_unet(tmp_path_factory.mktemp("loraengine_unet") / "pipe")
+
+
+@pytest.fixture
+def tiny_unet_files(tmp_path: Path) -> tuple[Path, Path]:
+    from loraengine.testing.models import save_tiny_unet_data
+
+    return save_tiny_unet_data(tmp_path)
+
+
+@pytest.fixture
+def tiny_unet_train_config(tmp_path: Path, tiny_unet_dir: Path,
+                           tiny_unet_files: tuple[Path, Path]) -> dict[str, Any]:
+    from loraengine.testing.models import tiny_unet_train_config as make
+
+    return make(tiny_unet_dir, tiny_unet_files, {
+        "adapter": {"alpha": 2},
+        "output": {"dir": str(tmp_path / "out"), "name": "test", "plot": False}})
 
 
 @pytest.fixture

@@ -35,36 +35,38 @@ class InputPerturbationOptions(PluginOptions):
                                                      "uniform draw per sample.")
 
 
-def _strength(value: float, random: bool, generator: torch.Generator) -> float:
-    if not random:
-        return value
-    return value * float(torch.rand((), generator=generator, dtype=torch.float64))
-
-
-class NoiseOffset(Recipe):
-    name = "noise_offset"
+class _PerSampleStrength(Recipe):
+    """A noise recipe of some strength, scaled per sample by a uniform draw when
+    ``random`` (the draw comes first from the sample's generator)."""
 
     def __init__(self, strength: float, random: bool):
         self.strength, self.random = strength, random
 
+    def strength_for(self, generator: torch.Generator) -> float:
+        if not self.random:
+            return self.strength
+        return self.strength * float(torch.rand((), generator=generator,
+                                                dtype=torch.float64))
+
+
+class NoiseOffset(_PerSampleStrength):
+    name = "noise_offset"
+
     def perturb_noise(self, noise_xt: torch.Tensor, noise_target: torch.Tensor,
                       generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        s = _strength(self.strength, self.random, generator)
+        s = self.strength_for(generator)
         channels = noise_xt.shape[0]
         offset = torch.randn(channels, generator=generator, dtype=noise_xt.dtype)
         offset = s * offset.reshape(channels, *([1] * (noise_xt.ndim - 1)))
         return noise_xt + offset, noise_target + offset
 
 
-class InputPerturbation(Recipe):
+class InputPerturbation(_PerSampleStrength):
     name = "input_perturbation"
-
-    def __init__(self, strength: float, random: bool):
-        self.strength, self.random = strength, random
 
     def perturb_noise(self, noise_xt: torch.Tensor, noise_target: torch.Tensor,
                       generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        s = _strength(self.strength, self.random, generator)
+        s = self.strength_for(generator)
         extra = torch.randn(noise_xt.shape, generator=generator, dtype=noise_xt.dtype)
         return noise_xt + s * extra, noise_target
 
