@@ -22,7 +22,7 @@ from pydantic import Field
 
 from loraengine.core.errors import ConfigError
 from loraengine.core.plugins.specs import NoOptions, PluginOptions, TimestepSamplerSpec
-from loraengine.core.schedule import NoiseSchedule
+from loraengine.core.schedule import NoiseSchedule, shift_sigma
 
 Draw = Callable[[torch.Generator], torch.Tensor]
 
@@ -43,10 +43,6 @@ class LogitNormalOptions(ShiftOptions):
 class ModeOptions(ShiftOptions):
     scale: float = Field(1.29, ge=-1.0, le=MODE_SCALE_MAX, description="Heavy-tail "
                          "scale: 0 is uniform, positive favours mid noise levels.")
-
-
-def shift_sigma(u: torch.Tensor, shift: float) -> torch.Tensor:
-    return shift * u / (1.0 + (shift - 1.0) * u)
 
 
 def to_timestep(u: torch.Tensor, schedule: NoiseSchedule, shift: float | None
