@@ -4,16 +4,20 @@ A ``Recipe`` (built by a ``RecipeSpec`` plugin from the ``recipe`` config sectio
 change each sample's noise right after it is drawn, act after every optimizer step,
 and offer other versions of the adapter to save next to it
 (``<name>.<suffix>.safetensors``). The timestep sampler and the loss weighting the
-config names are built here as well, so the orchestrator only calls ``install_recipes``.
+config names are built here as well (``build_recipes``), before the pipeline is.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from contextlib import AbstractContextManager
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+
+from loraengine.core.plugins.registry import Registry
+from loraengine.core.plugins.run import BuildContext
 
 
 class Recipe:
@@ -43,21 +47,37 @@ class Recipe:
         """Restore what ``state_dict`` returned."""
 
 
-def install_recipes(pipe: Any) -> None:
-    """Build the configured timestep sampler, loss weighting and enabled recipes onto
-    ``pipe`` (a ``Pipeline``)."""
-    config, reg = pipe.config, pipe.host.registry
-    schedule = pipe.loaded.schedule
+@dataclass(frozen=True)
+class TrainingRecipes:
+    """The configured timestep sampler, loss weighting and enabled recipes, built
+    before the pipeline is (``None``/empty keep the model family's own behaviour)."""
+
+    timestep_sampler: Callable[[torch.Generator], torch.Tensor] | None = None
+    loss_weighting: Callable[[torch.Tensor], torch.Tensor] | None = None
+    loss_timestep_aware: bool = False
+    recipes: list[Recipe] = field(default_factory=list)
+
+
+def build_recipes(ctx: BuildContext, registry: Registry) -> TrainingRecipes:
+    """Build what the ``timestep_sampler``, ``loss_weighting``, ``loss`` and ``recipe``
+    sections ask for, on the model and adapters of ``ctx``."""
+    config = ctx.config
+    schedule = ctx.loaded.schedule
+    sampler = weighting = None
     sampler_cfg = getattr(config, "timestep_sampler", None)
     if sampler_cfg is not None:
-        spec = reg.get("timestep_sampler", sampler_cfg.name)
-        pipe.timestep_sampler = spec.factory(sampler_cfg, schedule)
+        sampler = registry.get("timestep_sampler", sampler_cfg.name).factory(
+            sampler_cfg, schedule)
     weighting_cfg = getattr(config, "loss_weighting", None)
     if weighting_cfg is not None:
-        spec = reg.get("loss_weighting", weighting_cfg.name)
-        pipe.loss_weighting = spec.factory(weighting_cfg, schedule, config.loss.target)
-    pipe.loss_timestep_aware = bool(reg.get("loss", config.loss.name).timestep_aware)
+        weighting = registry.get("loss_weighting", weighting_cfg.name).factory(
+            weighting_cfg, schedule, config.loss.target)
+    recipes: list[Recipe] = []
     if getattr(config, "recipe", None) is not None:
-        pipe.recipes = [spec.build(config, pipe)
-                        for spec in sorted(reg.specs("recipe"), key=lambda s: s.order)
-                        if spec.enabled(config)]
+        recipes = [spec.build(config, ctx)
+                   for spec in sorted(registry.specs("recipe"), key=lambda s: s.order)
+                   if spec.enabled(config)]
+    return TrainingRecipes(
+        timestep_sampler=sampler, loss_weighting=weighting,
+        loss_timestep_aware=bool(registry.get("loss", config.loss.name).timestep_aware),
+        recipes=recipes)

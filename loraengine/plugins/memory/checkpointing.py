@@ -18,6 +18,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from loraengine.core.model import top_level_blocks
+from loraengine.core.plugins.run import BuildContext, StrategyResult
 from loraengine.core.plugins.specs import MemoryStrategySpec, PluginOptions
 
 
@@ -66,17 +67,19 @@ def _wrap(block: nn.Module) -> Callable[[], None]:
     return undo
 
 
-def apply(pipe: Any, memory: Any) -> Callable[[], None]:
-    top = pipe.loaded.blocks or top_level_blocks(pipe.model)
+def apply(ctx: BuildContext, memory: Any) -> StrategyResult:
+    top = ctx.loaded.blocks or top_level_blocks(ctx.model)
     undos = [_wrap(b) for b in blocks_at_depth(top, memory.checkpoint_depth)]
 
     def undo_all() -> None:
         for u in reversed(undos):
             u()
 
-    return undo_all
+    return StrategyResult(undo=undo_all)
 
 
 SPEC = MemoryStrategySpec("gradient_checkpointing", CheckpointOptions,
                           enabled=lambda c: c.memory.gradient_checkpointing, apply=apply, order=50,
+                          describe=lambda c: f"gradient_checkpointing(depth "
+                                             f"{c.memory.checkpoint_depth})",
                           description="Gradient checkpointing at checkpoint_depth.")

@@ -30,10 +30,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from pydantic import Field
+from pydantic import BaseModel, Field
 from torch import nn
 
 from loraengine.core.model import top_level_blocks
+from loraengine.core.plugins.run import BuildContext, StrategyResult
 from loraengine.core.plugins.specs import MemoryStrategySpec, PluginOptions
 
 
@@ -304,24 +305,15 @@ def _place_the_rest(model: nn.Module, device: torch.device) -> None:
                 mod._buffers[name] = t.to(device)
 
 
-def apply(pipe: Any, memory: Any) -> Callable[[], None]:
-    model = pipe.model
-    blocks = pipe.loaded.blocks or top_level_blocks(model)
-    offloader = Offloader(model, blocks, pipe.device)
-    _place_the_rest(model, pipe.device)
+def apply(ctx: BuildContext, memory: BaseModel) -> StrategyResult:
+    model = ctx.model
+    blocks = ctx.loaded.blocks or top_level_blocks(model)
+    offloader = Offloader(model, blocks, ctx.device)
+    _place_the_rest(model, ctx.device)
     offloader.install()
-    info = pipe.loaded.info
-    info["offloader"] = offloader
     # Host copies, so that memory planning can tell them from device memory.
-    info.setdefault("host_resident", []).extend(s.home for u in offloader.units
-                                                for s in u.slots)
-
-    def undo() -> None:
-        offloader.close()
-        info.pop("offloader", None)
-        info.pop("host_resident", None)
-
-    return undo
+    resident = tuple(s.home for u in offloader.units for s in u.slots)
+    return StrategyResult(undo=offloader.close, host_resident=resident, streaming=offloader)
 
 
 SPEC = MemoryStrategySpec(

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
+from loraengine.core.plugins.run import BuildContext, StrategyResult
 from loraengine.core.plugins.specs import MemoryStrategySpec, PluginOptions
 
 FP8 = torch.float8_e4m3fn
@@ -236,13 +237,19 @@ def validate(config: Any) -> list[str]:
     return problems
 
 
-def apply(pipe: Any, memory: Any) -> Callable[[], None]:
-    fmt = pipe.config.model.quantize
-    return quantize_model(pipe.model, fmt, bool(memory.quantized_backward))
+def apply(ctx: BuildContext, memory: Any) -> StrategyResult:
+    fmt = ctx.config.model.quantize
+    return StrategyResult(undo=quantize_model(ctx.model, fmt, bool(memory.quantized_backward)))
+
+
+def describe(config: Any) -> str:
+    backward = ", quantized backward" if config.memory.quantized_backward else ""
+    return f"quantized_base({config.model.quantize}{backward})"
 
 
 SPEC = MemoryStrategySpec(
     "quantized_base", QuantizedBackwardOptions,
     enabled=lambda c: c.model.quantize != "none", apply=apply, order=5, validate=validate,
+    describe=describe,
     description="Linear weights of the frozen base stored fp8/int8 (model.quantize); "
                 "optional quantized input-gradient matmul.")

@@ -82,7 +82,7 @@ def read_prompts(path: Path, loaded: Any, host: Any, what: str = "--prompts"
     lines = path.read_text(encoding="utf-8").splitlines()
     prompts = [line.strip() for line in lines if line.strip()] or [""]
     spec = host.registry.get("model", loaded.family)
-    root = loaded.info.get("pipeline")
+    root = loaded.pipeline_root
     if spec.make_encoder is None or not root:
         raise ConfigError(f"{what}: the {loaded.family} model has no text encoders to "
                           f"read {path.name}; give a conditioning .safetensors instead "
