@@ -26,8 +26,8 @@ from loraengine.core.distributed import DistContext, shard_base, wrap_ddp
 from loraengine.core.errors import ConfigError, DataError, LoraEngineError
 from loraengine.core.files import load_lora, split_modules, steps_of
 from loraengine.core.model import LoadedModel
+from loraengine.core.plugins.assembly import BuildContext, HostStreaming, StrategyResult
 from loraengine.core.plugins.host import PluginHost
-from loraengine.core.plugins.run import BuildContext, HostStreaming, StrategyResult
 from loraengine.core.plugins.specs import LossFn
 from loraengine.core.recipe import Recipe, build_recipes
 from loraengine.core.seeding import make_generator
@@ -128,7 +128,7 @@ def resolve_device(name: str) -> torch.device:
 def load_model(config: Any, host: PluginHost, module: nn.Module | None = None,
                base_dir: Path | None = None) -> LoadedModel:
     spec = host.registry.get("model", config.model.family)
-    loaded = spec.load(config.model, {"base_dir": base_dir, "module": module})
+    loaded: LoadedModel = spec.load(config.model, {"base_dir": base_dir, "module": module})
     loaded.family = loaded.family or spec.name
     return loaded
 

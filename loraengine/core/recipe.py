@@ -16,8 +16,8 @@ from typing import Any
 
 import torch
 
+from loraengine.core.plugins.assembly import BuildContext
 from loraengine.core.plugins.registry import Registry
-from loraengine.core.plugins.run import BuildContext
 
 
 class Recipe:

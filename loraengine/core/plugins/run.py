@@ -1,74 +1,21 @@
-"""What plugins see of a run.
-
-``RunView`` is the read-only view of a training run that the lifecycle hooks receive;
-``RunResult`` the outcome ``loraengine_on_train_end`` gets. ``BuildContext`` holds the
-parts a memory strategy or a training recipe works on while the pipeline is assembled,
-and a strategy hands back a ``StrategyResult`` record instead of writing into shared
-objects: the assembly folds the records into the pipeline before freezing it.
-"""
+"""What plugins see of a run: ``RunView``, the read-only view of a training run that
+the lifecycle hooks receive, and ``RunResult``, the outcome
+``loraengine_on_train_end`` gets."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol, TypeAlias
+from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
     import torch
-    from torch import nn
 
     from loraengine.core.adapter import AdapterNetwork
-    from loraengine.core.adapter.layer import AttachMode
     from loraengine.core.data import Dataset
     from loraengine.core.model import LoadedModel
+    from loraengine.core.plugins.assembly import RunConfig
     from loraengine.core.plugins.registry import Registry
-
-#: The validated root config. Its model is assembled at run time from the installed
-#: plugins' option models, so no static class describes it yet.
-RunConfig: TypeAlias = Any  # type: ignore[explicit-any]
-
-
-class HostStreaming(Protocol):
-    """A strategy that keeps the frozen base on the host and streams it to the device
-    (offloading) counts what it moves: ``stats["bytes_in"]``, ``stats["loads"]``..."""
-
-    @property
-    def stats(self) -> Mapping[str, int]: ...
-
-
-@dataclass(frozen=True)
-class BuildContext:
-    """The parts of a pipeline being assembled that a memory strategy or a recipe may
-    work on: the adapters are attached (in weight mode) when strategies apply."""
-
-    config: RunConfig
-    loaded: LoadedModel
-    network: AdapterNetwork
-    device: torch.device
-
-    @property
-    def model(self) -> nn.Module:
-        return self.loaded.module
-
-    def trainable_parameters(self) -> list[nn.Parameter]:
-        return [p for p in self.network.parameters() if p.requires_grad]
-
-
-@dataclass(frozen=True)
-class StrategyResult:
-    """What a memory strategy's ``apply`` hands back.
-
-    ``undo`` removes what it installed (called in reverse order when the pipeline
-    closes); ``attach_mode`` is set when it re-attached the adapters in another mode;
-    ``host_resident`` lists tensors it keeps on the host (memory planning tells them
-    from device memory); ``streaming`` is its transfer counter when it streams the base
-    to the device."""
-
-    undo: Callable[[], None] | None = None
-    attach_mode: AttachMode | None = None
-    host_resident: tuple[torch.Tensor, ...] = ()
-    streaming: HostStreaming | None = None
 
 
 class RunResult(Protocol):

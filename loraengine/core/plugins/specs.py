@@ -17,7 +17,7 @@ if TYPE_CHECKING:
 
     from loraengine.core.adapter import AdapterLayer
     from loraengine.core.model import LoadedModel
-    from loraengine.core.plugins.run import BuildContext, RunConfig, StrategyResult
+    from loraengine.core.plugins.assembly import BuildContext, RunConfig, StrategyResult
 
 
 class PluginOptions(BaseModel):
@@ -94,14 +94,14 @@ class MemoryStrategySpec:
 
     name: str
     config_model: type[BaseModel]
-    enabled: Callable[[Any], bool]
+    enabled: Callable[[RunConfig], bool]
     apply: Callable[[BuildContext, BaseModel],
                     StrategyResult | Callable[[], None] | None]
     order: int = 100
     description: str = ""
     #: ``validate(config) -> [problem, ...]`` checks combinations across sections
     #: before anything is built; each problem reads ``key.path: message``.
-    validate: Callable[[Any], list[str]] | None = None
+    validate: Callable[[RunConfig], list[str]] | None = None
     #: True when the strategy puts the frozen base on the compute device itself (block
     #: by block); the engine then leaves the loaded model where it is.
     places_weights: bool = False

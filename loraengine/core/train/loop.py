@@ -355,8 +355,9 @@ class Trainer:
         """The result; when writing files, the LoRA, each recipe's variant (e.g. its
         EMA) and the loss map are all written before any ``on_save`` hook runs, so a
         failing hook cannot cost a file."""
-        if callable(getattr(self.pipe.optimizer, "eval", None)):
-            self.pipe.optimizer.eval()  # schedule-free optimizers: save the averaged x
+        to_eval = getattr(self.pipe.optimizer, "eval", None)
+        if callable(to_eval):
+            to_eval()  # schedule-free optimizers: save the averaged x
         tensors = self.lora_tensors()
         result = TrainResult(tensors, {k: list(v) for k, v in self.loss_map.items()},
                              self.steps_done)

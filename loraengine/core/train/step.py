@@ -109,8 +109,9 @@ def train_step(pipe: Pipeline, stream: IndexStream | BucketStream,
     tcfg = pipe.config.training
     accum = tcfg.grad_accumulation_steps
     optimizer = pipe.optimizer
-    if callable(getattr(optimizer, "train", None)):
-        optimizer.train()  # schedule-free optimizers take gradients at y
+    to_train = getattr(optimizer, "train", None)
+    if callable(to_train):
+        to_train()  # schedule-free optimizers take gradients at y
     optimizer.zero_grad(set_to_none=True)
     total = 0.0
     finite = True

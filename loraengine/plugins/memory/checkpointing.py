@@ -18,7 +18,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from loraengine.core.model import top_level_blocks
-from loraengine.core.plugins.run import BuildContext, StrategyResult
+from loraengine.core.plugins.assembly import BuildContext, StrategyResult
 from loraengine.core.plugins.specs import MemoryStrategySpec, PluginOptions
 
 
@@ -60,7 +60,7 @@ def _wrap(block: nn.Module) -> Callable[[], None]:
 
     def undo() -> None:
         if had_own:
-            block.forward = previous
+            block.__dict__["forward"] = previous
         else:
             block.__dict__.pop("forward", None)
 

@@ -34,7 +34,7 @@ from pydantic import BaseModel, Field
 from torch import nn
 
 from loraengine.core.model import top_level_blocks
-from loraengine.core.plugins.run import BuildContext, StrategyResult
+from loraengine.core.plugins.assembly import BuildContext, StrategyResult
 from loraengine.core.plugins.specs import MemoryStrategySpec, PluginOptions
 
 
@@ -213,7 +213,7 @@ class Offloader:
         found = self._by_storage.get(id(t.untyped_storage()))
         if found is None:
             return t
-        return _Fetch(found[0], tuple(t.shape), tuple(t.stride()), t.storage_offset())
+        return _Fetch(found[0], tuple(t.shape), tuple(t.stride()), int(t.storage_offset()))
 
     def unpack(self, packed: Any) -> torch.Tensor:
         if not isinstance(packed, _Fetch):
@@ -230,6 +230,9 @@ class Offloader:
             return inner(*args, **kwargs)
 
         return forward
+
+    def _layer_wrapper(self, idx: int) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+        return lambda inner: self._layer_forward(inner, idx)
 
     def _model_forward(self, inner: Callable[..., Any]) -> Callable[..., Any]:
         def forward(_self: nn.Module, *args: Any, **kwargs: Any) -> Any:
@@ -254,8 +257,7 @@ class Offloader:
         wrapped layer by calling its forward directly, skipping module hooks; hence
         offloading applies before checkpointing wraps anything."""
         for mod, idx in self._owners:
-            self._undo.append(_patch_forward(mod, lambda inner, i=idx:
-                                             self._layer_forward(inner, i)))
+            self._undo.append(_patch_forward(mod, self._layer_wrapper(idx)))
         self._undo.append(_patch_forward(self.model, self._model_forward))
 
     def close(self) -> None:
@@ -283,7 +285,7 @@ def _patch_forward(module: nn.Module, make: Callable[[Callable[..., Any]], Calla
 
     def undo() -> None:
         if had_own:
-            module.forward = previous
+            module.__dict__["forward"] = previous
         else:
             module.__dict__.pop("forward", None)
 
@@ -300,9 +302,9 @@ def _place_the_rest(model: nn.Module, device: torch.device) -> None:
             if t is not None and t.device != device:
                 mod._parameters[name] = nn.Parameter(t.detach().to(device),
                                                      requires_grad=t.requires_grad)
-        for name, t in list(mod._buffers.items()):
-            if t is not None and t.device != device:
-                mod._buffers[name] = t.to(device)
+        for name, buf in list(mod._buffers.items()):
+            if buf is not None and buf.device != device:
+                mod._buffers[name] = buf.to(device)
 
 
 def apply(ctx: BuildContext, memory: BaseModel) -> StrategyResult:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import gc
 import os
 import time
@@ -104,7 +105,7 @@ class LiveBytes(TorchDispatchMode):
     def reset_peak(self) -> None:
         self.peak = self.live
 
-    def _freed(self, key: int, nbytes: int) -> None:
+    def _freed(self, key: int, nbytes: int, _ref: object = None) -> None:
         if self._tracked.pop(key, None) is not None:
             self.live -= nbytes
 
@@ -122,7 +123,7 @@ class LiveBytes(TorchDispatchMode):
             if st is None or key in inputs or key in self._tracked:
                 continue
             nbytes = st.nbytes()
-            self._tracked[key] = weakref.ref(st, lambda _r, k=key, n=nbytes: self._freed(k, n))
+            self._tracked[key] = weakref.ref(st, functools.partial(self._freed, key, nbytes))
             self.live += nbytes
             self.peak = max(self.peak, self.live)
         return out
@@ -159,7 +160,7 @@ def _fused_attention_on_meta(query: torch.Tensor, key: torch.Tensor, value: torc
 def _fused_attention() -> Iterator[None]:
     # Patched at module level rather than with a TorchFunctionMode: checkpointing's
     # recomputation in the backward pass must see it too.
-    F.scaled_dot_product_attention = _fused_attention_on_meta
+    F.scaled_dot_product_attention = _fused_attention_on_meta  # type: ignore[assignment]
     try:
         yield
     finally:
