@@ -135,20 +135,9 @@ def load_model(config: Any, host: PluginHost, module: nn.Module | None = None,
 
 def load_data(config: Any, loaded: LoadedModel, latents: Any = None,
               conditioning: Any = None) -> Dataset:
-    if latents is None:
-        if config.data.latents is None:
-            raise ConfigError("data.latents: required (a safetensors file with 'latents')")
-        latents = read_safetensors(config.data.latents, "latents")
-        lat_name = str(config.data.latents)
-    else:
-        lat_name = "latents"
-    if conditioning is None:
-        if config.data.conditioning is None:
-            raise ConfigError("data.conditioning: required (a safetensors file with 'cond')")
-        conditioning = read_safetensors(config.data.conditioning, "conditioning")
-        cond_name = str(config.data.conditioning)
-    else:
-        cond_name = "conditioning"
+    latents, lat_name = _given_or_read(latents, config.data.latents, "latents", "latents")
+    conditioning, cond_name = _given_or_read(conditioning, config.data.conditioning,
+                                             "conditioning", "cond")
     if config.data.bucket_mode:
         if not isinstance(latents, Mapping) or not isinstance(conditioning, Mapping):
             raise DataError("data.bucket_mode: give latents and conditioning as mappings "
@@ -157,6 +146,17 @@ def load_data(config: Any, loaded: LoadedModel, latents: Any = None,
                                      latents_name=lat_name, cond_name=cond_name)
     return make_dataset(latents, conditioning, required=loaded.cond_keys,
                         latents_name=lat_name, cond_name=cond_name)
+
+
+def _given_or_read(given: Any, path: Path | None, key: str, tensor: str
+                   ) -> tuple[Any, str]:
+    """In-memory data as given, else read from the ``data.<key>`` file; with the name
+    errors use for it."""
+    if given is not None:
+        return given, key
+    if path is None:
+        raise ConfigError(f"data.{key}: required (a safetensors file with '{tensor}')")
+    return read_safetensors(path, key), str(path)
 
 
 def build_adapters(config: Any, host: PluginHost, loaded: LoadedModel, device: torch.device

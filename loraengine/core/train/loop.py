@@ -106,10 +106,6 @@ class Trainer:
     def scaler(self) -> torch.amp.GradScaler | None:
         return self.state.scaler
 
-    @property
-    def checkpoint_dir(self) -> Path:
-        return self.checkpointer.folder
-
     # -- the RunView of lifecycle hooks ------------------------------------------------
     @property
     def loss_map(self) -> dict[str, list[float]]:

@@ -8,7 +8,6 @@ activations during the backward pass.
 
 from __future__ import annotations
 
-import types
 from collections.abc import Callable
 from typing import Any
 
@@ -20,6 +19,7 @@ from torch.utils.checkpoint import checkpoint
 from loraengine.core.model import top_level_blocks
 from loraengine.core.plugins.assembly import BuildContext, StrategyResult
 from loraengine.core.plugins.specs import MemoryStrategySpec, PluginOptions
+from loraengine.plugins.memory.patching import patch_forward
 
 
 class CheckpointOptions(PluginOptions):
@@ -45,26 +45,18 @@ def blocks_at_depth(top: list[nn.Module], depth: int) -> list[nn.Module]:
 
 
 def _wrap(block: nn.Module) -> Callable[[], None]:
-    had_own = "forward" in block.__dict__
-    previous = block.__dict__.get("forward")
-    inner = block.forward
+    def make(inner: Callable[..., Any]) -> Callable[..., Any]:
+        def forward(_self: nn.Module, *args: Any, **kwargs: Any) -> Any:
+            if torch.is_grad_enabled():
+                # preserve_rng_state off: the base runs in eval mode and draws no random
+                # numbers
+                return checkpoint(inner, *args, use_reentrant=False,
+                                  preserve_rng_state=False, **kwargs)
+            return inner(*args, **kwargs)
 
-    def forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
-        if torch.is_grad_enabled():
-            # preserve_rng_state off: the base runs in eval mode and draws no random numbers
-            return checkpoint(inner, *args, use_reentrant=False, preserve_rng_state=False,
-                              **kwargs)
-        return inner(*args, **kwargs)
+        return forward
 
-    block.forward = types.MethodType(forward, block)
-
-    def undo() -> None:
-        if had_own:
-            block.__dict__["forward"] = previous
-        else:
-            block.__dict__.pop("forward", None)
-
-    return undo
+    return patch_forward(block, make)
 
 
 def apply(ctx: BuildContext, memory: Any) -> StrategyResult:

@@ -24,7 +24,6 @@ released, so the mechanism runs and is testable, but it saves nothing there.
 
 from __future__ import annotations
 
-import types
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -36,6 +35,7 @@ from torch import nn
 from loraengine.core.model import top_level_blocks
 from loraengine.core.plugins.assembly import BuildContext, StrategyResult
 from loraengine.core.plugins.specs import MemoryStrategySpec, PluginOptions
+from loraengine.plugins.memory.patching import patch_forward
 
 
 class OffloadOptions(PluginOptions):
@@ -257,8 +257,8 @@ class Offloader:
         wrapped layer by calling its forward directly, skipping module hooks; hence
         offloading applies before checkpointing wraps anything."""
         for mod, idx in self._owners:
-            self._undo.append(_patch_forward(mod, self._layer_wrapper(idx)))
-        self._undo.append(_patch_forward(self.model, self._model_forward))
+            self._undo.append(patch_forward(mod, self._layer_wrapper(idx)))
+        self._undo.append(patch_forward(self.model, self._model_forward))
 
     def close(self) -> None:
         """Unwrap, and put every tensor back on the device as a plain resident tensor."""
@@ -274,22 +274,6 @@ class Offloader:
     @property
     def host_bytes(self) -> int:
         return sum(u.nbytes for u in self.units)
-
-
-def _patch_forward(module: nn.Module, make: Callable[[Callable[..., Any]], Callable[..., Any]]
-                   ) -> Callable[[], None]:
-    """Replace ``module.forward`` by ``make(current forward)``; return the undo."""
-    had_own = "forward" in module.__dict__
-    previous = module.__dict__.get("forward")
-    module.forward = types.MethodType(make(module.forward), module)
-
-    def undo() -> None:
-        if had_own:
-            module.__dict__["forward"] = previous
-        else:
-            module.__dict__.pop("forward", None)
-
-    return undo
 
 
 def _place_the_rest(model: nn.Module, device: torch.device) -> None:
