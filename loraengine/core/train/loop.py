@@ -27,6 +27,7 @@ from loraengine.core.errors import DataError, NonFiniteError
 from loraengine.core.files import save_lora, write_text_atomic
 from loraengine.core.model import LoadedModel
 from loraengine.core.plugins.registry import Registry
+from loraengine.core.plugins.run import RunView
 from loraengine.core.seeding import make_generator
 from loraengine.core.train import checkpoints as ckpt
 from loraengine.core.train.signals import SignalGuard, TrainingInterrupted
@@ -150,7 +151,11 @@ class Trainer:
         self._run_plugins.append(self.host.register(plugin))
 
     def _announce(self, kind: str, path: Path | str) -> None:
-        self.host.on_save(self, str(path), kind)
+        self.host.on_save(self.view(), str(path), kind)
+
+    def view(self) -> RunView:
+        """The trainer as lifecycle hooks see it (the same object, typed read-only)."""
+        return self
 
     # -- one step ----------------------------------------------------------------------
     def _noise_and_timesteps(self, x0: torch.Tensor
@@ -175,7 +180,11 @@ class Trainer:
         """Train from ``start_step`` to ``total_steps``: checkpoints, validation, early
         stop, the non-finite watchdog and Ctrl-C handling included."""
         out = self.config.output
-        self.host.on_train_start(self)
+        try:
+            self.host.on_train_start(self.view())
+        except BaseException:
+            self._unregister_run_plugins()
+            raise
         self.pipe.network.train()
         stopped_early = False
         result: TrainResult | None = None
@@ -190,7 +199,7 @@ class Trainer:
                         self._stop_for(streak)
                     if self._validation_due(step):
                         stopped_early = self._validate(step, metrics)
-                    self.host.on_step_end(self, step, metrics)
+                    self.host.on_step_end(self.view(), step, metrics)
                     if self.writes_files and out.save_every and step % out.save_every == 0:
                         self.save_checkpoint(step)
                     if stopped_early:
@@ -202,11 +211,14 @@ class Trainer:
         finally:
             # also when training stops with an error: loggers close, displays stop
             try:
-                self.host.on_train_end(self, result)
+                self.host.on_train_end(self.view(), result)
             finally:
-                while self._run_plugins:
-                    self.host.unregister(self._run_plugins.pop())
+                self._unregister_run_plugins()
         return result
+
+    def _unregister_run_plugins(self) -> None:
+        while self._run_plugins:
+            self.host.unregister(self._run_plugins.pop())
 
     def _stop_for(self, streak: NonFiniteStreak) -> None:
         """Act on the watchdog's decision: roll back to the newest checkpoint from
