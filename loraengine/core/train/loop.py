@@ -85,8 +85,8 @@ class Trainer:
         self.checkpointer = ckpt.Checkpointer(self.output_dir / f"{out.name}.checkpoints",
                                               out.keep_last)
         self.watchdog = Watchdog(self.config.training.max_bad_steps)
-        self._files: dict[str, Path] = {}
-        self._run_plugins: list[str] = []
+        self._files: dict[str, Path] = {}  # the files of the result being made
+        self._run_plugins: list[str] = []  # names of plugins registered for this run
 
     # -- the parts tests and tools reach -----------------------------------------------
     @property
