@@ -260,3 +260,16 @@ def test_loraengine_register_commands_adds_a_working_subcommand(builtin_host, mo
 def test_a_hook_returning_nothing_is_allowed(builtin_host):
     builtin_host.register(make_plugin(name="hooks_none", loraengine_losses=lambda: None))
     assert "mse" in builtin_host.registry.names("loss")
+
+
+def test_a_failing_on_save_hook_does_not_cost_the_loss_map(builtin_host, tmp_path):
+    def loraengine_on_save(run, path, kind):
+        if kind == "lora":
+            raise RuntimeError("upload failed")
+
+    builtin_host.register(make_plugin(name="hooks_failing_save", loraengine_on_save=loraengine_on_save))
+    with pytest.raises(RuntimeError, match="upload failed"):
+        train_tiny(builtin_host, {"output": {"dir": str(tmp_path), "name": "kept",
+                                             "plot": False}}, write_files=True)
+    assert (tmp_path / "kept.safetensors").exists()
+    assert (tmp_path / "kept.loss.json").exists()

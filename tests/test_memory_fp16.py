@@ -70,9 +70,9 @@ class StepSnapshots:
     @hookimpl
     def loraengine_on_step_end(self, run, step, metrics):
         self.params.append({n: p.detach().clone()
-                            for n, p in run.pipe.network.named_parameters()})
+                            for n, p in run.network.named_parameters()})
         self.scales.append(float(run.scaler.get_scale()))
-        self.dtypes.append(run.pipe.compute_dtype)
+        self.dtypes.append(run.compute_dtype)
 
 
 def test_injected_overflow_is_skipped_and_the_saved_lora_is_finite(host, tmp_path):

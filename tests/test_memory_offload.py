@@ -34,7 +34,7 @@ def _offloaded_params(pipe) -> list[tuple[str, torch.nn.Parameter]]:
 def test_weights_leave_the_model_and_come_back_unit_by_unit(host, offload_config):
     pipe = build_pipeline(parse_config(offload_config, host.registry), host)
     try:
-        off = pipe.loaded.info["offloader"]
+        off = pipe.offloader
         # between uses every frozen tensor is an empty placeholder
         assert all(p.numel() == 0 for _, p in _offloaded_params(pipe))
         assert off.host_bytes > 0 and len(off.units) >= 5
@@ -84,7 +84,7 @@ def test_device_copies_are_not_pinned_by_autograd_between_passes(host, offload_c
     during the forward pass is freed before the backward pass starts."""
     pipe = build_pipeline(parse_config(offload_config, host.registry), host)
     try:
-        off = pipe.loaded.info["offloader"]
+        off = pipe.offloader
         copies: list[weakref.ref] = []
         real_load = off._load
 
@@ -112,7 +112,7 @@ def test_offloading_with_checkpointing_reloads_blocks_in_the_backward_pass(host,
     offload_config["memory"].update(gradient_checkpointing=True, checkpoint_depth=1)
     pipe = build_pipeline(parse_config(offload_config, host.registry), host)
     try:
-        off = pipe.loaded.info["offloader"]
+        off = pipe.offloader
         trainer = Trainer(pipe, write_files=False)
         for _ in range(2):
             loss = trainer.micro_step(trainer.indices.take(2))

@@ -93,7 +93,7 @@ def test_single_file_original_layout_loads_offline_with_a_local_config(pipes, tm
         assert set(got) == set(unet.state_dict())
         for k, v in unet.state_dict().items():
             assert torch.equal(got[k], v), k
-    assert loaded.info["single_file"] is True
+    assert loaded.single_file is True
     assert loaded.schedule.prediction_type == "epsilon"
 
 

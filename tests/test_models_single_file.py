@@ -106,7 +106,9 @@ def _spy_on_load(monkeypatch) -> list[tuple[dict[str, torch.Tensor], dict[str, A
     def spy(*args: Any, **kwargs: Any) -> Any:
         loaded = real(*args, **kwargs)
         state = {k: v.detach().clone() for k, v in loaded.module.state_dict().items()}
-        seen.append((state, dict(loaded.info)))
+        root = loaded.pipeline_root
+        seen.append((state, {"single_file": loaded.single_file, "path": loaded.source,
+                             "pipeline": str(root) if root else None}))
         return loaded
 
     monkeypatch.setattr(orchestrator, "load_model", spy)
@@ -152,7 +154,7 @@ def test_the_config_may_be_the_pipeline_or_its_model_folder(pipes, tmp_path, off
     by_model = _load(family, path=ckpt, config=model_dir)
     for loaded in (by_pipeline, by_model):
         _assert_same(loaded.module.state_dict(), want)
-        assert loaded.info["single_file"] is True
+        assert loaded.single_file is True
     # the scheduler and VAE settings still come from the pipeline next to the config
     assert by_model.schedule.prediction_type == by_pipeline.schedule.prediction_type
     assert (by_model.vae_scale, by_model.vae_shift) == \

@@ -122,7 +122,8 @@ class Recorder:
         self.weights: list[list[torch.Tensor]] = []
 
     def _take(self, run) -> None:
-        self.weights.append([p.detach().clone() for p in run.pipe.trainable_parameters()])
+        self.weights.append([p.detach().clone() for p in run.network.parameters()
+                             if p.requires_grad])
 
     @loraengine.hookimpl
     def loraengine_on_train_start(self, run) -> None:
@@ -192,10 +193,13 @@ def test_ema_state_round_trips(host):
 
 
 @pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step")
-def test_skipped_steps_do_not_update_the_ema(host):
+def test_skipped_steps_do_not_update_the_ema(host, monkeypatch):
+    from loraengine.core.train import step
+
     tr = trainer(host, {"ema": {"decay": 0.5}})
-    original = tr.micro_step
-    tr.micro_step = lambda *args, **kw: original(*args, **kw) * float("nan")
+    original = step.micro_step
+    monkeypatch.setattr(step, "micro_step",
+                        lambda *args, **kw: original(*args, **kw) * float("nan"))
     metrics = tr.step()
     assert metrics["skipped"] == 1.0
     assert tr.pipe.recipes[0].steps == 0

@@ -72,6 +72,17 @@ def test_adapted_output_equals_base_output_at_init(host):
         assert torch.equal(model(x, t, c), before)
 
 
+def test_pipeline_is_frozen_once_assembled_and_closing_twice_is_safe(host):
+    import dataclasses
+
+    model = TinyDenoiser()
+    pipe = pipeline(host, module_config(), model)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        pipe.attach_mode = "bypass"
+    pipe.close()
+    pipe.close()
+
+
 def test_only_adapter_parameters_get_gradients_and_base_is_untouched(host):
     model = TinyDenoiser()
     base_state = {k: v.clone() for k, v in model.state_dict().items()}

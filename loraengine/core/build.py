@@ -16,6 +16,7 @@ from loraengine.core.adapter import (
     NORMS,
     AdapterLayer,
     AdapterNetwork,
+    AttachMode,
     ChannelDelta,
     select_layers,
 )
@@ -24,17 +25,20 @@ from loraengine.core.distributed import DistContext, shard_base, wrap_ddp
 from loraengine.core.errors import ConfigError, DataError, LoraEngineError
 from loraengine.core.files import read_adapter_file
 from loraengine.core.model import LoadedModel
+from loraengine.core.plugins.assembly import BuildContext, HostStreaming, StrategyResult
 from loraengine.core.plugins.host import PluginHost
 from loraengine.core.plugins.specs import LossFn
-from loraengine.core.recipe import install_recipes
+from loraengine.core.recipe import Recipe, build_recipes
 from loraengine.core.seeding import make_generator
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
 
 
-@dataclass
+@dataclass(frozen=True)
 class Pipeline:
-    """Everything the trainer needs, built and wired."""
+    """Everything the trainer needs, built and wired; frozen once assembled (memory
+    strategies and recipes report what they change through records that the assembly
+    folds in, see ``_assemble``)."""
 
     config: Any
     host: PluginHost
@@ -49,17 +53,22 @@ class Pipeline:
     compute_dtype: torch.dtype
     save_dtype: torch.dtype
     previous_steps: int = 0
-    attach_mode: str = "weight"
+    attach_mode: AttachMode = "weight"
     validation: Dataset | None = None
     dist: DistContext = field(default_factory=DistContext)
-    denoise: Any = None  # the DDP-wrapped model call when data-parallel
+    denoise: Callable[..., torch.Tensor] | None = None  # the DDP-wrapped model call
     sharded: bool = False  # FSDP2 base: the trainer averages adapter gradients itself
+    #: What ``close`` undoes, last first; it empties as it goes, so closing twice is safe.
     undo: list[Callable[[], None]] = field(default_factory=list)
     # Training recipes (core/recipe.py): None/empty keep the family's own behaviour.
     timestep_sampler: Callable[[torch.Generator], torch.Tensor] | None = None
     loss_weighting: Callable[[torch.Tensor], torch.Tensor] | None = None
     loss_timestep_aware: bool = False
-    recipes: list[Any] = field(default_factory=list)
+    recipes: list[Recipe] = field(default_factory=list)
+    #: Tensors a memory strategy keeps on the host (offloading's copies of the base).
+    host_resident: tuple[torch.Tensor, ...] = ()
+    #: The transfer counter of a strategy that streams the base from the host.
+    offloader: HostStreaming | None = None
 
     @property
     def model(self) -> nn.Module:
@@ -75,7 +84,8 @@ class Pipeline:
         fn: Any = self.loss_fn
         elem = fn(pred, target, t, self.loaded.schedule) if self.loss_timestep_aware else \
             fn(pred, target)
-        return elem.flatten(1).mean(dim=1)
+        result: torch.Tensor = elem.flatten(1).mean(dim=1)
+        return result
 
     def loss_weights(self, t: torch.Tensor) -> torch.Tensor:
         """Per-sample loss weights ``[B]`` for the timesteps ``t`` (ones by default)."""
@@ -85,10 +95,14 @@ class Pipeline:
 
     def close(self) -> None:
         """Remove every hook and patch the pipeline put on the model."""
-        while self.undo:
-            self.undo.pop()()
-        self.network.detach()
+        _undo_all(self.undo, self.network)
         self.dist.close()
+
+
+def _undo_all(undo: list[Callable[[], None]], network: AdapterNetwork) -> None:
+    while undo:
+        undo.pop()()
+    network.detach()
 
 
 def resolve_device(name: str) -> torch.device:
@@ -113,27 +127,16 @@ def resolve_device(name: str) -> torch.device:
 def load_model(config: Any, host: PluginHost, module: nn.Module | None = None,
                base_dir: Path | None = None) -> LoadedModel:
     spec = host.registry.get("model", config.model.family)
-    loaded = spec.load(config.model, {"base_dir": base_dir, "module": module})
+    loaded: LoadedModel = spec.load(config.model, {"base_dir": base_dir, "module": module})
     loaded.family = loaded.family or spec.name
     return loaded
 
 
 def load_data(config: Any, loaded: LoadedModel, latents: Any = None,
               conditioning: Any = None) -> Dataset:
-    if latents is None:
-        if config.data.latents is None:
-            raise ConfigError("data.latents: required (a safetensors file with 'latents')")
-        latents = read_safetensors(config.data.latents, "latents")
-        lat_name = str(config.data.latents)
-    else:
-        lat_name = "latents"
-    if conditioning is None:
-        if config.data.conditioning is None:
-            raise ConfigError("data.conditioning: required (a safetensors file with 'cond')")
-        conditioning = read_safetensors(config.data.conditioning, "conditioning")
-        cond_name = str(config.data.conditioning)
-    else:
-        cond_name = "conditioning"
+    latents, lat_name = _given_or_read(latents, config.data.latents, "latents", "latents")
+    conditioning, cond_name = _given_or_read(conditioning, config.data.conditioning,
+                                             "conditioning", "cond")
     if config.data.bucket_mode:
         if not isinstance(latents, Mapping) or not isinstance(conditioning, Mapping):
             raise DataError("data.bucket_mode: give latents and conditioning as mappings "
@@ -142,6 +145,17 @@ def load_data(config: Any, loaded: LoadedModel, latents: Any = None,
                                      latents_name=lat_name, cond_name=cond_name)
     return make_dataset(latents, conditioning, required=loaded.cond_keys,
                         latents_name=lat_name, cond_name=cond_name)
+
+
+def _given_or_read(given: Any, path: Path | None, key: str, tensor: str
+                   ) -> tuple[Any, str]:
+    """In-memory data as given, else read from the ``data.<key>`` file; with the name
+    errors use for it."""
+    if given is not None:
+        return given, key
+    if path is None:
+        raise ConfigError(f"data.{key}: required (a safetensors file with '{tensor}')")
+    return read_safetensors(path, key), str(path)
 
 
 def build_adapters(config: Any, host: PluginHost, loaded: LoadedModel, device: torch.device
@@ -299,26 +313,49 @@ def _assemble(config: Any, host: PluginHost, device: torch.device, dist_ctx: Dis
     lr_scheduler = reg.get("lr_scheduler", config.lr_scheduler.name).factory(
         optimizer, config.training.steps, config.lr_scheduler)
     loss_fn = reg.get("loss", config.loss.name).factory(config.loss)
-    pipe = Pipeline(config=config, host=host, loaded=loaded, dataset=dataset,
-                    network=network, adapter_spec=adapter_spec, optimizer=optimizer,
-                    lr_scheduler=lr_scheduler, loss_fn=loss_fn, device=device,
-                    compute_dtype=compute_dtype, save_dtype=DTYPES[config.adapter.dtype],
-                    previous_steps=previous, validation=validation, dist=dist_ctx)
+    ctx = BuildContext(config=config, loaded=loaded, network=network, device=device)
+    undo: list[Callable[[], None]] = []
+    attach_mode: AttachMode = "weight"
+    host_resident: list[torch.Tensor] = []
+    offloader: HostStreaming | None = None
+    denoise = None
+    sharded = False
     try:
         network.attach("weight")
         for spec in strategies:
-            undo = spec.apply(pipe, config.memory)
-            if undo is not None:
-                pipe.undo.append(undo)
-        install_recipes(pipe)
+            done = _as_result(spec.apply(ctx, config.memory))
+            if done.undo is not None:
+                undo.append(done.undo)
+            attach_mode = done.attach_mode or attach_mode
+            host_resident.extend(done.host_resident)
+            offloader = done.streaming or offloader
+        parts = build_recipes(ctx, reg)
         if dist_ctx.enabled:
             dist_ctx.slice_of(config.training.batch_size)  # checks the split early
             if config.training.fsdp:
                 shard_base(module, loaded.blocks, device)
-                pipe.sharded = True
+                sharded = True
             else:
-                pipe.denoise = wrap_ddp(module, network, loaded.predict, device)
+                denoise = wrap_ddp(module, network, loaded.predict, device)
     except BaseException:
-        pipe.close()  # the caller's model leaves as it came
+        _undo_all(undo, network)  # the caller's model leaves as it came
         raise
-    return pipe
+    return Pipeline(config=config, host=host, loaded=loaded, dataset=dataset,
+                    network=network, adapter_spec=adapter_spec, optimizer=optimizer,
+                    lr_scheduler=lr_scheduler, loss_fn=loss_fn, device=device,
+                    compute_dtype=compute_dtype, save_dtype=DTYPES[config.adapter.dtype],
+                    previous_steps=previous, attach_mode=attach_mode,
+                    validation=validation, dist=dist_ctx, denoise=denoise, sharded=sharded,
+                    undo=undo, timestep_sampler=parts.timestep_sampler,
+                    loss_weighting=parts.loss_weighting,
+                    loss_timestep_aware=parts.loss_timestep_aware, recipes=parts.recipes,
+                    host_resident=tuple(host_resident), offloader=offloader)
+
+
+def _as_result(returned: StrategyResult | Callable[[], None] | None) -> StrategyResult:
+    """A strategy's ``apply`` result as a record (a bare callable is its undo)."""
+    if returned is None:
+        return StrategyResult()
+    if isinstance(returned, StrategyResult):
+        return returned
+    return StrategyResult(undo=returned)

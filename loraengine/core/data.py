@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import SafetensorError
@@ -121,15 +122,15 @@ class IndexStream:
             count -= k
         return torch.cat(out)
 
-    def state(self) -> dict[str, object]:
+    def state(self) -> dict[str, Any]:
         return {"epoch": self.epoch, "pos": self.pos, "perm": self._perm.clone(),
                 "generator": self.generator.get_state()}
 
-    def load_state(self, state: Mapping[str, object]) -> None:
-        self.epoch = int(state["epoch"])  # type: ignore[arg-type]
-        self.pos = int(state["pos"])  # type: ignore[arg-type]
-        self._perm = state["perm"].clone()  # type: ignore[union-attr]
-        self.generator.set_state(state["generator"])  # type: ignore[arg-type]
+    def load_state(self, state: Mapping[str, Any]) -> None:
+        self.epoch = int(state["epoch"])
+        self.pos = int(state["pos"])
+        self._perm = state["perm"].clone()
+        self.generator.set_state(state["generator"])
 
 
 class BucketedDataset(Dataset):
@@ -212,13 +213,13 @@ class BucketStream:
         i = int(torch.multinomial(self.sizes, 1, generator=self.generator))
         return self.streams[i].take(count) + self.dataset.offsets[i]
 
-    def state(self) -> dict[str, object]:
+    def state(self) -> dict[str, Any]:
         return {"generator": self.generator.get_state(),
                 "streams": [s.state() for s in self.streams]}
 
-    def load_state(self, state: Mapping[str, object]) -> None:
-        self.generator.set_state(state["generator"])  # type: ignore[arg-type]
-        for s, st in zip(self.streams, state["streams"], strict=True):  # type: ignore[arg-type]
+    def load_state(self, state: Mapping[str, Any]) -> None:
+        self.generator.set_state(state["generator"])
+        for s, st in zip(self.streams, state["streams"], strict=True):
             s.load_state(st)
 
 

@@ -9,16 +9,19 @@ and a run can resume with another world size. Rank 0 writes the files.
 from __future__ import annotations
 
 import datetime
+import functools
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from loraengine.core.errors import ConfigError, LoraEngineError
+
+T = TypeVar("T")
 
 
 class RankLostError(LoraEngineError):
@@ -84,7 +87,7 @@ _PEER_LOST = ("connection", "closed", "timed out", "timeout", "gloo", "nccl", "p
               "broken pipe")
 
 
-def guarded(fn: Callable[[], Any], what: str) -> Any:
+def guarded(fn: Callable[[], T], what: str) -> T:
     """Run a collective; turn a lost peer into one clear error. Other failures (an
     out-of-memory error in the backward pass, say) pass through unchanged."""
     try:
@@ -111,7 +114,8 @@ class Denoise(nn.Module):
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, cond: dict[str, torch.Tensor]
                 ) -> torch.Tensor:
-        return self._predict(self.model, x_t, t, cond)
+        out: torch.Tensor = self._predict(self.model, x_t, t, cond)
+        return out
 
 
 def wrap_ddp(model: nn.Module, network: nn.Module, predict: Callable[..., Any],
@@ -125,8 +129,12 @@ def wrap_ddp(model: nn.Module, network: nn.Module, predict: Callable[..., Any],
     # buffers are identical on every rank (same files, same seed): no per-step sync
     no_sync_kw = ("forward_sync_buffers" if "forward_sync_buffers" in
                   inspect.signature(DDP.__init__).parameters else "broadcast_buffers")
-    return guarded(lambda: DDP(module, device_ids=ids, **{no_sync_kw: False}),
-                   "setting up data-parallel training")
+    options: dict[str, Any] = {no_sync_kw: False}
+
+    def wrap() -> nn.Module:
+        return DDP(module, device_ids=ids, **options)
+
+    return guarded(wrap, "setting up data-parallel training")
 
 
 def shard_base(model: nn.Module, blocks: list[nn.Module], device: torch.device) -> None:
@@ -138,7 +146,7 @@ def shard_base(model: nn.Module, blocks: list[nn.Module], device: torch.device) 
 
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
     for block in blocks:
-        guarded(lambda b=block: fully_shard(b, mesh=mesh), "sharding the base model")
+        guarded(functools.partial(fully_shard, block, mesh=mesh), "sharding the base model")
     guarded(lambda: fully_shard(model, mesh=mesh), "sharding the base model")
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -33,13 +34,22 @@ class LoadedModel:
     default_exporter: str = "kohya"
     base_model_version: str = ""
     cond_keys: tuple[str, ...] = ("cond",)
-    info: dict[str, Any] = field(default_factory=dict)
     #: Latents are ``(vae_mean - vae_shift) * vae_scale``; decode with the inverse.
     vae_scale: float = 1.0
     vae_shift: float = 0.0
     #: The family's default adapter targets (globs over module paths), used when the
     #: config leaves ``adapter.include`` unset; empty means every adaptable layer.
     default_include: tuple[str, ...] = ()
+    #: Where the denoiser's weights were read from ("" for an in-memory module).
+    source: str = ""
+    #: The diffusers pipeline folder the model belongs to, when there is one: samplers
+    #: find its ``vae/`` and the text encoders there.
+    pipeline_root: Path | None = None
+    #: True when the weights came from one single-file checkpoint.
+    single_file: bool = False
+    #: The VAE that decodes this model's latents: a module with ``decode``, a callable
+    #: that loads one, or ``None`` (previews then look in ``pipeline_root``).
+    vae: Any = None
 
 
 def top_level_blocks(module: nn.Module) -> list[nn.Module]:

@@ -23,6 +23,7 @@ BUILTIN_PLUGINS: tuple[str, ...] = (
     "loraengine.plugins.training",
     "loraengine.plugins.samplers",
     "loraengine.plugins.outputs.previews",
+    "loraengine.plugins.outputs.plot",
 )
 
 

@@ -9,7 +9,7 @@ nothing to register. Lifecycle hooks are called by the trainer and return nothin
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import pluggy
 
@@ -18,6 +18,7 @@ if TYPE_CHECKING:
     from pydantic import BaseModel
 
     from loraengine.core.plugins import specs as S
+    from loraengine.core.plugins.run import RunResult, RunView
 
 PROJECT = "loraengine"
 hookspec = pluggy.HookspecMarker(PROJECT)
@@ -174,9 +175,11 @@ def loraengine_samplers() -> Iterable[S.SamplerSpec[BaseModel]]:
 
 
 @hookspec
-def loraengine_on_train_start(run: Any) -> None:
-    """Called once before the first step. ``run`` exposes ``config``, ``total_steps``,
-    ``start_step`` and ``output_dir``.
+def loraengine_on_train_start(run: RunView) -> None:
+    """Called once before the first step. ``run`` is a read-only ``RunView``
+    (``loraengine.core.plugins.run``): ``config``, ``total_steps``, ``start_step``,
+    ``steps_done``, ``output_dir``, ``loss_map``, the model and adapters, and
+    ``record_file`` / ``register`` for what the plugin writes or keeps per run.
 
     Example::
 
@@ -187,7 +190,7 @@ def loraengine_on_train_start(run: Any) -> None:
 
 
 @hookspec
-def loraengine_on_step_end(run: Any, step: int, metrics: dict[str, float]) -> None:
+def loraengine_on_step_end(run: RunView, step: int, metrics: dict[str, float]) -> None:
     """Called after every optimizer step with the 1-based ``step`` and its ``metrics``
     (``loss``, ``lr``, ``skipped``...).
 
@@ -200,9 +203,11 @@ def loraengine_on_step_end(run: Any, step: int, metrics: dict[str, float]) -> No
 
 
 @hookspec
-def loraengine_on_save(run: Any, path: str, kind: str) -> None:
+def loraengine_on_save(run: RunView, path: str, kind: str) -> None:
     """Called after a file has been written atomically. ``kind`` is ``lora``,
-    ``loss_map``, ``plot`` or ``checkpoint``.
+    ``loss_map``, ``plot``, ``checkpoint``, ``best``, ``samples``, a recipe's variant
+    (``ema``) or what a plugin passed to ``run.record_file``. The LoRA, its variants
+    and the loss map are all written before the first of their calls.
 
     Example::
 
@@ -213,7 +218,7 @@ def loraengine_on_save(run: Any, path: str, kind: str) -> None:
 
 
 @hookspec
-def loraengine_on_train_end(run: Any, result: Any) -> None:
+def loraengine_on_train_end(run: RunView, result: RunResult | None) -> None:
     """Called once after training ends, with the ``TrainResult`` — or ``None`` when
     training stopped with an error (so loggers can close and displays stop).
 

@@ -7,7 +7,7 @@ import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from importlib import metadata
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import pluggy
 
@@ -18,6 +18,8 @@ from loraengine.core.plugins.specs import ProvidedSpec
 
 if TYPE_CHECKING:
     import click
+
+    from loraengine.core.plugins.run import RunResult, RunView
 
 #: What may be registered as a plugin: a module or any object carrying ``@hookimpl``
 #: functions (pluggy reads them by attribute), so nothing narrower than ``object``.
@@ -108,16 +110,16 @@ class PluginHost:
         return " (note: " + "; ".join(f.describe() for f in self.failures) + ")"
 
     # -- lifecycle ------------------------------------------------------------------
-    def on_train_start(self, run: Any) -> None:
+    def on_train_start(self, run: RunView) -> None:
         self.pm.hook.loraengine_on_train_start(run=run)
 
-    def on_step_end(self, run: Any, step: int, metrics: dict[str, float]) -> None:
+    def on_step_end(self, run: RunView, step: int, metrics: dict[str, float]) -> None:
         self.pm.hook.loraengine_on_step_end(run=run, step=step, metrics=metrics)
 
-    def on_save(self, run: Any, path: str, kind: str) -> None:
+    def on_save(self, run: RunView, path: str, kind: str) -> None:
         self.pm.hook.loraengine_on_save(run=run, path=path, kind=kind)
 
-    def on_train_end(self, run: Any, result: Any) -> None:
+    def on_train_end(self, run: RunView, result: RunResult | None) -> None:
         self.pm.hook.loraengine_on_train_end(run=run, result=result)
 
     def register_commands(self, cli: click.Group) -> None:

@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeAlias, TypeVar
+from typing import TYPE_CHECKING, Generic, Protocol, TypeAlias, TypeVar
 
 from pydantic import BaseModel
 
@@ -32,7 +32,7 @@ if TYPE_CHECKING:
     from loraengine.core.adapter import AdapterLayer
     from loraengine.core.model import LoadedModel
     from loraengine.core.options import TrainConfig
-    from loraengine.core.recipe import Recipe
+    from loraengine.core.plugins.assembly import BuildContext, Recipe, RunConfig, StrategyResult
     from loraengine.core.schedule import NoiseSchedule
 
 
@@ -116,22 +116,31 @@ class MemoryStrategySpec:
     """A memory strategy. Its ``config_model`` fields become keys of the ``memory``
     section (so ``gradient_checkpointing`` and ``checkpoint_depth`` sit there as in the
     node). ``enabled(config)`` (the whole validated config) says whether it is switched
-    on; ``apply(pipeline, memory)`` installs it on the built pipeline and may return a
-    callable that undoes it.
+    on; ``apply(context, memory)`` installs it on the model and adapters of the
+    ``BuildContext`` and returns a ``StrategyResult`` (its undo, the attach mode it
+    switched to...), a bare undo callable, or ``None``.
     Strategies apply in ascending ``order``."""
 
     name: str
     config_model: type[BaseModel]
-    enabled: Callable[[Any], bool]
-    apply: Callable[[Any, Any], Callable[[], None] | None]
+    enabled: Callable[[RunConfig], bool]
+    apply: Callable[[BuildContext, BaseModel],
+                    StrategyResult | Callable[[], None] | None]
     order: int = 100
     description: str = ""
     #: ``validate(config) -> [problem, ...]`` checks combinations across sections
     #: before anything is built; each problem reads ``key.path: message``.
-    validate: Callable[[Any], list[str]] | None = None
+    validate: Callable[[RunConfig], list[str]] | None = None
     #: True when the strategy puts the frozen base on the compute device itself (block
     #: by block); the engine then leaves the loaded model where it is.
     places_weights: bool = False
+    #: ``describe(config) -> label``: how plans and reports name the strategy with its
+    #: settings (e.g. ``gradient_checkpointing(depth 2)``); the name when unset.
+    describe: Callable[[RunConfig], str] | None = None
+
+    def label(self, config: RunConfig) -> str:
+        """The strategy's name as plans and reports show it for ``config``."""
+        return self.describe(config) if self.describe is not None else self.name
 
 
 @dataclass(frozen=True)

@@ -146,3 +146,76 @@ def prune(folder: Path, keep_last: int) -> None:
     found = list_checkpoints(folder)
     for _, path in found[:-keep_last] if keep_last > 0 else []:
         shutil.rmtree(path, ignore_errors=True)
+
+
+Found = tuple[int, dict[str, torch.Tensor], dict[str, Any], Path]
+
+
+class Checkpointer:
+    """The checkpoint folder of one run (``<output.name>.checkpoints``): saves, prunes
+    to ``keep_last`` and finds the checkpoint to resume or roll back to."""
+
+    def __init__(self, folder: Path, keep_last: int | None = None):
+        self.folder = Path(folder)
+        self.keep_last = keep_last
+
+    def save(self, step: int, adapter: Mapping[str, torch.Tensor],
+             state: Mapping[str, Any], config: Mapping[str, Any]) -> Path:
+        """Write ``step_<step>`` and drop all but the newest ``keep_last``."""
+        path = save_checkpoint(self.folder, step, adapter, state, config)
+        if self.keep_last:
+            prune(self.folder, self.keep_last)
+        return path
+
+    def latest_valid(self, before: int | None = None) -> Found | None:
+        """The newest checkpoint at or before step ``before`` that verifies."""
+        return load_latest_valid(self.folder, before)
+
+    def find(self, where: str | Path = "latest") -> Found | None:
+        """The checkpoint to resume from: ``latest`` (the newest valid one in this
+        run's folder), a checkpoints folder, or one ``step_N`` folder. A corrupt
+        checkpoint is reported and the previous one used; ``None`` (with a warning)
+        when ``latest`` finds none."""
+        folder, before = self.folder, None
+        if str(where) != "latest":
+            path = Path(where)
+            if (path / MANIFEST).exists() or path.name.startswith("step_"):
+                folder = path.parent
+                before = int(path.name.split("_")[-1]) if path.name[5:].isdigit() else None
+            else:
+                folder = path
+            if not folder.exists():
+                raise DataError(f"--resume: {where} does not exist")
+        found = load_latest_valid(folder, before)
+        if found is None:
+            if str(where) != "latest":
+                raise DataError(f"--resume: no usable checkpoint in {folder}")
+            warnings.warn(f"no checkpoint in {folder}; starting from step 0",
+                          CheckpointWarning, stacklevel=3)
+        return found
+
+
+#: Keys that may change between a run and its resume without changing what is trained.
+_RESUMABLE_CHANGES = ("training.steps", "training.device", "training.dist_timeout",
+                      "output.", "validation.", "early_stop.", "memory.")
+
+
+def config_changes(checkpoint: Path, current: dict[str, Any]) -> list[str]:
+    """``key: saved -> now`` for every config value that differs from the checkpoint's,
+    except those a resume may change freely (steps, device, outputs, memory...)."""
+    try:
+        saved = json.loads((Path(checkpoint) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return []
+
+    def flat(d: Any, prefix: str = "") -> dict[str, Any]:
+        if not isinstance(d, dict):
+            return {prefix[:-1]: d}
+        out: dict[str, Any] = {}
+        for k, v in d.items():
+            out.update(flat(v, f"{prefix}{k}."))
+        return out
+
+    a, b = flat(saved), flat(current)
+    return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b))
+            if a.get(k) != b.get(k) and not k.startswith(_RESUMABLE_CHANGES)]

@@ -1,24 +1,42 @@
-"""The training loop: micro-batches, accumulation, optimizer steps, outputs."""
+"""The training loop: optimizer steps, validation and early stopping, checkpoints, the
+non-finite watchdog, Ctrl-C, and the run's output files.
+
+``Trainer`` composes the parts: the ``TrainState`` a checkpoint keeps, a
+``Checkpointer`` for its folder, a ``Watchdog`` that decides when non-finite steps
+stop the run and a ``SignalGuard``; each optimizer step is ``step.train_step``. To
+lifecycle hooks the trainer is a ``RunView``.
+"""
 
 from __future__ import annotations
 
 import json
 import math
-from contextlib import contextmanager
+import warnings
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from loraengine.core.adapter import AdapterNetwork
 from loraengine.core.build import Pipeline
 from loraengine.core.config.root import config_to_dict
-from loraengine.core.data import BucketedDataset, BucketStream, IndexStream
-from loraengine.core.distributed import average_gradients, guarded
+from loraengine.core.data import BucketedDataset, BucketStream, Dataset, IndexStream
+from loraengine.core.errors import DataError, NonFiniteError
 from loraengine.core.files import save_lora, write_text_atomic
+from loraengine.core.model import LoadedModel
+from loraengine.core.plugins.registry import Registry
+from loraengine.core.plugins.run import RunView
 from loraengine.core.seeding import make_generator
-from loraengine.core.train.safety import SafetyMixin
+from loraengine.core.train import checkpoints as ckpt
+from loraengine.core.train.signals import SignalGuard, TrainingInterrupted
+from loraengine.core.train.state import STEP_KEYS, TrainState
+from loraengine.core.train.step import StepProbe, draw_noise, micro_step, train_step
+from loraengine.core.train.watchdog import NonFiniteStreak, Watchdog
 from loraengine.core.version import __version__
+
+__all__ = ["STEP_KEYS", "Trainer", "TrainingInterrupted", "TrainResult"]
 
 
 @dataclass
@@ -34,12 +52,15 @@ class TrainResult:
     stopped_early: bool = False
 
 
-STEP_KEYS = ("loss", "lr", "skipped")
+def _make_scaler(pipe: Pipeline) -> torch.amp.GradScaler | None:
+    # fp16 needs loss scaling; a dry run on meta has no values to scale
+    if pipe.compute_dtype != torch.float16 or pipe.device.type == "meta":
+        return None
+    return torch.amp.GradScaler(pipe.device.type)
 
 
-class Trainer(SafetyMixin):
-    """Runs a built pipeline. Exposes ``config``, ``total_steps``, ``start_step`` and
-    ``output_dir`` to lifecycle hooks."""
+class Trainer:
+    """Runs a built pipeline from ``start_step`` to ``total_steps``."""
 
     def __init__(self, pipeline: Pipeline, *, write_files: bool = True):
         self.pipe = pipeline
@@ -49,179 +70,221 @@ class Trainer(SafetyMixin):
         self.start_step = 0
         self.output_dir = Path(self.config.output.dir)
         self.dist = pipeline.dist
-        self.write_files = write_files and self.dist.is_main
+        self.writes_files = write_files and self.dist.is_main
         seed = self.config.training.seed
         data_gen = make_generator(seed, "data")
         dataset = pipeline.dataset
-        self.indices: IndexStream | BucketStream = (
+        stream: IndexStream | BucketStream = (
             BucketStream(dataset, data_gen) if isinstance(dataset, BucketedDataset)
             else IndexStream(len(dataset), data_gen))
-        self.noise_gen = make_generator(seed, "noise")
-        self.loss_map: dict[str, list[float]] = {k: [] for k in STEP_KEYS}
-        self.scaler = self._make_scaler()
-        self.checkpoint_dir = self.output_dir / f"{self.config.output.name}.checkpoints"
-        self.bad_streak = 0
-        self.best_val: float | None = None
-        self.since_best = 0
-        self.last_checkpoint: Path | None = None
-        self._stop_signal: int | None = None
+        self.state = TrainState(
+            optimizer=pipeline.optimizer, lr_scheduler=pipeline.lr_scheduler,
+            scaler=_make_scaler(pipeline), noise_gen=make_generator(seed, "noise"),
+            stream=stream, recipes=pipeline.recipes)
+        out = self.config.output
+        self.checkpointer = ckpt.Checkpointer(self.output_dir / f"{out.name}.checkpoints",
+                                              out.keep_last)
+        self.watchdog = Watchdog(self.config.training.max_bad_steps)
+        self._files: dict[str, Path] = {}  # the files of the result being made
+        self._run_plugins: list[str] = []  # names of plugins registered for this run
 
-    def _make_scaler(self) -> Any:
-        if self.pipe.compute_dtype != torch.float16:
-            return None
-        return torch.amp.GradScaler(self.pipe.device.type)
+    # -- the parts tests and tools reach -----------------------------------------------
+    @property
+    def indices(self) -> IndexStream | BucketStream:
+        """The training data stream."""
+        return self.state.stream
 
-    # -- one micro-batch ------------------------------------------------------------
+    @property
+    def noise_gen(self) -> torch.Generator:
+        """The training noise generator."""
+        return self.state.noise_gen
+
+    @noise_gen.setter
+    def noise_gen(self, generator: torch.Generator) -> None:
+        self.state.noise_gen = generator
+
+    @property
+    def scaler(self) -> torch.amp.GradScaler | None:
+        return self.state.scaler
+
+    # -- the RunView of lifecycle hooks ------------------------------------------------
+    @property
+    def loss_map(self) -> dict[str, list[float]]:
+        return self.state.loss_map
+
+    @property
+    def steps_done(self) -> int:
+        return self.pipe.previous_steps + self.state.step
+
+    @property
+    def loaded(self) -> LoadedModel:
+        return self.pipe.loaded
+
+    @property
+    def network(self) -> AdapterNetwork:
+        return self.pipe.network
+
+    @property
+    def dataset(self) -> Dataset:
+        return self.pipe.dataset
+
+    @property
+    def device(self) -> torch.device:
+        return self.pipe.device
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        return self.pipe.compute_dtype
+
+    @property
+    def registry(self) -> Registry:
+        return self.host.registry
+
+    def record_file(self, kind: str, path: Path) -> None:
+        """List ``path`` in the result's ``files[kind]`` and announce it."""
+        self._files[kind] = Path(path)
+        self._announce(kind, path)
+
+    def register(self, plugin: object) -> None:
+        """Register a plugin object for the rest of this run (it is unregistered once
+        ``loraengine_on_train_end`` has run): per-run state for a lifecycle plugin."""
+        self._run_plugins.append(self.host.register(plugin))
+
+    def _announce(self, kind: str, path: Path | str) -> None:
+        self.host.on_save(self.view(), str(path), kind)
+
+    def view(self) -> RunView:
+        """The trainer as lifecycle hooks see it (the same object, typed read-only)."""
+        return self
+
+    # -- one step ----------------------------------------------------------------------
     def _noise_and_timesteps(self, x0: torch.Tensor
                              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Per-sample draws, so a batch of k·b sees exactly the draws of k batches of b.
-        Returns the target's noise, the timesteps and the noise that makes ``x_t`` (the
-        two noises differ only when a recipe such as input perturbation says so)."""
-        pipe = self.pipe
-        draw_t = pipe.timestep_sampler or pipe.loaded.schedule.sample_timestep
-        noises, ts, xt_noises = [], [], []
-        for _ in range(x0.shape[0]):  # sample by sample: noise, its timestep, tweaks
-            noise = torch.randn(x0.shape[1:], generator=self.noise_gen)
-            ts.append(draw_t(self.noise_gen))
-            xt_noise = noise
-            for recipe in pipe.recipes:
-                xt_noise, noise = recipe.perturb_noise(xt_noise, noise, self.noise_gen)
-            noises.append(noise)
-            xt_noises.append(xt_noise)
-        return torch.stack(noises), torch.stack(ts), torch.stack(xt_noises)
+        return draw_noise(self.pipe, x0, self.state.noise_gen)
 
-    def micro_step(self, indices: torch.Tensor, dataset: Any = None,
-                   part: slice | None = None) -> torch.Tensor:
-        """Forward one micro-batch and return its (unscaled) mean loss. With ``part``,
-        the random draws are made for the whole batch (keeping every rank's streams in
-        step) and only those rows are computed."""
-        pipe = self.pipe
-        schedule = pipe.loaded.schedule
-        data = dataset or pipe.dataset
-        x0, cond = data.batch(indices[part] if part is not None else indices)
-        x0 = x0.float()
-        if part is not None:
-            full = torch.empty((len(indices), *x0.shape[1:]))
-            noise, t, xt_noise = (v[part] for v in self._noise_and_timesteps(full))
-        else:
-            noise, t, xt_noise = self._noise_and_timesteps(x0)
-        x_t = schedule.add_noise(x0, xt_noise, t)
-        dev, dt = pipe.device, pipe.compute_dtype
-        cond = {k: v.to(dev, dt) if v.is_floating_point() else v.to(dev)
-                for k, v in cond.items()}
-        model_t = schedule.model_timesteps(t).to(dev)
-        if pipe.denoise is not None:
-            pred = pipe.denoise(x_t.to(dev, dt), model_t, cond).float()
-        else:
-            pred = pipe.loaded.predict(pipe.model, x_t.to(dev, dt), model_t, cond).float()
-        x0, noise, t, x_t = x0.to(dev), noise.to(dev), t.to(dev), x_t.to(dev)
-        if self.config.loss.target == "x0":
-            pred, target = schedule.predicted_x0(pred, x_t, t), x0
-        else:
-            target = schedule.target(x0, noise, t)
-        per_sample = pipe.per_sample_loss(pred, target.float(), t)
-        return (per_sample * pipe.loss_weights(t).to(per_sample)).mean()
+    def micro_step(self, indices: torch.Tensor, dataset: Dataset | None = None,
+                   part: slice | None = None, generator: torch.Generator | None = None
+                   ) -> torch.Tensor:
+        """One micro-batch's mean loss (see ``step.micro_step``); the draws come from
+        ``generator``, the training noise generator by default."""
+        return micro_step(self.pipe, indices, generator or self.state.noise_gen, dataset,
+                          part)
 
-    # -- one optimizer step ---------------------------------------------------------
-    def step(self) -> dict[str, float]:
-        pipe, tcfg = self.pipe, self.config.training
-        accum = tcfg.grad_accumulation_steps
-        if callable(getattr(pipe.optimizer, "train", None)):
-            pipe.optimizer.train()  # schedule-free optimizers take gradients at y
-        pipe.optimizer.zero_grad(set_to_none=True)
-        total = 0.0
-        finite = True
-        part = self.dist.slice_of(tcfg.batch_size) if self.dist.enabled else None
-        for i in range(accum):
-            with self._no_sync(last=i == accum - 1):
-                loss = self.micro_step(self.indices.take(tcfg.batch_size), part=part)
-                value = float(loss.detach())
-                if not math.isfinite(value):
-                    finite = False
-                total += value / accum
-                scaled = loss / accum
-                if self.scaler is not None:
-                    scaled = self.scaler.scale(scaled)
-                if self.dist.enabled:
-                    guarded(scaled.backward, "averaging gradients")
-                else:
-                    scaled.backward()
-        params = pipe.trainable_parameters()
-        if self.dist.enabled:
-            if pipe.sharded:
-                average_gradients(params, self.dist.world_size)
-            total = self.dist.mean(total)  # nan on any rank makes the mean nan
-            finite = math.isfinite(total)
-        if self.scaler is not None:
-            self.scaler.unscale_(pipe.optimizer)
-        # one fused norm over every gradient: non-finite anywhere makes it non-finite,
-        # and clipping reuses it (one device sync per step instead of one per tensor)
-        grads = [p.grad for p in params if p.grad is not None]
-        total_norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
-        grads_ok = bool(torch.isfinite(total_norm))
-        lr = float(pipe.optimizer.param_groups[0]["lr"])
-        # A non-finite loss, or non-finite gradients without a scaler, is a bad step. With
-        # fp16's scaler, overflowing gradients are its normal way of finding the scale:
-        # the step is not applied, but it is not counted against the watchdog.
-        skipped = not finite or (self.scaler is None and not grads_ok)
-        overflow = self.scaler is not None and not grads_ok
-        applied = not skipped and not overflow
-        if tcfg.max_grad_norm is not None and applied:
-            torch.nn.utils.clip_grads_with_norm_(params, tcfg.max_grad_norm, total_norm)
-        if self.scaler is not None:
-            if finite:
-                self.scaler.step(pipe.optimizer)  # skips overflowing steps itself
-            self.scaler.update()
-        elif applied:
-            pipe.optimizer.step()
-        pipe.optimizer.zero_grad(set_to_none=True)
-        pipe.lr_scheduler.step()
-        if applied:
-            for recipe in pipe.recipes:
-                recipe.after_optimizer_step()  # e.g. the EMA of the adapter weights
-        return {"loss": total, "lr": lr, "skipped": float(skipped)}
-
-    @contextmanager
-    def _no_sync(self, last: bool):
-        """Skip DDP's gradient exchange on all but the last micro-batch of a step."""
-        denoise = self.pipe.denoise
-        if denoise is None or last or not hasattr(denoise, "no_sync"):
-            yield
-        else:
-            with denoise.no_sync():
-                yield
+    def step(self, probe: StepProbe | None = None) -> dict[str, float]:
+        """One optimizer step (see ``step.train_step``)."""
+        return train_step(self.pipe, self.state.stream, self.state.noise_gen,
+                          self.state.scaler, probe)
 
     # -- the run ----------------------------------------------------------------------
     def run(self) -> TrainResult:
         """Train from ``start_step`` to ``total_steps``: checkpoints, validation, early
         stop, the non-finite watchdog and Ctrl-C handling included."""
         out = self.config.output
-        self.host.on_train_start(self)
+        try:
+            self.host.on_train_start(self.view())
+        except BaseException:
+            self._unregister_run_plugins()
+            raise
         self.pipe.network.train()
         stopped_early = False
         result: TrainResult | None = None
         try:
-            with self._signals():
+            with SignalGuard() as guard:
                 for step in range(self.start_step + 1, self.total_steps + 1):
                     metrics = self.step()
-                    for k in STEP_KEYS:
-                        self.loss_map[k].append(metrics[k])
-                    self._watch(step, bool(metrics["skipped"]))
+                    self.state.record(metrics)
+                    streak = self.watchdog.observe(self.state, step,
+                                                   bool(metrics["skipped"]))
+                    if streak is not None:
+                        self._stop_for(streak)
                     if self._validation_due(step):
                         stopped_early = self._validate(step, metrics)
-                    self.host.on_step_end(self, step, metrics)
-                    if self.write_files and out.save_every and step % out.save_every == 0:
+                    self.host.on_step_end(self.view(), step, metrics)
+                    if self.writes_files and out.save_every and step % out.save_every == 0:
                         self.save_checkpoint(step)
                     if stopped_early:
                         break
-                    if self._stop_signal is not None:
-                        self._interrupted(step)
+                    if guard.received is not None:
+                        self._interrupted(step, guard)
             result = self.finish()
             result.stopped_early = stopped_early
         finally:
             # also when training stops with an error: loggers close, displays stop
-            self.host.on_train_end(self, result)
+            try:
+                self.host.on_train_end(self.view(), result)
+            finally:
+                self._unregister_run_plugins()
         return result
+
+    def _unregister_run_plugins(self) -> None:
+        while self._run_plugins:
+            self.host.unregister(self._run_plugins.pop())
+
+    def _stop_for(self, streak: NonFiniteStreak) -> None:
+        """Act on the watchdog's decision: roll back to the newest checkpoint from
+        before the streak, write that state, and raise ``NonFiniteError``."""
+        found = (self.checkpointer.latest_valid(before=streak.last_good)
+                 if self.writes_files else None)
+        if found is not None:
+            good_step, adapter, state, path = found
+            self.restore(adapter, state)
+            where = f"rolled back to the checkpoint at step {good_step} ({path})"
+        else:
+            where = ("no checkpoint to roll back to; the adapter is unchanged since step "
+                     f"{streak.last_good}, the last finite one")
+        written = ""
+        if self.writes_files:
+            result = self.finish()
+            written = f"; that state is written to {result.path}"
+        raise NonFiniteError(f"{streak.length} consecutive non-finite steps "
+                             f"({streak.first}-{streak.last}), each skipped; "
+                             f"{where}{written}")
+
+    def _interrupted(self, step: int, guard: SignalGuard) -> None:
+        saved = ""
+        if self.writes_files:
+            path = self.save_checkpoint(step)
+            result = self.finish()
+            saved = (f"; checkpoint {path}, LoRA so far {result.path}; continue with "
+                     f"--resume latest")
+        raise TrainingInterrupted(f"{guard.name}: stopped after step {step}{saved}")
+
+    # -- checkpoints and resume -----------------------------------------------------
+    def save_checkpoint(self, step: int) -> Path:
+        path = self.checkpointer.save(step, self.pipe.network.state_dict(),
+                                      self.state.state_dict(), config_to_dict(self.config))
+        self._announce("checkpoint", path)
+        return path
+
+    def restore(self, adapter: Mapping[str, torch.Tensor], state: dict[str, Any]) -> None:
+        """Load a checkpoint's adapter weights and state; the run continues after its
+        step."""
+        missing, unexpected = [], []
+        try:
+            missing, unexpected = self.pipe.network.load_state_dict(adapter, strict=False)
+        except (RuntimeError, ValueError, KeyError) as exc:
+            raise DataError(f"checkpoint does not fit this config's adapter: {exc}") from None
+        if missing or unexpected:
+            raise DataError(f"checkpoint does not fit this config's adapter: missing "
+                            f"{missing[:3]}, unexpected {unexpected[:3]}")
+        self.state.load_state_dict(state)
+        self.start_step = int(state["step"])
+
+    def resume(self, where: str | Path = "latest") -> Path | None:
+        """Continue from a checkpoint: ``latest`` (the newest valid one in this run's
+        checkpoint folder), a checkpoints folder, or one ``step_N`` folder. A corrupt
+        checkpoint is reported and the previous one used. Returns the one used."""
+        found = self.checkpointer.find(where)
+        if found is None:
+            return None
+        _, adapter, state, path = found
+        self.restore(adapter, state)
+        changed = ckpt.config_changes(path, config_to_dict(self.config))
+        if changed:
+            warnings.warn(f"resuming {path} with a changed config: {'; '.join(changed[:6])}"
+                          f"{' ...' if len(changed) > 6 else ''}", ckpt.CheckpointWarning,
+                          stacklevel=2)
+        return path
 
     # -- validation -------------------------------------------------------------------
     def _validation_due(self, step: int) -> bool:
@@ -233,16 +296,14 @@ class Trainer(SafetyMixin):
         """Mean loss over the held-out set with fixed noise and timesteps: the same
         number for the same adapter, whenever and however often it is computed."""
         data = self.pipe.validation
-        saved = self.noise_gen
-        self.noise_gen = make_generator(self.config.training.seed, "validation")
+        assert data is not None
+        generator = make_generator(self.config.training.seed, "validation")
+        batch = self.config.training.batch_size
         total, n = 0.0, len(data)
-        try:
-            with torch.no_grad():
-                for start in range(0, n, self.config.training.batch_size):
-                    idx = torch.arange(start, min(n, start + self.config.training.batch_size))
-                    total += float(self.micro_step(idx, data)) * len(idx)
-        finally:
-            self.noise_gen = saved
+        with torch.no_grad():
+            for start in range(0, n, batch):
+                idx = torch.arange(start, min(n, start + batch))
+                total += float(micro_step(self.pipe, idx, generator, data)) * len(idx)
         return total / n
 
     def _validate(self, step: int, metrics: dict[str, float]) -> bool:
@@ -253,27 +314,27 @@ class Trainer(SafetyMixin):
         self.loss_map.setdefault("val_loss_step", []).append(step)
         metrics["val_loss"] = value
         stop_cfg = self.config.early_stop
-        if self.best_val is None or value < self.best_val - stop_cfg.min_delta:
-            self.best_val, self.since_best = value, 0
-            if self.config.output.keep_best and self.write_files:
+        state = self.state
+        if state.best_val is None or value < state.best_val - stop_cfg.min_delta:
+            state.best_val, state.since_best = value, 0
+            if self.config.output.keep_best and self.writes_files:
                 path = self.output_dir / f"{self.config.output.name}.best.safetensors"
                 meta = self.metadata() | {"loraengine.val_loss": repr(value),
                                           "loraengine.best_step": str(step)}
                 save_lora(path, self.lora_tensors(), meta)
-                self.host.on_save(self, str(path), "best")
+                self._announce("best", path)
         else:
-            self.since_best += 1
-        return stop_cfg.patience is not None and self.since_best >= stop_cfg.patience
+            state.since_best += 1
+        return stop_cfg.patience is not None and state.since_best >= stop_cfg.patience
 
-    @property
-    def steps_done(self) -> int:
-        return self.pipe.previous_steps + len(self.loss_map["loss"])
-
+    # -- outputs ----------------------------------------------------------------------
     def lora_tensors(self) -> dict[str, torch.Tensor]:
         pipe = self.pipe
         exporter_name = self.config.adapter.exporter or pipe.loaded.default_exporter
         exporter = self.host.registry.get("exporter", exporter_name)
-        return exporter.to_file(pipe.network.file_modules(pipe.save_dtype))
+        tensors: dict[str, torch.Tensor] = exporter.to_file(
+            pipe.network.file_modules(pipe.save_dtype))
+        return tensors
 
     def metadata(self) -> dict[str, str]:
         """The file's metadata, from the adapters as trained (a continued file keeps its
@@ -284,7 +345,7 @@ class Trainer(SafetyMixin):
         ranks = sorted({layer.rank for layer in layers}) or [cfg.adapter.rank]
         alphas = sorted({layer.alpha for layer in layers}) or [
             cfg.adapter.alpha if cfg.adapter.alpha is not None else cfg.adapter.rank]
-        extra = spec.file_metadata(cfg.adapter) if spec.file_metadata else {}
+        extra: dict[str, str] = spec.file_metadata(cfg.adapter) if spec.file_metadata else {}
         return extra | {
             "ss_network_module": spec.network_module or f"loraengine.{spec.name}",
             "ss_network_dim": str(ranks[-1]),
@@ -299,43 +360,43 @@ class Trainer(SafetyMixin):
         }
 
     def finish(self) -> TrainResult:
-        if callable(getattr(self.pipe.optimizer, "eval", None)):
-            self.pipe.optimizer.eval()  # schedule-free optimizers: save the averaged x
+        """The result; when writing files, the LoRA, each recipe's variant (e.g. its
+        EMA) and the loss map are all written before any ``on_save`` hook runs, so a
+        failing hook cannot cost a file."""
+        to_eval = getattr(self.pipe.optimizer, "eval", None)
+        if callable(to_eval):
+            to_eval()  # schedule-free optimizers: save the averaged x
         tensors = self.lora_tensors()
         result = TrainResult(tensors, {k: list(v) for k, v in self.loss_map.items()},
                              self.steps_done)
-        if not self.write_files:
+        self._files = result.files
+        if not self.writes_files:
             return result
         out, name = self.output_dir, self.config.output.name
         out.mkdir(parents=True, exist_ok=True)
         lora_path = out / f"{name}.safetensors"
         save_lora(lora_path, tensors, self.metadata())
         result.path = lora_path
-        result.files["lora"] = lora_path
-        self.host.on_save(self, str(lora_path), "lora")
+        written: list[tuple[str, Path]] = [("lora", lora_path)]
         for recipe in self.pipe.recipes:  # other versions of the adapter, e.g. its EMA
             for suffix, swapped in recipe.variants().items():
                 with swapped():
                     variant_path = out / f"{name}.{suffix}.safetensors"
                     save_lora(variant_path, self.lora_tensors(), self.metadata())
-                result.files[suffix] = variant_path
-                self.host.on_save(self, str(variant_path), suffix)
+                written.append((suffix, variant_path))
         loss_path = out / f"{name}.loss.json"
         write_text_atomic(loss_path, json.dumps(_finite_or_null(result.loss_map), indent=1))
-        result.files["loss_map"] = loss_path
-        self.host.on_save(self, str(loss_path), "loss_map")
-        if self.config.output.plot:
-            from loraengine.plugins.outputs.plot import plot_loss
-
-            plot_path = out / f"{name}.loss.png"
-            plot_loss(result.loss_map, plot_path, title=name)
-            result.files["plot"] = plot_path
-            self.host.on_save(self, str(plot_path), "plot")
+        written.append(("loss_map", loss_path))
+        for kind, path in written:
+            result.files[kind] = path
+        for kind, path in written:  # the loss plot plugin writes on "loss_map"
+            self._announce(kind, path)
         return result
 
 
-
-def _finite_or_null(loss_map: dict[str, list[float]]) -> dict[str, list[float | None]]:
+def _finite_or_null(loss_map: Mapping[str, Sequence[float]]
+                    ) -> dict[str, list[float | None]]:
     """The loss map as strict JSON: a skipped step's NaN/inf loss becomes null."""
     return {k: [v if not isinstance(v, float) or math.isfinite(v) else None for v in vals]
             for k, vals in loss_map.items()}
+

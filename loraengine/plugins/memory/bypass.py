@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Any
+from pydantic import BaseModel, Field
 
-from pydantic import Field
-
+from loraengine.core.plugins.assembly import BuildContext, StrategyResult
 from loraengine.core.plugins.specs import MemoryStrategySpec, PluginOptions
 
 
@@ -15,9 +14,9 @@ class BypassOptions(PluginOptions):
                               "adaptation nor modified.")
 
 
-def apply(pipe: Any, memory: Any) -> None:
-    pipe.network.attach("bypass")
-    pipe.attach_mode = "bypass"
+def apply(ctx: BuildContext, memory: BaseModel) -> StrategyResult:
+    ctx.network.attach("bypass")
+    return StrategyResult(attach_mode="bypass")
 
 
 SPEC = MemoryStrategySpec("bypass_mode", BypassOptions, enabled=lambda c: c.memory.bypass_mode,

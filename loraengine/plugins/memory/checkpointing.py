@@ -8,7 +8,6 @@ activations during the backward pass.
 
 from __future__ import annotations
 
-import types
 from collections.abc import Callable
 from typing import Any
 
@@ -18,7 +17,9 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from loraengine.core.model import top_level_blocks
+from loraengine.core.plugins.assembly import BuildContext, StrategyResult
 from loraengine.core.plugins.specs import MemoryStrategySpec, PluginOptions
+from loraengine.plugins.memory.patching import patch_forward
 
 
 class CheckpointOptions(PluginOptions):
@@ -44,39 +45,33 @@ def blocks_at_depth(top: list[nn.Module], depth: int) -> list[nn.Module]:
 
 
 def _wrap(block: nn.Module) -> Callable[[], None]:
-    had_own = "forward" in block.__dict__
-    previous = block.__dict__.get("forward")
-    inner = block.forward
+    def make(inner: Callable[..., Any]) -> Callable[..., Any]:
+        def forward(_self: nn.Module, *args: Any, **kwargs: Any) -> Any:
+            if torch.is_grad_enabled():
+                # preserve_rng_state off: the base runs in eval mode and draws no random
+                # numbers
+                return checkpoint(inner, *args, use_reentrant=False,
+                                  preserve_rng_state=False, **kwargs)
+            return inner(*args, **kwargs)
 
-    def forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
-        if torch.is_grad_enabled():
-            # preserve_rng_state off: the base runs in eval mode and draws no random numbers
-            return checkpoint(inner, *args, use_reentrant=False, preserve_rng_state=False,
-                              **kwargs)
-        return inner(*args, **kwargs)
+        return forward
 
-    block.forward = types.MethodType(forward, block)
-
-    def undo() -> None:
-        if had_own:
-            block.forward = previous
-        else:
-            block.__dict__.pop("forward", None)
-
-    return undo
+    return patch_forward(block, make)
 
 
-def apply(pipe: Any, memory: Any) -> Callable[[], None]:
-    top = pipe.loaded.blocks or top_level_blocks(pipe.model)
+def apply(ctx: BuildContext, memory: Any) -> StrategyResult:
+    top = ctx.loaded.blocks or top_level_blocks(ctx.model)
     undos = [_wrap(b) for b in blocks_at_depth(top, memory.checkpoint_depth)]
 
     def undo_all() -> None:
         for u in reversed(undos):
             u()
 
-    return undo_all
+    return StrategyResult(undo=undo_all)
 
 
 SPEC = MemoryStrategySpec("gradient_checkpointing", CheckpointOptions,
                           enabled=lambda c: c.memory.gradient_checkpointing, apply=apply, order=50,
+                          describe=lambda c: f"gradient_checkpointing(depth "
+                                             f"{c.memory.checkpoint_depth})",
                           description="Gradient checkpointing at checkpoint_depth.")

@@ -24,17 +24,18 @@ released, so the mechanism runs and is testable, but it saves nothing there.
 
 from __future__ import annotations
 
-import types
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from pydantic import Field
+from pydantic import BaseModel, Field
 from torch import nn
 
 from loraengine.core.model import top_level_blocks
+from loraengine.core.plugins.assembly import BuildContext, StrategyResult
 from loraengine.core.plugins.specs import MemoryStrategySpec, PluginOptions
+from loraengine.plugins.memory.patching import patch_forward
 
 
 class OffloadOptions(PluginOptions):
@@ -212,7 +213,7 @@ class Offloader:
         found = self._by_storage.get(id(t.untyped_storage()))
         if found is None:
             return t
-        return _Fetch(found[0], tuple(t.shape), tuple(t.stride()), t.storage_offset())
+        return _Fetch(found[0], tuple(t.shape), tuple(t.stride()), int(t.storage_offset()))
 
     def unpack(self, packed: Any) -> torch.Tensor:
         if not isinstance(packed, _Fetch):
@@ -229,6 +230,9 @@ class Offloader:
             return inner(*args, **kwargs)
 
         return forward
+
+    def _layer_wrapper(self, idx: int) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+        return lambda inner: self._layer_forward(inner, idx)
 
     def _model_forward(self, inner: Callable[..., Any]) -> Callable[..., Any]:
         def forward(_self: nn.Module, *args: Any, **kwargs: Any) -> Any:
@@ -253,9 +257,8 @@ class Offloader:
         wrapped layer by calling its forward directly, skipping module hooks; hence
         offloading applies before checkpointing wraps anything."""
         for mod, idx in self._owners:
-            self._undo.append(_patch_forward(mod, lambda inner, i=idx:
-                                             self._layer_forward(inner, i)))
-        self._undo.append(_patch_forward(self.model, self._model_forward))
+            self._undo.append(patch_forward(mod, self._layer_wrapper(idx)))
+        self._undo.append(patch_forward(self.model, self._model_forward))
 
     def close(self) -> None:
         """Unwrap, and put every tensor back on the device as a plain resident tensor."""
@@ -273,22 +276,6 @@ class Offloader:
         return sum(u.nbytes for u in self.units)
 
 
-def _patch_forward(module: nn.Module, make: Callable[[Callable[..., Any]], Callable[..., Any]]
-                   ) -> Callable[[], None]:
-    """Replace ``module.forward`` by ``make(current forward)``; return the undo."""
-    had_own = "forward" in module.__dict__
-    previous = module.__dict__.get("forward")
-    module.forward = types.MethodType(make(module.forward), module)
-
-    def undo() -> None:
-        if had_own:
-            module.forward = previous
-        else:
-            module.__dict__.pop("forward", None)
-
-    return undo
-
-
 def _place_the_rest(model: nn.Module, device: torch.device) -> None:
     """Move what no unit owns (tensors held by an ancestor of a block) to the device:
     the engine leaves the loaded model on the host when offloading is on."""
@@ -299,29 +286,20 @@ def _place_the_rest(model: nn.Module, device: torch.device) -> None:
             if t is not None and t.device != device:
                 mod._parameters[name] = nn.Parameter(t.detach().to(device),
                                                      requires_grad=t.requires_grad)
-        for name, t in list(mod._buffers.items()):
-            if t is not None and t.device != device:
-                mod._buffers[name] = t.to(device)
+        for name, buf in list(mod._buffers.items()):
+            if buf is not None and buf.device != device:
+                mod._buffers[name] = buf.to(device)
 
 
-def apply(pipe: Any, memory: Any) -> Callable[[], None]:
-    model = pipe.model
-    blocks = pipe.loaded.blocks or top_level_blocks(model)
-    offloader = Offloader(model, blocks, pipe.device)
-    _place_the_rest(model, pipe.device)
+def apply(ctx: BuildContext, memory: BaseModel) -> StrategyResult:
+    model = ctx.model
+    blocks = ctx.loaded.blocks or top_level_blocks(model)
+    offloader = Offloader(model, blocks, ctx.device)
+    _place_the_rest(model, ctx.device)
     offloader.install()
-    info = pipe.loaded.info
-    info["offloader"] = offloader
     # Host copies, so that memory planning can tell them from device memory.
-    info.setdefault("host_resident", []).extend(s.home for u in offloader.units
-                                                for s in u.slots)
-
-    def undo() -> None:
-        offloader.close()
-        info.pop("offloader", None)
-        info.pop("host_resident", None)
-
-    return undo
+    resident = tuple(s.home for u in offloader.units for s in u.slots)
+    return StrategyResult(undo=offloader.close, host_resident=resident, streaming=offloader)
 
 
 SPEC = MemoryStrategySpec(

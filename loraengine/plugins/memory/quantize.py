@@ -20,13 +20,14 @@ which run on the CPU as well as on CUDA. As in the node it applies only with
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
+from loraengine.core.plugins.assembly import BuildContext, StrategyResult
 from loraengine.core.plugins.specs import MemoryStrategySpec, PluginOptions
 
 FP8 = torch.float8_e4m3fn
@@ -163,9 +164,11 @@ class QuantizedLinear(nn.Linear):
     quant_format: str
     quantized_backward: bool
     weight_dtype: torch.dtype
+    qweight: torch.Tensor
+    weight_scale: torch.Tensor
 
-    @property  # type: ignore[override]
-    def weight(self) -> torch.Tensor:
+    @property
+    def weight(self) -> torch.Tensor:  # type: ignore[override]
         return dequantize(self.qweight, self.weight_scale, self.quant_format,
                           self.weight_dtype)
 
@@ -190,9 +193,10 @@ def quantize_linear(layer: nn.Linear, fmt: str, quantized_backward: bool = False
         if original_cls is not nn.Linear else QuantizedLinear
     layer.register_buffer("qweight", q.to(weight.device))
     layer.register_buffer("weight_scale", scale.to(weight.device))
-    layer.quant_format = fmt
-    layer.quantized_backward = quantized_backward
-    layer.weight_dtype = weight.dtype
+    quantized = cast(QuantizedLinear, layer)
+    quantized.quant_format = fmt
+    quantized.quantized_backward = quantized_backward
+    quantized.weight_dtype = weight.dtype
 
     def undo() -> None:
         restored = layer.weight
@@ -236,13 +240,19 @@ def validate(config: Any) -> list[str]:
     return problems
 
 
-def apply(pipe: Any, memory: Any) -> Callable[[], None]:
-    fmt = pipe.config.model.quantize
-    return quantize_model(pipe.model, fmt, bool(memory.quantized_backward))
+def apply(ctx: BuildContext, memory: Any) -> StrategyResult:
+    fmt = ctx.config.model.quantize
+    return StrategyResult(undo=quantize_model(ctx.model, fmt, bool(memory.quantized_backward)))
+
+
+def describe(config: Any) -> str:
+    backward = ", quantized backward" if config.memory.quantized_backward else ""
+    return f"quantized_base({config.model.quantize}{backward})"
 
 
 SPEC = MemoryStrategySpec(
     "quantized_base", QuantizedBackwardOptions,
     enabled=lambda c: c.model.quantize != "none", apply=apply, order=5, validate=validate,
+    describe=describe,
     description="Linear weights of the frozen base stored fp8/int8 (model.quantize); "
                 "optional quantized input-gradient matmul.")

@@ -276,8 +276,7 @@ def load_family(family: Family, options: FamilyOptions, context: Mapping[str, An
         schedule=schedule, blocks=family.blocks(module), family=family.name,
         default_exporter=family.default_exporter,
         base_model_version=family.base_model_version, cond_keys=family.cond_keys,
-        info={"path": str(where.model), "pipeline": str(where.root) if where.root else None,
-              "vae_factor": factor, "single_file": where.single_file},
+        source=str(where.model), pipeline_root=where.root, single_file=where.single_file,
         vae_scale=scale, vae_shift=shift, default_include=family.default_include)
 
 

@@ -1,4 +1,5 @@
-"""The loss plot written beside every LoRA."""
+"""The loss plot written beside every LoRA: a lifecycle plugin that draws
+``<name>.loss.png`` once the loss map is saved (``output.plot``)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from loraengine.core.files import write_atomic
+from loraengine.core.plugins.hookspecs import hookimpl
+from loraengine.core.plugins.run import RunView
 
 
 def _smooth(values: Sequence[float], window: int) -> list[float]:
@@ -45,3 +48,13 @@ def plot_loss(loss_map: Mapping[str, Sequence[float]], path: Path, title: str = 
     fig.tight_layout()
     write_atomic(path, lambda p: fig.savefig(p, format="png"))
     plt.close(fig)
+
+
+@hookimpl
+def loraengine_on_save(run: RunView, path: str, kind: str) -> None:
+    if kind != "loss_map" or not run.config.output.plot:
+        return
+    name = run.config.output.name
+    plot_path = Path(path).with_name(f"{name}.loss.png")
+    plot_loss(run.loss_map, plot_path, title=name)
+    run.record_file("plot", plot_path)

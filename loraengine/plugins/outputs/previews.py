@@ -11,34 +11,30 @@ from its own generators, so it never changes what is trained. Nothing happens wh
 from __future__ import annotations
 
 import time
-import weakref
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from loraengine.core.plugins.hookspecs import hookimpl
+from loraengine.core.plugins.run import RunResult, RunView
 from loraengine.tools.sample import logic as S
-
-#: Preview state per running trainer.
-_ACTIVE: weakref.WeakKeyDictionary[Any, Preview] = weakref.WeakKeyDictionary()
 
 
 class Preview:
-    """Renders one run's preview grids."""
+    """Renders one run's preview grids. Registered as a plugin of its own for the
+    length of the run, so the per-run state lives here and nowhere else."""
 
-    def __init__(self, run: Any, samples: Any):
+    def __init__(self, run: RunView, samples: Any):
         self.run = run
         self.samples = samples
-        pipe = run.pipe
-        self.pipe = pipe
-        self.loaded = pipe.loaded
+        self.loaded = run.loaded
         self.folder = Path(run.output_dir) / f"{run.config.output.name}.samples"
         self.settings = S.SampleSettings(
             steps=samples.steps, guidance=samples.guidance, seed=samples.seed,
             sampler=samples.sampler, sampler_options=samples.sampler_options)
         # Fails here, before the first step, when the sampler does not fit the model.
-        S.resolve_sampler(run.host.registry, samples.sampler, samples.sampler_options,
+        S.resolve_sampler(run.registry, samples.sampler, samples.sampler_options,
                           self.loaded.schedule)
         self.cond = self._prompts()
         self.negative = None
@@ -60,10 +56,10 @@ class Preview:
             n = int(cond[self.loaded.cond_keys[0]].shape[0])
             return {k: v[:samples.count] for k, v in cond.items()
                     if v.ndim and v.shape[0] == n}
-        return S.distinct_entries(self.pipe.dataset.cond, samples.count)
+        return S.distinct_entries(self.run.dataset.cond, samples.count)
 
     def _shape(self) -> tuple[int, ...]:
-        shape = tuple(int(s) for s in self.pipe.dataset.latents.shape[1:])
+        shape = tuple(int(s) for s in self.run.dataset.latents.shape[1:])
         if self.samples.size is not None:
             shape = (*shape[:-2], *self.samples.size)
         return shape
@@ -71,11 +67,12 @@ class Preview:
     def render(self) -> torch.Tensor:
         """Images ``[P·per_prompt, 3, H, W]`` in [0, 1] from the model as it is now."""
         t0 = time.perf_counter()
-        with S.eval_mode(self.pipe.network):
+        run = self.run
+        with S.eval_mode(run.network):
             latents = S.sample_latents(
-                self.loaded, self.cond, self.shape, self.settings, self.run.host.registry,
+                self.loaded, self.cond, self.shape, self.settings, run.registry,
                 negative=self.negative, per_prompt=self.samples.per_prompt,
-                device=self.pipe.device, dtype=self.pipe.compute_dtype)
+                device=run.device, dtype=run.compute_dtype)
         images = S.decode(self.loaded, latents, S.find_vae(self.loaded))
         self.seconds += time.perf_counter() - t0
         return images
@@ -87,52 +84,44 @@ class Preview:
         images = self.render()
         path = S.save_png(self.grid(images), self.folder / f"step_{step}.png")
         self.last_step, self.last_images = step, images
-        self.run.host.on_save(self.run, str(path), "samples")
+        self.run.record_file("samples", path)
         return path
 
     def write_compare(self) -> Path:
         if self.base is None:
-            with S.adapters_off(self.pipe.network):
+            with S.adapters_off(self.run.network):
                 self.base = self.render()
         assert self.last_images is not None
         image = S.side_by_side(self.grid(self.base), self.grid(self.last_images))
         path = S.save_png(image, self.folder / "compare.png")
-        self.run.host.on_save(self.run, str(path), "samples")
+        self.run.record_file("samples", path)
         return path
 
+    # -- this run's hooks (called after every other plugin's) -------------------------
+    @hookimpl(trylast=True)
+    def loraengine_on_step_end(self, run: RunView, step: int, metrics: dict[str, float]
+                               ) -> None:
+        if run is not self.run or "loss" not in metrics:  # validation comes without loss
+            return
+        every = self.samples.every
+        if every is not None and step % every == 0:
+            self.write_step(step)
 
-def _steps_done(run: Any) -> int:
-    return len(run.loss_map["loss"])
+    @hookimpl(trylast=True)
+    def loraengine_on_train_end(self, run: RunView, result: RunResult | None) -> None:
+        if run is not self.run or result is None:  # nothing to render after a failure
+            return
+        final = len(run.loss_map["loss"])
+        if self.last_step != final:
+            self.write_step(final)
+        if self.samples.compare:
+            self.write_compare()
+        result.files["samples"] = self.folder
 
 
 @hookimpl
-def loraengine_on_train_start(run: Any) -> None:
+def loraengine_on_train_start(run: RunView) -> None:
     samples = getattr(run.config.output, "samples", None)
-    if samples is None or not getattr(run, "write_files", False) or not hasattr(run, "pipe"):
+    if samples is None or not run.writes_files:
         return
-    _ACTIVE[run] = Preview(run, samples)
-
-
-@hookimpl
-def loraengine_on_step_end(run: Any, step: int, metrics: dict[str, float]) -> None:
-    preview = _ACTIVE.get(run)
-    if preview is None or "loss" not in metrics:  # validation reports come without loss
-        return
-    every = preview.samples.every
-    if every is not None and step % every == 0:
-        preview.write_step(step)
-
-
-@hookimpl
-def loraengine_on_train_end(run: Any, result: Any) -> None:
-    preview = _ACTIVE.pop(run, None)
-    if preview is None or result is None:  # nothing to render after a failed run
-        return
-    final = _steps_done(run)
-    if preview.last_step != final:
-        preview.write_step(final)
-    if preview.samples.compare:
-        preview.write_compare()
-    files = getattr(result, "files", None)
-    if isinstance(files, dict):
-        files["samples"] = preview.folder
+    run.register(Preview(run, samples))

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import gc
 import os
 import time
@@ -104,7 +105,7 @@ class LiveBytes(TorchDispatchMode):
     def reset_peak(self) -> None:
         self.peak = self.live
 
-    def _freed(self, key: int, nbytes: int) -> None:
+    def _freed(self, key: int, nbytes: int, _ref: object = None) -> None:
         if self._tracked.pop(key, None) is not None:
             self.live -= nbytes
 
@@ -122,7 +123,7 @@ class LiveBytes(TorchDispatchMode):
             if st is None or key in inputs or key in self._tracked:
                 continue
             nbytes = st.nbytes()
-            self._tracked[key] = weakref.ref(st, lambda _r, k=key, n=nbytes: self._freed(k, n))
+            self._tracked[key] = weakref.ref(st, functools.partial(self._freed, key, nbytes))
             self.live += nbytes
             self.peak = max(self.peak, self.live)
         return out
@@ -159,7 +160,7 @@ def _fused_attention_on_meta(query: torch.Tensor, key: torch.Tensor, value: torc
 def _fused_attention() -> Iterator[None]:
     # Patched at module level rather than with a TorchFunctionMode: checkpointing's
     # recomputation in the backward pass must see it too.
-    F.scaled_dot_product_attention = _fused_attention_on_meta
+    F.scaled_dot_product_attention = _fused_attention_on_meta  # type: ignore[assignment]
     try:
         yield
     finally:
@@ -212,7 +213,7 @@ def _optimizer_tensors(opt: torch.optim.Optimizer) -> list[torch.Tensor]:
 
 
 def _host_storages(pipe: Any) -> set[int]:
-    return {id(_storage(t)) for t in pipe.loaded.info.get("host_resident", ())}
+    return {id(_storage(t)) for t in pipe.host_resident}
 
 
 def resident_parts(pipe: Any) -> dict[str, int]:
@@ -224,47 +225,29 @@ def resident_parts(pipe: Any) -> dict[str, int]:
     weights = _nbytes([*model.parameters(), *model.buffers()], dev, host, seen)
     adapter = _nbytes(pipe.network.parameters(), dev, host, seen)
     state = _nbytes(_optimizer_tensors(pipe.optimizer), dev, host, seen)
-    host_bytes = _nbytes(pipe.loaded.info.get("host_resident", ()))
+    host_bytes = _nbytes(pipe.host_resident)
     return {"weights": weights, "adapter": adapter, "optimizer_state": state,
             "host": host_bytes}
 
 
 def enabled_strategies(config: Any, host: PluginHost) -> list[str]:
-    names = []
-    for spec in sorted(host.registry.specs("memory"), key=lambda s: s.order):
-        if spec.enabled(config):
-            name = spec.name
-            if name == "gradient_checkpointing":
-                name += f"(depth {config.memory.checkpoint_depth})"
-            if name == "quantized_base":
-                name += f"({config.model.quantize}"
-                name += ", quantized backward)" if config.memory.quantized_backward else ")"
-            names.append(name)
-    return names
+    """The enabled memory strategies, in the order they apply, as each names itself."""
+    return [spec.label(config)
+            for spec in sorted(host.registry.specs("memory"), key=lambda s: s.order)
+            if spec.enabled(config)]
 
 
-# -- one step, by hand (the trainer's step reads the loss value, which meta lacks) -------
+class _CountFlops:
+    """Counts the FLOPs of every forward pass and every backward pass of a step."""
 
-def _run_step(trainer: Any, on_forward: Callable[[], Any] | None = None,
-              on_backward: Callable[[], Any] | None = None) -> None:
-    pipe, tcfg = trainer.pipe, trainer.config.training
-    accum = tcfg.grad_accumulation_steps
-    pipe.optimizer.zero_grad(set_to_none=True)
-    for _ in range(accum):
-        with on_forward() if on_forward else _null():
-            loss = trainer.micro_step(trainer.indices.take(tcfg.batch_size))
-        with on_backward() if on_backward else _null():
-            (loss / accum).backward()
-    pipe.optimizer.step()
-    pipe.optimizer.zero_grad(set_to_none=True)
+    def __init__(self) -> None:
+        self.forward_mode, self.backward_mode = _flop_counter(), _flop_counter()
 
+    def forward(self) -> contextlib.AbstractContextManager[object]:
+        return self.forward_mode
 
-class _null:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: Any) -> None:
-        return None
+    def backward(self) -> contextlib.AbstractContextManager[object]:
+        return self.backward_mode
 
 
 def estimate(config: Any, host: PluginHost, *, model: torch.nn.Module | None = None,
@@ -283,26 +266,26 @@ def estimate(config: Any, host: PluginHost, *, model: torch.nn.Module | None = N
     if model is not None:
         model = copy.deepcopy(model)  # the dry run moves it to meta
     counter = LiveBytes("meta")
-    fwd, bwd = _flop_counter(), _flop_counter()
+    flops = _CountFlops()
     with counter, _fused_attention():
         pipe = build_pipeline(dry, host, model=model, latents=latents,
                               conditioning=conditioning, base_dir=base_dir)
         try:
             trainer = Trainer(pipe, write_files=False)
-            _run_step(trainer)  # creates the optimizer state
+            trainer.step()  # creates the optimizer state
             gc.collect()  # storages held only by reference cycles would count as live
             parts = resident_parts(pipe)
-            offloader = pipe.loaded.info.get("offloader")
+            offloader = pipe.offloader
             moved_before = offloader.stats["bytes_in"] if offloader is not None else 0
             start = counter.live
             counter.reset_peak()
-            _run_step(trainer)
+            trainer.step()
             peak_rise = counter.peak - start
             moved = (offloader.stats["bytes_in"] - moved_before) if offloader else 0
             grads = _nbytes(pipe.trainable_parameters())
             # FLOPs in a step of their own: the counter keeps tensors alive that a
             # checkpointed step would free, which would spoil the memory figure.
-            _run_step(trainer, lambda: fwd, lambda: bwd)
+            trainer.step(flops)
         finally:
             pipe.close()
     host_bytes = parts["host"]
@@ -313,8 +296,9 @@ def estimate(config: Any, host: PluginHost, *, model: torch.nn.Module | None = N
         weights_device=parts["weights"], weights_host=host_bytes, adapter=parts["adapter"],
         optimizer_state=parts["optimizer_state"], gradients=grads,
         other_resident=max(device_start - known, 0), activations=activations,
-        peak=device_start + peak_rise, forward_flops=int(fwd.get_total_flops()),
-        backward_flops=int(bwd.get_total_flops()), transfer_bytes=int(moved),
+        peak=device_start + peak_rise,
+        forward_flops=int(flops.forward_mode.get_total_flops()),
+        backward_flops=int(flops.backward_mode.get_total_flops()), transfer_bytes=int(moved),
         strategies=enabled_strategies(config, host), device=target)
 
 

@@ -196,14 +196,13 @@ def sample_latents(loaded: LoadedModel, cond: Mapping[str, torch.Tensor], shape:
 # -- decoding and grids -------------------------------------------------------------------
 
 def find_vae(loaded: LoadedModel) -> Any | None:
-    """The model's VAE: one the family attached (``loaded.vae`` or ``info['vae']``, a
-    module or a loader), else the ``vae/`` folder of its pipeline, loaded from local
+    """The model's VAE: one the family attached (``loaded.vae``, a module or a loader), else the ``vae/`` folder of its pipeline, loaded from local
     files. ``None`` when there is none."""
-    vae = getattr(loaded, "vae", None) or loaded.info.get("vae")
+    vae = loaded.vae
     if vae is not None and not hasattr(vae, "decode") and callable(vae):
         vae = vae()
     if vae is None:
-        root = loaded.info.get("pipeline")
+        root = loaded.pipeline_root
         folder = Path(root) / "vae" if root else None
         if folder is None or not (folder / "config.json").exists():
             return None
@@ -214,7 +213,7 @@ def find_vae(loaded: LoadedModel) -> Any | None:
         except Exception as exc:  # a broken VAE folder should name itself
             raise DataError(f"{folder}: cannot load the VAE: {exc}") from None
         vae.eval().requires_grad_(False)
-        loaded.info["vae"] = vae  # load once per model
+        loaded.vae = vae  # load once per model
     return vae
 
 
@@ -376,7 +375,7 @@ def read_prompts(path: Path, loaded: Any, host: Any, what: str = "--prompts"
     lines = path.read_text(encoding="utf-8").splitlines()
     prompts = [line.strip() for line in lines if line.strip()] or [""]
     spec = host.registry.get("model", loaded.family)
-    root = loaded.info.get("pipeline")
+    root = loaded.pipeline_root
     if spec.make_encoder is None or not root:
         raise ConfigError(f"{what}: the {loaded.family} model has no text encoders to "
                           f"read {path.name}; give a conditioning .safetensors instead "

@@ -1,0 +1,85 @@
+"""The state of a run that a checkpoint keeps, so that a resume continues bit for bit."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from loraengine.core.data import BucketStream, IndexStream
+from loraengine.core.errors import DataError
+from loraengine.core.recipe import Recipe
+
+#: What every optimizer step records in the loss map.
+STEP_KEYS = ("loss", "lr", "skipped")
+
+
+@dataclass
+class TrainState:
+    """Everything besides the adapter weights that a resume restores: the optimizer,
+    LR schedule and grad scaler, the noise generator and the data stream, the loss map,
+    the watchdog's and early stopping's counters, and each recipe's own state.
+
+    ``state_dict()`` is what ``state.pt`` of a checkpoint holds."""
+
+    optimizer: torch.optim.Optimizer
+    lr_scheduler: Any
+    scaler: torch.amp.GradScaler | None
+    noise_gen: torch.Generator
+    stream: IndexStream | BucketStream
+    recipes: Sequence[Recipe] = ()
+    loss_map: dict[str, list[float]] = field(
+        default_factory=lambda: {k: [] for k in STEP_KEYS})
+    #: Consecutive non-finite steps up to now (the watchdog counts them).
+    bad_streak: int = 0
+    #: Early stopping: the best validation loss so far and the validations since.
+    best_val: float | None = None
+    since_best: int = 0
+
+    @property
+    def step(self) -> int:
+        """Optimizer steps taken in this run (those of ``adapter.existing`` excluded)."""
+        return len(self.loss_map["loss"])
+
+    def record(self, metrics: dict[str, float]) -> None:
+        """Append one optimizer step's metrics to the loss map."""
+        for k in STEP_KEYS:
+            self.loss_map[k].append(metrics[k])
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "step": self.step,
+            "optimizer": self.optimizer.state_dict(),
+            "lr_scheduler": self.lr_scheduler.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+            "noise_gen": self.noise_gen.get_state(),
+            "data": self.stream.state(),
+            "loss_map": self.loss_map,
+            "watch": {"bad_streak": self.bad_streak, "best_val": self.best_val,
+                      "since_best": self.since_best},
+            "recipes": [r.state_dict() if hasattr(r, "state_dict") else None
+                        for r in self.recipes],
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what ``state_dict`` returned; ``DataError`` when the optimizer state
+        does not fit this run's adapter."""
+        try:
+            self.optimizer.load_state_dict(state["optimizer"])
+        except (RuntimeError, ValueError, KeyError) as exc:
+            raise DataError(f"checkpoint does not fit this config's adapter: {exc}") from None
+        self.lr_scheduler.load_state_dict(state["lr_scheduler"])
+        if self.scaler is not None and state.get("scaler") is not None:
+            self.scaler.load_state_dict(state["scaler"])
+        self.noise_gen.set_state(state["noise_gen"])
+        self.stream.load_state(state["data"])
+        self.loss_map = {k: list(v) for k, v in state["loss_map"].items()}
+        watch = state.get("watch", {})
+        self.bad_streak = int(watch.get("bad_streak", 0))
+        self.best_val = watch.get("best_val")
+        self.since_best = int(watch.get("since_best", 0))
+        for recipe, rstate in zip(self.recipes, state.get("recipes", []), strict=False):
+            if rstate is not None and hasattr(recipe, "load_state_dict"):
+                recipe.load_state_dict(rstate)

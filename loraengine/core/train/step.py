@@ -1,0 +1,169 @@
+"""The training step: one micro-batch's loss, and one optimizer step over
+``grad_accumulation_steps`` micro-batches.
+
+The trainer and memory planning (``loraengine plan``) both run these functions; a plan
+runs them on the ``meta`` device, where tensors have no values: there every loss and
+gradient counts as finite. A ``StepProbe`` lets a caller wrap each forward and each
+backward pass (to count FLOPs, for instance).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+from typing import Protocol
+
+import torch
+
+from loraengine.core.build import Pipeline
+from loraengine.core.data import BucketStream, Dataset, IndexStream
+from loraengine.core.distributed import average_gradients, guarded
+
+
+class StepProbe(Protocol):
+    """Context managers entered around each micro-batch's forward and backward pass."""
+
+    def forward(self) -> AbstractContextManager[object]: ...
+
+    def backward(self) -> AbstractContextManager[object]: ...
+
+
+def draw_noise(pipe: Pipeline, x0: torch.Tensor, generator: torch.Generator
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-sample draws, so a batch of k·b sees exactly the draws of k batches of b.
+    Returns the target's noise, the timesteps and the noise that makes ``x_t`` (the
+    two noises differ only when a recipe such as input perturbation says so)."""
+    draw_t = pipe.timestep_sampler or pipe.loaded.schedule.sample_timestep
+    noises, ts, xt_noises = [], [], []
+    for _ in range(x0.shape[0]):  # sample by sample: noise, its timestep, tweaks
+        noise = torch.randn(x0.shape[1:], generator=generator)
+        ts.append(draw_t(generator))
+        xt_noise = noise
+        for recipe in pipe.recipes:
+            xt_noise, noise = recipe.perturb_noise(xt_noise, noise, generator)
+        noises.append(noise)
+        xt_noises.append(xt_noise)
+    return torch.stack(noises), torch.stack(ts), torch.stack(xt_noises)
+
+
+def micro_step(pipe: Pipeline, indices: torch.Tensor, generator: torch.Generator,
+               dataset: Dataset | None = None, part: slice | None = None) -> torch.Tensor:
+    """Forward one micro-batch of ``dataset`` (the training data by default) and return
+    its (unscaled) mean loss; noise and timesteps come from ``generator``. With
+    ``part``, the random draws are made for the whole batch (keeping every rank's
+    streams in step) and only those rows are computed."""
+    schedule = pipe.loaded.schedule
+    data = dataset or pipe.dataset
+    x0, cond = data.batch(indices[part] if part is not None else indices)
+    x0 = x0.float()
+    if part is not None:
+        full = torch.empty((len(indices), *x0.shape[1:]))
+        noise, t, xt_noise = (v[part] for v in draw_noise(pipe, full, generator))
+    else:
+        noise, t, xt_noise = draw_noise(pipe, x0, generator)
+    x_t = schedule.add_noise(x0, xt_noise, t)
+    dev, dt = pipe.device, pipe.compute_dtype
+    cond = {k: v.to(dev, dt) if v.is_floating_point() else v.to(dev)
+            for k, v in cond.items()}
+    model_t = schedule.model_timesteps(t).to(dev)
+    if pipe.denoise is not None:
+        pred = pipe.denoise(x_t.to(dev, dt), model_t, cond).float()
+    else:
+        pred = pipe.loaded.predict(pipe.model, x_t.to(dev, dt), model_t, cond).float()
+    x0, noise, t, x_t = x0.to(dev), noise.to(dev), t.to(dev), x_t.to(dev)
+    if pipe.config.loss.target == "x0":
+        pred, target = schedule.predicted_x0(pred, x_t, t), x0
+    else:
+        target = schedule.target(x0, noise, t)
+    per_sample = pipe.per_sample_loss(pred, target.float(), t)
+    return (per_sample * pipe.loss_weights(t).to(per_sample)).mean()
+
+
+def _is_finite(value: torch.Tensor) -> bool:
+    # meta tensors carry no values: a dry run takes every step as finite
+    return value.device.type == "meta" or bool(torch.isfinite(value))
+
+
+def _value(loss: torch.Tensor) -> float:
+    return 0.0 if loss.device.type == "meta" else float(loss.detach())
+
+
+@contextmanager
+def _no_sync(pipe: Pipeline, last: bool) -> Iterator[None]:
+    """Skip DDP's gradient exchange on all but the last micro-batch of a step."""
+    denoise = pipe.denoise
+    if denoise is None or last or not hasattr(denoise, "no_sync"):
+        yield
+    else:
+        with denoise.no_sync():
+            yield
+
+
+def train_step(pipe: Pipeline, stream: IndexStream | BucketStream,
+               generator: torch.Generator, scaler: torch.amp.GradScaler | None = None,
+               probe: StepProbe | None = None) -> dict[str, float]:
+    """One optimizer step over ``grad_accumulation_steps`` micro-batches drawn from
+    ``stream``. Returns its ``loss`` (the mean over micro-batches), ``lr`` and
+    ``skipped`` (1.0 when the step was not applied for a non-finite loss or gradient)."""
+    tcfg = pipe.config.training
+    accum = tcfg.grad_accumulation_steps
+    optimizer = pipe.optimizer
+    to_train = getattr(optimizer, "train", None)
+    if callable(to_train):
+        to_train()  # schedule-free optimizers take gradients at y
+    optimizer.zero_grad(set_to_none=True)
+    total = 0.0
+    finite = True
+    dist = pipe.dist
+    part = dist.slice_of(tcfg.batch_size) if dist.enabled else None
+    for i in range(accum):
+        with _no_sync(pipe, last=i == accum - 1):
+            with probe.forward() if probe is not None else nullcontext():
+                loss = micro_step(pipe, stream.take(tcfg.batch_size), generator, part=part)
+            value = _value(loss)
+            if not math.isfinite(value):
+                finite = False
+            total += value / accum
+            scaled = loss / accum
+            if scaler is not None:
+                scaled = scaler.scale(scaled)
+            with probe.backward() if probe is not None else nullcontext():
+                if dist.enabled:
+                    guarded(scaled.backward, "averaging gradients")
+                else:
+                    scaled.backward()
+    params = pipe.trainable_parameters()
+    if dist.enabled:
+        if pipe.sharded:
+            average_gradients(params, dist.world_size)
+        total = dist.mean(total)  # nan on any rank makes the mean nan
+        finite = math.isfinite(total)
+    if scaler is not None:
+        scaler.unscale_(optimizer)
+    # one fused norm over every gradient: non-finite anywhere makes it non-finite,
+    # and clipping reuses it (one device sync per step instead of one per tensor)
+    grads = [p.grad for p in params if p.grad is not None]
+    total_norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
+    grads_ok = _is_finite(total_norm)
+    lr = float(optimizer.param_groups[0]["lr"])
+    # A non-finite loss, or non-finite gradients without a scaler, is a bad step. With
+    # fp16's scaler, overflowing gradients are its normal way of finding the scale:
+    # the step is not applied, but it is not counted against the watchdog.
+    skipped = not finite or (scaler is None and not grads_ok)
+    overflow = scaler is not None and not grads_ok
+    applied = not skipped and not overflow
+    if tcfg.max_grad_norm is not None and applied:
+        torch.nn.utils.clip_grads_with_norm_(params, tcfg.max_grad_norm, total_norm)
+    if scaler is not None:
+        if finite:
+            scaler.step(optimizer)  # skips overflowing steps itself
+        scaler.update()
+    elif applied:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    pipe.lr_scheduler.step()
+    if applied:
+        for recipe in pipe.recipes:
+            recipe.after_optimizer_step()  # e.g. the EMA of the adapter weights
+    return {"loss": total, "lr": lr, "skipped": float(skipped)}
