@@ -21,6 +21,7 @@ from loraengine.core.adapter import (
     select_layers,
 )
 from loraengine.core.data import Dataset, make_bucketed_dataset, make_dataset, read_safetensors
+from loraengine.core.devices import DTYPES, resolve_device
 from loraengine.core.distributed import DistContext, shard_base, wrap_ddp
 from loraengine.core.errors import ConfigError, DataError, LoraEngineError
 from loraengine.core.files import read_adapter_file
@@ -30,8 +31,6 @@ from loraengine.core.plugins.host import PluginHost
 from loraengine.core.plugins.specs import LossFn
 from loraengine.core.recipe import Recipe, build_recipes
 from loraengine.core.seeding import make_generator
-
-DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
 
 
 @dataclass(frozen=True)
@@ -103,25 +102,6 @@ def _undo_all(undo: list[Callable[[], None]], network: AdapterNetwork) -> None:
     while undo:
         undo.pop()()
     network.detach()
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(name)
-    except RuntimeError:
-        raise ConfigError(f"training.device: unknown device {name!r}") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"training.device: {name!r} requested but CUDA is not available")
-    if dev.type != "meta":
-        try:
-            torch.empty(0, device=dev)
-        except (RuntimeError, AssertionError) as exc:
-            raise ConfigError(f"training.device: {name!r} is not usable here: "
-                              f"{str(exc).splitlines()[0] if str(exc) else 'unavailable'}"
-                              ) from None
-    return dev
 
 
 def load_model(config: Any, host: PluginHost, module: nn.Module | None = None,

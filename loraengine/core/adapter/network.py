@@ -4,7 +4,6 @@ patching each layer's forward (rebuild), as forward hooks (bypass), or merged.""
 from __future__ import annotations
 
 import fnmatch
-import types
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, cast
 
@@ -13,22 +12,21 @@ from torch import nn
 
 from loraengine.core.adapter.layer import ADAPTABLE, AdapterLayer, AttachMode, ChannelDelta
 from loraengine.core.errors import ConfigError
+from loraengine.core.patching import ForwardMaker, patch_forward
 
 
-def _patched_forward(adapter: AdapterLayer) -> Callable[..., torch.Tensor]:
-    def forward(self: nn.Module, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        out: torch.Tensor = adapter(x)  # Module.__call__ is typed Any
-        return out
+def _through(adapter: AdapterLayer) -> ForwardMaker:
+    """A forward maker that routes the base layer's calls through ``adapter`` (which
+    calls the base itself, so the layer's current forward is not needed)."""
+    def make(_current: Callable[..., Any]) -> Callable[..., torch.Tensor]:
+        def forward(self: nn.Module, x: torch.Tensor, *args: Any, **kwargs: Any
+                    ) -> torch.Tensor:
+            out: torch.Tensor = adapter(x)  # Module.__call__ is typed Any
+            return out
 
-    return forward
+        return forward
 
-
-def _unpatch(base: nn.Module) -> Callable[[], None]:
-    """Undo of ``attach("weight")`` on ``base``: drop the instance's own forward."""
-    def undo() -> None:
-        base.__dict__.pop("forward", None)
-
-    return undo
+    return make
 
 
 class AdapterNetwork(nn.Module):
@@ -65,8 +63,7 @@ class AdapterNetwork(nn.Module):
         for _, layer in self.items():
             base = layer.base
             if mode == "weight":
-                base.forward = types.MethodType(_patched_forward(layer), base)
-                self._undo.append(_unpatch(base))
+                self._undo.append(patch_forward(base, _through(layer)))
             else:
                 handle = base.register_forward_hook(
                     lambda mod, args, out, a=layer: a.bypass(args[0], out))

@@ -17,9 +17,9 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from loraengine.core.model import top_level_blocks
+from loraengine.core.patching import patch_forward
 from loraengine.core.plugins.assembly import BuildContext, StrategyResult
 from loraengine.core.plugins.specs import MemoryStrategySpec, PluginOptions
-from loraengine.plugins.memory.patching import patch_forward
 
 
 class CheckpointOptions(PluginOptions):

@@ -33,9 +33,9 @@ from pydantic import BaseModel, Field
 from torch import nn
 
 from loraengine.core.model import top_level_blocks
+from loraengine.core.patching import patch_forward
 from loraengine.core.plugins.assembly import BuildContext, StrategyResult
 from loraengine.core.plugins.specs import MemoryStrategySpec, PluginOptions
-from loraengine.plugins.memory.patching import patch_forward
 
 
 class OffloadOptions(PluginOptions):

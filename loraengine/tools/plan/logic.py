@@ -254,7 +254,8 @@ def estimate(config: Any, host: PluginHost, *, model: torch.nn.Module | None = N
              latents: Any = None, conditioning: Any = None,
              base_dir: Path | None = None) -> MemoryPlan:
     """Plan one training step of ``config`` by a dry run on the meta device."""
-    from loraengine.core.build import build_pipeline, resolve_device
+    from loraengine.core.build import build_pipeline
+    from loraengine.core.devices import resolve_device
     from loraengine.core.train.loop import Trainer
 
     try:
