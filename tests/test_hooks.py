@@ -24,11 +24,13 @@ from loraengine import (
     LRSchedulerSpec,
     MemoryStrategySpec,
     ModelFamilySpec,
+    NoOptions,
     PluginOptions,
     RecipeSpec,
     TimestepSamplerSpec,
 )
-from loraengine.core.errors import ConfigError
+from loraengine.core.config.root import parse_config
+from loraengine.core.errors import ConfigError, PluginError
 from loraengine.testing.harness import make_plugin, tiny_data, tiny_train_config, train_tiny
 
 # -- registration hooks ------------------------------------------------------------------
@@ -70,6 +72,44 @@ def test_loraengine_memory_strategies_record_joins_memory_and_is_undone(builtin_
     assert not model._forward_pre_hooks  # the undo ran when the pipeline closed
     with pytest.raises(ConfigError, match="memory.count_forwardz: unknown key"):
         train_tiny(builtin_host, {"memory": {"count_forwardz": True}})
+
+
+class TraceOptions(PluginOptions):
+    trace_model: bool = Field(False, description="Record which model was traced.")
+
+
+def test_a_memory_strategy_adds_keys_to_another_section_with_one_owner(builtin_host):
+    """``MemoryStrategySpec.extends``: the strategy's key sits in the ``model`` section
+    of every family (as the built-in quantized base's ``model.quantize`` does), and a
+    key another strategy already added is refused naming both."""
+    seen: list[bool] = []
+
+    def apply(ctx, memory):
+        seen.append(ctx.config.model.trace_model)
+
+    spec = MemoryStrategySpec("model_tracer", NoOptions, enabled=lambda c: True,
+                              apply=apply, extends={"model": TraceOptions})
+    builtin_host.register(make_plugin(name="hooks_extends",
+                                      loraengine_memory_strategies=lambda: [spec]))
+    train_tiny(builtin_host, {"model": {"trace_model": True}})
+    assert seen == [True]
+    with pytest.raises(ConfigError, match="model.trace_modell: unknown key"):
+        train_tiny(builtin_host, {"model": {"trace_modell": True}})
+
+
+def test_a_section_key_added_twice_names_both_owners():
+    from loraengine.plugins import build_plugin_manager
+    from loraengine.plugins.memory.quantize import QuantizeOptions
+
+    again = MemoryStrategySpec("second_quantizer", NoOptions, enabled=lambda c: False,
+                               apply=lambda ctx, memory: None,
+                               extends={"model": QuantizeOptions})
+    host = build_plugin_manager(entry_points=False, extra=[make_plugin(
+        name="hooks_clash", loraengine_memory_strategies=lambda: [again])])
+    with pytest.raises(PluginError, match="model option 'quantize' is defined by both "
+                       "memory strategy 'quantized_base' and memory strategy "
+                       "'second_quantizer'"):
+        parse_config({"model": {"family": "module"}}, host.registry)
 
 
 class SizeOptions(PluginOptions):

@@ -177,9 +177,6 @@ class ModelOptions(SectionOptions):
     """Keys every model family takes."""
 
     family: str
-    quantize: Literal["none", "fp8", "int8"] = Field(
-        default="none", description="Store the frozen base's Linear weights quantized "
-        "(per-output-channel scales).")
 
 
 class OptimizerOptions(SectionOptions):

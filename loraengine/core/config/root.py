@@ -16,7 +16,7 @@ live in ``loraengine.core.options`` and are re-exported here.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal, Protocol, Union, cast
 from weakref import WeakKeyDictionary
@@ -111,19 +111,42 @@ class _Ordered(_Named, Protocol):
     def order(self) -> int: ...
 
 
-def _member(section: str, key: str, spec: _Named) -> type[SectionOptions]:
-    """One choice of a plugin section: the section base and the plugin's options, with
-    the discriminator fixed to the plugin's name."""
+def _extensions(section: str, registry: Registry) -> list[type[BaseModel]]:
+    """Option models that memory strategies add to every member of ``section``, checked
+    against each other (a key may have one owner only)."""
+    models: list[type[BaseModel]] = []
+    owners: dict[str, str] = {}
+    for strategy in sorted(registry.specs("memory"), key=lambda s: s.order):
+        extra = strategy.extends.get(section)
+        if extra is None:
+            continue
+        for name in extra.model_fields:
+            if name in owners or name in SECTION_BASES[section].model_fields:
+                raise PluginError(f"{section} option {name!r} is defined by both "
+                                  f"{owners.get(name, 'the engine')} and memory "
+                                  f"strategy {strategy.name!r}")
+            owners[name] = f"memory strategy {strategy.name!r}"
+        models.append(extra)
+    return models
+
+
+def _member(section: str, key: str, spec: _Named,
+            extensions: Sequence[type[BaseModel]] = ()) -> type[SectionOptions]:
+    """One choice of a plugin section: the section base, the keys memory strategies add
+    to the section, and the plugin's options, with the discriminator fixed to the
+    plugin's name."""
     section_base, own = SECTION_BASES[section], spec.config_model
-    clash = set(section_base.model_fields) & set(own.model_fields)
+    reserved = set(section_base.model_fields).union(*(m.model_fields for m in extensions))
+    clash = reserved & set(own.model_fields)
     if clash:
         raise PluginError(f"{section} plugin {spec.name!r} defines reserved option(s) "
                           f"{sorted(clash)}")
-    # The plugin's fields come first, then the discriminator and the shared keys (the
-    # base's order): pydantic orders inherited fields from the last base to the first.
+    # The plugin's fields come first, then the added keys, the discriminator and the
+    # shared keys: pydantic orders inherited fields from the last base to the first.
     # (create_model's stubs take one base class; a tuple of bases is valid at run time)
     made = create_model(  # type: ignore[call-overload]
-        f"{section.title().replace('_', '')}_{spec.name}", __base__=(section_base, own),
+        f"{section.title().replace('_', '')}_{spec.name}",
+        __base__=(section_base, *extensions, own),
         **{key: (Literal[spec.name], spec.name)})
     member = cast("type[SectionOptions]", made)
     # A plugin's model may relax its own config; a member never takes unknown keys.
@@ -135,7 +158,8 @@ def _member(section: str, key: str, spec: _Named) -> type[SectionOptions]:
 def _union(section: str, registry: Registry) -> Any:  # a type form, as pydantic takes it
     """The type of a plugin section: its one member, or a union tagged by the key."""
     category, key = PLUGIN_SECTIONS[section]
-    members = [_member(section, key, s) for s in registry.specs(category)]
+    extensions = _extensions(section, registry)
+    members = [_member(section, key, s, extensions) for s in registry.specs(category)]
     if not members:
         raise PluginError(f"no {category} plugin is installed")
     if len(members) == 1:

@@ -14,7 +14,7 @@ keys); ``OptionsT`` is covariant so that a record of any options model fits ther
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Generic, Protocol, TypeAlias, TypeVar
 
@@ -137,6 +137,11 @@ class MemoryStrategySpec:
     #: ``describe(config) -> label``: how plans and reports name the strategy with its
     #: settings (e.g. ``gradient_checkpointing(depth 2)``); the name when unset.
     describe: Callable[[RunConfig], str] | None = None
+    #: Keys the strategy adds to another plugin section, by section name: each options
+    #: model's fields join every member of that section (``{"model": QuantizeOptions}``
+    #: gives ``model.quantize``), so an option sits where users look for it while its
+    #: declaration stays with the one plugin that reads it.
+    extends: Mapping[str, type[BaseModel]] = field(default_factory=dict)
 
     def label(self, config: RunConfig) -> str:
         """The strategy's name as plans and reports show it for ``config``."""

@@ -20,7 +20,7 @@ which run on the CPU as well as on CUDA. As in the node it applies only with
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, cast
+from typing import Any, Literal, cast
 
 import torch
 import torch.nn.functional as F
@@ -223,9 +223,23 @@ def quantize_model(model: nn.Module, fmt: str, quantized_backward: bool = False
 
 # -- the strategy -----------------------------------------------------------------------
 
+class QuantizeOptions(PluginOptions):
+    """``model.quantize``: a key of the model section that this strategy adds to every
+    model family (it is the only reader)."""
+
+    quantize: Literal["none", "fp8", "int8"] = Field(
+        default="none", description="Store the frozen base's Linear weights quantized "
+        "(per-output-channel scales).")
+
+
+def _format(config: Any) -> str:
+    """The configured storage format of the base (``none`` when off)."""
+    return str(getattr(config.model, "quantize", "none"))
+
+
 def validate(config: Any) -> list[str]:
     problems = []
-    fmt = config.model.quantize
+    fmt = _format(config)
     if fmt != "none" and not config.memory.bypass_mode:
         problems.append(f"model.quantize: {fmt} needs memory.bypass_mode: true (in weight "
                         f"mode adapters rebuild W+ΔW from the base weight, which a "
@@ -241,18 +255,18 @@ def validate(config: Any) -> list[str]:
 
 
 def apply(ctx: BuildContext, memory: Any) -> StrategyResult:
-    fmt = ctx.config.model.quantize
+    fmt = _format(ctx.config)
     return StrategyResult(undo=quantize_model(ctx.model, fmt, bool(memory.quantized_backward)))
 
 
 def describe(config: Any) -> str:
     backward = ", quantized backward" if config.memory.quantized_backward else ""
-    return f"quantized_base({config.model.quantize}{backward})"
+    return f"quantized_base({_format(config)}{backward})"
 
 
 SPEC = MemoryStrategySpec(
     "quantized_base", QuantizedBackwardOptions,
-    enabled=lambda c: c.model.quantize != "none", apply=apply, order=5, validate=validate,
-    describe=describe,
+    enabled=lambda c: _format(c) != "none", apply=apply, order=5, validate=validate,
+    describe=describe, extends={"model": QuantizeOptions},
     description="Linear weights of the frozen base stored fp8/int8 (model.quantize); "
                 "optional quantized input-gradient matmul.")
