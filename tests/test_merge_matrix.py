@@ -204,3 +204,17 @@ def test_merge_command_in_every_key_format(case, exporter, unet_dir, tmp_path):
     layout = "diffusers" if exporter == "peft" else exporter
     assert case[0] in res.output and f"{layout} keys" in res.output
     check_merged(_fresh_unet(out / "unet"), unet, network, bypass_out)
+
+
+def test_apply_merge_mode_of_lokr_tucker(unet_dir, tmp_path):
+    """``loraengine.apply(mode="merge")`` on the LoKr-Tucker file (it used to crash in
+    ``torch.kron``) merges the same weights as the merge tool's check."""
+    import loraengine
+
+    case = ("lokr", {"factor": -1, "use_tucker": True}, 2)
+    unet, network, bypass_out, lora = _build_and_write(unet_dir, tmp_path, case)
+    assert any(layer.lokr_t2 is not None for _, layer in network.items())
+    applied = _fresh_unet(unet_dir / "unet")
+    handle = loraengine.apply(applied, lora, mode="merge")
+    assert set(handle.algorithms.values()) == {"lokr"}
+    check_merged(applied, unet, network, bypass_out)
