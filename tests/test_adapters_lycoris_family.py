@@ -180,6 +180,27 @@ def test_lokr_file_with_the_kernel_in_its_split_loads_and_applies(factor, by_cha
         assert relative_error(layer.bypass(x, base(x)), rebuilt) < 1e-5
 
 
+def test_lokr_tucker_on_wide_convs_conforms_at_rank_above_one():
+    """With a Tucker core of rank > 1 the w2 factor comes out of the Tucker product
+    with permuted strides, which ``torch.kron`` cannot take: ΔW (merge, rebuild) must
+    still build and agree with the factored bypass. The suite's own layers are too
+    narrow for a rank-2 Tucker split, so these are wider."""
+    from loraengine.testing.conformance import LayerCase, run_adapter_conformance
+
+    def wide(cls):
+        return lambda: nn.utils.skip_init(cls, 32, 64, 3, padding=1)
+
+    cases = [LayerCase("conv2d_3x3_wide", wide(nn.Conv2d), (2, 32, 5, 5)),
+             LayerCase("conv3d_wide", wide(nn.Conv3d), (1, 32, 3, 4, 4))]
+    for case in cases:
+        layer = build_adapter(spec("lokr"), case.layer(), {"factor": -1, "use_tucker": True},
+                              rank=2)
+        assert layer.lokr_t2 is not None and layer.lokr_t2.shape[0] == 2
+    report = run_adapter_conformance(spec("lokr"), {"factor": -1, "use_tucker": True},
+                                     rank=2, cases=cases)
+    assert len(report.passed) == len(cases) * 5
+
+
 def test_lokr_default_factor_is_the_rank_and_whole_factors_scale_one():
     """With no factor given the rank splits the dimensions (ComfyUI's trainer); when
     neither factor is low rank alpha does not scale ΔW."""

@@ -291,10 +291,25 @@ def read_adapter_file(source: Path | str | Mapping[str, torch.Tensor], registry:
     builtin = engine_algorithms(registry)
     modules: dict[str, AdapterModule] = {}
     for path_, found in grouped.items():
-        params, deltas = split_deltas(dict(found))
+        params, deltas = split_deltas(standard_names(found))
         owners = tuple(owners_of(specs, params, hint, builtin)) if params else ()
         modules[path_] = AdapterModule(path_, params, deltas, owners)
     return AdapterFile(label, key_format, modules, meta, steps, tensors)
+
+
+#: PEFT's name of a DoRA magnitude; the engine's (and LyCORIS's) is ``dora_scale``.
+PEFT_MAGNITUDE = "lora_magnitude_vector"
+
+
+def standard_names(params: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A saved module's tensors under the engine's names: PEFT's
+    ``lora_magnitude_vector`` (one magnitude per output channel, ``[out]`` or
+    ``[1, out, 1, ...]``) becomes ``dora_scale`` as a 1-D tensor, which the DoRA
+    loader reads as per output channel whatever the layer's shape."""
+    out = dict(params)
+    if PEFT_MAGNITUDE in out and "dora_scale" not in out:
+        out["dora_scale"] = out.pop(PEFT_MAGNITUDE).reshape(-1)
+    return out
 
 
 def _group_without_model(tensors: Mapping[str, torch.Tensor],

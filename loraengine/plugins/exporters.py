@@ -13,6 +13,7 @@ from collections.abc import Iterable, Mapping
 
 import torch
 
+from loraengine.core.files import PEFT_MAGNITUDE
 from loraengine.core.plugins.hookspecs import hookimpl
 from loraengine.core.plugins.specs import ExporterSpec
 
@@ -82,12 +83,29 @@ PEFT_NAMES = {"lora_down.weight": "lora_A.weight", "lora_up.weight": "lora_B.wei
 OURS = {v: k for k, v in PEFT_NAMES.items()}
 
 
+def peft_magnitude(dora_scale: torch.Tensor, up: torch.Tensor) -> torch.Tensor | None:
+    """A LoRA module's ``dora_scale`` in PEFT's layout, or None when PEFT cannot hold it.
+
+    PEFT keeps one magnitude per output channel, ``[out]`` for a Linear and
+    ``[1, out, 1, ...]`` for a convolution (``up`` is ``lora_up``, ``[out, r(, 1…)]``).
+    A ``dora_scale`` per input column (older LyCORIS files, ``[1, in, ...]``) has no
+    PEFT form."""
+    out = int(up.shape[0])
+    # the rule the DoRA loader reads a dora_scale's axis by
+    if dora_scale.numel() != out or (dora_scale.ndim > 1 and dora_scale.shape[0] != out):
+        return None
+    flat = dora_scale.reshape(-1)
+    return flat if up.ndim == 2 else flat.reshape(1, out, *([1] * (up.ndim - 2)))
+
+
 class PeftFormat:
     """diffusers/PEFT keys: ``<unet|transformer>.<path>.lora_A.weight`` / ``lora_B``.
 
     PEFT keeps no per-module alpha in the weights (a loader assumes α = r unless told
     otherwise), so a LoRA's scale α/r is folded into ``lora_B`` on writing: every PEFT
-    reader then builds the same ΔW. Other algorithms keep their own parameter names.
+    reader then builds the same ΔW. A LoRA's DoRA magnitude is written as PEFT's
+    ``lora_magnitude_vector`` (see ``peft_magnitude``); other algorithms keep their own
+    parameter names. The reader (``core.files``) takes either magnitude name back.
     """
 
     prefixes = ("unet.", "transformer.")
@@ -113,6 +131,11 @@ class PeftFormat:
                 out[f"{stem}.lora_B.weight"] = (up.float() * (alpha / rank)).to(up.dtype)
                 rest = {k: v for k, v in params.items() if k not in PEFT_NAMES and
                         k != "alpha"}
+                magnitude = peft_magnitude(rest["dora_scale"], up) if "dora_scale" in rest \
+                    else None
+                if magnitude is not None:
+                    out[f"{stem}.{PEFT_MAGNITUDE}"] = magnitude
+                    del rest["dora_scale"]
             else:
                 rest = dict(params)
             for param, tensor in rest.items():

@@ -190,7 +190,9 @@ class LoKrLayer(AdditiveAdapter):
 
     # -- the contract -----------------------------------------------------------------
     def raw_delta(self) -> torch.Tensor:
-        w1, w2 = self.w1(), self.w2()
+        # torch.kron views its inputs, which a Tucker product (einsum output with
+        # permuted strides) does not allow: hand it contiguous copies.
+        w1, w2 = self.w1().contiguous(), self.w2().contiguous()
         w1 = w1.reshape(*w1.shape, *([1] * (w2.ndim - 2)))
         return torch.kron(w1, w2).reshape(weight_of(self.base).shape) * self.scale
 
