@@ -224,6 +224,21 @@ def test_conv_weights_are_saved_4d_with_alpha(tmp_path, unet_config):
     assert json.loads(meta["loraengine.config"])["adapter"]["rank"] == 4
 
 
+def test_a_full_adapter_with_bias_deltas_trains_each_bias_once(host, unet_config):
+    """``full`` trains a layer's Δb itself; ``norm_and_bias_deltas`` must not add a
+    second bias delta to that layer (the file holds one ``diff_b`` per module, so the
+    written file would not be the trained adapter)."""
+    cfg = copy.deepcopy(unet_config)
+    cfg["adapter"] = {**cfg["adapter"], "algorithm": "full", "norm_and_bias_deltas": True}
+    pipe = build_pipeline(parse_config(cfg, host.registry), host)
+    try:
+        own = {p for p, layer in pipe.network.items() if layer.delta_bias() is not None}
+        assert own and not own & set(pipe.network.delta_paths)
+        assert pipe.network.delta_paths  # the norms still get their deltas
+    finally:
+        pipe.close()
+
+
 def test_include_exclude_select_layers(host):
     cfg = module_config()
     cfg["adapter"]["include"] = ["blocks.*"]

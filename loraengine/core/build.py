@@ -182,7 +182,11 @@ def build_adapters(config: Any, host: PluginHost, loaded: LoadedModel, device: t
         warnings.warn(f"{acfg.existing}: {len(fresh)} layer(s) not in the file start fresh: "
                       f"{', '.join(fresh[:10])}{' ...' if len(fresh) > 10 else ''}",
                       stacklevel=2)
-    deltas = _build_deltas(acfg, {**norms, **layers}, saved_deltas)
+    # a layer whose adapter trains its own bias delta (``full``'s diff_b) gets no second
+    # one: both would be saved under the same key
+    own_bias = {p for p, layer in built.items() if layer.delta_bias() is not None}
+    deltas = _build_deltas(acfg, {**norms, **{p: m for p, m in layers.items()
+                                              if p not in own_bias}}, saved_deltas)
     for delta in deltas.values():
         delta.to(device=device, dtype=param_dtype)
     return AdapterNetwork(built, deltas), spec, previous_steps
