@@ -107,7 +107,9 @@ def _undo_all(undo: list[Callable[[], None]], network: AdapterNetwork) -> None:
 def load_model(config: Any, host: PluginHost, module: nn.Module | None = None,
                base_dir: Path | None = None) -> LoadedModel:
     spec = host.registry.get("model", config.model.family)
-    loaded: LoadedModel = spec.load(config.model, {"base_dir": base_dir, "module": module})
+    with host.registry.blame("model", spec.name, "load"):
+        loaded: LoadedModel = spec.load(config.model, {"base_dir": base_dir,
+                                                       "module": module})
     loaded.family = loaded.family or spec.name
     return loaded
 
@@ -173,7 +175,8 @@ def build_adapters(config: Any, host: PluginHost, loaded: LoadedModel, device: t
                 raise DataError(f"{acfg.existing}: module {path}: cannot restore "
                                 f"{spec.name} adapter: {exc}") from None
         else:
-            layer = spec.create(base, acfg.rank, alpha, acfg, g)
+            with host.registry.blame("adapter", spec.name, "create"):
+                layer = spec.create(base, acfg.rank, alpha, acfg, g)
             if saved:
                 fresh.append(path)
         layer.algorithm = spec.name
@@ -287,12 +290,17 @@ def _assemble(config: Any, host: PluginHost, device: torch.device, dist_ctx: Dis
             required=loaded.cond_keys, latents_name=str(val.latents),
             cond_name=str(val.conditioning))
     network, adapter_spec, previous = build_adapters(config, host, loaded, device)
-    optimizer = reg.get("optimizer", config.optimizer.name).factory(
-        list(p for p in network.parameters() if p.requires_grad), config.optimizer.lr,
-        config.optimizer)
-    lr_scheduler = reg.get("lr_scheduler", config.lr_scheduler.name).factory(
-        optimizer, config.training.steps, config.lr_scheduler)
-    loss_fn = reg.get("loss", config.loss.name).factory(config.loss)
+    opt_name, sched_name, loss_name = (config.optimizer.name, config.lr_scheduler.name,
+                                       config.loss.name)
+    with reg.blame("optimizer", opt_name, "factory"):
+        optimizer = reg.get("optimizer", opt_name).factory(
+            list(p for p in network.parameters() if p.requires_grad), config.optimizer.lr,
+            config.optimizer)
+    with reg.blame("lr_scheduler", sched_name, "factory"):
+        lr_scheduler = reg.get("lr_scheduler", sched_name).factory(
+            optimizer, config.training.steps, config.lr_scheduler)
+    with reg.blame("loss", loss_name, "factory"):
+        loss_fn = reg.get("loss", loss_name).factory(config.loss)
     ctx = BuildContext(config=config, loaded=loaded, network=network, device=device)
     undo: list[Callable[[], None]] = []
     attach_mode: AttachMode = "weight"
@@ -303,7 +311,8 @@ def _assemble(config: Any, host: PluginHost, device: torch.device, dist_ctx: Dis
     try:
         network.attach("weight")
         for spec in strategies:
-            done = _as_result(spec.apply(ctx, config.memory))
+            with reg.blame("memory", spec.name, "apply"):
+                done = _as_result(spec.apply(ctx, config.memory))
             if done.undo is not None:
                 undo.append(done.undo)
             attach_mode = done.attach_mode or attach_mode
