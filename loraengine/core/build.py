@@ -20,7 +20,13 @@ from loraengine.core.adapter import (
     ChannelDelta,
     select_layers,
 )
-from loraengine.core.data import Dataset, make_bucketed_dataset, make_dataset, read_safetensors
+from loraengine.core.data import (
+    DataExpectations,
+    Dataset,
+    make_bucketed_dataset,
+    make_dataset,
+    read_safetensors,
+)
 from loraengine.core.devices import DTYPES, resolve_device
 from loraengine.core.distributed import DistContext, shard_base, wrap_ddp
 from loraengine.core.errors import ConfigError, DataError, LoraEngineError
@@ -116,17 +122,42 @@ def load_model(config: Any, host: PluginHost, module: nn.Module | None = None,
 
 def load_data(config: Any, loaded: LoadedModel, latents: Any = None,
               conditioning: Any = None) -> Dataset:
+    """The training data (given in memory, else read from ``data.latents`` /
+    ``data.conditioning``), checked against what ``loaded`` takes."""
     latents, lat_name = _given_or_read(latents, config.data.latents, "latents", "latents")
     conditioning, cond_name = _given_or_read(conditioning, config.data.conditioning,
                                              "conditioning", "cond")
+    expect = data_expectations(config, loaded)
     if config.data.bucket_mode:
         if not isinstance(latents, Mapping) or not isinstance(conditioning, Mapping):
             raise DataError("data.bucket_mode: give latents and conditioning as mappings "
                             "with latents.<i> / cond.<i> per bucket")
         return make_bucketed_dataset(latents, conditioning, required=loaded.cond_keys,
-                                     latents_name=lat_name, cond_name=cond_name)
+                                     latents_name=lat_name, cond_name=cond_name,
+                                     expect=expect)
     return make_dataset(latents, conditioning, required=loaded.cond_keys,
-                        latents_name=lat_name, cond_name=cond_name)
+                        latents_name=lat_name, cond_name=cond_name, expect=expect)
+
+
+def load_validation(config: Any, loaded: LoadedModel) -> Dataset | None:
+    """The held-out set of ``data.validation`` (checked like the training data), or
+    ``None`` when there is none."""
+    val = config.data.validation
+    if val is None:
+        return None
+    return make_dataset(read_safetensors(val.latents, "validation latents"),
+                        read_safetensors(val.conditioning, "validation conditioning"),
+                        required=loaded.cond_keys, latents_name=str(val.latents),
+                        cond_name=str(val.conditioning),
+                        expect=data_expectations(config, loaded))
+
+
+def data_expectations(config: Any, loaded: LoadedModel) -> DataExpectations:
+    """What the data must look like for ``loaded``'s denoiser, from its family."""
+    return DataExpectations(latent_ndim=loaded.latent_ndim,
+                            latent_channels=loaded.latent_channels,
+                            cond_widths=dict(loaded.cond_widths),
+                            allow_nonfinite=bool(config.data.allow_nonfinite))
 
 
 def _given_or_read(given: Any, path: Path | None, key: str, tensor: str
@@ -281,14 +312,7 @@ def _assemble(config: Any, host: PluginHost, device: torch.device, dist_ctx: Dis
     compute_dtype = next((p.dtype for p in module.parameters() if p.is_floating_point()),
                          torch.float32)
     dataset = load_data(config, loaded, latents, conditioning)
-    validation = None
-    if config.data.validation is not None:
-        val = config.data.validation
-        validation = make_dataset(
-            read_safetensors(val.latents, "validation latents"),
-            read_safetensors(val.conditioning, "validation conditioning"),
-            required=loaded.cond_keys, latents_name=str(val.latents),
-            cond_name=str(val.conditioning))
+    validation = load_validation(config, loaded)
     network, adapter_spec, previous = build_adapters(config, host, loaded, device)
     opt_name, sched_name, loss_name = (config.optimizer.name, config.lr_scheduler.name,
                                        config.loss.name)
