@@ -168,13 +168,12 @@ def _check_latents(latents: torch.Tensor, name: str, expect: DataExpectations) -
 
 
 def _check_cond(t: torch.Tensor, key: str, name: str, expect: DataExpectations) -> None:
-    """Dtype, empty dimensions and width of one conditioning tensor. The text
-    sequence and every tensor whose width the model states are embeddings and must
-    be floating point; other extras (e.g. size ids) may be integers."""
+    """Dtype, empty dimensions and width of one conditioning tensor. A tensor whose
+    width the model states is an embedding and must be floating point; what the model
+    says nothing about (size ids, a custom module's extras) may be of any dtype."""
     shape = list(t.shape)
     width = expect.cond_widths.get(key)
-    if t.dtype == torch.bool or t.is_complex() or (
-            (key == "cond" or width is not None) and not t.is_floating_point()):
+    if width is not None and not t.is_floating_point():
         raise DataError(f"{name}: tensor {key!r} must be floating point, got {t.dtype}")
     if t.ndim == 0:
         raise DataError(f"{name}: tensor {key!r} is a scalar; it needs one entry per "
