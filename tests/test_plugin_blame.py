@@ -66,6 +66,13 @@ CASES: dict[str, tuple[Callable[[], dict[str, Any]], dict[str, Any], str]] = {
         lambda: {"specs": [RecipeSpec("boom_recipe", NoOptions, enabled=lambda c: True,
                                       build=boom)]},
         {}, "recipe 'boom_recipe' build"),
+    "memory strategy enabled": (
+        lambda: {"specs": [MemoryStrategySpec("boom_mem", NoOptions, enabled=boom,
+                                              apply=lambda ctx, memory: None)]},
+        {}, "memory 'boom_mem' enabled"),
+    "recipe enabled": (
+        lambda: {"specs": [RecipeSpec("boom_recipe", NoOptions, enabled=boom, build=boom)]},
+        {}, "recipe 'boom_recipe' enabled"),
     "adapter create": (lambda: {"specs": [_adapter_spec()]},
                        {"adapter": {"algorithm": "boom_adapter"}},
                        "adapter 'boom_adapter' create"),

@@ -305,8 +305,12 @@ def _assemble(config: Any, host: PluginHost, device: torch.device, dist_ctx: Dis
     tdtype = config.training.dtype
     if tdtype != "none":
         module.to(dtype=DTYPES[tdtype])
-    strategies = sorted((s for s in reg.specs("memory") if s.enabled(config)),
-                        key=lambda s: s.order)
+    strategies = []
+    for strategy in reg.specs("memory"):
+        with reg.blame("memory", strategy.name, "enabled"):
+            if strategy.enabled(config):
+                strategies.append(strategy)
+    strategies.sort(key=lambda s: s.order)
     if device.type == "meta" or not any(s.places_weights for s in strategies):
         module.to(device)  # else a strategy streams the base to the device itself
     compute_dtype = next((p.dtype for p in module.parameters() if p.is_floating_point()),

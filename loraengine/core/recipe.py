@@ -49,7 +49,9 @@ def build_recipes(ctx: BuildContext, registry: Registry) -> TrainingRecipes:
     recipes: list[Recipe] = []
     if getattr(config, "recipe", None) is not None:
         for spec in sorted(registry.specs("recipe"), key=lambda s: s.order):
-            if spec.enabled(config):
+            with registry.blame("recipe", spec.name, "enabled"):
+                wanted = spec.enabled(config)
+            if wanted:
                 with registry.blame("recipe", spec.name, "build"):
                     recipes.append(spec.build(config, ctx))
     return TrainingRecipes(
