@@ -30,7 +30,7 @@ from loraengine import (
     TimestepSamplerSpec,
 )
 from loraengine.core.config.root import parse_config
-from loraengine.core.errors import ConfigError, PluginError
+from loraengine.core.errors import ConfigError, PluginError, PluginFailed
 from loraengine.testing.harness import make_plugin, tiny_data, tiny_train_config, train_tiny
 
 # -- registration hooks ------------------------------------------------------------------
@@ -308,8 +308,11 @@ def test_a_failing_on_save_hook_does_not_cost_the_loss_map(builtin_host, tmp_pat
             raise RuntimeError("upload failed")
 
     builtin_host.register(make_plugin(name="hooks_failing_save", loraengine_on_save=loraengine_on_save))
-    with pytest.raises(RuntimeError, match="upload failed"):
+    # the hook's error reaches the caller as a PluginFailed naming the plugin, with the
+    # plugin's own exception chained
+    with pytest.raises(PluginFailed, match="hooks_failing_save.*upload failed") as err:
         train_tiny(builtin_host, {"output": {"dir": str(tmp_path), "name": "kept",
                                              "plot": False}}, write_files=True)
+    assert isinstance(err.value.__cause__, RuntimeError)
     assert (tmp_path / "kept.safetensors").exists()
     assert (tmp_path / "kept.loss.json").exists()

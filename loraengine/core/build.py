@@ -20,7 +20,13 @@ from loraengine.core.adapter import (
     ChannelDelta,
     select_layers,
 )
-from loraengine.core.data import Dataset, make_bucketed_dataset, make_dataset, read_safetensors
+from loraengine.core.data import (
+    DataExpectations,
+    Dataset,
+    make_bucketed_dataset,
+    make_dataset,
+    read_safetensors,
+)
 from loraengine.core.devices import DTYPES, resolve_device
 from loraengine.core.distributed import DistContext, shard_base, wrap_ddp
 from loraengine.core.errors import ConfigError, DataError, LoraEngineError
@@ -107,24 +113,51 @@ def _undo_all(undo: list[Callable[[], None]], network: AdapterNetwork) -> None:
 def load_model(config: Any, host: PluginHost, module: nn.Module | None = None,
                base_dir: Path | None = None) -> LoadedModel:
     spec = host.registry.get("model", config.model.family)
-    loaded: LoadedModel = spec.load(config.model, {"base_dir": base_dir, "module": module})
+    with host.registry.blame("model", spec.name, "load"):
+        loaded: LoadedModel = spec.load(config.model, {"base_dir": base_dir,
+                                                       "module": module})
     loaded.family = loaded.family or spec.name
     return loaded
 
 
 def load_data(config: Any, loaded: LoadedModel, latents: Any = None,
               conditioning: Any = None) -> Dataset:
+    """The training data (given in memory, else read from ``data.latents`` /
+    ``data.conditioning``), checked against what ``loaded`` takes."""
     latents, lat_name = _given_or_read(latents, config.data.latents, "latents", "latents")
     conditioning, cond_name = _given_or_read(conditioning, config.data.conditioning,
                                              "conditioning", "cond")
+    expect = data_expectations(config, loaded)
     if config.data.bucket_mode:
         if not isinstance(latents, Mapping) or not isinstance(conditioning, Mapping):
             raise DataError("data.bucket_mode: give latents and conditioning as mappings "
                             "with latents.<i> / cond.<i> per bucket")
         return make_bucketed_dataset(latents, conditioning, required=loaded.cond_keys,
-                                     latents_name=lat_name, cond_name=cond_name)
+                                     latents_name=lat_name, cond_name=cond_name,
+                                     expect=expect)
     return make_dataset(latents, conditioning, required=loaded.cond_keys,
-                        latents_name=lat_name, cond_name=cond_name)
+                        latents_name=lat_name, cond_name=cond_name, expect=expect)
+
+
+def load_validation(config: Any, loaded: LoadedModel) -> Dataset | None:
+    """The held-out set of ``data.validation`` (checked like the training data), or
+    ``None`` when there is none."""
+    val = config.data.validation
+    if val is None:
+        return None
+    return make_dataset(read_safetensors(val.latents, "validation latents"),
+                        read_safetensors(val.conditioning, "validation conditioning"),
+                        required=loaded.cond_keys, latents_name=str(val.latents),
+                        cond_name=str(val.conditioning),
+                        expect=data_expectations(config, loaded))
+
+
+def data_expectations(config: Any, loaded: LoadedModel) -> DataExpectations:
+    """What the data must look like for ``loaded``'s denoiser, from its family."""
+    return DataExpectations(latent_ndim=loaded.latent_ndim,
+                            latent_channels=loaded.latent_channels,
+                            cond_widths=dict(loaded.cond_widths),
+                            allow_nonfinite=bool(config.data.allow_nonfinite))
 
 
 def _given_or_read(given: Any, path: Path | None, key: str, tensor: str
@@ -173,7 +206,8 @@ def build_adapters(config: Any, host: PluginHost, loaded: LoadedModel, device: t
                 raise DataError(f"{acfg.existing}: module {path}: cannot restore "
                                 f"{spec.name} adapter: {exc}") from None
         else:
-            layer = spec.create(base, acfg.rank, alpha, acfg, g)
+            with host.registry.blame("adapter", spec.name, "create"):
+                layer = spec.create(base, acfg.rank, alpha, acfg, g)
             if saved:
                 fresh.append(path)
         layer.algorithm = spec.name
@@ -275,28 +309,30 @@ def _assemble(config: Any, host: PluginHost, device: torch.device, dist_ctx: Dis
     tdtype = config.training.dtype
     if tdtype != "none":
         module.to(dtype=DTYPES[tdtype])
-    strategies = sorted((s for s in reg.specs("memory") if s.enabled(config)),
-                        key=lambda s: s.order)
+    strategies = []
+    for strategy in reg.specs("memory"):
+        with reg.blame("memory", strategy.name, "enabled"):
+            if strategy.enabled(config):
+                strategies.append(strategy)
+    strategies.sort(key=lambda s: s.order)
     if device.type == "meta" or not any(s.places_weights for s in strategies):
         module.to(device)  # else a strategy streams the base to the device itself
     compute_dtype = next((p.dtype for p in module.parameters() if p.is_floating_point()),
                          torch.float32)
     dataset = load_data(config, loaded, latents, conditioning)
-    validation = None
-    if config.data.validation is not None:
-        val = config.data.validation
-        validation = make_dataset(
-            read_safetensors(val.latents, "validation latents"),
-            read_safetensors(val.conditioning, "validation conditioning"),
-            required=loaded.cond_keys, latents_name=str(val.latents),
-            cond_name=str(val.conditioning))
+    validation = load_validation(config, loaded)
     network, adapter_spec, previous = build_adapters(config, host, loaded, device)
-    optimizer = reg.get("optimizer", config.optimizer.name).factory(
-        list(p for p in network.parameters() if p.requires_grad), config.optimizer.lr,
-        config.optimizer)
-    lr_scheduler = reg.get("lr_scheduler", config.lr_scheduler.name).factory(
-        optimizer, config.training.steps, config.lr_scheduler)
-    loss_fn = reg.get("loss", config.loss.name).factory(config.loss)
+    opt_name, sched_name, loss_name = (config.optimizer.name, config.lr_scheduler.name,
+                                       config.loss.name)
+    with reg.blame("optimizer", opt_name, "factory"):
+        optimizer = reg.get("optimizer", opt_name).factory(
+            list(p for p in network.parameters() if p.requires_grad), config.optimizer.lr,
+            config.optimizer)
+    with reg.blame("lr_scheduler", sched_name, "factory"):
+        lr_scheduler = reg.get("lr_scheduler", sched_name).factory(
+            optimizer, config.training.steps, config.lr_scheduler)
+    with reg.blame("loss", loss_name, "factory"):
+        loss_fn = reg.get("loss", loss_name).factory(config.loss)
     ctx = BuildContext(config=config, loaded=loaded, network=network, device=device)
     undo: list[Callable[[], None]] = []
     attach_mode: AttachMode = "weight"
@@ -307,7 +343,8 @@ def _assemble(config: Any, host: PluginHost, device: torch.device, dist_ctx: Dis
     try:
         network.attach("weight")
         for spec in strategies:
-            done = _as_result(spec.apply(ctx, config.memory))
+            with reg.blame("memory", spec.name, "apply"):
+                done = _as_result(spec.apply(ctx, config.memory))
             if done.undo is not None:
                 undo.append(done.undo)
             attach_mode = done.attach_mode or attach_mode

@@ -3,8 +3,11 @@ seeded, resumable stream of sample indices."""
 
 from __future__ import annotations
 
+import os
+import stat
+import warnings
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -14,20 +17,51 @@ from safetensors.torch import load_file
 
 from loraengine.core.errors import DataError
 
+#: What a file that is not a regular file is, for the error that refuses it.
+_FILE_KINDS = ((stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISCHR, "a character device"),
+               (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
+
+
+class DataWarning(UserWarning):
+    """Training data was accepted with a change (e.g. samples skipped)."""
+
 
 def read_safetensors(path: Path, what: str) -> dict[str, torch.Tensor]:
-    """Load a safetensors file, naming ``what`` and the file in any error."""
+    """Load a safetensors file, naming ``what`` and the file in any error.
+
+    Only a regular file is opened: a FIFO or a device would block or stream forever,
+    so it is refused from its ``stat`` alone."""
     path = Path(path)
-    if not path.exists():
-        raise DataError(f"{what} file not found: {path}")
-    if path.is_dir():
+    try:
+        info = os.stat(path)
+    except FileNotFoundError:
+        raise DataError(f"{what} file not found: {path}") from None
+    except (OSError, ValueError) as exc:  # ValueError: a NUL byte in the name
+        reason = getattr(exc, "strerror", None) or str(exc)
+        raise DataError(f"{what} file {path!r}: cannot be read: {reason}") from None
+    if stat.S_ISDIR(info.st_mode):
         raise DataError(f"{what} path is a folder, not a safetensors file: {path}")
+    if not stat.S_ISREG(info.st_mode):
+        kind = next((k for test, k in _FILE_KINDS if test(info.st_mode)), "not a regular file")
+        raise DataError(f"{what} path {path} is {kind}, not a safetensors file")
     try:
         return load_file(str(path))
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
         raise DataError(f"{what} file {path} is not a readable safetensors file: "
                         f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
                         ) from None
+
+
+@dataclass(frozen=True)
+class DataExpectations:
+    """What the model takes, checked against the data when it is loaded; ``None`` or
+    an empty mapping leaves that property unchecked (see ``LoadedModel``)."""
+
+    latent_ndim: int | None = None
+    latent_channels: int | None = None
+    cond_widths: Mapping[str, int] = field(default_factory=dict)
+    #: Skip samples holding NaN or inf (with a warning) instead of refusing the data.
+    allow_nonfinite: bool = False
 
 
 @dataclass
@@ -44,15 +78,23 @@ class Dataset:
         return self.latents[indices], {k: v[indices] for k, v in self.cond.items()}
 
 
+class _NoSampleLeft(DataError):
+    """Every sample of a tensor pair held NaN or inf and was skipped."""
+
+
 def make_dataset(latents: torch.Tensor | Mapping[str, torch.Tensor],
                  conditioning: torch.Tensor | Mapping[str, torch.Tensor],
                  *, required: tuple[str, ...] = ("cond",), latents_name: str = "latents",
-                 cond_name: str = "conditioning") -> Dataset:
-    """Check shapes and pair each latent with its conditioning.
+                 cond_name: str = "conditioning",
+                 expect: DataExpectations | None = None) -> Dataset:
+    """Check shapes, dtypes and values and pair each latent with its conditioning.
 
     One conditioning entry is repeated for every latent; any other count mismatch is
-    an error naming the tensor.
+    an error naming the tensor. ``expect`` says what the model takes (rank, channels,
+    conditioning widths); NaN or inf in a sample is an error naming its index unless
+    ``expect.allow_nonfinite``, which skips such samples.
     """
+    expect = expect or DataExpectations()
     if isinstance(latents, Mapping):
         if "latents" not in latents:
             raise DataError(f"{latents_name}: no tensor named 'latents' (found: "
@@ -60,15 +102,8 @@ def make_dataset(latents: torch.Tensor | Mapping[str, torch.Tensor],
         latents = latents["latents"]
     if not isinstance(latents, torch.Tensor):
         raise DataError(f"{latents_name}: expected a tensor, got {type(latents).__name__}")
-    if latents.ndim not in (4, 5):
-        raise DataError(f"{latents_name}: tensor 'latents' must be [N,C,H,W] or "
-                        f"[N,C,T,H,W]; got shape {list(latents.shape)}")
-    if not latents.is_floating_point():
-        raise DataError(f"{latents_name}: tensor 'latents' must be floating point, "
-                        f"got {latents.dtype}")
+    _check_latents(latents, latents_name, expect)
     n = int(latents.shape[0])
-    if n == 0:
-        raise DataError(f"{latents_name}: tensor 'latents' holds no samples")
     cond = {"cond": conditioning} if isinstance(conditioning, torch.Tensor) else dict(
         conditioning)
     for key in required:
@@ -76,6 +111,7 @@ def make_dataset(latents: torch.Tensor | Mapping[str, torch.Tensor],
             raise DataError(f"{cond_name}: no tensor named {key!r} (found: "
                             f"{', '.join(sorted(cond)) or 'none'})")
     out: dict[str, torch.Tensor] = {}
+    bad = _nonfinite_rows(latents, latents_name, "latents", expect.allow_nonfinite)
     for key, t in cond.items():
         if not isinstance(t, torch.Tensor):
             raise DataError(f"{cond_name}: {key!r} is not a tensor")
@@ -84,14 +120,90 @@ def make_dataset(latents: torch.Tensor | Mapping[str, torch.Tensor],
         if key == "cond" and t.ndim != 3:
             raise DataError(f"{cond_name}: tensor 'cond' must be [N,L,D] or [1,L,D]; "
                             f"got shape {list(t.shape)}")
-        if t.shape[0] == 1 and n != 1:
-            t = t.expand(n, *t.shape[1:])
-        elif t.shape[0] != n:
+        _check_cond(t, key, cond_name, expect)
+        if t.shape[0] != 1 and t.shape[0] != n:
             raise DataError(f"{cond_name}: tensor {key!r} has {t.shape[0]} entries but "
                             f"there are {n} latents; give one entry (used for all) or "
                             f"one per latent")
+        if t.is_floating_point():
+            rows = _nonfinite_rows(t, cond_name, key, expect.allow_nonfinite)
+            bad = bad | (rows.expand(n) if rows.shape[0] == 1 else rows)
+        if t.shape[0] == 1 and n != 1:
+            t = t.expand(n, *t.shape[1:])
         out[key] = t
+    if bool(bad.any()):
+        keep = ~bad
+        kept = int(keep.sum())
+        if kept == 0:
+            raise _NoSampleLeft(f"{latents_name}: every one of the {n} samples holds NaN "
+                                f"or inf values in its latents or conditioning")
+        warnings.warn(f"{latents_name}: skipped {n - kept} of {n} samples holding NaN or "
+                      f"inf values (data.allow_nonfinite); the first is sample "
+                      f"{int(bad.nonzero()[0])}", DataWarning, stacklevel=2)
+        latents = latents[keep]
+        out = {k: v[keep] for k, v in out.items()}
     return Dataset(latents, out)
+
+
+def _check_latents(latents: torch.Tensor, name: str, expect: DataExpectations) -> None:
+    """Rank, dtype, sample count, empty dimensions and channels of a latents tensor."""
+    shape = list(latents.shape)
+    if latents.ndim not in (4, 5):
+        raise DataError(f"{name}: tensor 'latents' must be [N,C,H,W] or "
+                        f"[N,C,T,H,W]; got shape {shape}")
+    if expect.latent_ndim is not None and latents.ndim != expect.latent_ndim:
+        layout = "[N,C,H,W]" if expect.latent_ndim == 4 else "[N,C,T,H,W]"
+        raise DataError(f"{name}: tensor 'latents' is {latents.ndim}-D (shape {shape}), "
+                        f"but the model takes {expect.latent_ndim}-D latents {layout}")
+    if not latents.is_floating_point():
+        raise DataError(f"{name}: tensor 'latents' must be floating point, "
+                        f"got {latents.dtype}")
+    if shape[0] == 0:
+        raise DataError(f"{name}: tensor 'latents' holds no samples")
+    if 0 in shape[1:]:
+        raise DataError(f"{name}: tensor 'latents' has an empty dimension: shape {shape}")
+    if expect.latent_channels is not None and shape[1] != expect.latent_channels:
+        raise DataError(f"{name}: tensor 'latents' has {shape[1]} channels (shape {shape}), "
+                        f"but the model takes {expect.latent_channels}")
+
+
+def _check_cond(t: torch.Tensor, key: str, name: str, expect: DataExpectations) -> None:
+    """Dtype, empty dimensions and width of one conditioning tensor. A tensor whose
+    width the model states is an embedding and must be floating point; what the model
+    says nothing about (size ids, a custom module's extras) may be of any dtype."""
+    shape = list(t.shape)
+    width = expect.cond_widths.get(key)
+    if width is not None and not t.is_floating_point():
+        raise DataError(f"{name}: tensor {key!r} must be floating point, got {t.dtype}")
+    if t.ndim == 0:
+        raise DataError(f"{name}: tensor {key!r} is a scalar; it needs one entry per "
+                        f"latent (or one for all)")
+    if 0 in shape:
+        raise DataError(f"{name}: tensor {key!r} has an empty dimension: shape {shape}")
+    if width is not None and shape[-1] != width:
+        raise DataError(f"{name}: tensor {key!r} is {shape[-1]} wide (shape {shape}), "
+                        f"but the model takes {width}")
+
+
+#: Samples checked for NaN/inf at once (bounds the temporary mask's memory).
+_FINITE_CHUNK = 256
+
+
+def _nonfinite_rows(t: torch.Tensor, name: str, key: str, allow: bool) -> torch.Tensor:
+    """``[N]`` bools: which samples of ``t`` hold NaN or inf. Unless ``allow``, the
+    first such sample is a ``DataError`` naming the file, tensor and index."""
+    rows = []
+    for start in range(0, int(t.shape[0]), _FINITE_CHUNK):
+        part = t[start:start + _FINITE_CHUNK]
+        if part.element_size() < 2:
+            part = part.float()  # 8-bit floats have no isfinite kernel everywhere
+        rows.append(~torch.isfinite(part).reshape(part.shape[0], -1).all(dim=1))
+    bad = torch.cat(rows) if rows else torch.zeros(0, dtype=torch.bool)
+    if not allow and bool(bad.any()):
+        first = int(bad.nonzero()[0])
+        raise DataError(f"{name}: tensor {key!r} sample {first} holds NaN or inf values "
+                        f"(data.allow_nonfinite: true skips such samples)")
+    return bad.cpu()
 
 
 class IndexStream:
@@ -168,9 +280,11 @@ class BucketedDataset(Dataset):
 
 def make_bucketed_dataset(latents: Mapping[str, torch.Tensor], conditioning:
                           Mapping[str, torch.Tensor], *, required: tuple[str, ...] = ("cond",),
-                          latents_name: str = "latents", cond_name: str = "conditioning"
-                          ) -> BucketedDataset:
-    """Pair ``latents.<i>`` with ``cond.<i>`` (and ``<extra>.<i>``) for every bucket i."""
+                          latents_name: str = "latents", cond_name: str = "conditioning",
+                          expect: DataExpectations | None = None) -> BucketedDataset:
+    """Pair ``latents.<i>`` with ``cond.<i>`` (and ``<extra>.<i>``) for every bucket i,
+    each checked as ``make_dataset`` checks it; a bucket whose every sample was skipped
+    for NaN/inf values is left out."""
     ids = sorted(int(k.split(".", 1)[1]) for k in latents
                  if k.startswith("latents.") and k.split(".", 1)[1].isdigit())
     if not ids:
@@ -186,9 +300,15 @@ def make_bucketed_dataset(latents: Mapping[str, torch.Tensor], conditioning:
         if missing:
             raise DataError(f"{cond_name}: bucket {i} has no tensor "
                             f"{', '.join(f'{m}.{i}' for m in missing)}")
-        buckets.append(make_dataset(latents[f"latents.{i}"], cond_i, required=required,
-                                    latents_name=f"{latents_name} (latents.{i})",
-                                    cond_name=f"{cond_name} (bucket {i})"))
+        try:
+            buckets.append(make_dataset(latents[f"latents.{i}"], cond_i, required=required,
+                                        latents_name=f"{latents_name} (latents.{i})",
+                                        cond_name=f"{cond_name} (bucket {i})",
+                                        expect=expect))
+        except _NoSampleLeft as exc:
+            warnings.warn(f"{exc}; bucket {i} is skipped", DataWarning, stacklevel=2)
+    if not buckets:
+        raise DataError(f"{latents_name}: no bucket has a sample without NaN or inf values")
     return BucketedDataset(buckets)
 
 

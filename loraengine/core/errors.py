@@ -31,3 +31,20 @@ class PluginError(LoraEngineError):
 
 class NonFiniteError(LoraEngineError):
     """Training produced NaN or inf values that cannot be written."""
+
+
+class PluginFailed(PluginError):
+    """A plugin's factory or lifecycle hook raised an exception that is not one of the
+    engine's own errors. The message names the plugin, its distribution and what was
+    called; the original exception is chained for ``--debug``."""
+
+    def __init__(self, plugin: str, distribution: str | None, what: str,
+                 error: BaseException):
+        self.plugin, self.distribution, self.what = plugin, distribution, what
+        text = str(error).strip()
+        first = text.splitlines()[0] if text else ""
+        if len(first) > 300:  # one readable line, whatever the plugin put in its message
+            first = first[:300] + " ..."
+        detail = f"{type(error).__name__}: {first}" if first else type(error).__name__
+        super().__init__(f"plugin {plugin!r} (distribution "
+                         f"{distribution or 'unknown'!r}) failed in {what}: {detail}")

@@ -50,6 +50,16 @@ class LoadedModel:
     #: The VAE that decodes this model's latents: a module with ``decode``, a callable
     #: that loads one, or ``None`` (previews then look in ``pipeline_root``).
     vae: Any = None
+    # What the denoiser takes, checked against the data before training starts (a
+    # mismatch is one error naming the file and tensor instead of a failure deep in a
+    # conv or linear layer). ``None`` / empty: the family cannot tell, nothing checked.
+    #: Dimensions of the latents tensor: 4 for image models ``[N,C,H,W]``, 5 for video.
+    latent_ndim: int | None = None
+    #: Channels ``C`` of one latent.
+    latent_channels: int | None = None
+    #: Last-dimension width of conditioning tensors by name, e.g. ``{"cond": 768}`` (the
+    #: cross-attention width) or the pooled embedding's width.
+    cond_widths: dict[str, int] = field(default_factory=dict)
 
 
 def top_level_blocks(module: nn.Module) -> list[nn.Module]:

@@ -95,6 +95,9 @@ class DataConfig(Strict):
                               "`latents.<i>` with `cond.<i>`; each batch comes from one bucket.")
     validation: ValidationData | None = Field(default=None, description="Held-out data for a "
                                               "deterministic validation loss.")
+    allow_nonfinite: bool = Field(default=False, description="Skip (with a warning) samples "
+                                  "whose latents or conditioning hold NaN or inf; by default "
+                                  "such data is an error naming the file, tensor and sample.")
 
 
 class ValidationConfig(Strict):

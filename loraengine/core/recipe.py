@@ -38,17 +38,22 @@ def build_recipes(ctx: BuildContext, registry: Registry) -> TrainingRecipes:
     sampler = weighting = None
     sampler_cfg = getattr(config, "timestep_sampler", None)
     if sampler_cfg is not None:
-        sampler = registry.get("timestep_sampler", sampler_cfg.name).factory(
-            sampler_cfg, schedule)
+        with registry.blame("timestep_sampler", sampler_cfg.name, "factory"):
+            sampler = registry.get("timestep_sampler", sampler_cfg.name).factory(
+                sampler_cfg, schedule)
     weighting_cfg = getattr(config, "loss_weighting", None)
     if weighting_cfg is not None:
-        weighting = registry.get("loss_weighting", weighting_cfg.name).factory(
-            weighting_cfg, schedule, config.loss.target)
+        with registry.blame("loss_weighting", weighting_cfg.name, "factory"):
+            weighting = registry.get("loss_weighting", weighting_cfg.name).factory(
+                weighting_cfg, schedule, config.loss.target)
     recipes: list[Recipe] = []
     if getattr(config, "recipe", None) is not None:
-        recipes = [spec.build(config, ctx)
-                   for spec in sorted(registry.specs("recipe"), key=lambda s: s.order)
-                   if spec.enabled(config)]
+        for spec in sorted(registry.specs("recipe"), key=lambda s: s.order):
+            with registry.blame("recipe", spec.name, "enabled"):
+                wanted = spec.enabled(config)
+            if wanted:
+                with registry.blame("recipe", spec.name, "build"):
+                    recipes.append(spec.build(config, ctx))
     return TrainingRecipes(
         timestep_sampler=sampler, loss_weighting=weighting,
         loss_timestep_aware=bool(registry.get("loss", config.loss.name).timestep_aware),

@@ -7,11 +7,12 @@ import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from importlib import metadata
+from types import CodeType
 from typing import TYPE_CHECKING
 
 import pluggy
 
-from loraengine.core.errors import PluginError
+from loraengine.core.errors import LoraEngineError, PluginError, PluginFailed
 from loraengine.core.plugins import hookspecs
 from loraengine.core.plugins.registry import CATEGORIES, Registry
 from loraengine.core.plugins.specs import ProvidedSpec
@@ -99,9 +100,19 @@ class PluginHost:
         (unchecked: ``records`` checks each one's type)."""
         caller = getattr(self.pm.hook, hook_name)
         for impl in reversed(caller.get_hookimpls()):  # registration order
-            result = impl.function()
+            try:
+                result = impl.function()
+            except LoraEngineError:
+                raise
+            except Exception as exc:
+                raise PluginFailed(impl.plugin_name, self.distribution_of(impl.plugin_name),
+                                   hook_name, exc) from exc
             for spec in result or ():
                 yield impl.plugin_name, spec
+
+    def distribution_of(self, plugin_name: str) -> str | None:
+        """The distribution a registered plugin came from (``None`` when unknown)."""
+        return self.distributions.get(plugin_name, (None, None))[0]
 
     def failure_note(self) -> str:
         """Text to append to an unknown-name error when some plugin failed to load."""
@@ -110,17 +121,50 @@ class PluginHost:
         return " (note: " + "; ".join(f.describe() for f in self.failures) + ")"
 
     # -- lifecycle ------------------------------------------------------------------
+    # Each lifecycle call runs through ``_notify``: an exception from a hook
+    # implementation becomes one ``PluginFailed`` naming the plugin that raised it.
     def on_train_start(self, run: RunView) -> None:
-        self.pm.hook.loraengine_on_train_start(run=run)
+        self._notify("loraengine_on_train_start", run=run)
 
     def on_step_end(self, run: RunView, step: int, metrics: dict[str, float]) -> None:
-        self.pm.hook.loraengine_on_step_end(run=run, step=step, metrics=metrics)
+        self._notify("loraengine_on_step_end", run=run, step=step, metrics=metrics)
 
     def on_save(self, run: RunView, path: str, kind: str) -> None:
-        self.pm.hook.loraengine_on_save(run=run, path=path, kind=kind)
+        self._notify("loraengine_on_save", run=run, path=path, kind=kind)
 
     def on_train_end(self, run: RunView, result: RunResult | None) -> None:
-        self.pm.hook.loraengine_on_train_end(run=run, result=result)
+        self._notify("loraengine_on_train_end", run=run, result=result)
+
+    def _notify(self, hook_name: str, **kwargs: object) -> None:
+        """Call a lifecycle hook the way pluggy does (same order, the first exception
+        stops the call); an exception that is not an engine error is re-raised as a
+        ``PluginFailed`` naming the plugin whose implementation raised it."""
+        caller = getattr(self.pm.hook, hook_name)
+        try:
+            caller(**kwargs)
+        except LoraEngineError:
+            raise
+        except Exception as exc:
+            plugin = self._raiser(caller.get_hookimpls(), exc)
+            raise PluginFailed(plugin, self.distribution_of(plugin), hook_name, exc) from exc
+
+    @staticmethod
+    def _raiser(impls: Sequence[pluggy.HookImpl], exc: BaseException) -> str:
+        """The plugin whose hook implementation ``exc`` came out of: the outermost
+        frame of its traceback that runs one of ``impls``' functions."""
+        by_code: dict[CodeType, str] = {}
+        for impl in impls:
+            code = getattr(impl.function, "__code__", None)  # bound methods forward it
+            if code is not None:
+                by_code[code] = impl.plugin_name
+        tb = exc.__traceback__
+        while tb is not None:
+            found = by_code.get(tb.tb_frame.f_code)
+            if found is not None:
+                return found
+            tb = tb.tb_next
+        names = sorted({impl.plugin_name for impl in impls})
+        return names[0] if len(names) == 1 else f"one of {', '.join(names)}"
 
     def register_commands(self, cli: click.Group) -> None:
         self.pm.hook.loraengine_register_commands(cli=cli)

@@ -4,14 +4,15 @@ frozen and knows nothing of the host."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Literal, overload
 
 from pydantic import BaseModel
 
-from loraengine.core.errors import ConfigError, PluginError
+from loraengine.core.errors import ConfigError, LoraEngineError, PluginError, PluginFailed
 from loraengine.core.plugins import specs as S
 
 #: The categories of records, as ``Registry.get`` and ``names`` take them.
@@ -141,6 +142,30 @@ class Registry:
         """The message for a name no plugin of ``category`` provides."""
         return (f"unknown {category} {name!r}; installed: "
                 f"{', '.join(self.names(category))}{self.failure_note}")
+
+    @contextmanager
+    def blame(self, category: str, name: str, what: str) -> Iterator[None]:
+        """Run the block as a call into the plugin behind record ``name`` of
+        ``category``: an exception that is not an engine error becomes a
+        ``PluginFailed`` naming that plugin, its distribution and ``what`` was called
+        (e.g. ``factory``); the original stays chained for ``--debug``. Engine errors a
+        plugin raises on purpose pass through unchanged.
+
+        Example::
+
+            spec = registry.get("optimizer", name)
+            with registry.blame("optimizer", name, "factory"):
+                optimizer = spec.factory(params, lr, options)
+        """
+        try:
+            yield
+        except LoraEngineError:
+            raise
+        except Exception as exc:
+            provided = self.entries.get(category, {}).get(name)
+            plugin = provided.plugin if provided is not None else "unknown"
+            dist = provided.distribution if provided is not None else None
+            raise PluginFailed(plugin, dist, f"{category} {name!r} {what}", exc) from exc
 
     def all(self) -> list[S.ProvidedSpec]:
         return [p for cat in CATEGORIES for p in self.entries[cat].values()]

@@ -61,6 +61,47 @@ class FlowOptions(FamilyOptions):
     logit_std: float = Field(1.0, gt=0, description="Std of the logit-normal distribution.")
 
 
+#: (latent channels, conditioning widths by tensor name) a denoiser takes; ``None`` /
+#: absent where its config does not say.
+ModelInputs = tuple[int | None, dict[str, int]]
+
+
+def config_int(module: nn.Module, key: str) -> int | None:
+    """An integer setting of a diffusers model's config (one shared by every block
+    when the config lists one per block); ``None`` when absent or not one number."""
+    value = getattr(getattr(module, "config", None), key, None)
+    if isinstance(value, (list, tuple)):
+        value = value[0] if value and len(set(value)) == 1 else None
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def unet_inputs(module: nn.Module) -> ModelInputs:
+    """A ``UNet2DConditionModel``'s latent channels and text-sequence width: the
+    projection's input width when it projects the text first, else the
+    cross-attention width. SDXL's pooled and size embeddings are only checked as a sum
+    by the model, so they are left unchecked here."""
+    cfg = getattr(module, "config", None)
+    width = config_int(module, "cross_attention_dim")
+    if getattr(cfg, "encoder_hid_dim", None) is not None:
+        kind = getattr(cfg, "encoder_hid_dim_type", None)
+        width = config_int(module, "encoder_hid_dim") if kind in (None, "text_proj") else None
+    return config_int(module, "in_channels"), {} if width is None else {"cond": width}
+
+
+def transformer_inputs(module: nn.Module, tokens_per_channel: int = 1) -> ModelInputs:
+    """A flow transformer's (SD3, Flux) latent channels (``in_channels`` counts
+    ``tokens_per_channel`` packed values per latent channel) and the widths of its text
+    sequence (``joint_attention_dim``) and pooled embedding."""
+    channels = config_int(module, "in_channels")
+    if channels is not None:
+        channels = channels // tokens_per_channel if channels % tokens_per_channel == 0 \
+            else None
+    widths = {key: w for key, w in (("cond", config_int(module, "joint_attention_dim")),
+                                    ("pooled", config_int(module, "pooled_projection_dim")))
+              if w is not None}
+    return channels, widths
+
+
 @dataclass(frozen=True)
 class Family:
     """Everything that makes one model family what it is."""
@@ -84,6 +125,8 @@ class Family:
     blocks: Callable[[nn.Module], list[nn.Module]]
     description: str
     flow_shift: float = 1.0
+    #: What the loaded denoiser takes (checked against the data before training).
+    inputs: Callable[[nn.Module], ModelInputs] = unet_inputs
 
 
 @dataclass
@@ -271,13 +314,15 @@ def load_family(family: Family, options: FamilyOptions, context: Mapping[str, An
     else:
         schedule = ddpm_schedule(family, options, sched)  # type: ignore[arg-type]
     scale, shift, factor = vae_settings(family, where.root)
+    channels, widths = family.inputs(module)
     return LoadedModel(
         module=module, predict=family.predictor(options, module, schedule, factor),
         schedule=schedule, blocks=family.blocks(module), family=family.name,
         default_exporter=family.default_exporter,
         base_model_version=family.base_model_version, cond_keys=family.cond_keys,
         source=str(where.model), pipeline_root=where.root, single_file=where.single_file,
-        vae_scale=scale, vae_shift=shift, default_include=family.default_include)
+        vae_scale=scale, vae_shift=shift, default_include=family.default_include,
+        latent_ndim=4, latent_channels=channels, cond_widths=widths)
 
 
 def unet_blocks(unet: nn.Module) -> list[nn.Module]:
@@ -300,7 +345,7 @@ def unet_family(**fields: Any) -> Family:
     they share, then ``fields``."""
     shared: dict[str, Any] = dict(
         model_class="UNet2DConditionModel", subfolder="unet", vae_shift=0.0, vae_factor=8,
-        default_exporter="kohya", options=DDPMOptions, blocks=unet_blocks)
+        default_exporter="kohya", options=DDPMOptions, blocks=unet_blocks, inputs=unet_inputs)
     return Family(**{**shared, **fields})
 
 
@@ -310,7 +355,7 @@ def flow_transformer_family(**fields: Any) -> Family:
     shared: dict[str, Any] = dict(
         subfolder="transformer", prediction_type="flow", vae_factor=8,
         default_exporter="diffusers", cond_keys=("cond", "pooled"), default_resolution=1024,
-        options=FlowOptions)
+        options=FlowOptions, inputs=transformer_inputs)
     return Family(**{**shared, **fields})
 
 

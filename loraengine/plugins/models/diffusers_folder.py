@@ -23,6 +23,7 @@ from loraengine.plugins.models.common import (
     locate_folder,
     read_json,
     unet_blocks,
+    unet_inputs,
 )
 from loraengine.plugins.models.module import ScheduleOptions
 
@@ -100,10 +101,12 @@ def load(options: DiffusersOptions, context: Mapping[str, Any]) -> LoadedModel:
     cond_keys: tuple[str, ...] = ("cond",)
     if getattr(module.config, "addition_embed_type", None) == "text_time":
         cond_keys = ("cond", "text_embeds", "time_ids")
+    channels, widths = unet_inputs(module)
     return LoadedModel(module=module, predict=_predict_unet,
                        schedule=schedule_from(options, sched_path), blocks=unet_blocks(module),
                        family="diffusers", default_exporter="kohya", cond_keys=cond_keys,
-                       base_model_version=f"diffusers:{cls_name}")
+                       base_model_version=f"diffusers:{cls_name}", latent_ndim=4,
+                       latent_channels=channels, cond_widths=widths)
 
 
 __all__ = ["SPEC", "DiffusersOptions", "load", "locate", "schedule_from", "unet_blocks"]

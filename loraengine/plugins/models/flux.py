@@ -19,9 +19,11 @@ from torch import nn
 from loraengine.core.model import PredictFn
 from loraengine.plugins.models.common import (
     FlowOptions,
+    ModelInputs,
     family_spec,
     flow_transformer_family,
     submodules,
+    transformer_inputs,
 )
 
 #: Every Linear of the double- and single-stream blocks.
@@ -57,6 +59,11 @@ def image_ids(height: int, width: int, device: torch.device, dtype: torch.dtype
     ids[..., 1] = rows[:, None]
     ids[..., 2] = cols[None, :]
     return ids.reshape(-1, 3)
+
+
+def flux_inputs(model: nn.Module) -> ModelInputs:
+    """Flux's ``in_channels`` counts the 2×2 packed values: four per latent channel."""
+    return transformer_inputs(model, tokens_per_channel=4)
 
 
 def flux_blocks(model: nn.Module) -> list[nn.Module]:
@@ -96,7 +103,7 @@ FLUX = flow_transformer_family(
     name="flux", model_class="FluxTransformer2DModel", pipeline_classes=("FluxPipeline",),
     vae_scale=0.3611, vae_shift=0.1159, default_include=FLUX_TARGETS,
     base_model_version="flux1", options=FluxOptions, predictor=flux_predictor,
-    blocks=flux_blocks, flow_shift=1.0,
+    blocks=flux_blocks, flow_shift=1.0, inputs=flux_inputs,
     description="FLUX.1 transformer (rectified flow, packed 2×2 latents, guidance).")
 
 SPEC = family_spec(FLUX)
