@@ -88,8 +88,10 @@ def train(state: State, config: Path, overrides: tuple[str, ...], quiet: bool,
 def validate(state: State, config: Path, overrides: tuple[str, ...]) -> None:
     """Check CONFIG without training."""
     from loraengine.api import resolve_config
+    from loraengine.core.preflight import check_outputs
 
-    resolve_config(config, state.host, overrides=list(overrides))
+    cfg, _ = resolve_config(config, state.host, overrides=list(overrides))
+    check_outputs(cfg)  # the output paths too: probed, nothing created
     click.echo(f"{config}: ok")
 
 

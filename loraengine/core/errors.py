@@ -31,3 +31,8 @@ class PluginError(LoraEngineError):
 
 class NonFiniteError(LoraEngineError):
     """Training produced NaN or inf values that cannot be written."""
+
+
+class OutputError(LoraEngineError):
+    """An output file could not be written (disk full, an I/O error); the message names
+    the file and what was kept."""
