@@ -233,3 +233,16 @@ def test_a_changed_rank_is_one_line(host, unet_config, tmp_path):
     assert "\n" not in message
     assert "step_00000004" in message and "differ in shape" in message
     assert "[4," in message or ", 4]" in message
+
+
+@pytest.mark.slow
+def test_a_run_after_a_kill_inside_a_save_leaves_no_temporary_file(tmp_path, unet_config):
+    crashy = write_cfg(tmp_path, unet_config, "crashy", save_every=1)
+    assert run_helper(crashy, "save:2") == -signal.SIGKILL  # inside step 1's save
+    folder = tmp_path / "crashy" / "run.checkpoints"
+    assert any(p.name.startswith(".step_") for p in folder.iterdir())
+    assert run_helper(crashy, "none:0") == 0
+    out = tmp_path / "crashy"
+    hidden = [p for p in [*out.iterdir(), *folder.iterdir()] if p.name.startswith(".")]
+    assert hidden == []
+    assert [s for s, _ in ckpt.list_checkpoints(folder)] == list(range(1, 7))
