@@ -59,9 +59,13 @@ def save_checkpoint(folder: Path, step: int, adapter: Mapping[str, torch.Tensor]
                     state: Mapping[str, Any], config: Mapping[str, Any]) -> Path:
     """Write ``folder/step_<step>`` atomically and return its path."""
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
     final = folder / f"step_{step:08d}"
-    tmp = Path(tempfile.mkdtemp(prefix=f".step_{step:08d}.", dir=folder))
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".step_{step:08d}.", dir=folder))
+    except OSError as exc:
+        raise OutputError(f"checkpoint {final}: cannot write ({write_failure(exc)}); "
+                          f"{_kept_checkpoints(folder)}") from None
     try:
         save_file({k: v.detach().contiguous().cpu() for k, v in adapter.items()},
                   str(tmp / "adapter.safetensors"))
@@ -89,12 +93,16 @@ def save_checkpoint(folder: Path, step: int, adapter: Mapping[str, torch.Tensor]
         reason = write_failure(exc)
         if reason is None:
             raise
-        kept = list_checkpoints(folder)
-        what = (f"the checkpoints up to {kept[-1][1].name} are kept" if kept
-                else "no checkpoint was kept")
-        raise OutputError(f"checkpoint {final}: cannot write ({reason}); {what}, nothing "
-                          f"half-written is left") from None
+        raise OutputError(f"checkpoint {final}: cannot write ({reason}); "
+                          f"{_kept_checkpoints(folder)}, nothing half-written is left"
+                          ) from None
     return final
+
+
+def _kept_checkpoints(folder: Path) -> str:
+    kept = list_checkpoints(folder)
+    return (f"the checkpoints up to {kept[-1][1].name} are kept" if kept
+            else "no checkpoint was kept")
 
 
 def clean_debris(folder: Path) -> list[Path]:

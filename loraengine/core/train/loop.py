@@ -32,7 +32,7 @@ from loraengine.core.plugins.run import RunView
 from loraengine.core.seeding import make_generator
 from loraengine.core.train import checkpoints as ckpt
 from loraengine.core.train.signals import SignalGuard, TrainingInterrupted
-from loraengine.core.train.state import STEP_KEYS, TrainState
+from loraengine.core.train.state import STEP_KEYS, TrainState, first_line
 from loraengine.core.train.step import StepProbe, draw_noise, micro_step, train_step
 from loraengine.core.train.watchdog import NonFiniteStreak, Watchdog
 from loraengine.core.version import __version__
@@ -298,8 +298,8 @@ class Trainer:
         try:
             missing, unexpected = self.pipe.network.load_state_dict(adapter, strict=False)
         except (RuntimeError, ValueError, KeyError) as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise DataError(f"{where} does not fit this config's adapter: {first}") from None
+            raise DataError(f"{where} does not fit this config's adapter: "
+                            f"{first_line(exc)}") from None
         if missing or unexpected:
             raise DataError(f"checkpoint does not fit this config's adapter: missing "
                             f"{missing[:3]}, unexpected {unexpected[:3]}")
@@ -309,7 +309,15 @@ class Trainer:
     def resume(self, where: str | Path = "latest") -> Path | None:
         """Continue from a checkpoint: ``latest`` (the newest valid one in this run's
         checkpoint folder), a checkpoints folder, or one ``step_N`` folder. A corrupt
-        checkpoint is reported and the previous one used. Returns the one used."""
+        checkpoint is reported and the previous one used. Returns the one used.
+
+        What a resume may change: ``training.steps``, the device, outputs, validation,
+        early stopping and memory strategies freely; a changed ``optimizer.lr`` takes
+        effect from the resumed step (the schedule keeps its shape, scaled to the new
+        rate) and is recorded in the loss map's ``lr`` and the file's metadata
+        (``loraengine.lr_changes``); a changed ``optimizer.name`` is refused, since an
+        optimizer's state fits only the optimizer that made it. Other changes are
+        warned about and take effect as they are."""
         found = self.checkpointer.find(where)
         if found is None:
             return None
@@ -445,8 +453,7 @@ class Trainer:
         self._files = result.files
         if not self.writes_files:
             return result
-        out, name = self.output_dir, self.config.output.name
-        out.mkdir(parents=True, exist_ok=True)
+        out, name = self.output_dir, self.config.output.name  # save_lora makes the folder
         lora_path = out / f"{name}.safetensors"
         save_lora(lora_path, tensors, self.metadata())
         result.path = lora_path

@@ -12,6 +12,13 @@ from loraengine.core.data import BucketStream, IndexStream
 from loraengine.core.errors import DataError
 from loraengine.core.recipe import Recipe
 
+
+def first_line(exc: BaseException) -> str:
+    """An exception's first line (torch's load errors list every tensor, one a line)."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 #: What every optimizer step records in the loss map.
 STEP_KEYS = ("loss", "lr", "skipped")
 
@@ -73,8 +80,8 @@ class TrainState:
         try:
             self.optimizer.load_state_dict(state["optimizer"])
         except (RuntimeError, ValueError, KeyError) as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc)
-            raise DataError(f"checkpoint does not fit this config's adapter: {first}") from None
+            raise DataError(f"checkpoint does not fit this config's adapter: "
+                            f"{first_line(exc)}") from None
         lacking = sorted(set().union(*fresh) - set().union(*(
             set(g) for g in self.optimizer.param_groups))) if fresh else []
         if lacking:
