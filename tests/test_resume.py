@@ -152,3 +152,97 @@ def test_resume_with_a_changed_config_warns_naming_the_keys(host, unet_config, t
     msgs = " ".join(str(w.message) for w in caught)
     assert "changed config" in msgs and "optimizer.lr: 0.0005 -> 0.01" in msgs
     assert "training.steps" not in msgs
+
+
+def _resume_with(host, unet_config, tmp_path, steps=6, **changes):
+    """Train 4 steps with a checkpoint every 2, then build the same run with
+    ``changes`` (section -> keys) merged in and ``steps`` in all; the trainer is not
+    resumed yet."""
+    pipe = pipeline_for(host, unet_config, tmp_path, save_every=2)
+    first = Trainer(pipe).run()
+    pipe.close()
+    changed = json.loads(json.dumps(unet_config))
+    for section, keys in changes.items():
+        changed[section] = {**changed.get(section, {}), **keys}
+    cfg = json.loads(json.dumps(changed))
+    cfg["training"]["steps"] = steps
+    cfg["output"] = {"dir": str(tmp_path / "out"), "name": "run", "plot": False,
+                     "save_every": 2}
+    return first, build_pipeline(parse_config(cfg, host.registry), host)
+
+
+def test_a_changed_lr_rules_from_the_resumed_step_and_is_recorded(host, unet_config,
+                                                                   tmp_path):
+    first, pipe = _resume_with(host, unet_config, tmp_path, optimizer={"lr": 0.001})
+    old = first.loss_map["lr"][0]
+    assert old != 0.001
+    trainer = Trainer(pipe)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.resume("latest")
+    assert trainer.start_step == 4
+    assert all(g["lr"] == pytest.approx(0.001) for g in pipe.optimizer.param_groups)
+    result = trainer.run()
+    pipe.close()
+    assert result.loss_map["lr"][:4] == first.loss_map["lr"]
+    assert result.loss_map["lr"][4:] == pytest.approx([0.001, 0.001])
+    msgs = " ".join(str(w.message) for w in caught)
+    assert f"optimizer.lr: {old!r} -> 0.001 (in effect from step 5)" in msgs
+    saved = json.loads((tmp_path / "out" / "run.loss.json").read_text())
+    assert saved["lr"][4:] == pytest.approx([0.001, 0.001])
+    from loraengine.core.files import read_metadata
+
+    meta = read_metadata(tmp_path / "out" / "run.safetensors")
+    assert json.loads(meta["loraengine.config"])["optimizer"]["lr"] == 0.001
+    assert json.loads(meta["loraengine.lr_changes"]) == [[5, old, 0.001]]
+
+
+def test_a_changed_optimizer_is_one_line_naming_both(host, unet_config, tmp_path):
+    from click.testing import CliRunner
+
+    from loraengine.cli.main import cli
+
+    _, pipe = _resume_with(host, unet_config, tmp_path, optimizer={"name": "sgd"})
+    pipe.close()
+    cfg = json.loads(json.dumps(unet_config))
+    cfg["training"]["steps"] = 6
+    cfg["output"] = {"dir": str(tmp_path / "out"), "name": "run", "plot": False,
+                     "save_every": 2}
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    result = CliRunner().invoke(cli, ["train", str(path), "-q", "--resume",
+                                      "--set", "optimizer.name=sgd"])
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output
+    lines = [x for x in result.output.splitlines() if x.startswith("error:")]
+    assert len(lines) == 1 and "optimizer.name" in lines[0] and "'adamw'" in lines[0] \
+        and "'sgd'" in lines[0], result.output
+
+
+def test_a_changed_rank_is_one_line(host, unet_config, tmp_path):
+    from loraengine.core.errors import DataError
+
+    _, pipe = _resume_with(host, unet_config, tmp_path, adapter={"rank": 8})
+    trainer = Trainer(pipe)
+    try:
+        with pytest.raises(DataError) as err:
+            trainer.resume("latest")
+    finally:
+        pipe.close()
+    message = str(err.value)
+    assert "\n" not in message
+    assert "step_00000004" in message and "differ in shape" in message
+    assert "[4," in message or ", 4]" in message
+
+
+@pytest.mark.slow
+def test_a_run_after_a_kill_inside_a_save_leaves_no_temporary_file(tmp_path, unet_config):
+    crashy = write_cfg(tmp_path, unet_config, "crashy", save_every=1)
+    assert run_helper(crashy, "save:2") == -signal.SIGKILL  # inside step 1's save
+    folder = tmp_path / "crashy" / "run.checkpoints"
+    assert any(p.name.startswith(".step_") for p in folder.iterdir())
+    assert run_helper(crashy, "none:0") == 0
+    out = tmp_path / "crashy"
+    hidden = [p for p in [*out.iterdir(), *folder.iterdir()] if p.name.startswith(".")]
+    assert hidden == []
+    assert [s for s, _ in ckpt.list_checkpoints(folder)] == list(range(1, 7))

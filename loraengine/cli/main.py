@@ -40,7 +40,8 @@ set_option = click.option("--set", "overrides", multiple=True, metavar="KEY=VALU
               help="Write one JSON line per step to this file.")
 @click.option("--resume", default=None, metavar="[DIR|latest]", is_flag=False,
               flag_value="latest", help="Continue from a checkpoint: latest (default), a "
-              "checkpoints folder or one step_N folder.")
+              "checkpoints folder or one step_N folder. A changed optimizer.lr takes effect "
+              "from the resumed step; optimizer.name cannot change.")
 @click.pass_obj
 @reports_errors
 def train(state: State, config: Path, overrides: tuple[str, ...], quiet: bool,
@@ -88,8 +89,10 @@ def train(state: State, config: Path, overrides: tuple[str, ...], quiet: bool,
 def validate(state: State, config: Path, overrides: tuple[str, ...]) -> None:
     """Check CONFIG without training."""
     from loraengine.api import resolve_config
+    from loraengine.core.preflight import check_outputs
 
-    resolve_config(config, state.host, overrides=list(overrides))
+    cfg, _ = resolve_config(config, state.host, overrides=list(overrides))
+    check_outputs(cfg)  # the output paths too: probed, nothing created
     click.echo(f"{config}: ok")
 
 

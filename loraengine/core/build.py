@@ -35,6 +35,7 @@ from loraengine.core.model import LoadedModel
 from loraengine.core.plugins.assembly import BuildContext, HostStreaming, StrategyResult
 from loraengine.core.plugins.host import PluginHost
 from loraengine.core.plugins.specs import LossFn
+from loraengine.core.preflight import preflight
 from loraengine.core.recipe import Recipe, build_recipes
 from loraengine.core.seeding import make_generator
 
@@ -285,6 +286,7 @@ def build_pipeline(config: Any, host: PluginHost, *, model: nn.Module | None = N
                    base_dir: Path | None = None) -> Pipeline:
     """Build the pipeline; on any failure the model is left unpatched and a process
     group opened here is closed."""
+    preflight(config)  # outputs first: a run that cannot write them fails before loading
     device = resolve_device(config.training.device)
     dist_ctx = DistContext.from_env(config.training.dist_timeout, device.type)
     if dist_ctx.enabled and device.type == "cuda":

@@ -48,3 +48,8 @@ class PluginFailed(PluginError):
         detail = f"{type(error).__name__}: {first}" if first else type(error).__name__
         super().__init__(f"plugin {plugin!r} (distribution "
                          f"{distribution or 'unknown'!r}) failed in {what}: {detail}")
+
+
+class OutputError(LoraEngineError):
+    """An output file could not be written (disk full, an I/O error); the message names
+    the file and what was kept."""

@@ -22,7 +22,7 @@ from safetensors.torch import save_file
 
 from loraengine.core.adapter.layer import DELTA_KEYS, split_deltas
 from loraengine.core.data import read_safetensors
-from loraengine.core.errors import DataError, NonFiniteError
+from loraengine.core.errors import DataError, NonFiniteError, OutputError
 from loraengine.core.plugins.registry import Registry
 from loraengine.core.plugins.specs import AdapterSpec, ExporterSpec
 
@@ -30,14 +30,45 @@ from loraengine.core.plugins.specs import AdapterSpec, ExporterSpec
 _STEPS_IN_NAME = (re.compile(r"_(\d+)_steps_"), re.compile(r"_steps_(\d+)_"))
 
 
+# How writers other than Python's own report a failed write: torch's zip writer and
+# safetensors raise RuntimeError-like errors whose text carries the OS error.
+_IO_FAILURE = re.compile(r"No space left|Disk quota|Input/output error|Read-only file "
+                         r"system|IoError|file write failed|PytorchStreamWriter failed")
+
+
+def write_failure(exc: BaseException) -> str | None:
+    """Why a write failed when ``exc`` is the operating system refusing it (disk full,
+    an I/O error, a read-only file system), in a few words; ``None`` for other errors."""
+    if isinstance(exc, OSError):
+        return exc.strerror or str(exc) or type(exc).__name__
+    if isinstance(exc, Exception) and _IO_FAILURE.search(str(exc)):
+        found = _IO_FAILURE.search(str(exc))
+        text = found.group() if found else str(exc)
+        return {"IoError": "I/O error", "file write failed": "write failed",
+                "PytorchStreamWriter failed": "write failed"}.get(text, text)
+    return None
+
+
+def _kept(path: Path, existed: bool) -> str:
+    return (f"the previous {path.name} is unchanged" if existed
+            else f"no {path.name} was written")
+
+
 @contextmanager
 def atomic_path(path: Path) -> Iterator[Path]:
     """Yield a temporary path in ``path``'s folder; on success fsync and rename it over
-    ``path``. On failure the temporary file is removed and ``path`` is untouched."""
+    ``path``. On failure the temporary file is removed and ``path`` is untouched; a
+    failure of the operating system (disk full, I/O error) becomes an ``OutputError``
+    naming the file and what was kept."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:
+        raise OutputError(f"{path}: cannot write ({write_failure(exc)}); "
+                          f"{_kept(path, path.exists())}") from None
     os.close(fd)
+    existed = path.exists()
     try:
         yield Path(tmp)
         with open(tmp, "rb+") as fh:
@@ -45,9 +76,13 @@ def atomic_path(path: Path) -> Iterator[Path]:
         os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
         _fsync_dir(path.parent)
-    except BaseException:
+    except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
-        raise
+        reason = write_failure(exc)
+        if reason is None or isinstance(exc, OutputError):
+            raise
+        raise OutputError(f"{path}: cannot write ({reason}); {_kept(path, existed)}, "
+                          f"nothing half-written is left") from None
 
 
 @contextmanager

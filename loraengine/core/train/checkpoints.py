@@ -24,10 +24,15 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from loraengine.core.errors import DataError
+from loraengine.core.errors import DataError, OutputError
+from loraengine.core.files import write_failure
 
 MANIFEST = "manifest.json"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
+# What ``save_checkpoint`` builds a checkpoint under (``mkdtemp``'s random suffix) and
+# where it moves the previous one of the same step while replacing it.
+_TMP_DIR = re.compile(r"^\.step_(\d+)\.[A-Za-z0-9_]+$")
+_OLD_DIR = re.compile(r"^\.(step_\d+)\.old$")
 
 
 class CheckpointWarning(UserWarning):
@@ -54,9 +59,13 @@ def save_checkpoint(folder: Path, step: int, adapter: Mapping[str, torch.Tensor]
                     state: Mapping[str, Any], config: Mapping[str, Any]) -> Path:
     """Write ``folder/step_<step>`` atomically and return its path."""
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
     final = folder / f"step_{step:08d}"
-    tmp = Path(tempfile.mkdtemp(prefix=f".step_{step:08d}.", dir=folder))
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".step_{step:08d}.", dir=folder))
+    except OSError as exc:
+        raise OutputError(f"checkpoint {final}: cannot write ({write_failure(exc)}); "
+                          f"{_kept_checkpoints(folder)}") from None
     try:
         save_file({k: v.detach().contiguous().cpu() for k, v in adapter.items()},
                   str(tmp / "adapter.safetensors"))
@@ -79,10 +88,43 @@ def save_checkpoint(folder: Path, step: int, adapter: Mapping[str, torch.Tensor]
         else:
             os.replace(tmp, final)
         _fsync(folder)
-    except BaseException:
+    except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        reason = write_failure(exc)
+        if reason is None:
+            raise
+        raise OutputError(f"checkpoint {final}: cannot write ({reason}); "
+                          f"{_kept_checkpoints(folder)}, nothing half-written is left"
+                          ) from None
     return final
+
+
+def _kept_checkpoints(folder: Path) -> str:
+    kept = list_checkpoints(folder)
+    return (f"the checkpoints up to {kept[-1][1].name} are kept" if kept
+            else "no checkpoint was kept")
+
+
+def clean_debris(folder: Path) -> list[Path]:
+    """Remove what a run killed inside ``save_checkpoint`` left in ``folder``: its
+    temporary ``.step_N.<random>`` folders, and ``.step_N.old`` (the previous copy of a
+    step being replaced), which is put back when the new one never got in place.
+    Returns what was removed; nothing else in the folder is touched."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    removed = []
+    for child in sorted(folder.iterdir()):
+        if not child.is_dir() or child.is_symlink():
+            continue
+        old = _OLD_DIR.match(child.name)
+        if old and not (folder / old.group(1)).exists():
+            os.replace(child, folder / old.group(1))  # killed between the two renames
+            continue
+        if old or _TMP_DIR.match(child.name):
+            shutil.rmtree(child, ignore_errors=True)
+            removed.append(child)
+    return removed
 
 
 def list_checkpoints(folder: Path) -> list[tuple[int, Path]]:
@@ -159,6 +201,10 @@ class Checkpointer:
         self.folder = Path(folder)
         self.keep_last = keep_last
 
+    def clean_debris(self) -> list[Path]:
+        """Remove the temporary folders a killed save left (see ``clean_debris``)."""
+        return clean_debris(self.folder)
+
     def save(self, step: int, adapter: Mapping[str, torch.Tensor],
              state: Mapping[str, Any], config: Mapping[str, Any]) -> Path:
         """Write ``step_<step>`` and drop all but the newest ``keep_last``."""
@@ -198,6 +244,15 @@ class Checkpointer:
 #: Keys that may change between a run and its resume without changing what is trained.
 _RESUMABLE_CHANGES = ("training.steps", "training.device", "training.dist_timeout",
                       "output.", "validation.", "early_stop.", "memory.")
+
+
+def saved_config(checkpoint: Path) -> dict[str, Any] | None:
+    """The config a checkpoint was saved with (``None`` when unreadable)."""
+    try:
+        saved = json.loads((Path(checkpoint) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return saved if isinstance(saved, dict) else None
 
 
 def config_changes(checkpoint: Path, current: dict[str, Any]) -> list[str]:

@@ -19,11 +19,12 @@ from typing import Any
 
 import torch
 
+from loraengine.core import preflight
 from loraengine.core.adapter import AdapterNetwork
 from loraengine.core.build import Pipeline
 from loraengine.core.config.root import config_to_dict
 from loraengine.core.data import BucketedDataset, BucketStream, Dataset, IndexStream
-from loraengine.core.errors import DataError, NonFiniteError
+from loraengine.core.errors import ConfigError, DataError, NonFiniteError
 from loraengine.core.files import save_lora, write_text_atomic
 from loraengine.core.model import LoadedModel
 from loraengine.core.plugins.registry import Registry
@@ -31,7 +32,7 @@ from loraengine.core.plugins.run import RunView
 from loraengine.core.seeding import make_generator
 from loraengine.core.train import checkpoints as ckpt
 from loraengine.core.train.signals import SignalGuard, TrainingInterrupted
-from loraengine.core.train.state import STEP_KEYS, TrainState
+from loraengine.core.train.state import STEP_KEYS, TrainState, first_line
 from loraengine.core.train.step import StepProbe, draw_noise, micro_step, train_step
 from loraengine.core.train.watchdog import NonFiniteStreak, Watchdog
 from loraengine.core.version import __version__
@@ -87,6 +88,24 @@ class Trainer:
         self.watchdog = Watchdog(self.config.training.max_bad_steps)
         self._files: dict[str, Path] = {}  # the files of the result being made
         self._run_plugins: list[str] = []  # names of plugins registered for this run
+        if self.writes_files:
+            self._prepare_outputs()
+
+    def _prepare_outputs(self) -> None:
+        """Before the first step: the outputs are writable and fit on the disk, and what
+        a killed earlier run of this name left half-written is gone."""
+        preflight.check_outputs(self.config, create=True)
+        params = [p for p in self.pipe.network.parameters()]
+        adapter_bytes = sum(p.numel() * p.element_size() for p in params)
+        file_bytes = sum(p.numel() for p in params) * self.pipe.save_dtype.itemsize
+        preflight.check_disk(self.config, adapter_bytes, file_bytes)
+        self.checkpointer.clean_debris()
+        name = self.config.output.name
+        suffixes = {"best", *(s for r in self.pipe.recipes for s in r.variants())}
+        preflight.clean_output_debris(
+            self.output_dir, [f"{name}.safetensors", f"{name}.loss.json",
+                              f"{name}.loss.png",
+                              *(f"{name}.{s}.safetensors" for s in sorted(suffixes))])
 
     # -- the parts tests and tools reach -----------------------------------------------
     @property
@@ -206,8 +225,14 @@ class Trainer:
                         break
                     if guard.received is not None:
                         self._interrupted(step, guard)
-            result = self.finish()
-            result.stopped_early = stopped_early
+                # still guarded: a signal while the outputs are written lets them finish
+                result = self.finish()
+                result.stopped_early = stopped_early
+            if guard.received is not None:
+                raise TrainingInterrupted(
+                    f"{guard.name}: received while the outputs were written; training had "
+                    f"finished (step {self.steps_done}) and {result.path or 'the result'} "
+                    f"is complete")
         finally:
             # also when training stops with an error: loggers close, displays stop
             try:
@@ -256,14 +281,25 @@ class Trainer:
         self._announce("checkpoint", path)
         return path
 
-    def restore(self, adapter: Mapping[str, torch.Tensor], state: dict[str, Any]) -> None:
+    def restore(self, adapter: Mapping[str, torch.Tensor], state: dict[str, Any],
+                source: Path | None = None) -> None:
         """Load a checkpoint's adapter weights and state; the run continues after its
         step."""
         missing, unexpected = [], []
+        own = self.pipe.network.state_dict()
+        where = f"checkpoint {source}" if source is not None else "checkpoint"
+        differ = [k for k, v in adapter.items() if k in own and own[k].shape != v.shape]
+        if differ:
+            k = differ[0]
+            raise DataError(f"{where} does not fit this config's adapter: {len(differ)} of "
+                            f"{len(own)} tensors differ in shape, e.g. {k} is "
+                            f"{list(adapter[k].shape)} there and {list(own[k].shape)} here "
+                            f"(adapter.rank or adapter.algorithm changed?)")
         try:
             missing, unexpected = self.pipe.network.load_state_dict(adapter, strict=False)
         except (RuntimeError, ValueError, KeyError) as exc:
-            raise DataError(f"checkpoint does not fit this config's adapter: {exc}") from None
+            raise DataError(f"{where} does not fit this config's adapter: "
+                            f"{first_line(exc)}") from None
         if missing or unexpected:
             raise DataError(f"checkpoint does not fit this config's adapter: missing "
                             f"{missing[:3]}, unexpected {unexpected[:3]}")
@@ -273,18 +309,62 @@ class Trainer:
     def resume(self, where: str | Path = "latest") -> Path | None:
         """Continue from a checkpoint: ``latest`` (the newest valid one in this run's
         checkpoint folder), a checkpoints folder, or one ``step_N`` folder. A corrupt
-        checkpoint is reported and the previous one used. Returns the one used."""
+        checkpoint is reported and the previous one used. Returns the one used.
+
+        What a resume may change: ``training.steps``, the device, outputs, validation,
+        early stopping and memory strategies freely; a changed ``optimizer.lr`` takes
+        effect from the resumed step (the schedule keeps its shape, scaled to the new
+        rate) and is recorded in the loss map's ``lr`` and the file's metadata
+        (``loraengine.lr_changes``); a changed ``optimizer.name`` is refused, since an
+        optimizer's state fits only the optimizer that made it. Other changes are
+        warned about and take effect as they are."""
         found = self.checkpointer.find(where)
         if found is None:
             return None
         _, adapter, state, path = found
-        self.restore(adapter, state)
+        saved = ckpt.saved_config(path)
+        self._check_optimizer(saved, path)
+        self.restore(adapter, state, path)
         changed = ckpt.config_changes(path, config_to_dict(self.config))
+        old_lr = _lr_of(saved)
+        new_lr = float(self.config.optimizer.lr)
+        if old_lr is not None and old_lr != new_lr:
+            self._change_lr(old_lr, new_lr)
+            changed = [f"{c} (in effect from step {self.steps_done + 1})"
+                       if c.startswith("optimizer.lr:") else c for c in changed]
         if changed:
             warnings.warn(f"resuming {path} with a changed config: {'; '.join(changed[:6])}"
                           f"{' ...' if len(changed) > 6 else ''}", ckpt.CheckpointWarning,
                           stacklevel=2)
         return path
+
+    def _check_optimizer(self, saved: Mapping[str, Any] | None, path: Path) -> None:
+        """An optimizer's state only fits the optimizer that made it."""
+        section = saved.get("optimizer") if saved is not None else None
+        had = section.get("name") if isinstance(section, Mapping) else None
+        now = self.config.optimizer.name
+        if had is not None and had != now:
+            raise ConfigError(f"optimizer.name: checkpoint {path} holds the state of "
+                              f"{had!r}, this config asks for {now!r}; resume with "
+                              f"optimizer.name={had} (an optimizer's state does not carry "
+                              f"over to another)")
+
+    def _change_lr(self, old: float, new: float) -> None:
+        """Make ``optimizer.lr`` changed since the checkpoint rule from the resumed step:
+        every group's learning rate and the schedule's base rates are scaled by
+        ``new / old`` (the schedule keeps its shape, only its height changes)."""
+        factor = new / old
+        for group in self.pipe.optimizer.param_groups:
+            group["lr"] = group["lr"] * factor
+            if "initial_lr" in group:
+                group["initial_lr"] = group["initial_lr"] * factor
+        base = getattr(self.pipe.lr_scheduler, "base_lrs", None)
+        if isinstance(base, list):
+            self.pipe.lr_scheduler.base_lrs = [b * factor for b in base]
+        last = getattr(self.pipe.lr_scheduler, "_last_lr", None)
+        if isinstance(last, list):
+            self.pipe.lr_scheduler._last_lr = [g["lr"] for g in self.pipe.optimizer.param_groups]
+        self.state.lr_changes.append([self.steps_done + 1, old, new])
 
     # -- validation -------------------------------------------------------------------
     def _validation_due(self, step: int) -> bool:
@@ -357,7 +437,8 @@ class Trainer:
             "loraengine.algorithm": spec.name,
             "loraengine.steps": str(self.steps_done),
             "loraengine.config": json.dumps(config_to_dict(cfg)),
-        }
+        } | ({"loraengine.lr_changes": json.dumps(self.state.lr_changes)}
+             if self.state.lr_changes else {})
 
     def finish(self) -> TrainResult:
         """The result; when writing files, the LoRA, each recipe's variant (e.g. its
@@ -372,8 +453,7 @@ class Trainer:
         self._files = result.files
         if not self.writes_files:
             return result
-        out, name = self.output_dir, self.config.output.name
-        out.mkdir(parents=True, exist_ok=True)
+        out, name = self.output_dir, self.config.output.name  # save_lora makes the folder
         lora_path = out / f"{name}.safetensors"
         save_lora(lora_path, tensors, self.metadata())
         result.path = lora_path
@@ -392,6 +472,12 @@ class Trainer:
         for kind, path in written:  # the loss plot plugin writes on "loss_map"
             self._announce(kind, path)
         return result
+
+
+def _lr_of(saved: Mapping[str, Any] | None) -> float | None:
+    section = saved.get("optimizer") if saved is not None else None
+    value = section.get("lr") if isinstance(section, Mapping) else None
+    return float(value) if isinstance(value, (int, float)) else None
 
 
 def _finite_or_null(loss_map: Mapping[str, Sequence[float]]

@@ -12,6 +12,13 @@ from loraengine.core.data import BucketStream, IndexStream
 from loraengine.core.errors import DataError
 from loraengine.core.recipe import Recipe
 
+
+def first_line(exc: BaseException) -> str:
+    """An exception's first line (torch's load errors list every tensor, one a line)."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 #: What every optimizer step records in the loss map.
 STEP_KEYS = ("loss", "lr", "skipped")
 
@@ -37,6 +44,8 @@ class TrainState:
     #: Early stopping: the best validation loss so far and the validations since.
     best_val: float | None = None
     since_best: int = 0
+    #: ``[first step, old lr, new lr]`` for each resume that changed ``optimizer.lr``.
+    lr_changes: list[list[float]] = field(default_factory=list)
 
     @property
     def step(self) -> int:
@@ -59,6 +68,7 @@ class TrainState:
             "loss_map": self.loss_map,
             "watch": {"bad_streak": self.bad_streak, "best_val": self.best_val,
                       "since_best": self.since_best},
+            "lr_changes": [list(c) for c in self.lr_changes],
             "recipes": [r.state_dict() if hasattr(r, "state_dict") else None
                         for r in self.recipes],
         }
@@ -66,10 +76,18 @@ class TrainState:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore what ``state_dict`` returned; ``DataError`` when the optimizer state
         does not fit this run's adapter."""
+        fresh = [set(g) for g in self.optimizer.param_groups]
         try:
             self.optimizer.load_state_dict(state["optimizer"])
         except (RuntimeError, ValueError, KeyError) as exc:
-            raise DataError(f"checkpoint does not fit this config's adapter: {exc}") from None
+            raise DataError(f"checkpoint does not fit this config's adapter: "
+                            f"{first_line(exc)}") from None
+        lacking = sorted(set().union(*fresh) - set().union(*(
+            set(g) for g in self.optimizer.param_groups))) if fresh else []
+        if lacking:
+            raise DataError(f"checkpoint's optimizer state lacks {', '.join(lacking)}, which "
+                            f"this config's optimizer needs (optimizer.name or its options "
+                            f"changed?)")
         self.lr_scheduler.load_state_dict(state["lr_scheduler"])
         if self.scaler is not None and state.get("scaler") is not None:
             self.scaler.load_state_dict(state["scaler"])
@@ -80,6 +98,7 @@ class TrainState:
         self.bad_streak = int(watch.get("bad_streak", 0))
         self.best_val = watch.get("best_val")
         self.since_best = int(watch.get("since_best", 0))
+        self.lr_changes = [list(c) for c in state.get("lr_changes", [])]
         for recipe, rstate in zip(self.recipes, state.get("recipes", []), strict=False):
             if rstate is not None and hasattr(recipe, "load_state_dict"):
                 recipe.load_state_dict(rstate)
