@@ -16,6 +16,7 @@ from click.testing import CliRunner
 from safetensors.torch import load_file
 
 from loraengine import (
+    ExporterSpec,
     LossSpec,
     LossWeightingSpec,
     LRSchedulerSpec,
@@ -76,6 +77,9 @@ CASES: dict[str, tuple[Callable[[], dict[str, Any]], dict[str, Any], str]] = {
     "adapter create": (lambda: {"specs": [_adapter_spec()]},
                        {"adapter": {"algorithm": "boom_adapter"}},
                        "adapter 'boom_adapter' create"),
+    "exporter to_file": (lambda: {"specs": [ExporterSpec("boom_keys", boom, boom)]},
+                         {"adapter": {"exporter": "boom_keys"}},
+                         "exporter 'boom_keys' to_file"),
     "registration hook": (lambda: {"hooks": {"loraengine_optimizers": boom}}, {},
                           "loraengine_optimizers"),
     "on_train_start": (lambda: {"hooks": {"loraengine_on_train_start": lambda run: boom()}},

@@ -411,9 +411,11 @@ class Trainer:
     def lora_tensors(self) -> dict[str, torch.Tensor]:
         pipe = self.pipe
         exporter_name = self.config.adapter.exporter or pipe.loaded.default_exporter
-        exporter = self.host.registry.get("exporter", exporter_name)
-        tensors: dict[str, torch.Tensor] = exporter.to_file(
-            pipe.network.file_modules(pipe.save_dtype))
+        registry = self.host.registry
+        exporter = registry.get("exporter", exporter_name)
+        modules = pipe.network.file_modules(pipe.save_dtype)
+        with registry.blame("exporter", exporter_name, "to_file"):
+            tensors: dict[str, torch.Tensor] = exporter.to_file(modules)
         return tensors
 
     def metadata(self) -> dict[str, str]:
