@@ -78,7 +78,10 @@ def _caller_model() -> nn.Module:
     {"training": {"dtype": "bf16"}, "adapter": {"dtype": "bf16"}},  # the node's defaults
     {"training": {"dtype": "fp32"}},
     {"training": {"dtype": "bf16"}, "memory": {"gradient_checkpointing": True}},
-], ids=["bf16", "fp32", "bf16-checkpointing"])
+    {"training": {"dtype": "bf16"}, "memory": {"offloading": True}},
+    {"training": {"dtype": "fp32"}, "model": {"quantize": "int8"},
+     "memory": {"bypass_mode": True}},
+], ids=["bf16", "fp32", "bf16-checkpointing", "bf16-offload", "int8-base"])
 def test_train_leaves_the_callers_model_as_it_came(host, overlay):
     model = _caller_model()
     before, out = _snapshot(model), _forward(model)

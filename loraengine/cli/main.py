@@ -114,11 +114,12 @@ def plugins_cmd(state: State, as_json: bool) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    # Names are identifiers a user copies into a config: they wrap at a narrow terminal
-    # (overflow="fold") but are never cut with an ellipsis.
+    # Category and name are what a user copies into a config: kept whole on one line
+    # (no_wrap columns are the last rich narrows); the other columns fold onto further
+    # lines at a narrow terminal; nothing is cut with an ellipsis.
     table = Table()
     for column in ("category", "name", "plugin", "distribution", "version"):
-        table.add_column(column, overflow="fold")
+        table.add_column(column, overflow="fold", no_wrap=column in ("category", "name"))
     for r in records:
         table.add_row(*(str(r[k] or "-") for k in ("category", "name", "plugin",
                                                      "distribution", "version")))
