@@ -92,7 +92,7 @@ def test_the_default_never_exceeds_the_affinity_on_this_machine():
 
 
 def test_the_default_applies_when_nobody_chose_and_is_restored(host, monkeypatch,
-                                                               restore_threads):
+                                                               restore_threads, tmp_path):
     for name in threads.THREAD_ENV:
         monkeypatch.delenv(name, raising=False)
     affinity = len(threads.affinity_cpus())
@@ -100,6 +100,12 @@ def test_the_default_applies_when_nobody_chose_and_is_restored(host, monkeypatch
     seen = _train_probed(host)
     assert seen == [threads.available_cores()] * 2
     assert all(1 <= n <= affinity for n in seen)
+    assert torch.get_num_threads() == affinity
+    # the same CPUs as hyper-threads of one core: the run uses one thread, then gives
+    # torch its count back
+    _fake_topology(tmp_path, {c: (0, 0) for c in threads.affinity_cpus()})
+    monkeypatch.setattr(threads, "_CPU_SYS", tmp_path)
+    assert _train_probed(host) == [1, 1]
     assert torch.get_num_threads() == affinity
 
 
