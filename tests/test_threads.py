@@ -144,3 +144,15 @@ def test_cli_train_uses_training_threads(tmp_path, unet_config, monkeypatch, res
     out = CliRunner().invoke(cli, ["train", str(path), "--quiet"])
     assert out.exit_code == 0, out.output
     assert probe.seen == [2] * unet_config["training"]["steps"]
+
+
+def test_processes_on_one_machine_share_the_cores(monkeypatch):
+    for name in threads.THREAD_ENV:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(threads, "user_chose_threads", lambda: False)
+    monkeypatch.setattr(threads, "available_cores", lambda: 8)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "3")
+    assert threads.choose_threads(None) == 2
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "16")
+    assert threads.choose_threads(None) == 1
+    assert threads.choose_threads(5) == 5  # training.threads wins

@@ -78,7 +78,7 @@ class TrainingConfig(Strict):
     threads: int | None = Field(
         default=None, ge=1, description="CPU threads of torch's intra-op pool while training; "
         "null picks the physical cores available to the process (never more than its CPU "
-        "affinity) unless OMP_NUM_THREADS/MKL_NUM_THREADS or torch.set_num_threads chose a "
+        "affinity; shared out among torchrun's processes on one machine) unless OMP_NUM_THREADS/MKL_NUM_THREADS or torch.set_num_threads chose a "
         "count.")
 
 

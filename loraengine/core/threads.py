@@ -78,12 +78,22 @@ def user_chose_threads() -> bool:
 
 def choose_threads(setting: int | None) -> int | None:
     """The count training should use: ``setting`` (``training.threads``) when given,
-    else ``available_cores()`` unless the user chose one (then None: leave torch as is)."""
+    else ``available_cores()`` (shared out among the processes torchrun started on this
+    machine) unless the user chose one (then None: leave torch as is)."""
     if setting is not None:
         return int(setting)
     if user_chose_threads():
         return None
-    return available_cores()
+    return max(1, available_cores() // _local_processes())
+
+
+def _local_processes() -> int:
+    """Training processes sharing this machine (torchrun's ``LOCAL_WORLD_SIZE``): they
+    split the cores rather than each taking all of them."""
+    try:
+        return max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    except ValueError:
+        return 1
 
 
 @contextmanager
