@@ -3,7 +3,10 @@ conditioning=...)``, the node's inputs in, ``TrainResult(lora, loss_map, steps)`
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import warnings
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -12,8 +15,10 @@ from pydantic import BaseModel
 from torch import nn
 
 from loraengine.core.build import build_pipeline
+from loraengine.core.checks import pipeline_warnings
 from loraengine.core.config.root import load_config, parse_config
 from loraengine.core.plugins.host import PluginHost
+from loraengine.core.threads import training_threads
 from loraengine.core.train.loop import Trainer, TrainResult
 from loraengine.plugins import build_plugin_manager
 
@@ -35,6 +40,62 @@ def resolve_config(config: Any, host: PluginHost, *, has_model: bool = False,
                     f"{type(config).__name__}")
 
 
+@dataclass
+class _ModuleState:
+    """What one module of the caller's model held before training."""
+
+    module: nn.Module
+    cls: type
+    training: bool
+    params: dict[str, tuple[nn.Parameter | None, torch.Tensor | None, bool,
+                            torch.Tensor | None]] = field(default_factory=dict)
+    buffers: dict[str, torch.Tensor | None] = field(default_factory=dict)
+
+
+@contextmanager
+def _model_kept_as_it_came(model: nn.Module | None) -> Iterator[None]:
+    """Give the model back as it came: the same parameter objects holding the same
+    storage (so dtype, device and values are bitwise what they were), their
+    ``requires_grad`` and ``.grad``, the same buffers, and each module's class and
+    train/eval mode; also when the body raises.
+
+    Building a run converts the base in place (``module.to``, frozen, eval mode; memory
+    strategies swap parameters), so the original tensors are held here while training
+    and put back afterwards rather than converted back (a bf16 round trip is lossy)."""
+    if model is None:
+        yield
+        return
+    states: list[_ModuleState] = []
+    for mod in model.modules():
+        state = _ModuleState(mod, type(mod), mod.training)
+        for name, p in mod._parameters.items():
+            state.params[name] = (p, None if p is None else p.data,
+                                  False if p is None else p.requires_grad,
+                                  None if p is None else p.grad)
+        state.buffers = dict(mod._buffers)
+        states.append(state)
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for state in states:
+                mod = state.module
+                if type(mod) is not state.cls:
+                    mod.__class__ = state.cls
+                mod.training = state.training
+                for name in [n for n in mod._parameters if n not in state.params]:
+                    del mod._parameters[name]
+                for name, (p, data, grad_on, grad) in state.params.items():
+                    if p is not None and data is not None:
+                        p.data = data
+                        p.requires_grad_(grad_on)
+                        p.grad = grad
+                    mod._parameters[name] = p
+                for name in [n for n in mod._buffers if n not in state.buffers]:
+                    del mod._buffers[name]
+                mod._buffers.update(state.buffers)
+
+
 def train(config: Any, *, model: nn.Module | None = None,
           latents: torch.Tensor | Mapping[str, torch.Tensor] | None = None,
           conditioning: torch.Tensor | Mapping[str, torch.Tensor] | None = None,
@@ -46,15 +107,31 @@ def train(config: Any, *, model: nn.Module | None = None,
     the config names no model. ``latents``/``conditioning`` replace the data files.
     Files are written when the config came from a file or has an ``output`` section,
     or when ``write_files=True``.
+
+    The caller's ``model`` comes back as it came, also when training fails: every
+    parameter and buffer is the same object with the same dtype, device, values and
+    ``requires_grad``, and every module keeps its train/eval mode (the run works on it
+    converted to ``training.dtype``, frozen and in eval mode, and holds the original
+    tensors meanwhile). The adapter is not left attached: apply ``result.lora`` with
+    ``loraengine.apply``.
+
+    torch's intra-op thread count is ``training.threads``, or by default the physical
+    cores available to the process unless ``OMP_NUM_THREADS``/``MKL_NUM_THREADS`` or an
+    earlier ``torch.set_num_threads`` chose one; the previous count is restored on
+    return. Settings the run cannot honour as written (``adapter.rank`` beside a file of
+    another rank, a batch larger than the data) are reported as ``UserWarning``.
     """
     host = host or build_plugin_manager()
     cfg, base_dir = resolve_config(config, host, has_model=model is not None)
     if write_files is None:
         write_files = isinstance(config, (str, Path)) or (
             isinstance(config, Mapping) and "output" in config) or isinstance(config, BaseModel)
-    pipe = build_pipeline(cfg, host, model=model, latents=latents, conditioning=conditioning,
-                          base_dir=base_dir)
-    try:
-        return Trainer(pipe, write_files=write_files).run()
-    finally:
-        pipe.close()
+    with _model_kept_as_it_came(model), training_threads(cfg.training.threads):
+        pipe = build_pipeline(cfg, host, model=model, latents=latents,
+                              conditioning=conditioning, base_dir=base_dir)
+        try:
+            for message in pipeline_warnings(pipe):
+                warnings.warn(message, UserWarning, stacklevel=2)
+            return Trainer(pipe, write_files=write_files).run()
+        finally:
+            pipe.close()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib
 import json
 import os
+import time
 import warnings
 from pathlib import Path
 
@@ -48,8 +49,10 @@ def train(state: State, config: Path, overrides: tuple[str, ...], quiet: bool,
           events: Path | None, resume: str | None) -> None:
     """Train an adapter as CONFIG describes."""
     from loraengine.api import resolve_config
-    from loraengine.cli.progress import EventLog, ProgressBar
+    from loraengine.cli.progress import EventLog, ProgressBar, summary_line
     from loraengine.core.build import build_pipeline
+    from loraengine.core.checks import pipeline_warnings
+    from loraengine.core.threads import training_threads
     from loraengine.core.train.loop import Trainer
 
     host = state.host
@@ -59,24 +62,27 @@ def train(state: State, config: Path, overrides: tuple[str, ...], quiet: bool,
         host.register(ProgressBar(), name="loraengine.cli.progress")
     if events is not None and main_rank:
         host.register(EventLog(events), name="loraengine.cli.events")
-    pipe = build_pipeline(cfg, host, base_dir=base_dir)
-    try:
-        trainer = Trainer(pipe)
-        if resume is not None:
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always")
-                used = trainer.resume(resume)
-            for w in caught:
-                click.echo(f"warning: {w.message}", err=True)
-            if used is not None and not quiet:
-                click.echo(f"resuming from {used} (step {trainer.start_step})", err=True)
-        result = trainer.run()
-    finally:
-        pipe.close()
+    started = time.perf_counter()
+    with training_threads(cfg.training.threads):
+        pipe = build_pipeline(cfg, host, base_dir=base_dir)
+        try:
+            if main_rank:
+                for message in pipeline_warnings(pipe):
+                    click.echo(f"warning: {message}", err=True)
+            trainer = Trainer(pipe)
+            if resume is not None:
+                with warnings.catch_warnings(record=True) as caught:
+                    warnings.simplefilter("always")
+                    used = trainer.resume(resume)
+                for w in caught:
+                    click.echo(f"warning: {w.message}", err=True)
+                if used is not None and not quiet:
+                    click.echo(f"resuming from {used} (step {trainer.start_step})", err=True)
+            result = trainer.run()
+        finally:
+            pipe.close()
     if not quiet and main_rank:
-        losses = result.loss_map["loss"]
-        click.echo(f"trained {len(losses)} steps (total {result.steps}); loss "
-                   f"{losses[0]:.4f} -> {losses[-1]:.4f}")
+        click.echo(summary_line(result, time.perf_counter() - started))
         for kind, path in result.files.items():
             click.echo(f"  {kind}: {path}")
 
@@ -111,7 +117,12 @@ def plugins_cmd(state: State, as_json: bool) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table("category", "name", "plugin", "distribution", "version")
+    # Category and name are what a user copies into a config: kept whole on one line
+    # (no_wrap columns are the last rich narrows); the other columns fold onto further
+    # lines at a narrow terminal; nothing is cut with an ellipsis.
+    table = Table()
+    for column in ("category", "name", "plugin", "distribution", "version"):
+        table.add_column(column, overflow="fold", no_wrap=column in ("category", "name"))
     for r in records:
         table.add_row(*(str(r[k] or "-") for k in ("category", "name", "plugin",
                                                      "distribution", "version")))

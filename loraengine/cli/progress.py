@@ -26,10 +26,35 @@ def rich_progress(stream: TextIO, *fields: str, transient: bool = False) -> Any:
         TimeRemainingColumn,
     )
 
+    # log_path=False: lines logged above the bar (checkpoints, sample grids) would
+    # otherwise end in the file:line of this module, which says nothing to a user.
     return Progress(
         TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
         *(TextColumn(f) for f in fields), TimeElapsedColumn(), TextColumn("ETA"),
-        TimeRemainingColumn(), console=Console(file=stream), transient=transient)
+        TimeRemainingColumn(), console=Console(file=stream, log_path=False),
+        transient=transient)
+
+
+def format_duration(seconds: float) -> str:
+    """``12.3 s``, ``4 min 05 s`` or ``1 h 02 min``: a run's elapsed time for people."""
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    minutes, secs = divmod(int(round(seconds)), 60)
+    if minutes < 60:
+        return f"{minutes} min {secs:02d} s"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours} h {minutes:02d} min"
+
+
+def summary_line(result: Any, elapsed: float) -> str:
+    """The line ``loraengine train`` ends with: steps run (and the total with an
+    ``adapter.existing`` or a resume), the loss from first to last step, how many
+    steps were skipped as non-finite, and the wall time."""
+    losses = result.loss_map["loss"]
+    skipped = int(sum(1 for s in result.loss_map.get("skipped", []) if s))
+    loss = f"; loss {losses[0]:.4f} -> {losses[-1]:.4f}" if losses else ""
+    return (f"trained {len(losses)} steps (total {result.steps}){loss}; "
+            f"{skipped} skipped; {format_duration(elapsed)}")
 
 
 class TaskBars:

@@ -75,6 +75,11 @@ class TrainingConfig(Strict):
     max_bad_steps: int = Field(
         default=5, ge=1, description="Consecutive non-finite steps (each skipped) after which "
         "training rolls back to the last good checkpoint and stops.")
+    threads: int | None = Field(
+        default=None, ge=1, description="CPU threads of torch's intra-op pool while training; "
+        "null picks the physical cores available to the process (never more than its CPU "
+        "affinity; shared out among torchrun's processes on one machine) unless OMP_NUM_THREADS/MKL_NUM_THREADS or torch.set_num_threads chose a "
+        "count.")
 
 
 class ValidationData(Strict):

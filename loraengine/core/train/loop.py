@@ -52,6 +52,15 @@ class TrainResult:
     files: dict[str, Path] = field(default_factory=dict)
     stopped_early: bool = False
 
+    def __repr__(self) -> str:
+        # Short on purpose: the default dataclass repr prints every adapter tensor.
+        losses = self.loss_map.get("loss", [])
+        loss = f"{losses[0]:.4g} -> {losses[-1]:.4g}" if losses else "-"
+        files = ", ".join(f"{k}={v}" for k, v in self.files.items()) or "none"
+        return (f"TrainResult(steps={self.steps}, trained={len(losses)}, loss={loss}, "
+                f"tensors={len(self.lora)}, files: {files}"
+                f"{', stopped early' if self.stopped_early else ''})")
+
 
 def _make_scaler(pipe: Pipeline) -> torch.amp.GradScaler | None:
     # fp16 needs loss scaling; a dry run on meta has no values to scale

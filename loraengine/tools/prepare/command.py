@@ -49,8 +49,10 @@ def pick_family(host: Any, model: Path, name: str) -> Any:
               help="Extension of the caption file beside each image.")
 @click.option("--resolution", type=click.IntRange(1), default=None,
               help="Side of a square bucket in pixels (default: the family's).")
-@click.option("--batch-size", type=click.IntRange(1), default=4, show_default=True)
-@click.option("--device", default="auto", show_default=True)
+@click.option("--batch-size", type=click.IntRange(1), default=4, show_default=True,
+              help="Images encoded at once; lower it when the encoders run out of memory.")
+@click.option("--device", default="auto", show_default=True,
+              help="Where the encoders run: auto (cuda when available), cpu, cuda or cuda:N.")
 @click.option("--dtype", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto",
               show_default=True, help="Encoder dtype (auto: bf16 on CUDA, else fp32).")
 @click.option("--max-sequence-length", type=click.IntRange(1), default=None,

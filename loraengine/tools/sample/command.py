@@ -56,7 +56,8 @@ def _parse_options(items: tuple[str, ...]) -> dict[str, Any]:
              help="Negative conditioning for guidance (.safetensors or .txt); default: "
              "an empty conditioning.")
 # The options below mirror output.samples: range, default and help come from its fields.
-@field_option(SamplesConfig, "seed", "--seed")
+@field_option(SamplesConfig, "seed", "--seed", help="Seeds the starting noise; the same seed, "
+              "prompts and size give the same images, with or without --lora.")
 @field_option(SamplesConfig, "steps", "--steps")
 @field_option(SamplesConfig, "guidance", "--guidance")
 @field_option(SamplesConfig, "sampler", "--sampler")
@@ -65,13 +66,16 @@ def _parse_options(items: tuple[str, ...]) -> dict[str, Any]:
 @field_option(SamplesConfig, "per_prompt", "--per-prompt", default=1)
 @click.option("--size", type=(int, int), default=None, metavar="H W",
               help="Latent height and width (default: the model's sample size).")
-@click.option("--strength", type=float, default=1.0, show_default=True)
+@click.option("--strength", type=float, default=1.0, show_default=True,
+              help="Multiplier of the adapter's effect (0: the base model, 1: as trained).")
 @click.option("--mode", type=click.Choice(["bypass", "merge"]), default="bypass",
               show_default=True, help="How the adapter goes on the model.")
 @field_option(SamplesConfig, "compare", "--compare/--no-compare",
               help="With --lora, also render the base model to compare.png.")
-@click.option("--device", default="auto", show_default=True)
-@click.option("--dtype", type=click.Choice(list(DTYPES)), default="fp32", show_default=True)
+@click.option("--device", default="auto", show_default=True,
+              help="auto (cuda when available), cpu, cuda or cuda:N.")
+@click.option("--dtype", type=click.Choice(list(DTYPES)), default="fp32", show_default=True,
+              help="Dtype the model runs in while sampling.")
 @click.pass_obj
 def sample(state: State, model_path: Path, lora: Path | None, prompts: Path, out: Path,
            family: str | None, negative: Path | None, seed: int, steps: int, guidance: float,

@@ -1,0 +1,55 @@
+"""Checks of a built pipeline for settings that run but do not do what they say: the
+engine trains anyway and the caller shows each message as a warning (``loraengine
+train`` prints ``warning: ...``; ``loraengine.train`` issues ``UserWarning``)."""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any
+
+from loraengine.core.data import BucketedDataset
+
+
+def pipeline_warnings(pipe: Any) -> list[str]:
+    """One line per setting of ``pipe.config`` the built run does not honour as
+    written."""
+    return [*_rank_of_existing(pipe), *_batch_larger_than_data(pipe)]
+
+
+def _rank_of_existing(pipe: Any) -> list[str]:
+    """``adapter.rank`` set beside ``adapter.existing``: layers restored from the file
+    keep the file's rank (the rank of a trained adapter cannot change while continuing
+    it), so a different rank in the config is ignored for them."""
+    acfg = pipe.config.adapter
+    if acfg.existing is None or "rank" not in acfg.model_fields_set:
+        return []
+    ranks = Counter(getattr(layer, "rank", None) for _, layer in pipe.network.items())
+    other = sorted(r for r in ranks if r is not None and r != acfg.rank)
+    if not other:
+        return []
+    held = ", ".join(str(r) for r in other)
+    count = sum(ranks[r] for r in other)
+    return [f"adapter.rank: {acfg.rank} is ignored for the {count} layer(s) restored from "
+            f"adapter.existing ({acfg.existing}), which hold rank {held}; they continue at "
+            f"the file's rank"]
+
+
+def _batch_larger_than_data(pipe: Any) -> list[str]:
+    """A micro-batch larger than the data (or than a bucket: a batch comes from one):
+    each batch then holds some samples more than once, with other noise and timesteps,
+    which costs compute and weights those samples more, rather than seeing more data."""
+    batch = int(pipe.config.training.batch_size)
+    dataset = pipe.dataset
+    if isinstance(dataset, BucketedDataset):
+        small = [i for i, b in enumerate(dataset.buckets) if len(b) < batch]
+        if not small:
+            return []
+        sizes = ", ".join(f"bucket {i}: {len(dataset.buckets[i])}" for i in small[:5])
+        return [f"training.batch_size: {batch} is more than the samples of "
+                f"{len(small)} bucket(s) ({sizes}{' ...' if len(small) > 5 else ''}); "
+                f"each batch from them repeats samples"]
+    if len(dataset) >= batch:
+        return []
+    return [f"training.batch_size: {batch} is more than the {len(dataset)} samples of "
+            f"the data; each batch repeats samples (a batch of {len(dataset)} sees the "
+            f"same data for less compute)"]
