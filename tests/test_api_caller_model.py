@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 import loraengine
-from loraengine.core.errors import LoraEngineError
+from loraengine.core.errors import LoraEngineError, PluginFailed
 from loraengine.core.plugins.hookspecs import hookimpl
 from loraengine.testing.harness import registered, tiny_data, tiny_train_config
 from loraengine.testing.models import TinyDenoiser
@@ -106,7 +106,7 @@ def test_train_leaves_the_callers_model_as_it_came_when_the_run_raises(host):
     before, out = _snapshot(model), _forward(model)
     data = tiny_data()
     with registered(host, _FailsOnStep(), name="fails_on_step"), \
-            pytest.raises(RuntimeError, match="stop here"):
+            pytest.raises(PluginFailed, match="fails_on_step.*stop here"):
         loraengine.train(tiny_train_config({"training": {"dtype": "bf16"}}), model=model,
                          latents=data.latents, conditioning=data.conditioning, host=host)
     _assert_as_it_came(model, before, out)
