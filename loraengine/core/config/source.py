@@ -22,6 +22,8 @@ from loraengine.core.errors import ConfigError
 MAX_DEPTH = 64
 #: Longest scalar (a string, a key) in characters.
 MAX_SCALAR = 64 * 1024
+#: Longest mapping key in characters (keys are option names; error messages echo them).
+MAX_KEY = 256
 #: Most digits an integer may have (the largest config integer, a seed, has 20).
 MAX_INT_DIGITS = 64
 #: Most values a document may hold once its aliases are expanded.
@@ -105,7 +107,7 @@ class _Checked:
         if len(value) > MAX_SCALAR:
             raise self.fail(node, f"a value of {len(value)} characters (at most "
                             f"{MAX_SCALAR}): {echo(value)}")
-        if node.tag == _INT_TAG and sum(c.isdigit() for c in value) > MAX_INT_DIGITS:
+        if node.tag == _INT_TAG and sum(c.isalnum() for c in value) > MAX_INT_DIGITS:
             raise self.fail(node, f"an integer of more than {MAX_INT_DIGITS} digits: "
                             f"{echo(value)}")
 
@@ -118,6 +120,9 @@ class _Checked:
         if isinstance(node, yaml.MappingNode):
             first: dict[tuple[str, str], int] = {}
             for k, v in node.value:
+                if isinstance(k, yaml.ScalarNode) and len(str(k.value)) > MAX_KEY:
+                    raise self.fail(k, f"a key of {len(str(k.value))} characters (at most "
+                                    f"{MAX_KEY}): {echo(str(k.value))}")
                 if isinstance(k, yaml.ScalarNode) and k.tag != _MERGE_TAG:
                     ident = (k.tag, str(k.value))
                     line = k.start_mark.line + 1
@@ -218,6 +223,8 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> set[tuple[str
             raise ConfigError(f"--set {shown}: empty key")
         if not all(p.strip() for p in segments):
             raise ConfigError(f"--set {shown}: empty key segment in {echo(key.strip())}")
+        if max(len(p) for p in segments) > MAX_KEY:
+            raise ConfigError(f"--set {shown}: a key of more than {MAX_KEY} characters")
         parts = tuple(segments)
         try:
             value = load_yaml(raw, f"--set {shown}")[0] if raw.strip() else ""
