@@ -83,6 +83,8 @@ YAML_CASES: dict[str, tuple[str, list[str], list[str]]] = {
                    ["config.yaml:7", "characters (at most"]),
     "key-1mb": (BASE + "? " + "b" * (1 << 20) + "\n: 1\n", [],
                 ["config.yaml:8", "characters (at most"]),
+    "key-too-long": (BASE + "training2:\n  " + "k" * 300 + ": 1\n", [],
+                     ["config.yaml:9", "a key of 300 characters"]),
     "undefined-alias": (BASE + "x: *nowhere\n", [], ["config.yaml:8", "not valid YAML"]),
     "unclosed-flow": (BASE + "x: [1, 2\n", [], ["config.yaml", "not valid YAML"]),
     "tab-indent": (BASE + "data:\n\tlatents: x\n", [], ["config.yaml:9", "not valid YAML"]),
@@ -144,8 +146,6 @@ SET_CASES: dict[str, tuple[str, list[str], list[str]]] = {
                           ["--set", "duplicate key 'rank'"]),
     "set-long-key": (BASE, ["training." + "k" * 5000 + "=1"], ["--set", "...", "a key of more"]),
     "set-long-value-cut": (BASE, ["output.name=" + "\x1b" * 5000], ["output.name", "..."]),
-    "key-too-long": (BASE + "training2:\n  " + "k" * 300 + ": 1\n", [],
-                     ["config.yaml:9", "a key of 300 characters"]),
 }
 
 ALL = {**YAML_CASES, **CONFIG_CASES, **SET_CASES}
@@ -225,5 +225,16 @@ def test_aliases_within_the_limits_still_work(tmp_path):
 def test_a_valid_base_config_validates(tmp_path):
     path = tmp_path / "config.yaml"
     path.write_text(BASE, encoding="utf-8")
+    res = CliRunner().invoke(cli, ["validate", str(path)])
+    assert res.exit_code == 0, res.output
+
+
+def test_nesting_just_inside_the_limit_is_read(tmp_path):
+    """The limits leave room for any real config: 60 levels below a free-form option."""
+    from loraengine.core.config.source import MAX_DEPTH
+
+    deep = "[" * (MAX_DEPTH - 4) + "]" * (MAX_DEPTH - 4)
+    path = tmp_path / "config.yaml"
+    path.write_text(BASE + f"  samples: {{sampler_options: {{x: {deep}}}}}\n", encoding="utf-8")
     res = CliRunner().invoke(cli, ["validate", str(path)])
     assert res.exit_code == 0, res.output

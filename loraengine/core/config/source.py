@@ -93,7 +93,7 @@ class _Checked:
                 raise self.fail(node, "recursive alias (a node contains itself)")
             if isinstance(node, yaml.ScalarNode):
                 self._scalar(node)
-                height[key], size[key] = 1, 1
+                height[key], size[key] = 0, 1  # height counts containers only
                 continue
             active.add(key)
             stack.append((node, True))
