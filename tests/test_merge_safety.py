@@ -168,3 +168,13 @@ def test_an_input_model_that_is_itself_a_merge_output_stays_intact(inputs, tmp_p
                 "--overwrite")
     one_line_error(res, 2, "is --model")
     assert _snapshot(first, lora) == before
+
+
+def test_out_under_a_file_is_one_line_and_writes_nothing(inputs, tmp_path):
+    _, model, lora = inputs
+    (tmp_path / "afile").write_bytes(b"keep me")
+    before = _snapshot(model, lora, tmp_path / "afile")
+    res = merge("--model", str(model), "--lora", str(lora), "--out",
+                str(tmp_path / "afile" / "merged"))
+    one_line_error(res, 1, "--out:", "afile", "nothing was written")
+    assert _snapshot(model, lora, tmp_path / "afile") == before
