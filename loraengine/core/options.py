@@ -9,10 +9,60 @@ that validates for the installed plugins), so neither has to import the other.
 
 from __future__ import annotations
 
+import functools
+import types
+import typing
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    model_validator,
+)
+
+
+def _numeric_only(annotation: Any) -> bool:
+    try:
+        return _numeric_only_cached(annotation)
+    except TypeError:  # an unhashable annotation: work it out each time
+        return _numeric_only_cached.__wrapped__(annotation)
+
+
+@functools.cache
+def _numeric_only_cached(annotation: Any) -> bool:
+    """Whether a field of this type takes numbers and nothing else but None (``int``,
+    ``float | None``...): pydantic would read ``true`` there as 1."""
+    members: list[Any] = []
+
+    def visit(tp: Any) -> None:
+        origin = typing.get_origin(tp)
+        if origin is Annotated:
+            visit(typing.get_args(tp)[0])
+        elif origin in (typing.Union, types.UnionType):
+            for arg in typing.get_args(tp):
+                visit(arg)
+        elif tp is not type(None):
+            members.append(tp)
+
+    visit(annotation)
+    return bool(members) and all(tp in (int, float) for tp in members)
+
+
+def _numbers_not_bools(cls: type[BaseModel], data: Any) -> Any:
+    """Hand a boolean given for a number field on as its YAML spelling, so the field's
+    own validation refuses it (with the key in the error) instead of reading 1 or 0."""
+    if not isinstance(data, dict):
+        return data
+    fields = cls.model_fields
+    bad = [k for k, v in data.items() if isinstance(v, bool) and k in fields
+           and _numeric_only(fields[k].annotation)]
+    if not bad:
+        return data
+    return {k: (str(v).lower() if k in bad else v) for k, v in data.items()}
 
 
 class PluginOptions(BaseModel):
@@ -23,6 +73,8 @@ class PluginOptions(BaseModel):
     model, validated, with the keys its config section adds (``optimizer.lr``...)."""
 
     model_config = ConfigDict(extra="forbid")
+
+    _no_bools = model_validator(mode="before")(_numbers_not_bools)
 
 
 class NoOptions(PluginOptions):
@@ -48,6 +100,17 @@ ConfigPath = Annotated[Path, AfterValidator(_resolve_path)]
 
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_default=True)
+
+    _no_bools = model_validator(mode="before")(_numbers_not_bools)
+
+
+def _printable_name(value: str) -> str:
+    """A file name free of control characters (NUL, ESC, newlines...): a file system or
+    a terminal would refuse or misread them."""
+    for char in value:
+        if ord(char) < 32 or 127 <= ord(char) < 160:
+            raise ValueError(f"control character U+{ord(char):04X} not allowed in a file name")
+    return value
 
 
 class TrainingConfig(Strict):
@@ -154,8 +217,9 @@ class OutputConfig(Strict):
     """Where and what to write."""
 
     dir: ConfigPath = Field(default=Path("output"), description="Output folder.")
-    name: str = Field(default="lora", min_length=1, pattern=r"^[^/\\]+$",
-                      description="Base name of the written files.")
+    name: Annotated[str, AfterValidator(_printable_name)] = Field(
+        default="lora", min_length=1, pattern=r"^[^/\\]+$",
+        description="Base name of the written files.")
     plot: bool = Field(default=True, description="Write <name>.loss.png.")
     save_every: int | None = Field(default=None, ge=1, description="Write a resumable checkpoint "
                                    "every N steps to <dir>/<name>.checkpoints/.")

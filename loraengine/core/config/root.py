@@ -308,12 +308,25 @@ def check_strategies(cfg: TrainConfig, registry: Registry, source: ConfigSource)
         raise ConfigError(problems)
 
 
-def _plain_copy(data: Any) -> Any:
+def _plain_copy(data: Any, _memo: dict[int, Any] | None = None) -> Any:
+    """Plain dicts (string keys) and lists; a container shared by several keys (a YAML
+    alias) is copied once and stays shared, so the copy is as large as the document,
+    not as large as its aliases expanded."""
+    memo: dict[int, Any] = {} if _memo is None else _memo
+    if not isinstance(data, (Mapping, list, tuple)):
+        return data
+    if id(data) in memo:
+        return memo[id(data)]
     if isinstance(data, Mapping):
-        return {str(k): _plain_copy(v) for k, v in data.items()}
-    if isinstance(data, (list, tuple)):
-        return [_plain_copy(v) for v in data]
-    return data
+        out: dict[str, Any] = {}
+        memo[id(data)] = out  # before the children: a container holding itself ends
+        for k, v in data.items():
+            out[str(k)] = _plain_copy(v, memo)
+        return out
+    items: list[Any] = []
+    memo[id(data)] = items
+    items.extend(_plain_copy(v, memo) for v in data)
+    return items
 
 
 def load_config(path: Path, registry: Registry, overrides: list[str] | None = None

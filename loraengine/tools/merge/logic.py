@@ -5,23 +5,68 @@ A diffusers model folder (``config.json`` + weights) or a pipeline folder
 in; the merged model comes out as the same kind of folder, written with
 ``save_pretrained``. The output appears atomically: everything is written to a
 temporary folder beside it, which is renamed into place at the end.
+
+A merge never touches its inputs: ``--out`` may not be, hold or sit inside ``--model``
+or ``--lora`` (compared as real paths, links resolved), and ``--overwrite`` replaces
+only a folder an earlier merge wrote, which it recognises by the marker file
+``MARKER`` left in every merge output.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 
+from loraengine.core.config.source import shorten
 from loraengine.core.devices import DTYPES, SAFETENSORS_DTYPES
 from loraengine.core.errors import ConfigError, DataError
 from loraengine.core.files import atomic_folder, read_adapter_file
 from loraengine.core.plugins.host import PluginHost
 
 DENOISERS = ("unet", "transformer")
+
+#: The file every merge output holds: what it was merged from, and the proof that
+#: ``--overwrite`` may replace the folder.
+MARKER = "loraengine_merge.json"
+
+
+def _overlap(out: Path, source: Path) -> str | None:
+    """How ``out`` collides with an input (real paths), or None when apart."""
+    out, source = Path(os.path.realpath(out)), Path(os.path.realpath(source))
+    if out == source:
+        return "is"
+    if source.is_relative_to(out):
+        return "contains"
+    if out.is_relative_to(source):
+        return "is inside"
+    return None
+
+
+def check_output(model_path: Path, lora: Path, out: Path, overwrite: bool) -> None:
+    """Refuse an ``--out`` that would destroy an input or a folder merge did not write,
+    before anything is loaded."""
+    for option, source in (("--model", model_path), ("--lora", lora)):
+        how = _overlap(out, source)
+        if how is not None:
+            raise ConfigError(f"--out: {out} {how} {option} {source}; write the merged "
+                              f"model to a folder apart from the inputs")
+    if not os.path.lexists(out):
+        return
+    if not overwrite:
+        raise ConfigError(f"--out: {out} exists (pass --overwrite to replace it)")
+    if out.is_symlink() or not out.is_dir():
+        kind = "a link" if out.is_symlink() else "a file"
+        raise ConfigError(f"--out: {out} is {kind}, not a folder written by loraengine "
+                          f"merge; --overwrite replaces only a merge output")
+    if not (out / MARKER).is_file():
+        raise ConfigError(f"--out: {out} is a folder loraengine merge did not write (it "
+                          f"has no {MARKER}); --overwrite replaces only a merge output")
 
 
 def locate_denoiser(root: Path, subfolder: str | None) -> tuple[Path, str | None]:
@@ -93,11 +138,8 @@ def merge_model(model_path: Path, lora: Path, out: Path, strength: float = 1.0,
         from loraengine.plugins import build_plugin_manager
 
         host = build_plugin_manager()
-    model_path, out = Path(model_path), Path(out)
-    if out.exists() and not overwrite:
-        raise ConfigError(f"--out: {out} exists (pass --overwrite to replace it)")
-    if out.resolve() == model_path.resolve():
-        raise ConfigError("--out: must differ from --model")
+    model_path, lora, out = Path(model_path), Path(lora), Path(out)
+    check_output(model_path, lora, out, overwrite)
     folder, sub = locate_denoiser(model_path, subfolder)
     target = saved_dtype(folder) if dtype == "auto" else DTYPES[dtype]
     model = load_diffusers_model(folder)
@@ -107,17 +149,27 @@ def merge_model(model_path: Path, lora: Path, out: Path, strength: float = 1.0,
     with torch.no_grad():
         network.merge()
     model.to(target)
-    if out.resolve().is_relative_to(Path(model_path).resolve()):
-        raise DataError(f"--out: {out} is inside --model {model_path}; write the merged "
-                        f"model somewhere else")
-    with atomic_folder(out) as tmp:
-        if sub is not None:
-            # A pipeline folder: copy everything else, then write the merged denoiser.
-            shutil.copytree(model_path, tmp, dirs_exist_ok=True,
-                            ignore=lambda d, names: [sub] if Path(d) == model_path else [])
-            model.save_pretrained(str(tmp / sub))
-        else:
-            model.save_pretrained(str(tmp))
-    return {"out": str(out), "modules": len(network.paths), "format": key_format,
+    info = {"out": str(out), "modules": len(network.paths), "format": key_format,
             "algorithms": sorted(set(algorithms.values())),
             "dtype": str(target).replace("torch.", "")}
+    # Checked again just before writing: the folders may have changed while loading.
+    check_output(model_path, lora, out, overwrite)
+    existed = out.exists()
+    try:
+        with atomic_folder(out) as tmp:
+            if sub is not None:
+                # A pipeline folder: copy everything else, then write the merged denoiser.
+                shutil.copytree(model_path, tmp, dirs_exist_ok=True,
+                                ignore=lambda d, names: [sub] if Path(d) == model_path else [])
+                model.save_pretrained(str(tmp / sub))
+            else:
+                model.save_pretrained(str(tmp))
+            (tmp / MARKER).write_text(json.dumps(
+                {**info, "model": str(model_path), "lora": str(lora), "strength": strength},
+                indent=2) + "\n", encoding="utf-8")
+    except (OSError, SafetensorError) as exc:
+        kept = f"the earlier {out} is kept" if existed else "nothing was written"
+        reason = getattr(exc, "strerror", None) or shorten(
+            (str(exc).splitlines() or [type(exc).__name__])[0])
+        raise DataError(f"--out: cannot write {out}: {reason} ({kept})") from None
+    return info
