@@ -30,6 +30,7 @@ from loraengine.testing.conformance import (
     perturb,
     relative_error,
 )
+from loraengine.testing.models import tiny_unet_output
 
 peft = pytest.importorskip("peft")
 lycoris = pytest.importorskip("lycoris")
@@ -412,18 +413,6 @@ TRAINED = [
 ]
 
 
-def _fixed_unet_inputs():
-    g = torch.Generator().manual_seed(11)
-    return (torch.randn(2, 4, 8, 8, generator=g), torch.tensor([10, 700]),
-            torch.randn(2, 3, 16, generator=g))
-
-
-def _unet_out(unet):
-    x, t, cond = _fixed_unet_inputs()
-    with torch.no_grad():
-        return unet(x, t, encoder_hidden_states=cond, return_dict=False)[0]
-
-
 def _fresh_unet(unet_dir):
     from diffusers import UNet2DConditionModel
 
@@ -454,22 +443,22 @@ def test_trains_and_the_file_reproduces_the_trained_model(name, options, bypass,
         before = probe()
         result = Trainer(pipe).run()
         after = probe()
-        trained = _unet_out(pipe.model)
+        trained = tiny_unet_output(pipe.model)
     finally:
         pipe.close()
     assert after < before * 0.9, (before, after)
     assert result.path is not None and result.path.exists()
 
-    base_out = _unet_out(_fresh_unet(unet_dir))
+    base_out = tiny_unet_output(_fresh_unet(unet_dir))
     assert relative_error(trained, base_out) > 1e-4
     for mode in ("bypass", "merge"):
         unet = _fresh_unet(unet_dir)
         handle = loraengine.apply(unet, result.path, mode=mode)
         assert set(handle.algorithms.values()) == {name}
-        assert relative_error(_unet_out(unet), trained) < 1e-5, mode
+        assert relative_error(tiny_unet_output(unet), trained) < 1e-5, mode
         if mode == "bypass":
             handle.remove()
-            assert torch.equal(_unet_out(unet), base_out)
+            assert torch.equal(tiny_unet_output(unet), base_out)
 
 
 def test_cli_train_then_merge_writes_the_merged_model(unet_config, unet_dir, tmp_path):
@@ -498,7 +487,7 @@ def test_cli_train_then_merge_writes_the_merged_model(unet_config, unet_dir, tmp
     merged = _fresh_unet(out)
     want = _fresh_unet(unet_dir)
     loraengine.apply(want, lora, strength=0.7, mode="bypass")
-    assert relative_error(_unet_out(merged), _unet_out(want)) < 1e-5
+    assert relative_error(tiny_unet_output(merged), tiny_unet_output(want)) < 1e-5
 
     again = runner.invoke(cli, ["merge", "--model", str(unet_dir), "--lora", str(lora),
                                 "--out", str(out)])

@@ -32,6 +32,7 @@ from loraengine.core.adapter.network import select_layers
 from loraengine.core.files import write_adapter_file
 from loraengine.plugins import BUILTIN_PLUGINS, build_plugin_manager
 from loraengine.testing.conformance import perturb, relative_error
+from loraengine.testing.models import tiny_unet_output
 from loraengine.tools.merge.logic import merge_model
 
 REG = build_plugin_manager().registry
@@ -92,18 +93,6 @@ def _fresh_unet(folder):
                                                 torch_dtype=torch.float32).eval()
 
 
-def _inputs():
-    g = torch.Generator().manual_seed(11)
-    return (torch.randn(2, 4, 8, 8, generator=g), torch.tensor([10, 700]),
-            torch.randn(2, 3, 16, generator=g))
-
-
-def _out(unet):
-    x, t, cond = _inputs()
-    with torch.no_grad():
-        return unet(x, t, encoder_hidden_states=cond, return_dict=False)[0]
-
-
 def build_network(unet, name: str, options: dict, rank: int, alpha: float = 3.0
                   ) -> AdapterNetwork:
     """A perturbed adapter on every layer ``name`` adapts (alpha ≠ rank, so a wrong
@@ -148,20 +137,20 @@ def check_merged(merged, unet, network: AdapterNetwork, bypass_out: torch.Tensor
         assert bool((diff <= bound).all()), (key, float(diff.max()))
         changed += key.rsplit(".", 1)[0] in paths
     assert changed >= len(network.paths)
-    err = relative_error(_out(merged), bypass_out)
+    err = relative_error(tiny_unet_output(merged), bypass_out)
     assert err <= OUTPUT_TOL, err
 
 
 def _build_and_write(unet_dir, tmp_path, case, exporter: str = "kohya"):
     name, options, rank = case
     unet = _fresh_unet(unet_dir / "unet")
-    base_out = _out(unet)
+    base_out = tiny_unet_output(unet)
     # The diffusers/PEFT layout folds α/r into lora_B; with α/r a power of two that
     # product is exact, so the file's tensors still give bit-identical ΔW.
     alpha = rank / 2 if exporter in ("peft", "diffusers") else 3.0
     network = build_network(unet, name, options, rank, alpha)
     network.attach("bypass")
-    bypass_out = _out(unet)
+    bypass_out = tiny_unet_output(unet)
     network.detach()
     assert relative_error(bypass_out, base_out) > 1e-3  # the adapter does something
     lora = tmp_path / f"{name}.safetensors"

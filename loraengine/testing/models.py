@@ -62,6 +62,18 @@ def tiny_unet_config(cross_attention_dim: int = 16) -> dict:
                 norm_num_groups=8)
 
 
+def tiny_unet_output(unet: nn.Module) -> torch.Tensor:
+    """The output of a ``tiny_unet_config`` UNet on fixed inputs (batch 2, 8×8 latents,
+    3 tokens of width 16, timesteps 10 and 700): a model-level check of merges and
+    bypass hooks that does not depend on what else the test draws."""
+    g = torch.Generator().manual_seed(11)
+    x, t, cond = (torch.randn(2, 4, 8, 8, generator=g), torch.tensor([10, 700]),
+                  torch.randn(2, 3, 16, generator=g))
+    with torch.no_grad():
+        out: torch.Tensor = unet(x, t, encoder_hidden_states=cond, return_dict=False)[0]
+    return out
+
+
 def small_unet_config() -> dict:
     """Config of a ~1.5M-parameter UNet2DConditionModel (three levels, cross-attention
     on two, cross_attention_dim 64): the memory benchmark's model, for 32×32 latents."""
