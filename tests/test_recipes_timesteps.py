@@ -34,7 +34,7 @@ def draws(draw, n: int = N, seed: int = 0) -> torch.Tensor:
 
 def test_logit_normal_sample_moments(host):
     mean, std = 0.5, 0.8
-    s = draws(sampler(host, {"name": "logit_normal", "mean": mean, "std": std, "shift": 1.0},
+    s = draws(sampler(host, {"name": "logit_normal", "mean": mean, "std": std},
                       NoiseSchedule.flow()))
     assert s.dtype == torch.float64 and bool(((s > 0) & (s < 1)).all())
     z = torch.logit(s)
@@ -46,9 +46,9 @@ def test_logit_normal_sample_moments(host):
 
 def test_shift_moves_sigma_and_inverts_exactly(host):
     shift = 3.0
-    base = draws(sampler(host, {"name": "logit_normal", "shift": 1.0}, NoiseSchedule.flow()))
-    shifted = draws(sampler(host, {"name": "logit_normal", "shift": shift},
-                            NoiseSchedule.flow()))
+    base = draws(sampler(host, {"name": "logit_normal"}, NoiseSchedule.flow()))
+    # the model's one shift (model.flow_shift sets it on the schedule)
+    shifted = draws(sampler(host, {"name": "logit_normal"}, NoiseSchedule.flow(shift=shift)))
     # same stream: sigma' = s·u / (1 + (s-1)·u) for each draw u
     torch.testing.assert_close(shifted, shift * base / (1 + (shift - 1) * base))
     assert float(shifted.mean()) > float(base.mean()) + 0.15  # more time at high noise
@@ -63,7 +63,7 @@ def test_shift_defaults_to_the_familys(host):
 
 def test_mode_sampling_quantiles(host):
     scale = 1.29
-    s = draws(sampler(host, {"name": "mode", "scale": scale, "shift": 1.0},
+    s = draws(sampler(host, {"name": "mode", "scale": scale},
                       NoiseSchedule.flow()))
 
     def f(v: float) -> float:
@@ -88,10 +88,11 @@ def test_ddpm_schedules_get_integer_timesteps(host):
     assert float((frac - 0.5).abs().mean()) < 0.12
 
 
-def test_shift_on_a_ddpm_model_is_an_error(host):
-    with pytest.raises(ConfigError, match="timestep_sampler.shift: only applies to "
-                       "flow-matching models; this model predicts epsilon"):
-        sampler(host, {"name": "logit_normal", "shift": 3.0}, NoiseSchedule.ddpm())
+@pytest.mark.parametrize("name", ["uniform", "logit_normal", "mode"])
+def test_the_shift_is_the_models_alone(host, name):
+    """One flow-shift knob: ``model.flow_shift``. A sampler takes no shift of its own."""
+    with pytest.raises(ConfigError, match="timestep_sampler.shift: unknown key"):
+        sampler(host, {"name": name, "shift": 3.0}, NoiseSchedule.flow())
 
 
 def test_family_sampler_is_the_schedules_own(host):
@@ -126,10 +127,9 @@ def test_sampler_options_are_validated(host, section, message):
 
 def test_trainer_draws_timesteps_from_the_configured_sampler(host):
     cfg = parse_config({
-        "model": {"family": "module", "prediction_type": "flow", "flow_shift": 1.0},
+        "model": {"family": "module", "prediction_type": "flow", "flow_shift": 2.0},
         "training": {"steps": 1, "batch_size": 3, "dtype": "fp32", "seed": 4},
-        "timestep_sampler": {"name": "logit_normal", "mean": -1.0, "std": 0.3,
-                             "shift": 2.0},
+        "timestep_sampler": {"name": "logit_normal", "mean": -1.0, "std": 0.3},
         "adapter": {"rank": 2, "dtype": "fp32"},
         "memory": {"gradient_checkpointing": False}}, host.registry)
     pipe = build_pipeline(cfg, host, model=TinyDenoiser(), latents=tiny_latents(),

@@ -35,8 +35,6 @@ class EulerOptions(PluginOptions):
                          "clean end) instead of at evenly spaced training timesteps. "
                          "DDPM schedules only.")
     rho: float = Field(7.0, gt=0, description="The Karras spacing exponent.")
-    shift: float | None = Field(None, gt=0, description="Flow models: σ shift for sampling "
-                                "(default: the schedule's).")
 
 
 
@@ -152,7 +150,7 @@ def flow_sigmas(steps: int, shift: float) -> torch.Tensor:
 
 def _euler_flow(model_fn: ModelFn, noise: torch.Tensor, schedule: NoiseSchedule, steps: int,
                 options: EulerOptions) -> torch.Tensor:
-    sigmas = flow_sigmas(steps, float(options.shift or schedule.shift))
+    sigmas = flow_sigmas(steps, float(schedule.shift))  # the model's one shift
     x = noise.float()
     for i in range(steps):
         v = model_fn(x, sigmas[i]).float()

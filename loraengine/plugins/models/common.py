@@ -52,13 +52,10 @@ class FlowOptions(FamilyOptions):
     """Options of the rectified-flow families."""
 
     flow_shift: float | None = Field(None, gt=0, description="Timestep shift s: "
-                                     "σ' = s·σ/(1+(s−1)·σ). Default: the scheduler config's "
-                                     "shift (1 when it shifts by resolution), else the "
-                                     "family's.")
-    timestep_sampling: Literal["uniform", "logit_normal"] = Field(
-        "logit_normal", description="Distribution of σ before the shift.")
-    logit_mean: float = Field(0.0, description="Mean of the logit-normal distribution.")
-    logit_std: float = Field(1.0, gt=0, description="Std of the logit-normal distribution.")
+                                     "σ' = s·σ/(1+(s−1)·σ), the one shift of this model: "
+                                     "training timesteps and sampling both use it. "
+                                     "Default: the scheduler config's shift (1 when it "
+                                     "shifts by resolution), else the family's.")
 
 
 #: (latent channels, conditioning widths by tensor name) a denoiser takes; ``None`` /
@@ -125,6 +122,8 @@ class Family:
     blocks: Callable[[nn.Module], list[nn.Module]]
     description: str
     flow_shift: float = 1.0
+    #: σ's distribution before the shift when ``timestep_sampler`` is ``family``
+    timestep_sampling: Literal["uniform", "logit_normal"] = "logit_normal"
     #: What the loaded denoiser takes (checked against the data before training).
     inputs: Callable[[nn.Module], ModelInputs] = unet_inputs
 
@@ -299,9 +298,10 @@ def flow_schedule(family: Family, options: FlowOptions, sched: Mapping[str, Any]
         else:
             shift = family.flow_shift
     scale = float((sched or {}).get("num_train_timesteps", 1000))
+    # the family's own training distribution (``timestep_sampler: family``); another is
+    # chosen in the timestep_sampler section, never here
     return NoiseSchedule("flow", shift=float(shift), timestep_scale=scale,
-                         sampling=options.timestep_sampling, logit_mean=options.logit_mean,
-                         logit_std=options.logit_std)
+                         sampling=family.timestep_sampling)
 
 
 def load_family(family: Family, options: FamilyOptions, context: Mapping[str, Any]

@@ -65,7 +65,7 @@ def schedule_from(options: DiffusersOptions, sched_path: Path | None) -> NoiseSc
     if kind == "flow" or (kind == "auto" and is_flow):
         shift = float(sc.get("shift", options.flow_shift)) if is_flow and \
             "flow_shift" not in options.model_fields_set else options.flow_shift
-        return NoiseSchedule.flow(shift, options.timestep_sampling)
+        return NoiseSchedule.flow(shift)
     if kind == "auto":
         kind = sc.get("prediction_type", "epsilon")
     if kind in ("epsilon", "v_prediction"):

@@ -23,13 +23,13 @@ class ScheduleOptions(PluginOptions):
     beta_start: float = Field(0.00085, gt=0)
     beta_end: float = Field(0.012, gt=0)
     beta_schedule: Literal["scaled_linear", "linear"] = "scaled_linear"
-    flow_shift: float = Field(1.0, gt=0, description="Timestep shift for flow models.")
-    timestep_sampling: Literal["uniform", "logit_normal"] = "uniform"
+    flow_shift: float = Field(1.0, gt=0, description="Timestep shift for flow models: "
+                              "the one shift, used by training timesteps and sampling.")
 
     def schedule(self, prediction_type: str | None = None) -> NoiseSchedule:
         kind = prediction_type or self.prediction_type
         if kind == "flow":
-            return NoiseSchedule.flow(self.flow_shift, self.timestep_sampling)
+            return NoiseSchedule.flow(self.flow_shift)
         return NoiseSchedule.ddpm(kind, self.num_train_timesteps,  # type: ignore[arg-type]
                                   self.beta_start, self.beta_end, self.beta_schedule)
 

@@ -20,7 +20,6 @@ from collections.abc import Callable
 import torch
 from pydantic import Field
 
-from loraengine.core.errors import ConfigError
 from loraengine.core.plugins.specs import NoOptions, PluginOptions, TimestepSamplerSpec
 from loraengine.core.schedule import NoiseSchedule, shift_sigma
 
@@ -30,34 +29,23 @@ Draw = Callable[[torch.Generator], torch.Tensor]
 MODE_SCALE_MAX = 2.0 / (math.pi - 2.0)
 
 
-class ShiftOptions(PluginOptions):
-    shift: float | None = Field(None, gt=0, description="Flow-matching models only: "
-                                "shift of sigma (default: the model family's).")
-
-
-class LogitNormalOptions(ShiftOptions):
+class LogitNormalOptions(PluginOptions):
     mean: float = Field(0.0, description="Mean of the normal before the sigmoid.")
     std: float = Field(1.0, gt=0, description="Standard deviation before the sigmoid.")
 
 
-class ModeOptions(ShiftOptions):
+class ModeOptions(PluginOptions):
     scale: float = Field(1.29, ge=-1.0, le=MODE_SCALE_MAX, description="Heavy-tail "
                          "scale: 0 is uniform, positive favours mid noise levels.")
 
 
-def to_timestep(u: torch.Tensor, schedule: NoiseSchedule, shift: float | None
-                ) -> torch.Tensor:
-    """Map ``u`` in [0, 1] onto the schedule's timestep units."""
+def to_timestep(u: torch.Tensor, schedule: NoiseSchedule) -> torch.Tensor:
+    """Map ``u`` in [0, 1] onto the schedule's timestep units (flow: shifted by the
+    model's one shift, ``model.flow_shift``)."""
     if schedule.is_flow:
-        return shift_sigma(u.double(), schedule.shift if shift is None else shift)
+        return shift_sigma(u.double(), schedule.shift)
     n = schedule.num_timesteps
     return (u.double() * n).long().clamp(0, n - 1)
-
-
-def _checked(o: ShiftOptions, schedule: NoiseSchedule) -> None:
-    if o.shift is not None and not schedule.is_flow:
-        raise ConfigError(f"timestep_sampler.shift: only applies to flow-matching models; "
-                          f"this model predicts {schedule.prediction_type}")
 
 
 def uniform_u(generator: torch.Generator) -> torch.Tensor:
@@ -80,12 +68,11 @@ def mode_u(scale: float) -> Callable[[torch.Generator], torch.Tensor]:
     return draw
 
 
-def _sampler(make_u: Callable[[ShiftOptions], Draw]
-             ) -> Callable[[ShiftOptions, NoiseSchedule], Draw]:
-    def factory(o: ShiftOptions, schedule: NoiseSchedule) -> Draw:
-        _checked(o, schedule)
+def _sampler(make_u: Callable[[PluginOptions], Draw]
+             ) -> Callable[[PluginOptions, NoiseSchedule], Draw]:
+    def factory(o: PluginOptions, schedule: NoiseSchedule) -> Draw:
         draw_u = make_u(o)
-        return lambda generator: to_timestep(draw_u(generator), schedule, o.shift)
+        return lambda generator: to_timestep(draw_u(generator), schedule)
 
     return factory
 
@@ -93,7 +80,7 @@ def _sampler(make_u: Callable[[ShiftOptions], Draw]
 SPECS = [
     TimestepSamplerSpec("family", lambda o, schedule: schedule.sample_timestep, NoOptions,
                         "The model family's own timestep distribution (default)."),
-    TimestepSamplerSpec("uniform", _sampler(lambda o: uniform_u), ShiftOptions,
+    TimestepSamplerSpec("uniform", _sampler(lambda o: uniform_u), NoOptions,
                         "Uniform over the schedule (flow: then shifted)."),
     TimestepSamplerSpec("logit_normal", _sampler(
         lambda o: logit_normal_u(o.mean, o.std)),  # type: ignore[attr-defined]
