@@ -62,3 +62,23 @@ def test_inspect_names_the_algorithm_the_one_reader_chooses(tmp_path):
     assert got["boft.safetensors"]["algorithm"] == "boft"
     assert (got["peft.safetensors"]["algorithm"], got["peft.safetensors"]["modules"],
             got["peft.safetensors"]["rank"]) == ("lora", 2, "2")
+
+
+def test_inspect_a_models_own_weights_says_it_is_not_an_adapter(tmp_path, unet_dir):
+    """A model's weights hold bias-less layers whose only tensor is ``weight``: IA3's key
+    name. Asked with the tensors, IA3 refuses a weight that is not one vector, so the
+    file is reported as no adapter at all (it used to read as 116 IA3 modules)."""
+    weights = unet_dir / "unet" / "diffusion_pytorch_model.safetensors"
+    out = CliRunner().invoke(cli, ["inspect", str(weights)])
+    assert out.exit_code == 1 and "Traceback" not in out.output
+    assert "no installed adapter algorithm claims its tensors" in out.output
+    assert len(out.output.strip().splitlines()) == 1
+
+
+def test_an_ia3_vector_file_is_still_ia3(tmp_path):
+    path = tmp_path / "ia3.safetensors"
+    save_file({"lora_unet_mid_block_attentions_0_proj_in.weight": torch.ones(16),
+               "lora_unet_down_blocks_0_attentions_0_proj_out.weight": torch.ones(8)},
+              str(path))
+    info = json.loads(CliRunner().invoke(cli, ["inspect", "--json", str(path)]).output)
+    assert info["algorithm"] == "ia3" and info["modules"] == 2

@@ -275,9 +275,10 @@ def owners_of(specs: Iterable[AdapterSpec[BaseModel]], params: Mapping[str, torc
     specs claim the same names (OFT's and BOFT's ``oft_blocks``), the ones that accept
     the tensors themselves — a richer question some specs answer — are preferred."""
     owners = [s for s in specs if s.owns_keys(set(params))]
-    if len(owners) > 1:
-        narrowed = [s for s in owners if _claims_tensors(s, params)]
-        owners = narrowed or owners
+    narrowed = [s for s in owners if _claims_tensors(s, params)]
+    # a spec that looks at the tensors and refuses them is not an owner (a model's own
+    # ``weight`` is not an IA3 vector); between several, keep them all if all refuse
+    owners = narrowed if narrowed or len(owners) < 2 else owners
     owners.sort(key=lambda s: (s.name != hint, s.name not in builtin))
     return owners
 

@@ -92,8 +92,17 @@ def load(base: nn.Module, tensors: Mapping[str, torch.Tensor], options: object) 
 
 
 def owns_keys(keys: Collection[str]) -> bool:
+    """An IA3 module: a ``weight`` vector (and ``on_input``). Asked with the tensors, it
+    also checks that ``weight`` is one vector (unit dimensions aside), so a model's own weights are not IA3."""
     names = set(keys)
-    return "weight" in names and names <= {"weight", "on_input"}
+    if not ("weight" in names and names <= {"weight", "on_input"}):
+        return False
+    if isinstance(keys, Mapping):
+        weight = keys["weight"]
+        # a vector, possibly saved with unit dimensions (a conv's [1, c, 1, 1])
+        return isinstance(weight, torch.Tensor) and weight.numel() == max(weight.shape,
+                                                                          default=1)
+    return True
 
 
 SPEC = AdapterSpec(

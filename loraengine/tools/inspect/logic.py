@@ -7,6 +7,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from loraengine.core.errors import DataError
 from loraengine.core.files import read_adapter_file
 from loraengine.core.plugins.registry import Registry
 
@@ -32,6 +33,11 @@ def describe(path: Path, registry: Registry | None = None) -> dict[str, Any]:
     algo = meta.get("loraengine.algorithm")
     if not algo:
         counts = Counter(m.algorithm for m in file.modules.values() if m.algorithm)
+        if not counts and not any(m.deltas for m in file.modules.values()):
+            sample = ", ".join(sorted(tensors)[:3])
+            raise DataError(f"{path}: no installed adapter algorithm claims its tensors "
+                            f"(e.g. {sample}); is it a model's weights rather than an "
+                            f"adapter file?")
         algo = counts.most_common(1)[0][0] if counts else "unknown"
     ranks = sorted({int(m.params[p].shape[0]) for m in file.modules.values()
                     for p in _RANK_PARAMS if p in m.params})
