@@ -72,15 +72,19 @@ def t5_text(d_model: int = 32, seed: int = 0) -> Any:
 
 
 def vae(latent_channels: int = 4, scaling_factor: float = 0.18215,
-        shift_factor: float | None = None, seed: int = 0) -> Any:
-    """A 2×-downsampling AutoencoderKL."""
+        shift_factor: float | None = None, seed: int = 0,
+        block_out_channels: tuple[int, ...] = (8, 16), sample_size: int = 32) -> Any:
+    """An AutoencoderKL downsampling 2^(len(block_out_channels) − 1)× (2× by default;
+    ``(8, 8, 16, 16)`` gives SD's 8×)."""
     from diffusers import AutoencoderKL
 
     torch.manual_seed(seed)
+    blocks = len(block_out_channels)
     model = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=latent_channels,
-                          block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=8,
-                          down_block_types=("DownEncoderBlock2D",) * 2,
-                          up_block_types=("UpDecoderBlock2D",) * 2, sample_size=32,
+                          block_out_channels=tuple(block_out_channels), layers_per_block=1,
+                          norm_num_groups=8, down_block_types=("DownEncoderBlock2D",) * blocks,
+                          up_block_types=("UpDecoderBlock2D",) * blocks,
+                          sample_size=sample_size,
                           scaling_factor=scaling_factor, shift_factor=shift_factor)
     # mypy does not follow AutoencoderKL's mixin bases to nn.Module, which has eval()
     return model.eval()  # type: ignore[attr-defined]
