@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import warnings
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -65,6 +66,20 @@ def folder_fingerprint(root: Path, components: tuple[str, ...]) -> str:
     return h.hexdigest()
 
 
+class _NoTorchvisionNotice(logging.Filter):
+    """Drops transformers' notice that an image processor falls back to its PIL
+    version for want of torchvision: diffusers' pipeline modules import the CLIP and
+    SigLIP image processors, which prepare and sample never use."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = record.getMessage()
+        return not ("requires torchvision" in text and "falling back to" in text)
+
+
+#: The transformers logger that issues that notice (``transformers.utils.import_utils``).
+_IMPORT_LOGGER = "transformers.utils.import_utils"
+
+
 @contextmanager
 def _quiet_loading() -> Iterator[None]:
     """Silence the libraries' own loading bars and deprecation chatter: prepare shows
@@ -75,11 +90,14 @@ def _quiet_loading() -> Iterator[None]:
     was = dlog.is_progress_bar_enabled(), tlog.is_progress_bar_enabled()
     dlog.disable_progress_bar()
     tlog.disable_progress_bar()
+    notice = _NoTorchvisionNotice()
+    logging.getLogger(_IMPORT_LOGGER).addFilter(notice)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)
             yield
     finally:
+        logging.getLogger(_IMPORT_LOGGER).removeFilter(notice)
         if was[0]:
             dlog.enable_progress_bar()
         if was[1]:

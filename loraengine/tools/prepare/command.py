@@ -33,6 +33,27 @@ def pick_family(host: Any, model: Path, name: str) -> Any:
     return matches[0]
 
 
+def resize_lines(resized: list[tuple[str, tuple[int, int], tuple[int, int]]],
+                 resolution: int, multiple: int, shown: int = 5) -> list[str]:
+    """What prepare did to images it did not encode at their own size, and why: one
+    line each for enlarged, scaled-down and only cropped images."""
+    groups: dict[str, list[str]] = {"up": [], "down": [], "crop": []}
+    for name, (w, h), (bw, bh) in resized:
+        scale = max(bw / w, bh / h)
+        kind = "up" if scale > 1 else "down" if scale < 1 else "crop"
+        groups[kind].append(f"{name} {w}x{h} -> {bw}x{bh}")
+    why = {"up": "enlarged to the --resolution {r} buckets (--upscale)",
+           "down": "scaled down to fit --resolution {r}",
+           "crop": "cropped to multiples of the family's size step {m}"}
+    out = []
+    for kind, names in groups.items():
+        if names:
+            more = f" ... and {len(names) - shown} more" if len(names) > shown else ""
+            out.append(f"{len(names)} image(s) {why[kind].format(r=resolution, m=multiple)}: "
+                       f"{', '.join(names[:shown])}{more}")
+    return out
+
+
 @click.command("prepare")
 @path_option("--model", "model", required=True,
              help="A local diffusers pipeline folder (its VAE and text encoders are used).")
@@ -48,7 +69,11 @@ def pick_family(host: Any, model: Path, name: str) -> Any:
 @click.option("--caption-ext", default=".txt", show_default=True,
               help="Extension of the caption file beside each image.")
 @click.option("--resolution", type=click.IntRange(1), default=None,
-              help="Side of a square bucket in pixels (default: the family's).")
+              help="Largest bucket area, as the side of a square in pixels (default: the "
+              "family's); larger images are scaled down to it.")
+@click.option("--upscale", is_flag=True,
+              help="Enlarge images smaller than --resolution to its buckets (default: "
+              "each image keeps its own size, rounded down to the family's size step).")
 @click.option("--batch-size", type=click.IntRange(1), default=4, show_default=True,
               help="Images encoded at once; lower it when the encoders run out of memory.")
 @click.option("--device", default="auto", show_default=True,
@@ -70,27 +95,35 @@ def prepare(ctx: click.Context, **options: Any) -> None:
 
 def _run(state: Any, model: Path, images: Path, out: Path, family: str,
          captions_file: Path | None, caption_ext: str, resolution: int | None,
-         batch_size: int, device: str, dtype: str, max_sequence_length: int | None,
-         cache_dir: Path | None, quiet: bool) -> None:
+         upscale: bool, batch_size: int, device: str, dtype: str,
+         max_sequence_length: int | None, cache_dir: Path | None, quiet: bool) -> None:
+    from loraengine.tools.prepare.logic import collect
     from loraengine.tools.prepare.logic import prepare as run_prepare
 
-    if not model.exists():
-        raise DataError(f"--model: {model} does not exist")
     if len(caption_ext) < 2 or not caption_ext.startswith(".") or "/" in caption_ext:
         raise DataError(f"--caption-ext: expected an extension such as .txt, got "
                         f"{caption_ext!r}")
+    # The images and captions are checked before the model is looked at, let alone
+    # loaded: a wrong folder fails in a moment.
+    items = collect(images, captions_file, caption_ext)
+    if not model.exists():
+        raise DataError(f"--model: {model} does not exist")
     spec = pick_family(state.host, model, family)
     encoder = spec.make_encoder(model, {"device": device, "dtype": dtype,
                                         "max_sequence_length": max_sequence_length})
     with TaskBars(not quiet, label="encoding {}") as bar:
         report = run_prepare(encoder, images, out, captions_file=captions_file,
                              caption_ext=caption_ext, resolution=resolution,
-                             batch_size=batch_size, cache_dir=cache_dir, progress=bar)
+                             batch_size=batch_size, cache_dir=cache_dir, progress=bar,
+                             upscale=upscale, items=items)
     if quiet:
         return
     sizes = ", ".join(f"{w}x{h}: {n}" for w, h, n in report.buckets)
     click.echo(f"prepared {report.images} image(s) for {spec.name} in "
                f"{len(report.buckets)} bucket(s) ({sizes})")
+    for line in resize_lines(report.resized, int(resolution or encoder.default_resolution),
+                             int(encoder.bucket_multiple)):
+        click.echo(f"  {line}")
     click.echo(f"  encoded {report.encoded_images} image(s) and {report.encoded_captions} "
                f"caption(s); reused {report.cached_images} image(s) and "
                f"{report.cached_captions} caption(s) from the cache")

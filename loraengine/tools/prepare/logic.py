@@ -1,8 +1,13 @@
 """Turn a folder of images and captions into training files (``loraengine prepare``).
 
-Images are sorted into resolution buckets (sides multiples of what the model family
-needs, area close to ``resolution²``, aspect ratio closest to the image's), resized to
-cover their bucket and centre-cropped, then encoded by the family's ``DataEncoder``.
+Images are sorted into resolution buckets whose sides are multiples of what the model
+family needs (its VAE factor times the denoiser's own step). By default an image keeps
+its own size: its bucket is the image rounded down to that step (area at most
+``resolution²``, aspect ratio closest to the image's), so an image is cropped by less
+than a step or scaled down, never enlarged; ``upscale`` instead sends every image to the
+buckets of area ``resolution²``, enlarging small ones. Each image is resized to cover
+its bucket and centre-cropped, then encoded by the family's ``DataEncoder``; the report
+lists every image whose pixels were scaled or cropped.
 Every encoded image and caption is cached under a key made of its content hash and the
 encoder's fingerprint, so a rerun only encodes what changed. All problems with the
 input (unreadable images, missing captions) are reported together before anything is
@@ -65,6 +70,10 @@ class PrepareReport:
     latents_path: Path
     conditioning_path: Path
     files: list[list[str]] = field(default_factory=list)
+    #: (image, its (width, height), its bucket's) for every image not encoded at its own
+    #: size, in name order
+    resized: list[tuple[str, tuple[int, int], tuple[int, int]]] = field(
+        default_factory=list)
 
 
 # -- finding images and captions -------------------------------------------------------
@@ -211,6 +220,62 @@ def choose_bucket(size: tuple[int, int], buckets: Sequence[tuple[int, int]]
                                        -b[0] * b[1]))
 
 
+def own_size_buckets(size: tuple[int, int], resolution: int, multiple: int,
+                     max_aspect: float = 4.0) -> list[tuple[int, int]]:
+    """The buckets an image of ``size`` (width, height) fits without being enlarged:
+    sides multiples of ``multiple`` and at most the image's, area at most
+    ``resolution²``; for each width the tallest such height, for each height the widest
+    width. An image no smaller than the bucket area gets the buckets of
+    :func:`bucket_sizes` that fit inside it; a smaller one, its own size rounded down."""
+    w, h = size
+    area = resolution * resolution
+    out: set[tuple[int, int]] = set()
+    for bw in range(multiple, w + 1, multiple):
+        bh = min(h, area // bw) // multiple * multiple
+        if bh >= multiple:
+            out.add((bw, bh))
+    for bh in range(multiple, h + 1, multiple):
+        bw = min(w, area // bh) // multiple * multiple
+        if bw >= multiple:
+            out.add((bw, bh))
+    shaped = {b for b in out if max(b) / min(b) <= max_aspect}
+    return sorted(shaped or out)
+
+
+def assign_buckets(items: Sequence[ImageItem], resolution: int, multiple: int,
+                   upscale: bool = False) -> None:
+    """Set each item's bucket (see the module docstring); an image with a side smaller
+    than ``multiple`` cannot keep its size, and is an error unless ``upscale``."""
+    if resolution < multiple:
+        raise DataError(f"--resolution: {resolution} is smaller than the family's size "
+                        f"step {multiple}")
+    fixed = bucket_sizes(resolution, multiple) if upscale else None
+    small: list[str] = []
+    for item in items:
+        if fixed is not None:
+            item.bucket = choose_bucket(item.size, fixed)
+            continue
+        fits = own_size_buckets(item.size, resolution, multiple)
+        if not fits:
+            small.append(f"{item.path.name} ({item.size[0]}x{item.size[1]})")
+            continue
+        item.bucket = choose_bucket(item.size, fits)
+    if small:
+        raise DataError(f"{len(small)} image(s) smaller than the family's size step "
+                        f"{multiple} px on a side, which prepare does not enlarge unless "
+                        f"asked (--upscale): {_listing(small)}")
+
+
+def collect(images: Path, captions_file: Path | None = None, caption_ext: str = ".txt"
+            ) -> list[ImageItem]:
+    """Every image of the ``images`` folder with its caption, checked (readable, a
+    caption for each) without any model: what ``prepare`` encodes."""
+    if not caption_ext.startswith("."):
+        caption_ext = "." + caption_ext
+    captions = read_captions_file(captions_file) if captions_file is not None else None
+    return scan(find_images(Path(images)), captions, caption_ext, Path(images))
+
+
 def load_pixels(path: Path, bucket: tuple[int, int]
                 ) -> tuple[torch.Tensor, tuple[int, int], tuple[int, int]]:
     """The image resized to cover ``bucket`` and centre-cropped: ``[3,H,W]`` in
@@ -267,18 +332,15 @@ def _key(*parts: str) -> str:
 
 def prepare(encoder: Any, images: Path, out: Path, *, captions_file: Path | None = None,
             caption_ext: str = ".txt", resolution: int | None = None, batch_size: int = 4,
-            cache_dir: Path | None = None, progress: Progress | None = None
-            ) -> PrepareReport:
-    """Encode ``images`` (and their captions) with ``encoder`` into ``out``."""
+            cache_dir: Path | None = None, progress: Progress | None = None,
+            upscale: bool = False, items: list[ImageItem] | None = None) -> PrepareReport:
+    """Encode ``images`` (and their captions) with ``encoder`` into ``out``; ``items``:
+    what :func:`collect` found there, when the caller checked the folder first."""
     images, out = Path(images), Path(out)
-    if not caption_ext.startswith("."):
-        caption_ext = "." + caption_ext
-    captions = read_captions_file(captions_file) if captions_file is not None else None
-    items = scan(find_images(images), captions, caption_ext, images)
+    if items is None:
+        items = collect(images, captions_file, caption_ext)
     res = int(resolution or encoder.default_resolution)
-    sizes = bucket_sizes(res, int(encoder.bucket_multiple))
-    for item in items:
-        item.bucket = choose_bucket(item.size, sizes)
+    assign_buckets(items, res, int(encoder.bucket_multiple), upscale)
     cache = EncodeCache(cache_dir if cache_dir is not None else out / ".cache")
     fp = str(encoder.fingerprint)
     report_progress = progress or (lambda stage, done, total: None)
@@ -364,5 +426,7 @@ def prepare(encoder: Any, images: Path, out: Path, *, captions_file: Path | None
     with atomic_path(lat_path) as tmp_lat, atomic_path(cond_path) as tmp_cond:
         save_file(lat_out, str(tmp_lat), metadata=meta)
         save_file(cond_out, str(tmp_cond), metadata=meta)
+    resized = sorted((item.path.relative_to(images).as_posix(), item.size, item.bucket)
+                     for item in items if item.bucket != item.size)
     return PrepareReport(len(items), summary, len(items) - cached_images, cached_images,
-                         len(missing), cached_captions, lat_path, cond_path, files)
+                         len(missing), cached_captions, lat_path, cond_path, files, resized)
