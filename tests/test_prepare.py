@@ -221,3 +221,196 @@ def test_sd3_without_t5_pads_with_zeros_as_the_pipeline_does(tmp_path):
     cond = load_file(str(report.conditioning_path))["cond"]
     assert cond.shape == (1, 77 + 8, 32)
     assert not cond[0, 77:].any() and cond[0, :77].abs().max() > 0
+
+
+# -- the shipped quickstart images, sizes kept, the folder checked first --------------------
+
+QUICKSTART = Path(__file__).resolve().parents[1] / "examples" / "quickstart"
+
+
+def _image_sizes(folder: Path) -> dict[str, tuple[int, int]]:
+    from PIL import Image
+
+    sizes = {}
+    for p in sorted(folder.glob("*.png")):
+        with Image.open(p) as img:
+            sizes[p.name] = img.size
+    return sizes
+
+
+def test_the_shipped_images_keep_their_own_size(tmp_path):
+    """Each latent is its image's size over the VAE's factor (8 for the shipped
+    pipeline, read from its config): nothing is enlarged to the family's 512 px."""
+    out = tmp_path / "data"
+    result = _run("--model", str(QUICKSTART / "model"), "--images",
+                  str(QUICKSTART / "images"), "--out", str(out))
+    assert result.exit_code == 0, result.output
+    vae_cfg = json.loads((QUICKSTART / "model" / "vae" / "config.json").read_text())
+    factor = 2 ** (len(vae_cfg["block_out_channels"]) - 1)
+    assert factor == 8
+    sizes = _image_sizes(QUICKSTART / "images")
+    assert len(set(sizes.values())) == 2  # two sizes, so two buckets
+    lat = load_file(str(out / "latents.safetensors"))
+    with safe_open(str(out / "latents.safetensors"), "pt") as fh:
+        files = json.loads(fh.metadata()["loraengine.images"])
+    assert len(files) == 2
+    for b, names in enumerate(files):
+        (w, h), = {sizes[n] for n in names}
+        assert lat[f"latents.{b}"].shape == (len(names), 4, h // factor, w // factor)
+    assert "enlarged" not in result.output
+    assert "scaled" not in result.output and "cropped" not in result.output
+    # by hand: the image's own pixels in [-1, 1], the VAE's posterior mean, scaled
+    from diffusers import AutoencoderKL
+    from PIL import Image
+
+    vae = AutoencoderKL.from_pretrained(str(QUICKSTART / "model" / "vae"))
+    for b, names in enumerate(files):
+        img = Image.open(QUICKSTART / "images" / names[0]).convert("RGB")
+        px = torch.from_numpy(np.asarray(img, dtype=np.float32)).permute(2, 0, 1)[None]
+        with torch.no_grad():
+            mean = vae.encode(px / 127.5 - 1).latent_dist.mean
+        torch.testing.assert_close(lat[f"latents.{b}"][:1], mean * vae_cfg["scaling_factor"],
+                                   rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_prepare_prints_no_torchvision_notices(tmp_path):
+    """transformers' "requires torchvision; falling back" notices, issued when diffusers
+    imports the pipeline's modules, are not shown (a fresh process: each is issued once
+    per process)."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "loraengine.cli.main", "prepare", "--model",
+         str(QUICKSTART / "model"), "--images", str(QUICKSTART / "images"), "--out",
+         str(tmp_path / "data"), "-q"],
+        capture_output=True, text=True, timeout=240,
+        env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr
+    assert "torchvision" not in proc.stdout + proc.stderr
+    assert (tmp_path / "data" / "latents.safetensors").is_file()
+
+
+@pytest.fixture
+def encoders_made(monkeypatch) -> list[Path]:
+    """Records every encoder (VAE + text encoders) prepare loads."""
+    from loraengine.plugins.models import encoders
+
+    made: list[Path] = []
+    real = encoders.PipelineEncoder.__init__
+
+    def record(self, family, root, options):
+        made.append(Path(root))
+        real(self, family, root, options)
+
+    monkeypatch.setattr(encoders.PipelineEncoder, "__init__", record)
+    return made
+
+
+def _garbage_model(tmp_path: Path) -> Path:
+    model = tmp_path / "garbage-model"
+    model.mkdir()
+    (model / "model_index.json").write_text("{ this is not a pipeline")
+    return model
+
+
+def test_a_missing_images_folder_fails_in_one_line_before_the_model_is_read(
+        tmp_path, encoders_made):
+    model = _garbage_model(tmp_path)
+    missing = tmp_path / "no-such-images"
+    for model_arg in (model, tmp_path / "no-such-model"):
+        result = _run("--model", str(model_arg), "--images", str(missing), "--out",
+                      str(tmp_path / "out"))
+        assert result.exit_code == 1
+        assert result.output.strip().splitlines() == [
+            f"error: --images: {missing} is not a folder"]
+    assert encoders_made == []
+    assert not (tmp_path / "out").exists()
+    # with the images fine, the garbage model is what fails
+    images = tmp_path / "images"
+    tp.write_images(images, [(16, 16)])
+    result = _run("--model", str(model), "--images", str(images), "--out",
+                  str(tmp_path / "out"))
+    assert result.exit_code != 0 and "--images" not in result.output
+
+
+def test_missing_captions_are_listed_before_the_model_is_read(tmp_path, encoders_made):
+    images = tmp_path / "images"
+    tp.write_images(images, [(16, 16)] * 3)
+    (images / "image_00.txt").unlink()
+    (images / "image_02.txt").unlink()
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    result = _run("--model", str(_garbage_model(tmp_path)), "--images", str(images),
+                  "--out", str(tmp_path / "out"))
+    assert result.exit_code == 1
+    assert result.output.strip().splitlines() == [
+        "error: 2 image(s) without a caption (looked for a .txt file beside the image): "
+        "image_00.png, image_02.png"]
+    result = _run("--model", str(tmp_path / "nothing"), "--images", str(empty), "--out",
+                  str(tmp_path / "out"))
+    assert result.exit_code == 1 and "error: --images: no images" in result.output
+    assert encoders_made == []
+
+
+def test_small_images_are_not_enlarged_unless_asked_and_resizes_are_reported(
+        tmp_path, pipes):
+    """The tiny sd15 pipeline's step is 4 px (a 2× VAE, a 2-level UNet)."""
+    images = tmp_path / "images"
+    tp.write_images(images, [(16, 16), (40, 24), (18, 18)])
+    args = ["--model", str(pipes["sd15"]), "--images", str(images)]
+    kept = _run(*args, "--out", str(tmp_path / "a"), "--resolution", "24")
+    assert kept.exit_code == 0, kept.output
+    # 16x16 fits as it is; 40x24 (960 px) is scaled down into the 24² = 576 px area, to
+    # the fitting bucket nearest its 5:3 (28x20: 7:5; 32x16 is 2:1); 18x18 is cropped by
+    # its odd 2 px
+    assert "1 image(s) scaled down to fit --resolution 24: image_01.png 40x24 -> 28x20" \
+        in kept.output
+    assert "1 image(s) cropped to multiples of the family's size step 4: " \
+        "image_02.png 18x18 -> 16x16" in kept.output
+    assert "enlarged" not in kept.output
+    lat = load_file(str(tmp_path / "a" / "latents.safetensors"))
+    assert sorted(t.shape[2:] for t in lat.values()) == [(8, 8), (10, 14)]
+    assert [t.shape[0] for t in lat.values() if t.shape[2:] == (8, 8)] == [2]
+
+    up = _run(*args, "--out", str(tmp_path / "b"), "--resolution", "24", "--upscale")
+    assert up.exit_code == 0, up.output
+    assert "2 image(s) enlarged to the --resolution 24 buckets (--upscale): " \
+        "image_00.png 16x16 -> 24x24, image_02.png 18x18 -> 24x24" in up.output
+
+    tiny = tmp_path / "tiny"
+    tp.write_images(tiny, [(3, 8), (16, 16)])
+    small = _run("--model", str(pipes["sd15"]), "--images", str(tiny), "--out",
+                 str(tmp_path / "c"))
+    assert small.exit_code == 1
+    assert small.output.strip().splitlines() == [
+        "error: 1 image(s) smaller than the family's size step 4 px on a side, which "
+        "prepare does not enlarge unless asked (--upscale): image_00.png (3x8)"]
+
+
+def test_own_size_buckets_never_exceed_the_image_or_the_area():
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    from loraengine.tools.prepare.logic import own_bucket, own_size_buckets
+
+    @settings(max_examples=100, deadline=None, derandomize=True, database=None)
+    @given(st.integers(16, 700), st.integers(16, 700), st.sampled_from([2, 8, 32]),
+           st.sampled_from([4, 8, 16]))
+    def check(w, h, res_steps, multiple):
+        res = res_steps * multiple
+        fits = own_size_buckets((w, h), res, multiple)
+        assert fits, (w, h, res, multiple)
+        for bw, bh in fits:
+            assert bw % multiple == 0 and bh % multiple == 0
+            assert bw <= w and bh <= h and bw * bh <= res * res
+        (bw, bh), crop_only = own_bucket((w, h), res, multiple)
+        assert bw % multiple == 0 and bh % multiple == 0
+        assert bw <= w and bh <= h and bw * bh <= res * res
+        # an image within the area keeps its size, less what is under a step
+        assert crop_only == (w * h <= res * res)
+        if crop_only:
+            assert w - bw < multiple and h - bh < multiple
+
+    check()

@@ -33,14 +33,14 @@ def pick_family(host: Any, model: Path, name: str) -> Any:
     return matches[0]
 
 
-def resize_lines(resized: list[tuple[str, tuple[int, int], tuple[int, int]]],
+def resize_lines(resized: list[tuple[str, tuple[int, int], tuple[int, int], bool]],
                  resolution: int, multiple: int, shown: int = 5) -> list[str]:
     """What prepare did to images it did not encode at their own size, and why: one
     line each for enlarged, scaled-down and only cropped images."""
     groups: dict[str, list[str]] = {"up": [], "down": [], "crop": []}
-    for name, (w, h), (bw, bh) in resized:
+    for name, (w, h), (bw, bh), crop_only in resized:
         scale = max(bw / w, bh / h)
-        kind = "up" if scale > 1 else "down" if scale < 1 else "crop"
+        kind = "crop" if crop_only or scale == 1 else "up" if scale > 1 else "down"
         groups[kind].append(f"{name} {w}x{h} -> {bw}x{bh}")
     why = {"up": "enlarged to the --resolution {r} buckets (--upscale)",
            "down": "scaled down to fit --resolution {r}",

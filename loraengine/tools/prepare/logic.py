@@ -2,12 +2,14 @@
 
 Images are sorted into resolution buckets whose sides are multiples of what the model
 family needs (its VAE factor times the denoiser's own step). By default an image keeps
-its own size: its bucket is the image rounded down to that step (area at most
-``resolution²``, aspect ratio closest to the image's), so an image is cropped by less
-than a step or scaled down, never enlarged; ``upscale`` instead sends every image to the
-buckets of area ``resolution²``, enlarging small ones. Each image is resized to cover
-its bucket and centre-cropped, then encoded by the family's ``DataEncoder``; the report
-lists every image whose pixels were scaled or cropped.
+its own size: an image of at most ``resolution²`` pixels goes to its own size rounded
+down to that step and is centre-cropped to it, without resampling; a larger one is
+scaled down to the bucket of area at most ``resolution²`` (inside the image) whose
+aspect ratio is closest to its own. Nothing is enlarged unless ``upscale``, which sends
+every image to the buckets of area ``resolution²`` as training at one resolution wants.
+A resampled image is resized to cover its bucket and centre-cropped. The encoded pixels
+go through the family's ``DataEncoder``; the report lists every image that was not
+encoded at its own size.
 Every encoded image and caption is cached under a key made of its content hash and the
 encoder's fingerprint, so a rerun only encodes what changed. All problems with the
 input (unreadable images, missing captions) are reported together before anything is
@@ -55,6 +57,8 @@ class ImageItem:
     digest: str
     size: tuple[int, int]            # (width, height), upright
     bucket: tuple[int, int] = (0, 0)  # (width, height)
+    #: centre-cropped to the bucket without resampling (its own size rounded down)
+    crop_only: bool = False
 
 
 @dataclass
@@ -70,9 +74,9 @@ class PrepareReport:
     latents_path: Path
     conditioning_path: Path
     files: list[list[str]] = field(default_factory=list)
-    #: (image, its (width, height), its bucket's) for every image not encoded at its own
-    #: size, in name order
-    resized: list[tuple[str, tuple[int, int], tuple[int, int]]] = field(
+    #: (image, its (width, height), its bucket's, only cropped) for every image not
+    #: encoded at its own size, in name order
+    resized: list[tuple[str, tuple[int, int], tuple[int, int], bool]] = field(
         default_factory=list)
 
 
@@ -225,8 +229,7 @@ def own_size_buckets(size: tuple[int, int], resolution: int, multiple: int,
     """The buckets an image of ``size`` (width, height) fits without being enlarged:
     sides multiples of ``multiple`` and at most the image's, area at most
     ``resolution²``; for each width the tallest such height, for each height the widest
-    width. An image no smaller than the bucket area gets the buckets of
-    :func:`bucket_sizes` that fit inside it; a smaller one, its own size rounded down."""
+    width (aspect ratio up to ``max_aspect`` where any such bucket has one)."""
     w, h = size
     area = resolution * resolution
     out: set[tuple[int, int]] = set()
@@ -242,6 +245,20 @@ def own_size_buckets(size: tuple[int, int], resolution: int, multiple: int,
     return sorted(shaped or out)
 
 
+def own_bucket(size: tuple[int, int], resolution: int, multiple: int
+               ) -> tuple[tuple[int, int], bool] | None:
+    """The bucket of an image of ``size`` that is not enlarged, and whether it is only a
+    crop (the image's own size rounded down to ``multiple``, for an image of at most
+    ``resolution²`` pixels); ``None`` when a side is smaller than ``multiple``."""
+    w, h = size
+    if min(w, h) < multiple:
+        return None
+    if w * h <= resolution * resolution:
+        return (w // multiple * multiple, h // multiple * multiple), True
+    fits = own_size_buckets(size, resolution, multiple)
+    return (choose_bucket(size, fits), False) if fits else None
+
+
 def assign_buckets(items: Sequence[ImageItem], resolution: int, multiple: int,
                    upscale: bool = False) -> None:
     """Set each item's bucket (see the module docstring); an image with a side smaller
@@ -253,13 +270,13 @@ def assign_buckets(items: Sequence[ImageItem], resolution: int, multiple: int,
     small: list[str] = []
     for item in items:
         if fixed is not None:
-            item.bucket = choose_bucket(item.size, fixed)
+            item.bucket, item.crop_only = choose_bucket(item.size, fixed), False
             continue
-        fits = own_size_buckets(item.size, resolution, multiple)
-        if not fits:
+        found = own_bucket(item.size, resolution, multiple)
+        if found is None:
             small.append(f"{item.path.name} ({item.size[0]}x{item.size[1]})")
             continue
-        item.bucket = choose_bucket(item.size, fits)
+        item.bucket, item.crop_only = found
     if small:
         raise DataError(f"{len(small)} image(s) smaller than the family's size step "
                         f"{multiple} px on a side, which prepare does not enlarge unless "
@@ -276,10 +293,11 @@ def collect(images: Path, captions_file: Path | None = None, caption_ext: str = 
     return scan(find_images(Path(images)), captions, caption_ext, Path(images))
 
 
-def load_pixels(path: Path, bucket: tuple[int, int]
+def load_pixels(path: Path, bucket: tuple[int, int], crop_only: bool = False
                 ) -> tuple[torch.Tensor, tuple[int, int], tuple[int, int]]:
-    """The image resized to cover ``bucket`` and centre-cropped: ``[3,H,W]`` in
-    [-1, 1], plus the crop's top-left corner and the original (height, width)."""
+    """The image resized to cover ``bucket`` (kept as it is with ``crop_only``) and
+    centre-cropped: ``[3,H,W]`` in [-1, 1], plus the crop's top-left corner and the
+    original (height, width)."""
     from PIL import Image, ImageOps
 
     try:
@@ -289,9 +307,12 @@ def load_pixels(path: Path, bucket: tuple[int, int]
         raise DataError(f"{path}: cannot decode image: {exc}") from None
     w, h = img.size
     bw, bh = bucket
-    scale = max(bw / w, bh / h)
-    nw, nh = max(bw, round(w * scale)), max(bh, round(h * scale))
-    img = img.resize((nw, nh), Image.Resampling.LANCZOS)
+    if crop_only and bw <= w and bh <= h:
+        nw, nh = w, h
+    else:
+        scale = max(bw / w, bh / h)
+        nw, nh = max(bw, round(w * scale)), max(bh, round(h * scale))
+        img = img.resize((nw, nh), Image.Resampling.LANCZOS)
     left, top = (nw - bw) // 2, (nh - bh) // 2
     img = img.crop((left, top, left + bw, top + bh))
     data = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8)
@@ -328,6 +349,11 @@ def _key(*parts: str) -> str:
     return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:40]
 
 
+def _geometry(item: ImageItem) -> str:
+    """What an image's pixels went through, for its cache key."""
+    return f"{item.bucket[0]}x{item.bucket[1]}" + (" crop" if item.crop_only else "")
+
+
 # -- the run ---------------------------------------------------------------------------
 
 def prepare(encoder: Any, images: Path, out: Path, *, captions_file: Path | None = None,
@@ -348,9 +374,9 @@ def prepare(encoder: Any, images: Path, out: Path, *, captions_file: Path | None
     # Images: cached latents, or encode the rest a batch at a time (one bucket per batch).
     latents: dict[int, torch.Tensor] = {}
     geometry: dict[int, tuple[tuple[int, int], tuple[int, int]]] = {}
-    todo: dict[tuple[int, int], list[int]] = {}
+    todo: dict[tuple[int, int], list[int]] = {}  # by bucket
     for i, item in enumerate(items):
-        hit = cache.get("img", _key(fp, item.digest, f"{item.bucket[0]}x{item.bucket[1]}"))
+        hit = cache.get("img", _key(fp, item.digest, _geometry(item)))
         if hit is not None and "latent" in hit and "crop" in hit:
             latents[i] = hit["latent"]
             c, o = hit["crop"].tolist(), hit["original"].tolist()
@@ -363,7 +389,7 @@ def prepare(encoder: Any, images: Path, out: Path, *, captions_file: Path | None
     for bucket, idxs in sorted(todo.items()):
         for start in range(0, len(idxs), batch_size):
             chunk = idxs[start:start + batch_size]
-            loaded = [load_pixels(items[i].path, bucket) for i in chunk]
+            loaded = [load_pixels(items[i].path, bucket, items[i].crop_only) for i in chunk]
             encoded = encoder.encode_images(torch.stack([p for p, _, _ in loaded]))
             if not bool(torch.isfinite(encoded).all()):
                 names = ", ".join(items[i].path.name for i in chunk)
@@ -372,7 +398,7 @@ def prepare(encoder: Any, images: Path, out: Path, *, captions_file: Path | None
             for i, lat, (_, crop, orig) in zip(chunk, encoded, loaded, strict=True):
                 item = items[i]
                 latents[i], geometry[i] = lat.float().contiguous(), (crop, orig)
-                cache.put("img", _key(fp, item.digest, f"{bucket[0]}x{bucket[1]}"),
+                cache.put("img", _key(fp, item.digest, _geometry(item)),
                           {"latent": latents[i], "crop": torch.tensor(crop),
                            "original": torch.tensor(orig)})
             done += len(chunk)
@@ -426,7 +452,7 @@ def prepare(encoder: Any, images: Path, out: Path, *, captions_file: Path | None
     with atomic_path(lat_path) as tmp_lat, atomic_path(cond_path) as tmp_cond:
         save_file(lat_out, str(tmp_lat), metadata=meta)
         save_file(cond_out, str(tmp_cond), metadata=meta)
-    resized = sorted((item.path.relative_to(images).as_posix(), item.size, item.bucket)
-                     for item in items if item.bucket != item.size)
+    resized = sorted((item.path.relative_to(images).as_posix(), item.size, item.bucket,
+                      item.crop_only) for item in items if item.bucket != item.size)
     return PrepareReport(len(items), summary, len(items) - cached_images, cached_images,
                          len(missing), cached_captions, lat_path, cond_path, files, resized)
