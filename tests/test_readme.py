@@ -1,11 +1,16 @@
-"""The README's Python snippet runs as written (issue 15, item 4): with the toy model it
-defines, it trains, writes the file its ``apply`` line names, and applies it."""
+"""The README runs as written. Its Python snippet (issue 15, item 4): with the toy model
+it defines, it trains, writes the file its ``apply`` line names, and applies it. Its
+quickstart on images (item 8): ``prepare``, ``train`` and ``sample`` on the shipped tiny
+pipeline, each command exactly as the README shows it."""
 
 from __future__ import annotations
 
+import json
 import re
 import runpy
 from pathlib import Path
+
+import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -27,3 +32,84 @@ def test_the_readme_train_snippet_runs_as_written(tmp_path, monkeypatch):
     result = ns["result"]
     assert result.steps > 0 and result.lora and result.loss_map["loss"]
     assert result.files["lora"].resolve() == (tmp_path / applied.group(1)).resolve()
+
+
+# -- the quickstart on images: prepare -> train -> sample, as the README writes it ---------
+
+#: The README commands this test runs; any other command in the same block has its own
+#: test.
+RUN_HERE = ("prepare", "train", "sample")
+
+
+def _quickstart_commands() -> list[list[str]]:
+    import shlex
+
+    text = (REPO / "README.md").read_text(encoding="utf-8")
+    block = next(b for b in re.findall(r"```bash\n(.*?)```", text, flags=re.S)
+                 if "loraengine prepare" in b)
+    return [shlex.split(line) for line in block.splitlines()
+            if line.startswith("loraengine ")]
+
+
+def _copy_examples(root: Path) -> None:
+    """The README's commands run on a copy of the shipped examples (without anything a
+    local run left behind), so the test writes nothing into the repository."""
+    import shutil
+
+    left_behind = shutil.ignore_patterns("output", "prepared", "samples", "__pycache__")
+    shutil.copytree(REPO / "examples" / "quickstart", root / "examples" / "quickstart",
+                    ignore=left_behind)
+    for config in (REPO / "examples").glob("quickstart*.yaml"):
+        shutil.copy(config, root / "examples" / config.name)
+
+
+@pytest.mark.slow
+def test_the_readme_quickstart_prepare_train_sample_runs_as_written(tmp_path, monkeypatch):
+    from click.testing import CliRunner
+    from PIL import Image
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    from loraengine.cli.main import cli
+
+    commands = _quickstart_commands()
+    assert [c[1] for c in commands if c[1] in RUN_HERE] == list(RUN_HERE)
+    _copy_examples(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    for argv in commands:
+        if argv[1] not in RUN_HERE:
+            continue
+        result = CliRunner().invoke(cli, argv[1:])
+        assert result.exit_code == 0, (argv, result.output)
+        opts = dict(zip(argv[2::2], argv[3::2], strict=False))
+        if argv[1] == "prepare":
+            # latents at the images' own size over the VAE's 8x, one bucket per size
+            out = Path(opts["--out"])
+            with safe_open(str(out / "latents.safetensors"), "pt") as fh:
+                files = json.loads(fh.metadata()["loraengine.images"])
+            lat = load_file(str(out / "latents.safetensors"))
+            for b, names in enumerate(files):
+                for name in names:
+                    w, h = Image.open(Path(opts["--images"]) / name).size
+                    assert lat[f"latents.{b}"].shape[1:] == (4, h // 8, w // 8)
+        elif argv[1] == "train":
+            import yaml
+
+            steps = yaml.safe_load(Path(argv[2]).read_text())["training"]["steps"]
+            assert f"trained {steps} steps" in result.output
+        else:
+            lora = Path(opts["--lora"])
+            assert lora.is_file()  # what train wrote is what sample reads
+            out = Path(opts["--out"])
+            prompts = Path(opts["--prompts"]).read_text(encoding="utf-8").split("\n")
+            prompts = [p for p in prompts if p.strip()]
+            grid = Image.open(out / "grid.png").convert("RGB")
+            tiles = [Image.open(out / f"image_{p}_0.png").convert("RGB")
+                     for p in range(len(prompts))]
+            # a row per prompt: each 16x16 latent decoded to 128x128 px, 2 px apart
+            assert all(t.size == (128, 128) for t in tiles)
+            assert grid.size == (2 + 130, 2 + 130 * len(prompts))
+            for p, tile in enumerate(tiles):
+                box = (2, 2 + 130 * p, 130, 130 + 130 * p)
+                assert grid.crop(box).tobytes() == tile.tobytes()
+            assert (out / "compare.png").is_file()
