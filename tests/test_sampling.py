@@ -502,6 +502,23 @@ def test_cli_sample_encodes_text_prompts_and_decodes_with_the_vae(tmp_path):
     assert _pixels(tmp_path / "o" / "image_1_0.png").shape == (16, 16, 3)
 
 
+def test_cli_sample_on_the_shipped_quickstart_pipeline_writes_a_grid(tmp_path):
+    """The quickstart's own pipeline and prompts: the UNet's 16x16 sample size, decoded
+    by its 8x VAE, gives 128x128 tiles, one row per prompt, 2 px apart in grid.png."""
+    qs = Path(__file__).resolve().parents[1] / "examples" / "quickstart"
+    prompts = [p for p in (qs / "prompts.txt").read_text().splitlines() if p.strip()]
+    result = run_cli("sample", "--model", str(qs / "model"), "--prompts",
+                     str(qs / "prompts.txt"), "--out", str(tmp_path / "o"), "--steps", "2")
+    assert result.exit_code == 0, result.output
+    assert f"{len(prompts)} image(s) of a sd15 model (latents 4x16x16)" in result.output
+    grid = _pixels(tmp_path / "o" / "grid.png")
+    assert grid.shape == (2 + 130 * len(prompts), 2 + 130, 3)
+    for p in range(len(prompts)):
+        tile = _pixels(tmp_path / "o" / f"image_{p}_0.png")
+        assert tile.shape == (128, 128, 3)
+        assert np.array_equal(grid[2 + 130 * p:130 + 130 * p, 2:130], tile)
+
+
 def test_stochastic_ddim_image_does_not_depend_on_the_batch(host):
     """With eta > 0 each image draws its step noise from its own generator."""
     loaded = LoadedModel(module=TinyDenoiser(cond_dim=8).eval(),
