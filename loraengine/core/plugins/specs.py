@@ -33,6 +33,7 @@ if TYPE_CHECKING:
     from loraengine.core.model import LoadedModel
     from loraengine.core.options import TrainConfig
     from loraengine.core.plugins.assembly import BuildContext, Recipe, RunConfig, StrategyResult
+    from loraengine.core.plugins.run import RunView
     from loraengine.core.schedule import NoiseSchedule
 
 
@@ -295,12 +296,32 @@ class SamplerSpec(Generic[OptionsT]):
     default_for: tuple[str, ...] = ()
 
 
+@dataclass(frozen=True)
+class LoggerSpec:
+    """A logger that ``output.loggers`` names (TensorBoard, MLflow, the JSON-lines
+    event stream...).
+
+    ``factory(run)`` is called with the run's ``RunView`` just before
+    ``loraengine_on_train_start`` on the first rank of a run that writes files; it
+    returns a plugin object whose lifecycle hooks (``loraengine_on_train_start``,
+    ``loraengine_on_step_end``, ``loraengine_on_save``, ``loraengine_on_train_end``)
+    receive that run and which is unregistered after it. ``missing()`` is asked when
+    the config is read: ``None`` when the logger can run here, else what to install
+    (e.g. ``"the tensorboard package: pip install 'loraengine[tensorboard]'"``),
+    which makes the config error."""
+
+    name: str
+    factory: Callable[[RunView], object]
+    missing: Callable[[], str | None] | None = None
+    description: str = ""
+
+
 #: Any record a registration hook may return.
 AnySpec: TypeAlias = (
     OptimizerSpec[BaseModel] | LossSpec[BaseModel] | AdapterSpec[BaseModel]
     | MemoryStrategySpec | ModelFamilySpec[BaseModel] | LRSchedulerSpec[BaseModel]
     | ExporterSpec | TimestepSamplerSpec[BaseModel] | LossWeightingSpec[BaseModel]
-    | RecipeSpec | SamplerSpec[BaseModel])
+    | RecipeSpec | SamplerSpec[BaseModel] | LoggerSpec)
 
 
 @dataclass(frozen=True)
