@@ -184,7 +184,7 @@ def loraengine_loggers() -> Iterable[S.LoggerSpec]:
 
         @hookimpl
         def loraengine_loggers():
-            return [LoggerSpec("csv", factory=lambda run: CsvLogger(run.output_dir))]
+            return [LoggerSpec("csv", factory=CsvLogger)]
     """
     return ()
 

@@ -33,7 +33,6 @@ if TYPE_CHECKING:
     from loraengine.core.model import LoadedModel
     from loraengine.core.options import TrainConfig
     from loraengine.core.plugins.assembly import BuildContext, Recipe, RunConfig, StrategyResult
-    from loraengine.core.plugins.run import RunView
     from loraengine.core.schedule import NoiseSchedule
 
 
@@ -301,17 +300,17 @@ class LoggerSpec:
     """A logger that ``output.loggers`` names (TensorBoard, MLflow, the JSON-lines
     event stream...).
 
-    ``factory(run)`` is called with the run's ``RunView`` just before
-    ``loraengine_on_train_start`` on the first rank of a run that writes files; it
-    returns a plugin object whose lifecycle hooks (``loraengine_on_train_start``,
+    ``factory()`` is called just before ``loraengine_on_train_start`` on the first rank
+    of a run that writes files; it returns a plugin object whose lifecycle hooks
+    (``loraengine_on_train_start``, where it opens what it writes to,
     ``loraengine_on_step_end``, ``loraengine_on_save``, ``loraengine_on_train_end``)
-    receive that run and which is unregistered after it. ``missing()`` is asked when
+    receive that run only: it is unregistered after the run. ``missing()`` is asked when
     the config is read: ``None`` when the logger can run here, else what to install
     (e.g. ``"the tensorboard package: pip install 'loraengine[tensorboard]'"``),
     which makes the config error."""
 
     name: str
-    factory: Callable[[RunView], object]
+    factory: Callable[[], object]
     missing: Callable[[], str | None] | None = None
     description: str = ""
 

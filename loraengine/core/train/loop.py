@@ -259,7 +259,7 @@ class Trainer:
         for name in self.config.output.loggers:
             spec = registry.get("logger", name)
             with registry.blame("logger", name, "factory"):
-                plugin = spec.factory(self.view())
+                plugin = spec.factory()
             self.register(plugin)
 
     def _unregister_run_plugins(self) -> None:

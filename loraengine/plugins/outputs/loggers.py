@@ -50,15 +50,24 @@ class EventLog:
     line carries ``time`` (seconds since the epoch) and is flushed as it is written, so
     a reader can follow the file while the run writes it. NaN is written as ``null``.
 
-    ``append`` keeps what the file holds (a resumed run continues its stream)."""
+    ``append`` keeps what the file holds. Made without a path (as the ``events``
+    logger), it opens ``<dir>/<name>.events.jsonl`` when the run starts, appending when
+    the run resumes, so a resumed run continues its stream."""
 
-    def __init__(self, path: Path, append: bool = False):
-        self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._fh = self.path.open("a" if append else "w", encoding="utf-8")
+    def __init__(self, path: Path | None = None, append: bool = False):
+        self.path = None if path is None else Path(path)
+        self.append = append
+        self._fh: Any = None
+        if self.path is not None:
+            self._open(self.path, append)
+
+    def _open(self, path: Path, append: bool) -> None:
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._fh = path.open("a" if append else "w", encoding="utf-8")
 
     def _write(self, event: dict[str, Any]) -> None:
-        if self._fh.closed:
+        if self._fh is None or self._fh.closed:
             return
         event["time"] = time.time()
         event = {k: (None if isinstance(v, float) and v != v else v) for k, v in event.items()}
@@ -67,6 +76,9 @@ class EventLog:
 
     @hookimpl
     def loraengine_on_train_start(self, run: RunView) -> None:
+        if self._fh is None:
+            self._open(events_path(run.output_dir, run.config.output.name),
+                       append=run.start_step > 0)
         self._write({"event": "train_start", "total_steps": run.total_steps,
                      "start_step": run.start_step, "name": run.config.output.name,
                      "config": config_dict(run)})
@@ -86,7 +98,8 @@ class EventLog:
             self._write({"event": "train_end", "error": True})
         else:
             self._write({"event": "train_end", "steps": result.steps})
-        self._fh.close()
+        if self._fh is not None:
+            self._fh.close()
 
 
 def events_path(output_dir: Path, name: str) -> Path:
@@ -94,23 +107,19 @@ def events_path(output_dir: Path, name: str) -> Path:
     return Path(output_dir) / f"{name}.events.jsonl"
 
 
-def _make_events(run: RunView) -> EventLog:
-    return EventLog(events_path(run.output_dir, run.config.output.name),
-                    append=run.start_step > 0)
-
-
 class TensorBoardLogger:
     """Scalars, preview images and the config into TensorBoard event files."""
 
-    def __init__(self, run: RunView):
+    writer: Any = None
+    step = 0
+
+    @hookimpl
+    def loraengine_on_train_start(self, run: RunView) -> None:
         from torch.utils.tensorboard import SummaryWriter
 
         self.folder = Path(run.output_dir) / "tensorboard" / run.config.output.name
         self.writer = SummaryWriter(log_dir=str(self.folder))
         self.step = run.start_step
-
-    @hookimpl
-    def loraengine_on_train_start(self, run: RunView) -> None:
         text = json.dumps(config_dict(run), indent=1)
         self.writer.add_text("config", "\n".join("    " + line for line in text.splitlines()),
                              global_step=run.start_step)
@@ -138,6 +147,8 @@ class TensorBoardLogger:
 
     @hookimpl
     def loraengine_on_train_end(self, run: RunView, result: Any) -> None:
+        if self.writer is None:  # another plugin's start failed before this one's
+            return
         self.writer.flush()
         self.writer.close()
 
@@ -147,7 +158,11 @@ class MLflowLogger:
 
     EXPERIMENT = "loraengine"
 
-    def __init__(self, run: RunView):
+    client: Any = None
+    run_id = ""
+
+    @hookimpl
+    def loraengine_on_train_start(self, run: RunView) -> None:
         # MLflow keeps the file store for offline use behind this switch; without it
         # the client asks for a database server instead.
         os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
@@ -158,11 +173,8 @@ class MLflowLogger:
         found = self.client.get_experiment_by_name(self.EXPERIMENT)
         experiment = (found.experiment_id if found is not None
                       else self.client.create_experiment(self.EXPERIMENT))
-        self.run_id: str = self.client.create_run(
+        self.run_id = self.client.create_run(
             experiment, run_name=run.config.output.name).info.run_id
-
-    @hookimpl
-    def loraengine_on_train_start(self, run: RunView) -> None:
         self.client.log_dict(self.run_id, config_dict(run), "config.json")
         self.client.log_param(self.run_id, "total_steps", run.total_steps)
         self.client.log_param(self.run_id, "start_step", run.start_step)
@@ -185,13 +197,18 @@ class MLflowLogger:
 
     @hookimpl
     def loraengine_on_train_end(self, run: RunView, result: Any) -> None:
+        if self.client is None:
+            return
         self.client.set_terminated(self.run_id, "FAILED" if result is None else "FINISHED")
 
 
 def _needs(module: str, package: str, extra: str) -> Any:
     def missing() -> str | None:
-        if importlib.util.find_spec(module) is not None:
-            return None
+        try:  # found without importing it: reading a config stays fast
+            if importlib.util.find_spec(module) is not None:
+                return None
+        except (ImportError, ValueError):  # a module set to None in sys.modules
+            pass
         return f"the {package} package: pip install 'loraengine[{extra}]'"
     return missing
 
@@ -199,7 +216,7 @@ def _needs(module: str, package: str, extra: str) -> Any:
 @hookimpl
 def loraengine_loggers() -> list[LoggerSpec]:
     return [
-        LoggerSpec("events", _make_events,
+        LoggerSpec("events", EventLog,
                    description="JSON lines in <dir>/<name>.events.jsonl (loraengine monitor)"),
         LoggerSpec("tensorboard", TensorBoardLogger,
                    missing=_needs("tensorboard", "tensorboard", "tensorboard"),
