@@ -81,10 +81,10 @@ def test_mlflow_offline_store_holds_the_loss_map_config_and_previews(unet_config
     assert run.info.run_name == "test" and run.info.status == "FINISHED"
     history = client.get_metric_history(run.info.run_id, "loss")
     assert [(m.step, m.value) for m in sorted(history, key=lambda m: m.step)] == list(
-        zip(range(1, 5), loss_map["loss"]))
+        zip(range(1, 5), loss_map["loss"], strict=True))
     val = sorted(client.get_metric_history(run.info.run_id, "val_loss"), key=lambda m: m.step)
     assert [(m.step, m.value) for m in val] == list(zip(loss_map["val_loss_step"],
-                                                        loss_map["val_loss"]))
+                                                        loss_map["val_loss"], strict=True))
     samples = {Path(a.path).name for a in client.list_artifacts(run.info.run_id, "samples")}
     assert samples == {"step_2.png", "step_4.png", "compare.png"}
     # the config MLflow keeps is the one the event stream starts with
