@@ -135,3 +135,39 @@ def make_app(events: Path) -> Any:
         Route("/api/file", api_file),
         Mount("/static", app=StaticFiles(directory=STATIC), name="static"),
     ])
+
+
+class Serving:
+    """The page served from a background thread while the block runs (tests, the
+    screenshot script): ``with Serving(events) as url: ...``. Port 0 picks a free one."""
+
+    def __init__(self, events: Path, host: str = "127.0.0.1", port: int = 0):
+        self.events, self.host, self.port = Path(events), host, port
+        self.server: Any = None
+        self.thread: Any = None
+
+    def __enter__(self) -> str:
+        import socket
+        import threading
+        import time
+
+        import uvicorn
+
+        self.sock = socket.create_server((self.host, self.port))
+        port = self.sock.getsockname()[1]
+        self.server = uvicorn.Server(uvicorn.Config(make_app(self.events), log_level="warning",
+                                                    lifespan="off"))
+        self.thread = threading.Thread(target=self.server.run,
+                                       kwargs={"sockets": [self.sock]}, daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started and self.thread.is_alive():
+            if time.monotonic() > deadline:
+                raise RuntimeError("the monitor did not start within 30 s")
+            time.sleep(0.02)
+        return f"http://{self.host}:{port}/"
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+        self.sock.close()
