@@ -58,9 +58,11 @@ function niceTicks(lo, hi, count) {
   const raw = (hi - lo) / count;
   const mag = Math.pow(10, Math.floor(Math.log10(raw)));
   const step = [1, 2, 2.5, 5, 10].map(f => f * mag).find(s => s >= raw) || raw;
+  // the range widened to whole ticks, so that the top and bottom lines are labelled
+  const first = Math.floor(lo / step + 1e-9), last = Math.ceil(hi / step - 1e-9);
   const ticks = [];
-  for (let v = Math.ceil(lo / step) * step; v <= hi + step * 1e-9; v += step) ticks.push(v);
-  return { lo, hi, ticks };
+  for (let i = first; i <= last; i++) ticks.push(Number((i * step).toPrecision(12)));
+  return { lo: first * step, hi: last * step, ticks };
 }
 
 function fmt(v) {
@@ -83,7 +85,7 @@ function drawChart(svg, series, xMax) {
   const W = Math.max(200, box.width), H = Math.max(120, box.height);
   svg.setAttribute("viewBox", `0 0 ${W} ${H}`);
   while (svg.firstChild) svg.removeChild(svg.firstChild);
-  const pad = { l: 56, r: 12, t: 10, b: 26 };
+  const pad = { l: 56, r: 12, t: 24, b: 26 };
   const all = series.flatMap(s => s.points);
   if (!all.length) {
     el("text", { x: W / 2, y: H / 2, "text-anchor": "middle", class: "empty" }, svg)
@@ -115,8 +117,8 @@ function drawChart(svg, series, xMax) {
     if (s.dots) {
       for (const p of s.points) el("circle", { cx: X(p[0]), cy: Y(p[1]), r: 3, fill: s.color }, svg);
     }
-    el("rect", { x: legendX, y: pad.t + 2, width: 10, height: 3, fill: s.color }, svg);
-    const label = el("text", { x: legendX + 14, y: pad.t + 8 }, svg);
+    el("rect", { x: legendX, y: 6, width: 10, height: 3, fill: s.color }, svg);
+    const label = el("text", { x: legendX + 14, y: 12 }, svg);
     label.textContent = s.name;
     legendX += 24 + 7 * s.name.length;
   }
