@@ -107,6 +107,15 @@ def test_the_event_stream_is_written_by_default_and_matches_the_loss_map(unet_co
     steps = [e for e in events if e["event"] == "step"]
     assert [e["loss"] for e in steps] == _loss_map(out)["loss"]
     assert events[-1] == {"event": "train_end", "steps": 3, "time": events[-1]["time"]}
+    # a second run of the name appends: the first run's lines stay as they were
+    first = (out / "test.events.jsonl").read_bytes()
+    cfg["training"]["steps"] = 2
+    loraengine.train(cfg)
+    both = (out / "test.events.jsonl").read_bytes()
+    assert both.startswith(first)
+    later = [json.loads(line) for line in both[len(first):].splitlines()]
+    assert later[0]["event"] == "train_start" and later[0]["total_steps"] == 2
+    assert [e["step"] for e in later if e["event"] == "step"] == [1, 2]
 
 
 def test_no_loggers_writes_no_event_stream(unet_config):

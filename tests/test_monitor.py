@@ -192,5 +192,12 @@ def test_the_page_draws_the_curve_and_follows_the_stream_in_chromium(run_dir, tm
             src = page.get_attribute("#sample", "src")
             assert "compare.png" in src or "step_6.png" in src
             assert '"steps": 6' in page.text_content("#config")
+            # the same name trained again appends a new run: the page shows that one
+            with live.open("a") as fh:
+                fh.write("".join(events[:next(i for i, line in enumerate(events)
+                                               if '"step": 3' in line)]))
+            page.wait_for_selector("#loss-chart polyline.loss[data-count='2']", timeout=20000)
+            assert page.inner_text("#status") == "running"
+            assert page.get_attribute("#sample", "hidden") is not None
         finally:
             browser.close()

@@ -1,8 +1,8 @@
 """The built-in loggers that ``output.loggers`` names.
 
-- ``events``: one JSON object per line in ``<dir>/<name>.events.jsonl`` (the run's start
-  with its config, every step's metrics, every file written, the end). It is on by
-  default and is what ``loraengine monitor`` reads; ``loraengine train --events PATH``
+- ``events``: one JSON object per line appended to ``<dir>/<name>.events.jsonl`` (the
+  run's start with its config, every step's metrics, every file written, the end). It
+  is on by default and is what ``loraengine monitor`` reads; ``loraengine train --events PATH``
   writes the same stream to a file of the caller's choice.
 - ``tensorboard``: event files under ``<dir>/tensorboard/<name>/`` (scalars ``loss``,
   ``lr``, ``val_loss``; the preview grids as images; the config as text). Needs the
@@ -51,8 +51,10 @@ class EventLog:
     a reader can follow the file while the run writes it. NaN is written as ``null``.
 
     ``append`` keeps what the file holds. Made without a path (as the ``events``
-    logger), it opens ``<dir>/<name>.events.jsonl`` when the run starts, appending when
-    the run resumes, so a resumed run continues its stream."""
+    logger), it appends to ``<dir>/<name>.events.jsonl`` when the run starts: the file
+    is the log of every run of that name, each from its ``train_start`` on (a resumed
+    run's ``start_step`` says where it continues), and a run that fails never costs the
+    lines of an earlier one."""
 
     def __init__(self, path: Path | None = None, append: bool = False):
         self.path = None if path is None else Path(path)
@@ -77,8 +79,7 @@ class EventLog:
     @hookimpl
     def loraengine_on_train_start(self, run: RunView) -> None:
         if self._fh is None:
-            self._open(events_path(run.output_dir, run.config.output.name),
-                       append=run.start_step > 0)
+            self._open(events_path(run.output_dir, run.config.output.name), append=True)
         self._write({"event": "train_start", "total_steps": run.total_steps,
                      "start_step": run.start_step, "name": run.config.output.name,
                      "config": config_dict(run)})

@@ -30,6 +30,11 @@ function apply(event) {
       for (const step of [...state.steps.keys()]) {  // a resume rewinds to its checkpoint
         if (step > state.startStep) state.steps.delete(step);
       }
+      // a new run of the name (start_step 0) or a resume: what came after is not its
+      if (!(state.sampleStep && state.sampleStep <= state.startStep)) {
+        state.sample = null;
+        state.sampleStep = null;
+      }
       break;
     case "step": {
       const old = state.steps.get(event.step) || {};
@@ -193,7 +198,12 @@ function render() {
     (val.length ? `, validation ${fmt(val[val.length - 1][1])}` : "") : "";
   document.getElementById("lr-last").textContent = lr.length ? `last ${fmt(lr[lr.length - 1][1])}` : "";
   const img = document.getElementById("sample");
-  if (state.sample) {
+  if (!state.sample) {
+    img.hidden = true;
+    img.removeAttribute("src");
+    delete img.dataset.path;
+    document.getElementById("sample-caption").textContent = "none yet";
+  } else {
     const url = `/api/file?path=${encodeURIComponent(state.sample)}&v=${state.offset}`;
     if (img.dataset.path !== state.sample) { img.src = url; img.dataset.path = state.sample; }
     img.hidden = false;
