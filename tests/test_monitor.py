@@ -201,3 +201,13 @@ def test_the_page_draws_the_curve_and_follows_the_stream_in_chromium(run_dir, tm
             assert page.get_attribute("#sample", "hidden") is not None
         finally:
             browser.close()
+
+
+def test_a_port_in_use_is_one_line_and_exit_2(run_dir):
+    import socket
+
+    with socket.create_server(("127.0.0.1", 0)) as busy:
+        port = busy.getsockname()[1]
+        line = _one_error(CliRunner().invoke(cli, ["monitor", str(run_dir), "--port",
+                                                   str(port)]))
+    assert f"127.0.0.1:{port}" in line and "--port" in line

@@ -232,7 +232,8 @@ class OutputConfig(Strict):
     loggers: list[str] = Field(
         default=["events"], description="Loggers the run writes to, by name (see "
         "`loraengine plugins`): events (<name>.events.jsonl, what `loraengine monitor` "
-        "reads), tensorboard (<dir>/tensorboard/), mlflow (<dir>/mlruns/). [] for none.")
+        "reads; appended by every run), tensorboard (<dir>/tensorboard/<name>/), mlflow "
+        "(<dir>/mlruns/, offline). [] for none.")
 
 
 # -- the plugin sections ----------------------------------------------------------------
