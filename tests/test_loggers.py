@@ -99,8 +99,9 @@ def test_mlflow_offline_store_holds_the_loss_map_config_and_previews(unet_config
 def test_the_event_stream_is_written_by_default_and_matches_the_loss_map(unet_config):
     cfg = json.loads(json.dumps(unet_config))
     cfg["training"]["steps"] = 3
-    loraengine.train(cfg)
+    result = loraengine.train(cfg)
     out = Path(cfg["output"]["dir"])
+    assert result.files["events"] == out / "test.events.jsonl"
     events = [json.loads(line) for line in (out / "test.events.jsonl").read_text().splitlines()]
     assert [e["event"] for e in events][:4] == ["train_start", "step", "step", "step"]
     assert events[0]["total_steps"] == 3 and events[0]["name"] == "test"

@@ -99,6 +99,8 @@ class EventLog:
             self._write({"event": "train_end", "error": True})
         else:
             self._write({"event": "train_end", "steps": result.steps})
+            if self.path is not None:  # listed with the run's files (what to monitor)
+                result.files["events"] = self.path
         if self._fh is not None:
             self._fh.close()
 
