@@ -15,6 +15,7 @@ from loraengine.core.plugins.run import RunView
 from loraengine.core.plugins.specs import (
     AdapterSpec,
     ExporterSpec,
+    LoggerSpec,
     LossSpec,
     LossWeightingSpec,
     LRSchedulerSpec,
@@ -35,7 +36,7 @@ if TYPE_CHECKING:  # imported on first use below; named here for type checkers
     from loraengine.plugins import build_plugin_manager
 
 __all__ = [
-    "AdapterSpec", "BuildContext", "ExporterSpec", "LRSchedulerSpec", "LossSpec", "LossWeightingSpec",
+    "AdapterSpec", "BuildContext", "ExporterSpec", "LRSchedulerSpec", "LoggerSpec", "LossSpec", "LossWeightingSpec",
     "MemoryStrategySpec", "ModelFamilySpec", "NoOptions", "OptimizerSpec", "PluginOptions",
     "Recipe", "RecipeSpec", "RunView", "StrategyResult", "TimestepSamplerSpec", "TrainResult",
     "__version__", "apply", "build_plugin_manager", "hookimpl", "train",

@@ -19,6 +19,7 @@ from safetensors.torch import load_file
 
 from loraengine import (
     ExporterSpec,
+    LoggerSpec,
     LossSpec,
     LossWeightingSpec,
     LRSchedulerSpec,
@@ -28,6 +29,7 @@ from loraengine import (
     PluginOptions,
     RecipeSpec,
     TimestepSamplerSpec,
+    hookimpl,
 )
 from loraengine.core.config.root import parse_config
 from loraengine.core.errors import ConfigError, PluginError, PluginFailed
@@ -273,6 +275,50 @@ def test_lifecycle_hooks_are_called_in_order_with_their_arguments(builtin_host, 
     assert str(result.path) in [p for _, _, p in saves]
     assert events[-1] == ("end", result)
     assert max(i for i, e in enumerate(events) if e[0] == "save") < len(events) - 1
+
+
+def test_loraengine_loggers_a_named_logger_gets_one_object_per_run_and_its_hooks(
+        builtin_host, tmp_path):
+    made: list[Any] = []
+
+    class Recorder:
+        def __init__(self):
+            self.seen: list[tuple] = []
+            made.append(self)
+
+        @hookimpl
+        def loraengine_on_train_start(self, run):
+            self.seen.append(("start", run.config.output.name))
+
+        @hookimpl
+        def loraengine_on_step_end(self, run, step, metrics):
+            self.seen.append(("step", step, metrics["loss"]))
+
+        @hookimpl
+        def loraengine_on_train_end(self, run, result):
+            self.seen.append(("end", result.steps))
+
+    wanted = {"missing": None}
+    spec = LoggerSpec("recorder", factory=Recorder, missing=lambda: wanted["missing"])
+    builtin_host.register(make_plugin(name="hooks_logger", loraengine_loggers=lambda: [spec]))
+    assert "recorder" in builtin_host.registry.names("logger")
+    for name in ("one", "two"):
+        result = train_tiny(builtin_host, {"output": {"dir": str(tmp_path), "name": name,
+                                                      "loggers": ["recorder"]}},
+                            write_files=True)
+    first, second = made
+    assert first.seen[0] == ("start", "one") and second.seen[0] == ("start", "two")
+    assert [e[2] for e in second.seen if e[0] == "step"] == result.loss_map["loss"]
+    assert first.seen[-1] == ("end", 2) and len(first.seen) == 4  # its own run only
+    train_tiny(builtin_host, {"output": {"dir": str(tmp_path), "name": "off", "loggers": []}},
+               write_files=True)
+    assert len(made) == 2  # a logger not named is never made
+    wanted["missing"] = "the recorder package: pip install recorder"
+    with pytest.raises(ConfigError, match=r"output\.loggers\.0: logger 'recorder' needs the "
+                       r"recorder package: pip install recorder"):
+        parse_config({"output": {"loggers": ["recorder"]}}, builtin_host.registry)
+    with pytest.raises(ConfigError, match=r"unknown logger 'recorde'; installed: .*recorder"):
+        parse_config({"output": {"loggers": ["recorde"]}}, builtin_host.registry)
 
 
 def test_loraengine_register_commands_adds_a_working_subcommand(builtin_host, monkeypatch,

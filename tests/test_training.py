@@ -261,8 +261,8 @@ def test_quickstart_runs_from_the_repository_root(tmp_path):
         cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stderr
     names = sorted(p.name for p in out.iterdir())
-    assert names == ["quickstart_lora.loss.json", "quickstart_lora.loss.png",
-                     "quickstart_lora.safetensors"]
+    assert names == ["quickstart_lora.events.jsonl", "quickstart_lora.loss.json",
+                     "quickstart_lora.loss.png", "quickstart_lora.safetensors"]
     with safe_open(str(out / "quickstart_lora.safetensors"), "pt") as fh:
         steps = int(fh.metadata()["loraengine.steps"])
     loss = json.loads((out / "quickstart_lora.loss.json").read_text())["loss"]

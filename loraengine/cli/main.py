@@ -155,6 +155,7 @@ BUILTIN_COMMANDS = (
     ("loraengine.tools.plan.command", "plan"),
     ("loraengine.tools.sample.command", "sample"),
     ("loraengine.tools.bucket.command", "bucket"),
+    ("loraengine.tools.monitor.command", "monitor"),
 )
 for _module, _name in BUILTIN_COMMANDS:
     cli.add_command(getattr(importlib.import_module(_module), _name))

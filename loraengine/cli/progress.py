@@ -4,13 +4,12 @@ training (a progress bar and a JSON-lines event log)."""
 
 from __future__ import annotations
 
-import json
 import sys
 import time
-from pathlib import Path
 from typing import Any, TextIO
 
 from loraengine.core.plugins.hookspecs import hookimpl
+from loraengine.plugins.outputs.loggers import EventLog as EventLog  # --events PATH
 
 
 def rich_progress(stream: TextIO, *fields: str, transient: bool = False) -> Any:
@@ -132,39 +131,3 @@ class ProgressBar:
         if self._progress is not None:
             self._progress.stop()
             self._progress = None
-
-
-class EventLog:
-    """Writes one JSON object per line: train_start, step, save, train_end."""
-
-    def __init__(self, path: Path):
-        self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._fh = self.path.open("w", encoding="utf-8")
-
-    def _write(self, event: dict[str, Any]) -> None:
-        event["time"] = time.time()
-        event = {k: (None if isinstance(v, float) and v != v else v) for k, v in event.items()}
-        self._fh.write(json.dumps(event) + "\n")
-        self._fh.flush()
-
-    @hookimpl
-    def loraengine_on_train_start(self, run: Any) -> None:
-        self._write({"event": "train_start", "total_steps": run.total_steps,
-                     "start_step": run.start_step})
-
-    @hookimpl
-    def loraengine_on_step_end(self, run: Any, step: int, metrics: dict[str, float]) -> None:
-        self._write({"event": "step", "step": step, **metrics})
-
-    @hookimpl
-    def loraengine_on_save(self, run: Any, path: str, kind: str) -> None:
-        self._write({"event": "save", "kind": kind, "path": path})
-
-    @hookimpl
-    def loraengine_on_train_end(self, run: Any, result: Any) -> None:
-        if result is None:
-            self._write({"event": "train_end", "error": True})
-        else:
-            self._write({"event": "train_end", "steps": result.steps})
-        self._fh.close()

@@ -229,6 +229,11 @@ class OutputConfig(Strict):
                             "lowest validation loss.")
     samples: SamplesConfig | None = Field(default=None, description="Render preview images during "
                                           "training (off by default).")
+    loggers: list[str] = Field(
+        default=["events"], description="Loggers the run writes to, by name (see "
+        "`loraengine plugins`): events (<name>.events.jsonl, what `loraengine monitor` "
+        "reads; appended by every run), tensorboard (<dir>/tensorboard/<name>/), mlflow "
+        "(<dir>/mlruns/, offline). [] for none.")
 
 
 # -- the plugin sections ----------------------------------------------------------------

@@ -24,6 +24,7 @@ BUILTIN_PLUGINS: tuple[str, ...] = (
     "loraengine.plugins.samplers",
     "loraengine.plugins.outputs.previews",
     "loraengine.plugins.outputs.plot",
+    "loraengine.plugins.outputs.loggers",
 )
 
 

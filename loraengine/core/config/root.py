@@ -240,12 +240,42 @@ def _check_plugin_names(data: dict[str, Any], registry: Registry,
         if name not in registry.entries[category]:
             problems.append(f"{section}.{key}: {registry.unknown(category, name)}"
                             f"{source.where((section, key))}")
+    problems.extend(_check_logger_names(data, registry, source))
     exporter = (data.get("adapter") or {}).get("exporter") if isinstance(
         data.get("adapter"), dict) else None
     if exporter is not None and exporter not in registry.entries["exporter"]:
         problems.append(f"adapter.exporter: unknown key format {exporter!r}; installed: "
                         f"{', '.join(registry.names('exporter'))}"
                         f"{source.where(('adapter', 'exporter'))}")
+    return problems
+
+
+def _check_logger_names(data: dict[str, Any], registry: Registry, source: ConfigSource
+                        ) -> list[str]:
+    """``output.loggers``: a list of installed logger names whose packages are here."""
+    output = data.get("output")
+    loggers = output.get("loggers") if isinstance(output, dict) else None
+    if loggers is None:
+        return []
+    if not isinstance(loggers, list):
+        return [f"output.loggers: expected a list of names, got {loggers!r}"
+                f"{source.where(('output', 'loggers'))}"]
+    problems: list[str] = []
+    for i, name in enumerate(loggers):
+        where = source.where(("output", "loggers", str(i)))
+        if not isinstance(name, str):
+            problems.append(f"output.loggers.{i}: expected a name, got {name!r}{where}")
+        elif name not in registry.entries["logger"]:
+            problems.append(f"output.loggers.{i}: {registry.unknown('logger', name)}{where}")
+        else:
+            spec = registry.get("logger", name)
+            with registry.blame("logger", name, "missing"):
+                needs = spec.missing() if spec.missing is not None else None
+            if needs:
+                problems.append(f"output.loggers.{i}: logger {name!r} needs {needs}{where}")
+    if len(set(x for x in loggers if isinstance(x, str))) < len(loggers):
+        problems.append(f"output.loggers: a logger is named twice in {loggers!r}"
+                        f"{source.where(('output', 'loggers'))}")
     return problems
 
 

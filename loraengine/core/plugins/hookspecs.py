@@ -175,6 +175,21 @@ def loraengine_samplers() -> Iterable[S.SamplerSpec[BaseModel]]:
 
 
 @hookspec
+def loraengine_loggers() -> Iterable[S.LoggerSpec]:
+    """Return the ``LoggerSpec`` records (metric loggers) this plugin provides; a run
+    uses those ``output.loggers`` names. The factory's object receives the lifecycle
+    hooks of that run only.
+
+    Example::
+
+        @hookimpl
+        def loraengine_loggers():
+            return [LoggerSpec("csv", factory=CsvLogger)]
+    """
+    return ()
+
+
+@hookspec
 def loraengine_on_train_start(run: RunView) -> None:
     """Called once before the first step. ``run`` is a read-only ``RunView``
     (``loraengine.core.plugins.run``): ``config``, ``total_steps``, ``start_step``,

@@ -17,7 +17,7 @@ from loraengine.core.plugins import specs as S
 
 #: The categories of records, as ``Registry.get`` and ``names`` take them.
 Category = Literal["optimizer", "loss", "adapter", "memory", "model", "lr_scheduler",
-                   "exporter", "timestep_sampler", "loss_weighting", "recipe", "sampler"]
+                   "exporter", "timestep_sampler", "loss_weighting", "recipe", "sampler", "logger"]
 
 #: category -> (hook name, record type)
 CATEGORIES: dict[str, tuple[str, type[S.AnySpec]]] = {
@@ -32,6 +32,7 @@ CATEGORIES: dict[str, tuple[str, type[S.AnySpec]]] = {
     "loss_weighting": ("loraengine_loss_weightings", S.LossWeightingSpec),
     "recipe": ("loraengine_recipes", S.RecipeSpec),
     "sampler": ("loraengine_samplers", S.SamplerSpec),
+    "logger": ("loraengine_loggers", S.LoggerSpec),
 }
 
 
@@ -42,7 +43,7 @@ _SpecList = (
     | list[S.ModelFamilySpec[BaseModel]] | list[S.LRSchedulerSpec[BaseModel]]
     | list[S.ExporterSpec] | list[S.TimestepSamplerSpec[BaseModel]]
     | list[S.LossWeightingSpec[BaseModel]] | list[S.RecipeSpec] | list[S.SamplerSpec[BaseModel]]
-    | list[S.AnySpec])
+    | list[S.LoggerSpec] | list[S.AnySpec])
 
 
 @dataclass(frozen=True, eq=False)  # compared (and hashed, e.g. as a cache key) by identity
@@ -99,6 +100,8 @@ class Registry:
     def specs(self, category: Literal["recipe"]) -> list[S.RecipeSpec]: ...
     @overload
     def specs(self, category: Literal["sampler"]) -> list[S.SamplerSpec[BaseModel]]: ...
+    @overload
+    def specs(self, category: Literal["logger"]) -> list[S.LoggerSpec]: ...
 
     def specs(self, category: str) -> _SpecList:
         """The records of ``category``, in registration order."""
@@ -129,6 +132,8 @@ class Registry:
     def get(self, category: Literal["recipe"], name: str) -> S.RecipeSpec: ...
     @overload
     def get(self, category: Literal["sampler"], name: str) -> S.SamplerSpec[BaseModel]: ...
+    @overload
+    def get(self, category: Literal["logger"], name: str) -> S.LoggerSpec: ...
 
     def get(self, category: str, name: str) -> S.AnySpec:
         """The record ``name`` of ``category``; a ``ConfigError`` listing the installed

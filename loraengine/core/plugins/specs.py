@@ -295,12 +295,32 @@ class SamplerSpec(Generic[OptionsT]):
     default_for: tuple[str, ...] = ()
 
 
+@dataclass(frozen=True)
+class LoggerSpec:
+    """A logger that ``output.loggers`` names (TensorBoard, MLflow, the JSON-lines
+    event stream...).
+
+    ``factory()`` is called just before ``loraengine_on_train_start`` on the first rank
+    of a run that writes files; it returns a plugin object whose lifecycle hooks
+    (``loraengine_on_train_start``, where it opens what it writes to,
+    ``loraengine_on_step_end``, ``loraengine_on_save``, ``loraengine_on_train_end``)
+    receive that run only: it is unregistered after the run. ``missing()`` is asked when
+    the config is read: ``None`` when the logger can run here, else what to install
+    (e.g. ``"the tensorboard package: pip install 'loraengine[tensorboard]'"``),
+    which makes the config error."""
+
+    name: str
+    factory: Callable[[], object]
+    missing: Callable[[], str | None] | None = None
+    description: str = ""
+
+
 #: Any record a registration hook may return.
 AnySpec: TypeAlias = (
     OptimizerSpec[BaseModel] | LossSpec[BaseModel] | AdapterSpec[BaseModel]
     | MemoryStrategySpec | ModelFamilySpec[BaseModel] | LRSchedulerSpec[BaseModel]
     | ExporterSpec | TimestepSamplerSpec[BaseModel] | LossWeightingSpec[BaseModel]
-    | RecipeSpec | SamplerSpec[BaseModel])
+    | RecipeSpec | SamplerSpec[BaseModel] | LoggerSpec)
 
 
 @dataclass(frozen=True)

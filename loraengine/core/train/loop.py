@@ -209,6 +209,7 @@ class Trainer:
         stop, the non-finite watchdog and Ctrl-C handling included."""
         out = self.config.output
         try:
+            self._start_loggers()
             self.host.on_train_start(self.view())
         except BaseException:
             self._unregister_run_plugins()
@@ -249,6 +250,17 @@ class Trainer:
             finally:
                 self._unregister_run_plugins()
         return result
+
+    def _start_loggers(self) -> None:
+        """The ``output.loggers`` of a run that writes files, registered for this run."""
+        if not self.writes_files:
+            return
+        registry = self.registry
+        for name in self.config.output.loggers:
+            spec = registry.get("logger", name)
+            with registry.blame("logger", name, "factory"):
+                plugin = spec.factory()
+            self.register(plugin)
 
     def _unregister_run_plugins(self) -> None:
         while self._run_plugins:

@@ -1,0 +1,1 @@
+"""`loraengine monitor RUN_DIR`: a live local web page of a training run."""
