@@ -118,7 +118,7 @@ def _unpack(kind: str, out: Any, h: int, w: int) -> torch.Tensor:
         return from_tokens(out, h, w)
     if kind == "frames":
         return torch.stack([o.squeeze(1) for o in out])
-    return out  # type: ignore[no-any-return]
+    return out
 
 
 def _tokens_of(kind: str, h: int, w: int) -> int:
