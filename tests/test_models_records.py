@@ -149,7 +149,6 @@ class _Capture(logging.Handler):
         self.messages.append(record.getMessage())
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("name", tp.DENOISER_FAMILIES)
 def test_trains_and_the_file_loads_in_the_pipeline_with_every_key(folders, tmp_path, name):
     import diffusers as d
@@ -157,13 +156,14 @@ def test_trains_and_the_file_loads_in_the_pipeline_with_every_key(folders, tmp_p
 
     family = FAMILY[name]
     x, cond = _draw(name, n=4, seed=1)
+    x = x[:1] + 0.1 * x  # one picture, four takes: something a few steps can learn
     save_file({"latents": x}, str(tmp_path / "lat.st"))
     save_file(cond, str(tmp_path / "cond.st"))
     cfg = {"model": {"family": family, "path": str(folders[name])},
            "data": {"latents": str(tmp_path / "lat.st"),
                     "conditioning": str(tmp_path / "cond.st")},
-           "training": {"steps": 12, "batch_size": 4, "dtype": "fp32", "seed": 0},
-           "optimizer": {"lr": 0.01},
+           "training": {"steps": 30, "batch_size": 4, "dtype": "fp32", "seed": 0},
+           "optimizer": {"lr": 0.02},
            "adapter": {"rank": 4, "alpha": 2, "dtype": "fp32"},
            "memory": {"gradient_checkpointing": True},
            "output": {"dir": str(tmp_path / "out"), "name": "lora", "plot": False}}
@@ -172,7 +172,7 @@ def test_trains_and_the_file_loads_in_the_pipeline_with_every_key(folders, tmp_p
     result = CliRunner().invoke(cli, ["train", str(path), "-q"])
     assert result.exit_code == 0, result.output
     losses = json.loads((tmp_path / "out" / "lora.loss.json").read_text())["loss"]
-    assert len(losses) == 12 and all(torch.isfinite(torch.tensor(losses)))
+    assert len(losses) == 30 and all(torch.isfinite(torch.tensor(losses)))
     lora = tmp_path / "out" / "lora.safetensors"
     tensors = load_file(str(lora))
     assert tensors and all(k.startswith("transformer.") for k in tensors)
