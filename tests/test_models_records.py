@@ -23,8 +23,8 @@ from loraengine.plugins import build_plugin_manager
 from loraengine.testing import tiny_pipelines as tp
 
 FAMILY = {"flux2": "flux2", "flux2_klein": "flux2", "qwen_image": "qwen_image",
-          "z_image": "z_image"}
-SIDE = {"flux2": 4, "flux2_klein": 4, "qwen_image": 8, "z_image": 8}
+          "z_image": "z_image", "lumina2": "lumina2"}
+SIDE = {"flux2": 4, "flux2_klein": 4, "qwen_image": 8, "z_image": 8, "lumina2": 8}
 
 
 @pytest.fixture(scope="module")
@@ -44,6 +44,9 @@ def _draw(name: str, n: int = 2, seed: int = 5, length: int = 7):
     side = SIDE[name]
     x = torch.randn(n, channels, side, side, generator=g)
     cond = {"cond": torch.randn(n, length, width, generator=g)}
+    if name == "lumina2":  # its text comes with an attention mask
+        cond["mask"] = torch.ones(n, length, dtype=torch.bool)
+        cond["mask"][0, -2:] = False
     return x, cond
 
 
@@ -53,7 +56,8 @@ def test_detect_and_load_read_each_pipeline_folder(folders):
     for name, folder in folders.items():
         assert [n for n, s in specs.items() if s.detect(folder)] == [FAMILY[name]]
         loaded = _load(FAMILY[name], path=folder)
-        assert loaded.cond_keys == ("cond",) and loaded.blocks
+        assert loaded.cond_keys == (("cond", "mask") if name == "lumina2" else ("cond",))
+        assert loaded.blocks
         assert loaded.latent_channels == tp.DENOISERS[name][3]
         assert loaded.cond_widths == {"cond": tp.DENOISERS[name][4]}
     # a static shift is the scheduler config's; a dynamic one trains unshifted
@@ -84,6 +88,10 @@ def _pipeline_call(name: str, model, x, sigma, cond, guidance: float = 1.0):
                     return_dict=False)[0]
         # _unpack_latents takes pixel sizes and the VAE factor, giving [B,C,1,H,W]
         return p._unpack_latents(out, h * 8, w * 8, 8)[:, :, 0]
+    if name == "lumina2":  # t = 0 is noise for Lumina; the pipeline negates the output
+        out = model(hidden_states=x, timestep=1 - t / 1000, encoder_hidden_states=cond["cond"],
+                    encoder_attention_mask=cond["mask"], return_dict=False)[0]
+        return -out
     out = model(list(x.unsqueeze(2).unbind(0)), (1000 - t) / 1000,
                 list(cond["cond"].unbind(0)), return_dict=False)[0]
     return -torch.stack([o.float() for o in out]).squeeze(2)

@@ -21,7 +21,7 @@ import torch
 FAMILIES = ("sd15", "sd2", "sdxl", "sd3", "flux")
 #: Families whose tiny folder holds only the denoiser and the scheduler (their text
 #: encoders and VAEs are not built yet): see :func:`save_denoiser`.
-DENOISER_FAMILIES = ("flux2", "flux2_klein", "qwen_image", "z_image")
+DENOISER_FAMILIES = ("flux2", "flux2_klein", "qwen_image", "z_image", "lumina2")
 _CHARS = string.ascii_lowercase + string.digits + ".,!?'-"
 
 
@@ -157,6 +157,16 @@ def z_image_transformer(seed: int = 0) -> Any:
         axes_lens=[64, 32, 32])
 
 
+def lumina2_transformer(seed: int = 0) -> Any:
+    from diffusers import Lumina2Transformer2DModel
+
+    torch.manual_seed(seed)
+    return Lumina2Transformer2DModel(
+        sample_size=8, patch_size=2, in_channels=4, hidden_size=32, num_layers=2,
+        num_refiner_layers=1, num_attention_heads=2, num_kv_heads=1, multiple_of=16,
+        axes_dim_rope=(4, 6, 6), axes_lens=(64, 32, 32), cap_feat_dim=24)
+
+
 #: family -> (pipeline class, transformer builder, scheduler config, latent channels,
 #: text width); the scheduler configs are those of the released pipelines.
 DENOISERS: dict[str, tuple[str, Any, dict[str, Any], int, int]] = {
@@ -173,6 +183,8 @@ DENOISERS: dict[str, tuple[str, Any, dict[str, Any], int, int]] = {
                         shift_terminal=0.02, time_shift_type="exponential"), 4, 24),
     "z_image": ("ZImagePipeline", z_image_transformer,
                 dict(shift=3.0, use_dynamic_shifting=False), 4, 24),
+    "lumina2": ("Lumina2Pipeline", lumina2_transformer,
+                dict(shift=6.0, use_dynamic_shifting=False), 4, 24),
 }
 
 
@@ -198,7 +210,7 @@ def save_denoiser(family: str, folder: Path, seed: int = 0) -> Path:
     model = make(seed)
     model.save_pretrained(str(folder / "transformer"))
     scheduler = d.FlowMatchEulerDiscreteScheduler(**sched_cfg)
-    scheduler.save_pretrained(str(folder / "scheduler"))
+    scheduler.save_pretrained(str(folder / "scheduler"))  # type: ignore[attr-defined]
     index = {"_class_name": pipe_cls, "_diffusers_version": d.__version__,
              "transformer": ["diffusers", type(model).__name__],
              "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"]}

@@ -1,5 +1,5 @@
 """Built-in model families: ``sd15``, ``sd2``, ``sdxl``, ``sd3``, ``flux``, ``flux2``,
-``qwen_image`` and ``z_image`` on diffusers, plus ``diffusers`` (any local UNet folder)
+``qwen_image``, ``z_image`` and ``lumina2`` on diffusers, plus ``diffusers`` (any local UNet folder)
 and ``module`` (an in-memory ``nn.Module``)."""
 
 from __future__ import annotations
@@ -9,6 +9,7 @@ from loraengine.plugins.models import (
     diffusers_folder,
     flux,
     flux2,
+    lumina2,
     module,
     qwen_image,
     sd3,
@@ -20,4 +21,4 @@ from loraengine.plugins.models import (
 @hookimpl
 def loraengine_models():
     return [diffusers_folder.SPEC, module.SPEC, *unet.SPECS, sd3.SPEC, flux.SPEC,
-            flux2.SPEC, qwen_image.SPEC, z_image.SPEC]
+            flux2.SPEC, qwen_image.SPEC, z_image.SPEC, lumina2.SPEC]

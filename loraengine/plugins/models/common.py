@@ -324,8 +324,16 @@ def flow_schedule(family: Family, options: FlowOptions, sched: Mapping[str, Any]
 
 def load_family(family: Family, options: FamilyOptions, context: Mapping[str, Any]
                 ) -> LoadedModel:
-    where = locate(family, options)
-    module = load_module(family, where)
+    given = context.get("module")
+    if isinstance(given, nn.Module) and type(given).__name__ == family.model_class:
+        # a denoiser built by the caller (memory planning builds real-size ones on the
+        # meta device): settings come from model.path when it is a folder
+        path = Path(options.path)
+        where = locate(family, options) if path.exists() else Located(path, None)
+        module = given
+    else:
+        where = locate(family, options)
+        module = load_module(family, where)
     sched = scheduler_config(where.root)
     scale, shift, factor = vae_settings(family, where.root)
     if family.prediction_type == "flow":
