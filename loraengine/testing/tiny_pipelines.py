@@ -19,6 +19,9 @@ from typing import Any
 import torch
 
 FAMILIES = ("sd15", "sd2", "sdxl", "sd3", "flux")
+#: Families whose tiny folder holds only the denoiser and the scheduler (their text
+#: encoders and VAEs are not built yet): see :func:`save_denoiser`.
+DENOISER_FAMILIES = ("flux2", "flux2_klein", "qwen_image", "z_image", "lumina2")
 _CHARS = string.ascii_lowercase + string.digits + ".,!?'-"
 
 
@@ -125,6 +128,98 @@ def flux_transformer(seed: int = 0, guidance: bool = True) -> Any:
         patch_size=1, in_channels=16, num_layers=1, num_single_layers=1,
         attention_head_dim=8, num_attention_heads=2, joint_attention_dim=32,
         pooled_projection_dim=16, guidance_embeds=guidance, axes_dims_rope=(2, 2, 4))
+
+
+def flux2_transformer(seed: int = 0, guidance: bool = True) -> Any:
+    """Flux.2 dev (``guidance``) or Klein (no guidance embedding), tiny."""
+    from diffusers import Flux2Transformer2DModel
+
+    torch.manual_seed(seed)
+    return Flux2Transformer2DModel(
+        patch_size=1, in_channels=16, num_layers=1, num_single_layers=1,
+        attention_head_dim=8, num_attention_heads=2, joint_attention_dim=24,
+        timestep_guidance_channels=16, mlp_ratio=2.0, axes_dims_rope=(2, 2, 2, 2),
+        guidance_embeds=guidance)
+
+
+def qwen_image_transformer(seed: int = 0) -> Any:
+    from diffusers import QwenImageTransformer2DModel
+
+    torch.manual_seed(seed)
+    return QwenImageTransformer2DModel(
+        patch_size=2, in_channels=16, out_channels=4, num_layers=2, attention_head_dim=8,
+        num_attention_heads=2, joint_attention_dim=24, axes_dims_rope=(2, 2, 4))
+
+
+def z_image_transformer(seed: int = 0) -> Any:
+    from diffusers import ZImageTransformer2DModel
+
+    torch.manual_seed(seed)
+    return ZImageTransformer2DModel(
+        all_patch_size=(2,), all_f_patch_size=(1,), in_channels=4, dim=32, n_layers=2,
+        n_refiner_layers=1, n_heads=2, n_kv_heads=2, cap_feat_dim=24, axes_dims=[4, 6, 6],
+        axes_lens=[64, 32, 32])
+
+
+def lumina2_transformer(seed: int = 0) -> Any:
+    from diffusers import Lumina2Transformer2DModel
+
+    torch.manual_seed(seed)
+    return Lumina2Transformer2DModel(
+        sample_size=8, patch_size=2, in_channels=4, hidden_size=32, num_layers=2,
+        num_refiner_layers=1, num_attention_heads=2, num_kv_heads=1, multiple_of=16,
+        axes_dim_rope=(4, 6, 6), axes_lens=(64, 32, 32), cap_feat_dim=24)
+
+
+#: family -> (pipeline class, transformer builder, scheduler config, latent channels,
+#: text width); the scheduler configs are those of the released pipelines.
+DENOISERS: dict[str, tuple[str, Any, dict[str, Any], int, int]] = {
+    "flux2": ("Flux2Pipeline", lambda s: flux2_transformer(s, True),
+              dict(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                   base_image_seq_len=256, max_image_seq_len=4096), 16, 24),
+    "flux2_klein": ("Flux2KleinPipeline", lambda s: flux2_transformer(s, False),
+                    dict(shift=3.0, use_dynamic_shifting=True, base_shift=0.5,
+                         max_shift=1.15, base_image_seq_len=256, max_image_seq_len=4096),
+                    16, 24),
+    "qwen_image": ("QwenImagePipeline", qwen_image_transformer,
+                   dict(shift=1.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=0.9,
+                        base_image_seq_len=256, max_image_seq_len=8192,
+                        shift_terminal=0.02, time_shift_type="exponential"), 4, 24),
+    "z_image": ("ZImagePipeline", z_image_transformer,
+                dict(shift=3.0, use_dynamic_shifting=False), 4, 24),
+    "lumina2": ("Lumina2Pipeline", lumina2_transformer,
+                dict(shift=6.0, use_dynamic_shifting=False), 4, 24),
+}
+
+
+def denoiser_pipeline(family: str, transformer: Any, scheduler: Any) -> Any:
+    """The family's real pipeline object holding only ``transformer`` and
+    ``scheduler`` (no VAE or text encoder): enough for its ``load_lora_weights``."""
+    import diffusers as d
+
+    cls = getattr(d, DENOISERS[family][0])
+    names = [n for n in cls.__init__.__code__.co_varnames[1:cls.__init__.__code__.co_argcount]]
+    parts = {n: None for n in names}
+    parts.update(transformer=transformer, scheduler=scheduler)
+    return cls(**parts)
+
+
+def save_denoiser(family: str, folder: Path, seed: int = 0) -> Path:
+    """A pipeline folder of ``family`` with its tiny transformer and its scheduler only
+    (``model_index.json`` names the pipeline class and those two parts)."""
+    import diffusers as d
+
+    pipe_cls, make, sched_cfg, _, _ = DENOISERS[family]
+    folder = Path(folder)
+    model = make(seed)
+    model.save_pretrained(str(folder / "transformer"))
+    scheduler = d.FlowMatchEulerDiscreteScheduler(**sched_cfg)
+    scheduler.save_pretrained(str(folder / "scheduler"))  # type: ignore[attr-defined]
+    index = {"_class_name": pipe_cls, "_diffusers_version": d.__version__,
+             "transformer": ["diffusers", type(model).__name__],
+             "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"]}
+    (folder / "model_index.json").write_text(json.dumps(index, indent=2))
+    return folder
 
 
 def build(family: str, seed: int = 0) -> Any:

@@ -42,6 +42,10 @@ class OffloadOptions(PluginOptions):
     offloading: bool = Field(False, description="Keep the frozen base weights on the CPU "
                              "and move them to the device block by block (next block "
                              "prefetched), releasing each after use.")
+    offload_blocks: int | None = Field(
+        None, ge=1, description="With offloading: move only the first N blocks of the "
+        "model (its checkpointing/offload units) to the CPU; the other blocks and the "
+        "layers outside the blocks stay on the device. Default: everything.")
 
 
 @dataclass(eq=False)
@@ -107,7 +111,8 @@ def offload_units(model: nn.Module, blocks: list[nn.Module]) -> list[tuple[str, 
 class Offloader:
     """Moves units between the host and ``device``; counts what it does in ``stats``."""
 
-    def __init__(self, model: nn.Module, blocks: list[nn.Module], device: torch.device):
+    def __init__(self, model: nn.Module, blocks: list[nn.Module], device: torch.device,
+                 only: list[nn.Module] | None = None):
         self.model = model
         self.device = device
         self.units: list[_Unit] = []
@@ -124,7 +129,10 @@ class Offloader:
         self._stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         pin = device.type == "cuda"
         seen: set[int] = set()
+        chosen = None if only is None else {id(b) for b in only}
         for name, root in offload_units(model, blocks):
+            if chosen is not None and id(root) not in chosen:
+                continue  # partial offloading: this unit stays on the device
             unit = _Unit(name)
             for mod in root.modules():
                 owned = False
@@ -294,7 +302,8 @@ def _place_the_rest(model: nn.Module, device: torch.device) -> None:
 def apply(ctx: BuildContext, memory: BaseModel) -> StrategyResult:
     model = ctx.model
     blocks = ctx.loaded.blocks or top_level_blocks(model)
-    offloader = Offloader(model, blocks, ctx.device)
+    count = getattr(memory, "offload_blocks", None)
+    offloader = Offloader(model, blocks, ctx.device, None if count is None else blocks[:count])
     _place_the_rest(model, ctx.device)
     offloader.install()
     # Host copies, so that memory planning can tell them from device memory.

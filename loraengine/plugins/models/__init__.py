@@ -1,13 +1,24 @@
-"""Built-in model families: ``sd15``, ``sd2``, ``sdxl``, ``sd3`` and ``flux`` on
-diffusers, plus ``diffusers`` (any local UNet folder) and ``module`` (an in-memory
-``nn.Module``)."""
+"""Built-in model families: ``sd15``, ``sd2``, ``sdxl``, ``sd3``, ``flux``, ``flux2``,
+``qwen_image``, ``z_image`` and ``lumina2`` on diffusers, plus ``diffusers`` (any local UNet folder)
+and ``module`` (an in-memory ``nn.Module``)."""
 
 from __future__ import annotations
 
 from loraengine.core.plugins.hookspecs import hookimpl
-from loraengine.plugins.models import diffusers_folder, flux, module, sd3, unet
+from loraengine.plugins.models import (
+    diffusers_folder,
+    flux,
+    flux2,
+    lumina2,
+    module,
+    qwen_image,
+    sd3,
+    unet,
+    z_image,
+)
 
 
 @hookimpl
 def loraengine_models():
-    return [diffusers_folder.SPEC, module.SPEC, *unet.SPECS, sd3.SPEC, flux.SPEC]
+    return [diffusers_folder.SPEC, module.SPEC, *unet.SPECS, sd3.SPEC, flux.SPEC,
+            flux2.SPEC, qwen_image.SPEC, z_image.SPEC, lumina2.SPEC]

@@ -12,7 +12,7 @@ import json
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, cast
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 from pydantic import Field
 from torch import nn
@@ -22,6 +22,9 @@ from loraengine.core.errors import ConfigError, DataError
 from loraengine.core.model import LoadedModel, PredictFn
 from loraengine.core.plugins.specs import ModelFamilySpec, PluginOptions
 from loraengine.core.schedule import NoiseSchedule
+
+if TYPE_CHECKING:
+    from loraengine.plugins.models.flow import FlowCall, ShiftRule
 
 SINGLE_FILE_SUFFIXES = (".safetensors", ".sft")
 #: The prediction types of a DDPM schedule.
@@ -56,6 +59,10 @@ class FlowOptions(FamilyOptions):
                                      "training timesteps and sampling both use it. "
                                      "Default: the scheduler config's shift (1 when it "
                                      "shifts by resolution), else the family's.")
+    shift_resolution: int | None = Field(
+        None, gt=0, description="For a scheduler that shifts by resolution "
+        "(use_dynamic_shifting): train and sample with the shift its pipeline uses for a "
+        "square image of this many pixels a side. Default: unshifted. flow_shift wins.")
 
 
 #: (latent channels, conditioning widths by tensor name) a denoiser takes; ``None`` /
@@ -126,6 +133,10 @@ class Family:
     timestep_sampling: Literal["uniform", "logit_normal"] = "logit_normal"
     #: What the loaded denoiser takes (checked against the data before training).
     inputs: Callable[[nn.Module], ModelInputs] = unet_inputs
+    #: How a flow transformer's forward is called (makes ``predictor`` and ``inputs``).
+    call: FlowCall | None = None
+    #: How the pipeline picks its shift from the resolution (dynamic shifting).
+    shift_rule: ShiftRule | None = None
 
 
 @dataclass
@@ -285,11 +296,18 @@ def ddpm_from_config(kind: DDPMKind, sched: Mapping[str, Any] | None) -> NoiseSc
                               bool(sched.get("rescale_betas_zero_snr", False)))
 
 
-def flow_schedule(family: Family, options: FlowOptions, sched: Mapping[str, Any] | None
-                  ) -> NoiseSchedule:
+def flow_schedule(family: Family, options: FlowOptions, sched: Mapping[str, Any] | None,
+                  vae_factor: int = 8) -> NoiseSchedule:
     """Rectified flow. A scheduler that shifts by resolution (``use_dynamic_shifting``)
-    trains unshifted, as diffusers' own training scripts do."""
+    trains unshifted, as diffusers' own training scripts do, unless
+    ``shift_resolution`` names the resolution whose shift to use."""
     shift = options.flow_shift
+    if shift is None and options.shift_resolution and sched and \
+            sched.get("use_dynamic_shifting", False):
+        from loraengine.plugins.models.flow import ShiftRule, resolution_shift
+
+        side = options.shift_resolution // vae_factor
+        shift = resolution_shift(family.shift_rule or ShiftRule(), sched, side, side)
     if shift is None:
         if sched and not sched.get("use_dynamic_shifting", False) and "shift" in sched:
             shift = float(sched["shift"])
@@ -306,14 +324,22 @@ def flow_schedule(family: Family, options: FlowOptions, sched: Mapping[str, Any]
 
 def load_family(family: Family, options: FamilyOptions, context: Mapping[str, Any]
                 ) -> LoadedModel:
-    where = locate(family, options)
-    module = load_module(family, where)
+    given = context.get("module")
+    if isinstance(given, nn.Module) and type(given).__name__ == family.model_class:
+        # a denoiser built by the caller (memory planning builds real-size ones on the
+        # meta device): settings come from model.path when it is a folder
+        path = Path(options.path)
+        where = locate(family, options) if path.exists() else Located(path, None)
+        module = given
+    else:
+        where = locate(family, options)
+        module = load_module(family, where)
     sched = scheduler_config(where.root)
+    scale, shift, factor = vae_settings(family, where.root)
     if family.prediction_type == "flow":
-        schedule = flow_schedule(family, options, sched)  # type: ignore[arg-type]
+        schedule = flow_schedule(family, options, sched, factor)  # type: ignore[arg-type]
     else:
         schedule = ddpm_schedule(family, options, sched)  # type: ignore[arg-type]
-    scale, shift, factor = vae_settings(family, where.root)
     channels, widths = family.inputs(module)
     return LoadedModel(
         module=module, predict=family.predictor(options, module, schedule, factor),
@@ -350,13 +376,37 @@ def unet_family(**fields: Any) -> Family:
 
 
 def flow_transformer_family(**fields: Any) -> Family:
-    """A rectified-flow transformer family (SD3, Flux): the fields they share, then
-    ``fields``."""
+    """A rectified-flow transformer family: the fields they share, then ``fields``.
+    With a ``call`` (a :class:`~loraengine.plugins.models.flow.FlowCall`) the
+    ``predictor``, ``inputs`` and ``cond_keys`` default to what it says."""
     shared: dict[str, Any] = dict(
         subfolder="transformer", prediction_type="flow", vae_factor=8,
         default_exporter="diffusers", cond_keys=("cond", "pooled"), default_resolution=1024,
         options=FlowOptions, inputs=transformer_inputs)
+    call = fields.get("call")
+    if call is not None:
+        from loraengine.plugins.models.flow import flow_predictor
+
+        shared.update(predictor=flow_predictor(call), inputs=call_inputs(call),
+                      cond_keys=tuple(key for key, _ in call.args))
     return Family(**{**shared, **fields})
+
+
+def call_inputs(call: FlowCall) -> Callable[[nn.Module], ModelInputs]:
+    """What a transformer called as ``call`` says it takes: latent channels from
+    ``in_channels`` (a 2×2 packing holds four values per channel), conditioning widths
+    from the config keys ``call.widths`` names."""
+    per = 4 if call.packing == "patch2" else 1
+
+    def inputs(module: nn.Module) -> ModelInputs:
+        channels = config_int(module, "in_channels")
+        if channels is not None:
+            channels = channels // per if channels % per == 0 else None
+        widths = {key: w for key, name in call.widths
+                  if (w := config_int(module, name)) is not None}
+        return channels, widths
+
+    return inputs
 
 
 def family_spec(family: Family, detect: Callable[[Any], bool] | None = None

@@ -4,6 +4,8 @@ Prints the estimated peak by kind (base weights, adapter, gradients, optimizer s
 activations) under the configured memory strategies and the step's cost (FLOPs,
 host-to-device traffic), from a dry run on the meta device (``loraengine.tools.plan.logic``).
 ``--measure`` also runs three real steps and prints the measured peak beside it.
+``--real NAME`` (no CONFIG) plans a released model at its real size instead, from the
+config values the package carries (``loraengine.tools.plan.real_size``).
 """
 
 from __future__ import annotations
@@ -42,17 +44,51 @@ def _run(state: Any, config: Path, overrides: tuple[str, ...], as_json: bool,
         click.echo(planning.format_plan(estimate, measured))
 
 
+def _run_real(state: Any, name: str, resolution: int, rank: int, batch: int,
+              offload: int | None, as_json: bool) -> None:
+    from loraengine.tools.plan import real_size
+
+    rows = real_size.plan_scenarios(name, state.host, resolution, rank, batch, offload)
+    if as_json:
+        click.echo(json.dumps({label: None if p is None else p.to_dict()
+                               for label, p in rows}, indent=1))
+    else:
+        click.echo(real_size.format_scenarios(name, rows, resolution, rank, batch))
+
+
 @click.command("plan")
-@click.argument("config", type=click.Path(path_type=Path))
+@click.argument("config", type=click.Path(path_type=Path), required=False)
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
               help="Override a config key, e.g. --set memory.checkpoint_depth=2.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @click.option("--measure", is_flag=True, help="Also run three real steps and print the "
               "measured peak (this trains for three steps; nothing is written).")
+@click.option("--real", "real", metavar="NAME", help="Plan the released model NAME at "
+              "its real size (qwen_image, flux2_dev, flux2_klein_4b, z_image) instead of "
+              "a CONFIG: nothing is downloaded.")
+@click.option("--resolution", type=int, default=1024, show_default=True,
+              help="With --real: square image side in pixels.")
+@click.option("--rank", type=int, default=16, show_default=True, help="With --real.")
+@click.option("--batch", type=int, default=1, show_default=True, help="With --real.")
+@click.option("--offload-blocks", type=int, default=None,
+              help="With --real: blocks offloaded in the partial-offload rows "
+              "(default: 16 of 60, scaled to the model).")
 @click.pass_obj
-def plan(state: Any, config: Path, overrides: tuple[str, ...], as_json: bool,
-         measure: bool) -> None:
+def plan(state: Any, config: Path | None, overrides: tuple[str, ...], as_json: bool,
+         measure: bool, real: str | None, resolution: int, rank: int, batch: int,
+         offload_blocks: int | None) -> None:
     """Estimate CONFIG's peak memory and step cost without training."""
     from loraengine.cli.common import reports_errors
+    from loraengine.core.errors import ConfigError
 
+    if real is not None:
+        reports_errors(_run_real)(state, real, resolution, rank, batch, offload_blocks,
+                                  as_json)
+        return
+    if config is None:
+        def missing(*_: Any) -> None:
+            raise ConfigError("plan: give a CONFIG file, or --real NAME")
+
+        reports_errors(missing)()
+        return
     reports_errors(_run)(state, config, overrides, as_json, measure)

@@ -252,8 +252,9 @@ class _CountFlops:
 
 def estimate(config: Any, host: PluginHost, *, model: torch.nn.Module | None = None,
              latents: Any = None, conditioning: Any = None,
-             base_dir: Path | None = None) -> MemoryPlan:
-    """Plan one training step of ``config`` by a dry run on the meta device."""
+             base_dir: Path | None = None, count_flops: bool = True) -> MemoryPlan:
+    """Plan one training step of ``config`` by a dry run on the meta device (without
+    ``count_flops``, the FLOP-counting step is skipped and the FLOPs read 0)."""
     from loraengine.core.build import build_pipeline
     from loraengine.core.devices import resolve_device
     from loraengine.core.train.loop import Trainer
@@ -286,7 +287,8 @@ def estimate(config: Any, host: PluginHost, *, model: torch.nn.Module | None = N
             grads = _nbytes(pipe.trainable_parameters())
             # FLOPs in a step of their own: the counter keeps tensors alive that a
             # checkpointed step would free, which would spoil the memory figure.
-            trainer.step(flops)
+            if count_flops:
+                trainer.step(flops)
         finally:
             pipe.close()
     host_bytes = parts["host"]

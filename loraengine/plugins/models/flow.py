@@ -1,0 +1,284 @@
+"""Rectified-flow transformer families as data.
+
+A :class:`FlowCall` says how a diffusers transformer's ``forward`` is called from the
+engine's ``(x_t, t, cond)``: the latent's packing, the position inputs, what the
+timestep argument holds (σ, the scheduler's σ·1000 or 1−σ), which conditioning tensors go to which
+argument, whether a guidance value is passed and whether the output is the negated
+velocity. A :class:`ShiftRule` says how the pipeline turns a resolution into its
+timestep shift. :func:`flow_predictor` turns a ``FlowCall`` into the family's predict
+function, so a family is one :func:`~loraengine.plugins.models.common.flow_transformer_family`
+call.
+
+Latents are always ``[N,C,H,W]`` in the space the pipeline denoises in; a packing only
+rearranges them for the model and back.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from loraengine.core.model import PredictFn
+
+#: How the pipeline computes μ from the image's token count.
+MuRule = Literal["linear", "flux2"]
+#: What the timestep argument holds, given σ ∈ (0, 1]: σ, σ·num_train_timesteps (the
+#: scheduler's timestep) or 1 − σ.
+TimestepForm = Literal["sigma", "scaled", "one_minus_sigma"]
+
+
+@dataclass(frozen=True)
+class FlowCall:
+    """How one transformer class is called (see the module docstring)."""
+
+    #: ``none`` (the model patchifies), ``patch2`` (2×2 patches into tokens, Flux.1 and
+    #: Qwen-Image), ``tokens`` (each latent cell one token, Flux.2) or ``frames`` (a
+    #: list of ``[C,1,H,W]``, Z-Image)
+    packing: Literal["none", "patch2", "tokens", "frames"] = "none"
+    #: position inputs: ``flux1`` (img_ids/txt_ids of 3 axes), ``flux2`` (4 axes, per
+    #: sample), ``qwen`` (img_shapes) or ``none``
+    positions: Literal["none", "flux1", "flux2", "qwen"] = "none"
+    timestep: TimestepForm = "sigma"
+    latent_arg: str = "hidden_states"
+    timestep_arg: str = "timestep"
+    #: (cond key, forward argument) for the tensors every sample has
+    args: tuple[tuple[str, str], ...] = (("cond", "encoder_hidden_states"),)
+    #: (cond key, forward argument) passed only when the conditioning file has them
+    optional_args: tuple[tuple[str, str], ...] = ()
+    #: pass ``guidance`` (the ``guidance`` option) when the config has guidance_embeds
+    guidance: bool = False
+    #: the model predicts x0 − noise (the negated velocity)
+    negate: bool = False
+    #: conditioning key of a reference image's latents ``[N,C,h,w]`` appended to the
+    #: image tokens (edit models); its prediction is dropped
+    reference: str | None = None
+    #: (cond key, config key) of the conditioning widths the config states
+    widths: tuple[tuple[str, str], ...] = (("cond", "joint_attention_dim"),
+                                           ("pooled", "pooled_projection_dim"))
+
+
+@dataclass(frozen=True)
+class ShiftRule:
+    """How the pipeline picks its shift from the resolution (``use_dynamic_shifting``)."""
+
+    mu: MuRule = "linear"
+    #: latent cells per image token: 4 for a 2×2 patch, 1 when latents are patchified
+    cells_per_token: int = 4
+    #: inference steps μ is computed for where the rule depends on them (Flux.2)
+    steps: int = 50
+
+
+# -- packing ---------------------------------------------------------------------------
+
+def pack2(latents: torch.Tensor) -> torch.Tensor:
+    """``[B,C,H,W]`` -> ``[B, H/2·W/2, 4C]``: each 2×2 patch becomes one token."""
+    b, c, h, w = latents.shape
+    x = latents.reshape(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5)
+    return x.reshape(b, (h // 2) * (w // 2), c * 4)
+
+
+def unpack2(tokens: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Inverse of :func:`pack2` for a latent of ``height × width``."""
+    b, _, d = tokens.shape
+    c = d // 4
+    x = tokens.reshape(b, height // 2, width // 2, c, 2, 2).permute(0, 3, 1, 4, 2, 5)
+    return x.reshape(b, c, height, width)
+
+
+def to_tokens(latents: torch.Tensor) -> torch.Tensor:
+    """``[B,C,H,W]`` -> ``[B, H·W, C]``."""
+    b, c, h, w = latents.shape
+    return latents.reshape(b, c, h * w).permute(0, 2, 1)
+
+
+def from_tokens(tokens: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    b, _, c = tokens.shape
+    return tokens.permute(0, 2, 1).reshape(b, c, height, width)
+
+
+def _pack(kind: str, x: torch.Tensor) -> Any:
+    if kind == "patch2":
+        return pack2(x)
+    if kind == "tokens":
+        return to_tokens(x)
+    if kind == "frames":
+        return list(x.unsqueeze(2).unbind(0))
+    return x
+
+
+def _unpack(kind: str, out: Any, h: int, w: int) -> torch.Tensor:
+    if kind == "patch2":
+        return unpack2(out, h, w)
+    if kind == "tokens":
+        return from_tokens(out, h, w)
+    if kind == "frames":
+        return torch.stack([o.squeeze(1) for o in out])
+    return out
+
+
+def _tokens_of(kind: str, h: int, w: int) -> int:
+    return h * w // 4 if kind == "patch2" else h * w
+
+
+# -- position inputs -------------------------------------------------------------------
+
+def grid_ids(rows: int, cols: int, axes: int, first: float, device: torch.device,
+             dtype: torch.dtype) -> torch.Tensor:
+    """``[rows·cols, axes]`` ids: ``first`` on axis 0, the row on axis 1, the column on
+    axis 2, zeros elsewhere."""
+    ids = torch.zeros(rows, cols, axes, device=device, dtype=dtype)
+    ids[..., 0] = first
+    ids[..., 1] = torch.arange(rows, device=device, dtype=dtype)[:, None]
+    ids[..., 2] = torch.arange(cols, device=device, dtype=dtype)[None, :]
+    return ids.reshape(-1, axes)
+
+
+def _positions(call: FlowCall, x: torch.Tensor, ref: torch.Tensor | None,
+               cond: Mapping[str, torch.Tensor]) -> dict[str, Any]:
+    b, _, h, w = x.shape
+    dev, dt = x.device, x.dtype
+    txt = cond[call.args[0][0]]
+    if call.positions == "flux1":
+        txt_ids = cond.get("txt_ids")
+        if txt_ids is None:
+            txt_ids = torch.zeros(txt.shape[1], 3, device=dev, dtype=dt)
+        elif txt_ids.ndim == 3:
+            txt_ids = txt_ids[0]  # the same for every sample; the model takes one
+        img = grid_ids(h // 2, w // 2, 3, 0.0, dev, dt)
+        if ref is not None:
+            img = torch.cat([img, grid_ids(ref.shape[2] // 2, ref.shape[3] // 2, 3, 1.0,
+                                           dev, dt)])
+        return {"img_ids": img, "txt_ids": txt_ids}
+    if call.positions == "flux2":
+        img = grid_ids(h, w, 4, 0.0, dev, dt)
+        if ref is not None:  # the pipeline puts reference image k at time 10·(k+1)
+            img = torch.cat([img, grid_ids(ref.shape[2], ref.shape[3], 4, 10.0, dev, dt)])
+        txt_ids = torch.zeros(txt.shape[1], 4, device=dev, dtype=dt)
+        txt_ids[:, 3] = torch.arange(txt.shape[1], device=dev, dtype=dt)
+        return {"img_ids": img.expand(b, -1, -1), "txt_ids": txt_ids.expand(b, -1, -1)}
+    if call.positions == "qwen":
+        shapes: list[tuple[int, int, int]] = [(1, h // 2, w // 2)]
+        if ref is not None:
+            shapes.append((1, ref.shape[2] // 2, ref.shape[3] // 2))
+        return {"img_shapes": [shapes] * b}
+    return {}
+
+
+# -- the predict function --------------------------------------------------------------
+
+def model_timestep(form: TimestepForm, t: torch.Tensor, scale: float) -> torch.Tensor:
+    """The timestep argument for engine timesteps ``t`` = σ·``scale``."""
+    sigma = t.double() / scale
+    if form == "sigma":
+        return sigma
+    if form == "one_minus_sigma":
+        return 1.0 - sigma
+    return t.double()  # σ·num_train_timesteps, the scheduler's own timestep
+
+
+def flow_predictor(call: FlowCall) -> Callable[[Any, nn.Module, Any, int], PredictFn]:
+    """The family ``predictor`` of a :class:`FlowCall`."""
+    def predictor(options: Any, module: nn.Module, schedule: Any, vae_factor: int
+                  ) -> PredictFn:
+        scale = float(schedule.timestep_scale)
+        guidance_value = float(getattr(options, "guidance", 1.0))
+
+        def predict(model: nn.Module, x_t: torch.Tensor, t: torch.Tensor,
+                    cond: Mapping[str, torch.Tensor]) -> torch.Tensor:
+            b, _, h, w = x_t.shape
+            if call.packing == "patch2" and (h % 2 or w % 2):
+                raise ValueError(f"this family's latents need even sides; got {h}×{w}")
+            ref = cond.get(call.reference) if call.reference else None
+            hidden = _pack(call.packing, x_t)
+            if ref is not None:
+                hidden = torch.cat([hidden, _pack(call.packing, ref.to(x_t.dtype))], dim=1)
+            kwargs: dict[str, Any] = {call.latent_arg: hidden}
+            kwargs[call.timestep_arg] = model_timestep(call.timestep, t, scale).float()
+            for key, arg in call.args:
+                kwargs[arg] = cond[key]
+            for key, arg in call.optional_args:
+                if key in cond:
+                    kwargs[arg] = cond[key]
+            if call.packing == "frames":  # per-sample lists; a mask trims padding
+                mask = cond.get("mask")
+                for key, arg in call.args:
+                    rows = cond[key].unbind(0)
+                    kwargs[arg] = [r[m.bool()] for r, m in zip(rows, mask.unbind(0), strict=True)] \
+                        if mask is not None else list(rows)
+            if call.guidance and getattr(model.config, "guidance_embeds", False):
+                kwargs["guidance"] = torch.full((b,), guidance_value, device=x_t.device,
+                                                dtype=x_t.dtype)
+            kwargs.update(_positions(call, x_t, ref, cond))
+            out = model(**kwargs, return_dict=False)[0]
+            if ref is not None:
+                out = out[:, :_tokens_of(call.packing, h, w)]
+            pred = _unpack(call.packing, out, h, w)
+            return -pred if call.negate else pred
+
+        return predict
+
+    return predictor
+
+
+# -- the resolution-dependent shift ----------------------------------------------------
+
+def linear_mu(seq_len: int, sched: Mapping[str, Any]) -> float:
+    """μ growing linearly in the image's token count between the config's
+    (``base_image_seq_len``, ``base_shift``) and (``max_image_seq_len``, ``max_shift``)."""
+    lo, hi = float(sched.get("base_image_seq_len", 256)), float(sched.get(
+        "max_image_seq_len", 4096))
+    b0, b1 = float(sched.get("base_shift", 0.5)), float(sched.get("max_shift", 1.15))
+    m = (b1 - b0) / (hi - lo)
+    return seq_len * m + (b0 - m * lo)
+
+
+def flux2_mu(seq_len: int, steps: int) -> float:
+    """Flux.2's fitted μ: linear in the token count (two fits, for 10 and 200 steps),
+    interpolated in the step count below 4300 tokens."""
+    a1, b1, a2, b2 = 8.73809524e-05, 1.89833333, 0.00016927, 0.45666666
+    m200 = a2 * seq_len + b2
+    if seq_len > 4300:
+        return m200
+    m10 = a1 * seq_len + b1
+    a = (m200 - m10) / 190.0
+    return a * steps + (m200 - 200.0 * a)
+
+
+def mu_for(rule: ShiftRule, sched: Mapping[str, Any], height: int, width: int) -> float:
+    """μ of a latent of ``height × width`` cells."""
+    seq = height * width // rule.cells_per_token
+    return flux2_mu(seq, rule.steps) if rule.mu == "flux2" else linear_mu(seq, sched)
+
+
+def shift_of_mu(mu: float, sched: Mapping[str, Any]) -> float:
+    """The plain shift s (σ' = s·σ/(1+(s−1)·σ)) that equals the scheduler's time shift
+    by μ: e^μ for the exponential kind, μ for the linear one."""
+    return mu if sched.get("time_shift_type", "exponential") == "linear" else math.exp(mu)
+
+
+def resolution_shift(rule: ShiftRule, sched: Mapping[str, Any], height: int, width: int
+                     ) -> float:
+    return shift_of_mu(mu_for(rule, sched, height, width), sched)
+
+
+def inference_sigmas(rule: ShiftRule | None, sched: Mapping[str, Any], height: int,
+                     width: int, steps: int) -> torch.Tensor:
+    """The σ of each inference step the pipeline runs at this latent size (what its
+    scheduler's ``set_timesteps`` gives for ``linspace(1, 1/steps)``), in float64."""
+    sigma = torch.linspace(1.0, 1.0 / steps, steps, dtype=torch.float64)
+    if sched.get("use_dynamic_shifting", False):
+        s = resolution_shift(rule or ShiftRule(), sched, height, width)
+    else:
+        s = float(sched.get("shift", 1.0))
+    sigma = s * sigma / (1 + (s - 1) * sigma)
+    terminal = sched.get("shift_terminal")
+    if terminal:
+        rest = 1 - sigma
+        sigma = 1 - rest / (rest[-1] / (1 - float(terminal)))
+    return sigma
+

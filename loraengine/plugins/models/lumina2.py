@@ -1,0 +1,31 @@
+"""The ``lumina2`` family: Lumina-Image 2.0 (``Lumina2Transformer2DModel``).
+
+Latents ``[N,16,H/8,W/8]`` go in as they are (the model patchifies); ``cond`` holds the
+Gemma hidden states and ``mask`` their attention mask. The model sees 1 − σ (its t = 0
+is noise) and predicts x0 − noise, which the family turns back into the velocity.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from loraengine.plugins.models.common import flow_transformer_family, make_spec, submodules
+from loraengine.plugins.models.flow import FlowCall, ShiftRule
+
+
+def lumina2_blocks(model: nn.Module) -> list[nn.Module]:
+    return submodules(model, "noise_refiner", "context_refiner", "layers")
+
+
+LUMINA2 = flow_transformer_family(
+    name="lumina2", model_class="Lumina2Transformer2DModel",
+    pipeline_classes=("Lumina2Pipeline",), vae_scale=0.3611, vae_shift=0.1159,
+    base_model_version="lumina2", default_include=("layers.*",), blocks=lumina2_blocks,
+    flow_shift=6.0,
+    call=FlowCall(timestep="one_minus_sigma", negate=True,
+                  args=(("cond", "encoder_hidden_states"), ("mask", "encoder_attention_mask")),
+                  widths=(("cond", "cap_feat_dim"),)),
+    shift_rule=ShiftRule(mu="linear", cells_per_token=4),
+    description="Lumina-Image 2.0 DiT (rectified flow, 1−σ timesteps, Gemma text).")
+
+SPEC = make_spec(LUMINA2)  # no prepare encoder yet

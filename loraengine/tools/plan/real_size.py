@@ -1,0 +1,174 @@
+"""Memory plans of the released models at their real size, before downloading them.
+
+``loraengine/plugins/models/real_sizes.json`` carries the ``config.json`` values of the
+released denoisers. :func:`real_model` builds one on the ``meta`` device (no storage,
+nothing read); :func:`plan_scenarios` runs the dry-run :func:`~loraengine.tools.plan.
+logic.estimate` on it at a resolution under a few memory set-ups: bf16, with
+checkpointing, with an fp8 base and with blocks offloaded.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import dataclass
+from importlib import resources
+from typing import Any
+
+import torch
+
+from loraengine.core.errors import ConfigError
+from loraengine.core.plugins.host import PluginHost
+from loraengine.tools.plan.logic import MemoryPlan, MiB, estimate
+
+
+def real_sizes() -> dict[str, dict[str, Any]]:
+    """Every real-size record by name (``qwen_image``, ``flux2_dev``, ...)."""
+    text = resources.files("loraengine.plugins.models").joinpath("real_sizes.json").read_text(
+        encoding="utf-8")
+    return {k: v for k, v in json.loads(text).items() if not k.startswith("_")}
+
+
+def record(name: str) -> dict[str, Any]:
+    known = real_sizes()
+    if name not in known:
+        raise ConfigError(f"--real: unknown model {name!r}; known: {', '.join(known)}")
+    return known[name]
+
+
+def real_model(name: str, blocks: dict[str, int] | None = None) -> torch.nn.Module:
+    """The released denoiser ``name`` on the meta device; ``blocks`` overrides the
+    counts of its repeated blocks (config keys of the record's ``blocks``)."""
+    import diffusers
+
+    rec = record(name)
+    cls = getattr(diffusers, rec["class"])
+    with torch.device("meta"):
+        model: torch.nn.Module = cls.from_config({**rec["config"], **(blocks or {})})
+    return model
+
+
+@dataclass
+class Scenario:
+    label: str
+    model: dict[str, Any]
+    memory: dict[str, Any]
+
+
+def scenarios(blocks: int, offload: int) -> list[Scenario]:
+    """The set-ups planned: ``offload`` of the model's ``blocks`` blocks offloaded."""
+    ck = {"gradient_checkpointing": True}
+    part = {**ck, "offloading": True, "offload_blocks": offload}
+    fp8 = {"quantize": "fp8"}
+    bypass = {"bypass_mode": True}
+    return [Scenario("bf16", {}, {"gradient_checkpointing": False}),
+            Scenario("bf16 + checkpointing", {}, ck),
+            Scenario("fp8 base + checkpointing", fp8, {**ck, **bypass}),
+            Scenario(f"bf16 + checkpointing + {offload}/{blocks} blocks offloaded", {}, part),
+            Scenario(f"fp8 base + checkpointing + {offload}/{blocks} blocks offloaded", fp8,
+                     {**part, **bypass}),
+            Scenario("bf16 + checkpointing + all blocks offloaded", {},
+                     {**ck, "offloading": True})]
+
+
+#: The fields of a plan that are extrapolated (the others are taken from the base run).
+_LINEAR = ("weights_device", "weights_host", "adapter", "optimizer_state", "gradients",
+           "other_resident", "activations", "peak", "transfer_bytes")
+
+
+def _plan_at(name: str, host: PluginHost, sc: Scenario, blocks: dict[str, int],
+             offload: int | None, resolution: int, rank: int, batch: int) -> MemoryPlan:
+    from loraengine.core.config.root import parse_config
+
+    rec = record(name)
+    side = resolution // int(rec["vae_factor"])
+    latents = torch.zeros(batch, int(rec["latent_channels"]), side, side)
+    cond = {"cond": torch.zeros(batch, int(rec["text_tokens"]), int(rec["text_width"]))}
+    memory = dict(sc.memory)
+    if "offload_blocks" in memory:
+        memory["offload_blocks"] = offload
+    cfg = {"model": {"family": rec["family"], "path": f"<real:{name}>", **sc.model},
+           "training": {"steps": 3, "batch_size": batch, "dtype": "bf16", "seed": 0,
+                        "device": "cuda"},
+           "adapter": {"rank": rank, "alpha": rank, "dtype": "bf16"},
+           "memory": memory}
+    conf = parse_config(cfg, host.registry)
+    return estimate(conf, host, model=real_model(name, blocks),
+                    latents={"latents": latents}, conditioning=cond, count_flops=False)
+
+
+def _affine(points: list[tuple[list[int], MemoryPlan]], at: list[int]) -> MemoryPlan:
+    """Each extrapolated field of the plans at ``points`` (a base point, then one per
+    variable, each one higher in that variable) fitted as c + Σ aᵢ·xᵢ, read at ``at``."""
+    (x0, base), rest = points[0], points[1:]
+    fields = {}
+    for key in _LINEAR:
+        value = float(getattr(base, key))
+        for i, (_, plan) in enumerate(rest):
+            value += (getattr(plan, key) - getattr(base, key)) * (at[i] - x0[i])
+        fields[key] = max(int(round(value)), 0)
+    out = copy.copy(base)
+    for key, value in fields.items():
+        setattr(out, key, value)
+    return out
+
+
+def plan_scenarios(name: str, host: PluginHost, resolution: int = 1024, rank: int = 16,
+                   batch: int = 1, offload: int | None = None, labels: list[str] | None = None
+                   ) -> list[tuple[str, MemoryPlan | None]]:
+    """(label, plan) of each scenario for the real-size model ``name`` training a LoRA
+    of ``rank`` at ``resolution``² with batch ``batch``, bf16 compute, AdamW.
+
+    A dry run of a 60-block model takes minutes, and the blocks repeat: the plan is an
+    affine function of each block count (weights, optimizer state, saved activations
+    all grow by one block's worth per block; the transient peak inside a block does not
+    grow). So each scenario is planned at 2 and 3 blocks of each kind (2 and 3 resident, 2 and 3 offloaded) and read at the
+    real counts. Partial offloading, affine in the resident and the offloaded blocks,
+    is planned for a model with one kind of block (else ``None``)."""
+    rec = record(name)
+    keys = list(rec["blocks"])
+    real = [int(rec["config"][k]) for k in keys]
+    total = sum(real)
+    offload = total * 16 // 60 if offload is None else offload
+    out: list[tuple[str, MemoryPlan | None]] = []
+    for sc in scenarios(total, offload):
+        if labels is not None and sc.label not in labels:
+            continue
+        args = (resolution, rank, batch)
+        if "offload_blocks" in sc.memory:
+            if len(keys) != 1:
+                out.append((sc.label, None))
+                continue
+            # variables: resident blocks, offloaded blocks
+            # from 2 offloaded blocks on, the one in use and the one prefetched are
+            # all that is ever loaded at once
+            pts = [([2, 2], _plan_at(name, host, sc, {keys[0]: 4}, 2, *args)),
+                   ([3, 2], _plan_at(name, host, sc, {keys[0]: 5}, 2, *args)),
+                   ([2, 3], _plan_at(name, host, sc, {keys[0]: 5}, 3, *args))]
+            out.append((sc.label, _affine(pts, [total - offload, offload])))
+            continue
+        base = {k: 2 for k in keys}
+        pts = [([2] * len(keys), _plan_at(name, host, sc, base, None, *args))]
+        for i, k in enumerate(keys):
+            x = [2] * len(keys)
+            x[i] = 3
+            pts.append((x, _plan_at(name, host, sc, {**base, k: 3}, None, *args)))
+        out.append((sc.label, _affine(pts, real)))
+    return out
+
+
+def format_scenarios(name: str, rows: list[tuple[str, MemoryPlan | None]], resolution: int,
+                     rank: int, batch: int) -> str:
+    rec = record(name)
+    params = sum(p.numel() for p in real_model(name).parameters())
+    lines = [f"{name} ({rec['class']}, {params / 1e9:.2f} B parameters) at "
+             f"{resolution}×{resolution}, batch {batch}, LoRA rank {rank}, bf16, AdamW",
+             f"  {'set-up':<58}{'peak GiB':>10}{'weights GiB':>13}{'activations GiB':>17}"]
+    for label, p in rows:
+        if p is None:
+            lines.append(f"  {label:<58}{'n/a (two kinds of block)':>40}")
+            continue
+        lines.append(f"  {label:<58}{p.peak / 1024 / MiB:>10.1f}"
+                     f"{p.weights_device / 1024 / MiB:>13.1f}"
+                     f"{p.activations / 1024 / MiB:>17.1f}")
+    return "\n".join(lines)

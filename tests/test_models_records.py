@@ -1,0 +1,226 @@
+"""The record families flux2 (dev and Klein), qwen_image (and Edit) and z_image: each
+calls its transformer as the diffusers pipeline does (checked against the pipeline's
+own packing and id helpers), trains through ``loraengine train`` with the loss falling
+at fixed draws, and writes a LoRA that the pipeline's own ``load_lora_weights`` places
+key for key, computing what the engine's merged model computes."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from click.testing import CliRunner
+from safetensors.torch import load_file, save_file
+
+from loraengine.api import resolve_config
+from loraengine.cli.main import cli
+from loraengine.core.build import build_pipeline
+from loraengine.plugins import build_plugin_manager
+from loraengine.testing import tiny_pipelines as tp
+
+FAMILY = {"flux2": "flux2", "flux2_klein": "flux2", "qwen_image": "qwen_image",
+          "z_image": "z_image", "lumina2": "lumina2"}
+SIDE = {"flux2": 4, "flux2_klein": 4, "qwen_image": 8, "z_image": 8, "lumina2": 8}
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("records")
+    return {name: tp.save_denoiser(name, root / name) for name in tp.DENOISER_FAMILIES}
+
+
+def _load(family: str, **options):
+    spec = build_plugin_manager().registry.get("model", family)
+    return spec.load(spec.config_model(**options), {"base_dir": None, "module": None})
+
+
+def _draw(name: str, n: int = 2, seed: int = 5, length: int = 7):
+    _, _, _, channels, width = tp.DENOISERS[name]
+    g = torch.Generator().manual_seed(seed)
+    side = SIDE[name]
+    x = torch.randn(n, channels, side, side, generator=g)
+    cond = {"cond": torch.randn(n, length, width, generator=g)}
+    if name == "lumina2":  # its text comes with an attention mask
+        cond["mask"] = torch.ones(n, length, dtype=torch.bool)
+        cond["mask"][0, -2:] = False
+    return x, cond
+
+
+def test_detect_and_load_read_each_pipeline_folder(folders):
+    specs = {s.name: s for s in build_plugin_manager().registry.specs("model")
+             if s.detect is not None}
+    for name, folder in folders.items():
+        assert [n for n, s in specs.items() if s.detect(folder)] == [FAMILY[name]]
+        loaded = _load(FAMILY[name], path=folder)
+        assert loaded.cond_keys == (("cond", "mask") if name == "lumina2" else ("cond",))
+        assert loaded.blocks
+        assert loaded.latent_channels == tp.DENOISERS[name][3]
+        assert loaded.cond_widths == {"cond": tp.DENOISERS[name][4]}
+    # a static shift is the scheduler config's; a dynamic one trains unshifted
+    assert _load("z_image", path=folders["z_image"]).schedule.shift == 3.0
+    assert _load("qwen_image", path=folders["qwen_image"]).schedule.shift == 1.0
+
+
+# -- the forward call, against each pipeline's own helpers ------------------------------
+
+def _pipeline_call(name: str, model, x, sigma, cond, guidance: float = 1.0):
+    """The transformer called as the diffusers pipeline calls it, built from the
+    pipeline's own static helpers: the velocity for latents ``x`` at ``sigma``."""
+    import diffusers as d
+
+    b, c, h, w = x.shape
+    t = sigma * 1000  # the scheduler's timesteps
+    if name.startswith("flux2"):
+        p = d.Flux2Pipeline
+        g = torch.full((b,), guidance) if model.config.guidance_embeds else None
+        out = model(hidden_states=p._pack_latents(x), timestep=t / 1000, guidance=g,
+                    encoder_hidden_states=cond["cond"], txt_ids=p._prepare_text_ids(cond["cond"]),
+                    img_ids=p._prepare_latent_ids(x), return_dict=False)[0]
+        return p._unpack_latents_with_ids(out, p._prepare_latent_ids(x))
+    if name == "qwen_image":
+        p = d.QwenImagePipeline
+        out = model(hidden_states=p._pack_latents(x, b, c, h, w), timestep=t / 1000,
+                    encoder_hidden_states=cond["cond"], img_shapes=[[(1, h // 2, w // 2)]] * b,
+                    return_dict=False)[0]
+        # _unpack_latents takes pixel sizes and the VAE factor, giving [B,C,1,H,W]
+        return p._unpack_latents(out, h * 8, w * 8, 8)[:, :, 0]
+    if name == "lumina2":  # t = 0 is noise for Lumina; the pipeline negates the output
+        out = model(hidden_states=x, timestep=1 - t / 1000, encoder_hidden_states=cond["cond"],
+                    encoder_attention_mask=cond["mask"], return_dict=False)[0]
+        return -out
+    out = model(list(x.unsqueeze(2).unbind(0)), (1000 - t) / 1000,
+                list(cond["cond"].unbind(0)), return_dict=False)[0]
+    return -torch.stack([o.float() for o in out]).squeeze(2)
+
+
+@pytest.mark.parametrize("name", tp.DENOISER_FAMILIES)
+def test_predict_is_the_pipelines_own_call(folders, name):
+    loaded = _load(FAMILY[name], path=folders[name])
+    x, cond = _draw(name)
+    sigma = torch.tensor([0.3, 0.85])
+    with torch.no_grad():
+        got = loaded.predict(loaded.module, x, loaded.schedule.model_timesteps(sigma), cond)
+        want = _pipeline_call(name, loaded.module, x, sigma, cond)
+    assert got.shape == x.shape
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_qwen_edit_reference_latents_join_the_tokens_as_the_edit_pipeline_does(folders):
+    import diffusers as d
+
+    loaded = _load("qwen_image", path=folders["qwen_image"])
+    x, cond = _draw("qwen_image")
+    ref = torch.randn(2, 4, 6, 8, generator=torch.Generator().manual_seed(9))
+    sigma = torch.tensor([0.4, 0.7])
+    p = d.QwenImageEditPipeline
+    with torch.no_grad():
+        got = loaded.predict(loaded.module, x, loaded.schedule.model_timesteps(sigma),
+                             {**cond, "reference": ref})
+        plain = loaded.predict(loaded.module, x, loaded.schedule.model_timesteps(sigma), cond)
+        tokens = torch.cat([p._pack_latents(x, 2, 4, 8, 8), p._pack_latents(ref, 2, 4, 6, 8)],
+                           dim=1)
+        out = loaded.module(hidden_states=tokens, timestep=sigma,
+                            encoder_hidden_states=cond["cond"],
+                            img_shapes=[[(1, 4, 4), (1, 3, 4)]] * 2, return_dict=False)[0]
+        want = p._unpack_latents(out[:, :16], 64, 64, 8)[:, :, 0]
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert (got - plain).abs().max() > 1e-4  # the reference changes the prediction
+
+
+# -- training through the CLI, and the file in the pipeline's own loader ----------------
+
+def _eval_loss(pipe, seed: int = 11) -> float:
+    sched = pipe.loaded.schedule
+    g = torch.Generator().manual_seed(seed)
+    x0, cond = pipe.dataset.batch(torch.arange(len(pipe.dataset)))
+    total = 0.0
+    for level in (0.2, 0.5, 0.8):
+        noise = torch.randn(x0.shape, generator=g)
+        t = torch.full((x0.shape[0],), level, dtype=torch.float64)
+        with torch.no_grad():
+            pred = pipe.loaded.predict(pipe.model, sched.add_noise(x0.float(), noise, t),
+                                       sched.model_timesteps(t), cond)
+        total += float(((pred.float() - sched.target(x0.float(), noise, t)) ** 2).mean())
+    return total / 3
+
+
+class _Capture(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record):
+        self.messages.append(record.getMessage())
+
+
+@pytest.mark.parametrize("name", tp.DENOISER_FAMILIES)
+def test_trains_and_the_file_loads_in_the_pipeline_with_every_key(folders, tmp_path, name):
+    import diffusers as d
+    from peft.tuners.lora import LoraLayer
+
+    family = FAMILY[name]
+    x, cond = _draw(name, n=4, seed=1)
+    x = x[:1] + 0.1 * x  # one picture, four takes: something a few steps can learn
+    save_file({"latents": x}, str(tmp_path / "lat.st"))
+    save_file(cond, str(tmp_path / "cond.st"))
+    cfg = {"model": {"family": family, "path": str(folders[name])},
+           "data": {"latents": str(tmp_path / "lat.st"),
+                    "conditioning": str(tmp_path / "cond.st")},
+           "training": {"steps": 30, "batch_size": 4, "dtype": "fp32", "seed": 0},
+           "optimizer": {"lr": 0.02},
+           "adapter": {"rank": 4, "alpha": 2, "dtype": "fp32"},
+           "memory": {"gradient_checkpointing": True},
+           "output": {"dir": str(tmp_path / "out"), "name": "lora", "plot": False}}
+    path = tmp_path / "train.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    result = CliRunner().invoke(cli, ["train", str(path), "-q"])
+    assert result.exit_code == 0, result.output
+    losses = json.loads((tmp_path / "out" / "lora.loss.json").read_text())["loss"]
+    assert len(losses) == 30 and all(torch.isfinite(torch.tensor(losses)))
+    lora = tmp_path / "out" / "lora.safetensors"
+    tensors = load_file(str(lora))
+    assert tensors and all(k.startswith("transformer.") for k in tensors)
+    modules = {k.rsplit(".lora_", 1)[0] for k in tensors if ".lora_" in k}
+
+    host = build_plugin_manager()
+    conf, base = resolve_config(path, host, overrides=[f"adapter.existing={lora}"])
+    engine = build_pipeline(conf, host, base_dir=base)
+    xe, ce = _draw(name, seed=7)
+    te = engine.loaded.schedule.model_timesteps(torch.tensor([0.3, 0.8]))
+    try:
+        trained = _eval_loss(engine)
+        engine.network.set_multiplier(0.0)
+        untouched = _eval_loss(engine)
+        engine.network.set_multiplier(1.0)
+        engine.network.merge()
+        with torch.no_grad():
+            merged = engine.loaded.predict(engine.model, xe, te, ce)
+    finally:
+        engine.close()
+    assert trained < untouched * 0.97, (trained, untouched)
+
+    # The pipeline class's own loader, on the same tiny transformer.
+    make, sched_cfg = tp.DENOISERS[name][1], tp.DENOISERS[name][2]
+    pipe = tp.denoiser_pipeline(name, make(0), d.FlowMatchEulerDiscreteScheduler(**sched_cfg))
+    capture, logger = _Capture(), logging.getLogger("diffusers")
+    old = logger.level
+    logger.addHandler(capture)
+    logger.setLevel(logging.WARNING)
+    try:
+        pipe.load_lora_weights(str(lora))
+    finally:
+        logger.removeHandler(capture)
+        logger.setLevel(old)
+    assert not [m for m in capture.messages if "unexpected" in m or "missing" in m], \
+        capture.messages
+    wrapped = [m for m in pipe.transformer.modules() if isinstance(m, LoraLayer)]
+    assert len(wrapped) == len(modules)
+    with torch.no_grad():
+        loaded = engine.loaded.predict(pipe.transformer, xe, te, ce)
+        plain = engine.loaded.predict(make(0), xe, te, ce)
+    torch.testing.assert_close(loaded, merged, rtol=1e-4, atol=1e-4)
+    assert (loaded - plain).abs().max() > 1e-3
