@@ -85,7 +85,7 @@ def build_network(model: nn.Module, tensors: Mapping[str, torch.Tensor],
     Returns the network, the key format found and each module's algorithm."""
     host = host if host is not None else _default_host()
     file = read_adapter_file(tensors, host.registry, adaptable_layers(model), name=source,
-                             metadata=metadata)
+                             metadata=metadata, model=model)
     return network_from_file(model, file, host.registry, strict=strict)
 
 
@@ -164,7 +164,7 @@ def apply(model: nn.Module, path: str | Path | Mapping[str, torch.Tensor],
         raise ConfigError(f"mode: expected 'bypass' or 'merge', got {mode!r}")
     host = host if host is not None else _default_host()
     file = read_adapter_file(path if isinstance(path, Mapping) else Path(path), host.registry,
-                             adaptable_layers(model))
+                             adaptable_layers(model), model=model)
     network, key_format, algorithms = network_from_file(model, file, host.registry,
                                                         strict=strict)
     network.set_multiplier(strength)

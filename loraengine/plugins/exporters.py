@@ -1,8 +1,14 @@
 """Built-in key formats of LoRA files.
 
 - ``kohya``: ``lora_unet_<path with . as _>.<param>`` — ComfyUI, A1111/Forge and
-  diffusers' ``load_lora_weights`` read it.
-- ``comfyui``: ``diffusion_model.<path>.<param>`` — ComfyUI's own trained files.
+  diffusers' ``load_lora_weights`` read it. For SDXL the path is the original (SAI)
+  name, ``lora_unet_input_blocks_4_1_...``, as sd-scripts writes SDXL files.
+- ``comfyui``: ``diffusion_model.<path>.<param>`` — ComfyUI's own trained files; for a
+  UNet the path is the checkpoint's (``diffusion_model.input_blocks.1.1.proj_in``).
+
+Reading, every format also takes the other layouts the model's family names its layers
+in (``ExporterSpec.layouts`` / ``ModelFamilySpec.layouts``), so a file in either naming
+loads on the diffusers model.
 - ``diffusers`` (alias ``peft``): ``<unet|transformer>.<path>.lora_A.weight`` — what
   diffusers' ``load_lora_weights`` and ComfyUI read for transformer models.
 """
@@ -16,6 +22,7 @@ import torch
 from loraengine.core.files import PEFT_MAGNITUDE
 from loraengine.core.plugins.hookspecs import hookimpl
 from loraengine.core.plugins.specs import ExporterSpec
+from loraengine.plugins.models.unet_names import LDM, SAI
 
 Modules = Mapping[str, Mapping[str, torch.Tensor]]
 
@@ -67,12 +74,17 @@ class PrefixedFormat:
                 grouped.setdefault(module, {})[param] = tensors[key]
         return grouped
 
-    def spec(self, description: str) -> ExporterSpec:
-        return ExporterSpec(self.name, self.to_file, self.from_file, description)
+    def spec(self, description: str, layouts: tuple[str, ...] = ()) -> ExporterSpec:
+        return ExporterSpec(self.name, self.to_file, self.from_file, description, layouts)
 
 
 KOHYA = PrefixedFormat("kohya", "lora_unet_", underscore=True)
 COMFYUI = PrefixedFormat("comfyui", "diffusion_model.", underscore=False)
+#: Module layouts each format writes where the model has them (``unet_names``):
+#: ComfyUI's own files name a UNet's layers as its checkpoints do (``input_blocks.*``);
+#: sd-scripts does so for SDXL only, and writes diffusers' names for SD1.x/2.x.
+COMFYUI_LAYOUTS = (LDM,)
+KOHYA_LAYOUTS = (SAI,)
 
 #: Top-level modules of a diffusers UNet2DConditionModel: their files say ``unet.``.
 UNET_ROOTS = frozenset({"down_blocks", "mid_block", "up_blocks", "conv_in", "conv_out",
@@ -175,8 +187,11 @@ PEFT = PeftFormat("peft")
 @hookimpl
 def loraengine_exporters():
     return [
-        KOHYA.spec("kohya keys (lora_unet_*): ComfyUI, A1111/Forge, diffusers."),
-        COMFYUI.spec("ComfyUI keys (diffusion_model.*)."),
+        KOHYA.spec("kohya keys (lora_unet_*) as sd-scripts writes them (SAI names, "
+                   "input_blocks_*, for SDXL): ComfyUI, A1111/Forge, diffusers.",
+                   KOHYA_LAYOUTS),
+        COMFYUI.spec("ComfyUI keys (diffusion_model.*) as its own trainer writes them "
+                     "(the checkpoint's input_blocks.* names for UNets).", COMFYUI_LAYOUTS),
         DIFFUSERS.spec("diffusers/PEFT keys (unet.* / transformer.* with lora_A/lora_B): "
                        "diffusers' load_lora_weights, ComfyUI."),
         PEFT.spec("Same keys as diffusers (the PEFT spelling)."),

@@ -164,6 +164,11 @@ class ModelFamilySpec(Generic[OptionsT]):
     make_encoder: Callable[[Path, Mapping[str, object]], DataEncoder] | None = None
     #: ``detect(path) -> bool``: whether a pipeline folder holds this family's model.
     detect: Callable[[Path], bool] | None = None
+    #: ``layouts(module) -> {layout: {module path: name in that layout}}``: other names
+    #: consumers give this family's layers (a UNet's original ``input_blocks.*`` names as
+    #: ``ldm``); empty for a module that is not this family's. Files in any of them are
+    #: read, and exporters that ask for one (``ExporterSpec.layouts``) write it.
+    layouts: Callable[[nn.Module], Mapping[str, Mapping[str, str]]] | None = None
 
 
 class DataEncoder(Protocol):
@@ -220,6 +225,10 @@ class ExporterSpec:
         [Mapping[str, torch.Tensor], Iterable[str]], dict[str, dict[str, torch.Tensor]] | None
     ]
     description: str = ""
+    #: Module-name layouts this format writes, best first (``ModelFamilySpec.layouts``):
+    #: the first one the model's family offers renames the module paths before
+    #: ``to_file``; with none offered, the model's own paths are written.
+    layouts: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,129 @@
+"""Files in every naming of a UNet's layers load on the diffusers model, and the
+``comfyui``/``kohya`` exporters write the names those programs use (tiny UNets with the
+real SD1.5 and SDXL block layouts).
+
+The reference is the in-memory network merged into a copy of the model: reading the
+file back must place every module and give bit-identical merged weights (the same
+tensors, the same code: no rounding can differ)."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+
+import pytest
+import torch
+from diffusers import UNet2DConditionModel
+
+import loraengine
+from loraengine.core.adapter import ADAPTABLE, AdapterNetwork
+from loraengine.core.adapter.network import select_layers
+from loraengine.core.errors import DataError
+from loraengine.core.files import in_layout, module_layouts, read_adapter_file, save_lora
+from loraengine.inference import adaptable_layers
+from loraengine.plugins import build_plugin_manager
+from loraengine.plugins.models.unet_names import LDM, ldm_names
+from loraengine.testing.conformance import perturb
+from loraengine.testing.models import sd15_structure_unet_config, sdxl_structure_unet_config
+
+HOST = build_plugin_manager()
+REG = HOST.registry
+CONFIGS = {"sd15": sd15_structure_unet_config, "sdxl": sdxl_structure_unet_config}
+
+
+@pytest.fixture(scope="module", params=sorted(CONFIGS))
+def case(request: pytest.FixtureRequest):
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(**CONFIGS[request.param]()).eval()
+    spec = REG.get("adapter", "lora")
+    layers = select_layers(unet, ["*"], [], ADAPTABLE)
+    g = torch.Generator().manual_seed(0)
+    built = {}
+    for i, (path, base) in enumerate(sorted(layers.items())):
+        layer = spec.create(base, 2, 3.0, spec.config_model(), g)
+        layer.algorithm = "lora"
+        perturb(layer, i)
+        built[path] = layer
+    network = AdapterNetwork(built, {})
+    # the reference: each layer's ΔW added to a copy of the model, by path
+    merged = copy.deepcopy(unet)
+    for path, layer in built.items():
+        base = merged.get_submodule(path)
+        with torch.no_grad():
+            base.weight += layer.delta_weight().to(base.weight.dtype)
+    return request.param, unet, network, merged
+
+
+def _write(tmp_path, unet, network, exporter, layout=None):
+    spec = REG.get("exporter", exporter)
+    if layout is not None:
+        spec = dataclasses.replace(spec, layouts=(layout,))
+    modules = network.file_modules()
+    tensors = spec.to_file(in_layout(modules, spec, module_layouts(REG, unet)))
+    path = tmp_path / f"{exporter}-{layout}.safetensors"
+    save_lora(path, tensors, {})
+    return path, tensors
+
+
+def _check_loads(path, unet, network, merged):
+    file = read_adapter_file(path, REG, adaptable_layers(unet), model=unet)
+    assert sorted(file.modules) == sorted(network.paths)
+    model = copy.deepcopy(unet)
+    loraengine.apply(model, path, mode="merge", host=HOST)
+    got, want = model.state_dict(), merged.state_dict()
+    for key in want:
+        assert torch.equal(got[key], want[key]), key
+
+
+def test_comfyui_export_uses_the_checkpoint_names(case, tmp_path):
+    family, unet, network, merged = case
+    path, tensors = _write(tmp_path, unet, network, "comfyui")
+    names = ldm_names(unet)
+    want = {f"diffusion_model.{names[p]}.{param}" for p, params in
+            network.file_modules().items() for param in params}
+    assert set(tensors) == want
+    assert not any(".down_blocks." in k or ".up_blocks." in k for k in tensors)
+    _check_loads(path, unet, network, merged)
+
+
+def test_kohya_export_writes_sai_names_for_sdxl_only(case, tmp_path):
+    family, unet, network, merged = case
+    path, tensors = _write(tmp_path, unet, network, "kohya")
+    stems = {k.split(".", 1)[0] for k in tensors}
+    if family == "sdxl":
+        assert "lora_unet_input_blocks_4_1_transformer_blocks_1_attn2_to_k" in stems
+        assert not any(s.startswith("lora_unet_down_blocks") for s in stems)
+    else:
+        assert "lora_unet_down_blocks_0_attentions_0_proj_in" in stems
+        assert not any(s.startswith("lora_unet_input_blocks") for s in stems)
+    _check_loads(path, unet, network, merged)
+
+
+@pytest.mark.parametrize("exporter,layout", [
+    ("kohya", LDM),        # A1111 compvis / sd-scripts SAI names on SD1.5 too
+    ("kohya", None),       # kohya diffusers-style names (forced below)
+    ("comfyui", None),     # ComfyUI keys on diffusers paths, as older files had
+    ("diffusers", None),   # PEFT/diffusers keys
+])
+def test_every_naming_loads_on_the_diffusers_model(case, tmp_path, exporter, layout):
+    family, unet, network, merged = case
+    spec = REG.get("exporter", exporter)
+    if layout is None:
+        spec = dataclasses.replace(spec, layouts=())
+    tensors = spec.to_file(in_layout(network.file_modules(), spec, module_layouts(REG, unet)))
+    path = tmp_path / "f.safetensors"
+    save_lora(path, tensors, {})
+    if exporter == "diffusers":  # α/r is folded into lora_B there: equal up to rounding
+        file = read_adapter_file(path, REG, adaptable_layers(unet), model=unet)
+        assert sorted(file.modules) == sorted(network.paths)
+        return
+    _check_loads(path, unet, network, merged)
+
+
+def test_a_file_that_fits_no_layer_names_its_keys(case, tmp_path):
+    family, unet, network, merged = case
+    path = tmp_path / "odd.safetensors"
+    save_lora(path, {"lora_unet_nowhere_block_9.lora_down.weight": torch.ones(2, 4),
+                     "lora_unet_nowhere_block_9.lora_up.weight": torch.ones(4, 2)}, {})
+    with pytest.raises(DataError, match="nowhere_block_9"):
+        loraengine.apply(copy.deepcopy(unet), path, host=HOST)
