@@ -27,6 +27,8 @@ from torch import nn
 #: Layout names a UNet's module map is offered under (``ExporterSpec.layouts``).
 LDM = "ldm"   # the original names: ComfyUI, A1111/Forge, Stability's checkpoints
 SAI = "sai"   # the same names, in the SDXL files sd-scripts writes (SDXL only)
+SDXL_DOWN = ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D")
+SDXL_UP = ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D")
 
 _RESNET = (("norm1", "in_layers.0"), ("conv1", "in_layers.2"),
            ("time_emb_proj", "emb_layers.1"), ("norm2", "out_layers.0"),
@@ -148,13 +150,18 @@ def ldm_names(unet: nn.Module) -> dict[str, str]:
 
 def unet_layouts(unet: nn.Module) -> dict[str, dict[str, str]]:
     """The other layouts a UNet's module paths are known under: ``ldm`` always (when the
-    map is complete), and ``sai`` for an SDXL-style UNet (added ``text_time``
-    conditioning), the names sd-scripts' SDXL files use."""
+    map is complete), and ``sai`` for a UNet with SDXL's block layout and ``text_time``
+    conditioning, the names sd-scripts' SDXL files use."""
     names = ldm_names(unet)
     if not names:
         return {}
     out = {LDM: names}
-    if getattr(unet, "config", {}).get("addition_embed_type") == "text_time":
+    config = getattr(unet, "config", {})
+    # sd-scripts' SDXL UNet has SDXL's block layout built in; a UNet laid out otherwise
+    # cannot come from it, and readers of SAI names (diffusers' among them) assume it
+    if (config.get("addition_embed_type") == "text_time"
+            and tuple(config.get("down_block_types", ())) == SDXL_DOWN
+            and tuple(config.get("up_block_types", ())) == SDXL_UP):
         out[SAI] = names
     return out
 
