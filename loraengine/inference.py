@@ -23,7 +23,7 @@ from torch import nn
 
 from loraengine.core.adapter import AdapterLayer, AdapterNetwork, ChannelDelta
 from loraengine.core.errors import ConfigError, DataError, LoraEngineError
-from loraengine.core.files import AdapterFile, owners_of, read_adapter_file
+from loraengine.core.files import AdapterFile, owners_of, read_adapter_file, unplaced_message
 from loraengine.core.plugins.host import PluginHost
 from loraengine.core.plugins.registry import Registry
 
@@ -103,8 +103,7 @@ def network_from_file(model: nn.Module, file: AdapterFile, registry: Registry, *
     layers = adaptable_layers(model)
     unknown = file.not_in(layers)
     if unknown:
-        msg = (f"{source}: {len(unknown)} module(s) are not layers of this model: "
-               f"{', '.join(unknown[:5])}{' ...' if len(unknown) > 5 else ''}")
+        msg = unplaced_message(file, unknown, registry, model)
         if strict:
             raise DataError(msg)
         warnings.warn(msg, stacklevel=3)

@@ -127,3 +127,27 @@ def test_a_file_that_fits_no_layer_names_its_keys(case, tmp_path):
                      "lora_unet_nowhere_block_9.lora_up.weight": torch.ones(4, 2)}, {})
     with pytest.raises(DataError, match="nowhere_block_9"):
         loraengine.apply(copy.deepcopy(unet), path, host=HOST)
+
+
+def test_an_sdxl_file_on_an_sd15_model_says_so(tmp_path):
+    """sd-scripts' SDXL layout (SAI names) against an SD1.5-structured UNet: one line,
+    the first keys, the formats and layouts tried and the family it looks made for."""
+    torch.manual_seed(0)
+    sdxl = UNet2DConditionModel(**sdxl_structure_unet_config()).eval()
+    sd15 = UNet2DConditionModel(**sd15_structure_unet_config()).eval()
+    spec = REG.get("adapter", "lora")
+    g = torch.Generator().manual_seed(0)
+    layers = select_layers(sdxl, ["down_blocks.2.*", "mid_block.*"], [], ADAPTABLE)
+    network = AdapterNetwork({p: spec.create(m, 1, 1.0, spec.config_model(), g)
+                              for p, m in layers.items()}, {})
+    path, _ = _write(tmp_path, sdxl, network, "kohya")
+    with pytest.raises(DataError) as info:
+        loraengine.apply(copy.deepcopy(sd15), path, host=HOST)
+    message = str(info.value)
+    assert "\n" not in message
+    assert "lora_unet_input_blocks_7_1_transformer_blocks_1" in message
+    assert "key formats tried: kohya, comfyui" in message
+    assert "module names tried: the model's own, ldm" in message
+    assert message.endswith("the file looks made for an SDXL UNet")
+    # on its own family, nothing is unplaced and no family is named
+    loraengine.apply(copy.deepcopy(sdxl), path, host=HOST).remove()

@@ -30,7 +30,7 @@ from loraengine.core.data import (
 from loraengine.core.devices import DTYPES, resolve_device
 from loraengine.core.distributed import DistContext, shard_base, wrap_ddp
 from loraengine.core.errors import ConfigError, DataError, LoraEngineError
-from loraengine.core.files import read_adapter_file
+from loraengine.core.files import read_adapter_file, unplaced_message
 from loraengine.core.model import LoadedModel
 from loraengine.core.plugins.assembly import BuildContext, HostStreaming, StrategyResult
 from loraengine.core.plugins.host import PluginHost
@@ -263,8 +263,8 @@ def _read_existing(path: Path, host: PluginHost, layers: Mapping[str, nn.Module]
     file = read_adapter_file(path, host.registry, [*layers, *norms], model=model)
     unknown = file.not_in({**layers, **norms})
     if unknown:
-        raise DataError(f"{path}: {len(unknown)} module(s) are not adapted layers of this "
-                        f"model: {', '.join(unknown[:5])}")
+        raise DataError(unplaced_message(file, unknown, host.registry, model,
+                                         "adapted layers"))
     for mod_path, module in file.modules.items():
         if not module.params:
             continue

@@ -246,6 +246,38 @@ def module_layouts(registry: Registry, model: nn.Module) -> dict[str, dict[str, 
     return {}
 
 
+def looks_like(registry: Registry, names: Collection[str]) -> str | None:
+    """Which model ``names`` (module names of a file) belong to, as the first model
+    family that recognises them says (``ModelFamilySpec.looks_like``)."""
+    for spec in registry.specs("model"):
+        if spec.looks_like is not None:
+            found = spec.looks_like(names)
+            if found:
+                return found
+    return None
+
+
+def unplaced_message(file: AdapterFile, unknown: Sequence[str], registry: Registry,
+                     model: nn.Module | None = None, what: str = "layers") -> str:
+    """One line on a file's modules that fit no layer of the model: how many, the first
+    ones, the key formats and module layouts tried, and which model they look made for
+    when that is another one."""
+    layouts = ["the model's own", *sorted(module_layouts(registry, model))] if model \
+        is not None else ["the model's own"]
+    formats = [spec.name for spec in registry.specs("exporter")]
+    line = (f"{file.source}: {len(unknown)} module(s) are not {what} of this model: "
+            f"{', '.join(unknown[:5])}{' ...' if len(unknown) > 5 else ''} (read as "
+            f"{file.key_format or 'no known'} keys; key formats tried: "
+            f"{', '.join(formats)}; module names tried: {', '.join(layouts)})")
+    theirs = looks_like(registry, unknown)
+    if theirs and model is not None:
+        own = looks_like(registry, [n for n, m in model.named_modules()
+                                    if isinstance(getattr(m, "weight", None), torch.Tensor)])
+        if theirs != own:
+            line += f"; the file looks made for {theirs}"
+    return line
+
+
 def layout_aliases(layouts: Mapping[str, Mapping[str, str]], paths: Collection[str]
                    ) -> dict[str, str]:
     """``{name in another layout: module path}`` for the modules among ``paths``."""

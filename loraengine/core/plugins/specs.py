@@ -13,7 +13,7 @@ keys); ``OptionsT`` is covariant so that a record of any options model fits ther
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Generic, Protocol, TypeAlias, TypeVar
@@ -169,6 +169,10 @@ class ModelFamilySpec(Generic[OptionsT]):
     #: ``ldm``); empty for a module that is not this family's. Files in any of them are
     #: read, and exporters that ask for one (``ExporterSpec.layouts``) write it.
     layouts: Callable[[nn.Module], Mapping[str, Mapping[str, str]]] | None = None
+    #: ``looks_like(names) -> str | None``: a few words naming the model of this family
+    #: that module names from a file (in any layout) belong to (``"an SDXL UNet"``), or
+    #: ``None``; errors about files made for another model use it.
+    looks_like: Callable[[Collection[str]], str | None] | None = None
 
 
 class DataEncoder(Protocol):

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from functools import lru_cache
 from typing import Any
 
@@ -166,4 +166,65 @@ def unet_layouts(unet: nn.Module) -> dict[str, dict[str, str]]:
     return out
 
 
-__all__ = ["LDM", "SAI", "is_unet", "ldm_names", "unet_layouts"]
+
+
+# -- which family a file's module names come from ---------------------------------------
+
+#: Published UNet configs, the parts that decide the module names (sizes do not).
+_SD1_CONFIG = dict(layers_per_block=2, block_out_channels=(320, 640, 1280, 1280),
+                   down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+                   up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+                   cross_attention_dim=768, attention_head_dim=8)
+_SDXL_CONFIG = dict(layers_per_block=2, block_out_channels=(320, 640, 1280),
+                    down_block_types=SDXL_DOWN, up_block_types=SDXL_UP,
+                    transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20),
+                    cross_attention_dim=2048, use_linear_projection=True,
+                    addition_embed_type="text_time", addition_time_embed_dim=256,
+                    projection_class_embeddings_input_dim=2816)
+#: name prefixes of the UNet's layers in the key formats (compared without them)
+_PREFIXES = ("lora_unet_", "diffusion_model_", "model_diffusion_model_", "unet_")
+
+
+def flat_name(name: str) -> str:
+    """A module name in any key format and layout, prefix dropped, ``.`` as ``_``."""
+    flat = name.replace(".", "_")
+    for prefix in _PREFIXES:
+        if flat.startswith(prefix):
+            return flat[len(prefix):]
+    return flat
+
+
+@lru_cache(maxsize=2)
+def reference_names(which: str) -> frozenset[str]:
+    """Every module name (diffusers and original layout, flattened) of the full-size
+    SD1.x/2.x (``sd15``) or SDXL (``sdxl``) UNet, built on the meta device."""
+    from diffusers import UNet2DConditionModel
+
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**(_SD1_CONFIG if which == "sd15" else _SDXL_CONFIG))
+    names = ldm_names(unet)
+    return frozenset({flat_name(n) for pair in names.items() for n in pair})
+
+
+def unet_family_of(names: Collection[str]) -> str | None:
+    """``sd15`` (SD1.x/2.x) or ``sdxl`` when most of ``names`` are that UNet's layers
+    and fewer are the other's; ``None`` otherwise."""
+    flat = {flat_name(n) for n in names}
+    if not flat:
+        return None
+    scores = {which: len(flat & reference_names(which)) for which in ("sd15", "sdxl")}
+    best = max(scores, key=lambda k: scores[k])
+    other = min(scores, key=lambda k: scores[k])
+    if scores[best] * 2 < len(flat) or scores[best] == scores[other]:
+        return None
+    return best
+
+
+def unet_looks_like(names: Collection[str]) -> str | None:
+    """A few words on which UNet family ``names`` (modules a model lacks) belong to."""
+    found = unet_family_of(names)
+    return {"sd15": "an SD1.x/2.x UNet", "sdxl": "an SDXL UNet"}.get(found or "")
+
+
+__all__ = ["LDM", "SAI", "flat_name", "is_unet", "ldm_names", "reference_names",
+           "unet_family_of", "unet_layouts", "unet_looks_like"]
