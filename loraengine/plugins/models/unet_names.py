@@ -201,7 +201,7 @@ def reference_names(which: str) -> frozenset[str]:
     from diffusers import UNet2DConditionModel
 
     with torch.device("meta"):
-        unet = UNet2DConditionModel(**(_SD1_CONFIG if which == "sd15" else _SDXL_CONFIG))
+        unet: Any = UNet2DConditionModel(**(_SD1_CONFIG if which == "sd15" else _SDXL_CONFIG))
     names = ldm_names(unet)
     return frozenset({flat_name(n) for pair in names.items() for n in pair})
 
