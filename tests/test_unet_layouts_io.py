@@ -151,3 +151,47 @@ def test_an_sdxl_file_on_an_sd15_model_says_so(tmp_path):
     assert message.endswith("the file looks made for an SDXL UNet")
     # on its own family, nothing is unplaced and no family is named
     loraengine.apply(copy.deepcopy(sdxl), path, host=HOST).remove()
+
+
+@pytest.mark.slow  # a tiny SDXL pipeline around the UNet (~10 s)
+def test_diffusers_reads_the_sai_named_sdxl_export(tmp_path):
+    """The ``kohya`` SDXL export (SAI names) through diffusers' own
+    ``load_lora_weights`` + ``fuse_lora``: every module of the file changes its layer,
+    to the weights the in-memory network merges (bit-identical where both compute
+    W + up·down·α/r the same way; the bound is fp32 rounding of that sum, 2u·|W + ΔW|
+    per element with u = 2⁻²⁴)."""
+    from loraengine.plugins.models.unet import UNET_TARGETS
+    from loraengine.testing import tiny_pipelines
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(**sdxl_structure_unet_config()).eval()
+    before = copy.deepcopy(unet.state_dict())
+    pipe = tiny_pipelines.build("sdxl")
+    pipe.register_modules(unet=unet)
+    spec = REG.get("adapter", "lora")
+    g = torch.Generator().manual_seed(0)
+    built = {}
+    for i, (path, base) in enumerate(sorted(
+            select_layers(unet, list(UNET_TARGETS), [], ADAPTABLE).items())):
+        layer = spec.create(base, 2, 2.0, spec.config_model(), g)
+        perturb(layer, i)
+        built[path] = layer
+    exporter = REG.get("exporter", "kohya")
+    tensors = exporter.to_file(in_layout(AdapterNetwork(built, {}).file_modules(), exporter,
+                                         module_layouts(REG, unet)))
+    assert all(k.startswith(("lora_unet_input_blocks", "lora_unet_middle_block",
+                             "lora_unet_output_blocks")) for k in tensors)
+    want = {}
+    for path, layer in built.items():
+        want[path] = (before[f"{path}.weight"] + layer.delta_weight()).detach()
+    path = tmp_path / "sai.safetensors"
+    save_lora(path, tensors, {})
+    pipe.load_lora_weights(str(path))
+    pipe.fuse_lora()
+    pipe.unload_lora_weights()
+    got = pipe.unet.state_dict()
+    U = 2.0 ** -24
+    for module, weight in want.items():
+        have = got[f"{module}.weight"]
+        assert not torch.equal(have, before[f"{module}.weight"]), module
+        assert bool(((have - weight).abs() <= 2 * U * weight.abs()).all()), module
