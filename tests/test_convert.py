@@ -15,7 +15,7 @@ import loraengine
 from loraengine.cli.main import cli
 from loraengine.core.adapter import ADAPTABLE, AdapterNetwork
 from loraengine.core.adapter.network import select_layers
-from loraengine.core.files import write_adapter_file
+from loraengine.core.files import module_layouts, write_adapter_file
 from loraengine.plugins import build_plugin_manager
 from loraengine.plugins.models.unet_names import ldm_names
 from loraengine.testing.conformance import perturb
@@ -34,7 +34,8 @@ def model_dir(tmp_path_factory):
     return folder, unet
 
 
-def _file(tmp_path, unet, name, options=None, exporter="diffusers", include=("*",)):
+def _file(tmp_path, unet, name, options=None, exporter="diffusers", include=("*",),
+          original=False):
     spec = REG.get("adapter", name)
     config = spec.config_model.model_validate(options or {})
     layers = select_layers(unet, list(include), [], spec.layer_types or ADAPTABLE)
@@ -48,7 +49,8 @@ def _file(tmp_path, unet, name, options=None, exporter="diffusers", include=("*"
     network = AdapterNetwork(built, {})
     path = tmp_path / f"{name}.safetensors"
     write_adapter_file(path, network.file_modules(), REG.get("exporter", exporter),
-                       {"loraengine.algorithm": name})
+                       {"loraengine.algorithm": name},
+                       module_layouts(REG, unet) if original else None)
     return path, network
 
 
@@ -149,3 +151,16 @@ def test_never_writes_over_the_input(model_dir, tmp_path):
     res = _run(src, "--to", "comfyui", "--out", out)
     assert res.exit_code == 2 and "exists" in res.output
     assert out.read_bytes() == b"keep"
+
+
+def test_diffusers_names_from_original_names_need_the_model(model_dir, tmp_path):
+    folder, unet = model_dir
+    src, _ = _file(tmp_path, unet, "lora", exporter="comfyui", include=("down_blocks.1.*",),
+                   original=True)
+    assert all(k.startswith("diffusion_model.input_blocks.") for k in load_file(str(src)))
+    out = tmp_path / "p.safetensors"
+    res = _run(src, "--to", "diffusers", "--out", out)
+    assert res.exit_code == 2 and "--model" in res.output and not out.exists()
+    res = _run(src, "--to", "diffusers", "--model", folder, "--out", out)
+    assert res.exit_code == 0, res.output
+    assert all(k.startswith("unet.down_blocks.1.") for k in load_file(str(out)))

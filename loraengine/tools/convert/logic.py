@@ -45,6 +45,9 @@ TARGETS: dict[str, tuple[str, tuple[str, ...] | None]] = {
     "comfyui": ("comfyui", None), "kohya": ("kohya", None),
     "a1111": ("kohya", ("ldm",)), "diffusers": ("diffusers", None),
 }
+#: first parts of a UNet's original (checkpoint) module names
+ORIGINAL_ROOTS = frozenset({"input_blocks", "middle_block", "output_blocks", "time_embed",
+                            "label_emb", "out"})
 CONSUMER_NAMES = {"comfyui": "ComfyUI", "kohya": "sd-scripts", "a1111": "A1111/Forge",
                   "diffusers": "diffusers"}
 
@@ -190,6 +193,11 @@ def convert_file(source: Path, target: str, model_path: Path | None = None,
     else:
         file = read_adapter_file(source, host.registry)
         modules = {path: {**m.params, **m.deltas} for path, m in file.modules.items()}
+        original = sorted(p for p in modules if p.split(".", 1)[0] in ORIGINAL_ROOTS)
+        if target == "diffusers" and original:
+            raise ConfigError(f"--model: {source} names its layers in the original "
+                              f"layout (e.g. {original[0]}); diffusers needs the model's "
+                              f"own names, so pass the model (--model PATH)")
         layouts = {}
         warnings += [f"{consumer}: {limit} (pass --model to measure the difference)"
                      for limit in unmeasured(target, file)]
