@@ -15,7 +15,7 @@ loads on the diffusers model.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 
 import torch
 
@@ -74,8 +74,10 @@ class PrefixedFormat:
                 grouped.setdefault(module, {})[param] = tensors[key]
         return grouped
 
-    def spec(self, description: str, layouts: tuple[str, ...] = ()) -> ExporterSpec:
-        return ExporterSpec(self.name, self.to_file, self.from_file, description, layouts)
+    def spec(self, description: str, layouts: tuple[str, ...] = (), limits=None
+             ) -> ExporterSpec:
+        return ExporterSpec(self.name, self.to_file, self.from_file, description, layouts,
+                            limits)
 
 
 KOHYA = PrefixedFormat("kohya", "lora_unet_", underscore=True)
@@ -176,12 +178,41 @@ class PeftFormat:
             grouped.setdefault(module, {})[OURS.get(param, param)] = tensors[key]
         return grouped
 
-    def spec(self, description: str) -> ExporterSpec:
-        return ExporterSpec(self.name, self.to_file, self.from_file, description)
+    def spec(self, description: str, limits=None) -> ExporterSpec:
+        return ExporterSpec(self.name, self.to_file, self.from_file, description, (),
+                            limits)
 
 
 DIFFUSERS = PeftFormat("diffusers")
 PEFT = PeftFormat("peft")
+
+
+def _count(modules: Mapping[str, tuple[str, Collection[str]]], test) -> int:
+    return sum(1 for algorithm, params in modules.values() if test(algorithm, set(params)))
+
+
+def comfyui_limits(modules: Mapping[str, tuple[str, Collection[str]]]) -> list[str]:
+    """What ComfyUI's loader cannot express (checked against comfy/weight_adapter)."""
+    out = []
+    for text, test in (
+            ("ComfyUI has no IA3; these layers are not applied there",
+             lambda a, p: a == "ia3"),
+            ("ComfyUI's DoRA divides by the norm of W, not of W + ΔW",
+             lambda a, p: "dora_scale" in p),
+            ("ComfyUI loads OFT's rescale and never applies it",
+             lambda a, p: "rescale" in p)):
+        n = _count(modules, test)
+        if n:
+            out.append(f"{text} ({n} layer(s); loraengine convert --model measures it)")
+    return out
+
+
+def diffusers_limits(modules: Mapping[str, tuple[str, Collection[str]]]) -> list[str]:
+    """diffusers' ``load_lora_weights`` reads LoRA (and DoRA) only."""
+    other = sorted({a for a, _ in modules.values() if a != "lora"})
+    n = _count(modules, lambda a, p: a != "lora")
+    return [f"diffusers reads only LoRA; {n} layer(s) of {', '.join(other)} are not "
+            f"applied there"] if n else []
 
 
 @hookimpl
@@ -191,8 +222,9 @@ def loraengine_exporters():
                    "input_blocks_*, for SDXL): ComfyUI, A1111/Forge, diffusers.",
                    KOHYA_LAYOUTS),
         COMFYUI.spec("ComfyUI keys (diffusion_model.*) as its own trainer writes them "
-                     "(the checkpoint's input_blocks.* names for UNets).", COMFYUI_LAYOUTS),
+                     "(the checkpoint's input_blocks.* names for UNets).", COMFYUI_LAYOUTS,
+                     comfyui_limits),
         DIFFUSERS.spec("diffusers/PEFT keys (unet.* / transformer.* with lora_A/lora_B): "
-                       "diffusers' load_lora_weights, ComfyUI."),
-        PEFT.spec("Same keys as diffusers (the PEFT spelling)."),
+                       "diffusers' load_lora_weights, ComfyUI.", diffusers_limits),
+        PEFT.spec("Same keys as diffusers (the PEFT spelling).", diffusers_limits),
     ]

@@ -233,6 +233,10 @@ class ExporterSpec:
     #: the first one the model's family offers renames the module paths before
     #: ``to_file``; with none offered, the model's own paths are written.
     layouts: tuple[str, ...] = ()
+    #: ``limits(modules) -> lines``: what the format's consumer cannot express of a file,
+    #: given ``{module path: (algorithm, parameter names)}``; one line each, naming the
+    #: consumer. ``train`` warns with them (``core/checks.py``), ``convert`` measures them.
+    limits: Callable[[Mapping[str, tuple[str, Collection[str]]]], list[str]] | None = None
 
 
 @dataclass(frozen=True)
