@@ -187,6 +187,11 @@ DIFFUSERS = PeftFormat("diffusers")
 PEFT = PeftFormat("peft")
 
 
+#: a LoRA module's tensors, as every LoRA reader knows them
+LORA_PARAMS = frozenset({"lora_down.weight", "lora_up.weight", "alpha", "dora_scale",
+                         "diff", "diff_b"})
+
+
 def _count(modules: Mapping[str, tuple[str, Collection[str]]], test) -> int:
     return sum(1 for algorithm, params in modules.values() if test(algorithm, set(params)))
 
@@ -208,11 +213,15 @@ def comfyui_limits(modules: Mapping[str, tuple[str, Collection[str]]]) -> list[s
 
 
 def diffusers_limits(modules: Mapping[str, tuple[str, Collection[str]]]) -> list[str]:
-    """diffusers' ``load_lora_weights`` reads LoRA (and DoRA) only."""
-    other = sorted({a for a, _ in modules.values() if a != "lora"})
-    n = _count(modules, lambda a, p: a != "lora")
-    return [f"diffusers reads only LoRA; {n} layer(s) of {', '.join(other)} are not "
-            f"applied there"] if n else []
+    """diffusers' ``load_lora_weights`` reads LoRA (and DoRA) only: modules whose
+    tensors are not a LoRA's (by name, whichever algorithm wrote them)."""
+    def not_lora(algorithm: str, params: set[str]) -> bool:
+        return algorithm != "deltas" and not params <= LORA_PARAMS
+
+    other = sorted({a for a, p in modules.values() if not_lora(a, set(p))})
+    n = _count(modules, not_lora)
+    return [f"diffusers reads only LoRA (LoKr for a few pipelines, e.g. Flux.2); {n} "
+            f"layer(s) of {', '.join(other)} are not applied there"] if n else []
 
 
 @hookimpl
