@@ -23,7 +23,7 @@ from torch import nn
 
 from loraengine.core.adapter import AdapterLayer, AdapterNetwork, ChannelDelta
 from loraengine.core.errors import ConfigError, DataError, LoraEngineError
-from loraengine.core.files import AdapterFile, owners_of, read_adapter_file
+from loraengine.core.files import AdapterFile, owners_of, read_adapter_file, unplaced_message
 from loraengine.core.plugins.host import PluginHost
 from loraengine.core.plugins.registry import Registry
 
@@ -85,7 +85,7 @@ def build_network(model: nn.Module, tensors: Mapping[str, torch.Tensor],
     Returns the network, the key format found and each module's algorithm."""
     host = host if host is not None else _default_host()
     file = read_adapter_file(tensors, host.registry, adaptable_layers(model), name=source,
-                             metadata=metadata)
+                             metadata=metadata, model=model)
     return network_from_file(model, file, host.registry, strict=strict)
 
 
@@ -103,8 +103,7 @@ def network_from_file(model: nn.Module, file: AdapterFile, registry: Registry, *
     layers = adaptable_layers(model)
     unknown = file.not_in(layers)
     if unknown:
-        msg = (f"{source}: {len(unknown)} module(s) are not layers of this model: "
-               f"{', '.join(unknown[:5])}{' ...' if len(unknown) > 5 else ''}")
+        msg = unplaced_message(file, unknown, registry, model)
         if strict:
             raise DataError(msg)
         warnings.warn(msg, stacklevel=3)
@@ -164,7 +163,7 @@ def apply(model: nn.Module, path: str | Path | Mapping[str, torch.Tensor],
         raise ConfigError(f"mode: expected 'bypass' or 'merge', got {mode!r}")
     host = host if host is not None else _default_host()
     file = read_adapter_file(path if isinstance(path, Mapping) else Path(path), host.registry,
-                             adaptable_layers(model))
+                             adaptable_layers(model), model=model)
     network, key_format, algorithms = network_from_file(model, file, host.registry,
                                                         strict=strict)
     network.set_multiplier(strength)

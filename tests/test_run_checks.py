@@ -71,3 +71,18 @@ def test_no_warning_when_rank_is_left_at_its_default(host, tmp_path):
         warnings.simplefilter("error", UserWarning)
         loraengine.train(config, model=TinyDenoiser(), latents=data.latents,
                          conditioning=data.conditioning, host=host)
+
+
+def test_an_exporter_whose_consumer_cannot_hold_the_algorithm_warns(host):
+    """IA3 for ComfyUI (it has no IA3) and LoHa for diffusers (it reads LoRA only): one
+    warning naming the key, the consumer and the layers; LoRA for either: none."""
+    with pytest.warns(UserWarning, match=r"adapter.exporter: ComfyUI has no IA3; .* \(\d+ "
+                      r"layer\(s\)"):
+        train_tiny(host, {"adapter": {"algorithm": "ia3", "exporter": "comfyui"}})
+    with pytest.warns(UserWarning, match=r"adapter.exporter: diffusers reads only LoRA .*; "
+                      r"\d+ layer\(s\) of loha"):
+        train_tiny(host, {"adapter": {"algorithm": "loha", "exporter": "diffusers"}})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        train_tiny(host, {"adapter": {"algorithm": "lora", "exporter": "comfyui"}})
+        train_tiny(host, {"adapter": {"algorithm": "lora", "exporter": "diffusers"}})

@@ -151,6 +151,7 @@ def config_schema(state: State) -> None:
 BUILTIN_COMMANDS = (
     ("loraengine.tools.inspect.command", "inspect"),
     ("loraengine.tools.merge.command", "merge"),
+    ("loraengine.tools.convert.command", "convert"),
     ("loraengine.tools.prepare.command", "prepare"),
     ("loraengine.tools.plan.command", "plan"),
     ("loraengine.tools.sample.command", "sample"),

@@ -30,7 +30,7 @@ from loraengine.core.data import (
 from loraengine.core.devices import DTYPES, resolve_device
 from loraengine.core.distributed import DistContext, shard_base, wrap_ddp
 from loraengine.core.errors import ConfigError, DataError, LoraEngineError
-from loraengine.core.files import read_adapter_file
+from loraengine.core.files import read_adapter_file, unplaced_message
 from loraengine.core.model import LoadedModel
 from loraengine.core.plugins.assembly import BuildContext, HostStreaming, StrategyResult
 from loraengine.core.plugins.host import PluginHost
@@ -192,7 +192,7 @@ def build_adapters(config: Any, host: PluginHost, loaded: LoadedModel, device: t
     norms = _norm_layers(loaded.module, include, acfg.exclude)
     if acfg.existing is not None:
         saved, saved_deltas, previous_steps = _read_existing(
-            acfg.existing, host, layers, norms, spec)
+            acfg.existing, host, layers, norms, spec, loaded.module)
     g = make_generator(config.training.seed, "init")
     built: dict[str, AdapterLayer] = {}
     fresh: list[str] = []
@@ -255,16 +255,16 @@ def _build_deltas(acfg: Any, candidates: Mapping[str, nn.Module],
 
 
 def _read_existing(path: Path, host: PluginHost, layers: Mapping[str, nn.Module],
-                   norms: Mapping[str, nn.Module], spec: Any
+                   norms: Mapping[str, nn.Module], spec: Any, model: nn.Module | None = None
                    ) -> tuple[dict[str, dict[str, torch.Tensor]],
                               dict[str, dict[str, torch.Tensor]], int]:
     """Split a file into algorithm tensors and ``diff``/``diff_b`` deltas per module,
     read the way ``apply`` reads it; each module must be ``spec``'s algorithm."""
-    file = read_adapter_file(path, host.registry, [*layers, *norms])
+    file = read_adapter_file(path, host.registry, [*layers, *norms], model=model)
     unknown = file.not_in({**layers, **norms})
     if unknown:
-        raise DataError(f"{path}: {len(unknown)} module(s) are not adapted layers of this "
-                        f"model: {', '.join(unknown[:5])}")
+        raise DataError(unplaced_message(file, unknown, host.registry, model,
+                                         "adapted layers"))
     for mod_path, module in file.modules.items():
         if not module.params:
             continue

@@ -13,7 +13,28 @@ from loraengine.core.data import BucketedDataset
 def pipeline_warnings(pipe: Any) -> list[str]:
     """One line per setting of ``pipe.config`` the built run does not honour as
     written."""
-    return [*_rank_of_existing(pipe), *_batch_larger_than_data(pipe)]
+    return [*_rank_of_existing(pipe), *_batch_larger_than_data(pipe),
+            *_exporter_limits(pipe)]
+
+
+def _exporter_limits(pipe: Any) -> list[str]:
+    """What the consumer of ``adapter.exporter`` cannot express of the adapters being
+    trained (the exporter's own ``limits``): the file is written anyway, as trained."""
+    name = pipe.config.adapter.exporter or pipe.loaded.default_exporter
+    try:
+        exporter = pipe.host.registry.get("exporter", name)
+    except Exception:
+        return []
+    if getattr(exporter, "limits", None) is None:
+        return []
+    layers = dict(pipe.network.items())
+    modules = {}
+    for path, params in pipe.network.file_modules().items():
+        layer = layers.get(path)
+        algorithm = "deltas" if layer is None else \
+            str(getattr(layer, "algorithm", None) or pipe.adapter_spec.name)
+        modules[path] = (algorithm, tuple(params))
+    return [f"adapter.exporter: {line}" for line in exporter.limits(modules)]
 
 
 def _rank_of_existing(pipe: Any) -> list[str]:

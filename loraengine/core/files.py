@@ -19,6 +19,7 @@ import torch
 from pydantic import BaseModel
 from safetensors import safe_open
 from safetensors.torch import save_file
+from torch import nn
 
 from loraengine.core.adapter.layer import DELTA_KEYS, split_deltas
 from loraengine.core.data import read_safetensors
@@ -168,11 +169,13 @@ def save_lora(path: Path, tensors: Mapping[str, torch.Tensor], metadata: Mapping
 
 
 def write_adapter_file(path: Path, modules: Mapping[str, Mapping[str, torch.Tensor]],
-                       exporter: ExporterSpec, metadata: Mapping[str, Any]
+                       exporter: ExporterSpec, metadata: Mapping[str, Any],
+                       layouts: Mapping[str, Mapping[str, str]] | None = None
                        ) -> dict[str, torch.Tensor]:
     """Write ``{module_path: {param: tensor}}`` in ``exporter``'s key format, atomically
-    (``save_lora``); returns the file's tensors by key."""
-    tensors = exporter.to_file(modules)
+    (``save_lora``), in the module layout it asks for (``in_layout``, ``layouts`` from
+    ``module_layouts``); returns the file's tensors by key."""
+    tensors = exporter.to_file(in_layout(modules, exporter, layouts or {}))
     save_lora(path, tensors, metadata)
     return tensors
 
@@ -210,16 +213,87 @@ def steps_of(path: Path, metadata: Mapping[str, str]) -> int:
 
 
 def split_modules(tensors: Mapping[str, torch.Tensor], exporters: Iterable[ExporterSpec],
-                  module_paths: Iterable[str]) -> tuple[str, dict[str, dict[str, torch.Tensor]]]:
-    """Find the exporter whose key format the file is in and group tensors per module."""
+                  module_paths: Iterable[str], aliases: Mapping[str, str] | None = None
+                  ) -> tuple[str, dict[str, dict[str, torch.Tensor]]]:
+    """Find the exporter whose key format the file is in and group tensors per module.
+
+    ``aliases`` (``{name in another layout: module path}``, see ``module_layouts``) are
+    offered to the key formats as paths too; modules found under one are renamed to
+    the model's path."""
     paths = list(module_paths)
+    aliases = dict(aliases or {})
     for exporter in exporters:
-        grouped = exporter.from_file(tensors, paths)
+        grouped = exporter.from_file(tensors, [*paths, *aliases])
         if grouped:
-            return exporter.name, grouped
+            out: dict[str, dict[str, torch.Tensor]] = {}
+            for module, params in grouped.items():
+                out.setdefault(aliases.get(module, module), {}).update(params)
+            return exporter.name, out
     sample = ", ".join(sorted(tensors)[:3])
     raise DataError(f"no key format matches this file's tensors (e.g. {sample}) against "
                     f"the model's layers")
+
+
+def module_layouts(registry: Registry, model: nn.Module) -> dict[str, dict[str, str]]:
+    """The other layouts ``model``'s layers are named in, as its model family says
+    (``ModelFamilySpec.layouts``): ``{layout: {module path: name there}}``."""
+    for spec in registry.specs("model"):
+        if spec.layouts is None:
+            continue
+        found = spec.layouts(model)
+        if found:
+            return {name: dict(names) for name, names in found.items()}
+    return {}
+
+
+def looks_like(registry: Registry, names: Collection[str]) -> str | None:
+    """Which model ``names`` (module names of a file) belong to, as the first model
+    family that recognises them says (``ModelFamilySpec.looks_like``)."""
+    for spec in registry.specs("model"):
+        if spec.looks_like is not None:
+            found = spec.looks_like(names)
+            if found:
+                return found
+    return None
+
+
+def unplaced_message(file: AdapterFile, unknown: Sequence[str], registry: Registry,
+                     model: nn.Module | None = None, what: str = "layers") -> str:
+    """One line on a file's modules that fit no layer of the model: how many, the first
+    ones, the key formats and module layouts tried, and which model they look made for
+    when that is another one."""
+    layouts = ["the model's own", *sorted(module_layouts(registry, model))] if model \
+        is not None else ["the model's own"]
+    formats = [spec.name for spec in registry.specs("exporter")]
+    line = (f"{file.source}: {len(unknown)} module(s) are not {what} of this model: "
+            f"{', '.join(unknown[:5])}{' ...' if len(unknown) > 5 else ''} (read as "
+            f"{file.key_format or 'no known'} keys; key formats tried: "
+            f"{', '.join(formats)}; module names tried: {', '.join(layouts)})")
+    theirs = looks_like(registry, unknown)
+    if theirs and model is not None:
+        own = looks_like(registry, [n for n, m in model.named_modules()
+                                    if isinstance(getattr(m, "weight", None), torch.Tensor)])
+        if theirs != own:
+            line += f"; the file looks made for {theirs}"
+    return line
+
+
+def layout_aliases(layouts: Mapping[str, Mapping[str, str]], paths: Collection[str]
+                   ) -> dict[str, str]:
+    """``{name in another layout: module path}`` for the modules among ``paths``."""
+    return {other: path for names in layouts.values() for path, other in names.items()
+            if path in paths}
+
+
+def in_layout(modules: Mapping[str, Mapping[str, torch.Tensor]], exporter: ExporterSpec,
+              layouts: Mapping[str, Mapping[str, str]]
+              ) -> dict[str, Mapping[str, torch.Tensor]]:
+    """``modules`` renamed to the first of ``exporter.layouts`` the model offers (its
+    own paths when none is); a module the layout has no name for keeps its path."""
+    chosen = next((layouts[name] for name in exporter.layouts if name in layouts), None)
+    if chosen is None:
+        return dict(modules)
+    return {chosen.get(path, path): params for path, params in modules.items()}
 
 
 # -- reading an adapter file ---------------------------------------------------------------
@@ -298,8 +372,8 @@ def engine_algorithms(registry: Registry) -> set[str]:
 
 def read_adapter_file(source: Path | str | Mapping[str, torch.Tensor], registry: Registry,
                       module_paths: Iterable[str] | None = None, *,
-                      name: str | None = None, metadata: Mapping[str, str] | None = None
-                      ) -> AdapterFile:
+                      name: str | None = None, metadata: Mapping[str, str] | None = None,
+                      model: nn.Module | None = None) -> AdapterFile:
     """Read an adapter file (a path, or its tensors) in any installed key format.
 
     Tensors are grouped per module against ``module_paths`` (a model's layers); without
@@ -307,7 +381,8 @@ def read_adapter_file(source: Path | str | Mapping[str, torch.Tensor], registry:
     algorithms claim (``loraengine inspect``, which has no model). Each module's
     ``diff``/``diff_b`` deltas are split off and its algorithm chosen by ``owners_of``.
     ``name`` is how errors name the source (default: the path); ``metadata`` goes with
-    tensors given directly."""
+    tensors given directly. With ``model``, modules may also be named in any layout its
+    family offers (``module_layouts``: a UNet's original ``input_blocks.*`` names)."""
     meta: dict[str, str]
     if isinstance(source, Mapping):
         tensors, meta, steps = dict(source), dict(metadata or {}), 0
@@ -322,7 +397,10 @@ def read_adapter_file(source: Path | str | Mapping[str, torch.Tensor], registry:
     if module_paths is None:
         key_format, grouped = _group_without_model(tensors, exporters, specs)
     else:
-        key_format, grouped = split_modules(tensors, exporters, module_paths)
+        paths = list(module_paths)
+        layouts = module_layouts(registry, model) if model is not None else {}
+        key_format, grouped = split_modules(tensors, exporters, paths,
+                                            layout_aliases(layouts, set(paths)))
     hint = meta.get("loraengine.algorithm") or None
     builtin = engine_algorithms(registry)
     modules: dict[str, AdapterModule] = {}

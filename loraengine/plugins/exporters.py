@@ -1,21 +1,28 @@
 """Built-in key formats of LoRA files.
 
 - ``kohya``: ``lora_unet_<path with . as _>.<param>`` — ComfyUI, A1111/Forge and
-  diffusers' ``load_lora_weights`` read it.
-- ``comfyui``: ``diffusion_model.<path>.<param>`` — ComfyUI's own trained files.
+  diffusers' ``load_lora_weights`` read it. For SDXL the path is the original (SAI)
+  name, ``lora_unet_input_blocks_4_1_...``, as sd-scripts writes SDXL files.
+- ``comfyui``: ``diffusion_model.<path>.<param>`` — ComfyUI's own trained files; for a
+  UNet the path is the checkpoint's (``diffusion_model.input_blocks.1.1.proj_in``).
+
+Reading, every format also takes the other layouts the model's family names its layers
+in (``ExporterSpec.layouts`` / ``ModelFamilySpec.layouts``), so a file in either naming
+loads on the diffusers model.
 - ``diffusers`` (alias ``peft``): ``<unet|transformer>.<path>.lora_A.weight`` — what
   diffusers' ``load_lora_weights`` and ComfyUI read for transformer models.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 
 import torch
 
 from loraengine.core.files import PEFT_MAGNITUDE
 from loraengine.core.plugins.hookspecs import hookimpl
 from loraengine.core.plugins.specs import ExporterSpec
+from loraengine.plugins.models.unet_names import LDM, SAI
 
 Modules = Mapping[str, Mapping[str, torch.Tensor]]
 
@@ -67,12 +74,19 @@ class PrefixedFormat:
                 grouped.setdefault(module, {})[param] = tensors[key]
         return grouped
 
-    def spec(self, description: str) -> ExporterSpec:
-        return ExporterSpec(self.name, self.to_file, self.from_file, description)
+    def spec(self, description: str, layouts: tuple[str, ...] = (), limits=None
+             ) -> ExporterSpec:
+        return ExporterSpec(self.name, self.to_file, self.from_file, description, layouts,
+                            limits)
 
 
 KOHYA = PrefixedFormat("kohya", "lora_unet_", underscore=True)
 COMFYUI = PrefixedFormat("comfyui", "diffusion_model.", underscore=False)
+#: Module layouts each format writes where the model has them (``unet_names``):
+#: ComfyUI's own files name a UNet's layers as its checkpoints do (``input_blocks.*``);
+#: sd-scripts does so for SDXL only, and writes diffusers' names for SD1.x/2.x.
+COMFYUI_LAYOUTS = (LDM,)
+KOHYA_LAYOUTS = (SAI,)
 
 #: Top-level modules of a diffusers UNet2DConditionModel: their files say ``unet.``.
 UNET_ROOTS = frozenset({"down_blocks", "mid_block", "up_blocks", "conv_in", "conv_out",
@@ -164,20 +178,62 @@ class PeftFormat:
             grouped.setdefault(module, {})[OURS.get(param, param)] = tensors[key]
         return grouped
 
-    def spec(self, description: str) -> ExporterSpec:
-        return ExporterSpec(self.name, self.to_file, self.from_file, description)
+    def spec(self, description: str, limits=None) -> ExporterSpec:
+        return ExporterSpec(self.name, self.to_file, self.from_file, description, (),
+                            limits)
 
 
 DIFFUSERS = PeftFormat("diffusers")
 PEFT = PeftFormat("peft")
 
 
+#: a LoRA module's tensors, as every LoRA reader knows them
+LORA_PARAMS = frozenset({"lora_down.weight", "lora_up.weight", "alpha", "dora_scale",
+                         "diff", "diff_b"})
+
+
+def _count(modules: Mapping[str, tuple[str, Collection[str]]], test) -> int:
+    return sum(1 for algorithm, params in modules.values() if test(algorithm, set(params)))
+
+
+def comfyui_limits(modules: Mapping[str, tuple[str, Collection[str]]]) -> list[str]:
+    """What ComfyUI's loader cannot express (checked against comfy/weight_adapter)."""
+    out = []
+    for text, test in (
+            ("ComfyUI has no IA3; these layers are not applied there",
+             lambda a, p: a == "ia3"),
+            ("ComfyUI's DoRA divides by the norm of W, not of W + ΔW",
+             lambda a, p: "dora_scale" in p),
+            ("ComfyUI loads OFT's rescale and never applies it",
+             lambda a, p: "rescale" in p)):
+        n = _count(modules, test)
+        if n:
+            out.append(f"{text} ({n} layer(s); loraengine convert --model measures it)")
+    return out
+
+
+def diffusers_limits(modules: Mapping[str, tuple[str, Collection[str]]]) -> list[str]:
+    """diffusers' ``load_lora_weights`` reads LoRA (and DoRA) only: modules whose
+    tensors are not a LoRA's (by name, whichever algorithm wrote them)."""
+    def not_lora(algorithm: str, params: set[str]) -> bool:
+        return algorithm != "deltas" and not params <= LORA_PARAMS
+
+    other = sorted({a for a, p in modules.values() if not_lora(a, set(p))})
+    n = _count(modules, not_lora)
+    return [f"diffusers reads only LoRA (LoKr for a few pipelines, e.g. Flux.2); {n} "
+            f"layer(s) of {', '.join(other)} are not applied there"] if n else []
+
+
 @hookimpl
 def loraengine_exporters():
     return [
-        KOHYA.spec("kohya keys (lora_unet_*): ComfyUI, A1111/Forge, diffusers."),
-        COMFYUI.spec("ComfyUI keys (diffusion_model.*)."),
+        KOHYA.spec("kohya keys (lora_unet_*) as sd-scripts writes them (SAI names, "
+                   "input_blocks_*, for SDXL): ComfyUI, A1111/Forge, diffusers.",
+                   KOHYA_LAYOUTS),
+        COMFYUI.spec("ComfyUI keys (diffusion_model.*) as its own trainer writes them "
+                     "(the checkpoint's input_blocks.* names for UNets).", COMFYUI_LAYOUTS,
+                     comfyui_limits),
         DIFFUSERS.spec("diffusers/PEFT keys (unet.* / transformer.* with lora_A/lora_B): "
-                       "diffusers' load_lora_weights, ComfyUI."),
-        PEFT.spec("Same keys as diffusers (the PEFT spelling)."),
+                       "diffusers' load_lora_weights, ComfyUI.", diffusers_limits),
+        PEFT.spec("Same keys as diffusers (the PEFT spelling).", diffusers_limits),
     ]

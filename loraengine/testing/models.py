@@ -85,6 +85,35 @@ def small_unet_config() -> dict:
                 cross_attention_dim=64, attention_head_dim=8, norm_num_groups=16)
 
 
+def sd15_structure_unet_config() -> dict:
+    """A tiny UNet2DConditionModel with SD1.5's block layout (four levels, two layers per
+    block, cross-attention on the first three, one transformer per attention), narrow
+    enough for tests: what the ``input_blocks``/``output_blocks`` names are checked on.
+    Channels are multiples of 32 because ComfyUI's UNet has 32 norm groups built in."""
+    return dict(sample_size=16, in_channels=4, out_channels=4, layers_per_block=2,
+                block_out_channels=(32, 64, 64, 64),
+                down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D",
+                                  "CrossAttnDownBlock2D", "DownBlock2D"),
+                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D",
+                                "CrossAttnUpBlock2D"),
+                cross_attention_dim=16, attention_head_dim=4, norm_num_groups=32)
+
+
+def sdxl_structure_unet_config() -> dict:
+    """A tiny UNet2DConditionModel with SDXL's block layout (three levels, no attention
+    on the first, two layers per block, 2 transformers per attention where SDXL has 2
+    and 10, linear projections, ``text_time`` added conditioning)."""
+    return dict(sample_size=16, in_channels=4, out_channels=4, layers_per_block=2,
+                block_out_channels=(32, 64, 64),
+                down_block_types=("DownBlock2D", "CrossAttnDownBlock2D",
+                                  "CrossAttnDownBlock2D"),
+                up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+                transformer_layers_per_block=(1, 2, 2), cross_attention_dim=16,
+                attention_head_dim=4, norm_num_groups=32, use_linear_projection=True,
+                addition_embed_type="text_time", addition_time_embed_dim=4,
+                projection_class_embeddings_input_dim=8 + 6 * 4)
+
+
 def save_tiny_unet(folder: Path, seed: int = 0, prediction_type: str = "epsilon",
                    config: dict | None = None) -> Path:
     """Save a tiny UNet (or one built from ``config``) as a diffusers pipeline folder

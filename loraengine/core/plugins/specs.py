@@ -13,7 +13,7 @@ keys); ``OptionsT`` is covariant so that a record of any options model fits ther
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Generic, Protocol, TypeAlias, TypeVar
@@ -164,6 +164,15 @@ class ModelFamilySpec(Generic[OptionsT]):
     make_encoder: Callable[[Path, Mapping[str, object]], DataEncoder] | None = None
     #: ``detect(path) -> bool``: whether a pipeline folder holds this family's model.
     detect: Callable[[Path], bool] | None = None
+    #: ``layouts(module) -> {layout: {module path: name in that layout}}``: other names
+    #: consumers give this family's layers (a UNet's original ``input_blocks.*`` names as
+    #: ``ldm``); empty for a module that is not this family's. Files in any of them are
+    #: read, and exporters that ask for one (``ExporterSpec.layouts``) write it.
+    layouts: Callable[[nn.Module], Mapping[str, Mapping[str, str]]] | None = None
+    #: ``looks_like(names) -> str | None``: a few words naming the model of this family
+    #: that module names from a file (in any layout) belong to (``"an SDXL UNet"``), or
+    #: ``None``; errors about files made for another model use it.
+    looks_like: Callable[[Collection[str]], str | None] | None = None
 
 
 class DataEncoder(Protocol):
@@ -220,6 +229,14 @@ class ExporterSpec:
         [Mapping[str, torch.Tensor], Iterable[str]], dict[str, dict[str, torch.Tensor]] | None
     ]
     description: str = ""
+    #: Module-name layouts this format writes, best first (``ModelFamilySpec.layouts``):
+    #: the first one the model's family offers renames the module paths before
+    #: ``to_file``; with none offered, the model's own paths are written.
+    layouts: tuple[str, ...] = ()
+    #: ``limits(modules) -> lines``: what the format's consumer cannot express of a file,
+    #: given ``{module path: (algorithm, parameter names)}``; one line each, naming the
+    #: consumer. ``train`` warns with them (``core/checks.py``), ``convert`` measures them.
+    limits: Callable[[Mapping[str, tuple[str, Collection[str]]]], list[str]] | None = None
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,7 @@ from loraengine.core.build import Pipeline
 from loraengine.core.config.root import config_to_dict
 from loraengine.core.data import BucketedDataset, BucketStream, Dataset, IndexStream
 from loraengine.core.errors import ConfigError, DataError, NonFiniteError
-from loraengine.core.files import save_lora, write_text_atomic
+from loraengine.core.files import in_layout, module_layouts, save_lora, write_text_atomic
 from loraengine.core.model import LoadedModel
 from loraengine.core.plugins.registry import Registry
 from loraengine.core.plugins.run import RunView
@@ -436,7 +436,8 @@ class Trainer:
         exporter = registry.get("exporter", exporter_name)
         modules = pipe.network.file_modules(pipe.save_dtype)
         with registry.blame("exporter", exporter_name, "to_file"):
-            tensors: dict[str, torch.Tensor] = exporter.to_file(modules)
+            tensors: dict[str, torch.Tensor] = exporter.to_file(
+                in_layout(modules, exporter, module_layouts(registry, pipe.loaded.module)))
         return tensors
 
     def metadata(self) -> dict[str, str]:

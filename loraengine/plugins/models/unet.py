@@ -8,6 +8,7 @@ file has no ``time_ids`` they are derived from the latent size (no crop).
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,7 @@ from loraengine.plugins.models.common import (
     unet_blocks,
     unet_family,
 )
+from loraengine.plugins.models.unet_names import unet_layouts, unet_looks_like
 
 #: Every Linear/Conv inside the down/mid/up blocks: attention, feed-forward, resnets
 #: and resamplers (kohya's LoRA + LoCon set); embeddings and conv_in/out stay frozen.
@@ -99,7 +101,10 @@ SDXL = unet_family(
 
 FAMILIES = {f.name: f for f in (SD15, SD2, SDXL)}
 
-SPECS = [family_spec(SD15, _detect_sd15), family_spec(SD2, _detect_sd2), family_spec(SDXL)]
+# a UNet's layers are also known by their original names (``unet_names``)
+SPECS = [dataclasses.replace(spec, layouts=unet_layouts, looks_like=unet_looks_like)
+         for spec in
+         (family_spec(SD15, _detect_sd15), family_spec(SD2, _detect_sd2), family_spec(SDXL))]
 
 __all__ = ["FAMILIES", "SD2", "SD15", "SDXL", "SPECS", "UNET_TARGETS", "default_time_ids",
            "sd_predictor", "sdxl_predictor", "unet_blocks"]

@@ -143,7 +143,7 @@ def merge_model(model_path: Path, lora: Path, out: Path, strength: float = 1.0,
     folder, sub = locate_denoiser(model_path, subfolder)
     target = saved_dtype(folder) if dtype == "auto" else DTYPES[dtype]
     model = load_diffusers_model(folder)
-    file = read_adapter_file(lora, host.registry, adaptable_layers(model))
+    file = read_adapter_file(lora, host.registry, adaptable_layers(model), model=model)
     network, key_format, algorithms = network_from_file(model, file, host.registry)
     network.set_multiplier(strength)
     with torch.no_grad():

@@ -1,0 +1,1 @@
+"""`loraengine convert`."""

@@ -1,0 +1,208 @@
+"""Re-key an adapter file for one consumer: what ``loraengine convert`` does.
+
+The file is read as ``adapter.existing``, ``apply`` and ``merge`` read it (any key
+format, any layout of the model's names) and written with the consumer's exporter:
+
+- ``comfyui``: ``diffusion_model.*`` in the names ComfyUI's own trainer writes (a UNet's
+  checkpoint names, ``input_blocks.*``);
+- ``kohya``: ``lora_unet_*`` as sd-scripts writes it (SAI names for SDXL);
+- ``a1111``: ``lora_unet_*`` on the checkpoint (compvis) names for every UNet, which
+  A1111/Forge map straight onto their layers;
+- ``diffusers``: ``unet.*`` / ``transformer.*`` PEFT keys.
+
+With ``--model`` (a diffusers model or pipeline folder) modules are checked against the
+model's layers, the consumer's layout is chosen from its family, and where the consumer
+cannot express the file exactly the difference is measured on the model's weights:
+the max over layers of max |W_consumer − W| / max |W|, W the weight as loraengine merges
+it. The output is written atomically and never over an input.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from loraengine.core.errors import ConfigError
+from loraengine.core.files import (
+    AdapterFile,
+    in_layout,
+    module_layouts,
+    read_adapter_file,
+    save_lora,
+)
+from loraengine.core.plugins.host import PluginHost
+from loraengine.core.plugins.specs import ExporterSpec
+
+#: consumer -> (exporter, the module layouts it is written in, best first; None: the
+#: exporter's own)
+TARGETS: dict[str, tuple[str, tuple[str, ...] | None]] = {
+    "comfyui": ("comfyui", None), "kohya": ("kohya", None),
+    "a1111": ("kohya", ("ldm",)), "diffusers": ("diffusers", None),
+}
+#: first parts of a UNet's original (checkpoint) module names
+ORIGINAL_ROOTS = frozenset({"input_blocks", "middle_block", "output_blocks", "time_embed",
+                            "label_emb", "out"})
+CONSUMER_NAMES = {"comfyui": "ComfyUI", "kohya": "sd-scripts", "a1111": "A1111/Forge",
+                  "diffusers": "diffusers"}
+
+
+def default_out(source: Path, target: str) -> Path:
+    return source.with_name(f"{source.stem}.{target}.safetensors")
+
+
+def check_out(source: Path, out: Path, overwrite: bool) -> None:
+    """Refuse to write over the input, or over an existing file unless asked."""
+    if os.path.lexists(out) and os.path.realpath(out) == os.path.realpath(source):
+        raise ConfigError(f"--out: {out} is the input file; write the converted file "
+                          f"elsewhere")
+    if os.path.lexists(out) and not overwrite:
+        raise ConfigError(f"--out: {out} exists (pass --overwrite to replace it)")
+    if os.path.lexists(out) and (out.is_dir() or out.is_symlink()):
+        raise ConfigError(f"--out: {out} is {'a link' if out.is_symlink() else 'a folder'}")
+
+
+def _exporter(host: PluginHost, target: str) -> ExporterSpec:
+    if target not in TARGETS:
+        raise ConfigError(f"--to: expected one of {', '.join(TARGETS)}, got {target!r}")
+    name, layouts = TARGETS[target]
+    spec: ExporterSpec = host.registry.get("exporter", name)
+    return spec if layouts is None else dataclasses.replace(spec, layouts=layouts)
+
+
+def _relative(got: torch.Tensor, want: torch.Tensor) -> float:
+    return float((got - want).abs().max() / want.abs().max().clamp_min(1e-30))
+
+
+def _load(spec: Any, base: nn.Module, params: Mapping[str, torch.Tensor]) -> Any:
+    return spec.load(base, dict(params), spec.config_model())
+
+
+def _merged(base: nn.Module, layer: Any) -> torch.Tensor:
+    weight = base.weight
+    assert isinstance(weight, torch.Tensor)
+    return (weight.float() + layer.delta_weight().float()).detach()
+
+
+def consumer_weight(target: str, base: nn.Module, params: Mapping[str, torch.Tensor],
+                    spec: Any) -> tuple[str, torch.Tensor] | None:
+    """How ``target`` reads one module differently from loraengine: (the limit, the
+    weight it computes), or ``None`` when it reads the module exactly."""
+    weight = base.weight
+    assert isinstance(weight, torch.Tensor)
+    w = weight.detach().float()
+    name = spec.name
+    if target == "comfyui" and name == "ia3":
+        return "ComfyUI has no IA3 (layers left unchanged)", w
+    if target == "diffusers" and name != "lora":
+        return f"diffusers reads only LoRA ({name} layers left unchanged)", w
+    if target == "comfyui" and "rescale" in params:
+        rest = {k: v for k, v in params.items() if k != "rescale"}
+        return ("ComfyUI loads OFT's rescale and never applies it",
+                _merged(base, _load(spec, base, rest)))
+    if target == "comfyui" and "dora_scale" in params:
+        scale = params["dora_scale"].float()
+        out = w.shape[0]
+        if scale.numel() != out:  # a per-input magnitude: ComfyUI's reading is ours
+            return None
+        raw = {k: v for k, v in params.items() if k != "dora_scale"}
+        calc = _merged(base, _load(spec, base, raw))
+        # ComfyUI divides by the norm of W, not of W + ΔW, per output channel
+        norm = w.reshape(out, -1).norm(dim=1).reshape(out, *[1] * (w.dim() - 1))
+        norm = norm + torch.finfo(w.dtype).eps
+        return ("ComfyUI's DoRA normalises by the norm of W, not of W + ΔW",
+                calc * scale.reshape(out, *[1] * (w.dim() - 1)) / norm)
+    return None
+
+
+def measure(target: str, file: AdapterFile, model: nn.Module) -> dict[str, tuple[float, str, int]]:
+    """``{limit: (max relative error, worst layer, layers)}`` of ``target`` reading
+    ``file`` on ``model``."""
+    found: dict[str, tuple[float, str, int]] = {}
+    for path, module in sorted(file.modules.items()):
+        if not module.params or not module.owners:
+            continue
+        try:
+            base = model.get_submodule(path)
+        except AttributeError:
+            continue
+        spec = module.owners[0]
+        got = consumer_weight(target, base, module.params, spec)
+        if got is None:
+            continue
+        limit, consumer = got
+        ours = _merged(base, _load(spec, base, module.params))
+        err = _relative(consumer, ours)
+        prev = found.get(limit, (-1.0, "", 0))
+        found[limit] = (max(prev[0], err), path if err > prev[0] else prev[1], prev[2] + 1)
+    return found
+
+
+def unmeasured(target: str, file: AdapterFile) -> list[str]:
+    """Without a model: which limits of ``target`` the file hits (not measured)."""
+    names = {m.algorithm for m in file.modules.values() if m.params}
+    params = {p for m in file.modules.values() for p in m.params}
+    out = []
+    if target == "comfyui" and "ia3" in names:
+        out.append("ComfyUI has no IA3")
+    if target == "comfyui" and "rescale" in params:
+        out.append("ComfyUI never applies OFT's rescale")
+    if target == "comfyui" and "dora_scale" in params:
+        out.append("ComfyUI's DoRA normalises by the norm of W")
+    if target == "diffusers" and names - {"lora", None}:
+        out.append(f"diffusers reads only LoRA (found {', '.join(sorted(n for n in names if n and n != 'lora'))})")
+    return out
+
+
+def convert_file(source: Path, target: str, model_path: Path | None = None,
+                 out: Path | None = None, overwrite: bool = False, *,
+                 host: PluginHost | None = None, model: nn.Module | None = None
+                 ) -> dict[str, Any]:
+    """Convert ``source`` for ``target``; returns ``out``, ``format`` (read),
+    ``modules``, ``keys`` and ``warnings`` (one line each)."""
+    if host is None:
+        from loraengine.plugins import build_plugin_manager
+
+        host = build_plugin_manager()
+    source = Path(source)
+    exporter = _exporter(host, target)
+    out = Path(out) if out is not None else default_out(source, target)
+    check_out(source, out, overwrite)
+    if model is None and model_path is not None:
+        from loraengine.tools.merge.logic import load_diffusers_model, locate_denoiser
+
+        folder, _ = locate_denoiser(Path(model_path), None)
+        model = load_diffusers_model(folder)
+    warnings: list[str] = []
+    consumer = CONSUMER_NAMES[target]
+    if model is not None:
+        from loraengine.inference import adaptable_layers, network_from_file
+
+        file = read_adapter_file(source, host.registry, adaptable_layers(model), model=model)
+        network, _, _ = network_from_file(model, file, host.registry)
+        modules: dict[str, Mapping[str, torch.Tensor]] = dict(network.file_modules())
+        layouts = module_layouts(host.registry, model)
+        for limit, (err, worst, count) in measure(target, file, model).items():
+            warnings.append(f"{consumer}: {limit}: {count} layer(s), max relative weight "
+                            f"error {err:.2g} (worst {worst})")
+    else:
+        file = read_adapter_file(source, host.registry)
+        modules = {path: {**m.params, **m.deltas} for path, m in file.modules.items()}
+        original = sorted(p for p in modules if p.split(".", 1)[0] in ORIGINAL_ROOTS)
+        if target == "diffusers" and original:
+            raise ConfigError(f"--model: {source} names its layers in the original "
+                              f"layout (e.g. {original[0]}); diffusers needs the model's "
+                              f"own names, so pass the model (--model PATH)")
+        layouts = {}
+        warnings += [f"{consumer}: {limit} (pass --model to measure the difference)"
+                     for limit in unmeasured(target, file)]
+    tensors = exporter.to_file(in_layout(modules, exporter, layouts))
+    meta = dict(file.metadata) | {"loraengine.converted_for": target}
+    save_lora(out, tensors, meta)
+    return {"out": out, "format": file.key_format or "unknown", "modules": len(modules),
+            "keys": len(tensors), "warnings": warnings}
