@@ -90,15 +90,31 @@ def train(state: State, config: Path, overrides: tuple[str, ...], quiet: bool,
 @cli.command()
 @config_option
 @set_option
+@click.option("--syntax-only", is_flag=True, help="Check the keys and values only, not "
+              "the files they name.")
 @click.pass_obj
 @reports_errors
-def validate(state: State, config: Path, overrides: tuple[str, ...]) -> None:
-    """Check CONFIG without training."""
+def validate(state: State, config: Path, overrides: tuple[str, ...],
+             syntax_only: bool) -> None:
+    """Check CONFIG without training: its keys and values, then that the model is there
+    and readable (no weights loaded), the data files hold the tensors the model takes,
+    adapter.existing is readable and the outputs can be written. Every problem is one
+    line; exit status 2 when there is any."""
     from loraengine.api import resolve_config
+    from loraengine.core.errors import ConfigError
     from loraengine.core.preflight import check_outputs
+    from loraengine.core.validate import validate_config
 
-    cfg, _ = resolve_config(config, state.host, overrides=list(overrides))
-    check_outputs(cfg)  # the output paths too: probed, nothing created
+    cfg, base_dir = resolve_config(config, state.host, overrides=list(overrides))
+    if syntax_only:
+        check_outputs(cfg)  # the output paths too: probed, nothing created
+        click.echo(f"{config}: ok (syntax only)")
+        return
+    problems, notes = validate_config(cfg, state.host, base_dir)
+    for note in notes:
+        click.echo(f"note: {note}", err=True)
+    if problems:
+        raise ConfigError("\n".join(problems))
     click.echo(f"{config}: ok")
 
 

@@ -30,7 +30,7 @@ if TYPE_CHECKING:
     from torch import nn
 
     from loraengine.core.adapter import AdapterLayer
-    from loraengine.core.model import LoadedModel
+    from loraengine.core.model import LoadedModel, ModelLayout
     from loraengine.core.options import TrainConfig
     from loraengine.core.plugins.assembly import BuildContext, Recipe, RunConfig, StrategyResult
     from loraengine.core.schedule import NoiseSchedule
@@ -164,6 +164,10 @@ class ModelFamilySpec(Generic[OptionsT]):
     make_encoder: Callable[[Path, Mapping[str, object]], DataEncoder] | None = None
     #: ``detect(path) -> bool``: whether a pipeline folder holds this family's model.
     detect: Callable[[Path], bool] | None = None
+    #: ``describe(options, context) -> ModelLayout``: what the model takes, read from its
+    #: config files without loading weights (``loraengine validate``); raises the error
+    #: ``load`` would for a missing or unreadable model. ``None``: not checkable unloaded.
+    describe: Callable[[OptionsT, Mapping[str, object]], ModelLayout] | None = None
 
 
 class DataEncoder(Protocol):
