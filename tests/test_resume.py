@@ -18,8 +18,8 @@ from safetensors.torch import load_file
 
 from loraengine.core.build import build_pipeline
 from loraengine.core.config.root import parse_config
-from loraengine.core.train import checkpoints as ckpt
 from loraengine.core.plugins.hookspecs import hookimpl
+from loraengine.core.train import checkpoints as ckpt
 from loraengine.core.train.loop import Trainer
 from loraengine.core.train.signals import TrainingInterrupted
 
