@@ -186,3 +186,35 @@ def test_adapter_existing_of_another_algorithm_is_named(unet_dir, data_files, tm
     cfg["adapter"]["algorithm"] = "loha"
     res = run("validate", str(write(tmp_path, cfg)))
     assert res.exit_code == 0, res.output
+
+
+@pytest.mark.slow  # saves a tiny pipeline of every family
+@pytest.mark.parametrize("family", ["sd15", "sdxl", "sd3", "flux"])
+def test_what_a_family_describes_is_what_it_loads(tmp_path, family):
+    """The data a family says its model takes from the config alone is what the loaded
+    model says (latent channels, conditioning widths and names), for a pipeline folder
+    and, where the family reads one, an original-layout single file."""
+    from loraengine.plugins import build_plugin_manager
+    from loraengine.testing import tiny_pipelines as tp
+
+    folder = tp.save(family, tmp_path / family)
+    spec = build_plugin_manager().registry.get("model", family)
+    context = {"base_dir": None, "module": None}
+    options = spec.config_model(path=folder)
+    loaded = spec.load(options, context)
+    layout = spec.describe(options, context)
+    assert (layout.latent_ndim, layout.latent_channels, layout.cond_widths,
+            layout.cond_keys, layout.source) == \
+        (loaded.latent_ndim, loaded.latent_channels, loaded.cond_widths, loaded.cond_keys,
+         loaded.source)
+    if family in ("sdxl", "sd3"):
+        state = loaded.module.state_dict()
+        original = tp.sd3_to_original(state) if family == "sd3" else \
+            tp.unet_to_original(state, loaded.module.config)
+        ckpt = tmp_path / "single.safetensors"
+        save_file(original, str(ckpt))
+        single = spec.config_model(path=ckpt, config=folder)
+        assert spec.describe(single, context).cond_widths == loaded.cond_widths
+        without = spec.config_model(path=ckpt)
+        with pytest.raises(Exception, match="model.config: required"):
+            spec.describe(without, context)
