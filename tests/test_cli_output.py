@@ -64,3 +64,87 @@ def test_sample_and_prepare_options_have_help():
         for option in options:
             assert getattr(params[option], "help", None), f"{command} {option}"
         assert runner.invoke(cli, [command, "--help"]).exit_code == 0
+
+
+class FakeClock:
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self):
+        return self.now
+
+
+def steps_at(watch, clock, seconds_per_step, steps, first=0):
+    hints = []
+    for step in range(first, first + steps):
+        clock.now += seconds_per_step
+        hint = watch.observe(step + 1)
+        if hint is not None:
+            hints.append((step + 1, hint))
+    return hints
+
+
+def test_a_run_falling_below_a_third_of_its_best_pace_gets_one_hint():
+    import torch
+
+    from loraengine.cli.progress import SlowdownWatch
+
+    clock = FakeClock()
+    watch = SlowdownWatch(window=5, min_seconds=2.0, warmup=1, factor=3.0, clock=clock)
+    assert steps_at(watch, clock, 1.0, 30) == []            # 1 it/s, steady
+    assert steps_at(watch, clock, 2.5, 20, first=30) == []  # 0.4 it/s: above a third
+    hints = steps_at(watch, clock, 4.0, 40, first=50)       # 0.25 it/s: below
+    assert len(hints) == 1, hints                           # once per run
+    text = hints[0][1]
+    assert "0.25 it/s" in text and "1.00 it/s" in text
+    assert "training.threads" in text and "OMP_NUM_THREADS" in text
+    assert f"torch uses {torch.get_num_threads()} thread" in text
+
+
+def test_a_slow_warm_up_is_not_the_pace_to_beat_nor_compared():
+    from loraengine.cli.progress import SlowdownWatch
+
+    clock = FakeClock()
+    watch = SlowdownWatch(window=5, min_seconds=2.0, warmup=1, factor=3.0, clock=clock)
+    # the first window is slow (first calls, allocation) and then it runs at full pace;
+    # a very fast first window is not the reference either
+    assert steps_at(watch, clock, 10.0, 6) == []
+    assert steps_at(watch, clock, 1.0, 30, first=6) == []
+    clock2 = FakeClock()
+    watch = SlowdownWatch(window=5, min_seconds=2.0, warmup=1, factor=3.0, clock=clock2)
+    assert steps_at(watch, clock2, 0.5, 6) == []            # windows wait for 2 s
+    assert steps_at(watch, clock2, 1.0, 30, first=6) == []
+
+
+def test_the_progress_bar_logs_the_slowdown_hint_above_the_bar(monkeypatch):
+    from types import SimpleNamespace
+
+    from loraengine.cli.progress import ProgressBar, SlowdownWatch
+
+    monkeypatch.setenv("LINES", "40")  # rich crops what it logs to the console's height
+    clock = FakeClock()
+    stream = io.StringIO()
+    bar = ProgressBar(stream=stream, enabled=True,
+                      slowdown=lambda: SlowdownWatch(window=2, min_seconds=1.0, clock=clock))
+    run = SimpleNamespace(config=SimpleNamespace(output=SimpleNamespace(name="r")),
+                          total_steps=40, start_step=0)
+    bar.loraengine_on_train_start(run)
+    for step in range(1, 41):
+        clock.now += 1.0 if step <= 20 else 5.0
+        bar.loraengine_on_step_end(run, step, {"loss": 0.1})
+    bar.loraengine_on_train_end(run, None)
+    text = " ".join(stream.getvalue().split())
+    assert text.count("machine may be oversubscribed") == 1
+    assert "training.threads, or OMP_NUM_THREADS" in text
+
+
+def test_time_spent_writing_or_validating_is_not_counted_as_slow_steps():
+    from loraengine.cli.progress import SlowdownWatch
+
+    clock = FakeClock()
+    watch = SlowdownWatch(window=5, min_seconds=2.0, warmup=1, factor=3.0, clock=clock)
+    assert steps_at(watch, clock, 1.0, 30) == []
+    for first in range(30, 90, 10):  # every 10 steps, a 60 s sample grid
+        clock.now += 60.0
+        watch.restart()
+        assert steps_at(watch, clock, 1.0, 10, first=first) == []

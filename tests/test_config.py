@@ -78,7 +78,7 @@ def test_out_of_range_values_exit_2_naming_key_and_line(tmp_path, section, key, 
 
 def test_seed_at_the_top_of_its_range_is_accepted(tmp_path):
     path = write_config(tmp_path, {"model": {"path": "m"}, "training": {"seed": 2**64 - 1}})
-    assert run("validate", str(path)).exit_code == 0
+    assert run("validate", "--syntax-only", str(path)).exit_code == 0
 
 
 def test_unknown_key_is_an_error(tmp_path):
@@ -107,7 +107,7 @@ def test_every_problem_is_listed(tmp_path):
 
 def test_set_overrides_and_reports_the_override(tmp_path):
     path = write_config(tmp_path, {"model": {"path": "m"}})
-    assert run("validate", str(path), "--set", "training.steps=5").exit_code == 0
+    assert run("validate", "--syntax-only", str(path), "--set", "training.steps=5").exit_code == 0
     assert_clean_error(run("validate", str(path), "--set", "adapter.rank=200"), 2,
                        "adapter.rank", "(--set)")
 
@@ -211,3 +211,35 @@ def test_config_that_is_not_utf8(tmp_path):
 def test_unusable_device_is_a_config_error(tmp_path, unet_config):
     unet_config["training"]["device"] = "mps"
     assert_clean_error(train_cli(tmp_path, unet_config), 2, "training.device: 'mps'")
+
+
+def test_an_unknown_key_suggests_the_closest_key_of_its_section(tmp_path):
+    path = write_config(tmp_path, {"model": {"path": "m", "pathh": "x"},
+                                   "training": {"stepz": 3},
+                                   "memory": {"gradient_checkpointin": True},
+                                   "outptu": {}, "zzz": 1})
+    err = assert_clean_error(run("validate", "--syntax-only", str(path)), 2)
+    assert "model.pathh: unknown key; did you mean 'path'?" in err
+    assert "training.stepz: unknown key; did you mean 'steps'?" in err
+    assert "memory.gradient_checkpointin: unknown key; did you mean " \
+        "'gradient_checkpointing'?" in err
+    assert "outptu: unknown key; did you mean 'output'?" in err
+    assert "zzz: unknown key (" in err  # nothing close: no guess
+
+
+def test_an_unknown_key_given_with_set_gets_a_suggestion_too(tmp_path):
+    path = write_config(tmp_path, {"model": {"path": "m"}})
+    err = assert_clean_error(run("validate", "--syntax-only", str(path), "--set",
+                                 "optimizer.lrr=0.1", "--set", "outptu.dir=x"), 2)
+    assert "optimizer.lrr: unknown key; did you mean 'lr'? (--set)" in err
+    assert "outptu: unknown key; did you mean 'output'? (--set)" in err
+
+
+@pytest.mark.parametrize("text", ["", "# nothing yet\n", "{}\n"])
+def test_an_empty_config_says_what_a_minimal_one_needs(tmp_path, text):
+    path = tmp_path / "empty.yaml"
+    path.write_text(text, encoding="utf-8")
+    err = assert_clean_error(run("validate", str(path)), 2, "the config is empty",
+                             "model: {family:", "data: {latents:", "examples/quickstart.yaml")
+    assert "required key is missing" not in err
+    assert len(err.strip().splitlines()) == 1

@@ -18,8 +18,10 @@ from safetensors.torch import load_file
 
 from loraengine.core.build import build_pipeline
 from loraengine.core.config.root import parse_config
+from loraengine.core.plugins.hookspecs import hookimpl
 from loraengine.core.train import checkpoints as ckpt
 from loraengine.core.train.loop import Trainer
+from loraengine.core.train.signals import TrainingInterrupted
 
 HELPER = REPO / "tests" / "helpers" / "crash_train.py"
 
@@ -130,11 +132,61 @@ def test_sigint_finishes_the_step_saves_and_exits_130(tmp_path, unet_config):
     assert "SIGINT: stopped after step" in err and "--resume latest" in err
     done = [s for s, _ in ckpt.list_checkpoints(tmp_path / "out" / "run.checkpoints")]
     assert len(done) == 1
-    lora = tmp_path / "out" / "run.safetensors"
+    # the LoRA so far is written beside the final one, named for its step
+    assert not (tmp_path / "out" / "run.safetensors").exists()
+    lora = tmp_path / "out" / f"run.step_{done[0]:06d}.safetensors"
+    assert str(lora) in err
     from safetensors import safe_open
 
     with safe_open(str(lora), "pt") as fh:
         assert int(fh.metadata()["loraengine.steps"]) == done[0]
+
+
+class _InterruptAt:
+    """A lifecycle plugin that sends this process SIGINT at the end of one step, as a
+    Ctrl-C in the terminal would."""
+
+    def __init__(self, step):
+        self.step = step
+
+    @hookimpl
+    def loraengine_on_step_end(self, run, step, metrics):
+        if step == self.step:
+            os.kill(os.getpid(), signal.SIGINT)
+
+
+def test_ctrl_c_writes_the_partial_lora_beside_the_final_one(host, unet_config, tmp_path):
+    cfg = json.loads(json.dumps(unet_config))
+    cfg["training"]["steps"] = 3
+    cfg["output"] = {"dir": str(tmp_path / "out"), "name": "run", "plot": False}
+    pipe = build_pipeline(parse_config(cfg, host.registry), host)
+    Trainer(pipe).run()
+    pipe.close()
+    final = tmp_path / "out" / "run.safetensors"
+    before = final.read_bytes()
+    loss_before = (tmp_path / "out" / "run.loss.json").read_bytes()
+
+    cfg["training"]["steps"] = 50
+    cfg["training"]["seed"] = cfg["training"].get("seed", 0) + 1
+    host.register(_InterruptAt(2), name="test.interrupt")
+    pipe = build_pipeline(parse_config(cfg, host.registry), host)
+    try:
+        with pytest.raises(TrainingInterrupted) as caught:
+            Trainer(pipe).run()
+    finally:
+        pipe.close()
+        host.unregister("test.interrupt")
+    partial = tmp_path / "out" / "run.step_000002.safetensors"
+    message = str(caught.value)
+    assert f"LoRA so far {partial}" in message and f"{final} is left as it was" in message
+    assert final.read_bytes() == before  # the earlier run's LoRA, untouched
+    assert (tmp_path / "out" / "run.loss.json").read_bytes() == loss_before
+    assert json.loads((tmp_path / "out" / "run.step_000002.loss.json").read_text())
+    from safetensors import safe_open
+
+    with safe_open(str(partial), "pt") as fh:
+        assert int(fh.metadata()["loraengine.steps"]) == 2
+    assert set(load_file(str(partial))) == set(load_file(str(final)))
 
 
 def test_resume_with_a_changed_config_warns_naming_the_keys(host, unet_config, tmp_path):

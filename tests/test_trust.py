@@ -416,3 +416,20 @@ def test_fp16_scaler_backoff_is_not_counted_as_bad_steps(tmp_path):
                               conditioning=tiny_conditioning())
     assert result.loss_map["skipped"] == [0.0] * 8  # overflow is the scaler's business
     assert all(bool(torch.isfinite(v).all()) for v in result.lora.values())
+
+
+def test_a_skipped_first_step_leaks_no_scheduler_order_warning_and_keeps_the_schedule():
+    import warnings
+
+    cfg = base_cfg(steps=4)
+    cfg["loss"] = {"name": "flaky"}
+    cfg["lr_scheduler"] = {"name": "cosine"}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        skipped = train(cfg, nan_loss_host({0}))
+    assert skipped.loss_map["skipped"] == [1, 0, 0, 0]
+    assert not [w for w in caught if "lr_scheduler.step()" in str(w.message)], \
+        [str(w.message) for w in caught]
+    # the schedule counts steps, skipped or not: the same rates as a run with none skipped
+    clean = train(cfg, nan_loss_host(set()))
+    assert skipped.loss_map["lr"] == clean.loss_map["lr"]

@@ -90,15 +90,31 @@ def train(state: State, config: Path, overrides: tuple[str, ...], quiet: bool,
 @cli.command()
 @config_option
 @set_option
+@click.option("--syntax-only", is_flag=True, help="Check the keys and values only, not "
+              "the files they name.")
 @click.pass_obj
 @reports_errors
-def validate(state: State, config: Path, overrides: tuple[str, ...]) -> None:
-    """Check CONFIG without training."""
+def validate(state: State, config: Path, overrides: tuple[str, ...],
+             syntax_only: bool) -> None:
+    """Check CONFIG without training: its keys and values, then that the model is there
+    and readable (no weights loaded), the data files hold the tensors the model takes,
+    adapter.existing is readable and the outputs can be written. Every problem is one
+    line; exit status 2 when there is any."""
     from loraengine.api import resolve_config
+    from loraengine.core.errors import ConfigError
     from loraengine.core.preflight import check_outputs
+    from loraengine.core.validate import validate_config
 
-    cfg, _ = resolve_config(config, state.host, overrides=list(overrides))
-    check_outputs(cfg)  # the output paths too: probed, nothing created
+    cfg, base_dir = resolve_config(config, state.host, overrides=list(overrides))
+    if syntax_only:
+        check_outputs(cfg)  # the output paths too: probed, nothing created
+        click.echo(f"{config}: ok (syntax only)")
+        return
+    problems, notes = validate_config(cfg, state.host, base_dir)
+    for note in notes:
+        click.echo(f"note: {note}", err=True)
+    if problems:
+        raise ConfigError("\n".join(problems))
     click.echo(f"{config}: ok")
 
 
@@ -162,14 +178,40 @@ for _module, _name in BUILTIN_COMMANDS:
     cli.add_command(getattr(importlib.import_module(_module), _name))
 
 
+#: Options of the group itself, which come before the command's name.
+_GROUP_FLAGS = frozenset({"--debug", "--strict"})
+
+
+def _named_command(args: list[str]) -> str | None:
+    """The command name on a command line (``None``: none, as in ``loraengine --help``
+    or ``--version``)."""
+    for arg in args:
+        if arg in _GROUP_FLAGS:
+            continue
+        return None if arg.startswith("-") else arg
+    return None
+
+
 def main() -> None:
-    """The console script: plugins may add subcommands before the group runs."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", PluginLoadWarning)  # reported when commands run
-        try:
-            build_plugin_manager().register_commands(cli)
-        except LoraEngineError:
-            pass  # a broken plugin set is reported by the command that needs it
+    """The console script: plugins may add subcommands before the group runs.
+
+    Plugins are loaded here only when a command line may need a plugin's command: a
+    built-in command (its ``--help`` included) loads them when it runs, if it needs
+    them at all; the group's own ``--help`` lists plugin commands, which only entry
+    points add (the built-in commands are ``BUILTIN_COMMANDS``), so the built-in
+    plugins are left unloaded for it."""
+    import sys
+
+    command = _named_command(sys.argv[1:])
+    if command is None or command not in cli.commands:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", PluginLoadWarning)  # reported when commands run
+            try:
+                host = build_plugin_manager() if command is not None else \
+                    build_plugin_manager(builtins=False)
+                host.register_commands(cli)
+            except LoraEngineError:
+                pass  # a broken plugin set is reported by the command that needs it
     cli(prog_name="loraengine")
 
 

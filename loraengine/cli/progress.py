@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Callable
 from typing import Any, TextIO
 
 from loraengine.core.plugins.hookspecs import hookimpl
@@ -89,15 +90,76 @@ class TaskBars:
             self.progress = None
 
 
-class ProgressBar:
-    """The training run's progress bar with loss, it/s and ETA; silent when not on a
-    terminal."""
+class SlowdownWatch:
+    """Notices a run slowing far below its own pace, the mark of an oversubscribed
+    machine (more busy threads than cores, e.g. other work on the same CPUs).
 
-    def __init__(self, stream: TextIO | None = None, enabled: bool | None = None):
+    Steps are timed in windows of at least ``window`` steps and ``min_seconds``; the
+    first ``warmup`` windows (allocation, first-call costs) are not compared. Once a
+    window's rate falls below ``1/factor`` of the best window after the warm-up,
+    ``observe`` returns the hint, once per run. ``clock`` is injectable for tests."""
+
+    def __init__(self, *, window: int = 5, min_seconds: float = 2.0, warmup: int = 1,
+                 factor: float = 3.0, clock: Callable[[], float] | None = None):
+        self.window, self.min_seconds, self.warmup = window, min_seconds, warmup
+        self.factor, self.clock = factor, clock or time.perf_counter
+        self.best: float | None = None
+        self.fired = False
+        self._windows = 0
+        self._start: tuple[int, float] | None = None
+
+    def restart(self) -> None:
+        """Drop the window under way: time went into something other than steps
+        (a checkpoint, sample grids, a validation loss)."""
+        self._start = None
+
+    def observe(self, step: int) -> str | None:
+        """Call after each step; the hint when the run has just become too slow."""
+        now = self.clock()
+        if self._start is None:
+            self._start = (step, now)
+            return None
+        first, began = self._start
+        steps, took = step - first, now - began
+        if steps < self.window or took < self.min_seconds:
+            return None
+        self._start = (step, now)
+        rate = steps / took
+        self._windows += 1
+        if self._windows <= self.warmup or self.fired:
+            return None
+        if self.best is None or rate > self.best:
+            self.best = rate
+            return None
+        if rate * self.factor >= self.best:
+            return None
+        self.fired = True
+        return slowdown_hint(rate, self.best)
+
+
+def slowdown_hint(rate: float, best: float) -> str:
+    """The one-time note of a run gone much slower than its best pace."""
+    import torch
+
+    threads = torch.get_num_threads()
+    return (f"slow: {rate:.2f} it/s, against {best:.2f} it/s earlier in this run; the "
+            f"machine may be oversubscribed. torch uses {threads} thread"
+            f"{'s' if threads != 1 else ''}: with other work on these cores, fewer "
+            f"(training.threads, or OMP_NUM_THREADS) is often much faster")
+
+
+class ProgressBar:
+    """The training run's progress bar with loss, it/s and ETA, and a one-time note
+    when the run slows far below its own pace (``SlowdownWatch``); silent when not on
+    a terminal."""
+
+    def __init__(self, stream: TextIO | None = None, enabled: bool | None = None,
+                 slowdown: Callable[[], SlowdownWatch] = SlowdownWatch):
         self.stream = stream or sys.stderr
         self.enabled = self.stream.isatty() if enabled is None else enabled
         self._progress: Any = None
         self._task: Any = None
+        self._make_watch = slowdown
 
     @hookimpl
     def loraengine_on_train_start(self, run: Any) -> None:
@@ -110,6 +172,7 @@ class ProgressBar:
                                              completed=run.start_step, loss="-", rate="-")
         self._t0 = time.perf_counter()
         self._done0 = run.start_step
+        self._slowdown = self._make_watch()
 
     @hookimpl
     def loraengine_on_step_end(self, run: Any, step: int, metrics: dict[str, float]) -> None:
@@ -119,12 +182,19 @@ class ProgressBar:
         loss = metrics.get("loss")
         self._progress.update(self._task, completed=step,
                               loss="-" if loss is None else f"{loss:.4f}", rate=f"{rate:.2f}")
+        if "val_loss" in metrics:
+            self._slowdown.restart()  # that step's time includes the validation pass
+        hint = self._slowdown.observe(step)
+        if hint is not None:
+            self._progress.console.log(hint)
 
     @hookimpl
     def loraengine_on_save(self, run: Any, path: str, kind: str) -> None:
         """Note checkpoints and sample grids above the bar as they are written."""
         if self._progress is not None and kind in ("checkpoint", "samples", "best"):
             self._progress.console.log(f"{kind}: {path}")
+        if self._progress is not None:
+            self._slowdown.restart()  # writing is not stepping
 
     @hookimpl
     def loraengine_on_train_end(self, run: Any, result: Any) -> None:

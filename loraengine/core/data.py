@@ -26,12 +26,9 @@ class DataWarning(UserWarning):
     """Training data was accepted with a change (e.g. samples skipped)."""
 
 
-def read_safetensors(path: Path, what: str) -> dict[str, torch.Tensor]:
-    """Load a safetensors file, naming ``what`` and the file in any error.
-
-    Only a regular file is opened: a FIFO or a device would block or stream forever,
-    so it is refused from its ``stat`` alone."""
-    path = Path(path)
+def _check_regular_file(path: Path, what: str) -> None:
+    """``DataError`` naming ``what`` unless ``path`` is a regular file: a FIFO or a
+    device would block or stream forever, so it is refused from its ``stat`` alone."""
     try:
         info = os.stat(path)
     except FileNotFoundError:
@@ -44,12 +41,55 @@ def read_safetensors(path: Path, what: str) -> dict[str, torch.Tensor]:
     if not stat.S_ISREG(info.st_mode):
         kind = next((k for test, k in _FILE_KINDS if test(info.st_mode)), "not a regular file")
         raise DataError(f"{what} path {path} is {kind}, not a safetensors file")
+
+
+def read_safetensors(path: Path, what: str) -> dict[str, torch.Tensor]:
+    """Load a safetensors file, naming ``what`` and the file in any error. Only a
+    regular file is opened."""
+    path = Path(path)
+    _check_regular_file(path, what)
     try:
         return load_file(str(path))
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
         raise DataError(f"{what} file {path} is not a readable safetensors file: "
                         f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
                         ) from None
+
+
+#: safetensors' dtype names -> torch dtypes (those a data file can hold).
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
+    "BF16": torch.bfloat16, "I64": torch.int64, "I32": torch.int32, "I16": torch.int16,
+    "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
+
+
+def read_safetensors_layout(path: Path, what: str) -> dict[str, torch.Tensor]:
+    """A safetensors file's tensors as ``meta`` tensors: names, shapes and dtypes from
+    its header alone, no data read. The checks of ``make_dataset`` run on them as on
+    the loaded tensors (all but the NaN/inf scan, which needs the values)."""
+    path = Path(path)
+    _check_regular_file(path, what)
+    from safetensors import safe_open
+
+    out: dict[str, torch.Tensor] = {}
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            for key in fh.keys():  # noqa: SIM118  # a safe_open handle is not a mapping
+                part = fh.get_slice(key)
+                dtype = _SAFETENSORS_DTYPES.get(str(part.get_dtype()))
+                if dtype is None:
+                    raise DataError(f"{what} file {path}: tensor {key!r} has the dtype "
+                                    f"{part.get_dtype()}, which the engine cannot train on")
+                out[key] = torch.empty(list(part.get_shape()), dtype=dtype, device="meta")
+    except DataError:
+        raise
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise DataError(f"{what} file {path} is not a readable safetensors file: "
+                        f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
+                        ) from None
+    return out
 
 
 @dataclass(frozen=True)
@@ -97,8 +137,11 @@ def make_dataset(latents: torch.Tensor | Mapping[str, torch.Tensor],
     expect = expect or DataExpectations()
     if isinstance(latents, Mapping):
         if "latents" not in latents:
+            bucketed = any(_bucket_suffix(k) and k.startswith("latents.") for k in latents)
+            hint = ("; it holds buckets (latents.<i>): set data.bucket_mode: true"
+                    if bucketed else "")
             raise DataError(f"{latents_name}: no tensor named 'latents' (found: "
-                            f"{', '.join(sorted(latents)) or 'none'})")
+                            f"{_listed(latents)}){hint}")
         latents = latents["latents"]
     if not isinstance(latents, torch.Tensor):
         raise DataError(f"{latents_name}: expected a tensor, got {type(latents).__name__}")
@@ -143,6 +186,12 @@ def make_dataset(latents: torch.Tensor | Mapping[str, torch.Tensor],
         latents = latents[keep]
         out = {k: v[keep] for k, v in out.items()}
     return Dataset(latents, out)
+
+
+def _listed(tensors: Mapping[str, Any], most: int = 8) -> str:
+    names = sorted(tensors)
+    more = f", ... ({len(names)} in all)" if len(names) > most else ""
+    return (", ".join(names[:most]) + more) or "none"
 
 
 def _check_latents(latents: torch.Tensor, name: str, expect: DataExpectations) -> None:
@@ -192,6 +241,8 @@ _FINITE_CHUNK = 256
 def _nonfinite_rows(t: torch.Tensor, name: str, key: str, allow: bool) -> torch.Tensor:
     """``[N]`` bools: which samples of ``t`` hold NaN or inf. Unless ``allow``, the
     first such sample is a ``DataError`` naming the file, tensor and index."""
+    if t.is_meta:  # a file's layout only (``read_safetensors_layout``): no values
+        return torch.zeros(int(t.shape[0]), dtype=torch.bool)
     rows = []
     for start in range(0, int(t.shape[0]), _FINITE_CHUNK):
         part = t[start:start + _FINITE_CHUNK]

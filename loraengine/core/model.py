@@ -72,3 +72,17 @@ def top_level_blocks(module: nn.Module) -> list[nn.Module]:
         else:
             out.append(child)
     return out
+
+
+@dataclass(frozen=True)
+class ModelLayout:
+    """What a family reads from a model's config files alone, without loading its
+    weights (``loraengine validate``): the same facts ``LoadedModel`` carries about the
+    data the denoiser takes. ``None`` / empty: the family cannot tell from its config."""
+
+    #: Where the denoiser's weights are.
+    source: str
+    cond_keys: tuple[str, ...] = ("cond",)
+    latent_ndim: int | None = None
+    latent_channels: int | None = None
+    cond_widths: dict[str, int] = field(default_factory=dict)

@@ -15,10 +15,11 @@ live in ``loraengine.core.options`` and are re-exported here.
 
 from __future__ import annotations
 
+import difflib
 import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Annotated, Any, Literal, Protocol, Union, cast
+from typing import Annotated, Any, Literal, Protocol, Union, cast, get_args
 from weakref import WeakKeyDictionary
 
 from pydantic import (
@@ -279,6 +280,48 @@ def _check_logger_names(data: dict[str, Any], registry: Registry, source: Config
     return problems
 
 
+def empty_config_message(source: ConfigSource) -> str:
+    """What an empty config needs, instead of the first key pydantic misses."""
+    where = f"{source.path}: " if source.path is not None else ""
+    return (f"{where}the config is empty; a minimal one names the model and the data "
+            f"(model: {{family: sd15, path: PIPELINE_FOLDER}}, data: {{latents: "
+            f"FILE, conditioning: FILE}}); examples/quickstart.yaml is a complete one to "
+            f"start from")
+
+
+def _models_in(form: Any) -> list[type[BaseModel]]:
+    """The pydantic models a type form (a model, a union, ``Annotated``, ``X | None``,
+    ``list[X]``) can hold."""
+    if isinstance(form, type) and issubclass(form, BaseModel):
+        return [form]
+    return [m for arg in get_args(form) for m in _models_in(arg)]
+
+
+def keys_at(root: type[BaseModel], loc: Sequence[Any]) -> list[str]:
+    """The keys the section at pydantic's error location ``loc`` takes (its parts may
+    include a union member's tag or class name); empty when it cannot be told."""
+    models = [root]
+    for part in loc:
+        if isinstance(part, int):
+            continue  # a list item: the same models
+        found = [m for m in models if part in m.model_fields]
+        if found:
+            models = [n for m in found for n in _models_in(m.model_fields[part].annotation)]
+            continue
+        tagged = [m for m in models if m.__name__ == part or any(
+            f.default == part for f in m.model_fields.values() if isinstance(f.default, str))]
+        if not tagged:
+            return []
+        models = tagged[:1]
+    return sorted({k for m in models for k in m.model_fields})
+
+
+def did_you_mean(key: str, choices: Sequence[str]) -> str:
+    """``; did you mean 'steps'?`` for a misspelt key, else nothing."""
+    close = difflib.get_close_matches(key, choices, n=1, cutoff=0.6)
+    return f"; did you mean {close[0]!r}?" if close else ""
+
+
 def parse_config(raw: Mapping[str, Any], registry: Registry,
                  source: ConfigSource | None = None, base_dir: Path | None = None
                  ) -> TrainConfig:
@@ -294,10 +337,15 @@ def parse_config(raw: Mapping[str, Any], registry: Registry,
     try:
         cfg = root.model_validate(data, context={"base_dir": base_dir})
     except ValidationError as exc:
+        if not data:
+            raise ConfigError(empty_config_message(source)) from None
         lines = []
         for err in exc.errors():
             loc = data_loc(data, err["loc"])
-            lines.append(f"{'.'.join(loc) or '<root>'}: {error_message(err)}{source.where(loc)}")
+            message = error_message(err)
+            if err.get("type") == "extra_forbidden":
+                message += did_you_mean(str(err["loc"][-1]), keys_at(root, err["loc"][:-1]))
+            lines.append(f"{'.'.join(loc) or '<root>'}: {message}{source.where(loc)}")
         raise ConfigError(list(dict.fromkeys(lines))) from None
     check_consistency(cfg, source)
     check_strategies(cfg, registry, source)

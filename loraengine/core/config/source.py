@@ -253,8 +253,9 @@ class ConfigSource:
         self.overrides = overrides or set()
 
     def where(self, loc: tuple[str, ...]) -> str:
-        if loc in self.overrides:
-            return " (--set)"
+        if loc in self.overrides or (loc not in self.lines and any(
+                o[:len(loc)] == loc for o in self.overrides)):
+            return " (--set)"  # also a section only an override made
         probe = loc
         while probe:
             if probe in self.lines and self.path is not None:

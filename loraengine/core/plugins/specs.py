@@ -30,7 +30,7 @@ if TYPE_CHECKING:
     from torch import nn
 
     from loraengine.core.adapter import AdapterLayer
-    from loraengine.core.model import LoadedModel
+    from loraengine.core.model import LoadedModel, ModelLayout
     from loraengine.core.options import TrainConfig
     from loraengine.core.plugins.assembly import BuildContext, Recipe, RunConfig, StrategyResult
     from loraengine.core.schedule import NoiseSchedule
@@ -173,6 +173,10 @@ class ModelFamilySpec(Generic[OptionsT]):
     #: that module names from a file (in any layout) belong to (``"an SDXL UNet"``), or
     #: ``None``; errors about files made for another model use it.
     looks_like: Callable[[Collection[str]], str | None] | None = None
+    #: ``describe(options, context) -> ModelLayout``: what the model takes, read from its
+    #: config files without loading weights (``loraengine validate``); raises the error
+    #: ``load`` would for a missing or unreadable model. ``None``: not checkable unloaded.
+    describe: Callable[[OptionsT, Mapping[str, object]], ModelLayout] | None = None
 
 
 class DataEncoder(Protocol):

@@ -287,12 +287,17 @@ class Trainer:
                              f"{where}{written}")
 
     def _interrupted(self, step: int, guard: SignalGuard) -> None:
+        """Save a checkpoint and the LoRA so far, the latter beside the final one and
+        named for its step: an interrupted run must not replace the finished LoRA of an
+        earlier run of the same name with a partial one."""
         saved = ""
         if self.writes_files:
             path = self.save_checkpoint(step)
-            result = self.finish()
-            saved = (f"; checkpoint {path}, LoRA so far {result.path}; continue with "
-                     f"--resume latest")
+            result = self.finish(stopped_at=step)
+            final = self.output_dir / f"{self.config.output.name}.safetensors"
+            kept = f" ({final} is left as it was)" if final.exists() else ""
+            saved = (f"; checkpoint {path}, LoRA so far {result.path}{kept}; continue "
+                     f"with --resume latest")
         raise TrainingInterrupted(f"{guard.name}: stopped after step {step}{saved}")
 
     # -- checkpoints and resume -----------------------------------------------------
@@ -464,10 +469,12 @@ class Trainer:
         } | ({"loraengine.lr_changes": json.dumps(self.state.lr_changes)}
              if self.state.lr_changes else {})
 
-    def finish(self) -> TrainResult:
+    def finish(self, stopped_at: int | None = None) -> TrainResult:
         """The result; when writing files, the LoRA, each recipe's variant (e.g. its
         EMA) and the loss map are all written before any ``on_save`` hook runs, so a
-        failing hook cannot cost a file."""
+        failing hook cannot cost a file. ``stopped_at`` (the step a stopped run
+        reached, as its checkpoint is numbered) names the files for it,
+        ``<name>.step_000123.safetensors``, beside the final ones."""
         to_eval = getattr(self.pipe.optimizer, "eval", None)
         if callable(to_eval):
             to_eval()  # schedule-free optimizers: save the averaged x
@@ -478,6 +485,8 @@ class Trainer:
         if not self.writes_files:
             return result
         out, name = self.output_dir, self.config.output.name  # save_lora makes the folder
+        if stopped_at is not None:
+            name = partial_name(name, stopped_at)
         lora_path = out / f"{name}.safetensors"
         save_lora(lora_path, tensors, self.metadata())
         result.path = lora_path
@@ -496,6 +505,11 @@ class Trainer:
         for kind, path in written:  # the loss plot plugin writes on "loss_map"
             self._announce(kind, path)
         return result
+
+
+def partial_name(name: str, step: int) -> str:
+    """The stem of the files a run stopped at ``step`` writes beside its final ones."""
+    return f"{name}.step_{step:06d}"
 
 
 def _lr_of(saved: Mapping[str, Any] | None) -> float | None:

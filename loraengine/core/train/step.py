@@ -10,6 +10,7 @@ backward pass (to count FLOPs, for instance).
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import Protocol
@@ -100,6 +101,10 @@ def _no_sync(pipe: Pipeline, last: bool) -> Iterator[None]:
             yield
 
 
+#: The start of torch's warning for a scheduler stepped before any optimizer step.
+_SCHEDULER_FIRST = r"Detected call of `lr_scheduler\.step\(\)` before `optimizer\.step\(\)`"
+
+
 def train_step(pipe: Pipeline, stream: IndexStream | BucketStream,
                generator: torch.Generator, scaler: torch.amp.GradScaler | None = None,
                probe: StepProbe | None = None) -> dict[str, float]:
@@ -162,7 +167,15 @@ def train_step(pipe: Pipeline, stream: IndexStream | BucketStream,
     elif applied:
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    pipe.lr_scheduler.step()
+    if applied:
+        pipe.lr_scheduler.step()
+    else:
+        # The schedule advances on a skipped step too (it counts steps, not updates).
+        # When no update has been applied yet, torch warns that the scheduler ran before
+        # the optimizer, about exactly this on purpose; that warning alone is dropped.
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=_SCHEDULER_FIRST, category=UserWarning)
+            pipe.lr_scheduler.step()
     if applied:
         for recipe in pipe.recipes:
             recipe.after_optimizer_step()  # e.g. the EMA of the adapter weights

@@ -12,6 +12,7 @@ import json
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any, Literal, cast
 
 from pydantic import Field
@@ -19,7 +20,7 @@ from torch import nn
 
 from loraengine.core.config.root import ConfigPath
 from loraengine.core.errors import ConfigError, DataError
-from loraengine.core.model import LoadedModel, PredictFn
+from loraengine.core.model import LoadedModel, ModelLayout, PredictFn
 from loraengine.core.plugins.specs import ModelFamilySpec, PluginOptions
 from loraengine.core.schedule import NoiseSchedule
 
@@ -351,6 +352,64 @@ def load_family(family: Family, options: FamilyOptions, context: Mapping[str, An
         latent_ndim=4, latent_channels=channels, cond_widths=widths)
 
 
+def config_view(config_dir: Path) -> Any:
+    """A stand-in for a loaded denoiser that has only its ``config`` (read from
+    ``config.json``): what the ``inputs`` functions read, without loading weights."""
+    return SimpleNamespace(config=SimpleNamespace(**read_json(config_dir / "config.json")))
+
+
+#: File names diffusers saves a model's weights under (sharded ones have an index).
+_WEIGHT_GLOBS = ("*.safetensors", "*.safetensors.index.json", "*.bin", "*.bin.index.json")
+
+
+def check_weights_readable(where: Path, key: str = "model.path") -> None:
+    """The weights at ``where`` (a single file, or a model folder's files) exist and a
+    safetensors header reads; no tensor is loaded."""
+    from safetensors import safe_open
+
+    if where.is_dir():
+        files = sorted({f for pattern in _WEIGHT_GLOBS for f in where.glob(pattern)})
+        if not files:
+            raise DataError(f"{key}: {where} has a config.json but no weights "
+                            f"(diffusion_pytorch_model.safetensors or .bin)")
+        headers = [f for f in files if f.suffix == ".safetensors"]
+    else:
+        headers = [where]
+    for file in headers:
+        try:
+            with safe_open(str(file), framework="pt") as fh:
+                if not list(fh.keys()):
+                    raise DataError(f"{key}: {file} holds no tensors")
+        except DataError:
+            raise
+        except Exception as exc:  # safetensors raises its own kinds for a bad header
+            raise DataError(f"{key}: {file} is not a readable safetensors file: "
+                            f"{_first_line(exc)}") from None
+
+
+def describe_family(family: Family, options: FamilyOptions, context: Mapping[str, Any]
+                    ) -> ModelLayout:
+    """What ``load_family`` would find, from the config files alone: the model and its
+    config are located and read, the weights' header checked, the schedule built."""
+    where = locate(family, options)
+    if where.single_file:
+        assert where.config is not None  # locate() requires model.config for a single file
+        cfg_dir = where.config / where.config_subfolder if where.config_subfolder else \
+            where.config
+    else:
+        cfg_dir = where.model
+    _check_class(family, cfg_dir)
+    check_weights_readable(where.model)
+    sched = scheduler_config(where.root)
+    if family.prediction_type == "flow":
+        flow_schedule(family, options, sched)  # type: ignore[arg-type]
+    else:
+        ddpm_schedule(family, options, sched)  # type: ignore[arg-type]
+    channels, widths = family.inputs(config_view(cfg_dir))
+    return ModelLayout(source=str(where.model), cond_keys=family.cond_keys, latent_ndim=4,
+                       latent_channels=channels, cond_widths=widths)
+
+
 def unet_blocks(unet: nn.Module) -> list[nn.Module]:
     """A diffusers UNet's down, mid and up blocks: the units memory strategies work on."""
     blocks: list[nn.Module] = list(unet.get_submodule("down_blocks").children())
@@ -439,5 +498,9 @@ def make_spec(family: Family, make_encoder: Callable[..., Any] | None = None,
     def detect_default(path: Any) -> bool:
         return pipeline_class(Path(path)) in family.pipeline_classes
 
+    def describe(options: Any, context: Mapping[str, Any]) -> ModelLayout:
+        return describe_family(family, options, context)
+
     return ModelFamilySpec(family.name, load, family.options, family.description,
-                           make_encoder=make_encoder, detect=detect or detect_default)
+                           make_encoder=make_encoder, detect=detect or detect_default,
+                           describe=describe)

@@ -14,11 +14,13 @@ from torch import nn
 
 from loraengine.core.config.root import ConfigPath
 from loraengine.core.errors import ConfigError, DataError
-from loraengine.core.model import LoadedModel
+from loraengine.core.model import LoadedModel, ModelLayout
 from loraengine.core.plugins.specs import ModelFamilySpec
 from loraengine.core.schedule import NoiseSchedule
 from loraengine.plugins.models.common import (
     DDPMKind,
+    check_weights_readable,
+    config_view,
     ddpm_from_config,
     locate_folder,
     read_json,
@@ -88,28 +90,52 @@ def load(options: DiffusersOptions, context: Mapping[str, Any]) -> LoadedModel:
 
     diffusers.utils.logging.set_verbosity_error()  # the engine reports what matters itself
     model_dir, sched_path = locate(options)
-    cls_name = read_json(model_dir / "config.json").get("_class_name", "")
-    if cls_name not in SUPPORTED:
-        raise ConfigError(f"model.path: {model_dir} holds a {cls_name or 'unknown'} model; "
-                          f"the 'diffusers' family reads {', '.join(sorted(SUPPORTED))}")
+    cls_name = _supported_class(model_dir)
     cls = getattr(diffusers, cls_name)
     try:
         module = cls.from_pretrained(str(model_dir), local_files_only=True)
     except (OSError, ValueError, RuntimeError) as exc:
         raise DataError(f"model.path: cannot load {cls_name} from {model_dir}: "
                         f"{str(exc).splitlines()[0]}") from None
-    cond_keys: tuple[str, ...] = ("cond",)
-    if getattr(module.config, "addition_embed_type", None) == "text_time":
-        cond_keys = ("cond", "text_embeds", "time_ids")
     channels, widths = unet_inputs(module)
     return LoadedModel(module=module, predict=_predict_unet,
                        schedule=schedule_from(options, sched_path), blocks=unet_blocks(module),
-                       family="diffusers", default_exporter="kohya", cond_keys=cond_keys,
+                       family="diffusers", default_exporter="kohya",
+                       cond_keys=_cond_keys(module),
                        base_model_version=f"diffusers:{cls_name}", latent_ndim=4,
                        latent_channels=channels, cond_widths=widths)
 
 
-__all__ = ["SPEC", "DiffusersOptions", "load", "locate", "schedule_from", "unet_blocks"]
+def _supported_class(model_dir: Path) -> str:
+    cls_name = str(read_json(model_dir / "config.json").get("_class_name", ""))
+    if cls_name not in SUPPORTED:
+        raise ConfigError(f"model.path: {model_dir} holds a {cls_name or 'unknown'} model; "
+                          f"the 'diffusers' family reads {', '.join(sorted(SUPPORTED))}")
+    return cls_name
+
+
+def _cond_keys(module: Any) -> tuple[str, ...]:
+    """SDXL-style UNets (``addition_embed_type: text_time``) also take the pooled text
+    embedding and the size ids."""
+    if getattr(module.config, "addition_embed_type", None) == "text_time":
+        return ("cond", "text_embeds", "time_ids")
+    return ("cond",)
+
+
+def describe(options: DiffusersOptions, context: Mapping[str, Any]) -> ModelLayout:
+    """What ``load`` would find, from the config files alone (no weights loaded)."""
+    model_dir, sched_path = locate(options)
+    _supported_class(model_dir)
+    check_weights_readable(model_dir)
+    schedule_from(options, sched_path)
+    view = config_view(model_dir)
+    channels, widths = unet_inputs(view)
+    return ModelLayout(source=str(model_dir), cond_keys=_cond_keys(view), latent_ndim=4,
+                       latent_channels=channels, cond_widths=widths)
+
+
+__all__ = ["SPEC", "DiffusersOptions", "describe", "load", "locate", "schedule_from", "unet_blocks"]
 
 SPEC = ModelFamilySpec("diffusers", load, DiffusersOptions,
-                       "A diffusers UNet2DConditionModel from a local folder.")
+                       "A diffusers UNet2DConditionModel from a local folder.",
+                       describe=describe)
