@@ -13,7 +13,7 @@ import click
 
 from loraengine import __version__
 from loraengine.cli.common import State, reports_errors  # noqa: E402
-from loraengine.core.errors import LoraEngineError
+from loraengine.core.errors import ConfigError, LoraEngineError
 from loraengine.core.plugins.host import PluginLoadWarning
 from loraengine.plugins import build_plugin_manager
 
@@ -41,13 +41,20 @@ set_option = click.option("--set", "overrides", multiple=True, metavar="KEY=VALU
               help="Write one JSON line per step to this file.")
 @click.option("--resume", default=None, metavar="[DIR|latest]", is_flag=False,
               flag_value="latest", help="Continue from a checkpoint: latest (default), a "
-              "checkpoints folder or one step_N folder. A changed optimizer.lr takes effect "
-              "from the resumed step; optimizer.name cannot change.")
+              "checkpoints folder or one step_N folder. A changed optimizer.lr, "
+              "lr_scheduler or training.steps takes effect from the resumed step; "
+              "optimizer.name cannot change without --reset-optimizer.")
+@click.option("--reset-optimizer", is_flag=True, help="With --resume: start a fresh "
+              "optimizer state instead of the checkpoint's (needed when optimizer.name "
+              "changed); the adapter, schedule position, data and noise streams resume.")
 @click.pass_obj
 @reports_errors
 def train(state: State, config: Path, overrides: tuple[str, ...], quiet: bool,
-          events: Path | None, resume: str | None) -> None:
+          events: Path | None, resume: str | None, reset_optimizer: bool) -> None:
     """Train an adapter as CONFIG describes."""
+    if reset_optimizer and resume is None:
+        raise ConfigError("--reset-optimizer: only with --resume (a new run's optimizer "
+                          "state is fresh already)")
     from loraengine.api import resolve_config
     from loraengine.cli.progress import EventLog, ProgressBar, summary_line
     from loraengine.core.build import build_pipeline
@@ -73,7 +80,7 @@ def train(state: State, config: Path, overrides: tuple[str, ...], quiet: bool,
             if resume is not None:
                 with warnings.catch_warnings(record=True) as caught:
                     warnings.simplefilter("always")
-                    used = trainer.resume(resume)
+                    used = trainer.resume(resume, reset_optimizer=reset_optimizer)
                 for w in caught:
                     click.echo(f"warning: {w.message}", err=True)
                 if used is not None and not quiet:
