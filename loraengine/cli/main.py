@@ -2,20 +2,42 @@
 
 from __future__ import annotations
 
-import importlib
-import json
 import os
-import time
-import warnings
-from pathlib import Path
+import signal
+import sys
+from types import FrameType
 
-import click
 
-from loraengine import __version__
+def _interrupted(signum: int, frame: FrameType | None) -> None:
+    """Ctrl-C before a command's own handling starts (while the engine, torch and the
+    plugins are imported): one line and exit 130, never a traceback. Raised as
+    ``SystemExit``, so every ``finally`` on the way runs; nothing has been written yet."""
+    sys.stderr.write(f"error: interrupted ({signal.Signals(signum).name}) while starting; "
+                     f"nothing was written\n")
+    sys.stderr.flush()
+    raise SystemExit(130)
+
+
+_interrupted.startup_handler = True  # type: ignore[attr-defined]  # see reports_errors
+
+# Installed first thing when this module is the program (``loraengine``, ``python -m``),
+# not when it is imported by a caller of ``cli``.
+if __name__ == "__main__" or os.path.basename(sys.argv[0] if sys.argv else "") == "loraengine":
+    signal.signal(signal.SIGINT, _interrupted)
+
+import importlib  # noqa: E402
+import json  # noqa: E402
+import time  # noqa: E402
+import warnings  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import click  # noqa: E402
+
+from loraengine import __version__  # noqa: E402
 from loraengine.cli.common import State, reports_errors  # noqa: E402
-from loraengine.core.errors import ConfigError, LoraEngineError
-from loraengine.core.plugins.host import PluginLoadWarning
-from loraengine.plugins import build_plugin_manager
+from loraengine.core.errors import ConfigError, LoraEngineError  # noqa: E402
+from loraengine.core.plugins.host import PluginLoadWarning  # noqa: E402
+from loraengine.plugins import build_plugin_manager  # noqa: E402
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -168,7 +190,10 @@ for _module, _name in BUILTIN_COMMANDS:
 
 
 def main() -> None:
-    """The console script: plugins may add subcommands before the group runs."""
+    """The console script: plugins may add subcommands before the group runs. Ctrl-C
+    up to a command's own handling is one line (``_interrupted``); from there on each
+    command reports it (``reports_errors``; training finishes its step first)."""
+    signal.signal(signal.SIGINT, _interrupted)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", PluginLoadWarning)  # reported when commands run
         try:
