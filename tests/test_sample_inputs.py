@@ -24,7 +24,7 @@ def _one_error(result, code):
 
 def test_prompts_that_are_not_utf8_name_the_file_offset_and_line(tmp_path):
     prompts = tmp_path / "p.txt"
-    raw = "a red square\nun caf".encode() + b"\xe9" + b" noir\n"
+    raw = b"a red square\nun caf" + b"\xe9" + b" noir\n"
     prompts.write_bytes(raw)
     line = _one_error(_run("sample", "--model", str(tmp_path / "no-model"), "--prompts",
                            str(prompts), "--out", str(tmp_path / "o")), 1)
