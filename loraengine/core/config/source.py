@@ -253,7 +253,8 @@ class ConfigSource:
         self.overrides = overrides or set()
 
     def where(self, loc: tuple[str, ...]) -> str:
-        if loc in self.overrides:
+        # the key itself or a section or list above it came from --set
+        if any(loc[:n] in self.overrides for n in range(len(loc), 0, -1)):
             return " (--set)"
         probe = loc
         while probe:

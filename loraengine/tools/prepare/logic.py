@@ -127,9 +127,9 @@ def read_captions_file(path: Path) -> dict[str, str]:
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
-        line = raw.count(b"\n", 0, exc.start) + 1
+        at_line = raw.count(b"\n", 0, exc.start) + 1
         raise DataError(f"--captions: {path} is not UTF-8 text (byte {exc.start}, line "
-                        f"{line})") from None
+                        f"{at_line})") from None
     out: dict[str, str] = {}
     if path.suffix.lower() == ".jsonl":
         first_line: dict[str, int] = {}
