@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 from typing import Any, TextIO
 
+from loraengine.core.errors import ConfigError
 from loraengine.core.plugins.hookspecs import hookimpl
 
 
@@ -139,8 +140,14 @@ class EventLog:
 
     def __init__(self, path: Path):
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._fh = self.path.open("w", encoding="utf-8")
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._fh = self.path.open("w", encoding="utf-8")
+        except OSError as exc:
+            blocking = next((p for p in self.path.parents if p.is_file()), None)
+            reason = f"{blocking} is a file" if blocking is not None else \
+                exc.strerror or str(exc)
+            raise ConfigError(f"--events {self.path}: cannot write ({reason})") from None
 
     def _write(self, event: dict[str, Any]) -> None:
         event["time"] = time.time()

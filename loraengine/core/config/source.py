@@ -10,6 +10,7 @@ and a key given twice in one mapping are errors, and every check visits each nod
 
 from __future__ import annotations
 
+import stat
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -185,8 +186,25 @@ def yaml_lines(text: str) -> dict[tuple[str, ...], int]:
         return {}
 
 
+def _special_kind(path: Path) -> str | None:
+    """What ``path`` is when it is neither a regular file nor a folder (reading a FIFO
+    would wait for a writer forever)."""
+    try:
+        mode = path.stat().st_mode
+    except OSError:
+        return None
+    for test, name in ((stat.S_ISFIFO, "FIFO (named pipe)"), (stat.S_ISCHR, "character device"),
+                       (stat.S_ISBLK, "block device"), (stat.S_ISSOCK, "socket")):
+        if test(mode):
+            return name
+    return None
+
+
 def read_yaml(path: Path) -> tuple[dict[str, Any], dict[tuple[str, ...], int]]:
     """Read a YAML config file; return the data and its line map."""
+    kind = _special_kind(Path(path))
+    if kind is not None:
+        raise ConfigError(f"{path}: the config is a {kind}, not a regular file")
     try:
         text = Path(path).read_bytes().decode("utf-8")
     except FileNotFoundError:
