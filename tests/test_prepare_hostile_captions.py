@@ -9,11 +9,13 @@ import pytest
 from click.testing import CliRunner
 
 from loraengine.cli.main import cli
+from loraengine.testing import tiny_pipelines as tp
 
 
 def _prepare(tmp_path, captions):
     images = tmp_path / "images"
-    images.mkdir(exist_ok=True)
+    if not images.exists():
+        tp.write_images(images, [(16, 16)], captions=False)
     # --model is an existing folder that is no pipeline: the captions are checked first
     result = CliRunner().invoke(cli, ["prepare", "--model", str(tmp_path), "--images",
                                       str(images), "--out", str(tmp_path / "out"),
@@ -74,3 +76,12 @@ def test_a_fifo_or_folder_as_captions_is_refused_without_reading(tmp_path):
     folder = tmp_path / "dir.json"
     folder.mkdir()
     assert _prepare(tmp_path, folder) == f"error: --captions: {folder} is not a regular file"
+
+
+def test_images_that_are_no_folder_are_said_before_the_model_loads(tmp_path):
+    (tmp_path / "afile").write_text("x")
+    for images in (tmp_path / "afile", tmp_path / "nope"):
+        result = CliRunner().invoke(cli, ["prepare", "--model", str(tmp_path), "--images",
+                                          str(images), "--out", str(tmp_path / "out")])
+        assert result.exit_code == 1 and "Traceback" not in result.output
+        assert result.output.strip() == f"error: --images: {images} is not a folder"

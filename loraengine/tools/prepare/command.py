@@ -72,16 +72,17 @@ def _run(state: Any, model: Path, images: Path, out: Path, family: str,
          captions_file: Path | None, caption_ext: str, resolution: int | None,
          batch_size: int, device: str, dtype: str, max_sequence_length: int | None,
          cache_dir: Path | None, quiet: bool) -> None:
+    from loraengine.tools.prepare.logic import find_images, read_captions_file
     from loraengine.tools.prepare.logic import prepare as run_prepare
-    from loraengine.tools.prepare.logic import read_captions_file
 
     if not model.exists():
         raise DataError(f"--model: {model} does not exist")
     if len(caption_ext) < 2 or not caption_ext.startswith(".") or "/" in caption_ext:
         raise DataError(f"--caption-ext: expected an extension such as .txt, got "
                         f"{caption_ext!r}")
+    find_images(images)  # no images, or a bad captions file: said before any model loads
     if captions_file is not None:
-        read_captions_file(captions_file)  # a bad file is reported before any model loads
+        read_captions_file(captions_file)
     spec = pick_family(state.host, model, family)
     encoder = spec.make_encoder(model, {"device": device, "dtype": dtype,
                                         "max_sequence_length": max_sequence_length})
