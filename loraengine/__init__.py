@@ -7,30 +7,31 @@ and the ``Recipe`` base while a run is assembled) and ``build_plugin_manager``.
 
 from __future__ import annotations
 
+import importlib
 from typing import TYPE_CHECKING
 
-from loraengine.core.plugins.assembly import BuildContext, Recipe, StrategyResult
-from loraengine.core.plugins.hookspecs import hookimpl
-from loraengine.core.plugins.run import RunView
-from loraengine.core.plugins.specs import (
-    AdapterSpec,
-    ExporterSpec,
-    LoggerSpec,
-    LossSpec,
-    LossWeightingSpec,
-    LRSchedulerSpec,
-    MemoryStrategySpec,
-    ModelFamilySpec,
-    NoOptions,
-    OptimizerSpec,
-    PluginOptions,
-    RecipeSpec,
-    TimestepSamplerSpec,
-)
 from loraengine.core.version import __version__
 
 if TYPE_CHECKING:  # imported on first use below; named here for type checkers
     from loraengine.api import train
+    from loraengine.core.plugins.assembly import BuildContext, Recipe, StrategyResult
+    from loraengine.core.plugins.hookspecs import hookimpl
+    from loraengine.core.plugins.run import RunView
+    from loraengine.core.plugins.specs import (
+        AdapterSpec,
+        ExporterSpec,
+        LoggerSpec,
+        LossSpec,
+        LossWeightingSpec,
+        LRSchedulerSpec,
+        MemoryStrategySpec,
+        ModelFamilySpec,
+        NoOptions,
+        OptimizerSpec,
+        PluginOptions,
+        RecipeSpec,
+        TimestepSamplerSpec,
+    )
     from loraengine.core.train.loop import TrainResult
     from loraengine.inference import apply
     from loraengine.plugins import build_plugin_manager
@@ -43,21 +44,25 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str) -> object:  # lazy: keep `import loraengine` light for plugin authors
-    if name == "train":
-        from loraengine.api import train
+#: Where each public name lives. Imported on first use, so that ``import loraengine``
+#: stays light (the command line's Ctrl-C handling starts right after it).
+_HOMES = {
+    "train": "loraengine.api", "TrainResult": "loraengine.core.train.loop",
+    "apply": "loraengine.inference", "build_plugin_manager": "loraengine.plugins",
+    "hookimpl": "loraengine.core.plugins.hookspecs", "RunView": "loraengine.core.plugins.run",
+    **dict.fromkeys(("BuildContext", "Recipe", "StrategyResult"),
+                    "loraengine.core.plugins.assembly"),
+    **dict.fromkeys(("AdapterSpec", "ExporterSpec", "LoggerSpec", "LossSpec", "LossWeightingSpec",
+                     "LRSchedulerSpec", "MemoryStrategySpec", "ModelFamilySpec", "NoOptions",
+                     "OptimizerSpec", "PluginOptions", "RecipeSpec", "TimestepSamplerSpec"),
+                    "loraengine.core.plugins.specs"),
+}
 
-        return train
-    if name == "TrainResult":
-        from loraengine.core.train.loop import TrainResult
 
-        return TrainResult
-    if name == "apply":
-        from loraengine.inference import apply
-
-        return apply
-    if name == "build_plugin_manager":
-        from loraengine.plugins import build_plugin_manager
-
-        return build_plugin_manager
-    raise AttributeError(name)
+def __getattr__(name: str) -> object:
+    home = _HOMES.get(name)
+    if home is None:
+        raise AttributeError(f"module 'loraengine' has no attribute {name!r}")
+    value = getattr(importlib.import_module(home), name)
+    globals()[name] = value
+    return value

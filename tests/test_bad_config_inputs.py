@@ -124,6 +124,18 @@ CONFIG_CASES: dict[str, tuple[str, list[str], list[str]]] = {
     "model-a-list": (BASE.replace("model: {family: sd15, path: model}", "model: [sd15]"), [],
                      ["model: expected a mapping"]),
     "unknown-section": (BASE + "trainig: {steps: 2}\n", [], ["trainig: unknown key"]),
+    # booleans inside lists (and tuples) where only numbers (or strings) may go
+    "include-true": (BASE + "adapter: {include: [true]}\n", [], ["adapter.include.0"]),
+    "exclude-false": (BASE + "adapter: {exclude: ['*.proj', no]}\n", [],
+                      ["adapter.exclude.1"]),
+    "betas-true": (BASE + "optimizer: {name: adamw, betas: [true, 0.99]}\n", [],
+                   ["optimizer.betas.0", "'true'"]),
+    "betas-second-false": (BASE + "optimizer: {name: adamw, betas: [0.9, false]}\n", [],
+                           ["optimizer.betas.1", "'false'"]),
+    "adafactor-eps-true": (BASE + "optimizer: {name: adafactor, eps: [null, true]}\n", [],
+                           ["optimizer.eps.1", "'true'"]),
+    "samples-size-true": (BASE.replace("  name: test", "  name: test\n  samples: {size: "
+                                       "[true, 8]}"), [], ["output.samples.size.0", "'true'"]),
 }
 
 SET_CASES: dict[str, tuple[str, list[str], list[str]]] = {
@@ -136,6 +148,8 @@ SET_CASES: dict[str, tuple[str, list[str], list[str]]] = {
     "set-no-equals": (BASE, ["training.steps"], ["--set 'training.steps'", "key.path=value"]),
     "set-bool-for-int": (BASE, ["training.batch_size=true"],
                          ["training.batch_size", "(--set)"]),
+    "set-bool-in-a-list": (BASE, ["optimizer.betas=[0.9, true]"],
+                           ["optimizer.betas.1", "'true'", "(--set)"]),
     "set-deep-value": (BASE, ["data.x=" + "[" * 500], ["--set", "nested deeper than"]),
     "set-huge-integer": (BASE, ["training.steps=" + "9" * 5000],
                          ["--set", "integer of more than"]),

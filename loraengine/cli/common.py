@@ -4,7 +4,9 @@ click options made from the config fields they mirror."""
 from __future__ import annotations
 
 import functools
+import signal
 import sys
+import threading
 import traceback
 import warnings
 from collections.abc import Callable
@@ -46,10 +48,12 @@ def reports_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         debug = bool(click.get_current_context().find_root().params.get("debug"))
+        _command_handles_ctrl_c()
         try:
             return fn(*args, **kwargs)
         except KeyboardInterrupt:
-            click.echo("error: interrupted", err=True)
+            click.echo("error: interrupted (SIGINT); what was written is complete, nothing "
+                       "is half-written", err=True)
             sys.exit(130)
         except LoraEngineError as exc:
             if debug:
@@ -59,6 +63,15 @@ def reports_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
             sys.exit(exc.exit_code)
 
     return wrapper
+
+
+def _command_handles_ctrl_c() -> None:
+    """From here on Ctrl-C is the command's (``KeyboardInterrupt``, reported below, or
+    training's own guard), not the start-up handler of ``cli/main.py``."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    if getattr(signal.getsignal(signal.SIGINT), "startup_handler", False):
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 _UNSET: Any = object()

@@ -2,20 +2,42 @@
 
 from __future__ import annotations
 
-import importlib
-import json
 import os
-import time
-import warnings
-from pathlib import Path
+import signal
+import sys
+from types import FrameType
 
-import click
 
-from loraengine import __version__
+def _interrupted(signum: int, frame: FrameType | None) -> None:
+    """Ctrl-C before a command's own handling starts (while the engine, torch and the
+    plugins are imported): one line and exit 130, never a traceback. Raised as
+    ``SystemExit``, so every ``finally`` on the way runs; nothing has been written yet."""
+    sys.stderr.write(f"error: interrupted ({signal.Signals(signum).name}) while starting; "
+                     f"nothing was written\n")
+    sys.stderr.flush()
+    raise SystemExit(130)
+
+
+_interrupted.startup_handler = True  # type: ignore[attr-defined]  # see reports_errors
+
+# Installed first thing when this module is the program (``loraengine``, ``python -m``),
+# not when it is imported by a caller of ``cli``.
+if __name__ == "__main__" or os.path.basename(sys.argv[0] if sys.argv else "") == "loraengine":
+    signal.signal(signal.SIGINT, _interrupted)
+
+import importlib  # noqa: E402
+import json  # noqa: E402
+import time  # noqa: E402
+import warnings  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import click  # noqa: E402
+
+from loraengine import __version__  # noqa: E402
 from loraengine.cli.common import State, reports_errors  # noqa: E402
-from loraengine.core.errors import LoraEngineError
-from loraengine.core.plugins.host import PluginLoadWarning
-from loraengine.plugins import build_plugin_manager
+from loraengine.core.errors import ConfigError, LoraEngineError  # noqa: E402
+from loraengine.core.plugins.host import PluginLoadWarning  # noqa: E402
+from loraengine.plugins import build_plugin_manager  # noqa: E402
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -41,13 +63,20 @@ set_option = click.option("--set", "overrides", multiple=True, metavar="KEY=VALU
               help="Write one JSON line per step to this file.")
 @click.option("--resume", default=None, metavar="[DIR|latest]", is_flag=False,
               flag_value="latest", help="Continue from a checkpoint: latest (default), a "
-              "checkpoints folder or one step_N folder. A changed optimizer.lr takes effect "
-              "from the resumed step; optimizer.name cannot change.")
+              "checkpoints folder or one step_N folder. A changed optimizer.lr, "
+              "lr_scheduler or training.steps takes effect from the resumed step; "
+              "optimizer.name cannot change without --reset-optimizer.")
+@click.option("--reset-optimizer", is_flag=True, help="With --resume: start a fresh "
+              "optimizer state instead of the checkpoint's (needed when optimizer.name "
+              "changed); the adapter, schedule position, data and noise streams resume.")
 @click.pass_obj
 @reports_errors
 def train(state: State, config: Path, overrides: tuple[str, ...], quiet: bool,
-          events: Path | None, resume: str | None) -> None:
+          events: Path | None, resume: str | None, reset_optimizer: bool) -> None:
     """Train an adapter as CONFIG describes."""
+    if reset_optimizer and resume is None:
+        raise ConfigError("--reset-optimizer: only with --resume (a new run's optimizer "
+                          "state is fresh already)")
     from loraengine.api import resolve_config
     from loraengine.cli.progress import EventLog, ProgressBar, summary_line
     from loraengine.core.build import build_pipeline
@@ -73,7 +102,7 @@ def train(state: State, config: Path, overrides: tuple[str, ...], quiet: bool,
             if resume is not None:
                 with warnings.catch_warnings(record=True) as caught:
                     warnings.simplefilter("always")
-                    used = trainer.resume(resume)
+                    used = trainer.resume(resume, reset_optimizer=reset_optimizer)
                 for w in caught:
                     click.echo(f"warning: {w.message}", err=True)
                 if used is not None and not quiet:
@@ -199,9 +228,10 @@ def main() -> None:
     built-in command (its ``--help`` included) loads them when it runs, if it needs
     them at all; the group's own ``--help`` lists plugin commands, which only entry
     points add (the built-in commands are ``BUILTIN_COMMANDS``), so the built-in
-    plugins are left unloaded for it."""
-    import sys
-
+    plugins are left unloaded for it. Ctrl-C up to a command's own handling is one
+    line (``_interrupted``); from there on each command reports it (``reports_errors``;
+    training finishes its step first)."""
+    signal.signal(signal.SIGINT, _interrupted)
     command = _named_command(sys.argv[1:])
     if command is None or command not in cli.commands:
         with warnings.catch_warnings():

@@ -9,6 +9,7 @@ that validates for the installed plugins), so neither has to import the other.
 
 from __future__ import annotations
 
+import collections.abc
 import functools
 import types
 import typing
@@ -52,17 +53,56 @@ def _numeric_only_cached(annotation: Any) -> bool:
     return bool(members) and all(tp in (int, float) for tp in members)
 
 
+def _members(annotation: Any) -> list[Any]:
+    """The types a field of this annotation may hold (unions and ``Annotated`` opened,
+    ``None`` left out)."""
+    origin = typing.get_origin(annotation)
+    if origin is Annotated:
+        return _members(typing.get_args(annotation)[0])
+    if origin in (typing.Union, types.UnionType):
+        return [m for arg in typing.get_args(annotation) for m in _members(arg)]
+    return [] if annotation is type(None) else [annotation]
+
+
+_SEQUENCES = (list, tuple, set, frozenset, collections.abc.Sequence)
+
+
+def _spell_bools(value: Any, annotation: Any) -> Any:
+    """``value`` with every boolean that stands where only a number may go replaced by
+    its YAML spelling (``"true"``), inside lists, tuples and mappings too, so that the
+    field's own validation refuses it naming the key and index."""
+    if isinstance(value, bool):
+        return str(value).lower() if _numeric_only(annotation) else value
+    if isinstance(value, (list, tuple)):
+        for member in _members(annotation):
+            origin, args = typing.get_origin(member), typing.get_args(member)
+            if origin in _SEQUENCES and args:
+                if origin is tuple and not (len(args) == 2 and args[1] is Ellipsis):
+                    if len(args) != len(value):
+                        return value  # the field reports the wrong length itself
+                    return type(value)(_spell_bools(v, a) for v, a in zip(value, args, strict=True))
+                return type(value)(_spell_bools(v, args[0]) for v in value)
+        return value
+    if isinstance(value, dict):
+        for member in _members(annotation):
+            origin, args = typing.get_origin(member), typing.get_args(member)
+            if origin in (dict, collections.abc.Mapping) and len(args) == 2:
+                return {k: _spell_bools(v, args[1]) for k, v in value.items()}
+    return value
+
+
 def _numbers_not_bools(cls: type[BaseModel], data: Any) -> Any:
-    """Hand a boolean given for a number field on as its YAML spelling, so the field's
-    own validation refuses it (with the key in the error) instead of reading 1 or 0."""
+    """Hand a boolean given for a number (also one inside a list, tuple or mapping of
+    numbers) on as its YAML spelling, so the field's own validation refuses it (with
+    the key in the error) instead of reading 1 or 0."""
     if not isinstance(data, dict):
         return data
     fields = cls.model_fields
-    bad = [k for k, v in data.items() if isinstance(v, bool) and k in fields
-           and _numeric_only(fields[k].annotation)]
-    if not bad:
+    spelled = {k: _spell_bools(v, fields[k].annotation) if k in fields else v
+               for k, v in data.items()}
+    if all(spelled[k] is data[k] for k in data):
         return data
-    return {k: (str(v).lower() if k in bad else v) for k, v in data.items()}
+    return spelled
 
 
 class PluginOptions(BaseModel):

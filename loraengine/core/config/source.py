@@ -10,6 +10,7 @@ and a key given twice in one mapping are errors, and every check visits each nod
 
 from __future__ import annotations
 
+import stat
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -185,8 +186,25 @@ def yaml_lines(text: str) -> dict[tuple[str, ...], int]:
         return {}
 
 
+def _special_kind(path: Path) -> str | None:
+    """What ``path`` is when it is neither a regular file nor a folder (reading a FIFO
+    would wait for a writer forever)."""
+    try:
+        mode = path.stat().st_mode
+    except OSError:
+        return None
+    for test, name in ((stat.S_ISFIFO, "FIFO (named pipe)"), (stat.S_ISCHR, "character device"),
+                       (stat.S_ISBLK, "block device"), (stat.S_ISSOCK, "socket")):
+        if test(mode):
+            return name
+    return None
+
+
 def read_yaml(path: Path) -> tuple[dict[str, Any], dict[tuple[str, ...], int]]:
     """Read a YAML config file; return the data and its line map."""
+    kind = _special_kind(Path(path))
+    if kind is not None:
+        raise ConfigError(f"{path}: the config is a {kind}, not a regular file")
     try:
         text = Path(path).read_bytes().decode("utf-8")
     except FileNotFoundError:
@@ -253,9 +271,10 @@ class ConfigSource:
         self.overrides = overrides or set()
 
     def where(self, loc: tuple[str, ...]) -> str:
-        if loc in self.overrides or (loc not in self.lines and any(
-                o[:len(loc)] == loc for o in self.overrides)):
-            return " (--set)"  # also a section only an override made
+        # the key itself, a section or list above it, or a section only --set made
+        if any(loc[:n] in self.overrides for n in range(len(loc), 0, -1)) or (
+                loc not in self.lines and any(o[:len(loc)] == loc for o in self.overrides)):
+            return " (--set)"
         probe = loc
         while probe:
             if probe in self.lines and self.path is not None:

@@ -9,6 +9,7 @@ lifecycle hooks the trainer is a ``RunView``.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import warnings
@@ -308,9 +309,10 @@ class Trainer:
         return path
 
     def restore(self, adapter: Mapping[str, torch.Tensor], state: dict[str, Any],
-                source: Path | None = None) -> None:
+                source: Path | None = None, reset_optimizer: bool = False) -> None:
         """Load a checkpoint's adapter weights and state; the run continues after its
-        step."""
+        step. With ``reset_optimizer`` the optimizer state is not loaded (it stays
+        fresh) and the LR schedule of this config is moved to the checkpoint's step."""
         missing, unexpected = [], []
         own = self.pipe.network.state_dict()
         where = f"checkpoint {source}" if source is not None else "checkpoint"
@@ -329,10 +331,13 @@ class Trainer:
         if missing or unexpected:
             raise DataError(f"checkpoint does not fit this config's adapter: missing "
                             f"{missing[:3]}, unexpected {unexpected[:3]}")
-        self.state.load_state_dict(state)
+        self.state.load_state_dict(state, reset_optimizer=reset_optimizer)
         self.start_step = int(state["step"])
+        if reset_optimizer:
+            self._schedule_from(state)
 
-    def resume(self, where: str | Path = "latest") -> Path | None:
+    def resume(self, where: str | Path = "latest", reset_optimizer: bool = False
+               ) -> Path | None:
         """Continue from a checkpoint: ``latest`` (the newest valid one in this run's
         checkpoint folder), a checkpoints folder, or one ``step_N`` folder. A corrupt
         checkpoint is reported and the previous one used. Returns the one used.
@@ -341,38 +346,89 @@ class Trainer:
         early stopping and memory strategies freely; a changed ``optimizer.lr`` takes
         effect from the resumed step (the schedule keeps its shape, scaled to the new
         rate) and is recorded in the loss map's ``lr`` and the file's metadata
-        (``loraengine.lr_changes``); a changed ``optimizer.name`` is refused, since an
-        optimizer's state fits only the optimizer that made it. Other changes are
-        warned about and take effect as they are."""
+        (``loraengine.lr_changes``); a changed LR schedule (``lr_scheduler``: its name
+        or options) or ``training.steps`` takes effect from the resumed step too: the
+        rate of every later step is the one this config's schedule gives at that step,
+        as if it had ruled from step 1 (schedule changes are recorded in
+        ``loraengine.schedule_changes``); a changed ``optimizer.name`` is refused,
+        since an optimizer's state fits only the optimizer that made it, unless
+        ``reset_optimizer`` starts a fresh optimizer state (recorded in
+        ``loraengine.optimizer_resets``). Other changes are warned about and take
+        effect as they are."""
         found = self.checkpointer.find(where)
         if found is None:
             return None
         _, adapter, state, path = found
         saved = ckpt.saved_config(path)
-        self._check_optimizer(saved, path)
-        self.restore(adapter, state, path)
-        changed = ckpt.config_changes(path, config_to_dict(self.config))
+        if not reset_optimizer:
+            self._check_optimizer(saved, path)
+        self.restore(adapter, state, path, reset_optimizer=reset_optimizer)
+        now = config_to_dict(self.config)
+        changed = ckpt.config_changes(path, now)
+        first = self.steps_done + 1
+        notes: list[str] = []
+        if reset_optimizer:
+            had = _section(saved, "optimizer").get("name")
+            self.state.optimizer_resets.append([first, had, self.config.optimizer.name])
+            notes.append(f"fresh optimizer state ({had!r} -> "
+                         f"{self.config.optimizer.name!r}) from step {first}; the "
+                         f"checkpoint's optimizer state is not used")
+        old_sched, new_sched = _section(saved, "lr_scheduler"), _section(now, "lr_scheduler")
+        sched_changed = saved is not None and old_sched != new_sched
+        steps_changed = saved is not None and _section(saved, "training").get(
+            "steps") != self.config.training.steps
+        if (sched_changed or steps_changed) and not reset_optimizer:
+            self._schedule_from(state)  # (after a reset it already is)
+        if sched_changed:
+            self.state.schedule_changes.append([first, old_sched, new_sched])
         old_lr = _lr_of(saved)
         new_lr = float(self.config.optimizer.lr)
         if old_lr is not None and old_lr != new_lr:
-            self._change_lr(old_lr, new_lr)
-            changed = [f"{c} (in effect from step {self.steps_done + 1})"
-                       if c.startswith("optimizer.lr:") else c for c in changed]
+            if reset_optimizer:  # the fresh optimizer already has the new rate
+                self.state.lr_changes.append([first, old_lr, new_lr])
+            else:
+                self._change_lr(old_lr, new_lr)
+        changed = [f"{c} (in effect from step {first})"
+                   if c.startswith(("optimizer.", "lr_scheduler.")) else c for c in changed]
+        if notes:
+            warnings.warn(f"resuming {path}: {'; '.join(notes)}", ckpt.CheckpointWarning,
+                          stacklevel=2)
         if changed:
             warnings.warn(f"resuming {path} with a changed config: {'; '.join(changed[:6])}"
                           f"{' ...' if len(changed) > 6 else ''}", ckpt.CheckpointWarning,
                           stacklevel=2)
         return path
 
+    def _schedule_from(self, state: Mapping[str, Any]) -> None:
+        """Make this config's LR schedule rule from the checkpoint's step: a fresh one
+        is built over the optimizer (whose groups carry their base rates) and stepped to
+        the position the checkpoint's schedule had, so each later step gets the rate
+        this schedule gives at that step."""
+        saved = state.get("lr_scheduler")
+        position = (saved.get("last_epoch") if isinstance(saved, Mapping) else None)
+        steps = int(position) if isinstance(position, int) else int(state["step"])
+        name = self.config.lr_scheduler.name
+        registry = self.host.registry
+        with warnings.catch_warnings():
+            # stepping a schedule with no optimizer step between is the point here
+            warnings.simplefilter("ignore", UserWarning)
+            with registry.blame("lr_scheduler", name, "factory"):
+                fresh = registry.get("lr_scheduler", name).factory(
+                    self.pipe.optimizer, self.total_steps, self.config.lr_scheduler)
+            for _ in range(steps):
+                fresh.step()
+        self.pipe = dataclasses.replace(self.pipe, lr_scheduler=fresh)
+        self.state.lr_scheduler = fresh
+
     def _check_optimizer(self, saved: Mapping[str, Any] | None, path: Path) -> None:
         """An optimizer's state only fits the optimizer that made it."""
-        section = saved.get("optimizer") if saved is not None else None
-        had = section.get("name") if isinstance(section, Mapping) else None
+        had = _section(saved, "optimizer").get("name")
         now = self.config.optimizer.name
         if had is not None and had != now:
             raise ConfigError(f"optimizer.name: checkpoint {path} holds the state of "
                               f"{had!r}, this config asks for {now!r}; resume with "
-                              f"optimizer.name={had} (an optimizer's state does not carry "
+                              f"optimizer.name={had}, or add --reset-optimizer to start a "
+                              f"fresh optimizer state (an optimizer's state does not carry "
                               f"over to another)")
 
     def _change_lr(self, old: float, new: float) -> None:
@@ -466,8 +522,10 @@ class Trainer:
             "loraengine.algorithm": spec.name,
             "loraengine.steps": str(self.steps_done),
             "loraengine.config": json.dumps(config_to_dict(cfg)),
-        } | ({"loraengine.lr_changes": json.dumps(self.state.lr_changes)}
-             if self.state.lr_changes else {})
+        } | {f"loraengine.{key}": json.dumps(value) for key, value in (
+            ("lr_changes", self.state.lr_changes),
+            ("schedule_changes", self.state.schedule_changes),
+            ("optimizer_resets", self.state.optimizer_resets)) if value}
 
     def finish(self, stopped_at: int | None = None) -> TrainResult:
         """The result; when writing files, the LoRA, each recipe's variant (e.g. its
@@ -510,6 +568,11 @@ class Trainer:
 def partial_name(name: str, step: int) -> str:
     """The stem of the files a run stopped at ``step`` writes beside its final ones."""
     return f"{name}.step_{step:06d}"
+
+
+def _section(config: Mapping[str, Any] | None, name: str) -> dict[str, Any]:
+    section = config.get(name) if config is not None else None
+    return dict(section) if isinstance(section, Mapping) else {}
 
 
 def _lr_of(saved: Mapping[str, Any] | None) -> float | None:

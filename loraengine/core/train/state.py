@@ -46,6 +46,12 @@ class TrainState:
     since_best: int = 0
     #: ``[first step, old lr, new lr]`` for each resume that changed ``optimizer.lr``.
     lr_changes: list[list[float]] = field(default_factory=list)
+    #: ``[first step, old schedule, new schedule]`` (the ``lr_scheduler`` sections) for
+    #: each resume that changed the LR schedule.
+    schedule_changes: list[list[Any]] = field(default_factory=list)
+    #: ``[first step, old optimizer, new optimizer]`` (names) for each resume that
+    #: started a fresh optimizer state (``--reset-optimizer``).
+    optimizer_resets: list[list[Any]] = field(default_factory=list)
 
     @property
     def step(self) -> int:
@@ -69,13 +75,37 @@ class TrainState:
             "watch": {"bad_streak": self.bad_streak, "best_val": self.best_val,
                       "since_best": self.since_best},
             "lr_changes": [list(c) for c in self.lr_changes],
+            "schedule_changes": [list(c) for c in self.schedule_changes],
+            "optimizer_resets": [list(c) for c in self.optimizer_resets],
             "recipes": [r.state_dict() if hasattr(r, "state_dict") else None
                         for r in self.recipes],
         }
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
+    def load_state_dict(self, state: dict[str, Any], reset_optimizer: bool = False) -> None:
         """Restore what ``state_dict`` returned; ``DataError`` when the optimizer state
-        does not fit this run's adapter."""
+        does not fit this run's adapter. With ``reset_optimizer`` the optimizer keeps
+        the fresh state it was built with and the LR schedule is left as built too
+        (the caller moves it to the resumed step)."""
+        if not reset_optimizer:
+            self._load_optimizer(state)
+            self.lr_scheduler.load_state_dict(state["lr_scheduler"])
+        if self.scaler is not None and state.get("scaler") is not None:
+            self.scaler.load_state_dict(state["scaler"])
+        self.noise_gen.set_state(state["noise_gen"])
+        self.stream.load_state(state["data"])
+        self.loss_map = {k: list(v) for k, v in state["loss_map"].items()}
+        watch = state.get("watch", {})
+        self.bad_streak = int(watch.get("bad_streak", 0))
+        self.best_val = watch.get("best_val")
+        self.since_best = int(watch.get("since_best", 0))
+        self.lr_changes = [list(c) for c in state.get("lr_changes", [])]
+        self.schedule_changes = [list(c) for c in state.get("schedule_changes", [])]
+        self.optimizer_resets = [list(c) for c in state.get("optimizer_resets", [])]
+        for recipe, rstate in zip(self.recipes, state.get("recipes", []), strict=False):
+            if rstate is not None and hasattr(recipe, "load_state_dict"):
+                recipe.load_state_dict(rstate)
+
+    def _load_optimizer(self, state: dict[str, Any]) -> None:
         fresh = [set(g) for g in self.optimizer.param_groups]
         try:
             self.optimizer.load_state_dict(state["optimizer"])
@@ -87,18 +117,5 @@ class TrainState:
         if lacking:
             raise DataError(f"checkpoint's optimizer state lacks {', '.join(lacking)}, which "
                             f"this config's optimizer needs (optimizer.name or its options "
-                            f"changed?)")
-        self.lr_scheduler.load_state_dict(state["lr_scheduler"])
-        if self.scaler is not None and state.get("scaler") is not None:
-            self.scaler.load_state_dict(state["scaler"])
-        self.noise_gen.set_state(state["noise_gen"])
-        self.stream.load_state(state["data"])
-        self.loss_map = {k: list(v) for k, v in state["loss_map"].items()}
-        watch = state.get("watch", {})
-        self.bad_streak = int(watch.get("bad_streak", 0))
-        self.best_val = watch.get("best_val")
-        self.since_best = int(watch.get("since_best", 0))
-        self.lr_changes = [list(c) for c in state.get("lr_changes", [])]
-        for recipe, rstate in zip(self.recipes, state.get("recipes", []), strict=False):
-            if rstate is not None and hasattr(recipe, "load_state_dict"):
-                recipe.load_state_dict(rstate)
+                            f"changed?); resume with --reset-optimizer to start a fresh "
+                            f"optimizer state")

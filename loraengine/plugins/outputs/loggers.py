@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from loraengine.core.errors import ConfigError
 from loraengine.core.plugins.hookspecs import hookimpl
 from loraengine.core.plugins.run import RunView
 from loraengine.core.plugins.specs import LoggerSpec
@@ -65,8 +66,14 @@ class EventLog:
 
     def _open(self, path: Path, append: bool) -> None:
         self.path = path
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self._fh = path.open("a" if append else "w", encoding="utf-8")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._fh = path.open("a" if append else "w", encoding="utf-8")
+        except OSError as exc:
+            blocking = next((p for p in path.parents if p.is_file()), None)
+            reason = f"{blocking} is a file" if blocking is not None else \
+                exc.strerror or str(exc)
+            raise ConfigError(f"--events {path}: cannot write ({reason})") from None
 
     def _write(self, event: dict[str, Any]) -> None:
         if self._fh is None or self._fh.closed:

@@ -94,41 +94,81 @@ def find_images(folder: Path) -> list[Path]:
     return found
 
 
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    seen: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in seen:
+            raise _DuplicateKey(key)
+        seen[key] = value
+    return seen
+
+
+def _loads(text: str, path: Path, where: str) -> Any:
+    """``json.loads`` with every way a hostile file can fail as one ``DataError`` line."""
+    try:
+        return json.loads(text, object_pairs_hook=_no_duplicates)
+    except _DuplicateKey as exc:
+        raise DataError(f"--captions: {where}: the key {str(exc)[:80]!r} appears twice") \
+            from None
+    except json.JSONDecodeError as exc:
+        raise DataError(f"--captions: {where}: not valid JSON: {exc}") from None
+    except RecursionError:
+        raise DataError(f"--captions: {where}: nested too deeply (captions are a flat "
+                        f"object of strings)") from None
+    except ValueError as exc:  # e.g. an integer over Python's digit limit
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise DataError(f"--captions: {where}: not valid JSON: {first[:120]}") from None
+
+
 def read_captions_file(path: Path) -> dict[str, str]:
     """Captions by file name from a ``.json`` object (``{"name.png": "caption"}``) or a
     ``.jsonl`` file of ``{"file_name": ..., "text": ...}`` lines (the Hugging Face
-    image-folder convention; ``file``/``caption`` are accepted too)."""
+    image-folder convention; ``file``/``caption`` are accepted too). Anything else
+    (not a regular file, not UTF-8, invalid or deeply nested JSON, a name given twice)
+    is one ``DataError`` line naming the file."""
     path = Path(path)
+    if path.exists() and not path.is_file():
+        raise DataError(f"--captions: {path} is not a regular file")
     try:
-        text = path.read_text(encoding="utf-8")
+        raw = path.read_bytes()
     except OSError as exc:
         raise DataError(f"--captions: cannot read {path}: {exc.strerror or exc}") from None
-    except UnicodeDecodeError as exc:
-        raise DataError(f"--captions: {path} is not UTF-8 text (byte {exc.start})") from None
-    out: dict[str, str] = {}
     try:
-        if path.suffix.lower() == ".jsonl":
-            for n, line in enumerate(text.splitlines(), 1):
-                if not line.strip():
-                    continue
-                row = json.loads(line)
-                if not isinstance(row, dict):
-                    raise DataError(f"--captions: {path}:{n}: expected a JSON object")
-                name = row.get("file_name", row.get("file"))
-                cap = row.get("text", row.get("caption"))
-                if not isinstance(name, str) or not isinstance(cap, str):
-                    raise DataError(f"--captions: {path}:{n}: expected \"file_name\" and "
-                                    f"\"text\" strings")
-                out[name] = cap
-        else:
-            data = json.loads(text)
-            if not isinstance(data, dict) or not all(isinstance(v, str) for v in
-                                                     data.values()):
-                raise DataError(f"--captions: {path}: expected a JSON object mapping file "
-                                f"names to captions")
-            out = dict(data)
-    except json.JSONDecodeError as exc:
-        raise DataError(f"--captions: {path}: not valid JSON: {exc}") from None
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        at_line = raw.count(b"\n", 0, exc.start) + 1
+        raise DataError(f"--captions: {path} is not UTF-8 text (byte {exc.start}, line "
+                        f"{at_line})") from None
+    out: dict[str, str] = {}
+    if path.suffix.lower() == ".jsonl":
+        first_line: dict[str, int] = {}
+        for n, line in enumerate(text.split("\n"), 1):
+            if not line.strip():
+                continue
+            row = _loads(line, path, f"{path}:{n}")
+            if not isinstance(row, dict):
+                raise DataError(f"--captions: {path}:{n}: expected a JSON object")
+            name = row.get("file_name", row.get("file"))
+            cap = row.get("text", row.get("caption"))
+            if not isinstance(name, str) or not isinstance(cap, str):
+                raise DataError(f"--captions: {path}:{n}: expected \"file_name\" and "
+                                f"\"text\" strings")
+            if name in first_line:
+                raise DataError(f"--captions: {path}:{n}: {name[:80]!r} has a caption on "
+                                f"line {first_line[name]} already")
+            first_line[name] = n
+            out[name] = cap
+    else:
+        data = _loads(text, path, str(path))
+        if not isinstance(data, dict) or not all(isinstance(v, str) for v in
+                                                 data.values()):
+            raise DataError(f"--captions: {path}: expected a JSON object mapping file "
+                            f"names to captions")
+        out = dict(data)
     return out
 
 

@@ -74,6 +74,8 @@ def _parse_options(items: tuple[str, ...]) -> dict[str, Any]:
               help="With --lora, also render the base model to compare.png.")
 @click.option("--device", default="auto", show_default=True,
               help="auto (cuda when available), cpu, cuda or cuda:N.")
+@click.option("--overwrite", is_flag=True, help="Replace the images of an earlier sample "
+              "in --out (without it such a folder is refused before anything renders).")
 @click.option("--dtype", type=click.Choice(list(DTYPES)), default="fp32", show_default=True,
               help="Dtype the model runs in while sampling.")
 @click.pass_obj
@@ -81,7 +83,7 @@ def sample(state: State, model_path: Path, lora: Path | None, prompts: Path, out
            family: str | None, negative: Path | None, seed: int, steps: int, guidance: float,
            sampler: str, sampler_options: tuple[str, ...], per_prompt: int,
            size: tuple[int, int] | None, strength: float, mode: ApplyMode, compare: bool,
-           device: str, dtype: str) -> None:
+           device: str, dtype: str, overwrite: bool) -> None:
     """Render prompts with a model and (optionally) an adapter file."""
 
     def run() -> dict[str, Any]:
@@ -95,7 +97,8 @@ def sample(state: State, model_path: Path, lora: Path | None, prompts: Path, out
                 model_path, prompts, out, host=state.host, lora=lora, family=family,
                 strength=strength, mode=mode, negative=negative, settings=settings,
                 per_prompt=per_prompt, size=size, compare=compare, device=device,
-                dtype=dtype, progress=lambda done, total: bars("sampling", done, total))
+                dtype=dtype, progress=lambda done, total: bars("sampling", done, total),
+                overwrite=overwrite)
 
     info = reports_errors(run)()
     click.echo(f"{info['images']} image(s) of a {info['family']} model "

@@ -11,6 +11,8 @@ model's VAE when it has one; otherwise their first three channels are shown as R
 
 from __future__ import annotations
 
+import os
+import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -370,10 +372,7 @@ def read_prompts(path: Path, loaded: Any, host: Any, what: str = "--prompts"
         cond = read_conditioning(path, loaded, what)
         n = int(cond[loaded.cond_keys[0]].shape[0])
         return {k: v for k, v in cond.items() if v.ndim and v.shape[0] == n}
-    if not path.exists():
-        raise DataError(f"{what} file not found: {path}")
-    lines = path.read_text(encoding="utf-8").splitlines()
-    prompts = [line.strip() for line in lines if line.strip()] or [""]
+    prompts = prompt_lines(path, what)
     spec = host.registry.get("model", loaded.family)
     root = loaded.pipeline_root
     if spec.make_encoder is None or not root:
@@ -383,6 +382,60 @@ def read_prompts(path: Path, loaded: Any, host: Any, what: str = "--prompts"
     encoder = spec.make_encoder(Path(root), {"device": "cpu", "dtype": "fp32"})
     return {k: v.float() if v.is_floating_point() else v
             for k, v in encoder.encode_captions(prompts).items()}
+
+
+def prompt_lines(path: Path, what: str = "--prompts") -> list[str]:
+    """The prompts of a ``.txt`` file, one a line (blank lines skipped); a file that is
+    not UTF-8 text is one line naming the byte offset and line of the first bad byte."""
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"{what} file not found: {path}")
+    if not path.is_file():
+        raise DataError(f"{what} {path}: not a regular file")
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise DataError(f"{what} {path}: cannot read ({exc.strerror or exc})") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw.count(b"\n", 0, exc.start) + 1
+        raise DataError(f"{what} {path}: not UTF-8 text (byte 0x{raw[exc.start]:02x} at "
+                        f"offset {exc.start}, line {line})") from None
+    if "\x00" in text:
+        at = text.index("\x00")
+        raise DataError(f"{what} {path}: a NUL character at line "
+                        f"{text.count(chr(10), 0, at) + 1} (not a text file?)")
+    return [line.strip() for line in text.splitlines() if line.strip()] or [""]
+
+
+#: What ``sample_to_folder`` writes into its folder.
+SAMPLE_FILES = re.compile(r"^(grid|compare|image_\d+_\d+)\.png$")
+
+
+def check_out_folder(out: Path, overwrite: bool = False) -> None:
+    """Before anything is loaded or rendered: ``--out`` is a folder that can be made or
+    written, and holds no images of an earlier sample unless ``overwrite``."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out}: exists and is not a folder (sample writes "
+                          f"grid.png and the single images into a folder)")
+    if out.is_dir():
+        earlier = sorted(p.name for p in out.iterdir() if SAMPLE_FILES.match(p.name))
+        if earlier and not overwrite:
+            raise ConfigError(f"--out {out}: holds the images of an earlier sample "
+                              f"({', '.join(earlier[:3])}{' ...' if len(earlier) > 3 else ''}"
+                              f"); add --overwrite to replace them, or give another folder")
+        if not os.access(out, os.W_OK | os.X_OK):
+            raise ConfigError(f"--out {out}: the folder is not writable")
+        return
+    parent = out.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ConfigError(f"--out {out}: {parent} is a file, so the folder cannot be made")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ConfigError(f"--out {out}: cannot be made ({parent} is not writable)")
 
 
 def latent_shape(loaded: Any, size: tuple[int, int] | None, vae: Any) -> tuple[int, int, int]:
@@ -412,11 +465,17 @@ def sample_to_folder(model: Path, prompts: Path, out: Path, *, host: Any,
                      negative: Path | None = None, settings: SampleSettings | None = None,
                      per_prompt: int = 1, size: tuple[int, int] | None = None,
                      compare: bool = True, device: str = "auto", dtype: str = "fp32",
-                     progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
-    """Everything ``loraengine sample`` does; returns what was written."""
+                     progress: Callable[[int, int], None] | None = None,
+                     overwrite: bool = False) -> dict[str, Any]:
+    """Everything ``loraengine sample`` does; returns what was written. The output
+    folder and text prompts are checked before the model is loaded."""
     from loraengine.inference import apply
 
     settings = settings or SampleSettings()
+    check_out_folder(out, overwrite)
+    for path, what in ((prompts, "--prompts"), (negative, "--negative")):
+        if path is not None and Path(path).suffix.lower() == ".txt":
+            prompt_lines(Path(path), what)
     loaded, _ = load_model_for_sampling(model, family, host, device, dtype)
     cond = read_prompts(prompts, loaded, host)
     neg = None

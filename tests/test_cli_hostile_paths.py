@@ -1,0 +1,49 @@
+"""Paths given on the command line that are no regular file where one is expected:
+one line, the right exit code, no traceback, nothing written."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import pytest
+import yaml
+from click.testing import CliRunner
+
+from loraengine.cli.main import cli
+
+
+def _one_line(result, code):
+    assert result.exit_code == code, result.output
+    assert "Traceback" not in result.output
+    lines = [x for x in result.output.splitlines() if x.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.output
+    return lines[0]
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no FIFOs on this system")
+def test_a_fifo_as_the_config_is_refused_at_once(tmp_path):
+    fifo = tmp_path / "c.yaml"
+    os.mkfifo(fifo)
+    start = time.perf_counter()
+    line = _one_line(CliRunner().invoke(cli, ["validate", str(fifo)]), 2)
+    assert line == f"error: {fifo}: the config is a FIFO (named pipe), not a regular file"
+    assert time.perf_counter() - start < 5  # reading it would wait for a writer forever
+
+
+@pytest.mark.parametrize("where", ["folder", "under-a-file"])
+def test_an_events_path_that_cannot_be_written_is_one_line(tmp_path, unet_config, where):
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(unet_config))
+    if where == "folder":
+        events = tmp_path / "events"
+        events.mkdir()
+        reason = "Is a directory"
+    else:
+        (tmp_path / "afile").write_text("keep")
+        events = tmp_path / "afile" / "events.jsonl"
+        reason = f"{tmp_path / 'afile'} is a file"
+    line = _one_line(CliRunner().invoke(cli, ["train", str(path), "-q", "--events",
+                                              str(events)]), 2)
+    assert line == f"error: --events {events}: cannot write ({reason})"
+    assert not (tmp_path / "out").exists()
