@@ -15,7 +15,7 @@ from loraengine.testing.conformance import build_adapter, perturb
 from loraengine.testing.models import TinyDenoiser, tiny_conditioning, tiny_latents
 
 #: algorithm -> its options (LoKr at rank 1 so the tiny layers store w2 low rank)
-ALGOS = {"lora": {}, "loha": {}, "lokr": {"factor": -1, "rank": 1}, "oft": {},
+ALGOS = {"lora": {}, "loha": {}, "loha-tucker": {"use_tucker": True}, "lokr": {"factor": -1, "rank": 1}, "oft": {},
          "boft": {"block_size": 4}, "lora-dora": {"weight_decompose": True}}
 
 
@@ -77,7 +77,7 @@ def test_auto_takes_the_path_the_cost_model_prices_lower(host):
         assert layer.last_path == want
 
 
-def test_path_options_override_the_cost_model_and_tucker_loha_always_rebuilds(host):
+def test_path_options_override_the_cost_model_and_ia3_always_rebuilds(host):
     base = nn.Conv2d(16, 16, 3, padding=1).requires_grad_(False)
     x = torch.randn(1, 16, 8, 8)
     for path in ("factored", "rebuild"):
@@ -85,10 +85,10 @@ def test_path_options_override_the_cost_model_and_tucker_loha_always_rebuilds(ho
         layer.path = path
         layer(x)
         assert layer.last_path == path
-    tucker = build_adapter(_spec(host, "loha"), base, {"use_tucker": True}, rank=8)
-    tucker.path = "factored"
-    tucker(x)
-    assert tucker.path_flops(x) is None and tucker.last_path == "rebuild"
+    ia3 = build_adapter(_spec(host, "ia3"), base)
+    ia3.path = "factored"
+    ia3(x)
+    assert ia3.path_flops(x) is None and ia3.last_path == "rebuild"
 
 
 def test_an_unknown_path_is_a_config_error(host):

@@ -12,9 +12,12 @@ factors: (w1a·w1b) ⊙ (w2a·w2b) = U·V with U = w1a ⊙ᵣ w2a (the row-wise 
 product, ``[out, r²]``, U[o, i·r+j] = w1a[o,i]·w2a[o,j]) and V = w1b ⊙꜀ w2b (the
 column-wise one, ``[r², in·k]``). So the factored path is a LoRA of rank r²: the
 input through V (for a conv, an r²-channel convolution with kernel V) and then U (a
-1×1 one), and no weight-sized tensor is built forwards or backwards. Tucker halves
-have no such form here: they build ΔW (bypass never reads the base weight, unless
-DoRA is on).
+1×1 one), and no weight-sized tensor is built forwards or backwards. With Tucker
+halves the product is a Tucker product of rank r²: core C[(i,i'),(j,j')] =
+t1[i,j]·t2[i',j'] (per kernel tap) between the Khatri–Rao products of the ``w?b``
+and of the ``w?a``, so the factored path is a 1×1 convolution in → r², the core as
+an r² → r² convolution with the layer's stride and padding, and a 1×1 one r² → out.
+(bypass never reads the base weight, unless DoRA is on.)
 """
 
 from __future__ import annotations
@@ -122,20 +125,33 @@ class LoHaLayer(AdditiveAdapter):
         return u, v
 
     def raw_bypass(self, x: torch.Tensor, gain: float = 1.0) -> torch.Tensor:
-        if self.tucker:
-            return super().raw_bypass(x, gain)
         dt = x.dtype
-        u, v = self.khatri_rao()
         w = weight_of(self.base)
+        ones = [1] * (w.ndim - 2)
+        r2 = self.rank * self.rank
+        if self.tucker:
+            # hada_w?_a/b are [r, out] / [r, in]: the Khatri–Rao products across r
+            a = (self.hada_w1_a.unsqueeze(1) * self.hada_w2_a.unsqueeze(0)).reshape(r2, -1)
+            b = (self.hada_w1_b.unsqueeze(1) * self.hada_w2_b.unsqueeze(0)).reshape(r2, -1)
+            t1, t2 = self.hada_t1, self.hada_t2
+            core = (t1[:, None, :, None] * t2[None, :, None, :]).reshape(r2, r2, *w.shape[2:])
+            h = pointwise(x, b.reshape(r2, -1, *ones).to(dt))  # in -> r²
+            h = layer_op(self.base, h, core.to(dt), None)  # the kernel, r² -> r²
+            up = (a.t() * (self.scale * gain)).reshape(-1, r2, *ones).to(dt)
+            return pointwise(h, up)  # r² -> out
+        u, v = self.khatri_rao()
         v = v.reshape(v.shape[0], *w.shape[1:]).to(dt)  # a conv kernel of r² channels
-        u = (u * (self.scale * gain)).reshape(*u.shape, *([1] * (w.ndim - 2))).to(dt)
+        u = (u * (self.scale * gain)).reshape(*u.shape, *ones).to(dt)
         return pointwise(layer_op(self.base, x, v, None), u)
 
     def factored_flops(self, x: torch.Tensor) -> float | None:
-        if self.tucker:
-            return None
         n, fan_in, out = layer_dims(self.base, x)
         r2 = self.rank * self.rank
+        if self.tucker:
+            w = weight_of(self.base)
+            ksize = fan_in // int(w.shape[1])
+            per_position = r2 * (int(w.shape[1]) + r2 * ksize + out)
+            return 6.0 * n * per_position + 3.0 * r2 * (r2 * ksize + fan_in + out)
         # the two Khatri–Rao products, then a rank-r² LoRA; backward twice forward
         return 3.0 * r2 * (fan_in + out) * (2.0 * n + 1.0)
 
