@@ -528,7 +528,8 @@ class Section:
     by_name: dict[str, Contender]
 
 
-def write_report(sections: list[Section], setup: str, command: str) -> None:
+def write_report(sections: list[Section], setup: str, command: str,
+                 path: Path = REPORT) -> None:
     text = [
         "# Benchmarks", "",
         f"<!-- Written by `{command}`; rerun it to refresh. -->", "",
@@ -559,7 +560,7 @@ def write_report(sections: list[Section], setup: str, command: str) -> None:
                 text += [f"#### {t.contender} / {t.baseline}", "",
                          profile_diff(ours.profile or {}, base.profile or {},
                                       ("ours", "base")), ""]
-    REPORT.write_text("\n".join(text).rstrip() + "\n", encoding="utf-8")
+    path.write_text("\n".join(text).rstrip() + "\n", encoding="utf-8")
 
 
 def run_workload(w: Workload, args: argparse.Namespace, rounds: int, device: torch.device
@@ -614,6 +615,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--no-write", action="store_true", help="Print only.")
+    ap.add_argument("--output", type=Path, default=REPORT, help="Report file (default "
+                    "docs/benchmarks.md).")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     logging.getLogger("LyCORIS").setLevel(logging.ERROR)
@@ -630,8 +633,8 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_write:
         command = "python benchmarks/run.py" + (
             "" if keys == ["compass", "flux"] else f" --workload {','.join(keys)}")
-        write_report(sections, setup, command)
-        print(f"wrote {REPORT.relative_to(REPO)}")
+        write_report(sections, setup, command, args.output)
+        print(f"wrote {args.output}")
     return 0
 
 
