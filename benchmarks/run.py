@@ -267,7 +267,8 @@ def loop_step(model: nn.Module, batches: Cycle, opt: torch.optim.Optimizer | Non
             x_t = x_t.detach().requires_grad_(True)  # something must want a gradient
         else:
             opt.zero_grad(set_to_none=True)
-        pred = model(x_t, b.t, b.cond).sample
+        out = model(x_t, b.t, b.cond)
+        pred = out.sample if hasattr(out, "sample") else out
         F.mse_loss(pred.float(), b.target).backward()
         if opt is not None:
             opt.step()
