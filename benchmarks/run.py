@@ -1,12 +1,20 @@
 """Training-step time and peak memory of loraengine against a hand-written PEFT + torch
 loop (LoRA), against LyCORIS (LoHa, LoKr, OFT), and against the floor: the frozen
-base's forward+backward alone. One small SD-style diffusers UNet (random init, nothing
-downloaded), the same data and the same adapted layers for every contender, all in
-one run; writes docs/benchmarks.md.
+base's forward+backward alone. Workloads (random init, nothing downloaded), each with
+the same data and the same adapted layers (every Linear and Conv2d) for every
+contender, all in one run; writes docs/benchmarks.md:
 
-    python benchmarks/run.py [--quick | --size quick|full|large] [--rank 4] [--rounds 5]
-                             [--threads 1]
-                             [--device cpu|cuda] [--no-write]
+- ``compass``: an SD-style diffusers UNet of about 18 M parameters (blocks 64/128/256,
+  two layers per block, cross-attention 128), batch 4, latents 4×32×32, rank 8;
+- ``flux``: a tiny FluxTransformer2DModel (2 double-stream and 4 single-stream blocks,
+  width 128), batch 4, latents 4×32×32 packed to 256 tokens, rank 8;
+- ``small`` / ``quick`` / ``large``: the older small UNets (batch 2, rank 4).
+
+    python benchmarks/run.py [--workload compass,flux] [--quick] [--rounds 5]
+                             [--steps 2] [--threads 1] [--device cpu|cuda] [--no-write]
+
+Each loraengine row names the training path its layers took (``adapter.path: auto``:
+the per-layer cost model picks factored or rebuild) as ``factored/rebuild`` counts.
 
 What is timed is one optimizer step of batch ``--batch``: for the floor, forward,
 MSE loss and backward with only the input requiring a gradient; for the loops, that
@@ -19,8 +27,9 @@ CUDA): weights, adapter, optimizer state, activations and gradients.
 
 Ratios are contender / baseline: below 1 is faster or smaller. Targets: loraengine's
 LoRA at most 1.05× the PEFT loop and 1.15× the floor; its LoHa, LoKr and OFT at most
-1.3× the floor. For each missed target the report adds the top operators of a profiled
-step of that contender and of its baseline.
+1.3× the floor, at most 0.6× LyCORIS's step time and at most LyCORIS's peak memory.
+For each missed step-time target against the floor the report adds the top operators
+of a profiled step of that contender and of the floor.
 """
 
 from __future__ import annotations
@@ -86,6 +95,97 @@ def make_data(size: dict[str, Any], n: int, seed: int = 0) -> tuple[torch.Tensor
     return latents, cond
 
 
+#: The compass UNet: SD-style, about 18 M parameters.
+COMPASS = {"channels": (64, 128, 256), "latent": 32, "tokens": 16, "text_dim": 128,
+           "layers_per_block": 2, "groups": 32}
+#: The tiny Flux-like transformer's data: latents 4×32×32 (256 packed tokens).
+FLUX = {"latent": 32, "tokens": 16, "text_dim": 128}
+
+
+def make_compass_unet(seed: int = 0) -> nn.Module:
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=COMPASS["latent"], in_channels=4, out_channels=4,
+        layers_per_block=COMPASS["layers_per_block"], block_out_channels=COMPASS["channels"],
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=COMPASS["text_dim"], attention_head_dim=8,
+        norm_num_groups=COMPASS["groups"])
+    return unet.eval().requires_grad_(False)
+
+
+class FluxDenoiser(nn.Module):
+    """A FluxTransformer2DModel called as ``model(x_t, t, cond)`` on 4-D latents: packs
+    2×2 patches into tokens, pools the text for the pooled projection, and unpacks."""
+
+    def __init__(self, transformer: nn.Module):
+        super().__init__()
+        self.transformer = transformer
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        from loraengine.plugins.models.flux import image_ids, pack, unpack
+
+        _, _, h, w = x.shape
+        txt_ids = torch.zeros(cond.shape[1], 3, device=x.device, dtype=x.dtype)
+        out = self.transformer(
+            hidden_states=pack(x), encoder_hidden_states=cond,
+            pooled_projections=cond.mean(1), timestep=t.to(x.dtype) / 1000,
+            img_ids=image_ids(h, w, x.device, x.dtype), txt_ids=txt_ids,
+            return_dict=False)[0]
+        return unpack(out, h, w)
+
+
+def make_flux(seed: int = 0) -> nn.Module:
+    from diffusers import FluxTransformer2DModel
+
+    torch.manual_seed(seed)
+    transformer = FluxTransformer2DModel(
+        patch_size=1, in_channels=16, num_layers=2, num_single_layers=4,
+        attention_head_dim=32, num_attention_heads=4, joint_attention_dim=FLUX["text_dim"],
+        pooled_projection_dim=FLUX["text_dim"], axes_dims_rope=(8, 12, 12))
+    return FluxDenoiser(transformer).eval().requires_grad_(False)
+
+
+@dataclass
+class Workload:
+    key: str
+    title: str
+    model: nn.Module
+    latents: torch.Tensor
+    cond: torch.Tensor
+    batch: int
+    rank: int
+    setup: str = ""
+
+
+def make_workload(key: str, batch: int | None, rank: int | None) -> Workload:
+    if key == "compass":
+        model, size, title = make_compass_unet(), COMPASS, "compass UNet (SD-style, ~18 M)"
+        kind = (f"UNet2DConditionModel, channels {COMPASS['channels']}, "
+                f"{COMPASS['layers_per_block']} layers per block")
+        default_batch, default_rank = 4, 8
+    elif key == "flux":
+        model, size, title = make_flux(), FLUX, "tiny Flux transformer"
+        kind = "FluxTransformer2DModel, 2 double + 4 single blocks, width 128"
+        default_batch, default_rank = 4, 8
+    else:
+        size = SIZES[key]
+        model, title = make_unet(size), f"small UNet ({key})"
+        kind = f"UNet2DConditionModel, channels {size['channels']}"
+        default_batch, default_rank = 2, 4
+    latents, cond = make_data(size, n=8)
+    params = sum(p.numel() for p in model.parameters())
+    w = Workload(key, title, model, latents, cond, batch or default_batch,
+                 rank or default_rank)
+    w.setup = (f"{kind}, {params:,} parameters, {len(adapted_layer_names(model))} adapted "
+               f"Linear/Conv2d layers; latents 4×{size['latent']}×{size['latent']}, text "
+               f"{size['tokens']}×{size['text_dim']}; batch {w.batch}; rank {w.rank}, "
+               f"alpha {w.rank}")
+    return w
+
+
 def alphas_cumprod(steps: int = 1000) -> torch.Tensor:
     """SD's scaled-linear DDPM schedule."""
     betas = torch.linspace(0.00085**0.5, 0.012**0.5, steps, dtype=torch.float64) ** 2
@@ -128,6 +228,12 @@ class Contender:
     times: list[float] = field(default_factory=list)
     peak_bytes: int | None = None
     profile: dict[str, tuple[int, float]] | None = None
+    #: loraengine only: the layers' training paths, read after the steps
+    path_counts: Callable[[], str] | None = None
+
+    @property
+    def paths(self) -> str:
+        return self.path_counts() if self.path_counts is not None else "—"
 
     @property
     def params(self) -> int:
@@ -161,7 +267,8 @@ def loop_step(model: nn.Module, batches: Cycle, opt: torch.optim.Optimizer | Non
             x_t = x_t.detach().requires_grad_(True)  # something must want a gradient
         else:
             opt.zero_grad(set_to_none=True)
-        pred = model(x_t, b.t, b.cond).sample
+        out = model(x_t, b.t, b.cond)
+        pred = out.sample if hasattr(out, "sample") else out
         F.mse_loss(pred.float(), b.target).backward()
         if opt is not None:
             opt.step()
@@ -235,8 +342,13 @@ def loraengine(unet: nn.Module, latents: torch.Tensor, cond: torch.Tensor, algo:
     pipe = build_pipeline(config, host, model=copy.deepcopy(unet), latents=latents,
                           conditioning=cond)
     trainer = Trainer(pipe, write_files=False)
+
+    def path_counts() -> str:
+        taken = [layer.last_path for _, layer in pipe.network.items()]
+        return f"{taken.count('factored')}/{taken.count('rebuild')}"
+
     return Contender(f"loraengine {algo}", lambda: trainer.step(),
-                     pipe.trainable_parameters(), (pipe, trainer))
+                     pipe.trainable_parameters(), (pipe, trainer), path_counts=path_counts)
 
 
 # -- measuring --------------------------------------------------------------------------------
@@ -360,6 +472,15 @@ class Target:
     contender: str
     baseline: str
     limit: float
+    metric: str = "step time"  # or "peak memory"
+
+    def value(self, by_name: dict[str, Contender]) -> float | None:
+        a, b = by_name[self.contender], by_name[self.baseline]
+        if self.metric == "step time":
+            return a.median_ms / b.median_ms
+        if a.peak_bytes is None or not b.peak_bytes:
+            return None
+        return a.peak_bytes / b.peak_bytes
 
 
 def mib(n: int | None) -> str:
@@ -370,13 +491,16 @@ def ratio(a: float | None, b: float | None) -> str:
     return "n/a" if a is None or b is None or not b else f"{a / b:.3f}"
 
 
-def report(by_name: dict[str, Contender], targets: list[Target], comparisons: list[tuple],
-           setup: str, device: torch.device) -> tuple[str, list[Target]]:
-    floor_c = by_name["floor (frozen fwd+bwd)"]
-    lines = ["| contender | trainable params | step (ms) | × floor | peak memory (MiB) "
-             "| × floor |", "|---|---|---|---|---|---|"]
+FLOOR = "floor (frozen fwd+bwd)"
+
+
+def report(by_name: dict[str, Contender], targets: list[Target], comparisons: list[tuple]
+           ) -> tuple[str, list[Target]]:
+    floor_c = by_name[FLOOR]
+    lines = ["| contender | trainable params | path (factored/rebuild layers) | step (ms) "
+             "| × floor | peak memory (MiB) | × floor |", "|---|---|---|---|---|---|---|"]
     for c in by_name.values():
-        lines.append(f"| {c.name} | {c.params:,} | {c.median_ms:.1f} | "
+        lines.append(f"| {c.name} | {c.params:,} | {c.paths} | {c.median_ms:.1f} | "
                      f"{ratio(c.median_ms, floor_c.median_ms)} | {mib(c.peak_bytes)} | "
                      f"{ratio(c.peak_bytes, floor_c.peak_bytes)} |")
     lines += ["", "| loraengine vs | step time ratio | peak memory ratio |", "|---|---|---|"]
@@ -387,114 +511,131 @@ def report(by_name: dict[str, Contender], targets: list[Target], comparisons: li
     lines += ["", "| target | reached | limit | met |", "|---|---|---|---|"]
     missed = []
     for t in targets:
-        value = by_name[t.contender].median_ms / by_name[t.baseline].median_ms
-        met = value <= t.limit
+        value = t.value(by_name)
+        met = value is not None and value <= t.limit
         if not met:
             missed.append(t)
-        lines.append(f"| {t.contender} step time / {t.baseline} | {value:.3f} | "
+        shown = "n/a" if value is None else f"{value:.3f}"
+        lines.append(f"| {t.contender} {t.metric} / {t.baseline} | {shown} | "
                      f"≤ {t.limit:g} | {'yes' if met else '**no**'} |")
-    body = "\n".join(lines)
-    return body, missed
+    return "\n".join(lines), missed
 
 
-def write_report(body: str, missed: list[Target], by_name: dict[str, Contender],
-                 setup: str, command: str) -> None:
+@dataclass
+class Section:
+    workload: Workload
+    body: str
+    missed: list[Target]
+    by_name: dict[str, Contender]
+
+
+def write_report(sections: list[Section], setup: str, command: str,
+                 path: Path = REPORT) -> None:
     text = [
         "# Benchmarks", "",
         f"<!-- Written by `{command}`; rerun it to refresh. -->", "",
         "Training-step time and peak memory of loraengine against a hand-written PEFT + "
         "torch loop (LoRA), against LyCORIS (LoHa, LoKr, OFT), and against the frozen "
         "base's forward+backward (the floor no adapter trainer can beat), measured in "
-        "one run on the same UNet, data and adapted layers. Ratios are contender / "
-        "baseline: below 1 is faster or smaller. How it is measured: see the docstring "
-        "of `benchmarks/run.py`.", "",
+        "one run on the same model, data and adapted layers. Ratios are contender / "
+        "baseline: below 1 is faster or smaller. The path column gives, for loraengine, "
+        "how many adapted layers trained through the factored path and how many "
+        "rebuilt W+ΔW (`adapter.path: auto`, the per-layer cost model). How it is "
+        "measured: see the docstring of `benchmarks/run.py`.", "",
+        "The machine is shared: other work ran on its cores during the run, which slows "
+        "every contender of a round alike (rounds interleave them) but adds noise; treat "
+        "ratios within a few percent as ties.", "",
         f"- Machine: {machine()}",
         f"- Software: {versions()}",
         f"- Setup: {setup}",
-        f"- Date: {datetime.date.today().isoformat()}", "",
-        body, ""]
-    if missed:
-        text += ["## Where the time goes in the missed targets", "",
-                 "One profiled step of the contender and of its baseline: the operators "
-                 "that add the most self time, then the totals. Operator counts show the "
-                 "fixed cost per adapted layer; `convolution_backward` and `mm` growing "
-                 "beyond the extra adapter work show weight gradients of the base layers "
-                 "being computed (algorithms that rebuild W+ΔW need dL/dW to reach ΔW).",
-                 ""]
-        for t in missed:
-            ours, base = by_name[t.contender], by_name[t.baseline]
-            text += [f"### {t.contender} / {t.baseline}", "",
-                     profile_diff(ours.profile or {}, base.profile or {},
-                                  ("ours", "base")), ""]
-    REPORT.write_text("\n".join(text).rstrip() + "\n", encoding="utf-8")
+        f"- Date: {datetime.date.today().isoformat()}", ""]
+    for sec in sections:
+        text += [f"## {sec.workload.title}", "", f"{sec.workload.setup}.", "", sec.body, ""]
+        profiled = [t for t in sec.missed if t.metric == "step time" and t.baseline == FLOOR]
+        if profiled:
+            text += ["### Where the time goes in the missed targets", "",
+                     "One profiled step of the contender and of the floor: the operators "
+                     "that add the most self time, then the totals.", ""]
+            for t in profiled:
+                ours, base = sec.by_name[t.contender], sec.by_name[t.baseline]
+                text += [f"#### {t.contender} / {t.baseline}", "",
+                         profile_diff(ours.profile or {}, base.profile or {},
+                                      ("ours", "base")), ""]
+    path.write_text("\n".join(text).rstrip() + "\n", encoding="utf-8")
+
+
+def run_workload(w: Workload, args: argparse.Namespace, rounds: int, device: torch.device
+                 ) -> Section:
+    print(f"== {w.title}: {w.setup}", flush=True)
+    model = w.model.to(device)
+    batches = Cycle(make_batches(w.latents, w.cond, w.batch, 16, device))
+    rank, alpha = w.rank, float(w.rank)
+    contenders = [floor(model, batches), peft_lora(model, batches, rank, alpha),
+                  loraengine(model, w.latents, w.cond, "lora", {}, rank, alpha, w.batch,
+                             device)]
+    comparisons = [("loraengine lora", "PEFT LoRA loop")]
+    targets = [Target("loraengine lora", "PEFT LoRA loop", 1.05),
+               Target("loraengine lora", FLOOR, 1.15)]
+    for name, (algo, options, _, _) in ALGOS.items():
+        contenders.append(lycoris(model, batches, name, rank, alpha))
+        contenders.append(loraengine(model, w.latents, w.cond, algo, options, rank, alpha,
+                                     w.batch, device))
+        ours, theirs = f"loraengine {algo}", f"LyCORIS {name}"
+        comparisons.append((ours, theirs))
+        targets += [Target(ours, FLOOR, 1.3), Target(ours, theirs, 0.6),
+                    Target(ours, theirs, 1.0, "peak memory")]
+    by_name = {c.name: c for c in contenders}
+    t0 = time.perf_counter()
+    time_all(contenders, rounds, args.steps, warmup=2, device=device)
+    for c in contenders:
+        c.peak_bytes = peak_memory(c, device)
+    body, missed = report(by_name, targets, comparisons)
+    for t in missed:
+        if t.metric == "step time" and t.baseline == FLOOR:
+            for name in (t.contender, t.baseline):
+                if by_name[name].profile is None:
+                    by_name[name].profile = op_profile(by_name[name], device)
+    print(body)
+    print(f"\n({time.perf_counter() - t0:.0f} s of measuring)", flush=True)
+    return Section(w, body, missed, by_name)
 
 
 # -- main -------------------------------------------------------------------------------------
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="A smaller UNet and fewer rounds "
-                    "(the same as --size quick).")
-    ap.add_argument("--size", choices=sorted(SIZES), default="full",
-                    help="UNet size: quick, full (default) or large (4× the compute).")
-    ap.add_argument("--rank", type=int, default=4)
-    ap.add_argument("--batch", type=int, default=2)
+    ap.add_argument("--workload", default="compass,flux",
+                    help="Comma-separated: compass, flux, small, quick, large "
+                    "(default compass,flux).")
+    ap.add_argument("--quick", action="store_true", help="Only the quick UNet, 3 rounds "
+                    "(the same as --workload quick).")
+    ap.add_argument("--rank", type=int, default=None, help="Default: the workload's.")
+    ap.add_argument("--batch", type=int, default=None, help="Default: the workload's.")
     ap.add_argument("--rounds", type=int, default=None, help="Default 5 (quick: 3).")
-    ap.add_argument("--steps", type=int, default=3, help="Steps per contender per round.")
+    ap.add_argument("--steps", type=int, default=2, help="Steps per contender per round.")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--no-write", action="store_true", help="Print only.")
+    ap.add_argument("--output", type=Path, default=REPORT, help="Report file (default "
+                    "docs/benchmarks.md).")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     logging.getLogger("LyCORIS").setLevel(logging.ERROR)
     device = torch.device(args.device)
-    if args.quick:
-        args.size = "quick"
-    size = SIZES[args.size]
-    rounds = args.rounds or (3 if args.size == "quick" else 5)
-    rank, alpha = args.rank, float(args.rank)
-
-    unet = make_unet(size).to(device)
-    latents, cond = make_data(size, n=8)
-    batches = Cycle(make_batches(latents, cond, args.batch, 16, device))
-    base_params = sum(p.numel() for p in unet.parameters())
-    setup = (f"UNet2DConditionModel, channels {size['channels']}, {base_params:,} "
-             f"parameters, {len(adapted_layer_names(unet))} adapted Linear/Conv2d layers; "
-             f"latents 4×{size['latent']}×{size['latent']}, text {size['tokens']}×"
-             f"{size['text_dim']}; batch {args.batch}; rank {rank}, alpha {alpha:g}; fp32; "
-             f"AdamW; {args.device}, {args.threads} thread(s); median of {rounds} rounds × "
-             f"{args.steps} steps")
-    print(setup, flush=True)
-
-    contenders = [floor(unet, batches), peft_lora(unet, batches, rank, alpha),
-                  loraengine(unet, latents, cond, "lora", {}, rank, alpha, args.batch, device)]
-    comparisons = [("loraengine lora", "PEFT LoRA loop")]
-    targets = [Target("loraengine lora", "PEFT LoRA loop", 1.05),
-               Target("loraengine lora", "floor (frozen fwd+bwd)", 1.15)]
-    for name, (algo, options, _, _) in ALGOS.items():
-        contenders.append(lycoris(unet, batches, name, rank, alpha))
-        contenders.append(loraengine(unet, latents, cond, algo, options, rank, alpha,
-                                     args.batch, device))
-        comparisons.append((f"loraengine {algo}", f"LyCORIS {name}"))
-        targets.append(Target(f"loraengine {algo}", "floor (frozen fwd+bwd)", 1.3))
-    by_name = {c.name: c for c in contenders}
-
-    t0 = time.perf_counter()
-    time_all(contenders, rounds, args.steps, warmup=2, device=device)
-    for c in contenders:
-        c.peak_bytes = peak_memory(c, device)
-    body, missed = report(by_name, targets, comparisons, setup, device)
-    for t in missed:
-        for name in (t.contender, t.baseline):
-            if by_name[name].profile is None:
-                by_name[name].profile = op_profile(by_name[name], device)
-    print(body)
-    print(f"\n({time.perf_counter() - t0:.0f} s of measuring)")
+    keys = ["quick"] if args.quick else [k.strip() for k in args.workload.split(",") if k]
+    for k in keys:
+        if k not in ("compass", "flux", *SIZES):
+            ap.error(f"--workload: unknown workload {k!r}")
+    rounds = args.rounds or (3 if keys == ["quick"] else 5)
+    setup = (f"fp32; AdamW; {args.device}, {args.threads} thread(s); median of {rounds} "
+             f"rounds × {args.steps} steps, contenders interleaved")
+    sections = [run_workload(make_workload(k, args.batch, args.rank), args, rounds, device)
+                for k in keys]
     if not args.no_write:
-        command = "python benchmarks/run.py" + ("" if args.size == "full" else
-                                                 f" --size {args.size}")
-        write_report(body, missed, by_name, setup, command)
-        print(f"wrote {REPORT.relative_to(REPO)}")
+        command = "python benchmarks/run.py" + (
+            "" if keys == ["compass", "flux"] else f" --workload {','.join(keys)}")
+        write_report(sections, setup, command, args.output)
+        print(f"wrote {args.output}")
     return 0
 
 

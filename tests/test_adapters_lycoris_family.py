@@ -186,7 +186,7 @@ def test_lokr_tucker_on_wide_convs_conforms_at_rank_above_one():
     with permuted strides, which ``torch.kron`` cannot take: ΔW (merge, rebuild) must
     still build and agree with the factored bypass. The suite's own layers are too
     narrow for a rank-2 Tucker split, so these are wider."""
-    from loraengine.testing.conformance import LayerCase, run_adapter_conformance
+    from loraengine.testing.conformance import CHECKS, LayerCase, run_adapter_conformance
 
     def wide(cls):
         return lambda: nn.utils.skip_init(cls, 32, 64, 3, padding=1)
@@ -199,7 +199,7 @@ def test_lokr_tucker_on_wide_convs_conforms_at_rank_above_one():
         assert layer.lokr_t2 is not None and layer.lokr_t2.shape[0] == 2
     report = run_adapter_conformance(spec("lokr"), {"factor": -1, "use_tucker": True},
                                      rank=2, cases=cases)
-    assert len(report.passed) == len(cases) * 5
+    assert len(report.passed) == len(cases) * len(CHECKS)
 
 
 def test_lokr_default_factor_is_the_rank_and_whole_factors_scale_one():

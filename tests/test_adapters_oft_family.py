@@ -23,6 +23,7 @@ from loraengine.core.train.loop import Trainer
 from loraengine.plugins import build_plugin_manager
 from loraengine.plugins.adapters import boft, glora, ia3, oft
 from loraengine.testing.conformance import (
+    CHECKS,
     adapter_cases,
     build_adapter,
     perturb,
@@ -69,7 +70,7 @@ def outputs(adapter, base, x) -> dict[str, torch.Tensor]:
 def test_bypass_rebuild_merged_agree_with_options(variant):
     name, options = variant
     report = run_adapter_conformance(SPECS[name], options)
-    assert len(report.passed) == len(CASES) * 5 and report.skipped == []
+    assert len(report.passed) == len(CASES) * len(CHECKS) and report.skipped == []
 
 
 @pytest.mark.parametrize("case", CASES, ids=str)

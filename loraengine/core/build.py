@@ -212,6 +212,7 @@ def build_adapters(config: Any, host: PluginHost, loaded: LoadedModel, device: t
             if saved:
                 fresh.append(path)
         layer.algorithm = spec.name
+        layer.path = acfg.path
         built[path] = layer.to(device=device, dtype=param_dtype)
     if fresh:
         warnings.warn(f"{acfg.existing}: {len(fresh)} layer(s) not in the file start fresh: "

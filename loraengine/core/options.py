@@ -333,6 +333,12 @@ class AdapterOptions(SectionOptions):
                                        "trainer does.")
     exporter: str | None = Field(default=None, description="Key format of the written file "
                                  "(kohya, comfyui, ...); default: the model family's.")
+    path: Literal["auto", "factored", "rebuild"] = Field(
+        default="auto", description="How training computes each adapted layer: factored (the "
+        "base op plus the adapter's own route from its factors, never building W+ΔW where "
+        "the algorithm allows it), rebuild (the base op with W+ΔW), or auto (the cheaper of "
+        "the two by the algorithm's cost model, per layer and input shape). Layers whose "
+        "algorithm has no factored form always rebuild.")
 
 
 class LRSchedulerOptions(SectionOptions):

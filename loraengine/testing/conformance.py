@@ -15,6 +15,10 @@ all with a bias) and an ``alpha`` different from ``rank``, the checks are:
   spec's ``owns_keys`` recognises the keys;
 - ``gradients``: with the base frozen, every adapter parameter gets a finite gradient,
   none is the base layer's own tensor, and the base weight/bias get no gradient;
+- ``training_paths``: weight mode forced onto the factored path and onto the rebuild
+  path (``adapter.path``) gives the same output and the same gradients of every
+  adapter parameter and of the input (fp32, ≤ ``rtol`` relative), and the forced
+  path is the one taken where the algorithm has a factored form (``path_flops``);
 - ``low_precision``: with the base in fp16 and in bf16 (adapter in fp32 and cast to
   the same dtype) the outputs keep the input dtype, are finite and near the fp32 ones.
 
@@ -317,6 +321,39 @@ def _check_gradients(c: _Ctx) -> None:
             grads.append(p.grad)
         if not any(bool(grad.abs().sum() > 0) for grad in grads):
             raise c.fail("gradients", f"{mode} mode: every gradient is zero")
+
+
+@_TABLE("training_paths")
+def _check_training_paths(c: _Ctx) -> None:
+    _, adapter = c.perturbed()
+    x0 = c.input()
+    has_factored = adapter.path_flops(x0) is not None
+    results: dict[str, list[tuple[str, torch.Tensor]]] = {}
+    for path in ("rebuild", "factored"):
+        adapter.path = path
+        adapter.zero_grad(set_to_none=True)
+        x = x0.clone().requires_grad_(True)
+        out = _attached(adapter, x, "weight")
+        want = path if has_factored else "rebuild"
+        if adapter.last_path != want:
+            raise c.fail("training_paths", f"adapter.path {path}: weight mode took the "
+                         f"{adapter.last_path} path, not {want}")
+        g = torch.Generator().manual_seed(6000 + c.seed)
+        (out * torch.randn(out.shape, generator=g)).sum().backward()
+        got = [("output", out.detach()), ("input gradient", _grad_of(x))]
+        got += [(f"gradient of {n}", _grad_of(p)) for n, p in adapter.named_parameters()
+                if p.requires_grad]
+        results[path] = got
+    adapter.path = "auto"
+    for (label, f), (_, r) in zip(results["factored"], results["rebuild"], strict=True):
+        err = relative_error(f, r)
+        if not err <= c.rtol:
+            raise c.fail("training_paths", f"factored {label} differs from the rebuild "
+                         f"path's by {err:.3g} relative (tolerance {c.rtol:g})")
+
+
+def _grad_of(t: torch.Tensor) -> torch.Tensor:
+    return torch.zeros_like(t) if t.grad is None else t.grad.detach().clone()
 
 
 #: Loose agreement with fp32 expected of each half precision.

@@ -7,7 +7,9 @@ from loraengine.core.adapter.layer import (
     AdapterLayer,
     AttachMode,
     ChannelDelta,
+    TrainingPath,
     bias_of,
+    layer_dims,
     layer_op,
     split_deltas,
     weight_of,
@@ -15,4 +17,5 @@ from loraengine.core.adapter.layer import (
 from loraengine.core.adapter.network import AdapterNetwork, select_layers
 
 __all__ = ["ADAPTABLE", "DELTA_KEYS", "NORMS", "AdapterLayer", "AdapterNetwork", "AttachMode",
-           "ChannelDelta", "bias_of", "layer_op", "select_layers", "split_deltas", "weight_of"]
+           "ChannelDelta", "TrainingPath", "bias_of", "layer_dims", "layer_op", "select_layers",
+           "split_deltas", "weight_of"]

@@ -6,10 +6,19 @@ from the base output, without building W+ΔW where the algorithm allows it) and
 ``file_tensors()`` (its tensors under their standard key names). The engine uses
 three equivalent paths: *rebuild* (run the layer with W+ΔW), *bypass* (forward hook)
 and *merge* (write W+ΔW into the base weight).
+
+Weight mode (training) computes the adapted output one of two ways, per layer:
+*rebuild* (the base op with W+ΔW: backward then needs the full weight gradient dL/dΔW
+before it reaches the factors) or *factored* (the base op with W, plus the adapter's
+own cheaper route from its factors, never building a weight-sized tensor where the
+algorithm allows it). An algorithm with a factored form implements ``path_flops``, its
+cost model; ``path`` (the ``adapter.path`` option) is ``auto`` (the cheaper by that
+model, per input shape), ``factored`` or ``rebuild``. ``last_path`` says which ran.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Literal, cast
 
 import torch
@@ -18,6 +27,8 @@ from torch import nn
 
 ADAPTABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 AttachMode = Literal["weight", "bypass"]
+#: ``adapter.path``: how weight mode computes the adapted output.
+TrainingPath = Literal["auto", "factored", "rebuild"]
 
 
 def weight_of(layer: nn.Module) -> torch.Tensor:
@@ -43,6 +54,23 @@ def layer_op(base: nn.Module, x: torch.Tensor, weight: torch.Tensor,
     raise TypeError(f"cannot adapt {type(base).__name__}")
 
 
+def layer_dims(base: nn.Module, x: torch.Tensor) -> tuple[int, int, int]:
+    """``(positions, fan_in, out)`` of running ``base`` on ``x``: output positions
+    (tokens, or batch × output pixels of a conv, estimated from the input size and the
+    stride), the columns of its weight (in · kernel) and its output channels — the
+    numbers a cost model multiplies (one dense layer costs 2·N·I·O FLOPs)."""
+    w = weight_of(base)
+    out, fan_in = int(w.shape[0]), int(w[0].numel())
+    if isinstance(base, nn.Linear):
+        return max(1, x.numel() // max(1, int(x.shape[-1]))), fan_in, out
+    stride = cast("tuple[int, ...]", getattr(base, "stride", (1,)))
+    spatial = x.shape[2:] if x.ndim == w.ndim else x.shape[1:]
+    batch = int(x.shape[0]) if x.ndim == w.ndim else 1
+    positions = batch * math.prod(max(1, int(s) // int(st)) for s, st in
+                                  zip(spatial, stride, strict=False))
+    return max(1, positions), fan_in, out
+
+
 class AdapterLayer(nn.Module):
     """Base class of one adapted layer. Subclasses define ``delta_weight`` and may
     override ``bypass``, ``delta_bias`` and ``forward``.
@@ -53,6 +81,10 @@ class AdapterLayer(nn.Module):
 
     #: Set by the spec; used when writing files.
     algorithm: str = ""
+    #: ``adapter.path``: ``auto`` (the cost model decides), ``factored`` or ``rebuild``.
+    path: TrainingPath = "auto"
+    #: The path the last weight-mode forward took (``None`` before the first).
+    last_path: Literal["factored", "rebuild"] | None = None
 
     def __init__(self, base: nn.Module, rank: int, alpha: float):
         super().__init__()
@@ -84,7 +116,36 @@ class AdapterLayer(nn.Module):
     def compute_dtype(self, x: torch.Tensor) -> torch.dtype:
         return x.dtype if x.is_floating_point() else torch.float32
 
+    # -- the training path ----------------------------------------------------------
+    def path_flops(self, x: torch.Tensor) -> tuple[float, float] | None:
+        """The cost model: ``(factored, rebuild)`` FLOPs of the adapter's share of one
+        forward+backward on ``x`` (what both paths share — the base op and dL/dx through
+        it — left out); ``None`` when the algorithm has no factored form here."""
+        return None
+
+    def choose_path(self, x: torch.Tensor) -> Literal["factored", "rebuild"]:
+        """The path weight mode takes for ``x``: ``path`` unless that is ``auto``, then
+        the cheaper by ``path_flops``; ``rebuild`` where no factored form exists."""
+        costs = self.path_flops(x)
+        if costs is None or self.path == "rebuild":
+            return "rebuild"
+        if self.path == "factored":
+            return "factored"
+        factored, rebuild = costs
+        return "factored" if factored <= rebuild else "rebuild"
+
+    def run_factored(self, x: torch.Tensor) -> torch.Tensor:
+        """The factored path: the base op with its own weight, then ``bypass``."""
+        base = self.base
+        return self.bypass(x, layer_op(base, x, weight_of(base), bias_of(base)))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Weight mode: the factored or the rebuild path (see ``choose_path``)."""
+        path = self.choose_path(x)
+        self.last_path = path
+        return self.run_factored(x) if path == "factored" else self.rebuild(x)
+
+    def rebuild(self, x: torch.Tensor) -> torch.Tensor:
         """The rebuild path: the base operation with W+ΔW (and b+Δb)."""
         base = self.base
         w = weight_of(base)

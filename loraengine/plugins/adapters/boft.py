@@ -91,6 +91,10 @@ class BOFTLayer(ChannelMapLayer):
             t = t.flatten(-2).unflatten(-1, (-1, span, 2)).transpose(-1, -2).flatten(-3)
         return t
 
+    def map_flops(self) -> float:
+        stages, count, b, _ = self.oft_blocks.shape
+        return 2.0 * stages * count * b * b
+
 
 def _shape_for(out_dim: int, rank: int, options: object) -> tuple[int, int, int]:
     limit = getattr(options, "block_size", None) or rank

@@ -11,7 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-_CONV_BY_NDIM = {3: F.conv1d, 4: F.conv2d, 5: F.conv3d}
+#: The functional convolution for a weight (or batched input) of this many dimensions.
+CONV_BY_NDIM = {3: F.conv1d, 4: F.conv2d, 5: F.conv3d}
 
 
 def pointwise(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -19,7 +20,7 @@ def pointwise(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     dim 1 through the convolution of the weight's rank)."""
     if weight.ndim == 2:
         return F.linear(x, weight)
-    return _CONV_BY_NDIM[weight.ndim](x, weight)
+    return CONV_BY_NDIM[weight.ndim](x, weight)
 
 
 def tucker(t: torch.Tensor, wa: torch.Tensor, wb: torch.Tensor) -> torch.Tensor:

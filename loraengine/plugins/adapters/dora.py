@@ -25,7 +25,7 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from loraengine.core.adapter import AdapterLayer, bias_of, layer_op, weight_of
+from loraengine.core.adapter import AdapterLayer, bias_of, layer_dims, layer_op, weight_of
 from loraengine.core.plugins.specs import PluginOptions
 
 
@@ -131,15 +131,26 @@ class AdditiveAdapter(AdapterLayer):
         delta = (s - 1) * plain.float() + s * h
         return base_out + (delta * self.multiplier).to(dt)
 
-    #: Whether weight mode runs the factored delta beside the base op (cheaper when the
-    #: factors are small) or the base op once with W+ΔW (cheaper when ΔW is built anyway).
-    factored_forward = True
+    # -- the cost model ---------------------------------------------------------------
+    def factored_flops(self, x: torch.Tensor) -> float | None:
+        """FLOPs of ``raw_bypass`` on ``x``, forward+backward; ``None`` when it has no
+        factored form (it then builds ΔW). Subclasses with a factored form override."""
+        return None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.factored_forward:
-            return super().forward(x)
-        base = self.base
-        return self.bypass(x, layer_op(base, x, weight_of(base), bias_of(base)))
+    def build_flops(self) -> float:
+        """FLOPs of building ``raw_delta()``, forward+backward (to its factors)."""
+        return 3.0 * weight_of(self.base).numel()
+
+    def path_flops(self, x: torch.Tensor) -> tuple[float, float] | None:
+        factored = self.factored_flops(x)
+        if factored is None or (self.dora_scale is not None and not self.dora_on_out):
+            return None
+        n, fan_in, out = layer_dims(self.base, x)
+        build = self.build_flops()
+        # Rebuild: ΔW built, and backward computes the full dL/dW (2·N·I·O) to reach it.
+        # DoRA's norm builds ΔW on the factored path as well.
+        rebuild = build + 2.0 * n * fan_in * out
+        return factored + (build if self.dora_scale is not None else 0.0), rebuild
 
     def file_tensors(self) -> dict[str, torch.Tensor]:
         out = self.adapter_tensors()

@@ -7,9 +7,17 @@ kernel flattened into the columns). With ``use_tucker`` on a conv whose kernel i
 1×1, each half is a Tucker product instead: ``hada_t?`` ``[r, r, *k]`` with ``w?a``
 ``[r, out]`` and ``w?b`` ``[r, in]``, ``W? = Σ t[i,j]·w?a[i,:]ᵀ·w?b[j,:]``.
 
-The Hadamard product does not factor through the input, so bypass builds ΔW (it never
-reads the base weight, unless DoRA is on) and weight mode runs the base op once with
-W+ΔW.
+Without Tucker, the Hadamard product is itself a rank-r² product with structured
+factors: (w1a·w1b) ⊙ (w2a·w2b) = U·V with U = w1a ⊙ᵣ w2a (the row-wise Khatri–Rao
+product, ``[out, r²]``, U[o, i·r+j] = w1a[o,i]·w2a[o,j]) and V = w1b ⊙꜀ w2b (the
+column-wise one, ``[r², in·k]``). So the factored path is a LoRA of rank r²: the
+input through V (for a conv, an r²-channel convolution with kernel V) and then U (a
+1×1 one), and no weight-sized tensor is built forwards or backwards. With Tucker
+halves the product is a Tucker product of rank r²: core C[(i,i'),(j,j')] =
+t1[i,j]·t2[i',j'] (per kernel tap) between the Khatri–Rao products of the ``w?b``
+and of the ``w?a``, so the factored path is a 1×1 convolution in → r², the core as
+an r² → r² convolution with the layer's stride and padding, and a 1×1 one r² → out.
+(bypass never reads the base weight, unless DoRA is on.)
 """
 
 from __future__ import annotations
@@ -21,9 +29,15 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from loraengine.core.adapter import weight_of
+from loraengine.core.adapter import layer_dims, layer_op, weight_of
 from loraengine.core.plugins.specs import AdapterSpec
-from loraengine.plugins.adapters.common import copy_saved, has_keys, saved_alpha, tucker
+from loraengine.plugins.adapters.common import (
+    copy_saved,
+    has_keys,
+    pointwise,
+    saved_alpha,
+    tucker,
+)
 from loraengine.plugins.adapters.dora import AdditiveAdapter, DoRAOptions, load_dora, with_dora
 
 KEYS = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")
@@ -61,7 +75,6 @@ class LoHaLayer(AdditiveAdapter):
     """Hadamard product of two low-rank updates of one Linear/Conv layer."""
 
     algorithm = "loha"
-    factored_forward = False  # ΔW is built either way: one op with W+ΔW is cheaper
 
     def __init__(self, base: nn.Module, rank: int, alpha: float, use_tucker: bool = False,
                  generator: torch.Generator | None = None):
@@ -102,6 +115,49 @@ class LoHaLayer(AdditiveAdapter):
             return product.reshape(weight_of(self.base).shape)
         w1, w2 = self.halves()
         return w1 * w2 * self.scale
+
+    def khatri_rao(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(U, V)``: ``U`` ``[out, r²]`` and ``V`` ``[r², in·k]`` with U·V equal to the
+        unscaled Hadamard product (not for Tucker halves)."""
+        r = self.rank
+        u = (self.hada_w1_a.unsqueeze(2) * self.hada_w2_a.unsqueeze(1)).reshape(-1, r * r)
+        v = (self.hada_w1_b.unsqueeze(1) * self.hada_w2_b.unsqueeze(0)).reshape(r * r, -1)
+        return u, v
+
+    def raw_bypass(self, x: torch.Tensor, gain: float = 1.0) -> torch.Tensor:
+        dt = x.dtype
+        w = weight_of(self.base)
+        ones = [1] * (w.ndim - 2)
+        r2 = self.rank * self.rank
+        if self.tucker:
+            # hada_w?_a/b are [r, out] / [r, in]: the Khatri–Rao products across r
+            a = (self.hada_w1_a.unsqueeze(1) * self.hada_w2_a.unsqueeze(0)).reshape(r2, -1)
+            b = (self.hada_w1_b.unsqueeze(1) * self.hada_w2_b.unsqueeze(0)).reshape(r2, -1)
+            t1, t2 = self.hada_t1, self.hada_t2
+            core = (t1[:, None, :, None] * t2[None, :, None, :]).reshape(r2, r2, *w.shape[2:])
+            h = pointwise(x, b.reshape(r2, -1, *ones).to(dt))  # in -> r²
+            h = layer_op(self.base, h, core.to(dt), None)  # the kernel, r² -> r²
+            up = (a.t() * (self.scale * gain)).reshape(-1, r2, *ones).to(dt)
+            return pointwise(h, up)  # r² -> out
+        u, v = self.khatri_rao()
+        v = v.reshape(v.shape[0], *w.shape[1:]).to(dt)  # a conv kernel of r² channels
+        u = (u * (self.scale * gain)).reshape(*u.shape, *ones).to(dt)
+        return pointwise(layer_op(self.base, x, v, None), u)
+
+    def factored_flops(self, x: torch.Tensor) -> float | None:
+        n, fan_in, out = layer_dims(self.base, x)
+        r2 = self.rank * self.rank
+        if self.tucker:
+            w = weight_of(self.base)
+            ksize = fan_in // int(w.shape[1])
+            per_position = r2 * (int(w.shape[1]) + r2 * ksize + out)
+            return 6.0 * n * per_position + 3.0 * r2 * (r2 * ksize + fan_in + out)
+        # the two Khatri–Rao products, then a rank-r² LoRA; backward twice forward
+        return 3.0 * r2 * (fan_in + out) * (2.0 * n + 1.0)
+
+    def build_flops(self) -> float:
+        w = weight_of(self.base)
+        return 3.0 * w.numel() * (4.0 * self.rank + 2.0)  # two products and the Hadamard
 
     def adapter_tensors(self) -> dict[str, torch.Tensor]:
         out: dict[str, torch.Tensor] = {k: getattr(self, k) for k in KEYS}

@@ -12,7 +12,8 @@ low rank, the scale is 1 whatever alpha says. The zero-initialised factor is ``w
 (or ``w2_b``).
 
 ``factor`` defaults to the rank, as ComfyUI's trainer uses its rank input; ``-1`` picks
-the most balanced split (LyCORIS's default). Bypass applies the Kronecker product
+the most balanced split (LyCORIS's default). Bypass (and the factored training path)
+applies the Kronecker product
 factored — ``y = vec(w1 · unvec(x) · w2ᵀ)`` as a grouped op chain — and never builds
 ΔW, except for files whose ``w2`` mixes the conv kernel into its split (ComfyUI's
 trainer can write such), where it builds ΔW.
@@ -29,7 +30,7 @@ import torch.nn.functional as F
 from pydantic import Field, field_validator
 from torch import nn
 
-from loraengine.core.adapter import layer_op, weight_of
+from loraengine.core.adapter import layer_dims, layer_op, weight_of
 from loraengine.core.plugins.specs import AdapterSpec
 from loraengine.plugins.adapters.common import pointwise, saved_alpha, tucker
 from loraengine.plugins.adapters.dora import AdditiveAdapter, DoRAOptions, load_dora, with_dora
@@ -231,6 +232,22 @@ class LoKrLayer(AdditiveAdapter):
             return pointwise(h, wa.t().reshape(self.b, -1, *ones))  # r -> b
         h = layer_op(self.base, h, wb.reshape(wb.shape[0], self.d, *self.kernel), None)
         return pointwise(h, wa.reshape(*wa.shape, *ones))  # r -> b
+
+    def factored_flops(self, x: torch.Tensor) -> float | None:
+        if not self.by_channel:
+            return None  # the kernel is split across the factors: ΔW is built
+        n, _, _ = layer_dims(self.base, x)
+        a, b, c, d = self.a, self.b, self.c, self.d
+        k = math.prod(self.kernel)
+        r = self.rank
+        if self.lokr_w2 is not None:
+            w2 = b * d * k
+        elif self.lokr_t2 is not None:
+            w2 = r * (d + r * k + b)
+        else:
+            w2 = r * (d * k + b)
+        # per output position: w2 on each of the c groups, then w1 across them
+        return 6.0 * n * c * (w2 + a * b)
 
     def adapter_tensors(self) -> dict[str, torch.Tensor]:
         out: dict[str, torch.Tensor] = {k: getattr(self, k) for k in KEYS

@@ -13,7 +13,7 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from loraengine.core.adapter import layer_op, weight_of
+from loraengine.core.adapter import layer_dims, layer_op, weight_of
 from loraengine.core.plugins.specs import AdapterSpec
 from loraengine.plugins.adapters.common import copy_saved, has_keys, pointwise, saved_alpha
 from loraengine.plugins.adapters.dora import AdditiveAdapter, DoRAOptions, load_dora, with_dora
@@ -60,6 +60,14 @@ class LoRALayer(AdditiveAdapter):
         up = (self.lora_up * (self.scale * gain)).to(dt)  # scale the small factor, not h
         h = layer_op(self.base, x, down, None)  # the base's stride/padding/dilation
         return pointwise(h, up)
+
+    def factored_flops(self, x: torch.Tensor) -> float:
+        n, fan_in, out = layer_dims(self.base, x)
+        return 6.0 * n * self.rank * (fan_in + out)  # down and up; backward twice forward
+
+    def build_flops(self) -> float:
+        n_out, fan_in = self.lora_up.shape[0], self.lora_down[0].numel()
+        return 6.0 * n_out * self.rank * fan_in
 
     def adapter_tensors(self) -> dict[str, torch.Tensor]:
         return {"lora_down.weight": self.lora_down, "lora_up.weight": self.lora_up,

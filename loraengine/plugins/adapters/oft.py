@@ -26,8 +26,9 @@ import torch
 from pydantic import Field, model_validator
 from torch import nn
 
-from loraengine.core.adapter import AdapterLayer, bias_of, weight_of
+from loraengine.core.adapter import AdapterLayer, bias_of, layer_dims, layer_op, weight_of
 from loraengine.core.plugins.specs import AdapterSpec, PluginOptions
+from loraengine.plugins.adapters.common import CONV_BY_NDIM
 
 #: Added to ‖Q‖ before dividing, as both reference implementations do.
 NORM_EPS = 1e-8
@@ -161,16 +162,53 @@ class ChannelMapLayer(AdapterLayer):
         return delta * self.multiplier
 
     def bypass(self, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
-        channel_axis = -1 if isinstance(self.base, nn.Linear) else 1
+        channel_axis = self._channel_axis()
         weight_part = base_out
         bias = bias_of(self.base)
         if bias is not None:
-            shape = [1] * base_out.ndim
-            shape[channel_axis] = -1
-            weight_part = base_out - bias.detach().to(base_out.dtype).reshape(shape)
+            weight_part = base_out - self._on_channels(bias.detach(), base_out)
         moved = weight_part.movedim(channel_axis, -1)
         delta = self._mapped_minus_identity(moved).movedim(-1, channel_axis)
         return base_out + delta * self.multiplier
+
+    # -- the factored training path -------------------------------------------------
+    def _channel_axis(self) -> int:
+        return -1 if isinstance(self.base, nn.Linear) else 1
+
+    def _on_channels(self, v: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """A per-output-channel vector shaped to broadcast over ``out``."""
+        v = v.reshape(-1).to(out.dtype)
+        return v if self._channel_axis() == -1 else v.reshape(-1, *([1] * (out.ndim - 2)))
+
+    def map_output(self, t: torch.Tensor) -> torch.Tensor:
+        """T applied along the output-channel axis of a layer output ``t`` (rescale not
+        included). Default: move the axis last and use ``channel_map``."""
+        axis = self._channel_axis()
+        return self.channel_map(t.movedim(axis, -1)).movedim(-1, axis)
+
+    def map_flops(self) -> float:
+        """FLOPs of one forward of ``channel_map`` on one row of output channels."""
+        raise NotImplementedError
+
+    def path_flops(self, x: torch.Tensor) -> tuple[float, float] | None:
+        n, fan_in, _ = layer_dims(self.base, x)
+        out = weight_of(self.base).shape[0]
+        per_row = self.map_flops()
+        # factored: T on N output rows; rebuild: T on the I weight columns, and backward
+        # computes the full dL/dW' (2·N·I·O) to reach the rotation.
+        return 3.0 * n * per_row, 3.0 * fan_in * per_row + 2.0 * n * fan_in * out
+
+    def run_factored(self, x: torch.Tensor) -> torch.Tensor:
+        """y = W x + m·(T(W x)·rescale − W x) + b: the map acts on the weight-only part of
+        the base output, so the rotation's gradient needs only W x and dL/dy."""
+        base = self.base
+        wx = layer_op(base, x, weight_of(base), None)
+        mapped = self.map_output(wx)
+        if self.rescale is not None:
+            mapped = mapped * self._on_channels(self.rescale, mapped)
+        out = mapped if self.multiplier == 1 else wx + (mapped - wx) * self.multiplier
+        bias = bias_of(base)
+        return out if bias is None else out + self._on_channels(bias, out)
 
     def file_tensors(self) -> dict[str, torch.Tensor]:
         out: dict[str, torch.Tensor] = {"oft_blocks": self.oft_blocks,
@@ -205,6 +243,20 @@ class OFTLayer(ChannelMapLayer):
         blocks = t.unflatten(-1, (n, b))
         # Row m of block k becomes Σₙ R[k, n, m]·row n: the rows are multiplied by Rᵀ.
         return torch.einsum("knm,...kn->...km", r, blocks).flatten(-2)
+
+    def map_output(self, t: torch.Tensor) -> torch.Tensor:
+        if self._channel_axis() == -1:
+            return self.channel_map(t)
+        # a convolution's output: the block rotation is a grouped 1×1 convolution, with
+        # out[k·b+m] = Σₙ R[k, n, m]·in[k·b+n], so no permute of the activations
+        r = self.rotation().to(t.dtype)
+        n, b, _ = r.shape
+        kernel = r.transpose(1, 2).reshape(n * b, b, *([1] * (t.ndim - 2)))
+        return CONV_BY_NDIM[t.ndim](t, kernel, groups=n)
+
+    def map_flops(self) -> float:
+        n, b, _ = self.oft_blocks.shape
+        return 2.0 * n * b * b
 
 
 # -- what the OFT and BOFT specs share -------------------------------------------------
