@@ -10,7 +10,6 @@ from collections.abc import Callable
 from typing import Any, TextIO
 
 from loraengine.core.plugins.hookspecs import hookimpl
-from loraengine.plugins.outputs.loggers import EventLog as EventLog  # --events PATH
 
 
 def rich_progress(stream: TextIO, *fields: str, transient: bool = False) -> Any:
@@ -201,3 +200,12 @@ class ProgressBar:
         if self._progress is not None:
             self._progress.stop()
             self._progress = None
+
+
+def __getattr__(name: str) -> Any:
+    """``EventLog`` (``--events PATH``) lives with the loggers; imported on first use, so
+    a command's ``--help`` loads no plugin."""
+    if name == "EventLog":
+        from loraengine.plugins.outputs.loggers import EventLog
+        return EventLog
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
