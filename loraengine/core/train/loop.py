@@ -417,12 +417,16 @@ class Trainer:
         return stop_cfg.patience is not None and state.since_best >= stop_cfg.patience
 
     # -- outputs ----------------------------------------------------------------------
-    def lora_tensors(self) -> dict[str, torch.Tensor]:
+    def lora_tensors(self, prefix: str = "") -> dict[str, torch.Tensor]:
+        """The adapter's file tensors; with ``prefix``, only the adapters under that
+        module prefix, named without it (one part of ``LoadedModel.file_parts``)."""
         pipe = self.pipe
         exporter_name = self.config.adapter.exporter or pipe.loaded.default_exporter
         registry = self.host.registry
         exporter = registry.get("exporter", exporter_name)
         modules = pipe.network.file_modules(pipe.save_dtype)
+        if prefix:
+            modules = {k[len(prefix):]: v for k, v in modules.items() if k.startswith(prefix)}
         with registry.blame("exporter", exporter_name, "to_file"):
             tensors: dict[str, torch.Tensor] = exporter.to_file(modules)
         return tensors
@@ -465,16 +469,23 @@ class Trainer:
         if not self.writes_files:
             return result
         out, name = self.output_dir, self.config.output.name  # save_lora makes the folder
-        lora_path = out / f"{name}.safetensors"
-        save_lora(lora_path, tensors, self.metadata())
-        result.path = lora_path
-        written: list[tuple[str, Path]] = [("lora", lora_path)]
+        # a model of several parts (two experts) is written as one file per part
+        parts = dict(self.pipe.loaded.file_parts) or {"": ""}
+        written: list[tuple[str, Path]] = []
+        for part, prefix in parts.items():
+            lora_path = out / (f"{name}.{part}.safetensors" if part else f"{name}.safetensors")
+            save_lora(lora_path, self.lora_tensors(prefix) if prefix else tensors,
+                      self.metadata())
+            result.path = result.path or lora_path
+            written.append((f"lora.{part}" if part else "lora", lora_path))
         for recipe in self.pipe.recipes:  # other versions of the adapter, e.g. its EMA
             for suffix, swapped in recipe.variants().items():
                 with swapped():
-                    variant_path = out / f"{name}.{suffix}.safetensors"
-                    save_lora(variant_path, self.lora_tensors(), self.metadata())
-                written.append((suffix, variant_path))
+                    for part, prefix in parts.items():
+                        kind = f"{suffix}.{part}" if part else suffix
+                        variant_path = out / f"{name}.{kind}.safetensors"
+                        save_lora(variant_path, self.lora_tensors(prefix), self.metadata())
+                        written.append((kind, variant_path))
         loss_path = out / f"{name}.loss.json"
         write_text_atomic(loss_path, json.dumps(_finite_or_null(result.loss_map), indent=1))
         written.append(("loss_map", loss_path))

@@ -1,13 +1,13 @@
-"""Built-in model families: ``sd15``, ``sd2``, ``sdxl``, ``sd3`` and ``flux`` on
-diffusers, plus ``diffusers`` (any local UNet folder) and ``module`` (an in-memory
+"""Built-in model families: ``sd15``, ``sd2``, ``sdxl``, ``sd3``, ``flux`` and ``wan``
+(video) on diffusers, plus ``diffusers`` (any local UNet folder) and ``module`` (an in-memory
 ``nn.Module``)."""
 
 from __future__ import annotations
 
 from loraengine.core.plugins.hookspecs import hookimpl
-from loraengine.plugins.models import diffusers_folder, flux, module, sd3, unet
+from loraengine.plugins.models import diffusers_folder, flux, module, sd3, unet, wan
 
 
 @hookimpl
 def loraengine_models():
-    return [diffusers_folder.SPEC, module.SPEC, *unet.SPECS, sd3.SPEC, flux.SPEC]
+    return [diffusers_folder.SPEC, module.SPEC, *unet.SPECS, sd3.SPEC, flux.SPEC, wan.SPEC]
