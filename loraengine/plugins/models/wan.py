@@ -252,11 +252,17 @@ def _expert_folder(where: Any, expert: str) -> Any:
     return dataclasses.replace(where, model=where.root / EXPERTS[expert])
 
 
+def _make_encoder(path: Any, options: Mapping[str, Any]) -> Any:
+    from loraengine.plugins.models.video_encoders import WanEncoder
+
+    return WanEncoder(WAN, Path(path), options)
+
+
 def _family_of(path: Any) -> bool:
     return pipeline_class(Path(path)) in WAN.pipeline_classes
 
 
 SPEC = ModelFamilySpec(WAN.name, load_wan, WanOptions, WAN.description,
-                       detect=_family_of)
+                       make_encoder=_make_encoder, detect=_family_of)
 
 __all__ = ["SPEC", "WAN", "Family", "WanExperts", "WanLatentVAE", "WanOptions"]

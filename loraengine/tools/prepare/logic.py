@@ -222,6 +222,15 @@ def load_pixels(path: Path, bucket: tuple[int, int]
             img = ImageOps.exif_transpose(img).convert("RGB")
     except (OSError, SyntaxError, ValueError) as exc:
         raise DataError(f"{path}: cannot decode image: {exc}") from None
+    return fit_image(img, bucket)
+
+
+def fit_image(img: Any, bucket: tuple[int, int]
+              ) -> tuple[torch.Tensor, tuple[int, int], tuple[int, int]]:
+    """A PIL RGB image resized to cover ``bucket`` and centre-cropped (see
+    :func:`load_pixels`)."""
+    from PIL import Image
+
     w, h = img.size
     bw, bh = bucket
     scale = max(bw / w, bh / h)
