@@ -204,8 +204,8 @@ def test_trains_through_the_cli_and_the_file_loads_in_wan_pipeline(tmp_path, pip
     assert result.exit_code == 0, result.output
     lora = tmp_path / "out" / "lora.safetensors"
     tensors = load_file(str(lora))
-    assert tensors and all(k.startswith("transformer.blocks.") for k in tensors)
-    modules = {k.rsplit(".lora_", 1)[0] for k in tensors}
+    assert tensors and all(k.startswith("diffusion_model.blocks.") for k in tensors)
+    modules = {k.rsplit(".lora_", 1)[0] for k in tensors if ".lora_" in k}
 
     conf, base = resolve_config(config, host, overrides=[f"adapter.existing={lora}"])
     engine = build_pipeline(conf, host, base_dir=base)
@@ -239,7 +239,7 @@ def test_both_experts_train_together_and_write_one_file_each(tmp_path, pipes):
     for expert in ("high_noise", "low_noise"):
         path = out / f"lora.{expert}.safetensors"
         tensors = load_file(str(path))
-        assert tensors and all(k.startswith("transformer.blocks.") for k in tensors)
+        assert tensors and all(k.startswith("diffusion_model.blocks.") for k in tensors)
         # the engine with that expert alone and its file: merged output
         (tmp_path / expert).mkdir()
         one = _config(tmp_path / expert, pipes["wan22"], expert=expert)
@@ -255,7 +255,7 @@ def test_both_experts_train_together_and_write_one_file_each(tmp_path, pipes):
                                                       expert)
         assert not [m for m in messages if "unexpected keys" in m or "missing keys" in m]
         torch.testing.assert_close(loaded, merged, rtol=1e-4, atol=1e-4)
-        assert wrapped == len({k.rsplit(".lora_", 1)[0] for k in tensors})
+        assert wrapped == len({k.rsplit(".lora_", 1)[0] for k in tensors if ".lora_" in k})
 
 
 def _preset_plan(tmp_path: Path, preset: str, **model):
@@ -311,3 +311,36 @@ def test_a_preset_refuses_to_train_with_one_line(tmp_path):
     assert result.exit_code == 2, result.output
     assert "Traceback" not in result.output
     assert "model.preset: wan2.1-t2v-1.3b has no weights" in result.output
+
+
+#: The key layout ComfyUI's Wan model places (its own module names under
+#: ``diffusion_model.``; checked against ComfyUI's loader, which placed every key of
+#: such a file and none of a diffusers-named one): one block's LoRA modules.
+COMFYUI_WAN_BLOCK = sorted(f"diffusion_model.blocks.0.{m}" for m in (
+    "self_attn.q", "self_attn.k", "self_attn.v", "self_attn.o", "cross_attn.q",
+    "cross_attn.k", "cross_attn.v", "cross_attn.o", "ffn.0", "ffn.2"))
+
+
+def test_the_default_key_layout_is_wan_s_original_names_which_comfyui_places(tmp_path, pipes):
+    from loraengine.plugins.models import wan_keys
+
+    host = build_plugin_manager()
+    conf, base = resolve_config(_config(tmp_path, pipes["wan"]), host)
+    engine = build_pipeline(conf, host, base_dir=base)
+    try:
+        paths = [p for p, _ in engine.network.items()]
+        modules = engine.network.file_modules()
+    finally:
+        engine.close()
+    assert engine.loaded.default_exporter == "wan_comfyui"
+    tensors = wan_keys.to_file(modules)
+    stems = sorted({k.rsplit(".", 2)[0] if k.endswith(".weight") else k.rsplit(".", 1)[0]
+                    for k in tensors})
+    assert [s for s in stems if s.startswith("diffusion_model.blocks.0.")] == COMFYUI_WAN_BLOCK
+    assert len(stems) == 2 * len(COMFYUI_WAN_BLOCK)
+    # and back: every module to its own layer
+    back = wan_keys.from_file(tensors, paths)
+    assert back is not None and set(back) == set(paths)
+    assert all(torch.equal(back[p][k], modules[p][k]) for p in paths for k in modules[p])
+    with pytest.raises(ValueError, match="module condition_embedder.norm: the wan_comfyui"):
+        wan_keys.to_file({"condition_embedder.norm": {}})

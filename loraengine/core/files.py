@@ -211,12 +211,21 @@ def steps_of(path: Path, metadata: Mapping[str, str]) -> int:
 
 def split_modules(tensors: Mapping[str, torch.Tensor], exporters: Iterable[ExporterSpec],
                   module_paths: Iterable[str]) -> tuple[str, dict[str, dict[str, torch.Tensor]]]:
-    """Find the exporter whose key format the file is in and group tensors per module."""
+    """Find the exporter whose key format the file is in and group tensors per module.
+    Where two formats share a prefix (ComfyUI's ``diffusion_model.`` and a family's own
+    names under it), the first that places every module on a layer of the model wins,
+    else the first that reads the file at all."""
     paths = list(module_paths)
+    known = set(paths)
+    first: tuple[str, dict[str, dict[str, torch.Tensor]]] | None = None
     for exporter in exporters:
         grouped = exporter.from_file(tensors, paths)
         if grouped:
-            return exporter.name, grouped
+            if not known or set(grouped) <= known:
+                return exporter.name, grouped
+            first = first or (exporter.name, grouped)
+    if first is not None:
+        return first
     sample = ", ".join(sorted(tensors)[:3])
     raise DataError(f"no key format matches this file's tensors (e.g. {sample}) against "
                     f"the model's layers")

@@ -42,7 +42,8 @@ __all__ = ["STEP_KEYS", "Trainer", "TrainingInterrupted", "TrainResult"]
 
 @dataclass
 class TrainResult:
-    """The node's three outputs: the adapter tensors (file keys), the loss map and the
+    """The node's three outputs: the adapter tensors (file keys; a model of several
+    ``file_parts`` gives each part's under ``<part>.``), the loss map and the
     total step count (including the steps of ``adapter.existing``)."""
 
     lora: dict[str, torch.Tensor]
@@ -462,7 +463,11 @@ class Trainer:
         to_eval = getattr(self.pipe.optimizer, "eval", None)
         if callable(to_eval):
             to_eval()  # schedule-free optimizers: save the averaged x
-        tensors = self.lora_tensors()
+        parts = dict(self.pipe.loaded.file_parts)
+        by_part = {part: self.lora_tensors(prefix) for part, prefix in parts.items()}
+        # a model of several parts: its parts' tensors, each key under "<part>."
+        tensors = {f"{part}.{k}": v for part, t in by_part.items() for k, v in t.items()
+                   } if parts else self.lora_tensors()
         result = TrainResult(tensors, {k: list(v) for k, v in self.loss_map.items()},
                              self.steps_done)
         self._files = result.files
@@ -470,12 +475,11 @@ class Trainer:
             return result
         out, name = self.output_dir, self.config.output.name  # save_lora makes the folder
         # a model of several parts (two experts) is written as one file per part
-        parts = dict(self.pipe.loaded.file_parts) or {"": ""}
+        parts = parts or {"": ""}
         written: list[tuple[str, Path]] = []
         for part, prefix in parts.items():
             lora_path = out / (f"{name}.{part}.safetensors" if part else f"{name}.safetensors")
-            save_lora(lora_path, self.lora_tensors(prefix) if prefix else tensors,
-                      self.metadata())
+            save_lora(lora_path, by_part[part] if prefix else tensors, self.metadata())
             result.path = result.path or lora_path
             written.append((f"lora.{part}" if part else "lora", lora_path))
         for recipe in self.pipe.recipes:  # other versions of the adapter, e.g. its EMA

@@ -154,7 +154,7 @@ WAN = flow_transformer_family(
     vae_scale=1.0, vae_shift=0.0, default_include=WAN_TARGETS, base_model_version="wan",
     options=WanOptions, predictor=wan_predictor, blocks=wan_blocks, flow_shift=5.0,
     cond_keys=("cond",), default_resolution=480, timestep_sampling="uniform",
-    inputs=wan_inputs,
+    inputs=wan_inputs, default_exporter="wan_comfyui",
     description="Wan 2.1 / 2.2 video transformer (rectified flow on [N,C,T,H,W] latents; "
     "2.2 A14B: high- and low-noise experts).")
 
