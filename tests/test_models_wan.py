@@ -344,3 +344,20 @@ def test_the_default_key_layout_is_wan_s_original_names_which_comfyui_places(tmp
     assert all(torch.equal(back[p][k], modules[p][k]) for p in paths for k in modules[p])
     with pytest.raises(ValueError, match="module condition_embedder.norm: the wan_comfyui"):
         wan_keys.to_file({"condition_embedder.norm": {}})
+
+
+def test_both_experts_keep_their_best_files_apart(tmp_path, pipes):
+    config = yaml.safe_load(_config(tmp_path, pipes["wan22"], expert="both").read_text())
+    config["training"]["steps"] = 2
+    config["data"]["validation"] = {"latents": config["data"]["latents"],
+                                    "conditioning": config["data"]["conditioning"]}
+    config["validation"] = {"every": 1}
+    config["output"]["keep_best"] = True
+    (tmp_path / "best.yaml").write_text(yaml.safe_dump(config))
+    result = CliRunner().invoke(cli, ["train", str(tmp_path / "best.yaml"), "-q"])
+    assert result.exit_code == 0, result.output
+    names = sorted(p.name for p in (tmp_path / "out").glob("*.safetensors"))
+    assert names == ["lora.best.high_noise.safetensors", "lora.best.low_noise.safetensors",
+                     "lora.high_noise.safetensors", "lora.low_noise.safetensors"]
+    high = load_file(str(tmp_path / "out" / "lora.best.high_noise.safetensors"))
+    assert high and all(k.startswith("diffusion_model.blocks.") for k in high)

@@ -408,11 +408,14 @@ class Trainer:
         if state.best_val is None or value < state.best_val - stop_cfg.min_delta:
             state.best_val, state.since_best = value, 0
             if self.config.output.keep_best and self.writes_files:
-                path = self.output_dir / f"{self.config.output.name}.best.safetensors"
                 meta = self.metadata() | {"loraengine.val_loss": repr(value),
                                           "loraengine.best_step": str(step)}
-                save_lora(path, self.lora_tensors(), meta)
-                self._announce("best", path)
+                parts = dict(self.pipe.loaded.file_parts) or {"": ""}
+                for part, prefix in parts.items():  # one file per part, as at the end
+                    kind = f"best.{part}" if part else "best"
+                    path = self.output_dir / f"{self.config.output.name}.{kind}.safetensors"
+                    save_lora(path, self.lora_tensors(prefix), meta)
+                    self._announce(kind, path)
         else:
             state.since_best += 1
         return stop_cfg.patience is not None and state.since_best >= stop_cfg.patience
