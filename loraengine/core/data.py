@@ -395,12 +395,14 @@ class BucketStream:
 
 
 def group_into_buckets(latents: Mapping[str, torch.Tensor], conditioning:
-                       Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor],
-                                                            dict[str, torch.Tensor]]:
+                       Mapping[str, torch.Tensor], *, video: bool | None = None
+                       ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """Group mixed-size latents into same-shape buckets.
 
-    Input: tensors named ``latents.<k>`` (each ``[C,H,W]`` or ``[n,C,H,W]``) and the
-    matching ``<key>.<k>`` conditioning entries (``cond.<k>``, ``pooled.<k>``...).
+    Input: tensors named ``latents.<k>`` (each ``[C,H,W]`` or ``[n,C,H,W]``; video:
+    ``[C,T,H,W]`` or ``[n,C,T,H,W]``) and the matching ``<key>.<k>`` conditioning
+    entries (``cond.<k>``, ``pooled.<k>``...). ``video`` says which; ``None`` decides
+    from the tensors (video when a latent is 5-D, or 4-D with one ``[L,D]`` ``cond``). Video buckets by frames × height × width.
     Output: ``latents.<i>`` / ``<key>.<i>`` per bucket, buckets ordered by shape, samples
     in input order within a bucket.
     """
@@ -410,9 +412,16 @@ def group_into_buckets(latents: Mapping[str, torch.Tensor], conditioning:
                                    else 0, kv[0]))
     if not items:
         raise DataError("no tensors named latents.<k> to group")
+    if video is None:  # a 4-D latent whose text is one [L,D] entry is one clip
+        video = any(v.ndim == 5 or (v.ndim == 4 and getattr(
+            conditioning.get(f"cond.{k}"), "ndim", 0) == 2) for k, v in items)
+    rank = 4 if video else 3  # of one sample: [C,T,H,W] or [C,H,W]
     groups: dict[tuple[int, ...], list[tuple[str, torch.Tensor, bool]]] = {}
     for k, v in items:
-        single = v.ndim == 3  # one [C,H,W] latent: its conditioning has no batch dim
+        if v.ndim not in (rank, rank + 1):
+            layout = "[C,T,H,W] or [n,C,T,H,W]" if video else "[C,H,W] or [n,C,H,W]"
+            raise DataError(f"latents.{k}: expected {layout}; got shape {list(v.shape)}")
+        single = v.ndim == rank  # one latent: its conditioning has no batch dim
         v = v.unsqueeze(0) if single else v
         groups.setdefault(tuple(v.shape[1:]), []).append((k, v, single))
     cond_keys = sorted({c.rsplit(".", 1)[0] for c in conditioning if "." in c})

@@ -219,16 +219,24 @@ def split_modules(tensors: Mapping[str, torch.Tensor], exporters: Iterable[Expor
 
     ``aliases`` (``{name in another layout: module path}``, see ``module_layouts``) are
     offered to the key formats as paths too; modules found under one are renamed to
-    the model's path."""
+    the model's path. Where two formats share a prefix (ComfyUI's ``diffusion_model.``
+    and a family's own names under it), the first that places every module on a layer
+    of the model wins, else the first that reads the file at all."""
     paths = list(module_paths)
+    known = set(paths)
     aliases = dict(aliases or {})
+    first: tuple[str, dict[str, dict[str, torch.Tensor]]] | None = None
     for exporter in exporters:
         grouped = exporter.from_file(tensors, [*paths, *aliases])
         if grouped:
             out: dict[str, dict[str, torch.Tensor]] = {}
             for module, params in grouped.items():
                 out.setdefault(aliases.get(module, module), {}).update(params)
-            return exporter.name, out
+            if not known or set(out) <= known:
+                return exporter.name, out
+            first = first or (exporter.name, out)
+    if first is not None:
+        return first
     sample = ", ".join(sorted(tensors)[:3])
     raise DataError(f"no key format matches this file's tensors (e.g. {sample}) against "
                     f"the model's layers")

@@ -60,6 +60,11 @@ class LoadedModel:
     #: Last-dimension width of conditioning tensors by name, e.g. ``{"cond": 768}`` (the
     #: cross-attention width) or the pooled embedding's width.
     cond_widths: dict[str, int] = field(default_factory=dict)
+    #: A model of several separately used parts (Wan 2.2's two experts) is written as
+    #: one file per part: ``{"high_noise": "high_noise."}`` writes the adapters under
+    #: module prefix ``high_noise.`` (named without it) to ``<name>.high_noise.safetensors``.
+    #: Empty: one file of every adapter.
+    file_parts: dict[str, str] = field(default_factory=dict)
 
 
 def top_level_blocks(module: nn.Module) -> list[nn.Module]:

@@ -6,6 +6,7 @@ schedule, and ``flow`` (rectified flow, as SD3 and Flux train).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -14,6 +15,8 @@ import torch
 from loraengine.core.errors import ConfigError
 
 PredictionType = Literal["epsilon", "v_prediction", "flow"]
+#: Draws a restricted timestep sampler makes before it gives up.
+_MAX_REJECTIONS = 10_000
 
 
 def shift_sigma(sigma: torch.Tensor, shift: float) -> torch.Tensor:
@@ -41,6 +44,11 @@ class NoiseSchedule:
     sampling: Literal["uniform", "logit_normal"] = "uniform"
     logit_mean: float = 0.0
     logit_std: float = 1.0
+    #: The part of the schedule training draws from, ``[low, high)`` in the units
+    #: ``sample_timestep`` returns (flow: σ after the shift; DDPM: the step index);
+    #: ``None`` is all of it. A model expert that serves only part of the noise levels
+    #: (Wan 2.2's high- and low-noise experts) sets it.
+    timestep_range: tuple[float, float] | None = None
 
     @classmethod
     def ddpm(cls, prediction_type: PredictionType = "epsilon", num_train_timesteps: int = 1000,
@@ -92,6 +100,32 @@ class NoiseSchedule:
         else:
             sigma = torch.rand((), generator=generator, dtype=torch.float64)
         return self.shift_sigma(sigma)
+
+    def restrict(self, draw: Callable[[torch.Generator], torch.Tensor]
+                 ) -> Callable[[torch.Generator], torch.Tensor]:
+        """``draw`` conditioned on ``timestep_range``: draws outside it are rejected and
+        drawn again, so within the range the distribution keeps its shape."""
+        if self.timestep_range is None:
+            return draw
+        low, high = self.timestep_range
+        if not low < high:
+            raise ConfigError(f"model: empty timestep range [{low:g}, {high:g})")
+
+        def restricted(generator: torch.Generator) -> torch.Tensor:
+            for _ in range(_MAX_REJECTIONS):
+                t = draw(generator)
+                if low <= float(t) < high or (high >= self.range_end and float(t) == high):
+                    return t
+            raise ConfigError(f"model: the timestep sampler drew nothing inside "
+                              f"[{low:g}, {high:g}) in {_MAX_REJECTIONS} tries; choose "
+                              f"a timestep_sampler that covers this expert's range")
+
+        return restricted
+
+    @property
+    def range_end(self) -> float:
+        """The largest timestep of the schedule (flow: σ = 1)."""
+        return 1.0 if self.is_flow else float(self.num_timesteps - 1)
 
     def shift_sigma(self, sigma: torch.Tensor) -> torch.Tensor:
         """``sigma`` shifted by this schedule's ``shift``."""

@@ -151,7 +151,8 @@ class MemoryStrategySpec:
 @dataclass(frozen=True)
 class ModelFamilySpec(Generic[OptionsT]):
     """A model family. ``load(options, context) -> LoadedModel``. ``context`` has
-    ``base_dir`` (for relative paths) and, for in-memory use, ``module``."""
+    ``base_dir`` (for relative paths), for in-memory use ``module``, and ``device``
+    (``training.device``; ``"meta"`` in a plan's dry run)."""
 
     name: str
     load: Callable[[OptionsT, Mapping[str, object]], LoadedModel]

@@ -43,7 +43,8 @@ __all__ = ["STEP_KEYS", "Trainer", "TrainingInterrupted", "TrainResult"]
 
 @dataclass
 class TrainResult:
-    """The node's three outputs: the adapter tensors (file keys), the loss map and the
+    """The node's three outputs: the adapter tensors (file keys; a model of several
+    ``file_parts`` gives each part's under ``<part>.``), the loss map and the
     total step count (including the steps of ``adapter.existing``)."""
 
     lora: dict[str, torch.Tensor]
@@ -480,22 +481,29 @@ class Trainer:
         if state.best_val is None or value < state.best_val - stop_cfg.min_delta:
             state.best_val, state.since_best = value, 0
             if self.config.output.keep_best and self.writes_files:
-                path = self.output_dir / f"{self.config.output.name}.best.safetensors"
                 meta = self.metadata() | {"loraengine.val_loss": repr(value),
                                           "loraengine.best_step": str(step)}
-                save_lora(path, self.lora_tensors(), meta)
-                self._announce("best", path)
+                parts = dict(self.pipe.loaded.file_parts) or {"": ""}
+                for part, prefix in parts.items():  # one file per part, as at the end
+                    kind = f"best.{part}" if part else "best"
+                    path = self.output_dir / f"{self.config.output.name}.{kind}.safetensors"
+                    save_lora(path, self.lora_tensors(prefix), meta)
+                    self._announce(kind, path)
         else:
             state.since_best += 1
         return stop_cfg.patience is not None and state.since_best >= stop_cfg.patience
 
     # -- outputs ----------------------------------------------------------------------
-    def lora_tensors(self) -> dict[str, torch.Tensor]:
+    def lora_tensors(self, prefix: str = "") -> dict[str, torch.Tensor]:
+        """The adapter's file tensors; with ``prefix``, only the adapters under that
+        module prefix, named without it (one part of ``LoadedModel.file_parts``)."""
         pipe = self.pipe
         exporter_name = self.config.adapter.exporter or pipe.loaded.default_exporter
         registry = self.host.registry
         exporter = registry.get("exporter", exporter_name)
         modules = pipe.network.file_modules(pipe.save_dtype)
+        if prefix:
+            modules = {k[len(prefix):]: v for k, v in modules.items() if k.startswith(prefix)}
         with registry.blame("exporter", exporter_name, "to_file"):
             tensors: dict[str, torch.Tensor] = exporter.to_file(
                 in_layout(modules, exporter, module_layouts(registry, pipe.loaded.module)))
@@ -536,7 +544,11 @@ class Trainer:
         to_eval = getattr(self.pipe.optimizer, "eval", None)
         if callable(to_eval):
             to_eval()  # schedule-free optimizers: save the averaged x
-        tensors = self.lora_tensors()
+        parts = dict(self.pipe.loaded.file_parts)
+        by_part = {part: self.lora_tensors(prefix) for part, prefix in parts.items()}
+        # a model of several parts: its parts' tensors, each key under "<part>."
+        tensors = {f"{part}.{k}": v for part, t in by_part.items() for k, v in t.items()
+                   } if parts else self.lora_tensors()
         result = TrainResult(tensors, {k: list(v) for k, v in self.loss_map.items()},
                              self.steps_done)
         self._files = result.files
@@ -545,16 +557,22 @@ class Trainer:
         out, name = self.output_dir, self.config.output.name  # save_lora makes the folder
         if stopped_at is not None:
             name = partial_name(name, stopped_at)
-        lora_path = out / f"{name}.safetensors"
-        save_lora(lora_path, tensors, self.metadata())
-        result.path = lora_path
-        written: list[tuple[str, Path]] = [("lora", lora_path)]
+        # a model of several parts (two experts) is written as one file per part
+        parts = parts or {"": ""}
+        written: list[tuple[str, Path]] = []
+        for part, prefix in parts.items():
+            lora_path = out / (f"{name}.{part}.safetensors" if part else f"{name}.safetensors")
+            save_lora(lora_path, by_part[part] if prefix else tensors, self.metadata())
+            result.path = result.path or lora_path
+            written.append((f"lora.{part}" if part else "lora", lora_path))
         for recipe in self.pipe.recipes:  # other versions of the adapter, e.g. its EMA
             for suffix, swapped in recipe.variants().items():
                 with swapped():
-                    variant_path = out / f"{name}.{suffix}.safetensors"
-                    save_lora(variant_path, self.lora_tensors(), self.metadata())
-                written.append((suffix, variant_path))
+                    for part, prefix in parts.items():
+                        kind = f"{suffix}.{part}" if part else suffix
+                        variant_path = out / f"{name}.{kind}.safetensors"
+                        save_lora(variant_path, self.lora_tensors(prefix), self.metadata())
+                        written.append((kind, variant_path))
         loss_path = out / f"{name}.loss.json"
         write_text_atomic(loss_path, json.dumps(_finite_or_null(result.loss_map), indent=1))
         written.append(("loss_map", loss_path))

@@ -35,7 +35,8 @@ def draw_noise(pipe: Pipeline, x0: torch.Tensor, generator: torch.Generator
     """Per-sample draws, so a batch of k·b sees exactly the draws of k batches of b.
     Returns the target's noise, the timesteps and the noise that makes ``x_t`` (the
     two noises differ only when a recipe such as input perturbation says so)."""
-    draw_t = pipe.timestep_sampler or pipe.loaded.schedule.sample_timestep
+    schedule = pipe.loaded.schedule
+    draw_t = schedule.restrict(pipe.timestep_sampler or schedule.sample_timestep)
     noises, ts, xt_noises = [], [], []
     for _ in range(x0.shape[0]):  # sample by sample: noise, its timestep, tweaks
         noise = torch.randn(x0.shape[1:], generator=generator)

@@ -1,6 +1,6 @@
 """Built-in model families: ``sd15``, ``sd2``, ``sdxl``, ``sd3``, ``flux``, ``flux2``,
-``qwen_image``, ``z_image`` and ``lumina2`` on diffusers, plus ``diffusers`` (any local UNet folder)
-and ``module`` (an in-memory ``nn.Module``)."""
+``qwen_image``, ``z_image``, ``lumina2`` and ``wan`` (video) on diffusers, plus
+``diffusers`` (any local UNet folder) and ``module`` (an in-memory ``nn.Module``)."""
 
 from __future__ import annotations
 
@@ -14,6 +14,8 @@ from loraengine.plugins.models import (
     qwen_image,
     sd3,
     unet,
+    wan,
+    wan_keys,
     z_image,
 )
 
@@ -21,4 +23,10 @@ from loraengine.plugins.models import (
 @hookimpl
 def loraengine_models():
     return [diffusers_folder.SPEC, module.SPEC, *unet.SPECS, sd3.SPEC, flux.SPEC,
-            flux2.SPEC, qwen_image.SPEC, z_image.SPEC, lumina2.SPEC]
+            flux2.SPEC, qwen_image.SPEC, z_image.SPEC, lumina2.SPEC, wan.SPEC]
+
+
+@hookimpl
+def loraengine_exporters():
+    """Key formats that belong to one family (Wan's original names for ComfyUI)."""
+    return [wan_keys.SPEC]

@@ -26,7 +26,8 @@ from loraengine.core.errors import DataError
 from loraengine.plugins.models.common import Family, read_json
 
 #: Components an encoder never needs; passing None skips loading them.
-UNUSED = ("unet", "transformer", "safety_checker", "feature_extractor", "image_encoder")
+UNUSED = ("unet", "transformer", "transformer_2", "safety_checker", "feature_extractor",
+          "image_encoder")
 #: Components whose files decide what an encoder produces.
 ENCODING = ("vae", "text_encoder", "text_encoder_2", "text_encoder_3", "tokenizer",
             "tokenizer_2", "tokenizer_3")
@@ -143,11 +144,12 @@ class PipelineEncoder:
         if self.dtype == torch.float16 and getattr(vae_cfg, "force_upcast", False):
             pipe.vae.to(torch.float32)  # e.g. SDXL's VAE overflows in fp16
         self.pipe = pipe
-        self.vae_scale = float(vae_cfg.scaling_factor if vae_cfg.scaling_factor is not None
-                               else family.vae_scale)
+        scale = getattr(vae_cfg, "scaling_factor", None)  # absent from video VAEs
+        self.vae_scale = float(scale if scale is not None else family.vae_scale)
         shift = getattr(vae_cfg, "shift_factor", None)
         self.vae_shift = float(shift if shift is not None else family.vae_shift)
-        vae_factor = 2 ** (len(vae_cfg.block_out_channels) - 1)
+        levels = getattr(vae_cfg, "block_out_channels", None)
+        vae_factor = 2 ** (len(levels) - 1) if levels else family.vae_factor
         self.bucket_multiple = vae_factor * self._latent_multiple(family)
         self.default_resolution = family.default_resolution
         settings = json.dumps([family.name, str(self.dtype), self.max_sequence_length])

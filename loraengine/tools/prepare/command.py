@@ -58,7 +58,8 @@ def resize_lines(resized: list[tuple[str, tuple[int, int], tuple[int, int], bool
 @path_option("--model", "model", required=True,
              help="A local diffusers pipeline folder (its VAE and text encoders are used).")
 @path_option("--images", required=True,
-             help="Folder of images; captions in NAME.txt beside each, or --captions.")
+             help="Folder of images (video families: of clips, video files or folders of "
+             "frames); captions in NAME.txt beside each, or --captions.")
 @path_option("--out", required=True,
              help="Where latents.safetensors and conditioning.safetensors go.")
 @click.option("--family", default="auto", show_default=True,
@@ -84,6 +85,19 @@ def resize_lines(resized: list[tuple[str, tuple[int, int], tuple[int, int], bool
               help="T5 tokens per caption (SD3, Flux; default: the pipeline's).")
 @path_option("--cache", "cache_dir",
              help="Encoding cache folder (default: OUT/.cache).")
+@click.option("--frames", type=click.IntRange(1), default=81, show_default=True,
+              help="Video families: frames per clip at most, rounded down to what the VAE "
+              "compresses whole (1 + 4k for Wan).")
+@click.option("--frame-sampling", type=click.Choice(["uniform", "head", "tail", "random"]),
+              default="uniform", show_default=True,
+              help="Video families: which frames: spread evenly, the first, the last, or a "
+              "window from a seeded random start.")
+@click.option("--skip-first-frames", type=click.IntRange(0), default=0, show_default=True,
+              help="Video families: frames dropped from the start of each clip first.")
+@click.option("--every-nth-frame", type=click.IntRange(1), default=1, show_default=True,
+              help="Video families: keep every n-th frame (after skipping).")
+@click.option("--frame-seed", type=click.IntRange(0), default=0, show_default=True,
+              help="Video families: seed of --frame-sampling random.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar or summary.")
 @click.pass_context
 def prepare(ctx: click.Context, **options: Any) -> None:
@@ -96,26 +110,47 @@ def prepare(ctx: click.Context, **options: Any) -> None:
 def _run(state: Any, model: Path, images: Path, out: Path, family: str,
          captions_file: Path | None, caption_ext: str, resolution: int | None,
          upscale: bool, batch_size: int, device: str, dtype: str,
-         max_sequence_length: int | None, cache_dir: Path | None, quiet: bool) -> None:
-    from loraengine.tools.prepare.logic import collect
+         max_sequence_length: int | None, cache_dir: Path | None, quiet: bool,
+         frames: int, frame_sampling: str, skip_first_frames: int, every_nth_frame: int,
+         frame_seed: int) -> None:
+    from loraengine.tools.prepare.logic import collect, read_captions_file
     from loraengine.tools.prepare.logic import prepare as run_prepare
+    from loraengine.tools.prepare.video import (
+        FrameSampling,
+        find_clips,
+        looks_like_clips,
+        prepare_video,
+    )
 
     if len(caption_ext) < 2 or not caption_ext.startswith(".") or "/" in caption_ext:
         raise DataError(f"--caption-ext: expected an extension such as .txt, got "
                         f"{caption_ext!r}")
     # The images and captions are checked before the model is looked at, let alone
     # loaded: a wrong folder fails in a moment.
-    items = collect(images, captions_file, caption_ext)
+    items = None
+    if looks_like_clips(images):  # video files or folders of frames: a video family's
+        find_clips(images)
+        if captions_file is not None:
+            read_captions_file(captions_file)
+    else:
+        items = collect(images, captions_file, caption_ext)
     if not model.exists():
         raise DataError(f"--model: {model} does not exist")
     spec = pick_family(state.host, model, family)
     encoder = spec.make_encoder(model, {"device": device, "dtype": dtype,
                                         "max_sequence_length": max_sequence_length})
     with TaskBars(not quiet, label="encoding {}") as bar:
-        report = run_prepare(encoder, images, out, captions_file=captions_file,
-                             caption_ext=caption_ext, resolution=resolution,
-                             batch_size=batch_size, cache_dir=cache_dir, progress=bar,
-                             upscale=upscale, items=items)
+        if getattr(encoder, "video", False):
+            sampling = FrameSampling(frames, frame_sampling,  # type: ignore[arg-type]
+                                     skip_first_frames, every_nth_frame, frame_seed)
+            report = prepare_video(encoder, images, out, sampling=sampling,
+                                   captions_file=captions_file, caption_ext=caption_ext,
+                                   resolution=resolution, cache_dir=cache_dir, progress=bar)
+        else:
+            report = run_prepare(encoder, images, out, captions_file=captions_file,
+                                 caption_ext=caption_ext, resolution=resolution,
+                                 batch_size=batch_size, cache_dir=cache_dir, progress=bar,
+                                 upscale=upscale, items=items)
     if quiet:
         return
     sizes = ", ".join(f"{w}x{h}: {n}" for w, h, n in report.buckets)

@@ -345,6 +345,15 @@ def load_pixels(path: Path, bucket: tuple[int, int], crop_only: bool = False
             img = ImageOps.exif_transpose(img).convert("RGB")
     except (OSError, SyntaxError, ValueError) as exc:
         raise DataError(f"{path}: cannot decode image: {exc}") from None
+    return fit_image(img, bucket, crop_only)
+
+
+def fit_image(img: Any, bucket: tuple[int, int], crop_only: bool = False
+              ) -> tuple[torch.Tensor, tuple[int, int], tuple[int, int]]:
+    """A PIL RGB image resized to cover ``bucket`` (kept as it is with ``crop_only``
+    when it covers the bucket already) and centre-cropped (see :func:`load_pixels`)."""
+    from PIL import Image
+
     w, h = img.size
     bw, bh = bucket
     if crop_only and bw <= w and bh <= h:

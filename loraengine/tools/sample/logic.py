@@ -203,6 +203,7 @@ def find_vae(loaded: LoadedModel) -> Any | None:
     vae = loaded.vae
     if vae is not None and not hasattr(vae, "decode") and callable(vae):
         vae = vae()
+        loaded.vae = vae  # load once per model
     if vae is None:
         root = loaded.pipeline_root
         folder = Path(root) / "vae" if root else None
@@ -219,21 +220,44 @@ def find_vae(loaded: LoadedModel) -> Any | None:
     return vae
 
 
+#: Frames a video preview's strip shows at most (evenly spaced, first and last kept).
+STRIP_FRAMES = 8
+
+
 @torch.no_grad()
 def decode(loaded: LoadedModel, latents: torch.Tensor, vae: Any | None = None) -> torch.Tensor:
-    """Latents -> RGB images ``[N,3,H,W]`` in [0, 1] (video: the first frame)."""
-    if latents.ndim == 5:
-        latents = latents[:, :, 0]
+    """Latents -> RGB images ``[N,3,H,W]`` in [0, 1]. Video latents ``[N,C,T,H,W]``
+    become frame strips, each sample's frames side by side: ``[N,3,H,F·W]``."""
     if vae is not None:
         p = next(vae.parameters())
         z = latents / loaded.vae_scale + loaded.vae_shift
+        frames = 0
+        if z.ndim == 5 and not getattr(vae, "decodes_video", False):
+            # an image VAE decodes each frame on its own
+            frames = int(z.shape[2])
+            z = z.transpose(1, 2).reshape(-1, *z.shape[1:2], *z.shape[3:])
         pixels = torch.cat([vae.decode(z[i:i + 8].to(p.device, p.dtype)).sample.float().cpu()
                             for i in range(0, z.shape[0], 8)])
+        if frames:
+            pixels = pixels.reshape(-1, frames, *pixels.shape[1:]).transpose(1, 2)
     else:
         pixels = latents[:, :3]
         if pixels.shape[1] < 3:
-            pixels = pixels[:, :1].expand(-1, 3, -1, -1)
+            pixels = pixels[:, :1].expand(-1, 3, *pixels.shape[2:])
+    if pixels.ndim == 5:
+        pixels = frame_strip(pixels)
     return ((pixels.float() + 1) / 2).clamp(0, 1)
+
+
+def frame_strip(video: torch.Tensor, limit: int = STRIP_FRAMES) -> torch.Tensor:
+    """``[N,3,T,H,W]`` -> ``[N,3,H,F·W]``: at most ``limit`` evenly spaced frames of
+    each sample, left to right."""
+    t = int(video.shape[2])
+    if t > limit:
+        keep = torch.linspace(0, t - 1, limit).round().long()
+        video = video[:, :, keep]
+    n, c, f, h, w = video.shape
+    return video.permute(0, 1, 3, 2, 4).reshape(n, c, h, f * w)
 
 
 def grid_image(images: torch.Tensor, columns: int, *, pad: int = 2, min_tile: int = 64,
