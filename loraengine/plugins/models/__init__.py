@@ -1,11 +1,12 @@
 """Built-in model families: ``sd15``, ``sd2``, ``sdxl``, ``sd3``, ``flux``, ``flux2``,
-``qwen_image``, ``z_image`` and ``lumina2`` on diffusers, plus ``diffusers`` (any local UNet folder)
+``qwen_image``, ``z_image``, ``lumina2`` and ``chroma`` on diffusers, plus ``diffusers`` (any local UNet folder)
 and ``module`` (an in-memory ``nn.Module``)."""
 
 from __future__ import annotations
 
 from loraengine.core.plugins.hookspecs import hookimpl
 from loraengine.plugins.models import (
+    chroma,
     diffusers_folder,
     flux,
     flux2,
@@ -21,4 +22,5 @@ from loraengine.plugins.models import (
 @hookimpl
 def loraengine_models():
     return [diffusers_folder.SPEC, module.SPEC, *unet.SPECS, sd3.SPEC, flux.SPEC,
-            flux2.SPEC, qwen_image.SPEC, z_image.SPEC, lumina2.SPEC]
+            flux2.SPEC, qwen_image.SPEC, z_image.SPEC, lumina2.SPEC,
+            chroma.SPEC]
