@@ -15,15 +15,16 @@ from loraengine.plugins.models.flow import ShiftRule, inference_sigmas, mu_for
 from loraengine.testing import tiny_pipelines as tp
 
 #: name -> (family record module, the pipeline module's μ function)
-CASES = ("flux2", "qwen_image", "z_image", "chroma")
+CASES = ("flux2", "qwen_image", "z_image", "chroma", "hidream")
 SIZES = ((32, 32), (64, 96))  # latent cells: 1024² and 2048×3072 pixels at factor 32
 
 
 def _family(name: str):
-    from loraengine.plugins.models import chroma, flux2, qwen_image, z_image
+    from loraengine.plugins.models import chroma, flux2, hidream, qwen_image, z_image
 
     return {"flux2": flux2.FLUX2, "qwen_image": qwen_image.QWEN_IMAGE,
-            "z_image": z_image.Z_IMAGE, "chroma": chroma.CHROMA}[name]
+            "z_image": z_image.Z_IMAGE, "chroma": chroma.CHROMA,
+            "hidream": hidream.HIDREAM}[name]
 
 
 def _pipeline_mu(name: str, cfg: dict, h: int, w: int, steps: int) -> float:
@@ -32,6 +33,10 @@ def _pipeline_mu(name: str, cfg: dict, h: int, w: int, steps: int) -> float:
     from diffusers.pipelines.flux2 import pipeline_flux2
     from diffusers.pipelines.qwenimage import pipeline_qwenimage
 
+    if name == "hidream":  # from the model's largest size; unused, its shift is static
+        from diffusers.pipelines.hidream_image import pipeline_hidream_image
+
+        return pipeline_hidream_image.calculate_shift(16 * 16 // 4)
     if name == "flux2":  # latents are patchified: one token per cell
         return pipeline_flux2.compute_empirical_mu(image_seq_len=h * w, num_steps=steps)
     # both compute μ from the packed (2×2) token count
@@ -110,7 +115,7 @@ def test_training_at_a_resolution_uses_the_schedulers_time_shift(name):
 def test_loaded_schedules_follow_the_pipeline_configs(tmp_path):
     host = build_plugin_manager()
     for name, want in (("z_image", 3.0), ("qwen_image", 1.0), ("flux2", 1.0),
-                       ("chroma", 1.0)):
+                       ("chroma", 1.0), ("hidream", 3.0)):
         folder = tp.save_denoiser(name, tmp_path / name)
         spec = host.registry.get("model", name)
         loaded = spec.load(spec.config_model(path=folder), {"base_dir": None, "module": None})

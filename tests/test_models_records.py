@@ -24,9 +24,10 @@ from loraengine.plugins import build_plugin_manager
 from loraengine.testing import tiny_pipelines as tp
 
 FAMILY = {"flux2": "flux2", "flux2_klein": "flux2", "qwen_image": "qwen_image",
-          "z_image": "z_image", "lumina2": "lumina2", "chroma": "chroma"}
+          "z_image": "z_image", "lumina2": "lumina2", "chroma": "chroma",
+          "hidream": "hidream"}
 SIDE = {"flux2": 4, "flux2_klein": 4, "qwen_image": 8, "z_image": 8, "lumina2": 8,
-        "chroma": 8}
+        "chroma": 8, "hidream": 8}
 
 
 @pytest.fixture(scope="module")
@@ -49,6 +50,9 @@ def _draw(name: str, n: int = 2, seed: int = 5, length: int = 7):
     if name in ("lumina2", "chroma"):  # their text comes with an attention mask
         cond["mask"] = torch.ones(n, length, dtype=torch.bool)
         cond["mask"][0, -2:] = False
+    if name == "hidream":  # two Llama layers of width 16, CLIP's pooled of width 12
+        cond["llama3"] = torch.randn(n, 2, length - 2, 16, generator=g)
+        cond["pooled"] = torch.randn(n, 12, generator=g)
     return x, cond
 
 
@@ -58,10 +62,12 @@ def test_detect_and_load_read_each_pipeline_folder(folders):
     for name, folder in folders.items():
         assert [n for n, s in specs.items() if s.detect(folder)] == [FAMILY[name]]
         loaded = _load(FAMILY[name], path=folder)
-        assert loaded.cond_keys == (("cond", "mask") if name == "lumina2" else ("cond",))
+        keys = {"lumina2": ("cond", "mask"), "hidream": ("cond", "llama3", "pooled")}
+        assert loaded.cond_keys == keys.get(name, ("cond",))
         assert loaded.blocks
         assert loaded.latent_channels == tp.DENOISERS[name][3]
-        assert loaded.cond_widths == {"cond": tp.DENOISERS[name][4]}
+        widths = {"hidream": {"pooled": 12}}  # its caption widths are a list in the config
+        assert loaded.cond_widths == widths.get(name, {"cond": tp.DENOISERS[name][4]})
     # a static shift is the scheduler config's; a dynamic one trains unshifted
     assert _load("z_image", path=folders["z_image"]).schedule.shift == 3.0
     assert _load("qwen_image", path=folders["qwen_image"]).schedule.shift == 1.0
@@ -100,6 +106,11 @@ def _pipeline_call(name: str, model, x, sigma, cond, guidance: float = 1.0):
                     img_ids=p._prepare_latent_image_ids(b, h // 2, w // 2, x.device, x.dtype),
                     attention_mask=mask, return_dict=False)[0]
         return p._unpack_latents(out, h * 8, w * 8, 8)
+    if name == "hidream":  # the scheduler's timestep; the pipeline negates the output
+        out = model(hidden_states=x, timesteps=t, encoder_hidden_states_t5=cond["cond"],
+                    encoder_hidden_states_llama3=cond["llama3"].permute(1, 0, 2, 3),
+                    pooled_embeds=cond["pooled"], return_dict=False)[0]
+        return -out
     if name == "lumina2":  # t = 0 is noise for Lumina; the pipeline negates the output
         out = model(hidden_states=x, timestep=1 - t / 1000, encoder_hidden_states=cond["cond"],
                     encoder_attention_mask=cond["mask"], return_dict=False)[0]

@@ -1,5 +1,5 @@
 """Built-in model families: ``sd15``, ``sd2``, ``sdxl``, ``sd3``, ``flux``, ``flux2``,
-``qwen_image``, ``z_image``, ``lumina2`` and ``chroma`` on diffusers, plus ``diffusers`` (any local UNet folder)
+``qwen_image``, ``z_image``, ``lumina2``, ``chroma`` and ``hidream`` on diffusers, plus ``diffusers`` (any local UNet folder)
 and ``module`` (an in-memory ``nn.Module``)."""
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from loraengine.plugins.models import (
     diffusers_folder,
     flux,
     flux2,
+    hidream,
     lumina2,
     module,
     qwen_image,
@@ -23,4 +24,4 @@ from loraengine.plugins.models import (
 def loraengine_models():
     return [diffusers_folder.SPEC, module.SPEC, *unet.SPECS, sd3.SPEC, flux.SPEC,
             flux2.SPEC, qwen_image.SPEC, z_image.SPEC, lumina2.SPEC,
-            chroma.SPEC]
+            chroma.SPEC, hidream.SPEC]

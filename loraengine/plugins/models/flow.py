@@ -50,6 +50,9 @@ class FlowCall:
     args: tuple[tuple[str, str], ...] = (("cond", "encoder_hidden_states"),)
     #: (cond key, forward argument) passed only when the conditioning file has them
     optional_args: tuple[tuple[str, str], ...] = ()
+    #: cond keys stored ``[N, K, ...]`` (K per-layer states, HiDream's Llama) that the
+    #: model takes as ``[K, N, ...]``
+    batch_second: tuple[str, ...] = ()
     #: forward argument given, when the conditioning has a ``mask``, that text mask
     #: followed by ones for every image token, in the latents' float dtype as the
     #: pipeline passes it (Chroma)
@@ -204,7 +207,8 @@ def flow_predictor(call: FlowCall) -> Callable[[Any, nn.Module, Any, int], Predi
             kwargs: dict[str, Any] = {call.latent_arg: hidden}
             kwargs[call.timestep_arg] = model_timestep(call.timestep, t, scale).float()
             for key, arg in call.args:
-                kwargs[arg] = cond[key]
+                kwargs[arg] = cond[key].transpose(0, 1) if key in call.batch_second \
+                    else cond[key]
             for key, arg in call.optional_args:
                 if key in cond:
                     kwargs[arg] = cond[key]
