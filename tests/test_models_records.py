@@ -1,8 +1,7 @@
-"""The record families flux2 (dev and Klein), qwen_image (and Edit), z_image, lumina2
-and chroma: each
-calls its transformer as the diffusers pipeline does (checked against the pipeline's
-own packing and id helpers), trains through ``loraengine train`` with the loss falling
-at fixed draws, and writes a LoRA that the pipeline's own ``load_lora_weights`` places
+"""The record families flux2 (dev and Klein), qwen_image (and Edit), z_image, lumina2,
+chroma and hidream: each calls its transformer as the diffusers pipeline does (checked
+against the pipeline's own packing and id helpers), trains through ``loraengine train``
+with the loss falling at fixed draws, and writes a LoRA that the pipeline's own ``load_lora_weights`` places
 key for key, computing what the engine's merged model computes."""
 
 from __future__ import annotations
