@@ -15,25 +15,34 @@ from loraengine.plugins.models.flow import ShiftRule, inference_sigmas, mu_for
 from loraengine.testing import tiny_pipelines as tp
 
 #: name -> (family record module, the pipeline module's μ function)
-CASES = ("flux2", "qwen_image", "z_image")
+CASES = ("flux2", "qwen_image", "z_image", "chroma", "hidream")
 SIZES = ((32, 32), (64, 96))  # latent cells: 1024² and 2048×3072 pixels at factor 32
 
 
 def _family(name: str):
-    from loraengine.plugins.models import flux2, qwen_image, z_image
+    from loraengine.plugins.models import chroma, flux2, hidream, qwen_image, z_image
 
     return {"flux2": flux2.FLUX2, "qwen_image": qwen_image.QWEN_IMAGE,
-            "z_image": z_image.Z_IMAGE}[name]
+            "z_image": z_image.Z_IMAGE, "chroma": chroma.CHROMA,
+            "hidream": hidream.HIDREAM}[name]
 
 
 def _pipeline_mu(name: str, cfg: dict, h: int, w: int, steps: int) -> float:
     """μ as the pipeline's __call__ computes it from its packed latents."""
+    from diffusers.pipelines.chroma import pipeline_chroma
     from diffusers.pipelines.flux2 import pipeline_flux2
     from diffusers.pipelines.qwenimage import pipeline_qwenimage
 
+    if name == "hidream":  # from the model's largest size; unused, its shift is static
+        from diffusers.pipelines.hidream_image import pipeline_hidream_image
+
+        return pipeline_hidream_image.calculate_shift(16 * 16 // 4)
     if name == "flux2":  # latents are patchified: one token per cell
         return pipeline_flux2.compute_empirical_mu(image_seq_len=h * w, num_steps=steps)
-    return pipeline_qwenimage.calculate_shift(
+    # both compute μ from the packed (2×2) token count
+    shift = pipeline_chroma.calculate_shift if name == "chroma" else \
+        pipeline_qwenimage.calculate_shift
+    return shift(
         h * w // 4, cfg.get("base_image_seq_len", 256), cfg.get("max_image_seq_len", 4096),
         cfg.get("base_shift", 0.5), cfg.get("max_shift", 1.15))
 
@@ -72,7 +81,7 @@ def test_the_two_resolutions_shift_differently():
     assert (large[1:-1] > small[1:-1] + 1e-3).all()  # more tokens, more noise
 
 
-@pytest.mark.parametrize("name", ("flux2", "qwen_image"))
+@pytest.mark.parametrize("name", ("flux2", "qwen_image", "chroma"))
 def test_training_at_a_resolution_uses_the_schedulers_time_shift(name):
     """``model.shift_resolution``: σ' of every draw is the scheduler's own
     ``time_shift(μ, 1, σ)`` at that resolution; x_t is its ``scale_noise`` and one
@@ -105,7 +114,8 @@ def test_training_at_a_resolution_uses_the_schedulers_time_shift(name):
 
 def test_loaded_schedules_follow_the_pipeline_configs(tmp_path):
     host = build_plugin_manager()
-    for name, want in (("z_image", 3.0), ("qwen_image", 1.0), ("flux2", 1.0)):
+    for name, want in (("z_image", 3.0), ("qwen_image", 1.0), ("flux2", 1.0),
+                       ("chroma", 1.0), ("hidream", 3.0)):
         folder = tp.save_denoiser(name, tmp_path / name)
         spec = host.registry.get("model", name)
         loaded = spec.load(spec.config_model(path=folder), {"base_dir": None, "module": None})

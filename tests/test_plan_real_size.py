@@ -26,6 +26,8 @@ def test_real_size_records_build_the_released_shapes_on_meta():
     assert 20.0e9 < params < 20.9e9  # Qwen-Image is a 20 B-parameter MMDiT
     assert len(qwen.transformer_blocks) == 60
     assert sum(p.numel() for p in real_size.real_model("z_image").parameters()) > 6.0e9
+    chroma = sum(p.numel() for p in real_size.real_model("chroma").parameters())
+    assert 8.85e9 < chroma < 8.95e9  # Chroma1 is an 8.9 B-parameter transformer
 
 
 @pytest.mark.slow

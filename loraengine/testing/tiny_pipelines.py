@@ -21,7 +21,8 @@ import torch
 FAMILIES = ("sd15", "sd2", "sdxl", "sd3", "flux")
 #: Families whose tiny folder holds only the denoiser and the scheduler (their text
 #: encoders and VAEs are not built yet): see :func:`save_denoiser`.
-DENOISER_FAMILIES = ("flux2", "flux2_klein", "qwen_image", "z_image", "lumina2")
+DENOISER_FAMILIES = ("flux2", "flux2_klein", "qwen_image", "z_image", "lumina2",
+                     "chroma", "hidream")
 _CHARS = string.ascii_lowercase + string.digits + ".,!?'-"
 
 
@@ -171,6 +172,33 @@ def lumina2_transformer(seed: int = 0) -> Any:
         axes_dim_rope=(4, 6, 6), axes_lens=(64, 32, 32), cap_feat_dim=24)
 
 
+def chroma_transformer(seed: int = 0) -> Any:
+    from diffusers import ChromaTransformer2DModel
+
+    torch.manual_seed(seed)
+    return ChromaTransformer2DModel(
+        patch_size=1, in_channels=16, num_layers=1, num_single_layers=1,
+        attention_head_dim=8, num_attention_heads=2, joint_attention_dim=24,
+        axes_dims_rope=(2, 2, 4), approximator_num_channels=16, approximator_hidden_dim=32,
+        approximator_layers=1)
+
+
+def hidream_transformer(seed: int = 0) -> Any:
+    """HiDream-I1, tiny: T5 width 24, two Llama layers of width 16, pooled width 12. In
+    eval mode, as ``from_pretrained`` gives it: in train mode the model returns its
+    output patch-major and its MoE gates add an auxiliary loss."""
+    from diffusers import HiDreamImageTransformer2DModel
+
+    torch.manual_seed(seed)
+    model = HiDreamImageTransformer2DModel(
+        patch_size=2, in_channels=4, num_layers=1, num_single_layers=1, attention_head_dim=8,
+        num_attention_heads=2, caption_channels=[24, 16], text_emb_dim=12,
+        num_routed_experts=2, num_activated_experts=1, axes_dims_rope=(2, 2, 4),
+        max_resolution=(16, 16), llama_layers=[0, 1])
+    # mypy does not follow the model's mixin bases to nn.Module, which has eval()
+    return model.eval()  # type: ignore[attr-defined]
+
+
 #: family -> (pipeline class, transformer builder, scheduler config, latent channels,
 #: text width); the scheduler configs are those of the released pipelines.
 DENOISERS: dict[str, tuple[str, Any, dict[str, Any], int, int]] = {
@@ -189,6 +217,11 @@ DENOISERS: dict[str, tuple[str, Any, dict[str, Any], int, int]] = {
                 dict(shift=3.0, use_dynamic_shifting=False), 4, 24),
     "lumina2": ("Lumina2Pipeline", lumina2_transformer,
                 dict(shift=6.0, use_dynamic_shifting=False), 4, 24),
+    "chroma": ("ChromaPipeline", chroma_transformer,
+               dict(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                    base_image_seq_len=256, max_image_seq_len=4096), 4, 24),
+    "hidream": ("HiDreamImagePipeline", hidream_transformer,
+                dict(shift=3.0, use_dynamic_shifting=False), 4, 24),
 }
 
 

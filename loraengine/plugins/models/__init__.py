@@ -1,14 +1,17 @@
 """Built-in model families: ``sd15``, ``sd2``, ``sdxl``, ``sd3``, ``flux``, ``flux2``,
-``qwen_image``, ``z_image``, ``lumina2`` and ``wan`` (video) on diffusers, plus
-``diffusers`` (any local UNet folder) and ``module`` (an in-memory ``nn.Module``)."""
+``qwen_image``, ``z_image``, ``lumina2``, ``chroma``, ``hidream`` and ``wan`` (video) on
+diffusers, plus ``diffusers`` (any local UNet folder) and ``module`` (an in-memory
+``nn.Module``)."""
 
 from __future__ import annotations
 
 from loraengine.core.plugins.hookspecs import hookimpl
 from loraengine.plugins.models import (
+    chroma,
     diffusers_folder,
     flux,
     flux2,
+    hidream,
     lumina2,
     module,
     qwen_image,
@@ -23,7 +26,8 @@ from loraengine.plugins.models import (
 @hookimpl
 def loraengine_models():
     return [diffusers_folder.SPEC, module.SPEC, *unet.SPECS, sd3.SPEC, flux.SPEC,
-            flux2.SPEC, qwen_image.SPEC, z_image.SPEC, lumina2.SPEC, wan.SPEC]
+            flux2.SPEC, qwen_image.SPEC, z_image.SPEC, lumina2.SPEC, chroma.SPEC,
+            hidream.SPEC, wan.SPEC]
 
 
 @hookimpl

@@ -50,6 +50,13 @@ class FlowCall:
     args: tuple[tuple[str, str], ...] = (("cond", "encoder_hidden_states"),)
     #: (cond key, forward argument) passed only when the conditioning file has them
     optional_args: tuple[tuple[str, str], ...] = ()
+    #: cond keys stored ``[N, K, ...]`` (K per-layer states, HiDream's Llama) that the
+    #: model takes as ``[K, N, ...]``
+    batch_second: tuple[str, ...] = ()
+    #: forward argument given, when the conditioning has a ``mask``, that text mask
+    #: followed by ones for every image token, in the latents' float dtype as the
+    #: pipeline passes it (Chroma)
+    joint_mask: str | None = None
     #: pass ``guidance`` (the ``guidance`` option) when the config has guidance_embeds
     guidance: bool = False
     #: the model predicts x0 − noise (the negated velocity)
@@ -200,7 +207,8 @@ def flow_predictor(call: FlowCall) -> Callable[[Any, nn.Module, Any, int], Predi
             kwargs: dict[str, Any] = {call.latent_arg: hidden}
             kwargs[call.timestep_arg] = model_timestep(call.timestep, t, scale).float()
             for key, arg in call.args:
-                kwargs[arg] = cond[key]
+                kwargs[arg] = cond[key].transpose(0, 1) if key in call.batch_second \
+                    else cond[key]
             for key, arg in call.optional_args:
                 if key in cond:
                     kwargs[arg] = cond[key]
@@ -210,6 +218,10 @@ def flow_predictor(call: FlowCall) -> Callable[[Any, nn.Module, Any, int], Predi
                     rows = cond[key].unbind(0)
                     kwargs[arg] = [r[m.bool()] for r, m in zip(rows, mask.unbind(0), strict=True)] \
                         if mask is not None else list(rows)
+            if call.joint_mask and "mask" in cond:
+                text = cond["mask"].to(x_t.dtype)
+                kwargs[call.joint_mask] = torch.cat(
+                    [text, text.new_ones(b, _tokens_of(call.packing, h, w))], dim=1)
             if call.guidance and getattr(model.config, "guidance_embeds", False):
                 kwargs["guidance"] = torch.full((b,), guidance_value, device=x_t.device,
                                                 dtype=x_t.dtype)

@@ -64,8 +64,8 @@ def _run_real(state: Any, name: str, resolution: int, rank: int, batch: int,
 @click.option("--measure", is_flag=True, help="Also run three real steps and print the "
               "measured peak (this trains for three steps; nothing is written).")
 @click.option("--real", "real", metavar="NAME", help="Plan the released model NAME at "
-              "its real size (qwen_image, flux2_dev, flux2_klein_4b, z_image) instead of "
-              "a CONFIG: nothing is downloaded.")
+              "its real size (qwen_image, flux2_dev, flux2_klein_4b, z_image, chroma) "
+              "instead of a CONFIG: nothing is downloaded.")
 @click.option("--resolution", type=int, default=1024, show_default=True,
               help="With --real: square image side in pixels.")
 @click.option("--rank", type=int, default=16, show_default=True, help="With --real.")
