@@ -88,17 +88,20 @@ def mutated_config(draw: st.DrawFn) -> str:
 
 
 @pytest.mark.slow
-@settings(max_examples=60, deadline=2000, derandomize=True, database=None,
+@settings(max_examples=60, deadline=None, derandomize=True, database=None,
           suppress_health_check=[HealthCheck.too_slow])
 @given(body=mutated_config())
 def test_validate_never_tracebacks_on_a_mutated_config(body: str) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "config.yaml"
         path.write_text(body, encoding="utf-8")
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         res = CliRunner().invoke(cli, ["validate", str(path)])
-        took = time.perf_counter() - start
+        took, cpu = time.perf_counter() - start, time.process_time() - cpu
     assert res.exit_code in (0, 2), (res.exit_code, res.output[:1000], body[:1000])
     assert res.exception is None or isinstance(res.exception, SystemExit), repr(res.exception)
     assert "Traceback" not in res.output
-    assert took < 2.0, took
+    # 2 s of this process's own work per case; the wall clock only guards against a
+    # hang, since other jobs on a shared machine stretch it by their load
+    assert cpu < 2.0, cpu
+    assert took < 20.0, took

@@ -44,8 +44,12 @@ def make_config(unet_dir: Path, files: tuple[Path, Path], algorithm: str,
                 memory: dict) -> dict:
     return tiny_unet_train_config(unet_dir, files, {
         "training": {"steps": 1},
-        # alpha ≠ rank where it is a scale; OFT has none (its alpha is a norm bound)
-        "adapter": {"algorithm": algorithm, **({} if algorithm == "oft" else {"alpha": 2})},
+        # alpha ≠ rank where it is a scale; OFT has none (its alpha is a norm bound).
+        # The factored training path on every layer: it is what bypass computes, so
+        # for LoRA and LoKr the plain and bypass runs are the same operations (with
+        # path auto, a layer the cost model rebuilds would round differently).
+        "adapter": {"algorithm": algorithm, "path": "factored",
+                    **({} if algorithm == "oft" else {"alpha": 2})},
         "memory": memory,
     })
 

@@ -29,9 +29,20 @@ def _needs(family_file: str) -> None:
 def test_example_validates(name):
     _needs(name)
     path = REPO / "examples" / name
-    out = CliRunner().invoke(cli, ["validate", str(path)])
-    assert out.exit_code == 0, out.output
-    assert out.output.strip() == f"{path}: ok"
+    data, _ = read_yaml(path)
+    model = (path.parent / data["model"]["path"]) if "path" in data.get("model", {}) else None
+    if model is not None and not model.exists():
+        # a recipe for a model this repository does not ship: its syntax and plugin
+        # options are checked; the full check says what is missing, naming the key
+        full = CliRunner().invoke(cli, ["validate", str(path)])
+        assert full.exit_code == 2 and "error: model.path: " in full.output, full.output
+        out = CliRunner().invoke(cli, ["validate", "--syntax-only", str(path)])
+        assert out.exit_code == 0, out.output
+        assert out.output.strip() == f"{path}: ok (syntax only)"
+    else:
+        out = CliRunner().invoke(cli, ["validate", str(path)])
+        assert out.exit_code == 0, out.output
+        assert out.output.strip() == f"{path}: ok"
 
 
 def tiny_data(family: str, folder) -> tuple[str, str]:
