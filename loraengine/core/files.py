@@ -37,6 +37,33 @@ _IO_FAILURE = re.compile(r"No space left|Disk quota|Input/output error|Read-only
                          r"system|IoError|file write failed|PytorchStreamWriter failed")
 
 
+def read_text(path: Path, what: str) -> str:
+    """A small text file a user names (prompts, captions), read whole: a missing file,
+    one that is not a regular file (a FIFO would block), a read error, bytes that are
+    not UTF-8 (the byte, its offset and line named) or a NUL character are each one
+    ``DataError`` line that starts with ``what`` (the option or key) and the path."""
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"{what} file not found: {path}")
+    if not path.is_file():
+        raise DataError(f"{what} {path}: not a regular file")
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise DataError(f"{what} {path}: cannot read ({exc.strerror or exc})") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw.count(b"\n", 0, exc.start) + 1
+        raise DataError(f"{what} {path}: not UTF-8 text (byte 0x{raw[exc.start]:02x} at "
+                        f"offset {exc.start}, line {line})") from None
+    if "\x00" in text:
+        at = text.index("\x00")
+        raise DataError(f"{what} {path}: a NUL character at line "
+                        f"{text.count(chr(10), 0, at) + 1} (not a text file?)")
+    return text
+
+
 def write_failure(exc: BaseException) -> str | None:
     """Why a write failed when ``exc`` is the operating system refusing it (disk full,
     an I/O error, a read-only file system), in a few words; ``None`` for other errors."""

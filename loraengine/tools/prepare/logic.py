@@ -35,7 +35,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from loraengine.core.errors import DataError
-from loraengine.core.files import atomic_path, write_atomic
+from loraengine.core.files import atomic_path, read_text, write_atomic
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif",
                             ".tiff"})
@@ -131,18 +131,7 @@ def read_captions_file(path: Path) -> dict[str, str]:
     (not a regular file, not UTF-8, invalid or deeply nested JSON, a name given twice)
     is one ``DataError`` line naming the file."""
     path = Path(path)
-    if path.exists() and not path.is_file():
-        raise DataError(f"--captions: {path} is not a regular file")
-    try:
-        raw = path.read_bytes()
-    except OSError as exc:
-        raise DataError(f"--captions: cannot read {path}: {exc.strerror or exc}") from None
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        at_line = raw.count(b"\n", 0, exc.start) + 1
-        raise DataError(f"--captions: {path} is not UTF-8 text (byte {exc.start}, line "
-                        f"{at_line})") from None
+    text = read_text(path, "--captions")
     out: dict[str, str] = {}
     if path.suffix.lower() == ".jsonl":
         first_line: dict[str, int] = {}
@@ -369,6 +358,34 @@ def fit_image(img: Any, bucket: tuple[int, int], crop_only: bool = False
     return pixels, (top, left), (h, w)
 
 
+def encode_captions(encoder: Any, cache: EncodeCache, fp: str, captions: Iterable[str],
+                    batch_size: int, progress: Progress
+                    ) -> tuple[dict[str, dict[str, torch.Tensor]], list[str], int]:
+    """Each distinct caption's conditioning, from the cache where it holds it (keyed by
+    the encoder's fingerprint ``fp``), else encoded ``batch_size`` at a time and cached.
+    Returns the conditioning by caption, the captions encoded now and how many came from
+    the cache."""
+    unique = sorted(set(captions))
+    conds: dict[str, dict[str, torch.Tensor]] = {}
+    missing = []
+    for cap in unique:
+        hit = cache.get("txt", _key(fp, cap))
+        if hit is not None:
+            conds[cap] = hit
+        else:
+            missing.append(cap)
+    cached = len(conds)
+    progress("captions", cached, len(unique))
+    for start in range(0, len(missing), max(1, batch_size)):
+        batch = missing[start:start + max(1, batch_size)]
+        by_key = encoder.encode_captions(batch)
+        for j, cap in enumerate(batch):
+            conds[cap] = {k: v[j].contiguous() for k, v in by_key.items()}
+            cache.put("txt", _key(fp, cap), conds[cap])
+        progress("captions", cached + start + len(batch), len(unique))
+    return conds, missing, cached
+
+
 # -- the cache -------------------------------------------------------------------------
 
 class EncodeCache:
@@ -454,24 +471,8 @@ def prepare(encoder: Any, images: Path, out: Path, *, captions_file: Path | None
             report_progress("images", done, len(items))
 
     # Captions: each distinct caption once.
-    unique = sorted({item.caption for item in items})
-    conds: dict[str, dict[str, torch.Tensor]] = {}
-    missing = []
-    for cap in unique:
-        hit = cache.get("txt", _key(fp, cap))
-        if hit is not None:
-            conds[cap] = hit
-        else:
-            missing.append(cap)
-    cached_captions = len(conds)
-    report_progress("captions", cached_captions, len(unique))
-    for start in range(0, len(missing), batch_size):
-        batch = missing[start:start + batch_size]
-        by_key = encoder.encode_captions(batch)
-        for j, cap in enumerate(batch):
-            conds[cap] = {k: v[j].contiguous() for k, v in by_key.items()}
-            cache.put("txt", _key(fp, cap), conds[cap])
-        report_progress("captions", cached_captions + start + len(batch), len(unique))
+    conds, missing, cached_captions = encode_captions(
+        encoder, cache, fp, {item.caption for item in items}, batch_size, report_progress)
 
     # Assemble the buckets in (width, height) order, images in name order within each.
     order = sorted({item.bucket for item in items})

@@ -36,6 +36,7 @@ from loraengine.tools.prepare.logic import (
     _listing,
     bucket_sizes,
     choose_bucket,
+    encode_captions,
     fit_image,
     read_captions_file,
 )
@@ -205,22 +206,10 @@ def prepare_video(encoder: Any, clips_folder: Path, out: Path, *,
         shapes[clip] = (len(idx), *bucket)
         report("images", n + 1, len(clips))
 
-    unique = sorted({t for t in texts.values() if t is not None})
-    conds: dict[str, dict[str, torch.Tensor]] = {}
-    todo = []
-    for cap in unique:
-        hit = cache.get("txt", _key(fp, cap))
-        if hit is not None:
-            conds[cap] = hit
-        else:
-            todo.append(cap)
-    cached_captions = len(conds)
-    if todo:
-        by_key = encoder.encode_captions(todo)
-        for j, cap in enumerate(todo):
-            conds[cap] = {k: v[j].contiguous() for k, v in by_key.items()}
-            cache.put("txt", _key(fp, cap), conds[cap])
-    report("captions", len(unique), len(unique))
+    # all captions in one batch: a video family's clips are few
+    conds, todo, cached_captions = encode_captions(
+        encoder, cache, fp, {t for t in texts.values() if t is not None},
+        max(1, len(texts)), report)
 
     order = sorted(set(shapes.values()))
     multi = len(order) > 1

@@ -23,7 +23,7 @@ import torch
 
 from loraengine.core.devices import DTYPES, resolve_device
 from loraengine.core.errors import ConfigError, DataError
-from loraengine.core.files import write_atomic
+from loraengine.core.files import read_text, write_atomic
 from loraengine.core.model import LoadedModel
 from loraengine.core.samplers import resolve_sampler
 from loraengine.core.schedule import NoiseSchedule
@@ -411,25 +411,7 @@ def read_prompts(path: Path, loaded: Any, host: Any, what: str = "--prompts"
 def prompt_lines(path: Path, what: str = "--prompts") -> list[str]:
     """The prompts of a ``.txt`` file, one a line (blank lines skipped); a file that is
     not UTF-8 text is one line naming the byte offset and line of the first bad byte."""
-    path = Path(path)
-    if not path.exists():
-        raise DataError(f"{what} file not found: {path}")
-    if not path.is_file():
-        raise DataError(f"{what} {path}: not a regular file")
-    try:
-        raw = path.read_bytes()
-    except OSError as exc:
-        raise DataError(f"{what} {path}: cannot read ({exc.strerror or exc})") from None
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        line = raw.count(b"\n", 0, exc.start) + 1
-        raise DataError(f"{what} {path}: not UTF-8 text (byte 0x{raw[exc.start]:02x} at "
-                        f"offset {exc.start}, line {line})") from None
-    if "\x00" in text:
-        at = text.index("\x00")
-        raise DataError(f"{what} {path}: a NUL character at line "
-                        f"{text.count(chr(10), 0, at) + 1} (not a text file?)")
+    text = read_text(Path(path), what)
     return [line.strip() for line in text.splitlines() if line.strip()] or [""]
 
 
