@@ -330,11 +330,11 @@ def load_pixels(path: Path, bucket: tuple[int, int], crop_only: bool = False
     from PIL import Image, ImageOps
 
     try:
-        with Image.open(path) as img:
-            img = ImageOps.exif_transpose(img).convert("RGB")
+        with Image.open(path) as opened:
+            rgb = ImageOps.exif_transpose(opened).convert("RGB")
     except (OSError, SyntaxError, ValueError) as exc:
         raise DataError(f"{path}: cannot decode image: {exc}") from None
-    return fit_image(img, bucket, crop_only)
+    return fit_image(rgb, bucket, crop_only)
 
 
 def fit_image(img: Any, bucket: tuple[int, int], crop_only: bool = False
