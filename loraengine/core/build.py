@@ -115,8 +115,12 @@ def load_model(config: Any, host: PluginHost, module: nn.Module | None = None,
                base_dir: Path | None = None) -> LoadedModel:
     spec = host.registry.get("model", config.model.family)
     with host.registry.blame("model", spec.name, "load"):
-        loaded: LoadedModel = spec.load(config.model, {"base_dir": base_dir,
-                                                       "module": module})
+        # dtype: what training.dtype converts the model to, so that a family can load
+        # the weights in it directly instead of converting a full-precision copy
+        tdtype = config.training.dtype
+        loaded: LoadedModel = spec.load(config.model, {
+            "base_dir": base_dir, "module": module,
+            "dtype": None if tdtype == "none" else DTYPES[tdtype]})
     loaded.family = loaded.family or spec.name
     return loaded
 
