@@ -172,6 +172,8 @@ def test_plan_command_prints_the_breakdown_and_writes_nothing(tiny, tmp_path):
                   "activations and temporaries", "estimated peak", "forward", "backward"):
         assert label in res.output
     assert "gradient_checkpointing(depth 1)" in res.output
+    # what the estimate leaves out is said with it
+    assert "not counted: the interpreter and libraries" in res.output
     assert not (tmp_path / "out").exists()
 
 
@@ -184,6 +186,7 @@ def test_plan_command_json_takes_overrides(tiny, tmp_path):
     assert res.exit_code == 0, res.output
     out = json.loads(res.output)
     assert out["strategies"] == ["gradient_checkpointing(depth 2)"]
+    assert "allocator" in out["not_counted"]
     assert out["peak"] == sum(out[k] for k in ("weights_device", "adapter", "optimizer_state",
                                                "gradients", "other_resident", "activations"))
 

@@ -27,7 +27,7 @@ from loraengine.core.data import (
     make_dataset,
     read_safetensors,
 )
-from loraengine.core.devices import DTYPES, resolve_device
+from loraengine.core.devices import DTYPES, resolve_device, return_freed_host_memory
 from loraengine.core.distributed import DistContext, shard_base, wrap_ddp
 from loraengine.core.errors import ConfigError, DataError, LoraEngineError
 from loraengine.core.files import read_adapter_file, unplaced_message
@@ -115,9 +115,13 @@ def load_model(config: Any, host: PluginHost, module: nn.Module | None = None,
                base_dir: Path | None = None) -> LoadedModel:
     spec = host.registry.get("model", config.model.family)
     with host.registry.blame("model", spec.name, "load"):
+        # dtype: what training.dtype converts the model to, so that a family can load
+        # the weights in it directly instead of converting a full-precision copy
+        tdtype = config.training.dtype
         loaded: LoadedModel = spec.load(config.model, {
             "base_dir": base_dir, "module": module,
-            "device": str(config.training.device)})  # "meta" for a plan's dry run
+            "device": str(config.training.device),  # "meta" for a plan's dry run
+            "dtype": None if tdtype == "none" else DTYPES[tdtype]})
     loaded.family = loaded.family or spec.name
     return loaded
 
@@ -290,6 +294,8 @@ def build_pipeline(config: Any, host: PluginHost, *, model: nn.Module | None = N
     group opened here is closed."""
     preflight(config)  # outputs first: a run that cannot write them fails before loading
     device = resolve_device(config.training.device)
+    if device.type == "cpu":
+        return_freed_host_memory()  # freed activations do not stay in the process
     dist_ctx = DistContext.from_env(config.training.dist_timeout, device.type)
     if dist_ctx.enabled and device.type == "cuda":
         device = torch.device("cuda", dist_ctx.local_rank)

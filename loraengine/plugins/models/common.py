@@ -210,9 +210,13 @@ def locate(family: Family, options: FamilyOptions) -> Located:
     return Located(path, root, model_dir, None)
 
 
-def load_module(family: Family, where: Located) -> nn.Module:
-    """Load the denoiser with diffusers, from local files only."""
+def load_module(family: Family, where: Located, dtype: Any = None) -> nn.Module:
+    """Load the denoiser with diffusers, from local files only, its floating tensors
+    in ``dtype`` when given. A model folder of safetensors weights is read holding one
+    copy of the weights (:mod:`loraengine.plugins.models.weights`)."""
     import diffusers
+
+    from loraengine.plugins.models.weights import load_folder
 
     diffusers.utils.logging.set_verbosity_error()  # the engine reports what matters itself
     cls = getattr(diffusers, family.model_class)
@@ -231,7 +235,12 @@ def load_module(family: Family, where: Located) -> nn.Module:
                             f"{_first_line(exc)}") from None
     _check_class(family, where.model)
     try:
-        return cls.from_pretrained(str(where.model), local_files_only=True)
+        module = load_folder(cls, where.model, dtype)
+        if module is None:  # .bin weights or names of an older layout
+            module = cls.from_pretrained(str(where.model), local_files_only=True)
+            if dtype is not None:
+                module.to(dtype)
+        return cast(nn.Module, module)
     except Exception as exc:
         raise DataError(f"model.path: cannot load {family.model_class} from {where.model}: "
                         f"{_first_line(exc)}") from None
@@ -334,7 +343,7 @@ def load_family(family: Family, options: FamilyOptions, context: Mapping[str, An
         module = given
     else:
         where = locate(family, options)
-        module = load_module(family, where)
+        module = load_module(family, where, context.get("dtype"))
     sched = scheduler_config(where.root)
     scale, shift, factor = vae_settings(family, where.root)
     if family.prediction_type == "flow":

@@ -36,6 +36,7 @@ def _run(state: Any, config: Path, overrides: tuple[str, ...], as_json: bool,
             pipe.close()
     if as_json:
         out = estimate.to_dict()
+        out["not_counted"] = planning.NOT_COUNTED
         if measured is not None:
             out["measured"] = {"peak": measured.peak, "resident": measured.resident,
                                "seconds": measured.seconds}

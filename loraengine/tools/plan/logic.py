@@ -43,6 +43,12 @@ from loraengine.core.plugins.host import PluginHost
 
 MiB = 1024 * 1024
 
+#: What the estimate leaves out (printed with every plan).
+NOT_COUNTED = ("the interpreter and libraries (on a CPU about 0.4 GiB of resident "
+               "memory before loading), memory the allocator keeps after tensors are "
+               "freed (fragmentation, caching), scratch buffers inside kernels "
+               "(convolution, attention), the data set held in memory")
+
 
 @dataclass
 class MemoryPlan:
@@ -360,6 +366,7 @@ def format_plan(plan: MemoryPlan, measured: Measurement | None = None) -> str:
     lines.append(f"  {'backward (with recomputation)':<32}"
                  f"{plan.backward_flops / 1e9:>12.3f} GFLOP")
     lines.append(f"  {'host to device':<32}{plan.transfer_bytes / MiB:>12.2f} MiB")
+    lines.append("not counted: " + NOT_COUNTED)
     if measured is not None:
         ratio = plan.peak / measured.peak if measured.peak else float("nan")
         lines.append(f"measured peak (one real step)   {measured.peak / MiB:>12.2f} MiB "

@@ -1,0 +1,148 @@
+"""Loading a diffusers model folder while holding one copy of its weights.
+
+``from_pretrained`` reads a ``.safetensors`` file through a memory map and copies each
+tensor out of it, so until the file is closed the process holds the mapped file pages
+and the copies: twice the weights in resident memory. A dtype conversion afterwards
+(``module.to(bf16)``) starts from the full-precision copy, so converting never lowers
+that peak either.
+
+:func:`load_folder` builds the model's skeleton on the ``meta`` device, reads each
+tensor with plain file reads into its own buffer (the page cache is not mapped into the
+process, so it does not count in its memory), converts it to the target dtype at once
+through a scratch buffer of 1 MiB. At most the loaded weights plus that buffer are
+resident at any moment. Folders it does not understand (``.bin``
+weights, names that differ from the model's, tensors left without weights) are left
+to ``from_pretrained``: :func:`load_folder` returns ``None`` for them.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+WEIGHTS = "diffusion_pytorch_model.safetensors"
+INDEX = "diffusion_pytorch_model.safetensors.index.json"
+
+#: bytes read at a time into the scratch buffer of a tensor converted on reading
+CHUNK = 1 << 20
+#: safetensors dtype names
+_DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
+    "BF16": torch.bfloat16, "I64": torch.int64, "I32": torch.int32, "I16": torch.int16,
+    "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
+
+
+def weight_files(model_dir: Path) -> list[Path] | None:
+    """The folder's safetensors files (one, or the shards its index names), or ``None``
+    when it has none."""
+    single = model_dir / WEIGHTS
+    if single.is_file():
+        return [single]
+    index = model_dir / INDEX
+    if index.is_file():
+        weight_map = json.loads(index.read_text(encoding="utf-8")).get("weight_map", {})
+        files = sorted({model_dir / name for name in weight_map.values()})
+        return files if files and all(f.is_file() for f in files) else None
+    return None
+
+
+def read_tensors(path: Path, want: dict[str, torch.dtype | None]
+                 ) -> dict[str, torch.Tensor] | None:
+    """The tensors of one safetensors file whose names are in ``want``, each converted
+    to its dtype there (``None``: the file's) as soon as it is read. ``None`` when the
+    file holds a name not in ``want`` or a dtype this reader does not know."""
+    out: dict[str, torch.Tensor] = {}
+    with open(path, "rb", buffering=0) as f:
+        (header_len,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(header_len))
+        header.pop("__metadata__", None)
+        start = 8 + header_len
+        entries = sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0])
+        if any(name not in want or info["dtype"] not in _DTYPES for name, info in entries):
+            return None
+        # Tensors converted on reading pass through one small scratch buffer, a chunk
+        # at a time: no buffer of a whole tensor in the file's dtype, freed after
+        # converting, leaves a hole in the heap that the process keeps.
+        scratch = torch.empty(CHUNK, dtype=torch.uint8)
+        for name, info in entries:
+            begin, end = info["data_offsets"]
+            target = want[name]
+            dtype = _DTYPES[info["dtype"]]
+            f.seek(start + begin)
+            if _converts(info, target):
+                assert target is not None
+                tensor = torch.empty(info["shape"], dtype=target)
+                flat, size = tensor.view(-1), dtype.itemsize
+                for first in range(0, end - begin, CHUNK):
+                    part = scratch[:min(CHUNK, end - begin - first)]
+                    if not _read_into(f, part):
+                        return None
+                    flat[first // size:(first + len(part)) // size].copy_(part.view(dtype))
+            else:
+                raw = torch.empty(end - begin, dtype=torch.uint8)
+                if not _read_into(f, raw):
+                    return None  # truncated file: from_pretrained says why
+                tensor = raw.view(dtype).reshape(info["shape"])
+            out[name] = tensor
+        del scratch
+    return out
+
+
+def _converts(info: dict[str, Any], target: torch.dtype | None) -> bool:
+    dtype = _DTYPES[info["dtype"]]
+    return target is not None and dtype.is_floating_point and dtype != target
+
+
+def _read_into(f: Any, buffer: torch.Tensor) -> bool:
+    view = memoryview(buffer.numpy())  # type: ignore[arg-type]
+    got = 0
+    while got < len(view):
+        n = f.readinto(view[got:])
+        if not n:
+            return False
+        got += n
+    return True
+
+
+def load_folder(cls: Any, model_dir: Path, dtype: torch.dtype | None) -> nn.Module | None:
+    """A diffusers model class ``cls`` loaded from ``model_dir`` with its floating
+    tensors in ``dtype`` (``None``: the dtype the class builds them in, as
+    ``from_pretrained`` does), holding one copy of the weights; ``None`` when the
+    folder needs ``from_pretrained``."""
+    model_dir = Path(model_dir)
+    files = weight_files(model_dir)
+    if files is None:
+        return None
+    from accelerate import init_empty_weights
+
+    config = cls.load_config(str(model_dir))
+    with init_empty_weights(include_buffers=False):
+        module: nn.Module = cls.from_config(config)
+    expected = module.state_dict(keep_vars=True)
+    want: dict[str, torch.dtype | None] = {
+        name: (dtype or t.dtype) if t.is_floating_point() else None
+        for name, t in expected.items()}
+    state: dict[str, torch.Tensor] = {}
+    for path in files:
+        part = read_tensors(path, want)
+        if part is None:
+            return None
+        state.update(part)
+    if set(state) != set(expected) or any(state[k].shape != expected[k].shape
+                                          for k in expected):
+        return None
+    module.load_state_dict(state, strict=True, assign=True)
+    del state
+    if any(t.device.type == "meta" for t in (*module.parameters(), *module.buffers())):
+        return None
+    if dtype is not None:
+        module.to(dtype)  # buffers built (not loaded) by the class, as before
+    module.eval()
+    return module
