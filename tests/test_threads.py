@@ -95,6 +95,7 @@ def test_the_default_applies_when_nobody_chose_and_is_restored(host, monkeypatch
                                                                restore_threads, tmp_path):
     for name in threads.THREAD_ENV:
         monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(os, "getloadavg", lambda: (0.0, 0.0, 0.0))  # a quiet machine
     affinity = len(threads.affinity_cpus())
     torch.set_num_threads(affinity)  # torch's own start-up count: one per CPU
     seen = _train_probed(host)
@@ -151,8 +152,28 @@ def test_processes_on_one_machine_share_the_cores(monkeypatch):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setattr(threads, "user_chose_threads", lambda: False)
     monkeypatch.setattr(threads, "available_cores", lambda: 8)
+    monkeypatch.setattr(os, "getloadavg", lambda: (0.0, 0.0, 0.0))  # a quiet machine
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "3")
     assert threads.choose_threads(None) == 2
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "16")
     assert threads.choose_threads(None) == 1
     assert threads.choose_threads(5) == 5  # training.threads wins
+
+
+def test_cores_other_work_keeps_busy_are_left_to_it(monkeypatch):
+    """The default counts only the cores the load average leaves idle: on 4 cores
+    with 2.6 runnable processes elsewhere, 1 thread; never below 1; torchrun's local
+    processes share what is left."""
+    for name in threads.THREAD_ENV:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(threads, "available_cores", lambda: 4)
+    monkeypatch.setattr(threads, "user_chose_threads", lambda: False)
+    for load, want in ((0.0, 4), (0.4, 4), (1.6, 2), (2.6, 1), (9.0, 1)):
+        monkeypatch.setattr(os, "getloadavg", lambda load=load: (load, 0.0, 0.0))
+        assert threads.choose_threads(None) == want, load
+    monkeypatch.setattr(os, "getloadavg", lambda: (0.0, 0.0, 0.0))
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert threads.choose_threads(None) == 2
+    monkeypatch.setattr(os, "getloadavg", lambda: (3.0, 0.0, 0.0))
+    assert threads.choose_threads(None) == 1
+    assert threads.choose_threads(3) == 3  # training.threads rules

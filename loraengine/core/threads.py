@@ -3,7 +3,7 @@
 torch starts with one thread per CPU it may run on, hyper-threads included; on a
 shared or small machine that oversubscribes the cores and a step can get many times
 slower. Training therefore picks the number of physical cores available to the
-process unless the user chose a count (``training.threads``, or ``OMP_NUM_THREADS`` /
+process that other work (the load average) leaves idle, unless the user chose a count (``training.threads``, or ``OMP_NUM_THREADS`` /
 ``MKL_NUM_THREADS`` in the environment, or a ``torch.set_num_threads`` call before the
 run), and puts the previous count back afterwards."""
 
@@ -67,6 +67,22 @@ def available_cores() -> int:
     return max(1, min(count, len(cpus)))
 
 
+def busy_cpus() -> int:
+    """CPUs other work keeps busy: the one-minute load average (runnable processes),
+    rounded; 0 where the platform has none."""
+    try:
+        return max(0, round(os.getloadavg()[0]))
+    except (AttributeError, OSError):
+        return 0
+
+
+def idle_cores() -> int:
+    """Physical cores (``available_cores``) less those other work keeps busy right now,
+    at least 1: on a busy 2-core machine, one thread runs many times faster than two
+    that fight the other jobs for the cores."""
+    return max(1, available_cores() - busy_cpus())
+
+
 def user_chose_threads() -> bool:
     """True when the thread count was chosen outside the config: an environment
     variable of ``THREAD_ENV`` is set, or torch's count is not its start-up default
@@ -78,13 +94,14 @@ def user_chose_threads() -> bool:
 
 def choose_threads(setting: int | None) -> int | None:
     """The count training should use: ``setting`` (``training.threads``) when given,
-    else ``available_cores()`` (shared out among the processes torchrun started on this
-    machine) unless the user chose one (then None: leave torch as is)."""
+    else ``idle_cores()`` (the physical cores other work leaves free, shared out among
+    the processes torchrun started on this machine) unless the user chose one (then
+    None: leave torch as is)."""
     if setting is not None:
         return int(setting)
     if user_chose_threads():
         return None
-    return max(1, available_cores() // _local_processes())
+    return max(1, idle_cores() // _local_processes())
 
 
 def _local_processes() -> int:

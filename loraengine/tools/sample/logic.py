@@ -380,7 +380,9 @@ def load_model_for_sampling(model: Path, family: str | None, host: Any, device: 
         section = {"family": family or detect_family(model, host.registry),
                    "path": str(model.resolve())}
         base_dir = Path.cwd()
-    cfg = parse_config({"model": section, "training": {"device": device}}, host.registry,
+    # the model is loaded in the dtype it samples in (not training.dtype's default)
+    cfg = parse_config({"model": section, "training": {"device": device, "dtype": dtype}},
+                       host.registry,
                        base_dir=base_dir)
     loaded = load_model(cfg, host, base_dir=base_dir)
     dev = resolve_device(device)
