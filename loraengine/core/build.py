@@ -115,9 +115,8 @@ def load_model(config: Any, host: PluginHost, module: nn.Module | None = None,
                base_dir: Path | None = None) -> LoadedModel:
     spec = host.registry.get("model", config.model.family)
     with host.registry.blame("model", spec.name, "load"):
-        loaded: LoadedModel = spec.load(config.model, {
-            "base_dir": base_dir, "module": module,
-            "device": str(config.training.device)})  # "meta" for a plan's dry run
+        loaded: LoadedModel = spec.load(config.model, {"base_dir": base_dir,
+                                                       "module": module})
     loaded.family = loaded.family or spec.name
     return loaded
 
