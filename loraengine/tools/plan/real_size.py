@@ -242,9 +242,9 @@ def format_scenarios(name: str, rows: list[tuple[str, MemoryPlan | None]],
     experts = int(rec.get("experts", 1))
     if experts > 1:
         lines.append(f"  the pipeline holds {experts} experts of this size; planned: one "
-                     f"(model.expert: {rec.get('model', {}).get('expert')}); "
-                     f"model.expert: both holds all {experts} (their weights, adapters and "
-                     f"optimizer states {experts}×)")
+                     f"(model.expert: {rec.get('model', {}).get('expert')}); training "
+                     f"them together (model.expert: both) holds {experts}× the weights, "
+                     f"adapters and optimizer states")
     lines.append(f"  {'set-up':<58}{'peak GiB':>10}{'weights GiB':>13}"
                  f"{'activations GiB':>17}")
     for label, p in rows:
