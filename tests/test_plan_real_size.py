@@ -142,3 +142,13 @@ def test_wan_14b_plans_read_off_small_models_equal_the_40_block_plans(host):
     # all 40 blocks' weights resident without offloading (the few float32 norms
     # and embeddings are cast to bf16 as well)
     assert rows[labels[0]].weights_device == pytest.approx(2 * params, rel=1e-3)
+
+
+def test_the_video_table_names_the_clip_and_the_expert_planned():
+    text = real_size.format_scenarios("wan2.2_t2v_a14b", [], None, 16, 1, frames=33)
+    head = text.splitlines()[0]
+    assert "33 frames of 480×832 (latent [16, 9, 60, 104])" in head
+    params = sum(p.numel() for p in real_size.real_model("wan2.2_t2v_a14b").parameters())
+    assert f"{params / 1e9:.2f} B parameters" in head
+    assert "2 experts" in text and "model.expert: low_noise" in text
+    assert "model.expert: both) holds 2× the weights" in text
