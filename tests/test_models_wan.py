@@ -258,61 +258,6 @@ def test_both_experts_train_together_and_write_one_file_each(tmp_path, pipes):
         assert wrapped == len({k.rsplit(".lora_", 1)[0] for k in tensors if ".lora_" in k})
 
 
-def _preset_plan(tmp_path: Path, preset: str, **model):
-    from loraengine.tools.plan import logic as planning
-
-    cfg = {"model": {"family": "wan", "preset": preset, **model},
-           "training": {"batch_size": 1, "dtype": "bf16", "device": "cuda"},
-           "adapter": {"rank": 16, "dtype": "bf16"},
-           "memory": {"gradient_checkpointing": True}}
-    (tmp_path / "plan.yaml").write_text(yaml.safe_dump(cfg))
-    host = build_plugin_manager()
-    conf, base = resolve_config(tmp_path / "plan.yaml", host)
-    # a short clip: the weights' size does not depend on it, and the dry run stays quick
-    lat = {"latents": torch.zeros(1, 16, 2, 8, 8)}
-    return planning.estimate(conf, host, latents=lat,
-                             conditioning={"cond": torch.zeros(1, 16, 4096)}), conf
-
-
-@pytest.mark.slow
-def test_real_size_presets_have_the_published_sizes_and_expert_ranges():
-    from loraengine.plugins.models.wan import PRESETS, _meta_transformer
-
-    # Wan 2.1 is published as a 14B and a 1.3B model; 2.2 A14B as two 14B experts
-    for preset, low, high in (("wan2.1-t2v-14b", 13.5e9, 15e9),
-                              ("wan2.1-t2v-1.3b", 1.2e9, 1.6e9),
-                              ("wan2.2-t2v-a14b", 13.5e9, 15e9)):
-        model = _meta_transformer(PRESETS[preset][0])
-        assert low < sum(p.numel() for p in model.parameters()) < high, preset
-    low_noise = _load(preset="wan2.2-t2v-a14b", expert="low_noise")
-    assert low_noise.schedule.timestep_range == (0.0, 0.875)
-    assert low_noise.latent_channels == 16 and low_noise.cond_widths == {"cond": 4096}
-    both = _load(preset="wan2.2-t2v-a14b")
-    assert set(both.file_parts) == {"high_noise", "low_noise"} and len(both.blocks) == 80
-
-
-@pytest.mark.slow
-def test_plan_sizes_a_real_size_preset_without_weights(tmp_path):
-    plan, _ = _preset_plan(tmp_path, "wan2.1-t2v-1.3b")
-    model_bytes = 2 * sum(p.numel() for p in _load(preset="wan2.1-t2v-1.3b").module
-                          .parameters())  # bf16
-    assert plan.weights_device == pytest.approx(model_bytes, rel=0.01)
-    assert plan.adapter > 0 and plan.peak > plan.weights_device + plan.adapter
-
-
-def test_a_preset_refuses_to_train_with_one_line(tmp_path):
-    lat, cond = _data(tmp_path, n=1)
-    cfg = {"model": {"family": "wan", "preset": "wan2.1-t2v-1.3b"},
-           "data": {"latents": str(lat), "conditioning": str(cond)},
-           "training": {"steps": 1, "dtype": "fp32"},
-           "output": {"dir": str(tmp_path / "out"), "plot": False}}
-    (tmp_path / "t.yaml").write_text(yaml.safe_dump(cfg))
-    result = CliRunner().invoke(cli, ["train", str(tmp_path / "t.yaml"), "-q"])
-    assert result.exit_code == 2, result.output
-    assert "Traceback" not in result.output
-    assert "model.preset: wan2.1-t2v-1.3b has no weights" in result.output
-
-
 #: The key layout ComfyUI's Wan model places (its own module names under
 #: ``diffusion_model.``; checked against ComfyUI's loader, which placed every key of
 #: such a file and none of a diffusers-named one): one block's LoRA modules.

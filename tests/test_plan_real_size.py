@@ -67,3 +67,88 @@ def test_plan_real_unknown_name_and_missing_config_are_config_errors():
     result = CliRunner().invoke(cli, ["plan"])
     assert result.exit_code == 2 and "give a CONFIG file, or --real NAME" in result.output
     assert "Traceback" not in result.output
+
+
+# -- video: Wan at real size ------------------------------------------------------------
+
+def test_video_latents_follow_the_wan_vae_and_bad_sizes_are_one_line_errors():
+    # Wan's VAE: the first frame, then one latent frame per 4; 8× in space
+    assert real_size.latent_shape("wan2.1_t2v_14b") == [16, 21, 60, 104]  # 81×480×832
+    assert real_size.latent_shape("wan2.1_t2v_1.3b", (720, 1280), 33) == [16, 9, 90, 160]
+    assert real_size.latent_shape("qwen_image") == [16, 128, 128]
+    assert real_size.parse_resolution("480x832") == (480, 832)
+    assert real_size.parse_resolution("768") == (768, 768)
+    for args, message in (
+            (["--real", "qwen_image", "--frames", "5"], "--frames: qwen_image is an image"),
+            (["--real", "wan2.1_t2v_14b", "--frames", "80"], "--frames: 80 is not 1 + a "
+             "multiple of 4"),
+            (["--real", "wan2.1_t2v_14b", "--resolution", "480xq"], "--resolution: '480xq' "
+             "is neither"),
+            (["--real", "wan2.1_t2v_14b", "--resolution", "484x832"], "--resolution: "
+             "484x832 is not a multiple of 8")):
+        result = CliRunner().invoke(cli, ["plan", *args])
+        assert result.exit_code == 2, (args, result.output)
+        assert message in result.output and "Traceback" not in result.output
+
+
+def test_a_wan_2_2_record_plans_one_expert_with_its_timestep_range(host):
+    """The record's model options pick the low-noise expert: one transformer, drawing
+    only timesteps below the boundary, as a two-expert pipeline folder would."""
+    from loraengine.core.build import load_model
+    from loraengine.core.config.root import parse_config
+
+    rec = real_size.record("wan2.2_t2v_a14b")
+    assert rec["experts"] == 2
+    cfg = parse_config({"model": {"family": "wan", "path": "<real:wan2.2_t2v_a14b>",
+                                  **rec["model"]}}, host.registry)
+    module = real_size.real_model("wan2.2_t2v_a14b", {"num_layers": 2})
+    loaded = load_model(cfg, host, module)
+    assert loaded.module is module and len(loaded.blocks) == 2
+    assert loaded.schedule.timestep_range == (0.0, 0.875)
+    assert loaded.base_model_version == "wan:low_noise" and not loaded.file_parts
+    assert loaded.latent_channels == 16 and loaded.cond_widths == {"cond": 4096}
+
+
+def test_wan_records_have_the_published_parameter_counts():
+    # Wan 2.1 is published as a 14B and a 1.3B model; 2.2 A14B as two 14B experts
+    for name, low, high in (("wan2.1_t2v_14b", 13.5e9, 15e9),
+                            ("wan2.1_t2v_1.3b", 1.2e9, 1.6e9),
+                            ("wan2.2_t2v_a14b", 13.5e9, 15e9)):
+        model = real_size.real_model(name)
+        assert all(p.device.type == "meta" for p in model.parameters())
+        assert low < sum(p.numel() for p in model.parameters()) < high, name
+        assert len(model.blocks) == real_size.record(name)["config"]["num_layers"]
+
+
+@pytest.mark.slow
+def test_wan_14b_plans_read_off_small_models_equal_the_40_block_plans(host):
+    """81×480×832, batch 1, rank 16: the fitted plans with checkpointing and with 10 of
+    the 40 blocks offloaded equal dry runs of the whole 40-block model, and the base
+    weights are the model's parameters at two bytes each (bf16)."""
+    name = "wan2.1_t2v_14b"
+    labels = ["bf16 + checkpointing", "bf16 + checkpointing + 10/40 blocks offloaded"]
+    rows = dict(real_size.plan_scenarios(name, host, labels=labels))
+    params = sum(p.numel() for p in real_size.real_model(name).parameters())
+    for sc in real_size.scenarios(40, 10):
+        if sc.label not in labels:
+            continue
+        offload = 10 if "offload_blocks" in sc.memory else None
+        direct = real_size._plan_at(name, host, sc, {}, offload, None, 16, 1)
+        got = rows[sc.label]
+        assert got is not None
+        assert abs(got.peak - direct.peak) <= 0.01 * direct.peak, sc.label
+        assert got.weights_device == pytest.approx(direct.weights_device, rel=1e-3)
+        assert got.activations == pytest.approx(direct.activations, rel=0.01)
+    # all 40 blocks' weights resident without offloading (the few float32 norms
+    # and embeddings are cast to bf16 as well)
+    assert rows[labels[0]].weights_device == pytest.approx(2 * params, rel=1e-3)
+
+
+def test_the_video_table_names_the_clip_and_the_expert_planned():
+    text = real_size.format_scenarios("wan2.2_t2v_a14b", [], None, 16, 1, frames=33)
+    head = text.splitlines()[0]
+    assert "33 frames of 480×832 (latent [16, 9, 60, 104])" in head
+    params = sum(p.numel() for p in real_size.real_model("wan2.2_t2v_a14b").parameters())
+    assert f"{params / 1e9:.2f} B parameters" in head
+    assert "2 experts" in text and "model.expert: low_noise" in text
+    assert "model.expert: both) holds 2× the weights" in text

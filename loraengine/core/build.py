@@ -120,7 +120,6 @@ def load_model(config: Any, host: PluginHost, module: nn.Module | None = None,
         tdtype = config.training.dtype
         loaded: LoadedModel = spec.load(config.model, {
             "base_dir": base_dir, "module": module,
-            "device": str(config.training.device),  # "meta" for a plan's dry run
             "dtype": None if tdtype == "none" else DTYPES[tdtype]})
     loaded.family = loaded.family or spec.name
     return loaded

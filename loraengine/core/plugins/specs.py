@@ -151,8 +151,7 @@ class MemoryStrategySpec:
 @dataclass(frozen=True)
 class ModelFamilySpec(Generic[OptionsT]):
     """A model family. ``load(options, context) -> LoadedModel``. ``context`` has
-    ``base_dir`` (for relative paths), for in-memory use ``module``, and ``device``
-    (``training.device``; ``"meta"`` in a plan's dry run)."""
+    ``base_dir`` (for relative paths) and, for in-memory use, ``module``."""
 
     name: str
     load: Callable[[OptionsT, Mapping[str, object]], LoadedModel]

@@ -51,32 +51,10 @@ EXPERTS = {"high_noise": "transformer", "low_noise": "transformer_2"}
 Expert = Literal["auto", "high_noise", "low_noise", "both"]
 
 
-#: The released models' transformer configs (their config.json values), carried as data
-#: so ``loraengine plan`` can size them without a download. Wan 2.2 A14B's two experts
-#: share one config; its boundary is that of the text-to-video model.
-_WAN_14B: dict[str, Any] = dict(
-    patch_size=(1, 2, 2), num_attention_heads=40, attention_head_dim=128, in_channels=16,
-    out_channels=16, text_dim=4096, freq_dim=256, ffn_dim=13824, num_layers=40,
-    cross_attn_norm=True, qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=1024)
-PRESETS: dict[str, tuple[dict[str, Any], float | None]] = {  # config, boundary_ratio
-    "wan2.1-t2v-14b": (_WAN_14B, None),
-    "wan2.1-t2v-1.3b": ({**_WAN_14B, "num_attention_heads": 12, "ffn_dim": 8960,
-                         "num_layers": 30}, None),
-    "wan2.2-t2v-a14b": (_WAN_14B, 0.875),
-}
-#: Shift of a preset's schedule: Wan's 480p sampling shift.
-PRESET_SHIFT = 3.0
-
-
 class WanOptions(FlowOptions):
-    path: ConfigPath | None = Field(None, description="A diffusers pipeline folder "  # type: ignore[assignment]
-                                    "(WanPipeline), its transformer folder, or a single "
-                                    "original-layout .safetensors file; required unless "
-                                    "preset is given.")
-    preset: Literal["wan2.1-t2v-14b", "wan2.1-t2v-1.3b", "wan2.2-t2v-a14b"] | None = Field(
-        None, description="A released model's real-size config, built without weights "
-        "(on the meta device): for `loraengine plan` at real size before downloading. "
-        "Training needs model.path.")
+    path: ConfigPath = Field(description="A diffusers pipeline folder (WanPipeline), its "
+                             "transformer folder, or a single original-layout "
+                             ".safetensors file.")
     expert: Expert = Field("auto", description="Which Wan 2.2 expert trains: high_noise "
                            "(the pipeline's transformer), low_noise (transformer_2) or "
                            "both (one file each). One expert draws only timesteps of its "
@@ -240,47 +218,26 @@ def choose_expert(options: WanOptions, root: Path | None
     return expert, float(ratio)
 
 
-def _meta_transformer(config: Mapping[str, Any]) -> nn.Module:
-    import diffusers
-
-    with torch.device("meta"):
-        model: Any = diffusers.WanTransformer3DModel(**config)
-    return model
-
-
-def load_preset(options: WanOptions) -> LoadedModel:
-    """A released model's real-size transformer(s) on ``meta``: shapes, no weights."""
-    assert options.preset is not None
-    config, index_ratio = PRESETS[options.preset]
-    ratio = options.boundary_ratio if options.boundary_ratio is not None else index_ratio
-    expert = options.expert if options.expert != "auto" else (
-        "both" if ratio is not None else None)
-    if expert not in (None, "high_noise") and ratio is None:
-        raise ConfigError(f"model.expert: {expert} needs a two-expert model; preset "
-                          f"{options.preset} has one transformer")
-    schedule = NoiseSchedule("flow", shift=options.flow_shift or PRESET_SHIFT,
-                             sampling=WAN.timestep_sampling)
-    parts: dict[str, str] = {}
-    module: nn.Module = _meta_transformer(config)
+def load_given(options: WanOptions, module: nn.Module) -> LoadedModel:
+    """A Wan transformer built by the caller (``plan --real`` builds the released ones
+    on the meta device): one expert when ``model.expert`` and ``boundary_ratio`` name
+    one, drawing only timesteps of its range."""
+    schedule = wan_schedule(options, None)
+    expert = None if options.expert == "auto" else options.expert
     if expert == "both":
-        assert ratio is not None
-        module = WanExperts(module, _meta_transformer(config), ratio * 1000)
-        parts = {name: f"{name}." for name in EXPERTS}
-    elif expert is not None and ratio is not None:
+        raise ConfigError("model.expert: both needs a two-expert pipeline folder; the "
+                          "model given is one transformer")
+    if expert is not None and options.boundary_ratio is not None:
+        ratio = options.boundary_ratio
         schedule.timestep_range = (ratio, 1.0) if expert == "high_noise" else (0.0, ratio)
-    return _loaded(options, module, schedule, expert, parts, f"preset:{options.preset}",
-                   None, False)
+    return _loaded(options, module, schedule, expert, {}, str(options.path), None, False)
 
 
 def load_wan(options: WanOptions, context: Mapping[str, Any]) -> LoadedModel:
-    if options.preset is not None:
-        if context.get("device", "meta") != "meta":
-            raise ConfigError(f"model.preset: {options.preset} has no weights; it sizes a "
-                              f"run for `loraengine plan` only (give model.path to train)")
-        return load_preset(options)
-    if options.path is None:
-        raise ConfigError("model.path: required (a WanPipeline folder), or model.preset "
-                          "for a real-size plan")
+    given = context.get("module")
+    if isinstance(given, nn.Module) and type(given).__name__ == WAN.model_class and \
+            not Path(options.path).exists():
+        return load_given(options, given)
     where = locate(WAN, options)
     expert, ratio = (None, None) if options.subfolder or where.single_file else \
         choose_expert(options, where.root)

@@ -45,16 +45,18 @@ def _run(state: Any, config: Path, overrides: tuple[str, ...], as_json: bool,
         click.echo(planning.format_plan(estimate, measured))
 
 
-def _run_real(state: Any, name: str, resolution: int, rank: int, batch: int,
-              offload: int | None, as_json: bool) -> None:
+def _run_real(state: Any, name: str, resolution_text: str | None, frames: int | None,
+              rank: int, batch: int, offload: int | None, as_json: bool) -> None:
     from loraengine.tools.plan import real_size
 
-    rows = real_size.plan_scenarios(name, state.host, resolution, rank, batch, offload)
+    resolution = real_size.parse_resolution(resolution_text)
+    rows = real_size.plan_scenarios(name, state.host, resolution, rank, batch, offload,
+                                    frames=frames)
     if as_json:
         click.echo(json.dumps({label: None if p is None else p.to_dict()
                                for label, p in rows}, indent=1))
     else:
-        click.echo(real_size.format_scenarios(name, rows, resolution, rank, batch))
+        click.echo(real_size.format_scenarios(name, rows, resolution, rank, batch, frames))
 
 
 @click.command("plan")
@@ -65,10 +67,15 @@ def _run_real(state: Any, name: str, resolution: int, rank: int, batch: int,
 @click.option("--measure", is_flag=True, help="Also run three real steps and print the "
               "measured peak (this trains for three steps; nothing is written).")
 @click.option("--real", "real", metavar="NAME", help="Plan the released model NAME at "
-              "its real size (qwen_image, flux2_dev, flux2_klein_4b, z_image, chroma) "
-              "instead of a CONFIG: nothing is downloaded.")
-@click.option("--resolution", type=int, default=1024, show_default=True,
-              help="With --real: square image side in pixels.")
+              "its real size (qwen_image, flux2_dev, flux2_klein_4b, z_image, chroma, "
+              "wan2.1_t2v_14b, wan2.1_t2v_1.3b, wan2.2_t2v_a14b) instead of a CONFIG: "
+              "nothing is downloaded.")
+@click.option("--resolution", metavar="SIDE|HxW", default=None,
+              help="With --real: a square side (1024) or height x width (480x832) in "
+              "pixels. Default: 1024 for an image model, the record's for a video model "
+              "(480x832).")
+@click.option("--frames", type=int, default=None,
+              help="With --real, a video model: frames per clip (default 81).")
 @click.option("--rank", type=int, default=16, show_default=True, help="With --real.")
 @click.option("--batch", type=int, default=1, show_default=True, help="With --real.")
 @click.option("--offload-blocks", type=int, default=None,
@@ -76,15 +83,15 @@ def _run_real(state: Any, name: str, resolution: int, rank: int, batch: int,
               "(default: 16 of 60, scaled to the model).")
 @click.pass_obj
 def plan(state: Any, config: Path | None, overrides: tuple[str, ...], as_json: bool,
-         measure: bool, real: str | None, resolution: int, rank: int, batch: int,
-         offload_blocks: int | None) -> None:
+         measure: bool, real: str | None, resolution: str | None, frames: int | None,
+         rank: int, batch: int, offload_blocks: int | None) -> None:
     """Estimate CONFIG's peak memory and step cost without training."""
     from loraengine.cli.common import reports_errors
     from loraengine.core.errors import ConfigError
 
     if real is not None:
-        reports_errors(_run_real)(state, real, resolution, rank, batch, offload_blocks,
-                                  as_json)
+        reports_errors(_run_real)(state, real, resolution, frames, rank, batch,
+                                  offload_blocks, as_json)
         return
     if config is None:
         def missing(*_: Any) -> None:
