@@ -3,7 +3,10 @@ plugin authors get from the pytest plugin (``loraengine.testing.pytest_plugin``)
 
 from __future__ import annotations
 
+import logging
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +17,31 @@ torch.set_num_threads(1)
 os.environ.setdefault("MPLBACKEND", "Agg")
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+class _Collect(logging.Handler):
+    def __init__(self, into: list[str]):
+        super().__init__(logging.WARNING)
+        self.into = into
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.into.append(record.getMessage())
+
+
+@contextmanager
+def diffusers_warnings() -> Iterator[list[str]]:
+    """The warnings diffusers logs in the body (its loaders report file keys they could
+    not place this way), collected in the yielded list."""
+    messages: list[str] = []
+    handler, logger = _Collect(messages), logging.getLogger("diffusers")
+    old = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.WARNING)
+    try:
+        yield messages
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(old)
 
 
 @pytest.fixture

@@ -3,13 +3,13 @@ diffusers model then computes what the engine's merged model computes."""
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
 from click.testing import CliRunner
+from conftest import diffusers_warnings
 from safetensors.torch import load_file, save_file
 
 from loraengine.api import resolve_config
@@ -66,15 +66,6 @@ def _denoise(family: str, model, predict, x, t, cond):
         return predict(model, x, t, cond)
 
 
-class _Capture(logging.Handler):
-    def __init__(self):
-        super().__init__(logging.WARNING)
-        self.messages: list[str] = []
-
-    def emit(self, record):
-        self.messages.append(record.getMessage())
-
-
 @pytest.fixture(scope="module")
 def pipes(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("pipes")
@@ -107,18 +98,10 @@ def test_lora_loads_in_diffusers_with_every_key_and_matches_the_merged_engine_mo
     # diffusers: the pipeline's own load_lora_weights, warnings captured.
     pipe = diffusers.DiffusionPipeline.from_pretrained(str(pipes[family]),
                                                        local_files_only=True)
-    capture = _Capture()
-    logger = logging.getLogger("diffusers")
-    old_level = logger.level
-    logger.addHandler(capture)
-    logger.setLevel(logging.WARNING)
-    try:
+    with diffusers_warnings() as messages:
         pipe.load_lora_weights(str(lora))
-    finally:
-        logger.removeHandler(capture)
-        logger.setLevel(old_level)
     # diffusers warns about file keys it could not place (and the text encoders' absence)
-    assert not [m for m in capture.messages if "unexpected keys" in m or "missing keys" in m]
+    assert not [m for m in messages if "unexpected keys" in m or "missing keys" in m]
     denoiser = pipe.unet if family in ("sd15", "sdxl") else pipe.transformer
     wrapped = [m for m in denoiser.modules() if isinstance(m, LoraLayer)]
     assert len(wrapped) == len(modules)  # every module of the file found its layer

@@ -7,13 +7,13 @@ key for key, computing what the engine's merged model computes."""
 from __future__ import annotations
 
 import json
-import logging
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
 from click.testing import CliRunner
+from conftest import diffusers_warnings
 from safetensors.torch import load_file, save_file
 
 from loraengine.api import resolve_config
@@ -175,15 +175,6 @@ def _eval_loss(pipe, seed: int = 11) -> float:
     return total / 3
 
 
-class _Capture(logging.Handler):
-    def __init__(self):
-        super().__init__(logging.WARNING)
-        self.messages: list[str] = []
-
-    def emit(self, record):
-        self.messages.append(record.getMessage())
-
-
 @pytest.mark.parametrize("name", tp.DENOISER_FAMILIES)
 def test_trains_and_the_file_loads_in_the_pipeline_with_every_key(folders, tmp_path, name):
     import diffusers as d
@@ -233,19 +224,12 @@ def test_trains_and_the_file_loads_in_the_pipeline_with_every_key(folders, tmp_p
     # The pipeline class's own loader, on the same tiny transformer.
     make, sched_cfg = tp.DENOISERS[name][1], tp.DENOISERS[name][2]
     pipe = tp.denoiser_pipeline(name, make(0), d.FlowMatchEulerDiscreteScheduler(**sched_cfg))
-    capture, logger = _Capture(), logging.getLogger("diffusers")
-    old = logger.level
-    logger.addHandler(capture)
-    logger.setLevel(logging.WARNING)
-    try:
+    with diffusers_warnings() as messages:
         pipe.load_lora_weights(str(lora))
-    finally:
-        logger.removeHandler(capture)
-        logger.setLevel(old)
     # diffusers warns "led to unexpected keys" / "led to missing keys" for unplaced keys
     # (Chroma's loader also notes that the absent text encoder gets no keys: harmless)
-    assert not [m for m in capture.messages if "unexpected keys" in m or "missing keys" in m], \
-        capture.messages
+    assert not [m for m in messages if "unexpected keys" in m or "missing keys" in m], \
+        messages
     wrapped = [m for m in pipe.transformer.modules() if isinstance(m, LoraLayer)]
     assert len(wrapped) == len(modules)
     with torch.no_grad():

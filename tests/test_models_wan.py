@@ -5,13 +5,13 @@ files read by WanPipeline's own LoRA loader."""
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
 from click.testing import CliRunner
+from conftest import diffusers_warnings
 from safetensors.torch import load_file, save_file
 
 from loraengine.api import resolve_config
@@ -150,15 +150,6 @@ def _fixed_loss(pipe, seed: int = 11) -> float:
         return float(micro_step(pipe, idx, torch.Generator().manual_seed(seed)))
 
 
-class _Capture(logging.Handler):
-    def __init__(self):
-        super().__init__(logging.WARNING)
-        self.messages: list[str] = []
-
-    def emit(self, record):
-        self.messages.append(record.getMessage())
-
-
 def _diffusers_output(folder: Path, lora: Path | None, x, t, cond, expert: str = "high_noise"):
     """The pipeline's transformer (``transformer_2`` for the low-noise expert) after
     WanPipeline.load_lora_weights, and the warnings diffusers logged while loading."""
@@ -166,23 +157,15 @@ def _diffusers_output(folder: Path, lora: Path | None, x, t, cond, expert: str =
     from peft.tuners.lora import LoraLayer
 
     pipe = diffusers.WanPipeline.from_pretrained(str(folder), local_files_only=True)
-    capture = _Capture()
-    logger = logging.getLogger("diffusers")
-    logger.addHandler(capture)
-    old = logger.level
-    logger.setLevel(logging.WARNING)
-    try:
+    with diffusers_warnings() as messages:
         if lora is not None:
             pipe.load_lora_weights(str(lora), load_into_transformer_2=expert == "low_noise")
-    finally:
-        logger.removeHandler(capture)
-        logger.setLevel(old)
     model = pipe.transformer_2 if expert == "low_noise" else pipe.transformer
     wrapped = sum(isinstance(m, LoraLayer) for m in model.modules())
     with torch.no_grad():
         out = model(hidden_states=x, timestep=t, encoder_hidden_states=cond,
                     return_dict=False)[0]
-    return out, wrapped, capture.messages
+    return out, wrapped, messages
 
 
 def _inputs(seed: int = 5):
