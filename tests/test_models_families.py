@@ -121,28 +121,6 @@ def test_wrong_family_or_missing_folder_names_the_problem(pipes, tmp_path):
 
 # -- training every family through the CLI ---------------------------------------------
 
-def _eval_loss(pipe, seed: int = 11) -> float:
-    """Mean loss at fixed noise and timesteps spread over the schedule."""
-    sched = pipe.loaded.schedule
-    data = pipe.dataset
-    g = torch.Generator().manual_seed(seed)
-    x0, cond = data.batch(torch.arange(len(data)))
-    x0 = x0.float()
-    total = 0.0
-    levels = (0.2, 0.5, 0.8)
-    for level in levels:
-        noise = torch.randn(x0.shape, generator=g)
-        if sched.is_flow:
-            t = torch.full((x0.shape[0],), level, dtype=torch.float64)
-        else:
-            t = torch.full((x0.shape[0],), int(level * (sched.num_timesteps - 1)))
-        x_t = sched.add_noise(x0, noise, t)
-        with torch.no_grad():
-            pred = pipe.loaded.predict(pipe.model, x_t, sched.model_timesteps(t), cond)
-        total += float(((pred.float() - sched.target(x0, noise, t)) ** 2).mean())
-    return total / len(levels)
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("family", tp.FAMILIES)
 def test_each_family_trains_from_prepared_data_and_the_loss_falls(pipes, tmp_path, family):
@@ -180,9 +158,9 @@ def test_each_family_trains_from_prepared_data_and_the_loss_falls(pipes, tmp_pat
     conf, base = resolve_config(path, host, overrides=[f"adapter.existing={lora}"])
     pipe = build_pipeline(conf, host, base_dir=base)
     try:
-        trained = _eval_loss(pipe)
+        trained = tp.fixed_draw_loss(pipe)
         pipe.network.set_multiplier(0.0)
-        untouched = _eval_loss(pipe)
+        untouched = tp.fixed_draw_loss(pipe)
     finally:
         pipe.close()
     assert trained < untouched * 0.97, (trained, untouched)

@@ -160,21 +160,6 @@ def test_qwen_edit_reference_latents_join_the_tokens_as_the_edit_pipeline_does(f
 
 # -- training through the CLI, and the file in the pipeline's own loader ----------------
 
-def _eval_loss(pipe, seed: int = 11) -> float:
-    sched = pipe.loaded.schedule
-    g = torch.Generator().manual_seed(seed)
-    x0, cond = pipe.dataset.batch(torch.arange(len(pipe.dataset)))
-    total = 0.0
-    for level in (0.2, 0.5, 0.8):
-        noise = torch.randn(x0.shape, generator=g)
-        t = torch.full((x0.shape[0],), level, dtype=torch.float64)
-        with torch.no_grad():
-            pred = pipe.loaded.predict(pipe.model, sched.add_noise(x0.float(), noise, t),
-                                       sched.model_timesteps(t), cond)
-        total += float(((pred.float() - sched.target(x0.float(), noise, t)) ** 2).mean())
-    return total / 3
-
-
 @pytest.mark.parametrize("name", tp.DENOISER_FAMILIES)
 def test_trains_and_the_file_loads_in_the_pipeline_with_every_key(folders, tmp_path, name):
     import diffusers as d
@@ -210,9 +195,9 @@ def test_trains_and_the_file_loads_in_the_pipeline_with_every_key(folders, tmp_p
     xe, ce = _draw(name, seed=7)
     te = engine.loaded.schedule.model_timesteps(torch.tensor([0.3, 0.8]))
     try:
-        trained = _eval_loss(engine)
+        trained = tp.fixed_draw_loss(engine)
         engine.network.set_multiplier(0.0)
-        untouched = _eval_loss(engine)
+        untouched = tp.fixed_draw_loss(engine)
         engine.network.set_multiplier(1.0)
         engine.network.merge()
         with torch.no_grad():

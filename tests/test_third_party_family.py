@@ -63,21 +63,6 @@ def test_record_is_short():
     assert len(PLUGIN.strip().splitlines()) < 60
 
 
-def _eval_loss(pipe) -> float:
-    """Mean loss at fixed noise and fixed σ of 0.2, 0.5, 0.8."""
-    sched, g = pipe.loaded.schedule, torch.Generator().manual_seed(11)
-    x0, cond = pipe.dataset.batch(torch.arange(len(pipe.dataset)))
-    total = 0.0
-    for level in (0.2, 0.5, 0.8):
-        noise = torch.randn(x0.shape, generator=g)
-        t = torch.full((x0.shape[0],), level, dtype=torch.float64)
-        with torch.no_grad():
-            pred = pipe.loaded.predict(pipe.model, sched.add_noise(x0, noise, t),
-                                       sched.model_timesteps(t), cond)
-        total += float(((pred - sched.target(x0, noise, t)) ** 2).mean())
-    return total / 3
-
-
 @pytest.mark.slow
 def test_a_family_from_an_entry_point_trains_from_the_command_line(tmp_path, monkeypatch):
     from loraengine.api import resolve_config
@@ -115,9 +100,9 @@ def test_a_family_from_an_entry_point_trains_from_the_command_line(tmp_path, mon
                                 overrides=[f"adapter.existing={lora}"])
     pipe = build_pipeline(conf, host, base_dir=base)
     try:
-        trained = _eval_loss(pipe)
+        trained = tp.fixed_draw_loss(pipe)
         pipe.network.set_multiplier(0.0)
-        untouched = _eval_loss(pipe)
+        untouched = tp.fixed_draw_loss(pipe)
     finally:
         pipe.close()
     assert trained < untouched * 0.97, (trained, untouched)
