@@ -112,6 +112,31 @@ def peft_magnitude(dora_scale: torch.Tensor, up: torch.Tensor) -> torch.Tensor |
     return flat if up.ndim == 2 else flat.reshape(1, out, *([1] * (up.ndim - 2)))
 
 
+#: LoKr's tensors (LyCORIS names, which diffusers' LoKr loader keeps)
+LOKR_FACTORS = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b")
+
+
+def peft_lokr(params: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
+    """A LoKr module as diffusers' LoKr loader reads it (``load_lora_adapter`` builds a
+    PEFT ``LoKrConfig`` with α = r from the factors' shapes), or None when the module is
+    not a LoKr PEFT can hold (a Tucker core or a DoRA magnitude; other algorithms).
+
+    PEFT's scale is then 1, so LoKr's own scale (α/r when a factor is low rank, else 1,
+    r the low-rank factors' inner size) is folded into the small factor ``w1`` (or
+    ``w1_a``) and no ``alpha`` is written: diffusers' own conversion of LyCORIS files
+    does the same."""
+    if not set(params) <= {*LOKR_FACTORS, "alpha"} or \
+            not {"lokr_w1", "lokr_w1_a"} & set(params):
+        return None
+    out = {k: v for k, v in params.items() if k != "alpha"}
+    low = params.get("lokr_w2_b", params.get("lokr_w1_b"))
+    if low is not None and "alpha" in params:
+        scale = float(params["alpha"]) / int(low.shape[0])
+        key = "lokr_w1" if "lokr_w1" in out else "lokr_w1_a"
+        out[key] = (out[key].float() * scale).to(out[key].dtype)
+    return out
+
+
 class PeftFormat:
     """diffusers/PEFT keys: ``<unet|transformer>.<path>.lora_A.weight`` / ``lora_B``.
 
@@ -150,6 +175,8 @@ class PeftFormat:
                 if magnitude is not None:
                     out[f"{stem}.{PEFT_MAGNITUDE}"] = magnitude
                     del rest["dora_scale"]
+            elif peft_lokr(params) is not None:
+                rest = peft_lokr(params) or {}
             else:
                 rest = dict(params)
             for param, tensor in rest.items():
@@ -212,15 +239,37 @@ def comfyui_limits(modules: Mapping[str, tuple[str, Collection[str]]]) -> list[s
     return out
 
 
-def diffusers_limits(modules: Mapping[str, tuple[str, Collection[str]]]) -> list[str]:
-    """diffusers' ``load_lora_weights`` reads LoRA (and DoRA) only: modules whose
-    tensors are not a LoRA's (by name, whichever algorithm wrote them)."""
-    def not_lora(algorithm: str, params: set[str]) -> bool:
-        return algorithm != "deltas" and not params <= LORA_PARAMS
+#: Layer names only the models whose diffusers pipeline reads LoKr have (its
+#: ``lora_state_dict`` lets ``.lokr_`` keys through): Flux.2's and Z-Image's.
+LOKR_PIPELINE_MARKERS = {
+    "Flux.2": (".to_qkv_mlp_proj", ".ff.linear_in", ".ff_context.linear_in",
+               "double_stream_modulation_", "single_stream_modulation", "time_guidance_embed"),
+    "Z-Image": (".attention.to_", ".feed_forward.w1", "cap_embedder", "all_x_embedder")}
 
-    other = sorted({a for a, p in modules.values() if not_lora(a, set(p))})
-    n = _count(modules, not_lora)
-    return [f"diffusers reads only LoRA (LoKr for a few pipelines, e.g. Flux.2); {n} "
+
+def lokr_pipeline(paths: Iterable[str]) -> str | None:
+    """The model whose diffusers pipeline reads LoKr files that module ``paths`` (of a
+    file, in diffusers' names) belong to, or None."""
+    names = list(paths)
+    return next((model for model, marks in LOKR_PIPELINE_MARKERS.items()
+                 if any(m in name for name in names for m in marks)), None)
+
+
+def diffusers_limits(modules: Mapping[str, tuple[str, Collection[str]]]) -> list[str]:
+    """diffusers' ``load_lora_weights`` reads LoRA (and DoRA) only, and LoKr (without a
+    Tucker core or DoRA, see ``peft_lokr``) for Flux.2 and Z-Image: modules whose
+    tensors are not such (by name, whichever algorithm wrote them)."""
+    reads_lokr = lokr_pipeline(modules) is not None
+    lokr_ok = {*LOKR_FACTORS, "alpha"}
+
+    def not_read(algorithm: str, params: set[str]) -> bool:
+        if algorithm == "deltas" or params <= LORA_PARAMS:
+            return False
+        return not (reads_lokr and params <= lokr_ok)
+
+    other = sorted({a for a, p in modules.values() if not_read(a, set(p))})
+    n = _count(modules, not_read)
+    return [f"diffusers reads only LoRA (and LoKr for Flux.2 and Z-Image); {n} "
             f"layer(s) of {', '.join(other)} are not applied there"] if n else []
 
 

@@ -38,6 +38,7 @@ from loraengine.core.files import (
 )
 from loraengine.core.plugins.host import PluginHost
 from loraengine.core.plugins.specs import ExporterSpec
+from loraengine.plugins.exporters import lokr_pipeline, peft_lokr
 
 #: consumer -> (exporter, the module layouts it is written in, best first; None: the
 #: exporter's own)
@@ -90,15 +91,19 @@ def _merged(base: nn.Module, layer: Any) -> torch.Tensor:
 
 
 def consumer_weight(target: str, base: nn.Module, params: Mapping[str, torch.Tensor],
-                    spec: Any) -> tuple[str, torch.Tensor] | None:
+                    spec: Any, reads_lokr: bool = False) -> tuple[str, torch.Tensor] | None:
     """How ``target`` reads one module differently from loraengine: (the limit, the
-    weight it computes), or ``None`` when it reads the module exactly."""
+    weight it computes), or ``None`` when it reads the module exactly. ``reads_lokr``:
+    the model is one whose diffusers pipeline reads LoKr (``lokr_pipeline``)."""
     weight = base.weight
     assert isinstance(weight, torch.Tensor)
     w = weight.detach().float()
     name = spec.name
     if target == "comfyui" and name == "ia3":
         return "ComfyUI has no IA3 (layers left unchanged)", w
+    if target == "diffusers" and reads_lokr and name == "lokr" and \
+            peft_lokr(params) is not None:
+        return None
     if target == "diffusers" and name != "lora":
         return f"diffusers reads only LoRA ({name} layers left unchanged)", w
     if target == "comfyui" and "rescale" in params:
@@ -124,6 +129,7 @@ def measure(target: str, file: AdapterFile, model: nn.Module) -> dict[str, tuple
     """``{limit: (max relative error, worst layer, layers)}`` of ``target`` reading
     ``file`` on ``model``."""
     found: dict[str, tuple[float, str, int]] = {}
+    reads_lokr = lokr_pipeline(file.modules) is not None
     for path, module in sorted(file.modules.items()):
         if not module.params or not module.owners:
             continue
@@ -132,7 +138,7 @@ def measure(target: str, file: AdapterFile, model: nn.Module) -> dict[str, tuple
         except AttributeError:
             continue
         spec = module.owners[0]
-        got = consumer_weight(target, base, module.params, spec)
+        got = consumer_weight(target, base, module.params, spec, reads_lokr)
         if got is None:
             continue
         limit, consumer = got
@@ -154,6 +160,10 @@ def unmeasured(target: str, file: AdapterFile) -> list[str]:
         out.append("ComfyUI never applies OFT's rescale")
     if target == "comfyui" and "dora_scale" in params:
         out.append("ComfyUI's DoRA normalises by the norm of W")
+    if target == "diffusers" and lokr_pipeline(file.modules) is not None and all(
+            peft_lokr(m.params) is not None for m in file.modules.values()
+            if m.algorithm == "lokr" and m.params):
+        names.discard("lokr")
     if target == "diffusers" and names - {"lora", None}:
         out.append(f"diffusers reads only LoRA (found {', '.join(sorted(n for n in names if n and n != 'lora'))})")
     return out
