@@ -22,6 +22,7 @@ import torch
 from loraengine.core.files import PEFT_MAGNITUDE
 from loraengine.core.plugins.hookspecs import hookimpl
 from loraengine.core.plugins.specs import ExporterSpec
+from loraengine.plugins.models import comfy_names
 from loraengine.plugins.models.unet_names import LDM, SAI
 
 Modules = Mapping[str, Mapping[str, torch.Tensor]]
@@ -47,9 +48,20 @@ class PrefixedFormat:
 
     def to_file(self, modules: Modules) -> dict[str, torch.Tensor]:
         out: dict[str, torch.Tensor] = {}
+        fused: dict[str, list] = {}
         for path, params in modules.items():
-            stem = self.encode(path)
+            native, band = comfy_names.parse(path)
+            if band == comfy_names.SWAP:
+                params = comfy_names.swapped(params, path)
+            elif band is not None:
+                fused.setdefault(native, []).append((band, path, params))
+                continue
+            stem = self.encode(native)
             for param, tensor in params.items():
+                out[f"{stem}.{param}"] = tensor
+        for native, parts in fused.items():
+            stem = self.encode(native)
+            for param, tensor in comfy_names.fuse(parts, native).items():
                 out[f"{stem}.{param}"] = tensor
         return out
 
@@ -67,11 +79,30 @@ class PrefixedFormat:
                 module = by_stem.get(stem, stem)
                 grouped.setdefault(module, {})[param] = tensors[key]
         else:
+            bands: dict[str, list[tuple[str, tuple[int, int, int]]]] = {}
+            for name in list(paths):
+                native, band = comfy_names.parse(name)
+                if isinstance(band, tuple):
+                    bands.setdefault(native, []).append((name, band))
+                elif band is not None:
+                    paths.add(native)
+            swapped = {comfy_names.parse(n)[0]: n for n in paths
+                       if comfy_names.parse(n)[1] == comfy_names.SWAP}
+            whole: dict[str, dict[str, torch.Tensor]] = {}
             for key in keys:
                 rest = key[len(self.prefix):]
-                found = _split_by_paths(rest, paths)
+                found = _split_by_paths(rest, paths | set(bands))
                 module, param = found if found else rest.rsplit(".", 1)
-                grouped.setdefault(module, {})[param] = tensors[key]
+                target = whole if module in bands or module in swapped else grouped
+                target.setdefault(module, {})[param] = tensors[key]
+            for native, params in whole.items():
+                if native in swapped:
+                    grouped[swapped[native]] = comfy_names.swapped(params, native)
+                    continue
+                for name, band in bands[native]:
+                    part = comfy_names.split(params, band, native)
+                    if part:
+                        grouped[name] = part
         return grouped
 
     def spec(self, description: str, layouts: tuple[str, ...] = (), limits=None
@@ -85,7 +116,7 @@ COMFYUI = PrefixedFormat("comfyui", "diffusion_model.", underscore=False)
 #: Module layouts each format writes where the model has them (``unet_names``):
 #: ComfyUI's own files name a UNet's layers as its checkpoints do (``input_blocks.*``);
 #: sd-scripts does so for SDXL only, and writes diffusers' names for SD1.x/2.x.
-COMFYUI_LAYOUTS = (LDM,)
+COMFYUI_LAYOUTS = (LDM, comfy_names.LAYOUT)
 KOHYA_LAYOUTS = (SAI,)
 
 #: Top-level modules of a diffusers UNet2DConditionModel: their files say ``unet.``.

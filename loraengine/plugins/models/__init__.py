@@ -5,9 +5,12 @@ diffusers, plus ``diffusers`` (any local UNet folder) and ``module`` (an in-memo
 
 from __future__ import annotations
 
+import dataclasses
+
 from loraengine.core.plugins.hookspecs import hookimpl
 from loraengine.plugins.models import (
     chroma,
+    comfy_names,
     diffusers_folder,
     flux,
     flux2,
@@ -25,9 +28,11 @@ from loraengine.plugins.models import (
 
 @hookimpl
 def loraengine_models():
-    return [diffusers_folder.SPEC, module.SPEC, *unet.SPECS, sd3.SPEC, flux.SPEC,
-            flux2.SPEC, qwen_image.SPEC, z_image.SPEC, lumina2.SPEC, chroma.SPEC,
-            hidream.SPEC, wan.SPEC]
+    # ComfyUI's own (original checkpoint) names, where its model is laid out so
+    comfy = [dataclasses.replace(spec, layouts=comfy_names.comfyui_layouts)
+             for spec in (sd3.SPEC, flux.SPEC, lumina2.SPEC, chroma.SPEC)]
+    return [diffusers_folder.SPEC, module.SPEC, *unet.SPECS, *comfy, flux2.SPEC,
+            qwen_image.SPEC, z_image.SPEC, hidream.SPEC, wan.SPEC]
 
 
 @hookimpl

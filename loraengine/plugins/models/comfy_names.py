@@ -1,0 +1,348 @@
+"""ComfyUI's own names for the layers of the transformer families whose ComfyUI model is
+laid out as the original checkpoint (FLUX.1 and Chroma: ``double_blocks`` /
+``single_blocks``; SD3: ``joint_blocks``; Lumina 2: ``layers.N.attention.qkv``).
+
+ComfyUI's trainer (TrainLoraNode/SaveLoRA) writes ``diffusion_model.<its name>`` for
+every layer it trains, and its loader always reads those names. Where ComfyUI's model
+fuses layers that diffusers keeps apart (q/k/v into one ``qkv``; FLUX.1's single-block
+q/k/v and MLP input into ``linear1``), one diffusers layer is a band of rows of the
+fused weight; where it stores (shift, scale) and diffusers (scale, shift), its rows are
+the two halves swapped. A layout name carries that, after ``#``:
+
+- ``double_blocks.0.img_attn.qkv#64,32,160``: rows 64–95 of a 160-row weight;
+- ``final_layer.adaLN_modulation.1#swap``: the same weight, halves swapped.
+
+The ``comfyui`` key format (``exporters.PrefixedFormat``) fuses such modules into one
+on writing (``fuse``) and splits a fused module back on reading (``split``), exactly
+for the algorithms whose ΔW can be stacked by rows (LoRA, LoHa, LoKr on whole blocks
+of its large factor, full ``diff``/``diff_b``). Qwen-Image and HiDream need none of
+this: ComfyUI's models of them use diffusers' own names.
+
+The tables are facts of the original checkpoints (which diffusers' single-file
+converters read, and ComfyUI's ``flux_to_diffusers``/``mmdit_to_diffusers`` maps name);
+``tests/fixtures/interop/make_comfyui_transformer_fixtures.py`` checks them against
+ComfyUI's own model and loader.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Mapping
+
+import torch
+from torch import nn
+
+from loraengine.core.errors import DataError
+
+#: the layout these names are offered as (``ModelFamilySpec.layouts``)
+LAYOUT = "comfyui"
+SWAP = "swap"
+
+# -- the names -----------------------------------------------------------------------
+
+_FLUX_DOUBLE = {"attn.to_out.0": "img_attn.proj", "attn.to_add_out": "txt_attn.proj",
+                "norm1.linear": "img_mod.lin", "norm1_context.linear": "txt_mod.lin",
+                "ff.net.0.proj": "img_mlp.0", "ff.net.2": "img_mlp.2",
+                "ff_context.net.0.proj": "txt_mlp.0", "ff_context.net.2": "txt_mlp.2"}
+_FLUX_DOUBLE_FUSED = {"img_attn.qkv": ("attn.to_q", "attn.to_k", "attn.to_v"),
+                      "txt_attn.qkv": ("attn.add_q_proj", "attn.add_k_proj",
+                                       "attn.add_v_proj")}
+_FLUX_SINGLE = {"norm.linear": "modulation.lin", "proj_out": "linear2"}
+_FLUX_SINGLE_FUSED = {"linear1": ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp")}
+_FLUX_TOP = {"x_embedder": "img_in", "context_embedder": "txt_in",
+             "proj_out": "final_layer.linear",
+             "time_text_embed.timestep_embedder.linear_1": "time_in.in_layer",
+             "time_text_embed.timestep_embedder.linear_2": "time_in.out_layer",
+             "time_text_embed.text_embedder.linear_1": "vector_in.in_layer",
+             "time_text_embed.text_embedder.linear_2": "vector_in.out_layer",
+             "time_text_embed.guidance_embedder.linear_1": "guidance_in.in_layer",
+             "time_text_embed.guidance_embedder.linear_2": "guidance_in.out_layer",
+             # Chroma's modulation approximator
+             "distilled_guidance_layer.in_proj": "distilled_guidance_layer.in_proj",
+             "distilled_guidance_layer.out_proj": "distilled_guidance_layer.out_proj"}
+_FLUX_TOP_SWAPPED = {"norm_out.linear": "final_layer.adaLN_modulation.1"}
+_CHROMA_LAYER = re.compile(r"^distilled_guidance_layer\.layers\.(\d+)\.linear_([12])$")
+
+_SD3_BLOCK = {"attn.to_out.0": "x_block.attn.proj", "attn.to_add_out": "context_block.attn.proj",
+              "attn2.to_out.0": "x_block.attn2.proj",
+              "norm1.linear": "x_block.adaLN_modulation.1",
+              "norm1_context.linear": "context_block.adaLN_modulation.1",
+              "ff.net.0.proj": "x_block.mlp.fc1", "ff.net.2": "x_block.mlp.fc2",
+              "ff_context.net.0.proj": "context_block.mlp.fc1",
+              "ff_context.net.2": "context_block.mlp.fc2"}
+_SD3_FUSED = {"x_block.attn.qkv": ("attn.to_q", "attn.to_k", "attn.to_v"),
+              "context_block.attn.qkv": ("attn.add_q_proj", "attn.add_k_proj",
+                                         "attn.add_v_proj"),
+              "x_block.attn2.qkv": ("attn2.to_q", "attn2.to_k", "attn2.to_v")}
+_SD3_TOP = {"pos_embed.proj": "x_embedder.proj", "context_embedder": "context_embedder",
+            "time_text_embed.timestep_embedder.linear_1": "t_embedder.mlp.0",
+            "time_text_embed.timestep_embedder.linear_2": "t_embedder.mlp.2",
+            "time_text_embed.text_embedder.linear_1": "y_embedder.mlp.0",
+            "time_text_embed.text_embedder.linear_2": "y_embedder.mlp.2",
+            "proj_out": "final_layer.linear"}
+
+_LUMINA_BLOCK = {"attn.to_out.0": "attention.out", "feed_forward.linear_1": "feed_forward.w1",
+                 "feed_forward.linear_2": "feed_forward.w2",
+                 "feed_forward.linear_3": "feed_forward.w3",
+                 "norm1.linear": "adaLN_modulation.1"}
+_LUMINA_FUSED = {"attention.qkv": ("attn.to_q", "attn.to_k", "attn.to_v")}
+_LUMINA_TOP = {"x_embedder": "x_embedder",
+               "time_caption_embed.caption_embedder.1": "cap_embedder.1",
+               "time_caption_embed.timestep_embedder.linear_1": "t_embedder.mlp.0",
+               "time_caption_embed.timestep_embedder.linear_2": "t_embedder.mlp.2",
+               "norm_out.linear_1": "final_layer.adaLN_modulation.1",
+               "norm_out.linear_2": "final_layer.linear"}
+
+
+def _out(model: nn.Module, path: str) -> int | None:
+    try:
+        weight = model.get_submodule(path).weight
+    except AttributeError:
+        return None
+    return int(weight.shape[0]) if isinstance(weight, torch.Tensor) else None
+
+
+def _blocks(model: nn.Module, container: str) -> int:
+    blocks = getattr(model, container, None)
+    return len(blocks) if isinstance(blocks, nn.ModuleList) else 0
+
+
+def _add_block(names: dict[str, str], model: nn.Module, here: str, there: str,
+               plain: Mapping[str, str], fused: Mapping[str, tuple[str, ...]]) -> None:
+    for ours, theirs in plain.items():
+        if _out(model, f"{here}.{ours}") is not None:
+            names[f"{here}.{ours}"] = f"{there}.{theirs}"
+    for theirs, parts in fused.items():
+        sizes = [_out(model, f"{here}.{part}") for part in parts]
+        if any(s is None for s in sizes):
+            continue
+        total, offset = sum(s for s in sizes if s is not None), 0
+        for part, size in zip(parts, sizes, strict=True):
+            names[f"{here}.{part}"] = f"{there}.{theirs}#{offset},{size},{total}"
+            offset += size or 0
+
+
+def _add_top(names: dict[str, str], model: nn.Module, table: Mapping[str, str],
+             suffix: str = "") -> None:
+    for ours, theirs in table.items():
+        if _out(model, ours) is not None:
+            names[ours] = theirs + suffix
+
+
+def flux_names(model: nn.Module) -> dict[str, str]:
+    """FLUX.1 and Chroma (``FluxTransformer2DModel`` / ``ChromaTransformer2DModel``)."""
+    names: dict[str, str] = {}
+    for i in range(_blocks(model, "transformer_blocks")):
+        _add_block(names, model, f"transformer_blocks.{i}", f"double_blocks.{i}",
+                   _FLUX_DOUBLE, _FLUX_DOUBLE_FUSED)
+    for i in range(_blocks(model, "single_transformer_blocks")):
+        _add_block(names, model, f"single_transformer_blocks.{i}", f"single_blocks.{i}",
+                   _FLUX_SINGLE, _FLUX_SINGLE_FUSED)
+    _add_top(names, model, _FLUX_TOP)
+    _add_top(names, model, _FLUX_TOP_SWAPPED, "#" + SWAP)
+    for path, module in model.named_modules():
+        m = _CHROMA_LAYER.match(path)
+        if m and isinstance(module, nn.Linear):
+            which = "in_layer" if m.group(2) == "1" else "out_layer"
+            names[path] = f"distilled_guidance_layer.layers.{m.group(1)}.{which}"
+    return names
+
+
+def sd3_names(model: nn.Module) -> dict[str, str]:
+    """SD3 / 3.5 (``SD3Transformer2DModel``): the last joint block's context half only
+    modulates its input, and stores (shift, scale) as the final layer does."""
+    names: dict[str, str] = {}
+    count = _blocks(model, "transformer_blocks")
+    for i in range(count):
+        _add_block(names, model, f"transformer_blocks.{i}", f"joint_blocks.{i}",
+                   _SD3_BLOCK, _SD3_FUSED)
+    last = f"transformer_blocks.{count - 1}.norm1_context.linear"
+    if last in names:
+        names[last] += "#" + SWAP
+    _add_top(names, model, _SD3_TOP)
+    _add_top(names, model, {"norm_out.linear": "final_layer.adaLN_modulation.1"}, "#" + SWAP)
+    return names
+
+
+def lumina2_names(model: nn.Module) -> dict[str, str]:
+    """Lumina-Image 2.0 (``Lumina2Transformer2DModel``, ComfyUI's NextDiT)."""
+    names: dict[str, str] = {}
+    for container in ("noise_refiner", "context_refiner", "layers"):
+        for i in range(_blocks(model, container)):
+            _add_block(names, model, f"{container}.{i}", f"{container}.{i}",
+                       _LUMINA_BLOCK, _LUMINA_FUSED)
+    _add_top(names, model, _LUMINA_TOP)
+    return names
+
+
+#: diffusers class -> its ComfyUI names
+BY_CLASS: dict[str, Callable[[nn.Module], dict[str, str]]] = {
+    "FluxTransformer2DModel": flux_names, "ChromaTransformer2DModel": flux_names,
+    "SD3Transformer2DModel": sd3_names, "Lumina2Transformer2DModel": lumina2_names}
+
+
+def comfyui_layouts(model: nn.Module) -> dict[str, dict[str, str]]:
+    """``ModelFamilySpec.layouts`` of these families: ``{"comfyui": {path: name}}``,
+    empty for a model of another class."""
+    names = BY_CLASS.get(type(model).__name__)
+    return {LAYOUT: names(model)} if names is not None else {}
+
+
+# -- one band of rows of a fused layer -----------------------------------------------
+
+def parse(name: str) -> tuple[str, tuple[int, int, int] | str | None]:
+    """``(ComfyUI module, (offset, size, total) | "swap" | None)`` of a layout name."""
+    base, sep, tail = name.partition("#")
+    if not sep:
+        return name, None
+    if tail == SWAP:
+        return base, SWAP
+    offset, size, total = (int(v) for v in tail.split(","))
+    return base, (offset, size, total)
+
+
+#: per algorithm, the tensors whose rows are the layer's output rows, and the ones
+#: every row shares
+_ROWS = {"lora_up.weight", "hada_w1_a", "hada_w2_a", "diff", "diff_b", "dora_scale"}
+_LORA = {"lora_down.weight", "lora_up.weight", "alpha", "dora_scale", "diff_b"}
+_LOHA = {"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "alpha", "diff_b"}
+_LOKR_W1 = ("lokr_w1", "lokr_w1_a")
+
+
+def _swap(t: torch.Tensor) -> torch.Tensor:
+    first, second = t.chunk(2, dim=0)
+    return torch.cat([second, first], dim=0)
+
+
+def swapped(params: Mapping[str, torch.Tensor], where: str) -> dict[str, torch.Tensor]:
+    """A module's tensors for the same layer with its two row halves swapped (its own
+    inverse): exact for every algorithm whose rows are rows of one tensor, and for LoKr
+    when its small factor has an even number of rows."""
+    out = dict(params)
+    for key in _ROWS & set(params):
+        out[key] = _swap(params[key])
+    w1 = next((k for k in _LOKR_W1 if k in params), None)
+    if w1 is not None:
+        if params[w1].shape[0] % 2:
+            raise DataError(f"module {where}: LoKr with an odd number of rows in its small "
+                            f"factor cannot be written with the layer's halves swapped")
+        out[w1] = _swap(params[w1])
+    other = set(params) - _LORA - _LOHA - _ROWS - {"lokr_w1", "lokr_w1_a", "lokr_w1_b",
+                                                   "lokr_w2", "lokr_w2_a", "lokr_w2_b"}
+    if other:
+        raise DataError(f"module {where}: {', '.join(sorted(other))} cannot be written with "
+                        f"the layer's halves swapped (ComfyUI stores them the other way)")
+    return out
+
+
+def _scale(params: Mapping[str, torch.Tensor], rank: int) -> float:
+    return float(params["alpha"]) / rank if "alpha" in params else 1.0
+
+
+def fuse(parts: list[tuple[tuple[int, int, int], str, Mapping[str, torch.Tensor]]],
+         native: str) -> dict[str, torch.Tensor]:
+    """One module of the fused layer ``native`` from its parts' modules (``(band, our
+    path, tensors)``): LoRA as rank Σr with ``lora_down`` stacked and ``lora_up`` block
+    diagonal, LoHa likewise for both products; rows of a missing part stay zero. Each
+    part's scale α/r is kept (as α = s·Σr where all agree, else folded into its rows)."""
+    total = parts[0][0][2]
+    keys = [set(p) for _, _, p in parts]
+    if all(k <= _LORA and {"lora_down.weight", "lora_up.weight"} <= k for k in keys):
+        pairs = [("lora_up.weight", "lora_down.weight")]
+    elif all(k <= _LOHA and {"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"} <= k
+             for k in keys):
+        pairs = [("hada_w1_a", "hada_w1_b"), ("hada_w2_a", "hada_w2_b")]
+    else:
+        paths = ", ".join(path for _, path, _ in parts)
+        raise DataError(f"modules {paths}: ComfyUI's model fuses them into {native}, and "
+                        f"only LoRA and LoHa fuse exactly (use the diffusers exporter, whose "
+                        f"names ComfyUI reads for this model, or adapt them with LoRA)")
+    if any("dora_scale" in k for k in keys) and (
+            sum(b[1] for b, _, _ in parts) != total
+            or not all("dora_scale" in k for k in keys)):
+        raise DataError(f"module {native}: DoRA on only some of the layers ComfyUI fuses "
+                        f"into it has no ComfyUI form")
+    ranks = [int(p[pairs[0][1]].shape[0]) for _, _, p in parts]
+    scales = [_scale(p, r) for (_, _, p), r in zip(parts, ranks, strict=True)]
+    rank = sum(ranks)
+    common = all(s == scales[0] for s in scales)
+    ref = parts[0][2][pairs[0][0]]
+    out: dict[str, torch.Tensor] = {}
+    for up_key, down_key in pairs:
+        up = torch.zeros(total, rank, *ref.shape[2:], dtype=ref.dtype)
+        downs, col = [], 0
+        for ((offset, size, _), _, p), r, s in zip(parts, ranks, scales, strict=True):
+            block = p[up_key] if common or up_key == "hada_w2_a" else \
+                (p[up_key].float() * s).to(ref.dtype)
+            up[offset:offset + size, col:col + r] = block
+            downs.append(p[down_key])
+            col += r
+        out[up_key], out[down_key] = up, torch.cat(downs, dim=0)
+    out["alpha"] = torch.tensor(scales[0] * rank if common else float(rank))
+    for key in ("diff_b", "dora_scale"):
+        if any(key in k for k in keys):
+            ex = next(p[key] for _, _, p in parts if key in p)
+            fused = torch.zeros(total, *ex.shape[1:], dtype=ex.dtype)
+            for (offset, size, _), _, p in parts:
+                if key in p:
+                    fused[offset:offset + size] = p[key]
+            out[key] = fused
+    return out
+
+
+def _used(columns: torch.Tensor) -> torch.Tensor:
+    """Indices of the columns of ``columns`` (rows × rank) that are not all zero."""
+    return (columns.reshape(columns.shape[0], columns.shape[1], -1) != 0).any(dim=2) \
+        .any(dim=0).nonzero().flatten()
+
+
+def split(params: Mapping[str, torch.Tensor], band: tuple[int, int, int], native: str
+          ) -> dict[str, torch.Tensor] | None:
+    """The module of rows ``band`` of the fused layer ``native``'s module ``params``
+    (None: no tensor of it touches those rows). LoRA/LoHa keep the ranks whose
+    ``up`` columns are not zero on the band (α scaled along, so α/r is unchanged);
+    LoKr needs the band to be whole blocks of its large factor's rows."""
+    offset, size, _ = band
+    rows = slice(offset, offset + size)
+    keys = set(params)
+    out: dict[str, torch.Tensor] = {}
+    if {"lora_down.weight", "lora_up.weight"} <= keys and keys <= _LORA | {"diff"}:
+        up, down = params["lora_up.weight"][rows], params["lora_down.weight"]
+        used = _used(up)
+        if used.numel():
+            out["lora_up.weight"], out["lora_down.weight"] = up[:, used], down[used]
+            rank = int(down.shape[0])
+            alpha = float(params["alpha"]) if "alpha" in params else float(rank)
+            out["alpha"] = torch.tensor(alpha * used.numel() / rank)
+    elif {"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"} <= keys and keys <= _LOHA:
+        a1, a2 = params["hada_w1_a"][rows], params["hada_w2_a"][rows]
+        u1, u2 = _used(a1), _used(a2)
+        rank = int(params["hada_w1_b"].shape[0])
+        if u1.numel() == u2.numel() and u1.numel():
+            out.update(hada_w1_a=a1[:, u1], hada_w1_b=params["hada_w1_b"][u1],
+                       hada_w2_a=a2[:, u2], hada_w2_b=params["hada_w2_b"][u2])
+            kept = u1.numel()
+        else:
+            out.update(hada_w1_a=a1, hada_w1_b=params["hada_w1_b"], hada_w2_a=a2,
+                       hada_w2_b=params["hada_w2_b"])
+            kept = rank
+        alpha = float(params["alpha"]) if "alpha" in params else float(rank)
+        out["alpha"] = torch.tensor(alpha * kept / rank)
+    elif any(k.startswith("lokr_") for k in keys):
+        w2 = params.get("lokr_w2", params.get("lokr_w2_a"))
+        block = int(w2.shape[0]) if w2 is not None else 0
+        if not block or offset % block or size % block:
+            raise DataError(f"{native}: a LoKr module over ComfyUI's fused layer cannot be "
+                            f"split at rows {offset}–{offset + size} (not whole blocks of "
+                            f"{block} rows)")
+        small = slice(offset // block, (offset + size) // block)
+        out = {k: v for k, v in params.items() if k not in ("diff_b", "dora_scale")}
+        w1 = "lokr_w1" if "lokr_w1" in params else "lokr_w1_a"
+        out[w1] = params[w1][small]
+    elif not keys <= {"diff", "diff_b"}:
+        raise DataError(f"{native}: {', '.join(sorted(keys))} over ComfyUI's fused layer "
+                        f"cannot be split into the diffusers model's layers")
+    for key in ("diff", "diff_b", "dora_scale"):
+        if key in params:
+            out[key] = params[key][rows]
+    return out or None
