@@ -85,8 +85,15 @@ _LUMINA_BLOCK = {"attn.to_out.0": "attention.out", "feed_forward.linear_1": "fee
                  "feed_forward.linear_2": "feed_forward.w2",
                  "feed_forward.linear_3": "feed_forward.w3",
                  "norm1.linear": "adaLN_modulation.1"}
+#: the norms ComfyUI's trainer also trains (a ``diff`` each); a context-refiner block
+#: has no modulation, so its first norm is ``norm1`` itself in diffusers
+_LUMINA_NORMS = {"norm1.norm": "attention_norm1", "norm1": "attention_norm1",
+                 "norm2": "attention_norm2", "ffn_norm1": "ffn_norm1",
+                 "ffn_norm2": "ffn_norm2", "attn.norm_q": "attention.q_norm",
+                 "attn.norm_k": "attention.k_norm"}
 _LUMINA_FUSED = {"attention.qkv": ("attn.to_q", "attn.to_k", "attn.to_v")}
 _LUMINA_TOP = {"x_embedder": "x_embedder",
+               "time_caption_embed.caption_embedder.0": "cap_embedder.0",
                "time_caption_embed.caption_embedder.1": "cap_embedder.1",
                "time_caption_embed.timestep_embedder.linear_1": "t_embedder.mlp.0",
                "time_caption_embed.timestep_embedder.linear_2": "t_embedder.mlp.2",
@@ -96,7 +103,7 @@ _LUMINA_TOP = {"x_embedder": "x_embedder",
 
 def _out(model: nn.Module, path: str) -> int | None:
     try:
-        weight = model.get_submodule(path).weight
+        weight = getattr(model.get_submodule(path), "weight", None)
     except AttributeError:
         return None
     return int(weight.shape[0]) if isinstance(weight, torch.Tensor) else None
@@ -169,8 +176,12 @@ def lumina2_names(model: nn.Module) -> dict[str, str]:
     names: dict[str, str] = {}
     for container in ("noise_refiner", "context_refiner", "layers"):
         for i in range(_blocks(model, container)):
-            _add_block(names, model, f"{container}.{i}", f"{container}.{i}",
-                       _LUMINA_BLOCK, _LUMINA_FUSED)
+            here = f"{container}.{i}"
+            _add_block(names, model, here, here, _LUMINA_BLOCK, _LUMINA_FUSED)
+            for ours, theirs in _LUMINA_NORMS.items():
+                if _out(model, f"{here}.{ours}") is not None and \
+                        f"{here}.{ours}" not in names:
+                    names[f"{here}.{ours}"] = f"{here}.{theirs}"
     _add_top(names, model, _LUMINA_TOP)
     return names
 
@@ -253,10 +264,9 @@ def fuse(parts: list[tuple[tuple[int, int, int], str, Mapping[str, torch.Tensor]
              for k in keys):
         pairs = [("hada_w1_a", "hada_w1_b"), ("hada_w2_a", "hada_w2_b")]
     else:
-        paths = ", ".join(path for _, path, _ in parts)
-        raise DataError(f"modules {paths}: ComfyUI's model fuses them into {native}, and "
-                        f"only LoRA and LoHa fuse exactly (use the diffusers exporter, whose "
-                        f"names ComfyUI reads for this model, or adapt them with LoRA)")
+        raise DataError(f"module {native}: ComfyUI's model fuses {len(parts)} layer(s) "
+                        f"into it, and only LoRA and LoHa fuse exactly (use the diffusers "
+                        f"exporter, or LoRA/LoHa on those layers)")
     if any("dora_scale" in k for k in keys) and (
             sum(b[1] for b, _, _ in parts) != total
             or not all("dora_scale" in k for k in keys)):
