@@ -121,6 +121,30 @@ def sd3_transformer(seed: int = 0) -> Any:
         caption_projection_dim=16, pooled_projection_dim=16, pos_embed_max_size=32)
 
 
+def sd3_comfyui_transformer(seed: int = 0) -> Any:
+    """A tiny SD3 transformer ComfyUI can build too: ComfyUI reads an SD3 model's width
+    as 64 · depth and matches 16 latent channels."""
+    from diffusers import SD3Transformer2DModel
+
+    torch.manual_seed(seed)
+    return SD3Transformer2DModel(
+        sample_size=16, patch_size=2, in_channels=16, out_channels=16, num_layers=2,
+        attention_head_dim=64, num_attention_heads=2, joint_attention_dim=32,
+        caption_projection_dim=128, pooled_projection_dim=16, pos_embed_max_size=32)
+
+
+def comfyui_transformer(family: str, seed: int = 0) -> Any:
+    """The tiny transformer of ``family`` as the ComfyUI fixtures build it (eval mode):
+    ``flux``, ``chroma``, ``sd3``, ``lumina2``, ``qwen_image`` or ``hidream``."""
+    if family == "sd3":
+        model = sd3_comfyui_transformer(seed)
+    elif family == "flux":
+        model = flux_transformer(seed)
+    else:
+        model = DENOISERS[family][1](seed)
+    return model.eval()
+
+
 def flux_transformer(seed: int = 0, guidance: bool = True) -> Any:
     from diffusers import FluxTransformer2DModel
 

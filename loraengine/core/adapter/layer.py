@@ -39,8 +39,9 @@ def weight_of(layer: nn.Module) -> torch.Tensor:
 
 
 def bias_of(layer: nn.Module) -> torch.Tensor | None:
-    """``layer.bias`` as a tensor or ``None`` (typed as :func:`weight_of` says)."""
-    return cast("torch.Tensor | None", layer.bias)
+    """``layer.bias`` as a tensor or ``None`` (typed as :func:`weight_of` says; torch's
+    ``nn.RMSNorm`` has no ``bias`` attribute at all)."""
+    return cast("torch.Tensor | None", getattr(layer, "bias", None))
 
 
 def layer_op(base: nn.Module, x: torch.Tensor, weight: torch.Tensor,

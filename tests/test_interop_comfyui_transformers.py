@@ -1,0 +1,189 @@
+"""Transformer-family files as ComfyUI writes and reads them, pinned by fixtures made
+with ComfyUI's own code (tests/fixtures/interop/make_comfyui_transformer_fixtures.py;
+the commit is in the key files): FLUX.1, Chroma, SD3, Lumina 2, Qwen-Image, HiDream.
+
+The fixtures hold, for the tiny transformers of ``tiny_pipelines.comfyui_transformer``
+(seeded as the script seeds them), every key ComfyUI's ``model_lora_keys_unet`` accepts
+and the weight (or band of a fused weight) it patches, the keys and shapes its
+TrainLoraNode saves, one TrainLoraNode-layout LoRA file and the weights ComfyUI patched
+from it.
+
+Tolerance of the patched weights: the file's values are bf16, upcast exactly on both
+sides; each side computes up·down·α/r and W + ΔW in fp32, ComfyUI on the fused weight
+and loraengine per diffusers layer, the same products in the same order per row: a few
+ulps of |W + ΔW| at most, far below the 1e-4 relative bound of docs/compatibility.md.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import loraengine
+from loraengine.core.adapter import ADAPTABLE, AdapterNetwork
+from loraengine.core.adapter.network import select_layers
+from loraengine.core.errors import LoraEngineError
+from loraengine.core.files import in_layout, module_layouts, write_adapter_file
+from loraengine.plugins import build_plugin_manager
+from loraengine.plugins.models import comfy_names
+from loraengine.testing import tiny_pipelines as tp
+from loraengine.testing.conformance import perturb, relative_error
+
+FIXTURES = Path(__file__).parent / "fixtures" / "interop"
+HOST = build_plugin_manager()
+REG = HOST.registry
+FAMILIES = ("flux", "chroma", "sd3", "lumina2", "qwen_image", "hidream")
+#: families whose ComfyUI model is named as diffusers names it
+SAME_NAMES = ("qwen_image", "hidream")
+TOL = 1e-4
+
+
+def _keys(family: str) -> dict:
+    return json.loads((FIXTURES / f"{family}_comfyui_transformer.json").read_text())
+
+
+def _network(model, algorithm: str, options: dict | None = None) -> AdapterNetwork:
+    spec = REG.get("adapter", algorithm)
+    config = spec.config_model.model_validate(options or {})
+    g = torch.Generator().manual_seed(0)
+    layers = {}
+    for i, (path, base) in enumerate(sorted(select_layers(model, ["*"], [], ADAPTABLE).items())):
+        if isinstance(base, (torch.nn.Linear, torch.nn.Conv2d)):
+            layer = spec.create(base, 2, 3.0, config, g)
+            layer.algorithm = algorithm
+            perturb(layer, i)
+            layers[path] = layer
+    return AdapterNetwork(layers)
+
+
+def _export(model, network, exporter: str) -> dict[str, torch.Tensor]:
+    spec = REG.get("exporter", exporter)
+    return spec.to_file(in_layout(network.file_modules(), spec, module_layouts(REG, model)))
+
+
+def _native(model, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A diffusers state dict in ComfyUI's names, by the layout (bands concatenated in
+    row order, swapped halves swapped)."""
+    names = module_layouts(REG, model).get(comfy_names.LAYOUT, {})
+    out: dict[str, torch.Tensor] = {}
+    fused: dict[str, list] = {}
+    for key, value in state.items():
+        module, _, param = key.rpartition(".")
+        if module not in names:
+            out[key] = value
+            continue
+        native, band = comfy_names.parse(names[module])
+        if isinstance(band, tuple):
+            fused.setdefault(f"{native}.{param}", []).append((band[0], value))
+        elif band == comfy_names.SWAP:
+            first, second = value.chunk(2)
+            out[f"{native}.{param}"] = torch.cat([second, first])
+        else:
+            out[f"{native}.{param}"] = value
+    for key, parts in fused.items():
+        out[key] = torch.cat([v for _, v in sorted(parts, key=lambda p: p[0])])
+    return out
+
+
+def _modules(keys) -> set[str]:
+    out = set()
+    for key in keys:
+        stem = key.rsplit(".", 1)[0]
+        for tail in (".lora_up", ".lora_down", ".lora_A", ".lora_B"):
+            stem = stem.removesuffix(tail)
+        out.add(stem)
+    return out
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_comfyui_export_has_trainloranodes_modules_and_shapes(family):
+    """A LoRA on every Linear, exported for ComfyUI, names exactly the modules
+    TrainLoraNode trains that are Linears (its ≥2-D weights), fused where ComfyUI's
+    model is, with the same ``lora_up`` rows and ``lora_down`` columns."""
+    model = tp.comfyui_transformer(family)
+    theirs = _keys(family)["trainlora_keys"]
+    ours = _export(model, _network(model, "lora"), "comfyui")
+    linear = {k.removesuffix(".lora_up.weight") for k in theirs if k.endswith(".lora_up.weight")}
+    assert {k.removesuffix(".lora_up.weight") for k in ours if k.endswith(".lora_up.weight")} \
+        == linear
+    for stem in linear:
+        assert ours[f"{stem}.lora_up.weight"].shape[0] == theirs[f"{stem}.lora_up.weight"][0]
+        # (TrainLoraNode flattens a convolution's lora_down to [r, in·k·k])
+        down = ours[f"{stem}.lora_down.weight"]
+        assert down[0].numel() == theirs[f"{stem}.lora_down.weight"][1]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("exporter", ["comfyui", "diffusers"])
+def test_every_exported_module_is_a_key_comfyui_loads(family, exporter):
+    """Each module of the export is a key of ComfyUI's ``model_lora_keys_unet`` for
+    that model — except where ComfyUI has no diffusers map (Lumina 2) or one without
+    Chroma's modulation approximator, the limits docs/compatibility.md names."""
+    model = tp.comfyui_transformer(family)
+    key_map = _keys(family)["model_lora_keys_unet"]
+    stems = _modules(_export(model, _network(model, "lora"), exporter))
+    unloaded = sorted(s for s in stems if s not in key_map)
+    if exporter == "diffusers" and family == "lumina2":
+        assert len(unloaded) == len(stems)  # ComfyUI maps no diffusers name for it
+    elif exporter == "diffusers" and family == "chroma":
+        assert unloaded and all(".distilled_guidance_layer." in s for s in unloaded)
+    else:
+        assert unloaded == []
+    if exporter == "comfyui":  # and each points at the weight of its own name
+        assert all(key_map[s] == f"{s}.weight" for s in stems)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_trainloranode_file_applies_with_comfyuis_weights(family):
+    """TrainLoraNode's layout (fused LoRAs, ``diff`` on norms, ``diff_b`` on biases)
+    applied to the diffusers model gives the weights ComfyUI patched from it."""
+    model = tp.comfyui_transformer(family)
+    tensors = load_file(str(FIXTURES / f"{family}_trainlora_lora.safetensors"))
+    if family == "lumina2":
+        # ComfyUI's NextDiT has a final norm it never uses; diffusers' model has none
+        with pytest.raises(LoraEngineError, match="norm_final"):
+            loraengine.apply(tp.comfyui_transformer(family), dict(tensors), mode="merge",
+                             host=HOST)
+        tensors = {k: v for k, v in tensors.items() if not k.startswith(
+            "diffusion_model.norm_final.")}
+    handle = loraengine.apply(model, tensors, mode="merge", host=HOST)
+    assert handle.modules
+    patched = load_file(str(FIXTURES / f"{family}_trainlora_lora_patched.safetensors"))
+    ours = _native(model, {k: v.detach() for k, v in model.state_dict().items()})
+    base = _native(model, tp.comfyui_transformer(family).state_dict())
+    assert patched
+    for key, want in patched.items():
+        assert relative_error(ours[key], base[key]) > TOL, key  # the file changed it here
+        assert relative_error(ours[key], want) <= TOL, key
+
+
+@pytest.mark.parametrize("family", [f for f in FAMILIES if f not in SAME_NAMES])
+@pytest.mark.parametrize("algorithm", ["lora", "loha"])
+def test_the_fused_layout_reads_back_to_the_same_delta(family, algorithm, tmp_path):
+    """Written fused, read on the diffusers model: every module back on its layer with
+    the rank it had and the ΔW it had (bit for bit: the split keeps the same numbers)."""
+    model = tp.comfyui_transformer(family)
+    network = _network(model, algorithm)
+    path = tmp_path / "c.safetensors"
+    write_adapter_file(path, network.file_modules(), REG.get("exporter", "comfyui"), {},
+                       module_layouts(REG, model))
+    target = tp.comfyui_transformer(family)
+    handle = loraengine.apply(target, path, mode="merge", host=HOST)
+    assert sorted(handle.modules) == sorted(network.paths)
+    network.merge()
+    for p in network.paths:
+        assert torch.equal(target.get_submodule(p).weight, model.get_submodule(p).weight), p
+
+
+@pytest.mark.parametrize("family", ["flux", "sd3", "lumina2"])
+def test_lokr_over_a_fused_layer_is_refused_with_one_line(family):
+    """LoKr's ΔW over q, k and v stacked is no Kronecker product: the comfyui format
+    refuses it, naming the fused layer and what to use instead."""
+    model = tp.comfyui_transformer(family)
+    with pytest.raises(LoraEngineError, match=r"fuses \d+ layer\(s\) into it.*diffusers "
+                       r"exporter"):
+        _export(model, _network(model, "lokr", {"factor": -1}), "comfyui")
