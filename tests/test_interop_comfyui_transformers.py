@@ -180,10 +180,58 @@ def test_the_fused_layout_reads_back_to_the_same_delta(family, algorithm, tmp_pa
 
 
 @pytest.mark.parametrize("family", ["flux", "sd3", "lumina2"])
-def test_lokr_over_a_fused_layer_is_refused_with_one_line(family):
-    """LoKr's ΔW over q, k and v stacked is no Kronecker product: the comfyui format
-    refuses it, naming the fused layer and what to use instead."""
+def test_lokr_over_a_fused_layer_keeps_diffusers_names_and_reads_back(family, tmp_path):
+    """LoKr's ΔW over q, k and v stacked is no Kronecker product: those modules keep
+    their diffusers names (ComfyUI does not load them, as the limit says), the others
+    take ComfyUI's; read back, every module is placed with its ΔW."""
     model = tp.comfyui_transformer(family)
-    with pytest.raises(LoraEngineError, match=r"fuses \d+ layer\(s\) into it.*diffusers "
-                       r"exporter"):
-        _export(model, _network(model, "lokr", {"factor": -1}), "comfyui")
+    network = _network(model, "lokr", {"factor": -1})
+    path = tmp_path / "k.safetensors"
+    tensors = write_adapter_file(path, network.file_modules(), REG.get("exporter", "comfyui"),
+                                 {}, module_layouts(REG, model))
+    key_map = _keys(family)["model_lora_keys_unet"]
+    stems = _modules(tensors)
+    unloaded = sorted(s for s in stems if s not in key_map)
+    names = module_layouts(REG, model)[comfy_names.LAYOUT]
+    banded = sorted(f"diffusion_model.{p}" for p, n in names.items()
+                    if isinstance(comfy_names.parse(n)[1], tuple) and p in network.paths)
+    assert unloaded == banded and banded
+    target = tp.comfyui_transformer(family)
+    handle = loraengine.apply(target, path, mode="merge", host=HOST)
+    assert sorted(handle.modules) == sorted(network.paths)
+    network.merge()
+    for p in network.paths:
+        assert torch.equal(target.get_submodule(p).weight, model.get_submodule(p).weight), p
+
+
+def test_training_lokr_for_comfyui_on_flux_warns_before_training(tmp_path):
+    """``loraengine train`` says so before training (the check sees the names the file
+    will have), one line naming the consumer and the way out; LoRA does not."""
+    import yaml
+    from click.testing import CliRunner
+    from safetensors.torch import save_file
+
+    from loraengine.cli.main import cli
+
+    folder = tp.save("flux", tmp_path / "flux")
+    g = torch.Generator().manual_seed(1)
+    save_file({"latents": torch.randn(2, 4, 8, 8, generator=g)}, str(tmp_path / "lat.st"))
+    save_file({"cond": torch.randn(2, 9, 32, generator=g), "pooled": torch.randn(2, 16,
+               generator=g)}, str(tmp_path / "cond.st"))
+    lines = {}
+    for algorithm in ("lokr", "lora"):
+        cfg = {"model": {"family": "flux", "path": str(folder)},
+               "data": {"latents": str(tmp_path / "lat.st"),
+                        "conditioning": str(tmp_path / "cond.st")},
+               "training": {"steps": 1, "batch_size": 2, "dtype": "fp32", "seed": 0},
+               "adapter": {"algorithm": algorithm, "rank": 2, "dtype": "fp32",
+                           "exporter": "comfyui"},
+               "output": {"dir": str(tmp_path / algorithm), "name": "f", "plot": False}}
+        (tmp_path / "run.yaml").write_text(yaml.safe_dump(cfg))
+        out = CliRunner().invoke(cli, ["train", str(tmp_path / "run.yaml"), "-q"])
+        assert out.exit_code == 0, out.output
+        lines[algorithm] = [ln for ln in out.output.splitlines() if "fuses" in ln]
+    (line,) = lines["lokr"]
+    assert line.startswith("warning: adapter.exporter: ComfyUI's model fuses q/k/v")
+    assert "diffusers exporter" in line and "layer(s)" in line
+    assert lines["lora"] == []

@@ -8,6 +8,7 @@ from collections import Counter
 from typing import Any
 
 from loraengine.core.data import BucketedDataset
+from loraengine.core.files import in_layout, module_layouts
 
 
 def pipeline_warnings(pipe: Any) -> list[str]:
@@ -28,12 +29,17 @@ def _exporter_limits(pipe: Any) -> list[str]:
     if getattr(exporter, "limits", None) is None:
         return []
     layers = dict(pipe.network.items())
+    # named as the file will name them (a layout may mark fused layers, see
+    # ``ExporterSpec.limits``)
+    names = in_layout({p: {} for p in pipe.network.file_modules()}, exporter,
+                      module_layouts(pipe.host.registry, pipe.loaded.module))
+    renamed = dict(zip(pipe.network.file_modules(), names, strict=True))
     modules = {}
     for path, params in pipe.network.file_modules().items():
         layer = layers.get(path)
         algorithm = "deltas" if layer is None else \
             str(getattr(layer, "algorithm", None) or pipe.adapter_spec.name)
-        modules[path] = (algorithm, tuple(params))
+        modules[renamed[path]] = (algorithm, tuple(params))
     return [f"adapter.exporter: {line}" for line in exporter.limits(modules)]
 
 

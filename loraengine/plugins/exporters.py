@@ -60,6 +60,13 @@ class PrefixedFormat:
             for param, tensor in params.items():
                 out[f"{stem}.{param}"] = tensor
         for native, parts in fused.items():
+            if not all(comfy_names.fusable(p) for _, _, p in parts):
+                # no ComfyUI form: each part under its own (diffusers) name, as trained
+                for _, name, params in parts:
+                    stem = self.encode(comfy_names.own_path(name))
+                    for param, tensor in params.items():
+                        out[f"{stem}.{param}"] = tensor
+                continue
             stem = self.encode(native)
             for param, tensor in comfy_names.fuse(parts, native).items():
                 out[f"{stem}.{param}"] = tensor
@@ -267,6 +274,15 @@ def comfyui_limits(modules: Mapping[str, tuple[str, Collection[str]]]) -> list[s
         n = _count(modules, test)
         if n:
             out.append(f"{text} ({n} layer(s); loraengine convert --model measures it)")
+    fused = sorted(name for name, (algorithm, params) in modules.items()
+                   if isinstance(comfy_names.parse(name)[1], tuple)
+                   and not comfy_names.fusable(params))
+    if fused:
+        out.append(f"ComfyUI's model fuses q/k/v (and FLUX.1's single-block MLP input) into "
+                   f"one layer, and only LoRA and LoHa fuse exactly: {len(fused)} layer(s) "
+                   f"are written under diffusers' names, which ComfyUI does not load (e.g. "
+                   f"{comfy_names.own_path(fused[0])}); the diffusers exporter is read by "
+                   f"ComfyUI for FLUX.1 and SD3")
     return out
 
 

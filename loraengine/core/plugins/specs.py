@@ -238,8 +238,9 @@ class ExporterSpec:
     #: ``to_file``; with none offered, the model's own paths are written.
     layouts: tuple[str, ...] = ()
     #: ``limits(modules) -> lines``: what the format's consumer cannot express of a file,
-    #: given ``{module path: (algorithm, parameter names)}``; one line each, naming the
-    #: consumer. ``train`` warns with them (``core/checks.py``), ``convert`` measures them.
+    #: given ``{module name: (algorithm, parameter names)}`` (names as the file will
+    #: have them, in the layout ``layouts`` picks); one line each, naming the consumer.
+    #: ``train`` warns with them (``core/checks.py``), ``convert`` measures them.
     limits: Callable[[Mapping[str, tuple[str, Collection[str]]]], list[str]] | None = None
 
 

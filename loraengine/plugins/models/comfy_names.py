@@ -9,13 +9,16 @@ q/k/v and MLP input into ``linear1``), one diffusers layer is a band of rows of 
 fused weight; where it stores (shift, scale) and diffusers (scale, shift), its rows are
 the two halves swapped. A layout name carries that, after ``#``:
 
-- ``double_blocks.0.img_attn.qkv#64,32,160``: rows 64–95 of a 160-row weight;
+- ``double_blocks.0.img_attn.qkv#64,32,160@transformer_blocks.0.attn.to_k``: rows 64–95
+  of a 160-row weight (and, after ``@``, the diffusers layer);
 - ``final_layer.adaLN_modulation.1#swap``: the same weight, halves swapped.
 
 The ``comfyui`` key format (``exporters.PrefixedFormat``) fuses such modules into one
 on writing (``fuse``) and splits a fused module back on reading (``split``), exactly
-for the algorithms whose ΔW can be stacked by rows (LoRA, LoHa, LoKr on whole blocks
-of its large factor, full ``diff``/``diff_b``). Qwen-Image and HiDream need none of
+for the algorithms whose ΔW can be stacked by rows (LoRA, LoHa; reading also LoKr on
+whole blocks of its large factor and full ``diff``/``diff_b``). Other algorithms on a
+fused layer are written under the diffusers layer's own name, which ComfyUI's model
+does not have: the exporter's limits say so before training. Qwen-Image and HiDream need none of
 this: ComfyUI's models of them use diffusers' own names.
 
 The tables are facts of the original checkpoints (which diffusers' single-file
@@ -125,7 +128,7 @@ def _add_block(names: dict[str, str], model: nn.Module, here: str, there: str,
             continue
         total, offset = sum(s for s in sizes if s is not None), 0
         for part, size in zip(parts, sizes, strict=True):
-            names[f"{here}.{part}"] = f"{there}.{theirs}#{offset},{size},{total}"
+            names[f"{here}.{part}"] = f"{there}.{theirs}#{offset},{size},{total}@{here}.{part}"
             offset += size or 0
 
 
@@ -208,8 +211,13 @@ def parse(name: str) -> tuple[str, tuple[int, int, int] | str | None]:
         return name, None
     if tail == SWAP:
         return base, SWAP
-    offset, size, total = (int(v) for v in tail.split(","))
+    offset, size, total = (int(v) for v in tail.partition("@")[0].split(","))
     return base, (offset, size, total)
+
+
+def own_path(name: str) -> str:
+    """The diffusers path a band's layout name carries (after ``@``)."""
+    return name.partition("@")[2] or name
 
 
 #: per algorithm, the tensors whose rows are the layer's output rows, and the ones
@@ -250,6 +258,14 @@ def _scale(params: Mapping[str, torch.Tensor], rank: int) -> float:
     return float(params["alpha"]) / rank if "alpha" in params else 1.0
 
 
+def fusable(params) -> bool:
+    """Whether a module with these tensor names can be part of a fused layer
+    (``fuse``): a LoRA or a LoHa."""
+    keys = set(params)
+    return (keys <= _LORA and {"lora_down.weight", "lora_up.weight"} <= keys) or \
+        (keys <= _LOHA and {"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"} <= keys)
+
+
 def fuse(parts: list[tuple[tuple[int, int, int], str, Mapping[str, torch.Tensor]]],
          native: str) -> dict[str, torch.Tensor]:
     """One module of the fused layer ``native`` from its parts' modules (``(band, our
@@ -258,10 +274,9 @@ def fuse(parts: list[tuple[tuple[int, int, int], str, Mapping[str, torch.Tensor]
     part's scale α/r is kept (as α = s·Σr where all agree, else folded into its rows)."""
     total = parts[0][0][2]
     keys = [set(p) for _, _, p in parts]
-    if all(k <= _LORA and {"lora_down.weight", "lora_up.weight"} <= k for k in keys):
+    if all(fusable(k) and "lora_up.weight" in k for k in keys):
         pairs = [("lora_up.weight", "lora_down.weight")]
-    elif all(k <= _LOHA and {"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"} <= k
-             for k in keys):
+    elif all(fusable(k) and "hada_w1_a" in k for k in keys):
         pairs = [("hada_w1_a", "hada_w1_b"), ("hada_w2_a", "hada_w2_b")]
     else:
         raise DataError(f"module {native}: ComfyUI's model fuses {len(parts)} layer(s) "
