@@ -235,3 +235,25 @@ def test_training_lokr_for_comfyui_on_flux_warns_before_training(tmp_path):
     assert line.startswith("warning: adapter.exporter: ComfyUI's model fuses q/k/v")
     assert "diffusers exporter" in line and "layer(s)" in line
     assert lines["lora"] == []
+
+
+@pytest.mark.parametrize("family", ["flux2", "z_image"])
+def test_the_names_are_the_released_checkpoints_by_diffusers_converter(family):
+    """Flux.2 and Z-Image (no ComfyUI model at the fixtures' commit): the weights renamed
+    to the layout go through diffusers' own single-file converter back onto the model's
+    own keys, every adapted Linear among them (fused ones split back)."""
+    from diffusers.loaders import single_file_utils as sfu
+
+    model = tp.DENOISERS[family][1](0)
+    names = module_layouts(REG, model)[comfy_names.LAYOUT]
+    linears = {p for p, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    # every Linear: renamed by the layout, or named as the checkpoint names it
+    state = {k: v for k, v in model.state_dict().items() if k.rpartition(".")[0] in linears}
+    convert = {"flux2": sfu.convert_flux2_transformer_checkpoint_to_diffusers,
+               "z_image": sfu.convert_z_image_transformer_checkpoint_to_diffusers}[family]
+    native = _native(model, state)
+    back = convert(dict(native))
+    assert sorted(back) == sorted(state)
+    assert all(torch.equal(back[k], state[k]) for k in state)
+    assert any(isinstance(comfy_names.parse(n)[1], tuple) for n in names.values())
+    assert len(native) < len(state)  # q/k/v fused

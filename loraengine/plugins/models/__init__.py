@@ -30,9 +30,10 @@ from loraengine.plugins.models import (
 def loraengine_models():
     # ComfyUI's own (original checkpoint) names, where its model is laid out so
     comfy = [dataclasses.replace(spec, layouts=comfy_names.comfyui_layouts)
-             for spec in (sd3.SPEC, flux.SPEC, lumina2.SPEC, chroma.SPEC)]
-    return [diffusers_folder.SPEC, module.SPEC, *unet.SPECS, *comfy, flux2.SPEC,
-            qwen_image.SPEC, z_image.SPEC, hidream.SPEC, wan.SPEC]
+             for spec in (sd3.SPEC, flux.SPEC, flux2.SPEC, z_image.SPEC, lumina2.SPEC,
+                          chroma.SPEC)]
+    return [diffusers_folder.SPEC, module.SPEC, *unet.SPECS, *comfy, qwen_image.SPEC,
+            hidream.SPEC, wan.SPEC]
 
 
 @hookimpl

@@ -1,6 +1,7 @@
 """ComfyUI's own names for the layers of the transformer families whose ComfyUI model is
 laid out as the original checkpoint (FLUX.1 and Chroma: ``double_blocks`` /
-``single_blocks``; SD3: ``joint_blocks``; Lumina 2: ``layers.N.attention.qkv``).
+``single_blocks``; SD3: ``joint_blocks``; Lumina 2: ``layers.N.attention.qkv``; and the
+released Flux.2 and Z-Image checkpoints' names, which later ComfyUI models load).
 
 ComfyUI's trainer (TrainLoraNode/SaveLoRA) writes ``diffusion_model.<its name>`` for
 every layer it trains, and its loader always reads those names. Where ComfyUI's model
@@ -24,7 +25,8 @@ this: ComfyUI's models of them use diffusers' own names.
 The tables are facts of the original checkpoints (which diffusers' single-file
 converters read, and ComfyUI's ``flux_to_diffusers``/``mmdit_to_diffusers`` maps name);
 ``tests/fixtures/interop/make_comfyui_transformer_fixtures.py`` checks them against
-ComfyUI's own model and loader.
+ComfyUI's own model and loader (Flux.2's and Z-Image's against diffusers' single-file
+converters only: the ComfyUI commit checked has no such model).
 """
 
 from __future__ import annotations
@@ -102,6 +104,24 @@ _LUMINA_TOP = {"x_embedder": "x_embedder",
                "time_caption_embed.timestep_embedder.linear_2": "t_embedder.mlp.2",
                "norm_out.linear_1": "final_layer.adaLN_modulation.1",
                "norm_out.linear_2": "final_layer.linear"}
+
+
+_FLUX2_DOUBLE = {"attn.to_out.0": "img_attn.proj", "attn.to_add_out": "txt_attn.proj",
+                 "ff.linear_in": "img_mlp.0", "ff.linear_out": "img_mlp.2",
+                 "ff_context.linear_in": "txt_mlp.0", "ff_context.linear_out": "txt_mlp.2"}
+_FLUX2_SINGLE = {"attn.to_qkv_mlp_proj": "linear1", "attn.to_out": "linear2"}
+_FLUX2_TOP = {"x_embedder": "img_in", "context_embedder": "txt_in",
+              "proj_out": "final_layer.linear",
+              "time_guidance_embed.timestep_embedder.linear_1": "time_in.in_layer",
+              "time_guidance_embed.timestep_embedder.linear_2": "time_in.out_layer",
+              "time_guidance_embed.guidance_embedder.linear_1": "guidance_in.in_layer",
+              "time_guidance_embed.guidance_embedder.linear_2": "guidance_in.out_layer",
+              "double_stream_modulation_img.linear": "double_stream_modulation_img.lin",
+              "double_stream_modulation_txt.linear": "double_stream_modulation_txt.lin",
+              "single_stream_modulation.linear": "single_stream_modulation.lin"}
+
+_ZIMAGE_BLOCK = {"attention.to_out.0": "attention.out"}
+_ZIMAGE_FUSED = {"attention.qkv": ("attention.to_q", "attention.to_k", "attention.to_v")}
 
 
 def _out(model: nn.Module, path: str) -> int | None:
@@ -189,10 +209,44 @@ def lumina2_names(model: nn.Module) -> dict[str, str]:
     return names
 
 
+def flux2_names(model: nn.Module) -> dict[str, str]:
+    """Flux.2 (``Flux2Transformer2DModel``): the released checkpoint's names, which
+    diffusers' single-file converter reads (its single blocks are fused in diffusers
+    too)."""
+    names: dict[str, str] = {}
+    for i in range(_blocks(model, "transformer_blocks")):
+        _add_block(names, model, f"transformer_blocks.{i}", f"double_blocks.{i}",
+                   _FLUX2_DOUBLE, _FLUX_DOUBLE_FUSED)
+    for i in range(_blocks(model, "single_transformer_blocks")):
+        _add_block(names, model, f"single_transformer_blocks.{i}", f"single_blocks.{i}",
+                   _FLUX2_SINGLE, {})
+    _add_top(names, model, _FLUX2_TOP)
+    _add_top(names, model, _FLUX_TOP_SWAPPED, "#" + SWAP)
+    return names
+
+
+def z_image_names(model: nn.Module) -> dict[str, str]:
+    """Z-Image (``ZImageTransformer2DModel``): diffusers' names but the fused
+    ``attention.qkv``, ``attention.out`` and the unsuffixed embedder and final layer."""
+    names: dict[str, str] = {}
+    for container in ("noise_refiner", "context_refiner", "layers"):
+        for i in range(_blocks(model, container)):
+            here = f"{container}.{i}"
+            _add_block(names, model, here, here, _ZIMAGE_BLOCK, _ZIMAGE_FUSED)
+    for path, module in model.named_modules():
+        for ours, theirs in (("all_x_embedder.2-1", "x_embedder"),
+                             ("all_final_layer.2-1", "final_layer")):
+            if (path == ours or path.startswith(ours + ".")) and \
+                    isinstance(getattr(module, "weight", None), torch.Tensor):
+                names[path] = theirs + path[len(ours):]
+    return names
+
+
 #: diffusers class -> its ComfyUI names
 BY_CLASS: dict[str, Callable[[nn.Module], dict[str, str]]] = {
     "FluxTransformer2DModel": flux_names, "ChromaTransformer2DModel": flux_names,
-    "SD3Transformer2DModel": sd3_names, "Lumina2Transformer2DModel": lumina2_names}
+    "SD3Transformer2DModel": sd3_names, "Lumina2Transformer2DModel": lumina2_names,
+    "Flux2Transformer2DModel": flux2_names, "ZImageTransformer2DModel": z_image_names}
 
 
 def comfyui_layouts(model: nn.Module) -> dict[str, dict[str, str]]:
