@@ -257,3 +257,17 @@ def test_the_names_are_the_released_checkpoints_by_diffusers_converter(family):
     assert all(torch.equal(back[k], state[k]) for k in state)
     assert any(isinstance(comfy_names.parse(n)[1], tuple) for n in names.values())
     assert len(native) < len(state)  # q/k/v fused
+
+
+def test_the_comfyui_format_writes_wan_as_wan_comfyui_does():
+    """One place for ComfyUI's names: on a Wan model the ``comfyui`` format writes the
+    same keys and tensors as the family's own ``wan_comfyui`` format."""
+    from loraengine.testing.tiny_video import wan_transformer
+
+    model = wan_transformer(0)
+    network = _network(model, "lora")
+    blocks = AdapterNetwork({p: layer for p, layer in network.items() if p.startswith("blocks.")})
+    ours = _export(model, blocks, "comfyui")
+    theirs = _export(model, blocks, "wan_comfyui")
+    assert sorted(ours) == sorted(theirs) and ours
+    assert all(torch.equal(ours[k], theirs[k]) for k in ours)

@@ -33,7 +33,7 @@ def loraengine_models():
              for spec in (sd3.SPEC, flux.SPEC, flux2.SPEC, z_image.SPEC, lumina2.SPEC,
                           chroma.SPEC)]
     return [diffusers_folder.SPEC, module.SPEC, *unet.SPECS, *comfy, qwen_image.SPEC,
-            hidream.SPEC, wan.SPEC]
+            hidream.SPEC, dataclasses.replace(wan.SPEC, layouts=comfy_names.comfyui_layouts)]
 
 
 @hookimpl

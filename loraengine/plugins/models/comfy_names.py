@@ -242,11 +242,21 @@ def z_image_names(model: nn.Module) -> dict[str, str]:
     return names
 
 
+def wan_names(model: nn.Module) -> dict[str, str]:
+    """Wan 2.x (``WanTransformer3DModel``): the original Wan names of ``wan_keys``, so
+    the ``comfyui`` format writes what the ``wan_comfyui`` one does."""
+    from loraengine.plugins.models.wan_keys import to_original
+
+    return {path: name for path, _ in model.named_modules()
+            if (name := to_original(path)) is not None}
+
+
 #: diffusers class -> its ComfyUI names
 BY_CLASS: dict[str, Callable[[nn.Module], dict[str, str]]] = {
     "FluxTransformer2DModel": flux_names, "ChromaTransformer2DModel": flux_names,
     "SD3Transformer2DModel": sd3_names, "Lumina2Transformer2DModel": lumina2_names,
-    "Flux2Transformer2DModel": flux2_names, "ZImageTransformer2DModel": z_image_names}
+    "Flux2Transformer2DModel": flux2_names, "ZImageTransformer2DModel": z_image_names,
+    "WanTransformer3DModel": wan_names}
 
 
 def comfyui_layouts(model: nn.Module) -> dict[str, dict[str, str]]:
