@@ -271,3 +271,35 @@ def test_the_comfyui_format_writes_wan_as_wan_comfyui_does():
     theirs = _export(model, blocks, "wan_comfyui")
     assert sorted(ours) == sorted(theirs) and ours
     assert all(torch.equal(ours[k], theirs[k]) for k in ours)
+
+
+@pytest.mark.parametrize("family", ["flux", "sd3"])
+def test_convert_rekeys_a_diffusers_file_into_comfyuis_fused_layout(family, tmp_path):
+    """``loraengine convert --to comfyui`` with the model: a diffusers-keyed LoRA comes
+    out in TrainLoraNode's modules (fused), every one a key ComfyUI loads, and reads
+    back to the same merged weights."""
+    from click.testing import CliRunner
+
+    from loraengine.cli.main import cli
+
+    model = tp.comfyui_transformer(family)
+    folder = tmp_path / "model"
+    model.save_pretrained(str(folder))
+    network = _network(model, "lora")
+    source = tmp_path / "d.safetensors"
+    write_adapter_file(source, network.file_modules(), REG.get("exporter", "diffusers"), {})
+    out = tmp_path / "c.safetensors"
+    res = CliRunner().invoke(cli, ["convert", str(source), "--to", "comfyui", "--model",
+                                   str(folder), "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    stems = _modules(load_file(str(out)))
+    trained = _modules(k for k in _keys(family)["trainlora_keys"] if ".lora_" in k)
+    assert stems == trained
+    assert stems <= set(_keys(family)["model_lora_keys_unet"])
+    a, b = tp.comfyui_transformer(family), tp.comfyui_transformer(family)
+    loraengine.apply(a, source, mode="merge", host=HOST)
+    loraengine.apply(b, out, mode="merge", host=HOST)
+    # both files hold the same numbers (α/r already folded into lora_B by the diffusers
+    # export); fused, the same products are summed in the same order: a few ulps at most
+    for p in network.paths:
+        assert relative_error(b.get_submodule(p).weight, a.get_submodule(p).weight) <= 1e-6, p
