@@ -1,13 +1,14 @@
 """Built-in model families: ``sd15``, ``sd2``, ``sdxl``, ``sd3``, ``flux``, ``flux2``,
 ``qwen_image``, ``z_image``, ``lumina2``, ``chroma``, ``hidream`` and ``wan`` (video) on
-diffusers, plus ``diffusers`` (any local UNet folder) and ``module`` (an in-memory
-``nn.Module``)."""
+diffusers, plus ``diffusers`` (any local UNet folder), ``module`` (an in-memory
+``nn.Module``) and ``comfyui`` (ComfyUI's own model in memory)."""
 
 from __future__ import annotations
 
 from loraengine.core.plugins.hookspecs import hookimpl
 from loraengine.plugins.models import (
     chroma,
+    comfyui,
     diffusers_folder,
     flux,
     flux2,
@@ -25,7 +26,7 @@ from loraengine.plugins.models import (
 
 @hookimpl
 def loraengine_models():
-    return [diffusers_folder.SPEC, module.SPEC, *unet.SPECS, sd3.SPEC, flux.SPEC,
+    return [diffusers_folder.SPEC, module.SPEC, comfyui.SPEC, *unet.SPECS, sd3.SPEC, flux.SPEC,
             flux2.SPEC, qwen_image.SPEC, z_image.SPEC, lumina2.SPEC, chroma.SPEC,
             hidream.SPEC, wan.SPEC]
 
