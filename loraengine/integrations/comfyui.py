@@ -394,7 +394,7 @@ class _Progress:
         self.callback(step, run.total_steps)
 
 
-class LoraModel(dict):  # type: ignore[type-arg]
+class LoraModel(dict[str, torch.Tensor]):
     """A ``LORA_MODEL``: ComfyUI's state dict of the adapter (what its LoraModelLoader
     and SaveLoRA take), carrying the metadata loraengine writes into its files."""
 
@@ -458,7 +458,11 @@ def train_lora(model: Any, latents: Any, positive: Any, inputs: NodeInputs | Non
                                                       val_cond))}
             cfg.setdefault("validation", {}).setdefault("every", inputs.steps)
         writes = "output" in cfg
-        resume = "latest" if writes and inputs.resume else None
+        resume = None
+        if writes and inputs.resume:
+            out = cfg["output"]
+            folder = Path(out["dir"]) / f"{out.get('name', 'lora')}.checkpoints"
+            resume = "latest" if folder.is_dir() and any(folder.iterdir()) else None
         result = loraengine.train(cfg, model=model, latents=samples, conditioning=cond,
                                   host=host, write_files=writes, resume=resume)
     meta = dict(result.metadata)

@@ -56,18 +56,18 @@ def _sampling_kind(ms: Any) -> str:
     c_n, c_x = _affine(lambda s, n, x: ms.noise_scaling(s, n.clone(), x), sigma, shape)
     # calculate_denoised(σ, output, input) = c_o·output + c_i·input
     c_o, c_i = _affine(ms.calculate_denoised, sigma, shape)
-    c_n, c_x, c_o, c_i = (float(v.reshape(-1)[0]) for v in (c_n, c_x, c_o, c_i))
+    n_, x_, o_, i_ = (float(v.reshape(-1)[0]) for v in (c_n, c_x, c_o, c_i))
     s = 0.5
 
     def near(u: float, v: float) -> bool:
         return abs(u - v) < 1e-6
 
-    if near(c_n, s) and near(c_x, 1.0):  # x0 + σ·n (variance exploding form)
-        if near(c_o, -s) and near(c_i, 1.0):
+    if near(n_, s) and near(x_, 1.0):  # x0 + σ·n (variance exploding form)
+        if near(o_, -s) and near(i_, 1.0):
             return "epsilon"
-        if near(c_o, -s / (1 + s * s) ** 0.5) and near(c_i, 1 / (1 + s * s)):
+        if near(o_, -s / (1 + s * s) ** 0.5) and near(i_, 1 / (1 + s * s)):
             return "v_prediction"
-    if near(c_n, s) and near(c_x, 1.0 - s) and near(c_o, -s) and near(c_i, 1.0):
+    if near(n_, s) and near(x_, 1.0 - s) and near(o_, -s) and near(i_, 1.0):
         return "flow"
     raise ConfigError(f"model: ComfyUI's model sampling {type(ms).__name__} is none of "
                       f"eps, v-prediction or flow (CONST); the comfyui family cannot "
@@ -143,6 +143,9 @@ def load(options: NoOptions, context: Mapping[str, Any]) -> LoadedModel:
                           f"{', '.join(missing) or 'nn.Module'}")
     schedule = schedule_of(base.model_sampling)
     net = base.diffusion_model
+    if not isinstance(net, nn.Module):
+        raise ConfigError(f"model: ComfyUI's model has a diffusion_model that is a "
+                          f"{type(net).__name__}, not an nn.Module")
     return LoadedModel(module=net, predict=ComfyCall(base, schedule), schedule=schedule,
                        blocks=top_level_blocks(net), family="comfyui",
                        default_exporter="comfyui", latent_ndim=None)
