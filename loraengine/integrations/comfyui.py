@@ -148,7 +148,7 @@ def latents_tensor(latent: Any, what: str = "latents") -> torch.Tensor:
     if samples.ndim not in (4, 5) or samples.shape[0] < 1:
         raise DataError(f"{what}: 'samples' must be [N,C,H,W] (or [N,C,T,H,W]); got "
                         f"shape {list(samples.shape)}")
-    return samples.detach().float().cpu()
+    return samples.detach().float().cpu().clone()
 
 
 def _rows(conditioning: Any, what: str) -> list[tuple[torch.Tensor, dict[str, Any]]]:
@@ -198,7 +198,7 @@ def conditioning_tensors(conditioning: Any, latents: torch.Tensor,
     per_sample: list[dict[str, torch.Tensor]] = []
     for i, (cond, extras) in enumerate(rows):
         if extra_conds is None:
-            per_sample.append({"cond": cond.detach().float().cpu()})
+            per_sample.append({"cond": cond.detach().float().cpu().clone()})
             continue
         latent = latents[i:i + 1] if len(rows) == n else latents[:1]
         params = dict(extras)
@@ -213,9 +213,9 @@ def conditioning_tensors(conditioning: Any, latents: torch.Tensor,
             if not isinstance(tensor, torch.Tensor):
                 continue
             name = "cond" if key == "c_crossattn" else key
-            sample[name] = tensor[0].detach().float().cpu()
+            sample[name] = tensor[0].detach().float().cpu().clone()
         if "cond" not in sample:
-            sample["cond"] = cond.detach().float().cpu()
+            sample["cond"] = cond.detach().float().cpu().clone()
         per_sample.append(sample)
     keys = set(per_sample[0])
     for i, sample in enumerate(per_sample):
@@ -433,11 +433,41 @@ def train_lora(model: Any, latents: Any, positive: Any, inputs: NodeInputs | Non
     ``LATENT``; ``positive`` a ``CONDITIONING``. Returns ``LORA_MODEL`` (ComfyUI's
     keys, in ``lora_dtype``), ``LOSS_MAP`` and the step count, existing steps included.
     The model comes back as it came (``loraengine.train``)."""
+    # ComfyUI runs nodes under inference mode: train outside it, on tensors made here
+    with torch.inference_mode(False), torch.enable_grad():
+        return _train_lora(model, latents, positive, inputs or NodeInputs(), config,
+                           validation_latents, validation_positive, progress)
+
+
+def plain_tensors(model: Any) -> int:
+    """Replace ``model``'s inference-mode parameters and buffers (ComfyUI loads models
+    inside its inference mode, and autograd cannot save such tensors for the backward
+    pass) with ordinary copies of the same values, one at a time; returns how many."""
+    if not isinstance(model, torch.nn.Module):
+        return 0
+    count = 0
+    for mod in model.modules():
+        for name, p in list(mod._parameters.items()):
+            if p is not None and p.is_inference():
+                mod._parameters[name] = torch.nn.Parameter(p.detach().clone(),
+                                                           requires_grad=p.requires_grad)
+                count += 1
+        for name, b in list(mod._buffers.items()):
+            if b is not None and b.is_inference():
+                mod._buffers[name] = b.clone()
+                count += 1
+    return count
+
+
+def _train_lora(model: Any, latents: Any, positive: Any, inputs: NodeInputs,
+                config: Mapping[str, Any] | None, validation_latents: Any,
+                validation_positive: Any, progress: Callable[[int, int], None] | None
+                ) -> NodeResult:
     import loraengine
     from loraengine.plugins import build_plugin_manager
 
-    inputs = inputs or NodeInputs()
     cfg = config_from_inputs(inputs, config)
+    plain_tensors(model)
     samples = latents_tensor(latents)
     extra = getattr(model, "extra_conds", None)
     cond = conditioning_tensors(positive, samples, extra)
