@@ -352,15 +352,59 @@ def check_loader(comfy_root: Path, work: Path, file: Path) -> dict:
             "file_keys": len(lora)}
 
 
+def fixed_draw_losses(comfy_root: Path, work: Path, files: dict[str, str]) -> dict:
+    """The training data's loss on one fixed set of draws (8 noise levels and noises per
+    latent, the same for every model), through ComfyUI's apply_model on the base model
+    and on the base with each file applied by ComfyUI's LoraModelLoader: the denoised
+    latent against the clean one (x0, what both trainers minimise by default) and the
+    implied noise against the noise (eps)."""
+    nodes = comfy_setup(comfy_root, work)
+    helper_nodes(nodes, work)
+    import comfy.utils
+    from safetensors.torch import load_file
+
+    nodes_train = sys.modules[nodes.NODE_CLASS_MAPPINGS["TrainLoraNode"].__module__]
+    x0 = load_file(str(work / "input" / "tiny.latent"))["latent_tensor"]
+    cond = load_file(str(work / "cond.safetensors"))["cond"]
+    g = torch.Generator().manual_seed(1234)
+    per = 8
+    base = nodes.NODE_CLASS_MAPPINGS["TinySD15Loader"]().load()[0]
+    sigmas = base.model.model_sampling.sigmas
+    idx = torch.randint(0, len(sigmas), (x0.shape[0] * per,), generator=g)
+    noise = torch.randn(x0.shape[0] * per, *x0.shape[1:], generator=g)
+    x = x0.repeat_interleave(per, 0)
+    c = cond.repeat_interleave(per, 0)
+    sigma = sigmas[idx]
+    out = {}
+    for name, file in [("base", ""), *files.items()]:
+        patcher = nodes.NODE_CLASS_MAPPINGS["TinySD15Loader"]().load()[0]
+        if file:
+            lora = comfy.utils.load_torch_file(file)
+            patcher = nodes_train.LoraModelLoader().load_lora_model(patcher, lora, 1.0)[0]
+        patcher.patch_model()
+        with torch.no_grad():
+            noisy = patcher.model.model_sampling.noise_scaling(sigma, noise, x)
+            denoised = patcher.model.apply_model(noisy, sigma, c_crossattn=c).float()
+        eps = (noisy - denoised) / sigma.reshape(-1, 1, 1, 1)
+        out[name] = {"x0_mse": float(((denoised - x) ** 2).mean()),
+                     "eps_mse": float(((eps - noise) ** 2).mean())}
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--comfyui", type=Path, required=True)
     parser.add_argument("--work", type=Path, default=Path("/tmp/loraengine_comfyui_check"))
     parser.add_argument("--run", choices=("ours", "theirs"))
     parser.add_argument("--check-loader", type=Path)
+    parser.add_argument("--eval", nargs=2, metavar=("THEIRS", "OURS"))
     args = parser.parse_args()
     if args.run:
         print("RESULT " + json.dumps(run_one(args.comfyui, args.work, args.run)))
+        return
+    if args.eval:
+        files = dict(zip(("TrainLoraNode", "ours"), args.eval, strict=True))
+        print("RESULT " + json.dumps(fixed_draw_losses(args.comfyui, args.work, files)))
         return
     if args.check_loader:
         print("RESULT " + json.dumps(check_loader(args.comfyui, args.work,
@@ -387,6 +431,14 @@ def main() -> None:
     if out.returncode or not line:
         sys.exit(f"loader check failed\n{out.stderr[-3000:]}")
     results["loader"] = json.loads(line[-1][7:])
+    out = subprocess.run([sys.executable, __file__, "--comfyui", str(args.comfyui),
+                          "--work", str(args.work), "--eval", results["theirs"]["file"],
+                          results["ours"]["file"]], capture_output=True, text=True,
+                         check=False)
+    line = [x for x in out.stdout.splitlines() if x.startswith("RESULT ")]
+    if out.returncode or not line:
+        sys.exit(f"fixed-draw losses failed\n{out.stderr[-3000:]}")
+    results["fixed_draw_loss"] = json.loads(line[-1][7:])
     for which in ("theirs", "ours"):
         r = results[which]
         loss = r["loss"]
