@@ -351,3 +351,77 @@ def test_nonfinite_data_is_refused_naming_the_sample():
     latents["samples"][1, 0, 0, 0] = float("nan")
     with pytest.raises(DataError, match="latents"):
         bridge.train_lora(StandIn(), latents, positive, bridge.NodeInputs(**FAST))
+
+
+class VSampling(Sampling):
+    """ComfyUI's V_PREDICTION: denoised = x/(σ²+1) − out·σ/√(σ²+1)."""
+
+    def calculate_denoised(self, sigma, out, x):
+        b = self._b(sigma, out)
+        return x / (b**2 + 1) - out * b / (b**2 + 1) ** 0.5
+
+
+class FlowSampling(nn.Module):
+    """ComfyUI's CONST (rectified flow) with a shift."""
+
+    shift, multiplier = 3.0, 1000.0
+
+    def noise_scaling(self, sigma, noise, latent, max_denoise=False):
+        b = sigma.reshape(-1, *([1] * (noise.ndim - 1)))
+        return b * noise + (1 - b) * latent
+
+    def calculate_denoised(self, sigma, out, x):
+        return x - out * sigma.reshape(-1, *([1] * (out.ndim - 1)))
+
+
+class X0Sampling(Sampling):
+    def calculate_denoised(self, sigma, out, x):
+        return out
+
+
+def test_prediction_kind_is_read_from_comfyuis_maps():
+    assert schedule_of(VSampling()).prediction_type == "v_prediction"
+    flow = schedule_of(FlowSampling())
+    assert flow.is_flow and flow.shift == 3.0 and flow.timestep_scale == 1000.0
+    with pytest.raises(ConfigError, match="X0Sampling is none of eps, v-prediction"):
+        schedule_of(X0Sampling())
+
+
+def test_v_prediction_is_the_engines_v():
+    """With ComfyUI's V map, the network's output inverted from ComfyUI's denoised is
+    the engine's v = √ᾱ·ε − √(1−ᾱ)·x0 when the network predicts that v."""
+    model = StandIn()
+    model.model_sampling = VSampling()
+    schedule = schedule_of(model.model_sampling)
+    g = torch.Generator().manual_seed(5)
+    x0, noise = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 4, 8, 8, generator=g)
+    t = torch.tensor([10, 900])
+    target = schedule.target(x0, noise, t).float()
+
+    class Oracle(nn.Module):  # outputs the true v for these samples
+        dtype = torch.float32
+
+        def forward(self, x, timesteps, context=None, **kw):
+            return target
+
+    model.diffusion_model = Oracle()
+    x_t = schedule.add_noise(x0, noise, t).float()
+    pred = ComfyCall(model, schedule)(model.diffusion_model, x_t, t,
+                                      {"cond": torch.zeros(2, 1, 16)})
+    # out = (d − c_i·x)/c_o: fp32 rounding of d and c_i·x (a few u·|x|) over |c_o| =
+    # σ/√(1+σ²), plus the output's own rounding
+    sigma = model.model_sampling.sigmas[t].double()
+    c_o = sigma / (1 + sigma**2).sqrt()
+    x = x_t.double() * (1 + sigma.reshape(-1, 1, 1, 1) ** 2).sqrt()
+    bound = float(8 * U * (x.abs().max() / c_o.min() + target.abs().max()))
+    assert float((pred - target).abs().max()) <= bound
+    # and the clean latent the engine derives from it is x0
+    x0_back = schedule.predicted_x0(pred.double(), x_t.double(), t).float()
+    assert float((x0_back - x0).abs().max()) <= 4 * bound
+
+
+def test_family_names_what_the_model_lacks():
+    from loraengine.plugins.models.comfyui import load
+
+    with pytest.raises(ConfigError, match="without diffusion_model, model_sampling"):
+        load(None, {"module": nn.Linear(1, 1)})
