@@ -264,6 +264,8 @@ def test_bad_widgets_name_the_input():
         bridge.config_from_inputs(bridge.NodeInputs(optimizer="Lion"))
     with pytest.raises(ConfigError, match="algorithm_options: expected a YAML mapping"):
         bridge.config_from_inputs(bridge.NodeInputs(algorithm_options="- 1"))
+    with pytest.raises(ConfigError, match="bucket_mode: this node takes one LATENT"):
+        bridge.config_from_inputs(bridge.NodeInputs(bucket_mode=True))
     with pytest.raises(ConfigError, match="save_every: needs output_folder"):
         bridge.config_from_inputs(bridge.NodeInputs(save_every=2))
 
@@ -425,3 +427,17 @@ def test_family_names_what_the_model_lacks():
 
     with pytest.raises(ConfigError, match="without diffusion_model, model_sampling"):
         load(None, {"module": nn.Linear(1, 1)})
+
+
+def test_validation_latents_give_a_validation_loss():
+    latents, positive = comfy_data(2)
+    val_latents, val_positive = comfy_data(2)
+    out = bridge.train_lora(StandIn(), latents, positive,
+                            bridge.NodeInputs(**FAST, validation_every=2),
+                            validation_latents=val_latents,
+                            validation_positive=val_positive)
+    assert out.loss_map["val_loss_step"] == [2, 4]
+    assert len(out.loss_map["val_loss"]) == 2
+    with pytest.raises(DataError, match="validation_positive: needed"):
+        bridge.train_lora(StandIn(), latents, positive, bridge.NodeInputs(**FAST),
+                          validation_latents=val_latents)

@@ -93,8 +93,8 @@ def train_lora_input_types(lora_files: Sequence[str] = ()) -> dict[str, dict[str
                                              "block, each further level their children."),
         "offloading": boolean(False, "Keep the frozen weights on the CPU, moved to the "
                                      "device block by block."),
-        "bucket_mode": boolean(False, "Latents come in resolution buckets (one LATENT per "
-                                      "bucket through the config input)."),
+        "bucket_mode": boolean(False, "Resolution buckets: not supported by this node yet "
+                                      "(kept so Train LoRA workflows load)."),
         "bypass_mode": boolean(False, "Apply adapters as forward hooks; base weights are "
                                       "never changed."),
         # loraengine's own
@@ -343,7 +343,9 @@ def config_from_inputs(inputs: NodeInputs, config: Mapping[str, Any] | None = No
         "memory": memory,
     }
     if inputs.bucket_mode:
-        cfg["data"] = {"bucket_mode": True}
+        raise ConfigError("bucket_mode: this node takes one LATENT of one size; train "
+                          "resolution buckets with `loraengine bucket` and the command "
+                          "line for now")
     if str(inputs.output_folder):
         cfg["output"] = {"dir": str(inputs.output_folder), "plot": False}
         if inputs.save_every:
