@@ -309,3 +309,42 @@ def test_trains_and_the_file_loads_in_diffusers_with_every_key(folders, tmp_path
         plain = engine.loaded.predict(tv.VIDEO_DENOISERS[name][1](0), xe, te, ce)
     torch.testing.assert_close(placed, merged, rtol=1e-4, atol=1e-4)
     assert (placed - plain).abs().max() > 1e-3
+
+
+# -- the released models at real size ------------------------------------------------------
+
+def test_real_size_records_have_the_published_parameter_counts():
+    """LTX-2 is published as a 19 B-parameter audio-video model, HunyuanVideo 1.5 as an
+    8.3 B-parameter one; the records build those shapes on the meta device."""
+    from loraengine.tools.plan import real_size
+
+    for name, low, high in (("ltx2", 18.5e9, 19.5e9),
+                            ("hunyuan_video15_480p_t2v", 8.2e9, 8.4e9)):
+        rec = real_size.record(name)
+        model = real_size.real_model(name)
+        assert all(p.device.type == "meta" for p in model.parameters())
+        assert low < sum(p.numel() for p in model.parameters()) < high, name
+        assert len(model.transformer_blocks) == rec["config"]["num_layers"]
+        family = build_plugin_manager().registry.get("model", rec["family"])
+        assert family.name == rec["family"]
+    # the clip planned: 81 frames of 480×832 through each VAE
+    assert real_size.latent_shape("ltx2") == [128, 11, 15, 26]  # 8× time, 32× space
+    assert real_size.latent_shape("hunyuan_video15_480p_t2v") == [32, 21, 30, 52]
+
+
+@pytest.mark.slow
+def test_ltx2_plans_at_real_size_and_hunyuan_says_why_it_cannot():
+    from loraengine.tools.plan import real_size
+
+    host = build_plugin_manager()
+    rows = dict(real_size.plan_scenarios("ltx2", host, labels=["bf16 + checkpointing"]))
+    plan = rows["bf16 + checkpointing"]
+    assert plan is not None
+    params = sum(p.numel() for p in real_size.real_model("ltx2").parameters())
+    assert plan.weights_device == pytest.approx(2 * params, rel=0.01)  # bf16 weights
+    assert plan.peak > plan.weights_device
+    result = CliRunner().invoke(cli, ["plan", "--real", "hunyuan_video15_480p_t2v"])
+    assert result.exit_code == 2, result.output
+    assert "--real: hunyuan_video15_480p_t2v: HunyuanVideo15Transformer3DModel's forward " \
+        "reads tensor values" in result.output
+    assert "Traceback" not in result.output
