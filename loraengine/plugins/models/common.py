@@ -58,8 +58,9 @@ class FlowOptions(FamilyOptions):
     flow_shift: float | None = Field(None, gt=0, description="Timestep shift s: "
                                      "σ' = s·σ/(1+(s−1)·σ), the one shift of this model: "
                                      "training timesteps and sampling both use it. "
-                                     "Default: the scheduler config's shift (1 when it "
-                                     "shifts by resolution), else the family's.")
+                                     "Default: the scheduler config's shift (when it "
+                                     "shifts by resolution, each batch's own size's, see "
+                                     "shift_resolution), else the family's.")
     shift_resolution: int | None = Field(
         None, gt=0, description="For a scheduler that shifts by resolution "
         "(use_dynamic_shifting): train and sample every batch with the shift its "
