@@ -97,8 +97,12 @@ def test_each_bucket_trains_with_its_own_sizes_shift_in_one_run(tmp_path):
             retrieve_timesteps(sched, steps, sigmas=np.linspace(1.0, 1 / steps, steps),
                                mu=mu)
             euler = next(s for s in SPECS if s.name == "euler").factory(EulerOptions())
-            euler(lambda x, s: seen.append(float(s)) or torch.zeros_like(x),
-                  torch.zeros(1, *shape), schedule, steps)
+
+            def record(x, sigma, seen=seen):
+                seen.append(float(sigma))
+                return torch.zeros_like(x)
+
+            euler(record, torch.zeros(1, *shape), schedule, steps)
             torch.testing.assert_close(torch.tensor(seen, dtype=torch.float64),
                                        sched.sigmas[:-1].double(), rtol=1e-5, atol=1e-6)
         assert schedule.shift == 1.0  # restored after each batch

@@ -241,7 +241,8 @@ def flow_predictor(call: FlowCall) -> Callable[[Any, nn.Module, Any, int], Predi
             ref = cond.get(call.reference) if call.reference else None
             x_in = x_t
             if call.pad_channels:
-                extra = int(model.config.in_channels) - x_t.shape[1]
+                config: Any = model.config
+                extra = int(config.in_channels) - x_t.shape[1]
                 x_in = torch.cat([x_t, x_t.new_zeros(b, extra, *grid)], dim=1)
             hidden = _pack(call.packing, x_in)
             if ref is not None:
