@@ -3,9 +3,11 @@
 A :class:`FlowCall` says how a diffusers transformer's ``forward`` is called from the
 engine's ``(x_t, t, cond)``: the latent's packing, the position inputs, what the
 timestep argument holds (σ, the scheduler's σ·1000 or 1−σ), which conditioning tensors go to which
-argument, whether a guidance value is passed and whether the output is the negated
-velocity. A :class:`ShiftRule` says how the pipeline turns a resolution into its
-timestep shift. :func:`flow_predictor` turns a ``FlowCall`` into the family's predict
+argument, which inputs the pipeline fills with zeros or constants (an audio stream
+left empty, an image embedding unused in text-to-video), whether a guidance value is
+passed and whether the output is the negated velocity. A :class:`ShiftRule` says how
+the pipeline turns a latent size into its timestep shift (:func:`shape_shift`: the
+shift of each batch's own size). :func:`flow_predictor` turns a ``FlowCall`` into the family's predict
 function, so a family is one :func:`~loraengine.plugins.models.common.flow_transformer_family`
 call.
 
