@@ -348,3 +348,50 @@ def test_ltx2_plans_at_real_size_and_hunyuan_says_why_it_cannot():
     assert "--real: hunyuan_video15_480p_t2v: HunyuanVideo15Transformer3DModel's forward " \
         "reads tensor values" in result.output
     assert "Traceback" not in result.output
+
+
+def test_ltx2_trains_on_clips_of_two_sizes_each_with_its_own_shift(folders, tmp_path):
+    """Buckets of two clip sizes in one run: training goes through both, and each
+    bucket's draws use the shift LTX2Pipeline computes for its token count."""
+    import math
+
+    from loraengine.core.train.step import draw_noise
+
+    shapes = ((2, 4, 6), (3, 8, 8))  # 48 and 192 tokens
+    latents, cond = {}, {}
+    for i, (f, h, w) in enumerate(shapes):
+        latents[f"latents.{i}"] = _latents("ltx2", 2, f, h, w, seed=i)
+        cond[f"cond.{i}"] = _draw("ltx2", n=2, seed=i)[1]["cond"]
+    save_file(latents, str(tmp_path / "lat.st"))
+    save_file(cond, str(tmp_path / "cond.st"))
+    cfg = {"model": {"family": "ltx2", "path": str(folders["ltx2"])},
+           "data": {"latents": str(tmp_path / "lat.st"),
+                    "conditioning": str(tmp_path / "cond.st"), "bucket_mode": True},
+           "timestep_sampler": {"name": "uniform"},
+           "training": {"steps": 4, "batch_size": 2, "dtype": "fp32", "seed": 0},
+           "adapter": {"rank": 2, "alpha": 2, "dtype": "fp32"},
+           "output": {"dir": str(tmp_path / "out"), "name": "lora", "plot": False}}
+    path = tmp_path / "train.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    result = CliRunner().invoke(cli, ["train", str(path), "-q"])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "out" / "lora.safetensors").exists()
+
+    host = build_plugin_manager()
+    conf, base = resolve_config(path, host)
+    pipe = build_pipeline(conf, host, base_dir=base)
+    try:
+        for i, (f, h, w) in enumerate(shapes):
+            bucket = pipe.dataset.buckets[i]
+            x0, _ = bucket.batch(torch.arange(len(bucket)))
+            _, t, _ = draw_noise(pipe, x0, torch.Generator().manual_seed(4))
+            g = torch.Generator().manual_seed(4)
+            u = []
+            for _ in range(len(bucket)):  # per sample: its noise, then u
+                torch.randn(x0.shape[1:], generator=g)
+                u.append(torch.rand((), generator=g, dtype=torch.float64))
+            s = math.exp(_ltx2_mu(f * h * w, tv.VIDEO_DENOISERS["ltx2"][2]))
+            want = s * torch.stack(u) / (1 + (s - 1) * torch.stack(u))
+            torch.testing.assert_close(t, want, rtol=1e-5, atol=1e-7)
+    finally:
+        pipe.close()
