@@ -1,7 +1,8 @@
 """Built-in model families: ``sd15``, ``sd2``, ``sdxl``, ``sd3``, ``flux``, ``flux2``,
-``qwen_image``, ``z_image``, ``lumina2``, ``chroma``, ``hidream`` and ``wan`` (video) on
-diffusers, plus ``diffusers`` (any local UNet folder), ``module`` (an in-memory
-``nn.Module``) and ``comfyui`` (ComfyUI's own model in memory)."""
+``qwen_image``, ``z_image``, ``lumina2``, ``chroma``, ``hidream`` and the video families
+``wan``, ``ltx2`` and ``hunyuan_video15`` on diffusers, plus ``diffusers`` (any local UNet
+folder), ``module`` (an in-memory ``nn.Module``) and ``comfyui`` (ComfyUI's own model in
+memory)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,8 @@ from loraengine.plugins.models import (
     flux,
     flux2,
     hidream,
+    hunyuan_video15,
+    ltx2,
     lumina2,
     module,
     qwen_image,
@@ -28,7 +31,7 @@ from loraengine.plugins.models import (
 def loraengine_models():
     return [diffusers_folder.SPEC, module.SPEC, comfyui.SPEC, *unet.SPECS, sd3.SPEC, flux.SPEC,
             flux2.SPEC, qwen_image.SPEC, z_image.SPEC, lumina2.SPEC, chroma.SPEC,
-            hidream.SPEC, wan.SPEC]
+            hidream.SPEC, wan.SPEC, ltx2.SPEC, hunyuan_video15.SPEC]
 
 
 @hookimpl
