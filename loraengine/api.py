@@ -99,14 +99,17 @@ def _model_kept_as_it_came(model: nn.Module | None) -> Iterator[None]:
 def train(config: Any, *, model: nn.Module | None = None,
           latents: torch.Tensor | Mapping[str, torch.Tensor] | None = None,
           conditioning: torch.Tensor | Mapping[str, torch.Tensor] | None = None,
-          host: PluginHost | None = None, write_files: bool | None = None) -> TrainResult:
+          host: PluginHost | None = None, write_files: bool | None = None,
+          resume: str | Path | None = None) -> TrainResult:
     """Train an adapter and return ``TrainResult(lora, loss_map, steps)``.
 
     ``config`` is a YAML path, a mapping or a validated config. ``model`` (an
     ``nn.Module`` called as ``model(x_t, t, cond)``) selects the ``module`` family when
     the config names no model. ``latents``/``conditioning`` replace the data files.
     Files are written when the config came from a file or has an ``output`` section,
-    or when ``write_files=True``.
+    or when ``write_files=True``. ``resume`` (``"latest"``, a checkpoints folder or one
+    ``step_N`` folder, as ``Trainer.resume`` takes) continues from a checkpoint of the
+    run's output folder when there is one, and starts afresh when there is none.
 
     The caller's ``model`` comes back as it came, also when training fails: every
     parameter and buffer is the same object with the same dtype, device, values and
@@ -132,6 +135,9 @@ def train(config: Any, *, model: nn.Module | None = None,
         try:
             for message in pipeline_warnings(pipe):
                 warnings.warn(message, UserWarning, stacklevel=2)
-            return Trainer(pipe, write_files=write_files).run()
+            trainer = Trainer(pipe, write_files=write_files)
+            if resume is not None:
+                trainer.resume(resume)
+            return trainer.run()
         finally:
             pipe.close()

@@ -6,7 +6,8 @@ schedule, and ``flow`` (rectified flow, as SD3 and Flux train).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Literal
 
@@ -49,6 +50,11 @@ class NoiseSchedule:
     #: ``None`` is all of it. A model expert that serves only part of the noise levels
     #: (Wan 2.2's high- and low-noise experts) sets it.
     timestep_range: tuple[float, float] | None = None
+    #: The shift for a latent of this shape (one sample, ``(C, ...)``), for a model whose
+    #: pipeline shifts by resolution: each batch then trains with its own size's shift
+    #: and ``shift`` is only the value used where no latent is at hand. ``None``:
+    #: ``shift`` for every size.
+    shift_by_shape: Callable[[tuple[int, ...]], float] | None = None
 
     @classmethod
     def ddpm(cls, prediction_type: PredictionType = "epsilon", num_train_timesteps: int = 1000,
@@ -130,6 +136,26 @@ class NoiseSchedule:
     def shift_sigma(self, sigma: torch.Tensor) -> torch.Tensor:
         """``sigma`` shifted by this schedule's ``shift``."""
         return shift_sigma(sigma, self.shift)
+
+    def shift_for(self, shape: tuple[int, ...] | torch.Size) -> float:
+        """The shift of a latent of ``shape`` (one sample, ``(C, ...)``)."""
+        if self.shift_by_shape is None:
+            return self.shift
+        return float(self.shift_by_shape(tuple(int(n) for n in shape)))
+
+    @contextmanager
+    def shifted_for(self, shape: tuple[int, ...] | torch.Size) -> Iterator[NoiseSchedule]:
+        """Within the block ``shift`` is that of latents of ``shape``, for everything
+        holding this schedule (the timestep samplers built on it); restored after."""
+        if self.shift_by_shape is None:
+            yield self
+            return
+        saved = self.shift
+        self.shift = self.shift_for(shape)
+        try:
+            yield self
+        finally:
+            self.shift = saved
 
     def model_timesteps(self, t: torch.Tensor) -> torch.Tensor:
         """What the denoiser is given as its timestep input."""

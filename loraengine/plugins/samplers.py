@@ -150,7 +150,8 @@ def flow_sigmas(steps: int, shift: float) -> torch.Tensor:
 
 def _euler_flow(model_fn: ModelFn, noise: torch.Tensor, schedule: NoiseSchedule, steps: int,
                 options: EulerOptions) -> torch.Tensor:
-    sigmas = flow_sigmas(steps, float(schedule.shift))  # the model's one shift
+    # the model's one shift, or that of this latent size when it shifts by resolution
+    sigmas = flow_sigmas(steps, schedule.shift_for(noise.shape[1:]))
     x = noise.float()
     for i in range(steps):
         v = model_fn(x, sigmas[i]).float()

@@ -1,6 +1,8 @@
 """Tiny, complete video pipelines for tests: Wan 2.1 (one transformer) and Wan 2.2 A14B
 (two experts and a ``boundary_ratio``), built from small configs of the real classes
-with seeded random weights and saved with ``save_pretrained``.
+with seeded random weights and saved with ``save_pretrained``; and folders holding
+only the transformer and scheduler of LTX-2 and HunyuanVideo 1.5
+(:func:`save_video_denoiser`).
 
 The VAE is a tiny ``AutoencoderKLWan`` (8× space, 4× time: 5 frames of 32×32 become a
 ``[4, 2, 4, 4]`` latent) with per-channel ``latents_mean`` / ``latents_std`` that are
@@ -95,3 +97,63 @@ def video_latents(n: int, frames: int = 2, height: int = 4, width: int = 4, seed
     coarse = torch.randn(n, LATENT_CHANNELS, frames, 2, 2, generator=g)
     return torch.nn.functional.interpolate(coarse, size=(frames, height, width),
                                            mode="trilinear", align_corners=False)
+
+
+# -- LTX-2 and HunyuanVideo 1.5: the transformer and the scheduler only ----------------
+
+def ltx2_transformer(seed: int = 0) -> Any:
+    """LTX-2, tiny: 8 video latent channels, text (connector) width 12, a 4-channel
+    audio stream (video-only training runs it apart on one silent token)."""
+    from diffusers import LTX2VideoTransformer3DModel
+
+    torch.manual_seed(seed)
+    return LTX2VideoTransformer3DModel(
+        in_channels=8, out_channels=8, num_attention_heads=2, attention_head_dim=8,
+        cross_attention_dim=16, audio_in_channels=4, audio_out_channels=4,
+        audio_num_attention_heads=2, audio_attention_head_dim=4, audio_cross_attention_dim=8,
+        num_layers=2, caption_channels=12, rope_type="split")
+
+
+def hunyuan_video15_transformer(seed: int = 0) -> Any:
+    """HunyuanVideo 1.5, tiny: 4 latent channels (9 in: latent, condition latent, mask),
+    Qwen2.5-VL width 24, ByT5 width 12, image-embedding width 8."""
+    from diffusers import HunyuanVideo15Transformer3DModel
+
+    torch.manual_seed(seed)
+    return HunyuanVideo15Transformer3DModel(
+        in_channels=9, out_channels=4, num_attention_heads=2, attention_head_dim=8,
+        num_layers=2, num_refiner_layers=1, text_embed_dim=24, text_embed_2_dim=12,
+        image_embed_dim=8, rope_axes_dim=(2, 2, 4), task_type="t2v")
+
+
+#: family -> (pipeline class, transformer builder, scheduler config, latent channels,
+#: text width); the scheduler configs are those of the released pipelines (LTX-2's
+#: shifts by token count; HunyuanVideo 1.5 480p text-to-video's is static).
+VIDEO_DENOISERS: dict[str, tuple[str, Any, dict[str, Any], int, int]] = {
+    "ltx2": ("LTX2Pipeline", ltx2_transformer,
+             dict(use_dynamic_shifting=True, base_shift=0.95, max_shift=2.05,
+                  base_image_seq_len=1024, max_image_seq_len=4096, shift_terminal=0.1),
+             8, 12),
+    "hunyuan_video15": ("HunyuanVideo15Pipeline", hunyuan_video15_transformer,
+                        dict(shift=5.0), 4, 24),
+}
+
+
+def save_video_denoiser(family: str, folder: Path, seed: int = 0) -> Path:
+    """A pipeline folder of ``family`` (``ltx2``, ``hunyuan_video15``) holding its tiny
+    transformer and its scheduler only."""
+    import json
+
+    import diffusers as d
+
+    pipe_cls, make, sched_cfg, _, _ = VIDEO_DENOISERS[family]
+    folder = Path(folder)
+    model = make(seed)
+    model.save_pretrained(str(folder / "transformer"))
+    d.FlowMatchEulerDiscreteScheduler(**sched_cfg).save_pretrained(  # type: ignore[attr-defined]
+        str(folder / "scheduler"))
+    index = {"_class_name": pipe_cls, "_diffusers_version": d.__version__,
+             "transformer": ["diffusers", type(model).__name__],
+             "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"]}
+    (folder / "model_index.json").write_text(json.dumps(index, indent=2))
+    return folder

@@ -53,6 +53,8 @@ class TrainResult:
     path: Path | None = None
     files: dict[str, Path] = field(default_factory=dict)
     stopped_early: bool = False
+    #: the metadata the run's file has (or would have, when nothing is written)
+    metadata: dict[str, str] = field(default_factory=dict)
 
     def __repr__(self) -> str:
         # Short on purpose: the default dataclass repr prints every adapter tensor.
@@ -550,7 +552,7 @@ class Trainer:
         tensors = {f"{part}.{k}": v for part, t in by_part.items() for k, v in t.items()
                    } if parts else self.lora_tensors()
         result = TrainResult(tensors, {k: list(v) for k, v in self.loss_map.items()},
-                             self.steps_done)
+                             self.steps_done, metadata=self.metadata())
         self._files = result.files
         if not self.writes_files:
             return result

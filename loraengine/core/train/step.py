@@ -38,14 +38,16 @@ def draw_noise(pipe: Pipeline, x0: torch.Tensor, generator: torch.Generator
     schedule = pipe.loaded.schedule
     draw_t = schedule.restrict(pipe.timestep_sampler or schedule.sample_timestep)
     noises, ts, xt_noises = [], [], []
-    for _ in range(x0.shape[0]):  # sample by sample: noise, its timestep, tweaks
-        noise = torch.randn(x0.shape[1:], generator=generator)
-        ts.append(draw_t(generator))
-        xt_noise = noise
-        for recipe in pipe.recipes:
-            xt_noise, noise = recipe.perturb_noise(xt_noise, noise, generator)
-        noises.append(noise)
-        xt_noises.append(xt_noise)
+    # a model shifting by resolution draws with the shift of this batch's latent size
+    with schedule.shifted_for(x0.shape[1:]):
+        for _ in range(x0.shape[0]):  # sample by sample: noise, its timestep, tweaks
+            noise = torch.randn(x0.shape[1:], generator=generator)
+            ts.append(draw_t(generator))
+            xt_noise = noise
+            for recipe in pipe.recipes:
+                xt_noise, noise = recipe.perturb_noise(xt_noise, noise, generator)
+            noises.append(noise)
+            xt_noises.append(xt_noise)
     return torch.stack(noises), torch.stack(ts), torch.stack(xt_noises)
 
 

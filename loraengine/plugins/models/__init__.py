@@ -1,7 +1,8 @@
 """Built-in model families: ``sd15``, ``sd2``, ``sdxl``, ``sd3``, ``flux``, ``flux2``,
-``qwen_image``, ``z_image``, ``lumina2``, ``chroma``, ``hidream`` and ``wan`` (video) on
-diffusers, plus ``diffusers`` (any local UNet folder) and ``module`` (an in-memory
-``nn.Module``)."""
+``qwen_image``, ``z_image``, ``lumina2``, ``chroma``, ``hidream`` and the video families
+``wan``, ``ltx2`` and ``hunyuan_video15`` on diffusers, plus ``diffusers`` (any local UNet
+folder), ``module`` (an in-memory ``nn.Module``) and ``comfyui`` (ComfyUI's own model in
+memory)."""
 
 from __future__ import annotations
 
@@ -11,10 +12,13 @@ from loraengine.core.plugins.hookspecs import hookimpl
 from loraengine.plugins.models import (
     chroma,
     comfy_names,
+    comfyui,
     diffusers_folder,
     flux,
     flux2,
     hidream,
+    hunyuan_video15,
+    ltx2,
     lumina2,
     module,
     qwen_image,
@@ -29,11 +33,13 @@ from loraengine.plugins.models import (
 @hookimpl
 def loraengine_models():
     # ComfyUI's own (original checkpoint) names, where its model is laid out so
-    comfy = [dataclasses.replace(spec, layouts=comfy_names.comfyui_layouts)
-             for spec in (sd3.SPEC, flux.SPEC, flux2.SPEC, z_image.SPEC, lumina2.SPEC,
-                          chroma.SPEC)]
-    return [diffusers_folder.SPEC, module.SPEC, *unet.SPECS, *comfy, qwen_image.SPEC,
-            hidream.SPEC, dataclasses.replace(wan.SPEC, layouts=comfy_names.comfyui_layouts)]
+    named = (sd3.SPEC, flux.SPEC, flux2.SPEC, z_image.SPEC, lumina2.SPEC, chroma.SPEC,
+             wan.SPEC)
+    specs = [diffusers_folder.SPEC, module.SPEC, comfyui.SPEC, *unet.SPECS, sd3.SPEC,
+             flux.SPEC, flux2.SPEC, qwen_image.SPEC, z_image.SPEC, lumina2.SPEC, chroma.SPEC,
+             hidream.SPEC, wan.SPEC, ltx2.SPEC, hunyuan_video15.SPEC]
+    return [dataclasses.replace(spec, layouts=comfy_names.comfyui_layouts)
+            if any(spec is n for n in named) else spec for spec in specs]
 
 
 @hookimpl

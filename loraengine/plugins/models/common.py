@@ -58,12 +58,15 @@ class FlowOptions(FamilyOptions):
     flow_shift: float | None = Field(None, gt=0, description="Timestep shift s: "
                                      "σ' = s·σ/(1+(s−1)·σ), the one shift of this model: "
                                      "training timesteps and sampling both use it. "
-                                     "Default: the scheduler config's shift (1 when it "
-                                     "shifts by resolution), else the family's.")
+                                     "Default: the scheduler config's shift (when it "
+                                     "shifts by resolution, each batch's own size's, see "
+                                     "shift_resolution), else the family's.")
     shift_resolution: int | None = Field(
         None, gt=0, description="For a scheduler that shifts by resolution "
-        "(use_dynamic_shifting): train and sample with the shift its pipeline uses for a "
-        "square image of this many pixels a side. Default: unshifted. flow_shift wins.")
+        "(use_dynamic_shifting): train and sample every batch with the shift its "
+        "pipeline uses for a square image of this many pixels a side. Default: each "
+        "batch with the shift of its own latent size (its bucket), as the pipeline "
+        "computes it for that size. flow_shift wins.")
 
 
 #: (latent channels, conditioning widths by tensor name) a denoiser takes; ``None`` /
@@ -138,6 +141,8 @@ class Family:
     call: FlowCall | None = None
     #: How the pipeline picks its shift from the resolution (dynamic shifting).
     shift_rule: ShiftRule | None = None
+    #: The latent's dimensions: 4 (``[N,C,H,W]``) or 5 (video, ``[N,C,T,H,W]``).
+    latent_ndim: int = 4
 
 
 @dataclass
@@ -308,13 +313,22 @@ def ddpm_from_config(kind: DDPMKind, sched: Mapping[str, Any] | None) -> NoiseSc
 
 def flow_schedule(family: Family, options: FlowOptions, sched: Mapping[str, Any] | None,
                   vae_factor: int = 8) -> NoiseSchedule:
-    """Rectified flow. A scheduler that shifts by resolution (``use_dynamic_shifting``)
-    trains unshifted, as diffusers' own training scripts do, unless
-    ``shift_resolution`` names the resolution whose shift to use."""
+    """Rectified flow. With a scheduler that shifts by resolution
+    (``use_dynamic_shifting``) each batch trains with the shift its pipeline computes
+    for that batch's latent size (``shift_by_shape``; ``shift`` stays 1 where no latent
+    is at hand), unless ``shift_resolution`` names one resolution for every batch or
+    ``flow_shift`` one shift."""
+    from loraengine.plugins.models.flow import ShiftRule, shape_shift
+
     shift = options.flow_shift
+    dynamic = bool(sched and sched.get("use_dynamic_shifting", False))
+    by_shape = None
+    if shift is None and not options.shift_resolution and dynamic:
+        assert sched is not None
+        by_shape = shape_shift(family.shift_rule or ShiftRule(), sched)
     if shift is None and options.shift_resolution and sched and \
             sched.get("use_dynamic_shifting", False):
-        from loraengine.plugins.models.flow import ShiftRule, resolution_shift
+        from loraengine.plugins.models.flow import resolution_shift
 
         side = options.shift_resolution // vae_factor
         shift = resolution_shift(family.shift_rule or ShiftRule(), sched, side, side)
@@ -329,7 +343,7 @@ def flow_schedule(family: Family, options: FlowOptions, sched: Mapping[str, Any]
     # the family's own training distribution (``timestep_sampler: family``); another is
     # chosen in the timestep_sampler section, never here
     return NoiseSchedule("flow", shift=float(shift), timestep_scale=scale,
-                         sampling=family.timestep_sampling)
+                         sampling=family.timestep_sampling, shift_by_shape=by_shape)
 
 
 def load_family(family: Family, options: FamilyOptions, context: Mapping[str, Any]
@@ -358,7 +372,7 @@ def load_family(family: Family, options: FamilyOptions, context: Mapping[str, An
         base_model_version=family.base_model_version, cond_keys=family.cond_keys,
         source=str(where.model), pipeline_root=where.root, single_file=where.single_file,
         vae_scale=scale, vae_shift=shift, default_include=family.default_include,
-        latent_ndim=4, latent_channels=channels, cond_widths=widths)
+        latent_ndim=family.latent_ndim, latent_channels=channels, cond_widths=widths)
 
 
 def config_view(config_dir: Path) -> Any:
@@ -415,7 +429,8 @@ def describe_family(family: Family, options: FamilyOptions, context: Mapping[str
     else:
         ddpm_schedule(family, options, sched)  # type: ignore[arg-type]
     channels, widths = family.inputs(config_view(cfg_dir))
-    return ModelLayout(source=str(where.model), cond_keys=family.cond_keys, latent_ndim=4,
+    return ModelLayout(source=str(where.model), cond_keys=family.cond_keys,
+                       latent_ndim=family.latent_ndim,
                        latent_channels=channels, cond_widths=widths)
 
 
@@ -456,18 +471,19 @@ def flow_transformer_family(**fields: Any) -> Family:
         from loraengine.plugins.models.flow import flow_predictor
 
         shared.update(predictor=flow_predictor(call), inputs=call_inputs(call),
-                      cond_keys=tuple(key for key, _ in call.args))
+                      cond_keys=call.cond_keys, latent_ndim=call.latent_ndim)
     return Family(**{**shared, **fields})
 
 
 def call_inputs(call: FlowCall) -> Callable[[nn.Module], ModelInputs]:
     """What a transformer called as ``call`` says it takes: latent channels from
-    ``in_channels`` (a 2×2 packing holds four values per channel), conditioning widths
-    from the config keys ``call.widths`` names."""
+    ``in_channels`` (a 2×2 packing holds four values per channel; ``out_channels``
+    when zero channels pad the latent up to ``in_channels``), conditioning widths from
+    the config keys ``call.widths`` names."""
     per = 4 if call.packing == "patch2" else 1
 
     def inputs(module: nn.Module) -> ModelInputs:
-        channels = config_int(module, "in_channels")
+        channels = config_int(module, "out_channels" if call.pad_channels else "in_channels")
         if channels is not None:
             channels = channels // per if channels % per == 0 else None
         widths = {key: w for key, name in call.widths

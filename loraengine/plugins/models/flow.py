@@ -3,14 +3,16 @@
 A :class:`FlowCall` says how a diffusers transformer's ``forward`` is called from the
 engine's ``(x_t, t, cond)``: the latent's packing, the position inputs, what the
 timestep argument holds (σ, the scheduler's σ·1000 or 1−σ), which conditioning tensors go to which
-argument, whether a guidance value is passed and whether the output is the negated
-velocity. A :class:`ShiftRule` says how the pipeline turns a resolution into its
-timestep shift. :func:`flow_predictor` turns a ``FlowCall`` into the family's predict
+argument, which inputs the pipeline fills with zeros or constants (an audio stream
+left empty, an image embedding unused in text-to-video), whether a guidance value is
+passed and whether the output is the negated velocity. A :class:`ShiftRule` says how
+the pipeline turns a latent size into its timestep shift (:func:`shape_shift`: the
+shift of each batch's own size). :func:`flow_predictor` turns a ``FlowCall`` into the family's predict
 function, so a family is one :func:`~loraengine.plugins.models.common.flow_transformer_family`
 call.
 
-Latents are always ``[N,C,H,W]`` in the space the pipeline denoises in; a packing only
-rearranges them for the model and back.
+Latents are ``[N,C,H,W]`` (images) or ``[N,C,T,H,W]`` (video) in the space the pipeline
+denoises in; a packing only rearranges them for the model and back.
 """
 
 from __future__ import annotations
@@ -37,19 +39,39 @@ class FlowCall:
     """How one transformer class is called (see the module docstring)."""
 
     #: ``none`` (the model patchifies), ``patch2`` (2×2 patches into tokens, Flux.1 and
-    #: Qwen-Image), ``tokens`` (each latent cell one token, Flux.2) or ``frames`` (a
-    #: list of ``[C,1,H,W]``, Z-Image)
+    #: Qwen-Image), ``tokens`` (each latent cell one token, frame-major for video:
+    #: Flux.2, LTX-2) or ``frames`` (a list of ``[C,1,H,W]``, Z-Image)
     packing: Literal["none", "patch2", "tokens", "frames"] = "none"
     #: position inputs: ``flux1`` (img_ids/txt_ids of 3 axes), ``flux2`` (4 axes, per
-    #: sample), ``qwen`` (img_shapes) or ``none``
-    positions: Literal["none", "flux1", "flux2", "qwen"] = "none"
+    #: sample), ``qwen`` (img_shapes), ``grid`` (the latent's ``num_frames``, ``height``
+    #: and ``width`` as integers; the model builds its positions, LTX-2) or ``none``
+    positions: Literal["none", "flux1", "flux2", "qwen", "grid"] = "none"
     timestep: TimestepForm = "sigma"
     latent_arg: str = "hidden_states"
     timestep_arg: str = "timestep"
+    #: further arguments given the same timestep (LTX-2.3's ``sigma``)
+    also_timestep: tuple[str, ...] = ()
+    #: the latent's dimensions: 4 (images) or 5 (video, ``[N,C,T,H,W]``)
+    latent_ndim: int = 4
+    #: append zero channels up to the config's ``in_channels`` (an image-to-video model
+    #: trained text-to-video: its condition latents and mask are zero, HunyuanVideo 1.5);
+    #: the latent channels are then the config's ``out_channels``
+    pad_channels: bool = False
     #: (cond key, forward argument) for the tensors every sample has
     args: tuple[tuple[str, str], ...] = (("cond", "encoder_hidden_states"),)
     #: (cond key, forward argument) passed only when the conditioning file has them
     optional_args: tuple[tuple[str, str], ...] = ()
+    #: forward argument given the conditioning's ``mask``, or ones over the text tokens
+    #: when it has none (a model that always takes a text mask)
+    text_mask: str | None = None
+    #: (forward argument, tokens, config key of the width or ``None``) given zeros
+    #: ``[N, tokens, width]`` (``[N, tokens]`` without a width) unless an ``args`` or
+    #: ``optional_args`` entry gave it: inputs the pipeline fills with zeros or leaves
+    #: empty (LTX-2's audio stream when training video only, HunyuanVideo 1.5's image
+    #: embedding in text-to-video)
+    zeros: tuple[tuple[str, int, str | None], ...] = ()
+    #: (forward argument, value) passed as they are (LTX-2's ``audio_num_frames``)
+    constants: tuple[tuple[str, Any], ...] = ()
     #: cond keys stored ``[N, K, ...]`` (K per-layer states, HiDream's Llama) that the
     #: model takes as ``[K, N, ...]``
     batch_second: tuple[str, ...] = ()
@@ -68,13 +90,19 @@ class FlowCall:
     widths: tuple[tuple[str, str], ...] = (("cond", "joint_attention_dim"),
                                            ("pooled", "pooled_projection_dim"))
 
+    @property
+    def cond_keys(self) -> tuple[str, ...]:
+        """The cond keys every sample needs, each once."""
+        return tuple(dict.fromkeys(key for key, _ in self.args))
+
 
 @dataclass(frozen=True)
 class ShiftRule:
     """How the pipeline picks its shift from the resolution (``use_dynamic_shifting``)."""
 
     mu: MuRule = "linear"
-    #: latent cells per image token: 4 for a 2×2 patch, 1 when latents are patchified
+    #: latent cells per token: 4 for a 2×2 patch, 1 when latents are patchified; a
+    #: video latent's cells count every frame
     cells_per_token: int = 4
     #: inference steps μ is computed for where the rule depends on them (Flux.2)
     steps: int = 50
@@ -98,14 +126,15 @@ def unpack2(tokens: torch.Tensor, height: int, width: int) -> torch.Tensor:
 
 
 def to_tokens(latents: torch.Tensor) -> torch.Tensor:
-    """``[B,C,H,W]`` -> ``[B, H·W, C]``."""
-    b, c, h, w = latents.shape
-    return latents.reshape(b, c, h * w).permute(0, 2, 1)
+    """``[B,C,H,W]`` -> ``[B, H·W, C]``; ``[B,C,T,H,W]`` -> ``[B, T·H·W, C]``."""
+    b, c = latents.shape[:2]
+    return latents.reshape(b, c, -1).permute(0, 2, 1)
 
 
-def from_tokens(tokens: torch.Tensor, height: int, width: int) -> torch.Tensor:
+def from_tokens(tokens: torch.Tensor, *grid: int) -> torch.Tensor:
+    """Inverse of :func:`to_tokens` for a latent of ``grid`` cells (H, W or T, H, W)."""
     b, _, c = tokens.shape
-    return tokens.permute(0, 2, 1).reshape(b, c, height, width)
+    return tokens.permute(0, 2, 1).reshape(b, c, *grid)
 
 
 def _pack(kind: str, x: torch.Tensor) -> Any:
@@ -118,18 +147,19 @@ def _pack(kind: str, x: torch.Tensor) -> Any:
     return x
 
 
-def _unpack(kind: str, out: Any, h: int, w: int) -> torch.Tensor:
+def _unpack(kind: str, out: Any, grid: tuple[int, ...]) -> torch.Tensor:
     if kind == "patch2":
-        return unpack2(out, h, w)
+        return unpack2(out, *grid)
     if kind == "tokens":
-        return from_tokens(out, h, w)
+        return from_tokens(out, *grid)
     if kind == "frames":
         return torch.stack([o.squeeze(1) for o in out])
     return out
 
 
-def _tokens_of(kind: str, h: int, w: int) -> int:
-    return h * w // 4 if kind == "patch2" else h * w
+def _tokens_of(kind: str, grid: tuple[int, ...]) -> int:
+    cells = math.prod(grid)
+    return cells // 4 if kind == "patch2" else cells
 
 
 # -- position inputs -------------------------------------------------------------------
@@ -147,6 +177,11 @@ def grid_ids(rows: int, cols: int, axes: int, first: float, device: torch.device
 
 def _positions(call: FlowCall, x: torch.Tensor, ref: torch.Tensor | None,
                cond: Mapping[str, torch.Tensor]) -> dict[str, Any]:
+    if call.positions == "grid":
+        frames, height, width = x.shape[2:] if x.ndim == 5 else (1, *x.shape[2:])
+        return {"num_frames": int(frames), "height": int(height), "width": int(width)}
+    if call.positions == "none":
+        return {}
     b, _, h, w = x.shape
     dev, dt = x.device, x.dtype
     txt = cond[call.args[0][0]]
@@ -197,15 +232,27 @@ def flow_predictor(call: FlowCall) -> Callable[[Any, nn.Module, Any, int], Predi
 
         def predict(model: nn.Module, x_t: torch.Tensor, t: torch.Tensor,
                     cond: Mapping[str, torch.Tensor]) -> torch.Tensor:
-            b, _, h, w = x_t.shape
-            if call.packing == "patch2" and (h % 2 or w % 2):
-                raise ValueError(f"this family's latents need even sides; got {h}×{w}")
+            b, grid = x_t.shape[0], tuple(x_t.shape[2:])
+            if x_t.ndim != call.latent_ndim:
+                shape = "[N,C,T,H,W]" if call.latent_ndim == 5 else "[N,C,H,W]"
+                raise ValueError(f"this family takes latents {shape}; got shape "
+                                 f"{list(x_t.shape)}")
+            if call.packing == "patch2" and any(n % 2 for n in grid):
+                raise ValueError(f"this family's latents need even sides; got "
+                                 f"{'×'.join(map(str, grid))}")
             ref = cond.get(call.reference) if call.reference else None
-            hidden = _pack(call.packing, x_t)
+            x_in = x_t
+            if call.pad_channels:
+                config: Any = model.config
+                extra = int(config.in_channels) - x_t.shape[1]
+                x_in = torch.cat([x_t, x_t.new_zeros(b, extra, *grid)], dim=1)
+            hidden = _pack(call.packing, x_in)
             if ref is not None:
                 hidden = torch.cat([hidden, _pack(call.packing, ref.to(x_t.dtype))], dim=1)
             kwargs: dict[str, Any] = {call.latent_arg: hidden}
-            kwargs[call.timestep_arg] = model_timestep(call.timestep, t, scale).float()
+            step = model_timestep(call.timestep, t, scale).float()
+            for arg in (call.timestep_arg, *call.also_timestep):
+                kwargs[arg] = step
             for key, arg in call.args:
                 kwargs[arg] = cond[key].transpose(0, 1) if key in call.batch_second \
                     else cond[key]
@@ -218,18 +265,28 @@ def flow_predictor(call: FlowCall) -> Callable[[Any, nn.Module, Any, int], Predi
                     rows = cond[key].unbind(0)
                     kwargs[arg] = [r[m.bool()] for r, m in zip(rows, mask.unbind(0), strict=True)] \
                         if mask is not None else list(rows)
+            if call.text_mask:
+                text = cond[call.args[0][0]]
+                kwargs[call.text_mask] = cond["mask"] if "mask" in cond else \
+                    torch.ones(text.shape[:2], dtype=torch.long, device=text.device)
+            for arg, tokens, width in call.zeros:
+                if arg not in kwargs:
+                    size = (b, tokens) if width is None else \
+                        (b, tokens, int(getattr(model.config, width)))
+                    kwargs[arg] = x_t.new_zeros(size)
+            kwargs.update(call.constants)
             if call.joint_mask and "mask" in cond:
                 text = cond["mask"].to(x_t.dtype)
                 kwargs[call.joint_mask] = torch.cat(
-                    [text, text.new_ones(b, _tokens_of(call.packing, h, w))], dim=1)
+                    [text, text.new_ones(b, _tokens_of(call.packing, grid))], dim=1)
             if call.guidance and getattr(model.config, "guidance_embeds", False):
                 kwargs["guidance"] = torch.full((b,), guidance_value, device=x_t.device,
                                                 dtype=x_t.dtype)
             kwargs.update(_positions(call, x_t, ref, cond))
             out = model(**kwargs, return_dict=False)[0]
             if ref is not None:
-                out = out[:, :_tokens_of(call.packing, h, w)]
-            pred = _unpack(call.packing, out, h, w)
+                out = out[:, :_tokens_of(call.packing, grid)]
+            pred = _unpack(call.packing, out, grid)
             return -pred if call.negate else pred
 
         return predict
@@ -261,9 +318,10 @@ def flux2_mu(seq_len: int, steps: int) -> float:
     return a * steps + (m200 - 200.0 * a)
 
 
-def mu_for(rule: ShiftRule, sched: Mapping[str, Any], height: int, width: int) -> float:
-    """μ of a latent of ``height × width`` cells."""
-    seq = height * width // rule.cells_per_token
+def mu_for(rule: ShiftRule, sched: Mapping[str, Any], *grid: int) -> float:
+    """μ of a latent of ``grid`` cells (``height, width``, or ``frames, height, width``
+    for video: the pipeline counts the tokens of every frame)."""
+    seq = math.prod(grid) // rule.cells_per_token
     return flux2_mu(seq, rule.steps) if rule.mu == "flux2" else linear_mu(seq, sched)
 
 
@@ -273,9 +331,19 @@ def shift_of_mu(mu: float, sched: Mapping[str, Any]) -> float:
     return mu if sched.get("time_shift_type", "exponential") == "linear" else math.exp(mu)
 
 
-def resolution_shift(rule: ShiftRule, sched: Mapping[str, Any], height: int, width: int
-                     ) -> float:
-    return shift_of_mu(mu_for(rule, sched, height, width), sched)
+def resolution_shift(rule: ShiftRule, sched: Mapping[str, Any], *grid: int) -> float:
+    """The shift the pipeline uses for a latent of ``grid`` cells."""
+    return shift_of_mu(mu_for(rule, sched, *grid), sched)
+
+
+def shape_shift(rule: ShiftRule, sched: Mapping[str, Any]
+                ) -> Callable[[tuple[int, ...]], float]:
+    """The shift of each latent shape ``(C, ...cells)``: what the pipeline would use at
+    that size (a schedule's ``shift_by_shape``)."""
+    def shift(shape: tuple[int, ...]) -> float:
+        return resolution_shift(rule, sched, *shape[1:])
+
+    return shift
 
 
 def inference_sigmas(rule: ShiftRule | None, sched: Mapping[str, Any], height: int,

@@ -149,6 +149,14 @@ def _plan_at(name: str, host: PluginHost, sc: Scenario, blocks: dict[str, int],
     try:
         return estimate(conf, host, model=real_model(name, blocks),
                         latents={"latents": latents}, conditioning=cond, count_flops=False)
+    except RuntimeError as exc:
+        if "meta tensor" not in str(exc):
+            raise
+        # a forward that branches on tensor values (HunyuanVideo 1.5 tests its image
+        # embedding for zeros and selects its text tokens by mask) has no dry run
+        raise ConfigError(f"--real: {name}: {rec['class']}'s forward reads tensor values, "
+                          f"which a dry run on the meta device does not have; plan a "
+                          f"config of a local model folder instead") from None
     finally:
         diffusers_logging.set_verbosity(level)
 

@@ -1,0 +1,1 @@
+"""Glue between loraengine and programs that host it (ComfyUI's node pack)."""

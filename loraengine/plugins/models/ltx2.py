@@ -1,0 +1,45 @@
+"""The ``ltx2`` family: LTX-2 (``LTX2VideoTransformer3DModel``), trained on video only.
+
+Latents are the pipeline's normalised video latents ``[N,128,T,H/32,W/32]``; each cell
+is one token, frame-major as ``LTX2Pipeline._pack_latents`` orders them, and the model
+builds its positions from the latent's frames, height and width. It sees the
+scheduler's timestep ``σ·1000``. ``cond`` holds the text connector's video embeddings
+(``mask`` their mask, optional). Training is video only: the model runs with its
+modalities isolated (``isolate_modalities``: no audio-video cross-attention, as when
+LTX-2 is run without audio) and an audio stream of one silent token and one zero text
+token, which it computes apart and whose output is dropped. The default targets are
+the video stream's attention and feed-forward layers. The pipeline shifts
+by the token count (``use_dynamic_shifting``); each batch trains with its own size's
+shift.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from loraengine.plugins.models.common import flow_transformer_family, make_spec, submodules
+from loraengine.plugins.models.flow import FlowCall, ShiftRule
+
+
+def ltx2_blocks(model: nn.Module) -> list[nn.Module]:
+    return submodules(model, "transformer_blocks")
+
+
+LTX2 = flow_transformer_family(
+    name="ltx2", model_class="LTX2VideoTransformer3DModel",
+    pipeline_classes=("LTX2Pipeline", "LTX2ImageToVideoPipeline", "LTX2ConditionPipeline"),
+    vae_scale=1.0, vae_shift=0.0, vae_factor=32, base_model_version="ltx2",
+    default_include=("transformer_blocks.*.attn1.*", "transformer_blocks.*.attn2.*",
+                     "transformer_blocks.*.ff.*"),
+    blocks=ltx2_blocks, flow_shift=1.0, default_resolution=512,
+    call=FlowCall(packing="tokens", positions="grid", timestep="scaled", latent_ndim=5,
+                  also_timestep=("sigma",), optional_args=(("mask", "encoder_attention_mask"),),
+                  zeros=(("audio_hidden_states", 1, "audio_in_channels"),
+                         ("audio_encoder_hidden_states", 1, "caption_channels")),
+                  constants=(("audio_num_frames", 1), ("isolate_modalities", True)),
+                  widths=(("cond", "caption_channels"),)),
+    shift_rule=ShiftRule(mu="linear", cells_per_token=1),
+    description="LTX-2 audio-video transformer, video stream (rectified flow on "
+    "[N,C,T,H,W] latents, one token per cell).")
+
+SPEC = make_spec(LTX2)  # no prepare encoder yet
