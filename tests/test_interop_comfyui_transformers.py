@@ -303,3 +303,15 @@ def test_convert_rekeys_a_diffusers_file_into_comfyuis_fused_layout(family, tmp_
     # export); fused, the same products are summed in the same order: a few ulps at most
     for p in network.paths:
         assert relative_error(b.get_submodule(p).weight, a.get_submodule(p).weight) <= 1e-6, p
+
+
+def test_an_untrained_trainloranode_file_places_every_layer():
+    """TrainLoraNode starts ``lora_up`` at zero: such a fused file still gives every
+    diffusers layer its module (at the file's rank, ΔW zero), so it can be continued."""
+    model = tp.comfyui_transformer("flux")
+    tensors = load_file(str(FIXTURES / "flux_trainlora_lora.safetensors"))
+    zero = {k: torch.zeros_like(v) if k.endswith("lora_up.weight") else v
+            for k, v in tensors.items() if not k.endswith((".diff", ".diff_b"))}
+    handle = loraengine.apply(model, zero, mode="merge", host=HOST)
+    linears = {p for p, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    assert set(handle.modules) == linears

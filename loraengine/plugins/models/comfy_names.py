@@ -388,8 +388,8 @@ def _used(columns: torch.Tensor) -> torch.Tensor:
 def split(params: Mapping[str, torch.Tensor], band: tuple[int, int, int], native: str
           ) -> dict[str, torch.Tensor] | None:
     """The module of rows ``band`` of the fused layer ``native``'s module ``params``
-    (None: no tensor of it touches those rows). LoRA/LoHa keep the ranks whose
-    ``up`` columns are not zero on the band (α scaled along, so α/r is unchanged);
+    (None: it has no tensor). LoRA/LoHa keep the ranks whose ``up`` columns are not
+    zero on the band (all of them where none is; α scaled along, so α/r is unchanged);
     LoKr needs the band to be whole blocks of its large factor's rows."""
     offset, size, _ = band
     rows = slice(offset, offset + size)
@@ -397,12 +397,13 @@ def split(params: Mapping[str, torch.Tensor], band: tuple[int, int, int], native
     out: dict[str, torch.Tensor] = {}
     if {"lora_down.weight", "lora_up.weight"} <= keys and keys <= _LORA | {"diff"}:
         up, down = params["lora_up.weight"][rows], params["lora_down.weight"]
+        rank = int(down.shape[0])
         used = _used(up)
-        if used.numel():
-            out["lora_up.weight"], out["lora_down.weight"] = up[:, used], down[used]
-            rank = int(down.shape[0])
-            alpha = float(params["alpha"]) if "alpha" in params else float(rank)
-            out["alpha"] = torch.tensor(alpha * used.numel() / rank)
+        if not used.numel():  # a band still at zero (an untrained file): keep every rank
+            used = torch.arange(rank)
+        out["lora_up.weight"], out["lora_down.weight"] = up[:, used], down[used]
+        alpha = float(params["alpha"]) if "alpha" in params else float(rank)
+        out["alpha"] = torch.tensor(alpha * used.numel() / rank)
     elif {"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"} <= keys and keys <= _LOHA:
         a1, a2 = params["hada_w1_a"][rows], params["hada_w2_a"][rows]
         u1, u2 = _used(a1), _used(a2)
