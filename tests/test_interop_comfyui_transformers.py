@@ -315,3 +315,32 @@ def test_an_untrained_trainloranode_file_places_every_layer():
     handle = loraengine.apply(model, zero, mode="merge", host=HOST)
     linears = {p for p, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
     assert set(handle.modules) == linears
+
+
+def test_a_fused_lokr_splits_by_whole_blocks_of_its_large_factor():
+    """A LoKr over FLUX.1's fused ``img_attn.qkv`` (3·16 rows) whose small factor has
+    one row per part: each of to_q/k/v gets rows i·16…(i+1)·16 of kron(w1, w2)·α/r,
+    computed here with torch.kron; a band that cuts a block is refused in one line."""
+    model = tp.comfyui_transformer("flux")
+    hidden = model.transformer_blocks[0].attn.to_q.in_features
+    g = torch.Generator().manual_seed(3)
+    w1 = torch.randn(3, 1, generator=g)
+    w2a, w2b = torch.randn(hidden, 2, generator=g), torch.randn(2, hidden, generator=g)
+    key = "diffusion_model.double_blocks.0.img_attn.qkv"
+    tensors = {f"{key}.lokr_w1": w1, f"{key}.lokr_w2_a": w2a, f"{key}.lokr_w2_b": w2b,
+               f"{key}.alpha": torch.tensor(3.0)}
+    fused = torch.kron(w1, w2a @ w2b) * (3.0 / 2)
+    base = tp.comfyui_transformer("flux")
+    handle = loraengine.apply(model, tensors, mode="merge", host=HOST)
+    parts = ["attn.to_q", "attn.to_k", "attn.to_v"]
+    assert sorted(handle.modules) == sorted(f"transformer_blocks.0.{p}" for p in parts)
+    for i, part in enumerate(parts):
+        path = f"transformer_blocks.0.{part}"
+        want = base.get_submodule(path).weight + fused[i * hidden:(i + 1) * hidden]
+        assert relative_error(model.get_submodule(path).weight, want) <= 1e-6, part
+    cut = {f"{key}.lokr_w1": torch.randn(2, 1, generator=g),
+           f"{key}.lokr_w2_a": torch.randn(24, 2, generator=g),
+           f"{key}.lokr_w2_b": w2b, f"{key}.alpha": torch.tensor(3.0)}
+    with pytest.raises(LoraEngineError, match=r"qkv: a LoKr module over ComfyUI's fused "
+                       r"layer cannot be split at rows \d+–\d+ \(not whole blocks of 24"):
+        loraengine.apply(tp.comfyui_transformer("flux"), cut, mode="merge", host=HOST)
