@@ -1,6 +1,7 @@
 """Memory strategies on a small UNet: peak memory and step time against the plain run.
 
-Runs one series in one process: none / gradient checkpointing at depth 1, 2, 3 /
+Runs one series in one process: none / gradient checkpointing at depth 1, 2, 3 and
+with the selective policies (``checkpoint_policy``) /
 offloading / bypass / fp8 base / int8 base (the quantized bases in bypass mode, as they
 require), plus the quantized backward on both bases. Every row trains the same LoRA
 (rank 8, all Linear and Conv layers, fp32) on the same seeded data and prints, as
@@ -52,6 +53,14 @@ SERIES: list[tuple[str, dict[str, Any], dict[str, Any], str]] = [
      "fp32"),
     ("checkpointing depth 3", {"gradient_checkpointing": True, "checkpoint_depth": 3}, {},
      "fp32"),
+    ("checkpointing depth 1, save_matmuls", {"gradient_checkpointing": True,
+                                             "checkpoint_policy": "save_matmuls"}, {}, "fp32"),
+    ("checkpointing depth 1, budget 0.5", {"gradient_checkpointing": True,
+                                           "checkpoint_policy": "budget",
+                                           "checkpoint_budget": 0.5}, {}, "fp32"),
+    ("checkpointing depth 2, save_matmuls", {"gradient_checkpointing": True,
+                                             "checkpoint_depth": 2,
+                                             "checkpoint_policy": "save_matmuls"}, {}, "fp32"),
     ("offload", {"offloading": True}, {}, "fp32"),
     ("bypass", {"bypass_mode": True}, {}, "fp32"),
     ("fp8 base", {"bypass_mode": True}, {"quantize": "fp8"}, "fp32"),
