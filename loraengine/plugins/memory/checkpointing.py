@@ -197,7 +197,7 @@ class _ReuseMode(TorchDispatchMode):
 
     def __enter__(self) -> _ReuseMode:
         self.next = 0
-        return super().__enter__()  # type: ignore[no-any-return]
+        return super().__enter__()
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None
                            ) -> Any:
