@@ -1,9 +1,11 @@
 """Memory strategies on a small UNet: peak memory and step time against the plain run.
 
 Runs one series in one process: none / gradient checkpointing at depth 1, 2, 3 and
-with the selective policies (``checkpoint_policy``) /
+with the selective policies (``checkpoint_policy``: save_matmuls, budgets) /
 offloading / bypass / fp8 base / int8 base (the quantized bases in bypass mode, as they
-require), plus the quantized backward on both bases. Every row trains the same LoRA
+require), plus the quantized backward on both bases. ``--model compass`` runs the
+series on benchmarks/run.py's compass UNet (17.8 M parameters, batch 4, text 16×128)
+instead of ``small_unet_config``; ``--only`` picks rows. Every row trains the same LoRA
 (rank 8, all Linear and Conv layers, fp32) on the same seeded data and prints, as
 ratios to the plain row:
 
