@@ -96,11 +96,18 @@ def test_selective_gradients_equal_a_run_without_checkpointing(host, unet_dir, f
 
 # -- what is kept is not recomputed ------------------------------------------------------
 
+_plans: dict[str, plan.MemoryPlan] = {}
+
+
 def planned(host, unet_dir, files, memory: dict) -> plan.MemoryPlan:
-    cfg = parse_config(config(unet_dir, files, memory), host.registry)
-    return plan.estimate(cfg, host)
+    key = repr(sorted(memory.items()))
+    if key not in _plans:
+        cfg = parse_config(config(unet_dir, files, memory), host.registry)
+        _plans[key] = plan.estimate(cfg, host)
+    return _plans[key]
 
 
+@pytest.mark.slow
 def test_kept_outputs_are_not_recomputed_and_cost_memory(host, unet_dir, files):
     """The plan's dry run counts the FLOPs of matmuls, convolutions and attention.
     Plain checkpointing recomputes every one of them in the backward pass; with
@@ -120,6 +127,7 @@ def test_kept_outputs_are_not_recomputed_and_cost_memory(host, unet_dir, files):
     assert full.activations < part.activations < keep.activations
 
 
+@pytest.mark.slow
 def test_budget_keeps_nothing_at_0_and_everything_at_1(host, unet_dir, files):
     def flops(budget: float) -> int:
         return planned(host, unet_dir, files, {
