@@ -170,8 +170,9 @@ def test_budget_chooses_per_input_shape():
     assert not first(0, mm, (x, torch.ones(4, 4)), {}, x @ torch.ones(4, 4))
     assert not first(1, mm, (x, torch.ones(4, 1)), {}, x @ torch.ones(4, 1))
     kept = policy.for_call(a)  # the first pass is over: the choice is made
-    assert [kept(0), kept(1)] == [False, True]  # both 2·k/4 FLOPs per byte: k 4 vs 4,
-    # the smaller output fits the budget of half the 40 bytes
+    # both have 2 FLOPs per byte (2·2·4·n FLOPs over 2·n·4 bytes); the first (32 bytes)
+    # does not fit half of the 40 bytes, the second (8 bytes) does
+    assert [kept(0), kept(1)] == [False, True]
     assert b not in policy.kept and not policy.for_call(b)(0, mm, (x, x.T), {}, x @ x.T)
 
 
