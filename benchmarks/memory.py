@@ -1,8 +1,11 @@
 """Memory strategies on a small UNet: peak memory and step time against the plain run.
 
-Runs one series in one process: none / gradient checkpointing at depth 1, 2, 3 /
+Runs one series in one process: none / gradient checkpointing at depth 1, 2, 3 and
+with the selective policies (``checkpoint_policy``: save_matmuls, budgets) /
 offloading / bypass / fp8 base / int8 base (the quantized bases in bypass mode, as they
-require), plus the quantized backward on both bases. Every row trains the same LoRA
+require), plus the quantized backward on both bases. ``--model compass`` runs the
+series on benchmarks/run.py's compass UNet (17.8 M parameters, batch 4, text 16×128)
+instead of ``small_unet_config``; ``--only`` picks rows. Every row trains the same LoRA
 (rank 8, all Linear and Conv layers, fp32) on the same seeded data and prints, as
 ratios to the plain row:
 
@@ -19,6 +22,7 @@ host copies, but the copies it makes cost time there and save nothing real.
 
     python benchmarks/memory.py                 # the table, markdown
     python benchmarks/memory.py --steps 9 --json results.json
+    python benchmarks/memory.py --model compass --only "checkpointing depth 2, budget 0.1"
 """
 
 from __future__ import annotations
@@ -52,6 +56,20 @@ SERIES: list[tuple[str, dict[str, Any], dict[str, Any], str]] = [
      "fp32"),
     ("checkpointing depth 3", {"gradient_checkpointing": True, "checkpoint_depth": 3}, {},
      "fp32"),
+    ("checkpointing depth 1, save_matmuls", {"gradient_checkpointing": True,
+                                             "checkpoint_policy": "save_matmuls"}, {}, "fp32"),
+    ("checkpointing depth 1, budget 0.5", {"gradient_checkpointing": True,
+                                           "checkpoint_policy": "budget",
+                                           "checkpoint_budget": 0.5}, {}, "fp32"),
+    ("checkpointing depth 2, save_matmuls", {"gradient_checkpointing": True,
+                                             "checkpoint_depth": 2,
+                                             "checkpoint_policy": "save_matmuls"}, {}, "fp32"),
+    ("checkpointing depth 2, budget 0.1", {"gradient_checkpointing": True,
+                                           "checkpoint_depth": 2, "checkpoint_policy": "budget",
+                                           "checkpoint_budget": 0.1}, {}, "fp32"),
+    ("checkpointing depth 2, budget 0.2", {"gradient_checkpointing": True,
+                                           "checkpoint_depth": 2, "checkpoint_policy": "budget",
+                                           "checkpoint_budget": 0.2}, {}, "fp32"),
     ("offload", {"offloading": True}, {}, "fp32"),
     ("bypass", {"bypass_mode": True}, {}, "fp32"),
     ("fp8 base", {"bypass_mode": True}, {"quantize": "fp8"}, "fp32"),
@@ -63,16 +81,27 @@ SERIES: list[tuple[str, dict[str, Any], dict[str, Any], str]] = [
 ]
 
 
-def make_inputs(folder: Path, size: int, count: int) -> dict[str, Any]:
-    """The benchmark model (``small_unet_config``) and seeded latents/conditioning."""
-    pipe_dir = save_tiny_unet(folder / "unet", config=small_unet_config())
+def make_inputs(folder: Path, size: int, count: int, model: str = "small") -> dict[str, Any]:
+    """The benchmark model (``small_unet_config``, or benchmarks/run.py's compass UNet)
+    and seeded latents/conditioning."""
     g = torch.Generator().manual_seed(0)
+    if model == "compass":
+        from run import COMPASS, make_compass_unet
+
+        unet = make_compass_unet()
+        config = {k: v for k, v in unet.config.items() if not k.startswith("_")}
+        pipe_dir = save_tiny_unet(folder / "compass", config=config)
+        tokens, width = COMPASS["tokens"], COMPASS["text_dim"]
+    else:
+        from diffusers import UNet2DConditionModel
+
+        pipe_dir = save_tiny_unet(folder / "unet", config=small_unet_config())
+        unet = UNet2DConditionModel(**small_unet_config())
+        tokens, width = 8, 64
     lat, cond = folder / "latents.safetensors", folder / "cond.safetensors"
     save_file({"latents": torch.randn(count, 4, size, size, generator=g)}, str(lat))
-    save_file({"cond": torch.randn(count, 8, 64, generator=g)}, str(cond))
-    from diffusers import UNet2DConditionModel
-
-    count_params = sum(p.numel() for p in UNet2DConditionModel(**small_unet_config()).parameters())
+    save_file({"cond": torch.randn(count, tokens, width, generator=g)}, str(cond))
+    count_params = sum(p.numel() for p in unet.parameters())
     return {"model": pipe_dir, "latents": lat, "cond": cond, "parameters": count_params}
 
 
@@ -136,7 +165,9 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=5, help="timing rounds (one step of "
                     "every row each; the median is reported)")
     ap.add_argument("--size", type=int, default=32, help="latent side")
-    ap.add_argument("--batch", type=int, default=2)
+    ap.add_argument("--batch", type=int, default=None, help="default 2 (compass: 4)")
+    ap.add_argument("--model", choices=["small", "compass"], default="small",
+                    help="small_unet_config, or benchmarks/run.py's compass UNet (18 M)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     ap.add_argument("--no-plan", action="store_true", help="skip the plan column")
@@ -144,10 +175,12 @@ def main() -> None:
     ap.add_argument("--json", type=Path, help="also write the rows here")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    args.batch = args.batch or (4 if args.model == "compass" else 2)
     host = build_plugin_manager()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        inputs = make_inputs(Path(tmp), args.size, count=max(4, args.batch * 2))
+        inputs = make_inputs(Path(tmp), args.size, count=max(4, args.batch * 2),
+                             model=args.model)
         for label, memory, model, dtype in SERIES:
             if args.only and label != "none" and label not in args.only:
                 continue
@@ -163,7 +196,8 @@ def main() -> None:
                 row.pop("trainer")
                 row.pop("pipe").close()
     print()
-    print(f"small UNet ({inputs['parameters'] / 1e6:.2f}M parameters), latents "
+    name = "compass UNet" if args.model == "compass" else "small UNet"
+    print(f"{name} ({inputs['parameters'] / 1e6:.2f}M parameters), latents "
           f"{args.batch}×4×{args.size}×{args.size}, LoRA rank 8, device {args.device}, "
           f"{args.threads} thread(s), torch {torch.__version__}")
     print()

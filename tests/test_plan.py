@@ -153,6 +153,44 @@ def test_plan_is_within_25_percent_of_the_measured_peak_on_the_benchmark_model(
     assert abs(estimated.peak / measured.peak - 1) <= 0.25, (estimated.peak, measured.peak)
 
 
+#: Selective checkpointing: the plan's dry run goes through the same policy (the
+#: budget's choice made in its first step, as in training), held to 10%.
+SELECTIVE = {
+    "save-matmuls": {"gradient_checkpointing": True, "checkpoint_policy": "save_matmuls"},
+    "depth-2-budget-0.2": {"gradient_checkpointing": True, "checkpoint_depth": 2,
+                           "checkpoint_policy": "budget", "checkpoint_budget": 0.2},
+}
+
+
+def _plan_and_measure(host, files: dict, memory: dict, rank: int
+                      ) -> tuple[plan.MemoryPlan, plan.Measurement]:
+    cfg = parse_config(make_config(files["model_dir"], files["lat"], files["cond"], memory,
+                                   rank=rank), host.registry)
+    estimated = plan.estimate(cfg, host)
+    pipe = build_pipeline(cfg, host)
+    try:
+        measured = plan.measure(pipe)
+    finally:
+        pipe.close()
+    return estimated, measured
+
+
+@pytest.mark.parametrize("policy", list(SELECTIVE))
+def test_plan_of_selective_checkpointing_is_within_10_percent_on_the_tiny_unet(
+        host, tiny, policy):
+    estimated, measured = _plan_and_measure(host, tiny, SELECTIVE[policy], rank=4)
+    assert abs(estimated.peak / measured.peak - 1) <= 0.10, (estimated.peak, measured.peak)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("policy", list(SELECTIVE))
+def test_plan_of_selective_checkpointing_is_within_10_percent_on_the_benchmark_model(
+        host, bench, policy):
+    estimated, measured = _plan_and_measure(host, bench, SELECTIVE[policy], rank=8)
+    assert measured.peak - measured.resident > 0
+    assert abs(estimated.peak / measured.peak - 1) <= 0.10, (estimated.peak, measured.peak)
+
+
 # -- the command ------------------------------------------------------------------------------
 
 def write_yaml(tmp_path: Path, data: dict) -> Path:
