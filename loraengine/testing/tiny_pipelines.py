@@ -294,7 +294,7 @@ def qwen25_vl_text(hidden: int = 24, seed: int = 0) -> Any:
                          num_attention_heads=2, num_key_value_heads=1,
                          max_position_embeddings=2048, pad_token_id=0,
                          rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
-                                          "mrope_section": [1, 1, 1]}),
+                                          "mrope_section": [2, 2, 2]}),
         vision_config=dict(depth=1, hidden_size=8, intermediate_size=16, num_heads=2,
                            out_hidden_size=hidden, patch_size=4, spatial_merge_size=2,
                            temporal_patch_size=2, window_size=8, fullatt_block_indexes=[0]),

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from loraengine.plugins.models.common import flow_transformer_family, make_spec, submodules
+from loraengine.plugins.models.common import family_spec, flow_transformer_family, submodules
 from loraengine.plugins.models.flow import FlowCall, ShiftRule
 from loraengine.plugins.models.flux import FluxOptions
 
@@ -31,4 +31,4 @@ FLUX2 = flow_transformer_family(
     shift_rule=ShiftRule(mu="flux2", cells_per_token=1),
     description="FLUX.2 dev / Klein transformer (rectified flow, patchified latents).")
 
-SPEC = make_spec(FLUX2)  # no prepare encoder yet
+SPEC = family_spec(FLUX2)

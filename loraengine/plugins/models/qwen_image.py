@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from loraengine.plugins.models.common import flow_transformer_family, make_spec, submodules
+from loraengine.plugins.models.common import family_spec, flow_transformer_family, submodules
 from loraengine.plugins.models.flow import FlowCall, ShiftRule
 
 
@@ -33,4 +33,4 @@ QWEN_IMAGE = flow_transformer_family(
     shift_rule=ShiftRule(mu="linear", cells_per_token=4),
     description="Qwen-Image / Qwen-Image-Edit MMDiT (rectified flow, packed 2×2 latents).")
 
-SPEC = make_spec(QWEN_IMAGE)  # no prepare encoder yet
+SPEC = family_spec(QWEN_IMAGE)

@@ -34,6 +34,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from loraengine.core.data import stack_padded
 from loraengine.core.errors import DataError
 from loraengine.core.files import atomic_path, read_text, write_atomic
 
@@ -492,7 +493,7 @@ def prepare(encoder: Any, images: Path, out: Path, *, captions_file: Path | None
             for k, v in {**conds[items[i].caption], **extra}.items():
                 rows.setdefault(k, []).append(v)
         for k, vs in rows.items():
-            cond_out[k + suffix] = torch.stack(vs).contiguous()
+            cond_out[k + suffix] = stack_padded(vs).contiguous()
         files.append([items[i].path.relative_to(images).as_posix() for i in idxs])
         summary.append((bucket[0], bucket[1], len(idxs)))
     meta = {"loraengine.family": str(encoder.family), "loraengine.resolution": str(res),

@@ -1,0 +1,169 @@
+"""``loraengine prepare`` for the record families (FLUX.2 Klein, Qwen-Image, Z-Image,
+Chroma, Lumina 2), on tiny whole pipelines of the real classes: latents are what the
+pipeline's own VAE code gives its denoiser (its ``_encode_vae_image``, or the inverse
+of the normalisation it undoes before decoding), captions what its ``encode_prompt``
+gives; then prepare -> train -> sample through the command line."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+import yaml
+from click.testing import CliRunner
+from PIL import Image
+from safetensors.torch import load_file
+
+from loraengine.cli.main import cli
+from loraengine.plugins import build_plugin_manager
+from loraengine.testing import tiny_pipelines as tp
+
+FAMILY = {"flux2_klein": "flux2", "qwen_image": "qwen_image", "z_image": "z_image",
+          "chroma": "chroma", "lumina2": "lumina2"}
+CAPTIONS = ["a red square", "two blue discs on grey, small", "x"]
+#: fp32 encoders on the CPU against the pipeline's own fp32 code: the same operations,
+#: so only summation order can differ
+TOL = dict(rtol=1e-5, atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def pipes(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("full")
+    return {name: tp.save_full(name, root / name) for name in tp.FULL_FAMILIES}
+
+
+def _encoder(name: str, folder: Path, **options):
+    spec = build_plugin_manager().registry.get("model", FAMILY[name])
+    return spec.make_encoder(folder, {"device": "cpu", "dtype": "fp32", **options})
+
+
+def _pixels(n: int = 2, side: int = 32, seed: int = 3) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(n, 3, side, side, generator=g) * 2 - 1
+
+
+@torch.no_grad()
+def _reference_latents(name: str, pipe, pixels: torch.Tensor) -> torch.Tensor:
+    if name == "flux2_klein":
+        return pipe._encode_vae_image(pixels, generator=None)
+    if name == "qwen_image":
+        from diffusers import QwenImageEditPipeline
+
+        edit = SimpleNamespace(vae=pipe.vae, latent_channels=pipe.vae.config.z_dim)
+        return QwenImageEditPipeline._encode_vae_image(edit, pixels.unsqueeze(2), None)[:, :, 0]
+    # the pipelines decode latents / scaling_factor + shift_factor
+    mean = pipe.vae.encode(pixels).latent_dist.mean
+    return (mean - pipe.vae.config.shift_factor) * pipe.vae.config.scaling_factor
+
+
+@torch.no_grad()
+def _reference_text(name: str, pipe, captions: list[str]) -> list[torch.Tensor]:
+    """Each caption's conditioning rows as the pipeline gives them to its transformer
+    (the rows its mask keeps, where it has one)."""
+    if name == "flux2_klein":
+        embeds, _ = pipe.encode_prompt(captions, device="cpu")
+        return list(embeds)
+    if name == "qwen_image":
+        embeds, mask = pipe.encode_prompt(captions, device="cpu")
+        mask = torch.ones(embeds.shape[:2], dtype=torch.bool) if mask is None else mask.bool()
+        return [e[m] for e, m in zip(embeds, mask, strict=True)]
+    if name == "z_image":
+        rows, _ = pipe.encode_prompt(list(captions), device="cpu",
+                                     do_classifier_free_guidance=False)
+        return rows
+    if name == "chroma":
+        embeds, _, mask, *_ = pipe.encode_prompt(captions, device="cpu",
+                                                 do_classifier_free_guidance=False)
+        return [e[m.bool()] for e, m in zip(embeds, mask, strict=True)]
+    embeds, mask, _, _ = pipe.encode_prompt(captions, do_classifier_free_guidance=False,
+                                            device="cpu")
+    return [e[m.bool()] for e, m in zip(embeds, mask, strict=True)]
+
+
+@pytest.mark.parametrize("name", tp.FULL_FAMILIES)
+def test_latents_and_captions_are_the_pipelines_own(pipes, name):
+    import diffusers
+
+    enc = _encoder(name, pipes[name])
+    pipe = diffusers.DiffusionPipeline.from_pretrained(str(pipes[name]), local_files_only=True)
+    pixels = _pixels()
+    got = enc.encode_images(pixels)
+    want = _reference_latents(name, pipe, pixels)
+    assert got.shape == want.shape
+    torch.testing.assert_close(got, want.float(), **TOL)
+    # batches of one and of three give the same rows; the longest caption sets the width
+    enc.caption_batch = 1
+    cond = enc.encode_captions(CAPTIONS)
+    rows = _reference_text(name, pipe, CAPTIONS)
+    mask = cond.get("mask")
+    for i, row in enumerate(rows):
+        kept = cond["cond"][i][mask[i].bool()] if mask is not None else cond["cond"][i]
+        torch.testing.assert_close(kept, row.float(), **TOL)
+        if mask is not None:  # what the mask drops is zero padding or the pipeline's own
+            assert int(mask[i].sum()) == row.shape[0]
+    if name in ("qwen_image", "z_image"):  # padded to the longest caption, no further
+        assert cond["cond"].shape[1] == max(r.shape[0] for r in rows)
+        assert float(cond["cond"][2][~mask[2].bool()].abs().sum()) == 0.0
+
+
+def test_the_bucket_step_is_the_vae_factor_times_the_patch(pipes):
+    # 2x VAE and 2x2 patches (FLUX.2: patchified latents; Chroma: packed tokens; the
+    # others' transformers patchify 2x2); Qwen-Image's VAE is 8x
+    steps = {name: _encoder(name, pipes[name]).bucket_multiple for name in tp.FULL_FAMILIES}
+    assert steps == {"flux2_klein": 4, "qwen_image": 16, "z_image": 4, "chroma": 4,
+                     "lumina2": 4}
+
+
+def _images(folder: Path, side: int) -> Path:
+    tp.write_images(folder, [(side, side)] * 3, seed=1)
+    # one caption shared: a rerun must encode it once
+    (folder / "image_02.txt").write_text("picture 0 of a square", encoding="utf-8")
+    return folder
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", tp.FULL_FAMILIES)
+def test_prepare_train_and_sample_through_the_cli(pipes, tmp_path, name):
+    runner = CliRunner()
+    side = 64 if name == "qwen_image" else 16
+    images = _images(tmp_path / "images", side)
+    data = tmp_path / "data"
+    args = ["prepare", "--model", str(pipes[name]), "--images", str(images), "--out",
+            str(data), "--device", "cpu", "--dtype", "fp32", "-q"]
+    if name in ("flux2_klein", "chroma"):
+        args += ["--max-sequence-length", "48"]
+    result = runner.invoke(cli, args)
+    assert result.exit_code == 0, result.output
+    lat, cond = load_file(str(data / "latents.safetensors")), \
+        load_file(str(data / "conditioning.safetensors"))
+    assert lat["latents"].shape[0] == 3 and cond["cond"].shape[0] == 3
+    again = runner.invoke(cli, args[:-1])
+    assert "encoded 0 image(s) and 0 caption(s)" in again.output, again.output
+
+    cfg = {"model": {"family": FAMILY[name], "path": str(pipes[name])},
+           "data": {"latents": str(data / "latents.safetensors"),
+                    "conditioning": str(data / "conditioning.safetensors")},
+           "training": {"steps": 12, "batch_size": 3, "dtype": "fp32", "seed": 0},
+           "optimizer": {"lr": 0.02}, "adapter": {"rank": 4, "alpha": 4, "dtype": "fp32"},
+           "output": {"dir": str(tmp_path / "out"), "name": "lora", "plot": False}}
+    (tmp_path / "train.yaml").write_text(yaml.safe_dump(cfg))
+    result = runner.invoke(cli, ["train", str(tmp_path / "train.yaml"), "-q"])
+    assert result.exit_code == 0, result.output
+    losses = json.loads((tmp_path / "out" / "lora.loss.json").read_text())["loss"]
+    assert len(losses) == 12 and all(torch.isfinite(torch.tensor(losses)))
+
+    (tmp_path / "prompts.txt").write_text("a red square\npicture 1 of a square\n")
+    h, w = lat["latents"].shape[-2:]
+    result = runner.invoke(cli, ["sample", "--model", str(pipes[name]), "--prompts",
+                                 str(tmp_path / "prompts.txt"), "--lora",
+                                 str(tmp_path / "out" / "lora.safetensors"), "--out",
+                                 str(tmp_path / "s"), "--steps", "2", "--size", str(h),
+                                 str(w)])
+    assert result.exit_code == 0, result.output
+    tile = Image.open(tmp_path / "s" / "image_0_0.png")
+    assert tile.size == (side, side)  # decoded by the family's VAE back to pixels
+    assert {"grid.png", "compare.png", "image_1_0.png"} <= \
+        {p.name for p in (tmp_path / "s").iterdir()}
