@@ -159,7 +159,7 @@ def z_image_transformer(seed: int = 0) -> Any:
     return ZImageTransformer2DModel(
         all_patch_size=(2,), all_f_patch_size=(1,), in_channels=4, dim=32, n_layers=2,
         n_refiner_layers=1, n_heads=2, n_kv_heads=2, cap_feat_dim=24, axes_dims=[4, 6, 6],
-        axes_lens=[64, 32, 32])
+        axes_lens=[1024, 32, 32])  # captions of a few hundred tokens come first
 
 
 def lumina2_transformer(seed: int = 0) -> Any:
@@ -169,7 +169,7 @@ def lumina2_transformer(seed: int = 0) -> Any:
     return Lumina2Transformer2DModel(
         sample_size=8, patch_size=2, in_channels=4, hidden_size=32, num_layers=2,
         num_refiner_layers=1, num_attention_heads=2, num_kv_heads=1, multiple_of=16,
-        axes_dim_rope=(4, 6, 6), axes_lens=(64, 32, 32), cap_feat_dim=24)
+        axes_dim_rope=(4, 6, 6), axes_lens=(1024, 32, 32), cap_feat_dim=24)
 
 
 def chroma_transformer(seed: int = 0) -> Any:
@@ -279,7 +279,7 @@ def qwen3_text(hidden: int, layers: int, causal_lm: bool = False, seed: int = 0)
     cfg = Qwen3Config(vocab_size=QWEN_VOCAB, hidden_size=hidden, intermediate_size=2 * hidden,
                       num_hidden_layers=layers, num_attention_heads=2, num_key_value_heads=1,
                       head_dim=4, max_position_embeddings=1024, pad_token_id=0,
-                      tie_word_embeddings=False)
+                      bos_token_id=0, eos_token_id=2, tie_word_embeddings=False)
     return (Qwen3ForCausalLM if causal_lm else Qwen3Model)(cfg).eval()
 
 
