@@ -17,7 +17,9 @@ from click.testing import CliRunner
 from PIL import Image
 from safetensors.torch import load_file
 
+from loraengine.api import resolve_config
 from loraengine.cli.main import cli
+from loraengine.core.build import build_pipeline
 from loraengine.plugins import build_plugin_manager
 from loraengine.testing import tiny_pipelines as tp
 
@@ -27,6 +29,7 @@ CAPTIONS = ["a red square", "two blue discs on grey, small", "x"]
 #: fp32 encoders on the CPU against the pipeline's own fp32 code: the same operations,
 #: so only summation order can differ
 TOL = dict(rtol=1e-5, atol=1e-5)
+STEPS = 20
 
 
 @pytest.fixture(scope="module")
@@ -146,14 +149,26 @@ def test_prepare_train_and_sample_through_the_cli(pipes, tmp_path, name):
     cfg = {"model": {"family": FAMILY[name], "path": str(pipes[name])},
            "data": {"latents": str(data / "latents.safetensors"),
                     "conditioning": str(data / "conditioning.safetensors")},
-           "training": {"steps": 12, "batch_size": 3, "dtype": "fp32", "seed": 0},
+           "training": {"steps": STEPS, "batch_size": 3, "dtype": "fp32", "seed": 0},
            "optimizer": {"lr": 0.02}, "adapter": {"rank": 4, "alpha": 4, "dtype": "fp32"},
            "output": {"dir": str(tmp_path / "out"), "name": "lora", "plot": False}}
     (tmp_path / "train.yaml").write_text(yaml.safe_dump(cfg))
     result = runner.invoke(cli, ["train", str(tmp_path / "train.yaml"), "-q"])
     assert result.exit_code == 0, result.output
     losses = json.loads((tmp_path / "out" / "lora.loss.json").read_text())["loss"]
-    assert len(losses) == 12 and all(torch.isfinite(torch.tensor(losses)))
+    assert len(losses) == STEPS and all(torch.isfinite(torch.tensor(losses)))
+    lora = tmp_path / "out" / "lora.safetensors"
+    host = build_plugin_manager()
+    conf, base = resolve_config(tmp_path / "train.yaml", host,
+                                overrides=[f"adapter.existing={lora}"])
+    engine = build_pipeline(conf, host, base_dir=base)
+    try:
+        trained = tp.fixed_draw_loss(engine)
+        engine.network.set_multiplier(0.0)
+        untouched = tp.fixed_draw_loss(engine)
+    finally:
+        engine.close()
+    assert trained < untouched * 0.97, (trained, untouched)
 
     (tmp_path / "prompts.txt").write_text("a red square\npicture 1 of a square\n")
     h, w = lat["latents"].shape[-2:]
@@ -167,3 +182,9 @@ def test_prepare_train_and_sample_through_the_cli(pipes, tmp_path, name):
     assert tile.size == (side, side)  # decoded by the family's VAE back to pixels
     assert {"grid.png", "compare.png", "image_1_0.png"} <= \
         {p.name for p in (tmp_path / "s").iterdir()}
+    # compare.png holds the base grid and the adapted one side by side: the LoRA shows
+    pair = torch.tensor(list(Image.open(tmp_path / "s" / "compare.png").convert("L").getdata()),
+                        dtype=torch.float32)
+    grid = Image.open(tmp_path / "s" / "grid.png")
+    pair = pair.reshape(-1, 2 * grid.width + 12)[16:16 + grid.height]
+    assert (pair[:, :grid.width] - pair[:, grid.width + 12:]).abs().max() > 0
