@@ -1,4 +1,4 @@
-"""``loraengine prepare`` for the record families (FLUX.2 Klein, Qwen-Image, Z-Image,
+"""``loraengine prepare`` for the record families (FLUX.2 dev and Klein, Qwen-Image, Z-Image,
 Chroma, Lumina 2), on tiny whole pipelines of the real classes: latents are what the
 pipeline's own VAE code gives its denoiser (its ``_encode_vae_image``, or the inverse
 of the normalisation it undoes before decoding), captions what its ``encode_prompt``
@@ -23,7 +23,7 @@ from loraengine.core.build import build_pipeline
 from loraengine.plugins import build_plugin_manager
 from loraengine.testing import tiny_pipelines as tp
 
-FAMILY = {"flux2_klein": "flux2", "qwen_image": "qwen_image", "z_image": "z_image",
+FAMILY = {"flux2": "flux2", "flux2_klein": "flux2", "qwen_image": "qwen_image", "z_image": "z_image",
           "chroma": "chroma", "lumina2": "lumina2"}
 CAPTIONS = ["a red square", "two blue discs on grey, small", "x"]
 #: fp32 encoders on the CPU against the pipeline's own fp32 code: the same operations,
@@ -50,7 +50,7 @@ def _pixels(n: int = 2, side: int = 32, seed: int = 3) -> torch.Tensor:
 
 @torch.no_grad()
 def _reference_latents(name: str, pipe, pixels: torch.Tensor) -> torch.Tensor:
-    if name == "flux2_klein":
+    if name.startswith("flux2"):
         return pipe._encode_vae_image(pixels, generator=None)
     if name == "qwen_image":
         from diffusers import QwenImageEditPipeline
@@ -66,7 +66,7 @@ def _reference_latents(name: str, pipe, pixels: torch.Tensor) -> torch.Tensor:
 def _reference_text(name: str, pipe, captions: list[str]) -> list[torch.Tensor]:
     """Each caption's conditioning rows as the pipeline gives them to its transformer
     (the rows its mask keeps, where it has one)."""
-    if name == "flux2_klein":
+    if name.startswith("flux2"):
         embeds, _ = pipe.encode_prompt(captions, device="cpu")
         return list(embeds)
     if name == "qwen_image":
@@ -116,7 +116,7 @@ def test_the_bucket_step_is_the_vae_factor_times_the_patch(pipes):
     # 2x VAE and 2x2 patches (FLUX.2: patchified latents; Chroma: packed tokens; the
     # others' transformers patchify 2x2); Qwen-Image's VAE is 8x
     steps = {name: _encoder(name, pipes[name]).bucket_multiple for name in tp.FULL_FAMILIES}
-    assert steps == {"flux2_klein": 4, "qwen_image": 16, "z_image": 4, "chroma": 4,
+    assert steps == {"flux2": 4, "flux2_klein": 4, "qwen_image": 16, "z_image": 4, "chroma": 4,
                      "lumina2": 4}
 
 
@@ -138,6 +138,8 @@ def test_prepare_train_and_sample_through_the_cli(pipes, tmp_path, name):
             str(data), "--device", "cpu", "--dtype", "fp32"]
     if name in ("flux2_klein", "chroma"):
         args += ["--max-sequence-length", "48"]
+    elif name == "flux2":  # FLUX.2 dev's system prompt comes first: 170 tokens here
+        args += ["--max-sequence-length", "200"]
     result = runner.invoke(cli, [*args, "-q"])
     assert result.exit_code == 0, result.output
     lat, cond = load_file(str(data / "latents.safetensors")), \

@@ -230,7 +230,7 @@ DENOISERS: dict[str, tuple[str, Any, dict[str, Any], int, int]] = {
 #: Record families whose tiny folder can also be a whole pipeline (:func:`save_full`):
 #: their own VAE class, text encoder class and tokenizer, so ``loraengine prepare`` and
 #: ``loraengine sample --prompts FILE.txt`` run on them.
-FULL_FAMILIES = ("flux2_klein", "qwen_image", "z_image", "chroma", "lumina2")
+FULL_FAMILIES = ("flux2", "flux2_klein", "qwen_image", "z_image", "chroma", "lumina2")
 
 #: Qwen's chat format as the released tokenizers' templates write it (system, user and
 #: assistant turns; Qwen3's empty thinking block when thinking is switched off).
@@ -254,6 +254,57 @@ def qwen_tokenizer() -> Any:
                          additional_special_tokens=["<|im_start|>", "<|im_end|>"])
     tok.chat_template = QWEN_CHAT_TEMPLATE
     return tok
+
+
+#: Mistral 3's instruction format: the system turn, then the user's text parts.
+MISTRAL_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'system' %}[SYSTEM_PROMPT]"
+    "{% for c in m['content'] %}{{ c['text'] }}{% endfor %}[/SYSTEM_PROMPT]"
+    "{% elif m['role'] == 'user' %}[INST]{% for c in m['content'] %}"
+    "{% if c['type'] == 'text' %}{{ c['text'] }}{% else %}[IMG]{% endif %}{% endfor %}"
+    "[/INST]{% endif %}{% endfor %}")
+_MISTRAL_SPECIAL = ("[INST]", "[/INST]", "[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]", "[IMG]")
+
+
+def mistral_tokenizer() -> Any:
+    """A character-level tokenizer with Mistral 3's special tokens and chat format.
+    FLUX.2 dev's pipeline only calls its ``apply_chat_template``, which a tokenizer
+    has as a processor does (Pixtral's processor itself needs torchvision)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, "<pad>": 3}
+    for token in _MISTRAL_SPECIAL:
+        vocab[token] = len(vocab)
+    for c in _CHARS + string.ascii_uppercase + " \n:;()":
+        vocab.setdefault(c, len(vocab))
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>",
+                                  unk_token="<unk>", pad_token="<pad>", model_max_length=1024,
+                                  additional_special_tokens=list(_MISTRAL_SPECIAL))
+    tok.chat_template = MISTRAL_CHAT_TEMPLATE
+    return tok
+
+
+def mistral3_text(hidden: int = 8, layers: int = 30, seed: int = 0) -> Any:
+    """A ``Mistral3ForConditionalGeneration`` (Mistral text model, one-layer Pixtral
+    vision tower); FLUX.2 dev reads its hidden states 10, 20 and 30."""
+    from transformers import Mistral3Config, Mistral3ForConditionalGeneration
+
+    torch.manual_seed(seed)
+    vocab = len(mistral_tokenizer())
+    cfg = Mistral3Config(
+        text_config=dict(model_type="mistral", vocab_size=vocab, hidden_size=hidden,
+                         intermediate_size=2 * hidden, num_hidden_layers=layers,
+                         num_attention_heads=2, num_key_value_heads=1, head_dim=4,
+                         max_position_embeddings=1024, pad_token_id=3, bos_token_id=1,
+                         eos_token_id=2),
+        vision_config=dict(model_type="pixtral", hidden_size=8, intermediate_size=16,
+                           num_hidden_layers=1, num_attention_heads=2, head_dim=4,
+                           patch_size=4, image_size=32),
+        image_token_index=8, spatial_merge_size=1)  # [IMG]
+    return Mistral3ForConditionalGeneration(cfg).eval()
 
 
 def gemma_tokenizer() -> Any:
@@ -351,7 +402,10 @@ def build_full(family: str, seed: int = 0) -> Any:
     pipe_cls, make, sched_cfg, _, _ = DENOISERS[family]
     parts: dict[str, Any] = dict(transformer=make(seed),
                                  scheduler=d.FlowMatchEulerDiscreteScheduler(**sched_cfg))
-    if family == "flux2_klein":  # three Qwen3 layers of width 8 side by side: 24
+    if family == "flux2":  # three Mistral layers of width 8 side by side: 24
+        parts.update(vae=flux2_vae(seed), tokenizer=mistral_tokenizer(),
+                     text_encoder=mistral3_text(8, 30, seed))
+    elif family == "flux2_klein":  # three Qwen3 layers of width 8 side by side: 24
         parts.update(vae=flux2_vae(seed), tokenizer=qwen_tokenizer(),
                      text_encoder=qwen3_text(8, 27, causal_lm=True, seed=seed))
     elif family == "qwen_image":
