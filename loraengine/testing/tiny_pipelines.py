@@ -343,14 +343,14 @@ def qwen25_vl_text(hidden: int = 24, seed: int = 0) -> Any:
         text_config=dict(vocab_size=QWEN_VOCAB, hidden_size=hidden,
                          intermediate_size=2 * hidden, num_hidden_layers=2,
                          num_attention_heads=2, num_key_value_heads=1,
-                         max_position_embeddings=2048, pad_token_id=0,
-                         rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                         max_position_embeddings=2048, pad_token_id=0, bos_token_id=0,
+                         eos_token_id=2, rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
                                           "mrope_section": [2, 2, 2]}),
         vision_config=dict(depth=1, hidden_size=8, intermediate_size=16, num_heads=2,
                            out_hidden_size=hidden, patch_size=4, spatial_merge_size=2,
                            temporal_patch_size=2, window_size=8, fullatt_block_indexes=[0]),
         image_token_id=QWEN_VOCAB, video_token_id=QWEN_VOCAB + 1,
-        vision_start_token_id=QWEN_VOCAB + 2, bos_token_id=0, eos_token_id=2)
+        vision_start_token_id=QWEN_VOCAB + 2)
     return Qwen2_5_VLForConditionalGeneration(cfg).eval()
 
 
@@ -377,9 +377,10 @@ def flux2_vae(seed: int = 0) -> Any:
         norm_num_groups=8, down_block_types=("DownEncoderBlock2D",) * 2,
         up_block_types=("UpDecoderBlock2D",) * 2, sample_size=32)
     g = torch.Generator().manual_seed(seed + 1)
+    bn = model.get_submodule("bn")  # type: ignore[attr-defined]
     with torch.no_grad():
-        model.bn.running_mean.copy_(0.2 * torch.randn(16, generator=g))
-        model.bn.running_var.copy_(0.5 + torch.rand(16, generator=g))
+        bn.running_mean.copy_(0.2 * torch.randn(16, generator=g))
+        bn.running_var.copy_(0.5 + torch.rand(16, generator=g))
     return model.eval()  # type: ignore[attr-defined]
 
 

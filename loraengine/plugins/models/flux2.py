@@ -13,8 +13,8 @@ from torch import nn
 
 from loraengine.plugins.models.common import family_spec, flow_transformer_family, submodules
 from loraengine.plugins.models.flow import FlowCall, ShiftRule
-from loraengine.plugins.models.latent_vaes import Flux2LatentVAE, vae_loader
 from loraengine.plugins.models.flux import FluxOptions
+from loraengine.plugins.models.latent_vaes import Flux2LatentVAE, vae_loader
 
 
 def flux2_blocks(model: nn.Module) -> list[nn.Module]:

@@ -82,7 +82,8 @@ def resize_lines(resized: list[tuple[str, tuple[int, int], tuple[int, int], bool
 @click.option("--dtype", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto",
               show_default=True, help="Encoder dtype (auto: bf16 on CUDA, else fp32).")
 @click.option("--max-sequence-length", type=click.IntRange(1), default=None,
-              help="T5 tokens per caption (SD3, Flux; default: the pipeline's).")
+              help="Text tokens per caption where the pipeline pads to a length (SD3, "
+              "Flux, Flux.2, Chroma, Lumina 2...; default: the pipeline's).")
 @path_option("--cache", "cache_dir",
              help="Encoding cache folder (default: OUT/.cache).")
 @click.option("--frames", type=click.IntRange(1), default=81, show_default=True,
