@@ -24,7 +24,7 @@ from loraengine.plugins import build_plugin_manager
 from loraengine.testing import tiny_pipelines as tp
 
 FAMILY = {"flux2": "flux2", "flux2_klein": "flux2", "qwen_image": "qwen_image", "z_image": "z_image",
-          "chroma": "chroma", "lumina2": "lumina2"}
+          "chroma": "chroma", "lumina2": "lumina2", "hidream": "hidream"}
 CAPTIONS = ["a red square", "two blue discs on grey, small", "x"]
 #: fp32 encoders on the CPU against the pipeline's own fp32 code: the same operations,
 #: so only summation order can differ
@@ -92,13 +92,19 @@ def _reference_text(name: str, pipe, captions: list[str]) -> list[torch.Tensor]:
         embeds, _, mask, *_ = pipe.encode_prompt(captions, device="cpu",
                                                  do_classifier_free_guidance=False)
         return [e[m.bool()] for e, m in zip(embeds, mask, strict=True)]
+    if name == "hidream":
+        t5, _, llama, _, pooled, _ = pipe.encode_prompt(
+            prompt=captions, device="cpu", do_classifier_free_guidance=False)
+        return [{"cond": t5[i], "llama3": llama[:, i], "pooled": pooled[i]}
+                for i in range(len(captions))]
     embeds, mask, _, _ = pipe.encode_prompt(captions, do_classifier_free_guidance=False,
                                             device="cpu")
     return [e[m.bool()] for e, m in zip(embeds, mask, strict=True)]
 
 
-#: FLUX.2 dev's 30-layer Mistral reads 512 tokens a caption: a few seconds
-QUICK = [pytest.param(n, marks=pytest.mark.slow) if n == "flux2" else n
+#: FLUX.2 dev's 30-layer Mistral reading 512 tokens a caption, HiDream's four text
+#: encoders: several seconds each
+QUICK = [pytest.param(n, marks=pytest.mark.slow) if n in ("flux2", "hidream") else n
          for n in tp.FULL_FAMILIES]
 
 
@@ -118,6 +124,12 @@ def test_latents_and_captions_are_the_pipelines_own(pipes, name):
     cond = enc.encode_captions(CAPTIONS)
     rows = _reference_text(name, pipe, CAPTIONS)
     mask = cond.get("mask")
+    if name == "hidream":  # three tensors a caption, none of them masked
+        assert set(cond) == {"cond", "llama3", "pooled"}
+        for i, row in enumerate(rows):
+            for key, want_row in row.items():
+                torch.testing.assert_close(cond[key][i], want_row.float(), **TOL)
+        return
     for i, row in enumerate(rows):
         kept = cond["cond"][i][mask[i].bool()] if mask is not None else cond["cond"][i]
         torch.testing.assert_close(kept, row.float(), **TOL)
@@ -133,7 +145,7 @@ def test_the_bucket_step_is_the_vae_factor_times_the_patch(pipes):
     # others' transformers patchify 2x2); Qwen-Image's VAE is 8x
     steps = {name: _encoder(name, pipes[name]).bucket_multiple for name in tp.FULL_FAMILIES}
     assert steps == {"flux2": 4, "flux2_klein": 4, "qwen_image": 16, "z_image": 4, "chroma": 4,
-                     "lumina2": 4}
+                     "lumina2": 4, "hidream": 4}
 
 
 def _images(folder: Path, side: int) -> Path:

@@ -26,8 +26,9 @@ DENOISER_FAMILIES = ("flux2", "flux2_klein", "qwen_image", "z_image", "lumina2",
 _CHARS = string.ascii_lowercase + string.digits + ".,!?'-"
 
 
-def clip_tokenizer() -> Any:
-    """A CLIP BPE tokenizer over single characters (no merges), 77 tokens long."""
+def clip_tokenizer(length: int = 77) -> Any:
+    """A CLIP BPE tokenizer over single characters (no merges), ``length`` tokens long
+    (77; HiDream's long CLIPs read 248)."""
     from transformers import CLIPTokenizer
 
     vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
@@ -38,7 +39,7 @@ def clip_tokenizer() -> Any:
         (Path(tmp) / "vocab.json").write_text(json.dumps(vocab))
         (Path(tmp) / "merges.txt").write_text("#version: 0.2\n")
         return CLIPTokenizer(str(Path(tmp) / "vocab.json"), str(Path(tmp) / "merges.txt"),
-                             model_max_length=77)
+                             model_max_length=length)
 
 
 def t5_tokenizer() -> Any:
@@ -50,13 +51,14 @@ def t5_tokenizer() -> Any:
     return T5Tokenizer(vocab=vocab, extra_ids=0, model_max_length=512)
 
 
-def clip_text(hidden: int, projection: int | None = None, seed: int = 0) -> Any:
+def clip_text(hidden: int, projection: int | None = None, seed: int = 0,
+              length: int = 77) -> Any:
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     torch.manual_seed(seed)
     cfg = CLIPTextConfig(vocab_size=2 + 2 * len(_CHARS), hidden_size=hidden,
                          intermediate_size=2 * hidden, num_hidden_layers=2,
-                         num_attention_heads=2, max_position_embeddings=77,
+                         num_attention_heads=2, max_position_embeddings=length,
                          projection_dim=projection or hidden, bos_token_id=0,
                          eos_token_id=1, pad_token_id=1)
     cls = CLIPTextModelWithProjection if projection else CLIPTextModel
@@ -230,7 +232,8 @@ DENOISERS: dict[str, tuple[str, Any, dict[str, Any], int, int]] = {
 #: Record families whose tiny folder can also be a whole pipeline (:func:`save_full`):
 #: their own VAE class, text encoder class and tokenizer, so ``loraengine prepare`` and
 #: ``loraengine sample --prompts FILE.txt`` run on them.
-FULL_FAMILIES = ("flux2", "flux2_klein", "qwen_image", "z_image", "chroma", "lumina2")
+FULL_FAMILIES = ("flux2", "flux2_klein", "qwen_image", "z_image", "chroma", "lumina2",
+                 "hidream")
 
 #: Qwen's chat format as the released tokenizers' templates write it (system, user and
 #: assistant turns; Qwen3's empty thinking block when thinking is switched off).
@@ -266,23 +269,43 @@ MISTRAL_CHAT_TEMPLATE = (
 _MISTRAL_SPECIAL = ("[INST]", "[/INST]", "[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]", "[IMG]")
 
 
-def mistral_tokenizer() -> Any:
-    """A character-level tokenizer with Mistral 3's special tokens and chat format.
-    FLUX.2 dev's pipeline only calls its ``apply_chat_template``, which a tokenizer
-    has as a processor does (Pixtral's processor itself needs torchvision)."""
+def char_tokenizer(specials: tuple[str, ...] = ()) -> Any:
+    """A character-level fast tokenizer (``<s>`` first, ``<pad>`` to pad), with
+    ``specials`` as whole tokens."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, "<pad>": 3}
-    for token in _MISTRAL_SPECIAL:
+    for token in specials:
         vocab[token] = len(vocab)
     for c in _CHARS + string.ascii_uppercase + " \n:;()":
         vocab.setdefault(c, len(vocab))
     backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
-    tok = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>",
-                                  unk_token="<unk>", pad_token="<pad>", model_max_length=1024,
-                                  additional_special_tokens=list(_MISTRAL_SPECIAL))
+    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>",
+                                   unk_token="<unk>", pad_token="<pad>", model_max_length=1024,
+                                   additional_special_tokens=list(specials))
+
+
+def llama_text(hidden: int = 16, layers: int = 2, seed: int = 0) -> Any:
+    """A ``LlamaForCausalLM`` over :func:`char_tokenizer`'s tokens (HiDream's fourth
+    text encoder, whose every layer's hidden states the transformer reads)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=len(char_tokenizer()), hidden_size=hidden,
+                      intermediate_size=2 * hidden, num_hidden_layers=layers,
+                      num_attention_heads=2, num_key_value_heads=1,
+                      max_position_embeddings=512, pad_token_id=3, bos_token_id=1,
+                      eos_token_id=2)
+    return LlamaForCausalLM(cfg).eval()
+
+
+def mistral_tokenizer() -> Any:
+    """A character-level tokenizer with Mistral 3's special tokens and chat format.
+    FLUX.2 dev's pipeline only calls its ``apply_chat_template``, which a tokenizer
+    has as a processor does (Pixtral's processor itself needs torchvision)."""
+    tok = char_tokenizer(_MISTRAL_SPECIAL)
     tok.chat_template = MISTRAL_CHAT_TEMPLATE
     return tok
 
@@ -421,6 +444,14 @@ def build_full(family: str, seed: int = 0) -> Any:
     elif family == "lumina2":
         parts.update(vae=vae(4, 0.3611, 0.1159, seed, sample_size=16),
                      tokenizer=gemma_tokenizer(), text_encoder=gemma2_text(24, seed))
+    elif family == "hidream":  # two long CLIPs (pooled 6 + 6), T5 of 24, Llama of 16
+        parts.update(vae=vae(4, 0.3611, 0.1159, seed, sample_size=16),
+                     text_encoder=clip_text(8, 6, seed, length=248),
+                     tokenizer=clip_tokenizer(248),
+                     text_encoder_2=clip_text(8, 6, seed + 1, length=248),
+                     tokenizer_2=clip_tokenizer(248), text_encoder_3=t5_text(24, seed),
+                     tokenizer_3=t5_tokenizer(), text_encoder_4=llama_text(16, 2, seed),
+                     tokenizer_4=char_tokenizer())
     else:
         raise ValueError(f"no whole tiny pipeline of {family!r}; choose from "
                          f"{', '.join(FULL_FAMILIES)}")

@@ -1,5 +1,5 @@
 """Front ends of ``loraengine prepare`` for the record families (FLUX.2, Qwen-Image,
-Z-Image, Chroma, Lumina 2): each pipeline's own VAE and ``encode_prompt``.
+Z-Image, Chroma, Lumina 2, HiDream): each pipeline's own VAE and ``encode_prompt``.
 
 Latents are the posterior mean in the space the pipeline denoises in (FLUX.2: 2×2
 patches normalised by the VAE's batch-norm statistics; Qwen-Image: the single frame
@@ -144,7 +144,25 @@ class Lumina2Encoder(PipelineEncoder):
         return {"cond": embeds, "mask": mask.long()}
 
 
+class HiDreamEncoder(PipelineEncoder):
+    """HiDream-I1: T5's hidden states (``cond``), every Llama layer's
+    (``llama3``, ``[N, layers, L, D]``) and both CLIPs' pooled projections side by side
+    (``pooled``)."""
+
+    def _latent_multiple(self, family: Family) -> int:
+        return _patch_size(self.root, family)
+
+    def _encode(self, captions: list[str]) -> dict[str, torch.Tensor]:
+        extra = {}
+        if self.max_sequence_length:
+            extra["max_sequence_length"] = int(self.max_sequence_length)
+        t5, _, llama, _, pooled, _ = self.pipe.encode_prompt(
+            prompt=captions, device=self.device, num_images_per_prompt=1,
+            do_classifier_free_guidance=False, **extra)
+        return {"cond": t5, "llama3": llama.transpose(0, 1), "pooled": pooled}
+
+
 ENCODERS: dict[str, type[PipelineEncoder]] = {
     "flux2": Flux2Encoder, "qwen_image": QwenImageEncoder, "z_image": ZImageEncoder,
-    "chroma": ChromaEncoder, "lumina2": Lumina2Encoder,
+    "chroma": ChromaEncoder, "lumina2": Lumina2Encoder, "hidream": HiDreamEncoder,
 }
