@@ -2,7 +2,8 @@
 Chroma, Lumina 2), on tiny whole pipelines of the real classes: latents are what the
 pipeline's own VAE code gives its denoiser (its ``_encode_vae_image``, or the inverse
 of the normalisation it undoes before decoding), captions what its ``encode_prompt``
-gives; then prepare -> train -> sample through the command line."""
+gives; then prepare -> train -> sample through the command line, and the trained file
+changes what the diffusers pipeline itself renders."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import json
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -213,8 +215,21 @@ def test_prepare_train_and_sample_through_the_cli(pipes, tmp_path, name):
     assert {"grid.png", "compare.png", "image_1_0.png"} <= \
         {p.name for p in (tmp_path / "s").iterdir()}
     # compare.png holds the base grid and the adapted one side by side: the LoRA shows
-    pair = torch.tensor(list(Image.open(tmp_path / "s" / "compare.png").convert("L").getdata()),
-                        dtype=torch.float32)
+    pair = torch.from_numpy(np.asarray(Image.open(tmp_path / "s" / "compare.png").convert("L"),
+                                       dtype=np.float32))
     grid = Image.open(tmp_path / "s" / "grid.png")
-    pair = pair.reshape(-1, 2 * grid.width + 12)[16:16 + grid.height]
+    pair = pair[16:16 + grid.height]
     assert (pair[:, :grid.width] - pair[:, grid.width + 12:]).abs().max() > 0
+
+    # the same file in the diffusers pipeline itself, run from the same seed
+    import diffusers
+
+    pipe = diffusers.DiffusionPipeline.from_pretrained(str(pipes[name]), local_files_only=True)
+    call = dict(prompt="a red square", num_inference_steps=2, height=side, width=side,
+                output_type="np")
+    if "--max-sequence-length" in args:
+        call["max_sequence_length"] = int(args[args.index("--max-sequence-length") + 1])
+    before = pipe(**call, generator=torch.Generator().manual_seed(0)).images
+    pipe.load_lora_weights(str(lora))
+    after = pipe(**call, generator=torch.Generator().manual_seed(0)).images
+    assert np.isfinite(after).all() and np.abs(after - before).max() > 0
