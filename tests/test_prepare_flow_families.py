@@ -233,3 +233,15 @@ def test_prepare_train_and_sample_through_the_cli(pipes, tmp_path, name):
     pipe.load_lora_weights(str(lora))
     after = pipe(**call, generator=torch.Generator().manual_seed(0)).images
     assert np.isfinite(after).all() and np.abs(after - before).max() > 0
+
+
+def test_frames_are_refused_for_an_image_family_in_one_line(pipes, tmp_path):
+    (tmp_path / "p.txt").write_text("a red square\n")
+    result = CliRunner().invoke(cli, ["sample", "--model", str(pipes["z_image"]),
+                                      "--prompts", str(tmp_path / "p.txt"), "--out",
+                                      str(tmp_path / "s"), "--size", "4", "4",
+                                      "--frames", "2"])
+    assert result.exit_code == 2
+    assert result.output.strip().splitlines()[-1] == \
+        "error: --frames: the z_image model makes images, not video"
+    assert "Traceback" not in result.output
