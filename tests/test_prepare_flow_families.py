@@ -245,3 +245,19 @@ def test_frames_are_refused_for_an_image_family_in_one_line(pipes, tmp_path):
     assert result.output.strip().splitlines()[-1] == \
         "error: --frames: the z_image model makes images, not video"
     assert "Traceback" not in result.output
+
+
+def test_the_cache_key_covers_every_text_encoder_hidream_has(tmp_path):
+    """The fourth text encoder and tokenizer (HiDream's Llama) are part of what the
+    encoding depends on: editing them makes the cache miss."""
+    from loraengine.plugins.models.encoders import ENCODING, folder_fingerprint
+
+    root = tmp_path / "pipe"
+    for comp in ("vae", "text_encoder_4", "tokenizer_4"):
+        (root / comp).mkdir(parents=True)
+        (root / comp / "config.json").write_text('{"a": 1}')
+    before = folder_fingerprint(root, ENCODING)
+    for comp in ("text_encoder_4", "tokenizer_4"):
+        (root / comp / "config.json").write_text('{"a": 2}')
+        assert folder_fingerprint(root, ENCODING) != before
+        before = folder_fingerprint(root, ENCODING)

@@ -29,8 +29,8 @@ from loraengine.plugins.models.common import Family, read_json
 UNUSED = ("unet", "transformer", "transformer_2", "safety_checker", "feature_extractor",
           "image_encoder")
 #: Components whose files decide what an encoder produces.
-ENCODING = ("vae", "text_encoder", "text_encoder_2", "text_encoder_3", "tokenizer",
-            "tokenizer_2", "tokenizer_3")
+ENCODING = ("vae", "text_encoder", "text_encoder_2", "text_encoder_3", "text_encoder_4",
+            "tokenizer", "tokenizer_2", "tokenizer_3", "tokenizer_4", "processor")
 
 
 def resolve_device(name: str) -> torch.device:
