@@ -261,3 +261,48 @@ def test_the_cache_key_covers_every_text_encoder_hidream_has(tmp_path):
         (root / comp / "config.json").write_text('{"a": 2}')
         assert folder_fingerprint(root, ENCODING) != before
         before = folder_fingerprint(root, ENCODING)
+
+
+@pytest.mark.slow
+def test_references_become_the_reference_latents_an_edit_model_trains_on(pipes, tmp_path):
+    """FLUX.2 edits: each image's reference (same name in --references) is encoded as
+    the pipeline encodes a condition image, to the image's bucket, and training reads
+    it; an image without a reference is one error naming it."""
+    import diffusers
+
+    from loraengine.tools.prepare.logic import load_pixels
+
+    images = _images(tmp_path / "images", 16)
+    refs = tmp_path / "refs"
+    tp.write_images(refs, [(24, 24)] * 3, seed=9, captions=False)
+    runner = CliRunner()
+    args = ["prepare", "--model", str(pipes["flux2_klein"]), "--images", str(images),
+            "--references", str(refs), "--out", str(tmp_path / "data"), "--device", "cpu",
+            "--dtype", "fp32", "--max-sequence-length", "48", "-q"]
+    result = runner.invoke(cli, args)
+    assert result.exit_code == 0, result.output
+    cond = load_file(str(tmp_path / "data" / "conditioning.safetensors"))
+    pipe = diffusers.DiffusionPipeline.from_pretrained(str(pipes["flux2_klein"]),
+                                                       local_files_only=True)
+    pixels = torch.stack([load_pixels(refs / f"image_{i:02d}.png", (16, 16))[0]
+                          for i in range(3)])
+    with torch.no_grad():
+        want = pipe._encode_vae_image(pixels, generator=None)
+    torch.testing.assert_close(cond["reference"], want, **TOL)
+
+    cfg = {"model": {"family": "flux2", "path": str(pipes["flux2_klein"])},
+           "data": {"latents": str(tmp_path / "data" / "latents.safetensors"),
+                    "conditioning": str(tmp_path / "data" / "conditioning.safetensors")},
+           "training": {"steps": 2, "batch_size": 3, "dtype": "fp32", "seed": 0},
+           "adapter": {"rank": 2, "dtype": "fp32"},
+           "output": {"dir": str(tmp_path / "out"), "name": "lora", "plot": False}}
+    (tmp_path / "t.yaml").write_text(yaml.safe_dump(cfg))
+    trained = runner.invoke(cli, ["train", str(tmp_path / "t.yaml"), "-q"])
+    assert trained.exit_code == 0, trained.output
+
+    (refs / "image_01.png").unlink()
+    missing = runner.invoke(cli, args)
+    assert missing.exit_code == 1
+    assert missing.output.strip().splitlines()[-1] == (
+        f"error: --references: 1 image(s) without a reference image of the same name in "
+        f"{refs}: image_01.png")
