@@ -306,3 +306,23 @@ def test_references_become_the_reference_latents_an_edit_model_trains_on(pipes, 
     assert missing.output.strip().splitlines()[-1] == (
         f"error: --references: 1 image(s) without a reference image of the same name in "
         f"{refs}: image_01.png")
+
+
+def test_a_qwen_image_edit_folder_is_refused_in_one_line(pipes, tmp_path):
+    """Edit captions are encoded with the reference image by the VL model, which this
+    encoder does not do: such a folder is refused before anything loads."""
+    import shutil
+
+    edit = tmp_path / "edit"
+    shutil.copytree(pipes["qwen_image"], edit)
+    index = json.loads((edit / "model_index.json").read_text())
+    index["_class_name"] = "QwenImageEditPipeline"
+    (edit / "model_index.json").write_text(json.dumps(index))
+    images = _images(tmp_path / "images", 16)
+    result = CliRunner().invoke(cli, ["prepare", "--model", str(edit), "--images",
+                                      str(images), "--out", str(tmp_path / "d")])
+    assert result.exit_code == 1
+    line = result.output.strip().splitlines()[-1]
+    assert line.startswith(f"error: --model: {edit} is a QwenImageEditPipeline, whose "
+                           f"captions Qwen2.5-VL encodes together with the reference image")
+    assert "Traceback" not in result.output

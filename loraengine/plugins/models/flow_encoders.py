@@ -11,11 +11,13 @@ pads them.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
 
-from loraengine.plugins.models.common import Family, read_json
+from loraengine.core.errors import DataError
+from loraengine.plugins.models.common import Family, pipeline_class, read_json
 from loraengine.plugins.models.encoders import PipelineEncoder
 
 
@@ -70,6 +72,12 @@ class QwenImageEncoder(PipelineEncoder):
     config's ``latents_mean`` / ``latents_std``."""
 
     def __init__(self, family: Family, root: Any, options: Any):
+        kind = pipeline_class(Path(root))
+        if kind.startswith("QwenImageEdit"):
+            raise DataError(f"--model: {root} is a {kind}, whose captions Qwen2.5-VL "
+                            f"encodes together with the reference image; prepare encodes "
+                            f"them for QwenImagePipeline only (give the Edit model "
+                            f"'cond', 'mask' and 'reference' yourself)")
         super().__init__(family, root, options)
         cfg = self.pipe.vae.config
         shape = (1, int(cfg.z_dim), 1, 1)
