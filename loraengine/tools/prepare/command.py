@@ -68,7 +68,7 @@ def resize_lines(resized: list[tuple[str, tuple[int, int], tuple[int, int], bool
              help="Captions file: a JSON object {file: caption} or metadata.jsonl lines "
              "with file_name and text.")
 @path_option("--references",
-             help="Edit training (flux2, qwen_image): a folder with each image's "
+             help="Edit training (flux2): a folder with each image's "
              "reference image under the same name, encoded as its 'reference' latents.")
 @click.option("--caption-ext", default=".txt", show_default=True,
               help="Extension of the caption file beside each image.")
