@@ -329,3 +329,17 @@ def test_a_qwen_image_edit_folder_is_refused_in_one_line(pipes, tmp_path):
     assert line.startswith(f"error: --model: {edit} is a QwenImageEditPipeline, whose "
                            f"captions Qwen2.5-VL encodes together with the reference image")
     assert "Traceback" not in result.output
+
+
+def test_guidance_with_a_negative_prompt_of_another_length(pipes, tmp_path):
+    """Z-Image's captions keep their own token count: a negative prompt longer than
+    the prompts is padded with its mask, and guidance renders."""
+    (tmp_path / "p.txt").write_text("a red square\n")
+    (tmp_path / "n.txt").write_text("blurry, dark and grey, low quality, noisy\n")
+    result = CliRunner().invoke(cli, ["sample", "--model", str(pipes["z_image"]),
+                                      "--prompts", str(tmp_path / "p.txt"), "--negative",
+                                      str(tmp_path / "n.txt"), "--guidance", "3",
+                                      "--out", str(tmp_path / "s"), "--steps", "2",
+                                      "--size", "8", "8"])
+    assert result.exit_code == 0, result.output
+    assert Image.open(tmp_path / "s" / "image_0_0.png").size == (16, 16)

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from loraengine.core.data import stack_padded
 from loraengine.core.devices import DTYPES, resolve_device
 from loraengine.core.errors import ConfigError, DataError
 from loraengine.core.files import read_text, write_atomic
@@ -121,8 +122,11 @@ def guided_model_fn(loaded: LoadedModel, cond: Mapping[str, torch.Tensor],
         if negative is None:
             raise ValueError("guidance needs a negative conditioning")
         neg = {k: to(v) for k, v in negative.items()}
-        # keys the negative lacks (SDXL's time_ids...) are the prompt's own
-        both = {k: torch.cat([neg.get(k, cond[k]), cond[k]]) for k in cond}
+        # keys the negative lacks (SDXL's time_ids...) are the prompt's own; text of
+        # another token count is zero-padded, with its mask (Qwen-Image, Z-Image)
+        both = {k: stack_padded([neg.get(k, cond[k]), cond[k]], dim=1)
+                if cond[k].ndim > 1 else torch.cat([neg.get(k, cond[k]), cond[k]])
+                for k in cond}
     schedule = loaded.schedule
 
     def model_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
