@@ -19,8 +19,8 @@ from typing import Any
 import torch
 
 FAMILIES = ("sd15", "sd2", "sdxl", "sd3", "flux")
-#: Families whose tiny folder holds only the denoiser and the scheduler (their text
-#: encoders and VAEs are not built yet): see :func:`save_denoiser`.
+#: Record families: :func:`save_denoiser` saves a folder of their denoiser and
+#: scheduler only, :func:`save_full` the whole pipeline (VAE, text encoders, tokenizers).
 DENOISER_FAMILIES = ("flux2", "flux2_klein", "qwen_image", "z_image", "lumina2",
                      "chroma", "hidream")
 _CHARS = string.ascii_lowercase + string.digits + ".,!?'-"
