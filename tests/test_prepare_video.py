@@ -167,3 +167,42 @@ def test_a_clip_without_caption_is_one_error_naming_it(tmp_path, wan, clips):
     assert result.exit_code != 0
     assert "1 clip(s) without a caption" in result.output and "wave.mp4" in result.output
     assert "Traceback" not in result.output
+
+
+@pytest.mark.slow
+def test_prepare_train_then_sample_a_frame_strip_through_the_cli(tmp_path, wan, clips):
+    """Clips -> prepare -> train -> ``loraengine sample --frames``: the prompts encoded
+    by UMT5, the latents decoded by the Wan VAE into one strip of frames per sample."""
+    import numpy as np
+    from PIL import Image
+
+    runner = CliRunner()
+    data = tmp_path / "data"
+    result = runner.invoke(cli, ["prepare", "--model", str(wan), "--images", str(clips),
+                                 "--out", str(data), "--frames", "5", "--resolution", "32",
+                                 "-q"])
+    assert result.exit_code == 0, result.output
+    cfg = {"model": {"family": "wan", "path": str(wan)},
+           "data": {"latents": str(data / "latents.safetensors"),
+                    "conditioning": str(data / "conditioning.safetensors")},
+           "training": {"steps": 4, "batch_size": 2, "dtype": "fp32"},
+           "optimizer": {"lr": 0.02}, "adapter": {"rank": 2, "dtype": "fp32"},
+           "output": {"dir": str(tmp_path / "out"), "name": "lora", "plot": False}}
+    (tmp_path / "t.yaml").write_text(yaml.safe_dump(cfg))
+    assert runner.invoke(cli, ["train", str(tmp_path / "t.yaml"), "-q"]).exit_code == 0
+    (tmp_path / "p.txt").write_text("a person walks\n")
+    result = runner.invoke(cli, ["sample", "--model", str(wan), "--prompts",
+                                 str(tmp_path / "p.txt"), "--lora",
+                                 str(tmp_path / "out" / "lora.safetensors"), "--out",
+                                 str(tmp_path / "s"), "--steps", "2", "--frames", "2",
+                                 "--size", "4", "4"])
+    assert result.exit_code == 0, result.output
+    assert f"(latents {tv.LATENT_CHANNELS}x2x4x4)" in result.output
+    # 2 latent frames are 1 + 4 pixel frames of 32x32, side by side
+    strip = np.asarray(Image.open(tmp_path / "s" / "image_0_0.png"))
+    assert strip.shape == (32, 5 * 32, 3)
+    image = runner.invoke(cli, ["sample", "--model", str(wan), "--prompts",
+                                str(tmp_path / "p.txt"), "--out", str(tmp_path / "i"),
+                                "--steps", "1", "--size", "4", "4"])
+    assert image.exit_code == 0, image.output  # one latent frame: one picture
+    assert np.asarray(Image.open(tmp_path / "i" / "image_0_0.png")).shape == (32, 32, 3)

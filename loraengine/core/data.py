@@ -122,6 +122,23 @@ class _NoSampleLeft(DataError):
     """Every sample of a tensor pair held NaN or inf and was skipped."""
 
 
+def stack_padded(rows: list[torch.Tensor], dim: int = 0) -> torch.Tensor:
+    """``rows`` stacked (``dim`` 0) or concatenated (``dim`` 1, batches ``[n, L, ...]``)
+    after zero-padding their sequence axis (``dim``) to the longest: captions whose
+    token count varies come with a ``mask`` whose padding is zero too."""
+    if len({tuple(r.shape) for r in rows}) == 1:
+        return torch.stack(rows) if dim == 0 else torch.cat(rows)
+    length = max(int(r.shape[dim]) for r in rows)
+    padded = []
+    for r in rows:
+        if r.shape[dim] < length:
+            shape = list(r.shape)
+            shape[dim] = length - int(r.shape[dim])
+            r = torch.cat([r, r.new_zeros(shape)], dim=dim)
+        padded.append(r)
+    return torch.stack(padded) if dim == 0 else torch.cat(padded)
+
+
 def make_dataset(latents: torch.Tensor | Mapping[str, torch.Tensor],
                  conditioning: torch.Tensor | Mapping[str, torch.Tensor],
                  *, required: tuple[str, ...] = ("cond",), latents_name: str = "latents",

@@ -19,15 +19,16 @@ from typing import Any
 import torch
 
 FAMILIES = ("sd15", "sd2", "sdxl", "sd3", "flux")
-#: Families whose tiny folder holds only the denoiser and the scheduler (their text
-#: encoders and VAEs are not built yet): see :func:`save_denoiser`.
+#: Record families: :func:`save_denoiser` saves a folder of their denoiser and
+#: scheduler only, :func:`save_full` the whole pipeline (VAE, text encoders, tokenizers).
 DENOISER_FAMILIES = ("flux2", "flux2_klein", "qwen_image", "z_image", "lumina2",
                      "chroma", "hidream")
 _CHARS = string.ascii_lowercase + string.digits + ".,!?'-"
 
 
-def clip_tokenizer() -> Any:
-    """A CLIP BPE tokenizer over single characters (no merges), 77 tokens long."""
+def clip_tokenizer(length: int = 77) -> Any:
+    """A CLIP BPE tokenizer over single characters (no merges), ``length`` tokens long
+    (77; HiDream's long CLIPs read 248)."""
     from transformers import CLIPTokenizer
 
     vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
@@ -38,7 +39,7 @@ def clip_tokenizer() -> Any:
         (Path(tmp) / "vocab.json").write_text(json.dumps(vocab))
         (Path(tmp) / "merges.txt").write_text("#version: 0.2\n")
         return CLIPTokenizer(str(Path(tmp) / "vocab.json"), str(Path(tmp) / "merges.txt"),
-                             model_max_length=77)
+                             model_max_length=length)
 
 
 def t5_tokenizer() -> Any:
@@ -50,13 +51,14 @@ def t5_tokenizer() -> Any:
     return T5Tokenizer(vocab=vocab, extra_ids=0, model_max_length=512)
 
 
-def clip_text(hidden: int, projection: int | None = None, seed: int = 0) -> Any:
+def clip_text(hidden: int, projection: int | None = None, seed: int = 0,
+              length: int = 77) -> Any:
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     torch.manual_seed(seed)
     cfg = CLIPTextConfig(vocab_size=2 + 2 * len(_CHARS), hidden_size=hidden,
                          intermediate_size=2 * hidden, num_hidden_layers=2,
-                         num_attention_heads=2, max_position_embeddings=77,
+                         num_attention_heads=2, max_position_embeddings=length,
                          projection_dim=projection or hidden, bos_token_id=0,
                          eos_token_id=1, pad_token_id=1)
     cls = CLIPTextModelWithProjection if projection else CLIPTextModel
@@ -183,7 +185,7 @@ def z_image_transformer(seed: int = 0) -> Any:
     return ZImageTransformer2DModel(
         all_patch_size=(2,), all_f_patch_size=(1,), in_channels=4, dim=32, n_layers=2,
         n_refiner_layers=1, n_heads=2, n_kv_heads=2, cap_feat_dim=24, axes_dims=[4, 6, 6],
-        axes_lens=[64, 32, 32])
+        axes_lens=[1024, 32, 32])  # captions of a few hundred tokens come first
 
 
 def lumina2_transformer(seed: int = 0) -> Any:
@@ -193,7 +195,7 @@ def lumina2_transformer(seed: int = 0) -> Any:
     return Lumina2Transformer2DModel(
         sample_size=8, patch_size=2, in_channels=4, hidden_size=32, num_layers=2,
         num_refiner_layers=1, num_attention_heads=2, num_kv_heads=1, multiple_of=16,
-        axes_dim_rope=(4, 6, 6), axes_lens=(64, 32, 32), cap_feat_dim=24)
+        axes_dim_rope=(4, 6, 6), axes_lens=(1024, 32, 32), cap_feat_dim=24)
 
 
 def chroma_transformer(seed: int = 0) -> Any:
@@ -247,6 +249,246 @@ DENOISERS: dict[str, tuple[str, Any, dict[str, Any], int, int]] = {
     "hidream": ("HiDreamImagePipeline", hidream_transformer,
                 dict(shift=3.0, use_dynamic_shifting=False), 4, 24),
 }
+
+
+# -- whole pipelines of the record families (VAE, text encoder, tokenizer) ------------
+
+#: Record families whose tiny folder can also be a whole pipeline (:func:`save_full`):
+#: their own VAE class, text encoder class and tokenizer, so ``loraengine prepare`` and
+#: ``loraengine sample --prompts FILE.txt`` run on them.
+FULL_FAMILIES = ("flux2", "flux2_klein", "qwen_image", "z_image", "chroma", "lumina2",
+                 "hidream")
+
+#: Qwen's chat format as the released tokenizers' templates write it (system, user and
+#: assistant turns; Qwen3's empty thinking block when thinking is switched off).
+QWEN_CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n"
+    "{% if enable_thinking is defined and not enable_thinking %}<think>\n\n</think>\n\n"
+    "{% endif %}{% endif %}")
+
+
+def qwen_tokenizer() -> Any:
+    """A byte-level BPE tokenizer of the Qwen kind with no merges: every byte is one
+    token, after Qwen's three special tokens."""
+    from transformers import Qwen2Tokenizer
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    vocab = {"<|endoftext|>": 0, "<|im_start|>": 1, "<|im_end|>": 2}
+    for char in bytes_to_unicode().values():
+        vocab[char] = len(vocab)
+    tok = Qwen2Tokenizer(vocab=vocab, merges=[], model_max_length=4096,
+                         additional_special_tokens=["<|im_start|>", "<|im_end|>"])
+    tok.chat_template = QWEN_CHAT_TEMPLATE
+    return tok
+
+
+#: Mistral 3's instruction format: the system turn, then the user's text parts.
+MISTRAL_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'system' %}[SYSTEM_PROMPT]"
+    "{% for c in m['content'] %}{{ c['text'] }}{% endfor %}[/SYSTEM_PROMPT]"
+    "{% elif m['role'] == 'user' %}[INST]{% for c in m['content'] %}"
+    "{% if c['type'] == 'text' %}{{ c['text'] }}{% else %}[IMG]{% endif %}{% endfor %}"
+    "[/INST]{% endif %}{% endfor %}")
+_MISTRAL_SPECIAL = ("[INST]", "[/INST]", "[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]", "[IMG]")
+
+
+def char_tokenizer(specials: tuple[str, ...] = ()) -> Any:
+    """A character-level fast tokenizer (``<s>`` first, ``<pad>`` to pad), with
+    ``specials`` as whole tokens."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, "<pad>": 3}
+    for token in specials:
+        vocab[token] = len(vocab)
+    for c in _CHARS + string.ascii_uppercase + " \n:;()":
+        vocab.setdefault(c, len(vocab))
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
+    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>",
+                                   unk_token="<unk>", pad_token="<pad>", model_max_length=1024,
+                                   additional_special_tokens=list(specials))
+
+
+def llama_text(hidden: int = 16, layers: int = 2, seed: int = 0) -> Any:
+    """A ``LlamaForCausalLM`` over :func:`char_tokenizer`'s tokens (HiDream's fourth
+    text encoder, whose every layer's hidden states the transformer reads)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=len(char_tokenizer()), hidden_size=hidden,
+                      intermediate_size=2 * hidden, num_hidden_layers=layers,
+                      num_attention_heads=2, num_key_value_heads=1,
+                      max_position_embeddings=512, pad_token_id=3, bos_token_id=1,
+                      eos_token_id=2)
+    return LlamaForCausalLM(cfg).eval()
+
+
+def mistral_tokenizer() -> Any:
+    """A character-level tokenizer with Mistral 3's special tokens and chat format.
+    FLUX.2 dev's pipeline only calls its ``apply_chat_template``, which a tokenizer
+    has as a processor does (Pixtral's processor itself needs torchvision)."""
+    tok = char_tokenizer(_MISTRAL_SPECIAL)
+    tok.chat_template = MISTRAL_CHAT_TEMPLATE
+    return tok
+
+
+def mistral3_text(hidden: int = 8, layers: int = 30, seed: int = 0) -> Any:
+    """A ``Mistral3ForConditionalGeneration`` (Mistral text model, one-layer Pixtral
+    vision tower); FLUX.2 dev reads its hidden states 10, 20 and 30."""
+    from transformers import Mistral3Config, Mistral3ForConditionalGeneration
+
+    torch.manual_seed(seed)
+    vocab = len(mistral_tokenizer())
+    cfg = Mistral3Config(
+        text_config=dict(model_type="mistral", vocab_size=vocab, hidden_size=hidden,
+                         intermediate_size=2 * hidden, num_hidden_layers=layers,
+                         num_attention_heads=2, num_key_value_heads=1, head_dim=4,
+                         max_position_embeddings=1024, pad_token_id=3, bos_token_id=1,
+                         eos_token_id=2),
+        vision_config=dict(model_type="pixtral", hidden_size=8, intermediate_size=16,
+                           num_hidden_layers=1, num_attention_heads=2, head_dim=4,
+                           patch_size=4, image_size=32),
+        image_token_index=8, spatial_merge_size=1)  # [IMG]
+    return Mistral3ForConditionalGeneration(cfg).eval()
+
+
+def gemma_tokenizer() -> Any:
+    """A Gemma BPE tokenizer over single characters (spaces become ``▁``)."""
+    from transformers import GemmaTokenizer
+
+    vocab = {"<pad>": 0, "<eos>": 1, "<bos>": 2, "<unk>": 3, "<mask>": 4}
+    for c in _CHARS + "<>▁" + string.ascii_uppercase:
+        vocab.setdefault(c, len(vocab))
+    return GemmaTokenizer(vocab=vocab, merges=[], model_max_length=512)
+
+
+#: tokens of :func:`qwen_tokenizer`
+QWEN_VOCAB = 259
+
+
+def qwen3_text(hidden: int, layers: int, causal_lm: bool = False, seed: int = 0) -> Any:
+    """A Qwen3 text model (``Qwen3ForCausalLM`` when ``causal_lm``, as Flux.2 Klein
+    holds it; ``Qwen3Model`` as Z-Image does)."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM, Qwen3Model
+
+    torch.manual_seed(seed)
+    cfg = Qwen3Config(vocab_size=QWEN_VOCAB, hidden_size=hidden, intermediate_size=2 * hidden,
+                      num_hidden_layers=layers, num_attention_heads=2, num_key_value_heads=1,
+                      head_dim=4, max_position_embeddings=1024, pad_token_id=0,
+                      bos_token_id=0, eos_token_id=2, tie_word_embeddings=False)
+    return (Qwen3ForCausalLM if causal_lm else Qwen3Model)(cfg).eval()
+
+
+def qwen25_vl_text(hidden: int = 24, seed: int = 0) -> Any:
+    """A ``Qwen2_5_VLForConditionalGeneration`` with a one-block vision tower."""
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    torch.manual_seed(seed)
+    cfg = Qwen2_5_VLConfig(
+        text_config=dict(vocab_size=QWEN_VOCAB, hidden_size=hidden,
+                         intermediate_size=2 * hidden, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1,
+                         max_position_embeddings=2048, pad_token_id=0, bos_token_id=0,
+                         eos_token_id=2, rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                          "mrope_section": [2, 2, 2]}),
+        vision_config=dict(depth=1, hidden_size=8, intermediate_size=16, num_heads=2,
+                           out_hidden_size=hidden, patch_size=4, spatial_merge_size=2,
+                           temporal_patch_size=2, window_size=8, fullatt_block_indexes=[0]),
+        image_token_id=QWEN_VOCAB, video_token_id=QWEN_VOCAB + 1,
+        vision_start_token_id=QWEN_VOCAB + 2)
+    return Qwen2_5_VLForConditionalGeneration(cfg).eval()
+
+
+def gemma2_text(hidden: int = 24, seed: int = 0) -> Any:
+    from transformers import Gemma2Config, Gemma2Model
+
+    torch.manual_seed(seed)
+    vocab = len(gemma_tokenizer())
+    cfg = Gemma2Config(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden,
+                       num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+                       head_dim=8, max_position_embeddings=512, pad_token_id=0,
+                       eos_token_id=1, bos_token_id=2, sliding_window=64)
+    return Gemma2Model(cfg).eval()
+
+
+def flux2_vae(seed: int = 0) -> Any:
+    """An ``AutoencoderKLFlux2`` (2× down, 4 channels, 2×2 patches batch-normalised over
+    16) whose batch-norm statistics are not the identity's."""
+    from diffusers import AutoencoderKLFlux2
+
+    torch.manual_seed(seed)
+    model = AutoencoderKLFlux2(
+        block_out_channels=(8, 16), latent_channels=4, layers_per_block=1,
+        norm_num_groups=8, down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2, sample_size=32)
+    g = torch.Generator().manual_seed(seed + 1)
+    bn = model.get_submodule("bn")  # type: ignore[attr-defined]
+    with torch.no_grad():
+        bn.running_mean.copy_(0.2 * torch.randn(16, generator=g))
+        bn.running_var.copy_(0.5 + torch.rand(16, generator=g))
+    return model.eval()  # type: ignore[attr-defined]
+
+
+def qwen_image_vae(seed: int = 0) -> Any:
+    """An ``AutoencoderKLQwenImage`` (8× down, 4 channels) with per-channel statistics."""
+    from diffusers import AutoencoderKLQwenImage
+
+    torch.manual_seed(seed)
+    model = AutoencoderKLQwenImage(base_dim=4, z_dim=4, dim_mult=[1, 1, 1, 1],
+                                   num_res_blocks=1, temperal_downsample=[False, True, True],
+                                   latents_mean=[0.1, -0.2, 0.3, 0.0],
+                                   latents_std=[1.5, 0.8, 2.0, 1.0])
+    return model.eval()  # type: ignore[attr-defined]
+
+
+def build_full(family: str, seed: int = 0) -> Any:
+    """A tiny whole pipeline of a record family (see :data:`FULL_FAMILIES`)."""
+    import diffusers as d
+
+    pipe_cls, make, sched_cfg, _, _ = DENOISERS[family]
+    parts: dict[str, Any] = dict(transformer=make(seed),
+                                 scheduler=d.FlowMatchEulerDiscreteScheduler(**sched_cfg))
+    if family == "flux2":  # three Mistral layers of width 8 side by side: 24
+        parts.update(vae=flux2_vae(seed), tokenizer=mistral_tokenizer(),
+                     text_encoder=mistral3_text(8, 30, seed))
+    elif family == "flux2_klein":  # three Qwen3 layers of width 8 side by side: 24
+        parts.update(vae=flux2_vae(seed), tokenizer=qwen_tokenizer(),
+                     text_encoder=qwen3_text(8, 27, causal_lm=True, seed=seed))
+    elif family == "qwen_image":
+        parts.update(vae=qwen_image_vae(seed), tokenizer=qwen_tokenizer(),
+                     text_encoder=qwen25_vl_text(24, seed))
+    elif family == "z_image":
+        parts.update(vae=vae(4, 0.3611, 0.1159, seed, sample_size=16),
+                     tokenizer=qwen_tokenizer(), text_encoder=qwen3_text(24, 2, seed=seed))
+    elif family == "chroma":
+        parts.update(vae=vae(4, 0.3611, 0.1159, seed, sample_size=16),
+                     tokenizer=t5_tokenizer(), text_encoder=t5_text(24, seed))
+    elif family == "lumina2":
+        parts.update(vae=vae(4, 0.3611, 0.1159, seed, sample_size=16),
+                     tokenizer=gemma_tokenizer(), text_encoder=gemma2_text(24, seed))
+    elif family == "hidream":  # two long CLIPs (pooled 6 + 6), T5 of 24, Llama of 16
+        parts.update(vae=vae(4, 0.3611, 0.1159, seed, sample_size=16),
+                     text_encoder=clip_text(8, 6, seed, length=248),
+                     tokenizer=clip_tokenizer(248),
+                     text_encoder_2=clip_text(8, 6, seed + 1, length=248),
+                     tokenizer_2=clip_tokenizer(248), text_encoder_3=t5_text(24, seed),
+                     tokenizer_3=t5_tokenizer(), text_encoder_4=llama_text(16, 2, seed),
+                     tokenizer_4=char_tokenizer())
+    else:
+        raise ValueError(f"no whole tiny pipeline of {family!r}; choose from "
+                         f"{', '.join(FULL_FAMILIES)}")
+    cls = getattr(d, pipe_cls)
+    extra = {"image_encoder": None, "feature_extractor": None} if family == "chroma" else {}
+    return cls(**parts, **extra)
+
+
+def save_full(family: str, folder: Path, seed: int = 0) -> Path:
+    """:func:`build_full` saved with ``save_pretrained`` into ``folder``."""
+    folder = Path(folder)
+    build_full(family, seed).save_pretrained(str(folder))
+    return folder
 
 
 def denoiser_pipeline(family: str, transformer: Any, scheduler: Any) -> Any:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from loraengine.plugins.models.common import flow_transformer_family, make_spec, submodules
+from loraengine.plugins.models.common import family_spec, flow_transformer_family, submodules
 from loraengine.plugins.models.flow import FlowCall, ShiftRule
 
 
@@ -30,4 +30,4 @@ CHROMA = flow_transformer_family(
     shift_rule=ShiftRule(mu="linear", cells_per_token=4),
     description="Chroma transformer (rectified flow, packed 2×2 latents, T5 only).")
 
-SPEC = make_spec(CHROMA)  # no prepare encoder yet
+SPEC = family_spec(CHROMA)

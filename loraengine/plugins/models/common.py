@@ -143,6 +143,9 @@ class Family:
     shift_rule: ShiftRule | None = None
     #: The latent's dimensions: 4 (``[N,C,H,W]``) or 5 (video, ``[N,C,T,H,W]``).
     latent_ndim: int = 4
+    #: pipeline folder -> a loader of the VAE that decodes the training latents
+    #: (previews, ``loraengine sample``); ``None``: the folder's ``AutoencoderKL``
+    latent_vae: Callable[[Path | None], Any] | None = None
 
 
 @dataclass
@@ -372,7 +375,8 @@ def load_family(family: Family, options: FamilyOptions, context: Mapping[str, An
         base_model_version=family.base_model_version, cond_keys=family.cond_keys,
         source=str(where.model), pipeline_root=where.root, single_file=where.single_file,
         vae_scale=scale, vae_shift=shift, default_include=family.default_include,
-        latent_ndim=family.latent_ndim, latent_channels=channels, cond_widths=widths)
+        latent_ndim=family.latent_ndim, latent_channels=channels, cond_widths=widths,
+        vae=family.latent_vae(where.root) if family.latent_vae else None)
 
 
 def config_view(config_dir: Path) -> Any:

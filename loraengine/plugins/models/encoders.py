@@ -29,8 +29,8 @@ from loraengine.plugins.models.common import Family, read_json
 UNUSED = ("unet", "transformer", "transformer_2", "safety_checker", "feature_extractor",
           "image_encoder")
 #: Components whose files decide what an encoder produces.
-ENCODING = ("vae", "text_encoder", "text_encoder_2", "text_encoder_3", "tokenizer",
-            "tokenizer_2", "tokenizer_3")
+ENCODING = ("vae", "text_encoder", "text_encoder_2", "text_encoder_3", "text_encoder_4",
+            "tokenizer", "tokenizer_2", "tokenizer_3", "tokenizer_4", "processor")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -180,12 +180,17 @@ class PipelineEncoder:
     # -- captions -------------------------------------------------------------------
     @torch.no_grad()
     def encode_captions(self, captions: list[str]) -> dict[str, torch.Tensor]:
+        from loraengine.core.data import stack_padded
+
         out: dict[str, list[torch.Tensor]] = {}
         for i in range(0, len(captions), self.caption_batch):
             part = self._encode(captions[i:i + self.caption_batch])
             for k, v in part.items():
                 out.setdefault(k, []).append(v.detach().cpu())
-        return {k: torch.cat(v) for k, v in out.items()}
+        # token counts differ between batches where captions are padded to a batch's
+        # longest (Qwen, Z-Image); their masks pad with zeros too
+        return {k: stack_padded(v, dim=1) if v[0].ndim > 1 else torch.cat(v)
+                for k, v in out.items()}
 
     def _encode(self, captions: list[str]) -> dict[str, torch.Tensor]:
         raise NotImplementedError
@@ -268,4 +273,6 @@ ENCODERS: dict[str, type[PipelineEncoder]] = {
 
 
 def make_encoder(family: Family, root: Path, options: Mapping[str, Any]) -> PipelineEncoder:
-    return ENCODERS[family.name](family, root, options)
+    from loraengine.plugins.models.flow_encoders import ENCODERS as FLOW_ENCODERS
+
+    return {**ENCODERS, **FLOW_ENCODERS}[family.name](family, root, options)

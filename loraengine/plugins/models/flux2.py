@@ -11,9 +11,10 @@ from __future__ import annotations
 
 from torch import nn
 
-from loraengine.plugins.models.common import flow_transformer_family, make_spec, submodules
+from loraengine.plugins.models.common import family_spec, flow_transformer_family, submodules
 from loraengine.plugins.models.flow import FlowCall, ShiftRule
 from loraengine.plugins.models.flux import FluxOptions
+from loraengine.plugins.models.latent_vaes import Flux2LatentVAE, vae_loader
 
 
 def flux2_blocks(model: nn.Module) -> list[nn.Module]:
@@ -28,7 +29,8 @@ FLUX2 = flow_transformer_family(
     options=FluxOptions, blocks=flux2_blocks, flow_shift=1.0,
     call=FlowCall(packing="tokens", positions="flux2", timestep="sigma", guidance=True,
                   reference="reference"),
+    latent_vae=vae_loader("AutoencoderKLFlux2", Flux2LatentVAE),
     shift_rule=ShiftRule(mu="flux2", cells_per_token=1),
     description="FLUX.2 dev / Klein transformer (rectified flow, patchified latents).")
 
-SPEC = make_spec(FLUX2)  # no prepare encoder yet
+SPEC = family_spec(FLUX2)

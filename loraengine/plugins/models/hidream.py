@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from loraengine.plugins.models.common import flow_transformer_family, make_spec, submodules
+from loraengine.plugins.models.common import family_spec, flow_transformer_family, submodules
 from loraengine.plugins.models.flow import FlowCall
 
 
@@ -33,4 +33,4 @@ HIDREAM = flow_transformer_family(
                   batch_second=("llama3",), widths=(("pooled", "text_emb_dim"),)),
     description="HiDream-I1 sparse DiT (rectified flow, T5 + Llama + CLIP text).")
 
-SPEC = make_spec(HIDREAM)  # no prepare encoder yet
+SPEC = family_spec(HIDREAM)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from loraengine.plugins.models.common import flow_transformer_family, make_spec, submodules
+from loraengine.plugins.models.common import family_spec, flow_transformer_family, submodules
 from loraengine.plugins.models.flow import FlowCall, ShiftRule
 
 
@@ -28,4 +28,4 @@ LUMINA2 = flow_transformer_family(
     shift_rule=ShiftRule(mu="linear", cells_per_token=4),
     description="Lumina-Image 2.0 DiT (rectified flow, 1−σ timesteps, Gemma text).")
 
-SPEC = make_spec(LUMINA2)  # no prepare encoder yet
+SPEC = family_spec(LUMINA2)

@@ -13,8 +13,9 @@ from __future__ import annotations
 
 from torch import nn
 
-from loraengine.plugins.models.common import flow_transformer_family, make_spec, submodules
+from loraengine.plugins.models.common import family_spec, flow_transformer_family, submodules
 from loraengine.plugins.models.flow import FlowCall, ShiftRule
+from loraengine.plugins.models.latent_vaes import QwenLatentVAE, vae_loader
 
 
 def qwen_blocks(model: nn.Module) -> list[nn.Module]:
@@ -30,7 +31,8 @@ QWEN_IMAGE = flow_transformer_family(
     call=FlowCall(packing="patch2", positions="qwen", timestep="sigma",
                   optional_args=(("mask", "encoder_hidden_states_mask"),),
                   reference="reference"),
+    latent_vae=vae_loader("AutoencoderKLQwenImage", QwenLatentVAE),
     shift_rule=ShiftRule(mu="linear", cells_per_token=4),
     description="Qwen-Image / Qwen-Image-Edit MMDiT (rectified flow, packed 2×2 latents).")
 
-SPEC = make_spec(QWEN_IMAGE)  # no prepare encoder yet
+SPEC = family_spec(QWEN_IMAGE)

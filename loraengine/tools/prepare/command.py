@@ -67,6 +67,9 @@ def resize_lines(resized: list[tuple[str, tuple[int, int], tuple[int, int], bool
 @path_option("--captions", "captions_file",
              help="Captions file: a JSON object {file: caption} or metadata.jsonl lines "
              "with file_name and text.")
+@path_option("--references",
+             help="Edit training (flux2): a folder with each image's "
+             "reference image under the same name, encoded as its 'reference' latents.")
 @click.option("--caption-ext", default=".txt", show_default=True,
               help="Extension of the caption file beside each image.")
 @click.option("--resolution", type=click.IntRange(1), default=None,
@@ -82,7 +85,8 @@ def resize_lines(resized: list[tuple[str, tuple[int, int], tuple[int, int], bool
 @click.option("--dtype", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto",
               show_default=True, help="Encoder dtype (auto: bf16 on CUDA, else fp32).")
 @click.option("--max-sequence-length", type=click.IntRange(1), default=None,
-              help="T5 tokens per caption (SD3, Flux; default: the pipeline's).")
+              help="Text tokens per caption where the pipeline pads to a length (SD3, "
+              "Flux, Flux.2, Chroma, Lumina 2...; default: the pipeline's).")
 @path_option("--cache", "cache_dir",
              help="Encoding cache folder (default: OUT/.cache).")
 @click.option("--frames", type=click.IntRange(1), default=81, show_default=True,
@@ -108,12 +112,13 @@ def prepare(ctx: click.Context, **options: Any) -> None:
 
 
 def _run(state: Any, model: Path, images: Path, out: Path, family: str,
-         captions_file: Path | None, caption_ext: str, resolution: int | None,
+         captions_file: Path | None, references: Path | None, caption_ext: str,
+         resolution: int | None,
          upscale: bool, batch_size: int, device: str, dtype: str,
          max_sequence_length: int | None, cache_dir: Path | None, quiet: bool,
          frames: int, frame_sampling: str, skip_first_frames: int, every_nth_frame: int,
          frame_seed: int) -> None:
-    from loraengine.tools.prepare.logic import collect, read_captions_file
+    from loraengine.tools.prepare.logic import collect, find_references, read_captions_file
     from loraengine.tools.prepare.logic import prepare as run_prepare
     from loraengine.tools.prepare.video import (
         FrameSampling,
@@ -132,8 +137,12 @@ def _run(state: Any, model: Path, images: Path, out: Path, family: str,
         find_clips(images)
         if captions_file is not None:
             read_captions_file(captions_file)
+        if references is not None:
+            raise DataError("--references: for image families; clips have no references")
     else:
         items = collect(images, captions_file, caption_ext)
+        if references is not None:
+            find_references(references, images, items)
     if not model.exists():
         raise DataError(f"--model: {model} does not exist")
     spec = pick_family(state.host, model, family)
@@ -150,7 +159,7 @@ def _run(state: Any, model: Path, images: Path, out: Path, family: str,
             report = run_prepare(encoder, images, out, captions_file=captions_file,
                                  caption_ext=caption_ext, resolution=resolution,
                                  batch_size=batch_size, cache_dir=cache_dir, progress=bar,
-                                 upscale=upscale, items=items)
+                                 upscale=upscale, items=items, references=references)
     if quiet:
         return
     sizes = ", ".join(f"{w}x{h}: {n}" for w, h, n in report.buckets)

@@ -34,6 +34,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from loraengine.core.data import stack_padded
 from loraengine.core.errors import DataError
 from loraengine.core.files import atomic_path, read_text, write_atomic
 
@@ -420,17 +421,73 @@ def _geometry(item: ImageItem) -> str:
     return f"{item.bucket[0]}x{item.bucket[1]}" + (" crop" if item.crop_only else "")
 
 
+# -- reference images (edit training) --------------------------------------------------
+
+def find_references(references: Path, images: Path, items: Sequence[ImageItem]
+                    ) -> dict[int, Path]:
+    """Each image's reference image: the file of the same relative name in
+    ``references`` (any image extension); every image without one is listed."""
+    references = Path(references)
+    if not references.is_dir():
+        raise DataError(f"--references: {references} is not a folder")
+    found: dict[int, Path] = {}
+    missing = []
+    for i, item in enumerate(items):
+        rel = item.path.relative_to(images)
+        same = [references / rel] + [(references / rel).with_suffix(s)
+                                     for s in sorted(IMAGE_SUFFIXES)]
+        hit = next((c for c in same if c.is_file()), None)
+        if hit is None:
+            missing.append(rel.as_posix())
+        else:
+            found[i] = hit
+    if missing:
+        raise DataError(f"--references: {len(missing)} image(s) without a reference image "
+                        f"of the same name in {references}: {_listing(missing)}")
+    return found
+
+
+def encode_references(encoder: Any, cache: EncodeCache, fp: str,
+                      items: Sequence[ImageItem], refs: Mapping[int, Path],
+                      batch_size: int) -> dict[int, torch.Tensor]:
+    """Each reference image's latents, fitted to its image's bucket, from the cache
+    (keyed by the reference's content) or encoded a batch at a time."""
+    out: dict[int, torch.Tensor] = {}
+    keys: dict[int, str] = {}
+    todo: dict[tuple[int, int], list[int]] = {}
+    for i, path in refs.items():
+        digest = hashlib.sha256(path.read_bytes()).hexdigest()
+        keys[i] = _key(fp, digest, _geometry(items[i]))
+        hit = cache.get("ref", keys[i])
+        if hit is not None and "latent" in hit:
+            out[i] = hit["latent"]
+        else:
+            todo.setdefault(items[i].bucket, []).append(i)
+    for bucket, idxs in sorted(todo.items()):
+        for start in range(0, len(idxs), batch_size):
+            chunk = idxs[start:start + batch_size]
+            pixels = torch.stack([load_pixels(refs[i], bucket)[0] for i in chunk])
+            for i, lat in zip(chunk, encoder.encode_images(pixels), strict=True):
+                out[i] = lat.float().contiguous()
+                cache.put("ref", keys[i], {"latent": out[i]})
+    return out
+
+
 # -- the run ---------------------------------------------------------------------------
 
 def prepare(encoder: Any, images: Path, out: Path, *, captions_file: Path | None = None,
             caption_ext: str = ".txt", resolution: int | None = None, batch_size: int = 4,
             cache_dir: Path | None = None, progress: Progress | None = None,
-            upscale: bool = False, items: list[ImageItem] | None = None) -> PrepareReport:
+            upscale: bool = False, items: list[ImageItem] | None = None,
+            references: Path | None = None) -> PrepareReport:
     """Encode ``images`` (and their captions) with ``encoder`` into ``out``; ``items``:
-    what :func:`collect` found there, when the caller checked the folder first."""
+    what :func:`collect` found there, when the caller checked the folder first. With
+    ``references``, each image's reference image there (same name) is encoded too, to
+    the image's bucket, as the ``reference`` conditioning of edit models."""
     images, out = Path(images), Path(out)
     if items is None:
         items = collect(images, captions_file, caption_ext)
+    refs = find_references(references, images, items) if references is not None else {}
     res = int(resolution or encoder.default_resolution)
     assign_buckets(items, res, int(encoder.bucket_multiple), upscale)
     cache = EncodeCache(cache_dir if cache_dir is not None else out / ".cache")
@@ -470,6 +527,8 @@ def prepare(encoder: Any, images: Path, out: Path, *, captions_file: Path | None
             done += len(chunk)
             report_progress("images", done, len(items))
 
+    ref_latents = encode_references(encoder, cache, fp, items, refs, batch_size)
+
     # Captions: each distinct caption once.
     conds, missing, cached_captions = encode_captions(
         encoder, cache, fp, {item.caption for item in items}, batch_size, report_progress)
@@ -489,10 +548,12 @@ def prepare(encoder: Any, images: Path, out: Path, *, captions_file: Path | None
         for i in idxs:
             crop, orig = geometry[i]
             extra = encoder.image_conditioning(orig, crop, (bucket[1], bucket[0]))
+            if i in ref_latents:
+                extra = {**extra, "reference": ref_latents[i]}
             for k, v in {**conds[items[i].caption], **extra}.items():
                 rows.setdefault(k, []).append(v)
         for k, vs in rows.items():
-            cond_out[k + suffix] = torch.stack(vs).contiguous()
+            cond_out[k + suffix] = stack_padded(vs).contiguous()
         files.append([items[i].path.relative_to(images).as_posix() for i in idxs])
         summary.append((bucket[0], bucket[1], len(idxs)))
     meta = {"loraengine.family": str(encoder.family), "loraengine.resolution": str(res),

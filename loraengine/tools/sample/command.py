@@ -66,6 +66,9 @@ def _parse_options(items: tuple[str, ...]) -> dict[str, Any]:
 @field_option(SamplesConfig, "per_prompt", "--per-prompt", default=1)
 @click.option("--size", type=(int, int), default=None, metavar="H W",
               help="Latent height and width (default: the model's sample size).")
+@click.option("--frames", type=click.IntRange(1), default=None,
+              help="Video families: latent frames (Wan: 1 + 4k pixel frames become 1 + k; "
+              "default 1). Each sample is shown as a strip of its frames.")
 @click.option("--strength", type=float, default=1.0, show_default=True,
               help="Multiplier of the adapter's effect (0: the base model, 1: as trained).")
 @click.option("--mode", type=click.Choice(["bypass", "merge"]), default="bypass",
@@ -83,7 +86,7 @@ def sample(state: State, model_path: Path, lora: Path | None, prompts: Path, out
            family: str | None, negative: Path | None, seed: int, steps: int, guidance: float,
            sampler: str, sampler_options: tuple[str, ...], per_prompt: int,
            size: tuple[int, int] | None, strength: float, mode: ApplyMode, compare: bool,
-           device: str, dtype: str, overwrite: bool) -> None:
+           device: str, dtype: str, overwrite: bool, frames: int | None) -> None:
     """Render prompts with a model and (optionally) an adapter file."""
 
     def run() -> dict[str, Any]:
@@ -98,7 +101,7 @@ def sample(state: State, model_path: Path, lora: Path | None, prompts: Path, out
                 strength=strength, mode=mode, negative=negative, settings=settings,
                 per_prompt=per_prompt, size=size, compare=compare, device=device,
                 dtype=dtype, progress=lambda done, total: bars("sampling", done, total),
-                overwrite=overwrite)
+                overwrite=overwrite, frames=frames)
 
     info = reports_errors(run)()
     click.echo(f"{info['images']} image(s) of a {info['family']} model "

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from loraengine.core.data import stack_padded
 from loraengine.core.devices import DTYPES, resolve_device
 from loraengine.core.errors import ConfigError, DataError
 from loraengine.core.files import read_text, write_atomic
@@ -121,8 +122,11 @@ def guided_model_fn(loaded: LoadedModel, cond: Mapping[str, torch.Tensor],
         if negative is None:
             raise ValueError("guidance needs a negative conditioning")
         neg = {k: to(v) for k, v in negative.items()}
-        # keys the negative lacks (SDXL's time_ids...) are the prompt's own
-        both = {k: torch.cat([neg.get(k, cond[k]), cond[k]]) for k in cond}
+        # keys the negative lacks (SDXL's time_ids...) are the prompt's own; text of
+        # another token count is zero-padded, with its mask (Qwen-Image, Z-Image)
+        both = {k: stack_padded([neg.get(k, cond[k]), cond[k]], dim=1)
+                if cond[k].ndim > 1 else torch.cat([neg.get(k, cond[k]), cond[k]])
+                for k in cond}
     schedule = loaded.schedule
 
     def model_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -446,12 +450,14 @@ def check_out_folder(out: Path, overwrite: bool = False) -> None:
         raise ConfigError(f"--out {out}: cannot be made ({parent} is not writable)")
 
 
-def latent_shape(loaded: Any, size: tuple[int, int] | None, vae: Any) -> tuple[int, int, int]:
-    """(channels, height, width) of the latents to sample."""
+def latent_shape(loaded: Any, size: tuple[int, int] | None, vae: Any,
+                 frames: int | None = None) -> tuple[int, ...]:
+    """(channels, height, width) of the latents to sample; (channels, frames, height,
+    width) for a video model (``latent_ndim`` 5), one latent frame unless ``frames``."""
     config = getattr(loaded.module, "config", None)
     channels = None
     if vae is not None:
-        channels = getattr(vae.config, "latent_channels", None)
+        channels = getattr(getattr(vae, "config", None), "latent_channels", None)
     if channels is None and config is not None:
         channels = getattr(config, "in_channels", None)
     if channels is None:
@@ -464,6 +470,10 @@ def latent_shape(loaded: Any, size: tuple[int, int] | None, vae: Any) -> tuple[i
         raise ConfigError("--size: required for this model (latent height and width)")
     if min(size) < 1:
         raise ConfigError(f"--size: height and width must be positive, got {list(size)}")
+    if getattr(loaded, "latent_ndim", 4) == 5:
+        return int(channels), int(frames or 1), int(size[0]), int(size[1])
+    if frames is not None:
+        raise ConfigError(f"--frames: the {loaded.family} model makes images, not video")
     return int(channels), int(size[0]), int(size[1])
 
 
@@ -474,7 +484,7 @@ def sample_to_folder(model: Path, prompts: Path, out: Path, *, host: Any,
                      per_prompt: int = 1, size: tuple[int, int] | None = None,
                      compare: bool = True, device: str = "auto", dtype: str = "fp32",
                      progress: Callable[[int, int], None] | None = None,
-                     overwrite: bool = False) -> dict[str, Any]:
+                     overwrite: bool = False, frames: int | None = None) -> dict[str, Any]:
     """Everything ``loraengine sample`` does; returns what was written. The output
     folder and text prompts are checked before the model is loaded."""
     from loraengine.inference import apply
@@ -491,7 +501,7 @@ def sample_to_folder(model: Path, prompts: Path, out: Path, *, host: Any,
         neg = read_prompts(negative, loaded, host, "--negative")
         neg = {k: v[:1] for k, v in neg.items() if k in cond}
     vae = find_vae(loaded)
-    shape = latent_shape(loaded, size, vae)
+    shape = latent_shape(loaded, size, vae, frames)
 
     def render() -> torch.Tensor:
         latents = sample_latents(loaded, cond, shape, settings, host.registry,
