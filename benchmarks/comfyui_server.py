@@ -1,0 +1,321 @@
+"""The ComfyUI node pack in a real ComfyUI server: ``main.py --cpu`` on localhost, a
+workflow in ComfyUI's API format POSTed to ``/prompt``, ``/history`` polled.
+
+Not part of CI (it needs a ComfyUI source tree and the packages its server imports;
+docs/comfyui.md says how it was run and what it measured)::
+
+    pip install --target /tmp/e_extra aiohttp yarl psutil einops scipy torchsde ...
+    PYTHONPATH=.:/tmp/e_extra python benchmarks/comfyui_server.py --comfyui /path/to/ComfyUI
+
+For each of a tiny SD1.5-structured and a tiny SDXL-structured model (ComfyUI's
+checkpoint format, read by ComfyUI's own code through ``benchmarks/comfyui_check_nodes``):
+
+1. The server is started with ``--cpu --base-directory WORK``; WORK's ``custom_nodes``
+   holds a copy of ``integrations/comfyui`` and of ``comfyui_check_nodes``. Its
+   ``/object_info`` must list our three nodes.
+2. The workflow (loader -> LoadLatent -> conditioning -> Train LoRA (loraengine) ->
+   Save LoRA (loraengine), ComfyUI's SaveLoRANode and LossGraphNode) is POSTed to
+   ``/prompt`` and ``/history/<id>`` polled until it reports success.
+3. In a separate process, ComfyUI's ``LoraModelLoader`` applies the saved file: keys
+   not loaded (its warnings counted), ComfyUI's patched weights against loraengine's merge
+   of the same file into the diffusers UNet the checkpoint was written from, and the
+   training data's loss on one fixed set of draws before and after.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+import uuid
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+ROOT = Path(__file__).resolve().parents[1]
+N_LATENTS, STEPS, RANK, LR = 4, 40, 4, 1e-3
+POOLED = 16  # the tiny SDXL's pooled-output width (its label_emb takes POOLED + 6*256)
+
+
+def diffusers_unet(kind: str):
+    from diffusers import UNet2DConditionModel
+
+    from loraengine.testing.models import sd15_structure_unet_config, sdxl_structure_unet_config
+
+    if kind == "sd15":
+        config = sd15_structure_unet_config()
+    else:  # ComfyUI's SDXL embeds each of the six sizes in 256 channels
+        config = dict(sdxl_structure_unet_config(), addition_time_embed_dim=256,
+                      projection_class_embeddings_input_dim=POOLED + 6 * 256)
+    torch.manual_seed(0)
+    return UNet2DConditionModel(**config).eval()
+
+
+def write_inputs(work: Path) -> None:
+    from loraengine.plugins.models.unet_names import ldm_names
+
+    (work / "input").mkdir(parents=True, exist_ok=True)
+    g = torch.Generator().manual_seed(3)
+    for kind in ("sd15", "sdxl"):
+        unet = diffusers_unet(kind)
+        names = ldm_names(unet)
+        sd = {}
+        for key, value in unet.state_dict().items():
+            module, _, param = key.rpartition(".")
+            sd[f"model.diffusion_model.{names[module]}.{param}"] = value.contiguous()
+        save_file(sd, str(work / f"tiny_{kind}.safetensors"))
+        latents = torch.randn(N_LATENTS, 4, 16, 16, generator=g)
+        save_file({"latent_tensor": latents, "latent_format_version_0": torch.tensor([])},
+                  str(work / "input" / f"tiny_{kind}.latent"))
+        cond = {"cond": torch.randn(N_LATENTS, 8, 16, generator=g)}
+        if kind == "sdxl":
+            cond["pooled"] = torch.randn(N_LATENTS, POOLED, generator=g)
+        save_file(cond, str(work / f"cond_{kind}.safetensors"))
+
+
+def prepare(work: Path) -> None:
+    if work.exists():
+        shutil.rmtree(work)
+    write_inputs(work)
+    nodes = work / "custom_nodes"
+    shutil.copytree(ROOT / "integrations" / "comfyui", nodes / "loraengine-comfyui")
+    shutil.copytree(Path(__file__).parent / "comfyui_check_nodes",
+                    nodes / "loraengine_check_nodes")
+    # torchvision: the registry's build does not import beside the CPU torch, and
+    # nothing run here uses it; an empty package stands in for it
+    shim = work / "shim" / "torchvision"
+    (shim / "transforms").mkdir(parents=True)
+    (shim / "__init__.py").write_text("")
+    (shim / "transforms" / "__init__.py").write_text("")
+    # the browser front end is not needed headless; an empty one stands in for it
+    (work / "frontend").mkdir()
+    (work / "frontend" / "index.html").write_text("<html></html>")
+
+
+def workflow(kind: str) -> dict:
+    return {
+        "1": {"class_type": "TinyCheckpointLoader", "inputs": {"kind": kind}},
+        "2": {"class_type": "LoadLatent", "inputs": {"latent": f"tiny_{kind}.latent"}},
+        "3": {"class_type": "TinyConditioning", "inputs": {"kind": kind}},
+        "4": {"class_type": "TrainLoraLoraEngine", "inputs": {
+            "model": ["1", 0], "latents": ["2", 0], "positive": ["3", 0],
+            "batch_size": 1, "grad_accumulation_steps": 1, "steps": STEPS,
+            "learning_rate": LR, "rank": RANK, "optimizer": "AdamW",
+            "loss_function": "MSE", "seed": 0, "training_dtype": "fp32",
+            "lora_dtype": "fp32", "algorithm": "LoRA", "gradient_checkpointing": True,
+            "existing_lora": "[None]"}},
+        "5": {"class_type": "SaveLoraLoraEngine", "inputs": {
+            "lora": ["4", 0], "prefix": f"loras/server_{kind}", "steps": ["4", 2]}},
+        "6": {"class_type": "SaveLoRANode", "inputs": {
+            "lora": ["4", 0], "prefix": f"loras/server_native_{kind}", "steps": ["4", 2]}},
+        "7": {"class_type": "LossGraphNode", "inputs": {
+            "loss": ["4", 1], "filename_prefix": f"loss_{kind}"}},
+    }
+
+
+def _get(url: str) -> dict:
+    with urllib.request.urlopen(url, timeout=30) as reply:
+        return json.loads(reply.read())
+
+
+def _post(url: str, body: dict) -> dict:
+    request = urllib.request.Request(url, data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as reply:
+            return json.loads(reply.read())
+    except urllib.error.HTTPError as error:
+        sys.exit(f"POST {url}: {error.code} {error.read().decode()[:3000]}")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def serve_and_run(comfy_root: Path, work: Path, kinds: list[str]) -> dict:
+    port = free_port()
+    env = dict(os.environ, LORAENGINE_CHECK_WORK=str(work),
+               PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", ""),
+                                           str(work / "shim")]))
+    log = open(work / "server.log", "w")  # noqa: SIM115  (open while the server runs)
+    command = [sys.executable, "main.py", "--cpu", "--base-directory", str(work),
+               "--listen", "127.0.0.1", "--port", str(port), "--disable-auto-launch",
+               "--front-end-root", str(work / "frontend")]
+    server = subprocess.Popen(command, cwd=comfy_root, env=env, stdout=log,
+                              stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}"
+    out: dict = {"command": " ".join(command[1:])}
+    try:
+        started = time.perf_counter()
+        while True:
+            if server.poll() is not None:
+                sys.exit(f"server exited {server.returncode}:\n"
+                         f"{(work / 'server.log').read_text()[-4000:]}")
+            try:
+                info = _get(f"{base}/object_info")
+                break
+            except (urllib.error.URLError, ConnectionError):
+                time.sleep(1)
+        out["startup_s"] = time.perf_counter() - started
+        ours = ["TrainLoraLoraEngine", "SaveLoraLoraEngine", "LoadLoraEngineConfig"]
+        out["registered"] = [n for n in ours if n in info]
+        assert out["registered"] == ours, out
+        out["display_names"] = [info[n]["display_name"] for n in ours]
+        for kind in kinds:
+            client = str(uuid.uuid4())
+            reply = _post(f"{base}/prompt", {"prompt": workflow(kind), "client_id": client})
+            prompt_id = reply["prompt_id"]
+            started = time.perf_counter()
+            while True:
+                history = _get(f"{base}/history/{prompt_id}")
+                if prompt_id in history and history[prompt_id]["status"].get("completed") \
+                        is not None and (history[prompt_id]["status"]["completed"]
+                                         or history[prompt_id]["status"]["status_str"]
+                                         == "error"):
+                    break
+                if server.poll() is not None:
+                    sys.exit(f"server exited:\n{(work / 'server.log').read_text()[-4000:]}")
+                time.sleep(1)
+            status = history[prompt_id]["status"]
+            if not status["completed"]:
+                sys.exit(f"{kind}: {json.dumps(status['messages'])[-4000:]}")
+            files = sorted(p.name for p in (work / "output" / "loras").glob(
+                f"server_*{kind}_*.safetensors"))
+            out[kind] = {"status": status["status_str"], "seconds": time.perf_counter()
+                         - started, "outputs": sorted(history[prompt_id]["outputs"]),
+                         "files": files}
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
+        log.close()
+    return out
+
+
+def check(comfy_root: Path, work: Path, kind: str, file: Path) -> dict:
+    """ComfyUI's LoraModelLoader on ``file`` vs loraengine's merge, and the fixed-draw
+    loss of the base and the patched model (ComfyUI's apply_model, its extra_conds)."""
+    sys.path.insert(0, str(work / "shim"))
+    sys.path.insert(0, str(Path(__file__).parent))
+    from comfyui_node import comfy_setup
+
+    nodes = comfy_setup(comfy_root, work)
+    os.environ["LORAENGINE_CHECK_WORK"] = str(work)
+    sys.path.insert(0, str(work / "custom_nodes"))
+    import comfy.utils
+    import loraengine_check_nodes as check_nodes
+    from safetensors.torch import load_file
+
+    import loraengine
+
+    nodes_train = sys.modules[nodes.NODE_CLASS_MAPPINGS["TrainLoraNode"].__module__]
+    lora = comfy.utils.load_torch_file(str(file))
+    lines: list[str] = []
+
+    class Capture(logging.Handler):
+        def emit(self, record):
+            lines.append(record.getMessage())
+
+    handler = Capture(logging.WARNING)
+    logging.getLogger().addHandler(handler)
+    base = check_nodes.load_tiny(kind)
+    try:
+        patched = nodes_train.LoraModelLoader().load_lora_model(base, lora, 1.0)[0]
+        patched.patch_model()
+    finally:
+        logging.getLogger().removeHandler(handler)
+    not_loaded = [line for line in lines if "not loaded" in line.lower()]
+    theirs = {k: v.detach().clone() for k, v in
+              patched.model.diffusion_model.state_dict().items()}
+    unet = diffusers_unet(kind)
+    before = {k: v.clone() for k, v in unet.state_dict().items()}
+    loraengine.apply(unet, file, mode="merge")
+    merged = unet.state_dict()
+    comfy_map = comfy.utils.unet_to_diffusers(patched.model.model_config.unet_config)
+    worst, where, changed, compared = 0.0, "", 0, 0
+    for key, ldm in comfy_map.items():
+        if key not in merged or ldm not in theirs:
+            continue
+        compared += 1
+        if not torch.equal(merged[key], before[key]):
+            changed += 1
+        err = float((theirs[ldm] - merged[key]).abs().max()
+                    / merged[key].abs().max().clamp_min(1e-30))
+        if err >= worst:
+            worst, where = err, key
+    out = {"file_keys": len(lora), "keys_not_loaded": len(not_loaded),
+           "first_not_loaded": not_loaded[:3], "tensors_compared": compared,
+           "tensors_changed_by_merge": changed, "max_rel_error": worst, "worst": where}
+    # the training data's loss on one fixed set of draws (8 per latent)
+    x0 = load_file(str(work / "input" / f"tiny_{kind}.latent"))["latent_tensor"]
+    conds = check_nodes.TinyConditioning().load(kind)[0]
+    g = torch.Generator().manual_seed(1234)
+    per = 8
+    sigmas = base.model.model_sampling.sigmas
+    idx = torch.randint(0, len(sigmas), (x0.shape[0] * per,), generator=g)
+    noise = torch.randn(x0.shape[0] * per, *x0.shape[1:], generator=g)
+    x = x0.repeat_interleave(per, 0)
+    sigma = sigmas[idx]
+    losses = {}
+    for name, patcher in (("base", check_nodes.load_tiny(kind)), ("trained", patched)):
+        patcher.patch_model()
+        model = patcher.model
+        kwargs: dict[str, list[torch.Tensor]] = {}
+        for i, (cond, extras) in enumerate(conds):
+            made = model.extra_conds(cross_attn=cond, device=torch.device("cpu"),
+                                     noise=x0[i:i + 1], input=x0[i:i + 1],
+                                     width=128, height=128, **extras)
+            for key, value in made.items():
+                kwargs.setdefault(key, []).append(value.cond)
+        batched = {k: torch.cat(v).repeat_interleave(per, 0) for k, v in kwargs.items()}
+        with torch.no_grad():
+            noisy = model.model_sampling.noise_scaling(sigma, noise, x)
+            denoised = model.apply_model(noisy, sigma, **batched).float()
+        eps = (noisy - denoised) / sigma.reshape(-1, 1, 1, 1)
+        losses[name] = {"x0_mse": float(((denoised - x) ** 2).mean()),
+                        "eps_mse": float(((eps - noise) ** 2).mean()),
+                        "model_inputs": sorted(batched)}
+    out["fixed_draw_loss"] = losses
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--comfyui", type=Path, required=True)
+    parser.add_argument("--work", type=Path, default=Path("/tmp/loraengine_comfyui_server"))
+    parser.add_argument("--kinds", nargs="+", default=["sd15", "sdxl"])
+    parser.add_argument("--check", nargs=2, metavar=("KIND", "FILE"))
+    args = parser.parse_args()
+    if args.check:
+        print("RESULT " + json.dumps(check(args.comfyui, args.work, args.check[0],
+                                           Path(args.check[1]))))
+        return
+    prepare(args.work)
+    results = serve_and_run(args.comfyui, args.work, args.kinds)
+    for kind in args.kinds:
+        ours = [f for f in results[kind]["files"] if f.startswith(f"server_{kind}_")]
+        native = [f for f in results[kind]["files"] if f.startswith("server_native")]
+        for label, name in (("ours_saver", ours[-1]), ("comfyui_saver", native[-1])):
+            file = args.work / "output" / "loras" / name
+            run = subprocess.run([sys.executable, __file__, "--comfyui", str(args.comfyui),
+                                  "--work", str(args.work), "--check", kind, str(file)],
+                                 capture_output=True, text=True, check=False)
+            line = [x for x in run.stdout.splitlines() if x.startswith("RESULT ")]
+            if run.returncode or not line:
+                sys.exit(f"{kind} check failed\n{run.stderr[-3000:]}")
+            results[kind][label] = json.loads(line[-1][7:])
+    print(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()
