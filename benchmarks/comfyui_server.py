@@ -80,6 +80,12 @@ def write_inputs(work: Path) -> None:
         if kind == "sdxl":
             cond["pooled"] = torch.randn(N_LATENTS, POOLED, generator=g)
         save_file(cond, str(work / f"cond_{kind}.safetensors"))
+    # two resolution buckets for the SD1.5 model: 3 latents 16x16, 2 latents 16x24
+    buckets = {}
+    for i, (n, h, w) in enumerate(((3, 16, 16), (2, 16, 24))):
+        buckets[f"latents.{i}"] = torch.randn(n, 4, h, w, generator=g)
+        buckets[f"cond.{i}"] = torch.randn(n, 8, 16, generator=g)
+    save_file(buckets, str(work / "buckets_sd15.safetensors"))
 
 
 def prepare(work: Path) -> None:
@@ -101,24 +107,32 @@ def prepare(work: Path) -> None:
     (work / "frontend" / "index.html").write_text("<html></html>")
 
 
-def workflow(kind: str) -> dict:
+def workflow(run: str) -> dict:
+    """``sd15``/``sdxl``: one LATENT (ComfyUI's LoadLatent) and one conditioning per
+    latent; ``sd15_buckets``: the SD1.5 model on two resolution buckets (list outputs,
+    as ComfyUI's ResolutionBucket gives them) with ``bucket_mode`` on."""
+    kind = run.split("_")[0]
+    buckets = run.endswith("_buckets")
+    data = ({"2": {"class_type": "TinyBuckets", "inputs": {}}} if buckets else {
+        "2": {"class_type": "LoadLatent", "inputs": {"latent": f"tiny_{kind}.latent"}},
+        "3": {"class_type": "TinyConditioning", "inputs": {"kind": kind}}})
     return {
         "1": {"class_type": "TinyCheckpointLoader", "inputs": {"kind": kind}},
-        "2": {"class_type": "LoadLatent", "inputs": {"latent": f"tiny_{kind}.latent"}},
-        "3": {"class_type": "TinyConditioning", "inputs": {"kind": kind}},
+        **data,
         "4": {"class_type": "TrainLoraLoraEngine", "inputs": {
-            "model": ["1", 0], "latents": ["2", 0], "positive": ["3", 0],
+            "model": ["1", 0], "latents": ["2", 0],
+            "positive": ["2", 1] if buckets else ["3", 0], "bucket_mode": buckets,
             "batch_size": 1, "grad_accumulation_steps": 1, "steps": STEPS,
             "learning_rate": LR, "rank": RANK, "optimizer": "AdamW",
             "loss_function": "MSE", "seed": 0, "training_dtype": "fp32",
             "lora_dtype": "fp32", "algorithm": "LoRA", "gradient_checkpointing": True,
             "existing_lora": "[None]"}},
         "5": {"class_type": "SaveLoraLoraEngine", "inputs": {
-            "lora": ["4", 0], "prefix": f"loras/server_{kind}", "steps": ["4", 2]}},
+            "lora": ["4", 0], "prefix": f"loras/server_{run}", "steps": ["4", 2]}},
         "6": {"class_type": "SaveLoRANode", "inputs": {
-            "lora": ["4", 0], "prefix": f"loras/server_native_{kind}", "steps": ["4", 2]}},
+            "lora": ["4", 0], "prefix": f"loras/server_native_{run}", "steps": ["4", 2]}},
         "7": {"class_type": "LossGraphNode", "inputs": {
-            "loss": ["4", 1], "filename_prefix": f"loss_{kind}"}},
+            "loss": ["4", 1], "filename_prefix": f"loss_{run}"}},
     }
 
 
@@ -144,6 +158,7 @@ def free_port() -> int:
 
 
 def serve_and_run(comfy_root: Path, work: Path, kinds: list[str]) -> dict:
+    """Start ComfyUI's server, run each workflow through its HTTP API, stop it."""
     port = free_port()
     env = dict(os.environ, LORAENGINE_CHECK_WORK=str(work),
                PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", ""),
@@ -191,7 +206,7 @@ def serve_and_run(comfy_root: Path, work: Path, kinds: list[str]) -> dict:
             if not status["completed"]:
                 sys.exit(f"{kind}: {json.dumps(status['messages'])[-4000:]}")
             files = sorted(p.name for p in (work / "output" / "loras").glob(
-                f"server_*{kind}_*.safetensors"))
+                f"server_*{kind}_[0-9]*.safetensors"))
             out[kind] = {"status": status["status_str"], "seconds": time.perf_counter()
                          - started, "outputs": sorted(history[prompt_id]["outputs"]),
                          "files": files}
@@ -202,13 +217,13 @@ def serve_and_run(comfy_root: Path, work: Path, kinds: list[str]) -> dict:
     return out
 
 
-def check(comfy_root: Path, work: Path, kind: str, file: Path) -> dict:
+def check(comfy_root: Path, work: Path, run: str, file: Path) -> dict:
     """ComfyUI's LoraModelLoader on ``file`` vs loraengine's merge, and the fixed-draw
     loss of the base and the patched model (ComfyUI's apply_model, its extra_conds)."""
-    sys.path.insert(0, str(work / "shim"))
     sys.path.insert(0, str(Path(__file__).parent))
     from comfyui_node import comfy_setup
 
+    kind, buckets = run.split("_")[0], run.endswith("_buckets")
     nodes = comfy_setup(comfy_root, work)
     os.environ["LORAENGINE_CHECK_WORK"] = str(work)
     sys.path.insert(0, str(work / "custom_nodes"))
@@ -256,34 +271,47 @@ def check(comfy_root: Path, work: Path, kind: str, file: Path) -> dict:
     out = {"file_keys": len(lora), "keys_not_loaded": len(not_loaded),
            "first_not_loaded": not_loaded[:3], "tensors_compared": compared,
            "tensors_changed_by_merge": changed, "max_rel_error": worst, "worst": where}
-    # the training data's loss on one fixed set of draws (8 per latent)
-    x0 = load_file(str(work / "input" / f"tiny_{kind}.latent"))["latent_tensor"]
-    conds = check_nodes.TinyConditioning().load(kind)[0]
+    # the training data's loss on one fixed set of draws (8 per latent), each group of
+    # one size at a time (one group, or the two buckets)
+    if buckets:
+        lat_groups, cond_groups = check_nodes.bucket_groups()
+        groups = [(lg["samples"], cg) for lg, cg in zip(lat_groups, cond_groups,
+                                                         strict=True)]
+    else:
+        groups = [(load_file(str(work / "input" / f"tiny_{kind}.latent"))["latent_tensor"],
+                   check_nodes.TinyConditioning().load(kind)[0])]
     g = torch.Generator().manual_seed(1234)
     per = 8
     sigmas = base.model.model_sampling.sigmas
-    idx = torch.randint(0, len(sigmas), (x0.shape[0] * per,), generator=g)
-    noise = torch.randn(x0.shape[0] * per, *x0.shape[1:], generator=g)
-    x = x0.repeat_interleave(per, 0)
-    sigma = sigmas[idx]
+    draws = []
+    for x0, conds in groups:
+        idx = torch.randint(0, len(sigmas), (x0.shape[0] * per,), generator=g)
+        noise = torch.randn(x0.shape[0] * per, *x0.shape[1:], generator=g)
+        draws.append((x0, conds, sigmas[idx], noise))
     losses = {}
     for name, patcher in (("base", check_nodes.load_tiny(kind)), ("trained", patched)):
         patcher.patch_model()
         model = patcher.model
-        kwargs: dict[str, list[torch.Tensor]] = {}
-        for i, (cond, extras) in enumerate(conds):
-            made = model.extra_conds(cross_attn=cond, device=torch.device("cpu"),
-                                     noise=x0[i:i + 1], input=x0[i:i + 1],
-                                     width=128, height=128, **extras)
-            for key, value in made.items():
-                kwargs.setdefault(key, []).append(value.cond)
-        batched = {k: torch.cat(v).repeat_interleave(per, 0) for k, v in kwargs.items()}
-        with torch.no_grad():
-            noisy = model.model_sampling.noise_scaling(sigma, noise, x)
-            denoised = model.apply_model(noisy, sigma, **batched).float()
-        eps = (noisy - denoised) / sigma.reshape(-1, 1, 1, 1)
-        losses[name] = {"x0_mse": float(((denoised - x) ** 2).mean()),
-                        "eps_mse": float(((eps - noise) ** 2).mean()),
+        x0_err, eps_err, count = 0.0, 0.0, 0
+        for x0, conds, sigma, noise in draws:
+            kwargs: dict[str, list[torch.Tensor]] = {}
+            for i, (cond, extras) in enumerate(conds):
+                made = model.extra_conds(cross_attn=cond, device=torch.device("cpu"),
+                                         noise=x0[i:i + 1], input=x0[i:i + 1],
+                                         width=x0.shape[-1] * 8, height=x0.shape[-2] * 8,
+                                         **extras)
+                for key, value in made.items():
+                    kwargs.setdefault(key, []).append(value.cond)
+            batched = {k: torch.cat(v).repeat_interleave(per, 0) for k, v in kwargs.items()}
+            x = x0.repeat_interleave(per, 0)
+            with torch.no_grad():
+                noisy = model.model_sampling.noise_scaling(sigma, noise, x)
+                denoised = model.apply_model(noisy, sigma, **batched).float()
+            eps = (noisy - denoised) / sigma.reshape(-1, 1, 1, 1)
+            x0_err += float(((denoised - x) ** 2).sum())
+            eps_err += float(((eps - noise) ** 2).sum())
+            count += x.numel()
+        losses[name] = {"x0_mse": x0_err / count, "eps_mse": eps_err / count,
                         "model_inputs": sorted(batched)}
     out["fixed_draw_loss"] = losses
     return out
@@ -293,7 +321,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--comfyui", type=Path, required=True)
     parser.add_argument("--work", type=Path, default=Path("/tmp/loraengine_comfyui_server"))
-    parser.add_argument("--kinds", nargs="+", default=["sd15", "sdxl"])
+    parser.add_argument("--runs", nargs="+", default=["sd15", "sdxl", "sd15_buckets"])
     parser.add_argument("--check", nargs=2, metavar=("KIND", "FILE"))
     args = parser.parse_args()
     if args.check:
@@ -301,8 +329,8 @@ def main() -> None:
                                            Path(args.check[1]))))
         return
     prepare(args.work)
-    results = serve_and_run(args.comfyui, args.work, args.kinds)
-    for kind in args.kinds:
+    results = serve_and_run(args.comfyui, args.work, args.runs)
+    for kind in args.runs:
         ours = [f for f in results[kind]["files"] if f.startswith(f"server_{kind}_")]
         native = [f for f in results[kind]["files"] if f.startswith("server_native")]
         for label, name in (("ours_saver", ours[-1]), ("comfyui_saver", native[-1])):

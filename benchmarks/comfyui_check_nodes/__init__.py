@@ -71,5 +71,36 @@ class TinyConditioning:
         return (out,)
 
 
+class TinyBuckets:
+    """Latents of two sizes as ComfyUI's ResolutionBucket hands them on: a list of
+    LATENTs, one ``[B_i,C,H_i,W_i]`` per bucket, and a list of CONDITIONINGs, B_i
+    entries each (from ``buckets_sd15.safetensors``)."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {}}
+
+    RETURN_TYPES = ("LATENT", "CONDITIONING")
+    OUTPUT_IS_LIST = (True, True)
+    FUNCTION = "load"
+    CATEGORY = "loraengine_check"
+
+    def load(self):
+        return bucket_groups()
+
+
+def bucket_groups():
+    tensors = comfy.utils.load_torch_file(_work("buckets_sd15.safetensors"))
+    latents, conds = [], []
+    i = 0
+    while f"latents.{i}" in tensors:
+        latents.append({"samples": tensors[f"latents.{i}"]})
+        cond = tensors[f"cond.{i}"]
+        conds.append([[cond[j:j + 1], {}] for j in range(cond.shape[0])])
+        i += 1
+    return (latents, conds)
+
+
 NODE_CLASS_MAPPINGS = {"TinyCheckpointLoader": TinyCheckpointLoader,
-                       "TinyConditioning": TinyConditioning}
+                       "TinyConditioning": TinyConditioning,
+                       "TinyBuckets": TinyBuckets}
