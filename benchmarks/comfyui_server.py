@@ -317,13 +317,77 @@ def check(comfy_root: Path, work: Path, run: str, file: Path) -> dict:
     return out
 
 
+def check_v3(comfy_root: Path, work: Path) -> dict:
+    """The pack's v3 form alone (a copy whose ``__init__`` exports only
+    ``comfy_entrypoint``) through ComfyUI's loader, its inputs as ComfyUI converts the v3
+    schema back against the classic ``INPUT_TYPES``, and a short SD1.5 workflow run by
+    ComfyUI's executor on the v3 nodes."""
+    import asyncio
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from comfyui_node import Server, comfy_setup
+
+    nodes = comfy_setup(comfy_root, work)
+    os.environ["LORAENGINE_CHECK_WORK"] = str(work)
+    target = work / "custom_nodes_v3" / "loraengine-comfyui"
+    if target.exists():
+        shutil.rmtree(target)
+    shutil.copytree(ROOT / "integrations" / "comfyui", target)
+    (target / "__init__.py").write_text("from .v3 import comfy_entrypoint\n")
+    assert asyncio.run(nodes.load_custom_node(str(target))), "v3 pack refused"
+    assert asyncio.run(nodes.load_custom_node(
+        str(work / "custom_nodes" / "loraengine_check_nodes")))
+    import execution
+    from comfy_api.latest import io
+
+    sys.path.insert(0, str(ROOT / "integrations"))
+    import comfyui as classic_pack  # the classic classes, for comparison
+
+    out: dict = {}
+    for node_id, classic in classic_pack.NODE_CLASS_MAPPINGS.items():
+        v3 = nodes.NODE_CLASS_MAPPINGS[node_id]
+        assert issubclass(v3, io.ComfyNode), node_id
+        theirs, ours = v3.INPUT_TYPES(), classic.INPUT_TYPES()
+        for group in ("required", "optional"):
+            a, b = theirs.get(group, {}), ours.get(group, {})
+            assert list(a) == list(b), (node_id, group, list(a), list(b))
+            for name in b:
+                kind_a = a[name][0]
+                assert kind_a == b[name][0], (node_id, name, kind_a, b[name][0])
+                for key in ("default", "min", "max"):
+                    if key in b[name][1]:
+                        assert a[name][1].get(key) == b[name][1][key], (node_id, name, key)
+        assert tuple(v3.RETURN_TYPES) == tuple(classic.RETURN_TYPES), node_id
+        assert bool(v3.INPUT_IS_LIST) == bool(getattr(classic, "INPUT_IS_LIST", False))
+        out[node_id] = {"inputs": sum(len(v) for v in theirs.values()),
+                        "outputs": list(v3.RETURN_TYPES)}
+    prompt = workflow("sd15")
+    prompt["4"]["inputs"]["steps"] = 4
+    for node in prompt.values():
+        if "prefix" in node["inputs"]:
+            node["inputs"]["prefix"] += "_v3"
+    valid = asyncio.run(execution.validate_prompt("v3", prompt, None))
+    assert valid[0], valid
+    executor = execution.PromptExecutor(Server(), cache_type=False)
+    executor.execute(prompt, "v3", {}, valid[2])
+    if not executor.success:
+        event, data = executor.status_messages[-1]
+        sys.exit(f"{event}: {data.get('exception_message')}")
+    out["files"] = sorted(p.name for p in (work / "output" / "loras").glob("*_v3_*"))
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--comfyui", type=Path, required=True)
     parser.add_argument("--work", type=Path, default=Path("/tmp/loraengine_comfyui_server"))
     parser.add_argument("--runs", nargs="+", default=["sd15", "sdxl", "sd15_buckets"])
     parser.add_argument("--check", nargs=2, metavar=("KIND", "FILE"))
+    parser.add_argument("--v3", action="store_true", help="only the v3-schema check")
     args = parser.parse_args()
+    if args.v3:
+        print("RESULT " + json.dumps(check_v3(args.comfyui, args.work)))
+        return
     if args.check:
         print("RESULT " + json.dumps(check(args.comfyui, args.work, args.check[0],
                                            Path(args.check[1]))))
