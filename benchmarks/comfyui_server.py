@@ -352,14 +352,17 @@ def check_v3(comfy_root: Path, work: Path) -> dict:
             a, b = theirs.get(group, {}), ours.get(group, {})
             assert list(a) == list(b), (node_id, group, list(a), list(b))
             for name in b:
-                kind_a = a[name][0]
-                assert kind_a == b[name][0], (node_id, name, kind_a, b[name][0])
+                kind_a, kind_b = a[name][0], b[name][0]
+                if isinstance(kind_b, list):  # a choice: v3 writes COMBO + its options
+                    kind_a = a[name][1].get("options", kind_a) if kind_a == "COMBO" \
+                        else kind_a
+                assert kind_a == kind_b, (node_id, name, kind_a, kind_b)
                 for key in ("default", "min", "max"):
                     if key in b[name][1]:
                         assert a[name][1].get(key) == b[name][1][key], (node_id, name, key)
         assert tuple(v3.RETURN_TYPES) == tuple(classic.RETURN_TYPES), node_id
         assert bool(v3.INPUT_IS_LIST) == bool(getattr(classic, "INPUT_IS_LIST", False))
-        out[node_id] = {"inputs": sum(len(v) for v in theirs.values()),
+        out[node_id] = {"inputs": len(theirs.get("required", {})) + len(theirs.get("optional", {})),
                         "outputs": list(v3.RETURN_TYPES)}
     prompt = workflow("sd15")
     prompt["4"]["inputs"]["steps"] = 4
