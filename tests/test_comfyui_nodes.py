@@ -553,3 +553,20 @@ def test_node_takes_comfyuis_list_inputs():
     assert lora["diffusion_model.proj.lora_down.weight"].shape == (2, 16)
     with pytest.raises(ConfigError, match="steps: got 2 values; this input takes one"):
         bridge.unwrap_list_inputs({"steps": [2, 3]})
+
+
+def test_bucket_mode_resumes_exactly(tmp_path):
+    latents, positive = bucketed_data()
+    fast = {**FAST, "batch_size": 2}
+    straight = bridge.train_lora(StandIn(), latents, positive,
+                                 bridge.NodeInputs(**fast, bucket_mode=True))
+    first = bridge.NodeInputs(**{**fast, "steps": 2}, bucket_mode=True,
+                              output_folder=tmp_path, save_every=2)
+    bridge.train_lora(StandIn(), latents, positive, first)
+    again = bridge.NodeInputs(**fast, bucket_mode=True, output_folder=tmp_path,
+                              save_every=2)
+    resumed = bridge.train_lora(StandIn(), latents, positive, again)
+    assert resumed.steps == 4
+    assert resumed.loss_map["loss"][2:] == straight.loss_map["loss"][2:]
+    for k, v in straight.lora.items():
+        assert torch.equal(resumed.lora[k], v), k
