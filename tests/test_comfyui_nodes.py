@@ -75,9 +75,11 @@ class Net(nn.Module):
         self.norm = nn.GroupNorm(2, 8)
         self.conv_out = nn.Conv2d(8, 4, 3, padding=1)
         self.seen: list[torch.Tensor] = []
+        self.sizes: list[tuple[int, int]] = []
 
     def forward(self, x, timesteps, context=None, y=None, **kwargs):
         self.seen.append(context.detach().clone())
+        self.sizes.append((int(x.shape[-2]), int(x.shape[-1])))
         h = self.conv_in(x.to(self.dtype)) + self.proj(context).mean(1)[..., None, None]
         h = h + self.time(timesteps.float()[:, None] / 1000)[..., None, None]
         if self.add is not None:
@@ -264,8 +266,6 @@ def test_bad_widgets_name_the_input():
         bridge.config_from_inputs(bridge.NodeInputs(optimizer="Lion"))
     with pytest.raises(ConfigError, match="algorithm_options: expected a YAML mapping"):
         bridge.config_from_inputs(bridge.NodeInputs(algorithm_options="- 1"))
-    with pytest.raises(ConfigError, match="bucket_mode: this node takes one LATENT"):
-        bridge.config_from_inputs(bridge.NodeInputs(bucket_mode=True))
     with pytest.raises(ConfigError, match="save_every: needs output_folder"):
         bridge.config_from_inputs(bridge.NodeInputs(save_every=2))
 
@@ -441,3 +441,132 @@ def test_validation_latents_give_a_validation_loss():
     with pytest.raises(DataError, match="validation_positive: needed"):
         bridge.train_lora(StandIn(), latents, positive, bridge.NodeInputs(**FAST),
                           validation_latents=val_latents)
+
+
+# -- bucket_mode: one LATENT per bucket (ComfyUI's ResolutionBucket output) ----------------
+
+def bucketed_data(sizes=((3, 8, 8), (2, 8, 12)), pooled: int = 0):
+    """ResolutionBucket's outputs as a list-input node receives them: one LATENT
+    ``[B_i,4,H_i,W_i]`` per bucket and one CONDITIONING per bucket (B_i entries)."""
+    g = torch.Generator().manual_seed(2)
+    latents, positive = [], []
+    for n, h, w in sizes:
+        latents.append({"samples": torch.randn(n, 4, h, w, generator=g)})
+        entries = []
+        for _ in range(n):
+            extras = {"pooled_output": torch.randn(1, pooled, generator=g)} if pooled else {}
+            entries.append([torch.randn(1, 5, 16, generator=g), extras])
+        positive.append(entries)
+    return latents, positive
+
+
+def test_bucket_mode_draws_each_batch_within_one_size_with_its_own_captions():
+    model = StandIn()
+    latents, positive = bucketed_data()
+    out = bridge.train_lora(model, latents, positive, bridge.NodeInputs(
+        **{**FAST, "steps": 8, "batch_size": 2}, bucket_mode=True))
+    assert out.steps == 8 and len(out.loss_map["loss"]) == 8
+    assert out.lora["diffusion_model.proj.lora_up.weight"].abs().sum() > 0
+    net = model.diffusion_model
+    seen_sizes = set(net.sizes)
+    assert seen_sizes <= {(8, 8), (8, 12)} and len(seen_sizes) == 2  # both buckets drawn
+    captions = {size: torch.cat([e[0] for e in cond]) for size, cond in
+                zip([(8, 8), (8, 12)], positive, strict=True)}
+    for size, ctx in zip(net.sizes, net.seen, strict=True):
+        assert ctx.shape[0] <= 2
+        for row in ctx:  # a caption of that bucket's latents, never another's
+            assert any(torch.equal(row, r) for r in captions[size]), size
+
+
+def test_bucket_tensors_pair_rows_in_order_and_build_inputs_for_each_size():
+    latents, positive = bucketed_data(pooled=3)
+    made: list[tuple[int, int]] = []
+
+    def extra_conds(**kw):
+        made.append((kw["width"], kw["height"]))
+        size = torch.tensor([[float(kw["width"]), float(kw["height"])]])
+        return {"c_crossattn": Cond(kw["cross_attn"]),
+                "y": Cond(torch.cat([kw["pooled_output"], size], 1))}
+
+    parts = bridge.latent_list(latents)
+    lat, cond = bridge.bucket_tensors(parts, positive, extra_conds)
+    assert sorted(lat) == ["latents.0", "latents.1"]
+    assert torch.equal(lat["latents.1"], latents[1]["samples"])
+    assert sorted(cond) == ["cond.0", "cond.1", "y.0", "y.1"]
+    assert torch.equal(cond["cond.1"][1], positive[1][1][0][0])
+    assert torch.equal(cond["y.0"][2, :3], positive[0][2][1]["pooled_output"][0])
+    # the size inputs are those of each bucket's latents (pixels = 8 x latent)
+    assert cond["y.0"][:, 3:].tolist() == [[64.0, 64.0]] * 3
+    assert cond["y.1"][:, 3:].tolist() == [[96.0, 64.0]] * 2
+    # one conditioning for every latent of every bucket: one row each, which the
+    # engine's dataset repeats for every latent of the bucket
+    _, one = bridge.bucket_tensors(parts, [positive[0][0]], None)
+    assert one["cond.0"].shape == (1, 5, 16) and one["cond.1"].shape == (1, 5, 16)
+    assert torch.equal(one["cond.1"][0], positive[0][0][0][0])
+
+
+def test_bucket_mode_count_mismatch_and_mixed_sizes_without_it_name_them():
+    latents, positive = bucketed_data()
+    with pytest.raises(DataError, match=r"positive: 4 conditioning rows for 5 latents in "
+                                        r"2 buckets \(3, 2\)"):
+        bridge.bucket_tensors(bridge.latent_list(latents), positive[0] + positive[1][:1])
+    with pytest.raises(DataError, match="latents: 2 LATENTs of 2 sizes .*turn on "
+                                        "bucket_mode"):
+        bridge.train_lora(StandIn(), latents, positive, bridge.NodeInputs(**FAST))
+
+
+def test_latents_of_one_size_in_a_list_are_one_set():
+    latents, positive = bucketed_data(((2, 8, 8), (3, 8, 8)))
+    model = StandIn()
+    out = bridge.train_lora(model, latents, positive, bridge.NodeInputs(**FAST))
+    assert out.steps == 4
+    assert bridge.latent_list(latents)[1].shape == (3, 4, 8, 8)
+    assert len(bridge.flat_conditioning(positive)) == 5
+
+
+def test_node_takes_comfyuis_list_inputs():
+    """The node has INPUT_IS_LIST (as ComfyUI's Train LoRA): ComfyUI hands it every
+    input as a list; widgets are single values, data inputs lists of LATENTs."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parents[1] / "integrations"))
+    try:
+        import comfyui as pack
+    finally:
+        sys.path.pop(0)
+    node = pack.NODE_CLASS_MAPPINGS["TrainLoraLoraEngine"]
+    assert node.INPUT_IS_LIST is True
+
+    class Patcher:  # ComfyUI's ModelPatcher: clone() and the BaseModel under .model
+        def __init__(self) -> None:
+            self.model = StandIn()
+
+        def clone(self):
+            return self
+
+    latents, positive = bucketed_data()
+    widgets = {k: [v] for k, v in {**FAST, "steps": 2, "bucket_mode": True}.items()}
+    lora, loss_map, steps = node().train(model=[Patcher()], latents=latents,
+                                         positive=positive, existing_lora=[bridge.NO_LORA],
+                                         **widgets)
+    assert steps == 2 and len(loss_map["loss"]) == 2
+    assert lora["diffusion_model.proj.lora_down.weight"].shape == (2, 16)
+    with pytest.raises(ConfigError, match="steps: got 2 values; this input takes one"):
+        bridge.unwrap_list_inputs({"steps": [2, 3]})
+
+
+def test_bucket_mode_resumes_exactly(tmp_path):
+    latents, positive = bucketed_data()
+    fast = {**FAST, "batch_size": 2}
+    straight = bridge.train_lora(StandIn(), latents, positive,
+                                 bridge.NodeInputs(**fast, bucket_mode=True))
+    first = bridge.NodeInputs(**{**fast, "steps": 2}, bucket_mode=True,
+                              output_folder=tmp_path, save_every=2)
+    bridge.train_lora(StandIn(), latents, positive, first)
+    again = bridge.NodeInputs(**fast, bucket_mode=True, output_folder=tmp_path,
+                              save_every=2)
+    resumed = bridge.train_lora(StandIn(), latents, positive, again)
+    assert resumed.steps == 4
+    assert resumed.loss_map["loss"][2:] == straight.loss_map["loss"][2:]
+    for k, v in straight.lora.items():
+        assert torch.equal(resumed.lora[k], v), k

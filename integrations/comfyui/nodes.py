@@ -29,13 +29,23 @@ class TrainLoraLoraEngine:
 
     RETURN_TYPES = bridge.RETURN_TYPES
     RETURN_NAMES = bridge.RETURN_NAMES
+    # every input arrives as a list (as for ComfyUI's Train LoRA): several LATENTs and
+    # CONDITIONINGs, e.g. ResolutionBucket's buckets, reach one run
+    INPUT_IS_LIST = True
     FUNCTION = "train"
     CATEGORY = "training/loraengine"
     DESCRIPTION = ("Trains an adapter on ComfyUI's model with loraengine: each latent with "
                    "its own conditioning, exact resume, non-finite steps rolled back.")
 
-    def train(self, model, latents, positive, existing_lora=bridge.NO_LORA,
-              validation_latents=None, validation_positive=None, config=None, **widgets):
+    def train(self, **given):
+        values = bridge.unwrap_list_inputs(given)
+        model, latents, positive = values.pop("model"), values.pop("latents"), \
+            values.pop("positive")
+        existing_lora = values.pop("existing_lora", bridge.NO_LORA)
+        validation_latents = values.pop("validation_latents", None)
+        validation_positive = values.pop("validation_positive", None)
+        config = values.pop("config", None)
+        widgets = values
         path = None
         if existing_lora and existing_lora != bridge.NO_LORA:
             path = folder_paths.get_full_path_or_raise("loras", existing_lora)

@@ -93,8 +93,9 @@ def train_lora_input_types(lora_files: Sequence[str] = ()) -> dict[str, dict[str
                                              "block, each further level their children."),
         "offloading": boolean(False, "Keep the frozen weights on the CPU, moved to the "
                                      "device block by block."),
-        "bucket_mode": boolean(False, "Resolution buckets: not supported by this node yet "
-                                      "(kept so Train LoRA workflows load)."),
+        "bucket_mode": boolean(False, "Resolution buckets: each LATENT (e.g. from "
+                                      "ResolutionBucket) is one bucket, batches drawn "
+                                      "within a bucket."),
         "bypass_mode": boolean(False, "Apply adapters as forward hooks; base weights are "
                                       "never changed."),
         # loraengine's own
@@ -151,9 +152,38 @@ def latents_tensor(latent: Any, what: str = "latents") -> torch.Tensor:
     return samples.detach().float().cpu().clone()
 
 
+def latent_list(latents: Any, what: str = "latents") -> list[torch.Tensor]:
+    """One ``LATENT`` or a list of them (what a node with list inputs receives, one per
+    upstream item, e.g. a bucket of ComfyUI's ResolutionBucket) as their sample
+    tensors, in order."""
+    items = list(latents) if isinstance(latents, Sequence) and not isinstance(
+        latents, (str, Mapping)) else [latents]
+    if not items:
+        raise DataError(f"{what}: expected a ComfyUI LATENT; got an empty list")
+    return [latents_tensor(item, what if len(items) == 1 else f"{what}[{i}]")
+            for i, item in enumerate(items)]
+
+
+def _is_entry(entry: Any) -> bool:
+    return (isinstance(entry, Sequence) and len(entry) == 2
+            and isinstance(entry[0], torch.Tensor))
+
+
+def flat_conditioning(conditioning: Any) -> list[Any]:
+    """A ``CONDITIONING`` (a list of ``[tensor, dict]`` entries) or a list of them (one
+    per upstream item) as one list of entries, in order."""
+    if (isinstance(conditioning, Sequence) and conditioning
+            and not _is_entry(conditioning[0])
+            and all(isinstance(c, Sequence) and c and _is_entry(c[0])
+                    for c in conditioning)):
+        return [entry for c in conditioning for entry in c]
+    return list(conditioning) if isinstance(conditioning, Sequence) else conditioning
+
+
 def _rows(conditioning: Any, what: str) -> list[tuple[torch.Tensor, dict[str, Any]]]:
-    """A ComfyUI ``CONDITIONING`` (``[[cond [B,L,D], {extras}], ...]``) as one
-    ``(cond [L,D], extras of that row)`` per row, entries in order."""
+    """A ComfyUI ``CONDITIONING`` (``[[cond [B,L,D], {extras}], ...]``, or a list of
+    them) as one ``(cond [L,D], extras of that row)`` per row, entries in order."""
+    conditioning = flat_conditioning(conditioning)
     if not isinstance(conditioning, Sequence) or not conditioning:
         raise DataError(f"{what}: expected a ComfyUI CONDITIONING, a non-empty list of "
                         f"[tensor, dict] pairs")
@@ -195,6 +225,40 @@ def conditioning_tensors(conditioning: Any, latents: torch.Tensor,
     if len(rows) not in (1, n):
         raise DataError(f"{what}: {len(rows)} conditioning rows for {n} latents; give one "
                         f"per latent (row i trains with latent i) or one for all")
+    return _model_inputs(rows, latents, extra_conds, what)
+
+
+def bucket_tensors(latents: Sequence[torch.Tensor], conditioning: Any,
+                   extra_conds: ExtraConds = None, what: str = "positive"
+                   ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """``bucket_mode``: each LATENT of ``latents`` is one bucket (``[B_i,C,H_i,W_i]``,
+    as ComfyUI's ResolutionBucket makes them), and the conditioning rows, flattened in
+    order, go with the latents in the same order (row k with the k-th latent counting
+    across the buckets; one row for all). Returns loraengine's in-memory buckets:
+    ``latents.<i>`` and ``<input>.<i>`` (``cond.<i>``, SDXL's ``y.<i>`` built for
+    bucket i's size, ...)."""
+    rows = _rows(conditioning, what)
+    sizes = [int(t.shape[0]) for t in latents]
+    total = sum(sizes)
+    if len(rows) not in (1, total):
+        raise DataError(f"{what}: {len(rows)} conditioning rows for {total} latents in "
+                        f"{len(sizes)} buckets ({', '.join(map(str, sizes))}); give one "
+                        f"per latent, in the buckets' order, or one for all")
+    out_latents: dict[str, torch.Tensor] = {}
+    out_cond: dict[str, torch.Tensor] = {}
+    start = 0
+    for i, bucket in enumerate(latents):
+        part = rows if len(rows) == 1 else rows[start:start + sizes[i]]
+        start += sizes[i]
+        out_latents[f"latents.{i}"] = bucket
+        made = _model_inputs(part, bucket, extra_conds, f"{what} (bucket {i})")
+        out_cond.update({f"{key}.{i}": value for key, value in made.items()})
+    return out_latents, out_cond
+
+
+def _model_inputs(rows: list[tuple[torch.Tensor, dict[str, Any]]], latents: torch.Tensor,
+                  extra_conds: ExtraConds, what: str) -> dict[str, torch.Tensor]:
+    n = int(latents.shape[0])
     per_sample: list[dict[str, torch.Tensor]] = []
     for i, (cond, extras) in enumerate(rows):
         if extra_conds is None:
@@ -229,6 +293,25 @@ def conditioning_tensors(conditioning: Any, latents: torch.Tensor,
             raise DataError(f"{what}: tensor {key!r} differs in shape between rows "
                             f"({sorted(shapes)[:3]}); encode the prompts to one length")
         out[key] = torch.stack([s[key] for s in per_sample])
+    return out
+
+
+#: the inputs that stay lists when ComfyUI hands every input as a list (the node's
+#: ``INPUT_IS_LIST``, as its Train LoRA has): one item per upstream LATENT/CONDITIONING
+LIST_INPUTS = ("latents", "positive", "validation_latents", "validation_positive")
+
+
+def unwrap_list_inputs(values: Mapping[str, Any]) -> dict[str, Any]:
+    """The node's inputs as ComfyUI passes them to a node with ``INPUT_IS_LIST`` (each
+    a list): the data inputs kept as lists, every other input its single value."""
+    out: dict[str, Any] = {}
+    for key, value in values.items():
+        if key in LIST_INPUTS or not isinstance(value, list):
+            out[key] = value
+        elif len(value) != 1:
+            raise ConfigError(f"{key}: got {len(value)} values; this input takes one")
+        else:
+            out[key] = value[0]
     return out
 
 
@@ -342,10 +425,6 @@ def config_from_inputs(inputs: NodeInputs, config: Mapping[str, Any] | None = No
         "adapter": adapter,
         "memory": memory,
     }
-    if inputs.bucket_mode:
-        raise ConfigError("bucket_mode: this node takes one LATENT of one size; train "
-                          "resolution buckets with `loraengine bucket` and the command "
-                          "line for now")
     if str(inputs.output_folder):
         cfg["output"] = {"dir": str(inputs.output_folder), "plot": False}
         if inputs.save_every:
@@ -358,6 +437,8 @@ def config_from_inputs(inputs: NodeInputs, config: Mapping[str, Any] | None = No
     cfg["model"] = {"family": "comfyui"}
     data = {k: v for k, v in dict(cfg.get("data") or {}).items()
             if k not in ("latents", "conditioning")}
+    if inputs.bucket_mode:
+        data["bucket_mode"] = True
     cfg["data"] = data
     return cfg
 
@@ -470,16 +551,31 @@ def _train_lora(model: Any, latents: Any, positive: Any, inputs: NodeInputs,
 
     cfg = config_from_inputs(inputs, config)
     plain_tensors(model)
-    samples = latents_tensor(latents)
     extra = getattr(model, "extra_conds", None)
-    cond = conditioning_tensors(positive, samples, extra)
+    parts = latent_list(latents)
+    samples: torch.Tensor | dict[str, torch.Tensor]
+    cond: dict[str, torch.Tensor]
+    if inputs.bucket_mode:
+        samples, cond = bucket_tensors(parts, positive, extra)
+    else:
+        shapes = sorted({tuple(p.shape[1:]) for p in parts})
+        if len(shapes) > 1:
+            raise DataError(f"latents: {len(parts)} LATENTs of {len(shapes)} sizes "
+                            f"({', '.join('x'.join(map(str, s)) for s in shapes[:4])}); "
+                            f"turn on bucket_mode to train each size as a bucket")
+        samples = torch.cat(parts) if len(parts) > 1 else parts[0]
+        cond = conditioning_tensors(positive, samples, extra)
     extras = [_Progress(progress)] if progress is not None else []
     host = build_plugin_manager(extra=extras)
     with tempfile.TemporaryDirectory(prefix="loraengine-comfyui-") as tmp:
         if validation_latents is not None:
             if validation_positive is None:
                 raise DataError("validation_positive: needed with validation_latents")
-            val = latents_tensor(validation_latents, "validation_latents")
+            val_parts = latent_list(validation_latents, "validation_latents")
+            if len({tuple(v.shape[1:]) for v in val_parts}) > 1:
+                raise DataError("validation_latents: LATENTs of several sizes; give "
+                                "validation latents of one size")
+            val = torch.cat(val_parts)
             val_cond = conditioning_tensors(validation_positive, val, extra,
                                             "validation_positive")
             folder = Path(tmp)
