@@ -1,0 +1,123 @@
+"""``training.compile``: ``torch.compile`` over the denoiser, per block or whole.
+
+``blocks`` (regional compilation) compiles the forward of each of the family's blocks
+(the units gradient checkpointing depth 1 wraps: a UNet's down/mid/up blocks, a
+transformer's blocks); a block that declares diffusers' ``_repeated_blocks`` (a whole
+transformer used as one block, as the ``module`` family sees a wrapped model) is opened
+up into the modules of those classes. Blocks of the same class and shapes share one
+compiled graph, so the compile time is about that of one block per kind, and whatever
+runs between the blocks stays eager. ``model`` compiles the denoiser's whole forward:
+more to fuse, a longer compile.
+
+The compiled forward is installed last, over what the memory strategies did: it wraps
+a block's checkpointing (traced as a checkpointed region), and the adapters' layer
+forwards or bypass hooks inside the block are traced with it, so every path trains
+through the compiled code. Offloading swaps a block's weights in and out around each
+use; with ``blocks`` the streaming strategy loads a block eagerly before its compiled
+forward runs (``HostStreaming.enter``); ``model`` cannot be combined with it.
+
+Shapes: ``dynamic=None`` (torch's default): the first shape compiles a static graph;
+a second shape of the same block (another bucket) recompiles once with dynamic sizes,
+which then serves every further shape, so a bucketed run compiles each block at most
+twice.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from collections.abc import Callable
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from loraengine.core.errors import ConfigError
+from loraengine.core.model import LoadedModel, top_level_blocks
+from loraengine.core.patching import patch_forward
+from loraengine.core.plugins.assembly import HostStreaming
+
+CompileMode = Literal[False, "blocks", "model"]
+
+
+def compile_unavailable(device: torch.device) -> str | None:
+    """Why ``torch.compile`` cannot run here (``None`` when it can): inductor on the CPU
+    builds C++ kernels and needs a compiler (``$CXX``, else g++/c++/clang++)."""
+    try:
+        import torch._inductor  # noqa: F401  (inductor ships with torch; it may be cut out)
+    except ImportError as exc:  # pragma: no cover - a stripped torch build
+        return f"torch's inductor backend cannot be imported ({exc})"
+    if device.type == "cpu":
+        names = [os.environ["CXX"]] if os.environ.get("CXX") else ["g++", "c++", "clang++"]
+        if not any(shutil.which(n) for n in names):
+            return ("compiling on the CPU needs a C++ compiler and none was found "
+                    f"({', '.join(names)}); install one or set training.compile: false")
+    return None
+
+
+def compile_targets(loaded: LoadedModel) -> list[nn.Module]:
+    """What ``blocks`` compiles: the family's blocks, each one that declares diffusers'
+    ``_repeated_blocks`` replaced by its modules of those classes."""
+    out: list[nn.Module] = []
+    for block in loaded.blocks or top_level_blocks(loaded.module):
+        names = set(getattr(block, "_repeated_blocks", None) or ())
+        inner = [m for m in block.modules() if type(m).__name__ in names] if names else []
+        out.extend(inner or [block])
+    return [m for m in out if any(True for _ in m.parameters())]
+
+
+class CompileTimer:
+    """Seconds spent in steps that compiled something (the first step, a new bucket
+    shape): the trainer takes them out of its steps-per-second figures."""
+
+    def __init__(self) -> None:
+        self.compiling_steps = 0
+
+
+def _compiled(inner: Callable[..., Any], enter: Callable[[], None] | None
+              ) -> Callable[..., Any]:
+    fn = torch.compile(inner, dynamic=None)
+
+    def forward(_self: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        if enter is not None:
+            enter()
+        return fn(*args, **kwargs)
+
+    return forward
+
+
+def apply_compile(mode: CompileMode, loaded: LoadedModel, device: torch.device,
+                  streaming: HostStreaming | None = None) -> Callable[[], None]:
+    """Install the compiled forwards; return the undo (the eager forwards back)."""
+    if not mode:
+        return lambda: None
+    why = compile_unavailable(device)
+    if why is not None:
+        raise ConfigError(f"training.compile: {why}")
+    if mode == "model":
+        if streaming is not None:
+            raise ConfigError("training.compile: 'model' cannot be combined with a "
+                              "strategy that streams the base from the host "
+                              "(memory.offloading); use 'blocks'")
+        return patch_forward(loaded.module, lambda inner: _compiled(inner, None))
+    undos = []
+    for block in compile_targets(loaded):
+        enter = None
+        if streaming is not None:
+            enter = _enter(streaming, block)
+        undos.append(patch_forward(block, lambda inner, e=enter: _compiled(inner, e)))
+
+    def undo_all() -> None:
+        for u in reversed(undos):
+            u()
+
+    return undo_all
+
+
+def _enter(streaming: HostStreaming, block: nn.Module) -> Callable[[], None]:
+    return lambda: streaming.enter(block)
+
+
+def now() -> float:
+    return time.perf_counter()
