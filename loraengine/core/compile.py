@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import time
 from collections.abc import Callable
 from typing import Any, Literal
 
@@ -35,7 +34,7 @@ from torch import nn
 
 from loraengine.core.errors import ConfigError
 from loraengine.core.model import LoadedModel, top_level_blocks
-from loraengine.core.patching import patch_forward
+from loraengine.core.patching import ForwardMaker, patch_forward
 from loraengine.core.plugins.assembly import HostStreaming
 
 CompileMode = Literal[False, "blocks", "model"]
@@ -67,31 +66,28 @@ def compile_targets(loaded: LoadedModel) -> list[nn.Module]:
     return [m for m in out if any(True for _ in m.parameters())]
 
 
-class CompileTimer:
-    """Seconds spent in steps that compiled something (the first step, a new bucket
-    shape): the trainer takes them out of its steps-per-second figures."""
+def _compiling(enter: Callable[[], None] | None) -> ForwardMaker:
+    """The forward maker that compiles a forward; ``enter`` runs eagerly before each
+    call (the streaming strategy's loading of the block)."""
 
-    def __init__(self) -> None:
-        self.compiling_steps = 0
+    def make(inner: Callable[..., Any]) -> Callable[..., Any]:
+        fn = torch.compile(inner, dynamic=None)
 
+        def forward(_self: nn.Module, *args: Any, **kwargs: Any) -> Any:
+            if enter is not None:
+                enter()
+            return fn(*args, **kwargs)
 
-def _compiled(inner: Callable[..., Any], enter: Callable[[], None] | None
-              ) -> Callable[..., Any]:
-    fn = torch.compile(inner, dynamic=None)
+        return forward
 
-    def forward(_self: nn.Module, *args: Any, **kwargs: Any) -> Any:
-        if enter is not None:
-            enter()
-        return fn(*args, **kwargs)
-
-    return forward
+    return make
 
 
 def apply_compile(mode: CompileMode, loaded: LoadedModel, device: torch.device,
                   streaming: HostStreaming | None = None) -> Callable[[], None]:
     """Install the compiled forwards; return the undo (the eager forwards back)."""
-    if not mode:
-        return lambda: None
+    if not mode or device.type == "meta":
+        return lambda: None  # a dry run (``plan``) runs nothing to compile
     why = compile_unavailable(device)
     if why is not None:
         raise ConfigError(f"training.compile: {why}")
@@ -100,13 +96,10 @@ def apply_compile(mode: CompileMode, loaded: LoadedModel, device: torch.device,
             raise ConfigError("training.compile: 'model' cannot be combined with a "
                               "strategy that streams the base from the host "
                               "(memory.offloading); use 'blocks'")
-        return patch_forward(loaded.module, lambda inner: _compiled(inner, None))
-    undos = []
-    for block in compile_targets(loaded):
-        enter = None
-        if streaming is not None:
-            enter = _enter(streaming, block)
-        undos.append(patch_forward(block, lambda inner, e=enter: _compiled(inner, e)))
+        return patch_forward(loaded.module, _compiling(None))
+    undos = [patch_forward(block, _compiling(None if streaming is None else
+                                             _entering(streaming, block)))
+             for block in compile_targets(loaded)]
 
     def undo_all() -> None:
         for u in reversed(undos):
@@ -115,9 +108,5 @@ def apply_compile(mode: CompileMode, loaded: LoadedModel, device: torch.device,
     return undo_all
 
 
-def _enter(streaming: HostStreaming, block: nn.Module) -> Callable[[], None]:
+def _entering(streaming: HostStreaming, block: nn.Module) -> Callable[[], None]:
     return lambda: streaming.enter(block)
-
-
-def now() -> float:
-    return time.perf_counter()
