@@ -561,6 +561,11 @@ def write_report(sections: list[Section], setup: str, command: str,
                 text += [f"#### {t.contender} / {t.baseline}", "",
                          profile_diff(ours.profile or {}, base.profile or {},
                                       ("ours", "base")), ""]
+    # the training.compile section comes from benchmarks/compile.py: kept as it was
+    begin, end = "<!-- BEGIN COMPILE -->", "<!-- END COMPILE -->"
+    old = path.read_text(encoding="utf-8") if path.exists() else ""
+    if begin in old and end in old:
+        text += ["", old[old.index(begin):old.index(end) + len(end)]]
     path.write_text("\n".join(text).rstrip() + "\n", encoding="utf-8")
 
 
