@@ -96,6 +96,10 @@ def apply_compile(mode: CompileMode, loaded: LoadedModel, device: torch.device,
                               "strategy that streams the base from the host "
                               "(memory.offloading); use 'blocks'")
         return patch_forward(loaded.module, _compiling(None))
+    if streaming is not None and not callable(getattr(streaming, "enter", None)):
+        raise ConfigError("training.compile: the strategy that streams the base from the "
+                          "host cannot load a block before compiled code runs (it has no "
+                          "enter()); set training.compile: false")
     undos = [patch_forward(block, _compiling(None if streaming is None else
                                              _entering(streaming, block)))
              for block in compile_targets(loaded)]
