@@ -16,10 +16,13 @@ through the compiled code. Offloading swaps a block's weights in and out around 
 use; with ``blocks`` the streaming strategy loads a block eagerly before its compiled
 forward runs (``HostStreaming.enter``); ``model`` cannot be combined with it.
 
-Shapes: ``dynamic=None`` (torch's default): the first shape compiles a static graph;
-a second shape of the same block (another bucket) recompiles once with dynamic sizes,
-which then serves every further shape, so a bucketed run compiles each block at most
-twice.
+Shapes are static (``dynamic=False``): each kind of block compiles once per input
+shape it meets (a block class used at two resolutions, as a UNet's down blocks are,
+compiles twice; a bucketed run once more per bucket shape), and runs eagerly past
+torch's recompile limit (``torch._dynamo.config.recompile_limit``, 8 by default) with a
+warning. Not dynamic: torch 2.13's inductor fails to compile the UNet's blocks with
+symbolic sizes (a stride comparison it cannot decide), which the automatic dynamic
+shapes of ``dynamic=None`` switch on as soon as one block class meets a second shape.
 """
 
 from __future__ import annotations
@@ -70,7 +73,7 @@ def _compiling(enter: Callable[[], None] | None) -> ForwardMaker:
     call (the streaming strategy's loading of the block)."""
 
     def make(inner: Callable[..., Any]) -> Callable[..., Any]:
-        fn = torch.compile(inner, dynamic=None)
+        fn = torch.compile(inner, dynamic=False)
 
         def forward(_self: nn.Module, *args: Any, **kwargs: Any) -> Any:
             if enter is not None:

@@ -183,8 +183,8 @@ class TrainingConfig(Strict):
         "family's blocks (regional compilation: one compile per kind of block, the rest "
         "eager), model its whole forward; false runs eagerly. Composes with gradient "
         "checkpointing, bypass and (blocks only) offloading. The first step, which compiles, "
-        "is reported apart and left out of it/s; a second bucket shape recompiles once "
-        "with dynamic shapes. The CPU needs a C++ compiler.")
+        "is reported apart and left out of it/s; shapes are static, so each new bucket "
+        "shape compiles again once. The CPU needs a C++ compiler.")
     threads: int | None = Field(
         default=None, ge=1, description="CPU threads of torch's intra-op pool while training; "
         "null picks the physical cores available to the process (never more than its CPU "
