@@ -101,8 +101,16 @@ def test_blocks_are_the_familys_blocks_opened_at_declared_repeated_blocks():
     assert compile_targets(loaded) == list(plain.blocks)
 
 
-def test_no_cxx_compiler_is_a_one_line_config_error(host, monkeypatch, tmp_path):
-    monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
+def _no_compiler(monkeypatch: pytest.MonkeyPatch) -> None:
+    # no compiler on the PATH; not through $CXX, which inductor reads once on import
+    import loraengine.core.compile as compile_module
+
+    monkeypatch.delenv("CXX", raising=False)
+    monkeypatch.setattr(compile_module.shutil, "which", lambda name: None)
+
+
+def test_no_cxx_compiler_is_a_one_line_config_error(host, monkeypatch):
+    _no_compiler(monkeypatch)
     assert "C++ compiler" in (compile_unavailable(torch.device("cpu")) or "")
     data = tiny_data()
     with pytest.raises(ConfigError, match=r"^training\.compile: .*C\+\+ compiler"):
@@ -116,7 +124,7 @@ def test_no_cxx_compiler_from_the_cli_exits_2_with_one_line(monkeypatch, tmp_pat
 
     from loraengine.cli.main import cli
 
-    monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
+    _no_compiler(monkeypatch)
     example = Path(__file__).resolve().parents[1] / "examples" / "quickstart.yaml"
     res = CliRunner().invoke(cli, ["train", str(example), "--quiet", "--set",
                                    "training.compile=blocks", "--set",
