@@ -105,8 +105,10 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_write:
         setup = (f"fp32; LoRA; AdamW; cpu, {args.threads} thread(s) on a shared, loaded "
                  f"machine; median of {args.rounds} rounds × {args.steps} steps")
-        write(sections, verdicts, setup, "python benchmarks/compile.py"
-              + ("" if args.modes == "blocks" else f" --modes {args.modes}"))
+        command = "python benchmarks/compile.py" + (
+            "" if args.workload == "compass,flux" else f" --workload {args.workload}") + (
+            "" if args.modes == "blocks" else f" --modes {args.modes}")
+        write(sections, verdicts, setup, command)
         print(f"wrote {bench.REPORT}")
     return 0
 
