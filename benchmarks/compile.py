@@ -71,7 +71,9 @@ def write(sections: list[str], verdicts: list[str], setup: str, command: str) ->
         "LoRA training steps (`Trainer.step()`) eagerly and with `training.compile`, "
         "same model, data and adapter, contenders interleaved; the first step of a "
         "compiled contender compiles it and is shown apart, not in the step time. "
-        "Ratio: eager step time / compiled step time (above 1: faster).", "",
+        "Ratio: eager step time / compiled step time (above 1: faster). First-step "
+        "times depend on the machine's load and on torch's on-disk compile cache (warm "
+        "when the same graphs were compiled before on this machine).", "",
         f"- Machine: {bench.machine()}", f"- Software: {bench.versions()}",
         f"- Setup: {setup}", f"- Date: {datetime.date.today().isoformat()}", "",
         *sections, "", *[f"- {v}" for v in verdicts], "", END])
