@@ -322,8 +322,8 @@ def lycoris(unet: nn.Module, batches: Cycle, name: str, rank: int, alpha: float)
 
 
 def loraengine(unet: nn.Module, latents: torch.Tensor, cond: torch.Tensor, algo: str,
-               options: dict, rank: int, alpha: float, batch: int, device: torch.device
-               ) -> Contender:
+               options: dict, rank: int, alpha: float, batch: int, device: torch.device,
+               training: dict | None = None, name: str | None = None) -> Contender:
     from loraengine.core.build import build_pipeline
     from loraengine.core.config.root import parse_config
     from loraengine.core.train.loop import Trainer
@@ -333,7 +333,7 @@ def loraengine(unet: nn.Module, latents: torch.Tensor, cond: torch.Tensor, algo:
     config = parse_config({
         "model": {"family": "module"},
         "training": {"steps": 100000, "batch_size": batch, "dtype": "fp32", "seed": 0,
-                     "device": str(device)},
+                     "device": str(device), **(training or {})},
         "adapter": {"algorithm": algo, "rank": rank, "alpha": alpha, "dtype": "fp32",
                     "include": adapted_layer_names(unet), **options},
         "optimizer": {"name": "adamw", "lr": 1e-4, "weight_decay": 0.01},
@@ -347,7 +347,7 @@ def loraengine(unet: nn.Module, latents: torch.Tensor, cond: torch.Tensor, algo:
         taken = [layer.last_path for _, layer in pipe.network.items()]
         return f"{taken.count('factored')}/{taken.count('rebuild')}"
 
-    return Contender(f"loraengine {algo}", lambda: trainer.step(),
+    return Contender(name or f"loraengine {algo}", lambda: trainer.step(),
                      pipe.trainable_parameters(), (pipe, trainer), path_counts=path_counts)
 
 
@@ -561,6 +561,11 @@ def write_report(sections: list[Section], setup: str, command: str,
                 text += [f"#### {t.contender} / {t.baseline}", "",
                          profile_diff(ours.profile or {}, base.profile or {},
                                       ("ours", "base")), ""]
+    # the training.compile section comes from benchmarks/compile.py: kept as it was
+    begin, end = "<!-- BEGIN COMPILE -->", "<!-- END COMPILE -->"
+    old = path.read_text(encoding="utf-8") if path.exists() else ""
+    if begin in old and end in old:
+        text += ["", old[old.index(begin):old.index(end) + len(end)]]
     path.write_text("\n".join(text).rstrip() + "\n", encoding="utf-8")
 
 

@@ -52,8 +52,11 @@ def summary_line(result: Any, elapsed: float) -> str:
     losses = result.loss_map["loss"]
     skipped = int(sum(1 for s in result.loss_map.get("skipped", []) if s))
     loss = f"; loss {losses[0]:.4f} -> {losses[-1]:.4f}" if losses else ""
+    compiled = getattr(result, "compile_seconds", None)
+    first = (f" (first step, compiling: {format_duration(compiled)})"
+             if compiled is not None else "")
     return (f"trained {len(losses)} steps (total {result.steps}){loss}; "
-            f"{skipped} skipped; {format_duration(elapsed)}")
+            f"{skipped} skipped; {format_duration(elapsed)}{first}")
 
 
 class TaskBars:
@@ -177,10 +180,17 @@ class ProgressBar:
     def loraengine_on_step_end(self, run: Any, step: int, metrics: dict[str, float]) -> None:
         if self._progress is None:
             return
+        if "compile_s" in metrics:
+            # the step that compiled the denoiser: reported once, left out of it/s
+            self._t0, self._done0 = time.perf_counter(), step
+            self._progress.console.log(f"first step, compiling (training.compile): "
+                                       f"{format_duration(metrics['compile_s'])}")
+            self._slowdown.restart()
         rate = (step - self._done0) / max(time.perf_counter() - self._t0, 1e-9)
         loss = metrics.get("loss")
         self._progress.update(self._task, completed=step,
-                              loss="-" if loss is None else f"{loss:.4f}", rate=f"{rate:.2f}")
+                              loss="-" if loss is None else f"{loss:.4f}",
+                              rate=f"{rate:.2f}" if step > self._done0 else "-")
         if "val_loss" in metrics:
             self._slowdown.restart()  # that step's time includes the validation pass
         hint = self._slowdown.observe(step)

@@ -20,6 +20,7 @@ from loraengine.core.adapter import (
     ChannelDelta,
     select_layers,
 )
+from loraengine.core.compile import apply_compile
 from loraengine.core.data import (
     DataExpectations,
     Dataset,
@@ -359,6 +360,8 @@ def _assemble(config: Any, host: PluginHost, device: torch.device, dist_ctx: Dis
             attach_mode = done.attach_mode or attach_mode
             host_resident.extend(done.host_resident)
             offloader = done.streaming or offloader
+        # last: the compiled forwards wrap what the strategies installed
+        undo.append(apply_compile(config.training.compile, loaded, device, offloader))
         parts = build_recipes(ctx, reg)
         if dist_ctx.enabled:
             dist_ctx.slice_of(config.training.batch_size)  # checks the split early

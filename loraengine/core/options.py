@@ -178,6 +178,13 @@ class TrainingConfig(Strict):
     max_bad_steps: int = Field(
         default=5, ge=1, description="Consecutive non-finite steps (each skipped) after which "
         "training rolls back to the last good checkpoint and stops.")
+    compile: Literal[False, "blocks", "model"] = Field(
+        default=False, description="torch.compile the denoiser: blocks compiles each of the "
+        "family's blocks (regional compilation: one compile per kind of block, the rest "
+        "eager), model its whole forward; false runs eagerly. Composes with gradient "
+        "checkpointing, bypass and (blocks only) offloading. The first step, which compiles, "
+        "is reported apart and left out of it/s; shapes are static, so each new bucket "
+        "shape compiles again once. The CPU needs a C++ compiler.")
     threads: int | None = Field(
         default=None, ge=1, description="CPU threads of torch's intra-op pool while training; "
         "null picks the physical cores available to the process (never more than its CPU "

@@ -67,8 +67,10 @@ def layer_dims(base: nn.Module, x: torch.Tensor) -> tuple[int, int, int]:
     stride = cast("tuple[int, ...]", getattr(base, "stride", (1,)))
     spatial = x.shape[2:] if x.ndim == w.ndim else x.shape[1:]
     batch = int(x.shape[0]) if x.ndim == w.ndim else 1
-    positions = batch * math.prod(max(1, int(s) // int(st)) for s, st in
-                                  zip(spatial, stride, strict=False))
+    # a list, not a generator: torch.compile traces this inside checkpointed regions,
+    # where a generator argument cannot be traced
+    positions = batch * math.prod([max(1, int(s) // int(st)) for s, st in
+                                   zip(spatial, stride, strict=False)])
     return max(1, positions), fan_in, out
 
 
@@ -143,7 +145,11 @@ class AdapterLayer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Weight mode: the factored or the rebuild path (see ``choose_path``)."""
         path = self.choose_path(x)
-        self.last_path = path
+        if not torch.compiler.is_compiling():
+            # not while torch.compile traces: an attribute set inside a checkpointed
+            # region breaks its graph; compiled code runs the path chosen at trace time
+            # and leaves ``last_path`` as the last eager forward set it
+            self.last_path = path
         return self.run_factored(x) if path == "factored" else self.rebuild(x)
 
     def rebuild(self, x: torch.Tensor) -> torch.Tensor:

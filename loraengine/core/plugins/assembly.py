@@ -34,6 +34,12 @@ class HostStreaming(Protocol):
     @property
     def stats(self) -> Mapping[str, int]: ...
 
+    def enter(self, module: nn.Module) -> None:
+        """Make the base tensors of ``module`` (a block, or a module inside one) resident
+        before it runs as one compiled region (``training.compile: blocks``); inside
+        compiled code the strategy's per-layer loading must not run."""
+        ...
+
 
 @dataclass(frozen=True)
 class BuildContext:

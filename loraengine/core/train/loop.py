@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import time
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -55,6 +56,9 @@ class TrainResult:
     stopped_early: bool = False
     #: the metadata the run's file has (or would have, when nothing is written)
     metadata: dict[str, str] = field(default_factory=dict)
+    #: ``training.compile``: the wall time of the first step, which compiled the
+    #: denoiser (``None`` when nothing was compiled)
+    compile_seconds: float | None = None
 
     def __repr__(self) -> str:
         # Short on purpose: the default dataclass repr prints every adapter tensor.
@@ -79,6 +83,8 @@ class Trainer:
     def __init__(self, pipeline: Pipeline, *, write_files: bool = True):
         self.pipe = pipeline
         self.config = pipeline.config
+        #: the first step's wall time when ``training.compile`` is on (see ``run``)
+        self.compile_seconds: float | None = None
         self.host = pipeline.host
         self.total_steps = int(self.config.training.steps)
         self.start_step = 0
@@ -223,8 +229,16 @@ class Trainer:
         result: TrainResult | None = None
         try:
             with SignalGuard() as guard:
+                compiling = bool(self.config.training.compile)
                 for step in range(self.start_step + 1, self.total_steps + 1):
+                    began = time.perf_counter()
                     metrics = self.step()
+                    if compiling:
+                        # the first step compiles the denoiser: its time is reported
+                        # apart (``compile_s``) and kept out of steps-per-second figures
+                        compiling = False
+                        self.compile_seconds = time.perf_counter() - began
+                        metrics = {**metrics, "compile_s": self.compile_seconds}
                     self.state.record(metrics)
                     streak = self.watchdog.observe(self.state, step,
                                                    bool(metrics["skipped"]))
@@ -552,7 +566,8 @@ class Trainer:
         tensors = {f"{part}.{k}": v for part, t in by_part.items() for k, v in t.items()
                    } if parts else self.lora_tensors()
         result = TrainResult(tensors, {k: list(v) for k, v in self.loss_map.items()},
-                             self.steps_done, metadata=self.metadata())
+                             self.steps_done, metadata=self.metadata(),
+                             compile_seconds=self.compile_seconds)
         self._files = result.files
         if not self.writes_files:
             return result

@@ -125,6 +125,7 @@ class Offloader:
                       "bytes_in": 0}
         self._by_storage: dict[int, tuple[_Slot, torch.Tensor]] = {}
         self._owners: list[tuple[nn.Module, int]] = []
+        self._entry: dict[int, int | None] = {}  # module id -> its unit (``enter``)
         self._undo: list[Callable[[], None]] = []
         self._stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         pin = device.type == "cuda"
@@ -216,6 +217,18 @@ class Offloader:
         if nxt is not None:
             self._load(nxt, prefetch=True)
 
+    def enter(self, module: nn.Module) -> None:
+        """Load the unit of ``module`` (the unit of its first layer holding unit
+        tensors) before it runs as compiled code, which skips the layers' loading."""
+        key = id(module)
+        if key not in self._entry:
+            owner = {id(m): i for m, i in self._owners}
+            self._entry[key] = next((owner[id(m)] for m in module.modules()
+                                     if id(m) in owner), None)
+        idx = self._entry[key]
+        if idx is not None:
+            self.use(idx)
+
     # -- saved tensors --------------------------------------------------------------------
     def pack(self, t: torch.Tensor) -> Any:
         found = self._by_storage.get(id(t.untyped_storage()))
@@ -234,7 +247,8 @@ class Offloader:
     # -- wiring into the model ----------------------------------------------------------
     def _layer_forward(self, inner: Callable[..., Any], idx: int) -> Callable[..., Any]:
         def forward(_self: nn.Module, *args: Any, **kwargs: Any) -> Any:
-            self.use(idx)
+            if not torch.compiler.is_compiling():  # compiled: ``enter`` loaded it
+                self.use(idx)
             return inner(*args, **kwargs)
 
         return forward
