@@ -66,6 +66,16 @@ def measure_load(unet: Path, how: str, dtype: str) -> dict[str, int]:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+#: SDXL's published UNet config (the arguments that differ from the class defaults)
+SDXL_UNET = dict(
+    sample_size=128, cross_attention_dim=2048, block_out_channels=(320, 640, 1280),
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20),
+    use_linear_projection=True, addition_embed_type="text_time",
+    addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816)
+
+
 def build(kind: str, out: Path) -> None:
     """Save a randomly initialised SD1.5-size UNet (fp32) or SDXL-size UNet (bf16, as
     built: half the memory and disk of an fp32 one) to ``out``."""
@@ -78,14 +88,7 @@ def build(kind: str, out: Path) -> None:
     if kind == "sd15":
         unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768)
     else:
-        unet = UNet2DConditionModel(
-            sample_size=128, cross_attention_dim=2048, block_out_channels=(320, 640, 1280),
-            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D",
-                              "CrossAttnDownBlock2D"),
-            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-            transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20),
-            use_linear_projection=True, addition_embed_type="text_time",
-            addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816)
+        unet = UNet2DConditionModel(**SDXL_UNET)
     unet.save_pretrained(str(out))
 
 
