@@ -69,9 +69,8 @@ def main() -> None:
     opt = torch.optim.AdamW(params, lr=1e-4)
     reset_peak()
     base = status("VmRSS")
-    out: dict[str, object] = {
-        "tensors": len(params), "adapter_MiB": sum(p.numel() * 2 for p in params) / MiB,
-        "peak_MiB": [], "after_MiB": []}
+    peaks: list[float] = []
+    after: list[float] = []
     for _ in range(args.steps):
         reset_peak()
         block = torch.ones(args.activations_mib * MiB, dtype=torch.uint8)
@@ -80,11 +79,13 @@ def main() -> None:
         del block
         opt.step()
         opt.zero_grad(set_to_none=True)
-        out["peak_MiB"].append(round((status("VmHWM") - base) / MiB, 1))  # type: ignore[attr-defined]
-        out["after_MiB"].append(round((status("VmRSS") - base) / MiB, 1))  # type: ignore[attr-defined]
+        peaks.append(round((status("VmHWM") - base) / MiB, 1))
+        after.append(round((status("VmRSS") - base) / MiB, 1))
     state = sum(v.numel() * v.element_size() for st in opt.state.values()
                 for v in st.values() if isinstance(v, torch.Tensor))
-    out["optimizer_state_MiB"] = round(state / MiB, 1)
+    out = {"tensors": len(params), "adapter_MiB": sum(p.numel() * 2 for p in params) / MiB,
+           "optimizer_state_MiB": round(state / MiB, 1), "peak_MiB": peaks,
+           "after_MiB": after}
     print(json.dumps(out))
 
 
