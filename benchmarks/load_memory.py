@@ -66,23 +66,29 @@ def measure_load(unet: Path, how: str, dtype: str) -> dict[str, int]:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+#: SDXL's published UNet config (the arguments that differ from the class defaults)
+SDXL_UNET = dict(
+    sample_size=128, cross_attention_dim=2048, block_out_channels=(320, 640, 1280),
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20),
+    use_linear_projection=True, addition_embed_type="text_time",
+    addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816)
+
+
 def build(kind: str, out: Path) -> None:
-    """Save a randomly initialised SD1.5- or SDXL-size UNet (fp32) to ``out``."""
+    """Save a randomly initialised SD1.5-size UNet (fp32) or SDXL-size UNet (bf16, as
+    built: half the memory and disk of an fp32 one) to ``out``."""
     import torch
     from diffusers import UNet2DConditionModel
 
     torch.manual_seed(0)
+    if kind == "sdxl":  # 2.57 B parameters: built in bf16, never held in fp32
+        torch.set_default_dtype(torch.bfloat16)
     if kind == "sd15":
         unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768)
     else:
-        unet = UNet2DConditionModel(
-            sample_size=128, cross_attention_dim=2048, block_out_channels=(320, 640, 1280),
-            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D",
-                              "CrossAttnDownBlock2D"),
-            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-            transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20),
-            use_linear_projection=True, addition_embed_type="text_time",
-            addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816)
+        unet = UNet2DConditionModel(**SDXL_UNET)
     unet.save_pretrained(str(out))
 
 
@@ -92,6 +98,7 @@ def main() -> None:
     ap.add_argument("--build", choices=("sd15", "sdxl"), help="first save a random "
                     "UNet of that size there (when the folder has none)")
     ap.add_argument("--dtypes", default="float32,bfloat16")
+    ap.add_argument("--loaders", default="from_pretrained,engine")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     if args.build and not (args.unet / "config.json").exists():
@@ -100,7 +107,7 @@ def main() -> None:
     print("| loader | dtype | weights MiB | peak − baseline MiB | ratio |")
     print("|---|---|---:|---:|---:|")
     for dtype in args.dtypes.split(","):
-        for how in ("from_pretrained", "engine"):
+        for how in args.loaders.split(","):
             r = measure_load(args.unet, how, dtype)
             rise = r["peak"] - r["baseline"]
             rows.append({"loader": how, "dtype": dtype, **r})

@@ -3,8 +3,11 @@ headless Chromium (Playwright) renders it.
 
     python docs/make_monitor_screenshot.py [--chromium /usr/bin/chromium]
 
-Trains examples/quickstart.yaml (with its latents as a validation set and preview grids
-every 15 steps) into a temporary folder, serves the page for that run's event stream cut
+Trains examples/quickstart.yaml on the shipped tiny pipeline (``family: sd15``, so the
+preview grids are decoded by the pipeline's own VAE into 128×128 images; with the
+example's ``family: diffusers`` the UNet is loaded alone and the grids would show raw
+latents), with its latents as a validation set and preview grids every 15 steps, into a
+temporary folder, serves the page for that run's event stream cut
 after step 45 of 60 (the page as it looks while the run goes on: progress, rate, ETA)
 and saves the screenshot. About a minute on a 2-core CPU.
 """
@@ -31,6 +34,7 @@ def train_quickstart(out: Path) -> Path:
     cfg = yaml.safe_load(example.read_text())
     here = example.parent
     cfg["model"]["path"] = str(here / cfg["model"]["path"])
+    cfg["model"]["family"] = "sd15"  # the whole pipeline: previews decoded by its VAE
     for key in ("latents", "conditioning"):
         cfg["data"][key] = str(here / cfg["data"][key])
     cfg["data"]["validation"] = {"latents": cfg["data"]["latents"],

@@ -414,3 +414,16 @@ def test_own_size_buckets_never_exceed_the_image_or_the_area():
             assert w - bw < multiple and h - bh < multiple
 
     check()
+
+
+def test_a_family_that_is_not_the_pipelines_is_one_line_not_a_traceback(tmp_path):
+    """--family sdxl on the quickstart's SD1.5 pipeline failed inside SDXL's prompt
+    encoding with a ValueError traceback; it is a config error naming both."""
+    result = _run("--model", str(QUICKSTART / "model"), "--family", "sdxl",
+                  "--images", str(QUICKSTART / "images"), "--out", str(tmp_path / "d"), "-q")
+    assert result.exit_code == 2, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in result.output
+    assert "StableDiffusionPipeline" in lines[0] and "sdxl" in lines[0]
+    assert "StableDiffusionXLPipeline" in lines[0]
+    assert not (tmp_path / "d").exists()

@@ -298,3 +298,32 @@ def test_a_run_after_a_kill_inside_a_save_leaves_no_temporary_file(tmp_path, une
     hidden = [p for p in [*out.iterdir(), *folder.iterdir()] if p.name.startswith(".")]
     assert hidden == []
     assert [s for s, _ in ckpt.list_checkpoints(folder)] == list(range(1, 7))
+
+
+def test_ctrl_c_draws_the_partial_loss_plot_beside_the_final_one(host, unet_config, tmp_path):
+    cfg = json.loads(json.dumps(unet_config))
+    cfg["training"]["steps"] = 3
+    cfg["output"] = {"dir": str(tmp_path / "out"), "name": "run", "plot": True}
+    pipe = build_pipeline(parse_config(cfg, host.registry), host)
+    Trainer(pipe).run()
+    pipe.close()
+    plot = tmp_path / "out" / "run.loss.png"
+    before = plot.read_bytes()
+
+    cfg["training"]["steps"] = 50
+    cfg["training"]["seed"] = cfg["training"].get("seed", 0) + 1
+    host.register(_InterruptAt(2), name="test.interrupt")
+    pipe = build_pipeline(parse_config(cfg, host.registry), host)
+    try:
+        with pytest.raises(TrainingInterrupted):
+            Trainer(pipe).run()
+    finally:
+        pipe.close()
+        host.unregister("test.interrupt")
+    assert plot.read_bytes() == before  # the finished run's plot, untouched
+    partial = tmp_path / "out" / "run.step_000002.loss.png"
+    from PIL import Image
+
+    with Image.open(partial) as img:  # a whole PNG, drawn for the stopped run
+        img.load()
+        assert img.format == "PNG" and img.size[0] > 100

@@ -22,7 +22,7 @@ import torch
 
 from loraengine.core import devices
 from loraengine.core.devices import DTYPES
-from loraengine.core.errors import DataError
+from loraengine.core.errors import ConfigError, DataError
 from loraengine.plugins.models.common import Family, read_json
 
 #: Components an encoder never needs; passing None skips loading them.
@@ -122,6 +122,13 @@ class PipelineEncoder:
             raise DataError(f"--model: {root} is not a diffusers pipeline folder (no "
                             f"model_index.json); prepare needs its VAE and text encoders")
         index = read_json(index_path)
+        cls = str(index.get("_class_name", ""))
+        if family.pipeline_classes and cls not in family.pipeline_classes:
+            # another family's pipeline would fail deep inside this one's encoding
+            raise ConfigError(f"--family: {root} holds a {cls or 'unnamed'} pipeline; "
+                              f"{family.name} prepares with "
+                              f"{' or '.join(family.pipeline_classes)} (pass its own "
+                              f"family, or --family auto)")
         self.device = resolve_device(str(options.get("device", "auto")))
         self.dtype = resolve_dtype(str(options.get("dtype", "auto")), self.device)
         self.max_sequence_length = options.get("max_sequence_length")

@@ -1,5 +1,7 @@
 """The loss plot written beside every LoRA: a lifecycle plugin that draws
-``<name>.loss.png`` once the loss map is saved (``output.plot``)."""
+``<name>.loss.png`` once the loss map is saved (``output.plot``), named as the loss map
+is: a stopped run's ``<name>.step_000123.loss.json`` gets ``<name>.step_000123.loss.png``
+beside the finished run's plot, which it leaves as it was."""
 
 from __future__ import annotations
 
@@ -54,7 +56,10 @@ def plot_loss(loss_map: Mapping[str, Sequence[float]], path: Path, title: str = 
 def loraengine_on_save(run: RunView, path: str, kind: str) -> None:
     if kind != "loss_map" or not run.config.output.plot:
         return
-    name = run.config.output.name
-    plot_path = Path(path).with_name(f"{name}.loss.png")
-    plot_loss(run.loss_map, plot_path, title=name)
+    loss_file = Path(path)
+    suffix = ".loss.json"
+    stem = (loss_file.name[:-len(suffix)] if loss_file.name.endswith(suffix)
+            else run.config.output.name)
+    plot_path = loss_file.with_name(f"{stem}.loss.png")
+    plot_loss(run.loss_map, plot_path, title=stem)
     run.record_file("plot", plot_path)

@@ -45,7 +45,10 @@ MiB = 1024 * 1024
 
 #: What the estimate leaves out (printed with every plan).
 NOT_COUNTED = ("the interpreter and libraries (on a CPU about 0.4 GiB of resident "
-               "memory before loading), memory the allocator keeps after tensors are "
+               "memory before loading, some 60 MiB more once a step has run their "
+               "kernels), the Python objects of the model's and the "
+               "adapter's modules (host memory: about 140 MiB for an SD1.5 or SDXL UNet), "
+               "memory the allocator keeps after tensors are "
                "freed (fragmentation, caching), scratch buffers inside kernels "
                "(convolution, attention), the data set held in memory")
 
