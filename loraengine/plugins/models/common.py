@@ -143,6 +143,12 @@ class Family:
     shift_rule: ShiftRule | None = None
     #: The latent's dimensions: 4 (``[N,C,H,W]``) or 5 (video, ``[N,C,T,H,W]``).
     latent_ndim: int = 4
+    #: The model's name, with its article, in errors about files made for it ("a
+    #: FLUX.1": "the file looks made for a FLUX.1 transformer"), and the module names of its layers in every layout files use
+    #: (``family_marks``): ``.`` separated, ``N`` for a block index, regular expressions
+    #: otherwise; a name matches when it starts with one up to a ``.``/``_`` or its end.
+    known_as: str = ""
+    marks: tuple[str, ...] = ()
 
 
 @dataclass
