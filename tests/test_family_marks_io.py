@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -250,3 +251,38 @@ def test_adapter_existing_for_another_family_says_which(files, flux2_folder, tmp
     message = str(info.value)
     assert "\n" not in message and "not adapted layers of this model" in message
     assert message.endswith("the file looks made for a Qwen-Image transformer")
+
+
+FIXTURES = Path(__file__).parent / "fixtures" / "interop"
+#: files ComfyUI's own TrainLoraNode wrote (``tests/fixtures/interop``), the model they
+#: are given to, and the family the error names
+TRAINLORA = [("flux", "qwen_image", "a FLUX.1 transformer"),
+             ("chroma", "sd3", "a Chroma transformer"),
+             ("sd3", "flux", "an SD3 transformer"),
+             ("qwen_image", "wan", "a Qwen-Image transformer"),
+             ("hidream", "lumina2", "a HiDream-I1 transformer"),
+             ("lumina2", "flux", "a Z-Image or Lumina 2 transformer"),
+             ("sd15", "flux", "an SD1.x/2.x UNet"),
+             ("sdxl", "wan", "an SDXL UNet"),
+             ("flux", "unet", "a FLUX.1 transformer")]
+
+
+@pytest.mark.parametrize("made_for,ours,named", TRAINLORA,
+                         ids=[f"{a}-on-{b}" for a, b, _ in TRAINLORA])
+def test_a_trainloranode_file_for_another_family_says_which(models, made_for, ours, named):
+    """ComfyUI's files (``diffusion_model.<its names>``, ``lora_up.weight`` / ``.alpha``
+    / ``.diff_b`` per module) are grouped into whole modules and named by family."""
+    from diffusers import UNet2DConditionModel
+
+    from loraengine.testing.models import tiny_unet_config
+
+    model = UNet2DConditionModel(**tiny_unet_config()) if ours == "unet" else \
+        copy.deepcopy(models[ours])
+    with pytest.raises(DataError) as info:
+        loraengine.apply(model, FIXTURES / f"{made_for}_trainlora_lora.safetensors",
+                         host=HOST)
+    message = str(info.value)
+    assert "\n" not in message and "read as comfyui keys" in message
+    first = re.search(r"not layers of this model: ([^ ]+),", message).group(1)
+    assert not first.endswith((".lora_up", ".lora_down")), message  # whole modules
+    assert message.endswith(f"; the file looks made for {named}"), message
