@@ -119,6 +119,23 @@ def test_a_familys_own_layer_names_in_every_layout_look_like_it(models, family):
         assert named in re.split(r", | or ", found.partition(" ")[2][:-len(" transformer")])
 
 
+def test_original_checkpoint_names_in_kohya_form_name_their_family():
+    """Trainers that write the original checkpoints' names in kohya form (sd-scripts for
+    FLUX.1: ``lora_unet_double_blocks_0_img_attn_qkv``; Wan's original names)."""
+    flux_names = [f"lora_unet_double_blocks_{i}_{part}" for i in range(2)
+                  for part in ("img_attn_qkv", "img_attn_proj", "img_mlp_0", "img_mod_lin",
+                               "txt_attn_qkv", "txt_mod_lin")] + \
+        [f"lora_unet_single_blocks_{i}_{part}" for i in range(3)
+         for part in ("linear1", "linear2", "modulation_lin")]
+    assert looks_like(REG, flux_names) == "a FLUX.1 transformer"
+    # without the modulation layers, FLUX.1, Chroma and Flux.2 name them alike
+    shared = [n for n in flux_names if "mod" not in n]
+    assert looks_like(REG, shared) == "a FLUX.1, Flux.2 or Chroma transformer"
+    wan_names = [f"lora_unet_blocks_{i}_{a}_{p}" for i in range(2)
+                 for a in ("self_attn", "cross_attn") for p in "qkvo"]
+    assert looks_like(REG, wan_names) == "a Wan 2.x transformer"
+
+
 def test_names_of_no_family_name_none():
     assert looks_like(REG, ["foo.bar", "lora_unet_baz_qux", "transformer.blocks_x"]) is None
     assert looks_like(REG, []) is None
