@@ -303,3 +303,17 @@ def test_a_trainloranode_file_for_another_family_says_which(models, made_for, ou
     first = re.search(r"not layers of this model: ([^ ]+),", message).group(1)
     assert not first.endswith((".lora_up", ".lora_down")), message  # whole modules
     assert message.endswith(f"; the file looks made for {named}"), message
+
+
+def test_a_family_record_with_marks_names_its_files_on_its_own(models):
+    """A family made with ``make_spec`` outside the built-in list (a plugin's) answers
+    ``looks_like`` from its own record; without marks it does not answer."""
+    import dataclasses
+
+    from loraengine.plugins.models.common import make_spec
+
+    names = _weight_names(models["flux"])
+    spec = make_spec(dataclasses.replace(flux.FLUX, name="my_flux"))
+    assert spec.looks_like is not None and spec.looks_like(names) == "a FLUX.1 transformer"
+    assert spec.looks_like(_weight_names(models["wan"])) is None
+    assert make_spec(dataclasses.replace(flux.FLUX, marks=())).looks_like is None

@@ -47,8 +47,8 @@ def loraengine_models():
                 hunyuan_video15.HUNYUAN_VIDEO15)
     looks_like = family_marks.looks_like_among(families)
     names = {f.name for f in families}
-    return [dataclasses.replace(spec, looks_like=looks_like)
-            if spec.name in names and spec.looks_like is None else spec for spec in specs]
+    return [dataclasses.replace(spec, looks_like=looks_like) if spec.name in names else spec
+            for spec in specs]
 
 
 @hookimpl

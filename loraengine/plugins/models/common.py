@@ -532,6 +532,11 @@ def make_spec(family: Family, make_encoder: Callable[..., Any] | None = None,
     def describe(options: Any, context: Mapping[str, Any]) -> ModelLayout:
         return describe_family(family, options, context)
 
+    from loraengine.plugins.models.family_marks import looks_like_among
+
+    # a family with marks names its files on its own (the built-in families share one
+    # matcher over all their records, see ``plugins/models/__init__.py``)
+    looks_like = looks_like_among([family]) if family.marks and family.known_as else None
     return ModelFamilySpec(family.name, load, family.options, family.description,
                            make_encoder=make_encoder, detect=detect or detect_default,
-                           describe=describe)
+                           describe=describe, looks_like=looks_like)
