@@ -249,6 +249,7 @@ def split_modules(tensors: Mapping[str, torch.Tensor], exporters: Iterable[Expor
     the model's path. Where two formats share a prefix (ComfyUI's ``diffusion_model.``
     and a family's own names under it), the first that places every module on a layer
     of the model wins, else the first that reads the file at all."""
+    exporters = list(exporters)
     paths = list(module_paths)
     known = set(paths)
     aliases = dict(aliases or {})
@@ -266,7 +267,8 @@ def split_modules(tensors: Mapping[str, torch.Tensor], exporters: Iterable[Expor
         return first
     sample = ", ".join(sorted(tensors)[:3])
     raise DataError(f"no key format matches this file's tensors (e.g. {sample}) against "
-                    f"the model's layers")
+                    f"the model's layers (key formats tried: "
+                    f"{', '.join(e.name for e in exporters)})")
 
 
 def module_layouts(registry: Registry, model: nn.Module) -> dict[str, dict[str, str]]:

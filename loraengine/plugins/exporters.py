@@ -37,6 +37,15 @@ def _split_by_paths(rest: str, paths: set[str]) -> tuple[str, str] | None:
     return None
 
 
+def _split_unknown(rest: str) -> tuple[str, str]:
+    """(module, param) of a key whose module is no path of the model: the parameter is
+    the last name, or the last two where they are a LoRA matrix (``lora_up.weight``)."""
+    parts = rest.split(".")
+    cut = 2 if len(parts) > 2 and parts[-2].startswith("lora_") and \
+        parts[-1] in ("weight", "bias") else 1
+    return ".".join(parts[:-cut]), ".".join(parts[-cut:])
+
+
 class PrefixedFormat:
     """``<prefix><path>.<param>`` where ``path`` may be rewritten by ``encode``."""
 
@@ -99,7 +108,7 @@ class PrefixedFormat:
             for key in keys:
                 rest = key[len(self.prefix):]
                 found = _split_by_paths(rest, paths | set(bands))
-                module, param = found if found else rest.rsplit(".", 1)
+                module, param = found if found else _split_unknown(rest)
                 target = whole if module in bands or module in swapped else grouped
                 target.setdefault(module, {})[param] = tensors[key]
             for native, params in whole.items():

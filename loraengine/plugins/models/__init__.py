@@ -14,6 +14,7 @@ from loraengine.plugins.models import (
     comfy_names,
     comfyui,
     diffusers_folder,
+    family_marks,
     flux,
     flux2,
     hidream,
@@ -38,8 +39,16 @@ def loraengine_models():
     specs = [diffusers_folder.SPEC, module.SPEC, comfyui.SPEC, *unet.SPECS, sd3.SPEC,
              flux.SPEC, flux2.SPEC, qwen_image.SPEC, z_image.SPEC, lumina2.SPEC, chroma.SPEC,
              hidream.SPEC, wan.SPEC, ltx2.SPEC, hunyuan_video15.SPEC]
-    return [dataclasses.replace(spec, layouts=comfy_names.comfyui_layouts)
-            if any(spec is n for n in named) else spec for spec in specs]
+    specs = [dataclasses.replace(spec, layouts=comfy_names.comfyui_layouts)
+             if any(spec is n for n in named) else spec for spec in specs]
+    # which transformer family a file was made for: one matcher over their records
+    families = (sd3.SD3, flux.FLUX, flux2.FLUX2, qwen_image.QWEN_IMAGE, z_image.Z_IMAGE,
+                lumina2.LUMINA2, chroma.CHROMA, hidream.HIDREAM, wan.WAN, ltx2.LTX2,
+                hunyuan_video15.HUNYUAN_VIDEO15)
+    looks_like = family_marks.looks_like_among(families)
+    names = {f.name for f in families}
+    return [dataclasses.replace(spec, looks_like=looks_like) if spec.name in names else spec
+            for spec in specs]
 
 
 @hookimpl

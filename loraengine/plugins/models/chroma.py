@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from loraengine.plugins.models import family_marks as fm
 from loraengine.plugins.models.common import family_spec, flow_transformer_family, submodules
 from loraengine.plugins.models.flow import FlowCall, ShiftRule
 
@@ -28,6 +29,11 @@ CHROMA = flow_transformer_family(
     call=FlowCall(packing="patch2", positions="flux1", timestep="sigma",
                   joint_mask="attention_mask"),
     shift_rule=ShiftRule(mu="linear", cells_per_token=4),
+    known_as="a Chroma",
+    marks=(fm.JOINT_ATTENTION, r"transformer_blocks.N.ff(_context)?.net.N(.proj)?",
+           fm.FLUX_SINGLE, *fm.FLUX_ORIGINAL_BLOCKS, "distilled_guidance_layer",
+           "img_in", "txt_in", "x_embedder", "context_embedder", "final_layer.linear",
+           "proj_out"),
     description="Chroma transformer (rectified flow, packed 2×2 latents, T5 only).")
 
 SPEC = family_spec(CHROMA)

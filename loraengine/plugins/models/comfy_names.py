@@ -391,9 +391,13 @@ def split(params: Mapping[str, torch.Tensor], band: tuple[int, int, int], native
     (None: it has no tensor). LoRA/LoHa keep the ranks whose ``up`` columns are not
     zero on the band (all of them where none is; α scaled along, so α/r is unchanged);
     LoKr needs the band to be whole blocks of its large factor's rows."""
-    offset, size, _ = band
+    offset, size, total = band
     rows = slice(offset, offset + size)
     keys = set(params)
+    for key in sorted(_ROWS & keys):  # a file made for a model of other widths
+        if params[key].ndim and int(params[key].shape[0]) != total:
+            raise DataError(f"{native}: {key} has {int(params[key].shape[0])} rows where "
+                            f"this model's fused layer has {total}")
     out: dict[str, torch.Tensor] = {}
     if {"lora_down.weight", "lora_up.weight"} <= keys and keys <= _LORA | {"diff"}:
         up, down = params["lora_up.weight"][rows], params["lora_down.weight"]

@@ -146,6 +146,12 @@ class Family:
     #: pipeline folder -> a loader of the VAE that decodes the training latents
     #: (previews, ``loraengine sample``); ``None``: the folder's ``AutoencoderKL``
     latent_vae: Callable[[Path | None], Any] | None = None
+    #: The model's name, with its article, in errors about files made for it ("a
+    #: FLUX.1": "the file looks made for a FLUX.1 transformer"), and the module names of its layers in every layout files use
+    #: (``family_marks``): ``.`` separated, ``N`` for a block index, regular expressions
+    #: otherwise; a name matches when it starts with one up to a ``.``/``_`` or its end.
+    known_as: str = ""
+    marks: tuple[str, ...] = ()
 
 
 @dataclass
@@ -530,6 +536,11 @@ def make_spec(family: Family, make_encoder: Callable[..., Any] | None = None,
     def describe(options: Any, context: Mapping[str, Any]) -> ModelLayout:
         return describe_family(family, options, context)
 
+    from loraengine.plugins.models.family_marks import looks_like_among
+
+    # a family with marks names its files on its own (the built-in families share one
+    # matcher over all their records, see ``plugins/models/__init__.py``)
+    looks_like = looks_like_among([family]) if family.marks and family.known_as else None
     return ModelFamilySpec(family.name, load, family.options, family.description,
                            make_encoder=make_encoder, detect=detect or detect_default,
-                           describe=describe)
+                           describe=describe, looks_like=looks_like)

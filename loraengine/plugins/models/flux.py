@@ -13,6 +13,7 @@ import torch
 from pydantic import Field
 from torch import nn
 
+from loraengine.plugins.models import family_marks as fm
 from loraengine.plugins.models.common import (
     FlowOptions,
     family_spec,
@@ -53,6 +54,13 @@ FLUX = flow_transformer_family(
     vae_scale=0.3611, vae_shift=0.1159, default_include=FLUX_TARGETS,
     base_model_version="flux1", options=FluxOptions, call=FLUX_CALL,
     blocks=flux_blocks, flow_shift=1.0,
+    known_as="a FLUX.1",
+    marks=(fm.JOINT_ATTENTION, fm.JOINT_FEED_FORWARD, fm.JOINT_MODULATION, fm.FLUX_SINGLE,
+           "single_transformer_blocks.N.norm.linear", *fm.FLUX_ORIGINAL_BLOCKS,
+           "double_blocks.N.(img|txt)_mod.lin", "single_blocks.N.modulation.lin",
+           r"time_text_embed.(timestep|text|guidance)_embedder.linear_[12]",
+           "(time|vector|guidance)_in.(in|out)_layer", "img_in", "txt_in", "x_embedder",
+           "context_embedder", "final_layer", "norm_out.linear", "proj_out"),
     description="FLUX.1 transformer (rectified flow, packed 2×2 latents, guidance).")
 
 flux_predictor = FLUX.predictor

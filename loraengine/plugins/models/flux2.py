@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from loraengine.plugins.models import family_marks as fm
 from loraengine.plugins.models.common import family_spec, flow_transformer_family, submodules
 from loraengine.plugins.models.flow import FlowCall, ShiftRule
 from loraengine.plugins.models.flux import FluxOptions
@@ -31,6 +32,13 @@ FLUX2 = flow_transformer_family(
                   reference="reference"),
     latent_vae=vae_loader("AutoencoderKLFlux2", Flux2LatentVAE),
     shift_rule=ShiftRule(mu="flux2", cells_per_token=1),
+    known_as="a Flux.2",
+    marks=(fm.JOINT_ATTENTION, "transformer_blocks.N.ff(_context)?.linear_(in|out)",
+           "single_transformer_blocks.N.attn.(to_qkv_mlp_proj|to_out|norm_[qk])",
+           *fm.FLUX_ORIGINAL_BLOCKS, "(double|single)_stream_modulation(_img|_txt)?.lin(ear)?",
+           r"time_guidance_embed.(timestep|guidance)_embedder.linear_[12]",
+           "(time|guidance)_in.(in|out)_layer", "img_in", "txt_in", "x_embedder",
+           "context_embedder", "final_layer", "norm_out.linear", "proj_out"),
     description="FLUX.2 dev / Klein transformer (rectified flow, patchified latents).")
 
 SPEC = family_spec(FLUX2)

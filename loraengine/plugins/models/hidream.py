@@ -31,6 +31,9 @@ HIDREAM = flow_transformer_family(
                         ("llama3", "encoder_hidden_states_llama3"),
                         ("pooled", "pooled_embeds")),
                   batch_second=("llama3",), widths=(("pooled", "text_emb_dim"),)),
+    known_as="a HiDream-I1",
+    marks=("(double|single)_stream_blocks.N", "caption_projection.N.linear", "p_embedder",
+           "t_embedder.timestep_embedder", "x_embedder.proj", "final_layer"),
     description="HiDream-I1 sparse DiT (rectified flow, T5 + Llama + CLIP text).")
 
 SPEC = family_spec(HIDREAM)

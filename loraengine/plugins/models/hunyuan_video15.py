@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from loraengine.plugins.models import family_marks as fm
 from loraengine.plugins.models.common import flow_transformer_family, make_spec, submodules
 from loraengine.plugins.models.flow import FlowCall
 
@@ -35,6 +36,14 @@ HUNYUAN_VIDEO15 = flow_transformer_family(
                          ("encoder_attention_mask_2", 0, None),
                          ("image_embeds", 729, "image_embed_dim")),
                   widths=(("cond", "text_embed_dim"), ("byt5", "text_embed_2_dim"))),
+    known_as="a HunyuanVideo 1.5",
+    marks=(fm.JOINT_ATTENTION, fm.JOINT_FEED_FORWARD, fm.JOINT_MODULATION,
+           "context_embedder.(proj_in|time_text_embed|token_refiner)", "context_embedder_2",
+           "image_embedder", "cond_type_embed", "time_embed.timestep_embedder",
+           # the original checkpoint's names (diffusers' single-file converter)
+           "double_blocks.N.(img|txt)_(attn_(qkv|proj|[qk]_norm)|mlp.fc[12]|mod.linear)",
+           "txt_in.individual_token_refiner", "x_embedder.proj", "norm_out.linear",
+           "proj_out"),
     description="HunyuanVideo 1.5 transformer, text-to-video (rectified flow on "
     "[N,C,T,H,W] latents).")
 

@@ -39,6 +39,12 @@ LTX2 = flow_transformer_family(
                   constants=(("audio_num_frames", 1), ("isolate_modalities", True)),
                   widths=(("cond", "caption_channels"),)),
     shift_rule=ShiftRule(mu="linear", cells_per_token=1),
+    known_as="an LTX-2",
+    marks=("transformer_blocks.N.(audio_)?attn[12].(to_[qkv]|to_out.N|norm_[qk])",
+           "transformer_blocks.N.(audio_to_video|video_to_audio)_attn.(to_[qkv]|to_out.N|"
+           "norm_[qk])", "transformer_blocks.N.(audio_)?ff.net.N(.proj)?",
+           "(audio_)?caption_projection.linear_[12]", "audio_proj_(in|out)",
+           "(audio_)?time_embed", "av_cross_attn", "proj_in", "proj_out"),
     description="LTX-2 audio-video transformer, video stream (rectified flow on "
     "[N,C,T,H,W] latents, one token per cell).")
 

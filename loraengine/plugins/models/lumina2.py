@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from loraengine.plugins.models import family_marks as fm
 from loraengine.plugins.models.common import family_spec, flow_transformer_family, submodules
 from loraengine.plugins.models.flow import FlowCall, ShiftRule
 
@@ -26,6 +27,12 @@ LUMINA2 = flow_transformer_family(
                   args=(("cond", "encoder_hidden_states"), ("mask", "encoder_attention_mask")),
                   widths=(("cond", "cap_feat_dim"),)),
     shift_rule=ShiftRule(mu="linear", cells_per_token=4),
+    known_as="a Lumina 2",
+    marks=(fm.NEXT_DIT,
+           "(noise_refiner|context_refiner|layers).N.(attn.(to_[qkv]|to_out.N|norm_[qk])|"
+           "feed_forward.linear_[123]|norm1.(linear|norm)|norm[12]|ffn_norm[12])",
+           "time_caption_embed", "norm_out.linear_[12]", "cap_embedder.N", "t_embedder.mlp.N",
+           "x_embedder", "final_layer"),
     description="Lumina-Image 2.0 DiT (rectified flow, 1−σ timesteps, Gemma text).")
 
 SPEC = family_spec(LUMINA2)

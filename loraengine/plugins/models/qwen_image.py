@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from loraengine.plugins.models import family_marks as fm
 from loraengine.plugins.models.common import family_spec, flow_transformer_family, submodules
 from loraengine.plugins.models.flow import FlowCall, ShiftRule
 from loraengine.plugins.models.latent_vaes import QwenLatentVAE, vae_loader
@@ -33,6 +34,11 @@ QWEN_IMAGE = flow_transformer_family(
                   reference="reference"),
     latent_vae=vae_loader("AutoencoderKLQwenImage", QwenLatentVAE),
     shift_rule=ShiftRule(mu="linear", cells_per_token=4),
+    known_as="a Qwen-Image",
+    marks=(fm.JOINT_ATTENTION,
+           "transformer_blocks.N.(img|txt)_(mlp.net.N(.proj)?|mod.N)", "img_in", "txt_in",
+           "txt_norm", "time_text_embed.timestep_embedder.linear_[12]", "norm_out.linear",
+           "proj_out"),
     description="Qwen-Image / Qwen-Image-Edit MMDiT (rectified flow, packed 2×2 latents).")
 
 SPEC = family_spec(QWEN_IMAGE)

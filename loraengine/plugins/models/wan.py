@@ -133,6 +133,11 @@ WAN = flow_transformer_family(
     options=WanOptions, predictor=wan_predictor, blocks=wan_blocks, flow_shift=5.0,
     cond_keys=("cond",), default_resolution=480, timestep_sampling="uniform",
     inputs=wan_inputs, default_exporter="wan_comfyui",
+    known_as="a Wan 2.x",
+    marks=("blocks.N.(attn[12].(to_[qkv]|to_out.N|norm_[qk]|add_[kv]_proj)|ffn.(net.N(.proj)?|N)|"
+           "norm[23]|(self|cross)_attn.([qkvo]|norm_[qk]|[kv]_img|norm_k_img))",
+           "condition_embedder", "patch_embedding", "head.head", "text_embedding.N",
+           "time_embedding.N", "time_projection.N", "img_emb", "proj_out"),
     description="Wan 2.1 / 2.2 video transformer (rectified flow on [N,C,T,H,W] latents; "
     "2.2 A14B: high- and low-noise experts).")
 

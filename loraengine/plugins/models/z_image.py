@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from loraengine.plugins.models import family_marks as fm
 from loraengine.plugins.models.common import family_spec, flow_transformer_family, submodules
 from loraengine.plugins.models.flow import FlowCall, ShiftRule
 
@@ -26,6 +27,11 @@ Z_IMAGE = flow_transformer_family(
                   latent_arg="x", timestep_arg="t", args=(("cond", "cap_feats"),),
                   widths=(("cond", "cap_feat_dim"),)),
     shift_rule=ShiftRule(mu="linear", cells_per_token=4),
+    known_as="a Z-Image",
+    marks=(fm.NEXT_DIT,
+           "(noise_refiner|context_refiner|layers).N.attention.(to_[qkv]|to_out.N|norm_[qk])",
+           "all_x_embedder", "all_final_layer", "cap_embedder.N", "t_embedder.mlp.N",
+           "x_embedder", "final_layer"),
     description="Z-Image single-stream DiT (rectified flow, shift 3, 1−σ timesteps).")
 
 SPEC = family_spec(Z_IMAGE)
