@@ -245,13 +245,65 @@ def ltx2_parts(seed: int = 0) -> dict[str, Any]:
                 scheduler=sched, processor=None, prompt_enhancer=None, duration_head=None)
 
 
+# -- HunyuanVideo 1.5: the whole pipeline -----------------------------------------------
+
+#: Tiny HunyuanVideo 1.5 VAE: latent channels and its compression (4x space, 2x time).
+HUNYUAN_CHANNELS, HUNYUAN_SPACE, HUNYUAN_TIME = 4, 4, 2
+#: Qwen2.5-VL and ByT5 widths (the transformer's ``text_embed_dim`` / ``text_embed_2_dim``).
+HUNYUAN_TEXT_DIM, HUNYUAN_BYT5_DIM = 24, 12
+
+
+def hunyuan_video15_parts(seed: int = 0) -> dict[str, Any]:
+    """The components of a tiny ``HunyuanVideo15Pipeline``: VAE (its released
+    ``scaling_factor``; 5 frames of 32x32 become ``[4, 3, 8, 8]``), the Qwen2.5-VL text
+    model with the byte-level Qwen tokenizer and its chat template, ByT5 (a T5 encoder
+    over ``ByT5Tokenizer``'s bytes, which needs no vocabulary file) and the guider."""
+    import diffusers as d
+    from transformers import (ByT5Tokenizer, Qwen2_5_VLTextConfig, Qwen2_5_VLTextModel,
+                              T5Config, T5EncoderModel)
+
+    from loraengine.testing.tiny_pipelines import QWEN_VOCAB, qwen_tokenizer
+
+    torch.manual_seed(seed)
+    vae = d.AutoencoderKLHunyuanVideo15(
+        in_channels=3, out_channels=3, latent_channels=HUNYUAN_CHANNELS,
+        block_out_channels=(16, 16), layers_per_block=1,
+        spatial_compression_ratio=HUNYUAN_SPACE, temporal_compression_ratio=HUNYUAN_TIME,
+        downsample_match_channel=False, upsample_match_channel=False)
+    torch.manual_seed(seed)
+    text = Qwen2_5_VLTextModel(Qwen2_5_VLTextConfig(
+        vocab_size=QWEN_VOCAB, hidden_size=HUNYUAN_TEXT_DIM, intermediate_size=32,
+        num_hidden_layers=3, num_attention_heads=2, num_key_value_heads=1,
+        max_position_embeddings=2048, pad_token_id=0, bos_token_id=0, eos_token_id=2,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                         "mrope_section": [2, 2, 2]}))
+    byt5 = ByT5Tokenizer()
+    torch.manual_seed(seed)
+    glyph = T5EncoderModel(T5Config(
+        vocab_size=len(byt5), d_model=HUNYUAN_BYT5_DIM, d_kv=6, d_ff=24, num_layers=1,
+        num_heads=2, relative_attention_num_buckets=8, pad_token_id=0, eos_token_id=1,
+        decoder_start_token_id=0))  # type: ignore[call-arg]
+    sched = d.FlowMatchEulerDiscreteScheduler(**VIDEO_DENOISERS["hunyuan_video15"][2])
+    return dict(vae=vae.eval(), text_encoder=text.eval(), tokenizer=qwen_tokenizer(),
+                transformer=hunyuan_video15_transformer(seed), scheduler=sched,
+                text_encoder_2=glyph.eval(), tokenizer_2=byt5,
+                guider=d.ClassifierFreeGuidance(guidance_scale=1.0))
+
+
+#: family -> (pipeline class, its parts) of the whole tiny video record pipelines.
+VIDEO_FULL = {"ltx2": ("LTX2Pipeline", ltx2_parts),
+              "hunyuan_video15": ("HunyuanVideo15Pipeline", hunyuan_video15_parts)}
+
+
 def save_video_full(family: str, folder: Path, seed: int = 0) -> Path:
-    """A whole tiny pipeline of a record video family (``ltx2``) saved with
-    ``save_pretrained`` into ``folder``."""
+    """A whole tiny pipeline of a record video family (``ltx2``, ``hunyuan_video15``)
+    saved with ``save_pretrained`` into ``folder``."""
     import diffusers as d
 
-    if family != "ltx2":
-        raise ValueError(f"no whole tiny pipeline of {family!r}; choose from ltx2")
+    if family not in VIDEO_FULL:
+        raise ValueError(f"no whole tiny pipeline of {family!r}; choose from "
+                         f"{', '.join(VIDEO_FULL)}")
+    cls, parts = VIDEO_FULL[family]
     folder = Path(folder)
-    d.LTX2Pipeline(**ltx2_parts(seed)).save_pretrained(str(folder))
+    getattr(d, cls)(**parts(seed)).save_pretrained(str(folder))
     return folder

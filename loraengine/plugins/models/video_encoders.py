@@ -100,3 +100,35 @@ class LTX2Encoder(PipelineEncoder):
         side = getattr(self.pipe.tokenizer, "padding_side", "left")
         video, _, video_mask = self.pipe.connectors(embeds, mask, padding_side=side)
         return {"cond": video, "mask": video_mask.long()}
+
+
+class HunyuanVideo15Encoder(PipelineEncoder):
+    """HunyuanVideo 1.5: clips ``[B,3,T,H,W]`` through ``AutoencoderKLHunyuanVideo15``
+    (posterior mean times the config's ``scaling_factor``, which the pipeline divides
+    out before decoding); captions through the pipeline's ``encode_prompt``: Qwen2.5-VL's
+    hidden states under its video-description template (``cond``, ``mask``) and the
+    ByT5 glyph encoder's states of the caption's quoted text (``byt5``, ``byt5_mask``;
+    zeros with an empty mask when it quotes nothing)."""
+
+    video = True
+
+    def __init__(self, family: Family, root: Path, options: Mapping[str, Any]):
+        super().__init__(family, root, options)
+        cfg = self.pipe.vae.config
+        self.scaling = float(cfg.scaling_factor)
+        self.frame_step = int(cfg.temporal_compression_ratio)
+        path = self.root / family.subfolder / "config.json"
+        patch = int(read_json(path).get("patch_size", 1)) if path.exists() else 1
+        self.bucket_multiple = int(cfg.spatial_compression_ratio) * patch
+
+    @torch.no_grad()
+    def encode_videos(self, pixels: torch.Tensor) -> torch.Tensor:
+        vae = self.pipe.vae
+        mean = vae.encode(pixels.to(self.device, vae.dtype)).latent_dist.mean.float().cpu()
+        return mean * self.scaling
+
+    def _encode(self, captions: list[str]) -> dict[str, torch.Tensor]:
+        embeds, mask, glyph, glyph_mask = self.pipe.encode_prompt(
+            captions, device=self.device, batch_size=len(captions), num_videos_per_prompt=1)
+        return {"cond": embeds, "mask": mask.long(), "byt5": glyph,
+                "byt5_mask": glyph_mask.long()}
