@@ -1,10 +1,11 @@
 """Tiny, complete video pipelines for tests: Wan 2.1 (one transformer) and Wan 2.2 A14B
 (two experts and a ``boundary_ratio``), built from small configs of the real classes
-with seeded random weights and saved with ``save_pretrained``; and folders holding
+with seeded random weights and saved with ``save_pretrained``; folders holding
 only the transformer and scheduler of LTX-2 and HunyuanVideo 1.5
-(:func:`save_video_denoiser`).
+(:func:`save_video_denoiser`), and their whole pipelines with VAE, text encoders and
+offline tokenizers (:func:`save_video_full`).
 
-The VAE is a tiny ``AutoencoderKLWan`` (8× space, 4× time: 5 frames of 32×32 become a
+Wan's VAE is a tiny ``AutoencoderKLWan`` (8× space, 4× time: 5 frames of 32×32 become a
 ``[4, 2, 4, 4]`` latent) with per-channel ``latents_mean`` / ``latents_std`` that are
 not the identity, so the normalization is exercised; the text encoder is a one-layer
 ``UMT5EncoderModel`` with the character tokenizer of :mod:`tiny_pipelines`.
@@ -199,7 +200,7 @@ def ltx2_parts(seed: int = 0) -> dict[str, Any]:
     from loraengine.testing.tiny_pipelines import gemma_tokenizer
 
     torch.manual_seed(seed)
-    vae = d.AutoencoderKLLTX2Video(
+    vae: Any = d.AutoencoderKLLTX2Video(
         in_channels=3, out_channels=3, latent_channels=LTX2_CHANNELS,
         block_out_channels=(8,), decoder_block_out_channels=(8,), layers_per_block=(1,),
         decoder_layers_per_block=(1, 1), spatio_temporal_scaling=(True,),
@@ -259,13 +260,18 @@ def hunyuan_video15_parts(seed: int = 0) -> dict[str, Any]:
     model with the byte-level Qwen tokenizer and its chat template, ByT5 (a T5 encoder
     over ``ByT5Tokenizer``'s bytes, which needs no vocabulary file) and the guider."""
     import diffusers as d
-    from transformers import (ByT5Tokenizer, Qwen2_5_VLTextConfig, Qwen2_5_VLTextModel,
-                              T5Config, T5EncoderModel)
+    from transformers import (
+        ByT5Tokenizer,
+        Qwen2_5_VLTextConfig,
+        Qwen2_5_VLTextModel,
+        T5Config,
+        T5EncoderModel,
+    )
 
     from loraengine.testing.tiny_pipelines import QWEN_VOCAB, qwen_tokenizer
 
     torch.manual_seed(seed)
-    vae = d.AutoencoderKLHunyuanVideo15(
+    vae: Any = d.AutoencoderKLHunyuanVideo15(
         in_channels=3, out_channels=3, latent_channels=HUNYUAN_CHANNELS,
         block_out_channels=(16, 16), layers_per_block=1,
         spatial_compression_ratio=HUNYUAN_SPACE, temporal_compression_ratio=HUNYUAN_TIME,
