@@ -160,7 +160,6 @@ def test_ltx2_clips_prepare_train_then_sample_a_frame_strip(tmp_path, ltx2, clip
     assert len(losses) == 30
     before = _ltx2_loss(ltx2, data, None)
     after = _ltx2_loss(ltx2, data, lora)
-    print(f"loss on fixed draws: {before:.4f} -> {after:.4f}")
     assert after < before, (before, after)
 
     (tmp_path / "p.txt").write_text("a person walks\n")
@@ -263,8 +262,8 @@ def test_hunyuan_video15_clips_prepare_train_then_sample_a_frame_strip(tmp_path,
     cfg = {"model": {"family": "hunyuan_video15", "path": str(hunyuan)},
            "data": {"latents": str(data / "latents.safetensors"),
                     "conditioning": str(data / "conditioning.safetensors")},
-           "training": {"steps": 30, "batch_size": 2, "dtype": "fp32"},
-           "optimizer": {"lr": 0.01}, "adapter": {"rank": 4, "dtype": "fp32"},
+           "training": {"steps": 10, "batch_size": 2, "dtype": "fp32"},
+           "optimizer": {"lr": 0.02}, "adapter": {"rank": 4, "dtype": "fp32"},
            "output": {"dir": str(tmp_path / "out"), "name": "lora", "plot": False}}
     (tmp_path / "t.yaml").write_text(yaml.safe_dump(cfg))
     trained = runner.invoke(cli, ["train", str(tmp_path / "t.yaml"), "-q"])
@@ -272,7 +271,6 @@ def test_hunyuan_video15_clips_prepare_train_then_sample_a_frame_strip(tmp_path,
     lora = tmp_path / "out" / "lora.safetensors"
     before = _hunyuan_loss(hunyuan, data, None)
     after = _hunyuan_loss(hunyuan, data, lora)
-    print(f"loss on fixed draws: {before:.4f} -> {after:.4f}")
     assert after < before, (before, after)
 
     (tmp_path / "p.txt").write_text('a sign reading "HELLO"\n')
