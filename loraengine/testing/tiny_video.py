@@ -1,10 +1,11 @@
 """Tiny, complete video pipelines for tests: Wan 2.1 (one transformer) and Wan 2.2 A14B
 (two experts and a ``boundary_ratio``), built from small configs of the real classes
-with seeded random weights and saved with ``save_pretrained``; and folders holding
+with seeded random weights and saved with ``save_pretrained``; folders holding
 only the transformer and scheduler of LTX-2 and HunyuanVideo 1.5
-(:func:`save_video_denoiser`).
+(:func:`save_video_denoiser`), and their whole pipelines with VAE, text encoders and
+offline tokenizers (:func:`save_video_full`).
 
-The VAE is a tiny ``AutoencoderKLWan`` (8× space, 4× time: 5 frames of 32×32 become a
+Wan's VAE is a tiny ``AutoencoderKLWan`` (8× space, 4× time: 5 frames of 32×32 become a
 ``[4, 2, 4, 4]`` latent) with per-channel ``latents_mean`` / ``latents_std`` that are
 not the identity, so the normalization is exercised; the text encoder is a one-layer
 ``UMT5EncoderModel`` with the character tokenizer of :mod:`tiny_pipelines`.
@@ -156,4 +157,159 @@ def save_video_denoiser(family: str, folder: Path, seed: int = 0) -> Path:
              "transformer": ["diffusers", type(model).__name__],
              "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"]}
     (folder / "model_index.json").write_text(json.dumps(index, indent=2))
+    return folder
+
+
+# -- LTX-2: the whole pipeline -----------------------------------------------------------
+
+#: Tiny LTX-2 pipeline: video latent channels, Gemma 3 width (= connector and caption
+#: width) and the video VAE's per-channel statistics (not the identity).
+LTX2_CHANNELS, LTX2_TEXT_DIM = 8, 16
+LTX2_LATENTS_MEAN = [0.1, -0.2, 0.3, 0.0, 0.05, -0.1, 0.2, -0.3]
+LTX2_LATENTS_STD = [1.5, 0.8, 2.0, 1.0, 1.2, 0.9, 1.1, 0.7]
+
+
+def gemma3_text(seed: int = 0) -> Any:
+    """``Gemma3ForConditionalGeneration`` with two text layers of width 16 (its tiny
+    vision tower is never run: LTX-2 encodes text only)."""
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration
+
+    from loraengine.testing.tiny_pipelines import gemma_tokenizer
+
+    vocab = len(gemma_tokenizer())
+    cfg = Gemma3Config(
+        text_config=dict(vocab_size=vocab + 3, hidden_size=LTX2_TEXT_DIM, intermediate_size=32,
+                         num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+                         head_dim=8, max_position_embeddings=2048, sliding_window=64,
+                         rope_scaling=None),
+        vision_config=dict(hidden_size=8, intermediate_size=16, num_hidden_layers=1,
+                           num_attention_heads=2, image_size=16, patch_size=4),
+        mm_tokens_per_image=4, boi_token_index=vocab, eoi_token_index=vocab + 1,
+        image_token_index=vocab + 2)
+    torch.manual_seed(seed)
+    return Gemma3ForConditionalGeneration(cfg).eval()
+
+
+def ltx2_parts(seed: int = 0) -> dict[str, Any]:
+    """The components of a tiny ``LTX2Pipeline``: VAE (8× space, 2× time: 5 frames of
+    32×32 become ``[8, 3, 4, 4]``), Gemma 3, the text connectors, the transformer, and
+    the audio VAE and vocoder the pipeline requires (training never runs them)."""
+    import diffusers as d
+    from diffusers.pipelines.ltx2 import LTX2TextConnectors, LTX2Vocoder
+
+    from loraengine.testing.tiny_pipelines import gemma_tokenizer
+
+    torch.manual_seed(seed)
+    vae: Any = d.AutoencoderKLLTX2Video(
+        in_channels=3, out_channels=3, latent_channels=LTX2_CHANNELS,
+        block_out_channels=(8,), decoder_block_out_channels=(8,), layers_per_block=(1,),
+        decoder_layers_per_block=(1, 1), spatio_temporal_scaling=(True,),
+        decoder_spatio_temporal_scaling=(True,), decoder_inject_noise=(False, False),
+        downsample_type=("spatiotemporal",), upsample_residual=(False,),
+        upsample_factor=(1,), timestep_conditioning=False, patch_size=4, patch_size_t=1,
+        encoder_causal=True, decoder_causal=False)
+    vae.latents_mean.copy_(torch.tensor(LTX2_LATENTS_MEAN))
+    vae.latents_std.copy_(torch.tensor(LTX2_LATENTS_STD))
+    text = gemma3_text(seed)
+    layers = int(text.config.text_config.num_hidden_layers)
+    torch.manual_seed(seed)
+    connectors = LTX2TextConnectors(
+        caption_channels=LTX2_TEXT_DIM, text_proj_in_factor=layers + 1,
+        video_connector_num_attention_heads=2, video_connector_attention_head_dim=8,
+        video_connector_num_layers=1, video_connector_num_learnable_registers=None,
+        audio_connector_num_attention_heads=2, audio_connector_attention_head_dim=8,
+        audio_connector_num_layers=1, audio_connector_num_learnable_registers=None,
+        connector_rope_base_seq_len=32, rope_double_precision=False, rope_type="split")
+    from diffusers import LTX2VideoTransformer3DModel
+
+    torch.manual_seed(seed)
+    transformer = LTX2VideoTransformer3DModel(
+        in_channels=LTX2_CHANNELS, out_channels=LTX2_CHANNELS, num_attention_heads=2,
+        attention_head_dim=8, cross_attention_dim=16, audio_in_channels=4,
+        audio_out_channels=4, audio_num_attention_heads=2, audio_attention_head_dim=4,
+        audio_cross_attention_dim=8, num_layers=2, caption_channels=LTX2_TEXT_DIM,
+        rope_type="split")
+    torch.manual_seed(seed)
+    audio_vae = d.AutoencoderKLLTX2Audio(
+        base_channels=4, output_channels=2, ch_mult=(1,), num_res_blocks=1,
+        attn_resolutions=None, in_channels=2, resolution=32, latent_channels=2,
+        norm_type="pixel", causality_axis="height", dropout=0.0,
+        mid_block_add_attention=False, sample_rate=16000, mel_hop_length=160,
+        is_causal=True, mel_bins=8)
+    vocoder = LTX2Vocoder(in_channels=2 * 8, hidden_channels=32, out_channels=2,
+                          upsample_kernel_sizes=[4, 4], upsample_factors=[2, 2],
+                          resnet_kernel_sizes=[3], resnet_dilations=[[1, 3, 5]],
+                          leaky_relu_negative_slope=0.1, output_sampling_rate=16000)
+    sched = d.FlowMatchEulerDiscreteScheduler(**VIDEO_DENOISERS["ltx2"][2])
+    return dict(vae=vae, audio_vae=audio_vae, text_encoder=text, tokenizer=gemma_tokenizer(),
+                connectors=connectors, transformer=transformer, vocoder=vocoder,
+                scheduler=sched, processor=None, prompt_enhancer=None, duration_head=None)
+
+
+# -- HunyuanVideo 1.5: the whole pipeline -----------------------------------------------
+
+#: Tiny HunyuanVideo 1.5 VAE: latent channels and its compression (4x space, 2x time).
+HUNYUAN_CHANNELS, HUNYUAN_SPACE, HUNYUAN_TIME = 4, 4, 2
+#: Qwen2.5-VL and ByT5 widths (the transformer's ``text_embed_dim`` / ``text_embed_2_dim``).
+HUNYUAN_TEXT_DIM, HUNYUAN_BYT5_DIM = 24, 12
+
+
+def hunyuan_video15_parts(seed: int = 0) -> dict[str, Any]:
+    """The components of a tiny ``HunyuanVideo15Pipeline``: VAE (its released
+    ``scaling_factor``; 5 frames of 32x32 become ``[4, 3, 8, 8]``), the Qwen2.5-VL text
+    model with the byte-level Qwen tokenizer and its chat template, ByT5 (a T5 encoder
+    over ``ByT5Tokenizer``'s bytes, which needs no vocabulary file) and the guider."""
+    import diffusers as d
+    from transformers import (
+        ByT5Tokenizer,
+        Qwen2_5_VLTextConfig,
+        Qwen2_5_VLTextModel,
+        T5Config,
+        T5EncoderModel,
+    )
+
+    from loraengine.testing.tiny_pipelines import QWEN_VOCAB, qwen_tokenizer
+
+    torch.manual_seed(seed)
+    vae: Any = d.AutoencoderKLHunyuanVideo15(
+        in_channels=3, out_channels=3, latent_channels=HUNYUAN_CHANNELS,
+        block_out_channels=(16, 16), layers_per_block=1,
+        spatial_compression_ratio=HUNYUAN_SPACE, temporal_compression_ratio=HUNYUAN_TIME,
+        downsample_match_channel=False, upsample_match_channel=False)
+    torch.manual_seed(seed)
+    text = Qwen2_5_VLTextModel(Qwen2_5_VLTextConfig(
+        vocab_size=QWEN_VOCAB, hidden_size=HUNYUAN_TEXT_DIM, intermediate_size=32,
+        num_hidden_layers=3, num_attention_heads=2, num_key_value_heads=1,
+        max_position_embeddings=2048, pad_token_id=0, bos_token_id=0, eos_token_id=2,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                         "mrope_section": [2, 2, 2]}))
+    byt5 = ByT5Tokenizer()
+    torch.manual_seed(seed)
+    glyph = T5EncoderModel(T5Config(
+        vocab_size=len(byt5), d_model=HUNYUAN_BYT5_DIM, d_kv=6, d_ff=24, num_layers=1,
+        num_heads=2, relative_attention_num_buckets=8, pad_token_id=0, eos_token_id=1,
+        decoder_start_token_id=0))  # type: ignore[call-arg]
+    sched = d.FlowMatchEulerDiscreteScheduler(**VIDEO_DENOISERS["hunyuan_video15"][2])
+    return dict(vae=vae.eval(), text_encoder=text.eval(), tokenizer=qwen_tokenizer(),
+                transformer=hunyuan_video15_transformer(seed), scheduler=sched,
+                text_encoder_2=glyph.eval(), tokenizer_2=byt5,
+                guider=d.ClassifierFreeGuidance(guidance_scale=1.0))
+
+
+#: family -> (pipeline class, its parts) of the whole tiny video record pipelines.
+VIDEO_FULL = {"ltx2": ("LTX2Pipeline", ltx2_parts),
+              "hunyuan_video15": ("HunyuanVideo15Pipeline", hunyuan_video15_parts)}
+
+
+def save_video_full(family: str, folder: Path, seed: int = 0) -> Path:
+    """A whole tiny pipeline of a record video family (``ltx2``, ``hunyuan_video15``)
+    saved with ``save_pretrained`` into ``folder``."""
+    import diffusers as d
+
+    if family not in VIDEO_FULL:
+        raise ValueError(f"no whole tiny pipeline of {family!r}; choose from "
+                         f"{', '.join(VIDEO_FULL)}")
+    cls, parts = VIDEO_FULL[family]
+    folder = Path(folder)
+    getattr(d, cls)(**parts(seed)).save_pretrained(str(folder))
     return folder

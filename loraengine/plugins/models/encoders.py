@@ -27,10 +27,11 @@ from loraengine.plugins.models.common import Family, read_json
 
 #: Components an encoder never needs; passing None skips loading them.
 UNUSED = ("unet", "transformer", "transformer_2", "safety_checker", "feature_extractor",
-          "image_encoder")
+          "image_encoder", "audio_vae", "vocoder", "prompt_enhancer", "duration_head")
 #: Components whose files decide what an encoder produces.
 ENCODING = ("vae", "text_encoder", "text_encoder_2", "text_encoder_3", "text_encoder_4",
-            "tokenizer", "tokenizer_2", "tokenizer_3", "tokenizer_4", "processor")
+            "tokenizer", "tokenizer_2", "tokenizer_3", "tokenizer_4", "processor",
+            "connectors")
 
 
 def resolve_device(name: str) -> torch.device:

@@ -7,15 +7,21 @@ the zero condition latents and zero mask channel the text-to-video pipeline appe
 tokens; the model sees the scheduler's timestep ``σ·1000``. ``cond`` holds Qwen2.5-VL's
 hidden states and ``mask`` their mask (all ones when absent); ``byt5`` / ``byt5_mask``
 the glyph encoder's, given no tokens when absent. The shift is the scheduler config's.
+``prepare`` encodes clips with the pipeline's VAE and captions with its
+``encode_prompt`` (:class:`~loraengine.plugins.models.video_encoders.HunyuanVideo15Encoder`).
 """
 
 from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
 
 from torch import nn
 
 from loraengine.plugins.models import family_marks as fm
 from loraengine.plugins.models.common import flow_transformer_family, make_spec, submodules
 from loraengine.plugins.models.flow import FlowCall
+from loraengine.plugins.models.latent_vaes import HunyuanVideo15LatentVAE, vae_loader
 
 
 def hunyuan_blocks(model: nn.Module) -> list[nn.Module]:
@@ -28,6 +34,7 @@ HUNYUAN_VIDEO15 = flow_transformer_family(
     vae_scale=1.0, vae_shift=0.0, vae_factor=16, base_model_version="hunyuan_video15",
     default_include=("transformer_blocks.*",), blocks=hunyuan_blocks, flow_shift=5.0,
     default_resolution=480,
+    latent_vae=vae_loader("AutoencoderKLHunyuanVideo15", HunyuanVideo15LatentVAE),
     call=FlowCall(timestep="scaled", latent_ndim=5, pad_channels=True,
                   text_mask="encoder_attention_mask",
                   optional_args=(("byt5", "encoder_hidden_states_2"),
@@ -47,4 +54,10 @@ HUNYUAN_VIDEO15 = flow_transformer_family(
     description="HunyuanVideo 1.5 transformer, text-to-video (rectified flow on "
     "[N,C,T,H,W] latents).")
 
-SPEC = make_spec(HUNYUAN_VIDEO15)  # no prepare encoder yet
+def _make_encoder(path: Any, options: Any) -> Any:
+    from loraengine.plugins.models.video_encoders import HunyuanVideo15Encoder
+
+    return HunyuanVideo15Encoder(HUNYUAN_VIDEO15, Path(path), options)
+
+
+SPEC = make_spec(HUNYUAN_VIDEO15, make_encoder=_make_encoder)

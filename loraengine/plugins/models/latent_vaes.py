@@ -74,3 +74,39 @@ def vae_loader(class_name: str, wrap: Callable[[Any], nn.Module]
         return load
 
     return for_root
+
+
+class LTX2LatentVAE(nn.Module):
+    """``AutoencoderKLLTX2Video`` for normalised latents ``[N,C,T,h,w]``: undoes
+    ``(z − mean) · scaling_factor / std`` per channel, as LTX2Pipeline does before
+    decoding."""
+
+    decodes_video = True
+
+    def __init__(self, vae: Any):
+        super().__init__()
+        self.vae = vae
+        self.config = SimpleNamespace(latent_channels=int(vae.config.latent_channels))
+        self.mean = vae.latents_mean.detach().float().view(1, -1, 1, 1, 1)
+        self.std = vae.latents_std.detach().float().view(1, -1, 1, 1, 1)
+        self.scaling = float(vae.config.scaling_factor)
+
+    def decode(self, latents: torch.Tensor) -> Any:
+        z = latents * self.std.to(latents) / self.scaling + self.mean.to(latents)
+        return self.vae.decode(z)
+
+
+class HunyuanVideo15LatentVAE(nn.Module):
+    """``AutoencoderKLHunyuanVideo15`` for latents ``[N,C,T,h,w]`` scaled by its
+    ``scaling_factor``, divided out before decoding as HunyuanVideo15Pipeline does."""
+
+    decodes_video = True
+
+    def __init__(self, vae: Any):
+        super().__init__()
+        self.vae = vae
+        self.config = SimpleNamespace(latent_channels=int(vae.config.latent_channels))
+        self.scaling = float(vae.config.scaling_factor)
+
+    def decode(self, latents: torch.Tensor) -> Any:
+        return self.vae.decode(latents / self.scaling)

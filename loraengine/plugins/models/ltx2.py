@@ -10,15 +10,20 @@ LTX-2 is run without audio) and an audio stream of one silent token and one zero
 token, which it computes apart and whose output is dropped. The default targets are
 the video stream's attention and feed-forward layers. The pipeline shifts
 by the token count (``use_dynamic_shifting``); each batch trains with its own size's
-shift.
+shift. ``prepare`` encodes clips with the pipeline's video VAE and captions with Gemma 3
+and the connectors (:class:`~loraengine.plugins.models.video_encoders.LTX2Encoder`).
 """
 
 from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
 
 from torch import nn
 
 from loraengine.plugins.models.common import flow_transformer_family, make_spec, submodules
 from loraengine.plugins.models.flow import FlowCall, ShiftRule
+from loraengine.plugins.models.latent_vaes import LTX2LatentVAE, vae_loader
 
 
 def ltx2_blocks(model: nn.Module) -> list[nn.Module]:
@@ -45,7 +50,15 @@ LTX2 = flow_transformer_family(
            "norm_[qk])", "transformer_blocks.N.(audio_)?ff.net.N(.proj)?",
            "(audio_)?caption_projection.linear_[12]", "audio_proj_(in|out)",
            "(audio_)?time_embed", "av_cross_attn", "proj_in", "proj_out"),
+    latent_vae=vae_loader("AutoencoderKLLTX2Video", LTX2LatentVAE),
     description="LTX-2 audio-video transformer, video stream (rectified flow on "
     "[N,C,T,H,W] latents, one token per cell).")
 
-SPEC = make_spec(LTX2)  # no prepare encoder yet
+
+def _make_encoder(path: Any, options: Any) -> Any:
+    from loraengine.plugins.models.video_encoders import LTX2Encoder
+
+    return LTX2Encoder(LTX2, Path(path), options)
+
+
+SPEC = make_spec(LTX2, make_encoder=_make_encoder)
