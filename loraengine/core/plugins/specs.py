@@ -238,7 +238,8 @@ class ExporterSpec:
     #: ``to_file``; with none offered, the model's own paths are written.
     layouts: tuple[str, ...] = ()
     #: ``limits(modules) -> lines``: what the format's consumer cannot express of a file,
-    #: given ``{module path: (algorithm, parameter names)}``; one line each, naming the
+    #: given ``{module path: (algorithm, parameter names)}`` (the names may be a mapping
+    #: of name -> shape, for limits that depend on a shape); one line each, naming the
     #: consumer. ``train`` warns with them (``core/checks.py``), ``convert`` measures them.
     limits: Callable[[Mapping[str, tuple[str, Collection[str]]]], list[str]] | None = None
 

@@ -38,6 +38,7 @@ from loraengine.core.files import (
 )
 from loraengine.core.plugins.host import PluginHost
 from loraengine.core.plugins.specs import ExporterSpec
+from loraengine.plugins.exporters import A1111, FORGE, LYCORIS, kohya_limits
 
 #: consumer -> (exporter, the module layouts it is written in, best first; None: the
 #: exporter's own)
@@ -48,6 +49,9 @@ TARGETS: dict[str, tuple[str, tuple[str, ...] | None]] = {
 #: first parts of a UNet's original (checkpoint) module names
 ORIGINAL_ROOTS = frozenset({"input_blocks", "middle_block", "output_blocks", "time_embed",
                             "label_emb", "out"})
+#: the readers of kohya files each target names, whose limits (``kohya_limits``) it
+#: reports: sd-scripts loads every algorithm but LoRA through LyCORIS
+KOHYA_READERS = {"kohya": (LYCORIS,), "a1111": (A1111, FORGE)}
 CONSUMER_NAMES = {"comfyui": "ComfyUI", "kohya": "sd-scripts", "a1111": "A1111/Forge",
                   "diffusers": "diffusers"}
 
@@ -201,6 +205,11 @@ def convert_file(source: Path, target: str, model_path: Path | None = None,
         layouts = {}
         warnings += [f"{consumer}: {limit} (pass --model to measure the difference)"
                      for limit in unmeasured(target, file)]
+    if target in KOHYA_READERS:
+        summary = {path: (m.algorithm or "deltas",
+                          {k: tuple(v.shape) for k, v in {**m.params, **m.deltas}.items()})
+                   for path, m in file.modules.items()}
+        warnings += kohya_limits(summary, KOHYA_READERS[target])
     tensors = exporter.to_file(in_layout(modules, exporter, layouts))
     meta = dict(file.metadata) | {"loraengine.converted_for": target}
     save_lora(out, tensors, meta)
