@@ -213,3 +213,43 @@ def test_the_docs_show_the_fixtures_tables():
     """docs/compatibility.md's A1111/Forge/LyCORIS tables are the fixture's numbers."""
     docs = (Path(__file__).parents[1] / "docs" / "compatibility.md").read_text()
     assert MAKE.tables(RESULTS) in docs
+
+
+#: (convert target, reader, case, the limit's first words): convert --model measures
+#: these limits with the reader's formula; the fixture has what the reader's own code
+#: computed on the same model and file
+MEASURED = [("a1111", "A1111 1.8", "lora-weight_decompose=True-r4", "no DoRA"),
+            ("a1111", "Forge", "lora-weight_decompose=True-r4", "DoRA normalised"),
+            ("a1111", "Forge", "oft-r4", "no OFT"),
+            ("a1111", "A1111 1.8", "glora-r4", "GLoRA fails"),
+            ("kohya", "LyCORIS", "loha-r4", "LoHa/LoKr merged"),
+            ("kohya", "LyCORIS", "lokr-factor=2-r2", "LoHa/LoKr merged")]
+READER_KEYS = {"A1111 1.8": "a1111", "Forge": "forge", "LyCORIS": "lycoris"}
+
+
+@pytest.mark.parametrize(("target", "reader", "cid", "start"), MEASURED,
+                         ids=[f"{r}-{c}" for _, r, c, _ in MEASURED])
+def test_convert_measures_the_readers_limit_as_the_reader_computes_it(
+        target, reader, cid, start, tmp_path):
+    """``convert --model`` reports the max relative weight error of the reader's
+    formula; it equals what the reader's own code gave on the SD1.5-structured UNet
+    (the fixture), to fp32 rounding of the two computations (both are O(1) errors
+    of W-sized sums: 1e-4 relative)."""
+    import re
+
+    from loraengine.core.files import write_adapter_file
+    from loraengine.tools.convert.logic import convert_file
+
+    name, options, rank = CASES[cid]
+    unet = MAKE.diffusers_unet("sd15")
+    network = mm.build_network(unet, name, options, rank)
+    src = tmp_path / "in.safetensors"
+    write_adapter_file(src, network.file_modules(), mm.REG.get("exporter", "kohya"),
+                       {"loraengine.algorithm": name})
+    warnings = convert_file(src, target, out=tmp_path / "out.safetensors",
+                            model=MAKE.diffusers_unet("sd15"))["warnings"]
+    line = next(w for w in warnings if w.startswith(f"{reader}: {start}"))
+    measured = float(re.search(r"max relative weight error ([0-9.e+-]+)", line).group(1))
+    theirs = RESULTS["cases"][READER_KEYS[reader]]["sd15"][cid]["max_rel"]
+    # the warning prints 2 significant digits
+    assert measured == pytest.approx(float(f"{theirs:.2g}"), rel=1e-4), line
