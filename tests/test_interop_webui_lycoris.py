@@ -253,3 +253,34 @@ def test_convert_measures_the_readers_limit_as_the_reader_computes_it(
     theirs = RESULTS["cases"][READER_KEYS[reader]]["sd15"][cid]["max_rel"]
     # the warning prints 2 significant digits
     assert measured == pytest.approx(float(f"{theirs:.2g}"), rel=1e-4), line
+
+
+@pytest.mark.parametrize("cid", ["lokr-factor=-1-use_tucker=True-r2",
+                                 "lokr-factor=-1-use_tucker=True-decompose_both=True-r1"])
+def test_the_a1111_export_writes_lokr_tucker_whole_with_the_same_delta(cid):
+    """``convert --to a1111`` writes a Tucker LoKr's large factor whole (``lokr_w2``;
+    Forge fails on ``lokr_t2``); read back, every layer's ΔW is the network's: the
+    product is the one the layer computes, and moving alpha/rank into ``lokr_w1`` adds
+    one fp32 rounding per element (1e-6 relative is 16u)."""
+    from loraengine.core.files import read_adapter_file
+    from loraengine.inference import network_from_file
+
+    name, options, rank = CASES[cid]
+    unet = MAKE.diffusers_unet("sd15")
+    network = mm.build_network(unet, name, options, rank)
+    _, files, _ = MAKE.our_case("sd15", CASES[cid])
+    tensors = files["a1111"]
+    assert not any(k.endswith(".lokr_t2") for k in tensors)
+    assert any(k.endswith(".lokr_w2") for k in tensors)
+    fresh = MAKE.diffusers_unet("sd15")
+    file = read_adapter_file(tensors, mm.REG, [n for n, _ in fresh.named_modules() if n],
+                             model=fresh)
+    loaded, _, _ = network_from_file(fresh, file, mm.REG)
+    theirs = dict(loaded.items())
+    checked = 0
+    for path, layer in network.items():
+        want = layer.delta_weight().detach()
+        got = theirs[path].delta_weight().detach()
+        assert _rel(got, want) <= 1e-6, path
+        checked += 1
+    assert checked == len(theirs)

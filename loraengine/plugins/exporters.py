@@ -51,6 +51,27 @@ def norm_deltas_as_lycoris(params: Mapping[str, torch.Tensor]) -> Mapping[str, t
     return {NORM_NAMES[k]: v for k, v in params.items()}
 
 
+def lokr_without_tucker(params: Mapping[str, torch.Tensor]) -> Mapping[str, torch.Tensor]:
+    """A LoKr module with a Tucker core (``lokr_t2`` + ``lokr_w2_a``/``lokr_w2_b``) with
+    its large factor written whole, ``lokr_w2``, which every LoKr reader reads (Forge's
+    Tucker path fails on a convolution). The same ΔW: where the small factor is whole
+    too, no factor is low rank and readers then apply no alpha/rank, so the scale moves
+    into ``lokr_w1`` and ``alpha`` goes; any other module as it is."""
+    t2 = params.get("lokr_t2")
+    if t2 is None or "lokr_w2_a" not in params or "lokr_w2_b" not in params:
+        return params
+    from loraengine.plugins.adapters.common import tucker
+
+    w2_a, w2_b = params["lokr_w2_a"], params["lokr_w2_b"]
+    out = {k: v for k, v in params.items() if k not in ("lokr_t2", "lokr_w2_a", "lokr_w2_b")}
+    out["lokr_w2"] = tucker(t2.float(), w2_a.float(), w2_b.float()).to(w2_a.dtype)
+    if "lokr_w1" in out:
+        rank = int(w2_b.shape[0])
+        scale = float(out.pop("alpha")) / rank if "alpha" in out else 1.0
+        out["lokr_w1"] = (out["lokr_w1"].float() * scale).to(out["lokr_w1"].dtype)
+    return out
+
+
 class PrefixedFormat:
     """``<prefix><path>.<param>`` where ``path`` may be rewritten by ``encode``;
     ``norm_names``: norm deltas as ``w_norm``/``b_norm`` (``norm_deltas_as_lycoris``)."""

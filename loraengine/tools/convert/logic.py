@@ -38,7 +38,14 @@ from loraengine.core.files import (
 )
 from loraengine.core.plugins.host import PluginHost
 from loraengine.core.plugins.specs import ExporterSpec
-from loraengine.plugins.exporters import A1111, FORGE, KOHYA_RULES, LYCORIS, kohya_limits
+from loraengine.plugins.exporters import (
+    A1111,
+    FORGE,
+    KOHYA_RULES,
+    LYCORIS,
+    kohya_limits,
+    lokr_without_tucker,
+)
 
 #: consumer -> (exporter, the module layouts it is written in, best first; None: the
 #: exporter's own)
@@ -76,7 +83,20 @@ def _exporter(host: PluginHost, target: str) -> ExporterSpec:
         raise ConfigError(f"--to: expected one of {', '.join(TARGETS)}, got {target!r}")
     name, layouts = TARGETS[target]
     spec: ExporterSpec = host.registry.get("exporter", name)
+    if target == "a1111":  # LoKr's Tucker core written out: Forge fails on it
+        write = spec.to_file
+        spec = dataclasses.replace(spec, to_file=lambda modules: write(
+            {path: lokr_without_tucker(params) for path, params in modules.items()}))
     return spec if layouts is None else dataclasses.replace(spec, layouts=layouts)
+
+
+def exporter_for(target: str, host: PluginHost | None = None) -> ExporterSpec:
+    """The exporter ``convert --to target`` writes with."""
+    if host is None:
+        from loraengine.plugins import build_plugin_manager
+
+        host = build_plugin_manager()
+    return _exporter(host, target)
 
 
 def _relative(got: torch.Tensor, want: torch.Tensor) -> float:
@@ -260,8 +280,10 @@ def convert_file(source: Path, target: str, model_path: Path | None = None,
         warnings += [f"{consumer}: {limit} (pass --model to measure the difference)"
                      for limit in unmeasured(target, file)]
     if target in KOHYA_READERS:
+        written = (lokr_without_tucker if target == "a1111" else dict)
         summary = {path: (m.algorithm or "deltas",
-                          {k: tuple(v.shape) for k, v in {**m.params, **m.deltas}.items()})
+                          {k: tuple(v.shape) for k, v in
+                           written({**m.params, **m.deltas}).items()})
                    for path, m in file.modules.items()}
         # the limits not measured above, by name
         warnings += [line for line in kohya_limits(summary, KOHYA_READERS[target])
