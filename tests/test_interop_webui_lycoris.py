@@ -257,19 +257,25 @@ def test_convert_measures_the_readers_limit_as_the_reader_computes_it(
 
 @pytest.mark.parametrize("cid", ["lokr-factor=-1-use_tucker=True-r2",
                                  "lokr-factor=-1-use_tucker=True-decompose_both=True-r1"])
-def test_the_a1111_export_writes_lokr_tucker_whole_with_the_same_delta(cid):
+def test_the_a1111_export_writes_lokr_tucker_whole_with_the_same_delta(cid, tmp_path):
     """``convert --to a1111`` writes a Tucker LoKr's large factor whole (``lokr_w2``;
     Forge fails on ``lokr_t2``); read back, every layer's ΔW is the network's: the
     product is the one the layer computes, and moving alpha/rank into ``lokr_w1`` adds
     one fp32 rounding per element (1e-6 relative is 16u)."""
-    from loraengine.core.files import read_adapter_file
+    from loraengine.core.files import read_adapter_file, write_adapter_file
     from loraengine.inference import network_from_file
+    from loraengine.tools.convert.logic import convert_file
 
     name, options, rank = CASES[cid]
     unet = MAKE.diffusers_unet("sd15")
     network = mm.build_network(unet, name, options, rank)
-    _, files, _ = MAKE.our_case("sd15", CASES[cid])
-    tensors = files["a1111"]
+    src = tmp_path / "lokr.safetensors"
+    write_adapter_file(src, network.file_modules(), mm.REG.get("exporter", "kohya"),
+                       {"loraengine.algorithm": name})
+    out = convert_file(src, "a1111", out=tmp_path / "a1111.safetensors",
+                       model=MAKE.diffusers_unet("sd15"))
+    assert not any(line.startswith("Forge") for line in out["warnings"])
+    tensors = load_file(out["out"])
     assert not any(k.endswith(".lokr_t2") for k in tensors)
     assert any(k.endswith(".lokr_w2") for k in tensors)
     fresh = MAKE.diffusers_unet("sd15")

@@ -64,7 +64,7 @@ def lokr_without_tucker(params: Mapping[str, torch.Tensor]) -> Mapping[str, torc
 
     w2_a, w2_b = params["lokr_w2_a"], params["lokr_w2_b"]
     out = {k: v for k, v in params.items() if k not in ("lokr_t2", "lokr_w2_a", "lokr_w2_b")}
-    out["lokr_w2"] = tucker(t2.float(), w2_a.float(), w2_b.float()).to(w2_a.dtype)
+    out["lokr_w2"] = tucker(t2.float(), w2_a.float(), w2_b.float()).to(w2_a.dtype).contiguous()
     if "lokr_w1" in out:
         rank = int(w2_b.shape[0])
         scale = float(out.pop("alpha")) / rank if "alpha" in out else 1.0
