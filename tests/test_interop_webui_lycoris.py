@@ -79,13 +79,17 @@ def test_every_cell_is_exact_or_a_limit_the_export_warns_about(cid):
             row = RESULTS["cases"][consumer][family][cid]
             assert row["keys"] == len(files[consumer]), (consumer, family)
             if not _exact(row):
-                warned = kohya_limits(summary, (LABELS[consumer],))
+                warned = kohya_limits(summary[consumer], (LABELS[consumer],))
                 assert warned, (consumer, family, row)
 
 
 #: cells the exporter's fixes made exact (they were not): OFT/BOFT constraints in the
-#: readers that take alpha·out_dim, norm deltas as w_norm/b_norm in LyCORIS
-FIXED = [("a1111", "oft-constraint=0.5-rescaled=True-r4"),
+#: readers that take alpha·out_dim, norm deltas as w_norm/b_norm in LyCORIS, LoKr's
+#: Tucker core written out for Forge
+FIXED = [("forge", "lokr-factor=-1-use_tucker=True-r2"),
+         ("forge", "lokr-factor=-1-use_tucker=True-decompose_both=True-r1"),
+         ("forge", "lokr-factor=-1-use_tucker=True-norm_and_bias_deltas=True-r2"),
+         ("a1111", "oft-constraint=0.5-rescaled=True-r4"),
          ("a1111", "boft-constraint=0.5-rescaled=True-r4"),
          ("a1111", "oft-block_count=2-constraint=0.3-r4"),
          ("lycoris", "oft-constraint=0.5-rescaled=True-r4"),
@@ -150,7 +154,8 @@ def test_lycoris_loads_the_kohya_export_live(cid):
     assert not errors
     assert all(k.endswith(".diff_b") for k in unloaded)
     if unloaded:
-        assert any("diff_b (the bias delta) of a layer that has an adapter is ignored" in line for line in kohya_limits(summary, (LYCORIS,)))
+        assert any("diff_b (the bias delta) of a layer that has an adapter is ignored"
+                   in line for line in kohya_limits(summary["lycoris"], (LYCORIS,)))
     ignored = set(unloaded)
     got, want = unet.state_dict(), ours.state_dict()
     base = MAKE.diffusers_unet(family).state_dict()
