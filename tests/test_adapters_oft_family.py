@@ -218,12 +218,21 @@ def test_files_load_into_lycoris_and_give_our_merged_outputs(variant, case):
     adapter = build_adapter(SPECS[name], base, options)
     perturb(adapter, std=0.2)
     ours = outputs(adapter, base, x)["merged"]
-    # LyCORIS reads an OFT/BOFT alpha as a bound of alpha·out_dim, ComfyUI (and this
-    # file) as alpha: hand LyCORIS the same bound in its own reading.
-    constraint = options.get("constraint")
-    ly_alpha = constraint / base.weight.shape[0] if constraint else None
+    # LyCORIS reads an OFT/BOFT alpha as a bound of alpha·out_dim, ComfyUI as alpha: the
+    # file holds the blocks already within the bound and alpha 0, which both read alike,
+    # so LyCORIS gets the file as written.
+    saved = {k: v.detach() for k, v in adapter.file_tensors().items()}
+    if name in ("oft", "boft"):
+        assert float(saved["alpha"]) == 0.0
+    if options.get("constraint"):  # saved within the bound (scaled, where beyond it)
+        raw = adapter.oft_blocks.detach()
+        beyond = float(torch.linalg.vector_norm(raw - raw.transpose(-1, -2))) > \
+            options["constraint"]
+        assert beyond != torch.equal(saved["oft_blocks"], raw)
+        q = saved["oft_blocks"] - saved["oft_blocks"].transpose(-1, -2)
+        assert float(torch.linalg.vector_norm(q)) <= options["constraint"] * (1 + 1e-6)
     holder = _Holder(copy.deepcopy(base))
-    net, _ = create_lycoris_from_weights(1.0, "", holder, _lycoris_file(adapter, ly_alpha))
+    net, _ = create_lycoris_from_weights(1.0, "", holder, _lycoris_file(adapter))
     assert len(net.loras) == 1
     net.apply_to()
     with torch.no_grad():
@@ -378,3 +387,29 @@ def test_trains_in_weight_and_bypass_mode_and_the_file_reloads(name, unet_config
         with torch.no_grad():
             got = fresh(*UNET_INPUTS).sample
         assert relative_error(got, want) <= 1e-5, mode
+
+
+@pytest.mark.parametrize("name", ["oft", "boft"])
+def test_a_constrained_file_means_the_same_read_with_no_constraint(name):
+    """The file holds the blocks scaled onto the bound with alpha 0: read back with no
+    options it gives the same weight; read back for training with the constraint set
+    (``adapter.existing``), the layer keeps the bound; a file with alpha > 0 (ComfyUI's
+    own, or written before) keeps the file's bound in ComfyUI's reading."""
+    base = nn.Linear(8, 16)
+    spec = SPECS[name]
+    adapter = build_adapter(spec, base, {"constraint": 0.3})
+    perturb(adapter, std=0.5)
+    raw = adapter.oft_blocks.detach()
+    assert float(torch.linalg.vector_norm(raw - raw.transpose(-1, -2))) > 0.3
+    saved = {k: v.detach().clone() for k, v in adapter.file_tensors().items()}
+    want = base.weight.detach() + adapter.delta_weight().detach()
+    plain = spec.load(base, saved, spec.config_model())
+    assert plain.constraint == 0.0
+    # the same blocks reach the same Cayley solve: the same weight, bit for bit
+    assert torch.equal(base.weight + plain.delta_weight().detach(), want)
+    resumed = spec.load(base, saved, spec.config_model(constraint=0.3))
+    assert resumed.constraint == 0.3
+    comfy = dict(saved, oft_blocks=raw.clone(), alpha=torch.tensor(0.3))
+    from_comfy = spec.load(base, comfy, spec.config_model())
+    assert from_comfy.constraint == pytest.approx(0.3)
+    assert torch.equal(base.weight + from_comfy.delta_weight().detach(), want)

@@ -39,7 +39,8 @@ def _exporter_limits(pipe: Any) -> list[str]:
         layer = layers.get(path)
         algorithm = "deltas" if layer is None else \
             str(getattr(layer, "algorithm", None) or pipe.adapter_spec.name)
-        modules[renamed[path]] = (algorithm, tuple(params))
+        # names -> shapes: the names for every limit, the shapes for those needing them
+        modules[renamed[path]] = (algorithm, {k: tuple(v.shape) for k, v in params.items()})
     return [f"adapter.exporter: {line}" for line in exporter.limits(modules)]
 
 

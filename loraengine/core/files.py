@@ -450,16 +450,24 @@ def read_adapter_file(source: Path | str | Mapping[str, torch.Tensor], registry:
 
 #: PEFT's name of a DoRA magnitude; the engine's (and LyCORIS's) is ``dora_scale``.
 PEFT_MAGNITUDE = "lora_magnitude_vector"
+#: LyCORIS's names of a norm layer's ``diff`` / ``diff_b``
+NORM_DELTA_NAMES = frozenset({"w_norm", "b_norm"})
 
 
 def standard_names(params: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """A saved module's tensors under the engine's names: PEFT's
     ``lora_magnitude_vector`` (one magnitude per output channel, ``[out]`` or
     ``[1, out, 1, ...]``) becomes ``dora_scale`` as a 1-D tensor, which the DoRA
-    loader reads as per output channel whatever the layer's shape."""
+    loader reads as per output channel whatever the layer's shape; a norm layer's
+    ``w_norm``/``b_norm`` (LyCORIS) become ``diff``/``diff_b``."""
     out = dict(params)
     if PEFT_MAGNITUDE in out and "dora_scale" not in out:
         out["dora_scale"] = out.pop(PEFT_MAGNITUDE).reshape(-1)
+    # LyCORIS's (and A1111's) names for a norm layer's deltas
+    if "w_norm" in out and "diff" not in out and set(out) <= NORM_DELTA_NAMES:
+        out["diff"] = out.pop("w_norm")
+        if "b_norm" in out:
+            out["diff_b"] = out.pop("b_norm")
     return out
 
 
@@ -490,7 +498,7 @@ def _group_without_model(tensors: Mapping[str, torch.Tensor],
     def is_module(prefix: str) -> bool:
         if prefix not in claimed:
             names = under[prefix]
-            rest = names - set(DELTA_KEYS)
+            rest = names - set(DELTA_KEYS) - NORM_DELTA_NAMES
             claimed[prefix] = not rest or any(s.owns_keys(rest) for s in specs)
         return claimed[prefix]
 

@@ -15,7 +15,7 @@ loads on the diffusers model.
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 
 import torch
 
@@ -46,11 +46,49 @@ def _split_unknown(rest: str) -> tuple[str, str]:
     return ".".join(parts[:-cut]), ".".join(parts[-cut:])
 
 
-class PrefixedFormat:
-    """``<prefix><path>.<param>`` where ``path`` may be rewritten by ``encode``."""
+#: a norm layer's channel deltas under LyCORIS's names (``diff`` -> ``w_norm``)
+NORM_NAMES = {"diff": "w_norm", "diff_b": "b_norm"}
 
-    def __init__(self, name: str, prefix: str, underscore: bool):
+
+def norm_deltas_as_lycoris(params: Mapping[str, torch.Tensor]) -> Mapping[str, torch.Tensor]:
+    """A module holding only a norm layer's deltas (a 1-D ``diff``, with or without
+    ``diff_b``) under the names LyCORIS's and A1111's norm modules read, ``w_norm`` /
+    ``b_norm`` (ComfyUI and Forge read them too); any other module as it is. The reader
+    (``core.files.standard_names``) takes them back to ``diff`` / ``diff_b``."""
+    diff = params.get("diff")
+    if diff is None or diff.ndim != 1 or not set(params) <= set(NORM_NAMES):
+        return params
+    return {NORM_NAMES[k]: v for k, v in params.items()}
+
+
+def lokr_without_tucker(params: Mapping[str, torch.Tensor]) -> Mapping[str, torch.Tensor]:
+    """A LoKr module with a Tucker core (``lokr_t2`` + ``lokr_w2_a``/``lokr_w2_b``) with
+    its large factor written whole, ``lokr_w2``, which every LoKr reader reads (Forge's
+    Tucker path fails on a convolution). The same ΔW: where the small factor is whole
+    too, no factor is low rank and readers then apply no alpha/rank, so the scale moves
+    into ``lokr_w1`` and ``alpha`` goes; any other module as it is."""
+    t2 = params.get("lokr_t2")
+    if t2 is None or "lokr_w2_a" not in params or "lokr_w2_b" not in params:
+        return params
+    from loraengine.plugins.adapters.common import tucker
+
+    w2_a, w2_b = params["lokr_w2_a"], params["lokr_w2_b"]
+    out = {k: v for k, v in params.items() if k not in ("lokr_t2", "lokr_w2_a", "lokr_w2_b")}
+    out["lokr_w2"] = tucker(t2.float(), w2_a.float(), w2_b.float()).to(w2_a.dtype).contiguous()
+    if "lokr_w1" in out:
+        rank = int(w2_b.shape[0])
+        scale = float(out.pop("alpha")) / rank if "alpha" in out else 1.0
+        out["lokr_w1"] = (out["lokr_w1"].float() * scale).to(out["lokr_w1"].dtype)
+    return out
+
+
+class PrefixedFormat:
+    """``<prefix><path>.<param>`` where ``path`` may be rewritten by ``encode``;
+    ``norm_names``: norm deltas as ``w_norm``/``b_norm`` (``norm_deltas_as_lycoris``)."""
+
+    def __init__(self, name: str, prefix: str, underscore: bool, norm_names: bool = False):
         self.name, self.prefix, self.underscore = name, prefix, underscore
+        self.norm_names = norm_names
 
     def encode(self, path: str) -> str:
         return self.prefix + (path.replace(".", "_") if self.underscore else path)
@@ -66,6 +104,8 @@ class PrefixedFormat:
                 fused.setdefault(native, []).append((band, path, params))
                 continue
             stem = self.encode(native)
+            if self.norm_names:
+                params = norm_deltas_as_lycoris(params)
             for param, tensor in params.items():
                 out[f"{stem}.{param}"] = tensor
         for native, parts in fused.items():
@@ -127,7 +167,9 @@ class PrefixedFormat:
                             limits)
 
 
-KOHYA = PrefixedFormat("kohya", "lora_unet_", underscore=True)
+#: kohya files are read by sd-scripts' LyCORIS and by A1111, whose norm modules read
+#: ``w_norm``/``b_norm`` only; ComfyUI's own files keep TrainLoraNode's ``diff``.
+KOHYA = PrefixedFormat("kohya", "lora_unet_", underscore=True, norm_names=True)
 COMFYUI = PrefixedFormat("comfyui", "diffusion_model.", underscore=False)
 #: Module layouts each format writes where the model has them (``unet_names``):
 #: ComfyUI's own files name a UNet's layers as its checkpoints do (``input_blocks.*``);
@@ -329,12 +371,67 @@ def diffusers_limits(modules: Mapping[str, tuple[str, Collection[str]]]) -> list
             f"layer(s) of {', '.join(other)} are not applied there"] if n else []
 
 
+A1111, FORGE, LYCORIS = "A1111 1.8", "Forge", "LyCORIS"
+#: (consumers, what they do, which modules) for a ``kohya`` file, as measured with their
+#: own loaders (tests/fixtures/interop/make_webui_lycoris_fixtures.py; LyCORIS is what
+#: sd-scripts loads every algorithm but LoRA with). ``full`` keeps its ``diff_b`` (both
+#: read it with the ``diff``); a norm layer's deltas are ``w_norm``/``b_norm``, which
+#: all of them read.
+KOHYA_RULES: tuple[tuple[tuple[str, ...], str, Callable[[str, Collection[str]], bool]], ...] = (
+    ((A1111,), "no DoRA (dora_scale is not read)", lambda a, p: "dora_scale" in p),
+    ((FORGE,), "DoRA normalised by the norm of W, not of W + ΔW",
+     lambda a, p: "dora_scale" in p),
+    ((A1111, LYCORIS), "diff_b (the bias delta) of a layer that has an adapter is ignored",
+     lambda a, p: a not in ("deltas", "full") and "diff_b" in p),
+    ((FORGE,), "no OFT, BOFT or IA3 (these layers are left unchanged)",
+     lambda a, p: a in ("oft", "boft", "ia3")),
+    ((FORGE,), "LoKr with Tucker factors (lokr_t2) fails: the file does not load",
+     lambda a, p: "lokr_t2" in p),
+    ((A1111,), "GLoRA fails (these layers are left unchanged)",
+     lambda a, p: a == "glora"),
+    ((A1111,), "IA3 scaling a convolution's output channels fails",
+     lambda a, p: a == "ia3"),
+    ((LYCORIS,), "IA3 cannot be rebuilt from a file", lambda a, p: a == "ia3"),
+    ((LYCORIS,), "LoHa/LoKr merged with alpha/rank applied twice (exact where alpha "
+     "equals the rank)", lambda a, p: a in ("loha", "lokr") and "alpha" in p),
+    ((LYCORIS,), "LoKr rebuilt by its own factor rules, failing where the file's "
+     "differ (factor -1, decompose_both, use_tucker on convolutions)",
+     lambda a, p: a == "lokr"),
+    ((LYCORIS,), "BOFT rebuilt with its own stage count, failing for other stages",
+     lambda a, p: a == "boft"),
+    ((LYCORIS,), "OFT reloaded only where the block size is at most the block count",
+     lambda a, p: a == "oft" and _blocks_wider_than_count(p)),
+)
+
+
+def _blocks_wider_than_count(params: Collection[str]) -> bool:
+    """An OFT module whose ``oft_blocks`` ``[n, b, b]`` has b > n (needs the shapes:
+    ``params`` a mapping of name -> shape)."""
+    shape = params.get("oft_blocks") if isinstance(params, Mapping) else None
+    return shape is not None and len(shape) == 3 and shape[1] > shape[0]
+
+
+def kohya_limits(modules: Mapping[str, tuple[str, Collection[str]]],
+                 consumers: Collection[str] = (A1111, FORGE, LYCORIS)) -> list[str]:
+    """What A1111 1.8, Forge and LyCORIS (the readers of kohya files besides ComfyUI and
+    diffusers) cannot express of the modules, one line per limit. Each module is
+    ``(algorithm, its tensor names)``; where the names map to shapes, the limits that
+    depend on a shape are checked too."""
+    out = []
+    for who, text, test in KOHYA_RULES:
+        names = [c for c in who if c in consumers]
+        n = sum(1 for algorithm, params in modules.values() if test(algorithm, params))
+        if names and n:
+            out.append(f"{' and '.join(names)}: {text} ({n} layer(s))")
+    return out
+
+
 @hookimpl
 def loraengine_exporters():
     return [
         KOHYA.spec("kohya keys (lora_unet_*) as sd-scripts writes them (SAI names, "
                    "input_blocks_*, for SDXL): ComfyUI, A1111/Forge, diffusers.",
-                   KOHYA_LAYOUTS),
+                   KOHYA_LAYOUTS, kohya_limits),
         COMFYUI.spec("ComfyUI keys (diffusion_model.*) as its own trainer writes them "
                      "(the checkpoint's input_blocks.* names for UNets).", COMFYUI_LAYOUTS,
                      comfyui_limits),

@@ -239,8 +239,9 @@ class ExporterSpec:
     layouts: tuple[str, ...] = ()
     #: ``limits(modules) -> lines``: what the format's consumer cannot express of a file,
     #: given ``{module name: (algorithm, parameter names)}`` (names as the file will
-    #: have them, in the layout ``layouts`` picks); one line each, naming the consumer.
-    #: ``train`` warns with them (``core/checks.py``), ``convert`` measures them.
+    #: have them, in the layout ``layouts`` picks; the parameter names may be a mapping
+    #: of name -> shape, for limits that depend on a shape); one line each, naming the
+    #: consumer. ``train`` warns with them (``core/checks.py``), ``convert`` measures them.
     limits: Callable[[Mapping[str, tuple[str, Collection[str]]]], list[str]] | None = None
 
 

@@ -7,8 +7,8 @@ Layout (LyCORIS and ComfyUI): the output size is b·2ᵖ with an even block size
 ``oft_blocks`` is ``[m, 2ᵖ, b, b]`` with m ≤ p+1 stages. Stage i views the rows in
 groups of 2ⁱ·b, interleaves each group's two halves (row j of the first half next to
 row j of the second) and applies the rotations to consecutive runs of b rows, then
-undoes the interleave. Keys: ``oft_blocks``, ``alpha`` (the norm constraint, in
-ComfyUI's reading as for OFT) and optional ``rescale``.
+undoes the interleave. Keys: ``oft_blocks``, ``alpha`` (0: the blocks are written
+already scaled onto the norm constraint, as for OFT) and optional ``rescale``.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from loraengine.plugins.adapters.oft import (
     cayley,
     constraint_metadata,
     fill_saved,
+    load_constraint,
     rotation_settings,
     saved_blocks,
 )
@@ -124,7 +125,8 @@ def create(base: nn.Module, rank: int, alpha: float, options: object,
 def load(base: nn.Module, tensors: Mapping[str, torch.Tensor], options: object) -> BOFTLayer:
     blocks, constraint, rescale = saved_blocks(base, tensors, 4)
     stages, _, b, _ = blocks.shape
-    layer = BOFTLayer(base, b, stages, constraint, rescaled=rescale is not None)
+    layer = BOFTLayer(base, b, stages, load_constraint(constraint, options),
+                      rescaled=rescale is not None)
     return fill_saved(layer, blocks, rescale)
 
 

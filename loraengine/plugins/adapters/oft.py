@@ -5,9 +5,12 @@ the skew-symmetric Qₖ = Bₖ − Bₖᵀ. Blocks start at zero, so R = I and �
 Keys (LyCORIS/ComfyUI): ``oft_blocks`` ``[n, b, b]``, ``alpha`` (the norm constraint on
 Q) and, with ``rescaled``, ``rescale`` ``[out, 1, ...]`` (a per-output-row scale).
 
-The constraint bounds the Frobenius norm of all of a layer's Q together. ComfyUI reads
-a file's ``alpha`` as that bound (‖Q‖_F ≤ alpha), LyCORIS as alpha·out_dim; files are
-written and read in ComfyUI's reading, so a constraint of 0 (off) means the same to both.
+The constraint bounds the Frobenius norm of all of a layer's Q together: the blocks are
+scaled down as a whole when ‖Q‖_F exceeds it. Readers disagree on a file's ``alpha``
+(ComfyUI: ‖Q‖_F ≤ alpha; LyCORIS and A1111: alpha·out_dim) but all read 0 as "off", so
+files hold the blocks already scaled onto the bound, with ``alpha`` 0: every reader then
+computes the same rotation. Reading, a file's ``alpha`` above 0 is taken in ComfyUI's
+reading (files written before, and ComfyUI's own).
 
 This module also holds ``ChannelMapLayer``, the base of every adapter whose adapted
 weight is a linear map T applied to the output-channel axis of W (OFT, BOFT): the
@@ -39,8 +42,9 @@ class RotationOptions(PluginOptions):
 
     constraint: float = Field(
         0.0, ge=0, description="Bound on the Frobenius norm of Q over all blocks (and "
-        "stages) of a layer (0: off). Saved as the module's alpha in ComfyUI's reading "
-        "(LyCORIS reads alpha·out_dim). There is no scale: adapter.alpha does not apply.")
+        "stages) of a layer (0: off). Files hold the blocks already scaled onto the bound "
+        "with alpha 0, which ComfyUI, LyCORIS and A1111 all read alike. There is no "
+        "scale: adapter.alpha does not apply.")
     rescaled: bool = Field(False, description="Also train a per-output-row scale "
                            "(LyCORIS `rescale`).")
 
@@ -105,15 +109,24 @@ def oft_block_size(out_dim: int, rank: int, options: object) -> int:
 
 # -- the shared math -------------------------------------------------------------------
 
-def cayley(blocks: torch.Tensor, constraint: float) -> torch.Tensor:
-    """R = (I+Q)(I−Q)⁻¹ for every trailing ``[b, b]`` block, Q = B − Bᵀ, with Q scaled
-    down as a whole when ‖Q‖_F exceeds ``constraint`` (> 0). Computed in fp32."""
+def constrained_blocks(blocks: torch.Tensor, constraint: float) -> torch.Tensor:
+    """The blocks B (fp32) scaled down as a whole so that Q = B − Bᵀ has ‖Q‖_F at most
+    ``constraint`` (> 0; 0: unchanged). Q is linear in B, so this is the constraint
+    itself, and a file holding these blocks with no constraint means the same."""
     blocks = blocks.float()
-    q = blocks - blocks.transpose(-1, -2)
     if constraint > 0:
-        norm = torch.linalg.vector_norm(q) + NORM_EPS
+        norm = torch.linalg.vector_norm(blocks - blocks.transpose(-1, -2)) + NORM_EPS
         if norm > constraint:
-            q = q * (constraint / norm)
+            blocks = blocks * (constraint / norm)
+    return blocks
+
+
+def cayley(blocks: torch.Tensor, constraint: float) -> torch.Tensor:
+    """R = (I+Q)(I−Q)⁻¹ for every trailing ``[b, b]`` block, Q = B − Bᵀ, with the
+    blocks scaled down as a whole when ‖Q‖_F exceeds ``constraint`` (> 0;
+    ``constrained_blocks``). Computed in fp32."""
+    blocks = constrained_blocks(blocks, constraint)
+    q = blocks - blocks.transpose(-1, -2)
     eye = torch.eye(q.shape[-1], dtype=q.dtype, device=q.device)
     # (I+Q) and (I−Q)⁻¹ commute, so R = (I−Q)⁻¹(I+Q): one batched solve, no inverse.
     return torch.linalg.solve(eye - q, eye + q)
@@ -211,8 +224,10 @@ class ChannelMapLayer(AdapterLayer):
         return out if bias is None else out + self._on_channels(bias, out)
 
     def file_tensors(self) -> dict[str, torch.Tensor]:
-        out: dict[str, torch.Tensor] = {"oft_blocks": self.oft_blocks,
-                                        "alpha": torch.tensor(float(self.alpha))}
+        # the blocks as the rotation uses them, so alpha 0 means the same to every reader
+        blocks = constrained_blocks(self.oft_blocks, self.constraint) if self.constraint \
+            else self.oft_blocks
+        out: dict[str, torch.Tensor] = {"oft_blocks": blocks, "alpha": torch.tensor(0.0)}
         if self.rescale is not None:
             out["rescale"] = self.rescale
         return out
@@ -298,6 +313,13 @@ def saved_blocks(base: nn.Module, tensors: Mapping[str, torch.Tensor], ndim: int
     return blocks, max(constraint, 0.0), _read_rescale(tensors, out_dim)
 
 
+def load_constraint(saved: float, options: object) -> float:
+    """The constraint a loaded layer keeps: the file's (ComfyUI's reading) when it has
+    one; otherwise ``options.constraint``, so that training resumed from a file (which
+    holds its blocks already within the bound, alpha 0) keeps its bound."""
+    return saved if saved > 0 else float(getattr(options, "constraint", 0.0) or 0.0)
+
+
 def _read_rescale(tensors: Mapping[str, torch.Tensor], out_dim: int) -> torch.Tensor | None:
     rescale = tensors.get("rescale")
     if rescale is None:
@@ -335,8 +357,8 @@ def blocks_with_rank(ndim: int) -> Callable[[Collection[str]], bool]:
 def constraint_metadata(options: object) -> dict[str, str]:
     """How a reader must take the file's ``alpha`` (shared with BOFT)."""
     return {"loraengine.oft_constraint": f"{getattr(options, 'constraint', 0.0):g}",
-            "loraengine.alpha_reading": "ComfyUI: ||Q||_F <= alpha (LyCORIS reads "
-                                        "alpha*out_dim; the same when alpha is 0)"}
+            "loraengine.alpha_reading": "alpha 0: blocks already scaled onto the "
+                                        "constraint (every reader alike)"}
 
 
 # -- the spec ---------------------------------------------------------------------------
@@ -353,7 +375,8 @@ def create(base: nn.Module, rank: int, alpha: float, options: object,
 
 def load(base: nn.Module, tensors: Mapping[str, torch.Tensor], options: object) -> OFTLayer:
     blocks, constraint, rescale = saved_blocks(base, tensors, 3)
-    layer = OFTLayer(base, blocks.shape[1], constraint, rescaled=rescale is not None)
+    layer = OFTLayer(base, blocks.shape[1], load_constraint(constraint, options),
+                     rescaled=rescale is not None)
     return fill_saved(layer, blocks, rescale)
 
 

@@ -38,7 +38,16 @@ from loraengine.core.files import (
 )
 from loraengine.core.plugins.host import PluginHost
 from loraengine.core.plugins.specs import ExporterSpec
-from loraengine.plugins.exporters import lokr_pipeline, peft_lokr
+from loraengine.plugins.exporters import (
+    A1111,
+    FORGE,
+    KOHYA_RULES,
+    LYCORIS,
+    kohya_limits,
+    lokr_pipeline,
+    lokr_without_tucker,
+    peft_lokr,
+)
 
 #: consumer -> (exporter, the module layouts it is written in, best first; None: the
 #: exporter's own)
@@ -49,6 +58,9 @@ TARGETS: dict[str, tuple[str, tuple[str, ...] | None]] = {
 #: first parts of a UNet's original (checkpoint) module names
 ORIGINAL_ROOTS = frozenset({"input_blocks", "middle_block", "output_blocks", "time_embed",
                             "label_emb", "out"})
+#: the readers of kohya files each target names, whose limits (``kohya_limits``) it
+#: reports: sd-scripts loads every algorithm but LoRA through LyCORIS
+KOHYA_READERS = {"kohya": (LYCORIS,), "a1111": (A1111, FORGE)}
 CONSUMER_NAMES = {"comfyui": "ComfyUI", "kohya": "sd-scripts", "a1111": "A1111/Forge",
                   "diffusers": "diffusers"}
 
@@ -73,7 +85,20 @@ def _exporter(host: PluginHost, target: str) -> ExporterSpec:
         raise ConfigError(f"--to: expected one of {', '.join(TARGETS)}, got {target!r}")
     name, layouts = TARGETS[target]
     spec: ExporterSpec = host.registry.get("exporter", name)
+    if target == "a1111":  # LoKr's Tucker core written out: Forge fails on it
+        write = spec.to_file
+        spec = dataclasses.replace(spec, to_file=lambda modules: write(
+            {path: lokr_without_tucker(params) for path, params in modules.items()}))
     return spec if layouts is None else dataclasses.replace(spec, layouts=layouts)
+
+
+def exporter_for(target: str, host: PluginHost | None = None) -> ExporterSpec:
+    """The exporter ``convert --to target`` writes with."""
+    if host is None:
+        from loraengine.plugins import build_plugin_manager
+
+        host = build_plugin_manager()
+    return _exporter(host, target)
 
 
 def _relative(got: torch.Tensor, want: torch.Tensor) -> float:
@@ -111,17 +136,66 @@ def consumer_weight(target: str, base: nn.Module, params: Mapping[str, torch.Ten
         return ("ComfyUI loads OFT's rescale and never applies it",
                 _merged(base, _load(spec, base, rest)))
     if target == "comfyui" and "dora_scale" in params:
-        scale = params["dora_scale"].float()
-        out = w.shape[0]
-        if scale.numel() != out:  # a per-input magnitude: ComfyUI's reading is ours
-            return None
+        # ComfyUI divides by the norm of W, not of W + ΔW, per output channel (a
+        # per-input magnitude: ComfyUI's reading is ours)
+        got = _comfyui_dora(base, params, spec)
+        return None if got is None else \
+            ("ComfyUI's DoRA normalises by the norm of W, not of W + ΔW", got)
+    return None
+
+
+def _texts(consumer: str) -> set[str]:
+    return {text for who, text, _ in KOHYA_RULES if consumer in who}
+
+
+def _rule(consumer: str, start: str) -> str:
+    """The ``kohya_limits`` text of ``consumer``'s limit beginning with ``start``."""
+    return next(text for who, text, _ in KOHYA_RULES if consumer in who and
+                text.startswith(start))
+
+
+def _comfyui_dora(base: nn.Module, params: Mapping[str, torch.Tensor], spec: Any
+                  ) -> torch.Tensor | None:
+    """The weight ComfyUI's (and Forge's) DoRA computes: W + ΔW scaled by m / ‖W‖ per
+    output channel; None for a per-input magnitude, which it reads as loraengine does."""
+    weight = base.weight
+    assert isinstance(weight, torch.Tensor)
+    w = weight.detach().float()
+    scale = params["dora_scale"].float()
+    out = w.shape[0]
+    if scale.numel() != out:
+        return None
+    raw = {k: v for k, v in params.items() if k != "dora_scale"}
+    calc = _merged(base, _load(spec, base, raw))
+    norm = w.reshape(out, -1).norm(dim=1).reshape(out, *[1] * (w.dim() - 1))
+    norm = norm + torch.finfo(w.dtype).eps
+    return calc * scale.reshape(out, *[1] * (w.dim() - 1)) / norm
+
+
+def kohya_reader_weight(consumer: str, base: nn.Module, params: Mapping[str, torch.Tensor],
+                        spec: Any) -> tuple[str, torch.Tensor] | None:
+    """The weight one reader of kohya files (A1111 1.8, Forge, LyCORIS) computes where
+    it differs from loraengine's and the difference is a formula: (the limit's text, as
+    ``kohya_limits`` words it, the weight); ``None`` otherwise."""
+    weight = base.weight
+    assert isinstance(weight, torch.Tensor)
+    w = weight.detach().float()
+    name = spec.name
+    unchanged = {FORGE: ("oft", "boft", "ia3"), A1111: ("glora",), LYCORIS: ("ia3",)}
+    if name in unchanged[consumer]:
+        start = {FORGE: "no OFT", A1111: "GLoRA fails", LYCORIS: "IA3 cannot"}[consumer]
+        return _rule(consumer, start), w
+    if consumer == A1111 and "dora_scale" in params:
         raw = {k: v for k, v in params.items() if k != "dora_scale"}
-        calc = _merged(base, _load(spec, base, raw))
-        # ComfyUI divides by the norm of W, not of W + ΔW, per output channel
-        norm = w.reshape(out, -1).norm(dim=1).reshape(out, *[1] * (w.dim() - 1))
-        norm = norm + torch.finfo(w.dtype).eps
-        return ("ComfyUI's DoRA normalises by the norm of W, not of W + ΔW",
-                calc * scale.reshape(out, *[1] * (w.dim() - 1)) / norm)
+        return _rule(A1111, "no DoRA"), _merged(base, _load(spec, base, raw))
+    if consumer == FORGE and "dora_scale" in params:
+        got = _comfyui_dora(base, params, spec)
+        return None if got is None else (_rule(FORGE, "DoRA normalised"), got)
+    if consumer == LYCORIS and name in ("loha", "lokr") and "dora_scale" not in params:
+        layer = _load(spec, base, params)
+        # its merge applies the layer's scale to a ΔW that already holds it
+        return _rule(LYCORIS, "LoHa/LoKr merged"), \
+            (w + layer.delta_weight().float() * layer.scale).detach()
     return None
 
 
@@ -138,14 +212,15 @@ def measure(target: str, file: AdapterFile, model: nn.Module) -> dict[str, tuple
         except AttributeError:
             continue
         spec = module.owners[0]
-        got = consumer_weight(target, base, module.params, spec, reads_lokr)
-        if got is None:
-            continue
-        limit, consumer = got
-        ours = _merged(base, _load(spec, base, module.params))
-        err = _relative(consumer, ours)
-        prev = found.get(limit, (-1.0, "", 0))
-        found[limit] = (max(prev[0], err), path if err > prev[0] else prev[1], prev[2] + 1)
+        readers = KOHYA_READERS.get(target, ())
+        got = [consumer_weight(target, base, module.params, spec, reads_lokr),
+               *(kohya_reader_weight(r, base, module.params, spec) for r in readers)]
+        for limit, consumer in filter(None, got):
+            ours = _merged(base, _load(spec, base, module.params))
+            err = _relative(consumer, ours)
+            prev = found.get(limit, (-1.0, "", 0))
+            found[limit] = (max(prev[0], err), path if err > prev[0] else prev[1],
+                            prev[2] + 1)
     return found
 
 
@@ -189,6 +264,7 @@ def convert_file(source: Path, target: str, model_path: Path | None = None,
         folder, _ = locate_denoiser(Path(model_path), None)
         model = load_diffusers_model(folder)
     warnings: list[str] = []
+    measured: dict[str, tuple[float, str, int]] = {}
     consumer = CONSUMER_NAMES[target]
     if model is not None:
         from loraengine.inference import adaptable_layers, network_from_file
@@ -197,8 +273,11 @@ def convert_file(source: Path, target: str, model_path: Path | None = None,
         network, _, _ = network_from_file(model, file, host.registry)
         modules: dict[str, Mapping[str, torch.Tensor]] = dict(network.file_modules())
         layouts = module_layouts(host.registry, model)
-        for limit, (err, worst, count) in measure(target, file, model).items():
-            warnings.append(f"{consumer}: {limit}: {count} layer(s), max relative weight "
+        measured = measure(target, file, model)
+        for limit, (err, worst, count) in measured.items():
+            reader = next((r for r in KOHYA_READERS.get(target, ())
+                           if limit in _texts(r)), consumer)
+            warnings.append(f"{reader}: {limit}: {count} layer(s), max relative weight "
                             f"error {err:.2g} (worst {worst})")
     else:
         file = read_adapter_file(source, host.registry)
@@ -211,6 +290,15 @@ def convert_file(source: Path, target: str, model_path: Path | None = None,
         layouts = {}
         warnings += [f"{consumer}: {limit} (pass --model to measure the difference)"
                      for limit in unmeasured(target, file)]
+    if target in KOHYA_READERS:
+        written = (lokr_without_tucker if target == "a1111" else dict)
+        summary = {path: (m.algorithm or "deltas",
+                          {k: tuple(v.shape) for k, v in
+                           written({**m.params, **m.deltas}).items()})
+                   for path, m in file.modules.items()}
+        # the limits not measured above, by name
+        warnings += [line for line in kohya_limits(summary, KOHYA_READERS[target])
+                     if not any(f": {text} (" in line for text in measured)]
     tensors = exporter.to_file(in_layout(modules, exporter, layouts))
     meta = dict(file.metadata) | {"loraengine.converted_for": target}
     save_lora(out, tensors, meta)
