@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Collection, Mapping
-from typing import cast
+from typing import Any, cast
 
 import torch
 from pydantic import Field, field_validator
@@ -266,7 +266,8 @@ class _KronLinear(torch.autograd.Function):
     2-D matrix product over all tokens; the ``c`` axis is brought in front by a copy."""
 
     @staticmethod
-    def forward(ctx, x, w1, w2):  # type: ignore[no-untyped-def, override]
+    def forward(ctx: Any, x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor
+                ) -> torch.Tensor:
         a, c = w1.shape
         b, d = w2.shape
         lead = x.shape[:-1]
@@ -278,7 +279,7 @@ class _KronLinear(torch.autograd.Function):
         return y
 
     @staticmethod
-    def backward(ctx, g):  # type: ignore[no-untyped-def, override]
+    def backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         x, w1, w2 = ctx.saved_tensors
         a, c = w1.shape
         b, d = w2.shape

@@ -26,9 +26,9 @@ import torch
 from pydantic import Field, model_validator
 from torch import nn
 
-from loraengine.core.adapter import AdapterLayer, bias_of, layer_dims, layer_op, weight_of
+from loraengine.core.adapter import AdapterLayer, bias_of, layer_dims, weight_of
 from loraengine.core.plugins.specs import AdapterSpec, PluginOptions
-from loraengine.plugins.adapters.common import CONV_BY_NDIM
+from loraengine.plugins.adapters.common import CONV_BY_NDIM, frozen_weight_op
 
 #: Added to ‖Q‖ before dividing, as both reference implementations do.
 NORM_EPS = 1e-8
@@ -202,7 +202,7 @@ class ChannelMapLayer(AdapterLayer):
         """y = W x + m·(T(W x)·rescale − W x) + b: the map acts on the weight-only part of
         the base output, so the rotation's gradient needs only W x and dL/dy."""
         base = self.base
-        wx = layer_op(base, x, weight_of(base), None)
+        wx = frozen_weight_op(base, x)  # backward keeps W x for the rotation, not x too
         mapped = self.map_output(wx)
         if self.rescale is not None:
             mapped = mapped * self._on_channels(self.rescale, mapped)
