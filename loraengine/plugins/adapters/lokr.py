@@ -30,7 +30,7 @@ from pydantic import Field, field_validator
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from loraengine.core.adapter import layer_dims, layer_op, weight_of
+from loraengine.core.adapter import TRAFFIC_FLOPS, layer_dims, layer_op, weight_of
 from loraengine.core.plugins.specs import AdapterSpec
 from loraengine.plugins.adapters.common import pointwise, saved_alpha, tucker
 from loraengine.plugins.adapters.dora import AdditiveAdapter, DoRAOptions, load_dora, with_dora
@@ -248,8 +248,13 @@ class LoKrLayer(AdditiveAdapter):
             w2 = r * (d + r * k + b)
         else:
             w2 = r * (d * k + b)
-        # per output position: w2 on each of the c groups, then w1 across them
-        return 6.0 * n * c * (w2 + a * b)
+        # per output position: w2 on each of the c groups, then w1 across them; a conv
+        # recomputes that forward in backward (×4/3). Every op here is thin (contractions
+        # of a, b, c or d), so the elements they move count too: about 6 passes over the
+        # input, 10 over the output and 11 over the [c, b] intermediate, per position.
+        passes = 6.0 * c * d + 10.0 * a * b + 11.0 * c * b
+        return (8.0 if self.kernel else 6.0) * n * c * (w2 + a * b) \
+            + TRAFFIC_FLOPS * n * passes
 
     def adapter_tensors(self) -> dict[str, torch.Tensor]:
         out: dict[str, torch.Tensor] = {k: getattr(self, k) for k in KEYS

@@ -26,7 +26,13 @@ import torch
 from pydantic import Field, model_validator
 from torch import nn
 
-from loraengine.core.adapter import AdapterLayer, bias_of, layer_dims, weight_of
+from loraengine.core.adapter import (
+    TRAFFIC_FLOPS,
+    AdapterLayer,
+    bias_of,
+    layer_dims,
+    weight_of,
+)
 from loraengine.core.plugins.specs import AdapterSpec, PluginOptions
 from loraengine.plugins.adapters.common import CONV_BY_NDIM, frozen_weight_op
 
@@ -195,8 +201,11 @@ class ChannelMapLayer(AdapterLayer):
         out = weight_of(self.base).shape[0]
         per_row = self.map_flops()
         # factored: T on N output rows; rebuild: T on the I weight columns, and backward
-        # computes the full dL/dW' (2·N·I·O) to reach the rotation.
-        return 3.0 * n * per_row, 3.0 * fan_in * per_row + 2.0 * n * fan_in * out
+        # computes the full dL/dW' (2·N·I·O) to reach the rotation. The factored map is
+        # thin (contractions of one block) and makes about 16 passes over the N·O
+        # output (permutes, the block products, the bias), which count as well.
+        factored = 3.0 * n * per_row + TRAFFIC_FLOPS * 16.0 * n * out
+        return factored, 3.0 * fan_in * per_row + 2.0 * n * fan_in * out
 
     def run_factored(self, x: torch.Tensor) -> torch.Tensor:
         """y = W x + m·(T(W x)·rescale − W x) + b: the map acts on the weight-only part of
