@@ -16,7 +16,9 @@ the most balanced split (LyCORIS's default). Bypass (and the factored training p
 applies the Kronecker product
 factored — ``y = vec(w1 · unvec(x) · w2ᵀ)`` as a grouped op chain — and never builds
 ΔW, except for files whose ``w2`` mixes the conv kernel into its split (ComfyUI's
-trainer can write such), where it builds ΔW.
+trainer can write such), where it builds ΔW. In training, backward keeps only the
+layer input: a Linear runs as one autograd function (``_KronLinear``) that recomputes
+the ``[c, b]`` intermediate, a convolution recomputes its side path.
 """
 
 from __future__ import annotations
