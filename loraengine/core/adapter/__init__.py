@@ -4,6 +4,7 @@ from loraengine.core.adapter.layer import (
     ADAPTABLE,
     DELTA_KEYS,
     NORMS,
+    TRAFFIC_FLOPS,
     AdapterLayer,
     AttachMode,
     ChannelDelta,
@@ -16,6 +17,6 @@ from loraengine.core.adapter.layer import (
 )
 from loraengine.core.adapter.network import AdapterNetwork, select_layers
 
-__all__ = ["ADAPTABLE", "DELTA_KEYS", "NORMS", "AdapterLayer", "AdapterNetwork", "AttachMode",
+__all__ = ["ADAPTABLE", "DELTA_KEYS", "NORMS", "TRAFFIC_FLOPS", "AdapterLayer", "AdapterNetwork", "AttachMode",
            "ChannelDelta", "TrainingPath", "bias_of", "layer_dims", "layer_op", "select_layers",
            "split_deltas", "weight_of"]

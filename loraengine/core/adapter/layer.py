@@ -26,6 +26,12 @@ import torch.nn.functional as F
 from torch import nn
 
 ADAPTABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+#: What the cost models charge, in FLOPs, for each activation element a memory-bound op
+#: (a permute copy, a thin matrix product over a contraction of 8 or 16, an add) reads
+#: or writes: such ops run far below a dense product's FLOP rate. Set from single-thread
+#: CPU timings of the LoKr and OFT factored paths against their rebuild paths on
+#: 128–640-channel layers (the crossover fan-in of OFT with blocks of 8 is about 190).
+TRAFFIC_FLOPS = 20.0
 AttachMode = Literal["weight", "bypass"]
 #: ``adapter.path``: how weight mode computes the adapted output.
 TrainingPath = Literal["auto", "factored", "rebuild"]

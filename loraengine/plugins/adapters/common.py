@@ -6,10 +6,13 @@ tensor into a fresh parameter."""
 from __future__ import annotations
 
 from collections.abc import Callable, Collection, Mapping
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from loraengine.core.adapter import layer_op, weight_of
 
 #: The functional convolution for a weight (or batched input) of this many dimensions.
 CONV_BY_NDIM = {3: F.conv1d, 4: F.conv2d, 5: F.conv3d}
@@ -57,3 +60,42 @@ def copy_saved(param: torch.Tensor, saved: torch.Tensor, mismatch: str) -> None:
         raise ValueError(mismatch)
     with torch.no_grad():
         param.copy_(saved.reshape(param.shape).float())
+
+
+class _InputFreeConv(torch.autograd.Function):
+    """A convolution by a frozen weight that keeps nothing of its input for backward:
+    dL/dx needs only the weight and the input's shape (autograd's own convolution
+    keeps the input, for a weight gradient that is not wanted here)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, stride: tuple[int, ...],
+                padding: tuple[int, ...], dilation: tuple[int, ...], groups: int
+                ) -> torch.Tensor:
+        ctx.save_for_backward(weight)
+        ctx.conv = (x.shape, stride, padding, dilation, groups)
+        return CONV_BY_NDIM[weight.ndim](x, weight, None, stride, padding, dilation, groups)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        (weight,) = ctx.saved_tensors
+        shape, stride, padding, dilation, groups = ctx.conv
+        like = grad.new_empty(1).expand(shape)  # only its shape is read
+        dx = torch.ops.aten.convolution_backward(
+            grad, like, weight, None, stride, padding, dilation, False,
+            [0] * len(stride), groups, (True, False, False))[0]
+        return dx, None, None, None, None, None
+
+
+def frozen_weight_op(base: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``base``'s operation with its own weight and no bias. For a convolution whose
+    weight is frozen (zero padding, numeric padding), backward keeps no copy of ``x``;
+    otherwise the plain operation."""
+    weight = base.weight
+    if (isinstance(base, nn.modules.conv._ConvNd) and isinstance(weight, torch.Tensor)
+            and not weight.requires_grad and base.padding_mode == "zeros"
+            and not isinstance(base.padding, str) and torch.is_grad_enabled()):
+        out: torch.Tensor = _InputFreeConv.apply(
+            x, weight.to(x.dtype), tuple(base.stride), tuple(base.padding),
+            tuple(base.dilation), base.groups)
+        return out
+    return layer_op(base, x, weight_of(base), None)

@@ -16,21 +16,23 @@ the most balanced split (LyCORIS's default). Bypass (and the factored training p
 applies the Kronecker product
 factored — ``y = vec(w1 · unvec(x) · w2ᵀ)`` as a grouped op chain — and never builds
 ΔW, except for files whose ``w2`` mixes the conv kernel into its split (ComfyUI's
-trainer can write such), where it builds ΔW.
+trainer can write such), where it builds ΔW. In training, backward keeps only the
+layer input: a Linear runs as one autograd function (``_KronLinear``) that recomputes
+the ``[c, b]`` intermediate, a convolution recomputes its side path.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Collection, Mapping
-from typing import cast
+from typing import Any, cast
 
 import torch
-import torch.nn.functional as F
 from pydantic import Field, field_validator
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
-from loraengine.core.adapter import layer_dims, layer_op, weight_of
+from loraengine.core.adapter import TRAFFIC_FLOPS, layer_dims, layer_op, weight_of
 from loraengine.core.plugins.specs import AdapterSpec
 from loraengine.plugins.adapters.common import pointwise, saved_alpha, tucker
 from loraengine.plugins.adapters.dora import AdditiveAdapter, DoRAOptions, load_dora, with_dora
@@ -202,26 +204,28 @@ class LoKrLayer(AdditiveAdapter):
             return super().raw_bypass(x, gain)
         dt = x.dtype
         w1 = (self.w1() * (self.scale * gain)).to(dt)  # the small factor carries the scale
+        if not self.kernel:  # Linear: one function that saves x alone (see _KronLinear)
+            w2 = self.w2().reshape(self.b, self.d).to(dt)
+            return cast(torch.Tensor, _KronLinear.apply(x, w1, w2))
+        if torch.is_grad_enabled() and (x.requires_grad or any(
+                p.requires_grad for p in self.parameters())):
+            # Backward recomputes the grouped w2 output instead of keeping it: the only
+            # tensor kept is x, which the base convolution keeps anyway.
+            return cast(torch.Tensor, checkpoint(self._conv_bypass, x, w1, use_reentrant=False,
+                                                preserve_rng_state=False))
+        return self._conv_bypass(x, w1)
+
+    def _conv_bypass(self, x: torch.Tensor, w1: torch.Tensor) -> torch.Tensor:
         a, b, c, d = self.a, self.b, self.c, self.d
-        if not self.kernel:  # Linear: [..., c·d] -> [..., c, d] -> w2 -> w1
-            h = x.reshape(*x.shape[:-1], c, d)
-            h = self._w2_apply(h, dt)  # [..., c, b]
-            y = torch.matmul(w1, h)  # [..., a, b]
-            return y.reshape(*x.shape[:-1], a * b)
         n = x.shape[0]
-        h = self._w2_apply(x.reshape(n * c, d, *x.shape[2:]), dt)  # [n·c, b, *sp]
+        h = self._w2_apply(x.reshape(n * c, d, *x.shape[2:]), x.dtype)  # [n·c, b, *sp]
         spatial = h.shape[2:]
         y = torch.matmul(w1, h.reshape(n, c, -1))  # [n, a, b·sp]
         return y.reshape(n, a * b, *spatial)
 
     def _w2_apply(self, h: torch.Tensor, dt: torch.dtype) -> torch.Tensor:
-        """Apply w2 to grouped inputs: Linear ``[..., c, d] -> [..., c, b]``, conv
-        ``[n·c, d, *sp] -> [n·c, b, *sp']`` with the base layer's stride and padding."""
-        if not self.kernel:
-            if self.lokr_w2 is not None:
-                return F.linear(h, self.lokr_w2.to(dt))
-            return F.linear(F.linear(h, _given(self.lokr_w2_b).to(dt)),
-                            _given(self.lokr_w2_a).to(dt))
+        """Apply w2 to grouped conv inputs ``[n·c, d, *sp] -> [n·c, b, *sp']`` with the
+        base layer's stride and padding."""
         ones = [1] * len(self.kernel)
         if self.lokr_w2 is not None:
             return layer_op(self.base, h, self.w2().to(dt), None)
@@ -246,14 +250,60 @@ class LoKrLayer(AdditiveAdapter):
             w2 = r * (d + r * k + b)
         else:
             w2 = r * (d * k + b)
-        # per output position: w2 on each of the c groups, then w1 across them
-        return 6.0 * n * c * (w2 + a * b)
+        # per output position: w2 on each of the c groups, then w1 across them; a conv
+        # recomputes that forward in backward (×4/3). Every op here is thin (contractions
+        # of a, b, c or d), so the elements they move count too: about 6 passes over the
+        # input, 10 over the output and 11 over the [c, b] intermediate, per position.
+        passes = 6.0 * c * d + 10.0 * a * b + 11.0 * c * b
+        return (8.0 if self.kernel else 6.0) * n * c * (w2 + a * b) \
+            + TRAFFIC_FLOPS * n * passes
 
     def adapter_tensors(self) -> dict[str, torch.Tensor]:
         out: dict[str, torch.Tensor] = {k: getattr(self, k) for k in KEYS
                                         if getattr(self, k) is not None}
         out["alpha"] = torch.tensor(self.alpha)
         return out
+
+
+class _KronLinear(torch.autograd.Function):
+    """``y = vec(w1 · X · w2ᵀ)`` per token, ``X`` the token's ``[c, d]`` input, with a
+    hand-written backward that keeps only ``x`` and the two small factors and recomputes
+    the ``[c, b]`` intermediate, so the adapter adds one input-sized tensor to what
+    backward holds (the rebuild path keeps the input too). Every contraction is a plain
+    2-D matrix product over all tokens; the ``c`` axis is brought in front by a copy."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor
+                ) -> torch.Tensor:
+        a, c = w1.shape
+        b, d = w2.shape
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, d)  # [N·c, d]
+        n = x2.shape[0] // c
+        ht = (x2 @ w2.t()).view(n, c, b).transpose(0, 1).reshape(c, n * b)
+        y = (w1 @ ht).view(a, n, b).transpose(0, 1).reshape(*lead, a * b)
+        ctx.save_for_backward(x, w1, w2)
+        return y
+
+    @staticmethod
+    def backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        x, w1, w2 = ctx.saved_tensors
+        a, c = w1.shape
+        b, d = w2.shape
+        x2 = x.reshape(-1, d)
+        n = x2.shape[0] // c
+        gt = g.reshape(n, a, b).transpose(0, 1).reshape(a, n * b)  # [a, N·b]
+        dx = dw1 = dw2 = None
+        if ctx.needs_input_grad[1]:
+            ht = (x2 @ w2.t()).view(n, c, b).transpose(0, 1).reshape(c, n * b)
+            dw1 = gt @ ht.t()
+        if ctx.needs_input_grad[0] or ctx.needs_input_grad[2]:
+            dh = (w1.t() @ gt).view(c, n, b).transpose(0, 1).reshape(n * c, b)
+            if ctx.needs_input_grad[0]:
+                dx = (dh @ w2).view(x.shape)
+            if ctx.needs_input_grad[2]:
+                dw2 = dh.t() @ x2
+        return dx, dw1, dw2
 
 
 def _given(factor: torch.Tensor | None) -> torch.Tensor:

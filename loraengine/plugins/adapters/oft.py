@@ -29,9 +29,15 @@ import torch
 from pydantic import Field, model_validator
 from torch import nn
 
-from loraengine.core.adapter import AdapterLayer, bias_of, layer_dims, layer_op, weight_of
+from loraengine.core.adapter import (
+    TRAFFIC_FLOPS,
+    AdapterLayer,
+    bias_of,
+    layer_dims,
+    weight_of,
+)
 from loraengine.core.plugins.specs import AdapterSpec, PluginOptions
-from loraengine.plugins.adapters.common import CONV_BY_NDIM
+from loraengine.plugins.adapters.common import CONV_BY_NDIM, frozen_weight_op
 
 #: Added to ‖Q‖ before dividing, as both reference implementations do.
 NORM_EPS = 1e-8
@@ -208,14 +214,17 @@ class ChannelMapLayer(AdapterLayer):
         out = weight_of(self.base).shape[0]
         per_row = self.map_flops()
         # factored: T on N output rows; rebuild: T on the I weight columns, and backward
-        # computes the full dL/dW' (2·N·I·O) to reach the rotation.
-        return 3.0 * n * per_row, 3.0 * fan_in * per_row + 2.0 * n * fan_in * out
+        # computes the full dL/dW' (2·N·I·O) to reach the rotation. The factored map is
+        # thin (contractions of one block) and makes about 16 passes over the N·O
+        # output (permutes, the block products, the bias), which count as well.
+        factored = 3.0 * n * per_row + TRAFFIC_FLOPS * 16.0 * n * out
+        return factored, 3.0 * fan_in * per_row + 2.0 * n * fan_in * out
 
     def run_factored(self, x: torch.Tensor) -> torch.Tensor:
         """y = W x + m·(T(W x)·rescale − W x) + b: the map acts on the weight-only part of
         the base output, so the rotation's gradient needs only W x and dL/dy."""
         base = self.base
-        wx = layer_op(base, x, weight_of(base), None)
+        wx = frozen_weight_op(base, x)  # backward keeps W x for the rotation, not x too
         mapped = self.map_output(wx)
         if self.rescale is not None:
             mapped = mapped * self._on_channels(self.rescale, mapped)
