@@ -171,6 +171,12 @@ COMBOS = {
     "bypass+checkpointing": {"memory": {"bypass_mode": True,
                                         "gradient_checkpointing": True}},
     "loha": {"adapter": {"algorithm": "loha"}},
+    # the factored paths' own autograd function (LoKr on a Linear), the side path
+    # recomputed in backward (LoKr on a conv) and OFT's frozen-weight op, inside
+    # compiled, checkpointed blocks
+    "lokr_factored+checkpointing": {"adapter": {"algorithm": "lokr", "path": "factored"},
+                                    "memory": {"gradient_checkpointing": True}},
+    "oft_factored": {"adapter": {"algorithm": "oft", "path": "factored"}},
 }
 
 
