@@ -147,3 +147,100 @@ def train_and_reload(tmp_path: Path, family: str, folder: Path, latents: torch.T
     assert trained < untouched * 0.97, (trained, untouched)
     return TrainedFile(path, lora, tensors, modules, t, merged, engine.loaded.predict)
 
+
+# -- video clips through the CLI: prepare, train, sample -----------------------------------
+
+def smooth_frame(seed: int, size: tuple[int, int] = (32, 32)) -> Any:
+    """A picture of ``size`` (width, height): 4x4 random colours blown up bilinearly, so
+    a VAE sees smooth content."""
+    from PIL import Image
+
+    g = torch.Generator().manual_seed(seed)
+    coarse = torch.rand(3, 4, 4, generator=g)
+    big = torch.nn.functional.interpolate(coarse[None], size=(size[1], size[0]),
+                                          mode="bilinear")[0]
+    data = (big * 255).round().to(torch.uint8).permute(1, 2, 0).contiguous().numpy()
+    return Image.fromarray(data, "RGB")
+
+
+def clip_pixels(frames: list[Any], size: int = 32) -> torch.Tensor:
+    """RGB frames of ``size``² as one [3, frames, size, size] clip in [-1, 1]."""
+    return torch.stack([torch.frombuffer(bytearray(f.tobytes()), dtype=torch.uint8)
+                        .reshape(size, size, 3).permute(2, 0, 1).float() / 127.5 - 1
+                        for f in frames], dim=1)
+
+
+def prepare_clips(model: Path, clips: Path, out: Path, frames: int = 5,
+                  ) -> tuple[list[str], dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """``loraengine prepare`` of ``clips`` at 32 px (quiet); returns the arguments (to run
+    again) and the latents and conditioning it wrote."""
+    from click.testing import CliRunner
+    from safetensors.torch import load_file
+
+    from loraengine.cli.main import cli
+
+    args = ["prepare", "--model", str(model), "--images", str(clips), "--out", str(out),
+            "--frames", str(frames), "--resolution", "32", "-q"]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 0, result.output
+    return (args, load_file(str(out / "latents.safetensors")),
+            load_file(str(out / "conditioning.safetensors")))
+
+
+def assert_prepare_cached(args: list[str]) -> None:
+    """The same ``prepare`` again, not quiet: everything comes from the cache."""
+    from click.testing import CliRunner
+
+    from loraengine.cli.main import cli
+
+    again = CliRunner().invoke(cli, [a for a in args if a != "-q"])
+    assert again.exit_code == 0, again.output
+    assert "encoded 0 image(s) and 0 caption(s)" in again.output
+
+
+def train_prepared(tmp_path: Path, family: str, model: Path, data: Path, steps: int,
+                   rank: int, lr: float | None = None) -> tuple[Path, list[float]]:
+    """Train ``family`` through the CLI on what ``prepare`` wrote to ``data`` (batch 2,
+    fp32, output in ``tmp_path/out``); returns the file and its loss curve."""
+    import json
+
+    import yaml
+    from click.testing import CliRunner
+
+    from loraengine.cli.main import cli
+
+    cfg: dict[str, Any] = {
+        "model": {"family": family, "path": str(model)},
+        "data": {"latents": str(data / "latents.safetensors"),
+                 "conditioning": str(data / "conditioning.safetensors")},
+        "training": {"steps": steps, "batch_size": 2, "dtype": "fp32"}}
+    if lr is not None:
+        cfg["optimizer"] = {"lr": lr}
+    cfg["adapter"] = {"rank": rank, "dtype": "fp32"}
+    cfg["output"] = {"dir": str(tmp_path / "out"), "name": "lora", "plot": False}
+    (tmp_path / "t.yaml").write_text(yaml.safe_dump(cfg))
+    trained = CliRunner().invoke(cli, ["train", str(tmp_path / "t.yaml"), "-q"])
+    assert trained.exit_code == 0, trained.output
+    losses = json.loads((tmp_path / "out" / "lora.loss.json").read_text())["loss"]
+    return tmp_path / "out" / "lora.safetensors", losses
+
+
+def sample_frame_strip(tmp_path: Path, model: Path, prompt: str, lora: Path, frames: int,
+                       size: int, channels: int) -> Any:
+    """``loraengine sample --frames`` (2 steps, latents ``size``², the prompt written to
+    ``tmp_path/p.txt``, images to ``tmp_path/s``); checks the latent shape it reports and
+    returns the first picture as an array."""
+    import numpy as np
+    from click.testing import CliRunner
+    from PIL import Image
+
+    from loraengine.cli.main import cli
+
+    (tmp_path / "p.txt").write_text(prompt + "\n")
+    result = CliRunner().invoke(cli, [
+        "sample", "--model", str(model), "--prompts", str(tmp_path / "p.txt"), "--lora",
+        str(lora), "--out", str(tmp_path / "s"), "--steps", "2", "--frames", str(frames),
+        "--size", str(size), str(size)])
+    assert result.exit_code == 0, result.output
+    assert f"(latents {channels}x{frames}x{size}x{size})" in result.output
+    return np.asarray(Image.open(tmp_path / "s" / "image_0_0.png"))
