@@ -244,3 +244,33 @@ def sample_frame_strip(tmp_path: Path, model: Path, prompt: str, lora: Path, fra
     assert result.exit_code == 0, result.output
     assert f"(latents {channels}x{frames}x{size}x{size})" in result.output
     return np.asarray(Image.open(tmp_path / "s" / "image_0_0.png"))
+
+
+# -- gradient comparisons on the tiny UNet ---------------------------------------------
+
+def factored_unet_config(unet_dir: Path, files: tuple[Path, Path], algorithm: str,
+                         memory: dict[str, Any]) -> dict[str, Any]:
+    """One step of ``algorithm`` on the tiny UNet with ``memory``."""
+    from loraengine.testing.models import tiny_unet_train_config
+
+    return tiny_unet_train_config(unet_dir, files, {
+        "training": {"steps": 1},
+        # alpha ≠ rank where it is a scale; OFT has none (its alpha is a norm bound).
+        # The factored training path on every layer: it is what bypass computes, so
+        # for LoRA and LoKr the plain and bypass runs are the same operations (with
+        # path auto, a layer the cost model rebuilds would round differently).
+        "adapter": {"algorithm": algorithm, "path": "factored",
+                    **({} if algorithm == "oft" else {"alpha": 2})},
+        "memory": memory,
+    })
+
+
+def seed_adapter(pipe: Any) -> torch.Generator:
+    """Set the adapter's parameters to seeded random values (at init some factors are
+    zero, which would make other factors' gradients zero and a comparison weak); returns
+    the generator, for the inputs drawn after them."""
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in pipe.network.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    return g
