@@ -304,17 +304,15 @@ def run_one(comfy_root: Path, work: Path, which: str) -> dict:
             "files": sorted(p.name for p in (work / "output" / "loras").iterdir())}
 
 
-def check_loader(comfy_root: Path, work: Path, file: Path) -> dict:
-    """ComfyUI's LoraModelLoader on our file vs loraengine's merge of it."""
-    nodes = comfy_setup(comfy_root, work)
-    helper_nodes(nodes, work)
+def loader_against_merge(nodes, base, file: Path, unet) -> tuple[object, dict]:
+    """ComfyUI's LoraModelLoader (the training node module's) on ``file`` over the
+    ``base`` patcher, left patched, against loraengine's merge of it into the diffusers
+    ``unet``: the patcher and a report of unloaded keys and the worst relative error."""
     import comfy.utils
 
     import loraengine
 
     nodes_train = sys.modules[nodes.NODE_CLASS_MAPPINGS["TrainLoraNode"].__module__]
-
-    patcher = nodes.NODE_CLASS_MAPPINGS["TinySD15Loader"]().load()[0]
     lora = comfy.utils.load_torch_file(str(file))
     lines: list[str] = []
 
@@ -325,31 +323,40 @@ def check_loader(comfy_root: Path, work: Path, file: Path) -> dict:
     handler = Capture(logging.WARNING)
     logging.getLogger().addHandler(handler)
     try:
-        patched = nodes_train.LoraModelLoader().load_lora_model(patcher, lora, 1.0)[0]
+        patched = nodes_train.LoraModelLoader().load_lora_model(base, lora, 1.0)[0]
         patched.patch_model()
     finally:
         logging.getLogger().removeHandler(handler)
     not_loaded = [line for line in lines if "not loaded" in line.lower()]
     theirs = {k: v.detach().clone() for k, v in
               patched.model.diffusion_model.state_dict().items()}
-    unet = diffusers_unet()
     before = {k: v.clone() for k, v in unet.state_dict().items()}
     loraengine.apply(unet, file, mode="merge")
     merged = unet.state_dict()
-    comfy_map = comfy.utils.unet_to_diffusers(patcher.model.model_config.unet_config)
-    worst, where, changed = 0.0, "", 0
+    comfy_map = comfy.utils.unet_to_diffusers(patched.model.model_config.unet_config)
+    worst, where, changed, compared = 0.0, "", 0, 0
     for key, ldm in comfy_map.items():
         if key not in merged or ldm not in theirs:
             continue
+        compared += 1
         if not torch.equal(merged[key], before[key]):
             changed += 1
         err = float((theirs[ldm] - merged[key]).abs().max()
                     / merged[key].abs().max().clamp_min(1e-30))
         if err >= worst:
             worst, where = err, key
-    return {"keys_not_loaded": len(not_loaded), "first_not_loaded": not_loaded[:3],
-            "tensors_changed_by_merge": changed, "max_rel_error": worst, "worst": where,
-            "file_keys": len(lora)}
+    return patched, {"file_keys": len(lora), "keys_not_loaded": len(not_loaded),
+                     "first_not_loaded": not_loaded[:3], "tensors_compared": compared,
+                     "tensors_changed_by_merge": changed, "max_rel_error": worst,
+                     "worst": where}
+
+
+def check_loader(comfy_root: Path, work: Path, file: Path) -> dict:
+    """ComfyUI's LoraModelLoader on our file vs loraengine's merge of it."""
+    nodes = comfy_setup(comfy_root, work)
+    helper_nodes(nodes, work)
+    patcher = nodes.NODE_CLASS_MAPPINGS["TinySD15Loader"]().load()[0]
+    return loader_against_merge(nodes, patcher, file, diffusers_unet())[1]
 
 
 def fixed_draw_losses(comfy_root: Path, work: Path, files: dict[str, str]) -> dict:

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import shutil
 import socket
@@ -221,56 +220,17 @@ def check(comfy_root: Path, work: Path, run: str, file: Path) -> dict:
     """ComfyUI's LoraModelLoader on ``file`` vs loraengine's merge, and the fixed-draw
     loss of the base and the patched model (ComfyUI's apply_model, its extra_conds)."""
     sys.path.insert(0, str(Path(__file__).parent))
-    from comfyui_node import comfy_setup
+    from comfyui_node import comfy_setup, loader_against_merge
 
     kind, buckets = run.split("_")[0], run.endswith("_buckets")
     nodes = comfy_setup(comfy_root, work)
     os.environ["LORAENGINE_CHECK_WORK"] = str(work)
     sys.path.insert(0, str(work / "custom_nodes"))
-    import comfy.utils
     import loraengine_check_nodes as check_nodes
     from safetensors.torch import load_file
 
-    import loraengine
-
-    nodes_train = sys.modules[nodes.NODE_CLASS_MAPPINGS["TrainLoraNode"].__module__]
-    lora = comfy.utils.load_torch_file(str(file))
-    lines: list[str] = []
-
-    class Capture(logging.Handler):
-        def emit(self, record):
-            lines.append(record.getMessage())
-
-    handler = Capture(logging.WARNING)
-    logging.getLogger().addHandler(handler)
     base = check_nodes.load_tiny(kind)
-    try:
-        patched = nodes_train.LoraModelLoader().load_lora_model(base, lora, 1.0)[0]
-        patched.patch_model()
-    finally:
-        logging.getLogger().removeHandler(handler)
-    not_loaded = [line for line in lines if "not loaded" in line.lower()]
-    theirs = {k: v.detach().clone() for k, v in
-              patched.model.diffusion_model.state_dict().items()}
-    unet = diffusers_unet(kind)
-    before = {k: v.clone() for k, v in unet.state_dict().items()}
-    loraengine.apply(unet, file, mode="merge")
-    merged = unet.state_dict()
-    comfy_map = comfy.utils.unet_to_diffusers(patched.model.model_config.unet_config)
-    worst, where, changed, compared = 0.0, "", 0, 0
-    for key, ldm in comfy_map.items():
-        if key not in merged or ldm not in theirs:
-            continue
-        compared += 1
-        if not torch.equal(merged[key], before[key]):
-            changed += 1
-        err = float((theirs[ldm] - merged[key]).abs().max()
-                    / merged[key].abs().max().clamp_min(1e-30))
-        if err >= worst:
-            worst, where = err, key
-    out = {"file_keys": len(lora), "keys_not_loaded": len(not_loaded),
-           "first_not_loaded": not_loaded[:3], "tensors_compared": compared,
-           "tensors_changed_by_merge": changed, "max_rel_error": worst, "worst": where}
+    patched, out = loader_against_merge(nodes, base, file, diffusers_unet(kind))
     # the training data's loss on one fixed set of draws (8 per latent), each group of
     # one size at a time (one group, or the two buckets)
     if buckets:

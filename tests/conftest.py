@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -72,3 +73,204 @@ def data_files(tiny_unet_files: tuple[Path, Path]) -> tuple[Path, Path]:
 def unet_config(tiny_unet_train_config: dict[str, Any]) -> dict[str, Any]:
     """A small, fast config dict for the tiny UNet (fp32, no checkpointing)."""
     return tiny_unet_train_config
+
+
+@dataclass
+class TrainedFile:
+    """What :func:`train_and_reload` gives back: the trained file, its tensors and the
+    modules they adapt, the reloaded adapter's merged prediction on the probe at ``t``, and
+    the family's ``predict`` to call on the consumer's model."""
+
+    config: Path
+    lora: Path
+    tensors: dict[str, torch.Tensor]
+    modules: set[str]
+    t: torch.Tensor
+    merged: torch.Tensor
+    predict: Callable[..., torch.Tensor]  # the family's predict, for the consumer's model
+
+
+def train_and_reload(tmp_path: Path, family: str, folder: Path, latents: torch.Tensor,
+                     cond: dict[str, torch.Tensor], probe_x: torch.Tensor,
+                     probe_cond: dict[str, torch.Tensor]) -> TrainedFile:
+    """Train 30 steps through the CLI on ``latents``/``cond`` (rank 4, fp32, gradient
+    checkpointing), check the loss curve, then load the file back with
+    ``adapter.existing``: it must lower the fixed-draw loss by 3 %; the merged
+    prediction on the probe at sigma 0.3 and 0.8 is returned for the consumer's loader
+    to match."""
+    import json
+
+    import yaml
+    from click.testing import CliRunner
+    from safetensors.torch import load_file, save_file
+
+    from loraengine.api import resolve_config
+    from loraengine.cli.main import cli
+    from loraengine.core.build import build_pipeline
+    from loraengine.plugins import build_plugin_manager
+    from loraengine.testing import tiny_pipelines as tp
+
+    save_file({"latents": latents}, str(tmp_path / "lat.st"))
+    save_file(cond, str(tmp_path / "cond.st"))
+    cfg = {"model": {"family": family, "path": str(folder)},
+           "data": {"latents": str(tmp_path / "lat.st"),
+                    "conditioning": str(tmp_path / "cond.st")},
+           "training": {"steps": 30, "batch_size": 4, "dtype": "fp32", "seed": 0},
+           "optimizer": {"lr": 0.02},
+           "adapter": {"rank": 4, "alpha": 2, "dtype": "fp32"},
+           "memory": {"gradient_checkpointing": True},
+           "output": {"dir": str(tmp_path / "out"), "name": "lora", "plot": False}}
+    path = tmp_path / "train.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    result = CliRunner().invoke(cli, ["train", str(path), "-q"])
+    assert result.exit_code == 0, result.output
+    losses = json.loads((tmp_path / "out" / "lora.loss.json").read_text())["loss"]
+    assert len(losses) == 30 and all(torch.isfinite(torch.tensor(losses)))
+    lora = tmp_path / "out" / "lora.safetensors"
+    tensors = load_file(str(lora))
+    modules = {k.rsplit(".lora_", 1)[0] for k in tensors if ".lora_" in k}
+
+    host = build_plugin_manager()
+    conf, base = resolve_config(path, host, overrides=[f"adapter.existing={lora}"])
+    engine = build_pipeline(conf, host, base_dir=base)
+    t = engine.loaded.schedule.model_timesteps(torch.tensor([0.3, 0.8]))
+    try:
+        trained = tp.fixed_draw_loss(engine)
+        engine.network.set_multiplier(0.0)
+        untouched = tp.fixed_draw_loss(engine)
+        engine.network.set_multiplier(1.0)
+        engine.network.merge()
+        with torch.no_grad():
+            merged = engine.loaded.predict(engine.model, probe_x, t, probe_cond)
+    finally:
+        engine.close()
+    assert trained < untouched * 0.97, (trained, untouched)
+    return TrainedFile(path, lora, tensors, modules, t, merged, engine.loaded.predict)
+
+
+# -- video clips through the CLI: prepare, train, sample -----------------------------------
+
+def smooth_frame(seed: int, size: tuple[int, int] = (32, 32)) -> Any:
+    """A picture of ``size`` (width, height): 4x4 random colours blown up bilinearly, so
+    a VAE sees smooth content."""
+    from PIL import Image
+
+    g = torch.Generator().manual_seed(seed)
+    coarse = torch.rand(3, 4, 4, generator=g)
+    big = torch.nn.functional.interpolate(coarse[None], size=(size[1], size[0]),
+                                          mode="bilinear")[0]
+    data = (big * 255).round().to(torch.uint8).permute(1, 2, 0).contiguous().numpy()
+    return Image.fromarray(data, "RGB")
+
+
+def clip_pixels(frames: list[Any], size: int = 32) -> torch.Tensor:
+    """RGB frames of ``size``² as one [3, frames, size, size] clip in [-1, 1]."""
+    return torch.stack([torch.frombuffer(bytearray(f.tobytes()), dtype=torch.uint8)
+                        .reshape(size, size, 3).permute(2, 0, 1).float() / 127.5 - 1
+                        for f in frames], dim=1)
+
+
+def prepare_clips(model: Path, clips: Path, out: Path, frames: int = 5,
+                  ) -> tuple[list[str], dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """``loraengine prepare`` of ``clips`` at 32 px (quiet); returns the arguments (to run
+    again) and the latents and conditioning it wrote."""
+    from click.testing import CliRunner
+    from safetensors.torch import load_file
+
+    from loraengine.cli.main import cli
+
+    args = ["prepare", "--model", str(model), "--images", str(clips), "--out", str(out),
+            "--frames", str(frames), "--resolution", "32", "-q"]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 0, result.output
+    return (args, load_file(str(out / "latents.safetensors")),
+            load_file(str(out / "conditioning.safetensors")))
+
+
+def assert_prepare_cached(args: list[str]) -> None:
+    """The same ``prepare`` again, not quiet: everything comes from the cache."""
+    from click.testing import CliRunner
+
+    from loraengine.cli.main import cli
+
+    again = CliRunner().invoke(cli, [a for a in args if a != "-q"])
+    assert again.exit_code == 0, again.output
+    assert "encoded 0 image(s) and 0 caption(s)" in again.output
+
+
+def train_prepared(tmp_path: Path, family: str, model: Path, data: Path, steps: int,
+                   rank: int, lr: float | None = None) -> tuple[Path, list[float]]:
+    """Train ``family`` through the CLI on what ``prepare`` wrote to ``data`` (batch 2,
+    fp32, output in ``tmp_path/out``); returns the file and its loss curve."""
+    import json
+
+    import yaml
+    from click.testing import CliRunner
+
+    from loraengine.cli.main import cli
+
+    cfg: dict[str, Any] = {
+        "model": {"family": family, "path": str(model)},
+        "data": {"latents": str(data / "latents.safetensors"),
+                 "conditioning": str(data / "conditioning.safetensors")},
+        "training": {"steps": steps, "batch_size": 2, "dtype": "fp32"}}
+    if lr is not None:
+        cfg["optimizer"] = {"lr": lr}
+    cfg["adapter"] = {"rank": rank, "dtype": "fp32"}
+    cfg["output"] = {"dir": str(tmp_path / "out"), "name": "lora", "plot": False}
+    (tmp_path / "t.yaml").write_text(yaml.safe_dump(cfg))
+    trained = CliRunner().invoke(cli, ["train", str(tmp_path / "t.yaml"), "-q"])
+    assert trained.exit_code == 0, trained.output
+    losses = json.loads((tmp_path / "out" / "lora.loss.json").read_text())["loss"]
+    return tmp_path / "out" / "lora.safetensors", losses
+
+
+def sample_frame_strip(tmp_path: Path, model: Path, prompt: str, lora: Path, frames: int,
+                       size: int, channels: int) -> Any:
+    """``loraengine sample --frames`` (2 steps, latents ``size``², the prompt written to
+    ``tmp_path/p.txt``, images to ``tmp_path/s``); checks the latent shape it reports and
+    returns the first picture as an array."""
+    import numpy as np
+    from click.testing import CliRunner
+    from PIL import Image
+
+    from loraengine.cli.main import cli
+
+    (tmp_path / "p.txt").write_text(prompt + "\n")
+    result = CliRunner().invoke(cli, [
+        "sample", "--model", str(model), "--prompts", str(tmp_path / "p.txt"), "--lora",
+        str(lora), "--out", str(tmp_path / "s"), "--steps", "2", "--frames", str(frames),
+        "--size", str(size), str(size)])
+    assert result.exit_code == 0, result.output
+    assert f"(latents {channels}x{frames}x{size}x{size})" in result.output
+    return np.asarray(Image.open(tmp_path / "s" / "image_0_0.png"))
+
+
+# -- gradient comparisons on the tiny UNet ---------------------------------------------
+
+def factored_unet_config(unet_dir: Path, files: tuple[Path, Path], algorithm: str,
+                         memory: dict[str, Any]) -> dict[str, Any]:
+    """One step of ``algorithm`` on the tiny UNet with ``memory``."""
+    from loraengine.testing.models import tiny_unet_train_config
+
+    return tiny_unet_train_config(unet_dir, files, {
+        "training": {"steps": 1},
+        # alpha ≠ rank where it is a scale; OFT has none (its alpha is a norm bound).
+        # The factored training path on every layer: it is what bypass computes, so
+        # for LoRA and LoKr the plain and bypass runs are the same operations (with
+        # path auto, a layer the cost model rebuilds would round differently).
+        "adapter": {"algorithm": algorithm, "path": "factored",
+                    **({} if algorithm == "oft" else {"alpha": 2})},
+        "memory": memory,
+    })
+
+
+def seed_adapter(pipe: Any) -> torch.Generator:
+    """Set the adapter's parameters to seeded random values (at init some factors are
+    zero, which would make other factors' gradients zero and a comparison weak); returns
+    the generator, for the inputs drawn after them."""
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in pipe.network.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    return g

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from fixtures.interop.comfy_layout import native_by_layout
 from safetensors.torch import load_file
 
 import loraengine
@@ -68,25 +69,7 @@ def _export(model, network, exporter: str) -> dict[str, torch.Tensor]:
 def _native(model, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """A diffusers state dict in ComfyUI's names, by the layout (bands concatenated in
     row order, swapped halves swapped)."""
-    names = module_layouts(REG, model).get(comfy_names.LAYOUT, {})
-    out: dict[str, torch.Tensor] = {}
-    fused: dict[str, list] = {}
-    for key, value in state.items():
-        module, _, param = key.rpartition(".")
-        if module not in names:
-            out[key] = value
-            continue
-        native, band = comfy_names.parse(names[module])
-        if isinstance(band, tuple):
-            fused.setdefault(f"{native}.{param}", []).append((band[0], value))
-        elif band == comfy_names.SWAP:
-            first, second = value.chunk(2)
-            out[f"{native}.{param}"] = torch.cat([second, first])
-        else:
-            out[f"{native}.{param}"] = value
-    for key, parts in fused.items():
-        out[key] = torch.cat([v for _, v in sorted(parts, key=lambda p: p[0])])
-    return out
+    return native_by_layout(module_layouts(REG, model).get(comfy_names.LAYOUT, {}), state)
 
 
 def _modules(keys) -> set[str]:

@@ -10,13 +10,14 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
+from conftest import factored_unet_config, seed_adapter
 
 from loraengine.cli.main import cli
 from loraengine.core.build import build_pipeline
 from loraengine.core.config.root import parse_config
 from loraengine.core.errors import ConfigError
 from loraengine.plugins.memory import checkpointing
-from loraengine.testing.models import save_tiny_unet_data, tiny_unet_train_config
+from loraengine.testing.models import save_tiny_unet_data
 from loraengine.tools.plan import logic as plan
 
 #: The same operations on the same inputs: equal in practice, as for the depth option.
@@ -37,26 +38,15 @@ def files(tmp_path_factory) -> tuple[Path, Path]:
     return save_tiny_unet_data(tmp_path_factory.mktemp("selective-data"))
 
 
-def config(unet_dir: Path, files: tuple[Path, Path], memory: dict, algorithm: str = "lora"
-           ) -> dict:
-    return tiny_unet_train_config(unet_dir, files, {
-        "training": {"steps": 1},
-        "adapter": {"algorithm": algorithm, "path": "factored",
-                    **({} if algorithm == "oft" else {"alpha": 2})},
-        "memory": memory})
-
-
 def second_pass_grads(host, unet_dir, files, memory: dict, algorithm: str
                       ) -> dict[str, torch.Tensor]:
     """Adapter gradients of the second of two forward+backward passes on the same
     inputs (the budget policy chooses in the first and keeps from the second)."""
-    cfg = parse_config(config(unet_dir, files, memory, algorithm), host.registry)
+    cfg = parse_config(factored_unet_config(unet_dir, files, algorithm, memory),
+                       host.registry)
     pipe = build_pipeline(cfg, host)
     try:
-        g = torch.Generator().manual_seed(1)
-        with torch.no_grad():
-            for p in pipe.network.parameters():
-                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+        g = seed_adapter(pipe)
         x = torch.randn(2, 4, 8, 8, generator=g)
         cond = torch.randn(2, 3, 16, generator=g)
         for _ in range(2):
@@ -102,7 +92,8 @@ _plans: dict[str, plan.MemoryPlan] = {}
 def planned(host, unet_dir, files, memory: dict) -> plan.MemoryPlan:
     key = repr(sorted(memory.items()))
     if key not in _plans:
-        cfg = parse_config(config(unet_dir, files, memory), host.registry)
+        cfg = parse_config(factored_unet_config(unet_dir, files, "lora", memory),
+                           host.registry)
         _plans[key] = plan.estimate(cfg, host)
     return _plans[key]
 
@@ -179,8 +170,9 @@ def test_budget_chooses_per_input_shape():
 # -- configuration ------------------------------------------------------------------------
 
 def test_policy_without_checkpointing_is_a_config_error(host, unet_dir, files):
-    data = config(unet_dir, files, {"gradient_checkpointing": False,
-                                    "checkpoint_policy": "save_matmuls"})
+    data = factored_unet_config(unet_dir, files, "lora",
+                                {"gradient_checkpointing": False,
+                                 "checkpoint_policy": "save_matmuls"})
     with pytest.raises(ConfigError, match="memory.checkpoint_policy: save_matmuls needs "
                                           "memory.gradient_checkpointing: true"):
         parse_config(data, host.registry)
@@ -190,7 +182,8 @@ def test_plan_names_the_policy(unet_dir, files, tmp_path):
     import yaml
 
     path = tmp_path / "config.yaml"
-    path.write_text(yaml.safe_dump(config(unet_dir, files, {"gradient_checkpointing": True})))
+    path.write_text(yaml.safe_dump(factored_unet_config(unet_dir, files, "lora",
+                                                        {"gradient_checkpointing": True})))
     res = CliRunner().invoke(cli, ["plan", str(path), "--set", "memory.checkpoint_policy=budget",
                                    "--set", "memory.checkpoint_budget=0.25"])
     assert res.exit_code == 0, res.output

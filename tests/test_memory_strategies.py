@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import factored_unet_config, seed_adapter
 from torch import nn
 
 from loraengine.core.build import build_pipeline
@@ -15,7 +16,7 @@ from loraengine.core.config.root import parse_config
 from loraengine.core.model import top_level_blocks
 from loraengine.core.train.loop import Trainer
 from loraengine.plugins.memory import checkpointing
-from loraengine.testing.models import save_tiny_unet_data, tiny_unet_train_config
+from loraengine.testing.models import save_tiny_unet_data
 
 ALGORITHMS = ["lora", "loha", "lokr", "oft"]
 STRATEGIES = {
@@ -45,20 +46,6 @@ def files(tmp_path_factory) -> tuple[Path, Path]:
     return save_tiny_unet_data(tmp_path_factory.mktemp("memory-data"))
 
 
-def make_config(unet_dir: Path, files: tuple[Path, Path], algorithm: str,
-                memory: dict) -> dict:
-    return tiny_unet_train_config(unet_dir, files, {
-        "training": {"steps": 1},
-        # alpha ≠ rank where it is a scale; OFT has none (its alpha is a norm bound).
-        # The factored training path on every layer: it is what bypass computes, so
-        # for LoRA and LoKr the plain and bypass runs are the same operations (with
-        # path auto, a layer the cost model rebuilds would round differently).
-        "adapter": {"algorithm": algorithm, "path": "factored",
-                    **({} if algorithm == "oft" else {"alpha": 2})},
-        "memory": memory,
-    })
-
-
 def one_step_grads(host, unet_dir, files, algorithm: str, memory: dict
                    ) -> tuple[float, dict[str, torch.Tensor]]:
     """Loss and adapter gradients of one micro-batch. Adapter parameters are set to
@@ -66,13 +53,11 @@ def one_step_grads(host, unet_dir, files, algorithm: str, memory: dict
     factors' gradients zero and the comparison weak."""
     if algorithm not in host.registry.names("adapter"):
         pytest.skip(f"adapter algorithm {algorithm!r} is not installed")
-    cfg = parse_config(make_config(unet_dir, files, algorithm, memory), host.registry)
+    cfg = parse_config(factored_unet_config(unet_dir, files, algorithm, memory),
+                       host.registry)
     pipe = build_pipeline(cfg, host)
     try:
-        g = torch.Generator().manual_seed(1)
-        with torch.no_grad():
-            for p in pipe.network.parameters():
-                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+        seed_adapter(pipe)
         trainer = Trainer(pipe, write_files=False)
         loss = trainer.micro_step(trainer.indices.take(2))
         loss.backward()
@@ -127,8 +112,8 @@ def test_bypass_gradients_equal_plain_run_in_fp64(host, unet_dir, files, algorit
     def grads(bypass: bool) -> dict[str, torch.Tensor]:
         if algorithm not in host.registry.names("adapter"):
             pytest.skip(f"adapter algorithm {algorithm!r} is not installed")
-        cfg = parse_config(make_config(unet_dir, files, algorithm, {"bypass_mode": bypass}),
-                           host.registry)
+        cfg = parse_config(factored_unet_config(unet_dir, files, algorithm,
+                                                {"bypass_mode": bypass}), host.registry)
         pipe = build_pipeline(cfg, host)
         try:
             pipe.model.double()
@@ -209,9 +194,9 @@ def test_checkpoint_runs_once_per_wrapped_block_per_forward(host, unet_dir, file
         return real(fn, *args, **kwargs)
 
     monkeypatch.setattr(checkpointing, "checkpoint", counting)
-    cfg = parse_config(make_config(unet_dir, files, "lora",
-                                   {"gradient_checkpointing": True,
-                                    "checkpoint_depth": depth}), host.registry)
+    cfg = parse_config(factored_unet_config(unet_dir, files, "lora",
+                                            {"gradient_checkpointing": True,
+                                             "checkpoint_depth": depth}), host.registry)
     pipe = build_pipeline(cfg, host)
     try:
         wrapped = checkpointing.blocks_at_depth(pipe.loaded.blocks, depth)

@@ -6,19 +6,12 @@ key for key, computing what the engine's merged model computes."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
 import torch
-import yaml
-from click.testing import CliRunner
-from conftest import diffusers_warnings
-from safetensors.torch import load_file, save_file
+from conftest import diffusers_warnings, train_and_reload
 
-from loraengine.api import resolve_config
-from loraengine.cli.main import cli
-from loraengine.core.build import build_pipeline
 from loraengine.plugins import build_plugin_manager
 from loraengine.testing import tiny_pipelines as tp
 
@@ -165,60 +158,25 @@ def test_trains_and_the_file_loads_in_the_pipeline_with_every_key(folders, tmp_p
     import diffusers as d
     from peft.tuners.lora import LoraLayer
 
-    family = FAMILY[name]
     x, cond = _draw(name, n=4, seed=1)
     x = x[:1] + 0.1 * x  # one picture, four takes: something a few steps can learn
-    save_file({"latents": x}, str(tmp_path / "lat.st"))
-    save_file(cond, str(tmp_path / "cond.st"))
-    cfg = {"model": {"family": family, "path": str(folders[name])},
-           "data": {"latents": str(tmp_path / "lat.st"),
-                    "conditioning": str(tmp_path / "cond.st")},
-           "training": {"steps": 30, "batch_size": 4, "dtype": "fp32", "seed": 0},
-           "optimizer": {"lr": 0.02},
-           "adapter": {"rank": 4, "alpha": 2, "dtype": "fp32"},
-           "memory": {"gradient_checkpointing": True},
-           "output": {"dir": str(tmp_path / "out"), "name": "lora", "plot": False}}
-    path = tmp_path / "train.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    result = CliRunner().invoke(cli, ["train", str(path), "-q"])
-    assert result.exit_code == 0, result.output
-    losses = json.loads((tmp_path / "out" / "lora.loss.json").read_text())["loss"]
-    assert len(losses) == 30 and all(torch.isfinite(torch.tensor(losses)))
-    lora = tmp_path / "out" / "lora.safetensors"
-    tensors = load_file(str(lora))
-    assert tensors and all(k.startswith("transformer.") for k in tensors)
-    modules = {k.rsplit(".lora_", 1)[0] for k in tensors if ".lora_" in k}
-
-    host = build_plugin_manager()
-    conf, base = resolve_config(path, host, overrides=[f"adapter.existing={lora}"])
-    engine = build_pipeline(conf, host, base_dir=base)
     xe, ce = _draw(name, seed=7)
-    te = engine.loaded.schedule.model_timesteps(torch.tensor([0.3, 0.8]))
-    try:
-        trained = tp.fixed_draw_loss(engine)
-        engine.network.set_multiplier(0.0)
-        untouched = tp.fixed_draw_loss(engine)
-        engine.network.set_multiplier(1.0)
-        engine.network.merge()
-        with torch.no_grad():
-            merged = engine.loaded.predict(engine.model, xe, te, ce)
-    finally:
-        engine.close()
-    assert trained < untouched * 0.97, (trained, untouched)
+    run = train_and_reload(tmp_path, FAMILY[name], folders[name], x, cond, xe, ce)
+    assert run.tensors and all(k.startswith("transformer.") for k in run.tensors)
 
     # The pipeline class's own loader, on the same tiny transformer.
     make, sched_cfg = tp.DENOISERS[name][1], tp.DENOISERS[name][2]
     pipe = tp.denoiser_pipeline(name, make(0), d.FlowMatchEulerDiscreteScheduler(**sched_cfg))
     with diffusers_warnings() as messages:
-        pipe.load_lora_weights(str(lora))
+        pipe.load_lora_weights(str(run.lora))
     # diffusers warns "led to unexpected keys" / "led to missing keys" for unplaced keys
     # (Chroma's loader also notes that the absent text encoder gets no keys: harmless)
     assert not [m for m in messages if "unexpected keys" in m or "missing keys" in m], \
         messages
     wrapped = [m for m in pipe.transformer.modules() if isinstance(m, LoraLayer)]
-    assert len(wrapped) == len(modules)
+    assert len(wrapped) == len(run.modules)
     with torch.no_grad():
-        loaded = engine.loaded.predict(pipe.transformer, xe, te, ce)
-        plain = engine.loaded.predict(make(0), xe, te, ce)
-    torch.testing.assert_close(loaded, merged, rtol=1e-4, atol=1e-4)
+        loaded = run.predict(pipe.transformer, xe, run.t, ce)
+        plain = run.predict(make(0), xe, run.t, ce)
+    torch.testing.assert_close(loaded, run.merged, rtol=1e-4, atol=1e-4)
     assert (loaded - plain).abs().max() > 1e-3

@@ -8,7 +8,6 @@ configs, LTX-2's shift by token count at two clip sizes."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -16,14 +15,13 @@ import pytest
 import torch
 import yaml
 from click.testing import CliRunner
-from conftest import diffusers_warnings
+from conftest import diffusers_warnings, train_and_reload
 from safetensors.torch import load_file, save_file
 
 from loraengine.api import resolve_config
 from loraengine.cli.main import cli
 from loraengine.core.build import build_pipeline
 from loraengine.plugins import build_plugin_manager
-from loraengine.testing import tiny_pipelines as tp
 from loraengine.testing import tiny_video as tv
 
 FAMILIES = tuple(tv.VIDEO_DENOISERS)
@@ -258,56 +256,23 @@ def test_trains_and_the_file_loads_in_diffusers_with_every_key(folders, tmp_path
     x = _latents(name, 4, seed=1)
     x = x[:1] + 0.1 * x  # one clip, four takes: something a few steps can learn
     _, cond = _draw(name, n=4, seed=1)
-    save_file({"latents": x}, str(tmp_path / "lat.st"))
-    save_file(cond, str(tmp_path / "cond.st"))
-    cfg = {"model": {"family": name, "path": str(folders[name])},
-           "data": {"latents": str(tmp_path / "lat.st"),
-                    "conditioning": str(tmp_path / "cond.st")},
-           "training": {"steps": 30, "batch_size": 4, "dtype": "fp32", "seed": 0},
-           "optimizer": {"lr": 0.02},
-           "adapter": {"rank": 4, "alpha": 2, "dtype": "fp32"},
-           "memory": {"gradient_checkpointing": True},
-           "output": {"dir": str(tmp_path / "out"), "name": "lora", "plot": False}}
-    path = tmp_path / "train.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    result = CliRunner().invoke(cli, ["train", str(path), "-q"])
-    assert result.exit_code == 0, result.output
-    losses = json.loads((tmp_path / "out" / "lora.loss.json").read_text())["loss"]
-    assert len(losses) == 30 and all(torch.isfinite(torch.tensor(losses)))
-    lora = tmp_path / "out" / "lora.safetensors"
-    tensors = load_file(str(lora))
-    assert tensors and all(k.startswith("transformer.transformer_blocks.") for k in tensors)
-    modules = {k.rsplit(".lora_", 1)[0] for k in tensors if ".lora_" in k}
-    if name == "ltx2":
-        assert not [m for m in modules if "audio" in m]
-
-    host = build_plugin_manager()
-    conf, base = resolve_config(path, host, overrides=[f"adapter.existing={lora}"])
-    engine = build_pipeline(conf, host, base_dir=base)
     xe, ce = _draw(name, seed=7)
-    te = engine.loaded.schedule.model_timesteps(torch.tensor([0.3, 0.8]))
-    try:
-        trained = tp.fixed_draw_loss(engine)
-        engine.network.set_multiplier(0.0)
-        untouched = tp.fixed_draw_loss(engine)
-        engine.network.set_multiplier(1.0)
-        engine.network.merge()
-        with torch.no_grad():
-            merged = engine.loaded.predict(engine.model, xe, te, ce)
-    finally:
-        engine.close()
-    assert trained < untouched * 0.97, (trained, untouched)
+    run = train_and_reload(tmp_path, name, folders[name], x, cond, xe, ce)
+    assert run.tensors and all(k.startswith("transformer.transformer_blocks.")
+                               for k in run.tensors)
+    if name == "ltx2":
+        assert not [m for m in run.modules if "audio" in m]
 
-    model, messages = _place(name, lora)
+    model, messages = _place(name, run.lora)
     # diffusers warns "led to unexpected keys" / "led to missing keys" for unplaced keys
     assert not [m for m in messages if "unexpected keys" in m or "missing keys" in m], \
         messages
     wrapped = [m for m in model.modules() if isinstance(m, LoraLayer)]
-    assert len(wrapped) == len(modules)
+    assert len(wrapped) == len(run.modules)
     with torch.no_grad():
-        placed = engine.loaded.predict(model, xe, te, ce)
-        plain = engine.loaded.predict(tv.VIDEO_DENOISERS[name][1](0), xe, te, ce)
-    torch.testing.assert_close(placed, merged, rtol=1e-4, atol=1e-4)
+        placed = run.predict(model, xe, run.t, ce)
+        plain = run.predict(tv.VIDEO_DENOISERS[name][1](0), xe, run.t, ce)
+    torch.testing.assert_close(placed, run.merged, rtol=1e-4, atol=1e-4)
     assert (placed - plain).abs().max() > 1e-3
 
 

@@ -98,16 +98,25 @@ def test_quantized_plan_stores_a_byte_per_linear_weight(host_m, tiny, unet_tenso
                                     + 4 * unet_tensors["linear_rows"])
 
 
-def test_estimate_is_close_to_the_measured_peak_on_the_tiny_unet(host, tiny):
-    memory = {"gradient_checkpointing": True, "checkpoint_depth": 2}
-    cfg = parse_config(make_config(tiny["model_dir"], tiny["lat"], tiny["cond"], memory),
-                       host.registry)
+def _plan_and_measure(host, files: dict, memory: dict, rank: int = 4,
+                      model: dict | None = None
+                      ) -> tuple[plan.MemoryPlan, plan.Measurement]:
+    """The plan of one config on ``files`` (a model folder, latents, conditioning) and
+    the peak measured by running it."""
+    cfg = parse_config(make_config(files["model_dir"], files["lat"], files["cond"], memory,
+                                   model, rank=rank), host.registry)
     estimated = plan.estimate(cfg, host)
     pipe = build_pipeline(cfg, host)
     try:
         measured = plan.measure(pipe)
     finally:
         pipe.close()
+    return estimated, measured
+
+
+def test_estimate_is_close_to_the_measured_peak_on_the_tiny_unet(host, tiny):
+    memory = {"gradient_checkpointing": True, "checkpoint_depth": 2}
+    estimated, measured = _plan_and_measure(host, tiny, memory)
     # resident at the step's start: the same tensors (the real run also holds the
     # optimizer's step counters, CPU scalars that the meta run leaves on the host)
     static = estimated.peak - estimated.activations - estimated.gradients
@@ -141,14 +150,7 @@ def bench(tmp_path_factory) -> dict:
 def test_plan_is_within_25_percent_of_the_measured_peak_on_the_benchmark_model(
         host, bench, combination):
     memory, model = COMBINATIONS[combination]
-    cfg = parse_config(make_config(bench["model_dir"], bench["lat"], bench["cond"], memory,
-                                   model, rank=8), host.registry)
-    estimated = plan.estimate(cfg, host)
-    pipe = build_pipeline(cfg, host)
-    try:
-        measured = plan.measure(pipe)
-    finally:
-        pipe.close()
+    estimated, measured = _plan_and_measure(host, bench, memory, rank=8, model=model)
     assert measured.peak > measured.resident > 0
     assert abs(estimated.peak / measured.peak - 1) <= 0.25, (estimated.peak, measured.peak)
 
@@ -160,19 +162,6 @@ SELECTIVE = {
     "depth-2-budget-0.2": {"gradient_checkpointing": True, "checkpoint_depth": 2,
                            "checkpoint_policy": "budget", "checkpoint_budget": 0.2},
 }
-
-
-def _plan_and_measure(host, files: dict, memory: dict, rank: int
-                      ) -> tuple[plan.MemoryPlan, plan.Measurement]:
-    cfg = parse_config(make_config(files["model_dir"], files["lat"], files["cond"], memory,
-                                   rank=rank), host.registry)
-    estimated = plan.estimate(cfg, host)
-    pipe = build_pipeline(cfg, host)
-    try:
-        measured = plan.measure(pipe)
-    finally:
-        pipe.close()
-    return estimated, measured
 
 
 @pytest.mark.parametrize("policy", list(SELECTIVE))

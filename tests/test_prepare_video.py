@@ -4,14 +4,19 @@ training on what it wrote."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from click.testing import CliRunner
-from safetensors.torch import load_file
+from conftest import (
+    assert_prepare_cached,
+    clip_pixels,
+    prepare_clips,
+    sample_frame_strip,
+    smooth_frame,
+    train_prepared,
+)
 
 from loraengine.cli.main import cli
 from loraengine.core.errors import DataError
@@ -19,17 +24,6 @@ from loraengine.testing import tiny_video as tv
 from loraengine.tools.prepare.video import FrameSampling, pick_frames
 
 FRAMES = 9
-
-
-def _frame(i: int, size: tuple[int, int]):
-    from PIL import Image
-
-    g = torch.Generator().manual_seed(i)
-    coarse = torch.rand(3, 4, 4, generator=g)
-    big = torch.nn.functional.interpolate(coarse[None], size=(size[1], size[0]),
-                                          mode="bilinear")[0]
-    data = (big * 255).round().to(torch.uint8).permute(1, 2, 0).contiguous().numpy()
-    return Image.fromarray(data, "RGB")
 
 
 def _video(path: Path, size: tuple[int, int]) -> None:
@@ -40,7 +34,7 @@ def _video(path: Path, size: tuple[int, int]) -> None:
         stream.width, stream.height = size
         stream.pix_fmt = "yuv420p"
         for i in range(FRAMES):
-            frame = av.VideoFrame.from_image(_frame(i, size))
+            frame = av.VideoFrame.from_image(smooth_frame(i, size))
             for packet in stream.encode(frame):
                 container.mux(packet)
         for packet in stream.encode():
@@ -57,7 +51,7 @@ def clips(tmp_path) -> Path:
     folder = tmp_path / "clips"
     (folder / "walk").mkdir(parents=True)
     for i in range(FRAMES):
-        _frame(i, (32, 32)).save(folder / "walk" / f"{i:03d}.png")
+        smooth_frame(i, (32, 32)).save(folder / "walk" / f"{i:03d}.png")
     (folder / "walk.txt").write_text("a person walks")
     pytest.importorskip("av")
     _video(folder / "wave.mp4", (32, 32))
@@ -109,39 +103,20 @@ def _frames_of(clip: Path) -> list:
 
 
 def test_prepare_encodes_clips_as_wan_pipeline_does_and_trains(tmp_path, wan, clips):
-    args = ["prepare", "--model", str(wan), "--images", str(clips), "--out",
-            str(tmp_path / "data"), "--frames", "5", "--resolution", "32", "-q"]
-    result = CliRunner().invoke(cli, args)
-    assert result.exit_code == 0, result.output
-    lat = load_file(str(tmp_path / "data" / "latents.safetensors"))
-    cond = load_file(str(tmp_path / "data" / "conditioning.safetensors"))
+    args, lat, cond = prepare_clips(wan, clips, tmp_path / "data")
     assert lat["latents"].shape == (2, tv.LATENT_CHANNELS, 2, 4, 4)
     assert cond["cond"].shape == (2, 512, tv.TEXT_DIM)
     for row, (name, caption) in enumerate((("walk", "a person walks"),
                                            ("wave.mp4", "a hand waves"))):
         frames = _frames_of(clips / name)
         picked = [frames[i] for i in (0, 2, 4, 6, 8)]
-        pixels = torch.stack([torch.frombuffer(bytearray(f.tobytes()), dtype=torch.uint8)
-                              .reshape(32, 32, 3).permute(2, 0, 1).float() / 127.5 - 1
-                              for f in picked], dim=1)
-        ref_lat, ref_cond = _reference(wan, pixels, caption)
+        ref_lat, ref_cond = _reference(wan, clip_pixels(picked), caption)
         torch.testing.assert_close(lat["latents"][row], ref_lat, rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(cond["cond"][row], ref_cond, rtol=1e-5, atol=1e-6)
 
-    again = CliRunner().invoke(cli, args[:-1])
-    assert again.exit_code == 0, again.output
-    assert "encoded 0 image(s) and 0 caption(s)" in again.output  # all from the cache
+    assert_prepare_cached(args)
 
-    cfg = {"model": {"family": "wan", "path": str(wan)},
-           "data": {"latents": str(tmp_path / "data" / "latents.safetensors"),
-                    "conditioning": str(tmp_path / "data" / "conditioning.safetensors")},
-           "training": {"steps": 2, "batch_size": 2, "dtype": "fp32"},
-           "adapter": {"rank": 2, "dtype": "fp32"},
-           "output": {"dir": str(tmp_path / "out"), "name": "lora", "plot": False}}
-    (tmp_path / "t.yaml").write_text(yaml.safe_dump(cfg))
-    trained = CliRunner().invoke(cli, ["train", str(tmp_path / "t.yaml"), "-q"])
-    assert trained.exit_code == 0, trained.output
-    losses = json.loads((tmp_path / "out" / "lora.loss.json").read_text())["loss"]
+    _, losses = train_prepared(tmp_path, "wan", wan, tmp_path / "data", steps=2, rank=2)
     assert len(losses) == 2
 
 
@@ -149,13 +124,9 @@ def test_clips_of_different_lengths_go_to_different_buckets(tmp_path, wan, clips
     short = clips / "blink"
     short.mkdir()
     for i in range(5):
-        _frame(20 + i, (32, 32)).save(short / f"{i}.png")
+        smooth_frame(20 + i, (32, 32)).save(short / f"{i}.png")
     (clips / "blink.txt").write_text("an eye blinks")
-    result = CliRunner().invoke(cli, ["prepare", "--model", str(wan), "--images", str(clips),
-                                      "--out", str(tmp_path / "d"), "--frames", "9",
-                                      "--resolution", "32", "-q"])
-    assert result.exit_code == 0, result.output
-    lat = load_file(str(tmp_path / "d" / "latents.safetensors"))
+    _, lat, _ = prepare_clips(wan, clips, tmp_path / "d", frames=9)
     assert {k: tuple(v.shape) for k, v in lat.items()} == {
         "latents.0": (1, 4, 2, 4, 4), "latents.1": (2, 4, 3, 4, 4)}
 
@@ -176,33 +147,15 @@ def test_prepare_train_then_sample_a_frame_strip_through_the_cli(tmp_path, wan, 
     import numpy as np
     from PIL import Image
 
-    runner = CliRunner()
     data = tmp_path / "data"
-    result = runner.invoke(cli, ["prepare", "--model", str(wan), "--images", str(clips),
-                                 "--out", str(data), "--frames", "5", "--resolution", "32",
-                                 "-q"])
-    assert result.exit_code == 0, result.output
-    cfg = {"model": {"family": "wan", "path": str(wan)},
-           "data": {"latents": str(data / "latents.safetensors"),
-                    "conditioning": str(data / "conditioning.safetensors")},
-           "training": {"steps": 4, "batch_size": 2, "dtype": "fp32"},
-           "optimizer": {"lr": 0.02}, "adapter": {"rank": 2, "dtype": "fp32"},
-           "output": {"dir": str(tmp_path / "out"), "name": "lora", "plot": False}}
-    (tmp_path / "t.yaml").write_text(yaml.safe_dump(cfg))
-    assert runner.invoke(cli, ["train", str(tmp_path / "t.yaml"), "-q"]).exit_code == 0
-    (tmp_path / "p.txt").write_text("a person walks\n")
-    result = runner.invoke(cli, ["sample", "--model", str(wan), "--prompts",
-                                 str(tmp_path / "p.txt"), "--lora",
-                                 str(tmp_path / "out" / "lora.safetensors"), "--out",
-                                 str(tmp_path / "s"), "--steps", "2", "--frames", "2",
-                                 "--size", "4", "4"])
-    assert result.exit_code == 0, result.output
-    assert f"(latents {tv.LATENT_CHANNELS}x2x4x4)" in result.output
+    prepare_clips(wan, clips, data)
+    lora, _ = train_prepared(tmp_path, "wan", wan, data, steps=4, rank=2, lr=0.02)
+    strip = sample_frame_strip(tmp_path, wan, "a person walks", lora, frames=2, size=4,
+                               channels=tv.LATENT_CHANNELS)
     # 2 latent frames are 1 + 4 pixel frames of 32x32, side by side
-    strip = np.asarray(Image.open(tmp_path / "s" / "image_0_0.png"))
     assert strip.shape == (32, 5 * 32, 3)
-    image = runner.invoke(cli, ["sample", "--model", str(wan), "--prompts",
-                                str(tmp_path / "p.txt"), "--out", str(tmp_path / "i"),
-                                "--steps", "1", "--size", "4", "4"])
+    image = CliRunner().invoke(cli, ["sample", "--model", str(wan), "--prompts",
+                                      str(tmp_path / "p.txt"), "--out", str(tmp_path / "i"),
+                                      "--steps", "1", "--size", "4", "4"])
     assert image.exit_code == 0, image.output  # one latent frame: one picture
     assert np.asarray(Image.open(tmp_path / "i" / "image_0_0.png")).shape == (32, 32, 3)

@@ -6,29 +6,23 @@ from ``sample --frames``."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
 import torch
-import yaml
-from click.testing import CliRunner
+from conftest import (
+    assert_prepare_cached,
+    clip_pixels,
+    prepare_clips,
+    sample_frame_strip,
+    smooth_frame,
+    train_prepared,
+)
 from safetensors.torch import load_file
 
-from loraengine.cli.main import cli
 from loraengine.testing import tiny_video as tv
 
 FRAMES = 5
-
-
-def _frame(i: int):
-    from PIL import Image
-
-    g = torch.Generator().manual_seed(i)
-    coarse = torch.rand(3, 4, 4, generator=g)
-    big = torch.nn.functional.interpolate(coarse[None], size=(32, 32), mode="bilinear")[0]
-    data = (big * 255).round().to(torch.uint8).permute(1, 2, 0).contiguous().numpy()
-    return Image.fromarray(data, "RGB")
 
 
 #: clip -> caption; HunyuanVideo 1.5's glyph encoder reads the quoted text of the second
@@ -51,7 +45,7 @@ def clips(tmp_path) -> Path:
     for (name, caption), first in zip(CAPTIONS.items(), (0, 10), strict=True):
         (folder / name).mkdir(parents=True)
         for i in range(FRAMES):
-            _frame(first + i).save(folder / name / f"{i:03d}.png")
+            smooth_frame(first + i).save(folder / name / f"{i:03d}.png")
         (folder / f"{name}.txt").write_text(caption)
     return folder
 
@@ -59,10 +53,7 @@ def clips(tmp_path) -> Path:
 def _pixels(clip: Path) -> torch.Tensor:
     from PIL import Image
 
-    frames = [Image.open(p).convert("RGB") for p in sorted(clip.glob("*.png"))]
-    return torch.stack([torch.frombuffer(bytearray(f.tobytes()), dtype=torch.uint8)
-                        .reshape(32, 32, 3).permute(2, 0, 1).float() / 127.5 - 1
-                        for f in frames], dim=1)
+    return clip_pixels([Image.open(p).convert("RGB") for p in sorted(clip.glob("*.png"))])
 
 
 def _ltx2_reference(root: Path, pixels: torch.Tensor, caption: str):
@@ -82,12 +73,7 @@ def _ltx2_reference(root: Path, pixels: torch.Tensor, caption: str):
 
 
 def test_prepare_encodes_clips_as_ltx2_pipeline_does(tmp_path, ltx2, clips):
-    args = ["prepare", "--model", str(ltx2), "--images", str(clips), "--out",
-            str(tmp_path / "data"), "--frames", "5", "--resolution", "32", "-q"]
-    result = CliRunner().invoke(cli, args)
-    assert result.exit_code == 0, result.output
-    lat = load_file(str(tmp_path / "data" / "latents.safetensors"))
-    cond = load_file(str(tmp_path / "data" / "conditioning.safetensors"))
+    args, lat, cond = prepare_clips(ltx2, clips, tmp_path / "data")
     # 8x space, 2x time: 5 frames of 32x32 are 3 latent frames of 4x4
     assert lat["latents"].shape == (2, tv.LTX2_CHANNELS, 3, 4, 4)
     assert cond["cond"].shape == (2, 1024, tv.LTX2_TEXT_DIM)
@@ -96,9 +82,7 @@ def test_prepare_encodes_clips_as_ltx2_pipeline_does(tmp_path, ltx2, clips):
         torch.testing.assert_close(lat["latents"][row], ref_lat, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(cond["cond"][row], ref_cond, rtol=1e-5, atol=1e-5)
         assert torch.equal(cond["mask"][row], ref_mask.long())
-    again = CliRunner().invoke(cli, args[:-1])
-    assert again.exit_code == 0, again.output
-    assert "encoded 0 image(s) and 0 caption(s)" in again.output  # all from the cache
+    assert_prepare_cached(args)
 
 
 def _ltx2_loss(root: Path, data: Path, lora: Path | None) -> float:
@@ -137,40 +121,17 @@ def _ltx2_loss(root: Path, data: Path, lora: Path | None) -> float:
 def test_ltx2_clips_prepare_train_then_sample_a_frame_strip(tmp_path, ltx2, clips):
     """Clips -> prepare -> train (the loss on fixed draws lower, measured through
     LTX2Pipeline's load_lora_weights) -> ``sample --frames`` decoded by the LTX-2 VAE."""
-    import numpy as np
-    from PIL import Image
-
-    runner = CliRunner()
     data = tmp_path / "data"
-    result = runner.invoke(cli, ["prepare", "--model", str(ltx2), "--images", str(clips),
-                                 "--out", str(data), "--frames", "5", "--resolution", "32",
-                                 "-q"])
-    assert result.exit_code == 0, result.output
-    cfg = {"model": {"family": "ltx2", "path": str(ltx2)},
-           "data": {"latents": str(data / "latents.safetensors"),
-                    "conditioning": str(data / "conditioning.safetensors")},
-           "training": {"steps": 30, "batch_size": 2, "dtype": "fp32"},
-           "optimizer": {"lr": 0.01}, "adapter": {"rank": 4, "dtype": "fp32"},
-           "output": {"dir": str(tmp_path / "out"), "name": "lora", "plot": False}}
-    (tmp_path / "t.yaml").write_text(yaml.safe_dump(cfg))
-    trained = runner.invoke(cli, ["train", str(tmp_path / "t.yaml"), "-q"])
-    assert trained.exit_code == 0, trained.output
-    lora = tmp_path / "out" / "lora.safetensors"
-    losses = json.loads((tmp_path / "out" / "lora.loss.json").read_text())["loss"]
+    prepare_clips(ltx2, clips, data)
+    lora, losses = train_prepared(tmp_path, "ltx2", ltx2, data, steps=30, rank=4, lr=0.01)
     assert len(losses) == 30
     before = _ltx2_loss(ltx2, data, None)
     after = _ltx2_loss(ltx2, data, lora)
     assert after < before, (before, after)
 
-    (tmp_path / "p.txt").write_text("a person walks\n")
-    result = runner.invoke(cli, ["sample", "--model", str(ltx2), "--prompts",
-                                 str(tmp_path / "p.txt"), "--lora", str(lora), "--out",
-                                 str(tmp_path / "s"), "--steps", "2", "--frames", "3",
-                                 "--size", "4", "4"])
-    assert result.exit_code == 0, result.output
-    assert f"(latents {tv.LTX2_CHANNELS}x3x4x4)" in result.output
+    strip = sample_frame_strip(tmp_path, ltx2, "a person walks", lora, frames=3, size=4,
+                               channels=tv.LTX2_CHANNELS)
     # 3 latent frames are 1 + 2·2 pixel frames of 32x32, side by side
-    strip = np.asarray(Image.open(tmp_path / "s" / "image_0_0.png"))
     assert strip.shape == (32, 5 * 32, 3)
 
 
@@ -190,12 +151,7 @@ def _hunyuan_reference(root: Path, pixels: torch.Tensor, caption: str):
 
 
 def test_prepare_encodes_clips_as_hunyuan_video15_pipeline_does(tmp_path, hunyuan, clips):
-    args = ["prepare", "--model", str(hunyuan), "--images", str(clips), "--out",
-            str(tmp_path / "data"), "--frames", "5", "--resolution", "32", "-q"]
-    result = CliRunner().invoke(cli, args)
-    assert result.exit_code == 0, result.output
-    lat = load_file(str(tmp_path / "data" / "latents.safetensors"))
-    cond = load_file(str(tmp_path / "data" / "conditioning.safetensors"))
+    args, lat, cond = prepare_clips(hunyuan, clips, tmp_path / "data")
     # 4x space, 2x time: 5 frames of 32x32 are 3 latent frames of 8x8
     assert lat["latents"].shape == (2, tv.HUNYUAN_CHANNELS, 3, 8, 8)
     assert cond["cond"].shape == (2, 1000, tv.HUNYUAN_TEXT_DIM)
@@ -209,9 +165,7 @@ def test_prepare_encodes_clips_as_hunyuan_video15_pipeline_does(tmp_path, hunyua
         assert torch.equal(cond["byt5_mask"][row], ref[4].long())
     # no quoted text: the glyph stream is empty; quoted text: ByT5 read it
     assert int(cond["byt5_mask"][0].sum()) == 0 and int(cond["byt5_mask"][1].sum()) > 0
-    again = CliRunner().invoke(cli, args[:-1])
-    assert again.exit_code == 0, again.output
-    assert "encoded 0 image(s) and 0 caption(s)" in again.output  # all from the cache
+    assert_prepare_cached(args)
 
 
 def _hunyuan_loss(root: Path, data: Path, lora: Path | None) -> float:
@@ -250,36 +204,15 @@ def test_hunyuan_video15_clips_prepare_train_then_sample_a_frame_strip(tmp_path,
                                                                         clips):
     """Clips -> prepare -> train (the loss on fixed draws lower) -> ``sample --frames``
     decoded by the HunyuanVideo 1.5 VAE."""
-    import numpy as np
-    from PIL import Image
-
-    runner = CliRunner()
     data = tmp_path / "data"
-    result = runner.invoke(cli, ["prepare", "--model", str(hunyuan), "--images", str(clips),
-                                 "--out", str(data), "--frames", "5", "--resolution", "32",
-                                 "-q"])
-    assert result.exit_code == 0, result.output
-    cfg = {"model": {"family": "hunyuan_video15", "path": str(hunyuan)},
-           "data": {"latents": str(data / "latents.safetensors"),
-                    "conditioning": str(data / "conditioning.safetensors")},
-           "training": {"steps": 10, "batch_size": 2, "dtype": "fp32"},
-           "optimizer": {"lr": 0.02}, "adapter": {"rank": 4, "dtype": "fp32"},
-           "output": {"dir": str(tmp_path / "out"), "name": "lora", "plot": False}}
-    (tmp_path / "t.yaml").write_text(yaml.safe_dump(cfg))
-    trained = runner.invoke(cli, ["train", str(tmp_path / "t.yaml"), "-q"])
-    assert trained.exit_code == 0, trained.output
-    lora = tmp_path / "out" / "lora.safetensors"
+    prepare_clips(hunyuan, clips, data)
+    lora, _ = train_prepared(tmp_path, "hunyuan_video15", hunyuan, data, steps=10, rank=4,
+                             lr=0.02)
     before = _hunyuan_loss(hunyuan, data, None)
     after = _hunyuan_loss(hunyuan, data, lora)
     assert after < before, (before, after)
 
-    (tmp_path / "p.txt").write_text('a sign reading "HELLO"\n')
-    result = runner.invoke(cli, ["sample", "--model", str(hunyuan), "--prompts",
-                                 str(tmp_path / "p.txt"), "--lora", str(lora), "--out",
-                                 str(tmp_path / "s"), "--steps", "2", "--frames", "3",
-                                 "--size", "8", "8"])
-    assert result.exit_code == 0, result.output
-    assert f"(latents {tv.HUNYUAN_CHANNELS}x3x8x8)" in result.output
+    strip = sample_frame_strip(tmp_path, hunyuan, 'a sign reading "HELLO"', lora, frames=3,
+                               size=8, channels=tv.HUNYUAN_CHANNELS)
     # 3 latent frames are 1 + 2·2 pixel frames of 32x32, side by side
-    strip = np.asarray(Image.open(tmp_path / "s" / "image_0_0.png"))
     assert strip.shape == (32, 5 * 32, 3)

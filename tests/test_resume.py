@@ -155,17 +155,19 @@ class _InterruptAt:
             os.kill(os.getpid(), signal.SIGINT)
 
 
-def test_ctrl_c_writes_the_partial_lora_beside_the_final_one(host, unet_config, tmp_path):
+def _finished_run(host, unet_config, tmp_path, plot: bool) -> dict:
+    """A finished 3-step run ``run`` in ``tmp_path/out``; returns its config."""
     cfg = json.loads(json.dumps(unet_config))
     cfg["training"]["steps"] = 3
-    cfg["output"] = {"dir": str(tmp_path / "out"), "name": "run", "plot": False}
+    cfg["output"] = {"dir": str(tmp_path / "out"), "name": "run", "plot": plot}
     pipe = build_pipeline(parse_config(cfg, host.registry), host)
     Trainer(pipe).run()
     pipe.close()
-    final = tmp_path / "out" / "run.safetensors"
-    before = final.read_bytes()
-    loss_before = (tmp_path / "out" / "run.loss.json").read_bytes()
+    return cfg
 
+
+def _interrupted_at_2(host, cfg: dict) -> pytest.ExceptionInfo:
+    """The same run again, 50 steps of another seed, stopped by Ctrl-C at step 2."""
     cfg["training"]["steps"] = 50
     cfg["training"]["seed"] = cfg["training"].get("seed", 0) + 1
     host.register(_InterruptAt(2), name="test.interrupt")
@@ -176,6 +178,16 @@ def test_ctrl_c_writes_the_partial_lora_beside_the_final_one(host, unet_config, 
     finally:
         pipe.close()
         host.unregister("test.interrupt")
+    return caught
+
+
+def test_ctrl_c_writes_the_partial_lora_beside_the_final_one(host, unet_config, tmp_path):
+    cfg = _finished_run(host, unet_config, tmp_path, plot=False)
+    final = tmp_path / "out" / "run.safetensors"
+    before = final.read_bytes()
+    loss_before = (tmp_path / "out" / "run.loss.json").read_bytes()
+
+    caught = _interrupted_at_2(host, cfg)
     partial = tmp_path / "out" / "run.step_000002.safetensors"
     message = str(caught.value)
     assert f"LoRA so far {partial}" in message and f"{final} is left as it was" in message
@@ -301,25 +313,11 @@ def test_a_run_after_a_kill_inside_a_save_leaves_no_temporary_file(tmp_path, une
 
 
 def test_ctrl_c_draws_the_partial_loss_plot_beside_the_final_one(host, unet_config, tmp_path):
-    cfg = json.loads(json.dumps(unet_config))
-    cfg["training"]["steps"] = 3
-    cfg["output"] = {"dir": str(tmp_path / "out"), "name": "run", "plot": True}
-    pipe = build_pipeline(parse_config(cfg, host.registry), host)
-    Trainer(pipe).run()
-    pipe.close()
+    cfg = _finished_run(host, unet_config, tmp_path, plot=True)
     plot = tmp_path / "out" / "run.loss.png"
     before = plot.read_bytes()
 
-    cfg["training"]["steps"] = 50
-    cfg["training"]["seed"] = cfg["training"].get("seed", 0) + 1
-    host.register(_InterruptAt(2), name="test.interrupt")
-    pipe = build_pipeline(parse_config(cfg, host.registry), host)
-    try:
-        with pytest.raises(TrainingInterrupted):
-            Trainer(pipe).run()
-    finally:
-        pipe.close()
-        host.unregister("test.interrupt")
+    _interrupted_at_2(host, cfg)
     assert plot.read_bytes() == before  # the finished run's plot, untouched
     partial = tmp_path / "out" / "run.step_000002.loss.png"
     from PIL import Image

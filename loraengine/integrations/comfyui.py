@@ -18,7 +18,6 @@ back by the engine's watchdog.
 
 from __future__ import annotations
 
-import copy
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -28,6 +27,7 @@ from typing import Any
 import torch
 import yaml
 
+from loraengine.core.config.source import deep_merge
 from loraengine.core.errors import ConfigError, DataError
 from loraengine.core.plugins.hookspecs import hookimpl
 
@@ -373,17 +373,6 @@ def _mapping(text: str | Mapping[str, Any] | None, key: str) -> dict[str, Any]:
     return data
 
 
-def merge(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
-    """``over`` laid on ``base``, section by section (``over`` wins)."""
-    out = copy.deepcopy(dict(base))
-    for key, value in over.items():
-        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
-            out[key] = merge(out[key], value)
-        else:
-            out[key] = copy.deepcopy(value)
-    return out
-
-
 def config_from_inputs(inputs: NodeInputs, config: Mapping[str, Any] | None = None
                        ) -> dict[str, Any]:
     """The loraengine config of one node run: the widgets, with ``config`` (a mapping
@@ -433,7 +422,7 @@ def config_from_inputs(inputs: NodeInputs, config: Mapping[str, Any] | None = No
         raise ConfigError("save_every: needs output_folder, where the checkpoints go")
     if inputs.validation_every:
         cfg["validation"] = {"every": inputs.validation_every}
-    cfg = merge(cfg, dict(config or {}))
+    cfg = deep_merge(cfg, dict(config or {}))
     cfg["model"] = {"family": "comfyui"}
     data = {k: v for k, v in dict(cfg.get("data") or {}).items()
             if k not in ("latents", "conditioning")}
@@ -456,8 +445,8 @@ def load_config_text(text: str = "", path: str | Path = "") -> dict[str, Any]:
         if not file.is_file():
             raise ConfigError(f"config: no file {file}")
         data = _mapping(file.read_text(encoding="utf-8"), str(file))
-    data = merge(data, _mapping(text, "config text"))
-    probe = merge(data, {"model": {"family": "comfyui"}})
+    data = deep_merge(data, _mapping(text, "config text"))
+    probe = deep_merge(data, {"model": {"family": "comfyui"}})
     probe.setdefault("data", {})
     parse_config(probe, build_plugin_manager().registry, base_dir=Path.cwd())
     return data

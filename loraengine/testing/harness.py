@@ -7,7 +7,6 @@ the conformance suites use them too, so they also work outside pytest.
 
 from __future__ import annotations
 
-import copy
 import types
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -16,6 +15,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from loraengine.core.config.source import deep_merge
 
 __all__ = [
     "TinyData", "deep_merge", "is_spec", "make_plugin", "registered", "tiny_data",
@@ -108,17 +109,6 @@ def tiny_data(n: int = 6, seed: int = 0, cond_dim: int = 8) -> TinyData:
 
     return TinyData(tiny_latents(n=n, seed=seed),
                     tiny_conditioning(n=n, dim=cond_dim, seed=seed + 1))
-
-
-def deep_merge(base: Mapping[str, Any], overlay: Mapping[str, Any]) -> dict[str, Any]:
-    """``base`` with ``overlay`` merged in, section by section (neither is modified)."""
-    out = copy.deepcopy(dict(base))
-    for key, value in overlay.items():
-        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
-            out[key] = deep_merge(out[key], value)
-        else:
-            out[key] = copy.deepcopy(value)
-    return out
 
 
 def tiny_train_config(overlay: Mapping[str, Any] | None = None) -> dict[str, Any]:

@@ -630,30 +630,12 @@ def unet_to_original(state_dict: dict[str, torch.Tensor], config: Any,
 
 # -- the original (MMDiT) single-file layout of an SD3 transformer ---------------------
 
-#: diffusers module -> original module, for the parts outside the joint blocks
-_SD3_TOP = {"pos_embed.proj": "x_embedder.proj",
-            "time_text_embed.timestep_embedder.linear_1": "t_embedder.mlp.0",
-            "time_text_embed.timestep_embedder.linear_2": "t_embedder.mlp.2",
-            "time_text_embed.text_embedder.linear_1": "y_embedder.mlp.0",
-            "time_text_embed.text_embedder.linear_2": "y_embedder.mlp.2",
-            "context_embedder": "context_embedder", "proj_out": "final_layer.linear"}
-#: inside joint block i: diffusers module -> original module (no fused projections)
-_SD3_BLOCK = {"attn.norm_q": "x_block.attn.ln_q", "attn.norm_k": "x_block.attn.ln_k",
+#: inside joint block i, besides the adapted modules of ``comfy_names.SD3_BLOCK``: the
+#: qk-norms (diffusers module -> original module)
+_SD3_NORMS = {"attn.norm_q": "x_block.attn.ln_q", "attn.norm_k": "x_block.attn.ln_k",
               "attn.norm_added_q": "context_block.attn.ln_q",
               "attn.norm_added_k": "context_block.attn.ln_k",
-              "attn.to_out.0": "x_block.attn.proj", "attn.to_add_out": "context_block.attn.proj",
-              "attn2.norm_q": "x_block.attn2.ln_q", "attn2.norm_k": "x_block.attn2.ln_k",
-              "attn2.to_out.0": "x_block.attn2.proj",
-              "norm1.linear": "x_block.adaLN_modulation.1",
-              "norm1_context.linear": "context_block.adaLN_modulation.1",
-              "ff.net.0.proj": "x_block.mlp.fc1", "ff.net.2": "x_block.mlp.fc2",
-              "ff_context.net.0.proj": "context_block.mlp.fc1",
-              "ff_context.net.2": "context_block.mlp.fc2"}
-#: separate q/k/v projections of block i that the original fuses into one ``qkv``
-_SD3_QKV = {"x_block.attn.qkv": ("attn.to_q", "attn.to_k", "attn.to_v"),
-            "context_block.attn.qkv": ("attn.add_q_proj", "attn.add_k_proj",
-                                       "attn.add_v_proj"),
-            "x_block.attn2.qkv": ("attn2.to_q", "attn2.to_k", "attn2.to_v")}
+              "attn2.norm_q": "x_block.attn2.ln_q", "attn2.norm_k": "x_block.attn2.ln_k"}
 
 
 def _halves_swapped(tensor: torch.Tensor) -> torch.Tensor:
@@ -668,6 +650,8 @@ def sd3_to_original(state_dict: dict[str, torch.Tensor],
     """Rename a diffusers SD3Transformer2DModel state dict to the original MMDiT layout
     (``joint_blocks.<i>.x_block`` / ``context_block``, fused ``qkv``, ``final_layer``),
     the layout SD3/3.5 single files use. Covers SD3.5's qk-norm and dual attention."""
+    from loraengine.plugins.models.comfy_names import SD3_BLOCK, SD3_FUSED, SD3_TOP
+
     src = dict(state_dict)
     out: dict[str, torch.Tensor] = {}
     blocks = sorted({int(k.split(".")[1]) for k in src if k.startswith("transformer_blocks.")})
@@ -680,7 +664,7 @@ def sd3_to_original(state_dict: dict[str, torch.Tensor],
             raise KeyError(f"{key} is missing from the SD3 state dict") from None
 
     out["pos_embed"] = take("pos_embed.pos_embed")
-    for old, new in _SD3_TOP.items():
+    for old, new in SD3_TOP.items():
         for kind in ("weight", "bias"):
             out[f"{new}.{kind}"] = take(f"{old}.{kind}")
     for kind in ("weight", "bias"):
@@ -688,12 +672,12 @@ def sd3_to_original(state_dict: dict[str, torch.Tensor],
             take(f"norm_out.linear.{kind}"))
     for i in blocks:
         here, there = f"transformer_blocks.{i}.", f"joint_blocks.{i}."
-        for fused, parts in _SD3_QKV.items():
+        for fused, parts in SD3_FUSED.items():
             for kind in ("weight", "bias"):
                 names = [f"{here}{part}.{kind}" for part in parts]
                 if all(n in src for n in names):
                     out[f"{there}{fused}.{kind}"] = torch.cat([src.pop(n) for n in names])
-        for old, new in _SD3_BLOCK.items():
+        for old, new in (_SD3_NORMS | SD3_BLOCK).items():
             for kind in ("weight", "bias"):
                 key = f"{here}{old}.{kind}"
                 if key not in src:

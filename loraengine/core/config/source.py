@@ -10,6 +10,7 @@ and a key given twice in one mapping are errors, and every check visits each nod
 
 from __future__ import annotations
 
+import copy
 import stat
 from collections.abc import Mapping
 from pathlib import Path
@@ -226,6 +227,18 @@ def read_yaml(path: Path) -> tuple[dict[str, Any], dict[tuple[str, ...], int]]:
         raise ConfigError(f"{path}: the config must be a mapping of sections, "
                           f"not {type(data).__name__}")
     return data, lines
+
+
+def deep_merge(base: Mapping[str, Any], overlay: Mapping[str, Any]) -> dict[str, Any]:
+    """``base`` with ``overlay`` merged in, section by section, ``overlay`` winning
+    (neither is modified)."""
+    out = copy.deepcopy(dict(base))
+    for key, value in overlay.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> set[tuple[str, ...]]:

@@ -68,23 +68,25 @@ _FLUX_TOP = {"x_embedder": "img_in", "context_embedder": "txt_in",
 _FLUX_TOP_SWAPPED = {"norm_out.linear": "final_layer.adaLN_modulation.1"}
 _CHROMA_LAYER = re.compile(r"^distilled_guidance_layer\.layers\.(\d+)\.linear_([12])$")
 
-_SD3_BLOCK = {"attn.to_out.0": "x_block.attn.proj", "attn.to_add_out": "context_block.attn.proj",
-              "attn2.to_out.0": "x_block.attn2.proj",
-              "norm1.linear": "x_block.adaLN_modulation.1",
-              "norm1_context.linear": "context_block.adaLN_modulation.1",
-              "ff.net.0.proj": "x_block.mlp.fc1", "ff.net.2": "x_block.mlp.fc2",
-              "ff_context.net.0.proj": "context_block.mlp.fc1",
-              "ff_context.net.2": "context_block.mlp.fc2"}
-_SD3_FUSED = {"x_block.attn.qkv": ("attn.to_q", "attn.to_k", "attn.to_v"),
-              "context_block.attn.qkv": ("attn.add_q_proj", "attn.add_k_proj",
-                                         "attn.add_v_proj"),
-              "x_block.attn2.qkv": ("attn2.to_q", "attn2.to_k", "attn2.to_v")}
-_SD3_TOP = {"pos_embed.proj": "x_embedder.proj", "context_embedder": "context_embedder",
-            "time_text_embed.timestep_embedder.linear_1": "t_embedder.mlp.0",
-            "time_text_embed.timestep_embedder.linear_2": "t_embedder.mlp.2",
-            "time_text_embed.text_embedder.linear_1": "y_embedder.mlp.0",
-            "time_text_embed.text_embedder.linear_2": "y_embedder.mlp.2",
-            "proj_out": "final_layer.linear"}
+#: SD3's joint block i: diffusers module -> original (MMDiT) module; ``SD3_FUSED``: the
+#: q/k/v projections it fuses into one ``qkv``; ``SD3_TOP``: the modules outside the blocks
+SD3_BLOCK = {"attn.to_out.0": "x_block.attn.proj", "attn.to_add_out": "context_block.attn.proj",
+             "attn2.to_out.0": "x_block.attn2.proj",
+             "norm1.linear": "x_block.adaLN_modulation.1",
+             "norm1_context.linear": "context_block.adaLN_modulation.1",
+             "ff.net.0.proj": "x_block.mlp.fc1", "ff.net.2": "x_block.mlp.fc2",
+             "ff_context.net.0.proj": "context_block.mlp.fc1",
+             "ff_context.net.2": "context_block.mlp.fc2"}
+SD3_FUSED = {"x_block.attn.qkv": ("attn.to_q", "attn.to_k", "attn.to_v"),
+             "context_block.attn.qkv": ("attn.add_q_proj", "attn.add_k_proj",
+                                        "attn.add_v_proj"),
+             "x_block.attn2.qkv": ("attn2.to_q", "attn2.to_k", "attn2.to_v")}
+SD3_TOP = {"pos_embed.proj": "x_embedder.proj", "context_embedder": "context_embedder",
+           "time_text_embed.timestep_embedder.linear_1": "t_embedder.mlp.0",
+           "time_text_embed.timestep_embedder.linear_2": "t_embedder.mlp.2",
+           "time_text_embed.text_embedder.linear_1": "y_embedder.mlp.0",
+           "time_text_embed.text_embedder.linear_2": "y_embedder.mlp.2",
+           "proj_out": "final_layer.linear"}
 
 _LUMINA_BLOCK = {"attn.to_out.0": "attention.out", "feed_forward.linear_1": "feed_forward.w1",
                  "feed_forward.linear_2": "feed_forward.w2",
@@ -185,11 +187,11 @@ def sd3_names(model: nn.Module) -> dict[str, str]:
     count = _blocks(model, "transformer_blocks")
     for i in range(count):
         _add_block(names, model, f"transformer_blocks.{i}", f"joint_blocks.{i}",
-                   _SD3_BLOCK, _SD3_FUSED)
+                   SD3_BLOCK, SD3_FUSED)
     last = f"transformer_blocks.{count - 1}.norm1_context.linear"
     if last in names:
         names[last] += "#" + SWAP
-    _add_top(names, model, _SD3_TOP)
+    _add_top(names, model, SD3_TOP)
     _add_top(names, model, {"norm_out.linear": "final_layer.adaLN_modulation.1"}, "#" + SWAP)
     return names
 
