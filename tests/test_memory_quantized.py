@@ -334,7 +334,6 @@ def _build_peak(folder: Path, how: str) -> dict[str, int]:
 @pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="Linux /proc")
 def test_build_peak_of_a_quantized_base_is_the_quantized_model_plus_one_layer(tmp_path):
     from loraengine.testing.models import save_tiny_unet
-
     from tests.test_models_loading import MID_UNET
 
     # ~141M parameters, 63% of them in Linear layers: the bf16 model (281 MB) is well

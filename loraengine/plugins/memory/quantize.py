@@ -181,7 +181,7 @@ class QuantizedLinear(nn.Linear):
                                         self.quant_format, self.quantized_backward)
 
     def _apply(self, fn: Any, recurse: bool = True) -> QuantizedLinear:
-        scale = self._buffers.pop("weight_scale")
+        scale = cast(torch.Tensor, self._buffers.pop("weight_scale"))
         try:
             super()._apply(fn, recurse)
             # where ``fn`` puts a tensor of the scales' dtype, without converting them
@@ -222,8 +222,9 @@ def restore_linear(layer: QuantizedLinear) -> None:
     weight as a frozen parameter."""
     restored = layer.weight
     del layer._buffers["qweight"], layer._buffers["weight_scale"]
-    layer.__class__ = layer.original_class
-    layer.weight = nn.Parameter(restored, requires_grad=False)
+    plain: nn.Module = layer
+    plain.__class__ = layer.original_class
+    plain.weight = nn.Parameter(restored, requires_grad=False)
 
 
 def _quantizable(mod: nn.Module) -> bool:
@@ -234,8 +235,9 @@ def _quantizable(mod: nn.Module) -> bool:
 def quantize_model(model: nn.Module, fmt: str, quantized_backward: bool = False
                    ) -> Callable[[], None]:
     """Quantize every frozen ``nn.Linear`` of ``model``; return the undo callable."""
-    undos = [quantize_linear(mod, fmt, quantized_backward) for mod in model.modules()
-             if _quantizable(mod) and not mod.weight.requires_grad]
+    undos = [quantize_linear(cast(nn.Linear, mod), fmt, quantized_backward)
+             for mod in model.modules()
+             if _quantizable(mod) and not cast(nn.Linear, mod).weight.requires_grad]
 
     def undo_all() -> None:
         for undo in reversed(undos):

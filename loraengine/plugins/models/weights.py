@@ -22,8 +22,8 @@ from __future__ import annotations
 
 import json
 import struct
-from pathlib import Path
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import torch
