@@ -341,10 +341,10 @@ def test_build_peak_of_a_quantized_base_is_the_quantized_model_plus_one_layer(tm
     folder = save_tiny_unet(tmp_path / "pipe",
                             config={**MID_UNET, "transformer_layers_per_block": 4})
     r = _build_peak(folder, "on_load")
-    # quantizing one layer holds its bf16 weight (2 bytes an element), the fp32 copy,
-    # its magnitudes and the scaled values (4 each), the clamped values (4) and the
-    # fp8 result (1): 19 bytes an element of the largest layer
-    transient = 19 * r["largest"]
+    # quantizing one layer holds its bf16 weight (2 bytes an element) and the fp8
+    # result (1), and for one block of rows the fp32 copy, magnitudes, scaled and
+    # clamped values (4 bytes each)
+    transient = 3 * r["largest"] + 16 * qz.BLOCK
     # the module objects and the library's state: 10% of what is held, as the loader's
     # own peak test allows
     bound = 1.1 * (r["held"] + r["adapter"]) + transient
@@ -354,3 +354,19 @@ def test_build_peak_of_a_quantized_base_is_the_quantized_model_plus_one_layer(tm
     old = _build_peak(folder, "after_move")
     assert old["held"] == r["held"]
     assert old["rise"] > old["bf16"], old
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_rows_quantized_a_block_at_a_time_match_the_whole(monkeypatch, fmt):
+    x = torch.randn(37, 24, generator=torch.Generator().manual_seed(0)) * 3
+    x[5] = 0  # an all-zero row keeps scale 1
+    whole_q, whole_s = qz.quantize_rows(x, fmt)
+    monkeypatch.setattr(qz, "BLOCK", 50)  # two rows a block, the last one short
+    q, s = qz.quantize_rows(x.to(torch.bfloat16), fmt)
+    ref_q, ref_s = qz.quantize_rows(x.to(torch.bfloat16).float(), fmt)
+    assert torch.equal(q, ref_q) and torch.equal(s, ref_s)
+    monkeypatch.setattr(qz, "BLOCK", 1 << 20)
+    assert torch.equal(qz.quantize_rows(x, fmt)[0], whole_q)
+    monkeypatch.setattr(qz, "BLOCK", 50)
+    assert torch.equal(qz.quantize_rows(x, fmt)[0], whole_q)
+    assert torch.equal(qz.quantize_rows(x, fmt)[1], whole_s) and whole_s[5] == 1

@@ -52,18 +52,31 @@ def _row_scale(absmax: torch.Tensor, qmax: float) -> torch.Tensor:
     return torch.where(absmax > 0, absmax / qmax, torch.ones_like(absmax))
 
 
+#: elements of a block of rows quantized at a time: the fp32 temporaries of quantizing
+#: stay this size (4 MiB each) whatever the layer's size
+BLOCK = 1 << 20
+
+
 def quantize_rows(x: torch.Tensor, fmt: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Quantize a 2-D tensor with one scale per row: ``x ≈ scale[:, None] · q``.
     fp8 values are returned as a ``uint8`` view so that a later ``module.to(dtype)``
-    cannot cast them; ``values()`` views them back."""
+    cannot cast them; ``values()`` views them back. Rows are taken a block at a time
+    (each row's values depend on that row alone), so quantizing a weight holds it,
+    its one-byte values and temporaries of at most ``BLOCK`` elements."""
     qmax, dtype = FORMATS[fmt]
-    x = x.float()
-    scale = _row_scale(x.abs().amax(dim=1), qmax)
-    scaled = x / scale[:, None]
-    if fmt == "int8":
-        q = scaled.round().clamp(-qmax, qmax).to(torch.int8)
-    else:
-        q = scaled.clamp(-qmax, qmax).to(dtype).view(torch.uint8)
+    q = torch.empty(x.shape, dtype=torch.int8 if fmt == "int8" else torch.uint8,
+                    device=x.device)
+    scale = torch.empty(x.shape[0], dtype=torch.float32, device=x.device)
+    rows = max(1, BLOCK // max(1, x.shape[1]))
+    for first in range(0, x.shape[0], rows):
+        part = x[first:first + rows].float()
+        row_scale = _row_scale(part.abs().amax(dim=1), qmax)
+        scaled = part / row_scale[:, None]
+        if fmt == "int8":
+            q[first:first + rows] = scaled.round().clamp(-qmax, qmax).to(torch.int8)
+        else:
+            q[first:first + rows] = scaled.clamp(-qmax, qmax).to(dtype).view(torch.uint8)
+        scale[first:first + rows] = row_scale
     return q, scale
 
 
