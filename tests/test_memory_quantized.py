@@ -232,3 +232,141 @@ def test_supported_combinations_validate(host, qconfig, tmp_path):
     res = CliRunner().invoke(cli, ["validate", str(path)])
     assert res.exit_code == 0, res.output
     assert Path(path).exists()
+
+
+# -- the build's peak with a quantized base ---------------------------------------------
+
+def test_loader_quantizes_as_it_reads_the_same_values(host, tmp_path):
+    """Quantizing each Linear as the loader reads it gives the layers that quantizing
+    the loaded model does, and a later ``.to(bf16)`` leaves the fp32 scales alone."""
+    from diffusers import UNet2DConditionModel
+
+    from loraengine.plugins.models.weights import load_folder
+    from loraengine.testing.models import save_tiny_unet
+
+    folder = save_tiny_unet(tmp_path / "pipe") / "unet"
+    config = parse_config(tiny_unet_train_config(folder.parent, (folder, folder), {
+        "model": {"quantize": "fp8"}, "memory": {"bypass_mode": True}}), host.registry)
+    reference = load_folder(UNet2DConditionModel, folder, torch.bfloat16)
+    assert reference is not None
+    qz.quantize_model(reference.requires_grad_(False), "fp8")
+    seen: list[str] = []
+
+    def prepare(path: str, module: nn.Module) -> None:
+        seen.append(path)
+        qz.prepare_base(config)(path, module)
+
+    early = load_folder(UNet2DConditionModel, folder, torch.bfloat16, prepare)
+    assert early is not None and seen
+    early.to(torch.bfloat16)
+    ref_layers = {n: m for n, m in reference.named_modules()
+                  if isinstance(m, qz.QuantizedLinear)}
+    layers = {n: m for n, m in early.named_modules() if isinstance(m, qz.QuantizedLinear)}
+    assert ref_layers and set(layers) == set(ref_layers)
+    for name, layer in layers.items():
+        assert layer.weight_scale.dtype == torch.float32
+        assert torch.equal(layer.qweight, ref_layers[name].qweight), name
+        assert torch.equal(layer.weight_scale, ref_layers[name].weight_scale), name
+    ref_state, state = reference.state_dict(), early.state_dict()
+    assert set(ref_state) == set(state)
+    assert all(torch.equal(state[k], ref_state[k]) for k in state)
+
+
+BUILD_CHILD = r"""
+import json, sys, torch
+from torch import nn
+import accelerate, diffusers
+from safetensors.torch import save_file
+import loraengine.core.build as build
+from loraengine.core.config.root import parse_config
+from loraengine.plugins import build_plugin_manager
+from loraengine.plugins.memory import quantize as qz
+from loraengine.testing.models import tiny_unet_train_config
+
+def status(key):
+    for line in open("/proc/self/status"):
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) * 1024
+
+folder, how = sys.argv[1], sys.argv[2]
+lat, cond = folder + "/lat.safetensors", folder + "/cond.safetensors"
+save_file({"latents": torch.randn(2, 4, 8, 8)}, lat)
+save_file({"cond": torch.randn(2, 3, 256)}, cond)
+host = build_plugin_manager()
+config = parse_config(tiny_unet_train_config(folder, (lat, cond), {
+    "model": {"quantize": "fp8"}, "memory": {"bypass_mode": True},
+    "training": {"dtype": "bf16"}, "adapter": {"dtype": "bf16"}}), host.registry)
+if how == "after_move":  # the former order: load everything, move, then quantize
+    build._base_transform = lambda config, strategies: None
+cls = diffusers.UNet2DConditionModel
+with torch.device("meta"):  # the class's code imported and run once
+    cls(**cls.load_config(folder + "/unet"))
+with open("/proc/self/clear_refs", "w") as f:
+    f.write("5")  # the peak (VmHWM) starts again from the current RSS
+base = status("VmRSS")
+pipe = build.build_pipeline(config, host)
+rise = status("VmHWM") - base
+model = pipe.model
+linears = [m for m in model.modules() if isinstance(m, qz.QuantizedLinear)]
+assert linears and not any(type(m) is nn.Linear for m in model.modules())
+held = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+adapter = sum(p.numel() * p.element_size() for p in pipe.network.parameters())
+print(json.dumps({"rise": rise, "held": held, "adapter": adapter,
+                  "bf16": held + sum(m.qweight.numel() for m in linears),
+                  "largest": max(m.qweight.numel() for m in linears)}))
+"""
+
+
+def _build_peak(folder: Path, how: str) -> dict[str, int]:
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", BUILD_CHILD, str(folder), how],
+                         capture_output=True, text=True, env={"OMP_NUM_THREADS": "1",
+                         "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    assert out.returncode == 0, out.stderr[-2000:]
+    import json
+
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="Linux /proc")
+def test_build_peak_of_a_quantized_base_is_the_quantized_model_plus_one_layer(tmp_path):
+    from loraengine.testing.models import save_tiny_unet
+    from tests.test_models_loading import MID_UNET
+
+    # ~141M parameters, 63% of them in Linear layers: the bf16 model (281 MB) is well
+    # above its fp8 form (~192 MB), and both well above the process's noise
+    folder = save_tiny_unet(tmp_path / "pipe",
+                            config={**MID_UNET, "transformer_layers_per_block": 4})
+    r = _build_peak(folder, "on_load")
+    # quantizing one layer holds its bf16 weight (2 bytes an element) and the fp8
+    # result (1), and for one block of rows the fp32 copy, magnitudes, scaled and
+    # clamped values (4 bytes each)
+    transient = 3 * r["largest"] + 16 * qz.BLOCK
+    # the module objects and the library's state: 10% of what is held, as the loader's
+    # own peak test allows
+    bound = 1.1 * (r["held"] + r["adapter"]) + transient
+    assert bound < r["bf16"], r  # the bound tells the two orders apart
+    assert r["rise"] <= bound, r
+    # the measurement sees the bf16 model when it is all loaded before quantizing
+    old = _build_peak(folder, "after_move")
+    assert old["held"] == r["held"]
+    assert old["rise"] > old["bf16"], old
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_rows_quantized_a_block_at_a_time_match_the_whole(monkeypatch, fmt):
+    x = torch.randn(37, 24, generator=torch.Generator().manual_seed(0)) * 3
+    x[5] = 0  # an all-zero row keeps scale 1
+    whole_q, whole_s = qz.quantize_rows(x, fmt)
+    monkeypatch.setattr(qz, "BLOCK", 50)  # two rows a block, the last one short
+    q, s = qz.quantize_rows(x.to(torch.bfloat16), fmt)
+    ref_q, ref_s = qz.quantize_rows(x.to(torch.bfloat16).float(), fmt)
+    assert torch.equal(q, ref_q) and torch.equal(s, ref_s)
+    monkeypatch.setattr(qz, "BLOCK", 1 << 20)
+    assert torch.equal(qz.quantize_rows(x, fmt)[0], whole_q)
+    monkeypatch.setattr(qz, "BLOCK", 50)
+    assert torch.equal(qz.quantize_rows(x, fmt)[0], whole_q)
+    assert torch.equal(qz.quantize_rows(x, fmt)[1], whole_s) and whole_s[5] == 1

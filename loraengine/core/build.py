@@ -113,7 +113,8 @@ def _undo_all(undo: list[Callable[[], None]], network: AdapterNetwork) -> None:
 
 
 def load_model(config: Any, host: PluginHost, module: nn.Module | None = None,
-               base_dir: Path | None = None) -> LoadedModel:
+               base_dir: Path | None = None,
+               prepare: Callable[[str, nn.Module], None] | None = None) -> LoadedModel:
     spec = host.registry.get("model", config.model.family)
     with host.registry.blame("model", spec.name, "load"):
         # dtype: what training.dtype converts the model to, so that a family can load
@@ -121,7 +122,7 @@ def load_model(config: Any, host: PluginHost, module: nn.Module | None = None,
         tdtype = config.training.dtype
         loaded: LoadedModel = spec.load(config.model, {
             "base_dir": base_dir, "module": module,
-            "dtype": None if tdtype == "none" else DTYPES[tdtype]})
+            "dtype": None if tdtype == "none" else DTYPES[tdtype], "prepare": prepare})
     loaded.family = loaded.family or spec.name
     return loaded
 
@@ -312,23 +313,29 @@ def _assemble(config: Any, host: PluginHost, device: torch.device, dist_ctx: Dis
               model: nn.Module | None, latents: Any, conditioning: Any,
               base_dir: Path | None) -> Pipeline:
     reg = host.registry
-    loaded = load_model(config, host, model, base_dir)
-    module = loaded.module
-    module.requires_grad_(False)
-    module.eval()  # no dropout: all randomness comes from the seeded generators
-    tdtype = config.training.dtype
-    if tdtype != "none":
-        module.to(dtype=DTYPES[tdtype])
     strategies = []
     for strategy in reg.specs("memory"):
         with reg.blame("memory", strategy.name, "enabled"):
             if strategy.enabled(config):
                 strategies.append(strategy)
     strategies.sort(key=lambda s: s.order)
-    if device.type == "meta" or not any(s.places_weights for s in strategies):
-        module.to(device)  # else a strategy streams the base to the device itself
+    prepare = _base_transform(config, strategies)
+    loaded = load_model(config, host, model, base_dir, prepare)
+    module = loaded.module
+    module.requires_grad_(False)
+    module.eval()  # no dropout: all randomness comes from the seeded generators
+    tdtype = config.training.dtype
+    if tdtype != "none":
+        module.to(dtype=DTYPES[tdtype])
     compute_dtype = next((p.dtype for p in module.parameters() if p.is_floating_point()),
                          torch.float32)
+    if prepare is not None:
+        # on the host, before the move: what the loader did not transform (a model
+        # given in memory, one diffusers loaded) changes here, one module at a time
+        for path, sub in module.named_modules():
+            prepare(path, sub)
+    if device.type == "meta" or not any(s.places_weights for s in strategies):
+        module.to(device)  # else a strategy streams the base to the device itself
     dataset = load_data(config, loaded, latents, conditioning)
     validation = load_validation(config, loaded)
     network, adapter_spec, previous = build_adapters(config, host, loaded, device)
@@ -383,6 +390,20 @@ def _assemble(config: Any, host: PluginHost, device: torch.device, dist_ctx: Dis
                     loss_weighting=parts.loss_weighting,
                     loss_timestep_aware=parts.loss_timestep_aware, recipes=parts.recipes,
                     host_resident=tuple(host_resident), offloader=offloader)
+
+
+def _base_transform(config: Any, strategies: list[Any]
+                    ) -> Callable[[str, nn.Module], None] | None:
+    """The enabled strategies' ``prepare_base`` transforms as one, in their order."""
+    steps = [s.prepare_base(config) for s in strategies if s.prepare_base is not None]
+    if not steps:
+        return None
+
+    def prepare(path: str, module: nn.Module) -> None:
+        for step in steps:
+            step(path, module)
+
+    return prepare
 
 
 def _as_result(returned: StrategyResult | Callable[[], None] | None) -> StrategyResult:

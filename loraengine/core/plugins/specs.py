@@ -134,6 +134,12 @@ class MemoryStrategySpec:
     #: True when the strategy puts the frozen base on the compute device itself (block
     #: by block); the engine then leaves the loaded model where it is.
     places_weights: bool = False
+    #: ``prepare_base(config) -> transform(path, module)``: a change to the frozen base
+    #: made on the host while it loads, before it moves to the device (quantizing
+    #: layers as their weights are read). The loader calls the transform for a module
+    #: after each of its own tensors arrives, and the build then once for every module;
+    #: it must act only on what is loaded and leave done modules alone.
+    prepare_base: Callable[[RunConfig], Callable[[str, nn.Module], None]] | None = None
     #: ``describe(config) -> label``: how plans and reports name the strategy with its
     #: settings (e.g. ``gradient_checkpointing(depth 2)``); the name when unset.
     describe: Callable[[RunConfig], str] | None = None
@@ -151,7 +157,10 @@ class MemoryStrategySpec:
 @dataclass(frozen=True)
 class ModelFamilySpec(Generic[OptionsT]):
     """A model family. ``load(options, context) -> LoadedModel``. ``context`` has
-    ``base_dir`` (for relative paths) and, for in-memory use, ``module``."""
+    ``base_dir`` (for relative paths), ``dtype`` (the floating dtype to load in, or
+    ``None``), ``prepare`` (the memory strategies' per-module transform of the base to
+    apply as weights are read, see ``MemoryStrategySpec.prepare_base``, or ``None``)
+    and, for in-memory use, ``module``."""
 
     name: str
     load: Callable[[OptionsT, Mapping[str, object]], LoadedModel]

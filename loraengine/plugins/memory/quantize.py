@@ -52,18 +52,31 @@ def _row_scale(absmax: torch.Tensor, qmax: float) -> torch.Tensor:
     return torch.where(absmax > 0, absmax / qmax, torch.ones_like(absmax))
 
 
+#: elements of a block of rows quantized at a time: the fp32 temporaries of quantizing
+#: stay this size (4 MiB each) whatever the layer's size
+BLOCK = 1 << 20
+
+
 def quantize_rows(x: torch.Tensor, fmt: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Quantize a 2-D tensor with one scale per row: ``x ≈ scale[:, None] · q``.
     fp8 values are returned as a ``uint8`` view so that a later ``module.to(dtype)``
-    cannot cast them; ``values()`` views them back."""
+    cannot cast them; ``values()`` views them back. Rows are taken a block at a time
+    (each row's values depend on that row alone), so quantizing a weight holds it,
+    its one-byte values and temporaries of at most ``BLOCK`` elements."""
     qmax, dtype = FORMATS[fmt]
-    x = x.float()
-    scale = _row_scale(x.abs().amax(dim=1), qmax)
-    scaled = x / scale[:, None]
-    if fmt == "int8":
-        q = scaled.round().clamp(-qmax, qmax).to(torch.int8)
-    else:
-        q = scaled.clamp(-qmax, qmax).to(dtype).view(torch.uint8)
+    q = torch.empty(x.shape, dtype=torch.int8 if fmt == "int8" else torch.uint8,
+                    device=x.device)
+    scale = torch.empty(x.shape[0], dtype=torch.float32, device=x.device)
+    rows = max(1, BLOCK // max(1, x.shape[1]))
+    for first in range(0, x.shape[0], rows):
+        part = x[first:first + rows].float()
+        row_scale = _row_scale(part.abs().amax(dim=1), qmax)
+        scaled = part / row_scale[:, None]
+        if fmt == "int8":
+            q[first:first + rows] = scaled.round().clamp(-qmax, qmax).to(torch.int8)
+        else:
+            q[first:first + rows] = scaled.clamp(-qmax, qmax).to(dtype).view(torch.uint8)
+        scale[first:first + rows] = row_scale
     return q, scale
 
 
@@ -159,11 +172,15 @@ class _QuantizedLinearFn(torch.autograd.Function):
 class QuantizedLinear(nn.Linear):
     """An ``nn.Linear`` whose weight is stored quantized (buffers ``qweight`` and
     ``weight_scale``). Layers are converted in place, so adapters that hold a reference
-    to them keep working. ``weight`` reads back the dequantized weight (no gradient)."""
+    to them keep working. ``weight`` reads back the dequantized weight (no gradient).
+    Moving the layer (``.to(device)``) moves the scales; a dtype conversion of the
+    module (``.to(bf16)``) leaves them in fp32, so a layer quantized while loading
+    keeps its values through the engine's later conversion."""
 
     quant_format: str
     quantized_backward: bool
     weight_dtype: torch.dtype
+    original_class: type[nn.Linear]
     qweight: torch.Tensor
     weight_scale: torch.Tensor
 
@@ -176,14 +193,26 @@ class QuantizedLinear(nn.Linear):
         return _QuantizedLinearFn.apply(x, self.qweight, self.weight_scale, self.bias,
                                         self.quant_format, self.quantized_backward)
 
+    def _apply(self, fn: Any, recurse: bool = True) -> QuantizedLinear:
+        scale = cast(torch.Tensor, self._buffers.pop("weight_scale"))
+        try:
+            super()._apply(fn, recurse)
+            # where ``fn`` puts a tensor of the scales' dtype, without converting them
+            probe = fn(torch.empty(0, dtype=scale.dtype, device=scale.device))
+            scale = scale.to(device=probe.device)
+        finally:
+            self._buffers["weight_scale"] = scale
+        return self
+
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, quantize={self.quant_format}"
 
 
 def quantize_linear(layer: nn.Linear, fmt: str, quantized_backward: bool = False
                     ) -> Callable[[], None]:
-    """Convert ``layer`` to a ``QuantizedLinear`` in place; return a callable that turns
-    it back into its original class with the *dequantized* weight (quantizing is lossy)."""
+    """Convert ``layer`` to a ``QuantizedLinear`` in place, freeing its full-precision
+    weight; return a callable that turns it back into its original class with the
+    *dequantized* weight (quantizing is lossy)."""
     original_cls = type(layer)
     weight = layer.weight.detach()
     q, scale = quantize_rows(weight, fmt)
@@ -197,28 +226,52 @@ def quantize_linear(layer: nn.Linear, fmt: str, quantized_backward: bool = False
     quantized.quant_format = fmt
     quantized.quantized_backward = quantized_backward
     quantized.weight_dtype = weight.dtype
+    quantized.original_class = original_cls
+    return lambda: restore_linear(quantized)
 
-    def undo() -> None:
-        restored = layer.weight
-        del layer._buffers["qweight"], layer._buffers["weight_scale"]
-        layer.__class__ = original_cls
-        layer.weight = nn.Parameter(restored, requires_grad=False)
 
-    return undo
+def restore_linear(layer: QuantizedLinear) -> None:
+    """Turn a quantized layer back into its original class, with the dequantized
+    weight as a frozen parameter."""
+    restored = layer.weight
+    del layer._buffers["qweight"], layer._buffers["weight_scale"]
+    plain: nn.Module = layer
+    plain.__class__ = layer.original_class
+    plain.weight = nn.Parameter(restored, requires_grad=False)
+
+
+def _quantizable(mod: nn.Module) -> bool:
+    return isinstance(mod, nn.Linear) and not isinstance(mod, QuantizedLinear) \
+        and isinstance(mod._parameters.get("weight"), nn.Parameter)
 
 
 def quantize_model(model: nn.Module, fmt: str, quantized_backward: bool = False
                    ) -> Callable[[], None]:
-    """Quantize every ``nn.Linear`` of ``model``; return the undo callable."""
-    undos = [quantize_linear(mod, fmt, quantized_backward) for mod in model.modules()
-             if isinstance(mod, nn.Linear) and not isinstance(mod, QuantizedLinear)
-             and isinstance(mod.weight, nn.Parameter) and not mod.weight.requires_grad]
+    """Quantize every frozen ``nn.Linear`` of ``model``; return the undo callable."""
+    undos = [quantize_linear(cast(nn.Linear, mod), fmt, quantized_backward)
+             for mod in model.modules()
+             if _quantizable(mod) and not cast(nn.Linear, mod).weight.requires_grad]
 
     def undo_all() -> None:
         for undo in reversed(undos):
             undo()
 
     return undo_all
+
+
+def prepare_base(config: Any) -> Callable[[str, nn.Module], None]:
+    """The per-module transform applied to the frozen base on the host while it loads
+    (``MemoryStrategySpec.prepare_base``): each ``nn.Linear`` is quantized as soon as
+    its weight is read, so the full-precision weight of one layer at a time is
+    resident, never the whole full-precision model (nor on the device)."""
+    fmt, backward = _format(config), bool(config.memory.quantized_backward)
+
+    def prepare(path: str, module: nn.Module) -> None:
+        weight = module._parameters.get("weight") if _quantizable(module) else None
+        if weight is not None and weight.device.type != "meta":
+            quantize_linear(cast(nn.Linear, module), fmt, backward)
+
+    return prepare
 
 
 # -- the strategy -----------------------------------------------------------------------
@@ -255,8 +308,20 @@ def validate(config: Any) -> list[str]:
 
 
 def apply(ctx: BuildContext, memory: Any) -> StrategyResult:
+    """The layers are quantized already (``prepare_base``, while loading or on the host
+    before the move to the device); what is left is the undo: every quantized layer
+    of the model back to its class, with the dequantized weight."""
     fmt = _format(ctx.config)
-    return StrategyResult(undo=quantize_model(ctx.model, fmt, bool(memory.quantized_backward)))
+    rest = quantize_model(ctx.model, fmt, bool(memory.quantized_backward))
+    layers = [m for m in ctx.model.modules() if isinstance(m, QuantizedLinear)]
+
+    def undo() -> None:
+        rest()
+        for layer in reversed(layers):
+            if isinstance(layer, QuantizedLinear):
+                restore_linear(layer)
+
+    return StrategyResult(undo=undo)
 
 
 def describe(config: Any) -> str:
@@ -267,6 +332,6 @@ def describe(config: Any) -> str:
 SPEC = MemoryStrategySpec(
     "quantized_base", QuantizedBackwardOptions,
     enabled=lambda c: _format(c) != "none", apply=apply, order=5, validate=validate,
-    describe=describe, extends={"model": QuantizeOptions},
+    describe=describe, prepare_base=prepare_base, extends={"model": QuantizeOptions},
     description="Linear weights of the frozen base stored fp8/int8 (model.quantize); "
                 "optional quantized input-gradient matmul.")

@@ -224,10 +224,12 @@ def locate(family: Family, options: FamilyOptions) -> Located:
     return Located(path, root, model_dir, None)
 
 
-def load_module(family: Family, where: Located, dtype: Any = None) -> nn.Module:
+def load_module(family: Family, where: Located, dtype: Any = None,
+                prepare: Any = None) -> nn.Module:
     """Load the denoiser with diffusers, from local files only, its floating tensors
     in ``dtype`` when given. A model folder of safetensors weights is read holding one
-    copy of the weights (:mod:`loraengine.plugins.models.weights`)."""
+    copy of the weights (:mod:`loraengine.plugins.models.weights`), with ``prepare``
+    (the memory strategies' transform of the base) applied as each tensor arrives."""
     import diffusers
 
     from loraengine.plugins.models.weights import load_folder
@@ -249,7 +251,7 @@ def load_module(family: Family, where: Located, dtype: Any = None) -> nn.Module:
                             f"{_first_line(exc)}") from None
     _check_class(family, where.model)
     try:
-        module = load_folder(cls, where.model, dtype)
+        module = load_folder(cls, where.model, dtype, prepare)
         if module is None:  # .bin weights or names of an older layout
             module = cls.from_pretrained(str(where.model), local_files_only=True)
             if dtype is not None:
@@ -366,7 +368,7 @@ def load_family(family: Family, options: FamilyOptions, context: Mapping[str, An
         module = given
     else:
         where = locate(family, options)
-        module = load_module(family, where, context.get("dtype"))
+        module = load_module(family, where, context.get("dtype"), context.get("prepare"))
     sched = scheduler_config(where.root)
     scale, shift, factor = vae_settings(family, where.root)
     if family.prediction_type == "flow":

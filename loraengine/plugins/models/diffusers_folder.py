@@ -92,8 +92,15 @@ def load(options: DiffusersOptions, context: Mapping[str, Any]) -> LoadedModel:
     model_dir, sched_path = locate(options)
     cls_name = _supported_class(model_dir)
     cls = getattr(diffusers, cls_name)
+    from loraengine.plugins.models.weights import load_folder
+
     try:
-        module = cls.from_pretrained(str(model_dir), local_files_only=True)
+        # one copy of the weights, in training.dtype, with the memory strategies'
+        # transform applied as they are read; other folders through diffusers
+        module = load_folder(cls, model_dir, cast(Any, context.get("dtype")),
+                             cast(Any, context.get("prepare")))
+        if module is None:
+            module = cls.from_pretrained(str(model_dir), local_files_only=True)
     except (OSError, ValueError, RuntimeError) as exc:
         raise DataError(f"model.path: cannot load {cls_name} from {model_dir}: "
                         f"{str(exc).splitlines()[0]}") from None

@@ -9,8 +9,11 @@ that peak either.
 :func:`load_folder` builds the model's skeleton on the ``meta`` device, reads each
 tensor with plain file reads into its own buffer (the page cache is not mapped into the
 process, so it does not count in its memory), converts it to the target dtype at once
-through a scratch buffer of 1 MiB. At most the loaded weights plus that buffer are
-resident at any moment. Folders it does not understand (``.bin``
+through a scratch buffer of 1 MiB, and puts it into the model at once. At most the
+loaded weights plus that buffer are resident at any moment. A ``prepare`` transform
+(a memory strategy's change to the base, such as quantizing each Linear weight) runs
+on a module as each of its tensors arrives, so a quantized base holds its quantized
+layers plus the one full-precision weight just read. Folders it does not understand (``.bin``
 weights, names that differ from the model's, tensors left without weights) are left
 to ``from_pretrained``: :func:`load_folder` returns ``None`` for them.
 """
@@ -19,6 +22,7 @@ from __future__ import annotations
 
 import json
 import struct
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +63,17 @@ def read_tensors(path: Path, want: dict[str, torch.dtype | None]
     to its dtype there (``None``: the file's) as soon as it is read. ``None`` when the
     file holds a name not in ``want`` or a dtype this reader does not know."""
     out: dict[str, torch.Tensor] = {}
+    for name, tensor in iter_tensors(path, want):
+        if tensor is None:
+            return None
+        out[name] = tensor
+    return out
+
+
+def iter_tensors(path: Path, want: dict[str, torch.dtype | None]
+                 ) -> Iterator[tuple[str, torch.Tensor | None]]:
+    """:func:`read_tensors` one tensor at a time, in file order; a ``None`` tensor (then
+    the end) when the file cannot be read this way."""
     with open(path, "rb", buffering=0) as f:
         (header_len,) = struct.unpack("<Q", f.read(8))
         header = json.loads(f.read(header_len))
@@ -66,7 +81,8 @@ def read_tensors(path: Path, want: dict[str, torch.dtype | None]
         start = 8 + header_len
         entries = sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0])
         if any(name not in want or info["dtype"] not in _DTYPES for name, info in entries):
-            return None
+            yield "", None
+            return
         # Tensors converted on reading pass through one small scratch buffer, a chunk
         # at a time: no buffer of a whole tensor in the file's dtype, freed after
         # converting, leaves a hole in the heap that the process keeps.
@@ -83,16 +99,18 @@ def read_tensors(path: Path, want: dict[str, torch.dtype | None]
                 for first in range(0, end - begin, CHUNK):
                     part = scratch[:min(CHUNK, end - begin - first)]
                     if not _read_into(f, part):
-                        return None
+                        yield name, None
+                        return
                     flat[first // size:(first + len(part)) // size].copy_(part.view(dtype))
             else:
                 raw = torch.empty(end - begin, dtype=torch.uint8)
                 if not _read_into(f, raw):
-                    return None  # truncated file: from_pretrained says why
+                    yield name, None  # truncated file: from_pretrained says why
+                    return
                 tensor = raw.view(dtype).reshape(info["shape"])
-            out[name] = tensor
+            yield name, tensor
+            del tensor
         del scratch
-    return out
 
 
 def _converts(info: dict[str, Any], target: torch.dtype | None) -> bool:
@@ -111,11 +129,14 @@ def _read_into(f: Any, buffer: torch.Tensor) -> bool:
     return True
 
 
-def load_folder(cls: Any, model_dir: Path, dtype: torch.dtype | None) -> nn.Module | None:
+def load_folder(cls: Any, model_dir: Path, dtype: torch.dtype | None,
+                prepare: Callable[[str, nn.Module], None] | None = None
+                ) -> nn.Module | None:
     """A diffusers model class ``cls`` loaded from ``model_dir`` with its floating
     tensors in ``dtype`` (``None``: the dtype the class builds them in, as
     ``from_pretrained`` does), holding one copy of the weights; ``None`` when the
-    folder needs ``from_pretrained``."""
+    folder needs ``from_pretrained``. ``prepare(path, module)`` runs after each tensor
+    is put into the module at ``path`` that owns it."""
     model_dir = Path(model_dir)
     files = weight_files(model_dir)
     if files is None:
@@ -129,17 +150,21 @@ def load_folder(cls: Any, model_dir: Path, dtype: torch.dtype | None) -> nn.Modu
     want: dict[str, torch.dtype | None] = {
         name: (dtype or t.dtype) if t.is_floating_point() else None
         for name, t in expected.items()}
-    state: dict[str, torch.Tensor] = {}
+    loaded: set[str] = set()
     for path in files:
-        part = read_tensors(path, want)
-        if part is None:
-            return None
-        state.update(part)
-    if set(state) != set(expected) or any(state[k].shape != expected[k].shape
-                                          for k in expected):
+        for name, tensor in iter_tensors(path, want):
+            if tensor is None or tensor.shape != expected[name].shape or name in loaded:
+                return None
+            owner_path, _, leaf = name.rpartition(".")
+            owner = module.get_submodule(owner_path)
+            # as load_state_dict(assign=True) does: parameters stay parameters
+            owner.load_state_dict({leaf: tensor}, strict=False, assign=True)
+            loaded.add(name)
+            del tensor
+            if prepare is not None:
+                prepare(owner_path, owner)
+    if loaded != set(expected):
         return None
-    module.load_state_dict(state, strict=True, assign=True)
-    del state
     if any(t.device.type == "meta" for t in (*module.parameters(), *module.buffers())):
         return None
     if dtype is not None:
