@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 
 from loraengine.cli.common import State, path_option, reports_errors
-from loraengine.tools.convert.logic import TARGETS
+from loraengine.tools.convert.targets import TARGETS
 
 
 @click.command("convert")

@@ -48,13 +48,8 @@ from loraengine.plugins.exporters import (
     lokr_without_tucker,
     peft_lokr,
 )
+from loraengine.tools.convert.targets import TARGETS
 
-#: consumer -> (exporter, the module layouts it is written in, best first; None: the
-#: exporter's own)
-TARGETS: dict[str, tuple[str, tuple[str, ...] | None]] = {
-    "comfyui": ("comfyui", None), "kohya": ("kohya", None),
-    "a1111": ("kohya", ("ldm",)), "diffusers": ("diffusers", None),
-}
 #: first parts of a UNet's original (checkpoint) module names
 ORIGINAL_ROOTS = frozenset({"input_blocks", "middle_block", "output_blocks", "time_embed",
                             "label_emb", "out"})
