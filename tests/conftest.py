@@ -274,3 +274,18 @@ def seed_adapter(pipe: Any) -> torch.Generator:
         for p in pipe.network.parameters():
             p.copy_(torch.randn(p.shape, generator=g) * 0.05)
     return g
+
+
+def child_json(script: str, *args: object) -> Any:
+    """Run ``script`` in a fresh single-threaded interpreter with this checkout on its
+    path and return the JSON on the last line it prints (memory peaks need a process
+    of their own: the parent's allocations would hide them)."""
+    import json
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", script, *map(str, args)],
+                         capture_output=True, text=True, env={"OMP_NUM_THREADS": "1",
+                         "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    assert out.returncode == 0, out.stderr[-2000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])

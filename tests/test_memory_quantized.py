@@ -20,6 +20,7 @@ from loraengine.core.errors import ConfigError
 from loraengine.core.train.loop import Trainer
 from loraengine.plugins.memory import quantize as qz
 from loraengine.testing.models import tiny_unet_train_config
+from tests.conftest import child_json
 
 FORMATS = ["fp8", "int8"]
 
@@ -318,16 +319,7 @@ print(json.dumps({"rise": rise, "held": held, "adapter": adapter,
 
 
 def _build_peak(folder: Path, how: str) -> dict[str, int]:
-    import subprocess
-    import sys
-
-    out = subprocess.run([sys.executable, "-c", BUILD_CHILD, str(folder), how],
-                         capture_output=True, text=True, env={"OMP_NUM_THREADS": "1",
-                         "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
-    assert out.returncode == 0, out.stderr[-2000:]
-    import json
-
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return child_json(BUILD_CHILD, folder, how)
 
 
 @pytest.mark.slow

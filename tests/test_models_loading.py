@@ -5,9 +5,6 @@ weights' bytes above the process's baseline."""
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -16,6 +13,7 @@ import torch
 from loraengine.plugins import build_plugin_manager
 from loraengine.plugins.models.weights import load_folder
 from loraengine.testing import tiny_pipelines as tp
+from tests.conftest import child_json
 
 FAMILY_CLASS = {"sd15": "UNet2DConditionModel", "sd2": "UNet2DConditionModel",
                 "sdxl": "UNet2DConditionModel", "sd3": "SD3Transformer2DModel",
@@ -131,11 +129,7 @@ MID_UNET = dict(sample_size=16, in_channels=4, out_channels=4, layers_per_block=
 
 
 def _peak(folder: Path, how: str, dtype: str) -> dict[str, int]:
-    out = subprocess.run([sys.executable, "-c", CHILD, str(folder), how, dtype],
-                         capture_output=True, text=True, env={"OMP_NUM_THREADS": "1",
-                         "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
-    assert out.returncode == 0, out.stderr[-2000:]
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return child_json(CHILD, folder, how, dtype)
 
 
 @pytest.mark.slow
