@@ -69,6 +69,14 @@ class FlowOptions(FamilyOptions):
         "computes it for that size. flow_shift wins.")
 
 
+class GuidanceOptions(FlowOptions):
+    """Options of the families whose transformer may embed a guidance value (FLUX.1,
+    FLUX.2)."""
+
+    guidance: float = Field(1.0, ge=0, description="Guidance value fed to a guidance-"
+                            "distilled model (Flux dev) while training.")
+
+
 #: (latent channels, conditioning widths by tensor name) a denoiser takes; ``None`` /
 #: absent where its config does not say.
 ModelInputs = tuple[int | None, dict[str, int]]

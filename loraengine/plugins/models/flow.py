@@ -175,6 +175,13 @@ def grid_ids(rows: int, cols: int, axes: int, first: float, device: torch.device
     return ids.reshape(-1, axes)
 
 
+def flux1_image_ids(height: int, width: int, device: torch.device, dtype: torch.dtype
+                    ) -> torch.Tensor:
+    """FLUX.1's position ids of a ``height × width`` latent packed 2×2: ``[H/2·W/2, 3]``,
+    (0, row, column) of each token."""
+    return grid_ids(height // 2, width // 2, 3, 0.0, device, dtype)
+
+
 def _positions(call: FlowCall, x: torch.Tensor, ref: torch.Tensor | None,
                cond: Mapping[str, torch.Tensor]) -> dict[str, Any]:
     if call.positions == "grid":
@@ -191,7 +198,7 @@ def _positions(call: FlowCall, x: torch.Tensor, ref: torch.Tensor | None,
             txt_ids = torch.zeros(txt.shape[1], 3, device=dev, dtype=dt)
         elif txt_ids.ndim == 3:
             txt_ids = txt_ids[0]  # the same for every sample; the model takes one
-        img = grid_ids(h // 2, w // 2, 3, 0.0, dev, dt)
+        img = flux1_image_ids(h, w, dev, dt)
         if ref is not None:
             img = torch.cat([img, grid_ids(ref.shape[2] // 2, ref.shape[3] // 2, 3, 1.0,
                                            dev, dt)])

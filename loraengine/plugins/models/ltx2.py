@@ -16,12 +16,9 @@ and the connectors (:class:`~loraengine.plugins.models.video_encoders.LTX2Encode
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Any
-
 from torch import nn
 
-from loraengine.plugins.models.common import flow_transformer_family, make_spec, submodules
+from loraengine.plugins.models.common import family_spec, flow_transformer_family, submodules
 from loraengine.plugins.models.flow import FlowCall, ShiftRule
 from loraengine.plugins.models.latent_vaes import LTX2LatentVAE, vae_loader
 
@@ -55,10 +52,4 @@ LTX2 = flow_transformer_family(
     "[N,C,T,H,W] latents, one token per cell).")
 
 
-def _make_encoder(path: Any, options: Any) -> Any:
-    from loraengine.plugins.models.video_encoders import LTX2Encoder
-
-    return LTX2Encoder(LTX2, Path(path), options)
-
-
-SPEC = make_spec(LTX2, make_encoder=_make_encoder)
+SPEC = family_spec(LTX2)
