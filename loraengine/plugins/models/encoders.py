@@ -287,4 +287,6 @@ def make_encoder(family: Family, root: Path, options: Mapping[str, Any]) -> Pipe
     from loraengine.plugins.models.flow_encoders import ENCODERS as FLOW_ENCODERS
     from loraengine.plugins.models.video_encoders import ENCODERS as VIDEO_ENCODERS
 
-    return {**ENCODERS, **FLOW_ENCODERS, **VIDEO_ENCODERS}[family.name](family, root, options)
+    makers: dict[str, Callable[[Family, Any, Any], PipelineEncoder]] = {
+        **ENCODERS, **FLOW_ENCODERS, **VIDEO_ENCODERS}
+    return makers[family.name](family, root, options)
