@@ -225,29 +225,31 @@ def hidream_transformer(seed: int = 0) -> Any:
     return model.eval()  # type: ignore[attr-defined]
 
 
+def _scheduler_configs() -> dict[str, dict[str, Any]]:
+    from importlib import resources
+
+    text = resources.files("loraengine.testing").joinpath("scheduler_configs.json").read_text(
+        encoding="utf-8")
+    return {k: v["config"] for k, v in json.loads(text).items() if not k.startswith("_")}
+
+
+#: family -> the released pipeline's scheduler config (``scheduler_configs.json``, which
+#: says where each value comes from)
+SCHEDULERS = _scheduler_configs()
+
 #: family -> (pipeline class, transformer builder, scheduler config, latent channels,
-#: text width); the scheduler configs are those of the released pipelines.
+#: text width)
 DENOISERS: dict[str, tuple[str, Any, dict[str, Any], int, int]] = {
-    "flux2": ("Flux2Pipeline", lambda s: flux2_transformer(s, True),
-              dict(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
-                   base_image_seq_len=256, max_image_seq_len=4096), 16, 24),
+    "flux2": ("Flux2Pipeline", lambda s: flux2_transformer(s, True), SCHEDULERS["flux2"],
+              16, 24),
     "flux2_klein": ("Flux2KleinPipeline", lambda s: flux2_transformer(s, False),
-                    dict(shift=3.0, use_dynamic_shifting=True, base_shift=0.5,
-                         max_shift=1.15, base_image_seq_len=256, max_image_seq_len=4096),
-                    16, 24),
-    "qwen_image": ("QwenImagePipeline", qwen_image_transformer,
-                   dict(shift=1.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=0.9,
-                        base_image_seq_len=256, max_image_seq_len=8192,
-                        shift_terminal=0.02, time_shift_type="exponential"), 4, 24),
-    "z_image": ("ZImagePipeline", z_image_transformer,
-                dict(shift=3.0, use_dynamic_shifting=False), 4, 24),
-    "lumina2": ("Lumina2Pipeline", lumina2_transformer,
-                dict(shift=6.0, use_dynamic_shifting=False), 4, 24),
-    "chroma": ("ChromaPipeline", chroma_transformer,
-               dict(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
-                    base_image_seq_len=256, max_image_seq_len=4096), 4, 24),
-    "hidream": ("HiDreamImagePipeline", hidream_transformer,
-                dict(shift=3.0, use_dynamic_shifting=False), 4, 24),
+                    SCHEDULERS["flux2_klein"], 16, 24),
+    "qwen_image": ("QwenImagePipeline", qwen_image_transformer, SCHEDULERS["qwen_image"],
+                   4, 24),
+    "z_image": ("ZImagePipeline", z_image_transformer, SCHEDULERS["z_image"], 4, 24),
+    "lumina2": ("Lumina2Pipeline", lumina2_transformer, SCHEDULERS["lumina2"], 4, 24),
+    "chroma": ("ChromaPipeline", chroma_transformer, SCHEDULERS["chroma"], 4, 24),
+    "hidream": ("HiDreamImagePipeline", hidream_transformer, SCHEDULERS["hidream"], 4, 24),
 }
 
 
