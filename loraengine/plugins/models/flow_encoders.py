@@ -6,11 +6,14 @@ patches normalised by the VAE's batch-norm statistics; Qwen-Image: the single fr
 normalised by the per-channel mean and std). Captions whose token count varies (Qwen,
 Z-Image) are zero-padded to the longest of a batch with a ``mask`` of the real tokens,
 which the family's call gives the transformer; the others come padded as the pipeline
-pads them.
+pads them. The Qwen-Image edit pipelines read each caption together with its reference
+image (``captions_see_references``), with a stand-in for ``Qwen2VLProcessor`` where
+transformers cannot build one (no torchvision).
 """
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -166,6 +169,10 @@ class QwenImageEditEncoder(QwenImageEncoder):
             raise DataError(f"--model: {folder}: no preprocessor_config.json (the "
                             f"{self.pipeline_class} reads its reference image with it)")
         self.pipe.processor = vl_processor(folder)
+        # the stand-in and transformers' own processor (with torchvision) may resize
+        # differently: the cache keeps their encodings apart
+        self.fingerprint = hashlib.sha256(
+            (self.fingerprint + type(self.pipe.processor).__name__).encode()).hexdigest()
 
     def _encode(self, captions: list[str]) -> dict[str, torch.Tensor]:
         raise DataError(f"{self.pipeline_class} encodes each caption together with its "
