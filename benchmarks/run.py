@@ -125,7 +125,9 @@ class FluxDenoiser(nn.Module):
         self.transformer = transformer
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        from loraengine.plugins.models.flux import image_ids, pack, unpack
+        from loraengine.plugins.models.flow import flux1_image_ids as image_ids
+        from loraengine.plugins.models.flow import pack2 as pack
+        from loraengine.plugins.models.flow import unpack2 as unpack
 
         _, _, h, w = x.shape
         txt_ids = torch.zeros(cond.shape[1], 3, device=x.device, dtype=x.dtype)

@@ -129,3 +129,20 @@ def test_loaded_schedules_follow_the_pipeline_configs(tmp_path):
 
     mu = mu_for(ShiftRule(), tp.DENOISERS["qwen_image"][2], 128, 128)
     assert loaded.schedule.shift == pytest.approx(math.exp(mu))
+
+
+def test_each_scheduler_config_says_where_its_values_come_from():
+    """The typed-in scheduler configs carry their sources, and diffusers'
+    scheduler keeps every value as given (no key it does not know)."""
+    import json
+    from importlib import resources
+
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    data = json.loads(resources.files("loraengine.testing").joinpath(
+        "scheduler_configs.json").read_text(encoding="utf-8"))
+    assert set(tp.DENOISERS) <= set(data)
+    for name, (_, _, cfg, _, _) in tp.DENOISERS.items():
+        assert cfg == data[name]["config"] and len(data[name]["sources"]) > 20, name
+        built = FlowMatchEulerDiscreteScheduler(**cfg).config
+        assert {k: built[k] for k in cfg} == cfg, name

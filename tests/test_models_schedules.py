@@ -12,7 +12,9 @@ from loraengine.core.seeding import make_generator
 from loraengine.plugins import build_plugin_manager
 from loraengine.plugins.models import flux as flux_family
 from loraengine.plugins.models.common import ddpm_schedule, flow_schedule
-from loraengine.plugins.models.flux import image_ids, pack, unpack
+from loraengine.plugins.models.flow import flux1_image_ids as image_ids
+from loraengine.plugins.models.flow import pack2 as pack
+from loraengine.plugins.models.flow import unpack2 as unpack
 from loraengine.plugins.models.unet import SD2, SD15, default_time_ids
 from loraengine.testing import tiny_pipelines as tp
 
@@ -141,7 +143,7 @@ def test_flux_predict_passes_sigma_guidance_and_ids_to_the_transformer():
     model = tp.flux_transformer(seed=1)
     opts = _options(flux_family.FLUX, guidance=2.5)
     sched = flow_schedule(flux_family.FLUX, opts, None)
-    predict = flux_family.flux_predictor(opts, model, sched, 8)
+    predict = flux_family.FLUX.predictor(opts, model, sched, 8)
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2, 4, 4, 6, generator=g)
     cond = {"cond": torch.randn(2, 5, 32, generator=g), "pooled": torch.randn(2, 16, generator=g)}

@@ -8,6 +8,7 @@ configs, LTX-2's shift by token count at two clip sizes."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -76,7 +77,7 @@ def test_detect_and_load_read_each_pipeline_folder(folders):
     assert all("audio" not in p for p in ltx.default_include)
 
 
-def _ltx2_pipeline_call(model, x, sigma, cond):
+def _ltx2_pipeline_call(model, x, sigma, cond, audio_text: int = 12):
     """LTX-2 called as LTX2Pipeline calls it (its packing, its rope coordinates at 24
     fps, timestep σ·1000 as timestep and sigma), the audio stream isolated on one
     silent token."""
@@ -89,7 +90,7 @@ def _ltx2_pipeline_call(model, x, sigma, cond):
     audio_coords = model.audio_rope.prepare_audio_coords(b, 1, x.device)
     out = model(hidden_states=p._pack_latents(x), audio_hidden_states=torch.zeros(b, 1, 4),
                 encoder_hidden_states=cond["cond"],
-                audio_encoder_hidden_states=torch.zeros(b, 1, 12), timestep=t, sigma=t,
+                audio_encoder_hidden_states=torch.zeros(b, 1, audio_text), timestep=t, sigma=t,
                 encoder_attention_mask=cond["mask"], num_frames=f, height=h, width=w,
                 audio_num_frames=1, video_coords=coords, audio_coords=audio_coords,
                 isolate_modalities=True, return_dict=False)[0]
@@ -121,6 +122,80 @@ def test_ltx2_predict_is_the_pipelines_own_call(folders):
     assert (got - unmasked).abs().max() > 1e-4  # the mask reaches the model
     with pytest.raises(ValueError, match=r"takes latents \[N,C,T,H,W\]"):
         loaded.predict(loaded.module, x[:, :, 0], sigma * 1000, cond)
+
+
+def test_ltx23_is_the_ltx2_family_with_its_text_at_the_attention_widths(tmp_path):
+    """LTX-2.3 is LTX2VideoTransformer3DModel configured otherwise: the ltx2 record
+    loads it, expects text at the video attention width (no caption projection), gives
+    the isolated audio stream a zero text token at the audio attention width, and calls
+    it as the pipeline does (``sigma`` feeds its prompt modulation)."""
+    import diffusers as d
+
+    folder = tmp_path / "ltx23"
+    model = tv.ltx23_transformer(0)
+    model.save_pretrained(str(folder / "transformer"))
+    d.FlowMatchEulerDiscreteScheduler(**tv.VIDEO_DENOISERS["ltx2"][2]).save_pretrained(
+        str(folder / "scheduler"))
+    (folder / "model_index.json").write_text(json.dumps(
+        {"_class_name": "LTX2Pipeline", "transformer": ["diffusers", type(model).__name__],
+         "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"]}))
+    loaded = _load("ltx2", path=folder)
+    assert loaded.cond_widths["cond"] == 16 and loaded.latent_channels == 8
+    assert not hasattr(loaded.module, "caption_projection")
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 8, 2, 4, 6, generator=g)
+    cond = {"cond": torch.randn(2, 7, 16, generator=g),
+            "mask": torch.ones(2, 7, dtype=torch.long)}
+    cond["mask"][0, -2:] = 0
+    sigma = torch.tensor([0.3, 0.85])
+    with torch.no_grad():
+        got = loaded.predict(loaded.module, x, loaded.schedule.model_timesteps(sigma), cond)
+        want = _ltx2_pipeline_call(loaded.module, x, sigma, cond, audio_text=8)
+        # σ reaches the prompt modulation: another sigma, same timestep, differs
+        other = loaded.module(**{**_ltx23_kwargs(loaded.module, x, sigma, cond),
+                                 "sigma": sigma.flip(0) * 1000}, return_dict=False)[0]
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    packed = d.LTX2Pipeline._pack_latents(want)
+    assert (other - packed).abs().max() > 1e-4
+
+
+def _ltx23_kwargs(model, x, sigma, cond):
+    b, _, f, h, w = x.shape
+    t = sigma * 1000
+    return dict(hidden_states=_ltx2_pack(x), audio_hidden_states=torch.zeros(b, 1, 4),
+                encoder_hidden_states=cond["cond"],
+                audio_encoder_hidden_states=torch.zeros(b, 1, 8), timestep=t, sigma=t,
+                encoder_attention_mask=cond["mask"], num_frames=f, height=h, width=w,
+                audio_num_frames=1,
+                video_coords=model.rope.prepare_video_coords(b, f, h, w, x.device, fps=24.0),
+                audio_coords=model.audio_rope.prepare_audio_coords(b, 1, x.device),
+                isolate_modalities=True)
+
+
+def _ltx2_pack(x):
+    import diffusers as d
+
+    return d.LTX2Pipeline._pack_latents(x)
+
+
+def test_ltx23_real_size_record_is_ltx2_configured_otherwise():
+    """The LTX-2.3 record (diffusers' converter's 2.3 config) builds on the meta device
+    as an ltx2 model with gated attention and prompt modulation and no caption
+    projection; the text width it is planned with is what the ltx2 record reads from
+    that config (4096, LTX-2's 3840)."""
+    from loraengine.plugins.models.ltx2 import LTX2
+    from loraengine.tools.plan import real_size
+
+    for name, width in (("ltx2", 3840), ("ltx2.3", 4096)):
+        rec, model = real_size.record(name), real_size.real_model(name)
+        assert rec["family"] == "ltx2" and rec["text_width"] == width
+        assert LTX2.inputs(model)[1]["cond"] == width
+        names = [n for n, _ in model.named_parameters()]
+        projects = name == "ltx2"
+        assert any("caption_projection" in n for n in names) == projects
+        assert any("to_gate_logits" in n for n in names) != projects
+        assert any(n.startswith("prompt_adaln") for n in names) != projects
+    assert real_size.latent_shape("ltx2.3") == [128, 11, 15, 26]
 
 
 def test_hunyuan_predict_is_the_pipelines_own_call(folders):

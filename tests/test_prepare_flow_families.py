@@ -311,26 +311,6 @@ def test_references_become_the_reference_latents_an_edit_model_trains_on(pipes, 
         f"{refs}: image_01.png")
 
 
-def test_a_qwen_image_edit_folder_is_refused_in_one_line(pipes, tmp_path):
-    """Edit captions are encoded with the reference image by the VL model, which this
-    encoder does not do: such a folder is refused before anything loads."""
-    import shutil
-
-    edit = tmp_path / "edit"
-    shutil.copytree(pipes["qwen_image"], edit)
-    index = json.loads((edit / "model_index.json").read_text())
-    index["_class_name"] = "QwenImageEditPipeline"
-    (edit / "model_index.json").write_text(json.dumps(index))
-    images = _images(tmp_path / "images", 16)
-    result = CliRunner().invoke(cli, ["prepare", "--model", str(edit), "--images",
-                                      str(images), "--out", str(tmp_path / "d")])
-    assert result.exit_code == 1
-    line = result.output.strip().splitlines()[-1]
-    assert line.startswith(f"error: --model: {edit} is a QwenImageEditPipeline, whose "
-                           f"captions Qwen2.5-VL encodes together with the reference image")
-    assert "Traceback" not in result.output
-
-
 def test_guidance_with_a_negative_prompt_of_another_length(pipes, tmp_path):
     """Z-Image's captions keep their own token count: a negative prompt longer than
     the prompts is padded with its mask, and guidance renders."""

@@ -225,29 +225,31 @@ def hidream_transformer(seed: int = 0) -> Any:
     return model.eval()  # type: ignore[attr-defined]
 
 
+def _scheduler_configs() -> dict[str, dict[str, Any]]:
+    from importlib import resources
+
+    text = resources.files("loraengine.testing").joinpath("scheduler_configs.json").read_text(
+        encoding="utf-8")
+    return {k: v["config"] for k, v in json.loads(text).items() if not k.startswith("_")}
+
+
+#: family -> the released pipeline's scheduler config (``scheduler_configs.json``, which
+#: says where each value comes from)
+SCHEDULERS = _scheduler_configs()
+
 #: family -> (pipeline class, transformer builder, scheduler config, latent channels,
-#: text width); the scheduler configs are those of the released pipelines.
+#: text width)
 DENOISERS: dict[str, tuple[str, Any, dict[str, Any], int, int]] = {
-    "flux2": ("Flux2Pipeline", lambda s: flux2_transformer(s, True),
-              dict(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
-                   base_image_seq_len=256, max_image_seq_len=4096), 16, 24),
+    "flux2": ("Flux2Pipeline", lambda s: flux2_transformer(s, True), SCHEDULERS["flux2"],
+              16, 24),
     "flux2_klein": ("Flux2KleinPipeline", lambda s: flux2_transformer(s, False),
-                    dict(shift=3.0, use_dynamic_shifting=True, base_shift=0.5,
-                         max_shift=1.15, base_image_seq_len=256, max_image_seq_len=4096),
-                    16, 24),
-    "qwen_image": ("QwenImagePipeline", qwen_image_transformer,
-                   dict(shift=1.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=0.9,
-                        base_image_seq_len=256, max_image_seq_len=8192,
-                        shift_terminal=0.02, time_shift_type="exponential"), 4, 24),
-    "z_image": ("ZImagePipeline", z_image_transformer,
-                dict(shift=3.0, use_dynamic_shifting=False), 4, 24),
-    "lumina2": ("Lumina2Pipeline", lumina2_transformer,
-                dict(shift=6.0, use_dynamic_shifting=False), 4, 24),
-    "chroma": ("ChromaPipeline", chroma_transformer,
-               dict(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
-                    base_image_seq_len=256, max_image_seq_len=4096), 4, 24),
-    "hidream": ("HiDreamImagePipeline", hidream_transformer,
-                dict(shift=3.0, use_dynamic_shifting=False), 4, 24),
+                    SCHEDULERS["flux2_klein"], 16, 24),
+    "qwen_image": ("QwenImagePipeline", qwen_image_transformer, SCHEDULERS["qwen_image"],
+                   4, 24),
+    "z_image": ("ZImagePipeline", z_image_transformer, SCHEDULERS["z_image"], 4, 24),
+    "lumina2": ("Lumina2Pipeline", lumina2_transformer, SCHEDULERS["lumina2"], 4, 24),
+    "chroma": ("ChromaPipeline", chroma_transformer, SCHEDULERS["chroma"], 4, 24),
+    "hidream": ("HiDreamImagePipeline", hidream_transformer, SCHEDULERS["hidream"], 4, 24),
 }
 
 
@@ -381,13 +383,15 @@ def qwen3_text(hidden: int, layers: int, causal_lm: bool = False, seed: int = 0)
     return (Qwen3ForCausalLM if causal_lm else Qwen3Model)(cfg).eval()
 
 
-def qwen25_vl_text(hidden: int = 24, seed: int = 0) -> Any:
-    """A ``Qwen2_5_VLForConditionalGeneration`` with a one-block vision tower."""
+def qwen25_vl_text(hidden: int = 24, seed: int = 0, vocab: int = QWEN_VOCAB) -> Any:
+    """A ``Qwen2_5_VLForConditionalGeneration`` with a one-block vision tower (4-pixel
+    patches, 2×2 merged); ``vocab`` covers the vision tokens where the model reads
+    images (:func:`qwen_vl_tokenizer`)."""
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
     torch.manual_seed(seed)
     cfg = Qwen2_5_VLConfig(
-        text_config=dict(vocab_size=QWEN_VOCAB, hidden_size=hidden,
+        text_config=dict(vocab_size=vocab, hidden_size=hidden,
                          intermediate_size=2 * hidden, num_hidden_layers=2,
                          num_attention_heads=2, num_key_value_heads=1,
                          max_position_embeddings=2048, pad_token_id=0, bos_token_id=0,
@@ -399,6 +403,30 @@ def qwen25_vl_text(hidden: int = 24, seed: int = 0) -> Any:
         image_token_id=QWEN_VOCAB, video_token_id=QWEN_VOCAB + 1,
         vision_start_token_id=QWEN_VOCAB + 2)
     return Qwen2_5_VLForConditionalGeneration(cfg).eval()
+
+
+#: Qwen2.5-VL's vision tokens, after the tiny Qwen vocabulary: the image, video and
+#: vision-start ids are those :func:`qwen25_vl_text` configures
+QWEN_VISION_TOKENS = ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>")
+
+
+def qwen_vl_tokenizer() -> Any:
+    """:func:`qwen_tokenizer` with Qwen2.5-VL's vision tokens as special tokens."""
+    tok = qwen_tokenizer()
+    tok.add_special_tokens({"additional_special_tokens": [
+        "<|im_start|>", "<|im_end|>", *QWEN_VISION_TOKENS]})
+    return tok
+
+
+def qwen_vl_image_processor() -> Any:
+    """Qwen2-VL's image processor (its PIL version) for :func:`qwen25_vl_text`'s vision
+    tower: 4-pixel patches, 2 frames, 2×2 merged, between 16² and 48² pixels."""
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import (
+        Qwen2VLImageProcessorPil,
+    )
+
+    return Qwen2VLImageProcessorPil(patch_size=4, temporal_patch_size=2, merge_size=2,
+                                    min_pixels=16 * 16, max_pixels=48 * 48)
 
 
 def gemma2_text(hidden: int = 24, seed: int = 0) -> Any:
@@ -482,6 +510,36 @@ def build_full(family: str, seed: int = 0) -> Any:
     cls = getattr(d, pipe_cls)
     extra = {"image_encoder": None, "feature_extractor": None} if family == "chroma" else {}
     return cls(**parts, **extra)
+
+
+#: The Qwen-Image edit pipelines :func:`save_edit` writes.
+EDIT_FAMILIES = {"qwen_image_edit": "QwenImageEditPipeline",
+                 "qwen_image_edit_plus": "QwenImageEditPlusPipeline"}
+
+
+def save_edit(name: str, folder: Path, seed: int = 0) -> Path:
+    """A tiny whole Qwen-Image edit pipeline (``QwenImageEditPipeline`` or
+    ``QwenImageEditPlusPipeline``, see :data:`EDIT_FAMILIES`) saved into ``folder`` as
+    the released ones are laid out: a ``processor`` folder with Qwen2-VL's image
+    processor config and the tokenizer, which ``model_index.json`` names as a
+    ``Qwen2VLProcessor``. (The processor object itself is not built here: transformers
+    checks its video processor's class, which needs torchvision.)"""
+    import diffusers as d
+
+    folder = Path(folder)
+    _, make, sched_cfg, _, _ = DENOISERS["qwen_image"]
+    tok = qwen_vl_tokenizer()
+    pipe = getattr(d, EDIT_FAMILIES[name])(
+        transformer=make(seed), scheduler=d.FlowMatchEulerDiscreteScheduler(**sched_cfg),
+        vae=qwen_image_vae(seed), tokenizer=tok, processor=None,
+        text_encoder=qwen25_vl_text(24, seed, vocab=len(tok)))
+    pipe.save_pretrained(str(folder))
+    tok.save_pretrained(str(folder / "processor"))
+    qwen_vl_image_processor().save_pretrained(str(folder / "processor"))
+    index = json.loads((folder / "model_index.json").read_text())
+    index["processor"] = ["transformers", "Qwen2VLProcessor"]
+    (folder / "model_index.json").write_text(json.dumps(index, indent=2))
+    return folder
 
 
 def save_full(family: str, folder: Path, seed: int = 0) -> Path:

@@ -115,6 +115,23 @@ def ltx2_transformer(seed: int = 0) -> Any:
         num_layers=2, caption_channels=12, rope_type="split")
 
 
+def ltx23_transformer(seed: int = 0) -> Any:
+    """LTX-2.3, tiny: :func:`ltx2_transformer` configured as diffusers' converter
+    configures LTX-2.3 (gated attention and prompt modulation in both streams,
+    perturbed attention, no caption projection: text comes at the attention widths,
+    16 for video and 8 for audio)."""
+    from diffusers import LTX2VideoTransformer3DModel
+
+    torch.manual_seed(seed)
+    return LTX2VideoTransformer3DModel(
+        in_channels=8, out_channels=8, num_attention_heads=2, attention_head_dim=8,
+        cross_attention_dim=16, audio_in_channels=4, audio_out_channels=4,
+        audio_num_attention_heads=2, audio_attention_head_dim=4, audio_cross_attention_dim=8,
+        num_layers=2, caption_channels=12, rope_type="split", gated_attn=True,
+        cross_attn_mod=True, audio_gated_attn=True, audio_cross_attn_mod=True,
+        use_prompt_embeddings=False, perturbed_attn=True)
+
+
 def hunyuan_video15_transformer(seed: int = 0) -> Any:
     """HunyuanVideo 1.5, tiny: 4 latent channels (9 in: latent, condition latent, mask),
     Qwen2.5-VL width 24, ByT5 width 12, image-embedding width 8."""

@@ -69,6 +69,14 @@ class FlowOptions(FamilyOptions):
         "computes it for that size. flow_shift wins.")
 
 
+class GuidanceOptions(FlowOptions):
+    """Options of the families whose transformer may embed a guidance value (FLUX.1,
+    FLUX.2)."""
+
+    guidance: float = Field(1.0, ge=0, description="Guidance value fed to a guidance-"
+                            "distilled model (Flux dev) while training.")
+
+
 #: (latent channels, conditioning widths by tensor name) a denoiser takes; ``None`` /
 #: absent where its config does not say.
 ModelInputs = tuple[int | None, dict[str, int]]
@@ -461,6 +469,14 @@ def submodules(model: nn.Module, *names: str) -> list[nn.Module]:
     return [block for name in names for block in model.get_submodule(name).children()]
 
 
+def blocks_of(*names: str) -> Callable[[nn.Module], list[nn.Module]]:
+    """A family's ``blocks``: the children of the model's module lists ``names``."""
+    def blocks(model: nn.Module) -> list[nn.Module]:
+        return submodules(model, *names)
+
+    return blocks
+
+
 def unet_family(**fields: Any) -> Family:
     """A ``UNet2DConditionModel`` family on a DDPM schedule (SD 1.x/2.x/XL): the fields
     they share, then ``fields``."""
@@ -498,8 +514,11 @@ def call_inputs(call: FlowCall) -> Callable[[nn.Module], ModelInputs]:
         channels = config_int(module, "out_channels" if call.pad_channels else "in_channels")
         if channels is not None:
             channels = channels // per if channels % per == 0 else None
+        from loraengine.plugins.models.flow import width_key
+
+        config = getattr(module, "config", None)
         widths = {key: w for key, name in call.widths
-                  if (w := config_int(module, name)) is not None}
+                  if (w := config_int(module, width_key(config, name))) is not None}
         return channels, widths
 
     return inputs

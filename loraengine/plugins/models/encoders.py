@@ -13,7 +13,7 @@ import hashlib
 import json
 import logging
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -110,6 +110,8 @@ class PipelineEncoder:
     """VAE + text encoders of one pipeline folder (see :class:`DataEncoder`)."""
 
     caption_batch = 8
+    #: components of the folder this encoder does not load (beside :data:`UNUSED`)
+    unused: tuple[str, ...] = ()
 
     def __init__(self, family: Family, root: Path, options: Mapping[str, Any]):
         import diffusers
@@ -133,7 +135,8 @@ class PipelineEncoder:
         self.device = resolve_device(str(options.get("device", "auto")))
         self.dtype = resolve_dtype(str(options.get("dtype", "auto")), self.device)
         self.max_sequence_length = options.get("max_sequence_length")
-        skip = {name: None for name in UNUSED if name in index}
+        self.pipeline_class = cls
+        skip = {name: None for name in (*UNUSED, *self.unused) if name in index}
         # Components saved as [null, null] (SD3 without T5...) must be passed as None.
         skip.update({name: None for name, value in index.items() if
                      isinstance(value, list) and value and value[0] is None})
@@ -274,7 +277,7 @@ class FluxEncoder(PipelineEncoder):
         return {"cond": embeds, "pooled": pooled, "txt_ids": ids.contiguous()}
 
 
-ENCODERS: dict[str, type[PipelineEncoder]] = {
+ENCODERS: dict[str, Callable[[Family, Any, Any], PipelineEncoder]] = {
     "sd15": SDEncoder, "sd2": SDEncoder, "sdxl": SDXLEncoder, "sd3": SD3Encoder,
     "flux": FluxEncoder,
 }
@@ -282,5 +285,8 @@ ENCODERS: dict[str, type[PipelineEncoder]] = {
 
 def make_encoder(family: Family, root: Path, options: Mapping[str, Any]) -> PipelineEncoder:
     from loraengine.plugins.models.flow_encoders import ENCODERS as FLOW_ENCODERS
+    from loraengine.plugins.models.video_encoders import ENCODERS as VIDEO_ENCODERS
 
-    return {**ENCODERS, **FLOW_ENCODERS}[family.name](family, root, options)
+    makers: dict[str, Callable[[Family, Any, Any], PipelineEncoder]] = {
+        **ENCODERS, **FLOW_ENCODERS, **VIDEO_ENCODERS}
+    return makers[family.name](family, root, options)

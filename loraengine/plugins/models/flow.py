@@ -32,6 +32,18 @@ MuRule = Literal["linear", "flux2"]
 #: What the timestep argument holds, given σ ∈ (0, 1]: σ, σ·num_train_timesteps (the
 #: scheduler's timestep) or 1 − σ.
 TimestepForm = Literal["sigma", "scaled", "one_minus_sigma"]
+#: The config key that holds a width: a key, or (flag key, key when the flag is set,
+#: key otherwise) where the config switches a projection on or off (LTX-2's text
+#: projection, which LTX-2.3 drops: its connectors give the attention width).
+WidthKey = str | tuple[str, str, str]
+
+
+def width_key(config: Any, key: WidthKey) -> str:
+    """The config key ``key`` names for this config."""
+    if isinstance(key, str):
+        return key
+    flag, when_set, otherwise = key
+    return when_set if getattr(config, flag, False) else otherwise
 
 
 @dataclass(frozen=True)
@@ -69,7 +81,7 @@ class FlowCall:
     #: ``optional_args`` entry gave it: inputs the pipeline fills with zeros or leaves
     #: empty (LTX-2's audio stream when training video only, HunyuanVideo 1.5's image
     #: embedding in text-to-video)
-    zeros: tuple[tuple[str, int, str | None], ...] = ()
+    zeros: tuple[tuple[str, int, WidthKey | None], ...] = ()
     #: (forward argument, value) passed as they are (LTX-2's ``audio_num_frames``)
     constants: tuple[tuple[str, Any], ...] = ()
     #: cond keys stored ``[N, K, ...]`` (K per-layer states, HiDream's Llama) that the
@@ -87,7 +99,7 @@ class FlowCall:
     #: image tokens (edit models); its prediction is dropped
     reference: str | None = None
     #: (cond key, config key) of the conditioning widths the config states
-    widths: tuple[tuple[str, str], ...] = (("cond", "joint_attention_dim"),
+    widths: tuple[tuple[str, WidthKey], ...] = (("cond", "joint_attention_dim"),
                                            ("pooled", "pooled_projection_dim"))
 
     @property
@@ -175,6 +187,13 @@ def grid_ids(rows: int, cols: int, axes: int, first: float, device: torch.device
     return ids.reshape(-1, axes)
 
 
+def flux1_image_ids(height: int, width: int, device: torch.device, dtype: torch.dtype
+                    ) -> torch.Tensor:
+    """FLUX.1's position ids of a ``height × width`` latent packed 2×2: ``[H/2·W/2, 3]``,
+    (0, row, column) of each token."""
+    return grid_ids(height // 2, width // 2, 3, 0.0, device, dtype)
+
+
 def _positions(call: FlowCall, x: torch.Tensor, ref: torch.Tensor | None,
                cond: Mapping[str, torch.Tensor]) -> dict[str, Any]:
     if call.positions == "grid":
@@ -191,7 +210,7 @@ def _positions(call: FlowCall, x: torch.Tensor, ref: torch.Tensor | None,
             txt_ids = torch.zeros(txt.shape[1], 3, device=dev, dtype=dt)
         elif txt_ids.ndim == 3:
             txt_ids = txt_ids[0]  # the same for every sample; the model takes one
-        img = grid_ids(h // 2, w // 2, 3, 0.0, dev, dt)
+        img = flux1_image_ids(h, w, dev, dt)
         if ref is not None:
             img = torch.cat([img, grid_ids(ref.shape[2] // 2, ref.shape[3] // 2, 3, 1.0,
                                            dev, dt)])
@@ -272,7 +291,7 @@ def flow_predictor(call: FlowCall) -> Callable[[Any, nn.Module, Any, int], Predi
             for arg, tokens, width in call.zeros:
                 if arg not in kwargs:
                     size = (b, tokens) if width is None else \
-                        (b, tokens, int(getattr(model.config, width)))
+                        (b, tokens, int(getattr(model.config, width_key(model.config, width))))
                     kwargs[arg] = x_t.new_zeros(size)
             kwargs.update(call.constants)
             if call.joint_mask and "mask" in cond:

@@ -6,11 +6,15 @@ patches normalised by the VAE's batch-norm statistics; Qwen-Image: the single fr
 normalised by the per-channel mean and std). Captions whose token count varies (Qwen,
 Z-Image) are zero-padded to the longest of a batch with a ``mask`` of the real tokens,
 which the family's call gives the transformer; the others come padded as the pipeline
-pads them.
+pads them. The Qwen-Image edit pipelines read each caption together with its reference
+image (``captions_see_references``), with a stand-in for ``Qwen2VLProcessor`` where
+transformers cannot build one (no torchvision).
 """
 
 from __future__ import annotations
 
+import hashlib
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -72,12 +76,6 @@ class QwenImageEncoder(PipelineEncoder):
     config's ``latents_mean`` / ``latents_std``."""
 
     def __init__(self, family: Family, root: Any, options: Any):
-        kind = pipeline_class(Path(root))
-        if kind.startswith("QwenImageEdit"):
-            raise DataError(f"--model: {root} is a {kind}, whose captions Qwen2.5-VL "
-                            f"encodes together with the reference image; prepare encodes "
-                            f"them for QwenImagePipeline only (give the Edit model "
-                            f"'cond', 'mask' and 'reference' yourself)")
         super().__init__(family, root, options)
         cfg = self.pipe.vae.config
         shape = (1, int(cfg.z_dim), 1, 1)
@@ -102,6 +100,117 @@ class QwenImageEncoder(PipelineEncoder):
         if mask is None:  # the pipeline drops a mask of all ones
             mask = torch.ones(embeds.shape[:2], dtype=torch.long, device=embeds.device)
         return {"cond": embeds, "mask": mask.long()}
+
+
+class VLPromptProcessor:
+    """What ``Qwen2VLProcessor`` makes of prompts and images, without its video
+    processor (whose class transformers will not even name without torchvision):
+    Qwen2-VL's image processor (its PIL version) turns each image into patches and a
+    grid ``(t, h, w)``; each image token of the text, in order, stands for
+    ``t·h·w / merge²`` of them; the tokenizer reads the expanded text."""
+
+    def __init__(self, folder: Path):
+        from transformers import AutoTokenizer
+        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import (
+            Qwen2VLImageProcessorPil,
+        )
+
+        self.tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+        self.image_processor = Qwen2VLImageProcessorPil.from_pretrained(
+            str(folder), local_files_only=True)
+        self.image_token = str(getattr(self.tokenizer, "image_token", None)
+                               or "<|image_pad|>")
+
+    def __call__(self, text: str | list[str], images: Any = None, padding: bool = True,
+                 return_tensors: str = "pt") -> Any:
+        from transformers import BatchFeature
+
+        texts = [text] if isinstance(text, str) else list(text)
+        features: dict[str, Any] = {}
+        if images is not None:
+            features = dict(self.image_processor(images=images, return_tensors="pt"))
+            merge = int(self.image_processor.merge_size) ** 2
+            counts = iter(int(g.prod()) // merge for g in features["image_grid_thw"])
+            mark = "\0image\0"
+            for i, line in enumerate(texts):
+                while self.image_token in line:
+                    line = line.replace(self.image_token, mark * next(counts), 1)
+                texts[i] = line.replace(mark, self.image_token)
+        tokens = self.tokenizer(texts, padding=padding, return_tensors=return_tensors)
+        return BatchFeature({**tokens, **features})
+
+
+def vl_processor(folder: Path) -> Any:
+    """The pipeline's ``Qwen2VLProcessor`` where transformers can build it (with
+    torchvision), else :class:`VLPromptProcessor` of the same folder."""
+    try:
+        from transformers import Qwen2VLProcessor
+
+        return Qwen2VLProcessor.from_pretrained(str(folder), local_files_only=True)
+    except Exception:  # no torchvision: its video processor cannot be named
+        return VLPromptProcessor(folder)
+
+
+class QwenImageEditEncoder(QwenImageEncoder):
+    """Qwen-Image-Edit (and Edit Plus, one reference): Qwen2.5-VL reads each caption
+    together with its reference image, as the pipeline's ``encode_prompt`` does (Edit:
+    the image itself; Plus: "Picture 1" resized to the pipeline's condition area); the
+    reference's latents are the pipeline's ``_encode_vae_image``, the same as the
+    target image's."""
+
+    unused = ("processor",)
+    #: ``loraengine prepare`` encodes each (caption, reference) pair
+    captions_see_references = True
+
+    def __init__(self, family: Family, root: Any, options: Any):
+        super().__init__(family, root, options)
+        folder = self.root / "processor"
+        if not (folder / "preprocessor_config.json").exists():
+            raise DataError(f"--model: {folder}: no preprocessor_config.json (the "
+                            f"{self.pipeline_class} reads its reference image with it)")
+        self.pipe.processor = vl_processor(folder)
+        # the stand-in and transformers' own processor (with torchvision) may resize
+        # differently: the cache keeps their encodings apart
+        self.fingerprint = hashlib.sha256(
+            (self.fingerprint + type(self.pipe.processor).__name__).encode()).hexdigest()
+
+    def _encode(self, captions: list[str]) -> dict[str, torch.Tensor]:
+        raise DataError(f"{self.pipeline_class} encodes each caption together with its "
+                        f"reference image; prepare with --references, and sample with "
+                        f"--prompts the conditioning.safetensors it writes")
+
+    def condition_image(self, picture: Any) -> Any:
+        """The image the pipeline's text encoder sees for a reference ``picture``."""
+        if self.pipeline_class != "QwenImageEditPlusPipeline":
+            return picture
+        from diffusers.pipelines.qwenimage import pipeline_qwenimage_edit_plus as plus
+
+        w, h = plus.calculate_dimensions(plus.CONDITION_IMAGE_SIZE, picture.width /
+                                         picture.height)
+        return [self.pipe.image_processor.resize(picture, h, w)]
+
+    @torch.no_grad()
+    def encode_captions_with(self, captions: list[str], pictures: list[Any]
+                             ) -> dict[str, torch.Tensor]:
+        """Each caption with its reference image (PIL, as its latents were made)."""
+        rows = []
+        for caption, picture in zip(captions, pictures, strict=True):
+            embeds, mask = self.pipe.encode_prompt(
+                [caption], image=self.condition_image(picture), device=self.device,
+                num_images_per_prompt=1)
+            if mask is None:  # the pipeline drops a mask of all ones
+                mask = torch.ones(embeds.shape[:2], dtype=torch.long, device=embeds.device)
+            rows.append(embeds[0][mask[0].bool()].detach().float().cpu())
+        embeds, mask = pad_rows(rows)
+        return {"cond": embeds, "mask": mask}
+
+
+def qwen_image_encoder(family: Family, root: Any, options: Any) -> PipelineEncoder:
+    """The encoder of a Qwen-Image folder: the edit pipelines read captions together
+    with the reference image."""
+    if pipeline_class(Path(root)).startswith("QwenImageEdit"):
+        return QwenImageEditEncoder(family, root, options)
+    return QwenImageEncoder(family, root, options)
 
 
 class ZImageEncoder(PipelineEncoder):
@@ -170,7 +279,7 @@ class HiDreamEncoder(PipelineEncoder):
         return {"cond": t5, "llama3": llama.transpose(0, 1), "pooled": pooled}
 
 
-ENCODERS: dict[str, type[PipelineEncoder]] = {
-    "flux2": Flux2Encoder, "qwen_image": QwenImageEncoder, "z_image": ZImageEncoder,
+ENCODERS: dict[str, Callable[[Family, Any, Any], PipelineEncoder]] = {
+    "flux2": Flux2Encoder, "qwen_image": qwen_image_encoder, "z_image": ZImageEncoder,
     "chroma": ChromaEncoder, "lumina2": Lumina2Encoder, "hidream": HiDreamEncoder,
 }

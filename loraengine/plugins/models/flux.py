@@ -9,35 +9,19 @@ models (Flux dev) are given the ``guidance`` value through their guidance embedd
 
 from __future__ import annotations
 
-import torch
-from pydantic import Field
 from torch import nn
 
 from loraengine.plugins.models import family_marks as fm
 from loraengine.plugins.models.common import (
-    FlowOptions,
+    GuidanceOptions,
     family_spec,
     flow_transformer_family,
     submodules,
 )
-from loraengine.plugins.models.flow import FlowCall, grid_ids, pack2, unpack2
+from loraengine.plugins.models.flow import FlowCall
 
 #: Every Linear of the double- and single-stream blocks.
 FLUX_TARGETS = ("transformer_blocks.*", "single_transformer_blocks.*")
-
-
-class FluxOptions(FlowOptions):
-    guidance: float = Field(1.0, ge=0, description="Guidance value fed to a guidance-"
-                            "distilled model (Flux dev) while training.")
-
-
-pack, unpack = pack2, unpack2
-
-
-def image_ids(height: int, width: int, device: torch.device, dtype: torch.dtype
-              ) -> torch.Tensor:
-    """Position ids ``[H/2·W/2, 3]``: (0, row, column) of each packed token."""
-    return grid_ids(height // 2, width // 2, 3, 0.0, device, dtype)
 
 
 def flux_blocks(model: nn.Module) -> list[nn.Module]:
@@ -52,7 +36,7 @@ FLUX_CALL = FlowCall(packing="patch2", positions="flux1", timestep="sigma", guid
 FLUX = flow_transformer_family(
     name="flux", model_class="FluxTransformer2DModel", pipeline_classes=("FluxPipeline",),
     vae_scale=0.3611, vae_shift=0.1159, default_include=FLUX_TARGETS,
-    base_model_version="flux1", options=FluxOptions, call=FLUX_CALL,
+    base_model_version="flux1", options=GuidanceOptions, call=FLUX_CALL,
     blocks=flux_blocks, flow_shift=1.0,
     known_as="a FLUX.1",
     marks=(fm.JOINT_ATTENTION, fm.JOINT_FEED_FORWARD, fm.JOINT_MODULATION, fm.FLUX_SINGLE,
@@ -62,7 +46,5 @@ FLUX = flow_transformer_family(
            "(time|vector|guidance)_in.(in|out)_layer", "img_in", "txt_in", "x_embedder",
            "context_embedder", "final_layer", "norm_out.linear", "proj_out"),
     description="FLUX.1 transformer (rectified flow, packed 2×2 latents, guidance).")
-
-flux_predictor = FLUX.predictor
 
 SPEC = family_spec(FLUX)

@@ -12,9 +12,13 @@ from __future__ import annotations
 from torch import nn
 
 from loraengine.plugins.models import family_marks as fm
-from loraengine.plugins.models.common import family_spec, flow_transformer_family, submodules
+from loraengine.plugins.models.common import (
+    GuidanceOptions,
+    family_spec,
+    flow_transformer_family,
+    submodules,
+)
 from loraengine.plugins.models.flow import FlowCall, ShiftRule
-from loraengine.plugins.models.flux import FluxOptions
 from loraengine.plugins.models.latent_vaes import Flux2LatentVAE, vae_loader
 
 
@@ -27,7 +31,7 @@ FLUX2 = flow_transformer_family(
     pipeline_classes=("Flux2Pipeline", "Flux2KleinPipeline"),
     vae_scale=1.0, vae_shift=0.0, vae_factor=16, base_model_version="flux2",
     default_include=("transformer_blocks.*", "single_transformer_blocks.*"),
-    options=FluxOptions, blocks=flux2_blocks, flow_shift=1.0,
+    options=GuidanceOptions, blocks=flux2_blocks, flow_shift=1.0,
     call=FlowCall(packing="tokens", positions="flux2", timestep="sigma", guidance=True,
                   reference="reference"),
     latent_vae=vae_loader("AutoencoderKLFlux2", Flux2LatentVAE),

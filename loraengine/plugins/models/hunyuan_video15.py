@@ -13,13 +13,10 @@ the glyph encoder's, given no tokens when absent. The shift is the scheduler con
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Any
-
 from torch import nn
 
 from loraengine.plugins.models import family_marks as fm
-from loraengine.plugins.models.common import flow_transformer_family, make_spec, submodules
+from loraengine.plugins.models.common import family_spec, flow_transformer_family, submodules
 from loraengine.plugins.models.flow import FlowCall
 from loraengine.plugins.models.latent_vaes import HunyuanVideo15LatentVAE, vae_loader
 
@@ -54,10 +51,5 @@ HUNYUAN_VIDEO15 = flow_transformer_family(
     description="HunyuanVideo 1.5 transformer, text-to-video (rectified flow on "
     "[N,C,T,H,W] latents).")
 
-def _make_encoder(path: Any, options: Any) -> Any:
-    from loraengine.plugins.models.video_encoders import HunyuanVideo15Encoder
 
-    return HunyuanVideo15Encoder(HUNYUAN_VIDEO15, Path(path), options)
-
-
-SPEC = make_spec(HUNYUAN_VIDEO15, make_encoder=_make_encoder)
+SPEC = family_spec(HUNYUAN_VIDEO15)

@@ -12,23 +12,18 @@ the video stream's attention and feed-forward layers. The pipeline shifts
 by the token count (``use_dynamic_shifting``); each batch trains with its own size's
 shift. ``prepare`` encodes clips with the pipeline's video VAE and captions with Gemma 3
 and the connectors (:class:`~loraengine.plugins.models.video_encoders.LTX2Encoder`).
+LTX-2.3 is the same class configured otherwise (gated attention, prompt modulation fed
+``sigma``, no text projection: its connectors give the attention widths).
 """
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Any
-
-from torch import nn
-
-from loraengine.plugins.models.common import flow_transformer_family, make_spec, submodules
+from loraengine.plugins.models.common import blocks_of, family_spec, flow_transformer_family
 from loraengine.plugins.models.flow import FlowCall, ShiftRule
 from loraengine.plugins.models.latent_vaes import LTX2LatentVAE, vae_loader
 
-
-def ltx2_blocks(model: nn.Module) -> list[nn.Module]:
-    return submodules(model, "transformer_blocks")
-
+#: LTX-2 projects the connectors' text to the attention width; LTX-2.3 does not
+PROJECTS = "use_prompt_embeddings"
 
 LTX2 = flow_transformer_family(
     name="ltx2", model_class="LTX2VideoTransformer3DModel",
@@ -36,13 +31,14 @@ LTX2 = flow_transformer_family(
     vae_scale=1.0, vae_shift=0.0, vae_factor=32, base_model_version="ltx2",
     default_include=("transformer_blocks.*.attn1.*", "transformer_blocks.*.attn2.*",
                      "transformer_blocks.*.ff.*"),
-    blocks=ltx2_blocks, flow_shift=1.0, default_resolution=512,
+    blocks=blocks_of("transformer_blocks"), flow_shift=1.0, default_resolution=512,
     call=FlowCall(packing="tokens", positions="grid", timestep="scaled", latent_ndim=5,
                   also_timestep=("sigma",), optional_args=(("mask", "encoder_attention_mask"),),
                   zeros=(("audio_hidden_states", 1, "audio_in_channels"),
-                         ("audio_encoder_hidden_states", 1, "caption_channels")),
+                         ("audio_encoder_hidden_states", 1, (PROJECTS, "caption_channels",
+                                                             "audio_cross_attention_dim"))),
                   constants=(("audio_num_frames", 1), ("isolate_modalities", True)),
-                  widths=(("cond", "caption_channels"),)),
+                  widths=(("cond", (PROJECTS, "caption_channels", "cross_attention_dim")),)),
     shift_rule=ShiftRule(mu="linear", cells_per_token=1),
     known_as="an LTX-2",
     marks=("transformer_blocks.N.(audio_)?attn[12].(to_[qkv]|to_out.N|norm_[qk])",
@@ -55,10 +51,4 @@ LTX2 = flow_transformer_family(
     "[N,C,T,H,W] latents, one token per cell).")
 
 
-def _make_encoder(path: Any, options: Any) -> Any:
-    from loraengine.plugins.models.video_encoders import LTX2Encoder
-
-    return LTX2Encoder(LTX2, Path(path), options)
-
-
-SPEC = make_spec(LTX2, make_encoder=_make_encoder)
+SPEC = family_spec(LTX2)

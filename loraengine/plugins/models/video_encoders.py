@@ -132,3 +132,8 @@ class HunyuanVideo15Encoder(PipelineEncoder):
             captions, device=self.device, batch_size=len(captions), num_videos_per_prompt=1)
         return {"cond": embeds, "mask": mask.long(), "byt5": glyph,
                 "byt5_mask": glyph_mask.long()}
+
+
+ENCODERS: dict[str, type[PipelineEncoder]] = {
+    "wan": WanEncoder, "ltx2": LTX2Encoder, "hunyuan_video15": HunyuanVideo15Encoder,
+}

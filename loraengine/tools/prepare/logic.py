@@ -342,6 +342,17 @@ def fit_image(img: Any, bucket: tuple[int, int], crop_only: bool = False
               ) -> tuple[torch.Tensor, tuple[int, int], tuple[int, int]]:
     """A PIL RGB image resized to cover ``bucket`` (kept as it is with ``crop_only``
     when it covers the bucket already) and centre-cropped (see :func:`load_pixels`)."""
+    img, crop, original = fit_picture(img, bucket, crop_only)
+    bw, bh = bucket
+    data = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8)
+    pixels = data.reshape(bh, bw, 3).permute(2, 0, 1).float() / 127.5 - 1.0
+    return pixels, crop, original
+
+
+def fit_picture(img: Any, bucket: tuple[int, int], crop_only: bool = False
+                ) -> tuple[Any, tuple[int, int], tuple[int, int]]:
+    """What :func:`fit_image` encodes, as a PIL image of the bucket's size, with the
+    crop's top-left corner and the original (height, width)."""
     from PIL import Image
 
     w, h = img.size
@@ -353,10 +364,19 @@ def fit_image(img: Any, bucket: tuple[int, int], crop_only: bool = False
         nw, nh = max(bw, round(w * scale)), max(bh, round(h * scale))
         img = img.resize((nw, nh), Image.Resampling.LANCZOS)
     left, top = (nw - bw) // 2, (nh - bh) // 2
-    img = img.crop((left, top, left + bw, top + bh))
-    data = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8)
-    pixels = data.reshape(bh, bw, 3).permute(2, 0, 1).float() / 127.5 - 1.0
-    return pixels, (top, left), (h, w)
+    return img.crop((left, top, left + bw, top + bh)), (top, left), (h, w)
+
+
+def load_picture(path: Path, bucket: tuple[int, int]) -> Any:
+    """The image as :func:`load_pixels` fits it, as a PIL image."""
+    from PIL import Image, ImageOps
+
+    try:
+        with Image.open(path) as opened:
+            rgb = ImageOps.exif_transpose(opened).convert("RGB")
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise DataError(f"{path}: cannot decode image: {exc}") from None
+    return fit_picture(rgb, bucket)[0]
 
 
 def encode_captions(encoder: Any, cache: EncodeCache, fp: str, captions: Iterable[str],
@@ -473,6 +493,37 @@ def encode_references(encoder: Any, cache: EncodeCache, fp: str,
     return out
 
 
+def encode_paired_captions(encoder: Any, cache: EncodeCache, fp: str,
+                           items: Sequence[ImageItem], refs: Mapping[int, Path],
+                           progress: Progress) -> tuple[dict[int, dict[str, torch.Tensor]],
+                                                        int, int]:
+    """Each image's conditioning where the text encoder reads its caption together with
+    the reference image (``encoder.captions_see_references``, Qwen-Image-Edit): one
+    entry per (caption, reference as fitted to the image's bucket), from the cache or
+    encoded now, one pair at a time. Returns the conditioning by item, how many were
+    encoded and how many came from the cache."""
+    out: dict[int, dict[str, torch.Tensor]] = {}
+    keys: dict[int, str] = {}
+    todo = []
+    for i, path in refs.items():
+        digest = hashlib.sha256(path.read_bytes()).hexdigest()
+        keys[i] = _key(fp, "with-reference", items[i].caption, digest, _geometry(items[i]))
+        hit = cache.get("txt", keys[i])
+        if hit is not None:
+            out[i] = hit
+        else:
+            todo.append(i)
+    cached = len(out)
+    progress("captions", cached, len(refs))
+    for n, i in enumerate(todo, 1):
+        picture = load_picture(refs[i], items[i].bucket)
+        row = encoder.encode_captions_with([items[i].caption], [picture])
+        out[i] = {k: v[0].contiguous() for k, v in row.items()}
+        cache.put("txt", keys[i], out[i])
+        progress("captions", cached + n, len(refs))
+    return out, len(todo), cached
+
+
 # -- the run ---------------------------------------------------------------------------
 
 def prepare(encoder: Any, images: Path, out: Path, *, captions_file: Path | None = None,
@@ -487,6 +538,12 @@ def prepare(encoder: Any, images: Path, out: Path, *, captions_file: Path | None
     images, out = Path(images), Path(out)
     if items is None:
         items = collect(images, captions_file, caption_ext)
+    paired = bool(getattr(encoder, "captions_see_references", False))
+    if paired and references is None:
+        raise DataError(f"--references: the {encoder.family} model given "
+                        f"({getattr(encoder, 'pipeline_class', 'an edit pipeline')}) encodes "
+                        f"each caption together with its reference image; give "
+                        f"--references FOLDER (each image's reference under the same name)")
     refs = find_references(references, images, items) if references is not None else {}
     res = int(resolution or encoder.default_resolution)
     assign_buckets(items, res, int(encoder.bucket_multiple), upscale)
@@ -529,9 +586,17 @@ def prepare(encoder: Any, images: Path, out: Path, *, captions_file: Path | None
 
     ref_latents = encode_references(encoder, cache, fp, items, refs, batch_size)
 
-    # Captions: each distinct caption once.
-    conds, missing, cached_captions = encode_captions(
-        encoder, cache, fp, {item.caption for item in items}, batch_size, report_progress)
+    # Captions: each distinct caption once, or each (caption, reference) pair once.
+    by_item: dict[int, dict[str, torch.Tensor]] = {}
+    if paired:
+        conds: dict[str, dict[str, torch.Tensor]] = {}
+        by_item, encoded_captions, cached_captions = encode_paired_captions(
+            encoder, cache, fp, items, refs, report_progress)
+    else:
+        conds, missing, cached_captions = encode_captions(
+            encoder, cache, fp, {item.caption for item in items}, batch_size,
+            report_progress)
+        encoded_captions = len(missing)
 
     # Assemble the buckets in (width, height) order, images in name order within each.
     order = sorted({item.bucket for item in items})
@@ -550,7 +615,8 @@ def prepare(encoder: Any, images: Path, out: Path, *, captions_file: Path | None
             extra = encoder.image_conditioning(orig, crop, (bucket[1], bucket[0]))
             if i in ref_latents:
                 extra = {**extra, "reference": ref_latents[i]}
-            for k, v in {**conds[items[i].caption], **extra}.items():
+            text = by_item[i] if paired else conds[items[i].caption]
+            for k, v in {**text, **extra}.items():
                 rows.setdefault(k, []).append(v)
         for k, vs in rows.items():
             cond_out[k + suffix] = stack_padded(vs).contiguous()
@@ -566,4 +632,5 @@ def prepare(encoder: Any, images: Path, out: Path, *, captions_file: Path | None
     resized = sorted((item.path.relative_to(images).as_posix(), item.size, item.bucket,
                       item.crop_only) for item in items if item.bucket != item.size)
     return PrepareReport(len(items), summary, len(items) - cached_images, cached_images,
-                         len(missing), cached_captions, lat_path, cond_path, files, resized)
+                         encoded_captions, cached_captions, lat_path, cond_path, files,
+                         resized)
