@@ -35,6 +35,7 @@ from loraengine.plugins.models.common import (
     FlowOptions,
     ModelInputs,
     config_int,
+    describe_family,
     flow_transformer_family,
     load_module,
     locate,
@@ -249,8 +250,9 @@ def load_wan(options: WanOptions, context: Mapping[str, Any]) -> LoadedModel:
     sched = scheduler_config(where.root)
     schedule = wan_schedule(options, sched)
     parts: dict[str, str] = {}
+    looks_like = context.get("looks_like")
     if expert in (None, "high_noise"):
-        module = load_module(WAN, where)
+        module = load_module(WAN, where, looks_like=looks_like)
     elif expert == "low_noise":
         module = load_module(WAN, _expert_folder(where, "low_noise"))
     else:
@@ -297,7 +299,13 @@ def _family_of(path: Any) -> bool:
     return pipeline_class(Path(path)) in WAN.pipeline_classes
 
 
+def _describe(options: WanOptions, context: Mapping[str, Any]) -> Any:
+    """``loraengine validate``: the (first expert's) model and its weights' header, a
+    single file's names against its config, without loading."""
+    return describe_family(WAN, options, context)
+
+
 SPEC = ModelFamilySpec(WAN.name, load_wan, WanOptions, WAN.description,
-                       make_encoder=_make_encoder, detect=_family_of)
+                       make_encoder=_make_encoder, detect=_family_of, describe=_describe)
 
 __all__ = ["SPEC", "WAN", "Family", "WanExperts", "WanLatentVAE", "WanOptions"]
