@@ -41,8 +41,9 @@ def converter(cls: type) -> Callable[..., dict[str, Any]] | None:
     one); ``None`` when diffusers reads no single file of it."""
     from diffusers.loaders.single_file_model import SINGLE_FILE_LOADABLE_CLASSES
 
+    table: Mapping[str, Mapping[str, Any]] = SINGLE_FILE_LOADABLE_CLASSES
     for base in cls.__mro__:
-        entry = SINGLE_FILE_LOADABLE_CLASSES.get(base.__name__)
+        entry = table.get(base.__name__)
         if entry is not None:
             fn: Callable[..., dict[str, Any]] = entry["checkpoint_mapping_fn"]
             return fn
