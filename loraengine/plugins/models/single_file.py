@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Collection, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -41,7 +41,7 @@ def converter(cls: type) -> Callable[..., dict[str, Any]] | None:
     one); ``None`` when diffusers reads no single file of it."""
     from diffusers.loaders.single_file_model import SINGLE_FILE_LOADABLE_CLASSES
 
-    table: Mapping[str, Mapping[str, Any]] = SINGLE_FILE_LOADABLE_CLASSES
+    table = cast(Mapping[str, Mapping[str, Any]], SINGLE_FILE_LOADABLE_CLASSES)
     for base in cls.__mro__:
         entry = table.get(base.__name__)
         if entry is not None:
