@@ -382,3 +382,64 @@ def test_a_family_diffusers_reads_no_single_file_of_says_so(tmp_path):
     with pytest.raises(ConfigError, match=r"family 'hunyuan_video15' reads no single-file "
                                           r"checkpoint .*HunyuanVideo15Transformer3DModel"):
         spec.load(spec.config_model(path=ckpt, config=pipe), {"base_dir": None})
+
+
+# -- the released sizes, by names and shapes (on the meta device) -------------------------
+
+#: the released config.json values of two models ``real_sizes.json`` does not carry
+#: (FLUX.1 dev, Lumina-Image 2.0), with one block of each kind
+RELEASED = {
+    "flux": ("FluxTransformer2DModel", dict(
+        patch_size=1, in_channels=64, num_layers=1, num_single_layers=1,
+        attention_head_dim=128, num_attention_heads=24, joint_attention_dim=4096,
+        pooled_projection_dim=768, guidance_embeds=True, axes_dims_rope=(16, 56, 56))),
+    "lumina2": ("Lumina2Transformer2DModel", dict(
+        sample_size=128, patch_size=2, in_channels=16, hidden_size=2304, num_layers=1,
+        num_refiner_layers=2, num_attention_heads=24, num_kv_heads=8, multiple_of=256,
+        norm_eps=1e-5, scaling_factor=1.0, axes_dim_rope=(32, 32, 32),
+        axes_lens=(300, 512, 512), cap_feat_dim=2304)),
+}
+
+
+def _released_models() -> list[tuple[str, Any]]:
+    import diffusers
+
+    from loraengine.tools.plan.real_size import real_model, real_sizes
+
+    out = []
+    for name, rec in real_sizes().items():
+        if rec["class"] in SINGLE_FILE_CLASSES:
+            out.append((name, real_model(name, {key: 2 for key in rec["blocks"]})))
+    for name, (cls, config) in RELEASED.items():
+        with torch.device("meta"):
+            out.append((name, getattr(diffusers, cls).from_config(config)))
+    return out
+
+
+SINGLE_FILE_CLASSES = ("Flux2Transformer2DModel", "QwenImageTransformer2DModel",
+                       "ZImageTransformer2DModel", "ChromaTransformer2DModel",
+                       "WanTransformer3DModel", "LTX2VideoTransformer3DModel")
+
+
+def test_released_sizes_convert_by_name_and_shape_through_diffusers():
+    """At the released widths (two blocks of each kind, so that it stays on the meta
+    device and quick), every layout written goes through diffusers' converter onto the
+    model's tensors with their shapes, bare and prefixed: also for FLUX.1, Chroma and
+    Lumina 2, whose converters split fused layers at exactly those widths."""
+    from loraengine.plugins.models import single_file
+
+    models = _released_models()
+    assert {name for name, _ in models} >= {"qwen_image", "flux2_dev", "flux2_klein_4b",
+                                           "z_image", "chroma", "wan2.1_t2v_14b",
+                                           "wan2.2_t2v_a14b", "ltx2", "flux", "lumina2"}
+    for name, model in models:
+        expected = model.state_dict()
+        for prefix in PREFIXES:
+            tensors = dict(to_single_file(model, prefix), **(
+                {key: torch.empty(2, 2, device="meta") for key in BUNDLED} if prefix else {}))
+            taken, names = single_file.plan(type(model), dict(model.config),
+                                            Path(f"{name}.safetensors"), tensors, expected,
+                                            name, None)
+            assert taken in ("", prefix), name  # plan() raises where anything does not fit
+            if taken:  # read without the prefix: the other parts are left unread
+                assert not set(names) & set(BUNDLED), name

@@ -6,7 +6,9 @@ single ``.safetensors`` file holds (the official checkpoint's names, which Comfy
 ``single_blocks``, fused ``qkv``, the final modulation's halves swapped), Z-Image (fused
 ``attention.qkv``, ``attention.out``, ``q_norm``), Wan 2.x (``self_attn.q``,
 ``cross_attn``, ``norm3``, ``modulation``), LTX-2 (``patchify_proj``, ``adaln_single``,
-``q_norm``), and Qwen-Image and HiDream-I1, whose files use diffusers' own names. With
+``q_norm``), FLUX.1 and Chroma (as Flux.2, with FLUX.1's fused single-block
+``linear1``), Lumina 2 (``layers.N.attention.qkv``, ``attention_norm1``), and Qwen-Image
+and HiDream-I1, whose files use diffusers' own names. With
 ``prefix="model.diffusion_model."`` it writes the names as an all-in-one checkpoint
 (ComfyUI's "Save Checkpoint", LTX-2's release) puts them.
 
@@ -15,8 +17,9 @@ The module names come from the tables the engine already has for these layouts
 what those leave out (norm scales, modulation tables, LTX-2's renames). diffusers'
 single-file converters are the judge: reading the result back through
 ``from_single_file`` gives every tensor of the model bit for bit (the tests check it).
-Chroma and Lumina 2 are not here: diffusers' converters for them split fused layers
-at the released model's widths, so no tiny model converts.
+diffusers' converters for FLUX.1, Chroma and Lumina 2 split the fused layers at the
+released widths, so those layouts are checked at that size on the ``meta`` device (names
+and shapes) only.
 """
 
 from __future__ import annotations
@@ -31,7 +34,9 @@ from torch import nn
 SINGLE_FILE_FAMILIES: dict[str, str] = {
     "flux2": "Flux2Transformer2DModel", "qwen_image": "QwenImageTransformer2DModel",
     "z_image": "ZImageTransformer2DModel", "wan": "WanTransformer3DModel",
-    "ltx2": "LTX2VideoTransformer3DModel", "hidream": "HiDreamImageTransformer2DModel"}
+    "ltx2": "LTX2VideoTransformer3DModel", "hidream": "HiDreamImageTransformer2DModel",
+    "flux": "FluxTransformer2DModel", "chroma": "ChromaTransformer2DModel",
+    "lumina2": "Lumina2Transformer2DModel"}
 #: the prefix all-in-one checkpoints put before the denoiser's names
 CHECKPOINT_PREFIX = "model.diffusion_model."
 
@@ -57,6 +62,11 @@ _FLUX2_EXTRA = _rules(
      r"single_blocks.\1.norm.query_norm.scale"),
     (r"^single_transformer_blocks\.(\d+)\.attn\.norm_k\.weight$",
      r"single_blocks.\1.norm.key_norm.scale"))
+#: FLUX.1 and Chroma outside ``comfy_names.flux_names``: the qk-norm scales (as
+#: Flux.2's) and Chroma's approximator norms
+_FLUX_EXTRA = [*_FLUX2_EXTRA, *_rules(
+    (r"^distilled_guidance_layer\.norms\.(\d+)\.weight$",
+     r"distilled_guidance_layer.norms.\1.scale"))]
 #: Z-Image outside ``comfy_names.z_image_names``: the qk-norms; the rest keeps its name
 _Z_IMAGE_EXTRA = _rules((r"\.attention\.norm_([qk])\.weight$", r".attention.\1_norm.weight"),
                         (r"^(.*)$", r"\1"))
@@ -135,6 +145,18 @@ def _flux2(model: nn.Module) -> dict[str, torch.Tensor]:
     return _apply(model.state_dict(), flux2_names(model), _FLUX2_EXTRA)
 
 
+def _flux(model: nn.Module) -> dict[str, torch.Tensor]:
+    from loraengine.plugins.models.comfy_names import flux_names
+
+    return _apply(model.state_dict(), flux_names(model), _FLUX_EXTRA)
+
+
+def _lumina2(model: nn.Module) -> dict[str, torch.Tensor]:
+    from loraengine.plugins.models.comfy_names import lumina2_names
+
+    return _apply(model.state_dict(), lumina2_names(model), [])
+
+
 def _z_image(model: nn.Module) -> dict[str, torch.Tensor]:
     from loraengine.plugins.models.comfy_names import z_image_names
 
@@ -155,6 +177,8 @@ def _renamed(rules: list[Rule]) -> Callable[[nn.Module], dict[str, torch.Tensor]
 
 _WRITERS: dict[str, Callable[[nn.Module], dict[str, torch.Tensor]]] = {
     "Flux2Transformer2DModel": _flux2, "ZImageTransformer2DModel": _z_image,
+    "FluxTransformer2DModel": _flux, "ChromaTransformer2DModel": _flux,
+    "Lumina2Transformer2DModel": _lumina2,
     "WanTransformer3DModel": _wan, "LTX2VideoTransformer3DModel": _renamed(_LTX2),
     "QwenImageTransformer2DModel": _renamed(_SAME),
     "HiDreamImageTransformer2DModel": _renamed(_SAME)}
