@@ -443,3 +443,47 @@ def test_released_sizes_convert_by_name_and_shape_through_diffusers():
             assert taken in ("", prefix), name  # plan() raises where anything does not fit
             if taken:  # read without the prefix: the other parts are left unread
                 assert not set(names) & set(BUNDLED), name
+
+
+def _scaled_fp8(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A file as ComfyUI's scaled-fp8 files are (``comfy/ops.py``, ``model_base.py``):
+    each 2-D weight in float8_e4m3fn with its float32 ``scale_weight`` (and a
+    ``scale_input``), the ``scaled_fp8`` marker of the fp8 dtype."""
+    out: dict[str, torch.Tensor] = {"scaled_fp8": torch.tensor([], dtype=torch.float8_e4m3fn)}
+    for key, tensor in tensors.items():
+        if key.endswith(".weight") and tensor.ndim == 2:
+            scale = tensor.abs().max().float() / 448
+            out[key] = (tensor / scale).to(torch.float8_e4m3fn)
+            out[key[:-len("weight")] + "scale_weight"] = scale
+            out[key[:-len("weight")] + "scale_input"] = torch.ones(())
+        else:
+            out[key] = tensor.contiguous()
+    return out
+
+
+@pytest.mark.parametrize("name", ("wan", "flux2"))
+def test_comfyuis_scaled_fp8_files_load_dequantised_as_comfyui_computes(folders, tmp_path,
+                                                                       offline, name):
+    model = _model(folders[name])
+    scaled = _scaled_fp8(to_single_file(model))
+    save_file(scaled, str(tmp_path / "fp8.safetensors"))
+    # the same weights as ComfyUI's scaled-fp8 layer computes them, in a float file
+    plain = {k: (v.float() * scaled[k[:-len("weight")] + "scale_weight"]
+                 if v.dtype == torch.float8_e4m3fn else v)
+             for k, v in scaled.items() if k != "scaled_fp8" and "scale_" not in k}
+    want = type(model).from_single_file(
+        {k: v.clone() for k, v in plain.items()}, config=str(folders[name]),
+        subfolder="transformer", local_files_only=True).state_dict()
+    loaded = _load(name, path=tmp_path / "fp8.safetensors", config=folders[name])
+    _assert_same(loaded.module.state_dict(), want)
+    fused = "double_blocks.0.img_attn.qkv.weight" if name == "flux2" else None
+    if fused:  # a fused layer's scale covers all its parts
+        to_q = loaded.module.state_dict()["transformer_blocks.0.attn.to_q.weight"]
+        assert torch.equal(to_q, plain[fused].chunk(3)[0])
+    # really fp8: off the float weights by at most e4m3's rounding (3 mantissa bits:
+    # half a step is 2^-4 of the value; below its normal range, half of 2^-9 · scale;
+    # and float32 rounding of the division and product)
+    key = "proj_out.weight"
+    original, got = model.state_dict()[key], loaded.module.state_dict()[key]
+    bound = original.abs() * (2 ** -4 + 2 ** -20) + original.abs().max() / 448 * 2 ** -10
+    assert not torch.equal(got, original) and bool(((got - original).abs() <= bound).all())

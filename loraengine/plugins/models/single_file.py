@@ -14,7 +14,8 @@ releases do not. Where diffusers' converter for the class does not take the pref
 itself (Flux.2, Qwen-Image), the names are tried again without it, the rest of the file
 left out. The check runs on the header alone first (tensors on the ``meta`` device go
 through the converter), so ``loraengine validate`` needs no weights, and loading reads
-only the tensors of the denoiser.
+only the tensors of the denoiser. ComfyUI's "scaled fp8" files (fp8 weights, each with
+its ``scale_weight``) are dequantised as ComfyUI does before the names are converted.
 """
 
 from __future__ import annotations
@@ -30,6 +31,8 @@ from loraengine.core.errors import DataError
 
 #: the prefix all-in-one checkpoints put before the denoiser's names
 CHECKPOINT_PREFIX = "model.diffusion_model."
+#: the key of ComfyUI's scaled-fp8 files that says their weights are scaled
+SCALED_FP8 = "scaled_fp8"
 #: how many names an error shows
 _SHOWN = 3
 
@@ -83,6 +86,28 @@ def _candidates(names: Collection[str]) -> list[tuple[str, list[str]]]:
     return out
 
 
+def unscaled(tensors: dict[str, torch.Tensor], dtype: torch.dtype | None
+             ) -> dict[str, torch.Tensor]:
+    """``tensors`` of a ComfyUI "scaled fp8" file (a ``scaled_fp8`` marker; beside each
+    such weight ``<layer>.scale_weight``, and ``<layer>.scale_input`` for fp8 matrix
+    products) with each weight dequantised as ComfyUI computes it,
+    ``weight.to(dtype) * scale_weight.to(dtype)`` (float32 when ``dtype`` is ``None``),
+    and the marker and scales left out. Other files come back as they are."""
+    if SCALED_FP8 not in tensors:
+        return tensors
+    target = dtype or torch.float32
+    out = {k: v for k, v in tensors.items()
+           if k != SCALED_FP8 and not k.endswith((".scale_weight", ".scale_input"))}
+    for key, scale in tensors.items():
+        if key.endswith(".scale_weight"):
+            weight = key[:-len(".scale_weight")] + ".weight"
+            if weight not in out:
+                raise DataError(f"model.path: {key} scales a weight the file does not "
+                                f"hold ({weight})")
+            out[weight] = out[weight].to(target) * scale.to(target)
+    return out
+
+
 def _convert(cls: type, config: Mapping[str, Any], tensors: Mapping[str, torch.Tensor],
              expected: Collection[str]) -> dict[str, torch.Tensor]:
     """``tensors`` in diffusers' names: as they are when they are the model's names
@@ -129,7 +154,7 @@ def plan(cls: type, config: Mapping[str, Any], file: Path, tensors: Mapping[str,
     does not fit, and the model the file looks made for where that is another one."""
     worst: tuple[int, str] | None = None
     for prefix, names in _candidates(list(tensors)):
-        part = {n[len(prefix):]: tensors[n] for n in names}
+        part = unscaled({n[len(prefix):]: tensors[n] for n in names}, None)
         try:
             converted = _convert(cls, config, part, expected)
         except Exception as exc:  # a converter meets names it does not know
@@ -193,7 +218,7 @@ def load(cls: Any, config_dir: Path, file: Path, what: str, dtype: torch.dtype |
     prefix, names = plan(cls, config, file, header(file), expected, what, looks_like)
     with safe_open(str(file), framework="pt") as fh:
         raw = {name[len(prefix):]: fh.get_tensor(name) for name in names}
-    converted = _convert(cls, config, raw, expected)
+    converted = _convert(cls, config, unscaled(raw, dtype), expected)
     del raw
     if _problem(converted, expected) is not None:  # the header said otherwise
         raise DataError(f"model.path: {file}: its tensors differ from its header")
@@ -214,4 +239,5 @@ def load(cls: Any, config_dir: Path, file: Path, what: str, dtype: torch.dtype |
     return module
 
 
-__all__ = ["CHECKPOINT_PREFIX", "check", "converter", "header", "load", "plan", "skeleton"]
+__all__ = ["CHECKPOINT_PREFIX", "SCALED_FP8", "check", "converter", "header", "load", "plan",
+           "skeleton", "unscaled"]
