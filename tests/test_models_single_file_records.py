@@ -244,6 +244,37 @@ def test_training_from_the_file_writes_the_lora_the_folder_does(folders, tmp_pat
     assert any(t.abs().sum() > 0 for k, t in runs["file"].items() if "up" in k or "B" in k)
 
 
+def test_a_quantized_base_read_from_the_file_trains_as_from_the_folder(folders, tmp_path,
+                                                                       offline):
+    """``model.quantize`` on a base read from the file trains the same LoRA bit for bit
+    as from the folder; the loader hands each module to the strategies' ``prepare`` as
+    its tensors arrive (weights in place, not on ``meta``)."""
+    folder = folders["flux2"]
+    model = _model(folder)
+    ckpt = _write(model, tmp_path / "model.safetensors", CHECKPOINT_PREFIX)
+    arrived: dict[str, bool] = {}
+
+    def prepare(path: str, module: torch.nn.Module) -> None:
+        weight = getattr(module, "weight", None)
+        if isinstance(weight, torch.Tensor):
+            arrived[path] = arrived.get(path, True) and weight.device.type != "meta"
+
+    _load("flux2", {"prepare": prepare}, path=ckpt, config=folder)
+    linears = {p for p, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    assert linears <= set(arrived) and all(arrived.values())
+    runs = {}
+    for kind, options in (("folder", {"path": str(folder)}),
+                          ("file", {"path": str(ckpt), "config": str(folder)})):
+        cfg = _config(tmp_path, "flux2", {**options, "quantize": "int8"}, kind)
+        data = yaml.safe_load(cfg.read_text())
+        data["memory"]["bypass_mode"] = True
+        cfg.write_text(yaml.safe_dump(data))
+        result = CliRunner().invoke(cli, ["train", str(cfg), "-q"])
+        assert result.exit_code == 0, result.output
+        runs[kind] = load_file(str(tmp_path / kind / "flux2.safetensors"))
+    _assert_same(runs["file"], runs["folder"])
+
+
 def test_validate_takes_the_single_file_and_reads_only_its_header(folders, tmp_path,
                                                                    monkeypatch, offline):
     from safetensors import safe_open
