@@ -126,14 +126,17 @@ def _shown(names: Collection[str]) -> str:
 
 def _problem(converted: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor]
              ) -> tuple[int, str] | None:
-    """(badness, what does not fit) of a converted file against the model's tensors;
-    ``None`` when every tensor is there with its shape and nothing else is."""
-    missing = set(expected) - set(converted)
+    """(badness, what does not fit) of a converted file against the model's tensors
+    (its :func:`skeleton`'s); ``None`` when every parameter is there with its shape and
+    nothing else is. A buffer the file lacks keeps the value the class builds (the
+    skeleton's buffers are real tensors, its parameters on ``meta``), as diffusers
+    leaves it."""
+    missing = {k for k, v in expected.items() if k not in converted and v.is_meta}
     if missing:
         return len(missing) * 2 + 1, (f"{len(missing)} of the model's {len(expected)} "
                                       f"tensors are not in it ({_shown(missing)})")
-    wrong = [k for k in sorted(expected)
-             if tuple(converted[k].shape) != tuple(expected[k].shape)]
+    wrong = [k for k in sorted(expected) if k in converted
+             and tuple(converted[k].shape) != tuple(expected[k].shape)]
     if wrong:
         k = wrong[0]
         return len(wrong) * 2, (f"{len(wrong)} tensor(s) have other shapes than the "
@@ -233,6 +236,9 @@ def load(cls: Any, config_dir: Path, file: Path, what: str, dtype: torch.dtype |
         del tensor
         if prepare is not None:
             prepare(owner_path, owner)
+    left = [n for n, p in module.named_parameters() if p.is_meta]
+    if left:  # cannot happen after the checks above; never train on empty weights
+        raise DataError(f"model.path: {file}: no weights for {_shown(left)}")
     if dtype is not None:
         module.to(dtype)  # buffers the class builds (not loaded), as for a folder
     module.eval()
