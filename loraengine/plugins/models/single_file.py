@@ -124,9 +124,14 @@ def _shown(names: Collection[str]) -> str:
     return ", ".join(first) + (" ..." if len(names) > _SHOWN else "")
 
 
+#: (badness, what does not fit, whether every tensor is there: a config of another model
+#: of the family, rather than another file)
+Problem = tuple[int, str, bool]
+
+
 def _problem(converted: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor]
-             ) -> tuple[int, str] | None:
-    """(badness, what does not fit) of a converted file against the model's tensors
+             ) -> Problem | None:
+    """(badness, what does not fit, all there) of a converted file against the model's tensors
     (its :func:`skeleton`'s); ``None`` when every parameter is there with its shape and
     nothing else is. A buffer the file lacks keeps the value the class builds (the
     skeleton's buffers are real tensors, its parameters on ``meta``), as diffusers
@@ -134,18 +139,18 @@ def _problem(converted: Mapping[str, torch.Tensor], expected: Mapping[str, torch
     missing = {k for k, v in expected.items() if k not in converted and v.is_meta}
     if missing:
         return len(missing) * 2 + 1, (f"{len(missing)} of the model's {len(expected)} "
-                                      f"tensors are not in it ({_shown(missing)})")
+                                      f"tensors are not in it ({_shown(missing)})"), False
     wrong = [k for k in sorted(expected) if k in converted
              and tuple(converted[k].shape) != tuple(expected[k].shape)]
     if wrong:
         k = wrong[0]
         return len(wrong) * 2, (f"{len(wrong)} tensor(s) have other shapes than the "
                                 f"model's: {k} is {list(converted[k].shape)} in the file "
-                                f"and {list(expected[k].shape)} in the model")
+                                f"and {list(expected[k].shape)} in the model"), True
     extra = set(converted) - set(expected)
     if extra:
         return len(extra), (f"{len(extra)} of its tensors have no place in the model "
-                            f"({_shown(extra)})")
+                            f"({_shown(extra)})"), True
     return None
 
 
@@ -155,17 +160,17 @@ def plan(cls: type, config: Mapping[str, Any], file: Path, tensors: Mapping[str,
     """How to read ``file`` (its tensors, real or ``meta``) as the model ``expected``:
     ``(prefix taken off, names of the file read)``; raises ``DataError`` naming what
     does not fit, and the model the file looks made for where that is another one."""
-    worst: tuple[int, str] | None = None
+    worst: Problem | None = None
     for prefix, names in _candidates(list(tensors)):
         part = unscaled({n[len(prefix):]: tensors[n] for n in names}, None)
         try:
             converted = _convert(cls, config, part, expected)
         except Exception as exc:  # a converter meets names it does not know
             text = str(exc).strip().splitlines()
-            found: tuple[int, str] = (
+            found: Problem = (
                 4 * len(expected) + 4,
                 f"diffusers' converter for {cls.__name__} fails on it "
-                f"({type(exc).__name__}: {text[0] if text else ''})")
+                f"({type(exc).__name__}: {text[0] if text else ''})", False)
         else:
             problem = _problem(converted, expected)
             if problem is None:
@@ -181,7 +186,7 @@ def plan(cls: type, config: Mapping[str, Any], file: Path, tensors: Mapping[str,
         own = looks_like(_module_names(expected))
     if theirs and theirs != own:
         line += f"; the file looks made for {theirs}"
-    elif worst[0] <= 2 * len(expected):  # every tensor is there, some do not fit
+    elif worst[2]:  # every tensor is there, some do not fit
         line += " (is model.config the config of this file's model?)"
     raise DataError(line)
 
