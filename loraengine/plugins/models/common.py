@@ -281,7 +281,8 @@ def single_file_config(family: Family, where: Located, cls: Any) -> Path:
 
 
 def _holds(family: Family, cfg_dir: Path) -> str:
-    """What a single file should hold, in errors: "the Flux.2 transformer of DIR"."""
+    """What a single file should hold, in errors: "the Flux.2 model
+    (Flux2Transformer2DModel) of DIR"."""
     name = family.known_as.partition(" ")[2] if family.known_as else ""
     kind = f"{name} model ({family.model_class})" if name else family.model_class
     return f"the {kind} of {cfg_dir}"
