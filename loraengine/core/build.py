@@ -31,7 +31,7 @@ from loraengine.core.data import (
 from loraengine.core.devices import DTYPES, resolve_device, return_freed_host_memory
 from loraengine.core.distributed import DistContext, shard_base, wrap_ddp
 from loraengine.core.errors import ConfigError, DataError, LoraEngineError
-from loraengine.core.files import read_adapter_file, unplaced_message
+from loraengine.core.files import looks_like, read_adapter_file, unplaced_message
 from loraengine.core.model import LoadedModel
 from loraengine.core.plugins.assembly import BuildContext, HostStreaming, StrategyResult
 from loraengine.core.plugins.host import PluginHost
@@ -122,7 +122,8 @@ def load_model(config: Any, host: PluginHost, module: nn.Module | None = None,
         tdtype = config.training.dtype
         loaded: LoadedModel = spec.load(config.model, {
             "base_dir": base_dir, "module": module,
-            "dtype": None if tdtype == "none" else DTYPES[tdtype], "prepare": prepare})
+            "dtype": None if tdtype == "none" else DTYPES[tdtype], "prepare": prepare,
+            "looks_like": lambda names: looks_like(host.registry, names)})
     loaded.family = loaded.family or spec.name
     return loaded
 

@@ -23,7 +23,7 @@ from loraengine.core.data import (
     read_safetensors_layout,
 )
 from loraengine.core.errors import LoraEngineError
-from loraengine.core.files import read_adapter_file
+from loraengine.core.files import looks_like, read_adapter_file
 from loraengine.core.model import ModelLayout
 from loraengine.core.plugins.host import PluginHost
 from loraengine.core.preflight import check_outputs
@@ -64,7 +64,9 @@ def _model_layout(config: Any, host: PluginHost, base_dir: Path | None,
 
     def run() -> ModelLayout:
         with host.registry.blame("model", spec.name, "describe"):
-            return describe(config.model, {"base_dir": base_dir, "module": None})
+            return describe(config.model, {
+                "base_dir": base_dir, "module": None,
+                "looks_like": lambda names: looks_like(host.registry, names)})
 
     return _attempt(problems, run)
 

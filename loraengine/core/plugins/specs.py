@@ -159,8 +159,10 @@ class ModelFamilySpec(Generic[OptionsT]):
     """A model family. ``load(options, context) -> LoadedModel``. ``context`` has
     ``base_dir`` (for relative paths), ``dtype`` (the floating dtype to load in, or
     ``None``), ``prepare`` (the memory strategies' per-module transform of the base to
-    apply as weights are read, see ``MemoryStrategySpec.prepare_base``, or ``None``)
-    and, for in-memory use, ``module``."""
+    apply as weights are read, see ``MemoryStrategySpec.prepare_base``, or ``None``),
+    ``looks_like`` (``looks_like(names) -> str | None``: which model, by every
+    registered family, the module or tensor names of a file that does not fit were made
+    for; also given to ``describe``) and, for in-memory use, ``module``."""
 
     name: str
     load: Callable[[OptionsT, Mapping[str, object]], LoadedModel]

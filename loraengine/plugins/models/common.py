@@ -233,27 +233,29 @@ def locate(family: Family, options: FamilyOptions) -> Located:
 
 
 def load_module(family: Family, where: Located, dtype: Any = None,
-                prepare: Any = None) -> nn.Module:
+                prepare: Any = None, looks_like: Any = None) -> nn.Module:
     """Load the denoiser with diffusers, from local files only, its floating tensors
     in ``dtype`` when given. A model folder of safetensors weights is read holding one
     copy of the weights (:mod:`loraengine.plugins.models.weights`), with ``prepare``
-    (the memory strategies' transform of the base) applied as each tensor arrives."""
+    (the memory strategies' transform of the base) applied as each tensor arrives; so
+    is a single file (:mod:`loraengine.plugins.models.single_file`, its names through
+    diffusers' converter, checked against the model; ``looks_like`` names the model a
+    file that does not fit was made for)."""
     import diffusers
 
+    from loraengine.plugins.models import single_file
     from loraengine.plugins.models.weights import load_folder
 
     diffusers.utils.logging.set_verbosity_error()  # the engine reports what matters itself
     cls = getattr(diffusers, family.model_class)
     if where.single_file:
-        assert where.config is not None  # locate() requires model.config for a single file
-        cfg_dir = where.config / where.config_subfolder if where.config_subfolder else \
-            where.config
-        _check_class(family, cfg_dir)
+        cfg_dir = single_file_config(family, where, cls)
         try:
-            return cls.from_single_file(str(where.model), config=str(where.config),
-                                        subfolder=where.config_subfolder,
-                                        local_files_only=True)
-        except Exception as exc:  # diffusers raises many kinds for a wrong file
+            return single_file.load(cls, cfg_dir, where.model, _holds(family, cfg_dir),
+                                    dtype, prepare, looks_like)
+        except DataError:
+            raise
+        except Exception as exc:  # an unreadable file, a config diffusers rejects
             raise DataError(f"model.path: cannot load {family.model_class} from the "
                             f"single file {where.model} with config {cfg_dir}: "
                             f"{_first_line(exc)}") from None
@@ -268,6 +270,30 @@ def load_module(family: Family, where: Located, dtype: Any = None,
     except Exception as exc:
         raise DataError(f"model.path: cannot load {family.model_class} from {where.model}: "
                         f"{_first_line(exc)}") from None
+
+
+def single_file_config(family: Family, where: Located, cls: Any) -> Path:
+    """The model folder of a single file's config (``model.config``), checked to be
+    of the family's class, which diffusers must read single files of."""
+    from loraengine.plugins.models.single_file import converter
+
+    assert where.config is not None  # locate() requires model.config for a single file
+    cfg_dir = where.config / where.config_subfolder if where.config_subfolder else \
+        where.config
+    _check_class(family, cfg_dir)
+    if converter(cls) is None:
+        raise ConfigError(f"model.path: family {family.name!r} reads no single-file "
+                          f"checkpoint (diffusers has no converter for "
+                          f"{family.model_class}); give its diffusers folder")
+    return cfg_dir
+
+
+def _holds(family: Family, cfg_dir: Path) -> str:
+    """What a single file should hold, in errors: "the Flux.2 model
+    (Flux2Transformer2DModel) of DIR"."""
+    name = family.known_as.partition(" ")[2] if family.known_as else ""
+    kind = f"{name} model ({family.model_class})" if name else family.model_class
+    return f"the {kind} of {cfg_dir}"
 
 
 def _first_line(exc: BaseException) -> str:
@@ -376,7 +402,8 @@ def load_family(family: Family, options: FamilyOptions, context: Mapping[str, An
         module = given
     else:
         where = locate(family, options)
-        module = load_module(family, where, context.get("dtype"), context.get("prepare"))
+        module = load_module(family, where, context.get("dtype"), context.get("prepare"),
+                             context.get("looks_like"))
     sched = scheduler_config(where.root)
     scale, shift, factor = vae_settings(family, where.root)
     if family.prediction_type == "flow":
@@ -436,13 +463,24 @@ def describe_family(family: Family, options: FamilyOptions, context: Mapping[str
     config are located and read, the weights' header checked, the schedule built."""
     where = locate(family, options)
     if where.single_file:
-        assert where.config is not None  # locate() requires model.config for a single file
-        cfg_dir = where.config / where.config_subfolder if where.config_subfolder else \
-            where.config
+        import diffusers
+
+        from loraengine.plugins.models import single_file
+
+        cfg_dir = single_file_config(family, where, getattr(diffusers, family.model_class))
+        check_weights_readable(where.model)
+        try:
+            single_file.check(getattr(diffusers, family.model_class), cfg_dir, where.model,
+                              _holds(family, cfg_dir), context.get("looks_like"))
+        except DataError:
+            raise
+        except Exception as exc:  # a config diffusers rejects
+            raise DataError(f"model.config: cannot build {family.model_class} from "
+                            f"{cfg_dir}: {_first_line(exc)}") from None
     else:
         cfg_dir = where.model
-    _check_class(family, cfg_dir)
-    check_weights_readable(where.model)
+        _check_class(family, cfg_dir)
+        check_weights_readable(where.model)
     sched = scheduler_config(where.root)
     if family.prediction_type == "flow":
         flow_schedule(family, options, sched)  # type: ignore[arg-type]

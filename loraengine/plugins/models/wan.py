@@ -35,6 +35,7 @@ from loraengine.plugins.models.common import (
     FlowOptions,
     ModelInputs,
     config_int,
+    describe_family,
     flow_transformer_family,
     load_module,
     locate,
@@ -249,14 +250,15 @@ def load_wan(options: WanOptions, context: Mapping[str, Any]) -> LoadedModel:
     sched = scheduler_config(where.root)
     schedule = wan_schedule(options, sched)
     parts: dict[str, str] = {}
+    dtype, looks_like = context.get("dtype"), context.get("looks_like")
     if expert in (None, "high_noise"):
-        module = load_module(WAN, where)
+        module = load_module(WAN, where, dtype, looks_like=looks_like)
     elif expert == "low_noise":
-        module = load_module(WAN, _expert_folder(where, "low_noise"))
+        module = load_module(WAN, _expert_folder(where, "low_noise"), dtype)
     else:
         assert ratio is not None
-        module = WanExperts(load_module(WAN, where),
-                            load_module(WAN, _expert_folder(where, "low_noise")),
+        module = WanExperts(load_module(WAN, where, dtype),
+                            load_module(WAN, _expert_folder(where, "low_noise"), dtype),
                             ratio * schedule.timestep_scale)
         parts = {name: f"{name}." for name in EXPERTS}
     if expert in ("high_noise", "low_noise"):
@@ -297,7 +299,13 @@ def _family_of(path: Any) -> bool:
     return pipeline_class(Path(path)) in WAN.pipeline_classes
 
 
+def _describe(options: WanOptions, context: Mapping[str, Any]) -> Any:
+    """``loraengine validate``: the (first expert's) model and its weights' header, a
+    single file's names against its config, without loading; video latents."""
+    return dataclasses.replace(describe_family(WAN, options, context), latent_ndim=5)
+
+
 SPEC = ModelFamilySpec(WAN.name, load_wan, WanOptions, WAN.description,
-                       make_encoder=_make_encoder, detect=_family_of)
+                       make_encoder=_make_encoder, detect=_family_of, describe=_describe)
 
 __all__ = ["SPEC", "WAN", "Family", "WanExperts", "WanLatentVAE", "WanOptions"]
