@@ -1,6 +1,7 @@
 """Transformer-family files as ComfyUI writes and reads them, pinned by fixtures made
 with ComfyUI's own code (tests/fixtures/interop/make_comfyui_transformer_fixtures.py;
-the commit is in the key files): FLUX.1, Chroma, SD3, Lumina 2, Qwen-Image, HiDream.
+the commit is in the key files, ComfyUI 0.8.0): FLUX.1, Chroma, SD3, Lumina 2,
+Qwen-Image, HiDream, Flux.2 (dev and Klein) and Z-Image.
 
 The fixtures hold, for the tiny transformers of ``tiny_pipelines.comfyui_transformer``
 (seeded as the script seeds them), every key ComfyUI's ``model_lora_keys_unet`` accepts
@@ -17,6 +18,7 @@ ulps of |W + ΔW| at most, far below the 1e-4 relative bound of docs/compatibili
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -37,7 +39,8 @@ from loraengine.testing.conformance import perturb, relative_error
 FIXTURES = Path(__file__).parent / "fixtures" / "interop"
 HOST = build_plugin_manager()
 REG = HOST.registry
-FAMILIES = ("flux", "chroma", "sd3", "lumina2", "qwen_image", "hidream")
+FAMILIES = ("flux", "chroma", "sd3", "lumina2", "qwen_image", "hidream", "flux2",
+            "flux2_klein", "z_image")
 #: families whose ComfyUI model is named as diffusers names it
 SAME_NAMES = ("qwen_image", "hidream")
 TOL = 1e-4
@@ -104,18 +107,32 @@ def test_comfyui_export_has_trainloranodes_modules_and_shapes(family):
 @pytest.mark.parametrize("exporter", ["comfyui", "diffusers"])
 def test_every_exported_module_is_a_key_comfyui_loads(family, exporter):
     """Each module of the export is a key of ComfyUI's ``model_lora_keys_unet`` for
-    that model — except where ComfyUI has no diffusers map (Lumina 2) or one without
-    Chroma's modulation approximator, the limits docs/compatibility.md names."""
+    that model — except where ComfyUI has no diffusers map (Lumina 2), one without
+    Chroma's modulation approximator, or reads Flux.2 with FLUX.1's map: the limits
+    docs/compatibility.md names, which the exporter's limits count exactly."""
+    from loraengine.plugins.exporters import comfyui_unread
+
     model = tp.comfyui_transformer(family)
     key_map = _keys(family)["model_lora_keys_unet"]
-    stems = _modules(_export(model, _network(model, "lora"), exporter))
+    network = _network(model, "lora")
+    stems = _modules(_export(model, network, exporter))
     unloaded = sorted(s for s in stems if s not in key_map)
     if exporter == "diffusers" and family == "lumina2":
         assert len(unloaded) == len(stems)  # ComfyUI maps no diffusers name for it
     elif exporter == "diffusers" and family == "chroma":
         assert unloaded and all(".distilled_guidance_layer." in s for s in unloaded)
+    elif exporter == "diffusers" and family in ("flux2", "flux2_klein"):
+        # the layers Flux.2 renamed (feed-forwards, single blocks, embedders, modulation)
+        assert unloaded and not any(re.search(r"\.attn\.(to_[qkv]|add_[qkv]_proj)$", s)
+                                    for s in unloaded)
+        assert any(".ff.linear_in" in s for s in unloaded)
     else:
         assert unloaded == []
+    if exporter == "diffusers":  # the warning counts what ComfyUI leaves out
+        lines = comfyui_unread(network.paths)
+        assert len(lines) == (1 if unloaded else 0)
+        if unloaded:
+            assert f": {len(unloaded)} layer(s) of this" in lines[0]
     if exporter == "comfyui":  # and each points at the weight of its own name
         assert all(key_map[s] == f"{s}.weight" for s in stems)
 
@@ -126,13 +143,6 @@ def test_trainloranode_file_applies_with_comfyuis_weights(family):
     applied to the diffusers model gives the weights ComfyUI patched from it."""
     model = tp.comfyui_transformer(family)
     tensors = load_file(str(FIXTURES / f"{family}_trainlora_lora.safetensors"))
-    if family == "lumina2":
-        # ComfyUI's NextDiT has a final norm it never uses; diffusers' model has none
-        with pytest.raises(LoraEngineError, match="norm_final"):
-            loraengine.apply(tp.comfyui_transformer(family), dict(tensors), mode="merge",
-                             host=HOST)
-        tensors = {k: v for k, v in tensors.items() if not k.startswith(
-            "diffusion_model.norm_final.")}
     handle = loraengine.apply(model, tensors, mode="merge", host=HOST)
     assert handle.modules
     patched = load_file(str(FIXTURES / f"{family}_trainlora_lora_patched.safetensors"))
@@ -142,6 +152,17 @@ def test_trainloranode_file_applies_with_comfyuis_weights(family):
     for key, want in patched.items():
         assert relative_error(ours[key], base[key]) > TOL, key  # the file changed it here
         assert relative_error(ours[key], want) <= TOL, key
+
+
+def test_an_older_trainloranode_lumina2_file_names_its_final_norm():
+    """ComfyUI before 0.8.0 (a125cd8) also trained Lumina 2's ``norm_final``, a norm its
+    NextDiT had but never used and diffusers' model does not have: such a file is
+    refused naming it."""
+    tensors = load_file(str(FIXTURES / "lumina2_trainlora_lora.safetensors"))
+    assert not any("norm_final" in k for k in tensors)  # 0.8.0 has no such norm
+    tensors["diffusion_model.norm_final.diff"] = torch.zeros(32, dtype=torch.bfloat16)
+    with pytest.raises(LoraEngineError, match="norm_final"):
+        loraengine.apply(tp.comfyui_transformer("lumina2"), tensors, mode="merge", host=HOST)
 
 
 @pytest.mark.parametrize("family", [f for f in FAMILIES if f not in SAME_NAMES])
@@ -162,11 +183,14 @@ def test_the_fused_layout_reads_back_to_the_same_delta(family, algorithm, tmp_pa
         assert torch.equal(target.get_submodule(p).weight, model.get_submodule(p).weight), p
 
 
-@pytest.mark.parametrize("family", ["flux", "sd3", "lumina2"])
+@pytest.mark.parametrize("family", ["flux", "sd3", "lumina2", "flux2", "z_image"])
 def test_lokr_over_a_fused_layer_keeps_diffusers_names_and_reads_back(family, tmp_path):
     """LoKr's ΔW over q, k and v stacked is no Kronecker product: those modules keep
-    their diffusers names (ComfyUI does not load them, as the limit says), the others
+    their diffusers names (ComfyUI does not load them, as the limit says — but for
+    Z-Image, whose ComfyUI map reads them onto their bands of ``qkv``), the others
     take ComfyUI's; read back, every module is placed with its ΔW."""
+    from loraengine.plugins.exporters import comfyui_limits
+
     model = tp.comfyui_transformer(family)
     network = _network(model, "lokr", {"factor": -1})
     path = tmp_path / "k.safetensors"
@@ -178,7 +202,20 @@ def test_lokr_over_a_fused_layer_keeps_diffusers_names_and_reads_back(family, tm
     names = module_layouts(REG, model)[comfy_names.LAYOUT]
     banded = sorted(f"diffusion_model.{p}" for p, n in names.items()
                     if isinstance(comfy_names.parse(n)[1], tuple) and p in network.paths)
-    assert unloaded == banded and banded
+    assert banded
+    limits = comfyui_limits({names.get(p, p): ("lokr", params)
+                             for p, params in network.file_modules().items()})
+    if family == "z_image":
+        assert unloaded == []
+        for p, n in names.items():  # each onto its own band of ComfyUI's weight
+            native, band = comfy_names.parse(n)
+            if isinstance(band, tuple) and p in network.paths:
+                assert key_map[f"diffusion_model.{p}"] == [
+                    f"diffusion_model.{native}.weight", [0, band[0], band[1]]]
+        assert not any("fuses" in line for line in limits)
+    else:
+        assert unloaded == banded
+        assert sum("fuses" in line for line in limits) == 1
     target = tp.comfyui_transformer(family)
     handle = loraengine.apply(target, path, mode="merge", host=HOST)
     assert sorted(handle.modules) == sorted(network.paths)

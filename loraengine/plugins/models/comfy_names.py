@@ -122,8 +122,24 @@ _FLUX2_TOP = {"x_embedder": "img_in", "context_embedder": "txt_in",
               "double_stream_modulation_txt.linear": "double_stream_modulation_txt.lin",
               "single_stream_modulation.linear": "single_stream_modulation.lin"}
 
-_ZIMAGE_BLOCK = {"attention.to_out.0": "attention.out"}
+#: ComfyUI's Z-Image (its NextDiT, ``comfy.utils.z_image_to_diffusers``) also names the
+#: q/k norms its trainer trains (a ``diff`` each) as Lumina 2 does
+_ZIMAGE_BLOCK = {"attention.to_out.0": "attention.out", "attention.norm_q": "attention.q_norm",
+                 "attention.norm_k": "attention.k_norm"}
 _ZIMAGE_FUSED = {"attention.qkv": ("attention.to_q", "attention.to_k", "attention.to_v")}
+
+
+#: a diffusers layer of Z-Image's fused q/k/v: ComfyUI's Z-Image (and Lumina 2) model
+#: also reads it by that name (``diffusion_model.<path>``, its ``z_image_to_diffusers``
+#: map), onto its band of ``attention.qkv``
+_ZIMAGE_PART = re.compile(r"(^|\.)attention\.to_[qkv]$")
+
+
+def read_by_own_name(name: str) -> bool:
+    """Whether ComfyUI's loader reads a band's module (a layout name with a band) under
+    its own diffusers path, as the ``comfyui`` format writes a module that does not fuse
+    (LoKr, ...): Z-Image's q/k/v (checked with ComfyUI 0.8.0)."""
+    return isinstance(parse(name)[1], tuple) and bool(_ZIMAGE_PART.search(own_path(name)))
 
 
 def _out(model: nn.Module, path: str) -> int | None:

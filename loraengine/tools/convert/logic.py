@@ -43,6 +43,7 @@ from loraengine.plugins.exporters import (
     FORGE,
     KOHYA_RULES,
     LYCORIS,
+    comfyui_fused_limits,
     kohya_limits,
     lokr_pipeline,
     lokr_without_tucker,
@@ -294,6 +295,12 @@ def convert_file(source: Path, target: str, model_path: Path | None = None,
         # the limits not measured above, by name
         warnings += [line for line in kohya_limits(summary, KOHYA_READERS[target])
                      if not any(f": {text} (" in line for text in measured)]
+    if target == "comfyui" and layouts:  # (the fused layers need the model's layout)
+        named = in_layout(modules, exporter, layouts)
+        algorithms = {path: m.algorithm or "deltas" for path, m in file.modules.items()}
+        warnings += [f"{consumer}: {line}" for line in comfyui_fused_limits(
+            {name: (algorithms.get(path, "deltas"), named[name])
+             for path, name in zip(modules, named, strict=True)})]
     tensors = exporter.to_file(in_layout(modules, exporter, layouts))
     meta = dict(file.metadata) | {"loraengine.converted_for": target}
     save_lora(out, tensors, meta)
