@@ -364,3 +364,74 @@ def test_a_fused_lokr_splits_by_whole_blocks_of_its_large_factor():
     with pytest.raises(LoraEngineError, match=r"qkv: a LoKr module over ComfyUI's fused "
                        r"layer cannot be split at rows \d+–\d+ \(not whole blocks of 24"):
         loraengine.apply(tp.comfyui_transformer("flux"), cut, mode="merge", host=HOST)
+
+
+def test_training_flux2_for_diffusers_says_what_comfyui_does_not_load(tmp_path):
+    """``loraengine train`` on Flux.2 with the default (diffusers) exporter warns, one
+    line, that ComfyUI leaves the layers Flux.2 renamed out of such a file, pointing at
+    the comfyui exporter; with that exporter, LoRA trains without any ComfyUI line."""
+    import yaml
+    from click.testing import CliRunner
+    from safetensors.torch import save_file
+
+    from loraengine.cli.main import cli
+
+    folder = tp.save_denoiser("flux2", tmp_path / "flux2")
+    _, _, _, channels, width = tp.DENOISERS["flux2"]
+    g = torch.Generator().manual_seed(0)
+    save_file({"latents": torch.randn(2, channels, 4, 4, generator=g)}, str(tmp_path / "l.st"))
+    save_file({"cond": torch.randn(2, 5, width, generator=g)}, str(tmp_path / "c.st"))
+    lines = {}
+    for exporter in ("diffusers", "comfyui"):
+        cfg = {"model": {"family": "flux2", "path": str(folder)},
+               "data": {"latents": str(tmp_path / "l.st"),
+                        "conditioning": str(tmp_path / "c.st")},
+               "training": {"steps": 1, "batch_size": 2, "dtype": "fp32", "seed": 0},
+               "adapter": {"rank": 2, "dtype": "fp32", "exporter": exporter},
+               "output": {"dir": str(tmp_path / exporter), "name": "f", "plot": False}}
+        (tmp_path / "run.yaml").write_text(yaml.safe_dump(cfg))
+        out = CliRunner().invoke(cli, ["train", str(tmp_path / "run.yaml"), "-q"])
+        assert out.exit_code == 0, out.output
+        lines[exporter] = [ln for ln in out.output.splitlines() if "ComfyUI" in ln]
+    (line,) = lines["diffusers"]
+    assert line.startswith("warning: adapter.exporter: ComfyUI reads Flux.2's diffusers "
+                           "names through its FLUX.1 map")
+    # the default targets (the blocks): feed-forwards and the single block's layers
+    model = tp.flux2_transformer(0)
+    renamed = [p for p, m in model.named_modules() if isinstance(m, torch.nn.Linear)
+               and p.startswith(("transformer_blocks.", "single_transformer_blocks."))
+               and re.search(r"(\.ff(_context)?\.linear_|single_transformer_blocks.*"
+                             r"\.attn\.to_(qkv_mlp_proj|out)$)", p)]
+    assert f": {len(renamed)} layer(s) of this Flux.2 file" in line
+    assert "comfyui exporter" in line
+    assert lines["comfyui"] == []
+
+
+@pytest.mark.parametrize("family", ["flux2", "z_image"])
+def test_convert_of_a_lokr_to_comfyui_warns_where_comfyui_cannot_load_it(family, tmp_path):
+    """``loraengine convert --to comfyui --model``: a LoKr over the q/k/v ComfyUI fuses
+    is written under diffusers' names; for Flux.2 ComfyUI does not load those (one
+    warning line, as ``train`` gives), for Z-Image it does (no line)."""
+    from click.testing import CliRunner
+
+    from loraengine.cli.main import cli
+
+    model = tp.comfyui_transformer(family)
+    folder = tmp_path / "model"
+    model.save_pretrained(str(folder))
+    network = _network(model, "lokr", {"factor": -1})
+    source = tmp_path / "d.safetensors"
+    write_adapter_file(source, network.file_modules(), REG.get("exporter", "diffusers"), {})
+    out = tmp_path / "c.safetensors"
+    res = CliRunner().invoke(cli, ["convert", str(source), "--to", "comfyui", "--model",
+                                   str(folder), "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    fused = [ln for ln in res.output.splitlines() if "fuses q/k/v" in ln]
+    stems = _modules(load_file(str(out)))
+    unloaded = sorted(s for s in stems if s not in _keys(family)["model_lora_keys_unet"])
+    if family == "flux2":
+        (line,) = fused
+        assert line.startswith("warning: ComfyUI: ComfyUI's model fuses q/k/v")
+        assert f": {len(unloaded)} layer(s) are written" in line and unloaded
+    else:
+        assert fused == [] and unloaded == []
