@@ -25,8 +25,8 @@ this: ComfyUI's models of them use diffusers' own names.
 The tables are facts of the original checkpoints (which diffusers' single-file
 converters read, and ComfyUI's ``flux_to_diffusers``/``mmdit_to_diffusers`` maps name);
 ``tests/fixtures/interop/make_comfyui_transformer_fixtures.py`` checks them against
-ComfyUI's own model and loader (Flux.2's and Z-Image's against diffusers' single-file
-converters only: the ComfyUI commit checked has no such model).
+ComfyUI's own model and loader (ComfyUI 0.8.0; Flux.2's and Z-Image's also against
+diffusers' single-file converters).
 """
 
 from __future__ import annotations
