@@ -433,5 +433,15 @@ def test_convert_of_a_lokr_to_comfyui_warns_where_comfyui_cannot_load_it(family,
         (line,) = fused
         assert line.startswith("warning: ComfyUI: ComfyUI's model fuses q/k/v")
         assert f": {len(unloaded)} layer(s) are written" in line and unloaded
+        # what ComfyUI leaves out: those layers' ΔW, relative to their merged weights
+        base = {p: model.get_submodule(p).weight.detach().clone() for p in network.paths}
+        network.merge()
+        change = {s.removeprefix("diffusion_model."): relative_error(
+            base[s.removeprefix("diffusion_model.")],
+            model.get_submodule(s.removeprefix("diffusion_model.")).weight)
+            for s in unloaded}
+        worst = max(change, key=change.__getitem__)
+        assert line.endswith(f"unloaded, max relative weight error {change[worst]:.2g} "
+                             f"(worst {worst})"), line
     else:
         assert fused == [] and unloaded == []

@@ -330,13 +330,18 @@ def comfyui_limits(modules: Mapping[str, tuple[str, Collection[str]]]) -> list[s
     return out
 
 
+def comfyui_unfused(modules: Mapping[str, tuple[str, Collection[str]]]) -> list[str]:
+    """The modules (layout names) over a layer ComfyUI fuses that do not fuse and that
+    ComfyUI does not read under their own names either, sorted."""
+    return sorted(name for name, (algorithm, params) in modules.items()
+                  if isinstance(comfy_names.parse(name)[1], tuple)
+                  and not comfy_names.fusable(params)
+                  and not comfy_names.read_by_own_name(name))
+
+
 def comfyui_fused_limits(modules: Mapping[str, tuple[str, Collection[str]]]) -> list[str]:
-    """The modules over a layer ComfyUI fuses that do not fuse (and that ComfyUI does
-    not read under their own names either): one line, or none."""
-    fused = sorted(name for name, (algorithm, params) in modules.items()
-                   if isinstance(comfy_names.parse(name)[1], tuple)
-                   and not comfy_names.fusable(params)
-                   and not comfy_names.read_by_own_name(name))
+    """The line for ``comfyui_unfused`` modules, or none."""
+    fused = comfyui_unfused(modules)
     if not fused:
         return []
     return [f"ComfyUI's model fuses q/k/v (and FLUX.1's single-block MLP input) into "
