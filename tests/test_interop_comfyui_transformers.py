@@ -154,6 +154,41 @@ def test_trainloranode_file_applies_with_comfyuis_weights(family):
         assert relative_error(ours[key], want) <= TOL, key
 
 
+@pytest.mark.parametrize("family,algorithm", [("flux2", "loha"), ("flux2", "lokr"),
+                                              ("z_image", "loha"), ("z_image", "oft")])
+def test_trainloranodes_other_algorithms_apply_with_comfyuis_weights(family, algorithm):
+    """TrainLoraNode's LoHa, LoKr and OFT files (one module over each fused ``qkv``:
+    LoHa rows split as products of rows; LoKr whose small factor has one row, split
+    inside its one block; OFT split by whole blocks, projected onto its constraint
+    first) place every module on the diffusers model and give ComfyUI's weights. OFT's
+    Cayley transform is computed on both sides in fp32 (an inverse of I − Q): a few
+    ulps of |W| apart, within the 1e-4 bound."""
+    model = tp.comfyui_transformer(family)
+    tensors = load_file(str(FIXTURES / f"{family}_trainlora_{algorithm}.safetensors"))
+    handle = loraengine.apply(model, tensors, mode="merge", host=HOST)
+    linears = {p for p, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    assert linears <= set(handle.modules)
+    patched = load_file(str(FIXTURES / f"{family}_trainlora_{algorithm}_patched.safetensors"))
+    ours = _native(model, {k: v.detach() for k, v in model.state_dict().items()})
+    base = _native(model, tp.comfyui_transformer(family).state_dict())
+    assert any("qkv" in k for k in patched)
+    for key, want in patched.items():
+        assert relative_error(ours[key], base[key]) > TOL, key
+        assert relative_error(ours[key], want) <= TOL, key
+
+
+def test_a_trainloranode_oft_across_flux2s_qkv_bands_is_refused_in_one_line():
+    """TrainLoraNode's OFT on Flux.2's fused q/k/v rotates blocks of rows that straddle
+    q, k and v (here 8 blocks of 6 rows over 3·16): no OFT of the diffusers layers is
+    that rotation, and the error names the module and the rows."""
+    tensors = load_file(str(FIXTURES / "flux2_trainlora_oft.safetensors"))
+    assert tensors["diffusion_model.double_blocks.0.img_attn.qkv.oft_blocks"].shape[1] == 6
+    with pytest.raises(LoraEngineError, match=r"double_blocks\.0\.(img|txt)_attn\.qkv: an "
+                       r"OFT module over ComfyUI's fused layer cannot be split at rows "
+                       r"\d+–\d+ \(not whole blocks of 6 rows\)"):
+        loraengine.apply(tp.comfyui_transformer("flux2"), tensors, mode="merge", host=HOST)
+
+
 def test_an_older_trainloranode_lumina2_file_names_its_final_norm():
     """ComfyUI before 0.8.0 (a125cd8) also trained Lumina 2's ``norm_final``, a norm its
     NextDiT had but never used and diffusers' model does not have: such a file is

@@ -324,10 +324,16 @@ def swapped(params: Mapping[str, torch.Tensor], where: str) -> dict[str, torch.T
         out[key] = _swap(params[key])
     w1 = next((k for k in _LOKR_W1 if k in params), None)
     if w1 is not None:
-        if params[w1].shape[0] % 2:
+        w2 = next((k for k in ("lokr_w2", "lokr_w2_a") if k in params), None)
+        if not params[w1].shape[0] % 2:
+            out[w1] = _swap(params[w1])
+        elif params[w1].shape[0] == 1 and w2 is not None and "lokr_t2" not in params \
+                and not params[w2].shape[0] % 2:
+            # one row of w1: the layer's rows are w2's rows (scaled), so swap those
+            out[w2] = _swap(params[w2])
+        else:
             raise DataError(f"module {where}: LoKr with an odd number of rows in its small "
                             f"factor cannot be written with the layer's halves swapped")
-        out[w1] = _swap(params[w1])
     other = set(params) - _LORA - _LOHA - _ROWS - {"lokr_w1", "lokr_w1_a", "lokr_w1_b",
                                                    "lokr_w2", "lokr_w2_a", "lokr_w2_b"}
     if other:
@@ -441,20 +447,56 @@ def split(params: Mapping[str, torch.Tensor], band: tuple[int, int, int], native
         alpha = float(params["alpha"]) if "alpha" in params else float(rank)
         out["alpha"] = torch.tensor(alpha * kept / rank)
     elif any(k.startswith("lokr_") for k in keys):
-        w2 = params.get("lokr_w2", params.get("lokr_w2_a"))
-        block = int(w2.shape[0]) if w2 is not None else 0
-        if not block or offset % block or size % block:
-            raise DataError(f"{native}: a LoKr module over ComfyUI's fused layer cannot be "
-                            f"split at rows {offset}–{offset + size} (not whole blocks of "
-                            f"{block} rows)")
-        small = slice(offset // block, (offset + size) // block)
-        out = {k: v for k, v in params.items() if k not in ("diff_b", "dora_scale")}
-        w1 = "lokr_w1" if "lokr_w1" in params else "lokr_w1_a"
-        out[w1] = params[w1][small]
+        out = _lokr_rows(params, offset, size, native)
+    elif "oft_blocks" in keys and keys <= {"oft_blocks", "alpha", "rescale", "diff_b"}:
+        out = _oft_rows(params, offset, size, native)
     elif not keys <= {"diff", "diff_b"}:
         raise DataError(f"{native}: {', '.join(sorted(keys))} over ComfyUI's fused layer "
                         f"cannot be split into the diffusers model's layers")
-    for key in ("diff", "diff_b", "dora_scale"):
+    for key in ("diff", "diff_b", "dora_scale", "rescale"):
         if key in params:
             out[key] = params[key][rows]
     return out or None
+
+
+def _lokr_rows(params: Mapping[str, torch.Tensor], offset: int, size: int, native: str
+               ) -> dict[str, torch.Tensor]:
+    """Rows ``offset``…``offset+size`` of kron(w1, w2) as a LoKr: whole blocks of w2's
+    rows (those rows of w1), or rows inside one block (that row of w1, those rows of
+    w2, as ComfyUI's trainer writes a LoKr whose small factor has one row)."""
+    w2 = params.get("lokr_w2", params.get("lokr_w2_a"))
+    block = int(w2.shape[0]) if w2 is not None and "lokr_t2" not in params else 0
+    w1 = "lokr_w1" if "lokr_w1" in params else "lokr_w1_a"
+    out = {k: v for k, v in params.items() if k not in ("diff_b", "dora_scale")}
+    if block and not offset % block and not size % block:
+        out[w1] = params[w1][offset // block:(offset + size) // block]
+    elif block and offset // block == (offset + size - 1) // block:
+        first = offset % block
+        w2_key = "lokr_w2" if "lokr_w2" in params else "lokr_w2_a"
+        out[w1] = params[w1][offset // block:offset // block + 1]
+        out[w2_key] = params[w2_key][first:first + size]
+    else:
+        raise DataError(f"{native}: a LoKr module over ComfyUI's fused layer cannot be "
+                        f"split at rows {offset}–{offset + size} (not whole blocks of "
+                        f"{block} rows, nor inside one)")
+    return out
+
+
+def _oft_rows(params: Mapping[str, torch.Tensor], offset: int, size: int, native: str
+              ) -> dict[str, torch.Tensor]:
+    """Rows ``offset``…``offset+size`` of an OFT (its blocks rotate the output rows):
+    the blocks of those rows, projected first onto the constraint, which bounds the norm
+    of all the blocks together, and so written with constraint 0."""
+    from loraengine.plugins.adapters.oft import constrained_blocks
+
+    blocks = params["oft_blocks"]
+    width = int(blocks.shape[1])
+    if offset % width or size % width:
+        raise DataError(f"{native}: an OFT module over ComfyUI's fused layer cannot be "
+                        f"split at rows {offset}–{offset + size} (not whole blocks of "
+                        f"{width} rows)")
+    constraint = float(params["alpha"]) if "alpha" in params else 0.0
+    # (in fp32: the projected blocks are no longer the file's bf16 values)
+    kept = constrained_blocks(blocks.float(), max(constraint, 0.0))
+    return {"oft_blocks": kept[offset // width:(offset + size) // width],
+            "alpha": torch.tensor(0.0)}
