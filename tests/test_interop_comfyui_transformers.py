@@ -480,3 +480,41 @@ def test_convert_of_a_lokr_to_comfyui_warns_where_comfyui_cannot_load_it(family,
                              f"(worst {worst})"), line
     else:
         assert fused == [] and unloaded == []
+
+
+def test_an_oft_on_a_swapped_layer_is_written_as_comfyui_rotates_it(tmp_path):
+    """OFT on FLUX.1's final modulation (ComfyUI stores its halves swapped): the file's
+    blocks, rotated as ComfyUI's OFT does (W_k ← R_kᵀ W_k per block of rows, R the
+    Cayley transform (I + Q)(I − Q)⁻¹ of Q = B − Bᵀ), give our merged weight with its
+    halves swapped (both in fp32, the inverse of I − Q computed two ways: far below
+    1e-5); read back, the module has the same ΔW."""
+    model = tp.comfyui_transformer("flux")
+    path = "norm_out.linear"
+    base = model.get_submodule(path)
+    spec = REG.get("adapter", "oft")
+    layer = spec.create(base, 4, 1.0, spec.config_model.model_validate({}),
+                        torch.Generator().manual_seed(0))
+    layer.algorithm = "oft"
+    perturb(layer, 0)
+    network = AdapterNetwork({path: layer})
+    file = tmp_path / "o.safetensors"
+    tensors = write_adapter_file(file, network.file_modules(), REG.get("exporter", "comfyui"),
+                                 {}, module_layouts(REG, model))
+    blocks = tensors["diffusion_model.final_layer.adaLN_modulation.1.oft_blocks"].float()
+    assert float(tensors.get("diffusion_model.final_layer.adaLN_modulation.1.alpha", 0)) == 0
+    w = base.weight.detach().float().clone()
+    first, second = w.chunk(2)
+    native = torch.cat([second, first])
+    eye = torch.eye(blocks.shape[1])
+    q = blocks - blocks.transpose(1, 2)
+    r = (eye + q) @ torch.linalg.inv(eye - q)
+    theirs = torch.einsum("knm,kn...->km...", r, native.view(blocks.shape[0], blocks.shape[1],
+                                                               -1)).reshape(native.shape)
+    network.merge()
+    merged = model.get_submodule(path).weight.detach().float()
+    assert relative_error(merged, w) > 1e-3  # the rotation is not the identity
+    first, second = merged.chunk(2)
+    assert relative_error(theirs, torch.cat([second, first])) <= 1e-5
+    target = tp.comfyui_transformer("flux")
+    loraengine.apply(target, file, mode="merge", host=HOST)
+    assert relative_error(target.get_submodule(path).weight, merged) <= 1e-6

@@ -317,8 +317,9 @@ def _swap(t: torch.Tensor) -> torch.Tensor:
 
 def swapped(params: Mapping[str, torch.Tensor], where: str) -> dict[str, torch.Tensor]:
     """A module's tensors for the same layer with its two row halves swapped (its own
-    inverse): exact for every algorithm whose rows are rows of one tensor, and for LoKr
-    when its small factor has an even number of rows."""
+    inverse): exact for every algorithm whose rows are rows of one tensor, for LoKr
+    when its small factor has an even number of rows (or one row), and for OFT with an
+    even number of blocks."""
     out = dict(params)
     for key in _ROWS & set(params):
         out[key] = _swap(params[key])
@@ -334,8 +335,17 @@ def swapped(params: Mapping[str, torch.Tensor], where: str) -> dict[str, torch.T
         else:
             raise DataError(f"module {where}: LoKr with an odd number of rows in its small "
                             f"factor cannot be written with the layer's halves swapped")
+    if "oft_blocks" in params:
+        # each block rotates its own rows: an even count of blocks splits into the halves
+        if params["oft_blocks"].shape[0] % 2:
+            raise DataError(f"module {where}: OFT with an odd number of blocks cannot be "
+                            f"written with the layer's halves swapped")
+        out["oft_blocks"] = _swap(params["oft_blocks"])
+    if "rescale" in params:
+        out["rescale"] = _swap(params["rescale"])
     other = set(params) - _LORA - _LOHA - _ROWS - {"lokr_w1", "lokr_w1_a", "lokr_w1_b",
-                                                   "lokr_w2", "lokr_w2_a", "lokr_w2_b"}
+                                                   "lokr_w2", "lokr_w2_a", "lokr_w2_b",
+                                                   "oft_blocks", "rescale"}
     if other:
         raise DataError(f"module {where}: {', '.join(sorted(other))} cannot be written with "
                         f"the layer's halves swapped (ComfyUI stores them the other way)")
