@@ -279,6 +279,8 @@ TRAINLORA = [("flux", "qwen_image", "a FLUX.1 transformer"),
              ("qwen_image", "wan", "a Qwen-Image transformer"),
              ("hidream", "lumina2", "a HiDream-I1 transformer"),
              ("lumina2", "flux", "a Z-Image or Lumina 2 transformer"),
+             ("flux2", "qwen_image", "a Flux.2 transformer"),
+             ("z_image", "flux", "a Z-Image or Lumina 2 transformer"),
              ("sd15", "flux", "an SD1.x/2.x UNet"),
              ("sdxl", "wan", "an SDXL UNet"),
              ("flux", "unet", "a FLUX.1 transformer")]

@@ -1,6 +1,7 @@
 """Transformer-family files as ComfyUI writes and reads them, pinned by fixtures made
 with ComfyUI's own code (tests/fixtures/interop/make_comfyui_transformer_fixtures.py;
-the commit is in the key files): FLUX.1, Chroma, SD3, Lumina 2, Qwen-Image, HiDream.
+the commit is in the key files, ComfyUI 0.8.0): FLUX.1, Chroma, SD3, Lumina 2,
+Qwen-Image, HiDream, Flux.2 (dev and Klein) and Z-Image.
 
 The fixtures hold, for the tiny transformers of ``tiny_pipelines.comfyui_transformer``
 (seeded as the script seeds them), every key ComfyUI's ``model_lora_keys_unet`` accepts
@@ -17,6 +18,7 @@ ulps of |W + ΔW| at most, far below the 1e-4 relative bound of docs/compatibili
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -37,7 +39,8 @@ from loraengine.testing.conformance import perturb, relative_error
 FIXTURES = Path(__file__).parent / "fixtures" / "interop"
 HOST = build_plugin_manager()
 REG = HOST.registry
-FAMILIES = ("flux", "chroma", "sd3", "lumina2", "qwen_image", "hidream")
+FAMILIES = ("flux", "chroma", "sd3", "lumina2", "qwen_image", "hidream", "flux2",
+            "flux2_klein", "z_image")
 #: families whose ComfyUI model is named as diffusers names it
 SAME_NAMES = ("qwen_image", "hidream")
 TOL = 1e-4
@@ -104,18 +107,32 @@ def test_comfyui_export_has_trainloranodes_modules_and_shapes(family):
 @pytest.mark.parametrize("exporter", ["comfyui", "diffusers"])
 def test_every_exported_module_is_a_key_comfyui_loads(family, exporter):
     """Each module of the export is a key of ComfyUI's ``model_lora_keys_unet`` for
-    that model — except where ComfyUI has no diffusers map (Lumina 2) or one without
-    Chroma's modulation approximator, the limits docs/compatibility.md names."""
+    that model — except where ComfyUI has no diffusers map (Lumina 2), one without
+    Chroma's modulation approximator, or reads Flux.2 with FLUX.1's map: the limits
+    docs/compatibility.md names, which the exporter's limits count exactly."""
+    from loraengine.plugins.exporters import comfyui_unread
+
     model = tp.comfyui_transformer(family)
     key_map = _keys(family)["model_lora_keys_unet"]
-    stems = _modules(_export(model, _network(model, "lora"), exporter))
+    network = _network(model, "lora")
+    stems = _modules(_export(model, network, exporter))
     unloaded = sorted(s for s in stems if s not in key_map)
     if exporter == "diffusers" and family == "lumina2":
         assert len(unloaded) == len(stems)  # ComfyUI maps no diffusers name for it
     elif exporter == "diffusers" and family == "chroma":
         assert unloaded and all(".distilled_guidance_layer." in s for s in unloaded)
+    elif exporter == "diffusers" and family in ("flux2", "flux2_klein"):
+        # the layers Flux.2 renamed (feed-forwards, single blocks, embedders, modulation)
+        assert unloaded and not any(re.search(r"\.attn\.(to_[qkv]|add_[qkv]_proj)$", s)
+                                    for s in unloaded)
+        assert any(".ff.linear_in" in s for s in unloaded)
     else:
         assert unloaded == []
+    if exporter == "diffusers":  # the warning counts what ComfyUI leaves out
+        lines = comfyui_unread(network.paths)
+        assert len(lines) == (1 if unloaded else 0)
+        if unloaded:
+            assert f": {len(unloaded)} layer(s) of this" in lines[0]
     if exporter == "comfyui":  # and each points at the weight of its own name
         assert all(key_map[s] == f"{s}.weight" for s in stems)
 
@@ -126,13 +143,6 @@ def test_trainloranode_file_applies_with_comfyuis_weights(family):
     applied to the diffusers model gives the weights ComfyUI patched from it."""
     model = tp.comfyui_transformer(family)
     tensors = load_file(str(FIXTURES / f"{family}_trainlora_lora.safetensors"))
-    if family == "lumina2":
-        # ComfyUI's NextDiT has a final norm it never uses; diffusers' model has none
-        with pytest.raises(LoraEngineError, match="norm_final"):
-            loraengine.apply(tp.comfyui_transformer(family), dict(tensors), mode="merge",
-                             host=HOST)
-        tensors = {k: v for k, v in tensors.items() if not k.startswith(
-            "diffusion_model.norm_final.")}
     handle = loraengine.apply(model, tensors, mode="merge", host=HOST)
     assert handle.modules
     patched = load_file(str(FIXTURES / f"{family}_trainlora_lora_patched.safetensors"))
@@ -142,6 +152,52 @@ def test_trainloranode_file_applies_with_comfyuis_weights(family):
     for key, want in patched.items():
         assert relative_error(ours[key], base[key]) > TOL, key  # the file changed it here
         assert relative_error(ours[key], want) <= TOL, key
+
+
+@pytest.mark.parametrize("family,algorithm", [("flux2", "loha"), ("flux2", "lokr"),
+                                              ("z_image", "loha"), ("z_image", "oft")])
+def test_trainloranodes_other_algorithms_apply_with_comfyuis_weights(family, algorithm):
+    """TrainLoraNode's LoHa, LoKr and OFT files (one module over each fused ``qkv``:
+    LoHa rows split as products of rows; LoKr whose small factor has one row, split
+    inside its one block; OFT split by whole blocks, projected onto its constraint
+    first) place every module on the diffusers model and give ComfyUI's weights. OFT's
+    Cayley transform is computed on both sides in fp32 (an inverse of I − Q): a few
+    ulps of |W| apart, within the 1e-4 bound."""
+    model = tp.comfyui_transformer(family)
+    tensors = load_file(str(FIXTURES / f"{family}_trainlora_{algorithm}.safetensors"))
+    handle = loraengine.apply(model, tensors, mode="merge", host=HOST)
+    linears = {p for p, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    assert linears <= set(handle.modules)
+    patched = load_file(str(FIXTURES / f"{family}_trainlora_{algorithm}_patched.safetensors"))
+    ours = _native(model, {k: v.detach() for k, v in model.state_dict().items()})
+    base = _native(model, tp.comfyui_transformer(family).state_dict())
+    assert any("qkv" in k for k in patched)
+    for key, want in patched.items():
+        assert relative_error(ours[key], base[key]) > TOL, key
+        assert relative_error(ours[key], want) <= TOL, key
+
+
+def test_a_trainloranode_oft_across_flux2s_qkv_bands_is_refused_in_one_line():
+    """TrainLoraNode's OFT on Flux.2's fused q/k/v rotates blocks of rows that straddle
+    q, k and v (here 8 blocks of 6 rows over 3·16): no OFT of the diffusers layers is
+    that rotation, and the error names the module and the rows."""
+    tensors = load_file(str(FIXTURES / "flux2_trainlora_oft.safetensors"))
+    assert tensors["diffusion_model.double_blocks.0.img_attn.qkv.oft_blocks"].shape[1] == 6
+    with pytest.raises(LoraEngineError, match=r"double_blocks\.0\.(img|txt)_attn\.qkv: an "
+                       r"OFT module over ComfyUI's fused layer cannot be split at rows "
+                       r"\d+–\d+ \(not whole blocks of 6 rows\)"):
+        loraengine.apply(tp.comfyui_transformer("flux2"), tensors, mode="merge", host=HOST)
+
+
+def test_an_older_trainloranode_lumina2_file_names_its_final_norm():
+    """ComfyUI before 0.8.0 (a125cd8) also trained Lumina 2's ``norm_final``, a norm its
+    NextDiT had but never used and diffusers' model does not have: such a file is
+    refused naming it."""
+    tensors = load_file(str(FIXTURES / "lumina2_trainlora_lora.safetensors"))
+    assert not any("norm_final" in k for k in tensors)  # 0.8.0 has no such norm
+    tensors["diffusion_model.norm_final.diff"] = torch.zeros(32, dtype=torch.bfloat16)
+    with pytest.raises(LoraEngineError, match="norm_final"):
+        loraengine.apply(tp.comfyui_transformer("lumina2"), tensors, mode="merge", host=HOST)
 
 
 @pytest.mark.parametrize("family", [f for f in FAMILIES if f not in SAME_NAMES])
@@ -162,11 +218,14 @@ def test_the_fused_layout_reads_back_to_the_same_delta(family, algorithm, tmp_pa
         assert torch.equal(target.get_submodule(p).weight, model.get_submodule(p).weight), p
 
 
-@pytest.mark.parametrize("family", ["flux", "sd3", "lumina2"])
+@pytest.mark.parametrize("family", ["flux", "sd3", "lumina2", "flux2", "z_image"])
 def test_lokr_over_a_fused_layer_keeps_diffusers_names_and_reads_back(family, tmp_path):
     """LoKr's ΔW over q, k and v stacked is no Kronecker product: those modules keep
-    their diffusers names (ComfyUI does not load them, as the limit says), the others
+    their diffusers names (ComfyUI does not load them, as the limit says — but for
+    Z-Image, whose ComfyUI map reads them onto their bands of ``qkv``), the others
     take ComfyUI's; read back, every module is placed with its ΔW."""
+    from loraengine.plugins.exporters import comfyui_limits
+
     model = tp.comfyui_transformer(family)
     network = _network(model, "lokr", {"factor": -1})
     path = tmp_path / "k.safetensors"
@@ -178,7 +237,20 @@ def test_lokr_over_a_fused_layer_keeps_diffusers_names_and_reads_back(family, tm
     names = module_layouts(REG, model)[comfy_names.LAYOUT]
     banded = sorted(f"diffusion_model.{p}" for p, n in names.items()
                     if isinstance(comfy_names.parse(n)[1], tuple) and p in network.paths)
-    assert unloaded == banded and banded
+    assert banded
+    limits = comfyui_limits({names.get(p, p): ("lokr", params)
+                             for p, params in network.file_modules().items()})
+    if family == "z_image":
+        assert unloaded == []
+        for p, n in names.items():  # each onto its own band of ComfyUI's weight
+            native, band = comfy_names.parse(n)
+            if isinstance(band, tuple) and p in network.paths:
+                assert key_map[f"diffusion_model.{p}"] == [
+                    f"diffusion_model.{native}.weight", [0, band[0], band[1]]]
+        assert not any("fuses" in line for line in limits)
+    else:
+        assert unloaded == banded
+        assert sum("fuses" in line for line in limits) == 1
     target = tp.comfyui_transformer(family)
     handle = loraengine.apply(target, path, mode="merge", host=HOST)
     assert sorted(handle.modules) == sorted(network.paths)
@@ -327,3 +399,122 @@ def test_a_fused_lokr_splits_by_whole_blocks_of_its_large_factor():
     with pytest.raises(LoraEngineError, match=r"qkv: a LoKr module over ComfyUI's fused "
                        r"layer cannot be split at rows \d+–\d+ \(not whole blocks of 24"):
         loraengine.apply(tp.comfyui_transformer("flux"), cut, mode="merge", host=HOST)
+
+
+def test_training_flux2_for_diffusers_says_what_comfyui_does_not_load(tmp_path):
+    """``loraengine train`` on Flux.2 with the default (diffusers) exporter warns, one
+    line, that ComfyUI leaves the layers Flux.2 renamed out of such a file, pointing at
+    the comfyui exporter; with that exporter, LoRA trains without any ComfyUI line."""
+    import yaml
+    from click.testing import CliRunner
+    from safetensors.torch import save_file
+
+    from loraengine.cli.main import cli
+
+    folder = tp.save_denoiser("flux2", tmp_path / "flux2")
+    _, _, _, channels, width = tp.DENOISERS["flux2"]
+    g = torch.Generator().manual_seed(0)
+    save_file({"latents": torch.randn(2, channels, 4, 4, generator=g)}, str(tmp_path / "l.st"))
+    save_file({"cond": torch.randn(2, 5, width, generator=g)}, str(tmp_path / "c.st"))
+    lines = {}
+    for exporter in ("diffusers", "comfyui"):
+        cfg = {"model": {"family": "flux2", "path": str(folder)},
+               "data": {"latents": str(tmp_path / "l.st"),
+                        "conditioning": str(tmp_path / "c.st")},
+               "training": {"steps": 1, "batch_size": 2, "dtype": "fp32", "seed": 0},
+               "adapter": {"rank": 2, "dtype": "fp32", "exporter": exporter},
+               "output": {"dir": str(tmp_path / exporter), "name": "f", "plot": False}}
+        (tmp_path / "run.yaml").write_text(yaml.safe_dump(cfg))
+        out = CliRunner().invoke(cli, ["train", str(tmp_path / "run.yaml"), "-q"])
+        assert out.exit_code == 0, out.output
+        lines[exporter] = [ln for ln in out.output.splitlines() if "ComfyUI" in ln]
+    (line,) = lines["diffusers"]
+    assert line.startswith("warning: adapter.exporter: ComfyUI reads Flux.2's diffusers "
+                           "names through its FLUX.1 map")
+    # the default targets (the blocks): feed-forwards and the single block's layers
+    model = tp.flux2_transformer(0)
+    renamed = [p for p, m in model.named_modules() if isinstance(m, torch.nn.Linear)
+               and p.startswith(("transformer_blocks.", "single_transformer_blocks."))
+               and re.search(r"(\.ff(_context)?\.linear_|single_transformer_blocks.*"
+                             r"\.attn\.to_(qkv_mlp_proj|out)$)", p)]
+    assert f": {len(renamed)} layer(s) of this Flux.2 file" in line
+    assert "comfyui exporter" in line
+    assert lines["comfyui"] == []
+
+
+@pytest.mark.parametrize("family", ["flux2", "z_image"])
+def test_convert_of_a_lokr_to_comfyui_warns_where_comfyui_cannot_load_it(family, tmp_path):
+    """``loraengine convert --to comfyui --model``: a LoKr over the q/k/v ComfyUI fuses
+    is written under diffusers' names; for Flux.2 ComfyUI does not load those (one
+    warning line, as ``train`` gives), for Z-Image it does (no line)."""
+    from click.testing import CliRunner
+
+    from loraengine.cli.main import cli
+
+    model = tp.comfyui_transformer(family)
+    folder = tmp_path / "model"
+    model.save_pretrained(str(folder))
+    network = _network(model, "lokr", {"factor": -1})
+    source = tmp_path / "d.safetensors"
+    write_adapter_file(source, network.file_modules(), REG.get("exporter", "diffusers"), {})
+    out = tmp_path / "c.safetensors"
+    res = CliRunner().invoke(cli, ["convert", str(source), "--to", "comfyui", "--model",
+                                   str(folder), "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    fused = [ln for ln in res.output.splitlines() if "fuses q/k/v" in ln]
+    stems = _modules(load_file(str(out)))
+    unloaded = sorted(s for s in stems if s not in _keys(family)["model_lora_keys_unet"])
+    if family == "flux2":
+        (line,) = fused
+        assert line.startswith("warning: ComfyUI: ComfyUI's model fuses q/k/v")
+        assert f": {len(unloaded)} layer(s) are written" in line and unloaded
+        # what ComfyUI leaves out: those layers' ΔW, relative to their merged weights
+        base = {p: model.get_submodule(p).weight.detach().clone() for p in network.paths}
+        network.merge()
+        change = {s.removeprefix("diffusion_model."): relative_error(
+            base[s.removeprefix("diffusion_model.")],
+            model.get_submodule(s.removeprefix("diffusion_model.")).weight)
+            for s in unloaded}
+        worst = max(change, key=change.__getitem__)
+        assert line.endswith(f"unloaded, max relative weight error {change[worst]:.2g} "
+                             f"(worst {worst})"), line
+    else:
+        assert fused == [] and unloaded == []
+
+
+def test_an_oft_on_a_swapped_layer_is_written_as_comfyui_rotates_it(tmp_path):
+    """OFT on FLUX.1's final modulation (ComfyUI stores its halves swapped): the file's
+    blocks, rotated as ComfyUI's OFT does (W_k ← R_kᵀ W_k per block of rows, R the
+    Cayley transform (I + Q)(I − Q)⁻¹ of Q = B − Bᵀ), give our merged weight with its
+    halves swapped (both in fp32, the inverse of I − Q computed two ways: far below
+    1e-5); read back, the module has the same ΔW."""
+    model = tp.comfyui_transformer("flux")
+    path = "norm_out.linear"
+    base = model.get_submodule(path)
+    spec = REG.get("adapter", "oft")
+    layer = spec.create(base, 4, 1.0, spec.config_model.model_validate({}),
+                        torch.Generator().manual_seed(0))
+    layer.algorithm = "oft"
+    perturb(layer, 0)
+    network = AdapterNetwork({path: layer})
+    file = tmp_path / "o.safetensors"
+    tensors = write_adapter_file(file, network.file_modules(), REG.get("exporter", "comfyui"),
+                                 {}, module_layouts(REG, model))
+    blocks = tensors["diffusion_model.final_layer.adaLN_modulation.1.oft_blocks"].float()
+    assert float(tensors.get("diffusion_model.final_layer.adaLN_modulation.1.alpha", 0)) == 0
+    w = base.weight.detach().float().clone()
+    first, second = w.chunk(2)
+    native = torch.cat([second, first])
+    eye = torch.eye(blocks.shape[1])
+    q = blocks - blocks.transpose(1, 2)
+    r = (eye + q) @ torch.linalg.inv(eye - q)
+    theirs = torch.einsum("knm,kn...->km...", r, native.view(blocks.shape[0], blocks.shape[1],
+                                                               -1)).reshape(native.shape)
+    network.merge()
+    merged = model.get_submodule(path).weight.detach().float()
+    assert relative_error(merged, w) > 1e-3  # the rotation is not the identity
+    first, second = merged.chunk(2)
+    assert relative_error(theirs, torch.cat([second, first])) <= 1e-5
+    target = tp.comfyui_transformer("flux")
+    loraengine.apply(target, file, mode="merge", host=HOST)
+    assert relative_error(target.get_submodule(path).weight, merged) <= 1e-6

@@ -15,6 +15,7 @@ loads on the diffusers model.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Collection, Iterable, Mapping
 
 import torch
@@ -325,15 +326,64 @@ def comfyui_limits(modules: Mapping[str, tuple[str, Collection[str]]]) -> list[s
         n = _count(modules, test)
         if n:
             out.append(f"{text} ({n} layer(s); loraengine convert --model measures it)")
-    fused = sorted(name for name, (algorithm, params) in modules.items()
-                   if isinstance(comfy_names.parse(name)[1], tuple)
-                   and not comfy_names.fusable(params))
-    if fused:
-        out.append(f"ComfyUI's model fuses q/k/v (and FLUX.1's single-block MLP input) into "
-                   f"one layer, and only LoRA and LoHa fuse exactly: {len(fused)} layer(s) "
-                   f"are written under diffusers' names, which ComfyUI does not load (e.g. "
-                   f"{comfy_names.own_path(fused[0])}); the diffusers exporter is read by "
-                   f"ComfyUI for FLUX.1 and SD3")
+    out += comfyui_fused_limits(modules)
+    return out
+
+
+def comfyui_unfused(modules: Mapping[str, tuple[str, Collection[str]]]) -> list[str]:
+    """The modules (layout names) over a layer ComfyUI fuses that do not fuse and that
+    ComfyUI does not read under their own names either, sorted."""
+    return sorted(name for name, (algorithm, params) in modules.items()
+                  if isinstance(comfy_names.parse(name)[1], tuple)
+                  and not comfy_names.fusable(params)
+                  and not comfy_names.read_by_own_name(name))
+
+
+def comfyui_fused_limits(modules: Mapping[str, tuple[str, Collection[str]]]) -> list[str]:
+    """The line for ``comfyui_unfused`` modules, or none."""
+    fused = comfyui_unfused(modules)
+    if not fused:
+        return []
+    return [f"ComfyUI's model fuses q/k/v (and FLUX.1's single-block MLP input) into "
+            f"one layer, and only LoRA and LoHa fuse exactly: {len(fused)} layer(s) "
+            f"are written under diffusers' names, which ComfyUI does not load (e.g. "
+            f"{comfy_names.own_path(fused[0])}); the diffusers exporter is read by "
+            f"ComfyUI for FLUX.1 and SD3"]
+
+
+#: diffusers' layer names ComfyUI's loader has no key for (checked with ComfyUI 0.8.0,
+#: tests/fixtures/interop/make_comfyui_transformer_fixtures.py): (model, a pattern only
+#: its names match, the pattern of the names ComfyUI does not read (None: all of the
+#: file's), what ComfyUI does)
+_FLUX2_RENAMED = re.compile(
+    r"(\.ff(_context)?\.linear_(in|out)$|^single_transformer_blocks\.\d+\.attn\."
+    r"(to_qkv_mlp_proj|to_out)$|^time_guidance_embed\.|^double_stream_modulation_"
+    r"|^single_stream_modulation)")
+_CHROMA_APPROXIMATOR = re.compile(r"^distilled_guidance_layer\.")
+COMFYUI_UNREAD_DIFFUSERS: tuple[tuple[str, re.Pattern[str], re.Pattern[str] | None, str],
+                                ...] = (
+    ("Flux.2", _FLUX2_RENAMED, _FLUX2_RENAMED,
+     "reads Flux.2's diffusers names through its FLUX.1 map, which lacks the layers "
+     "Flux.2 renamed"),
+    ("Chroma", _CHROMA_APPROXIMATOR, _CHROMA_APPROXIMATOR,
+     "has no diffusers names for Chroma's modulation approximator"),
+    ("Lumina 2", re.compile(r"^(time_caption_embed\.|(layers|noise_refiner|context_refiner)"
+                            r"\.\d+\.(attn\.|feed_forward\.linear_|norm1\.linear$))"), None,
+     "reads no diffusers names for Lumina 2"))
+
+
+def comfyui_unread(modules: Iterable[str]) -> list[str]:
+    """What ComfyUI does not load of a file in diffusers' names (module paths): one
+    line per model whose names ComfyUI lacks."""
+    names = list(modules)
+    out = []
+    for model, marks, unread, what in COMFYUI_UNREAD_DIFFUSERS:
+        if not any(marks.search(n) for n in names):
+            continue
+        hit = sorted(n for n in names if unread is None or unread.search(n))
+        out.append(f"ComfyUI {what}: {len(hit)} layer(s) of this {model} file are not "
+                   f"loaded there (e.g. {hit[0]}); the comfyui exporter is, with every "
+                   f"layer")
     return out
 
 
@@ -356,7 +406,8 @@ def lokr_pipeline(paths: Iterable[str]) -> str | None:
 def diffusers_limits(modules: Mapping[str, tuple[str, Collection[str]]]) -> list[str]:
     """diffusers' ``load_lora_weights`` reads LoRA (and DoRA) only, and LoKr (without a
     Tucker core or DoRA, see ``peft_lokr``) for Flux.2 and Z-Image: modules whose
-    tensors are not such (by name, whichever algorithm wrote them)."""
+    tensors are not such (by name, whichever algorithm wrote them); and the layers
+    ComfyUI, the format's other reader, has no diffusers name for (``comfyui_unread``)."""
     reads_lokr = lokr_pipeline(modules) is not None
     lokr_ok = {*LOKR_FACTORS, "alpha"}
 
@@ -367,8 +418,9 @@ def diffusers_limits(modules: Mapping[str, tuple[str, Collection[str]]]) -> list
 
     other = sorted({a for a, p in modules.values() if not_read(a, set(p))})
     n = _count(modules, not_read)
-    return [f"diffusers reads only LoRA (and LoKr for Flux.2 and Z-Image); {n} "
-            f"layer(s) of {', '.join(other)} are not applied there"] if n else []
+    return ([f"diffusers reads only LoRA (and LoKr for Flux.2 and Z-Image); {n} "
+             f"layer(s) of {', '.join(other)} are not applied there"] if n else []) + \
+        comfyui_unread(modules)
 
 
 A1111, FORGE, LYCORIS = "A1111 1.8", "Forge", "LyCORIS"

@@ -137,11 +137,15 @@ def sd3_comfyui_transformer(seed: int = 0) -> Any:
 
 def comfyui_transformer(family: str, seed: int = 0) -> Any:
     """The tiny transformer of ``family`` as the ComfyUI fixtures build it (eval mode):
-    ``flux``, ``chroma``, ``sd3``, ``lumina2``, ``qwen_image`` or ``hidream``."""
+    ``flux``, ``chroma``, ``sd3``, ``lumina2``, ``qwen_image``, ``hidream``, ``flux2``,
+    ``flux2_klein`` or ``z_image``. Flux.2's timestep and guidance embedders read 256
+    sinusoid channels here, the width ComfyUI's model has at every size."""
     if family == "sd3":
         model = sd3_comfyui_transformer(seed)
     elif family == "flux":
         model = flux_transformer(seed)
+    elif family in ("flux2", "flux2_klein"):
+        model = flux2_transformer(seed, family == "flux2", timestep_channels=256)
     else:
         model = DENOISERS[family][1](seed)
     return model.eval()
@@ -157,7 +161,8 @@ def flux_transformer(seed: int = 0, guidance: bool = True) -> Any:
         pooled_projection_dim=16, guidance_embeds=guidance, axes_dims_rope=(2, 2, 4))
 
 
-def flux2_transformer(seed: int = 0, guidance: bool = True) -> Any:
+def flux2_transformer(seed: int = 0, guidance: bool = True, timestep_channels: int = 16
+                      ) -> Any:
     """Flux.2 dev (``guidance``) or Klein (no guidance embedding), tiny."""
     from diffusers import Flux2Transformer2DModel
 
@@ -165,7 +170,7 @@ def flux2_transformer(seed: int = 0, guidance: bool = True) -> Any:
     return Flux2Transformer2DModel(
         patch_size=1, in_channels=16, num_layers=1, num_single_layers=1,
         attention_head_dim=8, num_attention_heads=2, joint_attention_dim=24,
-        timestep_guidance_channels=16, mlp_ratio=2.0, axes_dims_rope=(2, 2, 2, 2),
+        timestep_guidance_channels=timestep_channels, mlp_ratio=2.0, axes_dims_rope=(2, 2, 2, 2),
         guidance_embeds=guidance)
 
 

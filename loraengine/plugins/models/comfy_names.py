@@ -25,8 +25,8 @@ this: ComfyUI's models of them use diffusers' own names.
 The tables are facts of the original checkpoints (which diffusers' single-file
 converters read, and ComfyUI's ``flux_to_diffusers``/``mmdit_to_diffusers`` maps name);
 ``tests/fixtures/interop/make_comfyui_transformer_fixtures.py`` checks them against
-ComfyUI's own model and loader (Flux.2's and Z-Image's against diffusers' single-file
-converters only: the ComfyUI commit checked has no such model).
+ComfyUI's own model and loader (ComfyUI 0.8.0; Flux.2's and Z-Image's also against
+diffusers' single-file converters).
 """
 
 from __future__ import annotations
@@ -122,8 +122,24 @@ _FLUX2_TOP = {"x_embedder": "img_in", "context_embedder": "txt_in",
               "double_stream_modulation_txt.linear": "double_stream_modulation_txt.lin",
               "single_stream_modulation.linear": "single_stream_modulation.lin"}
 
-_ZIMAGE_BLOCK = {"attention.to_out.0": "attention.out"}
+#: ComfyUI's Z-Image (its NextDiT, ``comfy.utils.z_image_to_diffusers``) also names the
+#: q/k norms its trainer trains (a ``diff`` each) as Lumina 2 does
+_ZIMAGE_BLOCK = {"attention.to_out.0": "attention.out", "attention.norm_q": "attention.q_norm",
+                 "attention.norm_k": "attention.k_norm"}
 _ZIMAGE_FUSED = {"attention.qkv": ("attention.to_q", "attention.to_k", "attention.to_v")}
+
+
+#: a diffusers layer of Z-Image's fused q/k/v: ComfyUI's Z-Image (and Lumina 2) model
+#: also reads it by that name (``diffusion_model.<path>``, its ``z_image_to_diffusers``
+#: map), onto its band of ``attention.qkv``
+_ZIMAGE_PART = re.compile(r"(^|\.)attention\.to_[qkv]$")
+
+
+def read_by_own_name(name: str) -> bool:
+    """Whether ComfyUI's loader reads a band's module (a layout name with a band) under
+    its own diffusers path, as the ``comfyui`` format writes a module that does not fuse
+    (LoKr, ...): Z-Image's q/k/v (checked with ComfyUI 0.8.0)."""
+    return isinstance(parse(name)[1], tuple) and bool(_ZIMAGE_PART.search(own_path(name)))
 
 
 def _out(model: nn.Module, path: str) -> int | None:
@@ -301,19 +317,35 @@ def _swap(t: torch.Tensor) -> torch.Tensor:
 
 def swapped(params: Mapping[str, torch.Tensor], where: str) -> dict[str, torch.Tensor]:
     """A module's tensors for the same layer with its two row halves swapped (its own
-    inverse): exact for every algorithm whose rows are rows of one tensor, and for LoKr
-    when its small factor has an even number of rows."""
+    inverse): exact for every algorithm whose rows are rows of one tensor, for LoKr
+    when its small factor has an even number of rows (or one row), and for OFT with an
+    even number of blocks."""
     out = dict(params)
     for key in _ROWS & set(params):
         out[key] = _swap(params[key])
     w1 = next((k for k in _LOKR_W1 if k in params), None)
     if w1 is not None:
-        if params[w1].shape[0] % 2:
+        w2 = next((k for k in ("lokr_w2", "lokr_w2_a") if k in params), None)
+        if not params[w1].shape[0] % 2:
+            out[w1] = _swap(params[w1])
+        elif params[w1].shape[0] == 1 and w2 is not None and "lokr_t2" not in params \
+                and not params[w2].shape[0] % 2:
+            # one row of w1: the layer's rows are w2's rows (scaled), so swap those
+            out[w2] = _swap(params[w2])
+        else:
             raise DataError(f"module {where}: LoKr with an odd number of rows in its small "
                             f"factor cannot be written with the layer's halves swapped")
-        out[w1] = _swap(params[w1])
+    if "oft_blocks" in params:
+        # each block rotates its own rows: an even count of blocks splits into the halves
+        if params["oft_blocks"].shape[0] % 2:
+            raise DataError(f"module {where}: OFT with an odd number of blocks cannot be "
+                            f"written with the layer's halves swapped")
+        out["oft_blocks"] = _swap(params["oft_blocks"])
+    if "rescale" in params:
+        out["rescale"] = _swap(params["rescale"])
     other = set(params) - _LORA - _LOHA - _ROWS - {"lokr_w1", "lokr_w1_a", "lokr_w1_b",
-                                                   "lokr_w2", "lokr_w2_a", "lokr_w2_b"}
+                                                   "lokr_w2", "lokr_w2_a", "lokr_w2_b",
+                                                   "oft_blocks", "rescale"}
     if other:
         raise DataError(f"module {where}: {', '.join(sorted(other))} cannot be written with "
                         f"the layer's halves swapped (ComfyUI stores them the other way)")
@@ -425,20 +457,56 @@ def split(params: Mapping[str, torch.Tensor], band: tuple[int, int, int], native
         alpha = float(params["alpha"]) if "alpha" in params else float(rank)
         out["alpha"] = torch.tensor(alpha * kept / rank)
     elif any(k.startswith("lokr_") for k in keys):
-        w2 = params.get("lokr_w2", params.get("lokr_w2_a"))
-        block = int(w2.shape[0]) if w2 is not None else 0
-        if not block or offset % block or size % block:
-            raise DataError(f"{native}: a LoKr module over ComfyUI's fused layer cannot be "
-                            f"split at rows {offset}–{offset + size} (not whole blocks of "
-                            f"{block} rows)")
-        small = slice(offset // block, (offset + size) // block)
-        out = {k: v for k, v in params.items() if k not in ("diff_b", "dora_scale")}
-        w1 = "lokr_w1" if "lokr_w1" in params else "lokr_w1_a"
-        out[w1] = params[w1][small]
+        out = _lokr_rows(params, offset, size, native)
+    elif "oft_blocks" in keys and keys <= {"oft_blocks", "alpha", "rescale", "diff_b"}:
+        out = _oft_rows(params, offset, size, native)
     elif not keys <= {"diff", "diff_b"}:
         raise DataError(f"{native}: {', '.join(sorted(keys))} over ComfyUI's fused layer "
                         f"cannot be split into the diffusers model's layers")
-    for key in ("diff", "diff_b", "dora_scale"):
+    for key in ("diff", "diff_b", "dora_scale", "rescale"):
         if key in params:
             out[key] = params[key][rows]
     return out or None
+
+
+def _lokr_rows(params: Mapping[str, torch.Tensor], offset: int, size: int, native: str
+               ) -> dict[str, torch.Tensor]:
+    """Rows ``offset``…``offset+size`` of kron(w1, w2) as a LoKr: whole blocks of w2's
+    rows (those rows of w1), or rows inside one block (that row of w1, those rows of
+    w2, as ComfyUI's trainer writes a LoKr whose small factor has one row)."""
+    w2 = params.get("lokr_w2", params.get("lokr_w2_a"))
+    block = int(w2.shape[0]) if w2 is not None and "lokr_t2" not in params else 0
+    w1 = "lokr_w1" if "lokr_w1" in params else "lokr_w1_a"
+    out = {k: v for k, v in params.items() if k not in ("diff_b", "dora_scale")}
+    if block and not offset % block and not size % block:
+        out[w1] = params[w1][offset // block:(offset + size) // block]
+    elif block and offset // block == (offset + size - 1) // block:
+        first = offset % block
+        w2_key = "lokr_w2" if "lokr_w2" in params else "lokr_w2_a"
+        out[w1] = params[w1][offset // block:offset // block + 1]
+        out[w2_key] = params[w2_key][first:first + size]
+    else:
+        raise DataError(f"{native}: a LoKr module over ComfyUI's fused layer cannot be "
+                        f"split at rows {offset}–{offset + size} (not whole blocks of "
+                        f"{block} rows, nor inside one)")
+    return out
+
+
+def _oft_rows(params: Mapping[str, torch.Tensor], offset: int, size: int, native: str
+              ) -> dict[str, torch.Tensor]:
+    """Rows ``offset``…``offset+size`` of an OFT (its blocks rotate the output rows):
+    the blocks of those rows, projected first onto the constraint, which bounds the norm
+    of all the blocks together, and so written with constraint 0."""
+    from loraengine.plugins.adapters.oft import constrained_blocks
+
+    blocks = params["oft_blocks"]
+    width = int(blocks.shape[1])
+    if offset % width or size % width:
+        raise DataError(f"{native}: an OFT module over ComfyUI's fused layer cannot be "
+                        f"split at rows {offset}–{offset + size} (not whole blocks of "
+                        f"{width} rows)")
+    constraint = float(params["alpha"]) if "alpha" in params else 0.0
+    # (in fp32: the projected blocks are no longer the file's bf16 values)
+    kept = constrained_blocks(blocks.float(), max(constraint, 0.0))
+    return {"oft_blocks": kept[offset // width:(offset + size) // width],
+            "alpha": torch.tensor(0.0)}

@@ -43,11 +43,14 @@ from loraengine.plugins.exporters import (
     FORGE,
     KOHYA_RULES,
     LYCORIS,
+    comfyui_fused_limits,
+    comfyui_unfused,
     kohya_limits,
     lokr_pipeline,
     lokr_without_tucker,
     peft_lokr,
 )
+from loraengine.plugins.models.comfy_names import own_path
 from loraengine.tools.convert.targets import TARGETS
 
 #: first parts of a UNet's original (checkpoint) module names
@@ -219,6 +222,36 @@ def measure(target: str, file: AdapterFile, model: nn.Module) -> dict[str, tuple
     return found
 
 
+def fused_warnings(file: AdapterFile, model: nn.Module,
+                   modules: Mapping[str, Mapping[str, torch.Tensor]], exporter: ExporterSpec,
+                   layouts: Mapping[str, Mapping[str, str]]) -> list[str]:
+    """ComfyUI's line for the modules over a layer its model fuses that the ``comfyui``
+    format keeps under diffusers' names (``comfyui_fused_limits``), with what ComfyUI
+    then leaves out: the largest relative change of those layers' weights."""
+    named = in_layout(modules, exporter, layouts)
+    summary = {name: (file.modules[path].algorithm or "deltas" if path in file.modules
+                      else "deltas", named[name])
+               for path, name in zip(modules, named, strict=True)}
+    lines = comfyui_fused_limits(summary)
+    if not lines:
+        return []
+    worst, where = 0.0, ""
+    for name in comfyui_unfused(summary):
+        path = own_path(name)
+        module = file.modules.get(path)
+        if module is None or not module.owners:
+            continue
+        base = model.get_submodule(path)
+        weight = base.weight
+        assert isinstance(weight, torch.Tensor)
+        ours = _merged(base, _load(module.owners[0], base, module.params))
+        err = _relative(weight.detach().float(), ours)
+        if err >= worst:
+            worst, where = err, path
+    return [f"ComfyUI: {line}; unloaded, max relative weight error {worst:.2g} "
+            f"(worst {where})" for line in lines]
+
+
 def unmeasured(target: str, file: AdapterFile) -> list[str]:
     """Without a model: which limits of ``target`` the file hits (not measured)."""
     names = {m.algorithm for m in file.modules.values() if m.params}
@@ -294,6 +327,8 @@ def convert_file(source: Path, target: str, model_path: Path | None = None,
         # the limits not measured above, by name
         warnings += [line for line in kohya_limits(summary, KOHYA_READERS[target])
                      if not any(f": {text} (" in line for text in measured)]
+    if target == "comfyui" and model is not None and layouts:
+        warnings += fused_warnings(file, model, modules, exporter, layouts)
     tensors = exporter.to_file(in_layout(modules, exporter, layouts))
     meta = dict(file.metadata) | {"loraengine.converted_for": target}
     save_lora(out, tensors, meta)
