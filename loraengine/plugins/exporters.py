@@ -418,9 +418,9 @@ def forge_limits(modules: Mapping[str, tuple[str, Collection[str]]], layout: str
     return out
 
 
-UNFUSED = ("layers its FLUX.1/SD3 model fuses (q/k/v) or stores with halves swapped, "
-           "whose algorithm has no such form, are written under diffusers' names, which "
-           "it does not load")
+UNFUSED = ("layers that its FLUX.1/SD3 model joins into one (q/k/v) or stores with "
+           "halves swapped, whose algorithm has no such form, are written under "
+           "diffusers' names, which are not loaded there")
 QK_NORMS = "attention q/k norm deltas (norm_q/norm_k) are not loaded"
 
 
