@@ -402,7 +402,9 @@ def forge_limits(modules: Mapping[str, tuple[str, Collection[str]]], layout: str
                    f"the kohya and comfyui exports do")
     if "FLUX.1" not in models:
         return out
-    dora = _count(modules, lambda a, p: "dora_scale" in p or PEFT_MAGNITUDE in p)
+    # LoRA's DoRA is written as PEFT's lora_magnitude_vector (the other algorithms keep
+    # dora_scale, which Forge reads)
+    dora = _count(modules, lambda a, p: a == "lora" and "dora_scale" in p)
     if dora:
         out.append(f"{FORGE}: reads no lora_magnitude_vector (PEFT's DoRA) ({dora} layer(s))")
     banded = [(n, a, set(p)) for n, (a, p) in modules.items() if FORGE_BANDS.search(n)]
