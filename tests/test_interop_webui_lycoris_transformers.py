@@ -108,14 +108,16 @@ def test_the_kohya_export_has_only_names_forges_key_map_has(family):
     assert any(s.endswith(("_attn_qkv", "_linear1")) for s in stems)  # fused
 
 
+@pytest.mark.parametrize("exporter", ["kohya", "comfyui"])
 @pytest.mark.parametrize("family", MAKE.FAMILIES)
 @pytest.mark.parametrize("cid", ["lora-r4", "loha-weight_decompose=True-r4", "full-r4",
                                  "lokr-factor=-1-r2", "oft-r4"])
-def test_the_kohya_export_reads_back_to_the_same_delta(family, cid):
-    """The sd-scripts-named kohya file (fused q/k/v, swapped final modulation, and the
-    modules kept under diffusers' names) read back onto the diffusers model: every
-    layer's ΔW is the network's. Fusing and splitting move no value but α/r, which
-    stays the same ratio: a few fp32 roundings of a product, 1e-6 relative is 16u."""
+def test_the_export_reads_back_to_the_same_delta(family, cid, exporter):
+    """The sd-scripts-named kohya file and the comfyui one (fused q/k/v, swapped final
+    modulation, and the modules kept under diffusers' names: OFT on the swapped one no
+    longer fails the export) read back onto the diffusers model: every layer's ΔW is the
+    network's. Fusing and splitting move no value but α/r, which stays the same ratio:
+    a few fp32 roundings of a product, 1e-6 relative is 16u."""
     from loraengine.inference import network_from_file
 
     name, options, rank = CASES[cid]
@@ -123,7 +125,7 @@ def test_the_kohya_export_reads_back_to_the_same_delta(family, cid):
     network = MAKE.build_network(model, name, options, rank)
     _, files, _ = MAKE.our_case(family, CASES[cid])
     fresh = MAKE.diffusers_model(family)
-    file = read_adapter_file(files["kohya"], mm.REG,
+    file = read_adapter_file(files[exporter], mm.REG,
                              [n for n, _ in fresh.named_modules() if n], model=fresh)
     loaded, _, _ = network_from_file(fresh, file, mm.REG)
     theirs = dict(loaded.all_items())
@@ -139,6 +141,21 @@ def test_the_kohya_export_reads_back_to_the_same_delta(family, cid):
                 assert _rel(got.detach(), want.detach()) <= 1e-6, (path, what)
                 checked += 1
     assert checked >= len(ours)
+
+
+def test_forge_lines_only_for_flux_and_sd3_files():
+    """The comfyui and diffusers exports name Forge for FLUX.1/SD3 files only (what was
+    measured); a UNet's warnings are as before."""
+    import test_interop_webui_lycoris as unet_fixture
+
+    from loraengine.plugins.exporters import comfyui_limits, diffusers_limits
+
+    summary = unet_fixture.MAKE.summary_of("sd15", CASES["lora-weight_decompose=True-r4"])
+    for limits in (comfyui_limits, diffusers_limits):
+        assert not any(line.startswith("Forge") for line in limits(summary["lycoris"]))
+    _, _, summaries = MAKE.our_case("flux", CASES["lora-weight_decompose=True-r4"])
+    assert any(line.startswith("Forge: DoRA normalised")
+               for line in comfyui_limits(summaries["comfyui"]))
 
 
 def _kept() -> dict[tuple[str, str, str], dict[str, torch.Tensor]]:
