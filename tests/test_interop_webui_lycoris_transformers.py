@@ -232,3 +232,26 @@ def test_training_lokr_for_kohya_on_flux_warns_forge_and_lycoris(tmp_path):
 def test_the_docs_show_the_fixtures_tables():
     docs = (Path(__file__).parents[1] / "docs" / "compatibility.md").read_text()
     assert MAKE.tables(RESULTS) in docs
+
+
+@pytest.mark.parametrize(("target", "reader"), [("kohya", "LyCORIS"), ("comfyui", "Forge")])
+def test_convert_names_the_unfused_layers_for_flux(target, reader, tmp_path):
+    """``convert --to kohya|comfyui --model`` of a FLUX.1 LoKr file: the layers over the
+    fused q/k/v are written under diffusers' names, and the warning says so, naming the
+    reader; a LoRA file gets no such line."""
+    from loraengine.core.files import write_adapter_file
+    from loraengine.tools.convert.logic import convert_file
+
+    for name, options, rank, warned in (("lokr", {"factor": -1}, 2, True),
+                                        ("lora", {}, 4, False)):
+        network = MAKE.build_network(MAKE.diffusers_model("flux"), name, options, rank)
+        src = tmp_path / f"{name}.safetensors"
+        write_adapter_file(src, network.file_modules(), mm.REG.get("exporter", "diffusers"),
+                           {"loraengine.algorithm": name})
+        out = convert_file(src, target, out=tmp_path / f"{name}.{target}.safetensors",
+                           model=MAKE.diffusers_model("flux"))
+        lines = [w for w in out["warnings"] if w.startswith(f"{reader}: layers that")]
+        assert bool(lines) == warned, out["warnings"]
+        keys = load_file(out["out"])
+        fused = any("img_attn_qkv" in k or "img_attn.qkv" in k for k in keys)
+        assert fused != warned  # LoRA fuses into qkv; LoKr's q/k/v stay apart

@@ -43,6 +43,7 @@ from loraengine.plugins.exporters import (
     FORGE,
     KOHYA_RULES,
     LYCORIS,
+    forge_limits,
     kohya_limits,
     lokr_pipeline,
     lokr_without_tucker,
@@ -285,14 +286,21 @@ def convert_file(source: Path, target: str, model_path: Path | None = None,
         layouts = {}
         warnings += [f"{consumer}: {limit} (pass --model to measure the difference)"
                      for limit in unmeasured(target, file)]
+    # each module as the written file names it (a layout marks fused and swapped layers)
+    paths = list(file.modules)
+    named = dict(zip(paths, in_layout({p: {} for p in paths}, exporter, layouts), strict=True))
+    written = (lokr_without_tucker if target == "a1111" else dict)
+    summary = {named[path]: (m.algorithm or "deltas",
+                             {k: tuple(v.shape) for k, v in
+                              written({**m.params, **m.deltas}).items()})
+               for path, m in file.modules.items()}
     if target in KOHYA_READERS:
-        written = (lokr_without_tucker if target == "a1111" else dict)
-        summary = {path: (m.algorithm or "deltas",
-                          {k: tuple(v.shape) for k, v in
-                           written({**m.params, **m.deltas}).items()})
-                   for path, m in file.modules.items()}
         # the limits not measured above, by name
         warnings += [line for line in kohya_limits(summary, KOHYA_READERS[target])
+                     if not any(f": {text} (" in line for text in measured)]
+    elif target in ("comfyui", "diffusers"):
+        # Forge reads these files too (FLUX.1/SD3 ones; not measured)
+        warnings += [line for line in forge_limits(summary, target)
                      if not any(f": {text} (" in line for text in measured)]
     tensors = exporter.to_file(in_layout(modules, exporter, layouts))
     meta = dict(file.metadata) | {"loraengine.converted_for": target}
