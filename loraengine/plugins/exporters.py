@@ -527,7 +527,7 @@ def kohya_limits(modules: Mapping[str, tuple[str, Collection[str]]],
         out.append(f"{' and '.join(names)}: {UNFUSED} ({len(fused)} layer(s), e.g. "
                    f"{comfy_names.own_path(fused[0])})")
     norms = [n for n in modules if QK_NORM.search(n)]
-    if names and norms:
+    if names and norms and forge_models(modules):
         out.append(f"{' and '.join(names)}: {QK_NORMS} ({len(norms)} layer(s))")
     return out
 
