@@ -2,7 +2,9 @@
 
 - ``kohya``: ``lora_unet_<path with . as _>.<param>`` — ComfyUI, A1111/Forge and
   diffusers' ``load_lora_weights`` read it. For SDXL the path is the original (SAI)
-  name, ``lora_unet_input_blocks_4_1_...``, as sd-scripts writes SDXL files.
+  name, ``lora_unet_input_blocks_4_1_...``, as sd-scripts writes SDXL files; for FLUX.1
+  and SD3 the original model's (``lora_unet_double_blocks_0_img_attn_qkv``), q/k/v
+  fused, as sd-scripts writes them.
 - ``comfyui``: ``diffusion_model.<path>.<param>`` — ComfyUI's own trained files; for a
   UNet the path is the checkpoint's (``diffusion_model.input_blocks.1.1.proj_in``).
 
@@ -536,7 +538,8 @@ def kohya_limits(modules: Mapping[str, tuple[str, Collection[str]]],
 def loraengine_exporters():
     return [
         KOHYA.spec("kohya keys (lora_unet_*) as sd-scripts writes them (SAI names, "
-                   "input_blocks_*, for SDXL): ComfyUI, A1111/Forge, diffusers.",
+                   "input_blocks_*, for SDXL; double_blocks_*/joint_blocks_* for FLUX.1/"
+                   "SD3): ComfyUI, A1111/Forge, diffusers.",
                    KOHYA_LAYOUTS, kohya_limits),
         COMFYUI.spec("ComfyUI keys (diffusion_model.*) as its own trainer writes them "
                      "(the checkpoint's input_blocks.* names for UNets).", COMFYUI_LAYOUTS,
