@@ -2,7 +2,9 @@
 
 - ``kohya``: ``lora_unet_<path with . as _>.<param>`` — ComfyUI, A1111/Forge and
   diffusers' ``load_lora_weights`` read it. For SDXL the path is the original (SAI)
-  name, ``lora_unet_input_blocks_4_1_...``, as sd-scripts writes SDXL files.
+  name, ``lora_unet_input_blocks_4_1_...``, as sd-scripts writes SDXL files; for FLUX.1
+  and SD3 the original model's (``lora_unet_double_blocks_0_img_attn_qkv``), q/k/v
+  fused, as sd-scripts writes them.
 - ``comfyui``: ``diffusion_model.<path>.<param>`` — ComfyUI's own trained files; for a
   UNet the path is the checkpoint's (``diffusion_model.input_blocks.1.1.proj_in``).
 
@@ -99,7 +101,10 @@ class PrefixedFormat:
         fused: dict[str, list] = {}
         for path, params in modules.items():
             native, band = comfy_names.parse(path)
-            if band == comfy_names.SWAP:
+            if band == comfy_names.SWAP and not comfy_names.swappable(params):
+                # no form with the halves swapped: under its own (diffusers) name
+                native = comfy_names.own_path(path)
+            elif band == comfy_names.SWAP:
                 params = comfy_names.swapped(params, path)
             elif band is not None:
                 fused.setdefault(native, []).append((band, path, params))
@@ -129,37 +134,38 @@ class PrefixedFormat:
             return None
         paths = set(module_paths)
         grouped: dict[str, dict[str, torch.Tensor]] = {}
-        if self.underscore:
-            by_stem = {self.encode(p): p for p in paths}
-            for key in keys:
+        # layout names that are a band of a fused module, or its rows swapped: the
+        # file holds the fused (or swapped) module under its own name
+        bands: dict[str, list[tuple[str, tuple[int, int, int]]]] = {}
+        for name in list(paths):
+            native, band = comfy_names.parse(name)
+            if isinstance(band, tuple):
+                bands.setdefault(native, []).append((name, band))
+            elif band is not None:
+                paths.add(native)
+        swapped = {comfy_names.parse(n)[0]: n for n in paths
+                   if comfy_names.parse(n)[1] == comfy_names.SWAP}
+        whole: dict[str, dict[str, torch.Tensor]] = {}
+        by_stem = {self.encode(p): p for p in paths | set(bands)} if self.underscore \
+            else {}
+        for key in keys:
+            if self.underscore:
                 stem, _, param = key.partition(".")
                 module = by_stem.get(stem, stem)
-                grouped.setdefault(module, {})[param] = tensors[key]
-        else:
-            bands: dict[str, list[tuple[str, tuple[int, int, int]]]] = {}
-            for name in list(paths):
-                native, band = comfy_names.parse(name)
-                if isinstance(band, tuple):
-                    bands.setdefault(native, []).append((name, band))
-                elif band is not None:
-                    paths.add(native)
-            swapped = {comfy_names.parse(n)[0]: n for n in paths
-                       if comfy_names.parse(n)[1] == comfy_names.SWAP}
-            whole: dict[str, dict[str, torch.Tensor]] = {}
-            for key in keys:
+            else:
                 rest = key[len(self.prefix):]
                 found = _split_by_paths(rest, paths | set(bands))
                 module, param = found if found else _split_unknown(rest)
-                target = whole if module in bands or module in swapped else grouped
-                target.setdefault(module, {})[param] = tensors[key]
-            for native, params in whole.items():
-                if native in swapped:
-                    grouped[swapped[native]] = comfy_names.swapped(params, native)
-                    continue
-                for name, band in bands[native]:
-                    part = comfy_names.split(params, band, native)
-                    if part:
-                        grouped[name] = part
+            target = whole if module in bands or module in swapped else grouped
+            target.setdefault(module, {})[param] = tensors[key]
+        for native, params in whole.items():
+            if native in swapped:
+                grouped[swapped[native]] = comfy_names.swapped(params, native)
+                continue
+            for name, band in bands[native]:
+                part = comfy_names.split(params, band, native)
+                if part:
+                    grouped[name] = part
         return grouped
 
     def spec(self, description: str, layouts: tuple[str, ...] = (), limits=None
@@ -174,9 +180,11 @@ KOHYA = PrefixedFormat("kohya", "lora_unet_", underscore=True, norm_names=True)
 COMFYUI = PrefixedFormat("comfyui", "diffusion_model.", underscore=False)
 #: Module layouts each format writes where the model has them (``unet_names``):
 #: ComfyUI's own files name a UNet's layers as its checkpoints do (``input_blocks.*``);
-#: sd-scripts does so for SDXL only, and writes diffusers' names for SD1.x/2.x.
+#: sd-scripts does so for SDXL only, and writes diffusers' names for SD1.x/2.x; for
+#: FLUX.1 and SD3 it writes its own models' (the original checkpoints') names, fused
+#: q/k/v included (``lora_unet_double_blocks_0_img_attn_qkv``).
 COMFYUI_LAYOUTS = (LDM, comfy_names.LAYOUT)
-KOHYA_LAYOUTS = (SAI,)
+KOHYA_LAYOUTS = (SAI, comfy_names.SDSCRIPTS)
 
 #: Top-level modules of a diffusers UNet2DConditionModel: their files say ``unet.``.
 UNET_ROOTS = frozenset({"down_blocks", "mid_block", "up_blocks", "conv_in", "conv_out",
@@ -327,27 +335,34 @@ def comfyui_limits(modules: Mapping[str, tuple[str, Collection[str]]]) -> list[s
         if n:
             out.append(f"{text} ({n} layer(s); loraengine convert --model measures it)")
     out += comfyui_fused_limits(modules)
-    return out
+    return out + forge_limits(modules, "comfyui")
 
 
-def comfyui_unfused(modules: Mapping[str, tuple[str, Collection[str]]]) -> list[str]:
-    """The modules (layout names) over a layer ComfyUI fuses that do not fuse and that
-    ComfyUI does not read under their own names either, sorted."""
-    return sorted(name for name, (algorithm, params) in modules.items()
-                  if isinstance(comfy_names.parse(name)[1], tuple)
-                  and not comfy_names.fusable(params)
-                  and not comfy_names.read_by_own_name(name))
+def unfused_modules(modules: Mapping[str, tuple[str, Collection[str]]]) -> list[str]:
+    """The layout names (``comfy_names``) of modules that the ``comfyui``/``kohya``
+    writer keeps under diffusers' names and ComfyUI does not read under them: parts of a
+    fused layer whose algorithm does not fuse, and modulations stored with halves
+    swapped whose algorithm does not swap; sorted."""
+    out = []
+    for name, (_, params) in modules.items():
+        band = comfy_names.parse(name)[1]
+        if (isinstance(band, tuple) and not comfy_names.fusable(params)
+                and not comfy_names.read_by_own_name(name)) or \
+                (band == comfy_names.SWAP and not comfy_names.swappable(params)):
+            out.append(name)
+    return sorted(out)
 
 
 def comfyui_fused_limits(modules: Mapping[str, tuple[str, Collection[str]]]) -> list[str]:
-    """The line for ``comfyui_unfused`` modules, or none."""
-    fused = comfyui_unfused(modules)
+    """The line for ``unfused_modules``, or none."""
+    fused = unfused_modules(modules)
     if not fused:
         return []
-    return [f"ComfyUI's model fuses q/k/v (and FLUX.1's single-block MLP input) into "
-            f"one layer, and only LoRA and LoHa fuse exactly: {len(fused)} layer(s) "
-            f"are written under diffusers' names, which ComfyUI does not load (e.g. "
-            f"{comfy_names.own_path(fused[0])}); the diffusers exporter is read by "
+    return [f"ComfyUI's model fuses q/k/v (and FLUX.1's single-block MLP input) into one "
+            f"layer, and only LoRA, LoHa and full ΔW fuse exactly (nor do all algorithms "
+            f"swap the halves of a modulation it stores the other way): {len(fused)} "
+            f"layer(s) are written under diffusers' names, which ComfyUI does not load "
+            f"(e.g. {comfy_names.own_path(fused[0])}); the diffusers exporter is read by "
             f"ComfyUI for FLUX.1 and SD3"]
 
 
@@ -387,6 +402,76 @@ def comfyui_unread(modules: Iterable[str]) -> list[str]:
     return out
 
 
+#: attention q/k RMSNorms of FLUX.1/SD3 (diffusers' names): the original models call
+#: their weight ``scale``, which no kohya/ComfyUI-name key map of Forge reaches
+QK_NORM = re.compile(r"(^|\.)attn\.norm_(added_)?[qk]$")
+#: diffusers layers Forge reaches as a band of a fused layer or with its halves swapped
+#: (its FLUX.1 map): its loader drops their bias deltas, and applies a full ΔW or GLoRA
+#: of the swapped one unswapped
+FORGE_BANDS = re.compile(r"(attn\.(to_[qkv]|add_[qkv]_proj)|single_transformer_blocks\.\d+"
+                         r"\.proj_mlp|(^|\.)norm_out\.linear)$")
+
+
+def forge_models(names: Iterable[str]) -> set[str]:
+    """Which of Forge's transformer models (``SD3``, ``FLUX.1``) module ``names`` (of a
+    file, in any layout) look made for: both where they fit either."""
+    from loraengine.plugins.models import family_marks, flux, sd3
+
+    plain = [comfy_names.parse(n)[0] for n in names]
+    found = family_marks.looks_like_among((sd3.SD3, flux.FLUX))(plain) or ""
+    return {m for m in ("SD3", "FLUX.1") if m in found}
+
+
+def forge_limits(modules: Mapping[str, tuple[str, Collection[str]]], layout: str
+                 ) -> list[str]:
+    """What Forge's loader (backend/patcher/lora.py, with its key maps for its own
+    FLUX.1 and SD3 models) cannot express of a ``comfyui`` or ``diffusers`` file's
+    modules made for those models, as measured with its code
+    (tests/fixtures/interop/make_webui_lycoris_transformer_fixtures.py; the ``kohya``
+    file's are in ``kohya_limits``); nothing for other models."""
+    models = forge_models(modules) if modules else set()
+    if not models:
+        return []
+    out = _rule_lines(modules, (FORGE,))
+    if layout == "comfyui":
+        fused = unfused_modules(modules)
+        if fused:
+            out.append(f"{FORGE}: {UNFUSED} ({len(fused)} layer(s), e.g. "
+                       f"{comfy_names.own_path(fused[0])})")
+        norms = [n for n in modules if QK_NORM.search(n)]
+        if norms:
+            out.append(f"{FORGE}: {QK_NORMS} ({len(norms)} layer(s))")
+        return out
+    if "SD3" in models:
+        out.append(f"{FORGE}: reads no diffusers names for SD3 (its SD3 map is disabled): "
+                   f"an SD3 file in them does not load there ({len(modules)} layer(s)); "
+                   f"the kohya and comfyui exports do")
+    if "FLUX.1" not in models:
+        return out
+    # LoRA's DoRA is written as PEFT's lora_magnitude_vector (the other algorithms keep
+    # dora_scale, which Forge reads)
+    dora = _count(modules, lambda a, p: a == "lora" and "dora_scale" in p)
+    if dora:
+        out.append(f"{FORGE}: reads no lora_magnitude_vector (PEFT's DoRA) ({dora} layer(s))")
+    banded = [(n, a, set(p)) for n, (a, p) in modules.items() if FORGE_BANDS.search(n)]
+    bias = sum(1 for _, a, p in banded if "diff_b" in p)
+    if bias:
+        out.append(f"{FORGE}: drops the bias delta (diff_b) of layers it maps onto a band of "
+                   f"a fused layer ({bias} layer(s))")
+    swapped = sum(1 for n, a, p in banded if n.endswith("norm_out.linear")
+                  and ("diff" in p or a == "glora"))
+    if swapped:
+        out.append(f"{FORGE}: applies a full ΔW or GLoRA of the final modulation, which it "
+                   f"stores with halves swapped, unswapped ({swapped} layer(s))")
+    return out
+
+
+UNFUSED = ("layers that its FLUX.1/SD3 model joins into one (q/k/v) or stores with "
+           "halves swapped, whose algorithm has no such form, are written under "
+           "diffusers' names, which are not loaded there")
+QK_NORMS = "attention q/k norm deltas (norm_q/norm_k) are not loaded"
+
+
 #: Layer names only the models whose diffusers pipeline reads LoKr have (its
 #: ``lora_state_dict`` lets ``.lokr_`` keys through): Flux.2's and Z-Image's.
 LOKR_PIPELINE_MARKERS = {
@@ -418,9 +503,9 @@ def diffusers_limits(modules: Mapping[str, tuple[str, Collection[str]]]) -> list
 
     other = sorted({a for a, p in modules.values() if not_read(a, set(p))})
     n = _count(modules, not_read)
-    return ([f"diffusers reads only LoRA (and LoKr for Flux.2 and Z-Image); {n} "
-             f"layer(s) of {', '.join(other)} are not applied there"] if n else []) + \
-        comfyui_unread(modules)
+    own = [f"diffusers reads only LoRA (and LoKr for Flux.2 and Z-Image); {n} "
+           f"layer(s) of {', '.join(other)} are not applied there"] if n else []
+    return own + comfyui_unread(modules) + forge_limits(modules, "diffusers")
 
 
 A1111, FORGE, LYCORIS = "A1111 1.8", "Forge", "LyCORIS"
@@ -463,12 +548,9 @@ def _blocks_wider_than_count(params: Collection[str]) -> bool:
     return shape is not None and len(shape) == 3 and shape[1] > shape[0]
 
 
-def kohya_limits(modules: Mapping[str, tuple[str, Collection[str]]],
-                 consumers: Collection[str] = (A1111, FORGE, LYCORIS)) -> list[str]:
-    """What A1111 1.8, Forge and LyCORIS (the readers of kohya files besides ComfyUI and
-    diffusers) cannot express of the modules, one line per limit. Each module is
-    ``(algorithm, its tensor names)``; where the names map to shapes, the limits that
-    depend on a shape are checked too."""
+def _rule_lines(modules: Mapping[str, tuple[str, Collection[str]]],
+                consumers: Collection[str]) -> list[str]:
+    """The ``KOHYA_RULES`` lines of ``consumers`` that ``modules`` hit."""
     out = []
     for who, text, test in KOHYA_RULES:
         names = [c for c in who if c in consumers]
@@ -478,11 +560,31 @@ def kohya_limits(modules: Mapping[str, tuple[str, Collection[str]]],
     return out
 
 
+def kohya_limits(modules: Mapping[str, tuple[str, Collection[str]]],
+                 consumers: Collection[str] = (A1111, FORGE, LYCORIS)) -> list[str]:
+    """What A1111 1.8, Forge and LyCORIS (the readers of kohya files besides ComfyUI and
+    diffusers) cannot express of the modules, one line per limit. Each module is
+    ``(algorithm, its tensor names)``; where the names map to shapes, the limits that
+    depend on a shape are checked too."""
+    out = _rule_lines(modules, consumers)
+    # FLUX.1/SD3 in sd-scripts' names: what stays under diffusers' names
+    names = [c for c in (FORGE, LYCORIS) if c in consumers]
+    fused = unfused_modules(modules)
+    if names and fused:
+        out.append(f"{' and '.join(names)}: {UNFUSED} ({len(fused)} layer(s), e.g. "
+                   f"{comfy_names.own_path(fused[0])})")
+    norms = [n for n in modules if QK_NORM.search(n)]
+    if names and norms and forge_models(modules):
+        out.append(f"{' and '.join(names)}: {QK_NORMS} ({len(norms)} layer(s))")
+    return out
+
+
 @hookimpl
 def loraengine_exporters():
     return [
         KOHYA.spec("kohya keys (lora_unet_*) as sd-scripts writes them (SAI names, "
-                   "input_blocks_*, for SDXL): ComfyUI, A1111/Forge, diffusers.",
+                   "input_blocks_*, for SDXL; double_blocks_*/joint_blocks_* for FLUX.1/"
+                   "SD3): ComfyUI, A1111/Forge, diffusers.",
                    KOHYA_LAYOUTS, kohya_limits),
         COMFYUI.spec("ComfyUI keys (diffusion_model.*) as its own trainer writes them "
                      "(the checkpoint's input_blocks.* names for UNets).", COMFYUI_LAYOUTS,

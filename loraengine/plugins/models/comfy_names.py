@@ -12,7 +12,8 @@ the two halves swapped. A layout name carries that, after ``#``:
 
 - ``double_blocks.0.img_attn.qkv#64,32,160@transformer_blocks.0.attn.to_k``: rows 64–95
   of a 160-row weight (and, after ``@``, the diffusers layer);
-- ``final_layer.adaLN_modulation.1#swap``: the same weight, halves swapped.
+- ``final_layer.adaLN_modulation.1#swap@norm_out.linear``: the same weight, halves
+  swapped (and the diffusers layer).
 
 The ``comfyui`` key format (``exporters.PrefixedFormat``) fuses such modules into one
 on writing (``fuse``) and splits a fused module back on reading (``split``), exactly
@@ -41,6 +42,10 @@ from loraengine.core.errors import DataError
 
 #: the layout these names are offered as (``ModelFamilySpec.layouts``)
 LAYOUT = "comfyui"
+#: the same names as sd-scripts' own FLUX.1 and SD3 models have them (its
+#: ``networks/lora_flux.py`` / ``lora_sd3.py`` write ``lora_unet_`` + these, q/k/v fused)
+SDSCRIPTS = "sd-scripts"
+SDSCRIPTS_CLASSES = frozenset({"FluxTransformer2DModel", "SD3Transformer2DModel"})
 SWAP = "swap"
 
 # -- the names -----------------------------------------------------------------------
@@ -177,6 +182,13 @@ def _add_top(names: dict[str, str], model: nn.Module, table: Mapping[str, str],
             names[ours] = theirs + suffix
 
 
+def _add_swapped(names: dict[str, str], model: nn.Module, table: Mapping[str, str]) -> None:
+    """Top-level layers stored with their row halves swapped: ``name#swap@path``."""
+    for ours, theirs in table.items():
+        if _out(model, ours) is not None:
+            names[ours] = f"{theirs}#{SWAP}@{ours}"
+
+
 def flux_names(model: nn.Module) -> dict[str, str]:
     """FLUX.1 and Chroma (``FluxTransformer2DModel`` / ``ChromaTransformer2DModel``)."""
     names: dict[str, str] = {}
@@ -187,7 +199,7 @@ def flux_names(model: nn.Module) -> dict[str, str]:
         _add_block(names, model, f"single_transformer_blocks.{i}", f"single_blocks.{i}",
                    _FLUX_SINGLE, _FLUX_SINGLE_FUSED)
     _add_top(names, model, _FLUX_TOP)
-    _add_top(names, model, _FLUX_TOP_SWAPPED, "#" + SWAP)
+    _add_swapped(names, model, _FLUX_TOP_SWAPPED)
     for path, module in model.named_modules():
         m = _CHROMA_LAYER.match(path)
         if m and isinstance(module, nn.Linear):
@@ -206,9 +218,9 @@ def sd3_names(model: nn.Module) -> dict[str, str]:
                    SD3_BLOCK, SD3_FUSED)
     last = f"transformer_blocks.{count - 1}.norm1_context.linear"
     if last in names:
-        names[last] += "#" + SWAP
+        names[last] += f"#{SWAP}@{last}"
     _add_top(names, model, SD3_TOP)
-    _add_top(names, model, {"norm_out.linear": "final_layer.adaLN_modulation.1"}, "#" + SWAP)
+    _add_swapped(names, model, {"norm_out.linear": "final_layer.adaLN_modulation.1"})
     return names
 
 
@@ -239,7 +251,7 @@ def flux2_names(model: nn.Module) -> dict[str, str]:
         _add_block(names, model, f"single_transformer_blocks.{i}", f"single_blocks.{i}",
                    _FLUX2_SINGLE, {})
     _add_top(names, model, _FLUX2_TOP)
-    _add_top(names, model, _FLUX_TOP_SWAPPED, "#" + SWAP)
+    _add_swapped(names, model, _FLUX_TOP_SWAPPED)
     return names
 
 
@@ -278,10 +290,16 @@ BY_CLASS: dict[str, Callable[[nn.Module], dict[str, str]]] = {
 
 
 def comfyui_layouts(model: nn.Module) -> dict[str, dict[str, str]]:
-    """``ModelFamilySpec.layouts`` of these families: ``{"comfyui": {path: name}}``,
-    empty for a model of another class."""
-    names = BY_CLASS.get(type(model).__name__)
-    return {LAYOUT: names(model)} if names is not None else {}
+    """``ModelFamilySpec.layouts`` of these families: ``{"comfyui": {path: name}}``
+    (and the same names as ``"sd-scripts"`` for FLUX.1 and SD3, whose sd-scripts models
+    are the original checkpoints' too), empty for a model of another class."""
+    cls = type(model).__name__
+    names = BY_CLASS.get(cls)
+    if names is None:
+        return {}
+    found = names(model)
+    return {LAYOUT: found, SDSCRIPTS: dict(found)} if cls in SDSCRIPTS_CLASSES \
+        else {LAYOUT: found}
 
 
 # -- one band of rows of a fused layer -----------------------------------------------
@@ -291,7 +309,7 @@ def parse(name: str) -> tuple[str, tuple[int, int, int] | str | None]:
     base, sep, tail = name.partition("#")
     if not sep:
         return name, None
-    if tail == SWAP:
+    if tail.partition("@")[0] == SWAP:
         return base, SWAP
     offset, size, total = (int(v) for v in tail.partition("@")[0].split(","))
     return base, (offset, size, total)
@@ -306,13 +324,40 @@ def own_path(name: str) -> str:
 #: every row shares
 _ROWS = {"lora_up.weight", "hada_w1_a", "hada_w2_a", "diff", "diff_b", "dora_scale"}
 _LORA = {"lora_down.weight", "lora_up.weight", "alpha", "dora_scale", "diff_b"}
-_LOHA = {"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "alpha", "diff_b"}
+_LOHA = {"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "alpha", "dora_scale", "diff_b"}
+#: a full ΔW (``full``) and bias deltas: every tensor is rows
+_DIFFS = {"diff", "diff_b"}
 _LOKR_W1 = ("lokr_w1", "lokr_w1_a")
 
 
 def _swap(t: torch.Tensor) -> torch.Tensor:
     first, second = t.chunk(2, dim=0)
     return torch.cat([second, first], dim=0)
+
+
+_LOKR = frozenset({"lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b"})
+_OFT = frozenset({"oft_blocks", "rescale"})
+
+
+def swappable(params) -> bool:
+    """Whether ``swapped`` can write a module with these tensors (a mapping of name to
+    tensor or shape): every tensor is row-wise or shared, a LoKr's small factor has an
+    even number of rows (or one row over a large factor with an even number), and an
+    OFT has an even number of blocks."""
+    if set(params) - _LORA - _LOHA - _ROWS - _LOKR - _OFT:
+        return False
+
+    def rows(key: str) -> int:
+        value = params[key]
+        return int(tuple(value.shape if hasattr(value, "shape") else value)[0])
+
+    w1 = next((k for k in _LOKR_W1 if k in params), None)
+    if w1 is not None and rows(w1) % 2:
+        w2 = next((k for k in ("lokr_w2", "lokr_w2_a") if k in params), None)
+        if not (rows(w1) == 1 and w2 is not None and "lokr_t2" not in params
+                and rows(w2) % 2 == 0):
+            return False
+    return "oft_blocks" not in params or rows("oft_blocks") % 2 == 0
 
 
 def swapped(params: Mapping[str, torch.Tensor], where: str) -> dict[str, torch.Tensor]:
@@ -343,9 +388,7 @@ def swapped(params: Mapping[str, torch.Tensor], where: str) -> dict[str, torch.T
         out["oft_blocks"] = _swap(params["oft_blocks"])
     if "rescale" in params:
         out["rescale"] = _swap(params["rescale"])
-    other = set(params) - _LORA - _LOHA - _ROWS - {"lokr_w1", "lokr_w1_a", "lokr_w1_b",
-                                                   "lokr_w2", "lokr_w2_a", "lokr_w2_b",
-                                                   "oft_blocks", "rescale"}
+    other = set(params) - _LORA - _LOHA - _ROWS - _LOKR - _OFT
     if other:
         raise DataError(f"module {where}: {', '.join(sorted(other))} cannot be written with "
                         f"the layer's halves swapped (ComfyUI stores them the other way)")
@@ -358,20 +401,24 @@ def _scale(params: Mapping[str, torch.Tensor], rank: int) -> float:
 
 def fusable(params) -> bool:
     """Whether a module with these tensor names can be part of a fused layer
-    (``fuse``): a LoRA or a LoHa."""
+    (``fuse``): a LoRA or a LoHa (with DoRA or not), or a full ΔW / bias delta."""
     keys = set(params)
     return (keys <= _LORA and {"lora_down.weight", "lora_up.weight"} <= keys) or \
-        (keys <= _LOHA and {"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"} <= keys)
+        (keys <= _LOHA and {"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"} <= keys) \
+        or (bool(keys) and keys <= _DIFFS)
 
 
 def fuse(parts: list[tuple[tuple[int, int, int], str, Mapping[str, torch.Tensor]]],
          native: str) -> dict[str, torch.Tensor]:
     """One module of the fused layer ``native`` from its parts' modules (``(band, our
     path, tensors)``): LoRA as rank Σr with ``lora_down`` stacked and ``lora_up`` block
-    diagonal, LoHa likewise for both products; rows of a missing part stay zero. Each
-    part's scale α/r is kept (as α = s·Σr where all agree, else folded into its rows)."""
+    diagonal, LoHa likewise for both products, a full ΔW (``diff``/``diff_b``) by rows;
+    rows of a missing part stay zero. Each part's scale α/r is kept (as α = s·Σr where
+    all agree, else folded into its rows)."""
     total = parts[0][0][2]
     keys = [set(p) for _, _, p in parts]
+    if all(k and k <= _DIFFS for k in keys):
+        return _stacked(parts, sorted(_DIFFS), total)
     if all(fusable(k) and "lora_up.weight" in k for k in keys):
         pairs = [("lora_up.weight", "lora_down.weight")]
     elif all(fusable(k) and "hada_w1_a" in k for k in keys):
@@ -402,8 +449,17 @@ def fuse(parts: list[tuple[tuple[int, int, int], str, Mapping[str, torch.Tensor]
             col += r
         out[up_key], out[down_key] = up, torch.cat(downs, dim=0)
     out["alpha"] = torch.tensor(scales[0] * rank if common else float(rank))
-    for key in ("diff_b", "dora_scale"):
-        if any(key in k for k in keys):
+    out.update(_stacked(parts, ["diff_b", "dora_scale"], total))
+    return out
+
+
+def _stacked(parts: list[tuple[tuple[int, int, int], str, Mapping[str, torch.Tensor]]],
+             names: list[str], total: int) -> dict[str, torch.Tensor]:
+    """The tensors ``names`` of the parts stacked by rows into the fused layer's
+    ``total`` rows (zero where a part has none)."""
+    out: dict[str, torch.Tensor] = {}
+    for key in names:
+        if any(key in p for _, _, p in parts):
             ex = next(p[key] for _, _, p in parts if key in p)
             fused = torch.zeros(total, *ex.shape[1:], dtype=ex.dtype)
             for (offset, size, _), _, p in parts:

@@ -44,11 +44,12 @@ from loraengine.plugins.exporters import (
     KOHYA_RULES,
     LYCORIS,
     comfyui_fused_limits,
-    comfyui_unfused,
+    forge_limits,
     kohya_limits,
     lokr_pipeline,
     lokr_without_tucker,
     peft_lokr,
+    unfused_modules,
 )
 from loraengine.plugins.models.comfy_names import own_path
 from loraengine.tools.convert.targets import TARGETS
@@ -236,7 +237,7 @@ def fused_warnings(file: AdapterFile, model: nn.Module,
     if not lines:
         return []
     worst, where = 0.0, ""
-    for name in comfyui_unfused(summary):
+    for name in unfused_modules(summary):
         path = own_path(name)
         module = file.modules.get(path)
         if module is None or not module.owners:
@@ -318,14 +319,21 @@ def convert_file(source: Path, target: str, model_path: Path | None = None,
         layouts = {}
         warnings += [f"{consumer}: {limit} (pass --model to measure the difference)"
                      for limit in unmeasured(target, file)]
+    # each module as the written file names it (a layout marks fused and swapped layers)
+    paths = list(file.modules)
+    named = dict(zip(paths, in_layout({p: {} for p in paths}, exporter, layouts), strict=True))
+    written = (lokr_without_tucker if target == "a1111" else dict)
+    summary = {named[path]: (m.algorithm or "deltas",
+                             {k: tuple(v.shape) for k, v in
+                              written({**m.params, **m.deltas}).items()})
+               for path, m in file.modules.items()}
     if target in KOHYA_READERS:
-        written = (lokr_without_tucker if target == "a1111" else dict)
-        summary = {path: (m.algorithm or "deltas",
-                          {k: tuple(v.shape) for k, v in
-                           written({**m.params, **m.deltas}).items()})
-                   for path, m in file.modules.items()}
         # the limits not measured above, by name
         warnings += [line for line in kohya_limits(summary, KOHYA_READERS[target])
+                     if not any(f": {text} (" in line for text in measured)]
+    elif target in ("comfyui", "diffusers"):
+        # Forge reads these files too (FLUX.1/SD3 ones; not measured)
+        warnings += [line for line in forge_limits(summary, target)
                      if not any(f": {text} (" in line for text in measured)]
     if target == "comfyui" and model is not None and layouts:
         warnings += fused_warnings(file, model, modules, exporter, layouts)
