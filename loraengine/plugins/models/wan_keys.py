@@ -25,7 +25,11 @@ _BLOCK = {"attn1.to_q": "self_attn.q", "attn1.to_k": "self_attn.k",
           "attn2.to_q": "cross_attn.q", "attn2.to_k": "cross_attn.k",
           "attn2.to_v": "cross_attn.v", "attn2.to_out.0": "cross_attn.o",
           "attn2.add_k_proj": "cross_attn.k_img", "attn2.add_v_proj": "cross_attn.v_img",
-          "ffn.net.0.proj": "ffn.0", "ffn.net.2": "ffn.2"}
+          "ffn.net.0.proj": "ffn.0", "ffn.net.2": "ffn.2",
+          # the norms with weights (ComfyUI's trainer gives each a ``diff``)
+          "attn1.norm_q": "self_attn.norm_q", "attn1.norm_k": "self_attn.norm_k",
+          "attn2.norm_q": "cross_attn.norm_q", "attn2.norm_k": "cross_attn.norm_k",
+          "norm2": "norm3"}
 #: whole module paths outside the blocks
 _TOP = {"condition_embedder.time_embedder.linear_1": "time_embedding.0",
         "condition_embedder.time_embedder.linear_2": "time_embedding.2",
