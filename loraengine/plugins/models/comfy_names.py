@@ -352,6 +352,22 @@ def comfyui_layouts(model: nn.Module) -> dict[str, dict[str, str]]:
     return {LAYOUT: names(model)} if names is not None else {}
 
 
+def lokr_kernel_flattened(params: Mapping[str, torch.Tensor]) -> Mapping[str, torch.Tensor]:
+    """A LoKr module of a 3-D convolution with its large factor as a matrix
+    (``lokr_w2`` ``[b, d, kt, kh, kw]`` -> ``[b, d·kt·kh·kw]``, likewise ``lokr_w2_b``):
+    ComfyUI widens the small factor for a 2-D kernel only, and would take the Kronecker
+    product of a matrix and a 5-D tensor; of the matrix it is the same ΔW (rows of w2
+    stay rows; each column block of w1 meets whole input channels with their kernels).
+    loraengine's reader takes either shape. Any other module as it is."""
+    if params.get("lokr_t2") is not None:
+        return params
+    out = dict(params)
+    for key in ("lokr_w2", "lokr_w2_b"):
+        t = params.get(key)
+        if t is not None and t.ndim == 5:
+            out[key] = t.reshape(t.shape[0], -1)
+    return out
+
 # -- one band of rows of a fused layer -----------------------------------------------
 
 def parse(name: str) -> tuple[str, tuple[int, int, int] | str | None]:

@@ -17,6 +17,7 @@ from collections.abc import Iterable, Mapping
 import torch
 
 from loraengine.core.plugins.specs import ExporterSpec
+from loraengine.plugins.models import comfy_names
 
 PREFIX = "diffusion_model."
 #: diffusers module path suffix -> the original's, inside ``blocks.<n>.``
@@ -57,7 +58,7 @@ def to_file(modules: Mapping[str, Mapping[str, torch.Tensor]]) -> dict[str, torc
         if name is None:
             raise ValueError(f"module {path}: the wan_comfyui format has no name for it "
                              f"(adapt the blocks, or use the diffusers format)")
-        for param, tensor in params.items():
+        for param, tensor in comfy_names.lokr_kernel_flattened(params).items():
             out[f"{PREFIX}{name}.{param}"] = tensor
     return out
 
