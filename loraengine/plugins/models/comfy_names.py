@@ -22,11 +22,17 @@ fused layer are written under the diffusers layer's own name, which ComfyUI's mo
 does not have: the exporter's limits say so before training. Qwen-Image and HiDream need none of
 this: ComfyUI's models of them use diffusers' own names.
 
+The video families (ComfyUI 0.8.0 and later): Wan's original names (``wan_keys``);
+LTX-2's original names, diffusers' but for the patchify projections, the timestep
+embedders and the q/k norms; HunyuanVideo 1.5 laid out as FLUX.1's double blocks, with
+q/k/v fused in the blocks and in its text refiner and the final layer's halves swapped.
+
 The tables are facts of the original checkpoints (which diffusers' single-file
 converters read, and ComfyUI's ``flux_to_diffusers``/``mmdit_to_diffusers`` maps name);
 ``tests/fixtures/interop/make_comfyui_transformer_fixtures.py`` checks them against
 ComfyUI's own model and loader (Flux.2's and Z-Image's against diffusers' single-file
-converters only: the ComfyUI commit checked has no such model).
+converters only: the ComfyUI commit checked has no such model), and
+``make_comfyui_video_fixtures.py`` the video families' against ComfyUI 0.8.0's.
 """
 
 from __future__ import annotations

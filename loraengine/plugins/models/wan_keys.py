@@ -6,7 +6,10 @@ in diffusers' names would load nothing there.
 The renames are those between diffusers' ``WanTransformer3DModel`` and the released
 Wan checkpoints (per block: ``attn1`` → ``self_attn``, ``attn2`` → ``cross_attn``,
 ``to_q/k/v/out.0`` → ``q/k/v/o``, ``add_k/v_proj`` → ``k_img/v_img``,
-``ffn.net.0.proj/net.2`` → ``ffn.0/2``; outside the blocks the embedders and the head).
+``ffn.net.0.proj/net.2`` → ``ffn.0/2``, the q/k norms, and diffusers' ``norm2`` (the
+cross-attention norm) → ``norm3``; outside the blocks the embedders and the head). A
+LoKr on the 3-D patch embedding is written as ComfyUI computes it right
+(``comfy_names.lokr_kernel_flattened``).
 """
 
 from __future__ import annotations
