@@ -206,32 +206,46 @@ def test_hunyuan_lokr_over_fused_qkv_keeps_diffusers_names_and_warns(tmp_path):
 
 
 @pytest.mark.parametrize("family", ["wan", "hunyuan_video15"])
-def test_lokr_on_the_3d_patch_embedding_is_written_as_comfyui_computes_it(family, tmp_path):
+@pytest.mark.parametrize("options", [{"factor": -1}, {"factor": 2, "use_tucker": True}],
+                         ids=["whole", "tucker"])
+def test_lokr_on_the_3d_patch_embedding_is_written_as_comfyui_computes_it(family, options,
+                                                                          tmp_path):
     """ComfyUI widens LoKr's small factor for 2-D kernels only (``torch.kron(w1, w2)``
-    of a matrix and a 5-D tensor is another product): a Conv3d's ``lokr_w2`` is written
-    as a matrix, with which ComfyUI's formula, ``kron(w1, w2).reshape(W.shape)``, is the
-    layer's ΔW; read back, the same ΔW bit for bit."""
+    of a matrix and a 5-D tensor is another product) and its Tucker product is written
+    for 2-D kernels (it raises on a 5-D core): a Conv3d's large factor is written as a
+    matrix (a Tucker core multiplied out first), with which ComfyUI's formula,
+    ``kron(w1, w2).reshape(W.shape)`` times α/dim where a factor is low rank, is the
+    layer's ΔW; read back, the same ΔW."""
     model = _model(family)
     conv = next(p for p, m in model.named_modules() if isinstance(m, torch.nn.Conv3d))
-    network = _network(model, "lokr", {"factor": -1})
+    network = _network(model, "lokr", options)
+    if family == "wan":  # (HunyuanVideo 1.5's 9 input channels get no Tucker core here)
+        assert ("lokr_t2" in network.file_modules()[conv]) == ("use_tucker" in options)
     path = tmp_path / "k.safetensors"
     exporters = ("comfyui", "wan_comfyui") if family == "wan" else ("comfyui",)
-    names = module_layouts(REG, model)[comfy_names.LAYOUT]
+    stem = f"diffusion_model.{module_layouts(REG, model)[comfy_names.LAYOUT][conv]}"
     delta = network[conv].delta_weight().detach()
+    # ΔW in fp32 of factors multiplied out: a few ulps of |ΔW|
+    tol = 1e-6
     for exporter in exporters:
         tensors = write_adapter_file(path, network.file_modules(), REG.get("exporter", exporter),
                                      {}, module_layouts(REG, model))
-        stem = f"diffusion_model.{names[conv]}"
-        w1, w2 = tensors[f"{stem}.lokr_w1"].float(), tensors[f"{stem}.lokr_w2"].float()
-        assert w2.ndim == 2
-        scale = float(tensors[f"{stem}.alpha"]) / w2.shape[0] if "lokr_w2_b" in tensors else 1.0
+        mine = {k.removeprefix(stem + "."): v.float() for k, v in tensors.items()
+                if k.startswith(stem + ".")}
+        assert "lokr_t2" not in mine
+        w1 = mine["lokr_w1"] if "lokr_w1" in mine else mine["lokr_w1_a"] @ mine["lokr_w1_b"]
+        w2 = mine["lokr_w2"] if "lokr_w2" in mine else mine["lokr_w2_a"] @ mine["lokr_w2_b"]
+        assert w1.ndim == w2.ndim == 2
+        low = mine.get("lokr_w2_b", mine.get("lokr_w1_b"))
+        scale = float(mine["alpha"]) / low.shape[0] if low is not None and "alpha" in mine \
+            else 1.0
         theirs = torch.kron(w1, w2).reshape(delta.shape) * scale
-        assert relative_error(theirs, delta) <= 1e-6
+        assert relative_error(theirs, delta) <= tol
         target = _model(family)
         handle = loraengine.apply(target, path, mode="merge", host=HOST)
         assert conv in handle.modules
         want = model.get_submodule(conv).weight.detach() + delta
-        assert relative_error(target.get_submodule(conv).weight.detach(), want) <= 1e-6
+        assert relative_error(target.get_submodule(conv).weight.detach(), want) <= tol
 
 
 @pytest.mark.parametrize("family", ["wan", "ltx2"])

@@ -364,9 +364,17 @@ def lokr_kernel_flattened(params: Mapping[str, torch.Tensor]) -> Mapping[str, to
     ComfyUI widens the small factor for a 2-D kernel only, and would take the Kronecker
     product of a matrix and a 5-D tensor; of the matrix it is the same ΔW (rows of w2
     stay rows; each column block of w1 meets whole input channels with their kernels).
-    loraengine's reader takes either shape. Any other module as it is."""
-    if params.get("lokr_t2") is not None:
-        return params
+    loraengine's reader takes either shape. A Tucker core over a 3-D kernel, which
+    ComfyUI's Tucker product (written for 2-D kernels) fails on, is first multiplied
+    out into a whole ``lokr_w2`` (``exporters.lokr_without_tucker``, the same ΔW). Any
+    other module as it is."""
+    t2 = params.get("lokr_t2")
+    if t2 is not None:
+        if t2.ndim != 5:
+            return params
+        from loraengine.plugins.exporters import lokr_without_tucker
+
+        params = lokr_without_tucker(params)
     out = dict(params)
     for key in ("lokr_w2", "lokr_w2_b"):
         t = params.get(key)
