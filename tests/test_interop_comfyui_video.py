@@ -299,3 +299,20 @@ def test_convert_rekeys_a_diffusers_file_into_comfyuis_names(family, tmp_path):
     # products summed in the same order: a few ulps at most
     for p in network.paths:
         assert relative_error(b.get_submodule(p).weight, a.get_submodule(p).weight) <= 1e-6, p
+
+
+@pytest.mark.parametrize(("family", "model_family", "phrase"), [
+    ("wan", "ltx2", "a Wan 2.x"), ("ltx2", "hunyuan_video15", "an LTX-2"),
+    ("hunyuan_video15", "wan", "a HunyuanVideo 1.5")])
+def test_a_trainloranode_file_for_another_video_model_says_which(family, model_family,
+                                                                  phrase):
+    """ComfyUI's own names of one video model, applied to another: one line naming the
+    family the file looks made for."""
+    from loraengine.core.errors import LoraEngineError
+
+    tensors = load_file(str(FIXTURES / f"{family}_trainlora_lora.safetensors"))
+    with pytest.raises(LoraEngineError) as err:
+        loraengine.apply(_model(model_family), tensors, mode="merge", host=HOST)
+    message = str(err.value)
+    assert "\n" not in message
+    assert message.endswith(f"the file looks made for {phrase} transformer")
