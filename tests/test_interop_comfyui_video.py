@@ -316,3 +316,22 @@ def test_a_trainloranode_file_for_another_video_model_says_which(family, model_f
     message = str(err.value)
     assert "\n" not in message
     assert message.endswith(f"the file looks made for {phrase} transformer")
+
+
+def test_wan22_experts_trained_together_write_comfyuis_names_in_each_file():
+    """Wan 2.2 A14B's experts trained together (``model.expert: both``) write one file
+    per expert, each named without its expert's prefix (as the training loop's
+    ``lora_tensors`` does): with ``adapter.exporter: comfyui`` each file is in ComfyUI's
+    names, every module a key ComfyUI's Wan model loads."""
+    from loraengine.plugins.models.wan import WanExperts
+
+    experts = WanExperts(tv.wan_transformer(0), tv.wan_transformer(1), 875.0)
+    network = _network(experts, "lora")
+    key_map = _keys("wan")["model_lora_keys_unet"]
+    spec = REG.get("exporter", "comfyui")
+    for prefix in ("high_noise.", "low_noise."):
+        modules = {k[len(prefix):]: v for k, v in network.file_modules().items()
+                   if k.startswith(prefix)}
+        tensors = spec.to_file(in_layout(modules, spec, module_layouts(REG, experts)))
+        stems = _modules(tensors)
+        assert len(stems) == 27 and stems <= set(key_map)

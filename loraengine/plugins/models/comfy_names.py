@@ -302,6 +302,14 @@ def wan_names(model: nn.Module) -> dict[str, str]:
             if (name := to_original(path)) is not None}
 
 
+def wan_expert_names(model: nn.Module) -> dict[str, str]:
+    """Wan 2.2's two experts trained together (``wan.WanExperts``): each expert's file
+    names its layers without the expert's prefix, as one Wan model's (the experts have
+    the same layers)."""
+    expert = getattr(model, "high_noise", None)
+    return wan_names(expert) if isinstance(expert, nn.Module) else {}
+
+
 def hunyuan_video15_names(model: nn.Module) -> dict[str, str]:
     """HunyuanVideo 1.5 (``HunyuanVideo15Transformer3DModel``, ComfyUI's HunyuanVideo
     model): FLUX.1-style double blocks with fused ``img_attn.qkv`` / ``txt_attn.qkv``, the
@@ -346,7 +354,7 @@ BY_CLASS: dict[str, Callable[[nn.Module], dict[str, str]]] = {
     "FluxTransformer2DModel": flux_names, "ChromaTransformer2DModel": flux_names,
     "SD3Transformer2DModel": sd3_names, "Lumina2Transformer2DModel": lumina2_names,
     "Flux2Transformer2DModel": flux2_names, "ZImageTransformer2DModel": z_image_names,
-    "WanTransformer3DModel": wan_names,
+    "WanTransformer3DModel": wan_names, "WanExperts": wan_expert_names,
     "HunyuanVideo15Transformer3DModel": hunyuan_video15_names,
     "LTX2VideoTransformer3DModel": ltx2_names}
 
