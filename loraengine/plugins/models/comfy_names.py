@@ -390,6 +390,7 @@ def lokr_kernel_flattened(params: Mapping[str, torch.Tensor]) -> Mapping[str, to
             out[key] = t.reshape(t.shape[0], -1)
     return out
 
+
 # -- one band of rows of a fused layer -----------------------------------------------
 
 def parse(name: str) -> tuple[str, tuple[int, int, int] | str | None]:
