@@ -87,11 +87,14 @@ def lokr_without_tucker(params: Mapping[str, torch.Tensor]) -> Mapping[str, torc
 
 class PrefixedFormat:
     """``<prefix><path>.<param>`` where ``path`` may be rewritten by ``encode``;
-    ``norm_names``: norm deltas as ``w_norm``/``b_norm`` (``norm_deltas_as_lycoris``)."""
+    ``norm_names``: norm deltas as ``w_norm``/``b_norm`` (``norm_deltas_as_lycoris``);
+    ``comfy_lokr``: a 3-D convolution's LoKr factors as ComfyUI computes them right
+    (``comfy_names.lokr_kernel_flattened``)."""
 
-    def __init__(self, name: str, prefix: str, underscore: bool, norm_names: bool = False):
+    def __init__(self, name: str, prefix: str, underscore: bool, norm_names: bool = False,
+                 comfy_lokr: bool = False):
         self.name, self.prefix, self.underscore = name, prefix, underscore
-        self.norm_names = norm_names
+        self.norm_names, self.comfy_lokr = norm_names, comfy_lokr
 
     def encode(self, path: str) -> str:
         return self.prefix + (path.replace(".", "_") if self.underscore else path)
@@ -112,6 +115,8 @@ class PrefixedFormat:
             stem = self.encode(native)
             if self.norm_names:
                 params = norm_deltas_as_lycoris(params)
+            if self.comfy_lokr:
+                params = comfy_names.lokr_kernel_flattened(params)
             for param, tensor in params.items():
                 out[f"{stem}.{param}"] = tensor
         for native, parts in fused.items():
@@ -177,7 +182,7 @@ class PrefixedFormat:
 #: kohya files are read by sd-scripts' LyCORIS and by A1111, whose norm modules read
 #: ``w_norm``/``b_norm`` only; ComfyUI's own files keep TrainLoraNode's ``diff``.
 KOHYA = PrefixedFormat("kohya", "lora_unet_", underscore=True, norm_names=True)
-COMFYUI = PrefixedFormat("comfyui", "diffusion_model.", underscore=False)
+COMFYUI = PrefixedFormat("comfyui", "diffusion_model.", underscore=False, comfy_lokr=True)
 #: Module layouts each format writes where the model has them (``unet_names``):
 #: ComfyUI's own files name a UNet's layers as its checkpoints do (``input_blocks.*``);
 #: sd-scripts does so for SDXL only, and writes diffusers' names for SD1.x/2.x; for

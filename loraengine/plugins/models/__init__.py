@@ -35,7 +35,7 @@ from loraengine.plugins.models import (
 def loraengine_models():
     # ComfyUI's own (original checkpoint) names, where its model is laid out so
     named = (sd3.SPEC, flux.SPEC, flux2.SPEC, z_image.SPEC, lumina2.SPEC, chroma.SPEC,
-             wan.SPEC)
+             wan.SPEC, ltx2.SPEC, hunyuan_video15.SPEC)
     specs = [diffusers_folder.SPEC, module.SPEC, comfyui.SPEC, *unet.SPECS, sd3.SPEC,
              flux.SPEC, flux2.SPEC, qwen_image.SPEC, z_image.SPEC, lumina2.SPEC, chroma.SPEC,
              hidream.SPEC, wan.SPEC, ltx2.SPEC, hunyuan_video15.SPEC]

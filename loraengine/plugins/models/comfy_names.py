@@ -23,11 +23,17 @@ fused layer are written under the diffusers layer's own name, which ComfyUI's mo
 does not have: the exporter's limits say so before training. Qwen-Image and HiDream need none of
 this: ComfyUI's models of them use diffusers' own names.
 
+The video families (ComfyUI 0.8.0 and later): Wan's original names (``wan_keys``);
+LTX-2's original names, diffusers' but for the patchify projections, the timestep
+embedders and the q/k norms; HunyuanVideo 1.5 laid out as FLUX.1's double blocks, with
+q/k/v fused in the blocks and in its text refiner and the final layer's halves swapped.
+
 The tables are facts of the original checkpoints (which diffusers' single-file
 converters read, and ComfyUI's ``flux_to_diffusers``/``mmdit_to_diffusers`` maps name);
 ``tests/fixtures/interop/make_comfyui_transformer_fixtures.py`` checks them against
 ComfyUI's own model and loader (ComfyUI 0.8.0; Flux.2's and Z-Image's also against
-diffusers' single-file converters).
+diffusers' single-file converters), and ``make_comfyui_video_fixtures.py`` the video
+families' against ComfyUI 0.8.0's.
 """
 
 from __future__ import annotations
@@ -132,6 +138,49 @@ _FLUX2_TOP = {"x_embedder": "img_in", "context_embedder": "txt_in",
 _ZIMAGE_BLOCK = {"attention.to_out.0": "attention.out", "attention.norm_q": "attention.q_norm",
                  "attention.norm_k": "attention.k_norm"}
 _ZIMAGE_FUSED = {"attention.qkv": ("attention.to_q", "attention.to_k", "attention.to_v")}
+
+#: HunyuanVideo 1.5's double block i (``double_blocks.i``, laid out as FLUX.1's, with
+#: q/k/v fused) and its text refiner block i (``txt_in.individual_token_refiner.blocks.i``)
+_HY15_DOUBLE = {"attn.to_out.0": "img_attn.proj", "attn.to_add_out": "txt_attn.proj",
+                "norm1.linear": "img_mod.lin", "norm1_context.linear": "txt_mod.lin",
+                "ff.net.0.proj": "img_mlp.0", "ff.net.2": "img_mlp.2",
+                "ff_context.net.0.proj": "txt_mlp.0", "ff_context.net.2": "txt_mlp.2"}
+_HY15_REFINER = {"attn.to_out.0": "self_attn.proj", "ff.net.0.proj": "mlp.0",
+                 "ff.net.2": "mlp.2", "norm_out.linear": "adaLN_modulation.1",
+                 "norm1": "norm1", "norm2": "norm2"}
+_HY15_REFINER_FUSED = {"self_attn.qkv": ("attn.to_q", "attn.to_k", "attn.to_v")}
+_HY15_TOP = {"x_embedder.proj": "img_in.proj", "proj_out": "final_layer.linear",
+             "time_embed.timestep_embedder.linear_1": "time_in.in_layer",
+             "time_embed.timestep_embedder.linear_2": "time_in.out_layer",
+             "context_embedder.proj_in": "txt_in.input_embedder",
+             "context_embedder.time_text_embed.timestep_embedder.linear_1":
+                 "txt_in.t_embedder.in_layer",
+             "context_embedder.time_text_embed.timestep_embedder.linear_2":
+                 "txt_in.t_embedder.out_layer",
+             "context_embedder.time_text_embed.text_embedder.linear_1":
+                 "txt_in.c_embedder.in_layer",
+             "context_embedder.time_text_embed.text_embedder.linear_2":
+                 "txt_in.c_embedder.out_layer",
+             "context_embedder_2.norm": "byt5_in.layernorm",
+             "context_embedder_2.linear_1": "byt5_in.fc1",
+             "context_embedder_2.linear_2": "byt5_in.fc2",
+             "context_embedder_2.linear_3": "byt5_in.fc3",
+             "image_embedder.norm_in": "vision_in.proj.0",
+             "image_embedder.linear_1": "vision_in.proj.1",
+             "image_embedder.linear_2": "vision_in.proj.3",
+             "image_embedder.norm_out": "vision_in.proj.4",
+             "cond_type_embed": "cond_type_embedding"}
+
+#: LTX-2: diffusers keeps the original names but for these (whole path prefixes, and
+#: the q/k norms of every attention)
+_LTX2_PREFIXES = (("audio_proj_in", "audio_patchify_proj"), ("proj_in", "patchify_proj"),
+                  ("audio_time_embed.", "audio_adaln_single."),
+                  ("time_embed.", "adaln_single."),
+                  ("av_cross_attn_video_scale_shift.", "av_ca_video_scale_shift_adaln_single."),
+                  ("av_cross_attn_video_a2v_gate.", "av_ca_a2v_gate_adaln_single."),
+                  ("av_cross_attn_audio_scale_shift.", "av_ca_audio_scale_shift_adaln_single."),
+                  ("av_cross_attn_audio_v2a_gate.", "av_ca_v2a_gate_adaln_single."))
+_LTX2_NORMS = ((".norm_q", ".q_norm"), (".norm_k", ".k_norm"))
 
 
 #: a diffusers layer of Z-Image's fused q/k/v: ComfyUI's Z-Image (and Lumina 2) model
@@ -281,12 +330,61 @@ def wan_names(model: nn.Module) -> dict[str, str]:
             if (name := to_original(path)) is not None}
 
 
+def wan_expert_names(model: nn.Module) -> dict[str, str]:
+    """Wan 2.2's two experts trained together (``wan.WanExperts``): each expert's file
+    names its layers without the expert's prefix, as one Wan model's (the experts have
+    the same layers)."""
+    expert = getattr(model, "high_noise", None)
+    return wan_names(expert) if isinstance(expert, nn.Module) else {}
+
+
+def hunyuan_video15_names(model: nn.Module) -> dict[str, str]:
+    """HunyuanVideo 1.5 (``HunyuanVideo15Transformer3DModel``, ComfyUI's HunyuanVideo
+    model): FLUX.1-style double blocks with fused ``img_attn.qkv`` / ``txt_attn.qkv``, the
+    text refiner's fused ``self_attn.qkv``, and the final layer's (shift, scale)."""
+    names: dict[str, str] = {}
+    for i in range(_blocks(model, "transformer_blocks")):
+        _add_block(names, model, f"transformer_blocks.{i}", f"double_blocks.{i}",
+                   _HY15_DOUBLE, _FLUX_DOUBLE_FUSED)
+    refiner = "context_embedder.token_refiner.refiner_blocks"
+    blocks = getattr(getattr(getattr(model, "context_embedder", None), "token_refiner", None),
+                     "refiner_blocks", None)
+    for i in range(len(blocks) if isinstance(blocks, nn.ModuleList) else 0):
+        _add_block(names, model, f"{refiner}.{i}", f"txt_in.individual_token_refiner.blocks.{i}",
+                   _HY15_REFINER, _HY15_REFINER_FUSED)
+    _add_top(names, model, _HY15_TOP)
+    _add_top(names, model, {"norm_out.linear": "final_layer.adaLN_modulation.1"}, "#" + SWAP)
+    return names
+
+
+def ltx2_name(path: str) -> str:
+    """The original (ComfyUI's) name of an LTX-2 diffusers module path."""
+    for ours, theirs in _LTX2_PREFIXES:
+        if path == ours.rstrip(".") or path.startswith(ours):
+            path = theirs.rstrip(".") + path[len(ours.rstrip(".")):]
+            break
+    for ours, theirs in _LTX2_NORMS:
+        if path.endswith(ours):
+            path = path[:-len(ours)] + theirs
+    return path
+
+
+def ltx2_names(model: nn.Module) -> dict[str, str]:
+    """LTX-2 (``LTX2VideoTransformer3DModel``, ComfyUI's LTXAV model): diffusers' names
+    but the patchify projections, the timestep embedders and the q/k norms."""
+    return {path: ltx2_name(path) for path, module in model.named_modules()
+            if isinstance(getattr(module, "weight", None), torch.Tensor)
+            and ltx2_name(path) != path}
+
+
 #: diffusers class -> its ComfyUI names
 BY_CLASS: dict[str, Callable[[nn.Module], dict[str, str]]] = {
     "FluxTransformer2DModel": flux_names, "ChromaTransformer2DModel": flux_names,
     "SD3Transformer2DModel": sd3_names, "Lumina2Transformer2DModel": lumina2_names,
     "Flux2Transformer2DModel": flux2_names, "ZImageTransformer2DModel": z_image_names,
-    "WanTransformer3DModel": wan_names}
+    "WanTransformer3DModel": wan_names, "WanExperts": wan_expert_names,
+    "HunyuanVideo15Transformer3DModel": hunyuan_video15_names,
+    "LTX2VideoTransformer3DModel": ltx2_names}
 
 
 def comfyui_layouts(model: nn.Module) -> dict[str, dict[str, str]]:
@@ -300,6 +398,31 @@ def comfyui_layouts(model: nn.Module) -> dict[str, dict[str, str]]:
     found = names(model)
     return {LAYOUT: found, SDSCRIPTS: dict(found)} if cls in SDSCRIPTS_CLASSES \
         else {LAYOUT: found}
+
+
+def lokr_kernel_flattened(params: Mapping[str, torch.Tensor]) -> Mapping[str, torch.Tensor]:
+    """A LoKr module of a 3-D convolution with its large factor as a matrix
+    (``lokr_w2`` ``[b, d, kt, kh, kw]`` -> ``[b, d·kt·kh·kw]``, likewise ``lokr_w2_b``):
+    ComfyUI widens the small factor for a 2-D kernel only, and would take the Kronecker
+    product of a matrix and a 5-D tensor; of the matrix it is the same ΔW (rows of w2
+    stay rows; each column block of w1 meets whole input channels with their kernels).
+    loraengine's reader takes either shape. A Tucker core over a 3-D kernel, which
+    ComfyUI's Tucker product (written for 2-D kernels) fails on, is first multiplied
+    out into a whole ``lokr_w2`` (``exporters.lokr_without_tucker``, the same ΔW). Any
+    other module as it is."""
+    t2 = params.get("lokr_t2")
+    if t2 is not None:
+        if t2.ndim != 5:
+            return params
+        from loraengine.plugins.exporters import lokr_without_tucker
+
+        params = lokr_without_tucker(params)
+    out = dict(params)
+    for key in ("lokr_w2", "lokr_w2_b"):
+        t = params.get(key)
+        if t is not None and t.ndim == 5:
+            out[key] = t.reshape(t.shape[0], -1)
+    return out
 
 
 # -- one band of rows of a fused layer -----------------------------------------------

@@ -47,7 +47,12 @@ HUNYUAN_VIDEO15 = flow_transformer_family(
            # the original checkpoint's names (diffusers' single-file converter)
            "double_blocks.N.(img|txt)_(attn_(qkv|proj|[qk]_norm)|mlp.fc[12]|mod.linear)",
            "txt_in.individual_token_refiner", "x_embedder.proj", "norm_out.linear",
-           "proj_out"),
+           "proj_out",
+           # ComfyUI's model: FLUX.1-style blocks and embedders, and its own inputs
+           fm.FLUX_ORIGINAL_BLOCKS[0], "double_blocks.N.(img|txt)_mod.lin",
+           "txt_in.(input_embedder|[tc]_embedder.(in|out)_layer)", "time_in.(in|out)_layer",
+           "img_in.proj", "byt5_in.(fc[123]|layernorm)", "vision_in.proj.N",
+           "cond_type_embedding", "final_layer.(linear|adaLN_modulation.N)"),
     description="HunyuanVideo 1.5 transformer, text-to-video (rectified flow on "
     "[N,C,T,H,W] latents).")
 

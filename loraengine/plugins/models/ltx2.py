@@ -41,11 +41,14 @@ LTX2 = flow_transformer_family(
                   widths=(("cond", (PROJECTS, "caption_channels", "cross_attention_dim")),)),
     shift_rule=ShiftRule(mu="linear", cells_per_token=1),
     known_as="an LTX-2",
-    marks=("transformer_blocks.N.(audio_)?attn[12].(to_[qkv]|to_out.N|norm_[qk])",
+    marks=("transformer_blocks.N.(audio_)?attn[12].(to_[qkv]|to_out.N|norm_[qk]|[qk]_norm)",
            "transformer_blocks.N.(audio_to_video|video_to_audio)_attn.(to_[qkv]|to_out.N|"
-           "norm_[qk])", "transformer_blocks.N.(audio_)?ff.net.N(.proj)?",
+           "norm_[qk]|[qk]_norm)", "transformer_blocks.N.(audio_)?ff.net.N(.proj)?",
            "(audio_)?caption_projection.linear_[12]", "audio_proj_(in|out)",
-           "(audio_)?time_embed", "av_cross_attn", "proj_in", "proj_out"),
+           "(audio_)?time_embed", "av_cross_attn", "proj_in", "proj_out",
+           # the original checkpoint's names (ComfyUI's LTXAV model)
+           "(audio_)?patchify_proj", "(audio_)?adaln_single",
+           "av_ca_(video_scale_shift|a2v_gate|audio_scale_shift|v2a_gate)_adaln_single"),
     latent_vae=vae_loader("AutoencoderKLLTX2Video", LTX2LatentVAE),
     description="LTX-2 audio-video transformer, video stream (rectified flow on "
     "[N,C,T,H,W] latents, one token per cell).")

@@ -6,7 +6,10 @@ in diffusers' names would load nothing there.
 The renames are those between diffusers' ``WanTransformer3DModel`` and the released
 Wan checkpoints (per block: ``attn1`` → ``self_attn``, ``attn2`` → ``cross_attn``,
 ``to_q/k/v/out.0`` → ``q/k/v/o``, ``add_k/v_proj`` → ``k_img/v_img``,
-``ffn.net.0.proj/net.2`` → ``ffn.0/2``; outside the blocks the embedders and the head).
+``ffn.net.0.proj/net.2`` → ``ffn.0/2``, the q/k norms, and diffusers' ``norm2`` (the
+cross-attention norm) → ``norm3``; outside the blocks the embedders and the head). A
+LoKr on the 3-D patch embedding is written as ComfyUI computes it right
+(``comfy_names.lokr_kernel_flattened``).
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from collections.abc import Iterable, Mapping
 import torch
 
 from loraengine.core.plugins.specs import ExporterSpec
+from loraengine.plugins.models import comfy_names
 
 PREFIX = "diffusion_model."
 #: diffusers module path suffix -> the original's, inside ``blocks.<n>.``
@@ -25,7 +29,11 @@ _BLOCK = {"attn1.to_q": "self_attn.q", "attn1.to_k": "self_attn.k",
           "attn2.to_q": "cross_attn.q", "attn2.to_k": "cross_attn.k",
           "attn2.to_v": "cross_attn.v", "attn2.to_out.0": "cross_attn.o",
           "attn2.add_k_proj": "cross_attn.k_img", "attn2.add_v_proj": "cross_attn.v_img",
-          "ffn.net.0.proj": "ffn.0", "ffn.net.2": "ffn.2"}
+          "ffn.net.0.proj": "ffn.0", "ffn.net.2": "ffn.2",
+          # the norms with weights (ComfyUI's trainer gives each a ``diff``)
+          "attn1.norm_q": "self_attn.norm_q", "attn1.norm_k": "self_attn.norm_k",
+          "attn2.norm_q": "cross_attn.norm_q", "attn2.norm_k": "cross_attn.norm_k",
+          "norm2": "norm3"}
 #: whole module paths outside the blocks
 _TOP = {"condition_embedder.time_embedder.linear_1": "time_embedding.0",
         "condition_embedder.time_embedder.linear_2": "time_embedding.2",
@@ -53,7 +61,7 @@ def to_file(modules: Mapping[str, Mapping[str, torch.Tensor]]) -> dict[str, torc
         if name is None:
             raise ValueError(f"module {path}: the wan_comfyui format has no name for it "
                              f"(adapt the blocks, or use the diffusers format)")
-        for param, tensor in params.items():
+        for param, tensor in comfy_names.lokr_kernel_flattened(params).items():
             out[f"{PREFIX}{name}.{param}"] = tensor
     return out
 
