@@ -22,6 +22,7 @@ import torch
 from loraengine.core.files import PEFT_MAGNITUDE
 from loraengine.core.plugins.hookspecs import hookimpl
 from loraengine.core.plugins.specs import ExporterSpec
+from loraengine.plugins.adapters.dora import NORM_KEY
 from loraengine.plugins.models import comfy_names
 from loraengine.plugins.models.unet_names import LDM, SAI
 
@@ -312,14 +313,29 @@ def _count(modules: Mapping[str, tuple[str, Collection[str]]], test) -> int:
     return sum(1 for algorithm, params in modules.values() if test(algorithm, set(params)))
 
 
-def comfyui_limits(modules: Mapping[str, tuple[str, Collection[str]]]) -> list[str]:
-    """What ComfyUI's loader cannot express (checked against comfy/weight_adapter)."""
+def dora_norm(metadata: Mapping[str, str] | None) -> str:
+    """The DoRA norm a file's metadata records (``weight_decompose_norm``): ``standard``
+    where it records none."""
+    return (metadata or {}).get(NORM_KEY, "standard")
+
+
+#: the ``weight_decompose_norm`` each consumer's DoRA computes (A1111 1.8 has none)
+COMFYUI_NORM_READERS = ("ComfyUI", "Forge")
+
+
+def comfyui_limits(modules: Mapping[str, tuple[str, Collection[str]]],
+                   metadata: Mapping[str, str] | None = None) -> list[str]:
+    """What ComfyUI's loader cannot express (checked against comfy/weight_adapter); a
+    file trained with ``weight_decompose_norm: comfyui`` (its ``metadata``) has DoRA as
+    ComfyUI computes it."""
+    standard = dora_norm(metadata) == "standard"
     out = []
     for text, test in (
             ("ComfyUI has no IA3; these layers are not applied there",
              lambda a, p: a == "ia3"),
-            ("ComfyUI's DoRA divides by the norm of W, not of W + ΔW",
-             lambda a, p: "dora_scale" in p),
+            ("ComfyUI's DoRA divides by the norm of W, not of W + ΔW (train with "
+             "adapter.weight_decompose_norm: comfyui to match it)",
+             lambda a, p: standard and "dora_scale" in p),
             ("ComfyUI loads OFT's rescale and never applies it",
              lambda a, p: "rescale" in p)):
         n = _count(modules, test)
@@ -353,10 +369,15 @@ def lokr_pipeline(paths: Iterable[str]) -> str | None:
                  if any(m in name for name in names for m in marks)), None)
 
 
-def diffusers_limits(modules: Mapping[str, tuple[str, Collection[str]]]) -> list[str]:
+def diffusers_limits(modules: Mapping[str, tuple[str, Collection[str]]],
+                     metadata: Mapping[str, str] | None = None) -> list[str]:
     """diffusers' ``load_lora_weights`` reads LoRA (and DoRA) only, and LoKr (without a
     Tucker core or DoRA, see ``peft_lokr``) for Flux.2 and Z-Image: modules whose
-    tensors are not such (by name, whichever algorithm wrote them)."""
+    tensors are not such (by name, whichever algorithm wrote them). Its (PEFT's) DoRA
+    is the standard one: a file trained with ComfyUI's norm reads differently there."""
+    dora = [] if dora_norm(metadata) == "standard" else [
+        f"diffusers: {PEFT_COMFYUI_NORM} ({n} layer(s))"
+        for n in [_count(modules, lambda a, p: "dora_scale" in p and p <= LORA_PARAMS)] if n]
     reads_lokr = lokr_pipeline(modules) is not None
     lokr_ok = {*LOKR_FACTORS, "alpha"}
 
@@ -367,11 +388,16 @@ def diffusers_limits(modules: Mapping[str, tuple[str, Collection[str]]]) -> list
 
     other = sorted({a for a, p in modules.values() if not_read(a, set(p))})
     n = _count(modules, not_read)
-    return [f"diffusers reads only LoRA (and LoKr for Flux.2 and Z-Image); {n} "
-            f"layer(s) of {', '.join(other)} are not applied there"] if n else []
+    return dora + ([f"diffusers reads only LoRA (and LoKr for Flux.2 and Z-Image); {n} "
+                    f"layer(s) of {', '.join(other)} are not applied there"] if n else [])
 
 
 A1111, FORGE, LYCORIS = "A1111 1.8", "Forge", "LyCORIS"
+#: a DoRA trained with ComfyUI's norm, read by the standard formula (PEFT, LyCORIS)
+PEFT_COMFYUI_NORM = ("DoRA trained with weight_decompose_norm: comfyui (divided by the "
+                     "norm of W) is read with the norm of W + ΔW")
+LYCORIS_COMFYUI_NORM = ("DoRA trained with weight_decompose_norm: comfyui (divided by "
+                        "the norm of W) is read with the norm of W + ΔW")
 #: (consumers, what they do, which modules) for a ``kohya`` file, as measured with their
 #: own loaders (tests/fixtures/interop/make_webui_lycoris_fixtures.py; LyCORIS is what
 #: sd-scripts loads every algorithm but LoRA with). ``full`` keeps its ``diff_b`` (both
@@ -411,14 +437,31 @@ def _blocks_wider_than_count(params: Collection[str]) -> bool:
     return shape is not None and len(shape) == 3 and shape[1] > shape[0]
 
 
+#: the DoRA rules of a file trained with ``weight_decompose_norm: comfyui``: Forge reads
+#: it exactly (its formula is ComfyUI's), LyCORIS with the standard norm
+COMFYUI_NORM_RULES: tuple[tuple[tuple[str, ...], str, Callable[[str, Collection[str]], bool]], ...] = (
+    ((LYCORIS,), LYCORIS_COMFYUI_NORM, lambda a, p: "dora_scale" in p),
+)
+
+
+def kohya_rules(norm: str = "standard"
+                ) -> tuple[tuple[tuple[str, ...], str, Callable[[str, Collection[str]], bool]], ...]:
+    """``KOHYA_RULES`` for a file whose DoRA was trained with ``norm``."""
+    if norm == "standard":
+        return KOHYA_RULES
+    return tuple(rule for rule in KOHYA_RULES if not rule[1].startswith("DoRA normalised")
+                 ) + COMFYUI_NORM_RULES
+
+
 def kohya_limits(modules: Mapping[str, tuple[str, Collection[str]]],
-                 consumers: Collection[str] = (A1111, FORGE, LYCORIS)) -> list[str]:
+                 consumers: Collection[str] = (A1111, FORGE, LYCORIS), *,
+                 metadata: Mapping[str, str] | None = None) -> list[str]:
     """What A1111 1.8, Forge and LyCORIS (the readers of kohya files besides ComfyUI and
     diffusers) cannot express of the modules, one line per limit. Each module is
     ``(algorithm, its tensor names)``; where the names map to shapes, the limits that
-    depend on a shape are checked too."""
+    depend on a shape are checked too. ``metadata``: the file's (its DoRA norm)."""
     out = []
-    for who, text, test in KOHYA_RULES:
+    for who, text, test in kohya_rules(dora_norm(metadata)):
         names = [c for c in who if c in consumers]
         n = sum(1 for algorithm, params in modules.values() if test(algorithm, params))
         if names and n:
