@@ -256,6 +256,11 @@ def test_continuing_a_file_needs_its_norm(comfyui_file, tmp_path):
     (line,) = [ln for ln in out.output.splitlines() if ln.strip()]
     assert "adapter.weight_decompose_norm: 'standard'" in line and str(path) in line
     assert "Traceback" not in out.output
+    # ``validate`` says so without training
+    checked = CliRunner().invoke(cli, ["validate", str(tmp_path / "run.yaml")])
+    assert checked.exit_code != 0
+    assert any(ln.strip().endswith("set adapter.weight_decompose_norm: comfyui to "
+                                   "continue it") for ln in checked.output.splitlines())
     cont["adapter"]["weight_decompose_norm"] = "comfyui"
     out = _train(tmp_path, cont)
     assert out.exit_code == 0, out.output

@@ -31,7 +31,7 @@ from loraengine.core.data import (
 from loraengine.core.devices import DTYPES, resolve_device, return_freed_host_memory
 from loraengine.core.distributed import DistContext, shard_base, wrap_ddp
 from loraengine.core.errors import ConfigError, DataError, LoraEngineError
-from loraengine.core.files import read_adapter_file, recorded_options, unplaced_message
+from loraengine.core.files import option_conflicts, read_adapter_file, unplaced_message
 from loraengine.core.model import LoadedModel
 from loraengine.core.plugins.assembly import BuildContext, HostStreaming, StrategyResult
 from loraengine.core.plugins.host import PluginHost
@@ -288,12 +288,9 @@ def _read_existing(path: Path, host: PluginHost, layers: Mapping[str, nn.Module]
                             f"{spec.name!r}")
     grouped = {p: m.params for p, m in file.modules.items() if m.params}
     if grouped and options is not None:
-        for key, value in recorded_options(spec, file.metadata, str(path)).items():
-            current = getattr(options, key, value)
-            if current != value:
-                raise ConfigError(f"adapter.{key}: {current!r}, but {path} was trained with "
-                                  f"{value!r} (its metadata); set adapter.{key}: {value} to "
-                                  f"continue it")
+        conflicts = option_conflicts(spec, file, options, str(path))
+        if conflicts:
+            raise ConfigError(conflicts[0])
     deltas = {p: m.deltas for p, m in file.modules.items() if m.deltas}
     return grouped, deltas, file.steps
 

@@ -414,6 +414,17 @@ def recorded_options(spec: AdapterSpec[BaseModel], metadata: Mapping[str, str],
         raise DataError(f"{source}: {exc}") from None
 
 
+def option_conflicts(spec: AdapterSpec[BaseModel], file: AdapterFile, options: object,
+                     source: str) -> list[str]:
+    """One line per option the file's metadata records (``recorded_options``) that
+    ``options`` (the ``adapter`` section continuing it) sets otherwise: the file's
+    layers would compute other weights than they were trained to."""
+    return [f"adapter.{key}: {getattr(options, key)!r}, but {source} was trained with "
+            f"{value!r} (its metadata); set adapter.{key}: {value} to continue it"
+            for key, value in recorded_options(spec, file.metadata, source).items()
+            if getattr(options, key, value) != value]
+
+
 def load_options(spec: AdapterSpec[BaseModel], file: AdapterFile) -> BaseModel:
     """The options ``spec.load`` rebuilds ``file``'s modules with: the spec's defaults
     and what the file's metadata records (``recorded_options``), so that every reader
