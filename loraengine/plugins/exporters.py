@@ -319,10 +319,6 @@ def dora_norm(metadata: Mapping[str, str] | None) -> str:
     return (metadata or {}).get(NORM_KEY, "standard")
 
 
-#: the ``weight_decompose_norm`` each consumer's DoRA computes (A1111 1.8 has none)
-COMFYUI_NORM_READERS = ("ComfyUI", "Forge")
-
-
 def comfyui_limits(modules: Mapping[str, tuple[str, Collection[str]]],
                    metadata: Mapping[str, str] | None = None) -> list[str]:
     """What ComfyUI's loader cannot express (checked against comfy/weight_adapter); a
@@ -376,7 +372,7 @@ def diffusers_limits(modules: Mapping[str, tuple[str, Collection[str]]],
     tensors are not such (by name, whichever algorithm wrote them). Its (PEFT's) DoRA
     is the standard one: a file trained with ComfyUI's norm reads differently there."""
     dora = [] if dora_norm(metadata) == "standard" else [
-        f"diffusers: {PEFT_COMFYUI_NORM} ({n} layer(s))"
+        f"diffusers: {COMFYUI_NORM_AS_STANDARD} ({n} layer(s))"
         for n in [_count(modules, lambda a, p: "dora_scale" in p and p <= LORA_PARAMS)] if n]
     reads_lokr = lokr_pipeline(modules) is not None
     lokr_ok = {*LOKR_FACTORS, "alpha"}
@@ -393,11 +389,10 @@ def diffusers_limits(modules: Mapping[str, tuple[str, Collection[str]]],
 
 
 A1111, FORGE, LYCORIS = "A1111 1.8", "Forge", "LyCORIS"
-#: a DoRA trained with ComfyUI's norm, read by the standard formula (PEFT, LyCORIS)
-PEFT_COMFYUI_NORM = ("DoRA trained with weight_decompose_norm: comfyui (divided by the "
-                     "norm of W) is read with the norm of W + ΔW")
-LYCORIS_COMFYUI_NORM = ("DoRA trained with weight_decompose_norm: comfyui (divided by "
-                        "the norm of W) is read with the norm of W + ΔW")
+#: a DoRA trained with ComfyUI's norm, read by the standard formula (PEFT, LyCORIS;
+#: ComfyUI and Forge compute ComfyUI's, A1111 1.8 none)
+COMFYUI_NORM_AS_STANDARD = ("DoRA trained with weight_decompose_norm: comfyui (divided "
+                            "by the norm of W) is read with the norm of W + ΔW")
 #: (consumers, what they do, which modules) for a ``kohya`` file, as measured with their
 #: own loaders (tests/fixtures/interop/make_webui_lycoris_fixtures.py; LyCORIS is what
 #: sd-scripts loads every algorithm but LoRA with). ``full`` keeps its ``diff_b`` (both
@@ -440,7 +435,7 @@ def _blocks_wider_than_count(params: Collection[str]) -> bool:
 #: the DoRA rules of a file trained with ``weight_decompose_norm: comfyui``: Forge reads
 #: it exactly (its formula is ComfyUI's), LyCORIS with the standard norm
 COMFYUI_NORM_RULES: tuple[tuple[tuple[str, ...], str, Callable[[str, Collection[str]], bool]], ...] = (
-    ((LYCORIS,), LYCORIS_COMFYUI_NORM, lambda a, p: "dora_scale" in p),
+    ((LYCORIS,), COMFYUI_NORM_AS_STANDARD, lambda a, p: "dora_scale" in p),
 )
 
 

@@ -41,13 +41,12 @@ from loraengine.core.plugins.host import PluginHost
 from loraengine.core.plugins.specs import ExporterSpec
 from loraengine.plugins.exporters import (
     A1111,
+    COMFYUI_NORM_AS_STANDARD,
     COMFYUI_NORM_RULES,
     FORGE,
     KOHYA_RULES,
     LORA_PARAMS,
     LYCORIS,
-    LYCORIS_COMFYUI_NORM,
-    PEFT_COMFYUI_NORM,
     dora_norm,
     kohya_limits,
     lokr_pipeline,
@@ -143,7 +142,7 @@ def consumer_weight(target: str, base: nn.Module, params: Mapping[str, torch.Ten
         return f"diffusers reads only LoRA ({name} layers left unchanged)", w
     if target == "diffusers" and "dora_scale" in params and set(params) <= LORA_PARAMS \
             and _norm(options) != "standard":
-        return PEFT_COMFYUI_NORM, _dora_read_as(base, params, spec, options, "standard")
+        return COMFYUI_NORM_AS_STANDARD, _dora_read_as(base, params, spec, options, "standard")
     if target == "comfyui" and "rescale" in params:
         rest = {k: v for k, v in params.items() if k != "rescale"}
         return ("ComfyUI loads OFT's rescale and never applies it",
@@ -211,7 +210,7 @@ def kohya_reader_weight(consumer: str, base: nn.Module, params: Mapping[str, tor
         got = _comfyui_dora(base, params, spec, options)
         return None if got is None else (_rule(FORGE, "DoRA normalised"), got)
     if consumer == LYCORIS and "dora_scale" in params and _norm(options) != "standard":
-        return LYCORIS_COMFYUI_NORM, _dora_read_as(base, params, spec, options, "standard")
+        return COMFYUI_NORM_AS_STANDARD, _dora_read_as(base, params, spec, options, "standard")
     if consumer == LYCORIS and name in ("loha", "lokr") and "dora_scale" not in params:
         layer = _load(spec, base, params, options)
         # its merge applies the layer's scale to a ΔW that already holds it
@@ -262,7 +261,7 @@ def unmeasured(target: str, file: AdapterFile) -> list[str]:
     if target == "diffusers" and dora_norm(file.metadata) != "standard" and any(
             "dora_scale" in m.params and set(m.params) <= LORA_PARAMS
             for m in file.modules.values()):
-        out.append(PEFT_COMFYUI_NORM)
+        out.append(COMFYUI_NORM_AS_STANDARD)
     if target == "diffusers" and lokr_pipeline(file.modules) is not None and all(
             peft_lokr(m.params) is not None for m in file.modules.values()
             if m.algorithm == "lokr" and m.params):
