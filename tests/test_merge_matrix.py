@@ -145,6 +145,15 @@ def check_merged(merged, unet, network: AdapterNetwork, bypass_out: torch.Tensor
     assert err <= OUTPUT_TOL, err
 
 
+def file_notes(name: str, options: dict) -> dict[str, str]:
+    """The metadata a training run of ``name`` with ``options`` adds to its file
+    (``AdapterSpec.file_metadata``: DoRA's norm among it)."""
+    spec = REG.get("adapter", name)
+    config = spec.config_model.model_validate(
+        {k: v for k, v in options.items() if k != "norm_and_bias_deltas"})
+    return spec.file_metadata(config) if spec.file_metadata else {}
+
+
 def _build_and_write(unet_dir, tmp_path, case, exporter: str = "kohya"):
     name, options, rank = case
     unet = _fresh_unet(unet_dir / "unet")
@@ -158,13 +167,8 @@ def _build_and_write(unet_dir, tmp_path, case, exporter: str = "kohya"):
     network.detach()
     assert relative_error(bypass_out, base_out) > 1e-3  # the adapter does something
     lora = tmp_path / f"{name}.safetensors"
-    # the metadata a training run writes (DoRA's norm among it)
-    spec = REG.get("adapter", name)
-    config = spec.config_model.model_validate(
-        {k: v for k, v in options.items() if k != "norm_and_bias_deltas"})
-    notes = spec.file_metadata(config) if spec.file_metadata else {}
     write_adapter_file(lora, network.file_modules(), REG.get("exporter", exporter),
-                       {"loraengine.algorithm": name, **notes})
+                       {"loraengine.algorithm": name, **file_notes(name, options)})
     return unet, network, bypass_out, lora
 
 
