@@ -23,7 +23,13 @@ from torch import nn
 
 from loraengine.core.adapter import AdapterLayer, AdapterNetwork, ChannelDelta
 from loraengine.core.errors import ConfigError, DataError, LoraEngineError
-from loraengine.core.files import AdapterFile, owners_of, read_adapter_file, unplaced_message
+from loraengine.core.files import (
+    AdapterFile,
+    load_options,
+    owners_of,
+    read_adapter_file,
+    unplaced_message,
+)
 from loraengine.core.plugins.host import PluginHost
 from loraengine.core.plugins.registry import Registry
 
@@ -126,7 +132,7 @@ def network_from_file(model: nn.Module, file: AdapterFile, registry: Registry, *
         errors = []
         for spec in module.owners:  # names alone may be shared; the shapes then decide
             try:
-                layer = spec.load(base, dict(module.params), spec.config_model())
+                layer = spec.load(base, dict(module.params), load_options(spec, file))
             except LoraEngineError:
                 raise
             except Exception as exc:

@@ -13,12 +13,16 @@ from loraengine.testing.conformance import CHECKS, adapter_cases, run_adapter_co
 #: the rank to run at: the tiny layers need rank 1 for LoKr to store factors low rank.
 VARIANTS: dict[str, list[dict]] = {
     "lora": [{"rs_lora": True}, {"weight_decompose": True},
-             {"rs_lora": True, "weight_decompose": True, "rank": 3}],
+             {"rs_lora": True, "weight_decompose": True, "rank": 3},
+             {"weight_decompose": True, "weight_decompose_norm": "comfyui"}],
     "loha": [{"use_tucker": True}, {"weight_decompose": True},
-             {"use_tucker": True, "weight_decompose": True}],
+             {"use_tucker": True, "weight_decompose": True},
+             {"use_tucker": True, "weight_decompose": True, "weight_decompose_norm": "comfyui"}],
     "lokr": [{"factor": -1, "rank": 1}, {"factor": -1, "decompose_both": True, "rank": 1},
              {"factor": -1, "use_tucker": True, "rank": 1}, {"factor": 2, "rank": 1},
              {"factor": -1, "rank": 1, "weight_decompose": True}, {"weight_decompose": True},
+             {"factor": -1, "rank": 1, "weight_decompose": True,
+              "weight_decompose_norm": "comfyui"},
              {"full_matrix": True, "factor": -1}],
 }
 

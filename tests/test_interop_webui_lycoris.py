@@ -79,7 +79,8 @@ def test_every_cell_is_exact_or_a_limit_the_export_warns_about(cid):
             row = RESULTS["cases"][consumer][family][cid]
             assert row["keys"] == len(files[consumer]), (consumer, family)
             if not _exact(row):
-                warned = kohya_limits(summary[consumer], (LABELS[consumer],))
+                warned = kohya_limits(summary[consumer], (LABELS[consumer],),
+                                      metadata=mm.file_notes(*CASES[cid][:2]))
                 assert warned, (consumer, family, row)
 
 

@@ -45,15 +45,19 @@ OUTPUT_TOL = 1e-5
 MATRIX: list = [
     ("lora", {}, 4), ("lora", {"rs_lora": True}, 4), ("lora", {"weight_decompose": True}, 4),
     ("lora", {"rs_lora": True, "weight_decompose": True}, 3),
+    ("lora", {"weight_decompose": True, "weight_decompose_norm": "comfyui"}, 4),
     ("lora", {"norm_and_bias_deltas": True}, 4),
     ("loha", {}, 4), ("loha", {"use_tucker": True}, 4), ("loha", {"weight_decompose": True}, 4),
     ("loha", {"use_tucker": True, "weight_decompose": True}, 4),
+    ("loha", {"use_tucker": True, "weight_decompose": True, "weight_decompose_norm": "comfyui"},
+     4),
     ("lokr", {}, 4), ("lokr", {"factor": -1}, 2), ("lokr", {"factor": 2}, 2),
     ("lokr", {"factor": -1, "decompose_both": True}, 1),
     ("lokr", {"factor": -1, "use_tucker": True}, 2),
     ("lokr", {"factor": -1, "use_tucker": True, "decompose_both": True}, 1),
     ("lokr", {"factor": -1, "weight_decompose": True}, 2),
     ("lokr", {"factor": -1, "use_tucker": True, "weight_decompose": True}, 2),
+    ("lokr", {"factor": -1, "weight_decompose": True, "weight_decompose_norm": "comfyui"}, 2),
     ("lokr", {"full_matrix": True, "factor": -1}, 4),
     ("lokr", {"factor": -1, "use_tucker": True, "norm_and_bias_deltas": True}, 2),
     ("oft", {}, 4), ("oft", {"constraint": 0.5, "rescaled": True}, 4),
@@ -141,6 +145,15 @@ def check_merged(merged, unet, network: AdapterNetwork, bypass_out: torch.Tensor
     assert err <= OUTPUT_TOL, err
 
 
+def file_notes(name: str, options: dict) -> dict[str, str]:
+    """The metadata a training run of ``name`` with ``options`` adds to its file
+    (``AdapterSpec.file_metadata``: DoRA's norm among it)."""
+    spec = REG.get("adapter", name)
+    config = spec.config_model.model_validate(
+        {k: v for k, v in options.items() if k != "norm_and_bias_deltas"})
+    return spec.file_metadata(config) if spec.file_metadata else {}
+
+
 def _build_and_write(unet_dir, tmp_path, case, exporter: str = "kohya"):
     name, options, rank = case
     unet = _fresh_unet(unet_dir / "unet")
@@ -155,7 +168,7 @@ def _build_and_write(unet_dir, tmp_path, case, exporter: str = "kohya"):
     assert relative_error(bypass_out, base_out) > 1e-3  # the adapter does something
     lora = tmp_path / f"{name}.safetensors"
     write_adapter_file(lora, network.file_modules(), REG.get("exporter", exporter),
-                       {"loraengine.algorithm": name})
+                       {"loraengine.algorithm": name, **file_notes(name, options)})
     return unet, network, bypass_out, lora
 
 
@@ -176,6 +189,7 @@ CLI_CASES = [
     (("lora", {"weight_decompose": True}, 4), "peft"),
     (("boft", {"constraint": 0.5, "rescaled": True}, 4), "diffusers"),
     (("loha", {"use_tucker": True, "norm_and_bias_deltas": True}, 4), "kohya"),
+    (("lora", {"weight_decompose": True, "weight_decompose_norm": "comfyui"}, 4), "comfyui"),
 ]
 
 

@@ -31,7 +31,7 @@ from loraengine.core.data import (
 from loraengine.core.devices import DTYPES, resolve_device, return_freed_host_memory
 from loraengine.core.distributed import DistContext, shard_base, wrap_ddp
 from loraengine.core.errors import ConfigError, DataError, LoraEngineError
-from loraengine.core.files import looks_like, read_adapter_file, unplaced_message
+from loraengine.core.files import looks_like, option_conflicts, read_adapter_file, unplaced_message
 from loraengine.core.model import LoadedModel
 from loraengine.core.plugins.assembly import BuildContext, HostStreaming, StrategyResult
 from loraengine.core.plugins.host import PluginHost
@@ -199,7 +199,7 @@ def build_adapters(config: Any, host: PluginHost, loaded: LoadedModel, device: t
     norms = _norm_layers(loaded.module, include, acfg.exclude)
     if acfg.existing is not None:
         saved, saved_deltas, previous_steps = _read_existing(
-            acfg.existing, host, layers, norms, spec, loaded.module)
+            acfg.existing, host, layers, norms, spec, loaded.module, acfg)
     g = make_generator(config.training.seed, "init")
     built: dict[str, AdapterLayer] = {}
     fresh: list[str] = []
@@ -263,11 +263,14 @@ def _build_deltas(acfg: Any, candidates: Mapping[str, nn.Module],
 
 
 def _read_existing(path: Path, host: PluginHost, layers: Mapping[str, nn.Module],
-                   norms: Mapping[str, nn.Module], spec: Any, model: nn.Module | None = None
-                   ) -> tuple[dict[str, dict[str, torch.Tensor]],
-                              dict[str, dict[str, torch.Tensor]], int]:
+                   norms: Mapping[str, nn.Module], spec: Any, model: nn.Module | None = None,
+                   options: Any = None) -> tuple[dict[str, dict[str, torch.Tensor]],
+                                                 dict[str, dict[str, torch.Tensor]], int]:
     """Split a file into algorithm tensors and ``diff``/``diff_b`` deltas per module,
-    read the way ``apply`` reads it; each module must be ``spec``'s algorithm."""
+    read the way ``apply`` reads it; each module must be ``spec``'s algorithm, and the
+    options its metadata records (``AdapterSpec.file_options``: DoRA's norm) must be
+    those of ``options`` (the adapter section), which then rebuild it as ``apply``
+    would."""
     file = read_adapter_file(path, host.registry, [*layers, *norms], model=model)
     unknown = file.not_in({**layers, **norms})
     if unknown:
@@ -285,6 +288,10 @@ def _read_existing(path: Path, host: PluginHost, layers: Mapping[str, nn.Module]
                             f"(keys {sorted(module.params)}), but adapter.algorithm is "
                             f"{spec.name!r}")
     grouped = {p: m.params for p, m in file.modules.items() if m.params}
+    if grouped and options is not None:
+        conflicts = option_conflicts(spec, file, options, str(path))
+        if conflicts:
+            raise ConfigError(conflicts[0])
     deltas = {p: m.deltas for p, m in file.modules.items() if m.deltas}
     return grouped, deltas, file.steps
 

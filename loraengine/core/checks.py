@@ -41,7 +41,12 @@ def _exporter_limits(pipe: Any) -> list[str]:
             str(getattr(layer, "algorithm", None) or pipe.adapter_spec.name)
         # names -> shapes: the names for every limit, the shapes for those needing them
         modules[renamed[path]] = (algorithm, {k: tuple(v.shape) for k, v in params.items()})
-    return [f"adapter.exporter: {line}" for line in exporter.limits(modules)]
+    spec = pipe.adapter_spec
+    # the metadata the file will carry that changes how it reads (DoRA's norm)
+    metadata = spec.file_metadata(pipe.config.adapter) if getattr(
+        spec, "file_metadata", None) else {}
+    return [f"adapter.exporter: {line}" for line in exporter.limits(modules,
+                                                                     metadata=metadata)]
 
 
 def _rank_of_existing(pipe: Any) -> list[str]:

@@ -401,6 +401,38 @@ def _claims_tensors(spec: AdapterSpec[BaseModel], params: Mapping[str, torch.Ten
         return True
 
 
+def recorded_options(spec: AdapterSpec[BaseModel], metadata: Mapping[str, str],
+                     source: str) -> dict[str, object]:
+    """The option values a file's ``metadata`` records for ``spec``
+    (``AdapterSpec.file_options``, e.g. DoRA's norm); a value the spec does not know is
+    a ``DataError`` naming the file (``source``)."""
+    if spec.file_options is None:
+        return {}
+    try:
+        return dict(spec.file_options(metadata))
+    except ValueError as exc:
+        raise DataError(f"{source}: {exc}") from None
+
+
+def option_conflicts(spec: AdapterSpec[BaseModel], file: AdapterFile, options: object,
+                     source: str) -> list[str]:
+    """One line per option the file's metadata records (``recorded_options``) that
+    ``options`` (the ``adapter`` section continuing it) sets otherwise: the file's
+    layers would compute other weights than they were trained to."""
+    return [f"adapter.{key}: {getattr(options, key)!r}, but {source} was trained with "
+            f"{value!r} (its metadata); set adapter.{key}: {value} to continue it"
+            for key, value in recorded_options(spec, file.metadata, source).items()
+            if getattr(options, key, value) != value]
+
+
+def load_options(spec: AdapterSpec[BaseModel], file: AdapterFile) -> BaseModel:
+    """The options ``spec.load`` rebuilds ``file``'s modules with: the spec's defaults
+    and what the file's metadata records (``recorded_options``), so that every reader
+    (``apply``, ``merge``, ``convert``) computes what the file was trained to compute."""
+    return spec.config_model.model_validate(recorded_options(spec, file.metadata,
+                                                             file.source))
+
+
 def engine_algorithms(registry: Registry) -> set[str]:
     """Names of the adapter algorithms the engine's own distribution provides."""
     return {name for name, provided in registry.entries["adapter"].items()

@@ -23,7 +23,7 @@ from loraengine.core.data import (
     read_safetensors_layout,
 )
 from loraengine.core.errors import LoraEngineError
-from loraengine.core.files import looks_like, read_adapter_file
+from loraengine.core.files import looks_like, option_conflicts, read_adapter_file
 from loraengine.core.model import ModelLayout
 from loraengine.core.plugins.host import PluginHost
 from loraengine.core.preflight import check_outputs
@@ -135,5 +135,8 @@ def _check_existing(config: Any, host: PluginHost, problems: list[str]) -> None:
                                 f"{found} adapter, but adapter.algorithm is "
                                 f"{acfg.algorithm!r}")
                 return
+        if any(module.params for module in file.modules.values()):
+            spec = host.registry.get("adapter", acfg.algorithm)
+            problems.extend(option_conflicts(spec, file, acfg, str(path)))
 
     _attempt(problems, check)

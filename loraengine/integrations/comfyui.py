@@ -111,7 +111,9 @@ def train_lora_input_types(lora_files: Sequence[str] = ()) -> dict[str, dict[str
         "algorithm_options": ("STRING", {"default": "", "multiline": True,
                                          "tooltip": "YAML mapping of the algorithm's "
                                                     "options (dora: weight_decompose: "
-                                                    "true; lokr: factor: 4, ...)."}),
+                                                    "true, with weight_decompose_norm: "
+                                                    "comfyui for DoRA exactly as ComfyUI "
+                                                    "applies it; lokr: factor: 4, ...)."}),
         "lr_schedule": choice(LR_SCHEDULES, "constant", "Learning-rate schedule."),
         "warmup_steps": integer(0, 0, 100000, "Linear warmup steps."),
         "output_folder": ("STRING", {"default": "", "tooltip": "Folder for checkpoints, the "

@@ -25,6 +25,7 @@ import torch
 from loraengine.core.files import PEFT_MAGNITUDE
 from loraengine.core.plugins.hookspecs import hookimpl
 from loraengine.core.plugins.specs import ExporterSpec
+from loraengine.plugins.adapters.dora import NORM_KEY
 from loraengine.plugins.models import comfy_names
 from loraengine.plugins.models.unet_names import LDM, SAI
 
@@ -326,21 +327,32 @@ def _count(modules: Mapping[str, tuple[str, Collection[str]]], test) -> int:
     return sum(1 for algorithm, params in modules.values() if test(algorithm, set(params)))
 
 
-def comfyui_limits(modules: Mapping[str, tuple[str, Collection[str]]]) -> list[str]:
-    """What ComfyUI's loader cannot express (checked against comfy/weight_adapter)."""
+def dora_norm(metadata: Mapping[str, str] | None) -> str:
+    """The DoRA norm a file's metadata records (``weight_decompose_norm``): ``standard``
+    where it records none."""
+    return (metadata or {}).get(NORM_KEY, "standard")
+
+
+def comfyui_limits(modules: Mapping[str, tuple[str, Collection[str]]],
+                   metadata: Mapping[str, str] | None = None) -> list[str]:
+    """What ComfyUI's loader cannot express (checked against comfy/weight_adapter); a
+    file trained with ``weight_decompose_norm: comfyui`` (its ``metadata``) has DoRA as
+    ComfyUI computes it."""
+    standard = dora_norm(metadata) == "standard"
     out = []
     for text, test in (
             ("ComfyUI has no IA3; these layers are not applied there",
              lambda a, p: a == "ia3"),
-            ("ComfyUI's DoRA divides by the norm of W, not of W + ΔW",
-             lambda a, p: "dora_scale" in p),
+            ("ComfyUI's DoRA divides by the norm of W, not of W + ΔW (train with "
+             "adapter.weight_decompose_norm: comfyui to match it)",
+             lambda a, p: standard and "dora_scale" in p),
             ("ComfyUI loads OFT's rescale and never applies it",
              lambda a, p: "rescale" in p)):
         n = _count(modules, test)
         if n:
             out.append(f"{text} ({n} layer(s); loraengine convert --model measures it)")
     out += comfyui_fused_limits(modules)
-    return out + forge_limits(modules, "comfyui")
+    return out + forge_limits(modules, "comfyui", metadata)
 
 
 def unfused_modules(modules: Mapping[str, tuple[str, Collection[str]]]) -> list[str]:
@@ -427,8 +439,8 @@ def forge_models(names: Iterable[str]) -> set[str]:
     return {m for m in ("SD3", "FLUX.1") if m in found}
 
 
-def forge_limits(modules: Mapping[str, tuple[str, Collection[str]]], layout: str
-                 ) -> list[str]:
+def forge_limits(modules: Mapping[str, tuple[str, Collection[str]]], layout: str,
+                 metadata: Mapping[str, str] | None = None) -> list[str]:
     """What Forge's loader (backend/patcher/lora.py, with its key maps for its own
     FLUX.1 and SD3 models) cannot express of a ``comfyui`` or ``diffusers`` file's
     modules made for those models, as measured with its code
@@ -437,7 +449,7 @@ def forge_limits(modules: Mapping[str, tuple[str, Collection[str]]], layout: str
     models = forge_models(modules) if modules else set()
     if not models:
         return []
-    out = _rule_lines(modules, (FORGE,))
+    out = _rule_lines(modules, (FORGE,), metadata)
     if layout == "comfyui":
         fused = unfused_modules(modules)
         if fused:
@@ -493,11 +505,17 @@ def lokr_pipeline(paths: Iterable[str]) -> str | None:
                  if any(m in name for name in names for m in marks)), None)
 
 
-def diffusers_limits(modules: Mapping[str, tuple[str, Collection[str]]]) -> list[str]:
+def diffusers_limits(modules: Mapping[str, tuple[str, Collection[str]]],
+                     metadata: Mapping[str, str] | None = None) -> list[str]:
     """diffusers' ``load_lora_weights`` reads LoRA (and DoRA) only, and LoKr (without a
     Tucker core or DoRA, see ``peft_lokr``) for Flux.2 and Z-Image: modules whose
-    tensors are not such (by name, whichever algorithm wrote them); and the layers
-    ComfyUI, the format's other reader, has no diffusers name for (``comfyui_unread``)."""
+    tensors are not such (by name, whichever algorithm wrote them); the layers ComfyUI,
+    the format's other reader, has no diffusers name for (``comfyui_unread``). Its
+    (PEFT's) DoRA is the standard one: a file trained with ComfyUI's norm reads
+    differently there."""
+    dora = [] if dora_norm(metadata) == "standard" else [
+        f"diffusers: {COMFYUI_NORM_AS_STANDARD} ({n} layer(s))"
+        for n in [_count(modules, lambda a, p: "dora_scale" in p and p <= LORA_PARAMS)] if n]
     reads_lokr = lokr_pipeline(modules) is not None
     lokr_ok = {*LOKR_FACTORS, "alpha"}
 
@@ -510,10 +528,14 @@ def diffusers_limits(modules: Mapping[str, tuple[str, Collection[str]]]) -> list
     n = _count(modules, not_read)
     own = [f"diffusers reads only LoRA (and LoKr for Flux.2 and Z-Image); {n} "
            f"layer(s) of {', '.join(other)} are not applied there"] if n else []
-    return own + comfyui_unread(modules) + forge_limits(modules, "diffusers")
+    return dora + own + comfyui_unread(modules) + forge_limits(modules, "diffusers", metadata)
 
 
 A1111, FORGE, LYCORIS = "A1111 1.8", "Forge", "LyCORIS"
+#: a DoRA trained with ComfyUI's norm, read by the standard formula (PEFT, LyCORIS;
+#: ComfyUI and Forge compute ComfyUI's, A1111 1.8 none)
+COMFYUI_NORM_AS_STANDARD = ("DoRA trained with weight_decompose_norm: comfyui (divided "
+                            "by the norm of W) is read with the norm of W + ΔW")
 #: (consumers, what they do, which modules) for a ``kohya`` file, as measured with their
 #: own loaders (tests/fixtures/interop/make_webui_lycoris_fixtures.py; LyCORIS is what
 #: sd-scripts loads every algorithm but LoRA with). ``full`` keeps its ``diff_b`` (both
@@ -553,11 +575,29 @@ def _blocks_wider_than_count(params: Collection[str]) -> bool:
     return shape is not None and len(shape) == 3 and shape[1] > shape[0]
 
 
+#: the DoRA rules of a file trained with ``weight_decompose_norm: comfyui``: Forge reads
+#: it exactly (its formula is ComfyUI's), LyCORIS with the standard norm
+COMFYUI_NORM_RULES: tuple[tuple[tuple[str, ...], str, Callable[[str, Collection[str]], bool]], ...] = (
+    ((LYCORIS,), COMFYUI_NORM_AS_STANDARD, lambda a, p: "dora_scale" in p),
+)
+
+
+def kohya_rules(norm: str = "standard"
+                ) -> tuple[tuple[tuple[str, ...], str, Callable[[str, Collection[str]], bool]], ...]:
+    """``KOHYA_RULES`` for a file whose DoRA was trained with ``norm``."""
+    if norm == "standard":
+        return KOHYA_RULES
+    return tuple(rule for rule in KOHYA_RULES if not rule[1].startswith("DoRA normalised")
+                 ) + COMFYUI_NORM_RULES
+
+
 def _rule_lines(modules: Mapping[str, tuple[str, Collection[str]]],
-                consumers: Collection[str]) -> list[str]:
-    """The ``KOHYA_RULES`` lines of ``consumers`` that ``modules`` hit."""
+                consumers: Collection[str], metadata: Mapping[str, str] | None = None
+                ) -> list[str]:
+    """The ``kohya_rules`` lines of ``consumers`` that ``modules`` hit (``metadata``: the
+    file's, for its DoRA norm)."""
     out = []
-    for who, text, test in KOHYA_RULES:
+    for who, text, test in kohya_rules(dora_norm(metadata)):
         names = [c for c in who if c in consumers]
         n = sum(1 for algorithm, params in modules.values() if test(algorithm, params))
         if names and n:
@@ -566,12 +606,13 @@ def _rule_lines(modules: Mapping[str, tuple[str, Collection[str]]],
 
 
 def kohya_limits(modules: Mapping[str, tuple[str, Collection[str]]],
-                 consumers: Collection[str] = (A1111, FORGE, LYCORIS)) -> list[str]:
+                 consumers: Collection[str] = (A1111, FORGE, LYCORIS), *,
+                 metadata: Mapping[str, str] | None = None) -> list[str]:
     """What A1111 1.8, Forge and LyCORIS (the readers of kohya files besides ComfyUI and
     diffusers) cannot express of the modules, one line per limit. Each module is
     ``(algorithm, its tensor names)``; where the names map to shapes, the limits that
-    depend on a shape are checked too."""
-    out = _rule_lines(modules, consumers)
+    depend on a shape are checked too. ``metadata``: the file's (its DoRA norm)."""
+    out = _rule_lines(modules, consumers, metadata)
     # FLUX.1/SD3 in sd-scripts' names: what stays under diffusers' names
     names = [c for c in (FORGE, LYCORIS) if c in consumers]
     fused = unfused_modules(modules)

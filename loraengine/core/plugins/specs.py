@@ -109,6 +109,11 @@ class AdapterSpec(Generic[OptionsT]):
     #: ``file_metadata(options) -> {key: value}``: notes the algorithm adds to the
     #: file's metadata (e.g. how to read its ``alpha``).
     file_metadata: Callable[[OptionsT], dict[str, str]] | None = None
+    #: ``file_options(metadata) -> {option: value}``: the reverse of ``file_metadata``,
+    #: the options a file's metadata records that change how its tensors read (DoRA's
+    #: norm); every reader passes them to ``load`` (``core/files.py``'s
+    #: ``load_options``). Raises ``ValueError`` for a value it does not know.
+    file_options: Callable[[Mapping[str, str]], dict[str, object]] | None = None
 
 
 @dataclass(frozen=True)
@@ -229,6 +234,13 @@ class LRSchedulerSpec(Generic[OptionsT]):
     description: str = ""
 
 
+class ExporterLimits(Protocol):
+    """``ExporterSpec.limits``: the lines naming what a consumer cannot express."""
+
+    def __call__(self, modules: Mapping[str, tuple[str, Collection[str]]], *,
+                 metadata: Mapping[str, str] | None = None) -> list[str]: ...
+
+
 @dataclass(frozen=True)
 class ExporterSpec:
     """A key format for LoRA files.
@@ -248,12 +260,14 @@ class ExporterSpec:
     #: the first one the model's family offers renames the module paths before
     #: ``to_file``; with none offered, the model's own paths are written.
     layouts: tuple[str, ...] = ()
-    #: ``limits(modules) -> lines``: what the format's consumer cannot express of a file,
-    #: given ``{module name: (algorithm, parameter names)}`` (names as the file will
-    #: have them, in the layout ``layouts`` picks; the parameter names may be a mapping
-    #: of name -> shape, for limits that depend on a shape); one line each, naming the
-    #: consumer. ``train`` warns with them (``core/checks.py``), ``convert`` measures them.
-    limits: Callable[[Mapping[str, tuple[str, Collection[str]]]], list[str]] | None = None
+    #: ``limits(modules, metadata=...) -> lines``: what the format's consumer cannot
+    #: express of a file, given ``{module name: (algorithm, parameter names)}`` (names
+    #: as the file will have them, in the layout ``layouts`` picks; the parameter names
+    #: may be a mapping of name -> shape, for limits that depend on a shape) and the
+    #: file's metadata (what the algorithm's ``file_metadata`` records, e.g. DoRA's
+    #: norm); one line each, naming the consumer. ``train`` warns with them
+    #: (``core/checks.py``), ``convert`` measures them.
+    limits: ExporterLimits | None = None
 
 
 @dataclass(frozen=True)

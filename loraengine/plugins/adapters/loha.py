@@ -38,7 +38,14 @@ from loraengine.plugins.adapters.common import (
     saved_alpha,
     tucker,
 )
-from loraengine.plugins.adapters.dora import AdditiveAdapter, DoRAOptions, load_dora, with_dora
+from loraengine.plugins.adapters.dora import (
+    AdditiveAdapter,
+    DoRAOptions,
+    dora_file_options,
+    dora_metadata,
+    load_dora,
+    with_dora,
+)
 
 KEYS = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")
 #: A saved module is LoHa when it has the first and the last factor.
@@ -188,10 +195,11 @@ def load(base: nn.Module, tensors: Mapping[str, torch.Tensor], options: object) 
         copy_saved(getattr(layer, name), saved,
                    f"{name} of shape {list(saved.shape)} does not fit a layer with weight "
                    f"{list(weight_of(base).shape)} at rank {rank}")
-    return load_dora(layer, tensors)
+    return load_dora(layer, tensors, options)
 
 
 SPEC = AdapterSpec(
-    name="loha", create=create, load=load, owns_keys=owns_keys, config_model=LoHaOptions,
+    name="loha", create=create, load=load, owns_keys=owns_keys,
+    file_metadata=dora_metadata, file_options=dora_file_options, config_model=LoHaOptions,
     network_module="lycoris.kohya", description="LoHa: Hadamard product of two low-rank "
     "updates (LyCORIS), optional Tucker conv and DoRA.")

@@ -35,7 +35,14 @@ from torch.utils.checkpoint import checkpoint
 from loraengine.core.adapter import TRAFFIC_FLOPS, layer_dims, layer_op, weight_of
 from loraengine.core.plugins.specs import AdapterSpec
 from loraengine.plugins.adapters.common import pointwise, saved_alpha, tucker
-from loraengine.plugins.adapters.dora import AdditiveAdapter, DoRAOptions, load_dora, with_dora
+from loraengine.plugins.adapters.dora import (
+    AdditiveAdapter,
+    DoRAOptions,
+    dora_file_options,
+    dora_metadata,
+    load_dora,
+    with_dora,
+)
 
 KEYS = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2")
 
@@ -326,7 +333,7 @@ def load(base: nn.Module, tensors: Mapping[str, torch.Tensor], options: object) 
     low = present.get("lokr_w2_b", present.get("lokr_w1_b"))
     rank = int(low.shape[0]) if low is not None else 1
     layer = LoKrLayer(base, present, saved_alpha(tensors, rank) or float(rank))
-    return load_dora(layer, tensors)
+    return load_dora(layer, tensors, options)
 
 
 def owns_keys(keys: Collection[str]) -> bool:
@@ -335,6 +342,7 @@ def owns_keys(keys: Collection[str]) -> bool:
 
 
 SPEC = AdapterSpec(
-    name="lokr", create=create, load=load, owns_keys=owns_keys, config_model=LoKrOptions,
+    name="lokr", create=create, load=load, owns_keys=owns_keys,
+    file_metadata=dora_metadata, file_options=dora_file_options, config_model=LoKrOptions,
     network_module="lycoris.kohya", description="LoKr: Kronecker product of a small and a "
     "(low-rank) large factor (LyCORIS), optional Tucker conv and DoRA.")

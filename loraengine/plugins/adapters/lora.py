@@ -16,7 +16,14 @@ from torch import nn
 from loraengine.core.adapter import layer_dims, layer_op, weight_of
 from loraengine.core.plugins.specs import AdapterSpec
 from loraengine.plugins.adapters.common import copy_saved, has_keys, pointwise, saved_alpha
-from loraengine.plugins.adapters.dora import AdditiveAdapter, DoRAOptions, load_dora, with_dora
+from loraengine.plugins.adapters.dora import (
+    AdditiveAdapter,
+    DoRAOptions,
+    dora_file_options,
+    dora_metadata,
+    load_dora,
+    with_dora,
+)
 
 
 class LoRAOptions(DoRAOptions):
@@ -89,10 +96,11 @@ def load(base: nn.Module, tensors: Mapping[str, torch.Tensor], options: object) 
                 f"with weight {list(weight_of(base).shape)}")
     copy_saved(layer.lora_down, down, mismatch)
     copy_saved(layer.lora_up, up, mismatch)
-    return load_dora(layer, tensors)
+    return load_dora(layer, tensors, options)
 
 
 SPEC = AdapterSpec(
-    name="lora", create=create, load=load, owns_keys=owns_keys, config_model=LoRAOptions,
+    name="lora", create=create, load=load, owns_keys=owns_keys,
+    file_metadata=dora_metadata, file_options=dora_file_options, config_model=LoRAOptions,
     network_module="networks.lora", description="Low-rank adaptation (LoRA / LoCon), "
     "optionally rank-stabilised or weight-decomposed (DoRA).")

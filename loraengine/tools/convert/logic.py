@@ -32,6 +32,7 @@ from loraengine.core.errors import ConfigError
 from loraengine.core.files import (
     AdapterFile,
     in_layout,
+    load_options,
     module_layouts,
     read_adapter_file,
     save_lora,
@@ -40,10 +41,14 @@ from loraengine.core.plugins.host import PluginHost
 from loraengine.core.plugins.specs import ExporterSpec
 from loraengine.plugins.exporters import (
     A1111,
+    COMFYUI_NORM_AS_STANDARD,
+    COMFYUI_NORM_RULES,
     FORGE,
     KOHYA_RULES,
+    LORA_PARAMS,
     LYCORIS,
     comfyui_fused_limits,
+    dora_norm,
     forge_limits,
     kohya_limits,
     lokr_pipeline,
@@ -104,8 +109,15 @@ def _relative(got: torch.Tensor, want: torch.Tensor) -> float:
     return float((got - want).abs().max() / want.abs().max().clamp_min(1e-30))
 
 
-def _load(spec: Any, base: nn.Module, params: Mapping[str, torch.Tensor]) -> Any:
-    return spec.load(base, dict(params), spec.config_model())
+def _load(spec: Any, base: nn.Module, params: Mapping[str, torch.Tensor],
+          options: Any = None) -> Any:
+    """``spec``'s layer from ``params``, with ``options`` (the file's: ``load_options``;
+    default the spec's defaults)."""
+    return spec.load(base, dict(params), spec.config_model() if options is None else options)
+
+
+def _norm(options: Any) -> str:
+    return str(getattr(options, "weight_decompose_norm", "standard"))
 
 
 def _merged(base: nn.Module, layer: Any) -> torch.Tensor:
@@ -115,10 +127,12 @@ def _merged(base: nn.Module, layer: Any) -> torch.Tensor:
 
 
 def consumer_weight(target: str, base: nn.Module, params: Mapping[str, torch.Tensor],
-                    spec: Any, reads_lokr: bool = False) -> tuple[str, torch.Tensor] | None:
+                    spec: Any, reads_lokr: bool = False, options: Any = None
+                    ) -> tuple[str, torch.Tensor] | None:
     """How ``target`` reads one module differently from loraengine: (the limit, the
     weight it computes), or ``None`` when it reads the module exactly. ``reads_lokr``:
-    the model is one whose diffusers pipeline reads LoKr (``lokr_pipeline``)."""
+    the model is one whose diffusers pipeline reads LoKr (``lokr_pipeline``);
+    ``options``: the file's (``load_options``: its DoRA norm)."""
     weight = base.weight
     assert isinstance(weight, torch.Tensor)
     w = weight.detach().float()
@@ -130,21 +144,24 @@ def consumer_weight(target: str, base: nn.Module, params: Mapping[str, torch.Ten
         return None
     if target == "diffusers" and name != "lora":
         return f"diffusers reads only LoRA ({name} layers left unchanged)", w
+    if target == "diffusers" and "dora_scale" in params and set(params) <= LORA_PARAMS \
+            and _norm(options) != "standard":
+        return COMFYUI_NORM_AS_STANDARD, _dora_read_as(base, params, spec, options, "standard")
     if target == "comfyui" and "rescale" in params:
         rest = {k: v for k, v in params.items() if k != "rescale"}
         return ("ComfyUI loads OFT's rescale and never applies it",
-                _merged(base, _load(spec, base, rest)))
-    if target == "comfyui" and "dora_scale" in params:
+                _merged(base, _load(spec, base, rest, options)))
+    if target == "comfyui" and "dora_scale" in params and _norm(options) == "standard":
         # ComfyUI divides by the norm of W, not of W + ΔW, per output channel (a
         # per-input magnitude: ComfyUI's reading is ours)
-        got = _comfyui_dora(base, params, spec)
+        got = _comfyui_dora(base, params, spec, options)
         return None if got is None else \
             ("ComfyUI's DoRA normalises by the norm of W, not of W + ΔW", got)
     return None
 
 
 def _texts(consumer: str) -> set[str]:
-    return {text for who, text, _ in KOHYA_RULES if consumer in who}
+    return {text for who, text, _ in (*KOHYA_RULES, *COMFYUI_NORM_RULES) if consumer in who}
 
 
 def _rule(consumer: str, start: str) -> str:
@@ -153,29 +170,35 @@ def _rule(consumer: str, start: str) -> str:
                 text.startswith(start))
 
 
-def _comfyui_dora(base: nn.Module, params: Mapping[str, torch.Tensor], spec: Any
-                  ) -> torch.Tensor | None:
-    """The weight ComfyUI's (and Forge's) DoRA computes: W + ΔW scaled by m / ‖W‖ per
-    output channel; None for a per-input magnitude, which it reads as loraengine does."""
+def _dora_read_as(base: nn.Module, params: Mapping[str, torch.Tensor], spec: Any,
+                  options: Any, norm: str) -> torch.Tensor:
+    """The weight a reader whose DoRA divides by ``norm`` (``weight_decompose_norm``)
+    computes for a module (the file's other options as they are)."""
+    options = spec.config_model() if options is None else options
+    return _merged(base, _load(spec, base, params,
+                               options.model_copy(update={"weight_decompose_norm": norm})))
+
+
+def _comfyui_dora(base: nn.Module, params: Mapping[str, torch.Tensor], spec: Any,
+                  options: Any = None) -> torch.Tensor | None:
+    """The weight ComfyUI's (and Forge's) DoRA computes: W + ΔW scaled by m / (‖W‖ + ε)
+    per output channel, the ``comfyui`` norm (tests/test_interop_comfyui_dora.py pins it
+    against ComfyUI's own code); None for a per-input magnitude, which it reads as
+    loraengine's standard norm does (to float32's ε)."""
     weight = base.weight
     assert isinstance(weight, torch.Tensor)
-    w = weight.detach().float()
-    scale = params["dora_scale"].float()
-    out = w.shape[0]
-    if scale.numel() != out:
+    if params["dora_scale"].numel() != weight.shape[0]:
         return None
-    raw = {k: v for k, v in params.items() if k != "dora_scale"}
-    calc = _merged(base, _load(spec, base, raw))
-    norm = w.reshape(out, -1).norm(dim=1).reshape(out, *[1] * (w.dim() - 1))
-    norm = norm + torch.finfo(w.dtype).eps
-    return calc * scale.reshape(out, *[1] * (w.dim() - 1)) / norm
+    return _dora_read_as(base, params, spec, options, "comfyui")
 
 
 def kohya_reader_weight(consumer: str, base: nn.Module, params: Mapping[str, torch.Tensor],
-                        spec: Any) -> tuple[str, torch.Tensor] | None:
+                        spec: Any, options: Any = None) -> tuple[str, torch.Tensor] | None:
     """The weight one reader of kohya files (A1111 1.8, Forge, LyCORIS) computes where
     it differs from loraengine's and the difference is a formula: (the limit's text, as
-    ``kohya_limits`` words it, the weight); ``None`` otherwise."""
+    ``kohya_limits`` words it, the weight); ``None`` otherwise. ``options``: the file's
+    (``load_options``: Forge computes the ``comfyui`` DoRA norm, LyCORIS the standard
+    one)."""
     weight = base.weight
     assert isinstance(weight, torch.Tensor)
     w = weight.detach().float()
@@ -186,12 +209,14 @@ def kohya_reader_weight(consumer: str, base: nn.Module, params: Mapping[str, tor
         return _rule(consumer, start), w
     if consumer == A1111 and "dora_scale" in params:
         raw = {k: v for k, v in params.items() if k != "dora_scale"}
-        return _rule(A1111, "no DoRA"), _merged(base, _load(spec, base, raw))
-    if consumer == FORGE and "dora_scale" in params:
-        got = _comfyui_dora(base, params, spec)
+        return _rule(A1111, "no DoRA"), _merged(base, _load(spec, base, raw, options))
+    if consumer == FORGE and "dora_scale" in params and _norm(options) == "standard":
+        got = _comfyui_dora(base, params, spec, options)
         return None if got is None else (_rule(FORGE, "DoRA normalised"), got)
+    if consumer == LYCORIS and "dora_scale" in params and _norm(options) != "standard":
+        return COMFYUI_NORM_AS_STANDARD, _dora_read_as(base, params, spec, options, "standard")
     if consumer == LYCORIS and name in ("loha", "lokr") and "dora_scale" not in params:
-        layer = _load(spec, base, params)
+        layer = _load(spec, base, params, options)
         # its merge applies the layer's scale to a ΔW that already holds it
         return _rule(LYCORIS, "LoHa/LoKr merged"), \
             (w + layer.delta_weight().float() * layer.scale).detach()
@@ -211,11 +236,13 @@ def measure(target: str, file: AdapterFile, model: nn.Module) -> dict[str, tuple
         except AttributeError:
             continue
         spec = module.owners[0]
+        options = load_options(spec, file)
         readers = KOHYA_READERS.get(target, ())
-        got = [consumer_weight(target, base, module.params, spec, reads_lokr),
-               *(kohya_reader_weight(r, base, module.params, spec) for r in readers)]
+        got = [consumer_weight(target, base, module.params, spec, reads_lokr, options),
+               *(kohya_reader_weight(r, base, module.params, spec, options)
+                 for r in readers)]
         for limit, consumer in filter(None, got):
-            ours = _merged(base, _load(spec, base, module.params))
+            ours = _merged(base, _load(spec, base, module.params, options))
             err = _relative(consumer, ours)
             prev = found.get(limit, (-1.0, "", 0))
             found[limit] = (max(prev[0], err), path if err > prev[0] else prev[1],
@@ -262,8 +289,13 @@ def unmeasured(target: str, file: AdapterFile) -> list[str]:
         out.append("ComfyUI has no IA3")
     if target == "comfyui" and "rescale" in params:
         out.append("ComfyUI never applies OFT's rescale")
-    if target == "comfyui" and "dora_scale" in params:
+    if target == "comfyui" and "dora_scale" in params and \
+            dora_norm(file.metadata) == "standard":
         out.append("ComfyUI's DoRA normalises by the norm of W")
+    if target == "diffusers" and dora_norm(file.metadata) != "standard" and any(
+            "dora_scale" in m.params and set(m.params) <= LORA_PARAMS
+            for m in file.modules.values()):
+        out.append(COMFYUI_NORM_AS_STANDARD)
     if target == "diffusers" and lokr_pipeline(file.modules) is not None and all(
             peft_lokr(m.params) is not None for m in file.modules.values()
             if m.algorithm == "lokr" and m.params):
@@ -329,11 +361,12 @@ def convert_file(source: Path, target: str, model_path: Path | None = None,
                for path, m in file.modules.items()}
     if target in KOHYA_READERS:
         # the limits not measured above, by name
-        warnings += [line for line in kohya_limits(summary, KOHYA_READERS[target])
+        warnings += [line for line in kohya_limits(summary, KOHYA_READERS[target],
+                                                   metadata=file.metadata)
                      if not any(f": {text} (" in line for text in measured)]
     elif target in ("comfyui", "diffusers"):
         # Forge reads these files too (FLUX.1/SD3 ones; not measured)
-        warnings += [line for line in forge_limits(summary, target)
+        warnings += [line for line in forge_limits(summary, target, file.metadata)
                      if not any(f": {text} (" in line for text in measured)]
     if target == "comfyui" and model is not None and layouts:
         warnings += fused_warnings(file, model, modules, exporter, layouts)
