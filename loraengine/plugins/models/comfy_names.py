@@ -12,7 +12,8 @@ the two halves swapped. A layout name carries that, after ``#``:
 
 - ``double_blocks.0.img_attn.qkv#64,32,160@transformer_blocks.0.attn.to_k``: rows 64–95
   of a 160-row weight (and, after ``@``, the diffusers layer);
-- ``final_layer.adaLN_modulation.1#swap``: the same weight, halves swapped.
+- ``final_layer.adaLN_modulation.1#swap@norm_out.linear``: the same weight, halves
+  swapped (and the diffusers layer).
 
 The ``comfyui`` key format (``exporters.PrefixedFormat``) fuses such modules into one
 on writing (``fuse``) and splits a fused module back on reading (``split``), exactly
@@ -158,7 +159,7 @@ def _add_top(names: dict[str, str], model: nn.Module, table: Mapping[str, str],
              suffix: str = "") -> None:
     for ours, theirs in table.items():
         if _out(model, ours) is not None:
-            names[ours] = theirs + suffix
+            names[ours] = theirs + suffix + (f"@{ours}" if suffix == "#" + SWAP else "")
 
 
 def flux_names(model: nn.Module) -> dict[str, str]:
@@ -190,7 +191,7 @@ def sd3_names(model: nn.Module) -> dict[str, str]:
                    SD3_BLOCK, SD3_FUSED)
     last = f"transformer_blocks.{count - 1}.norm1_context.linear"
     if last in names:
-        names[last] += "#" + SWAP
+        names[last] += f"#{SWAP}@{last}"
     _add_top(names, model, SD3_TOP)
     _add_top(names, model, {"norm_out.linear": "final_layer.adaLN_modulation.1"}, "#" + SWAP)
     return names
@@ -275,22 +276,26 @@ def parse(name: str) -> tuple[str, tuple[int, int, int] | str | None]:
     base, sep, tail = name.partition("#")
     if not sep:
         return name, None
-    if tail == SWAP:
+    if tail.partition("@")[0] == SWAP:
         return base, SWAP
     offset, size, total = (int(v) for v in tail.partition("@")[0].split(","))
     return base, (offset, size, total)
 
 
 def own_path(name: str) -> str:
-    """The diffusers path a band's layout name carries (after ``@``)."""
+    """The diffusers path a band's (or a swapped layer's) layout name carries (after
+    ``@``)."""
     return name.partition("@")[2] or name
 
 
-#: per algorithm, the tensors whose rows are the layer's output rows, and the ones
-#: every row shares
-_ROWS = {"lora_up.weight", "hada_w1_a", "hada_w2_a", "diff", "diff_b", "dora_scale"}
+#: per algorithm, the tensors whose rows are the layer's output rows (OFT's ``rescale``,
+#: GLoRA's ``b1``), and the ones every row shares (GLoRA's input map ``a1``/``a2``)
+_ROWS = {"lora_up.weight", "hada_w1_a", "hada_w2_a", "diff", "diff_b", "dora_scale",
+         "rescale", "b1.weight"}
+_SHARED = {"alpha", "a1.weight", "a2.weight", "b2.weight", "on_input"}
 _LORA = {"lora_down.weight", "lora_up.weight", "alpha", "dora_scale", "diff_b"}
 _LOHA = {"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "alpha", "diff_b"}
+_FULL = {"diff", "diff_b"}
 _LOKR_W1 = ("lokr_w1", "lokr_w1_a")
 
 
@@ -299,24 +304,51 @@ def _swap(t: torch.Tensor) -> torch.Tensor:
     return torch.cat([second, first], dim=0)
 
 
+def _shape(value: object) -> tuple[int, ...]:
+    shape = getattr(value, "shape", value)
+    return tuple(int(n) for n in shape) if isinstance(shape, (tuple, list)) else ()
+
+
+def _swap_problem(params: Mapping[str, object]) -> str | None:
+    """Why a module's tensors (or their shapes) cannot be written with the layer's row
+    halves swapped, or None."""
+    shapes = {k: _shape(v) for k, v in params.items()}
+    w1 = next((k for k in _LOKR_W1 if k in shapes), None)
+    if w1 is not None and shapes[w1][0] % 2:
+        return "LoKr with an odd number of rows in its small factor"
+    blocks = shapes.get("oft_blocks")
+    if blocks is not None and (len(blocks) != 3 or blocks[0] % 2):
+        return "oft_blocks (BOFT, or OFT with an odd block count)"
+    other = set(shapes) - _LORA - _LOHA - _ROWS - _SHARED - {
+        "oft_blocks", "lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a",
+        "lokr_w2_b"} - ({"weight"} if "on_input" in shapes else set())
+    return ", ".join(sorted(other)) if other else None
+
+
+def can_swap(params: Mapping[str, object]) -> bool:
+    """Whether ``swapped`` writes a module with these tensors (or shapes) exactly."""
+    return _swap_problem(params) is None
+
+
 def swapped(params: Mapping[str, torch.Tensor], where: str) -> dict[str, torch.Tensor]:
     """A module's tensors for the same layer with its two row halves swapped (its own
-    inverse): exact for every algorithm whose rows are rows of one tensor, and for LoKr
-    when its small factor has an even number of rows."""
+    inverse): exact for every algorithm whose rows are rows of one tensor (LoRA, LoHa,
+    full, GLoRA's ``b1``, IA3 on the outputs, OFT's ``rescale``), for LoKr when its small
+    factor has an even number of rows, and for OFT when its block count is even (each
+    block acts on its own rows: swapping the halves of the rows swaps the halves of the
+    block list). BOFT's butterfly has no such form (``can_swap``)."""
+    problem = _swap_problem(params)
+    if problem is not None:
+        raise DataError(f"module {where}: {problem} cannot be written with the layer's "
+                        f"halves swapped (ComfyUI stores them the other way)")
     out = dict(params)
-    for key in _ROWS & set(params):
+    for key in (_ROWS | {"oft_blocks"}) & set(params):
         out[key] = _swap(params[key])
     w1 = next((k for k in _LOKR_W1 if k in params), None)
     if w1 is not None:
-        if params[w1].shape[0] % 2:
-            raise DataError(f"module {where}: LoKr with an odd number of rows in its small "
-                            f"factor cannot be written with the layer's halves swapped")
         out[w1] = _swap(params[w1])
-    other = set(params) - _LORA - _LOHA - _ROWS - {"lokr_w1", "lokr_w1_a", "lokr_w1_b",
-                                                   "lokr_w2", "lokr_w2_a", "lokr_w2_b"}
-    if other:
-        raise DataError(f"module {where}: {', '.join(sorted(other))} cannot be written with "
-                        f"the layer's halves swapped (ComfyUI stores them the other way)")
+    if "weight" in params and "on_input" in params and not int(params["on_input"]):
+        out["weight"] = _swap(params["weight"])  # IA3 scaling the outputs
     return out
 
 
@@ -326,10 +358,11 @@ def _scale(params: Mapping[str, torch.Tensor], rank: int) -> float:
 
 def fusable(params) -> bool:
     """Whether a module with these tensor names can be part of a fused layer
-    (``fuse``): a LoRA or a LoHa."""
+    (``fuse``): a LoRA, a LoHa or a full ΔW (``diff``, rows of the fused one)."""
     keys = set(params)
     return (keys <= _LORA and {"lora_down.weight", "lora_up.weight"} <= keys) or \
-        (keys <= _LOHA and {"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"} <= keys)
+        (keys <= _LOHA and {"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"} <= keys) or \
+        (keys <= _FULL and "diff" in keys)
 
 
 def fuse(parts: list[tuple[tuple[int, int, int], str, Mapping[str, torch.Tensor]]],
@@ -340,14 +373,25 @@ def fuse(parts: list[tuple[tuple[int, int, int], str, Mapping[str, torch.Tensor]
     part's scale α/r is kept (as α = s·Σr where all agree, else folded into its rows)."""
     total = parts[0][0][2]
     keys = [set(p) for _, _, p in parts]
+    if all(fusable(k) and k <= _FULL for k in keys):  # full ΔW: its rows stacked
+        out: dict[str, torch.Tensor] = {}
+        for key in ("diff", "diff_b"):
+            if any(key in k for k in keys):
+                ex = next(p[key] for _, _, p in parts if key in p)
+                fused = torch.zeros(total, *ex.shape[1:], dtype=ex.dtype)
+                for (offset, size, _), _, p in parts:
+                    if key in p:
+                        fused[offset:offset + size] = p[key]
+                out[key] = fused
+        return out
     if all(fusable(k) and "lora_up.weight" in k for k in keys):
         pairs = [("lora_up.weight", "lora_down.weight")]
     elif all(fusable(k) and "hada_w1_a" in k for k in keys):
         pairs = [("hada_w1_a", "hada_w1_b"), ("hada_w2_a", "hada_w2_b")]
     else:
         raise DataError(f"module {native}: ComfyUI's model fuses {len(parts)} layer(s) "
-                        f"into it, and only LoRA and LoHa fuse exactly (use the diffusers "
-                        f"exporter, or LoRA/LoHa on those layers)")
+                        f"into it, and only LoRA, LoHa and full fuse exactly (use the "
+                        f"diffusers exporter, or LoRA/LoHa on those layers)")
     if any("dora_scale" in k for k in keys) and (
             sum(b[1] for b, _, _ in parts) != total
             or not all("dora_scale" in k for k in keys)):
@@ -358,7 +402,7 @@ def fuse(parts: list[tuple[tuple[int, int, int], str, Mapping[str, torch.Tensor]
     rank = sum(ranks)
     common = all(s == scales[0] for s in scales)
     ref = parts[0][2][pairs[0][0]]
-    out: dict[str, torch.Tensor] = {}
+    out = {}
     for up_key, down_key in pairs:
         up = torch.zeros(total, rank, *ref.shape[2:], dtype=ref.dtype)
         downs, col = [], 0
