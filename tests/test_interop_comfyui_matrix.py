@@ -162,7 +162,20 @@ def _natives():
     names = {"flux": comfy_names.flux_names, "sd3": comfy_names.sd3_names}
     for family, fn in names.items():
         layout = fn(MAKE.diffusers_model(family))
-        out[family] = (None, lambda sd, layout=layout: native_by_layout(layout, sd))
+        # weights the layout does not rename (FLUX.1's q/k RMSNorm, ``...scale`` there):
+        # by ComfyUI's own key map of diffusers names (committed)
+        keymap = json.loads((HERE / f"{family}_comfyui_transformer.json").read_text()
+                            )["model_lora_keys_unet"]
+
+        def native(sd, layout=layout, keymap=keymap):
+            out = native_by_layout(layout, sd)
+            for key in [k for k in out if k in sd and k.endswith(".weight")]:
+                target = keymap.get(f"transformer.{key[:-len('.weight')]}")
+                if isinstance(target, str):
+                    out[target[len("diffusion_model."):]] = out.pop(key)
+            return out
+
+        out[family] = (None, native)
     return out
 
 
@@ -233,13 +246,37 @@ def test_convert_to_comfyui_writes_lokr_tucker_whole_with_the_same_delta(tmp_pat
 @pytest.mark.parametrize(("options", "start"), [
     ({"algorithm": "lora", "weight_decompose": True}, "ComfyUI's DoRA divides"),
     ({"algorithm": "oft", "rescaled": True}, "ComfyUI loads OFT's rescale"),
-    ({"algorithm": "lokr", "factor": -1, "use_tucker": True}, "ComfyUI: LoKr with Tucker")])
+    ({"algorithm": "ia3"}, "ComfyUI has no IA3")])
 def test_train_with_the_kohya_exporter_warns_about_comfyuis_limits(options, start):
     """ComfyUI reads kohya files too: ``train`` with ``adapter.exporter: kohya`` names
-    its limits (the kohya column of the matrix), on a model with 3×3 convolutions."""
+    its limits (the kohya column of the matrix; LoKr's Tucker core, the other one, is
+    checked there on the UNets' 3×3 convolutions)."""
     from loraengine.plugins import build_plugin_manager
     from loraengine.testing.harness import train_tiny
 
     overlay = {"adapter": {**options, "rank": 2, "exporter": "kohya"}}
     with pytest.warns(UserWarning, match=rf"adapter.exporter: {start}"):
         train_tiny(build_plugin_manager(), overlay)
+
+
+@pytest.mark.parametrize(("cid", "start"), [
+    ("boft-r4", "ComfyUI stores the final modulation"),
+    ("oft-r4", "ComfyUI's model fuses q/k/v"),
+    ("lora-norm_and_bias_deltas=True-r4", "ComfyUI's FLUX.1 model calls its q/k RMSNorm")])
+def test_convert_to_comfyui_names_the_layers_comfyui_cannot_place(cid, start, tmp_path):
+    """On FLUX.1, ``convert --to comfyui --model`` warns with the same structural limits
+    as ``train`` (the exporter's ``limits``): modules written under diffusers' names that
+    ComfyUI's model has no layer for; the fixture has ComfyUI leaving them unloaded."""
+    from loraengine.core.files import write_adapter_file
+    from loraengine.tools.convert.logic import convert_file
+
+    name, options, rank = CASES[cid]
+    network, _ = MAKE.build_network(MAKE.diffusers_model("flux"), name, options, rank)
+    src = tmp_path / "in.safetensors"
+    write_adapter_file(src, network.file_modules(), mm.REG.get("exporter", "diffusers"),
+                       {"loraengine.algorithm": name})
+    warnings = convert_file(src, "comfyui", out=tmp_path / "out.safetensors",
+                            model=MAKE.diffusers_model("flux"))["warnings"]
+    assert any(line.startswith(f"ComfyUI: {start}") for line in warnings), warnings
+    row = RESULTS["cases"]["flux"]["comfyui"][cid]
+    assert row["unloaded"] > 0 or row["unchanged"] > 0

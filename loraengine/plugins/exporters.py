@@ -464,13 +464,14 @@ def kohya_file_limits(modules: Mapping[str, tuple[str, Collection[str]]]) -> lis
     """``kohya_limits``, and what ComfyUI, which reads kohya files too, does differently
     with them: ``COMFYUI_RULES``, and LoKr's Tucker core, on which ComfyUI's LoKr fails
     (the ``comfyui`` exporter writes that factor whole)."""
-    out = kohya_limits(modules) + _comfyui_rules(modules)
+    return kohya_limits(modules) + _comfyui_rules(modules) + _comfyui_tucker(modules)
+
+
+def _comfyui_tucker(modules: Mapping[str, tuple[str, Collection[str]]]) -> list[str]:
     n = _count(modules, lambda a, p: "lokr_t2" in p)
-    if n:
-        out.append(f"ComfyUI: LoKr with Tucker factors (lokr_t2) fails, these layers are "
-                   f"left unchanged ({n} layer(s); the comfyui exporter, or loraengine "
-                   f"convert --to comfyui, writes them whole)")
-    return out
+    return [f"ComfyUI: LoKr with Tucker factors (lokr_t2) fails, these layers are left "
+            f"unchanged ({n} layer(s); the comfyui exporter, or loraengine convert --to "
+            f"comfyui, writes them whole)"] if n else []
 
 
 #: diffusers' names of the layers ComfyUI's FLUX.1 and SD3 models fuse (q/k/v, and
@@ -516,7 +517,7 @@ def diffusers_file_limits(modules: Mapping[str, tuple[str, Collection[str]]]) ->
     module's ΔW, but theirs is computed from its own weight, in its own order)."""
     peft_dora = {n for n, (a, p) in modules.items() if a == "lora" and "dora_scale" in p}
     out = diffusers_limits(modules) + _comfyui_rules(
-        {n: m for n, m in modules.items() if n not in peft_dora})
+        {n: m for n, m in modules.items() if n not in peft_dora}) + _comfyui_tucker(modules)
     if peft_dora:
         out.append(f"ComfyUI does not load DoRA's magnitude under PEFT's name "
                    f"(lora_magnitude_vector): {len(peft_dora)} layer(s) are plain LoRA "

@@ -33,7 +33,7 @@ converters only: the ComfyUI commit checked has no such model).
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 
 import torch
 from torch import nn
@@ -309,15 +309,16 @@ def _shape(value: object) -> tuple[int, ...]:
     return tuple(int(n) for n in shape) if isinstance(shape, (tuple, list)) else ()
 
 
-def _swap_problem(params: Mapping[str, object]) -> str | None:
-    """Why a module's tensors (or their shapes) cannot be written with the layer's row
-    halves swapped, or None."""
-    shapes = {k: _shape(v) for k, v in params.items()}
+def _swap_problem(params: Mapping[str, object] | Collection[str]) -> str | None:
+    """Why a module's tensors (or their shapes; with names only, the shape rules are
+    not checked) cannot be written with the layer's row halves swapped, or None."""
+    shapes = {k: _shape(v) for k, v in params.items()} if isinstance(params, Mapping) \
+        else {k: () for k in params}
     w1 = next((k for k in _LOKR_W1 if k in shapes), None)
-    if w1 is not None and shapes[w1][0] % 2:
+    if w1 is not None and shapes[w1] and shapes[w1][0] % 2:
         return "LoKr with an odd number of rows in its small factor"
     blocks = shapes.get("oft_blocks")
-    if blocks is not None and (len(blocks) != 3 or blocks[0] % 2):
+    if blocks and (len(blocks) != 3 or blocks[0] % 2):
         return "oft_blocks (BOFT, or OFT with an odd block count)"
     other = set(shapes) - _LORA - _LOHA - _ROWS - _SHARED - {
         "oft_blocks", "lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a",
@@ -325,7 +326,7 @@ def _swap_problem(params: Mapping[str, object]) -> str | None:
     return ", ".join(sorted(other)) if other else None
 
 
-def can_swap(params: Mapping[str, object]) -> bool:
+def can_swap(params: Mapping[str, object] | Collection[str]) -> bool:
     """Whether ``swapped`` writes a module with these tensors (or shapes) exactly."""
     return _swap_problem(params) is None
 

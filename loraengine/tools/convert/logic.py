@@ -40,6 +40,7 @@ from loraengine.core.plugins.host import PluginHost
 from loraengine.core.plugins.specs import ExporterSpec
 from loraengine.plugins.exporters import (
     A1111,
+    COMFYUI_RULES,
     FORGE,
     KOHYA_RULES,
     LYCORIS,
@@ -239,6 +240,21 @@ def unmeasured(target: str, file: AdapterFile) -> list[str]:
     return out
 
 
+def _in_layout_summary(file: AdapterFile, modules: Mapping[str, Mapping[str, torch.Tensor]],
+                       exporter: ExporterSpec, layouts: Mapping[str, Mapping[str, str]]
+                       ) -> dict[str, tuple[str, dict[str, tuple[int, ...]]]]:
+    """The modules as the exporter's ``limits`` takes them (as ``train`` hands them
+    over): named as the file will name them, ``(algorithm, {tensor: shape})``."""
+    renamed = in_layout({p: {} for p in modules}, exporter, layouts)
+    out = {}
+    for (path, params), name in zip(modules.items(), renamed, strict=True):
+        module = file.modules.get(path)
+        algorithm = module.algorithm if module is not None and module.params and \
+            module.algorithm else "deltas"
+        out[name] = (algorithm, {k: tuple(v.shape) for k, v in params.items()})
+    return out
+
+
 def convert_file(source: Path, target: str, model_path: Path | None = None,
                  out: Path | None = None, overwrite: bool = False, *,
                  host: PluginHost | None = None, model: nn.Module | None = None
@@ -294,6 +310,10 @@ def convert_file(source: Path, target: str, model_path: Path | None = None,
         # the limits not measured above, by name
         warnings += [line for line in kohya_limits(summary, KOHYA_READERS[target])
                      if not any(f": {text} (" in line for text in measured)]
+    if target == "comfyui" and exporter.limits is not None:
+        warnings += [f"{consumer}: {line}" for line in
+                     exporter.limits(_in_layout_summary(file, modules, exporter, layouts))
+                     if not line.startswith(tuple(text for text, _ in COMFYUI_RULES))]
     tensors = exporter.to_file(in_layout(modules, exporter, layouts))
     meta = dict(file.metadata) | {"loraengine.converted_for": target}
     save_lora(out, tensors, meta)
