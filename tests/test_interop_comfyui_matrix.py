@@ -280,3 +280,11 @@ def test_convert_to_comfyui_names_the_layers_comfyui_cannot_place(cid, start, tm
     assert any(line.startswith(f"ComfyUI: {start}") for line in warnings), warnings
     row = RESULTS["cases"]["flux"]["comfyui"][cid]
     assert row["unloaded"] > 0 or row["unchanged"] > 0
+
+
+@pytest.mark.slow
+def test_the_docs_show_the_fixtures_table():
+    """docs/compatibility.md's ComfyUI matrix is the fixture's numbers, with the notes
+    ``train`` warns with."""
+    docs = (Path(__file__).parents[1] / "docs" / "compatibility.md").read_text()
+    assert MAKE.table(RESULTS) in docs

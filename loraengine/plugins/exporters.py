@@ -469,9 +469,9 @@ def kohya_file_limits(modules: Mapping[str, tuple[str, Collection[str]]]) -> lis
 
 def _comfyui_tucker(modules: Mapping[str, tuple[str, Collection[str]]]) -> list[str]:
     n = _count(modules, lambda a, p: "lokr_t2" in p)
-    return [f"ComfyUI: LoKr with Tucker factors (lokr_t2) fails, these layers are left "
+    return [f"ComfyUI's LoKr fails on Tucker factors (lokr_t2): these layers are left "
             f"unchanged ({n} layer(s); the comfyui exporter, or loraengine convert --to "
-            f"comfyui, writes them whole)"] if n else []
+            f"comfyui, writes the factor whole)"] if n else []
 
 
 #: diffusers' names of the layers ComfyUI's FLUX.1 and SD3 models fuse (q/k/v, and
