@@ -288,3 +288,28 @@ def test_the_docs_show_the_fixtures_table():
     ``train`` warns with."""
     docs = (Path(__file__).parents[1] / "docs" / "compatibility.md").read_text()
     assert MAKE.table(RESULTS) in docs
+
+
+@pytest.mark.parametrize("family", ["flux", "sd3"])
+@pytest.mark.parametrize("cid", ["full-r4", "oft-r4", "glora-r4", "ia3-r4", "boft-r4"])
+def test_the_comfyui_export_reads_back_to_the_same_weights(family, cid, tmp_path):
+    """Fused (full) and swapped (OFT, GLoRA, IA3) modules, and BOFT kept under diffusers'
+    names on a swapped layer: written by the ``comfyui`` exporter and read on the
+    diffusers model, every module is back on its layer with its ΔW, bit for bit (the
+    rows are only moved)."""
+    import loraengine
+    from loraengine.core.files import module_layouts, write_adapter_file
+    from loraengine.plugins import build_plugin_manager
+
+    name, options, rank = CASES[cid]
+    model = MAKE.diffusers_model(family)
+    network, _ = MAKE.build_network(model, name, options, rank)
+    path = tmp_path / "c.safetensors"
+    write_adapter_file(path, network.file_modules(), mm.REG.get("exporter", "comfyui"), {},
+                       module_layouts(mm.REG, model))
+    target = MAKE.diffusers_model(family)
+    handle = loraengine.apply(target, path, mode="merge", host=build_plugin_manager())
+    assert sorted(handle.modules) == sorted(network.paths)
+    network.merge()
+    for p in network.paths:
+        assert torch.equal(target.get_submodule(p).weight, model.get_submodule(p).weight), p
