@@ -351,14 +351,6 @@ def comfyui_limits(modules: Mapping[str, tuple[str, Collection[str]]]) -> list[s
                    f"are written under diffusers' names, which ComfyUI does not load (e.g. "
                    f"{comfy_names.own_path(fused[0])}); the diffusers exporter is read by "
                    f"ComfyUI for FLUX.1 and SD3")
-    if any(n.startswith(("double_blocks.", "single_blocks.")) for n in modules):
-        norms = sorted(n for n, (a, p) in modules.items() if a == "deltas" and
-                       ".attn.norm_" in n)
-        if norms:
-            out.append(f"ComfyUI's FLUX.1 model calls its q/k RMSNorm weights .scale and "
-                       f"the comfyui exporter has no ComfyUI name for them: {len(norms)} "
-                       f"norm delta(s) are written under diffusers' names, which ComfyUI "
-                       f"does not load (e.g. {norms[0]})")
     unswapped = sorted(name for name, (algorithm, params) in modules.items()
                        if comfy_names.parse(name)[1] == comfy_names.SWAP
                        and not comfy_names.can_swap(params))

@@ -49,11 +49,18 @@ SWAP = "swap"
 _FLUX_DOUBLE = {"attn.to_out.0": "img_attn.proj", "attn.to_add_out": "txt_attn.proj",
                 "norm1.linear": "img_mod.lin", "norm1_context.linear": "txt_mod.lin",
                 "ff.net.0.proj": "img_mlp.0", "ff.net.2": "img_mlp.2",
-                "ff_context.net.0.proj": "txt_mlp.0", "ff_context.net.2": "txt_mlp.2"}
+                "ff_context.net.0.proj": "txt_mlp.0", "ff_context.net.2": "txt_mlp.2",
+                # q/k RMSNorms: ComfyUI's weight is ``<module>.scale``, which its loader
+                # takes as the name of a module (``<name>.diff``)
+                "attn.norm_q": "img_attn.norm.query_norm.scale",
+                "attn.norm_k": "img_attn.norm.key_norm.scale",
+                "attn.norm_added_q": "txt_attn.norm.query_norm.scale",
+                "attn.norm_added_k": "txt_attn.norm.key_norm.scale"}
 _FLUX_DOUBLE_FUSED = {"img_attn.qkv": ("attn.to_q", "attn.to_k", "attn.to_v"),
                       "txt_attn.qkv": ("attn.add_q_proj", "attn.add_k_proj",
                                        "attn.add_v_proj")}
-_FLUX_SINGLE = {"norm.linear": "modulation.lin", "proj_out": "linear2"}
+_FLUX_SINGLE = {"norm.linear": "modulation.lin", "proj_out": "linear2",
+                "attn.norm_q": "norm.query_norm.scale", "attn.norm_k": "norm.key_norm.scale"}
 _FLUX_SINGLE_FUSED = {"linear1": ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp")}
 _FLUX_TOP = {"x_embedder": "img_in", "context_embedder": "txt_in",
              "proj_out": "final_layer.linear",
