@@ -55,8 +55,8 @@ def test_the_fixture_covers_every_case_family_and_exporter():
     assert RESULTS["comfyui_commit"] == "a125cd8"
 
 
-#: cases whose network takes long to build here (BOFT with 2-row blocks: many stages)
-SLOW = {"boft-block_size=2-r4"}
+#: cases that take over 5 s here (BOFT: many stages, or built on every family twice)
+SLOW = {"boft-block_size=2-r4", "boft-constraint=0.05-r4"}
 
 
 @pytest.mark.parametrize("cid", [pytest.param(c, marks=pytest.mark.slow) if c in SLOW
