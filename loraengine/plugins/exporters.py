@@ -89,13 +89,14 @@ def lokr_without_tucker(params: Mapping[str, torch.Tensor]) -> Mapping[str, torc
 class PrefixedFormat:
     """``<prefix><path>.<param>`` where ``path`` may be rewritten by ``encode``;
     ``norm_names``: norm deltas as ``w_norm``/``b_norm`` (``norm_deltas_as_lycoris``);
+    ``whole_lokr``: LoKr's Tucker core written out (``lokr_without_tucker``).
     ``comfy_lokr``: a 3-D convolution's LoKr factors as ComfyUI computes them right
     (``comfy_names.lokr_kernel_flattened``)."""
 
     def __init__(self, name: str, prefix: str, underscore: bool, norm_names: bool = False,
-                 comfy_lokr: bool = False):
+                 whole_lokr: bool = False, comfy_lokr: bool = False):
         self.name, self.prefix, self.underscore = name, prefix, underscore
-        self.norm_names, self.comfy_lokr = norm_names, comfy_lokr
+        self.norm_names, self.whole_lokr, self.comfy_lokr = norm_names, whole_lokr, comfy_lokr
 
     def encode(self, path: str) -> str:
         return self.prefix + (path.replace(".", "_") if self.underscore else path)
@@ -104,6 +105,8 @@ class PrefixedFormat:
         out: dict[str, torch.Tensor] = {}
         fused: dict[str, list] = {}
         for path, params in modules.items():
+            if self.whole_lokr:
+                params = lokr_without_tucker(params)
             native, band = comfy_names.parse(path)
             if band == comfy_names.SWAP and not comfy_names.swappable(params):
                 # no form with the halves swapped: under its own (diffusers) name
@@ -183,7 +186,11 @@ class PrefixedFormat:
 #: kohya files are read by sd-scripts' LyCORIS and by A1111, whose norm modules read
 #: ``w_norm``/``b_norm`` only; ComfyUI's own files keep TrainLoraNode's ``diff``.
 KOHYA = PrefixedFormat("kohya", "lora_unet_", underscore=True, norm_names=True)
-COMFYUI = PrefixedFormat("comfyui", "diffusion_model.", underscore=False, comfy_lokr=True)
+#: ComfyUI's LoKr fails on a Tucker core over a convolution (``view`` of a non-contiguous
+#: product, comfy/weight_adapter/lokr.py at a125cd8): its files hold the factor whole,
+#: and a 3-D convolution's large factor as a matrix.
+COMFYUI = PrefixedFormat("comfyui", "diffusion_model.", underscore=False, whole_lokr=True,
+                         comfy_lokr=True)
 #: Module layouts each format writes where the model has them (``unet_names``):
 #: ComfyUI's own files name a UNet's layers as its checkpoints do (``input_blocks.*``);
 #: sd-scripts does so for SDXL only, and writes diffusers' names for SD1.x/2.x; for
@@ -333,26 +340,38 @@ def dora_norm(metadata: Mapping[str, str] | None) -> str:
     return (metadata or {}).get(NORM_KEY, "standard")
 
 
+#: what ComfyUI's loader does differently from loraengine with any file it reads, per
+#: module (checked against comfy/weight_adapter at a125cd8,
+#: tests/fixtures/interop/make_comfyui_matrix_fixtures.py); the DoRA rule holds for the
+#: standard norm only (``weight_decompose_norm: comfyui`` trains ComfyUI's)
+COMFYUI_RULES: tuple[tuple[str, Callable[[str, Collection[str]], bool]], ...] = (
+    ("ComfyUI has no IA3; these layers are not applied there", lambda a, p: a == "ia3"),
+    ("ComfyUI's DoRA divides by the norm of W, not of W + ΔW (train with "
+     "adapter.weight_decompose_norm: comfyui to match it)",
+     lambda a, p: "dora_scale" in p),
+    ("ComfyUI loads OFT's rescale and never applies it", lambda a, p: "rescale" in p))
+
+
+def _comfyui_rules(modules: Mapping[str, tuple[str, Collection[str]]],
+                   metadata: Mapping[str, str] | None = None) -> list[str]:
+    standard = dora_norm(metadata) == "standard"
+    out = []
+    for text, test in COMFYUI_RULES:
+        if not standard and text.startswith("ComfyUI's DoRA"):
+            continue
+        n = _count(modules, test)
+        if n:
+            out.append(f"{text} ({n} layer(s); loraengine convert --model measures it)")
+    return out
+
+
 def comfyui_limits(modules: Mapping[str, tuple[str, Collection[str]]],
                    metadata: Mapping[str, str] | None = None) -> list[str]:
     """What ComfyUI's loader cannot express (checked against comfy/weight_adapter); a
     file trained with ``weight_decompose_norm: comfyui`` (its ``metadata``) has DoRA as
     ComfyUI computes it."""
-    standard = dora_norm(metadata) == "standard"
-    out = []
-    for text, test in (
-            ("ComfyUI has no IA3; these layers are not applied there",
-             lambda a, p: a == "ia3"),
-            ("ComfyUI's DoRA divides by the norm of W, not of W + ΔW (train with "
-             "adapter.weight_decompose_norm: comfyui to match it)",
-             lambda a, p: standard and "dora_scale" in p),
-            ("ComfyUI loads OFT's rescale and never applies it",
-             lambda a, p: "rescale" in p)):
-        n = _count(modules, test)
-        if n:
-            out.append(f"{text} ({n} layer(s); loraengine convert --model measures it)")
-    out += comfyui_fused_limits(modules)
-    return out + forge_limits(modules, "comfyui", metadata)
+    return (_comfyui_rules(modules, metadata) + comfyui_fused_limits(modules)
+            + forge_limits(modules, "comfyui", metadata))
 
 
 def unfused_modules(modules: Mapping[str, tuple[str, Collection[str]]]) -> list[str]:
@@ -371,16 +390,25 @@ def unfused_modules(modules: Mapping[str, tuple[str, Collection[str]]]) -> list[
 
 
 def comfyui_fused_limits(modules: Mapping[str, tuple[str, Collection[str]]]) -> list[str]:
-    """The line for ``unfused_modules``, or none."""
-    fused = unfused_modules(modules)
-    if not fused:
-        return []
-    return [f"ComfyUI's model fuses q/k/v (and FLUX.1's single-block MLP input) into one "
-            f"layer, and only LoRA, LoHa and full ΔW fuse exactly (nor do all algorithms "
-            f"swap the halves of a modulation it stores the other way): {len(fused)} "
-            f"layer(s) are written under diffusers' names, which ComfyUI does not load "
-            f"(e.g. {comfy_names.own_path(fused[0])}); the diffusers exporter is read by "
-            f"ComfyUI for FLUX.1 and SD3"]
+    """ComfyUI's lines for ``unfused_modules``: parts of a layer it fuses, and layers it
+    stores with swapped halves, that keep diffusers' names; none where there are none."""
+    kept = unfused_modules(modules)
+    fused = [n for n in kept if isinstance(comfy_names.parse(n)[1], tuple)]
+    unswapped = [n for n in kept if comfy_names.parse(n)[1] == comfy_names.SWAP]
+    out = []
+    if fused:
+        out.append(f"ComfyUI's model fuses q/k/v (and FLUX.1's single-block MLP input) into "
+                   f"one layer, and only LoRA, LoHa and full ΔW fuse exactly: {len(fused)} "
+                   f"layer(s) are written under diffusers' names, which ComfyUI does not "
+                   f"load (e.g. {comfy_names.own_path(fused[0])}); the diffusers exporter "
+                   f"is read by ComfyUI for FLUX.1 and SD3")
+    if unswapped:
+        out.append(f"ComfyUI stores the final modulation of FLUX.1 and SD3 (and SD3's last "
+                   f"context modulation) with its two halves swapped, and BOFT (or OFT with "
+                   f"an odd block count, LoKr with an odd small factor) has no such form: "
+                   f"{len(unswapped)} layer(s) are written under diffusers' names, which "
+                   f"ComfyUI does not load (e.g. {comfy_names.own_path(unswapped[0])})")
+    return out
 
 
 #: diffusers' layer names ComfyUI's loader has no key for (checked with ComfyUI 0.8.0,
@@ -625,17 +653,101 @@ def kohya_limits(modules: Mapping[str, tuple[str, Collection[str]]],
     return out
 
 
+def kohya_file_limits(modules: Mapping[str, tuple[str, Collection[str]]],
+                      metadata: Mapping[str, str] | None = None) -> list[str]:
+    """``kohya_limits``, and what ComfyUI, which reads kohya files too, does differently
+    with them: ``COMFYUI_RULES``, and LoKr's Tucker core, on which ComfyUI's LoKr fails
+    (the ``comfyui`` exporter writes that factor whole)."""
+    return (kohya_limits(modules, metadata=metadata) + _comfyui_rules(modules, metadata)
+            + _comfyui_tucker(modules))
+
+
+def _comfyui_tucker(modules: Mapping[str, tuple[str, Collection[str]]]) -> list[str]:
+    n = _count(modules, lambda a, p: "lokr_t2" in p)
+    return [f"ComfyUI's LoKr fails on Tucker factors (lokr_t2): these layers are left "
+            f"unchanged ({n} layer(s); the comfyui exporter, or loraengine convert --to "
+            f"comfyui, writes the factor whole)"] if n else []
+
+
+#: diffusers' names of the layers ComfyUI's FLUX.1 and SD3 models fuse (q/k/v, and
+#: FLUX.1's single-block MLP input)
+FUSED_IN_COMFYUI = (".attn.to_q", ".attn.to_k", ".attn.to_v", ".attn.add_q_proj",
+                    ".attn.add_k_proj", ".attn.add_v_proj", ".proj_mlp")
+
+
+def comfyui_mmdit(names: Collection[str]) -> str | None:
+    """Which of the models ComfyUI maps diffusers' names onto its own fused layers for
+    (FLUX.1, SD3) the diffusers module ``names`` of a file belong to, or None."""
+    if lokr_pipeline(names) is not None:  # Flux.2, Z-Image
+        return None
+    if any("single_transformer_blocks." in n for n in names) and \
+            any(n.startswith("time_text_embed.") for n in names):
+        return "FLUX.1"
+    if any(n.startswith("pos_embed.") or n.endswith(".norm1_context.linear") for n in names) \
+            and not any("single_transformer_blocks." in n for n in names) \
+            and not any(".img_mod." in n or ".txt_mod." in n for n in names):
+        return "SD3"
+    return None
+
+
+def _swapped_in_comfyui(names: Collection[str]) -> list[str]:
+    """Of a FLUX.1 or SD3 file's diffusers module names, the layers ComfyUI stores with
+    their two row halves swapped: the final modulation, and SD3's last context
+    modulation."""
+    model = comfyui_mmdit(names)
+    out = [n for n in names if n == "norm_out.linear"] if model else []
+    if model == "SD3":
+        context = [n for n in names if n.endswith(".norm1_context.linear")
+                   and n.split(".")[-3].isdigit()]
+        if context:
+            out.append(max(context, key=lambda n: int(n.split(".")[-3])))
+    return out
+
+
+def diffusers_file_limits(modules: Mapping[str, tuple[str, Collection[str]]],
+                          metadata: Mapping[str, str] | None = None) -> list[str]:
+    """``diffusers_limits``, and what ComfyUI, which reads diffusers files of FLUX.1 and
+    SD3 too, does differently with them: ``COMFYUI_RULES``, DoRA's magnitude under PEFT's
+    name (which it does not load), bias deltas of the layers it fuses or stores with
+    swapped halves (not applied), and OFT/BOFT/GLoRA on a swapped layer (it reorders a
+    module's ΔW, but theirs is computed from its own weight, in its own order)."""
+    peft_dora = {n for n, (a, p) in modules.items() if a == "lora" and "dora_scale" in p}
+    out = diffusers_limits(modules, metadata) + _comfyui_rules(
+        {n: m for n, m in modules.items() if n not in peft_dora}, metadata) + \
+        _comfyui_tucker(modules)
+    if peft_dora:
+        out.append(f"ComfyUI does not load DoRA's magnitude under PEFT's name "
+                   f"(lora_magnitude_vector): {len(peft_dora)} layer(s) are plain LoRA "
+                   f"there (the comfyui exporter writes dora_scale)")
+    model = comfyui_mmdit(modules)
+    swapped = _swapped_in_comfyui(list(modules))
+    if model is None:
+        return out
+    biases = [n for n, (a, p) in modules.items() if "diff_b" in p and
+              (n.endswith(FUSED_IN_COMFYUI) or n in swapped)]
+    if biases:
+        out.append(f"ComfyUI applies no bias delta (diff_b) under diffusers' names of a "
+                   f"{model} layer it fuses or stores with swapped halves ({len(biases)} "
+                   f"layer(s), e.g. {sorted(biases)[0]})")
+    weight_based = [n for n in swapped if {"oft_blocks", "a1.weight"} & set(modules[n][1])]
+    if weight_based:
+        out.append(f"ComfyUI applies OFT/BOFT/GLoRA to its own row order of a {model} layer "
+                   f"it stores with swapped halves ({len(weight_based)} layer(s), e.g. "
+                   f"{weight_based[0]})")
+    return out
+
+
 @hookimpl
 def loraengine_exporters():
     return [
         KOHYA.spec("kohya keys (lora_unet_*) as sd-scripts writes them (SAI names, "
                    "input_blocks_*, for SDXL; double_blocks_*/joint_blocks_* for FLUX.1/"
                    "SD3): ComfyUI, A1111/Forge, diffusers.",
-                   KOHYA_LAYOUTS, kohya_limits),
+                   KOHYA_LAYOUTS, kohya_file_limits),
         COMFYUI.spec("ComfyUI keys (diffusion_model.*) as its own trainer writes them "
                      "(the checkpoint's input_blocks.* names for UNets).", COMFYUI_LAYOUTS,
                      comfyui_limits),
         DIFFUSERS.spec("diffusers/PEFT keys (unet.* / transformer.* with lora_A/lora_B): "
-                       "diffusers' load_lora_weights, ComfyUI.", diffusers_limits),
-        PEFT.spec("Same keys as diffusers (the PEFT spelling).", diffusers_limits),
+                       "diffusers' load_lora_weights, ComfyUI.", diffusers_file_limits),
+        PEFT.spec("Same keys as diffusers (the PEFT spelling).", diffusers_file_limits),
     ]

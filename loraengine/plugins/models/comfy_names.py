@@ -39,7 +39,7 @@ families' against ComfyUI 0.8.0's.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 
 import torch
 from torch import nn
@@ -59,11 +59,18 @@ SWAP = "swap"
 _FLUX_DOUBLE = {"attn.to_out.0": "img_attn.proj", "attn.to_add_out": "txt_attn.proj",
                 "norm1.linear": "img_mod.lin", "norm1_context.linear": "txt_mod.lin",
                 "ff.net.0.proj": "img_mlp.0", "ff.net.2": "img_mlp.2",
-                "ff_context.net.0.proj": "txt_mlp.0", "ff_context.net.2": "txt_mlp.2"}
+                "ff_context.net.0.proj": "txt_mlp.0", "ff_context.net.2": "txt_mlp.2",
+                # q/k RMSNorms: ComfyUI's weight is ``<module>.scale``, which its loader
+                # takes as the name of a module (``<name>.diff``)
+                "attn.norm_q": "img_attn.norm.query_norm.scale",
+                "attn.norm_k": "img_attn.norm.key_norm.scale",
+                "attn.norm_added_q": "txt_attn.norm.query_norm.scale",
+                "attn.norm_added_k": "txt_attn.norm.key_norm.scale"}
 _FLUX_DOUBLE_FUSED = {"img_attn.qkv": ("attn.to_q", "attn.to_k", "attn.to_v"),
                       "txt_attn.qkv": ("attn.add_q_proj", "attn.add_k_proj",
                                        "attn.add_v_proj")}
-_FLUX_SINGLE = {"norm.linear": "modulation.lin", "proj_out": "linear2"}
+_FLUX_SINGLE = {"norm.linear": "modulation.lin", "proj_out": "linear2",
+                "attn.norm_q": "norm.query_norm.scale", "attn.norm_k": "norm.key_norm.scale"}
 _FLUX_SINGLE_FUSED = {"linear1": ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp")}
 _FLUX_TOP = {"x_embedder": "img_in", "context_embedder": "txt_in",
              "proj_out": "final_layer.linear",
@@ -228,7 +235,7 @@ def _add_top(names: dict[str, str], model: nn.Module, table: Mapping[str, str],
              suffix: str = "") -> None:
     for ours, theirs in table.items():
         if _out(model, ours) is not None:
-            names[ours] = theirs + suffix
+            names[ours] = theirs + suffix + (f"@{ours}" if suffix == "#" + SWAP else "")
 
 
 def _add_swapped(names: dict[str, str], model: nn.Module, table: Mapping[str, str]) -> None:
@@ -439,17 +446,21 @@ def parse(name: str) -> tuple[str, tuple[int, int, int] | str | None]:
 
 
 def own_path(name: str) -> str:
-    """The diffusers path a band's layout name carries (after ``@``)."""
+    """The diffusers path a band's (or a swapped layer's) layout name carries (after
+    ``@``)."""
     return name.partition("@")[2] or name
 
 
-#: per algorithm, the tensors whose rows are the layer's output rows, and the ones
-#: every row shares
-_ROWS = {"lora_up.weight", "hada_w1_a", "hada_w2_a", "diff", "diff_b", "dora_scale"}
+#: per algorithm, the tensors whose rows are the layer's output rows (OFT's ``rescale``,
+#: GLoRA's ``b1``), and the ones every row shares (GLoRA's input map ``a1``/``a2``)
+_ROWS = {"lora_up.weight", "hada_w1_a", "hada_w2_a", "diff", "diff_b", "dora_scale",
+         "rescale", "b1.weight"}
+_SHARED = {"alpha", "a1.weight", "a2.weight", "b2.weight", "on_input"}
 _LORA = {"lora_down.weight", "lora_up.weight", "alpha", "dora_scale", "diff_b"}
 _LOHA = {"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "alpha", "dora_scale", "diff_b"}
 #: a full ΔW (``full``) and bias deltas: every tensor is rows
 _DIFFS = {"diff", "diff_b"}
+_FULL = _DIFFS
 _LOKR_W1 = ("lokr_w1", "lokr_w1_a")
 
 
@@ -459,62 +470,68 @@ def _swap(t: torch.Tensor) -> torch.Tensor:
 
 
 _LOKR = frozenset({"lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b"})
-_OFT = frozenset({"oft_blocks", "rescale"})
 
 
-def swappable(params) -> bool:
-    """Whether ``swapped`` can write a module with these tensors (a mapping of name to
-    tensor or shape): every tensor is row-wise or shared, a LoKr's small factor has an
-    even number of rows (or one row over a large factor with an even number), and an
-    OFT has an even number of blocks."""
-    if set(params) - _LORA - _LOHA - _ROWS - _LOKR - _OFT:
-        return False
+def _shape(value: object) -> tuple[int, ...]:
+    shape = getattr(value, "shape", value)
+    return tuple(int(n) for n in shape) if isinstance(shape, (tuple, list)) else ()
 
-    def rows(key: str) -> int:
-        value = params[key]
-        return int(tuple(value.shape if hasattr(value, "shape") else value)[0])
 
-    w1 = next((k for k in _LOKR_W1 if k in params), None)
-    if w1 is not None and rows(w1) % 2:
-        w2 = next((k for k in ("lokr_w2", "lokr_w2_a") if k in params), None)
-        if not (rows(w1) == 1 and w2 is not None and "lokr_t2" not in params
-                and rows(w2) % 2 == 0):
-            return False
-    return "oft_blocks" not in params or rows("oft_blocks") % 2 == 0
+def _swap_problem(params: Mapping[str, object] | Collection[str]) -> str | None:
+    """Why a module's tensors (or their shapes; with names only, the shape rules are
+    not checked) cannot be written with the layer's row halves swapped, or None."""
+    shapes = {k: _shape(v) for k, v in params.items()} if isinstance(params, Mapping) \
+        else {k: () for k in params}
+    w1 = next((k for k in _LOKR_W1 if k in shapes), None)
+    if w1 is not None and shapes[w1] and shapes[w1][0] % 2:
+        # one row of w1 over an even large factor: the layer's rows are w2's rows
+        w2 = next((k for k in ("lokr_w2", "lokr_w2_a") if k in shapes), None)
+        if not (shapes[w1][0] == 1 and w2 is not None and shapes[w2]
+                and shapes[w2][0] % 2 == 0):
+            return "LoKr with an odd number of rows in its small factor"
+    blocks = shapes.get("oft_blocks")
+    if blocks and (len(blocks) != 3 or blocks[0] % 2):
+        return "oft_blocks (BOFT, or OFT with an odd block count)"
+    other = set(shapes) - _LORA - _LOHA - _ROWS - _SHARED - _LOKR - {"oft_blocks"} - (
+        {"weight"} if "on_input" in shapes else set())
+    return ", ".join(sorted(other)) if other else None
+
+
+def can_swap(params: Mapping[str, object] | Collection[str]) -> bool:
+    """Whether ``swapped`` writes a module with these tensors (or shapes) exactly."""
+    return _swap_problem(params) is None
+
+
+swappable = can_swap
 
 
 def swapped(params: Mapping[str, torch.Tensor], where: str) -> dict[str, torch.Tensor]:
     """A module's tensors for the same layer with its two row halves swapped (its own
-    inverse): exact for every algorithm whose rows are rows of one tensor, for LoKr
-    when its small factor has an even number of rows (or one row), and for OFT with an
-    even number of blocks."""
+    inverse): exact for every algorithm whose rows are rows of one tensor (LoRA, LoHa,
+    full, GLoRA's ``b1``, IA3 on the outputs, OFT's ``rescale``), for LoKr when its small
+    factor has an even number of rows (or one row over an even large factor), and for
+    OFT when its block count is even (each block acts on its own rows: swapping the
+    halves of the rows swaps the halves of the block list). BOFT's butterfly has no such
+    form (``can_swap``)."""
+    problem = _swap_problem(params)
+    if problem is not None:
+        raise DataError(f"module {where}: {problem} cannot be written with the layer's "
+                        f"halves swapped (ComfyUI stores them the other way)")
     out = dict(params)
-    for key in _ROWS & set(params):
+    # OFT: each block rotates its own rows, so an even count splits into the halves
+    for key in (_ROWS | {"oft_blocks"}) & set(params):
         out[key] = _swap(params[key])
     w1 = next((k for k in _LOKR_W1 if k in params), None)
     if w1 is not None:
         w2 = next((k for k in ("lokr_w2", "lokr_w2_a") if k in params), None)
         if not params[w1].shape[0] % 2:
             out[w1] = _swap(params[w1])
-        elif params[w1].shape[0] == 1 and w2 is not None and "lokr_t2" not in params \
-                and not params[w2].shape[0] % 2:
-            # one row of w1: the layer's rows are w2's rows (scaled), so swap those
-            out[w2] = _swap(params[w2])
         else:
-            raise DataError(f"module {where}: LoKr with an odd number of rows in its small "
-                            f"factor cannot be written with the layer's halves swapped")
-    if "oft_blocks" in params:
-        # each block rotates its own rows: an even count of blocks splits into the halves
-        if params["oft_blocks"].shape[0] % 2:
-            raise DataError(f"module {where}: OFT with an odd number of blocks cannot be "
-                            f"written with the layer's halves swapped")
-        out["oft_blocks"] = _swap(params["oft_blocks"])
-    if "rescale" in params:
-        out["rescale"] = _swap(params["rescale"])
-    other = set(params) - _LORA - _LOHA - _ROWS - _LOKR - _OFT
-    if other:
-        raise DataError(f"module {where}: {', '.join(sorted(other))} cannot be written with "
-                        f"the layer's halves swapped (ComfyUI stores them the other way)")
+            # one row of w1: the layer's rows are w2's rows (scaled), so swap those
+            assert w2 is not None
+            out[w2] = _swap(params[w2])
+    if "weight" in params and "on_input" in params and not int(params["on_input"]):
+        out["weight"] = _swap(params["weight"])  # IA3 scaling the outputs
     return out
 
 
@@ -548,8 +565,8 @@ def fuse(parts: list[tuple[tuple[int, int, int], str, Mapping[str, torch.Tensor]
         pairs = [("hada_w1_a", "hada_w1_b"), ("hada_w2_a", "hada_w2_b")]
     else:
         raise DataError(f"module {native}: ComfyUI's model fuses {len(parts)} layer(s) "
-                        f"into it, and only LoRA and LoHa fuse exactly (use the diffusers "
-                        f"exporter, or LoRA/LoHa on those layers)")
+                        f"into it, and only LoRA, LoHa and full fuse exactly (use the "
+                        f"diffusers exporter, or LoRA/LoHa on those layers)")
     if any("dora_scale" in k for k in keys) and (
             sum(b[1] for b, _, _ in parts) != total
             or not all("dora_scale" in k for k in keys)):
@@ -560,7 +577,7 @@ def fuse(parts: list[tuple[tuple[int, int, int], str, Mapping[str, torch.Tensor]
     rank = sum(ranks)
     common = all(s == scales[0] for s in scales)
     ref = parts[0][2][pairs[0][0]]
-    out: dict[str, torch.Tensor] = {}
+    out = {}
     for up_key, down_key in pairs:
         up = torch.zeros(total, rank, *ref.shape[2:], dtype=ref.dtype)
         downs, col = [], 0

@@ -43,6 +43,7 @@ from loraengine.plugins.exporters import (
     A1111,
     COMFYUI_NORM_AS_STANDARD,
     COMFYUI_NORM_RULES,
+    COMFYUI_RULES,
     FORGE,
     KOHYA_RULES,
     LORA_PARAMS,
@@ -305,6 +306,21 @@ def unmeasured(target: str, file: AdapterFile) -> list[str]:
     return out
 
 
+def _in_layout_summary(file: AdapterFile, modules: Mapping[str, Mapping[str, torch.Tensor]],
+                       exporter: ExporterSpec, layouts: Mapping[str, Mapping[str, str]]
+                       ) -> dict[str, tuple[str, dict[str, tuple[int, ...]]]]:
+    """The modules as the exporter's ``limits`` takes them (as ``train`` hands them
+    over): named as the file will name them, ``(algorithm, {tensor: shape})``."""
+    renamed = in_layout({p: {} for p in modules}, exporter, layouts)
+    out = {}
+    for (path, params), name in zip(modules.items(), renamed, strict=True):
+        module = file.modules.get(path)
+        algorithm = module.algorithm if module is not None and module.params and \
+            module.algorithm else "deltas"
+        out[name] = (algorithm, {k: tuple(v.shape) for k, v in params.items()})
+    return out
+
+
 def convert_file(source: Path, target: str, model_path: Path | None = None,
                  out: Path | None = None, overwrite: bool = False, *,
                  host: PluginHost | None = None, model: nn.Module | None = None
@@ -368,8 +384,17 @@ def convert_file(source: Path, target: str, model_path: Path | None = None,
         # Forge reads these files too (FLUX.1/SD3 ones; not measured)
         warnings += [line for line in forge_limits(summary, target, file.metadata)
                      if not any(f": {text} (" in line for text in measured)]
-    if target == "comfyui" and model is not None and layouts:
-        warnings += fused_warnings(file, model, modules, exporter, layouts)
+    if target == "comfyui" and exporter.limits is not None:
+        # the structural limits (fused and swapped layers kept under diffusers' names):
+        # measured where the model is given, else named
+        fused = fused_warnings(file, model, modules, exporter, layouts) \
+            if model is not None and layouts else []
+        skip = tuple(text for text, _ in COMFYUI_RULES) + (f"{FORGE}:",) + \
+            (tuple(line.removeprefix("ComfyUI: ").partition(";")[0] for line in fused))
+        warnings += [f"{consumer}: {line}" for line in
+                     exporter.limits(_in_layout_summary(file, modules, exporter, layouts),
+                                     metadata=file.metadata)
+                     if not line.startswith(skip)] + fused
     tensors = exporter.to_file(in_layout(modules, exporter, layouts))
     meta = dict(file.metadata) | {"loraengine.converted_for": target}
     save_lora(out, tensors, meta)
