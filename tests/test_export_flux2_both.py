@@ -24,13 +24,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import save_file
 from torch import nn
 
 import loraengine
 from loraengine.core.adapter import ADAPTABLE, AdapterNetwork
 from loraengine.core.adapter.network import select_layers
-from loraengine.core.files import in_layout, module_layouts, read_adapter_file, \
-    write_adapter_file
+from loraengine.core.files import in_layout, module_layouts, read_adapter_file, write_adapter_file
 from loraengine.plugins import build_plugin_manager
 from loraengine.plugins.exporters import diffusers_limits, flux2_both_read
 from loraengine.testing import tiny_pipelines as tp
@@ -180,3 +180,34 @@ def test_files_no_layout_gives_both_stay_in_diffusers_names():
                    diffusers_limits({p: ("x", t) for p, t in mods.items()}))
     flux = _network(tp.flux_transformer(0), "lora", skip=re.compile("^$"))
     assert not flux2_both_read({p: set(t) for p, t in flux.file_modules().items()})
+
+
+def test_diffusers_places_the_released_final_modulation_without_swapping_its_halves(
+        tmp_path):
+    """Why ``norm_out.linear`` keeps a file in diffusers' names: diffusers 0.42.1's
+    Flux.2 LoRA converter maps ``final_layer.adaLN_modulation.1`` onto
+    ``norm_out.linear`` as it is, where its checkpoint converter (and ComfyUI) swap the
+    (shift, scale) halves; a file in the released names gives diffusers the swapped ΔW
+    there. (Should diffusers swap it one day, this fails and the layer can join.)"""
+    from loraengine.plugins.exporters import flux2_native_file
+    from loraengine.plugins.models import comfy_names
+
+    make, sched = tp.DENOISERS["flux2"][1], tp.DENOISERS["flux2"][2]
+    model = make(0).eval()
+    network = _network(model, "lora", skip=re.compile(r"^(?!norm_out\.linear$)"))
+    assert network.paths == ["norm_out.linear"]
+    tensors = flux2_native_file(network.file_modules())
+    assert "diffusion_model.final_layer.adaLN_modulation.1.lora_B.weight" in tensors
+    save_file(tensors, str(tmp_path / "n.safetensors"))
+    pipe = tp.denoiser_pipeline("flux2", make(0).eval(),
+                                diffusers.FlowMatchEulerDiscreteScheduler(**sched))
+    pipe.load_lora_weights(str(tmp_path / "n.safetensors"))
+    pipe.fuse_lora()
+    got = _base_weight(pipe.transformer.norm_out.linear)
+    base = make(0).norm_out.linear.weight
+    delta = network["norm_out.linear"].delta_weight()
+    swapped = torch.cat(delta.chunk(2, dim=0)[::-1])
+    assert relative_error(got, base + swapped) <= TOL
+    assert relative_error(got, base + delta) > 100 * TOL
+    assert comfy_names.parse(comfy_names.flux2_native("norm_out.linear", 1))[1] == \
+        comfy_names.SWAP
