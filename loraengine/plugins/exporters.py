@@ -10,7 +10,9 @@ Reading, every format also takes the other layouts the model's family names its 
 in (``ExporterSpec.layouts`` / ``ModelFamilySpec.layouts``), so a file in either naming
 loads on the diffusers model.
 - ``diffusers`` (alias ``peft``): ``<unet|transformer>.<path>.lora_A.weight`` — what
-  diffusers' ``load_lora_weights`` and ComfyUI read for transformer models.
+  diffusers' ``load_lora_weights`` and ComfyUI read for transformer models. For Flux.2
+  (``flux2_both_read``) it is ``diffusion_model.<released checkpoint name>.lora_A.weight``
+  instead, which diffusers' Flux.2 loader converts and ComfyUI reads whole.
 """
 
 from __future__ import annotations
@@ -449,7 +451,8 @@ COMFYUI_UNREAD_DIFFUSERS: tuple[tuple[str, re.Pattern[str], re.Pattern[str] | No
                                 ...] = (
     ("Flux.2", _FLUX2_RENAMED, _FLUX2_RENAMED,
      "reads Flux.2's diffusers names through its FLUX.1 map, which lacks the layers "
-     "Flux.2 renamed"),
+     "Flux.2 renamed (the diffusers exporter writes the released names both read for "
+     "LoRA, LoHa, and LoKr off q/k/v, without norm_out.linear)"),
     ("Chroma", _CHROMA_APPROXIMATOR, _CHROMA_APPROXIMATOR,
      "has no diffusers names for Chroma's modulation approximator"),
     ("Lumina 2", re.compile(r"^(time_caption_embed\.|(layers|noise_refiner|context_refiner)"
@@ -573,7 +576,9 @@ def loraengine_exporters():
         COMFYUI.spec("ComfyUI keys (diffusion_model.*) as its own trainer writes them "
                      "(the checkpoint's input_blocks.* names for UNets).", COMFYUI_LAYOUTS,
                      comfyui_limits),
-        DIFFUSERS.spec("diffusers/PEFT keys (unet.* / transformer.* with lora_A/lora_B): "
-                       "diffusers' load_lora_weights, ComfyUI.", diffusers_limits),
+        DIFFUSERS.spec("diffusers/PEFT keys (unet.* / transformer.* with lora_A/lora_B; "
+                       "for Flux.2 the released checkpoint's names, diffusion_model.*, "
+                       "which diffusers' Flux.2 loader converts): diffusers' "
+                       "load_lora_weights, ComfyUI.", diffusers_limits),
         PEFT.spec("Same keys as diffusers (the PEFT spelling).", diffusers_limits),
     ]
