@@ -211,3 +211,35 @@ def test_diffusers_places_the_released_final_modulation_without_swapping_its_hal
     assert relative_error(got, base + delta) > 100 * TOL
     assert comfy_names.parse(comfy_names.flux2_native("norm_out.linear", 1))[1] == \
         comfy_names.SWAP
+
+
+def test_convert_takes_the_file_to_comfyuis_layout_and_back_without_a_warning(tmp_path):
+    """``loraengine convert --to comfyui --model`` reads the file (no warning: ComfyUI
+    reads all of it) and writes ComfyUI's trainer layout; ``--to diffusers`` of that
+    gives the released-name file again, with the same tensors."""
+    from click.testing import CliRunner
+    from safetensors.torch import load_file
+
+    from loraengine.cli.main import cli
+
+    model = tp.comfyui_transformer("flux2")
+    folder = tmp_path / "model"
+    model.save_pretrained(str(folder))
+    network = _network(model, "lora")
+    source = tmp_path / "d.safetensors"
+    written = _write(source, network)
+    res = CliRunner().invoke(cli, ["convert", str(source), "--to", "comfyui", "--model",
+                                   str(folder), "--out", str(tmp_path / "c.safetensors")])
+    assert res.exit_code == 0, res.output
+    assert "warning" not in res.output
+    comfy = load_file(str(tmp_path / "c.safetensors"))
+    assert "diffusion_model.double_blocks.0.img_attn.qkv.lora_up.weight" in comfy
+    res = CliRunner().invoke(cli, ["convert", str(tmp_path / "c.safetensors"), "--to",
+                                   "diffusers", "--model", str(folder), "--out",
+                                   str(tmp_path / "back.safetensors")])
+    assert res.exit_code == 0, res.output
+    assert "warning" not in res.output
+    back = load_file(str(tmp_path / "back.safetensors"))
+    assert sorted(back) == sorted(written)
+    for key, tensor in written.items():
+        assert relative_error(back[key], tensor) <= 1e-6, key
