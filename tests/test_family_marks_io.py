@@ -144,7 +144,9 @@ def test_names_of_no_family_name_none():
 #: (file's family, its exporter, model's family, the family the error names)
 PAIRS = [
     ("flux", "diffusers", "flux2", "flux"),
-    ("flux2", "diffusers", "flux", "flux2"),
+    # (Flux.2's diffusers export is in the released checkpoint's names, which FLUX.1's
+    # ComfyUI names share: test_a_flux2_default_file_on_flux1_fails_in_one_line)
+    ("flux2", "kohya", "flux", "flux2"),
     ("flux", "diffusers", "chroma", "flux"),
     ("flux", "kohya", "hunyuan_video15", "flux"),
     ("sd3", "comfyui", "wan", "sd3"),
@@ -184,6 +186,18 @@ def test_a_file_for_another_family_says_which(models, files, theirs, exporter, o
     assert ("comfyui" in tried) == bool(comfyui_layouts(models[ours]))
     # on its own family's model every module is placed
     loraengine.apply(copy.deepcopy(models[theirs]), path, host=HOST).remove()
+
+
+def test_a_flux2_default_file_on_flux1_fails_in_one_line(models, files):
+    """Flux.2's default file names its layers as the released checkpoint does, which
+    FLUX.1's ComfyUI layout shares for the blocks: on a FLUX.1 model the shared names
+    are tried there and the first that does not fit is named, in one line."""
+    with pytest.raises(DataError) as info:
+        loraengine.apply(copy.deepcopy(models["flux"]), files("flux2", "diffusers"), host=HOST)
+    message = str(info.value)
+    assert "\n" not in message and "flux2-diffusers.safetensors: module " in message
+    loraengine.apply(copy.deepcopy(models["flux2"]), files("flux2", "diffusers"),
+                     host=HOST).remove()
 
 
 def test_a_file_of_the_models_own_family_but_more_blocks_names_no_other(models, files):

@@ -402,12 +402,14 @@ def test_a_fused_lokr_splits_by_whole_blocks_of_its_large_factor():
 
 
 def test_training_flux2_for_diffusers_says_what_comfyui_does_not_load(tmp_path):
-    """``loraengine train`` on Flux.2 with the default (diffusers) exporter warns, one
-    line, that ComfyUI leaves the layers Flux.2 renamed out of such a file, pointing at
-    the comfyui exporter; with that exporter, LoRA trains without any ComfyUI line."""
+    """``loraengine train`` on Flux.2 with the default (diffusers) exporter: a LoRA is
+    written in the released checkpoint's names, which ComfyUI reads whole, so there is
+    no ComfyUI line; a LoKr on the q/k/v projections stays in diffusers' names, and
+    ``train`` warns, one line, that ComfyUI leaves the layers Flux.2 renamed out of it,
+    pointing at the comfyui exporter."""
     import yaml
     from click.testing import CliRunner
-    from safetensors.torch import save_file
+    from safetensors.torch import load_file, save_file
 
     from loraengine.cli.main import cli
 
@@ -416,19 +418,24 @@ def test_training_flux2_for_diffusers_says_what_comfyui_does_not_load(tmp_path):
     g = torch.Generator().manual_seed(0)
     save_file({"latents": torch.randn(2, channels, 4, 4, generator=g)}, str(tmp_path / "l.st"))
     save_file({"cond": torch.randn(2, 5, width, generator=g)}, str(tmp_path / "c.st"))
-    lines = {}
-    for exporter in ("diffusers", "comfyui"):
+    lines, keys = {}, {}
+    for algorithm in ("lora", "lokr"):
         cfg = {"model": {"family": "flux2", "path": str(folder)},
                "data": {"latents": str(tmp_path / "l.st"),
                         "conditioning": str(tmp_path / "c.st")},
                "training": {"steps": 1, "batch_size": 2, "dtype": "fp32", "seed": 0},
-               "adapter": {"rank": 2, "dtype": "fp32", "exporter": exporter},
-               "output": {"dir": str(tmp_path / exporter), "name": "f", "plot": False}}
+               "adapter": {"rank": 2, "dtype": "fp32", "algorithm": algorithm},
+               "output": {"dir": str(tmp_path / algorithm), "name": "f", "plot": False}}
         (tmp_path / "run.yaml").write_text(yaml.safe_dump(cfg))
         out = CliRunner().invoke(cli, ["train", str(tmp_path / "run.yaml"), "-q"])
         assert out.exit_code == 0, out.output
-        lines[exporter] = [ln for ln in out.output.splitlines() if "ComfyUI" in ln]
-    (line,) = lines["diffusers"]
+        lines[algorithm] = [ln for ln in out.output.splitlines() if "ComfyUI" in ln]
+        keys[algorithm] = set(load_file(str(tmp_path / algorithm / "f.safetensors")))
+    assert lines["lora"] == []
+    assert all(k.startswith("diffusion_model.") for k in keys["lora"])
+    assert "diffusion_model.double_blocks.0.img_attn.qkv.lora_A.weight" in keys["lora"]
+    assert all(k.startswith("transformer.") for k in keys["lokr"])
+    (line,) = lines["lokr"]
     assert line.startswith("warning: adapter.exporter: ComfyUI reads Flux.2's diffusers "
                            "names through its FLUX.1 map")
     # the default targets (the blocks): feed-forwards and the single block's layers
@@ -439,7 +446,6 @@ def test_training_flux2_for_diffusers_says_what_comfyui_does_not_load(tmp_path):
                              r"\.attn\.to_(qkv_mlp_proj|out)$)", p)]
     assert f": {len(renamed)} layer(s) of this Flux.2 file" in line
     assert "comfyui exporter" in line
-    assert lines["comfyui"] == []
 
 
 @pytest.mark.parametrize("family", ["flux2", "z_image"])

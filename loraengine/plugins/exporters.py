@@ -12,7 +12,9 @@ Reading, every format also takes the other layouts the model's family names its 
 in (``ExporterSpec.layouts`` / ``ModelFamilySpec.layouts``), so a file in either naming
 loads on the diffusers model.
 - ``diffusers`` (alias ``peft``): ``<unet|transformer>.<path>.lora_A.weight`` — what
-  diffusers' ``load_lora_weights`` and ComfyUI read for transformer models.
+  diffusers' ``load_lora_weights`` and ComfyUI read for transformer models. For Flux.2
+  (``flux2_both_read``) it is ``diffusion_model.<released checkpoint name>.lora_A.weight``
+  instead, which diffusers' Flux.2 loader converts and ComfyUI reads whole.
 """
 
 from __future__ import annotations
@@ -165,6 +167,7 @@ class PrefixedFormat:
                 rest = key[len(self.prefix):]
                 found = _split_by_paths(rest, paths | set(bands))
                 module, param = found if found else _split_unknown(rest)
+                param = OURS.get(param, param)  # lora_A/lora_B (flux2_native_file)
             target = whole if module in bands or module in swapped else grouped
             target.setdefault(module, {})[param] = tensors[key]
         for native, params in whole.items():
@@ -269,6 +272,8 @@ class PeftFormat:
         return "unet." if roots and roots <= UNET_ROOTS else "transformer."
 
     def to_file(self, modules: Modules) -> dict[str, torch.Tensor]:
+        if flux2_both_read({p: set(v) for p, v in modules.items()}):
+            return flux2_native_file(modules)
         prefix = self.prefix_for(modules)
         out: dict[str, torch.Tensor] = {}
         for path, params in modules.items():
@@ -323,6 +328,88 @@ class PeftFormat:
 
 DIFFUSERS = PeftFormat("diffusers")
 PEFT = PeftFormat("peft")
+
+#: a module in the layout both diffusers' Flux.2 loader and ComfyUI read
+#: (``flux2_native_file``): plain LoRA, plain LoHa, LoKr (as ``peft_lokr`` writes it)
+_PLAIN_LORA = frozenset({"lora_down.weight", "lora_up.weight", "alpha"})
+_PLAIN_LOHA = frozenset({"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "alpha"})
+
+
+def _native_kind(params: Collection[str]) -> str | None:
+    keys = set(params)
+    if keys <= _PLAIN_LORA and {"lora_down.weight", "lora_up.weight"} <= keys:
+        return "lora"
+    if keys <= _PLAIN_LOHA and _PLAIN_LOHA - {"alpha"} <= keys:
+        return "loha"
+    if keys <= {*LOKR_FACTORS, "alpha"} and {"lokr_w1", "lokr_w1_a"} & keys:
+        return "lokr"
+    return None
+
+
+def flux2_both_read(modules: Mapping[str, Collection[str]]) -> bool:
+    """Whether a file of these modules (diffusers paths -> tensor names) is a Flux.2 file
+    that ComfyUI would not read whole in diffusers' names (it has a layer Flux.2
+    renamed) and that ``flux2_native_file`` writes in a layout both read: every module
+    has a released-checkpoint name, all of one algorithm (diffusers converts a file as
+    LoRA or as LoKr, never both), LoKr not on a q/k/v projection (a Kronecker product
+    does not fuse into ComfyUI's ``qkv``, and diffusers' converter maps such a file's
+    ``qkv`` onto a fused projection), and no ``norm_out.linear``: diffusers' Flux.2
+    LoRA converter places ``final_layer.adaLN_modulation.1`` without swapping its
+    (shift, scale) halves, where ComfyUI and diffusers' checkpoint converter swap them,
+    so no file gives both that layer."""
+    if not modules or not any(_FLUX2_RENAMED.search(p) for p in modules):
+        return False
+    kinds = {_native_kind(params) for params in modules.values()}
+    if len(kinds) != 1 or None in kinds:
+        return False
+    for path in modules:
+        name = comfy_names.flux2_native(path, 1)
+        if name is None or comfy_names.parse(name)[1] == comfy_names.SWAP:
+            return False
+        if kinds == {"lokr"} and comfy_names.parse(name)[1] is not None:
+            return False
+    return True
+
+
+def flux2_native_file(modules: Modules) -> dict[str, torch.Tensor]:
+    """A Flux.2 file (``flux2_both_read`` modules) as ``diffusion_model.<released
+    checkpoint name>``, q/k/v fused into ``qkv`` as the ``comfyui`` format fuses them,
+    with LoRA as ``lora_A``/``lora_B`` and its α/r folded into ``lora_B`` (no
+    ``alpha``), LoKr as ``peft_lokr`` writes it (scale in the small factor).
+
+    diffusers 0.42.1's ``Flux2LoraLoaderMixin.lora_state_dict`` converts such a file
+    (``_convert_non_diffusers_flux2_lora_to_diffusers`` / ``..._lokr_...``: every key
+    must map, ``alpha`` keys are not taken for LoRA); its ``qkv`` LoRA gives each of
+    q/k/v the whole stacked ``lora_A`` and its third of the block-diagonal ``lora_B``,
+    the same ΔW. ComfyUI reads ``lora_A``/``lora_B`` under its own names, with scale 1
+    where there is no ``alpha``."""
+    native: dict[str, Mapping[str, torch.Tensor]] = {}
+    for path, params in modules.items():
+        rows = next(params[k] for k in ("lora_up.weight", "hada_w1_a", "lokr_w1",
+                                        "lokr_w1_a") if k in params).shape[0]
+        if "lora_up.weight" not in params and "hada_w1_a" not in params:
+            params = peft_lokr(params) or params
+            rows = 1  # never a band (flux2_both_read)
+        name = comfy_names.flux2_native(path, int(rows))
+        assert name is not None
+        native[name] = params
+    out: dict[str, torch.Tensor] = {}
+    tensors = COMFYUI.to_file(native)
+    for key, tensor in tensors.items():
+        stem, _, param = key.partition(".lora_")
+        if param == "up.weight":
+            down = tensors[f"{stem}.lora_down.weight"]
+            rank = int(down.shape[0])
+            alpha = float(tensors[f"{stem}.alpha"]) if f"{stem}.alpha" in tensors \
+                else float(rank)
+            out[f"{stem}.lora_B.weight"] = (tensor.float() * (alpha / rank)).to(tensor.dtype)
+        elif param == "down.weight":
+            out[f"{stem}.lora_A.weight"] = tensor
+        elif key.endswith(".alpha") and f"{key[:-len('.alpha')]}.lora_down.weight" in tensors:
+            continue
+        else:
+            out[key] = tensor
+    return out
 
 
 #: a LoRA module's tensors, as every LoRA reader knows them
@@ -424,7 +511,8 @@ COMFYUI_UNREAD_DIFFUSERS: tuple[tuple[str, re.Pattern[str], re.Pattern[str] | No
                                 ...] = (
     ("Flux.2", _FLUX2_RENAMED, _FLUX2_RENAMED,
      "reads Flux.2's diffusers names through its FLUX.1 map, which lacks the layers "
-     "Flux.2 renamed"),
+     "Flux.2 renamed (the diffusers exporter writes the released names both read for "
+     "LoRA, LoHa, and LoKr off q/k/v, without norm_out.linear)"),
     ("Chroma", _CHROMA_APPROXIMATOR, _CHROMA_APPROXIMATOR,
      "has no diffusers names for Chroma's modulation approximator"),
     ("Lumina 2", re.compile(r"^(time_caption_embed\.|(layers|noise_refiner|context_refiner)"
@@ -554,9 +642,11 @@ def diffusers_limits(modules: Mapping[str, tuple[str, Collection[str]]],
 
     other = sorted({a for a, p in modules.values() if not_read(a, set(p))})
     n = _count(modules, not_read)
+    both = flux2_both_read({name: set(params) for name, (_, params) in modules.items()})
     own = [f"diffusers reads only LoRA (and LoKr for Flux.2 and Z-Image); {n} "
            f"layer(s) of {', '.join(other)} are not applied there"] if n else []
-    return dora + own + comfyui_unread(modules) + forge_limits(modules, "diffusers", metadata)
+    return dora + own + ([] if both else comfyui_unread(modules)) + \
+        forge_limits(modules, "diffusers", metadata)
 
 
 A1111, FORGE, LYCORIS = "A1111 1.8", "Forge", "LyCORIS"
@@ -747,7 +837,9 @@ def loraengine_exporters():
         COMFYUI.spec("ComfyUI keys (diffusion_model.*) as its own trainer writes them "
                      "(the checkpoint's input_blocks.* names for UNets).", COMFYUI_LAYOUTS,
                      comfyui_limits),
-        DIFFUSERS.spec("diffusers/PEFT keys (unet.* / transformer.* with lora_A/lora_B): "
-                       "diffusers' load_lora_weights, ComfyUI.", diffusers_file_limits),
+        DIFFUSERS.spec("diffusers/PEFT keys (unet.* / transformer.* with lora_A/lora_B; "
+                       "for Flux.2 the released checkpoint's names, diffusion_model.*, "
+                       "which diffusers' Flux.2 loader converts): diffusers' "
+                       "load_lora_weights, ComfyUI.", diffusers_file_limits),
         PEFT.spec("Same keys as diffusers (the PEFT spelling).", diffusers_file_limits),
     ]

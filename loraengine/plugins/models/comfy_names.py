@@ -311,6 +311,32 @@ def flux2_names(model: nn.Module) -> dict[str, str]:
     return names
 
 
+_FLUX2_IN_BLOCK = re.compile(r"^(transformer_blocks|single_transformer_blocks)\.(\d+)\.(.+)$")
+
+
+def flux2_native(path: str, rows: int) -> str | None:
+    """The name ``flux2_names`` gives the Flux.2 layer ``path`` (diffusers' name),
+    from the path alone; ``rows``: the layer's output rows, which place a q/k/v
+    projection in its band of the fused ``qkv`` (Flux.2's q, k and v have the same
+    rows). None where the released checkpoint has no name for the path."""
+    found = _FLUX2_IN_BLOCK.match(path)
+    if found is None:
+        if path in _FLUX_TOP_SWAPPED:
+            return f"{_FLUX_TOP_SWAPPED[path]}#{SWAP}"
+        return _FLUX2_TOP.get(path)
+    container, i, rest = found.groups()
+    if container == "single_transformer_blocks":
+        theirs = _FLUX2_SINGLE.get(rest)
+        return f"single_blocks.{i}.{theirs}" if theirs else None
+    if rest in _FLUX2_DOUBLE:
+        return f"double_blocks.{i}.{_FLUX2_DOUBLE[rest]}"
+    for theirs, parts in _FLUX_DOUBLE_FUSED.items():
+        if rest in parts:
+            offset = parts.index(rest) * rows
+            return f"double_blocks.{i}.{theirs}#{offset},{rows},{len(parts) * rows}@{path}"
+    return None
+
+
 def z_image_names(model: nn.Module) -> dict[str, str]:
     """Z-Image (``ZImageTransformer2DModel``): diffusers' names but the fused
     ``attention.qkv``, ``attention.out`` and the unsuffixed embedder and final layer."""
