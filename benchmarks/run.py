@@ -29,7 +29,9 @@ Ratios are contender / baseline: below 1 is faster or smaller. Targets: loraengi
 LoRA at most 1.05× the PEFT loop and 1.15× the floor; its LoHa, LoKr and OFT at most
 1.3× the floor, at most 0.6× LyCORIS's step time and at most LyCORIS's peak memory.
 For each missed step-time target against the floor the report adds the top operators
-of a profiled step of that contender and of the floor.
+of a profiled step of that contender and of the floor. On the CPU each workload also
+gets the LoRA floor analysis of ``benchmarks/lora_floor.py``: the lowest ratio to the
+floor any LoRA trainer can reach with this machine's kernels.
 """
 
 from __future__ import annotations
@@ -527,6 +529,8 @@ class Section:
     body: str
     missed: list[Target]
     by_name: dict[str, Contender]
+    #: the LoRA floor analysis of ``benchmarks/lora_floor.py`` (a markdown paragraph)
+    lora_bound: str = ""
 
 
 def write_report(sections: list[Section], setup: str, command: str,
@@ -551,6 +555,8 @@ def write_report(sections: list[Section], setup: str, command: str,
         f"- Date: {datetime.date.today().isoformat()}", ""]
     for sec in sections:
         text += [f"## {sec.workload.title}", "", f"{sec.workload.setup}.", "", sec.body, ""]
+        if sec.lora_bound:
+            text += [sec.lora_bound, ""]
         profiled = [t for t in sec.missed if t.metric == "step time" and t.baseline == FLOOR]
         if profiled:
             text += ["### Where the time goes in the missed targets", "",
@@ -601,8 +607,28 @@ def run_workload(w: Workload, args: argparse.Namespace, rounds: int, device: tor
                 if by_name[name].profile is None:
                     by_name[name].profile = op_profile(by_name[name], device)
     print(body)
+    bound = ""
+    if device.type == "cpu" and not args.no_floor_analysis:
+        bound = lora_bound(w, by_name)
+        print("\n" + bound)
     print(f"\n({time.perf_counter() - t0:.0f} s of measuring)", flush=True)
-    return Section(w, body, missed, by_name)
+    return Section(w, body, missed, by_name, bound)
+
+
+def lora_bound(w: Workload, by_name: dict[str, Contender]) -> str:
+    """The lowest step time a LoRA trainer can reach on ``w`` with this machine's
+    kernels, next to the measured ratio (``benchmarks/lora_floor.py``)."""
+    import lora_floor
+
+    b = lora_floor.analyse(w)
+    measured = by_name["loraengine lora"].median_ms / by_name[FLOOR].median_ms
+    return (f"**How low LoRA can go here** (`benchmarks/lora_floor.py`, in this run): "
+            f"LoRA adds {b.side_flops / 1e9:.2f} GFLOP to the floor's "
+            f"{b.floor_flops / 1e9:.2f} ({b.side_flops / b.floor_flops:.1%}), so even at "
+            f"the floor's FLOP rate a step is {b.flop_ratio:.3f}× floor; timing the least "
+            f"side-path work of every adapted layer (bare kernels, fastest layout) and "
+            f"AdamW gives {b.ratio:.3f}× floor as the lowest reachable with these "
+            f"kernels. loraengine lora measured {measured:.3f}× floor.")
 
 
 # -- main -------------------------------------------------------------------------------------
@@ -621,6 +647,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--no-write", action="store_true", help="Print only.")
+    ap.add_argument("--no-floor-analysis", action="store_true", help="Skip the LoRA floor "
+                    "analysis (benchmarks/lora_floor.py) of each workload.")
     ap.add_argument("--output", type=Path, default=REPORT, help="Report file (default "
                     "docs/benchmarks.md).")
     args = ap.parse_args(argv)
