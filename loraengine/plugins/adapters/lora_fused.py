@@ -20,11 +20,12 @@ so it is a matrix product over the channel axis of the flattened output.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
 
+from loraengine.core.adapter import bias_of, weight_of
 from loraengine.plugins.adapters.common import CONV_BY_NDIM
 
 
@@ -152,13 +153,14 @@ def lora_forward(base: nn.Module, x: torch.Tensor, down: torch.Tensor, up: torch
     """The adapted output of ``base`` on ``x``: the base op with its own weight and bias
     (or ``base_out``, the base output already computed) plus ``scale·up·down(x)``, in one
     autograd node. ``fusable(base)`` must hold."""
-    weight = None if base_out is not None else base.weight
-    bias = None if base_out is not None else base.bias
+    weight = None if base_out is not None else weight_of(base)
+    bias = None if base_out is not None else bias_of(base)
     dt = x.dtype
     down, up = down.to(dt), up.to(dt)  # no-ops when the factors are in the compute dtype
     if isinstance(base, nn.Linear):
         out: torch.Tensor = _LinearLoRA.apply(x, down, up, scale, weight, bias, base_out)
         return out
-    out = _ConvLoRA.apply(x, down, up, scale, weight, bias, base_out, tuple(base.stride),
-                          tuple(base.padding), tuple(base.dilation))
+    conv = cast(nn.modules.conv._ConvNd, base)
+    out = _ConvLoRA.apply(x, down, up, scale, weight, bias, base_out, tuple(conv.stride),
+                          tuple(cast("tuple[int, ...]", conv.padding)), tuple(conv.dilation))
     return out
