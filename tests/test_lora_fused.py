@@ -167,3 +167,16 @@ def test_backward_keeps_only_the_input_and_the_rank_r_intermediate(make, shape):
     got = _saved_bytes(lambda t: lora_forward(base, t, layer.lora_down, layer.lora_up,
                                               layer.scale), x)
     assert got == want
+
+
+def test_loha_runs_as_a_rank_r2_lora_through_the_fused_node():
+    """Plain LoHa takes the fused node (its conformance suite checks the numbers);
+    its Tucker form keeps its own route."""
+    from loraengine.plugins.adapters.loha import LoHaLayer
+
+    for tucker, fused in ((False, True), (True, False)):
+        base = nn.Conv2d(8, 12, 3, padding=1).requires_grad_(False)
+        layer = LoHaLayer(base, 2, 2.0, use_tucker=tucker)
+        layer.path = "factored"
+        out = layer(torch.randn(1, 8, 5, 5))
+        assert (type(out.grad_fn).__name__ == "_ConvLoRABackward") == fused
