@@ -12,6 +12,7 @@ contender, all in one run; writes docs/benchmarks.md:
 
     python benchmarks/run.py [--workload compass,flux] [--quick] [--rounds 5]
                              [--steps 2] [--threads 1] [--device cpu|cuda] [--no-write]
+                             [--clock wall|cpu] [--no-floor-analysis]
 
 Each loraengine row names the training path its layers took (``adapter.path: auto``:
 the per-layer cost model picks factored or rebuild) as ``factored/rebuild`` counts.
@@ -360,8 +361,13 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+#: ``--clock``: wall time, or this process's CPU time (with one thread, the work a step
+#: does, much less sensitive to other load on a shared machine than wall time).
+CLOCKS: dict[str, Callable[[], float]] = {"wall": time.perf_counter, "cpu": time.process_time}
+
+
 def time_all(contenders: list[Contender], rounds: int, steps: int, warmup: int,
-             device: torch.device) -> None:
+             device: torch.device, clock: Callable[[], float] = time.perf_counter) -> None:
     for c in contenders:
         for _ in range(warmup):
             c.step()
@@ -370,10 +376,10 @@ def time_all(contenders: list[Contender], rounds: int, steps: int, warmup: int,
         shift = r % len(contenders)  # a different contender goes first each round
         for c in contenders[shift:] + contenders[:shift]:
             for _ in range(steps):
-                t0 = time.perf_counter()
+                t0 = clock()
                 c.step()
                 sync(device)
-                c.times.append(time.perf_counter() - t0)
+                c.times.append(clock() - t0)
 
 
 def peak_memory(c: Contender, device: torch.device) -> int | None:
@@ -597,7 +603,8 @@ def run_workload(w: Workload, args: argparse.Namespace, rounds: int, device: tor
                     Target(ours, theirs, 1.0, "peak memory")]
     by_name = {c.name: c for c in contenders}
     t0 = time.perf_counter()
-    time_all(contenders, rounds, args.steps, warmup=2, device=device)
+    time_all(contenders, rounds, args.steps, warmup=2, device=device,
+             clock=CLOCKS[args.clock])
     for c in contenders:
         c.peak_bytes = peak_memory(c, device)
     body, missed = report(by_name, targets, comparisons)
@@ -647,6 +654,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--no-write", action="store_true", help="Print only.")
+    ap.add_argument("--clock", choices=sorted(CLOCKS), default="wall", help="Time steps by "
+                    "wall clock (default) or by this process's CPU time (steadier on a "
+                    "loaded machine; CPU only, with --threads 1).")
     ap.add_argument("--no-floor-analysis", action="store_true", help="Skip the LoRA floor "
                     "analysis (benchmarks/lora_floor.py) of each workload.")
     ap.add_argument("--output", type=Path, default=REPORT, help="Report file (default "
@@ -661,12 +671,14 @@ def main(argv: list[str] | None = None) -> int:
             ap.error(f"--workload: unknown workload {k!r}")
     rounds = args.rounds or (3 if keys == ["quick"] else 5)
     setup = (f"fp32; AdamW; {args.device}, {args.threads} thread(s); median of {rounds} "
-             f"rounds × {args.steps} steps, contenders interleaved")
+             f"rounds × {args.steps} steps, contenders interleaved; "
+             f"{'CPU' if args.clock == 'cpu' else 'wall'} time")
     sections = [run_workload(make_workload(k, args.batch, args.rank), args, rounds, device)
                 for k in keys]
     if not args.no_write:
         command = "python benchmarks/run.py" + (
-            "" if keys == ["compass", "flux"] else f" --workload {','.join(keys)}")
+            "" if keys == ["compass", "flux"] else f" --workload {','.join(keys)}") + (
+            " --clock cpu" if args.clock == "cpu" else "")
         write_report(sections, setup, command, args.output)
         print(f"wrote {args.output}")
     return 0
