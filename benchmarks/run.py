@@ -12,6 +12,7 @@ contender, all in one run; writes docs/benchmarks.md:
 
     python benchmarks/run.py [--workload compass,flux] [--quick] [--rounds 5]
                              [--steps 2] [--threads 1] [--device cpu|cuda] [--no-write]
+                             [--clock wall|cpu] [--no-floor-analysis]
 
 Each loraengine row names the training path its layers took (``adapter.path: auto``:
 the per-layer cost model picks factored or rebuild) as ``factored/rebuild`` counts.
@@ -29,7 +30,9 @@ Ratios are contender / baseline: below 1 is faster or smaller. Targets: loraengi
 LoRA at most 1.05× the PEFT loop and 1.15× the floor; its LoHa, LoKr and OFT at most
 1.3× the floor, at most 0.6× LyCORIS's step time and at most LyCORIS's peak memory.
 For each missed step-time target against the floor the report adds the top operators
-of a profiled step of that contender and of the floor.
+of a profiled step of that contender and of the floor. On the CPU each workload also
+gets the LoRA floor analysis of ``benchmarks/lora_floor.py``: the lowest ratio to the
+floor any LoRA trainer can reach with this machine's kernels.
 """
 
 from __future__ import annotations
@@ -360,8 +363,13 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+#: ``--clock``: wall time, or this process's CPU time (with one thread, the work a step
+#: does, much less sensitive to other load on a shared machine than wall time).
+CLOCKS: dict[str, Callable[[], float]] = {"wall": time.perf_counter, "cpu": time.process_time}
+
+
 def time_all(contenders: list[Contender], rounds: int, steps: int, warmup: int,
-             device: torch.device) -> None:
+             device: torch.device, clock: Callable[[], float] = time.perf_counter) -> None:
     for c in contenders:
         for _ in range(warmup):
             c.step()
@@ -370,10 +378,10 @@ def time_all(contenders: list[Contender], rounds: int, steps: int, warmup: int,
         shift = r % len(contenders)  # a different contender goes first each round
         for c in contenders[shift:] + contenders[:shift]:
             for _ in range(steps):
-                t0 = time.perf_counter()
+                t0 = clock()
                 c.step()
                 sync(device)
-                c.times.append(time.perf_counter() - t0)
+                c.times.append(clock() - t0)
 
 
 def peak_memory(c: Contender, device: torch.device) -> int | None:
@@ -529,6 +537,8 @@ class Section:
     body: str
     missed: list[Target]
     by_name: dict[str, Contender]
+    #: the LoRA floor analysis of ``benchmarks/lora_floor.py`` (a markdown paragraph)
+    lora_bound: str = ""
 
 
 def write_report(sections: list[Section], setup: str, command: str,
@@ -553,6 +563,8 @@ def write_report(sections: list[Section], setup: str, command: str,
         f"- Date: {datetime.date.today().isoformat()}", ""]
     for sec in sections:
         text += [f"## {sec.workload.title}", "", f"{sec.workload.setup}.", "", sec.body, ""]
+        if sec.lora_bound:
+            text += [sec.lora_bound, ""]
         profiled = [t for t in sec.missed if t.metric == "step time" and t.baseline == FLOOR]
         if profiled:
             text += ["### Where the time goes in the missed targets", "",
@@ -593,7 +605,8 @@ def run_workload(w: Workload, args: argparse.Namespace, rounds: int, device: tor
                     Target(ours, theirs, 1.0, "peak memory")]
     by_name = {c.name: c for c in contenders}
     t0 = time.perf_counter()
-    time_all(contenders, rounds, args.steps, warmup=2, device=device)
+    time_all(contenders, rounds, args.steps, warmup=2, device=device,
+             clock=CLOCKS[args.clock])
     for c in contenders:
         c.peak_bytes = peak_memory(c, device)
     body, missed = report(by_name, targets, comparisons)
@@ -603,8 +616,28 @@ def run_workload(w: Workload, args: argparse.Namespace, rounds: int, device: tor
                 if by_name[name].profile is None:
                     by_name[name].profile = op_profile(by_name[name], device)
     print(body)
+    bound = ""
+    if device.type == "cpu" and not args.no_floor_analysis:
+        bound = lora_bound(w, by_name)
+        print("\n" + bound)
     print(f"\n({time.perf_counter() - t0:.0f} s of measuring)", flush=True)
-    return Section(w, body, missed, by_name)
+    return Section(w, body, missed, by_name, bound)
+
+
+def lora_bound(w: Workload, by_name: dict[str, Contender]) -> str:
+    """The lowest step time a LoRA trainer can reach on ``w`` with this machine's
+    kernels, next to the measured ratio (``benchmarks/lora_floor.py``)."""
+    import lora_floor
+
+    b = lora_floor.analyse(w)
+    measured = by_name["loraengine lora"].median_ms / by_name[FLOOR].median_ms
+    return (f"**How low LoRA can go here** (`benchmarks/lora_floor.py`, in this run): "
+            f"LoRA adds {b.side_flops / 1e9:.2f} GFLOP to the floor's "
+            f"{b.floor_flops / 1e9:.2f} ({b.side_flops / b.floor_flops:.1%}), so even at "
+            f"the floor's FLOP rate a step is {b.flop_ratio:.3f}× floor; timing the least "
+            f"side-path work of every adapted layer (bare kernels, fastest layout) and "
+            f"AdamW gives {b.ratio:.3f}× floor as the lowest reachable with these "
+            f"kernels. loraengine lora measured {measured:.3f}× floor.")
 
 
 # -- main -------------------------------------------------------------------------------------
@@ -623,6 +656,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--no-write", action="store_true", help="Print only.")
+    ap.add_argument("--clock", choices=sorted(CLOCKS), default="wall", help="Time steps by "
+                    "wall clock (default) or by this process's CPU time (steadier on a "
+                    "loaded machine; CPU only, with --threads 1).")
+    ap.add_argument("--no-floor-analysis", action="store_true", help="Skip the LoRA floor "
+                    "analysis (benchmarks/lora_floor.py) of each workload.")
     ap.add_argument("--output", type=Path, default=REPORT, help="Report file (default "
                     "docs/benchmarks.md).")
     args = ap.parse_args(argv)
@@ -635,12 +673,14 @@ def main(argv: list[str] | None = None) -> int:
             ap.error(f"--workload: unknown workload {k!r}")
     rounds = args.rounds or (3 if keys == ["quick"] else 5)
     setup = (f"fp32; AdamW; {args.device}, {args.threads} thread(s); median of {rounds} "
-             f"rounds × {args.steps} steps, contenders interleaved")
+             f"rounds × {args.steps} steps, contenders interleaved; "
+             f"{'CPU' if args.clock == 'cpu' else 'wall'} time")
     sections = [run_workload(make_workload(k, args.batch, args.rank), args, rounds, device)
                 for k in keys]
     if not args.no_write:
         command = "python benchmarks/run.py" + (
-            "" if keys == ["compass", "flux"] else f" --workload {','.join(keys)}")
+            "" if keys == ["compass", "flux"] else f" --workload {','.join(keys)}") + (
+            " --clock cpu" if args.clock == "cpu" else "")
         write_report(sections, setup, command, args.output)
         print(f"wrote {args.output}")
     return 0

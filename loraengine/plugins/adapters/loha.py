@@ -46,6 +46,7 @@ from loraengine.plugins.adapters.dora import (
     load_dora,
     with_dora,
 )
+from loraengine.plugins.adapters.lora_fused import fusable, lora_forward
 
 KEYS = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")
 #: A saved module is LoHa when it has the first and the last factor.
@@ -150,6 +151,28 @@ class LoHaLayer(AdditiveAdapter):
         v = v.reshape(v.shape[0], *w.shape[1:]).to(dt)  # a conv kernel of r² channels
         u = (u * (self.scale * gain)).reshape(*u.shape, *ones).to(dt)
         return pointwise(layer_op(self.base, x, v, None), u)
+
+    # Without Tucker or DoRA the factored path and bypass are a rank-r² LoRA with
+    # down = V and up = U: LoRA's fused node runs it (autograd reaches the four factors
+    # through the two Khatri–Rao products).
+    def _fused(self) -> bool:
+        return not self.tucker and self.dora_scale is None and fusable(self.base)
+
+    def _fused_forward(self, x: torch.Tensor, base_out: torch.Tensor | None) -> torch.Tensor:
+        w = weight_of(self.base)
+        u, v = self.khatri_rao()
+        v = v.reshape(v.shape[0], *w.shape[1:])  # for a conv: a kernel of r² channels
+        return lora_forward(self.base, x, v, u, self.scale * self.multiplier, base_out)
+
+    def bypass(self, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
+        if not self._fused():
+            return super().bypass(x, base_out)
+        return self._fused_forward(x.to(base_out.dtype), base_out)
+
+    def run_factored(self, x: torch.Tensor) -> torch.Tensor:
+        if not self._fused():
+            return super().run_factored(x)
+        return self._fused_forward(x, None)
 
     def factored_flops(self, x: torch.Tensor) -> float | None:
         n, fan_in, out = layer_dims(self.base, x)

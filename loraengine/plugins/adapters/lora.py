@@ -24,6 +24,7 @@ from loraengine.plugins.adapters.dora import (
     load_dora,
     with_dora,
 )
+from loraengine.plugins.adapters.lora_fused import fusable, lora_forward
 
 
 class LoRAOptions(DoRAOptions):
@@ -67,6 +68,24 @@ class LoRALayer(AdditiveAdapter):
         up = (self.lora_up * (self.scale * gain)).to(dt)  # scale the small factor, not h
         h = layer_op(self.base, x, down, None)  # the base's stride/padding/dilation
         return pointwise(h, up)
+
+    # Without DoRA, the factored path and bypass run as one fused autograd node per
+    # layer (lora_fused.py) where the base layer allows; DoRA and other layers keep the
+    # generic route above.
+    def _fused(self) -> bool:
+        return self.dora_scale is None and fusable(self.base)
+
+    def bypass(self, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
+        if not self._fused():
+            return super().bypass(x, base_out)
+        return lora_forward(self.base, x.to(base_out.dtype), self.lora_down, self.lora_up,
+                            self.scale * self.multiplier, base_out)
+
+    def run_factored(self, x: torch.Tensor) -> torch.Tensor:
+        if not self._fused():
+            return super().run_factored(x)
+        return lora_forward(self.base, x, self.lora_down, self.lora_up,
+                            self.scale * self.multiplier)
 
     def factored_flops(self, x: torch.Tensor) -> float:
         n, fan_in, out = layer_dims(self.base, x)
