@@ -115,6 +115,10 @@ def _apply(state: Mapping[str, torch.Tensor], names: Mapping[str, str],
         path, _, leaf = key.rpartition(".")
         if path in names:
             base, band = parse(names[path])
+            if leaf == "weight" and base.endswith(".scale"):
+                # a norm whose released weight is ``<module>.scale`` (comfy_names gives the
+                # weight's own name)
+                base, leaf = base.removesuffix(".scale"), "scale"
             if band is None:
                 out[f"{base}.{leaf}"] = tensor
             elif band == SWAP:

@@ -6,9 +6,8 @@ the zero condition latents and zero mask channel the text-to-video pipeline appe
 (33 channels, up to the config's ``in_channels``) and a zero image embedding of 729
 tokens; the model sees the scheduler's timestep ``σ·1000``. ``cond`` holds Qwen2.5-VL's
 hidden states and ``mask`` their mask (all ones when absent); ``byt5`` / ``byt5_mask``
-the glyph encoder's, given no tokens when absent. The shift is the scheduler config's.
-``prepare`` encodes clips with the pipeline's VAE and captions with its
-``encode_prompt`` (:class:`~loraengine.plugins.models.video_encoders.HunyuanVideo15Encoder`).
+the glyph encoder's, given no tokens when absent. The shift is the scheduler config's;
+``prepare``'s encoder is ``video_encoders.HunyuanVideo15Encoder``.
 """
 
 from __future__ import annotations
