@@ -456,3 +456,35 @@ def test_boft_dense_rule_follows_the_row_count():
     wide = boft.SPEC.create(nn.Linear(8, 1024), 8, 8.0, boft.BOFTOptions(), None)
     assert narrow.dense_for(4096) and not narrow.dense_for(64)
     assert not wide.dense_for(4096)
+
+
+@pytest.mark.parametrize("path", ["factored", "rebuild"])
+def test_oft_paired_blocks_agree_with_lycoris(path, monkeypatch):
+    """OFT's 8×8 blocks applied two at a time as 16×16 ones (what large CPU inputs
+    use) give LyCORIS's output, in the bypass too, and the gradients of the unpaired
+    product."""
+    from lycoris import create_lycoris_from_weights
+
+    base = nn.Linear(24, 64)  # LyCORIS reads block sizes up to the block count
+    x = torch.randn(6, 24, generator=torch.Generator().manual_seed(3))
+    adapter = build_adapter(oft.SPEC, base, {"block_size": 8})
+    assert adapter.oft_blocks.shape == (8, 8, 8)
+    perturb(adapter, std=0.2)
+    holder = _Holder(copy.deepcopy(base))
+    net, _ = create_lycoris_from_weights(1.0, "", holder, _lycoris_file(adapter))
+    net.apply_to()
+    with torch.no_grad():
+        theirs = holder(x)
+    g = torch.randn(theirs.shape, generator=torch.Generator().manual_seed(4))
+    adapter.path = path
+    grads = []
+    for threshold in (10**12, 0):  # never paired, then always
+        monkeypatch.setattr(oft, "PAIR_ELEMENTS", threshold)
+        out = adapter(x)
+        assert relative_error(out, theirs) <= 1e-5
+        with torch.no_grad():
+            assert relative_error(adapter.bypass(x, base(x)), out) <= 1e-5
+        out.backward(g)
+        grads.append(adapter.oft_blocks.grad.clone())
+        adapter.oft_blocks.grad = None
+    assert relative_error(grads[1], grads[0]) <= 1e-5

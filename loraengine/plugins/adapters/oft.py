@@ -266,6 +266,25 @@ class ChannelMapLayer(AdapterLayer):
         return out
 
 
+#: From this many activation elements on, OFT's 8×8 blocks are applied two at a time as
+#: 16×16 blocks (zero off the diagonal). On the CPU the batched product of 8-wide
+#: blocks runs far below its 16-wide rate: twice the FLOPs take half the time forward
+#: and backward (single-thread timings on 64–4096 rows of 64–512 channels), except on
+#: a few rows, where building the pairs costs more.
+PAIR_ELEMENTS = 65536
+
+
+def _paired(r: torch.Tensor) -> torch.Tensor:
+    """``[n, 8, 8]`` blocks as ``[n/2, 16, 16]``: each pair on the diagonal, zeros off
+    it (the same block-diagonal map)."""
+    n, b, _ = r.shape
+    zero = r.new_zeros(n // 2, b, b)
+    first, second = r[0::2], r[1::2]
+    top = torch.cat([first, zero], dim=2)
+    bottom = torch.cat([zero, second], dim=2)
+    return torch.cat([top, bottom], dim=1)
+
+
 class OFTLayer(ChannelMapLayer):
     """Block-diagonal orthogonal rotation of the output rows."""
 
@@ -291,6 +310,8 @@ class OFTLayer(ChannelMapLayer):
         # Row m of block k becomes Σₙ R[k, n, m]·row n: the rows are multiplied by Rᵀ.
         # One batched product over the blocks ([k, rows, b] @ R[k]), which runs faster
         # on the CPU than the equivalent einsum's own layout.
+        if b == 8 and n % 2 == 0 and t.device.type == "cpu" and t.numel() >= PAIR_ELEMENTS:
+            r, n, b = _paired(r), n // 2, 16
         rows = t.reshape(-1, n, b).transpose(0, 1)
         return torch.bmm(rows, r).transpose(0, 1).reshape(t.shape)
 
