@@ -413,3 +413,78 @@ def test_a_constrained_file_means_the_same_read_with_no_constraint(name):
     from_comfy = spec.load(base, comfy, spec.config_model())
     assert from_comfy.constraint == pytest.approx(0.3)
     assert torch.equal(base.weight + from_comfy.delta_weight().detach(), want)
+
+
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_boft_dense_and_stage_forms_agree_with_lycoris(case, monkeypatch):
+    """BOFT's two forms of the butterfly (stage by stage, or one dense matrix built from
+    the stages; a row-count rule picks one per call) give LyCORIS's output on the
+    factored and the rebuild path, with equal gradients."""
+    from lycoris import create_lycoris_from_weights
+
+    base, x = case.layer(), case.input()
+    adapter = build_adapter(boft.SPEC, base, {"rescaled": True})
+    perturb(adapter, std=0.2)
+    holder = _Holder(copy.deepcopy(base))
+    net, _ = create_lycoris_from_weights(1.0, "", holder, _lycoris_file(adapter))
+    net.apply_to()
+    with torch.no_grad():
+        theirs = holder(x)
+    g = torch.randn(theirs.shape, generator=torch.Generator().manual_seed(5))
+    grads = {}
+    for dense in (False, True):
+        monkeypatch.setattr(boft.BOFTLayer, "dense_for", lambda self, rows, d=dense: d)
+        for path in ("factored", "rebuild"):
+            adapter.path = path
+            out = adapter(x)
+            assert adapter.last_path == path
+            # fp32: a few stages of orthogonal 2-8 wide products, ~1e-7 each
+            assert relative_error(out, theirs) <= 1e-5, (dense, path)
+            out.backward(g)
+            grads[(dense, path)] = adapter.oft_blocks.grad.clone()
+            adapter.oft_blocks.grad = None
+            adapter.rescale.grad = None
+    ref = grads[(False, "rebuild")]
+    for key, grad in grads.items():
+        assert relative_error(grad, ref) <= 1e-5, key
+
+
+def test_boft_dense_rule_follows_the_row_count():
+    """The dense matrix is used for many rows of a narrow layer, not for a few rows or a
+    wide layer (where building it costs more than the stages)."""
+    narrow = boft.SPEC.create(nn.Linear(8, 128), 8, 8.0, boft.BOFTOptions(), None)
+    wide = boft.SPEC.create(nn.Linear(8, 1024), 8, 8.0, boft.BOFTOptions(), None)
+    assert narrow.dense_for(4096) and not narrow.dense_for(64)
+    assert not wide.dense_for(4096)
+
+
+@pytest.mark.parametrize("path", ["factored", "rebuild"])
+def test_oft_paired_blocks_agree_with_lycoris(path, monkeypatch):
+    """OFT's 8×8 blocks applied two at a time as 16×16 ones (what large CPU inputs
+    use) give LyCORIS's output, in the bypass too, and the gradients of the unpaired
+    product."""
+    from lycoris import create_lycoris_from_weights
+
+    base = nn.Linear(24, 64)  # LyCORIS reads block sizes up to the block count
+    x = torch.randn(6, 24, generator=torch.Generator().manual_seed(3))
+    adapter = build_adapter(oft.SPEC, base, {"block_size": 8})
+    assert adapter.oft_blocks.shape == (8, 8, 8)
+    perturb(adapter, std=0.2)
+    holder = _Holder(copy.deepcopy(base))
+    net, _ = create_lycoris_from_weights(1.0, "", holder, _lycoris_file(adapter))
+    net.apply_to()
+    with torch.no_grad():
+        theirs = holder(x)
+    g = torch.randn(theirs.shape, generator=torch.Generator().manual_seed(4))
+    adapter.path = path
+    grads = []
+    for threshold in (10**12, 0):  # never paired, then always
+        monkeypatch.setattr(oft, "PAIR_ELEMENTS", threshold)
+        out = adapter(x)
+        assert relative_error(out, theirs) <= 1e-5
+        with torch.no_grad():
+            assert relative_error(adapter.bypass(x, base(x)), out) <= 1e-5
+        out.backward(g)
+        grads.append(adapter.oft_blocks.grad.clone())
+        adapter.oft_blocks.grad = None
+    assert relative_error(grads[1], grads[0]) <= 1e-5

@@ -32,7 +32,7 @@ from pydantic import Field, field_validator
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from loraengine.core.adapter import TRAFFIC_FLOPS, layer_dims, layer_op, weight_of
+from loraengine.core.adapter import TRAFFIC_FLOPS, bias_of, layer_dims, layer_op, weight_of
 from loraengine.core.plugins.specs import AdapterSpec
 from loraengine.plugins.adapters.common import pointwise, saved_alpha, tucker
 from loraengine.plugins.adapters.dora import (
@@ -205,6 +205,22 @@ class LoKrLayer(AdditiveAdapter):
         w1, w2 = self.w1().contiguous(), self.w2().contiguous()
         w1 = w1.reshape(*w1.shape, *([1] * (w2.ndim - 2)))
         return torch.kron(w1, w2).reshape(weight_of(self.base).shape) * self.scale
+
+    def rebuild(self, x: torch.Tensor) -> torch.Tensor:
+        """W + kron(w1·scale, w2) as one broadcast multiply-add on W viewed
+        ``[a, b, c, d, *kernel]`` (channel layout, no DoRA): the scale rides on the
+        small factor, and no ΔW-sized product or sum is made apart from the result."""
+        if not self.by_channel or self.dora_scale is not None:
+            return super().rebuild(x)
+        base = self.base
+        w = weight_of(base)
+        ones = [1] * len(self.kernel)
+        w1 = (self.w1() * (self.scale * self.multiplier)).to(w.dtype)
+        w2 = self.w2().to(w.dtype)
+        adapted = torch.addcmul(w.reshape(self.a, self.b, self.c, self.d, *self.kernel),
+                                w1.reshape(self.a, 1, self.c, 1, *ones),
+                                w2.reshape(1, self.b, 1, self.d, *self.kernel))
+        return layer_op(base, x, adapted.reshape(w.shape), bias_of(base))
 
     def raw_bypass(self, x: torch.Tensor, gain: float = 1.0) -> torch.Tensor:
         if not self.by_channel:

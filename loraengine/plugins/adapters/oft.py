@@ -34,6 +34,7 @@ from loraengine.core.adapter import (
     AdapterLayer,
     bias_of,
     layer_dims,
+    layer_op,
     weight_of,
 )
 from loraengine.core.plugins.specs import AdapterSpec, PluginOptions
@@ -174,11 +175,34 @@ class ChannelMapLayer(AdapterLayer):
             out = out * self.rescale.reshape(-1).to(out.dtype)
         return out - t
 
+    def map_weight_rows(self, w: torch.Tensor) -> torch.Tensor:
+        """T applied to the output-row axis of a ``[out, cols]`` matrix (rescale not
+        included). Default: move the rows last and use ``channel_map``; a subclass
+        with a direct form on this layout overrides it."""
+        return self.channel_map(w.t()).t()
+
+    def mapped_weight(self) -> torch.Tensor:
+        """T(W)·rescale in fp32, shaped like W: the adapted weight at multiplier 1."""
+        w = weight_of(self.base).detach().float()
+        out = self.map_weight_rows(w.reshape(w.shape[0], -1))
+        if self.rescale is not None:
+            out = out * self.rescale.reshape(-1, 1)
+        return out.reshape(w.shape)
+
     def delta_weight(self) -> torch.Tensor:
         w = weight_of(self.base).detach().float()
-        rows_last = w.movedim(0, -1)
-        delta = self._mapped_minus_identity(rows_last).movedim(-1, 0)
-        return delta * self.multiplier
+        return (self.mapped_weight() - w) * self.multiplier
+
+    def rebuild(self, x: torch.Tensor) -> torch.Tensor:
+        """The base op with T(W) itself (at multiplier 1), not W + (T(W) − W): one
+        weight-sized sum and its backward less per layer."""
+        base = self.base
+        w = weight_of(base)
+        if self.multiplier == 1:
+            adapted = self.mapped_weight().to(w.dtype)
+        else:
+            adapted = w + self.delta_weight().to(w.dtype)
+        return layer_op(base, x, adapted, bias_of(base))
 
     def bypass(self, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
         channel_axis = self._channel_axis()
@@ -242,6 +266,25 @@ class ChannelMapLayer(AdapterLayer):
         return out
 
 
+#: From this many activation elements on, OFT's 8×8 blocks are applied two at a time as
+#: 16×16 blocks (zero off the diagonal). On the CPU the batched product of 8-wide
+#: blocks runs far below its 16-wide rate: twice the FLOPs take half the time forward
+#: and backward (single-thread timings on 64–4096 rows of 64–512 channels), except on
+#: a few rows, where building the pairs costs more.
+PAIR_ELEMENTS = 65536
+
+
+def _paired(r: torch.Tensor) -> torch.Tensor:
+    """``[n, 8, 8]`` blocks as ``[n/2, 16, 16]``: each pair on the diagonal, zeros off
+    it (the same block-diagonal map)."""
+    n, b, _ = r.shape
+    zero = r.new_zeros(n // 2, b, b)
+    first, second = r[0::2], r[1::2]
+    top = torch.cat([first, zero], dim=2)
+    bottom = torch.cat([zero, second], dim=2)
+    return torch.cat([top, bottom], dim=1)
+
+
 class OFTLayer(ChannelMapLayer):
     """Block-diagonal orthogonal rotation of the output rows."""
 
@@ -264,9 +307,20 @@ class OFTLayer(ChannelMapLayer):
     def channel_map(self, t: torch.Tensor) -> torch.Tensor:
         r = self.rotation().to(t.dtype)
         n, b, _ = r.shape
-        blocks = t.unflatten(-1, (n, b))
         # Row m of block k becomes Σₙ R[k, n, m]·row n: the rows are multiplied by Rᵀ.
-        return torch.einsum("knm,...kn->...km", r, blocks).flatten(-2)
+        # One batched product over the blocks ([k, rows, b] @ R[k]), which runs faster
+        # on the CPU than the equivalent einsum's own layout.
+        if b == 8 and n % 2 == 0 and t.device.type == "cpu" and t.numel() >= PAIR_ELEMENTS:
+            r, n, b = _paired(r), n // 2, 16
+        rows = t.reshape(-1, n, b).transpose(0, 1)
+        return torch.bmm(rows, r).transpose(0, 1).reshape(t.shape)
+
+    def map_weight_rows(self, w: torch.Tensor) -> torch.Tensor:
+        # W's rows are already grouped by block: W′ₖ = Rₖᵀ·Wₖ, one batched product on a
+        # view of W, no permuted copies
+        r = self.rotation().to(w.dtype)
+        n, b, _ = r.shape
+        return torch.bmm(r.transpose(1, 2), w.reshape(n, b, -1)).reshape(w.shape)
 
     def map_output(self, t: torch.Tensor) -> torch.Tensor:
         if self._channel_axis() == -1:

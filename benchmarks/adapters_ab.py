@@ -1,0 +1,109 @@
+"""Before/after step time of the LyCORIS-family adapters in one interleaved run: each
+``before`` contender trains with the adapter layer classes of another commit (its
+``loraengine/plugins/adapters/<algo>.py`` read with git), each ``after`` one with the
+working tree's, on the same model, data, start values and adapted layers as
+``benchmarks/run.py``'s workloads, against the floor (the frozen base's
+forward+backward). Nothing is written.
+
+    python benchmarks/adapters_ab.py --base COMMIT [--workload flux] [--algos oft,lokr]
+                                     [--rounds 9]
+
+Each round runs every contender one step, in a rotated order; the medians are printed
+by wall clock and by this thread's CPU time. On a shared machine the wall clock counts
+the time other processes held the core; the CPU time does not, so it is the steadier of
+the two there (it still varies with cache contention: put an unchanged algorithm, such
+as ``loha``, in ``--algos`` as a control and read ratios within its before/after gap as
+ties). The base commit's adapter modules must fit the working tree's core (they are
+run against it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import subprocess
+import sys
+import time
+import types
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+import run as bench  # noqa: E402  (benchmarks/run.py: the workloads and contenders)
+
+#: layer class -> its module, which imports the base commit's oft for BOFT
+MODULES = {"OFTLayer": "oft", "BOFTLayer": "boft", "LoKrLayer": "lokr", "LoHaLayer": "loha"}
+
+
+def load_base_module(commit: str, name: str) -> types.ModuleType:
+    """``loraengine/plugins/adapters/<name>.py`` of ``commit`` as module ``base_<name>``
+    (BOFT's import of OFT goes to ``base_oft``)."""
+    src = subprocess.check_output(
+        ["git", "-C", str(REPO), "show", f"{commit}:loraengine/plugins/adapters/{name}.py"],
+        text=True)
+    src = src.replace("from loraengine.plugins.adapters.oft import", "from base_oft import")
+    module = types.ModuleType(f"base_{name}")
+    module.__file__ = f"{commit}:{name}.py"
+    sys.modules[module.__name__] = module
+    exec(compile(src, module.__file__, "exec"), module.__dict__)  # noqa: S102
+    return module
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--base", required=True, help="The commit the 'before' rows run.")
+    ap.add_argument("--workload", default="flux", help="compass or flux (benchmarks/run.py).")
+    ap.add_argument("--algos", default="loha,lokr,oft,boft")
+    ap.add_argument("--rounds", type=int, default=9)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(1)
+    load_base_module(args.base, "oft")
+    classes = {cls: getattr(load_base_module(args.base, mod) if mod != "oft"
+                            else sys.modules["base_oft"], cls) for cls, mod in MODULES.items()}
+    w = bench.make_workload(args.workload, None, None)
+    dev = torch.device("cpu")
+    batches = bench.Cycle(bench.make_batches(w.latents, w.cond, w.batch, 16, dev))
+    contenders = [bench.floor(w.model, batches)]
+    for algo in args.algos.split(","):
+        name, options, _, _ = bench.ALGOS.get(algo, (algo, {}, None, None))
+        pair = [bench.loraengine(w.model, w.latents, w.cond, name, options, w.rank,
+                                 float(w.rank), w.batch, dev, name=f"{when} {algo}")
+                for when in ("before", "after")]
+        for _, layer in pair[0].keep[0].network.items():
+            layer.__class__ = classes[type(layer).__name__]
+        with torch.no_grad():  # the same start values
+            for p, q in zip(pair[0].trainable, pair[1].trainable, strict=True):
+                q.copy_(p)
+        contenders += pair
+    for c in contenders:
+        c.step()  # warm-up
+    wall: dict[str, list[float]] = {c.name: [] for c in contenders}
+    cpu: dict[str, list[float]] = {c.name: [] for c in contenders}
+    for r in range(args.rounds):
+        shift = r % len(contenders)
+        for c in contenders[shift:] + contenders[:shift]:
+            t0, c0 = time.perf_counter(), time.thread_time()
+            c.step()
+            wall[c.name].append(time.perf_counter() - t0)
+            cpu[c.name].append(time.thread_time() - c0)
+
+    def med(v: list[float]) -> float:
+        return statistics.median(v) * 1e3
+
+    floor = contenders[0].name
+    print(f"{w.title}: {w.setup}\nmedian of {args.rounds} rounds, before = {args.base}")
+    print("| contender | path (factored/rebuild) | wall ms | × floor | CPU ms | × floor |")
+    print("|---|---|---|---|---|---|")
+    for c in contenders:
+        print(f"| {c.name} | {c.paths} | {med(wall[c.name]):.1f} | "
+              f"{med(wall[c.name]) / med(wall[floor]):.3f} | {med(cpu[c.name]):.1f} | "
+              f"{med(cpu[c.name]) / med(cpu[floor]):.3f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
