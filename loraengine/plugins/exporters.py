@@ -433,9 +433,10 @@ def _lumina2_fits(modules: FileModules, kind: str) -> bool:
     return True
 
 
-#: LTX-2's attentions (``attn1``/``attn2``, FLUX.1's and HunyuanVideo's are ``attn``; of
-#: loraengine's families only LTX-2 has them) and its audio stream
-_LTX2_NAMES = re.compile(r"^transformer_blocks\.\d+\.(attn[12]|audio_(attn[12]|ff)|"
+#: LTX-2's self-attention (``attn1``: FLUX.1's, SD3's and HunyuanVideo's are ``attn``, and
+#: SD3.5's second one ``attn2``; of loraengine's families only LTX-2 has it) and its
+#: audio stream
+_LTX2_NAMES = re.compile(r"^transformer_blocks\.\d+\.(attn1|audio_(attn[12]|ff)|"
                          r"(audio_to_video|video_to_audio)_attn)\.")
 #: the models whose default file both their diffusers pipeline and ComfyUI read
 BOTH_READ: tuple[BothReadRule, ...] = (
@@ -687,6 +688,8 @@ def forge_limits(modules: Mapping[str, tuple[str, Collection[str]]], layout: str
     modules made for those models, as measured with its code
     (tests/fixtures/interop/make_webui_lycoris_transformer_fixtures.py; the ``kohya``
     file's are in ``kohya_limits``); nothing for other models."""
+    if any(_LTX2_NAMES.search(n) for n in modules):
+        return []  # LTX-2's names, which SD3's marks also fit
     models = forge_models(modules) if modules else set()
     if not models:
         return []
