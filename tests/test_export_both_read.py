@@ -55,17 +55,7 @@ EVERY = re.compile(r"")
 
 
 def lumina2_released_width(seed: int = 0) -> nn.Module:
-    """A Lumina 2 model with the released model's attention widths (q 2304 rows, k and
-    v 768: the split diffusers' converter hard-codes) and one block of each kind; a
-    feed-forward of 192 (69M parameters)."""
-    from diffusers import Lumina2Transformer2DModel
-
-    torch.manual_seed(seed)
-    return Lumina2Transformer2DModel(
-        sample_size=8, patch_size=2, in_channels=4, hidden_size=2304, num_layers=1,
-        num_refiner_layers=1, num_attention_heads=3, num_kv_heads=1, multiple_of=16,
-        ffn_dim_multiplier=0.02, axes_dim_rope=(256, 256, 256), axes_lens=(1024, 32, 32),
-        cap_feat_dim=24).eval()
+    return tp.lumina2_released_width_transformer(seed).eval()
 
 
 def _network(model: nn.Module, algorithm: str = "lora", only: re.Pattern[str] = EVERY,
