@@ -421,14 +421,14 @@ def _lumina2_fits(modules: FileModules, kind: str) -> bool:
     checked by ``comfy_names.lumina2_native``."""
     blocks: dict[str, set[int]] = {}
     for path in modules:
-        container, i, _ = path.split(".", 2)
-        blocks.setdefault(container, set()).add(int(i))
+        container, index, _ = path.split(".", 2)
+        blocks.setdefault(container, set()).add(int(index))
     for container, found in blocks.items():
         if found != set(range(len(found))):
             return False
         want = _LUMINA2_BLOCK[:-1] if container == "context_refiner" else _LUMINA2_BLOCK
-        for i in found:
-            if any(f"{container}.{i}.{rest}" not in modules for rest in want):
+        for n in found:
+            if any(f"{container}.{n}.{rest}" not in modules for rest in want):
                 return False
     return True
 
