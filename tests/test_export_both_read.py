@@ -243,3 +243,34 @@ def test_files_the_converters_do_not_take_stay_in_diffusers_names_with_a_warning
                    for p, t in mods.items()}
         assert any(ln.startswith(f"ComfyUI reads no diffusers names for {model}")
                    for ln in diffusers_limits(summary)), (model, diffusers_limits(summary))
+
+
+def test_convert_takes_the_ltx2_file_to_comfyuis_layout_and_back_without_a_warning(tmp_path):
+    """``loraengine convert --to comfyui --model`` reads the file with no warning
+    (ComfyUI reads all of it) and writes ComfyUI's trainer layout; ``--to diffusers`` of
+    that gives the original-name file again, with the same tensors."""
+    from click.testing import CliRunner
+    from safetensors.torch import load_file
+
+    from loraengine.cli.main import cli
+
+    model = tv.ltx2_transformer(0).eval()
+    folder = tmp_path / "model"
+    model.save_pretrained(str(folder))
+    written = _write(tmp_path / "d.safetensors", _network(model))
+    res = CliRunner().invoke(cli, ["convert", str(tmp_path / "d.safetensors"), "--to",
+                                   "comfyui", "--model", str(folder), "--out",
+                                   str(tmp_path / "c.safetensors")])
+    assert res.exit_code == 0, res.output
+    assert "warning" not in res.output
+    comfy = load_file(str(tmp_path / "c.safetensors"))
+    assert "diffusion_model.patchify_proj.lora_up.weight" in comfy
+    res = CliRunner().invoke(cli, ["convert", str(tmp_path / "c.safetensors"), "--to",
+                                   "diffusers", "--model", str(folder), "--out",
+                                   str(tmp_path / "back.safetensors")])
+    assert res.exit_code == 0, res.output
+    assert "warning" not in res.output
+    back = load_file(str(tmp_path / "back.safetensors"))
+    assert sorted(back) == sorted(written)
+    for key, tensor in written.items():
+        assert relative_error(back[key], tensor) <= 1e-6, key
