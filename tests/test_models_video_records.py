@@ -333,7 +333,10 @@ def test_trains_and_the_file_loads_in_diffusers_with_every_key(folders, tmp_path
     _, cond = _draw(name, n=4, seed=1)
     xe, ce = _draw(name, seed=7)
     run = train_and_reload(tmp_path, name, folders[name], x, cond, xe, ce)
-    assert run.tensors and all(k.startswith("transformer.transformer_blocks.")
+    # LTX-2's default file is in the original names, which LTX2Pipeline converts and
+    # ComfyUI reads (exporters.BOTH_READ); HunyuanVideo 1.5's in diffusers' names
+    prefix = "diffusion_model." if name == "ltx2" else "transformer."
+    assert run.tensors and all(k.startswith(f"{prefix}transformer_blocks.")
                                for k in run.tensors)
     if name == "ltx2":
         assert not [m for m in run.modules if "audio" in m]

@@ -12,15 +12,17 @@ Reading, every format also takes the other layouts the model's family names its 
 in (``ExporterSpec.layouts`` / ``ModelFamilySpec.layouts``), so a file in either naming
 loads on the diffusers model.
 - ``diffusers`` (alias ``peft``): ``<unet|transformer>.<path>.lora_A.weight`` — what
-  diffusers' ``load_lora_weights`` and ComfyUI read for transformer models. For Flux.2
-  (``flux2_both_read``) it is ``diffusion_model.<released checkpoint name>.lora_A.weight``
-  instead, which diffusers' Flux.2 loader converts and ComfyUI reads whole.
+  diffusers' ``load_lora_weights`` and ComfyUI read for transformer models. For Flux.2,
+  Lumina 2 and LTX-2 (``BOTH_READ``, where the file fits the rule) it is
+  ``diffusion_model.<ComfyUI's name>.lora_A.weight`` instead, which the model's diffusers
+  loader converts and ComfyUI reads whole.
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Callable, Collection, Iterable, Mapping
+from dataclasses import dataclass
 
 import torch
 
@@ -272,8 +274,8 @@ class PeftFormat:
         return "unet." if roots and roots <= UNET_ROOTS else "transformer."
 
     def to_file(self, modules: Modules) -> dict[str, torch.Tensor]:
-        if flux2_both_read({p: set(v) for p, v in modules.items()}):
-            return flux2_native_file(modules)
+        if both_read_rule(modules) is not None:
+            return both_read_file(modules)
         prefix = self.prefix_for(modules)
         out: dict[str, torch.Tensor] = {}
         for path, params in modules.items():
@@ -329,7 +331,14 @@ class PeftFormat:
 DIFFUSERS = PeftFormat("diffusers")
 PEFT = PeftFormat("peft")
 
-#: a module in the layout both diffusers' Flux.2 loader and ComfyUI read
+#: diffusers' names of the layers Flux.2 renamed from FLUX.1's (ComfyUI's FLUX.1 map of
+#: diffusers' names lacks them)
+_FLUX2_RENAMED_PATTERN = (
+    r"(\.ff(_context)?\.linear_(in|out)$|^single_transformer_blocks\.\d+\.attn\."
+    r"(to_qkv_mlp_proj|to_out)$|^time_guidance_embed\.|^double_stream_modulation_"
+    r"|^single_stream_modulation)")
+
+#: a module in the layout both a diffusers converter and ComfyUI read
 #: (``flux2_native_file``): plain LoRA, plain LoHa, LoKr (as ``peft_lokr`` writes it)
 _PLAIN_LORA = frozenset({"lora_down.weight", "lora_up.weight", "alpha"})
 _PLAIN_LOHA = frozenset({"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "alpha"})
@@ -346,51 +355,162 @@ def _native_kind(params: Collection[str]) -> str | None:
     return None
 
 
-def flux2_both_read(modules: Mapping[str, Collection[str]]) -> bool:
-    """Whether a file of these modules (diffusers paths -> tensor names) is a Flux.2 file
-    that ComfyUI would not read whole in diffusers' names (it has a layer Flux.2
-    renamed) and that ``flux2_native_file`` writes in a layout both read: every module
-    has a released-checkpoint name, all of one algorithm (diffusers converts a file as
-    LoRA or as LoKr, never both), LoKr not on a q/k/v projection (a Kronecker product
-    does not fuse into ComfyUI's ``qkv``, and diffusers' converter maps such a file's
-    ``qkv`` onto a fused projection), and no ``norm_out.linear``: diffusers' Flux.2
-    LoRA converter places ``final_layer.adaLN_modulation.1`` without swapping its
-    (shift, scale) halves, where ComfyUI and diffusers' checkpoint converter swap them,
-    so no file gives both that layer."""
-    if not modules or not any(_FLUX2_RENAMED.search(p) for p in modules):
-        return False
-    kinds = {_native_kind(params) for params in modules.values()}
-    if len(kinds) != 1 or None in kinds:
-        return False
+def _rows(value: object) -> int:
+    """Output rows of a tensor, or of a shape (``limits`` hands shapes over)."""
+    shape = getattr(value, "shape", value)
+    return int(shape[0]) if isinstance(shape, (tuple, list, torch.Size)) and shape else 0
+
+
+def _module_rows(params: Collection[str] | Mapping[str, object]) -> int:
+    """A LoRA/LoHa module's output rows where its tensors (or shapes) are given, else
+    0; LoKr's are never a band (see the rules), 1."""
+    if not isinstance(params, Mapping):
+        return 0
+    for key in ("lora_up.weight", "hada_w1_a"):
+        if key in params:
+            return _rows(params[key])
+    return 1
+
+
+FileModules = Mapping[str, Collection[str] | Mapping[str, object]]
+
+
+@dataclass(frozen=True)
+class BothReadRule:
+    """How one model's default (``diffusers``) file is written so that its diffusers
+    pipeline's ``load_lora_weights`` (through that pipeline's converter of
+    ``diffusion_model.*`` files) and ComfyUI's loader both read it whole: in ComfyUI's
+    names (``native``: a diffusers path and its output rows -> the layout name, a band
+    of a fused layer included; None where the converter has no name for it), LoRA as
+    ``lora_A``/``lora_B`` with α/r in ``lora_B`` and no ``alpha`` (no converter keeps
+    ``alpha``), LoKr as ``peft_lokr`` writes it.
+
+    ``marks``: a pattern only this model's diffusers names match (a file is this model's
+    where one of its modules does); ``kinds``: the algorithms the converter takes
+    (``_native_kind``), one per file; ``fits``: what else the converter needs of the
+    whole file (module names -> tensor names, or tensors/shapes where known)."""
+
+    model: str
+    marks: re.Pattern[str]
+    kinds: frozenset[str]
+    native: Callable[[str, int], str | None]
+    fits: Callable[[FileModules, str], bool] = lambda modules, kind: True
+
+
+def _flux2_fits(modules: FileModules, kind: str) -> bool:
+    """LoKr not on a q/k/v projection (a Kronecker product does not fuse into ComfyUI's
+    ``qkv``, and diffusers' converter maps such a file's ``qkv`` onto a fused
+    projection)."""
+    return kind != "lokr" or not any(
+        comfy_names.parse(comfy_names.flux2_native(p, 1) or "")[1] is not None
+        for p in modules)
+
+
+#: a Lumina 2 block's layers diffusers' converter takes, all of them (it pops each);
+#: a context-refiner block has no modulation
+_LUMINA2_BLOCK = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
+                  "feed_forward.linear_1", "feed_forward.linear_2", "feed_forward.linear_3",
+                  "norm1.linear")
+
+
+def _lumina2_fits(modules: FileModules, kind: str) -> bool:
+    """diffusers 0.42.1's Lumina 2 converter takes whole blocks only: in each of
+    ``noise_refiner``/``context_refiner``/``layers`` that the file has, blocks 0..n-1
+    each with every layer of ``_LUMINA2_BLOCK`` (no ``norm1.linear`` in a context
+    refiner), and nothing else (it fails on a key left over); the q/k/v rows are
+    checked by ``comfy_names.lumina2_native``."""
+    blocks: dict[str, set[int]] = {}
     for path in modules:
-        name = comfy_names.flux2_native(path, 1)
-        if name is None or comfy_names.parse(name)[1] == comfy_names.SWAP:
+        container, index, _ = path.split(".", 2)
+        blocks.setdefault(container, set()).add(int(index))
+    for container, found in blocks.items():
+        if found != set(range(len(found))):
             return False
-        if kinds == {"lokr"} and comfy_names.parse(name)[1] is not None:
-            return False
+        want = _LUMINA2_BLOCK[:-1] if container == "context_refiner" else _LUMINA2_BLOCK
+        for n in found:
+            if any(f"{container}.{n}.{rest}" not in modules for rest in want):
+                return False
     return True
 
 
-def flux2_native_file(modules: Modules) -> dict[str, torch.Tensor]:
-    """A Flux.2 file (``flux2_both_read`` modules) as ``diffusion_model.<released
-    checkpoint name>``, q/k/v fused into ``qkv`` as the ``comfyui`` format fuses them,
-    with LoRA as ``lora_A``/``lora_B`` and its α/r folded into ``lora_B`` (no
-    ``alpha``), LoKr as ``peft_lokr`` writes it (scale in the small factor).
+#: LTX-2's self-attention (``attn1``: FLUX.1's, SD3's and HunyuanVideo's are ``attn``, and
+#: SD3.5's second one ``attn2``; of loraengine's families only LTX-2 has it) and its
+#: audio stream
+_LTX2_NAMES = re.compile(r"^transformer_blocks\.\d+\.(attn1|audio_(attn[12]|ff)|"
+                         r"(audio_to_video|video_to_audio)_attn)\.")
+#: the models whose default file both their diffusers pipeline and ComfyUI read
+BOTH_READ: tuple[BothReadRule, ...] = (
+    # the released checkpoint's names (double_blocks.*, q/k/v fused); no
+    # norm_out.linear, which diffusers' Flux.2 LoRA converter places without swapping
+    # its (shift, scale) halves, where ComfyUI and diffusers' checkpoint converter swap
+    # them (flux2_native names it #swap: no file gives both that layer)
+    BothReadRule("Flux.2", re.compile(_FLUX2_RENAMED_PATTERN), frozenset({"lora", "loha",
+                                                                          "lokr"}),
+                 comfy_names.flux2_native, _flux2_fits),
+    # ComfyUI's NextDiT names (attention.qkv fused; _convert_non_diffusers_lumina2_...)
+    BothReadRule("Lumina 2", re.compile(r"^(noise_refiner|context_refiner|layers)\.\d+\."
+                                        r"(attn\.to_|feed_forward\.linear_)"),
+                 frozenset({"lora"}), comfy_names.lumina2_native, _lumina2_fits),
+    # the original checkpoint's names, which _convert_non_diffusers_ltx2_... renames
+    # back for every layer of the model; LoRA only (load_lora_weights takes keys
+    # naming lora_ only, so no LoKr and no alpha)
+    BothReadRule("LTX-2", _LTX2_NAMES, frozenset({"lora"}),
+                 lambda path, rows: comfy_names.ltx2_name(path)),
+)
 
-    diffusers 0.42.1's ``Flux2LoraLoaderMixin.lora_state_dict`` converts such a file
-    (``_convert_non_diffusers_flux2_lora_to_diffusers`` / ``..._lokr_...``: every key
-    must map, ``alpha`` keys are not taken for LoRA); its ``qkv`` LoRA gives each of
-    q/k/v the whole stacked ``lora_A`` and its third of the block-diagonal ``lora_B``,
-    the same ΔW. ComfyUI reads ``lora_A``/``lora_B`` under its own names, with scale 1
-    where there is no ``alpha``."""
+
+def both_read_rule(modules: FileModules) -> BothReadRule | None:
+    """The rule (``BOTH_READ``) under which a file of these modules (diffusers paths ->
+    their tensor names, or tensors/shapes) is written in a layout both its diffusers
+    pipeline and ComfyUI read whole, or None where there is none: another model, more
+    than one algorithm or one the converter does not take (DoRA, norm deltas, ...), a
+    layer the converter has no name for, a layer ComfyUI stores with its halves
+    swapped, or a file the converter does not take whole (``fits``). Flux.2 also where
+    ComfyUI would read it in diffusers' names: it lacks the layers Flux.2 renamed."""
+    rule = next((r for r in BOTH_READ if any(r.marks.search(p) for p in modules)), None)
+    if rule is None:
+        return None
+    kinds = {_native_kind(params) for params in modules.values()}
+    if len(kinds) != 1 or not kinds <= rule.kinds:
+        return None
+    (kind,) = kinds
+    for path, params in modules.items():
+        rows = _module_rows(params)
+        if not rows and rule.model == "Lumina 2":
+            return None  # names only: the q/k/v rows are unknown
+        name = rule.native(path, rows or 1)
+        if name is None or comfy_names.parse(name)[1] == comfy_names.SWAP:
+            return None
+    return rule if rule.fits(modules, str(kind)) else None
+
+
+def flux2_both_read(modules: FileModules) -> bool:
+    """Whether ``both_read_rule`` writes a file of these modules as a Flux.2 one."""
+    rule = both_read_rule(modules)
+    return rule is not None and rule.model == "Flux.2"
+
+
+def both_read_file(modules: Modules, rule: BothReadRule | None = None
+                   ) -> dict[str, torch.Tensor]:
+    """A file of ``both_read_rule`` modules as ``diffusion_model.<ComfyUI's name>``,
+    fused layers (q/k/v into ``qkv``) fused as the ``comfyui`` format fuses them, with
+    LoRA as ``lora_A``/``lora_B`` and its α/r folded into ``lora_B`` (no ``alpha``), LoKr
+    as ``peft_lokr`` writes it (scale in the small factor).
+
+    diffusers 0.42.1's converters (``_convert_non_diffusers_flux2_lora_to_diffusers`` /
+    ``..._lokr_...``, ``..._lumina2_...``, ``..._ltx2_...``) map every key back (no
+    ``alpha`` taken); a ``qkv`` LoRA gives each of q/k/v the whole stacked ``lora_A``
+    and its band of the block-diagonal ``lora_B``, the same ΔW. ComfyUI reads
+    ``lora_A``/``lora_B`` under its own names, with scale 1 where there is no
+    ``alpha``."""
+    rule = rule or both_read_rule(modules)
+    assert rule is not None
     native: dict[str, Mapping[str, torch.Tensor]] = {}
     for path, params in modules.items():
-        rows = next(params[k] for k in ("lora_up.weight", "hada_w1_a", "lokr_w1",
-                                        "lokr_w1_a") if k in params).shape[0]
+        rows = _module_rows(params)
         if "lora_up.weight" not in params and "hada_w1_a" not in params:
             params = peft_lokr(params) or params
-            rows = 1  # never a band (flux2_both_read)
-        name = comfy_names.flux2_native(path, int(rows))
+        name = rule.native(path, rows)
         assert name is not None
         native[name] = params
     out: dict[str, torch.Tensor] = {}
@@ -410,6 +530,11 @@ def flux2_native_file(modules: Modules) -> dict[str, torch.Tensor]:
         else:
             out[key] = tensor
     return out
+
+
+def flux2_native_file(modules: Modules) -> dict[str, torch.Tensor]:
+    """``both_read_file`` under Flux.2's rule (whether or not the file fits it whole)."""
+    return both_read_file(modules, BOTH_READ[0])
 
 
 #: a LoRA module's tensors, as every LoRA reader knows them
@@ -502,10 +627,7 @@ def comfyui_fused_limits(modules: Mapping[str, tuple[str, Collection[str]]]) -> 
 #: tests/fixtures/interop/make_comfyui_transformer_fixtures.py): (model, a pattern only
 #: its names match, the pattern of the names ComfyUI does not read (None: all of the
 #: file's), what ComfyUI does)
-_FLUX2_RENAMED = re.compile(
-    r"(\.ff(_context)?\.linear_(in|out)$|^single_transformer_blocks\.\d+\.attn\."
-    r"(to_qkv_mlp_proj|to_out)$|^time_guidance_embed\.|^double_stream_modulation_"
-    r"|^single_stream_modulation)")
+_FLUX2_RENAMED = re.compile(_FLUX2_RENAMED_PATTERN)
 _CHROMA_APPROXIMATOR = re.compile(r"^distilled_guidance_layer\.")
 COMFYUI_UNREAD_DIFFUSERS: tuple[tuple[str, re.Pattern[str], re.Pattern[str] | None, str],
                                 ...] = (
@@ -517,7 +639,11 @@ COMFYUI_UNREAD_DIFFUSERS: tuple[tuple[str, re.Pattern[str], re.Pattern[str] | No
      "has no diffusers names for Chroma's modulation approximator"),
     ("Lumina 2", re.compile(r"^(time_caption_embed\.|(layers|noise_refiner|context_refiner)"
                             r"\.\d+\.(attn\.|feed_forward\.linear_|norm1\.linear$))"), None,
-     "reads no diffusers names for Lumina 2"))
+     "reads no diffusers names for Lumina 2 (the diffusers exporter writes ComfyUI's "
+     "names, which both read, for LoRA on whole blocks of the released model's size)"),
+    ("LTX-2", _LTX2_NAMES, None,
+     "reads no diffusers names for LTX-2 (the diffusers exporter writes the original "
+     "names, which both read, for LoRA)"))
 
 
 def comfyui_unread(modules: Iterable[str]) -> list[str]:
@@ -562,6 +688,8 @@ def forge_limits(modules: Mapping[str, tuple[str, Collection[str]]], layout: str
     modules made for those models, as measured with its code
     (tests/fixtures/interop/make_webui_lycoris_transformer_fixtures.py; the ``kohya``
     file's are in ``kohya_limits``); nothing for other models."""
+    if any(_LTX2_NAMES.search(n) for n in modules):
+        return []  # LTX-2's names, which SD3's marks also fit
     models = forge_models(modules) if modules else set()
     if not models:
         return []
@@ -642,7 +770,8 @@ def diffusers_limits(modules: Mapping[str, tuple[str, Collection[str]]],
 
     other = sorted({a for a, p in modules.values() if not_read(a, set(p))})
     n = _count(modules, not_read)
-    both = flux2_both_read({name: set(params) for name, (_, params) in modules.items()})
+    both = both_read_rule({name: params for name, (_, params) in modules.items()}) \
+        is not None
     own = [f"diffusers reads only LoRA (and LoKr for Flux.2 and Z-Image); {n} "
            f"layer(s) of {', '.join(other)} are not applied there"] if n else []
     return dora + own + ([] if both else comfyui_unread(modules)) + \
@@ -838,8 +967,8 @@ def loraengine_exporters():
                      "(the checkpoint's input_blocks.* names for UNets).", COMFYUI_LAYOUTS,
                      comfyui_limits),
         DIFFUSERS.spec("diffusers/PEFT keys (unet.* / transformer.* with lora_A/lora_B; "
-                       "for Flux.2 the released checkpoint's names, diffusion_model.*, "
-                       "which diffusers' Flux.2 loader converts): diffusers' "
+                       "for Flux.2, Lumina 2 and LTX-2 ComfyUI's names, diffusion_model.*, "
+                       "which their diffusers loaders convert): diffusers' "
                        "load_lora_weights, ComfyUI.", diffusers_file_limits),
         PEFT.spec("Same keys as diffusers (the PEFT spelling).", diffusers_file_limits),
     ]

@@ -203,6 +203,20 @@ def lumina2_transformer(seed: int = 0) -> Any:
         axes_dim_rope=(4, 6, 6), axes_lens=(1024, 32, 32), cap_feat_dim=24)
 
 
+def lumina2_released_width_transformer(seed: int = 0) -> Any:
+    """Lumina 2 with the released model's attention widths (q 2304 rows, k and v 768:
+    the split diffusers' LoRA converter hard-codes), 3 query heads and one key/value
+    head of 768, a 192-wide feed-forward and one block of each kind (69M parameters)."""
+    from diffusers import Lumina2Transformer2DModel
+
+    torch.manual_seed(seed)
+    return Lumina2Transformer2DModel(
+        sample_size=8, patch_size=2, in_channels=4, hidden_size=2304, num_layers=1,
+        num_refiner_layers=1, num_attention_heads=3, num_kv_heads=1, multiple_of=16,
+        ffn_dim_multiplier=0.02, axes_dim_rope=(256, 256, 256), axes_lens=(1024, 32, 32),
+        cap_feat_dim=24)
+
+
 def chroma_transformer(seed: int = 0) -> Any:
     from diffusers import ChromaTransformer2DModel
 

@@ -337,6 +337,33 @@ def flux2_native(path: str, rows: int) -> str | None:
     return None
 
 
+_LUMINA_IN_BLOCK = re.compile(r"^(noise_refiner|context_refiner|layers)\.(\d+)\.(.+)$")
+#: the q/k/v rows diffusers 0.42.1's Lumina 2 LoRA converter splits a ``qkv`` LoRA by
+#: (``_convert_non_diffusers_lumina2_lora_to_diffusers``: the released model's, 24
+#: query and 8 key/value heads of 96)
+LUMINA2_QKV_ROWS = (2304, 768, 768)
+
+
+def lumina2_native(path: str, rows: int) -> str | None:
+    """The name ``lumina2_names`` gives the Lumina 2 block layer ``path`` (diffusers'
+    name), from the path alone; ``rows``: its output rows. A q/k/v projection is placed
+    in its band of ``attention.qkv`` only with the released model's rows
+    (``LUMINA2_QKV_ROWS``), the only ones diffusers' converter splits; None there, and
+    for the norms and the layers outside the blocks."""
+    found = _LUMINA_IN_BLOCK.match(path)
+    if found is None:
+        return None
+    container, i, rest = found.groups()
+    here = f"{container}.{i}"
+    if rest in _LUMINA_BLOCK:
+        return f"{here}.{_LUMINA_BLOCK[rest]}"
+    parts = _LUMINA_FUSED["attention.qkv"]
+    if rest not in parts or rows != LUMINA2_QKV_ROWS[parts.index(rest)]:
+        return None
+    offset = sum(LUMINA2_QKV_ROWS[:parts.index(rest)])
+    return f"{here}.attention.qkv#{offset},{rows},{sum(LUMINA2_QKV_ROWS)}@{path}"
+
+
 def z_image_names(model: nn.Module) -> dict[str, str]:
     """Z-Image (``ZImageTransformer2DModel``): diffusers' names but the fused
     ``attention.qkv``, ``attention.out`` and the unsuffixed embedder and final layer."""
