@@ -483,6 +483,8 @@ def forge_limits(modules: Mapping[str, tuple[str, Collection[str]]], layout: str
         return []
     out = _rule_lines(modules, (FORGE,), metadata)
     if layout == "comfyui":
+        # written without a Tucker core (the format's ``whole_lokr``)
+        out = [line for line in out if FORGE_TUCKER not in line]
         fused = unfused_modules(modules)
         if fused:
             out.append(f"{FORGE}: {UNFUSED} ({len(fused)} layer(s), e.g. "
@@ -569,6 +571,9 @@ def diffusers_limits(modules: Mapping[str, tuple[str, Collection[str]]],
 
 
 A1111, FORGE, LYCORIS = "A1111 1.8", "Forge", "LyCORIS"
+#: Forge's LoKr on a Tucker core (its ComfyUI-derived weight adapter, as ComfyUI's); the
+#: ``comfyui`` exporter writes that factor whole, which Forge reads
+FORGE_TUCKER = "LoKr with Tucker factors (lokr_t2) fails: the file does not load"
 #: a DoRA trained with ComfyUI's norm, read by the standard formula (PEFT, LyCORIS;
 #: ComfyUI and Forge compute ComfyUI's, A1111 1.8 none)
 COMFYUI_NORM_AS_STANDARD = ("DoRA trained with weight_decompose_norm: comfyui (divided "
@@ -586,8 +591,7 @@ KOHYA_RULES: tuple[tuple[tuple[str, ...], str, Callable[[str, Collection[str]], 
      lambda a, p: a not in ("deltas", "full") and "diff_b" in p),
     ((FORGE,), "no OFT, BOFT or IA3 (these layers are left unchanged)",
      lambda a, p: a in ("oft", "boft", "ia3")),
-    ((FORGE,), "LoKr with Tucker factors (lokr_t2) fails: the file does not load",
-     lambda a, p: "lokr_t2" in p),
+    ((FORGE,), FORGE_TUCKER, lambda a, p: "lokr_t2" in p),
     ((A1111,), "GLoRA fails (these layers are left unchanged)",
      lambda a, p: a == "glora"),
     ((A1111,), "IA3 scaling a convolution's output channels fails",
