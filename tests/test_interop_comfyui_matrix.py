@@ -72,7 +72,7 @@ def test_every_cell_is_exact_or_a_comfyui_limit_the_export_warns_about(cid):
             assert row["keys"] == len(files[exporter]), (family, exporter)
             assert row["refused"] == len(refused), (family, exporter)
             if not MAKE.exact(row):
-                warned = MAKE.limits_of(exporter, summaries[exporter])
+                warned = MAKE.limits_of(exporter, summaries[exporter], CASES[cid])
                 assert any(line.startswith("ComfyUI") for line in warned), \
                     (family, exporter, row)
 

@@ -71,7 +71,7 @@ def test_every_cell_is_exact_or_a_limit_the_export_warns_about(cid):
         for consumer in MAKE.CONSUMERS:
             row = RESULTS["cases"][consumer][family][cid]
             assert row["keys"] == len(files[consumer.split("-")[1]]), (consumer, family)
-            warned = MAKE.consumer_limits(consumer, summaries)
+            warned = MAKE.consumer_limits(consumer, summaries, CASES[cid])
             assert bool(warned) != MAKE.exact(row), (consumer, family, row, warned)
 
 
@@ -226,6 +226,40 @@ def test_training_lokr_for_kohya_on_flux_warns_forge_and_lycoris(tmp_path):
     (line,) = lines["lokr"]
     assert line.startswith("warning: adapter.exporter: Forge and LyCORIS: layers")
     assert lines["lora"] == []
+
+
+@pytest.mark.slow
+def test_forge_fails_on_a_tucker_core_only_where_the_file_has_one():
+    """SD3's patch embedding is a convolution: LoKr with ``use_tucker`` has a Tucker core
+    there. The kohya export keeps it (Forge's LoKr failed on it, and the warning says
+    so); the comfyui export writes the factor whole (Forge patched every module it
+    loaded, and no Tucker line is given)."""
+    cid = "lokr-factor=-1-use_tucker=True-r2"
+    _, files, summaries = MAKE.our_case("sd3", CASES[cid])
+    rows = {c: RESULTS["cases"][c]["sd3"][cid] for c in ("forge-kohya", "forge-comfyui")}
+    assert rows["forge-kohya"]["errors"] > 0 and rows["forge-comfyui"]["errors"] == 0
+    assert any(k.endswith(".lokr_t2") for k in files["kohya"])
+    assert not any(k.endswith(".lokr_t2") for k in files["comfyui"])
+    tucker = {c: [line for line in MAKE.consumer_limits(c, summaries, CASES[cid])
+                  if "Tucker" in line] for c in rows}
+    assert tucker["forge-kohya"] and not tucker["forge-comfyui"]
+
+
+def test_dora_on_a_swapped_layer_in_a_diffusers_file_is_named_for_forge():
+    """Trained with ComfyUI's norm (which Forge computes), a FLUX.1 LoHa DoRA file in
+    diffusers' names is off in Forge on the final modulation only: Forge swaps the ΔW of
+    ``norm_out.linear`` into its row order, not the magnitude. The warning names that;
+    the kohya and comfyui exports (magnitude swapped by us) are exact with no warning."""
+    cid = "loha-use_tucker=True-weight_decompose=True-weight_decompose_norm=comfyui-r4"
+    _, _, summaries = MAKE.our_case("flux", CASES[cid])
+    row = RESULTS["cases"]["forge-diffusers"]["flux"][cid]
+    assert not MAKE.exact(row) and row["worst"] == "final_layer.adaLN_modulation.1.weight"
+    assert MAKE.consumer_limits("forge-diffusers", summaries, CASES[cid]) == [
+        "Forge: applies DoRA's magnitude (dora_scale) in diffusers' row order of the final "
+        "modulation, which it stores with halves swapped (1 layer(s))"]
+    for consumer in ("forge-kohya", "forge-comfyui"):
+        assert MAKE.exact(RESULTS["cases"][consumer]["flux"][cid])
+        assert MAKE.consumer_limits(consumer, summaries, CASES[cid]) == []
 
 
 @pytest.mark.slow

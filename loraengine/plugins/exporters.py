@@ -664,6 +664,10 @@ def comfyui_unread(modules: Iterable[str]) -> list[str]:
 #: attention q/k RMSNorms of FLUX.1/SD3 (diffusers' names): the original models call
 #: their weight ``scale``, which no kohya/ComfyUI-name key map of Forge reaches
 QK_NORM = re.compile(r"(^|\.)attn\.norm_(added_)?[qk]$")
+#: the same norms under the original FLUX.1 names (ComfyUI's, which the ``comfyui`` and
+#: sd-scripts layouts give them: ``….norm.query_norm.scale``): Forge's and LyCORIS's
+#: readers of kohya names have no layer for those either (a ``.scale`` is not a weight)
+QK_NORM_NATIVE = re.compile(r"(^|\.)norm\.(query|key)_norm\.scale$")
 #: diffusers layers Forge reaches as a band of a fused layer or with its halves swapped
 #: (its FLUX.1 map): its loader drops their bias deltas, and applies a full ΔW or GLoRA
 #: of the swapped one unswapped
@@ -695,6 +699,8 @@ def forge_limits(modules: Mapping[str, tuple[str, Collection[str]]], layout: str
         return []
     out = _rule_lines(modules, (FORGE,), metadata)
     if layout == "comfyui":
+        # written without a Tucker core (the format's ``whole_lokr``)
+        out = [line for line in out if FORGE_TUCKER not in line]
         fused = unfused_modules(modules)
         if fused:
             out.append(f"{FORGE}: {UNFUSED} ({len(fused)} layer(s), e.g. "
@@ -724,6 +730,11 @@ def forge_limits(modules: Mapping[str, tuple[str, Collection[str]]], layout: str
     if swapped:
         out.append(f"{FORGE}: applies a full ΔW or GLoRA of the final modulation, which it "
                    f"stores with halves swapped, unswapped ({swapped} layer(s))")
+    magnitudes = sum(1 for n, a, p in banded if n.endswith("norm_out.linear")
+                     and a != "lora" and "dora_scale" in p)
+    if magnitudes:
+        out.append(f"{FORGE}: {SWAPPED_DORA} of the final modulation, which it stores with "
+                   f"halves swapped ({magnitudes} layer(s))")
     return out
 
 
@@ -779,6 +790,9 @@ def diffusers_limits(modules: Mapping[str, tuple[str, Collection[str]]],
 
 
 A1111, FORGE, LYCORIS = "A1111 1.8", "Forge", "LyCORIS"
+#: Forge's LoKr on a Tucker core (its ComfyUI-derived weight adapter, as ComfyUI's); the
+#: ``comfyui`` exporter writes that factor whole, which Forge reads
+FORGE_TUCKER = "LoKr with Tucker factors (lokr_t2) fails: the file does not load"
 #: a DoRA trained with ComfyUI's norm, read by the standard formula (PEFT, LyCORIS;
 #: ComfyUI and Forge compute ComfyUI's, A1111 1.8 none)
 COMFYUI_NORM_AS_STANDARD = ("DoRA trained with weight_decompose_norm: comfyui (divided "
@@ -796,8 +810,7 @@ KOHYA_RULES: tuple[tuple[tuple[str, ...], str, Callable[[str, Collection[str]], 
      lambda a, p: a not in ("deltas", "full") and "diff_b" in p),
     ((FORGE,), "no OFT, BOFT or IA3 (these layers are left unchanged)",
      lambda a, p: a in ("oft", "boft", "ia3")),
-    ((FORGE,), "LoKr with Tucker factors (lokr_t2) fails: the file does not load",
-     lambda a, p: "lokr_t2" in p),
+    ((FORGE,), FORGE_TUCKER, lambda a, p: "lokr_t2" in p),
     ((A1111,), "GLoRA fails (these layers are left unchanged)",
      lambda a, p: a == "glora"),
     ((A1111,), "IA3 scaling a convolution's output channels fails",
@@ -866,7 +879,7 @@ def kohya_limits(modules: Mapping[str, tuple[str, Collection[str]]],
     if names and fused:
         out.append(f"{' and '.join(names)}: {UNFUSED} ({len(fused)} layer(s), e.g. "
                    f"{comfy_names.own_path(fused[0])})")
-    norms = [n for n in modules if QK_NORM.search(n)]
+    norms = [n for n in modules if QK_NORM.search(n) or QK_NORM_NATIVE.search(n)]
     if names and norms and forge_models(modules):
         out.append(f"{' and '.join(names)}: {QK_NORMS} ({len(norms)} layer(s))")
     return out
@@ -953,7 +966,16 @@ def diffusers_file_limits(modules: Mapping[str, tuple[str, Collection[str]]],
         out.append(f"ComfyUI applies OFT/BOFT/GLoRA to its own row order of a {model} layer "
                    f"it stores with swapped halves ({len(weight_based)} layer(s), e.g. "
                    f"{weight_based[0]})")
+    magnitudes = [n for n in swapped if n not in peft_dora and "dora_scale" in modules[n][1]]
+    if magnitudes:
+        out.append(f"ComfyUI {SWAPPED_DORA} of a {model} layer it stores with swapped "
+                   f"halves ({len(magnitudes)} layer(s), e.g. {magnitudes[0]})")
     return out
+
+
+#: ComfyUI and Forge swap a diffusers-named module's ΔW into their row order, and not
+#: its DoRA magnitude (``weight_decompose`` scales by ``dora_scale`` as it is)
+SWAPPED_DORA = "applies DoRA's magnitude (dora_scale) in diffusers' row order"
 
 
 @hookimpl
