@@ -238,6 +238,22 @@ def test_the_matrix_covers_every_merge_case():
     assert {MAKE.case_id(*mm._values(c)) for c in mm.MATRIX} <= set(CASES)
 
 
+@pytest.mark.parametrize(("exporter", "options", "start"), [
+    ("kohya", {"algorithm": "lora", "weight_decompose": True},
+     "diffusers drops DoRA's magnitude (dora_scale) of a kohya file"),
+    ("kohya", {"algorithm": "loha"}, "diffusers reads only LoRA from a kohya file"),
+    ("diffusers", {"algorithm": "full"}, "diffusers reads no full ΔW or bias/norm delta")],
+    ids=["kohya-dora", "kohya-loha", "diffusers-full"])
+def test_train_warns_about_what_diffusers_does_not_read(exporter, options, start):
+    """The limits the matrix found, as ``train`` gives them (one warning line each)."""
+    from loraengine.plugins import build_plugin_manager
+    from loraengine.testing.harness import train_tiny
+
+    overlay = {"adapter": {**options, "rank": 2, "exporter": exporter}}
+    with pytest.warns(UserWarning, match=rf"adapter.exporter: {re.escape(start)}"):
+        train_tiny(build_plugin_manager(), overlay)
+
+
 # -- the docs' table ---------------------------------------------------------------------
 
 def note(line: str) -> str:
