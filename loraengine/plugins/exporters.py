@@ -785,8 +785,46 @@ def diffusers_limits(modules: Mapping[str, tuple[str, Collection[str]]],
         is not None
     own = [f"diffusers reads only LoRA (and LoKr for Flux.2 and Z-Image); {n} "
            f"layer(s) of {', '.join(other)} are not applied there"] if n else []
-    return dora + own + ([] if both else comfyui_unread(modules)) + \
-        forge_limits(modules, "diffusers", metadata)
+    return dora + own + _diffusers_deltas(modules) + \
+        ([] if both else comfyui_unread(modules)) + forge_limits(modules, "diffusers", metadata)
+
+
+def _diffusers_deltas(modules: Mapping[str, tuple[str, Collection[str]]]) -> list[str]:
+    """Full ΔW and bias/norm deltas (``diff``/``diff_b``), which diffusers' LoRA loader
+    does not read (measured, tests/test_interop_diffusers_matrix.py: on the SD1.5, SDXL
+    and SD3 pipelines ``load_lora_weights`` then refuses the whole file; FLUX.1's loads
+    the LoRA and skips them)."""
+    n = _count(modules, lambda a, p: bool({"diff", "diff_b"} & p))
+    return [f"diffusers reads no full ΔW or bias/norm delta (diff, diff_b): {n} layer(s) "
+            f"are not applied there, and on most pipelines load_lora_weights refuses the "
+            f"whole file"] if n else []
+
+
+#: what diffusers' kohya-file converter reads of a module
+KOHYA_LORA_FOR_DIFFUSERS = frozenset({"lora_down.weight", "lora_up.weight", "alpha",
+                                      "dora_scale"})
+
+
+def diffusers_kohya_limits(modules: Mapping[str, tuple[str, Collection[str]]],
+                           metadata: Mapping[str, str] | None = None) -> list[str]:
+    """What diffusers' ``load_lora_weights`` does with a ``kohya`` file, as measured
+    (tests/test_interop_diffusers_matrix.py): it converts LoRA only, refusing the whole
+    file when any module is something else (another algorithm, a full ΔW, bias or norm
+    deltas), and drops DoRA's magnitude (``dora_scale``), loading such layers as plain
+    LoRA."""
+    other = _count(modules, lambda a, p: not p <= KOHYA_LORA_FOR_DIFFUSERS)
+    dora = _count(modules, lambda a, p: "dora_scale" in p and p <= KOHYA_LORA_FOR_DIFFUSERS)
+    out = []
+    if other:
+        kinds = sorted({a for a, p in modules.values() if not set(p) <=
+                        KOHYA_LORA_FOR_DIFFUSERS})
+        out.append(f"diffusers reads only LoRA from a kohya file: load_lora_weights refuses "
+                   f"the whole file ({other} layer(s) of {', '.join(kinds)})")
+    if dora:
+        out.append(f"diffusers drops DoRA's magnitude (dora_scale) of a kohya file: {dora} "
+                   f"layer(s) load as plain LoRA there (the diffusers exporter writes PEFT's "
+                   f"lora_magnitude_vector, which it reads)")
+    return out
 
 
 A1111, FORGE, LYCORIS = "A1111 1.8", "Forge", "LyCORIS"
@@ -889,9 +927,10 @@ def kohya_file_limits(modules: Mapping[str, tuple[str, Collection[str]]],
                       metadata: Mapping[str, str] | None = None) -> list[str]:
     """``kohya_limits``, and what ComfyUI, which reads kohya files too, does differently
     with them: ``COMFYUI_RULES``, and LoKr's Tucker core, on which ComfyUI's LoKr fails
-    (the ``comfyui`` exporter writes that factor whole)."""
+    (the ``comfyui`` exporter writes that factor whole); and what diffusers, which reads
+    them too, does not read (``diffusers_kohya_limits``)."""
     return (kohya_limits(modules, metadata=metadata) + _comfyui_rules(modules, metadata)
-            + _comfyui_tucker(modules))
+            + _comfyui_tucker(modules) + diffusers_kohya_limits(modules, metadata))
 
 
 def _comfyui_tucker(modules: Mapping[str, tuple[str, Collection[str]]]) -> list[str]:

@@ -1,0 +1,329 @@
+"""loraengine's files in diffusers for every algorithm and option, read live by
+diffusers' own pipeline loader (a pip package, so CI runs it: no fixture).
+
+For each case of test_merge_matrix.MATRIX (and the two constraint-only OFT/BOFT cases
+of the ComfyUI matrix) and each family — the SD1.5- and SDXL-structured tiny UNets,
+the tiny SD3 and FLUX.1 transformers, the same seeded models and networks as
+tests/test_interop_comfyui_matrix.py (``make_comfyui_matrix_fixtures``: every layer the
+algorithm adapts, alpha 3, norm and bias deltas where the case asks) — the network is
+written by the ``diffusers`` exporter (and, on the UNets, by ``kohya``, which diffusers
+reads too), loaded into the family's real pipeline object with
+``pipe.load_lora_weights(file)``, fused with ``pipe.fuse_lora()``, and every weight and
+bias of the fused model is compared with loraengine's merge of the same network into a
+fresh model. A cell records:
+
+- ``refused``: diffusers' ValueError (it loads nothing of such a file), else None;
+- ``unloaded``: the file keys diffusers did not place (all of them when it refused;
+  else those its warnings list as unexpected or ignored: it skips some, such as FLUX.1's
+  bias deltas, without a word, which ``unchanged`` shows);
+- ``max_rel``: max over tensors of max |W_diffusers − W_ours| / max |W_ours|;
+- ``changed``/``unchanged``: tensors our merge changes, and those diffusers left as
+  they were.
+
+A cell is exact when nothing is refused, unloaded or left unchanged and ``max_rel`` ≤
+1e-4: as in test_interop_comfyui_matrix, each element of W + ΔW sums at most
+n = 64·9 = 576 fp32 products, and two programs summing in different orders differ by at
+most γ_n ≈ n·u ≈ 3.4e-5 (u = 2⁻²⁴) of the terms' magnitudes, under 1e-4 of max |W|.
+Every other cell must be a limit the exporter's ``limits`` (what ``train`` warns with as
+``warning: adapter.exporter: diffusers …``) names for that file.
+
+``python tests/test_interop_diffusers_matrix.py --table`` prints docs/compatibility.md's
+"diffusers: every algorithm and option" table, measured afresh.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import re
+import sys
+from functools import cache
+from pathlib import Path
+
+import pytest
+import torch
+
+HERE = Path(__file__).parent / "fixtures" / "interop"
+EXACT = 1e-4
+#: family -> the exporters whose files diffusers reads there
+FAMILIES = {"sd15": ("diffusers", "kohya"), "sdxl": ("diffusers", "kohya"),
+            "sd3": ("diffusers",), "flux": ("diffusers",)}
+LABELS = {"sd15": "SD1.5", "sdxl": "SDXL", "sd3": "SD3", "flux": "FLUX.1"}
+PIPELINES = {"sd15": "StableDiffusionPipeline", "sdxl": "StableDiffusionXLPipeline",
+             "sd3": "StableDiffusion3Pipeline", "flux": "FluxPipeline"}
+#: diffusers' notes about pipeline parts these tiny pipelines do not have (no text
+#: encoder): not about the file
+IGNORED = ("No LoRA keys associated to NoneType",)
+
+
+def _script():
+    spec = importlib.util.spec_from_file_location(
+        "make_comfyui_matrix_fixtures", HERE / "make_comfyui_matrix_fixtures.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+MAKE = _script()
+MAKE.setup_path()
+CASES = {MAKE.case_id(*c): c for c in MAKE.cases()}
+CELLS = [(f, e) for f, exporters in FAMILIES.items() for e in exporters]
+
+
+class _Collect(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.lines: list[str] = []
+
+    def emit(self, record):
+        self.lines.append(record.getMessage())
+
+
+def pipeline(family: str, model):
+    """The family's real diffusers pipeline object holding only ``model`` (its UNet or
+    transformer) and a scheduler: enough for ``load_lora_weights``/``fuse_lora``."""
+    import diffusers as d
+
+    cls = getattr(d, PIPELINES[family])
+    code = cls.__init__.__code__
+    parts = {n: None for n in code.co_varnames[1:code.co_argcount]}
+    if family in MAKE.UNETS:
+        parts.update(unet=model, scheduler=d.EulerDiscreteScheduler(steps_offset=1))
+    else:
+        parts.update(transformer=model, scheduler=d.FlowMatchEulerDiscreteScheduler())
+    if "requires_safety_checker" in parts:
+        parts["requires_safety_checker"] = False
+    return cls(**parts)
+
+
+def _unexpected(lines: list[str]) -> int:
+    """How many file keys diffusers' warnings name as not placed (PEFT's unexpected
+    keys; the norm keys its FLUX.1 loader says it ignores)."""
+    n = 0
+    for line in lines:
+        if "unexpected keys" in line or "will be ignored" in line:
+            n += len(re.findall(r"[\w.]+\.(?:weight|bias|alpha|\w+)\b",
+                                line.split(":", 1)[-1]))
+    return n
+
+
+@cache
+def _base(family: str) -> dict[str, torch.Tensor]:
+    return MAKE.diffusers_model(family).state_dict()
+
+
+@cache
+def our_case(family: str, cid: str):
+    """(our merged state dict, the files per exporter, each file's modules as the
+    exporter's ``limits`` takes them) for case ``cid`` on ``family``."""
+    import test_merge_matrix as mm
+
+    from loraengine.core.files import in_layout, module_layouts
+
+    model = MAKE.diffusers_model(family)
+    network, _ = MAKE.build_network(model, *CASES[cid])
+    layouts = module_layouts(mm.REG, model)
+    modules = network.file_modules()
+    layers = dict(network.items())
+    files, summaries = {}, {}
+    for name in FAMILIES[family]:
+        exporter = mm.REG.get("exporter", name)
+        renamed = in_layout(modules, exporter, layouts)
+        files[name] = {k: v.contiguous() for k, v in exporter.to_file(renamed).items()}
+        names = dict(zip(modules, renamed, strict=True))
+        # as ``core/checks.py`` hands them to ``limits`` for ``train``'s warning
+        summaries[name] = {
+            names[p]: ("deltas" if p not in layers else layers[p].algorithm,
+                       {k: tuple(v.shape) for k, v in params.items()})
+            for p, params in modules.items()}
+    network.merge()
+    return model.state_dict(), files, summaries
+
+
+def limits_of(exporter: str, cid: str, summary: dict) -> list[str]:
+    """What ``train`` warns with for this file (``adapter.exporter``'s ``limits``, given
+    the metadata the run adds to the file, as ``core/checks.py`` gives it)."""
+    import test_merge_matrix as mm
+
+    spec = mm.REG.get("exporter", exporter)
+    name, options, _ = CASES[cid]
+    return list(spec.limits(summary, metadata=mm.file_notes(name, options)))
+
+
+#: rows measured in this process, by (family, exporter, case): the docs' table reuses
+#: those the matrix test measured
+ROWS: dict[tuple[str, str, str], dict] = {}
+
+
+def run_cell(family: str, exporter: str, cid: str, folder: Path) -> dict:
+    """One file through diffusers' pipeline loader: the row of the table."""
+    if (family, exporter, cid) not in ROWS:
+        ROWS[family, exporter, cid] = _measure(family, exporter, cid, folder)
+    return ROWS[family, exporter, cid]
+
+
+def _measure(family: str, exporter: str, cid: str, folder: Path) -> dict:
+    from safetensors.torch import save_file
+
+    want, files, _ = our_case(family, cid)
+    tensors = files[exporter]
+    path = folder / f"{family}-{exporter}.safetensors"
+    save_file(tensors, str(path))
+    pipe = pipeline(family, MAKE.diffusers_model(family))
+    capture, logger = _Collect(), logging.getLogger("diffusers")
+    logger.addHandler(capture)
+    refused = None
+    try:
+        pipe.load_lora_weights(str(path), adapter_name="ours")
+        pipe.fuse_lora()
+    except (ValueError, IndexError) as e:  # what diffusers raises on keys it cannot place
+        refused = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:160]}"
+    finally:
+        logger.removeHandler(capture)
+    lines = [line for line in capture.lines if not line.startswith(IGNORED)]
+    theirs = (pipe.unet if family in MAKE.UNETS else pipe.transformer).state_dict()
+    base = _base(family)
+    worst, where, changed, unchanged = 0.0, "", 0, 0
+    for key, w in want.items():
+        head, _, leaf = key.rpartition(".")
+        got = theirs.get(key, theirs.get(f"{head}.base_layer.{leaf}"))
+        assert got is not None, key
+        if not torch.equal(w, base[key]):
+            changed += 1
+            unchanged += torch.equal(got, base[key])
+        err = float((got - w).abs().max() / w.abs().max().clamp_min(1e-30))
+        if err > worst:
+            worst, where = err, key
+    return {"keys": len(tensors), "refused": refused,
+            "unloaded": len(tensors) if refused else _unexpected(lines),
+            "warnings": lines[:2], "max_rel": worst, "worst": where, "changed": changed,
+            "unchanged": unchanged}
+
+
+def exact(row: dict) -> bool:
+    return row["refused"] is None and not row["unloaded"] and not row["unchanged"] \
+        and row["max_rel"] <= EXACT
+
+
+def diffusers_lines(exporter: str, family: str, cid: str) -> list[str]:
+    """The limits ``train`` warns with for this file that are diffusers'."""
+    return [line for line in limits_of(exporter, cid, our_case(family, cid)[2][exporter])
+            if line.startswith("diffusers")]
+
+
+#: cells measured exact that must stay so: LoRA everywhere, DoRA in the diffusers export
+#: (PEFT's lora_magnitude_vector; the kohya file's dora_scale is dropped, a warned limit)
+MUST_BE_EXACT = {"lora-r4": ("diffusers", "kohya"), "lora-rs_lora=True-r4": ("diffusers", "kohya"),
+                 "lora-weight_decompose=True-r4": ("diffusers",),
+                 "lora-rs_lora=True-weight_decompose=True-r3": ("diffusers",)}
+
+
+def check(family: str, exporter: str, cid: str, folder: Path) -> dict:
+    row = run_cell(family, exporter, cid, folder)
+    assert row["changed"] > 0, (family, exporter, cid)
+    if exporter in MUST_BE_EXACT.get(cid, ()):
+        assert exact(row), (family, exporter, cid, row)
+    elif not exact(row):
+        assert diffusers_lines(exporter, family, cid), (family, exporter, cid, row)
+    return row
+
+
+#: a fast, representative subset (LoRA in both exports, one algorithm diffusers
+#: refuses); the rest is marked slow
+FAST = ("lora-r4", "loha-r4")
+
+
+@pytest.mark.parametrize("cid", [c if c in FAST else pytest.param(c, marks=pytest.mark.slow)
+                                 for c in CASES])
+def test_every_cell_is_exact_or_a_diffusers_limit_the_export_warns_about(cid, tmp_path):
+    """Per family and exporter: diffusers' fused weights equal our merge (≤ 1e-4, every
+    key placed), or the exporter's limits (what ``train`` warns with) name what diffusers
+    does not read of this file."""
+    for family, exporter in CELLS:
+        check(family, exporter, cid, tmp_path)
+
+
+def test_the_matrix_covers_every_merge_case():
+    import test_merge_matrix as mm
+
+    assert {MAKE.case_id(*mm._values(c)) for c in mm.MATRIX} <= set(CASES)
+
+
+@pytest.mark.parametrize(("exporter", "options", "start"), [
+    ("kohya", {"algorithm": "lora", "weight_decompose": True},
+     "diffusers drops DoRA's magnitude (dora_scale) of a kohya file"),
+    ("kohya", {"algorithm": "loha"}, "diffusers reads only LoRA from a kohya file"),
+    ("diffusers", {"algorithm": "full"}, "diffusers reads no full ΔW or bias/norm delta")],
+    ids=["kohya-dora", "kohya-loha", "diffusers-full"])
+def test_train_warns_about_what_diffusers_does_not_read(exporter, options, start):
+    """The limits the matrix found, as ``train`` gives them (one warning line each)."""
+    from loraengine.plugins import build_plugin_manager
+    from loraengine.testing.harness import train_tiny
+
+    overlay = {"adapter": {**options, "rank": 2, "exporter": exporter}}
+    with pytest.warns(UserWarning, match=rf"adapter.exporter: {re.escape(start)}"):
+        train_tiny(build_plugin_manager(), overlay)
+
+
+# -- the docs' table ---------------------------------------------------------------------
+
+def note(line: str) -> str:
+    """A limit's line without its counts, examples and algorithm names (one note for
+    every cell)."""
+    return re.sub(r"these layers of [\w, ]+ are", "these layers are", MAKE.note(line))
+
+
+def cell(row: dict, limits: list[str], notes: list[str]) -> str:
+    """``unloaded · max rel error`` (``refused`` where diffusers loads nothing), and the
+    warned diffusers limits that explain a cell that is not exact, as note numbers."""
+    err = f"{row['max_rel']:.2g}" if row["max_rel"] else "0"
+    text = f"refused ({row['unloaded']} keys)" if row["refused"] else \
+        f"{row['unloaded']} · {err}"
+    if exact(row):
+        return text
+    refs = []
+    for line in limits:
+        line = note(line)
+        if line not in notes:
+            notes.append(line)
+        refs.append(str(notes.index(line) + 1))
+    return f"{text} ({', '.join(refs)})" if refs else f"{text} (no warning)"
+
+
+def table(folder: Path) -> str:
+    """The markdown table of docs/compatibility.md, measured now."""
+    notes: list[str] = []
+    out = ["| algorithm, options, rank | " +
+           " | ".join(f"{LABELS[f]} `{e}`" for f, e in CELLS) + " |",
+           "|---" * (len(CELLS) + 1) + "|"]
+    for cid in CASES:
+        cells = [cell(run_cell(f, e, cid, folder), diffusers_lines(e, f, cid), notes)
+                 for f, e in CELLS]
+        out.append(f"| `{cid}` | " + " | ".join(cells) + " |")
+    out.append("")
+    out += [f"{i}. {n}" for i, n in enumerate(notes, 1)]
+    return "\n".join(out) + "\n"
+
+
+@pytest.mark.slow
+def test_the_docs_show_the_measured_table(tmp_path):
+    """docs/compatibility.md's diffusers matrix is what diffusers does today (the rows
+    the matrix test measured in this run, else measured here)."""
+    docs = (Path(__file__).parents[1] / "docs" / "compatibility.md").read_text()
+    assert table(tmp_path) in docs
+
+
+if __name__ == "__main__":
+    import tempfile
+
+    torch.set_num_threads(1)
+    with tempfile.TemporaryDirectory() as tmp:
+        if "--table" in sys.argv:
+            print(table(Path(tmp)), end="")
+        else:
+            for cid in [a for a in sys.argv[1:]] or CASES:
+                for family, exporter in CELLS:
+                    row = run_cell(family, exporter, cid, Path(tmp))
+                    print(f"{family:4s} {exporter:9s} {cid:55s} exact {exact(row)!s:5s} "
+                          f"{row} warned {diffusers_lines(exporter, family, cid)}",
+                          flush=True)
