@@ -56,6 +56,17 @@ PIPELINES = {"sd15": "StableDiffusionPipeline", "sdxl": "StableDiffusionXLPipeli
 IGNORED = ("No LoRA keys associated to NoneType",)
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """The errors in the table are float rounding, which depends on how many threads a
+    product is split over: measure with one, as the ``--table`` run does (an earlier
+    in-process ``train`` may have set another count)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def _script():
     spec = importlib.util.spec_from_file_location(
         "make_comfyui_matrix_fixtures", HERE / "make_comfyui_matrix_fixtures.py")
