@@ -81,3 +81,30 @@ def test_sd_scripts_has_no_dora():
     for cid, row in RESULTS["cases"].items():
         if "weight_decompose=True" in cid:
             assert row["max_rel_placed"] > 100 * dm.EXACT, cid
+
+
+@pytest.mark.parametrize("cid", sorted(RESULTS["cases"]))
+def test_what_sd_scripts_leaves_is_what_train_warns_about(cid):
+    """Each thing sd-scripts did with the file but apply it exactly (modules it did not
+    place, DoRA read as plain LoRA) is a line of the kohya exporter's limits for
+    sd-scripts, which ``train`` prints, with the count of layers it measured."""
+    import test_merge_matrix as mm
+
+    from loraengine.plugins.exporters import SD_SCRIPTS, kohya_limits
+
+    row = RESULTS["cases"][cid]
+    _, files, summaries = dm.our_case("sd15", cid)
+    name, options, _ = dm.CASES[cid]
+    lines = kohya_limits(summaries["kohya"], (SD_SCRIPTS,),
+                         metadata=mm.file_notes(name, options))
+    text = "\n".join(lines)
+    lora = {k.split(".", 1)[0] for k in files["kohya"] if k.endswith(".lora_down.weight")}
+    outside = set(row["not_placed"]) & lora  # LoRAs outside its blocks
+    deltas = set(row["not_placed"]) - lora  # modules holding deltas only
+    if outside:
+        assert f"is not placed ({len(outside)} layer(s)" in text, lines
+    if deltas:
+        assert "norm and bias deltas" in text, lines
+    if row["max_rel_placed"] > dm.EXACT:
+        assert "no DoRA" in text, lines
+    assert len(lines) == bool(outside) + bool(deltas) + (row["max_rel_placed"] > dm.EXACT)

@@ -828,6 +828,13 @@ def diffusers_kohya_limits(modules: Mapping[str, tuple[str, Collection[str]]],
 
 
 A1111, FORGE, LYCORIS = "A1111 1.8", "Forge", "LyCORIS"
+#: sd-scripts' own LoRA loader (networks/lora.py; its other algorithms load through
+#: LyCORIS), measured at 48d368f (tests/fixtures/interop/make_sdscripts_matrix_fixtures.py)
+SD_SCRIPTS = "sd-scripts"
+#: a UNet's layers outside the blocks sd-scripts' LoRANetwork makes modules in
+#: (Transformer2DModel, ResnetBlock2D, Downsample2D, Upsample2D), in diffusers' names
+SDSCRIPTS_OUTSIDE = re.compile(
+    r"^(conv_in|conv_out|conv_norm_out|time_embedding|add_embedding|class_embedding)(\.|$)")
 #: Forge's LoKr on a Tucker core (its ComfyUI-derived weight adapter, as ComfyUI's); the
 #: ``comfyui`` exporter writes that factor whole, which Forge reads
 FORGE_TUCKER = "LoKr with Tucker factors (lokr_t2) fails: the file does not load"
@@ -842,6 +849,10 @@ COMFYUI_NORM_AS_STANDARD = ("DoRA trained with weight_decompose_norm: comfyui (d
 #: all of them read.
 KOHYA_RULES: tuple[tuple[tuple[str, ...], str, Callable[[str, Collection[str]], bool]], ...] = (
     ((A1111,), "no DoRA (dora_scale is not read)", lambda a, p: "dora_scale" in p),
+    ((SD_SCRIPTS,), "no DoRA (dora_scale is not read)",
+     lambda a, p: a == "lora" and "dora_scale" in p),
+    ((SD_SCRIPTS,), "norm and bias deltas (diff, diff_b) are not placed",
+     lambda a, p: a == "deltas" or (a == "lora" and "diff_b" in p)),
     ((FORGE,), "DoRA normalised by the norm of W, not of W + ΔW",
      lambda a, p: "dora_scale" in p),
     ((A1111, LYCORIS), "diff_b (the bias delta) of a layer that has an adapter is ignored",
@@ -904,13 +915,21 @@ def _rule_lines(modules: Mapping[str, tuple[str, Collection[str]]],
 
 
 def kohya_limits(modules: Mapping[str, tuple[str, Collection[str]]],
-                 consumers: Collection[str] = (A1111, FORGE, LYCORIS), *,
+                 consumers: Collection[str] = (A1111, FORGE, LYCORIS, SD_SCRIPTS), *,
                  metadata: Mapping[str, str] | None = None) -> list[str]:
-    """What A1111 1.8, Forge and LyCORIS (the readers of kohya files besides ComfyUI and
-    diffusers) cannot express of the modules, one line per limit. Each module is
-    ``(algorithm, its tensor names)``; where the names map to shapes, the limits that
-    depend on a shape are checked too. ``metadata``: the file's (its DoRA norm)."""
+    """What A1111 1.8, Forge, LyCORIS and sd-scripts (the readers of kohya files besides
+    ComfyUI and diffusers) cannot express of the modules, one line per limit. Each
+    module is ``(algorithm, its tensor names)``; where the names map to shapes, the
+    limits that depend on a shape are checked too. ``metadata``: the file's (its DoRA
+    norm)."""
     out = _rule_lines(modules, consumers, metadata)
+    unet = any(n.startswith(("down_blocks.", "up_blocks.", "mid_block.")) for n in modules)
+    outside = sorted(n for n, (a, _) in modules.items()
+                     if unet and a == "lora" and SDSCRIPTS_OUTSIDE.search(n))
+    if SD_SCRIPTS in consumers and outside:
+        out.append(f"{SD_SCRIPTS}: LoRA outside the blocks its network adapts (conv_in, "
+                   f"conv_out, time_embedding, ...) is not placed ({len(outside)} layer(s), "
+                   f"e.g. {outside[0]})")
     # FLUX.1/SD3 in sd-scripts' names: what stays under diffusers' names
     names = [c for c in (FORGE, LYCORIS) if c in consumers]
     fused = unfused_modules(modules)
