@@ -51,10 +51,7 @@ def test_the_cli_prints_the_warnings_as_one_line_each(tmp_path, unet_config):
         **unet_config["training"], "batch_size": 64, "steps": 1}}))
     out = CliRunner().invoke(cli, ["train", str(path), "--quiet"])
     assert out.exit_code == 0, out.output
-    # (the exporter's consumer limits, here sd-scripts' for the conv_in/conv_out/
-    # time_embedding LoRAs of this all-layer config, are checked on their own below)
-    lines = [ln for ln in out.output.splitlines() if ln.startswith("warning:")
-             and not ln.startswith("warning: adapter.exporter:")]
+    lines = [ln for ln in out.output.splitlines() if ln.startswith("warning:")]
     assert lines == ["warning: training.batch_size: 64 is more than the 6 samples of the data; "
                      "each batch repeats samples (a batch of 6 sees the same data for less "
                      "compute)"]

@@ -831,10 +831,6 @@ A1111, FORGE, LYCORIS = "A1111 1.8", "Forge", "LyCORIS"
 #: sd-scripts' own LoRA loader (networks/lora.py; its other algorithms load through
 #: LyCORIS), measured at 48d368f (tests/fixtures/interop/make_sdscripts_matrix_fixtures.py)
 SD_SCRIPTS = "sd-scripts"
-#: a UNet's layers outside the blocks sd-scripts' LoRANetwork makes modules in
-#: (Transformer2DModel, ResnetBlock2D, Downsample2D, Upsample2D), in diffusers' names
-SDSCRIPTS_OUTSIDE = re.compile(
-    r"^(conv_in|conv_out|conv_norm_out|time_embedding|add_embedding|class_embedding)(\.|$)")
 #: Forge's LoKr on a Tucker core (its ComfyUI-derived weight adapter, as ComfyUI's); the
 #: ``comfyui`` exporter writes that factor whole, which Forge reads
 FORGE_TUCKER = "LoKr with Tucker factors (lokr_t2) fails: the file does not load"
@@ -923,13 +919,6 @@ def kohya_limits(modules: Mapping[str, tuple[str, Collection[str]]],
     limits that depend on a shape are checked too. ``metadata``: the file's (its DoRA
     norm)."""
     out = _rule_lines(modules, consumers, metadata)
-    unet = any(n.startswith(("down_blocks.", "up_blocks.", "mid_block.")) for n in modules)
-    outside = sorted(n for n, (a, _) in modules.items()
-                     if unet and a == "lora" and SDSCRIPTS_OUTSIDE.search(n))
-    if SD_SCRIPTS in consumers and outside:
-        out.append(f"{SD_SCRIPTS}: LoRA outside the blocks its network adapts (conv_in, "
-                   f"conv_out, time_embedding, ...) is not placed ({len(outside)} layer(s), "
-                   f"e.g. {outside[0]})")
     # FLUX.1/SD3 in sd-scripts' names: what stays under diffusers' names
     names = [c for c in (FORGE, LYCORIS) if c in consumers]
     fused = unfused_modules(modules)
