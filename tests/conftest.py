@@ -289,3 +289,27 @@ def child_json(script: str, *args: object) -> Any:
                          "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
     assert out.returncode == 0, out.stderr[-2000:]
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def convert_round_trip(source: Path, folder: Path, tmp_path: Path) -> dict[str, torch.Tensor]:
+    """``loraengine convert`` a diffusers-layout file to ComfyUI's and back (with the model
+    at ``folder``), each step warning-free; asserts the file comes back as written (1e-6)
+    and returns the ComfyUI file's tensors."""
+    from click.testing import CliRunner
+    from safetensors.torch import load_file
+
+    from loraengine.cli.main import cli
+    from loraengine.testing.conformance import relative_error
+
+    written = load_file(str(source))
+    for src, target, out in ((source, "comfyui", "c"), (tmp_path / "c.safetensors",
+                                                      "diffusers", "back")):
+        res = CliRunner().invoke(cli, ["convert", str(src), "--to", target, "--model",
+                                       str(folder), "--out", str(tmp_path / f"{out}.safetensors")])
+        assert res.exit_code == 0, res.output
+        assert "warning" not in res.output
+    back = load_file(str(tmp_path / "back.safetensors"))
+    assert sorted(back) == sorted(written)
+    for key, tensor in written.items():
+        assert relative_error(back[key], tensor) <= 1e-6, key
+    return load_file(str(tmp_path / "c.safetensors"))

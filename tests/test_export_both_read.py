@@ -37,7 +37,7 @@ from loraengine.plugins.exporters import both_read_rule, diffusers_limits
 from loraengine.testing import tiny_pipelines as tp
 from loraengine.testing import tiny_video as tv
 from loraengine.testing.conformance import perturb, relative_error
-from tests.conftest import diffusers_warnings
+from tests.conftest import convert_round_trip, diffusers_warnings
 
 diffusers = pytest.importorskip("diffusers")
 pytest.importorskip("peft")
@@ -249,28 +249,11 @@ def test_convert_takes_the_ltx2_file_to_comfyuis_layout_and_back_without_a_warni
     """``loraengine convert --to comfyui --model`` reads the file with no warning
     (ComfyUI reads all of it) and writes ComfyUI's trainer layout; ``--to diffusers`` of
     that gives the original-name file again, with the same tensors."""
-    from click.testing import CliRunner
-    from safetensors.torch import load_file
 
-    from loraengine.cli.main import cli
 
     model = tv.ltx2_transformer(0).eval()
     folder = tmp_path / "model"
     model.save_pretrained(str(folder))
-    written = _write(tmp_path / "d.safetensors", _network(model))
-    res = CliRunner().invoke(cli, ["convert", str(tmp_path / "d.safetensors"), "--to",
-                                   "comfyui", "--model", str(folder), "--out",
-                                   str(tmp_path / "c.safetensors")])
-    assert res.exit_code == 0, res.output
-    assert "warning" not in res.output
-    comfy = load_file(str(tmp_path / "c.safetensors"))
+    _write(tmp_path / "d.safetensors", _network(model))
+    comfy = convert_round_trip(tmp_path / "d.safetensors", folder, tmp_path)
     assert "diffusion_model.patchify_proj.lora_up.weight" in comfy
-    res = CliRunner().invoke(cli, ["convert", str(tmp_path / "c.safetensors"), "--to",
-                                   "diffusers", "--model", str(folder), "--out",
-                                   str(tmp_path / "back.safetensors")])
-    assert res.exit_code == 0, res.output
-    assert "warning" not in res.output
-    back = load_file(str(tmp_path / "back.safetensors"))
-    assert sorted(back) == sorted(written)
-    for key, tensor in written.items():
-        assert relative_error(back[key], tensor) <= 1e-6, key

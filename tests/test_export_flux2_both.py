@@ -35,7 +35,7 @@ from loraengine.plugins import build_plugin_manager
 from loraengine.plugins.exporters import diffusers_limits, flux2_both_read
 from loraengine.testing import tiny_pipelines as tp
 from loraengine.testing.conformance import perturb, relative_error
-from tests.conftest import diffusers_warnings
+from tests.conftest import convert_round_trip, diffusers_warnings
 
 diffusers = pytest.importorskip("diffusers")
 pytest.importorskip("peft")
@@ -217,29 +217,13 @@ def test_convert_takes_the_file_to_comfyuis_layout_and_back_without_a_warning(tm
     """``loraengine convert --to comfyui --model`` reads the file (no warning: ComfyUI
     reads all of it) and writes ComfyUI's trainer layout; ``--to diffusers`` of that
     gives the released-name file again, with the same tensors."""
-    from click.testing import CliRunner
-    from safetensors.torch import load_file
 
-    from loraengine.cli.main import cli
 
     model = tp.comfyui_transformer("flux2")
     folder = tmp_path / "model"
     model.save_pretrained(str(folder))
     network = _network(model, "lora")
     source = tmp_path / "d.safetensors"
-    written = _write(source, network)
-    res = CliRunner().invoke(cli, ["convert", str(source), "--to", "comfyui", "--model",
-                                   str(folder), "--out", str(tmp_path / "c.safetensors")])
-    assert res.exit_code == 0, res.output
-    assert "warning" not in res.output
-    comfy = load_file(str(tmp_path / "c.safetensors"))
+    _write(source, network)
+    comfy = convert_round_trip(source, folder, tmp_path)
     assert "diffusion_model.double_blocks.0.img_attn.qkv.lora_up.weight" in comfy
-    res = CliRunner().invoke(cli, ["convert", str(tmp_path / "c.safetensors"), "--to",
-                                   "diffusers", "--model", str(folder), "--out",
-                                   str(tmp_path / "back.safetensors")])
-    assert res.exit_code == 0, res.output
-    assert "warning" not in res.output
-    back = load_file(str(tmp_path / "back.safetensors"))
-    assert sorted(back) == sorted(written)
-    for key, tensor in written.items():
-        assert relative_error(back[key], tensor) <= 1e-6, key
