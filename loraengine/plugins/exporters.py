@@ -828,9 +828,14 @@ def diffusers_kohya_limits(modules: Mapping[str, tuple[str, Collection[str]]],
 
 
 A1111, FORGE, LYCORIS = "A1111 1.8", "Forge", "LyCORIS"
-#: sd-scripts' own LoRA loader (networks/lora.py; its other algorithms load through
-#: LyCORIS), measured at 48d368f (tests/fixtures/interop/make_sdscripts_matrix_fixtures.py)
+#: sd-scripts' own LoRA loader (networks/lora.py, and lora_flux.py / lora_sd3.py for
+#: FLUX.1 and SD3; its other algorithms load through LyCORIS), measured at 48d368f
+#: (tests/fixtures/interop/make_sdscripts_matrix_fixtures.py,
+#: make_sdscripts_transformer_fixtures.py)
 SD_SCRIPTS = "sd-scripts"
+#: FLUX.1's layers outside the blocks and input embedders that sd-scripts' FLUX.1
+#: network (lora_flux.py) makes modules for, in the original checkpoint's names
+SDSCRIPTS_FLUX_OUTSIDE = re.compile(r"^final_layer\.")
 #: Forge's LoKr on a Tucker core (its ComfyUI-derived weight adapter, as ComfyUI's); the
 #: ``comfyui`` exporter writes that factor whole, which Forge reads
 FORGE_TUCKER = "LoKr with Tucker factors (lokr_t2) fails: the file does not load"
@@ -847,7 +852,7 @@ KOHYA_RULES: tuple[tuple[tuple[str, ...], str, Callable[[str, Collection[str]], 
     ((A1111,), "no DoRA (dora_scale is not read)", lambda a, p: "dora_scale" in p),
     ((SD_SCRIPTS,), "no DoRA (dora_scale is not read)",
      lambda a, p: a == "lora" and "dora_scale" in p),
-    ((SD_SCRIPTS,), "norm and bias deltas (diff, diff_b) are not placed",
+    ((SD_SCRIPTS,), "norm and bias deltas (diff, diff_b, w_norm, b_norm) are not placed",
      lambda a, p: a == "deltas" or (a == "lora" and "diff_b" in p)),
     ((FORGE,), "DoRA normalised by the norm of W, not of W + ΔW",
      lambda a, p: "dora_scale" in p),
@@ -919,6 +924,8 @@ def kohya_limits(modules: Mapping[str, tuple[str, Collection[str]]],
     limits that depend on a shape are checked too. ``metadata``: the file's (its DoRA
     norm)."""
     out = _rule_lines(modules, consumers, metadata)
+    if SD_SCRIPTS in consumers:
+        out += _sdscripts_flux_outside(modules)
     # FLUX.1/SD3 in sd-scripts' names: what stays under diffusers' names
     names = [c for c in (FORGE, LYCORIS) if c in consumers]
     fused = unfused_modules(modules)
@@ -929,6 +936,20 @@ def kohya_limits(modules: Mapping[str, tuple[str, Collection[str]]],
     if names and norms and forge_models(modules):
         out.append(f"{' and '.join(names)}: {QK_NORMS} ({len(norms)} layer(s))")
     return out
+
+
+def _sdscripts_flux_outside(modules: Mapping[str, tuple[str, Collection[str]]]
+                            ) -> list[str]:
+    """LoRA on FLUX.1's final layer (``final_layer.linear`` and its modulation), for
+    which sd-scripts' FLUX.1 network builds no module: merged or applied there, those
+    layers stay as they were (measured, make_sdscripts_transformer_fixtures.py)."""
+    outside = sorted(n for n, (a, _) in modules.items()
+                     if a == "lora" and SDSCRIPTS_FLUX_OUTSIDE.search(comfy_names.parse(n)[0]))
+    if not outside or forge_models(modules) != {"FLUX.1"}:
+        return []
+    return [f"{SD_SCRIPTS}: LoRA on FLUX.1's final layer is not placed (its FLUX.1 network "
+            f"has no module there) ({len(outside)} layer(s), e.g. "
+            f"{comfy_names.own_path(outside[0])})"]
 
 
 def kohya_file_limits(modules: Mapping[str, tuple[str, Collection[str]]],
