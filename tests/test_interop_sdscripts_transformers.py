@@ -197,3 +197,160 @@ def test_the_kohya_exporter_limits_carry_the_flux_final_layer_line():
                     "network has no module there) (2 layer(s), e.g. norm_out.linear)"]
     sd3 = list(spec.limits(our_case("sd3", "lora-r4")[2], metadata={}))
     assert not [line for line in sd3 if line.startswith("sd-scripts:")]
+
+
+# -- diffusers reading the same kohya FLUX.1 files (live: diffusers is a pip package) --
+
+#: the diffusers layers FLUX.1's single-block ``linear1`` fuses: diffusers' converter
+#: of sd-scripts files splits it at FLUX.1's released widths (3072 · 3 + 12288), which a
+#: tiny model does not have; ``test_diffusers_splits_a_real_width_linear1_exactly``
+#: checks it at that width
+LINEAR1 = (".attn.to_q", ".attn.to_k", ".attn.to_v", ".proj_mlp")
+
+
+def _network_on(model, case, keep):
+    """test_merge_matrix's network on the Linear layers of ``model`` that ``keep``
+    (a path test) accepts (the others hidden while it is built)."""
+    import test_merge_matrix as mm
+    from torch import nn
+
+    held = []
+    for path, module in list(model.named_modules()):
+        if isinstance(module, nn.Linear) and not keep(path):
+            parent, _, leaf = path.rpartition(".")
+            owner = model.get_submodule(parent) if parent else model
+            held.append((owner, leaf, module))
+            owner._modules[leaf] = nn.Identity()
+    try:
+        return mm.build_network(model, *case)
+    finally:
+        for owner, leaf, module in held:
+            owner._modules[leaf] = module
+
+
+def _kohya_file(model, network):
+    import test_merge_matrix as mm
+
+    from loraengine.core.files import in_layout, module_layouts
+
+    spec = mm.REG.get("exporter", "kohya")
+    modules = network.file_modules()
+    renamed = in_layout(modules, spec, module_layouts(mm.REG, model))
+    layers = dict(network.items())
+    summary = {n: ("deltas" if p not in layers else layers[p].algorithm,
+                   {k: tuple(v.shape) for k, v in params.items()})
+               for (p, params), n in zip(modules.items(), renamed, strict=True)}
+    return {k: v.contiguous() for k, v in spec.to_file(renamed).items()}, summary
+
+
+def _through_diffusers(make_model, tensors, folder: Path, keys):
+    """``FluxPipeline.load_lora_weights`` + ``fuse_lora`` on a fresh ``make_model()``:
+    (the ValueError that refused the file or None, its fused tensors of ``keys``)."""
+    from safetensors.torch import save_file
+    from test_interop_diffusers_matrix import pipeline
+
+    path = folder / "flux-kohya.safetensors"
+    save_file(tensors, str(path))
+    pipe = pipeline("flux", make_model())
+    try:
+        pipe.load_lora_weights(str(path), adapter_name="ours")
+        pipe.fuse_lora()
+    except ValueError as e:
+        return str(e).strip().splitlines()[0], {}
+    state = pipe.transformer.state_dict()
+    out = {}
+    for key in keys:
+        head, _, leaf = key.rpartition(".")
+        out[key] = state.get(key, state.get(f"{head}.base_layer.{leaf}"))
+    return None, out
+
+
+@pytest.fixture
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.mark.usefixtures("_one_thread")
+@pytest.mark.parametrize("cid", list(CASES))
+def test_diffusers_reads_our_kohya_flux_file_or_we_warn(cid, tmp_path):
+    """Our kohya FLUX.1 file of each LoRA case (every layer but the single blocks'
+    linear1 parts) in diffusers' FluxPipeline: the layers in the double and single
+    blocks fuse to our merge (≤ 1e-4: each element sums at most rank + 1 fp32 terms);
+    what does not is a line of the exporter's limits for diffusers — DoRA's magnitude
+    dropped, a file with deltas refused, and the embedders' and final layer's LoRA
+    converted but never applied (diffusers says nothing of those)."""
+    import test_merge_matrix as mm
+
+    from loraengine.plugins.exporters import diffusers_kohya_limits
+
+    name, options, _ = CASES[cid]
+    model = MAKE.diffusers_model("flux")
+    base = {k: v.clone() for k, v in model.state_dict().items()}
+    network = _network_on(model, CASES[cid], lambda p: not (
+        p.startswith("single_transformer_blocks.") and p.endswith(LINEAR1)))
+    tensors, summary = _kohya_file(model, network)
+    network.merge()
+    want = model.state_dict()
+    refused, got = _through_diffusers(lambda: MAKE.diffusers_model("flux"), tensors,
+                                      tmp_path, list(want))
+    lines = diffusers_kohya_limits(summary, mm.file_notes(name, options))
+    if refused:
+        assert "Incompatible keys" in refused
+        assert len(lines) == 1 and "refuses the whole file" in lines[0], lines
+        assert cid == "lora-norm_and_bias_deltas=True-r4"
+        return
+    changed = {k for k in want if not torch.equal(want[k], base[k])}
+    unchanged = {k for k in changed if torch.equal(got[k], base[k])}
+    outside = {k for k in changed if not k.startswith(("transformer_blocks.",
+                                                       "single_transformer_blocks."))}
+    assert unchanged == outside and len(outside) == 10  # every embedder and final layer
+    assert any(f"{len(outside)} layer(s) are left unchanged there, without a warning" in line
+               for line in lines), lines
+    errors = {k: float((got[k] - want[k]).abs().max() / want[k].abs().max())
+              for k in changed - outside}
+    dora = "weight_decompose=True" in cid
+    assert any("drops DoRA's magnitude" in line for line in lines) == dora, lines
+    if dora:
+        assert max(errors.values()) > 100 * EXACT
+    else:
+        assert max(errors.values()) <= EXACT, max(errors.items(), key=lambda kv: kv[1])
+    assert len(lines) == 1 + dora
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("_one_thread")
+def test_diffusers_splits_a_real_width_linear1_exactly(tmp_path):
+    """At FLUX.1's released width (3072, 24 heads; one single block and no double one:
+    0.8 GB a copy, 2.7 GB at peak) diffusers' converter splits our kohya file's fused
+    single-block linear1 (q, k, v, MLP input) back onto its layers: fused, they equal
+    our merge."""
+    from diffusers import FluxTransformer2DModel
+
+    def make():
+        torch.manual_seed(0)
+        return FluxTransformer2DModel(
+            patch_size=1, in_channels=16, num_layers=0, num_single_layers=1,
+            attention_head_dim=128, num_attention_heads=24, joint_attention_dim=32,
+            pooled_projection_dim=16, guidance_embeds=True,
+            axes_dims_rope=(16, 56, 56)).eval().requires_grad_(False)
+
+    def block(path: str) -> bool:
+        return path.startswith("single_transformer_blocks.0.")
+
+    model = make()
+    network = _network_on(model, ("lora", {}, 4), block)
+    tensors, _ = _kohya_file(model, network)
+    assert "lora_unet_single_blocks_0_linear1.lora_down.weight" in tensors
+    network.merge()
+    want = {k: v for k, v in model.state_dict().items() if block(k) and k.endswith(".weight")
+            and "norm" not in k}
+    del model, network
+    refused, got = _through_diffusers(make, tensors, tmp_path, list(want))
+    assert refused is None
+    base = make().state_dict()
+    for key, w in want.items():
+        assert not torch.equal(got[key], base[key]), key
+        assert float((got[key] - w).abs().max() / w.abs().max()) <= EXACT, key

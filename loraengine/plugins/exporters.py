@@ -824,7 +824,31 @@ def diffusers_kohya_limits(modules: Mapping[str, tuple[str, Collection[str]]],
         out.append(f"diffusers drops DoRA's magnitude (dora_scale) of a kohya file: {dora} "
                    f"layer(s) load as plain LoRA there (the diffusers exporter writes PEFT's "
                    f"lora_magnitude_vector, which it reads)")
+    if not other:
+        out += _diffusers_kohya_flux_outside(modules)
     return out
+
+
+#: FLUX.1's layers outside the double and single blocks, in the original checkpoint's
+#: names: diffusers' converter of sd-scripts FLUX.1 files names their LoRA without the
+#: ``transformer.`` prefix, so the transformer never receives it
+DIFFUSERS_KOHYA_FLUX_OUTSIDE = re.compile(
+    r"^(img_in|txt_in|time_in|vector_in|guidance_in|final_layer)(\.|$)")
+
+
+def _diffusers_kohya_flux_outside(modules: Mapping[str, tuple[str, Collection[str]]]
+                                  ) -> list[str]:
+    """LoRA on a FLUX.1 kohya file's input embedders and final layer, which diffusers'
+    ``load_lora_weights`` converts but never applies, without a warning (measured with
+    diffusers 0.42.1, tests/test_interop_sdscripts_transformers.py)."""
+    outside = sorted(n for n, (a, _) in modules.items() if a == "lora" and
+                     DIFFUSERS_KOHYA_FLUX_OUTSIDE.search(comfy_names.parse(n)[0]))
+    if not outside or forge_models(modules) != {"FLUX.1"}:
+        return []
+    return [f"diffusers applies no LoRA on FLUX.1's input embedders and final layer "
+            f"from a kohya file (img_in, txt_in, time_in, vector_in, guidance_in, "
+            f"final_layer): {len(outside)} layer(s) are left unchanged there, without a "
+            f"warning (the diffusers exporter's file loads them)"]
 
 
 A1111, FORGE, LYCORIS = "A1111 1.8", "Forge", "LyCORIS"
