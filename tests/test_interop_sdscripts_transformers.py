@@ -354,3 +354,10 @@ def test_diffusers_splits_a_real_width_linear1_exactly(tmp_path):
     for key, w in want.items():
         assert not torch.equal(got[key], base[key]), key
         assert float((got[key] - w).abs().max() / w.abs().max()) <= EXACT, key
+
+
+def test_the_docs_show_the_measured_table():
+    """docs/compatibility.md's sd-scripts FLUX.1/SD3 table is the fixture's, with
+    today's warnings as its notes (``make_sdscripts_transformer_fixtures.py --table``)."""
+    docs = (Path(__file__).parents[1] / "docs" / "compatibility.md").read_text()
+    assert MAKE.table(RESULTS) in docs
