@@ -11,6 +11,11 @@ has no module on the final layer (``final_layer.linear``, ``final_layer.adaLN_
 modulation.1``), so LoRA there is left out; neither reads DoRA's magnitude
 (``dora_scale``) or norm and bias deltas. Each is a line of the ``kohya`` exporter's
 limits for sd-scripts, which ``train`` prints.
+
+The second part runs diffusers' ``FluxPipeline.load_lora_weights`` (which converts
+sd-scripts' FLUX.1 names) live on the same kohya FLUX.1 files: the blocks' LoRA fuses
+to our merge; the embedders' and final layer's LoRA is never applied, which the
+exporter's limits for diffusers say.
 """
 
 from __future__ import annotations
