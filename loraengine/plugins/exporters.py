@@ -31,7 +31,7 @@ from loraengine.core.plugins.hookspecs import hookimpl
 from loraengine.core.plugins.specs import ExporterSpec
 from loraengine.plugins.adapters.dora import NORM_KEY
 from loraengine.plugins.models import comfy_names
-from loraengine.plugins.models.unet_names import LDM, SAI
+from loraengine.plugins.models.unet_names import BLOCK_ROOTS, LDM, SAI, TOP_LEVEL
 
 Modules = Mapping[str, Mapping[str, torch.Tensor]]
 
@@ -831,6 +831,10 @@ A1111, FORGE, LYCORIS = "A1111 1.8", "Forge", "LyCORIS"
 #: sd-scripts' own LoRA loader (networks/lora.py; its other algorithms load through
 #: LyCORIS), measured at 48d368f (tests/fixtures/interop/make_sdscripts_matrix_fixtures.py)
 SD_SCRIPTS = "sd-scripts"
+#: what sd-scripts' LoRANetwork does with a UNet's LoRA outside the blocks it makes
+#: modules in (Transformer2DModel, ResnetBlock2D, Downsample2D, Upsample2D)
+SDSCRIPTS_OUTSIDE = ("LoRA outside the UNet blocks its network adapts (conv_in, conv_out, "
+                     "time and label embeddings) is not placed")
 #: Forge's LoKr on a Tucker core (its ComfyUI-derived weight adapter, as ComfyUI's); the
 #: ``comfyui`` exporter writes that factor whole, which Forge reads
 FORGE_TUCKER = "LoKr with Tucker factors (lokr_t2) fails: the file does not load"
@@ -919,6 +923,10 @@ def kohya_limits(modules: Mapping[str, tuple[str, Collection[str]]],
     limits that depend on a shape are checked too. ``metadata``: the file's (its DoRA
     norm)."""
     out = _rule_lines(modules, consumers, metadata)
+    outside = _sdscripts_outside(modules) if SD_SCRIPTS in consumers else []
+    if outside:
+        out.append(f"{SD_SCRIPTS}: {SDSCRIPTS_OUTSIDE} ({len(outside)} layer(s), e.g. "
+                   f"{outside[0]})")
     # FLUX.1/SD3 in sd-scripts' names: what stays under diffusers' names
     names = [c for c in (FORGE, LYCORIS) if c in consumers]
     fused = unfused_modules(modules)
@@ -929,6 +937,16 @@ def kohya_limits(modules: Mapping[str, tuple[str, Collection[str]]],
     if names and norms and forge_models(modules):
         out.append(f"{' and '.join(names)}: {QK_NORMS} ({len(norms)} layer(s))")
     return out
+
+
+def _sdscripts_outside(modules: Mapping[str, tuple[str, Collection[str]]]) -> list[str]:
+    """The LoRA modules of a UNet's file (diffusers' or the original names) on a layer
+    outside its down, mid and up blocks, which sd-scripts' LoRANetwork has no module for
+    (measured: tests/test_interop_sdscripts_matrix.py, SD1.5, and
+    tests/test_interop_sdscripts_sdxl.py, SDXL)."""
+    if not any(n.split(".", 1)[0] in BLOCK_ROOTS for n in modules):
+        return []
+    return sorted(n for n, (a, _) in modules.items() if a == "lora" and n in TOP_LEVEL)
 
 
 def kohya_file_limits(modules: Mapping[str, tuple[str, Collection[str]]],
