@@ -829,7 +829,8 @@ def diffusers_kohya_limits(modules: Mapping[str, tuple[str, Collection[str]]],
 
 A1111, FORGE, LYCORIS = "A1111 1.8", "Forge", "LyCORIS"
 #: sd-scripts' own LoRA loader (networks/lora.py; its other algorithms load through
-#: LyCORIS), measured at 48d368f (tests/fixtures/interop/make_sdscripts_matrix_fixtures.py)
+#: LyCORIS), measured at 48d368f (tests/fixtures/interop/make_sdscripts_matrix_fixtures.py,
+#: SD1.5; make_sdscripts_sdxl_fixtures.py, SDXL at its real size)
 SD_SCRIPTS = "sd-scripts"
 #: what sd-scripts' LoRANetwork does with a UNet's LoRA outside the blocks it makes
 #: modules in (Transformer2DModel, ResnetBlock2D, Downsample2D, Upsample2D)

@@ -233,5 +233,4 @@ def unet_looks_like(names: Collection[str]) -> str | None:
 
 
 __all__ = ["BLOCK_ROOTS", "LDM", "SAI", "TOP_LEVEL", "flat_name", "is_unet", "ldm_names",
-           "reference_names",
-           "unet_family_of", "unet_layouts", "unet_looks_like"]
+           "reference_names", "unet_family_of", "unet_layouts", "unet_looks_like"]
