@@ -313,3 +313,14 @@ def convert_round_trip(source: Path, folder: Path, tmp_path: Path) -> dict[str, 
     for key, tensor in written.items():
         assert relative_error(back[key], tensor) <= 1e-6, key
     return load_file(str(tmp_path / "c.safetensors"))
+
+
+def the_error_line(output: str) -> str:
+    """The one ``error:`` line of a failed command's ``output``: no traceback, nothing
+    after it, and before it only ``warning:`` lines (what the run warned about before
+    it failed, such as the exporter's consumer limits of an all-layer config)."""
+    assert "Traceback" not in output, output
+    lines = [x for x in output.splitlines() if x.strip()]
+    assert lines and lines[-1].startswith("error: "), output
+    assert all(x.startswith("warning: ") for x in lines[:-1]), output
+    return lines[-1]

@@ -90,6 +90,25 @@ def test_kohya_conversion_without_a_model_keeps_the_files_names(model_dir, tmp_p
     assert not any(k.startswith("lora_unet_down_blocks") for k in keys2)
 
 
+def test_kohya_conversion_names_the_lora_sd_scripts_does_not_place(model_dir, tmp_path):
+    """sd-scripts' LoRANetwork has modules only inside the UNet's blocks: a LoRA on every
+    layer has its conv_in, conv_out and time/label embedding layers named, counted from
+    the model's own module tree, under diffusers' names and (with the model) SAI's."""
+    folder, unet = model_dir
+    src, network = _file(tmp_path, unet, "lora")
+    top = [p for p in network.paths if p.split(".", 1)[0] not in
+           ("down_blocks", "mid_block", "up_blocks")]
+    assert {"conv_in", "conv_out", "time_embedding.linear_1"} <= set(top)
+    for i, (args, first) in enumerate((((), min(top)),
+                                       (("--model", folder), "input_blocks.0.0"))):
+        res = _run(src, "--to", "kohya", *args, "--out", tmp_path / f"k{i}.safetensors")
+        assert res.exit_code == 0, res.output
+        lines = [x for x in res.output.splitlines() if x.startswith("warning: sd-scripts:")]
+        assert lines == [f"warning: sd-scripts: LoRA outside the UNet blocks its network "
+                         f"adapts (conv_in, conv_out, time and label embeddings) is not "
+                         f"placed ({len(top)} layer(s), e.g. {first})"], res.output
+
+
 def test_ia3_for_comfyui_warns_with_the_size_of_what_is_lost(model_dir, tmp_path):
     folder, unet = model_dir
     src, network = _file(tmp_path, unet, "ia3", exporter="kohya")

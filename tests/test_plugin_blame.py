@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 import yaml
 from click.testing import CliRunner
+from conftest import the_error_line
 from safetensors.torch import load_file
 
 from loraengine import (
@@ -143,11 +144,10 @@ def assert_only_the_event_log_grew(before, after):
 def one_line(result: Any, *needles: str) -> str:
     assert result.exit_code == 1, (result.exit_code, result.output)
     assert "Traceback" not in result.output
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    line = the_error_line(result.stderr)
     for needle in (f"plugin {PLUGIN!r}", repr(DIST), "RuntimeError: the plugin broke", *needles):
-        assert needle in lines[0], lines[0]
-    return lines[0]
+        assert needle in line, line
+    return line
 
 
 @pytest.mark.parametrize("case", list(CASES))

@@ -31,7 +31,7 @@ from loraengine.core.plugins.hookspecs import hookimpl
 from loraengine.core.plugins.specs import ExporterSpec
 from loraengine.plugins.adapters.dora import NORM_KEY
 from loraengine.plugins.models import comfy_names
-from loraengine.plugins.models.unet_names import LDM, SAI
+from loraengine.plugins.models.unet_names import BLOCK_ROOTS, LDM, SAI, TOP_LEVEL
 
 Modules = Mapping[str, Mapping[str, torch.Tensor]]
 
@@ -854,12 +854,17 @@ def _diffusers_kohya_flux_outside(modules: Mapping[str, tuple[str, Collection[st
 A1111, FORGE, LYCORIS = "A1111 1.8", "Forge", "LyCORIS"
 #: sd-scripts' own LoRA loader (networks/lora.py, and lora_flux.py / lora_sd3.py for
 #: FLUX.1 and SD3; its other algorithms load through LyCORIS), measured at 48d368f
-#: (tests/fixtures/interop/make_sdscripts_matrix_fixtures.py,
-#: make_sdscripts_transformer_fixtures.py)
+#: (tests/fixtures/interop/make_sdscripts_matrix_fixtures.py, SD1.5;
+#: make_sdscripts_sdxl_fixtures.py, SDXL at its real size;
+#: make_sdscripts_transformer_fixtures.py, FLUX.1 and SD3)
 SD_SCRIPTS = "sd-scripts"
 #: FLUX.1's layers outside the blocks and input embedders that sd-scripts' FLUX.1
 #: network (lora_flux.py) makes modules for, in the original checkpoint's names
 SDSCRIPTS_FLUX_OUTSIDE = re.compile(r"^final_layer\.")
+#: what sd-scripts' LoRANetwork does with a UNet's LoRA outside the blocks it makes
+#: modules in (Transformer2DModel, ResnetBlock2D, Downsample2D, Upsample2D)
+SDSCRIPTS_OUTSIDE = ("LoRA outside the UNet blocks its network adapts (conv_in, conv_out, "
+                     "time and label embeddings) is not placed")
 #: Forge's LoKr on a Tucker core (its ComfyUI-derived weight adapter, as ComfyUI's); the
 #: ``comfyui`` exporter writes that factor whole, which Forge reads
 FORGE_TUCKER = "LoKr with Tucker factors (lokr_t2) fails: the file does not load"
@@ -950,6 +955,10 @@ def kohya_limits(modules: Mapping[str, tuple[str, Collection[str]]],
     out = _rule_lines(modules, consumers, metadata)
     if SD_SCRIPTS in consumers:
         out += _sdscripts_flux_outside(modules)
+        outside = _sdscripts_outside(modules)
+        if outside:
+            out.append(f"{SD_SCRIPTS}: {SDSCRIPTS_OUTSIDE} ({len(outside)} layer(s), e.g. "
+                       f"{outside[0]})")
     # FLUX.1/SD3 in sd-scripts' names: what stays under diffusers' names
     names = [c for c in (FORGE, LYCORIS) if c in consumers]
     fused = unfused_modules(modules)
@@ -974,6 +983,16 @@ def _sdscripts_flux_outside(modules: Mapping[str, tuple[str, Collection[str]]]
     return [f"{SD_SCRIPTS}: LoRA on FLUX.1's final layer is not placed (its FLUX.1 network "
             f"has no module there) ({len(outside)} layer(s), e.g. "
             f"{comfy_names.own_path(outside[0])})"]
+
+
+def _sdscripts_outside(modules: Mapping[str, tuple[str, Collection[str]]]) -> list[str]:
+    """The LoRA modules of a UNet's file (diffusers' or the original names) on a layer
+    outside its down, mid and up blocks, which sd-scripts' LoRANetwork has no module for
+    (measured: tests/test_interop_sdscripts_matrix.py, SD1.5, and
+    tests/test_interop_sdscripts_sdxl.py, SDXL)."""
+    if not any(n.split(".", 1)[0] in BLOCK_ROOTS for n in modules):
+        return []
+    return sorted(n for n, (a, _) in modules.items() if a == "lora" and n in TOP_LEVEL)
 
 
 def kohya_file_limits(modules: Mapping[str, tuple[str, Collection[str]]],

@@ -39,6 +39,12 @@ _TOP = {"time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": "t
         "class_embedding.linear_2": "label_emb.0.2",
         "conv_in": "input_blocks.0.0", "conv_norm_out": "out.0", "conv_out": "out.2"}
 _PREFIX = "model.diffusion_model."
+#: a UNet's layers outside its down, mid and up blocks (the embeddings, the first and
+#: last convolutions, the output norm), in diffusers' and the original names
+TOP_LEVEL = frozenset(_TOP) | frozenset(_TOP.values())
+#: first parts of the names of a UNet's blocks, in diffusers' and the original layout
+BLOCK_ROOTS = frozenset({"down_blocks", "mid_block", "up_blocks", "input_blocks",
+                         "middle_block", "output_blocks"})
 
 
 def is_unet(module: nn.Module) -> bool:
@@ -226,5 +232,5 @@ def unet_looks_like(names: Collection[str]) -> str | None:
     return {"sd15": "an SD1.x/2.x UNet", "sdxl": "an SDXL UNet"}.get(found or "")
 
 
-__all__ = ["LDM", "SAI", "flat_name", "is_unet", "ldm_names", "reference_names",
-           "unet_family_of", "unet_layouts", "unet_looks_like"]
+__all__ = ["BLOCK_ROOTS", "LDM", "SAI", "TOP_LEVEL", "flat_name", "is_unet", "ldm_names",
+           "reference_names", "unet_family_of", "unet_layouts", "unet_looks_like"]

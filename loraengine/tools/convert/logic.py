@@ -48,6 +48,7 @@ from loraengine.plugins.exporters import (
     KOHYA_RULES,
     LORA_PARAMS,
     LYCORIS,
+    SD_SCRIPTS,
     comfyui_fused_limits,
     dora_norm,
     forge_limits,
@@ -66,6 +67,9 @@ ORIGINAL_ROOTS = frozenset({"input_blocks", "middle_block", "output_blocks", "ti
 #: the readers of kohya files each target names, whose limits (``kohya_limits``) it
 #: reports: sd-scripts loads every algorithm but LoRA through LyCORIS
 KOHYA_READERS = {"kohya": (LYCORIS,), "a1111": (A1111, FORGE)}
+#: readers of kohya files whose limits are only named, never measured: sd-scripts'
+#: own LoRA loader (what it does not place, and DoRA, which it has not)
+KOHYA_NAMED_READERS = {"kohya": (SD_SCRIPTS,)}
 CONSUMER_NAMES = {"comfyui": "ComfyUI", "kohya": "sd-scripts", "a1111": "A1111/Forge",
                   "diffusers": "diffusers"}
 
@@ -377,8 +381,8 @@ def convert_file(source: Path, target: str, model_path: Path | None = None,
                for path, m in file.modules.items()}
     if target in KOHYA_READERS:
         # the limits not measured above, by name
-        warnings += [line for line in kohya_limits(summary, KOHYA_READERS[target],
-                                                   metadata=file.metadata)
+        readers = (*KOHYA_READERS[target], *KOHYA_NAMED_READERS.get(target, ()))
+        warnings += [line for line in kohya_limits(summary, readers, metadata=file.metadata)
                      if not any(f": {text} (" in line for text in measured)]
     elif target in ("comfyui", "diffusers"):
         # Forge reads these files too (FLUX.1/SD3 ones; not measured)
