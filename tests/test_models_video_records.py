@@ -332,9 +332,12 @@ def test_trains_and_the_file_loads_in_diffusers_with_every_key(folders, tmp_path
     x = x[:1] + 0.1 * x  # one clip, four takes: something a few steps can learn
     _, cond = _draw(name, n=4, seed=1)
     xe, ce = _draw(name, seed=7)
-    run = train_and_reload(tmp_path, name, folders[name], x, cond, xe, ce)
     # LTX-2's default file is in the original names, which LTX2Pipeline converts and
-    # ComfyUI reads (exporters.BOTH_READ); HunyuanVideo 1.5's in diffusers' names
+    # ComfyUI reads (exporters.BOTH_READ). HunyuanVideo 1.5's default is ComfyUI's
+    # names (no file serves both: ComfyUI reads none of diffusers' names for it, PEFT
+    # only those); what PEFT reads is the explicit ``diffusers`` export, tested here
+    exporter = "diffusers" if name == "hunyuan_video15" else None
+    run = train_and_reload(tmp_path, name, folders[name], x, cond, xe, ce, exporter)
     prefix = "diffusion_model." if name == "ltx2" else "transformer."
     assert run.tensors and all(k.startswith(f"{prefix}transformer_blocks.")
                                for k in run.tensors)

@@ -675,6 +675,11 @@ FORGE_BANDS = re.compile(r"(attn\.(to_[qkv]|add_[qkv]_proj)|single_transformer_b
                          r"\.proj_mlp|(^|\.)norm_out\.linear)$")
 
 
+#: ``ss_base_model_version`` of the files Forge's FLUX.1 and SD3 models read (Chroma's
+#: names are FLUX.1's)
+FORGE_BASES = frozenset({"flux1", "sd3", "chroma"})
+
+
 def forge_models(names: Iterable[str]) -> set[str]:
     """Which of Forge's transformer models (``SD3``, ``FLUX.1``) module ``names`` (of a
     file, in any layout) look made for: both where they fit either."""
@@ -694,6 +699,11 @@ def forge_limits(modules: Mapping[str, tuple[str, Collection[str]]], layout: str
     file's are in ``kohya_limits``); nothing for other models."""
     if any(_LTX2_NAMES.search(n) for n in modules):
         return []  # LTX-2's names, which SD3's marks also fit
+    base = (metadata or {}).get("ss_base_model_version", "").split(":")[0]
+    if base and base not in FORGE_BASES:
+        # made for a model Forge has no transformer of (HunyuanVideo 1.5's diffusers
+        # names are SD3's and FLUX.1's too)
+        return []
     models = forge_models(modules) if modules else set()
     if not models:
         return []
