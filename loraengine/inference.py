@@ -29,6 +29,7 @@ from loraengine.core.files import (
     owners_of,
     read_adapter_file,
     unplaced_message,
+    unread_message,
 )
 from loraengine.core.plugins.host import PluginHost
 from loraengine.core.plugins.registry import Registry
@@ -113,6 +114,13 @@ def network_from_file(model: nn.Module, file: AdapterFile, registry: Registry, *
         if strict:
             raise DataError(msg)
         warnings.warn(msg, stacklevel=3)
+    unread, text_encoders = unread_message(file, registry, model)
+    if unread:
+        if strict:
+            raise DataError(unread)
+        warnings.warn(unread, stacklevel=3)
+    if text_encoders:
+        warnings.warn(text_encoders, stacklevel=3)
     built: dict[str, AdapterLayer] = {}
     deltas: dict[str, ChannelDelta] = {}
     algorithms: dict[str, str] = {}
