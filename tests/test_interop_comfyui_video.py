@@ -29,7 +29,7 @@ from loraengine.core.adapter import ADAPTABLE, AdapterNetwork
 from loraengine.core.adapter.network import select_layers
 from loraengine.core.files import in_layout, module_layouts, write_adapter_file
 from loraengine.plugins import build_plugin_manager
-from loraengine.plugins.models import comfy_names
+from loraengine.plugins.models import comfy_names, hunyuan_video15, ltx2, wan
 from loraengine.testing import tiny_video as tv
 from loraengine.testing.conformance import perturb, relative_error
 
@@ -39,8 +39,9 @@ REG = HOST.registry
 FAMILIES = ("wan", "ltx2", "hunyuan_video15")
 BUILD = {"wan": tv.wan_transformer, "ltx2": tv.ltx2_transformer,
          "hunyuan_video15": tv.hunyuan_video15_transformer}
-#: each family's default exporter
-DEFAULT = {"wan": "wan_comfyui", "ltx2": "diffusers", "hunyuan_video15": "diffusers"}
+#: each family's default exporter, as its record says
+DEFAULT = {f.name: f.default_exporter for f in (wan.WAN, ltx2.LTX2,
+                                                hunyuan_video15.HUNYUAN_VIDEO15)}
 TOL = 1e-4
 
 
@@ -110,14 +111,15 @@ def test_comfyui_export_has_trainloranodes_modules_and_shapes(family):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("exporter", ["comfyui", "default"])
+@pytest.mark.parametrize("exporter", ["comfyui", "default", "diffusers"])
 def test_every_exported_module_is_a_key_comfyui_loads(family, exporter):
-    """Each module of the ``comfyui`` export (and of Wan's default ``wan_comfyui``) is
-    a key of ComfyUI's ``model_lora_keys_unet`` for that model, pointing at the weight
-    of its own name; ComfyUI 0.8.0 reads no diffusers names for these models, so the
-    ``diffusers`` export (HunyuanVideo 1.5's default) loads nothing there, but for
-    LTX-2's: its LoRA file is in the original names, which both diffusers' LTX2Pipeline
-    and ComfyUI read (``exporters.BOTH_READ``)."""
+    """Each module of the ``comfyui`` export and of each family's default (Wan's
+    ``wan_comfyui``, HunyuanVideo 1.5's ``comfyui``) is a key of ComfyUI's
+    ``model_lora_keys_unet`` for that model, pointing at the weight of its own name;
+    ComfyUI 0.8.0 reads no diffusers names for these models, so the ``diffusers``
+    export loads nothing there, but for LTX-2's (its default): its LoRA file is in the
+    original names, which both diffusers' LTX2Pipeline and ComfyUI read
+    (``exporters.BOTH_READ``)."""
     name = DEFAULT[family] if exporter == "default" else exporter
     model = _model(family)
     key_map = _keys(family)["model_lora_keys_unet"]
@@ -274,9 +276,10 @@ def test_the_names_are_the_checkpoints_by_diffusers_converter(family):
 
 @pytest.mark.parametrize("family", ["ltx2", "hunyuan_video15"])
 def test_convert_rekeys_a_diffusers_file_into_comfyuis_names(family, tmp_path):
-    """``loraengine convert --to comfyui`` with the model: a diffusers-keyed LoRA (these
-    families' default export) comes out in TrainLoraNode's modules, every one a key
-    ComfyUI loads, and reads back to the same merged weights."""
+    """``loraengine convert --to comfyui`` with the model: a diffusers-keyed LoRA (what
+    PEFT reads of HunyuanVideo 1.5, ``adapter.exporter: diffusers``; LTX-2's LoRA
+    export is in the original names) comes out in TrainLoraNode's modules, every one a
+    key ComfyUI loads, and reads back to the same merged weights."""
     from click.testing import CliRunner
 
     from loraengine.cli.main import cli
