@@ -68,7 +68,10 @@ def test_detect_and_load_read_each_pipeline_folder(folders):
         assert loaded.latent_ndim == 5 and loaded.cond_keys == ("cond",)
         assert loaded.latent_channels == tv.VIDEO_DENOISERS[name][3]
         assert loaded.cond_widths["cond"] == tv.VIDEO_DENOISERS[name][4]
-        assert len(loaded.blocks) == 2 and loaded.default_exporter == "diffusers"
+        # LTX-2's diffusers export is the file both its pipeline and ComfyUI read;
+        # HunyuanVideo 1.5's pipeline reads none, so its default is ComfyUI's names
+        assert len(loaded.blocks) == 2 and loaded.default_exporter == \
+            {"ltx2": "diffusers", "hunyuan_video15": "comfyui"}[name]
     ltx, hv = _load("ltx2", path=folders["ltx2"]), _load("hunyuan_video15",
                                                           path=folders["hunyuan_video15"])
     assert ltx.schedule.shift_by_shape is not None  # it shifts by the clip's token count
