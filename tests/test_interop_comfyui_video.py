@@ -340,3 +340,43 @@ def test_wan22_experts_trained_together_write_comfyuis_names_in_each_file():
         tensors = spec.to_file(in_layout(modules, spec, module_layouts(REG, experts)))
         stems = _modules(tensors)
         assert len(stems) == 27 and stems <= set(key_map)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("exporter", ["diffusers", "comfyui"])
+def test_train_says_comfyui_reads_no_diffusers_name_of_hunyuan_video15(exporter, tmp_path):
+    """HunyuanVideo 1.5's diffusers names are SD3's and FLUX.1's too, so only the model
+    the file is for (its ``ss_base_model_version``) tells that ComfyUI loads none of a
+    ``diffusers`` export (the ``diffusers`` cells above) and that Forge's SD3 and FLUX.1
+    limits do not apply; the ``comfyui`` export is warned about nothing."""
+    import yaml
+    from click.testing import CliRunner
+    from safetensors.torch import save_file
+
+    from loraengine.cli.main import cli
+
+    folder = tv.save_video_denoiser("hunyuan_video15", tmp_path / "m")
+    channels, width = tv.VIDEO_DENOISERS["hunyuan_video15"][3:5]
+    g = torch.Generator().manual_seed(0)
+    save_file({"latents": torch.randn(1, channels, 2, 4, 6, generator=g)},
+              str(tmp_path / "lat.st"))
+    save_file({"cond": torch.randn(1, 7, width, generator=g)}, str(tmp_path / "cond.st"))
+    cfg = {"model": {"family": "hunyuan_video15", "path": str(folder)},
+           "data": {"latents": str(tmp_path / "lat.st"),
+                    "conditioning": str(tmp_path / "cond.st")},
+           "training": {"steps": 1, "dtype": "fp32"},
+           "adapter": {"dtype": "fp32", "exporter": exporter},
+           "output": {"dir": str(tmp_path / "out"), "name": "lora", "plot": False}}
+    (tmp_path / "t.yaml").write_text(yaml.safe_dump(cfg))
+    result = CliRunner().invoke(cli, ["train", str(tmp_path / "t.yaml")])
+    assert result.exit_code == 0, result.output
+    warned = [line for line in result.output.splitlines() if line.startswith("warning:")]
+    layers = len(_modules(load_file(str(tmp_path / "out" / "lora.safetensors"))))
+    if exporter == "comfyui":
+        assert warned == []
+    else:
+        assert warned == [f"warning: adapter.exporter: ComfyUI reads no diffusers names for "
+                          f"HunyuanVideo 1.5: {layers} layer(s) of this HunyuanVideo 1.5 "
+                          f"file are not loaded there (e.g. "
+                          f"transformer_blocks.0.attn.add_k_proj); the comfyui exporter "
+                          f"is, with every layer"]

@@ -646,9 +646,18 @@ COMFYUI_UNREAD_DIFFUSERS: tuple[tuple[str, re.Pattern[str], re.Pattern[str] | No
      "names, which both read, for LoRA)"))
 
 
-def comfyui_unread(modules: Iterable[str]) -> list[str]:
+#: models (by ``ss_base_model_version``) whose diffusers names ComfyUI 0.8.0 maps none
+#: of, whose layers are named as other models' are (HunyuanVideo 1.5's as SD3's): its
+#: loader reads their own names only (comfy/lora.py; measured in
+#: tests/test_interop_comfyui_video.py)
+COMFYUI_NO_DIFFUSERS_MAP = {"wan": "Wan", "hunyuan_video15": "HunyuanVideo 1.5"}
+
+
+def comfyui_unread(modules: Iterable[str], metadata: Mapping[str, str] | None = None
+                   ) -> list[str]:
     """What ComfyUI does not load of a file in diffusers' names (module paths): one
-    line per model whose names ComfyUI lacks."""
+    line per model whose names ComfyUI lacks, known by the names or by the model the
+    ``metadata`` says the file is for."""
     names = list(modules)
     out = []
     for model, marks, unread, what in COMFYUI_UNREAD_DIFFUSERS:
@@ -658,6 +667,12 @@ def comfyui_unread(modules: Iterable[str]) -> list[str]:
         out.append(f"ComfyUI {what}: {len(hit)} layer(s) of this {model} file are not "
                    f"loaded there (e.g. {hit[0]}); the comfyui exporter is, with every "
                    f"layer")
+    base = (metadata or {}).get("ss_base_model_version", "").split(":")[0]
+    model = COMFYUI_NO_DIFFUSERS_MAP.get(base)
+    if model and names and not out:
+        out.append(f"ComfyUI reads no diffusers names for {model}: {len(names)} layer(s) "
+                   f"of this {model} file are not loaded there (e.g. {sorted(names)[0]}); "
+                   f"the comfyui exporter is, with every layer")
     return out
 
 
@@ -796,7 +811,8 @@ def diffusers_limits(modules: Mapping[str, tuple[str, Collection[str]]],
     own = [f"diffusers reads only LoRA (and LoKr for Flux.2 and Z-Image); {n} "
            f"layer(s) of {', '.join(other)} are not applied there"] if n else []
     return dora + own + _diffusers_deltas(modules) + \
-        ([] if both else comfyui_unread(modules)) + forge_limits(modules, "diffusers", metadata)
+        ([] if both else comfyui_unread(modules, metadata)) + \
+        forge_limits(modules, "diffusers", metadata)
 
 
 def _diffusers_deltas(modules: Mapping[str, tuple[str, Collection[str]]]) -> list[str]:
