@@ -668,11 +668,11 @@ def comfyui_unread(modules: Iterable[str], metadata: Mapping[str, str] | None = 
                    f"loaded there (e.g. {hit[0]}); the comfyui exporter is, with every "
                    f"layer")
     base = (metadata or {}).get("ss_base_model_version", "").split(":")[0]
-    model = COMFYUI_NO_DIFFUSERS_MAP.get(base)
-    if model and names and not out:
-        out.append(f"ComfyUI reads no diffusers names for {model}: {len(names)} layer(s) "
-                   f"of this {model} file are not loaded there (e.g. {sorted(names)[0]}); "
-                   f"the comfyui exporter is, with every layer")
+    unmapped = COMFYUI_NO_DIFFUSERS_MAP.get(base)
+    if unmapped and names and not out:
+        out.append(f"ComfyUI reads no diffusers names for {unmapped}: {len(names)} "
+                   f"layer(s) of this {unmapped} file are not loaded there (e.g. "
+                   f"{sorted(names)[0]}); the comfyui exporter is, with every layer")
     return out
 
 
