@@ -134,3 +134,46 @@ def test_text_encoder_keys_are_a_warning_and_the_denoiser_is_placed(models):
     with pytest.warns(UserWarning, match="1 text-encoder key\\(s\\) not applied"):
         handle = loraengine.apply(copy.deepcopy(model), tensors, host=HOST)
     assert set(handle.modules) == set(dict(network.items()))
+
+
+@pytest.mark.parametrize("exporter", ["comfyui", "diffusers"])
+def test_adapter_existing_continues_hunyuan_video15_files_with_every_module(exporter,
+                                                                              tmp_path):
+    """HunyuanVideo 1.5's default (``comfyui``: fused q/k/v, swapped final modulation)
+    and its ``diffusers`` export, continued with ``adapter.existing``: every module is
+    restored on its layer with the ΔW written, fused ones split back onto q, k and v."""
+    import yaml
+    from safetensors.torch import save_file
+
+    from loraengine.api import resolve_config
+    from loraengine.core.build import build_pipeline
+    from loraengine.core.files import save_lora
+
+    folder = tv.save_video_denoiser("hunyuan_video15", tmp_path / "m")
+    model = tv.VIDEO_DENOISERS["hunyuan_video15"][1](0)
+    network = _network(model, "lora")
+    written = dict(network.items())
+    ex = REG.get("exporter", exporter)
+    path = tmp_path / "lora.safetensors"
+    save_lora(path, ex.to_file(in_layout(network.file_modules(), ex,
+                                         module_layouts(REG, model))), {})
+    channels, width = tv.VIDEO_DENOISERS["hunyuan_video15"][3:5]
+    save_file({"latents": torch.zeros(1, channels, 2, 4, 6)}, str(tmp_path / "lat.st"))
+    save_file({"cond": torch.zeros(1, 7, width)}, str(tmp_path / "cond.st"))
+    cfg = {"model": {"family": "hunyuan_video15", "path": str(folder)},
+           "data": {"latents": str(tmp_path / "lat.st"),
+                    "conditioning": str(tmp_path / "cond.st")},
+           "training": {"steps": 1, "dtype": "fp32"},
+           "adapter": {"rank": 2, "dtype": "fp32", "include": ["*"], "existing": str(path)},
+           "output": {"dir": str(tmp_path / "out"), "name": "lora", "plot": False}}
+    (tmp_path / "t.yaml").write_text(yaml.safe_dump(cfg))
+    conf, base = resolve_config(tmp_path / "t.yaml", HOST)
+    engine = build_pipeline(conf, HOST, base_dir=base)
+    try:
+        restored = dict(engine.network.items())
+        assert set(restored) == set(written)
+        for p, layer in restored.items():
+            got = layer.delta_weight().detach().float()
+            assert relative_error(got, written[p].delta_weight().detach()) <= TOLERANCE, p
+    finally:
+        engine.close()
