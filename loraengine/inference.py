@@ -154,7 +154,9 @@ def network_from_file(model: nn.Module, file: AdapterFile, registry: Registry, *
             raise DataError(f"{source}: module {path}: cannot load the adapter "
                             f"({'; '.join(errors)})")
     if not built and not deltas:
-        raise DataError(f"{source}: no adapter in it fits a layer of this model")
+        # placing nothing is never a silent no-op: say what was tried
+        raise DataError(unplaced_message(file, unknown, registry, model) if unknown else
+                        f"{source}: no adapter in it fits a layer of this model")
     return AdapterNetwork(built, deltas), file.key_format or "", algorithms
 
 

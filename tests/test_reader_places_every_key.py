@@ -177,3 +177,18 @@ def test_adapter_existing_continues_hunyuan_video15_files_with_every_module(expo
             assert relative_error(got, written[p].delta_weight().detach()) <= TOLERANCE, p
     finally:
         engine.close()
+
+
+def test_not_strict_a_file_of_another_model_is_still_an_error_placing_nothing(models):
+    """``strict=False`` lets modules the model lacks go with a warning, but a file of
+    which nothing fits is an error naming the file and what was tried."""
+    model = models["hunyuan_video15"]
+    ex = REG.get("exporter", "comfyui")
+    other = models["wan"]
+    tensors = ex.to_file(in_layout(_network(other, "lora").file_modules(), ex,
+                                   module_layouts(REG, other)))
+    with pytest.warns(UserWarning), pytest.raises(DataError) as info:
+        loraengine.apply(copy.deepcopy(model), tensors, host=HOST, strict=False)
+    message = str(info.value)
+    assert "\n" not in message and "module(s) are not layers of this model" in message
+    assert "module names tried: the model's own, comfyui" in message
