@@ -29,6 +29,7 @@ from loraengine.core.files import (
     owners_of,
     read_adapter_file,
     unplaced_message,
+    unread_message,
 )
 from loraengine.core.plugins.host import PluginHost
 from loraengine.core.plugins.registry import Registry
@@ -113,6 +114,13 @@ def network_from_file(model: nn.Module, file: AdapterFile, registry: Registry, *
         if strict:
             raise DataError(msg)
         warnings.warn(msg, stacklevel=3)
+    unread, text_encoders = unread_message(file, registry, model)
+    if unread:
+        if strict:
+            raise DataError(unread)
+        warnings.warn(unread, stacklevel=3)
+    if text_encoders:
+        warnings.warn(text_encoders, stacklevel=3)
     built: dict[str, AdapterLayer] = {}
     deltas: dict[str, ChannelDelta] = {}
     algorithms: dict[str, str] = {}
@@ -146,7 +154,9 @@ def network_from_file(model: nn.Module, file: AdapterFile, registry: Registry, *
             raise DataError(f"{source}: module {path}: cannot load the adapter "
                             f"({'; '.join(errors)})")
     if not built and not deltas:
-        raise DataError(f"{source}: no adapter in it fits a layer of this model")
+        # placing nothing is never a silent no-op: say what was tried
+        raise DataError(unplaced_message(file, unknown, registry, model) if unknown else
+                        f"{source}: no adapter in it fits a layer of this model")
     return AdapterNetwork(built, deltas), file.key_format or "", algorithms
 
 

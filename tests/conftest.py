@@ -92,9 +92,11 @@ class TrainedFile:
 
 def train_and_reload(tmp_path: Path, family: str, folder: Path, latents: torch.Tensor,
                      cond: dict[str, torch.Tensor], probe_x: torch.Tensor,
-                     probe_cond: dict[str, torch.Tensor]) -> TrainedFile:
+                     probe_cond: dict[str, torch.Tensor], exporter: str | None = None
+                     ) -> TrainedFile:
     """Train 30 steps through the CLI on ``latents``/``cond`` (rank 4, fp32, gradient
-    checkpointing), check the loss curve, then load the file back with
+    checkpointing; ``adapter.exporter: exporter`` where given, else the family's
+    default), check the loss curve, then load the file back with
     ``adapter.existing``: it must lower the fixed-draw loss by 3 %; the merged
     prediction on the probe at sigma 0.3 and 0.8 is returned for the consumer's loader
     to match."""
@@ -117,7 +119,8 @@ def train_and_reload(tmp_path: Path, family: str, folder: Path, latents: torch.T
                     "conditioning": str(tmp_path / "cond.st")},
            "training": {"steps": 30, "batch_size": 4, "dtype": "fp32", "seed": 0},
            "optimizer": {"lr": 0.02},
-           "adapter": {"rank": 4, "alpha": 2, "dtype": "fp32"},
+           "adapter": {"rank": 4, "alpha": 2, "dtype": "fp32",
+                       **({"exporter": exporter} if exporter else {})},
            "memory": {"gradient_checkpointing": True},
            "output": {"dir": str(tmp_path / "out"), "name": "lora", "plot": False}}
     path = tmp_path / "train.yaml"
@@ -226,21 +229,22 @@ def train_prepared(tmp_path: Path, family: str, model: Path, data: Path, steps: 
 
 
 def sample_frame_strip(tmp_path: Path, model: Path, prompt: str, lora: Path, frames: int,
-                       size: int, channels: int) -> Any:
+                       size: int, channels: int, strength: float = 1.0) -> Any:
     """``loraengine sample --frames`` (2 steps, latents ``size``², the prompt written to
-    ``tmp_path/p.txt``, images to ``tmp_path/s``); checks the latent shape it reports and
-    returns the first picture as an array."""
+    ``tmp_path/p.txt``, images to ``tmp_path/s``, the adapter at ``strength``); checks
+    the latent shape it reports and returns the first picture as an array."""
     import numpy as np
     from click.testing import CliRunner
     from PIL import Image
 
     from loraengine.cli.main import cli
 
+    tmp_path.mkdir(parents=True, exist_ok=True)
     (tmp_path / "p.txt").write_text(prompt + "\n")
     result = CliRunner().invoke(cli, [
         "sample", "--model", str(model), "--prompts", str(tmp_path / "p.txt"), "--lora",
         str(lora), "--out", str(tmp_path / "s"), "--steps", "2", "--frames", str(frames),
-        "--size", str(size), str(size)])
+        "--size", str(size), str(size), "--strength", str(strength)])
     assert result.exit_code == 0, result.output
     assert f"(latents {channels}x{frames}x{size}x{size})" in result.output
     return np.asarray(Image.open(tmp_path / "s" / "image_0_0.png"))

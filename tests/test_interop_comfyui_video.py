@@ -29,7 +29,7 @@ from loraengine.core.adapter import ADAPTABLE, AdapterNetwork
 from loraengine.core.adapter.network import select_layers
 from loraengine.core.files import in_layout, module_layouts, write_adapter_file
 from loraengine.plugins import build_plugin_manager
-from loraengine.plugins.models import comfy_names
+from loraengine.plugins.models import comfy_names, hunyuan_video15, ltx2, wan
 from loraengine.testing import tiny_video as tv
 from loraengine.testing.conformance import perturb, relative_error
 
@@ -39,8 +39,9 @@ REG = HOST.registry
 FAMILIES = ("wan", "ltx2", "hunyuan_video15")
 BUILD = {"wan": tv.wan_transformer, "ltx2": tv.ltx2_transformer,
          "hunyuan_video15": tv.hunyuan_video15_transformer}
-#: each family's default exporter
-DEFAULT = {"wan": "wan_comfyui", "ltx2": "diffusers", "hunyuan_video15": "diffusers"}
+#: each family's default exporter, as its record says
+DEFAULT = {f.name: f.default_exporter for f in (wan.WAN, ltx2.LTX2,
+                                                hunyuan_video15.HUNYUAN_VIDEO15)}
 TOL = 1e-4
 
 
@@ -110,14 +111,15 @@ def test_comfyui_export_has_trainloranodes_modules_and_shapes(family):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("exporter", ["comfyui", "default"])
+@pytest.mark.parametrize("exporter", ["comfyui", "default", "diffusers"])
 def test_every_exported_module_is_a_key_comfyui_loads(family, exporter):
-    """Each module of the ``comfyui`` export (and of Wan's default ``wan_comfyui``) is
-    a key of ComfyUI's ``model_lora_keys_unet`` for that model, pointing at the weight
-    of its own name; ComfyUI 0.8.0 reads no diffusers names for these models, so the
-    ``diffusers`` export (HunyuanVideo 1.5's default) loads nothing there, but for
-    LTX-2's: its LoRA file is in the original names, which both diffusers' LTX2Pipeline
-    and ComfyUI read (``exporters.BOTH_READ``)."""
+    """Each module of the ``comfyui`` export and of each family's default (Wan's
+    ``wan_comfyui``, HunyuanVideo 1.5's ``comfyui``) is a key of ComfyUI's
+    ``model_lora_keys_unet`` for that model, pointing at the weight of its own name;
+    ComfyUI 0.8.0 reads no diffusers names for these models, so the ``diffusers``
+    export loads nothing there, but for LTX-2's (its default): its LoRA file is in the
+    original names, which both diffusers' LTX2Pipeline and ComfyUI read
+    (``exporters.BOTH_READ``)."""
     name = DEFAULT[family] if exporter == "default" else exporter
     model = _model(family)
     key_map = _keys(family)["model_lora_keys_unet"]
@@ -274,9 +276,10 @@ def test_the_names_are_the_checkpoints_by_diffusers_converter(family):
 
 @pytest.mark.parametrize("family", ["ltx2", "hunyuan_video15"])
 def test_convert_rekeys_a_diffusers_file_into_comfyuis_names(family, tmp_path):
-    """``loraengine convert --to comfyui`` with the model: a diffusers-keyed LoRA (these
-    families' default export) comes out in TrainLoraNode's modules, every one a key
-    ComfyUI loads, and reads back to the same merged weights."""
+    """``loraengine convert --to comfyui`` with the model: a diffusers-keyed LoRA (what
+    PEFT reads of HunyuanVideo 1.5, ``adapter.exporter: diffusers``; LTX-2's LoRA
+    export is in the original names) comes out in TrainLoraNode's modules, every one a
+    key ComfyUI loads, and reads back to the same merged weights."""
     from click.testing import CliRunner
 
     from loraengine.cli.main import cli
@@ -337,3 +340,43 @@ def test_wan22_experts_trained_together_write_comfyuis_names_in_each_file():
         tensors = spec.to_file(in_layout(modules, spec, module_layouts(REG, experts)))
         stems = _modules(tensors)
         assert len(stems) == 27 and stems <= set(key_map)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("exporter", ["diffusers", "comfyui"])
+def test_train_says_comfyui_reads_no_diffusers_name_of_hunyuan_video15(exporter, tmp_path):
+    """HunyuanVideo 1.5's diffusers names are SD3's and FLUX.1's too, so only the model
+    the file is for (its ``ss_base_model_version``) tells that ComfyUI loads none of a
+    ``diffusers`` export (the ``diffusers`` cells above) and that Forge's SD3 and FLUX.1
+    limits do not apply; the ``comfyui`` export is warned about nothing."""
+    import yaml
+    from click.testing import CliRunner
+    from safetensors.torch import save_file
+
+    from loraengine.cli.main import cli
+
+    folder = tv.save_video_denoiser("hunyuan_video15", tmp_path / "m")
+    channels, width = tv.VIDEO_DENOISERS["hunyuan_video15"][3:5]
+    g = torch.Generator().manual_seed(0)
+    save_file({"latents": torch.randn(1, channels, 2, 4, 6, generator=g)},
+              str(tmp_path / "lat.st"))
+    save_file({"cond": torch.randn(1, 7, width, generator=g)}, str(tmp_path / "cond.st"))
+    cfg = {"model": {"family": "hunyuan_video15", "path": str(folder)},
+           "data": {"latents": str(tmp_path / "lat.st"),
+                    "conditioning": str(tmp_path / "cond.st")},
+           "training": {"steps": 1, "dtype": "fp32"},
+           "adapter": {"dtype": "fp32", "exporter": exporter},
+           "output": {"dir": str(tmp_path / "out"), "name": "lora", "plot": False}}
+    (tmp_path / "t.yaml").write_text(yaml.safe_dump(cfg))
+    result = CliRunner().invoke(cli, ["train", str(tmp_path / "t.yaml")])
+    assert result.exit_code == 0, result.output
+    warned = [line for line in result.output.splitlines() if line.startswith("warning:")]
+    layers = len(_modules(load_file(str(tmp_path / "out" / "lora.safetensors"))))
+    if exporter == "comfyui":
+        assert warned == []
+    else:
+        assert warned == [f"warning: adapter.exporter: ComfyUI reads no diffusers names for "
+                          f"HunyuanVideo 1.5: {layers} layer(s) of this HunyuanVideo 1.5 "
+                          f"file are not loaded there (e.g. "
+                          f"transformer_blocks.0.attn.add_k_proj); the comfyui exporter "
+                          f"is, with every layer"]

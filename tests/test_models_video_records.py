@@ -68,7 +68,10 @@ def test_detect_and_load_read_each_pipeline_folder(folders):
         assert loaded.latent_ndim == 5 and loaded.cond_keys == ("cond",)
         assert loaded.latent_channels == tv.VIDEO_DENOISERS[name][3]
         assert loaded.cond_widths["cond"] == tv.VIDEO_DENOISERS[name][4]
-        assert len(loaded.blocks) == 2 and loaded.default_exporter == "diffusers"
+        # LTX-2's diffusers export is the file both its pipeline and ComfyUI read;
+        # HunyuanVideo 1.5's pipeline reads none, so its default is ComfyUI's names
+        assert len(loaded.blocks) == 2 and loaded.default_exporter == \
+            {"ltx2": "diffusers", "hunyuan_video15": "comfyui"}[name]
     ltx, hv = _load("ltx2", path=folders["ltx2"]), _load("hunyuan_video15",
                                                           path=folders["hunyuan_video15"])
     assert ltx.schedule.shift_by_shape is not None  # it shifts by the clip's token count
@@ -332,9 +335,12 @@ def test_trains_and_the_file_loads_in_diffusers_with_every_key(folders, tmp_path
     x = x[:1] + 0.1 * x  # one clip, four takes: something a few steps can learn
     _, cond = _draw(name, n=4, seed=1)
     xe, ce = _draw(name, seed=7)
-    run = train_and_reload(tmp_path, name, folders[name], x, cond, xe, ce)
     # LTX-2's default file is in the original names, which LTX2Pipeline converts and
-    # ComfyUI reads (exporters.BOTH_READ); HunyuanVideo 1.5's in diffusers' names
+    # ComfyUI reads (exporters.BOTH_READ). HunyuanVideo 1.5's default is ComfyUI's
+    # names (no file serves both: ComfyUI reads none of diffusers' names for it, PEFT
+    # only those); what PEFT reads is the explicit ``diffusers`` export, tested here
+    exporter = "diffusers" if name == "hunyuan_video15" else None
+    run = train_and_reload(tmp_path, name, folders[name], x, cond, xe, ce, exporter)
     prefix = "diffusion_model." if name == "ltx2" else "transformer."
     assert run.tensors and all(k.startswith(f"{prefix}transformer_blocks.")
                                for k in run.tensors)

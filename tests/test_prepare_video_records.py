@@ -8,11 +8,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from click.testing import CliRunner
 from conftest import (
     assert_prepare_cached,
     clip_pixels,
+    diffusers_warnings,
     prepare_clips,
     sample_frame_strip,
     smooth_frame,
@@ -20,6 +23,7 @@ from conftest import (
 )
 from safetensors.torch import load_file
 
+from loraengine.cli.main import cli
 from loraengine.testing import tiny_video as tv
 
 FRAMES = 5
@@ -169,15 +173,24 @@ def test_prepare_encodes_clips_as_hunyuan_video15_pipeline_does(tmp_path, hunyua
 
 
 def _hunyuan_loss(root: Path, data: Path, lora: Path | None) -> float:
-    """Mean flow-matching loss of the transformer (``lora`` placed by its own
-    ``load_lora_adapter``; the pipeline has no LoRA loader) called as the text-to-video
-    pipeline calls it, on the prepared data at fixed σ and noise."""
+    """Mean flow-matching loss of the transformer (``lora``, a file in diffusers'
+    names, placed by its own ``load_lora_adapter`` with every key; the pipeline has no
+    LoRA loader) called as the text-to-video pipeline calls it, on the prepared data at
+    fixed σ and noise."""
     import diffusers
+    from peft.tuners.lora import LoraLayer
 
     model = diffusers.HunyuanVideo15Transformer3DModel.from_pretrained(
         str(root / "transformer"), local_files_only=True).eval()
     if lora is not None:
-        model.load_lora_adapter(load_file(str(lora)), prefix="transformer")
+        tensors = load_file(str(lora))
+        with diffusers_warnings() as messages:
+            model.load_lora_adapter(tensors, prefix="transformer")
+        # diffusers logs unplaced keys as "unexpected keys" / "missing keys"
+        assert not [m for m in messages if "unexpected keys" in m or "missing keys" in m], \
+            messages
+        modules = {k.rsplit(".lora_", 1)[0] for k in tensors}
+        assert len([m for m in model.modules() if isinstance(m, LoraLayer)]) == len(modules)
     lat = load_file(str(data / "latents.safetensors"))["latents"]
     cond = load_file(str(data / "conditioning.safetensors"))
     g = torch.Generator().manual_seed(123)
@@ -202,17 +215,28 @@ def _hunyuan_loss(root: Path, data: Path, lora: Path | None) -> float:
 @pytest.mark.slow
 def test_hunyuan_video15_clips_prepare_train_then_sample_a_frame_strip(tmp_path, hunyuan,
                                                                         clips):
-    """Clips -> prepare -> train (the loss on fixed draws lower) -> ``sample --frames``
-    decoded by the HunyuanVideo 1.5 VAE."""
+    """Clips -> prepare -> train (the default file, in ComfyUI's names) -> the loss on
+    fixed draws lower with it, placed by PEFT after ``convert --to diffusers`` (our
+    reader of the ComfyUI names) -> ``sample --frames`` with it (our reader again),
+    decoded by the HunyuanVideo 1.5 VAE, unlike the sample at strength 0."""
     data = tmp_path / "data"
     prepare_clips(hunyuan, clips, data)
     lora, _ = train_prepared(tmp_path, "hunyuan_video15", hunyuan, data, steps=10, rank=4,
                              lr=0.02)
+    assert all(k.startswith("diffusion_model.double_blocks.") for k in load_file(str(lora)))
+    converted = tmp_path / "lora.diffusers.safetensors"
+    res = CliRunner().invoke(cli, ["convert", str(lora), "--to", "diffusers", "--model",
+                                   str(hunyuan), "--out", str(converted)])
+    assert res.exit_code == 0 and "warning" not in res.output, res.output
     before = _hunyuan_loss(hunyuan, data, None)
-    after = _hunyuan_loss(hunyuan, data, lora)
+    after = _hunyuan_loss(hunyuan, data, converted)
     assert after < before, (before, after)
 
-    strip = sample_frame_strip(tmp_path, hunyuan, 'a sign reading "HELLO"', lora, frames=3,
-                               size=8, channels=tv.HUNYUAN_CHANNELS)
+    prompt = 'a sign reading "HELLO"'
+    strip = sample_frame_strip(tmp_path, hunyuan, prompt, lora, frames=3, size=8,
+                               channels=tv.HUNYUAN_CHANNELS)
     # 3 latent frames are 1 + 2·2 pixel frames of 32x32, side by side
     assert strip.shape == (32, 5 * 32, 3)
+    plain = sample_frame_strip(tmp_path / "plain", hunyuan, prompt, lora, frames=3, size=8,
+                               channels=tv.HUNYUAN_CHANNELS, strength=0.0)
+    assert np.abs(strip.astype(int) - plain.astype(int)).max() > 0

@@ -31,7 +31,13 @@ from loraengine.core.data import (
 from loraengine.core.devices import DTYPES, resolve_device, return_freed_host_memory
 from loraengine.core.distributed import DistContext, shard_base, wrap_ddp
 from loraengine.core.errors import ConfigError, DataError, LoraEngineError
-from loraengine.core.files import looks_like, option_conflicts, read_adapter_file, unplaced_message
+from loraengine.core.files import (
+    looks_like,
+    option_conflicts,
+    read_adapter_file,
+    unplaced_message,
+    unread_message,
+)
 from loraengine.core.model import LoadedModel
 from loraengine.core.plugins.assembly import BuildContext, HostStreaming, StrategyResult
 from loraengine.core.plugins.host import PluginHost
@@ -276,6 +282,11 @@ def _read_existing(path: Path, host: PluginHost, layers: Mapping[str, nn.Module]
     if unknown:
         raise DataError(unplaced_message(file, unknown, host.registry, model,
                                          "adapted layers"))
+    unread, text_encoders = unread_message(file, host.registry, model)
+    if unread:
+        raise DataError(unread)
+    if text_encoders:
+        warnings.warn(text_encoders, stacklevel=2)
     for mod_path, module in file.modules.items():
         if not module.params:
             continue

@@ -42,9 +42,11 @@ def _exporter_limits(pipe: Any) -> list[str]:
         # names -> shapes: the names for every limit, the shapes for those needing them
         modules[renamed[path]] = (algorithm, {k: tuple(v.shape) for k, v in params.items()})
     spec = pipe.adapter_spec
-    # the metadata the file will carry that changes how it reads (DoRA's norm)
-    metadata = spec.file_metadata(pipe.config.adapter) if getattr(
-        spec, "file_metadata", None) else {}
+    # the metadata the file will carry: the model it is for, and what changes how it
+    # reads (DoRA's norm)
+    metadata = {"ss_base_model_version": pipe.loaded.base_model_version}
+    if getattr(spec, "file_metadata", None):
+        metadata.update(spec.file_metadata(pipe.config.adapter))
     return [f"adapter.exporter: {line}" for line in exporter.limits(modules,
                                                                      metadata=metadata)]
 

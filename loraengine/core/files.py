@@ -239,10 +239,30 @@ def steps_of(path: Path, metadata: Mapping[str, str]) -> int:
     return 0
 
 
+class _ReadKeys(Mapping[str, torch.Tensor]):
+    """A file's tensors as a key format's ``from_file`` sees them, noting the keys it
+    reads: one by one, or all of them where it copies or iterates the values."""
+
+    def __init__(self, tensors: Mapping[str, torch.Tensor]):
+        self._tensors, self.read = tensors, set[str]()
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        value = self._tensors[key]
+        self.read.add(key)
+        return value
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._tensors)
+
+    def __len__(self) -> int:
+        return len(self._tensors)
+
+
 def split_modules(tensors: Mapping[str, torch.Tensor], exporters: Iterable[ExporterSpec],
                   module_paths: Iterable[str], aliases: Mapping[str, str] | None = None
-                  ) -> tuple[str, dict[str, dict[str, torch.Tensor]]]:
-    """Find the exporter whose key format the file is in and group tensors per module.
+                  ) -> tuple[str, dict[str, dict[str, torch.Tensor]], tuple[str, ...]]:
+    """Find the exporter whose key format the file is in and group tensors per module;
+    the keys that format left unread come last (sorted).
 
     ``aliases`` (``{name in another layout: module path}``, see ``module_layouts``) are
     offered to the key formats as paths too; modules found under one are renamed to
@@ -253,16 +273,18 @@ def split_modules(tensors: Mapping[str, torch.Tensor], exporters: Iterable[Expor
     paths = list(module_paths)
     known = set(paths)
     aliases = dict(aliases or {})
-    first: tuple[str, dict[str, dict[str, torch.Tensor]]] | None = None
+    first: tuple[str, dict[str, dict[str, torch.Tensor]], tuple[str, ...]] | None = None
     for exporter in exporters:
-        grouped = exporter.from_file(tensors, [*paths, *aliases])
+        seen = _ReadKeys(tensors)
+        grouped = exporter.from_file(seen, [*paths, *aliases])
         if grouped:
             out: dict[str, dict[str, torch.Tensor]] = {}
             for module, params in grouped.items():
                 out.setdefault(aliases.get(module, module), {}).update(params)
+            unread = tuple(sorted(set(tensors) - seen.read))
             if not known or set(out) <= known:
-                return exporter.name, out
-            first = first or (exporter.name, out)
+                return exporter.name, out, unread
+            first = first or (exporter.name, out, unread)
     if first is not None:
         return first
     sample = ", ".join(sorted(tensors)[:3])
@@ -306,13 +328,49 @@ def unplaced_message(file: AdapterFile, unknown: Sequence[str], registry: Regist
             f"{', '.join(unknown[:5])}{' ...' if len(unknown) > 5 else ''} (read as "
             f"{file.key_format or 'no known'} keys; key formats tried: "
             f"{', '.join(formats)}; module names tried: {', '.join(layouts)})")
-    theirs = looks_like(registry, unknown)
+    return line + _made_for(registry, unknown, model)
+
+
+def _made_for(registry: Registry, names: Collection[str], model: nn.Module | None) -> str:
+    """``; the file looks made for …`` where ``names`` look made for another model than
+    ``model``, else nothing."""
+    line = ""
+    theirs = looks_like(registry, names)
     if theirs and model is not None:
         own = looks_like(registry, [n for n, m in model.named_modules()
                                     if isinstance(getattr(m, "weight", None), torch.Tensor)])
         if theirs != own:
             line += f"; the file looks made for {theirs}"
     return line
+
+
+#: The first name of a key that is a text encoder's (kohya's ``lora_te1_``, diffusers'
+#: ``text_encoder_2.``): the engine adapts the denoiser only.
+TEXT_ENCODER_KEY = re.compile(r"^(lora_te\d*_|text_encoder(_\d+)?\.|te\d*\.)")
+
+
+def unread_message(file: AdapterFile, registry: Registry, model: nn.Module | None = None
+                   ) -> tuple[str, str]:
+    """(error, warning) lines on a file's keys its key format did not read
+    (``AdapterFile.unread``), each empty where there are none: the text encoders' keys
+    are a warning (they are not the denoiser's), any other key an error."""
+    text = [k for k in file.unread if TEXT_ENCODER_KEY.match(k)]
+    other = [k for k in file.unread if not TEXT_ENCODER_KEY.match(k)]
+    error = warning = ""
+    if other:
+        layouts = ["the model's own", *sorted(module_layouts(registry, model))] if model \
+            is not None else ["the model's own"]
+        formats = [spec.name for spec in registry.specs("exporter")]
+        error = (f"{file.source}: {len(other)} key(s) are not read as "
+                 f"{file.key_format or 'no known'} keys, as the rest of the file is: "
+                 f"{', '.join(other[:5])}{' ...' if len(other) > 5 else ''} "
+                 f"(key formats tried: "
+                 f"{', '.join(formats)}; module names tried: {', '.join(layouts)})")
+        error += _made_for(registry, [k.rpartition(".")[0] for k in other], model)
+    if text:
+        warning = (f"{file.source}: {len(text)} text-encoder key(s) not applied (e.g. "
+                   f"{text[0]}): loraengine puts the denoiser's modules on the model")
+    return error, warning
 
 
 def layout_aliases(layouts: Mapping[str, Mapping[str, str]], paths: Collection[str]
@@ -366,6 +424,8 @@ class AdapterFile:
     metadata: dict[str, str] = field(default_factory=dict)
     steps: int = 0
     tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+    #: keys of the file its key format did not read (another format's, or nobody's)
+    unread: tuple[str, ...] = ()
 
     @property
     def algorithm_hint(self) -> str | None:
@@ -463,13 +523,19 @@ def read_adapter_file(source: Path | str | Mapping[str, torch.Tensor], registry:
     exporters = registry.specs("exporter")
     specs: list[AdapterSpec[BaseModel]] = registry.specs("adapter")
     key_format: str | None
+    unread: tuple[str, ...] = ()
     if module_paths is None:
         key_format, grouped = _group_without_model(tensors, exporters, specs)
     else:
         paths = list(module_paths)
         layouts = module_layouts(registry, model) if model is not None else {}
-        key_format, grouped = split_modules(tensors, exporters, paths,
-                                            layout_aliases(layouts, set(paths)))
+        try:
+            key_format, grouped, unread = split_modules(tensors, exporters, paths,
+                                                        layout_aliases(layouts, set(paths)))
+        except DataError as exc:
+            names = ["the model's own", *sorted(layouts)]
+            raise DataError(f"{label}: {exc}; module names tried: {', '.join(names)}"
+                            f"{_made_for(registry, list(tensors), model)}") from None
     hint = meta.get("loraengine.algorithm") or None
     builtin = engine_algorithms(registry)
     modules: dict[str, AdapterModule] = {}
@@ -477,7 +543,7 @@ def read_adapter_file(source: Path | str | Mapping[str, torch.Tensor], registry:
         params, deltas = split_deltas(standard_names(found))
         owners = tuple(owners_of(specs, params, hint, builtin)) if params else ()
         modules[path_] = AdapterModule(path_, params, deltas, owners)
-    return AdapterFile(label, key_format, modules, meta, steps, tensors)
+    return AdapterFile(label, key_format, modules, meta, steps, tensors, unread)
 
 
 #: PEFT's name of a DoRA magnitude; the engine's (and LyCORIS's) is ``dora_scale``.

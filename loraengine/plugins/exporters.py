@@ -646,9 +646,18 @@ COMFYUI_UNREAD_DIFFUSERS: tuple[tuple[str, re.Pattern[str], re.Pattern[str] | No
      "names, which both read, for LoRA)"))
 
 
-def comfyui_unread(modules: Iterable[str]) -> list[str]:
+#: models (by ``ss_base_model_version``) whose diffusers names ComfyUI 0.8.0 maps none
+#: of, whose layers are named as other models' are (HunyuanVideo 1.5's as SD3's): its
+#: loader reads their own names only (comfy/lora.py; measured in
+#: tests/test_interop_comfyui_video.py)
+COMFYUI_NO_DIFFUSERS_MAP = {"wan": "Wan", "hunyuan_video15": "HunyuanVideo 1.5"}
+
+
+def comfyui_unread(modules: Iterable[str], metadata: Mapping[str, str] | None = None
+                   ) -> list[str]:
     """What ComfyUI does not load of a file in diffusers' names (module paths): one
-    line per model whose names ComfyUI lacks."""
+    line per model whose names ComfyUI lacks, known by the names or by the model the
+    ``metadata`` says the file is for."""
     names = list(modules)
     out = []
     for model, marks, unread, what in COMFYUI_UNREAD_DIFFUSERS:
@@ -658,6 +667,12 @@ def comfyui_unread(modules: Iterable[str]) -> list[str]:
         out.append(f"ComfyUI {what}: {len(hit)} layer(s) of this {model} file are not "
                    f"loaded there (e.g. {hit[0]}); the comfyui exporter is, with every "
                    f"layer")
+    base = (metadata or {}).get("ss_base_model_version", "").split(":")[0]
+    unmapped = COMFYUI_NO_DIFFUSERS_MAP.get(base)
+    if unmapped and names and not out:
+        out.append(f"ComfyUI reads no diffusers names for {unmapped}: {len(names)} "
+                   f"layer(s) of this {unmapped} file are not loaded there (e.g. "
+                   f"{sorted(names)[0]}); the comfyui exporter is, with every layer")
     return out
 
 
@@ -673,6 +688,11 @@ QK_NORM_NATIVE = re.compile(r"(^|\.)norm\.(query|key)_norm\.scale$")
 #: of the swapped one unswapped
 FORGE_BANDS = re.compile(r"(attn\.(to_[qkv]|add_[qkv]_proj)|single_transformer_blocks\.\d+"
                          r"\.proj_mlp|(^|\.)norm_out\.linear)$")
+
+
+#: ``ss_base_model_version`` of the files Forge's FLUX.1 and SD3 models read (Chroma's
+#: names are FLUX.1's)
+FORGE_BASES = frozenset({"flux1", "sd3", "chroma"})
 
 
 def forge_models(names: Iterable[str]) -> set[str]:
@@ -694,6 +714,11 @@ def forge_limits(modules: Mapping[str, tuple[str, Collection[str]]], layout: str
     file's are in ``kohya_limits``); nothing for other models."""
     if any(_LTX2_NAMES.search(n) for n in modules):
         return []  # LTX-2's names, which SD3's marks also fit
+    base = (metadata or {}).get("ss_base_model_version", "").split(":")[0]
+    if base and base not in FORGE_BASES:
+        # made for a model Forge has no transformer of (HunyuanVideo 1.5's diffusers
+        # names are SD3's and FLUX.1's too)
+        return []
     models = forge_models(modules) if modules else set()
     if not models:
         return []
@@ -786,7 +811,8 @@ def diffusers_limits(modules: Mapping[str, tuple[str, Collection[str]]],
     own = [f"diffusers reads only LoRA (and LoKr for Flux.2 and Z-Image); {n} "
            f"layer(s) of {', '.join(other)} are not applied there"] if n else []
     return dora + own + _diffusers_deltas(modules) + \
-        ([] if both else comfyui_unread(modules)) + forge_limits(modules, "diffusers", metadata)
+        ([] if both else comfyui_unread(modules, metadata)) + \
+        forge_limits(modules, "diffusers", metadata)
 
 
 def _diffusers_deltas(modules: Mapping[str, tuple[str, Collection[str]]]) -> list[str]:

@@ -29,7 +29,7 @@ HUNYUAN_VIDEO15 = flow_transformer_family(
     pipeline_classes=("HunyuanVideo15Pipeline", "HunyuanVideo15ImageToVideoPipeline"),
     vae_scale=1.0, vae_shift=0.0, vae_factor=16, base_model_version="hunyuan_video15",
     default_include=("transformer_blocks.*",), blocks=hunyuan_blocks, flow_shift=5.0,
-    default_resolution=480,
+    default_resolution=480, default_exporter="comfyui",
     latent_vae=vae_loader("AutoencoderKLHunyuanVideo15", HunyuanVideo15LatentVAE),
     call=FlowCall(timestep="scaled", latent_ndim=5, pad_channels=True,
                   text_mask="encoder_attention_mask",
