@@ -28,6 +28,7 @@ from loraengine.core.files import (
     load_options,
     owners_of,
     read_adapter_file,
+    text_encoder_note,
     unplaced_message,
     unread_message,
 )
@@ -114,13 +115,11 @@ def network_from_file(model: nn.Module, file: AdapterFile, registry: Registry, *
         if strict:
             raise DataError(msg)
         warnings.warn(msg, stacklevel=3)
-    unread, text_encoders = unread_message(file, registry, model)
+    unread = unread_message(file, registry, model)
     if unread:
         if strict:
             raise DataError(unread)
         warnings.warn(unread, stacklevel=3)
-    if text_encoders:
-        warnings.warn(text_encoders, stacklevel=3)
     built: dict[str, AdapterLayer] = {}
     deltas: dict[str, ChannelDelta] = {}
     algorithms: dict[str, str] = {}
@@ -182,6 +181,9 @@ def apply(model: nn.Module, path: str | Path | Mapping[str, torch.Tensor],
                              adaptable_layers(model), model=model)
     network, key_format, algorithms = network_from_file(model, file, host.registry,
                                                         strict=strict)
+    note = text_encoder_note(file, "applied")
+    if note:
+        warnings.warn(note, stacklevel=2)
     network.set_multiplier(strength)
     handle = AppliedAdapter(network, mode, key_format, algorithms, float(strength))
     if mode == "merge":

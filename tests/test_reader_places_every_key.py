@@ -131,7 +131,7 @@ def test_text_encoder_keys_are_a_warning_and_the_denoiser_is_placed(models):
     tensors = ex.to_file(in_layout(network.file_modules(), ex, module_layouts(REG, model)))
     tensors["lora_te_text_model_encoder_layers_0_mlp_fc1.lora_down.weight"] = \
         torch.zeros(2, 32)
-    with pytest.warns(UserWarning, match="1 text-encoder key\\(s\\) not applied"):
+    with pytest.warns(UserWarning, match="1 text-encoder module\\(s\\) \\(lora_te_text_model_encoder_layers_0_mlp_fc1\\) are not applied"):
         handle = loraengine.apply(copy.deepcopy(model), tensors, host=HOST)
     assert set(handle.modules) == set(dict(network.items()))
 

@@ -93,9 +93,17 @@ def train(state: State, config: Path, overrides: tuple[str, ...], quiet: bool,
         host.register(EventLog(events), name="loraengine.cli.events")
     started = time.perf_counter()
     with training_threads(cfg.training.threads):
-        pipe = build_pipeline(cfg, host, base_dir=base_dir)
+        # what building says about the config and adapter.existing, as one line each
+        with warnings.catch_warnings(record=True) as built:
+            warnings.simplefilter("always", UserWarning)
+            pipe = build_pipeline(cfg, host, base_dir=base_dir)
         try:
             if main_rank:
+                for w in built:  # other kinds go on as they came
+                    if w.category is UserWarning:
+                        click.echo(f"warning: {w.message}", err=True)
+                    else:
+                        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
                 for message in pipeline_warnings(pipe):
                     click.echo(f"warning: {message}", err=True)
             trainer = Trainer(pipe)

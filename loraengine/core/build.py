@@ -35,6 +35,7 @@ from loraengine.core.files import (
     looks_like,
     option_conflicts,
     read_adapter_file,
+    text_encoder_note,
     unplaced_message,
     unread_message,
 )
@@ -282,11 +283,12 @@ def _read_existing(path: Path, host: PluginHost, layers: Mapping[str, nn.Module]
     if unknown:
         raise DataError(unplaced_message(file, unknown, host.registry, model,
                                          "adapted layers"))
-    unread, text_encoders = unread_message(file, host.registry, model)
+    unread = unread_message(file, host.registry, model)
     if unread:
         raise DataError(unread)
-    if text_encoders:
-        warnings.warn(text_encoders, stacklevel=2)
+    note = text_encoder_note(file, "trained or written to the output")
+    if note:
+        warnings.warn(note, stacklevel=2)
     for mod_path, module in file.modules.items():
         if not module.params:
             continue

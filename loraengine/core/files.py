@@ -350,27 +350,22 @@ TEXT_ENCODER_KEY = re.compile(r"^(lora_te\d*_|text_encoder(_\d+)?\.|te\d*\.)")
 
 
 def unread_message(file: AdapterFile, registry: Registry, model: nn.Module | None = None
-                   ) -> tuple[str, str]:
-    """(error, warning) lines on a file's keys its key format did not read
-    (``AdapterFile.unread``), each empty where there are none: the text encoders' keys
-    are a warning (they are not the denoiser's), any other key an error."""
-    text = [k for k in file.unread if TEXT_ENCODER_KEY.match(k)]
+                   ) -> str:
+    """The error line on a file's keys its key format did not read
+    (``AdapterFile.unread``), empty where there are none. The text encoders' keys are
+    left out: they are not the denoiser's (``text_encoder_note`` says so)."""
     other = [k for k in file.unread if not TEXT_ENCODER_KEY.match(k)]
-    error = warning = ""
-    if other:
-        layouts = ["the model's own", *sorted(module_layouts(registry, model))] if model \
-            is not None else ["the model's own"]
-        formats = [spec.name for spec in registry.specs("exporter")]
-        error = (f"{file.source}: {len(other)} key(s) are not read as "
-                 f"{file.key_format or 'no known'} keys, as the rest of the file is: "
-                 f"{', '.join(other[:5])}{' ...' if len(other) > 5 else ''} "
-                 f"(key formats tried: "
-                 f"{', '.join(formats)}; module names tried: {', '.join(layouts)})")
-        error += _made_for(registry, [k.rpartition(".")[0] for k in other], model)
-    if text:
-        warning = (f"{file.source}: {len(text)} text-encoder key(s) not applied (e.g. "
-                   f"{text[0]}): loraengine puts the denoiser's modules on the model")
-    return error, warning
+    if not other:
+        return ""
+    layouts = ["the model's own", *sorted(module_layouts(registry, model))] if model \
+        is not None else ["the model's own"]
+    formats = [spec.name for spec in registry.specs("exporter")]
+    error = (f"{file.source}: {len(other)} key(s) are not read as "
+             f"{file.key_format or 'no known'} keys, as the rest of the file is: "
+             f"{', '.join(other[:5])}{' ...' if len(other) > 5 else ''} "
+             f"(key formats tried: "
+             f"{', '.join(formats)}; module names tried: {', '.join(layouts)})")
+    return error + _made_for(registry, [k.rpartition(".")[0] for k in other], model)
 
 
 def layout_aliases(layouts: Mapping[str, Mapping[str, str]], paths: Collection[str]
@@ -435,6 +430,36 @@ class AdapterFile:
     def not_in(self, paths: Collection[str]) -> list[str]:
         """Module paths of the file that are not among ``paths``, sorted."""
         return sorted(set(self.modules) - set(paths))
+
+    @property
+    def text_encoder_modules(self) -> list[str]:
+        """The file's text-encoder modules (``TEXT_ENCODER_KEY``), sorted: no key
+        format reads them onto the denoiser."""
+        return text_encoder_modules(self.tensors)
+
+
+#: The tensor names that end a key of an adapter module (what is left is the module)
+_PARAM_TAIL = re.compile(r"\.(lora_\w+|hada_\w+|lokr_\w+|oft_\w+|alpha|dora_scale|diff|diff_b|"
+                         r"w_norm|b_norm|on_input|weight|bias)(\.\w+)*$")
+
+
+def text_encoder_modules(tensors: Iterable[str]) -> list[str]:
+    """The modules (key less its tensor names) of ``tensors``' keys that belong to a
+    text encoder (``TEXT_ENCODER_KEY``: sd-scripts' ``lora_te_``/``lora_te1_``/…, which
+    ComfyUI, A1111/Forge and sd-scripts read onto the text encoders, and diffusers'
+    ``text_encoder.``), sorted."""
+    return sorted({_PARAM_TAIL.sub("", k) for k in tensors if TEXT_ENCODER_KEY.match(k)})
+
+
+def text_encoder_note(file: AdapterFile, what: str) -> str | None:
+    """One line saying ``file``'s text-encoder modules are left out of ``what`` (None
+    when it has none)."""
+    names = file.text_encoder_modules
+    if not names:
+        return None
+    return (f"{file.source}: {len(names)} text-encoder module(s) ({', '.join(names[:2])}"
+            f"{' ...' if len(names) > 2 else ''}) are not {what}: loraengine adapts the "
+            f"denoiser only")
 
 
 def owners_of(specs: Iterable[AdapterSpec[BaseModel]], params: Mapping[str, torch.Tensor],

@@ -36,6 +36,8 @@ from loraengine.core.files import (
     module_layouts,
     read_adapter_file,
     save_lora,
+    text_encoder_modules,
+    text_encoder_note,
 )
 from loraengine.core.plugins.host import PluginHost
 from loraengine.core.plugins.specs import ExporterSpec
@@ -325,6 +327,26 @@ def _in_layout_summary(file: AdapterFile, modules: Mapping[str, Mapping[str, tor
     return out
 
 
+#: the targets whose readers take sd-scripts' text-encoder modules (``lora_te_*``) as
+#: sd-scripts writes them (ComfyUI's ``model_lora_keys_clip``, A1111/Forge, sd-scripts)
+TEXT_ENCODER_READERS = ("comfyui", "kohya", "a1111")
+
+
+def _text_encoder_tensors(file: AdapterFile, target: str, warnings: list[str]
+                          ) -> dict[str, torch.Tensor]:
+    """The file's text-encoder tensors, carried over unchanged where ``target`` reads
+    them; for diffusers (whose kohya reader takes a file in one layout only) they are
+    left out, with a line in ``warnings``."""
+    names = set(text_encoder_modules(file.tensors))
+    if not names:
+        return {}
+    if target not in TEXT_ENCODER_READERS:
+        note = text_encoder_note(file, f"written for {CONSUMER_NAMES[target]}")
+        warnings.append(f"{note}; convert the text encoders with their own tool")
+        return {}
+    return {k: v for k, v in file.tensors.items() if k.split(".", 1)[0] in names}
+
+
 def convert_file(source: Path, target: str, model_path: Path | None = None,
                  out: Path | None = None, overwrite: bool = False, *,
                  host: PluginHost | None = None, model: nn.Module | None = None
@@ -400,6 +422,7 @@ def convert_file(source: Path, target: str, model_path: Path | None = None,
                                      metadata=file.metadata)
                      if not line.startswith(skip)] + fused
     tensors = exporter.to_file(in_layout(modules, exporter, layouts))
+    tensors.update(_text_encoder_tensors(file, target, warnings))
     meta = dict(file.metadata) | {"loraengine.converted_for": target}
     save_lora(out, tensors, meta)
     return {"out": out, "format": file.key_format or "unknown", "modules": len(modules),

@@ -28,6 +28,9 @@ def inspect(state: State, file: Path, as_json: bool) -> None:
     click.echo(f"rank:        {info['rank']}")
     click.echo(f"alpha:       {info['alpha']}")
     click.echo(f"modules:     {info['modules']}")
+    if info["text_encoder_modules"]:
+        click.echo(f"text encoder: {info['text_encoder_modules']} module(s) (lora_te*; "
+                   f"loraengine adapts the denoiser only)")
     click.echo(f"parameters:  {info['parameters']:,}")
     click.echo(f"steps:       {info['steps']}")
     click.echo(f"dtype:       {', '.join(info['dtypes'])}")

@@ -18,7 +18,8 @@ _RANK_PARAMS = ("lora_down.weight", "hada_w1_b")
 
 def describe(path: Path, registry: Registry | None = None) -> dict[str, Any]:
     """What a LoRA file holds: its algorithm (from the metadata, else the algorithm
-    most modules are read as), rank, alpha, modules, parameters, steps and metadata.
+    most modules are read as), rank, alpha, modules (and text-encoder modules, which
+    no reader applies), parameters, steps and metadata.
 
     Modules and their algorithms come from the one adapter-file reader, asked without a
     model; ``registry`` supplies the key formats and algorithms (default: the plugins
@@ -48,6 +49,8 @@ def describe(path: Path, registry: Registry | None = None) -> dict[str, Any]:
         "rank": meta.get("ss_network_dim") or (", ".join(map(str, ranks)) or "-"),
         "alpha": meta.get("ss_network_alpha") or (", ".join(f"{a:g}" for a in alphas) or "-"),
         "modules": len(file.modules),
+        # sd-scripts' lora_te* modules, beside the denoiser's (not adapted by loraengine)
+        "text_encoder_modules": len(file.text_encoder_modules),
         "parameters": int(sum(t.numel() for k, t in tensors.items()
                               if not k.endswith(".alpha"))),
         "steps": file.steps,

@@ -36,3 +36,5 @@ def merge(state: State, model_path: Path, lora: Path, out: Path, strength: float
     click.echo(f"merged {info['modules']} module(s) ({', '.join(info['algorithms'])}, "
                f"{info['format']} keys) at strength {strength:g} -> {info['out']} "
                f"({info['dtype']})")
+    for line in info["warnings"]:
+        click.echo(f"warning: {line}", err=True)

@@ -26,7 +26,7 @@ from safetensors import SafetensorError
 from loraengine.core.config.source import shorten
 from loraengine.core.devices import DTYPES, SAFETENSORS_DTYPES
 from loraengine.core.errors import ConfigError, DataError
-from loraengine.core.files import atomic_folder, read_adapter_file
+from loraengine.core.files import atomic_folder, read_adapter_file, text_encoder_note
 from loraengine.core.plugins.host import PluginHost
 
 DENOISERS = ("unet", "transformer")
@@ -151,7 +151,8 @@ def merge_model(model_path: Path, lora: Path, out: Path, strength: float = 1.0,
     model.to(target)
     info = {"out": str(out), "modules": len(network.paths), "format": key_format,
             "algorithms": sorted(set(algorithms.values())),
-            "dtype": str(target).replace("torch.", "")}
+            "dtype": str(target).replace("torch.", ""),
+            "warnings": [n for n in [text_encoder_note(file, "merged")] if n]}
     # Checked again just before writing: the folders may have changed while loading.
     check_output(model_path, lora, out, overwrite)
     existed = out.exists()
