@@ -328,3 +328,31 @@ def the_error_line(output: str) -> str:
     assert lines and lines[-1].startswith("error: "), output
     assert all(x.startswith("warning: ") for x in lines[:-1]), output
     return lines[-1]
+
+
+# -- order: the longest tests first --------------------------------------------------------
+
+#: Tests that each keep one worker busy for a minute or more (measured: per-test times of
+#: the whole suite). Collected first, so that ``-n 2`` starts them at once and spreads
+#: the short tests around them, instead of one of them starting late and running alone
+#: at the end while the other worker idles. Only the order changes.
+LONGEST = (
+    "tests/test_interop_diffusers_matrix.py::"
+    "test_the_docs_show_the_measured_table_and_every_cell_is_exact_or_warned",
+    "tests/test_plan_real_size.py::"
+    "test_qwen_image_at_1024_is_within_a_quarter_of_the_published_figures",
+    "tests/test_plan_real_size.py::"
+    "test_wan_14b_plans_read_off_small_models_equal_the_40_block_plans",
+    "tests/test_resume.py::test_sigkill_at_several_points_then_resume_is_bitwise_identical",
+    "tests/test_kill_anywhere.py::"
+    "test_kill_9_at_20_random_points_then_resume_is_bitwise_identical",
+    "tests/test_training.py::test_quickstart_runs_from_the_repository_root",
+)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    rank = {nodeid: i for i, nodeid in enumerate(LONGEST)}
+    first = sorted((item for item in items if item.nodeid in rank),
+                   key=lambda item: rank[item.nodeid])
+    if first:
+        items[:] = first + [item for item in items if item.nodeid not in rank]

@@ -241,18 +241,31 @@ def check(family: str, exporter: str, cid: str, folder: Path) -> dict:
 
 
 #: a fast, representative subset (LoRA in both exports, one algorithm diffusers
-#: refuses); the rest is marked slow
+#: refuses), checked here; every case, these included, is checked by the docs-table
+#: test below in the fresh interpreter that measures the table (one measurement of
+#: each cell serves both)
 FAST = ("lora-r4", "loha-r4")
 
 
-@pytest.mark.parametrize("cid", [c if c in FAST else pytest.param(c, marks=pytest.mark.slow)
-                                 for c in CASES])
+@pytest.mark.parametrize("cid", FAST)
 def test_every_cell_is_exact_or_a_diffusers_limit_the_export_warns_about(cid, tmp_path):
     """Per family and exporter: diffusers' fused weights equal our merge (≤ 1e-4, every
     key placed), or the exporter's limits (what ``train`` warns with) name what diffusers
     does not read of this file."""
     for family, exporter in CELLS:
         check(family, exporter, cid, tmp_path)
+
+
+def check_all(folder: Path) -> list[str]:
+    """:func:`check` on every case and cell; the failures, one line each."""
+    failures = []
+    for cid in CASES:
+        for family, exporter in CELLS:
+            try:
+                check(family, exporter, cid, folder)
+            except AssertionError as e:
+                failures.append(f"{family} {exporter} {cid}: {str(e)[:300]}")
+    return failures
 
 
 def test_the_matrix_covers_every_merge_case():
@@ -318,17 +331,18 @@ def table(folder: Path) -> str:
 
 
 @pytest.mark.slow
-def test_the_docs_show_the_measured_table():
+def test_the_docs_show_the_measured_table_and_every_cell_is_exact_or_warned():
     """docs/compatibility.md's diffusers matrix is what diffusers does today, measured
     in a fresh interpreter as ``--table`` makes it (in this one, warnings diffusers gives
-    once per process may already have been given by another test)."""
+    once per process may already have been given by another test); ``--check`` there
+    also holds every cell of every case to :func:`check` (exact, or a warned limit)."""
     import subprocess
 
     root = Path(__file__).parents[1]
-    run = subprocess.run([sys.executable, __file__, "--table"], capture_output=True,
-                         text=True, cwd=root, timeout=600,
+    run = subprocess.run([sys.executable, __file__, "--table", "--check"],
+                         capture_output=True, text=True, cwd=root, timeout=600,
                          env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root)})
-    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.returncode == 0, run.stderr[-3000:]
     docs = (root / "docs" / "compatibility.md").read_text()
     shown = [line for line in docs.splitlines() if line.startswith("| ")]
     assert run.stdout in docs, [line for line in run.stdout.splitlines()
@@ -342,6 +356,10 @@ if __name__ == "__main__":
     with tempfile.TemporaryDirectory() as tmp:
         if "--table" in sys.argv:
             print(table(Path(tmp)), end="")
+            failed = check_all(Path(tmp)) if "--check" in sys.argv else []
+            for line in failed:
+                print(line, file=sys.stderr)
+            sys.exit(1 if failed else 0)
         else:
             for cid in [a for a in sys.argv[1:]] or CASES:
                 for family, exporter in CELLS:

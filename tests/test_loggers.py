@@ -42,10 +42,18 @@ def test_tensorboard_event_files_hold_the_loss_map_and_the_previews(unet_config,
     pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    cfg = _config(unet_config, data_files, ["tensorboard"])
+    cfg = _config(unet_config, data_files, ["tensorboard", "events"])
     result = loraengine.train(cfg)
     out = Path(cfg["output"]["dir"])
     loss_map = _loss_map(out)
+    # One event file, closed at the end: compare.png is announced before the loggers
+    # close (a grid added after the close opened a second file that was never flushed,
+    # so its image reached the disk or not depending on the writer thread's timing).
+    assert len(list((out / "tensorboard" / "test").iterdir())) == 1
+    events = [json.loads(line) for line in (out / "test.events.jsonl").read_text().splitlines()]
+    assert [Path(e["path"]).name for e in events if e.get("kind") == "samples"] == [
+        "step_2.png", "step_4.png", "compare.png"]
+    assert events[-1]["event"] == "train_end"
     acc = EventAccumulator(str(out / "tensorboard" / "test"), size_guidance={"images": 0})
     acc.Reload()
     loss = acc.Scalars("loss")

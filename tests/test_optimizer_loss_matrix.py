@@ -1,5 +1,11 @@
-"""Every built-in optimizer with every built-in loss lowers the training loss on the
-quickstart data (measured on a fixed evaluation batch: same samples, noise, timesteps)."""
+"""The torch optimizers (adamw, adam, sgd, rmsprop) and the plain losses (mse, l1,
+huber, smooth_l1) each lower the training loss on the quickstart data (measured on a
+fixed evaluation batch: same samples, noise, timesteps).
+
+An optimizer and a loss are separate plugins that meet only through the loss value the
+step backpropagates, so each optimizer runs with the default loss (mse) and each other
+loss with the default optimizer (adamw): every optimizer's and every loss's code runs
+in a training that must lower the loss, in 7 runs rather than the 16 of every pair."""
 
 from __future__ import annotations
 
@@ -26,9 +32,13 @@ def eval_loss(trainer: Trainer) -> float:
     return value
 
 
+OPTIMIZERS = ["adamw", "adam", "sgd", "rmsprop"]
+LOSSES = ["mse", "l1", "huber", "smooth_l1"]
+PAIRS = [(o, "mse") for o in OPTIMIZERS] + [("adamw", loss) for loss in LOSSES[1:]]
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("loss", ["mse", "l1", "huber", "smooth_l1"])
-@pytest.mark.parametrize("optimizer", ["adamw", "adam", "sgd", "rmsprop"])
+@pytest.mark.parametrize(("optimizer", "loss"), PAIRS, ids=[f"{o}-{m}" for o, m in PAIRS])
 def test_optimizer_and_loss_lower_the_loss(host, optimizer, loss):
     cfg = parse_config({
         "model": {"family": "diffusers", "path": str(QS / "model")},

@@ -164,6 +164,7 @@ SELECTIVE = {
 }
 
 
+@pytest.mark.slow  # a dry run and a measured run per policy: 6-10 s each
 @pytest.mark.parametrize("policy", list(SELECTIVE))
 def test_plan_of_selective_checkpointing_is_within_10_percent_on_the_tiny_unet(
         host, tiny, policy):

@@ -121,6 +121,7 @@ def test_a_count_the_user_chose_is_left_alone(host, monkeypatch, restore_threads
         assert _train_probed(host) == [1, 1]  # torch.set_num_threads(1) was a choice
 
 
+@pytest.mark.slow  # a CLI training with several threads: ~9 s on 2 busy cores
 def test_cli_train_uses_training_threads(tmp_path, unet_config, monkeypatch, restore_threads):
     import yaml
     from click.testing import CliRunner

@@ -97,7 +97,10 @@ class Preview:
         self.run.record_file("samples", path)
         return path
 
-    # -- this run's hooks (called after every other plugin's) -------------------------
+    # -- this run's hooks ---------------------------------------------------------------
+    # After every other plugin's step end (a logger has taken the step's number when
+    # the grid it is shown is announced), but before every other plugin's train end:
+    # the last grid and compare.png are announced while the loggers are still open.
     @hookimpl(trylast=True)
     def loraengine_on_step_end(self, run: RunView, step: int, metrics: dict[str, float]
                                ) -> None:
@@ -107,7 +110,7 @@ class Preview:
         if every is not None and step % every == 0:
             self.write_step(step)
 
-    @hookimpl(trylast=True)
+    @hookimpl(tryfirst=True)
     def loraengine_on_train_end(self, run: RunView, result: RunResult | None) -> None:
         if run is not self.run or result is None:  # nothing to render after a failure
             return
