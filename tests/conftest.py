@@ -330,6 +330,24 @@ def the_error_line(output: str) -> str:
     return lines[-1]
 
 
+def first_of_each(cases: list[Any], kind: Callable[[Any], str],
+                  ids: Callable[[Any], str] | None = None, slow: Any = ()) -> list[Any]:
+    """``cases`` as parameters in which the first case of each ``kind`` (an
+    algorithm, say) is part of the fast default and every other one, and those in
+    ``slow``, is marked slow: ``-m "not slow"`` keeps one cell of each code path, the
+    full suite runs them all."""
+    seen: set[str] = set()
+    out = []
+    for case in cases:
+        values = case if isinstance(case, tuple) else (case,)
+        marks = () if kind(case) not in seen and case not in slow else (pytest.mark.slow,)
+        if case not in slow:
+            seen.add(kind(case))
+        out.append(pytest.param(*values, marks=marks,
+                                id=ids(case) if ids is not None else None))
+    return out
+
+
 # -- order: the longest tests first --------------------------------------------------------
 
 #: Tests that each keep one worker busy for a minute or more (measured: per-test times of

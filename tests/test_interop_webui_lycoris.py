@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 import test_merge_matrix as mm
 import torch
+from conftest import first_of_each
 from safetensors.torch import load_file
 
 from loraengine.plugins.exporters import A1111, FORGE, LYCORIS, kohya_limits
@@ -67,8 +68,12 @@ def test_the_fixture_covers_every_case_family_and_consumer():
 SLOW = {"boft-block_size=2-r4"}
 
 
-@pytest.mark.parametrize("cid", [pytest.param(c, marks=pytest.mark.slow) if c in SLOW
-                                 else c for c in sorted(CASES)])
+def _algorithm(cid: str) -> str:
+    """The algorithm of a case id (``lokr-factor=-1-r2`` -> ``lokr``)."""
+    return cid.split("-", 1)[0]
+
+
+@pytest.mark.parametrize("cid", first_of_each(list(CASES), _algorithm, slow=SLOW))
 def test_every_cell_is_exact_or_a_limit_the_export_warns_about(cid):
     """Per family and consumer: our export today has the key count the consumer was
     given, and where the consumer did not read it exactly, ``kohya_limits`` (what
@@ -122,11 +127,13 @@ def _kept() -> dict[tuple[str, str, str], dict[str, torch.Tensor]]:
 KEPT = _kept()
 
 
-@pytest.mark.parametrize("group", sorted(KEPT), ids=lambda g: "-".join(g))
-def test_the_consumers_patched_weights_equal_our_merge(group):
+@pytest.mark.parametrize(("consumer", "family", "cid"),
+                         first_of_each(sorted(KEPT, key=lambda g: list(CASES).index(g[2])),
+                                       lambda g: (g[0], _algorithm(g[2])), ids="-".join))
+def test_the_consumers_patched_weights_equal_our_merge(consumer, family, cid):
     """The tensors the consumer patched (committed) against loraengine's merge of the
     same seeded network, computed here; each one the file changes."""
-    consumer, family, cid = group
+    group = (consumer, family, cid)
     ours, _, _ = MAKE.our_case(family, CASES[cid])
     want = ours.state_dict()
     base = MAKE.diffusers_unet(family).state_dict()

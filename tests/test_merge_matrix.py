@@ -26,6 +26,7 @@ from __future__ import annotations
 import pytest
 import torch
 from click.testing import CliRunner
+from conftest import first_of_each
 
 from loraengine.core.adapter import ADAPTABLE, NORMS, AdapterNetwork, ChannelDelta
 from loraengine.core.adapter.network import select_layers
@@ -172,8 +173,8 @@ def _build_and_write(unet_dir, tmp_path, case, exporter: str = "kohya"):
     return unet, network, bypass_out, lora
 
 
-@pytest.mark.parametrize(("name", "options", "rank"), MATRIX,
-                         ids=[_id(c) for c in MATRIX])
+@pytest.mark.parametrize(("name", "options", "rank"),
+                         first_of_each(MATRIX, lambda c: c[0], ids=_id))
 def test_merge_equals_the_networks_own_merge(name, options, rank, unet_dir, tmp_path):
     case = (name, options, rank)
     unet, network, bypass_out, lora = _build_and_write(unet_dir, tmp_path, case)
