@@ -35,17 +35,23 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 import run as bench  # noqa: E402  (benchmarks/run.py: the workloads and contenders)
 
-#: layer class -> its module, which imports the base commit's oft for BOFT
-MODULES = {"OFTLayer": "oft", "BOFTLayer": "boft", "LoKrLayer": "lokr", "LoHaLayer": "loha"}
+#: layer class -> its module; the base commit's modules import each other (BOFT's oft,
+#: LoRA's and LoHa's fused node) from the base commit too
+MODULES = {"OFTLayer": "oft", "BOFTLayer": "boft", "LoKrLayer": "lokr", "LoHaLayer": "loha",
+           "LoRALayer": "lora"}
+#: modules the others import, loaded first
+SHARED = ("oft", "lora_fused")
 
 
 def load_base_module(commit: str, name: str) -> types.ModuleType:
     """``loraengine/plugins/adapters/<name>.py`` of ``commit`` as module ``base_<name>``
-    (BOFT's import of OFT goes to ``base_oft``)."""
+    (its imports of the ``SHARED`` modules go to their ``base_`` copies)."""
     src = subprocess.check_output(
         ["git", "-C", str(REPO), "show", f"{commit}:loraengine/plugins/adapters/{name}.py"],
         text=True)
-    src = src.replace("from loraengine.plugins.adapters.oft import", "from base_oft import")
+    for shared in SHARED:
+        src = src.replace(f"from loraengine.plugins.adapters.{shared} import",
+                          f"from base_{shared} import")
     module = types.ModuleType(f"base_{name}")
     module.__file__ = f"{commit}:{name}.py"
     sys.modules[module.__name__] = module
@@ -57,13 +63,14 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--base", required=True, help="The commit the 'before' rows run.")
     ap.add_argument("--workload", default="flux", help="compass or flux (benchmarks/run.py).")
-    ap.add_argument("--algos", default="loha,lokr,oft,boft")
+    ap.add_argument("--algos", default="loha,lokr,oft,boft", help="Comma-separated; lora too.")
     ap.add_argument("--rounds", type=int, default=9)
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
-    load_base_module(args.base, "oft")
-    classes = {cls: getattr(load_base_module(args.base, mod) if mod != "oft"
-                            else sys.modules["base_oft"], cls) for cls, mod in MODULES.items()}
+    for shared in SHARED:
+        load_base_module(args.base, shared)
+    classes = {cls: getattr(sys.modules.get(f"base_{mod}") or load_base_module(args.base, mod),
+                            cls) for cls, mod in MODULES.items()}
     w = bench.make_workload(args.workload, None, None)
     dev = torch.device("cpu")
     batches = bench.Cycle(bench.make_batches(w.latents, w.cond, w.batch, 16, dev))

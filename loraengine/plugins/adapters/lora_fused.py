@@ -80,7 +80,11 @@ class _LinearLoRA(torch.autograd.Function):
             if need_down:
                 d_down = torch.mm(dh_t, x2)
             if need_x:
-                dx = torch.mm(dh_t.t(), down).reshape(*ctx.lead, x2.shape[-1])
+                # written into a tensor of the input's shape (not a reshaped view of the
+                # product's): autograd then adds the base op's share into it in place,
+                # where a view would make it allocate a fresh sum (dx is activation-sized)
+                dx = x2.new_empty((*ctx.lead, x2.shape[-1]))
+                torch.mm(dh_t.t(), down, out=dx.view(-1, x2.shape[-1]))
         return dx, d_down, d_up, None, grad if need_base else None
 
 
