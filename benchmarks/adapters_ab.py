@@ -6,7 +6,7 @@ working tree's, on the same model, data, start values and adapted layers as
 forward+backward). Nothing is written.
 
     python benchmarks/adapters_ab.py --base COMMIT [--workload flux] [--algos oft,lokr]
-                                     [--rounds 9]
+                                     [--rounds 9] [--before-optimizer same|loop]
 
 Each round runs every contender one step, in a rotated order; the medians are printed
 by wall clock and by this thread's CPU time. On a shared machine the wall clock counts
@@ -65,6 +65,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workload", default="flux", help="compass or flux (benchmarks/run.py).")
     ap.add_argument("--algos", default="loha,lokr,oft,boft", help="Comma-separated; lora too.")
     ap.add_argument("--rounds", type=int, default=9)
+    ap.add_argument("--before-optimizer", choices=("same", "loop"), default="same",
+                    help="loop: the before rows' AdamW runs torch's per-parameter loop "
+                    "(as before adamw took the fused kernel), not the working tree's.")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     for shared in SHARED:
@@ -82,6 +85,9 @@ def main(argv: list[str] | None = None) -> int:
                 for when in ("before", "after")]
         for _, layer in pair[0].keep[0].network.items():
             layer.__class__ = classes[type(layer).__name__]
+        if args.before_optimizer == "loop":
+            for group in pair[0].keep[0].optimizer.param_groups:
+                group["fused"], group["foreach"] = None, False  # read at each step
         with torch.no_grad():  # the same start values
             for p, q in zip(pair[0].trainable, pair[1].trainable, strict=True):
                 q.copy_(p)
