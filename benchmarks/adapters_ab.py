@@ -6,7 +6,7 @@ working tree's, on the same model, data, start values and adapted layers as
 forward+backward). Nothing is written.
 
     python benchmarks/adapters_ab.py --base COMMIT [--workload flux] [--algos oft,lokr]
-                                     [--rounds 9]
+                                     [--rounds 9] [--before-optimizer same|loop]
 
 Each round runs every contender one step, in a rotated order; the medians are printed
 by wall clock and by this thread's CPU time. On a shared machine the wall clock counts
@@ -35,17 +35,23 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 import run as bench  # noqa: E402  (benchmarks/run.py: the workloads and contenders)
 
-#: layer class -> its module, which imports the base commit's oft for BOFT
-MODULES = {"OFTLayer": "oft", "BOFTLayer": "boft", "LoKrLayer": "lokr", "LoHaLayer": "loha"}
+#: layer class -> its module; the base commit's modules import each other (BOFT's oft,
+#: LoRA's and LoHa's fused node) from the base commit too
+MODULES = {"OFTLayer": "oft", "BOFTLayer": "boft", "LoKrLayer": "lokr", "LoHaLayer": "loha",
+           "LoRALayer": "lora"}
+#: modules the others import, loaded first
+SHARED = ("oft", "lora_fused")
 
 
 def load_base_module(commit: str, name: str) -> types.ModuleType:
     """``loraengine/plugins/adapters/<name>.py`` of ``commit`` as module ``base_<name>``
-    (BOFT's import of OFT goes to ``base_oft``)."""
+    (its imports of the ``SHARED`` modules go to their ``base_`` copies)."""
     src = subprocess.check_output(
         ["git", "-C", str(REPO), "show", f"{commit}:loraengine/plugins/adapters/{name}.py"],
         text=True)
-    src = src.replace("from loraengine.plugins.adapters.oft import", "from base_oft import")
+    for shared in SHARED:
+        src = src.replace(f"from loraengine.plugins.adapters.{shared} import",
+                          f"from base_{shared} import")
     module = types.ModuleType(f"base_{name}")
     module.__file__ = f"{commit}:{name}.py"
     sys.modules[module.__name__] = module
@@ -57,13 +63,17 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--base", required=True, help="The commit the 'before' rows run.")
     ap.add_argument("--workload", default="flux", help="compass or flux (benchmarks/run.py).")
-    ap.add_argument("--algos", default="loha,lokr,oft,boft")
+    ap.add_argument("--algos", default="loha,lokr,oft,boft", help="Comma-separated; lora too.")
     ap.add_argument("--rounds", type=int, default=9)
+    ap.add_argument("--before-optimizer", choices=("same", "loop"), default="same",
+                    help="loop: the before rows' AdamW runs torch's per-parameter loop "
+                    "(as before adamw took the fused kernel), not the working tree's.")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
-    load_base_module(args.base, "oft")
-    classes = {cls: getattr(load_base_module(args.base, mod) if mod != "oft"
-                            else sys.modules["base_oft"], cls) for cls, mod in MODULES.items()}
+    for shared in SHARED:
+        load_base_module(args.base, shared)
+    classes = {cls: getattr(sys.modules.get(f"base_{mod}") or load_base_module(args.base, mod),
+                            cls) for cls, mod in MODULES.items()}
     w = bench.make_workload(args.workload, None, None)
     dev = torch.device("cpu")
     batches = bench.Cycle(bench.make_batches(w.latents, w.cond, w.batch, 16, dev))
@@ -75,6 +85,9 @@ def main(argv: list[str] | None = None) -> int:
                 for when in ("before", "after")]
         for _, layer in pair[0].keep[0].network.items():
             layer.__class__ = classes[type(layer).__name__]
+        if args.before_optimizer == "loop":
+            for group in pair[0].keep[0].optimizer.param_groups:
+                group["fused"], group["foreach"] = None, False  # read at each step
         with torch.no_grad():  # the same start values
             for p, q in zip(pair[0].trainable, pair[1].trainable, strict=True):
                 q.copy_(p)

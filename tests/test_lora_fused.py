@@ -8,6 +8,8 @@ being the fused node."""
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -180,3 +182,44 @@ def test_loha_runs_as_a_rank_r2_lora_through_the_fused_node():
         layer.path = "factored"
         out = layer(torch.randn(1, 8, 5, 5))
         assert (type(out.grad_fn).__name__ == "_ConvLoRABackward") == fused
+
+
+def test_weight_mode_runs_a_linears_base_op_inside_the_node_watched_or_not():
+    """Weight mode folds a Linear's base op into the node. Under a dispatch mode (as
+    selective checkpointing and FLOP counting run) forward writes a new tensor instead
+    of adding in place: the same values bit for bit, and both the formula's."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    base, layer, x = _setup(lambda: nn.Linear(24, 40), (2, 5, 24))
+    params = [layer.lora_down, layer.lora_up]
+
+    def fused(t):
+        return lora_forward(base, t, layer.lora_down, layer.lora_up, layer.scale)
+
+    out_r, grads_r = _grads(lambda t: _reference(base, layer.lora_down, layer.lora_up,
+                                                 layer.scale, t), x, params)
+    runs = []
+    for watched in (False, True):
+        with FlopCounterMode(display=False) if watched else nullcontext():
+            out = fused(x.clone().requires_grad_(True))
+            assert type(out.grad_fn).__name__ == "_LinearBaseLoRABackward"
+            runs.append(_grads(fused, x, params))
+    for out_f, grads_f in runs:
+        assert relative_error(out_f, out_r) <= TOL
+        for gf, gr in zip(grads_f, grads_r, strict=True):
+            assert relative_error(gf, gr) <= TOL
+    (out_a, grads_a), (out_b, grads_b) = runs
+    assert torch.equal(out_a, out_b)
+    assert all(torch.equal(a, b) for a, b in zip(grads_a, grads_b, strict=True))
+
+
+def test_folded_input_gradient_is_one_tensor_autograd_adds_into():
+    """The node's dx is a tensor of its own (not a view of a product), so autograd adds
+    other consumers' shares of dx into it rather than allocating a sum."""
+    base, layer, x = _setup(lambda: nn.Linear(16, 8), (3, 4, 16))
+    x = x.clone().requires_grad_(True)
+    seen = []
+    y = lora_forward(base, x, layer.lora_down, layer.lora_up, layer.scale)
+    y.grad_fn.register_hook(lambda grads_in, grads_out: seen.append(grads_in[0]))
+    y.sum().backward()
+    assert seen and seen[0]._base is None and seen[0].shape == x.shape

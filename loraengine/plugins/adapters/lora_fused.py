@@ -15,9 +15,16 @@ share of the step. The functions here do the same arithmetic in one node:
   ``dx``, ``dhᵀ·down`` (the transposed operation; the base op's share is autograd's).
   Only ``x`` and the rank-r ``h`` are kept.
 
-Nothing is modified in place (a selective checkpointing policy may keep a product's
-output as the very tensor). The base op itself stays autograd's (``lora_forward``), so
-weight mode and bypass mode build the same graph and agree bit for bit.
+In bypass mode the base op is autograd's own (the hook gets its output). In weight mode
+a Linear's base op joins the node (``_LinearBaseLoRA``): backward writes ``dx`` once,
+the side path's share added into the base's (an activation-sized sum fewer per layer),
+and forward adds the side path into the base product's output in place where nothing
+watches the operators. Where something does (a dispatch mode: selective checkpointing
+may keep a product's output as the very tensor, so it must not change afterwards; FLOP
+counting; ``torch.compile`` tracing) forward writes the sum to a new tensor, with the
+same values. Bypass mode sums the two shares of ``dx`` through autograd instead, so
+the modes agree to float rounding (not bit for bit where an input feeds several
+adapted layers: the shares are added in another order).
 
 They apply when the base layer is frozen (weight and bias need no gradient) and its
 convolution pads with zeros by numbers (not ``"same"``/``"valid"`` strings, not reflect);
@@ -80,8 +87,60 @@ class _LinearLoRA(torch.autograd.Function):
             if need_down:
                 d_down = torch.mm(dh_t, x2)
             if need_x:
-                dx = torch.mm(dh_t.t(), down).reshape(*ctx.lead, x2.shape[-1])
+                # written into a tensor of the input's shape (not a reshaped view of the
+                # product's): autograd then adds the base op's share into it in place,
+                # where a view would make it allocate a fresh sum (dx is activation-sized)
+                dx = x2.new_empty((*ctx.lead, x2.shape[-1]))
+                torch.mm(dh_t.t(), down, out=dx.view(-1, x2.shape[-1]))
         return dx, d_down, d_up, None, grad if need_base else None
+
+
+class _LinearBaseLoRA(torch.autograd.Function):
+    """``y = x·Wᵀ + b + s·(x·downᵀ)·upᵀ`` with the frozen ``W``, ``b`` inside: the side
+    path accumulates into the base product's output, and backward writes ``dx`` once
+    (``g·W``, then ``dhᵀ·down`` added into it)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                down: torch.Tensor, up: torch.Tensor, scale: float, in_place: bool
+                ) -> torch.Tensor:
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, x.shape[-1])
+        h_t = torch.mm(down, x2.t())  # kept rank axis first, as in _LinearLoRA
+        y = torch.addmm(bias, x2, weight.t()) if bias is not None else torch.mm(x2, weight.t())
+        if in_place:
+            y.addmm_(h_t.t(), up.t(), alpha=scale)
+        else:  # the same product and sum, into a new tensor
+            y = torch.addmm(y, h_t.t(), up.t(), alpha=scale)
+        ctx.save_for_backward(x2, h_t, down, up, weight)
+        ctx.scale, ctx.lead = scale, lead
+        return y.view(*lead, y.shape[-1])
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        x2, h_t, down, up, weight = ctx.saved_tensors
+        s = ctx.scale
+        need_x, _, _, need_down, need_up = ctx.needs_input_grad[:5]
+        g2 = grad.reshape(-1, grad.shape[-1])
+        d_up = torch.mm(h_t, g2).mul_(s).t() if need_up else None
+        d_down = dx = None
+        if need_down or need_x:
+            dh_t = torch.mm((up * s).t(), g2.t())
+            if need_down:
+                d_down = torch.mm(dh_t, x2)
+            if need_x:
+                dx = x2.new_empty((*ctx.lead, x2.shape[-1]))  # not a view: see _LinearLoRA
+                dx2 = dx.view(-1, x2.shape[-1])
+                torch.mm(g2, weight, out=dx2)
+                dx2.addmm_(dh_t.t(), down)
+        return dx, None, None, d_down, d_up, None, None
+
+
+def _unwatched() -> bool:
+    """Whether forward may add in place (see the module doc): no dispatch mode is
+    active and nothing is being compiled."""
+    return (not torch.compiler.is_compiling()
+            and torch._C._len_torch_dispatch_stack() == 0)
 
 
 class _ConvLoRA(torch.autograd.Function):
@@ -131,13 +190,16 @@ def lora_forward(base: nn.Module, x: torch.Tensor, down: torch.Tensor, up: torch
     here with the base's own weight and bias when not given) plus ``scale·up·down(x)``
     in one autograd node. ``fusable(base)`` must hold.
 
-    The base op stays autograd's own, in weight mode as in bypass mode: the two modes
-    then build the same graph and round alike, bit for bit (``dx`` of a layer whose
-    input also feeds other layers sums in the same order)."""
-    if base_out is None:
-        base_out = layer_op(base, x, weight_of(base), bias_of(base))
+    Without ``base_out`` (weight mode) a Linear's base op joins the node; otherwise it
+    is autograd's own."""
     dt = x.dtype
     down, up = down.to(dt), up.to(dt)  # no-ops when the factors are in the compute dtype
+    if base_out is None and isinstance(base, nn.Linear):
+        folded: torch.Tensor = _LinearBaseLoRA.apply(x, weight_of(base), bias_of(base), down,
+                                                     up, scale, _unwatched())
+        return folded
+    if base_out is None:
+        base_out = layer_op(base, x, weight_of(base), bias_of(base))
     if isinstance(base, nn.Linear):
         out: torch.Tensor = _LinearLoRA.apply(x, down, up, scale, base_out)
         return out
