@@ -319,6 +319,19 @@ def convert_round_trip(source: Path, folder: Path, tmp_path: Path) -> dict[str, 
     return load_file(str(tmp_path / "c.safetensors"))
 
 
+class SavedPipelines(dict):  # type: ignore[type-arg]
+    """Tiny pipeline folders under ``root``, each saved by ``save(name, folder)`` the
+    first time a test asks for it (``pipes["flux2"]``)."""
+
+    def __init__(self, root: Path, save: Callable[[str, Path], Path]):
+        super().__init__()
+        self.root, self.save = root, save
+
+    def __missing__(self, name: str) -> Path:
+        self[name] = self.save(name, self.root / name)
+        return self[name]
+
+
 def the_error_line(output: str) -> str:
     """The one ``error:`` line of a failed command's ``output``: no traceback, nothing
     after it, and before it only ``warning:`` lines (what the run warned about before

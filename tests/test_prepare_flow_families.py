@@ -16,6 +16,7 @@ import pytest
 import torch
 import yaml
 from click.testing import CliRunner
+from conftest import SavedPipelines
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -34,21 +35,9 @@ TOL = dict(rtol=1e-5, atol=1e-5)
 STEPS = 20
 
 
-class _Folders(dict):
-    """Each tiny pipeline saved the first time a test asks for it."""
-
-    def __init__(self, root: Path):
-        super().__init__()
-        self.root = root
-
-    def __missing__(self, name: str) -> Path:
-        self[name] = tp.save_full(name, self.root / name)
-        return self[name]
-
-
 @pytest.fixture(scope="module")
 def pipes(tmp_path_factory) -> dict[str, Path]:
-    return _Folders(tmp_path_factory.mktemp("full"))
+    return SavedPipelines(tmp_path_factory.mktemp("full"), tp.save_full)
 
 
 def _encoder(name: str, folder: Path, **options):

@@ -17,6 +17,7 @@ import pytest
 import torch
 import yaml
 from click.testing import CliRunner
+from conftest import SavedPipelines
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -31,19 +32,9 @@ TOL = dict(rtol=1e-5, atol=1e-5)
 EDITS = tuple(tp.EDIT_FAMILIES)
 
 
-class _Folders(dict):
-    def __init__(self, root: Path):
-        super().__init__()
-        self.root = root
-
-    def __missing__(self, name: str) -> Path:
-        self[name] = tp.save_edit(name, self.root / name)
-        return self[name]
-
-
 @pytest.fixture(scope="module")
 def pipes(tmp_path_factory) -> dict[str, Path]:
-    return _Folders(tmp_path_factory.mktemp("edit"))
+    return SavedPipelines(tmp_path_factory.mktemp("edit"), tp.save_edit)
 
 
 def _real_processor(folder: Path):
