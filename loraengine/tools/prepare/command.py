@@ -122,6 +122,7 @@ def _run(state: Any, model: Path, images: Path, out: Path, family: str,
     from loraengine.tools.prepare.logic import prepare as run_prepare
     from loraengine.tools.prepare.video import (
         FrameSampling,
+        check_sampling,
         find_clips,
         looks_like_clips,
         prepare_video,
@@ -133,8 +134,10 @@ def _run(state: Any, model: Path, images: Path, out: Path, family: str,
     # The images and captions are checked before the model is looked at, let alone
     # loaded: a wrong folder fails in a moment.
     items = None
+    sampling = FrameSampling(frames, frame_sampling,  # type: ignore[arg-type]
+                             skip_first_frames, every_nth_frame, frame_seed)
     if looks_like_clips(images):  # video files or folders of frames: a video family's
-        find_clips(images)
+        check_sampling(find_clips(images), sampling)
         if captions_file is not None:
             read_captions_file(captions_file)
         if references is not None:
@@ -150,8 +153,6 @@ def _run(state: Any, model: Path, images: Path, out: Path, family: str,
                                         "max_sequence_length": max_sequence_length})
     with TaskBars(not quiet, label="encoding {}") as bar:
         if getattr(encoder, "video", False):
-            sampling = FrameSampling(frames, frame_sampling,  # type: ignore[arg-type]
-                                     skip_first_frames, every_nth_frame, frame_seed)
             report = prepare_video(encoder, images, out, sampling=sampling,
                                    captions_file=captions_file, caption_ext=caption_ext,
                                    resolution=resolution, cache_dir=cache_dir, progress=bar)

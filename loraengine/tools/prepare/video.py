@@ -6,7 +6,8 @@ skip the first ``skip_first`` frames, keep every ``every_nth``, then take ``fram
 what is left — evenly spread (``uniform``), the first (``head``), the last (``tail``)
 or a window starting at a seeded random frame (``random``). The count is rounded down
 to what the VAE compresses whole (``1 + k·step`` frames, step 4 for Wan). Every frame
-is resized to cover the clip's spatial bucket and centre-cropped; clips are bucketed by
+is resized to cover the clip's spatial bucket and centre-cropped. Settings no clip can
+follow (:func:`check_sampling`) are refused before any clip is encoded. Clips are bucketed by
 frames × height × width, encoded with the family's encoder and cached by content hash
 like images (:mod:`logic`).
 """
@@ -18,12 +19,12 @@ import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import torch
 from safetensors.torch import save_file
 
-from loraengine.core.errors import DataError
+from loraengine.core.errors import ConfigError, DataError
 from loraengine.core.files import atomic_path
 from loraengine.tools.prepare.logic import (
     CONDITIONING_FILE,
@@ -90,6 +91,50 @@ def find_clips(folder: Path) -> list[Path]:
 def _frame_files(folder: Path) -> list[Path]:
     return [p for p in sorted(folder.iterdir())
             if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES]
+
+
+def count_frames(clip: Path) -> int:
+    """How many frames a clip has, without decoding them where the file says (the video
+    stream's frame count; else its packets are counted)."""
+    if clip.is_dir():
+        return len(_frame_files(clip))
+    try:
+        import av
+    except ImportError:
+        raise DataError(f"{clip}: reading video files needs PyAV (pip install "
+                        f"'loraengine[video]'), or give a folder of frames") from None
+    try:
+        with av.open(str(clip)) as container:
+            if not container.streams.video:
+                raise DataError(f"{clip}: no video stream")
+            stream = container.streams.video[0]
+            if stream.frames:
+                return int(stream.frames)
+            return sum(1 for packet in container.demux(stream) if packet.size)
+    except (av.error.FFmpegError, OSError, ValueError) as exc:
+        raise DataError(f"{clip}: cannot decode video: {exc}") from None
+
+
+def check_sampling(clips: list[Path], sampling: FrameSampling) -> None:
+    """Refuse frame sampling settings no clip can follow, naming the option, before any
+    frame is decoded or encoded: counts below their minimum, an unknown mode, and a
+    ``skip_first`` that leaves a clip without frames."""
+    for option, value, least in (("--frames", sampling.frames, 1),
+                                 ("--skip-first-frames", sampling.skip_first, 0),
+                                 ("--every-nth-frame", sampling.every_nth, 1),
+                                 ("--frame-seed", sampling.seed, 0)):
+        if value < least:
+            raise ConfigError(f"{option}: expected at least {least}, got {value}")
+    if sampling.mode not in get_args(FrameMode):
+        raise ConfigError(f"--frame-sampling: expected one of "
+                          f"{', '.join(get_args(FrameMode))}, got {sampling.mode!r}")
+    if sampling.skip_first:
+        short = [f"{c.name} ({n})" for c in clips
+                 if (n := count_frames(c)) <= sampling.skip_first]
+        if short:
+            raise ConfigError(f"--skip-first-frames {sampling.skip_first}: leaves no frame "
+                              f"of {len(short)} clip(s) (frames they have): "
+                              f"{_listing(short)}")
 
 
 def pick_frames(available: int, sampling: FrameSampling, step: int, name: str) -> list[int]:
@@ -181,6 +226,7 @@ def prepare_video(encoder: Any, clips_folder: Path, out: Path, *,
     fp = str(encoder.fingerprint)
     report = progress or (lambda stage, done, total: None)
     step = int(getattr(encoder, "frame_step", 1))
+    check_sampling(clips, sampling)
 
     latents: dict[Path, torch.Tensor] = {}
     shapes: dict[Path, tuple[int, int, int]] = {}  # (frames, width, height)
