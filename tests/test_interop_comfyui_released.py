@@ -1,6 +1,8 @@
-"""Lumina 2's default (``diffusers``) LoRA file at the released model's q/k/v widths, as
-ComfyUI 0.8.0 loaded it: pinned by tests/fixtures/interop/make_comfyui_released_fixtures.py
-(ComfyUI's ``load_lora_for_models`` + ``patch_model`` on its NextDiT at those widths).
+"""Lumina 2's default (``diffusers``) LoRA file at the released model's q/k/v widths,
+and LTX-2's default LoRA file on the tiny LTX-2, as ComfyUI 0.8.0 loaded them: pinned by
+tests/fixtures/interop/make_comfyui_released_fixtures.py (ComfyUI's
+``load_lora_for_models`` + ``patch_model`` on its NextDiT at those widths, and on its
+LTXAV model).
 
 The file of each target set (every block layer; the default targets ``layers.*``) is
 the seeded network of the script, written by our exporter today: it must be the file
@@ -22,7 +24,14 @@ from pathlib import Path
 import pytest
 import torch
 from fixtures.interop.comfy_layout import native_by_layout
-from fixtures.interop.make_comfyui_released_fixtures import STEM, TARGETS, network, summary
+from fixtures.interop.make_comfyui_released_fixtures import (
+    LTX2_STEM,
+    STEM,
+    TARGETS,
+    network,
+    summary,
+    video_network,
+)
 from safetensors.torch import load_file
 
 import loraengine
@@ -30,6 +39,7 @@ from loraengine.core.files import in_layout, module_layouts
 from loraengine.plugins import build_plugin_manager
 from loraengine.plugins.models import comfy_names
 from loraengine.testing import tiny_pipelines as tp
+from loraengine.testing import tiny_video as tv
 
 FIXTURES = Path(__file__).parent / "fixtures" / "interop"
 HOST = build_plugin_manager()
@@ -79,4 +89,26 @@ def test_lumina2_default_file_loads_whole_in_comfyui_with_our_weights(released, 
         mine = summary(ours[key], index)
         for part in ("rows", "probes"):
             err = _rel(mine[part], pins[f"{targets}/{key}.{part}"])
+            assert err <= TOL, (key, part, err)
+
+
+def test_ltx2_default_file_loads_whole_in_comfyui_with_our_weights():
+    record = json.loads((FIXTURES / f"{LTX2_STEM}.json").read_text())
+    pins = load_file(str(FIXTURES / f"{LTX2_STEM}_patched.safetensors"))
+    model = tv.ltx2_transformer(0).eval()
+    net = video_network(model)
+    exporter = REG.get("exporter", "diffusers")
+    tensors = exporter.to_file(in_layout(net.file_modules(), exporter,
+                                         module_layouts(REG, model)))
+    assert sorted(tensors) == record["file_keys"]  # the file ComfyUI loaded
+    assert record["not_loaded"] == 0 and record["modules"] == len(net.paths)
+    base = _native(model, {k: v.detach().clone() for k, v in model.state_dict().items()})
+    loraengine.apply(model, tensors, mode="merge", host=HOST)
+    ours = _native(model, {k: v.detach() for k, v in model.state_dict().items()})
+    changed = sorted(k for k in ours if not torch.equal(ours[k], base[k]))
+    assert changed == record["changed"] and len(changed) == len(net.paths)
+    for index, key in enumerate(changed):
+        mine = summary(ours[key], index)
+        for part in ("rows", "probes"):
+            err = _rel(mine[part], pins[f"{key}.{part}"])
             assert err <= TOL, (key, part, err)
