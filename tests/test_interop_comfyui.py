@@ -3,11 +3,12 @@ code (tests/fixtures/interop/make_comfyui_fixtures.py; the commit is in the key 
 
 The models are the tiny UNets with SD1.5's and SDXL's real block layout, seeded as the
 script seeds them. The fixtures hold what ComfyUI's ``model_lora_keys_unet`` accepts
-and its ``unet_to_diffusers`` map for them, files in the layout its TrainLoraNode saves,
-and the weights ComfyUI's loader patched from those files for a few layers.
+and its ``unet_to_diffusers`` map for them, files in the layout its TrainLoraNode saves
+(LoRA, LoHa, LoKr and OFT on both), and the weights ComfyUI's loader patched from those
+files for a few layers.
 
 Tolerance of the patched weights: the file's values are bf16 and both sides upcast
-them exactly; each side then computes ΔW = up·down·α/r (or the LoHa/OFT product) and
+them exactly; each side then computes ΔW = up·down·α/r (or the LoHa/LoKr/OFT product) and
 W + ΔW in fp32, in possibly different orders: a few ulps of |W + ΔW|, far below the
 1e-4 relative bound the interop issue sets (the measured error is 0 or near it)."""
 
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import json
+import warnings
 from pathlib import Path
 
 import pytest
@@ -36,7 +38,9 @@ FIXTURES = Path(__file__).parent / "fixtures" / "interop"
 HOST = build_plugin_manager()
 REG = HOST.registry
 CONFIGS = {"sd15": sd15_structure_unet_config, "sdxl": sdxl_structure_unet_config}
-TRAINED = [("sd15", "lora"), ("sd15", "loha"), ("sd15", "oft"), ("sdxl", "lora")]
+#: every algorithm of TrainLoraNode, on both UNet families
+TRAINED = [(name, algorithm) for name in ("sd15", "sdxl")
+           for algorithm in ("lora", "loha", "lokr", "oft")]
 
 
 @pytest.fixture(scope="module", params=sorted(CONFIGS))
@@ -134,15 +138,34 @@ def test_trainloranode_files_load_with_comfyuis_weights(name, algorithm):
         assert err <= 1e-4, (key, err)
 
 
-def test_trainloranode_lokr_layout_is_placed():
-    unet = _unet("sd15")
-    shapes = json.loads((FIXTURES / "sd15_trainlora_lokr_shapes.json").read_text())
-    g = torch.Generator().manual_seed(0)
-    tensors = {k: torch.randn(s, generator=g) * 0.01 if k.split(".")[-1] != "alpha"
-               else torch.tensor(1.0) for k, s in shapes.items()}
-    file = read_adapter_file(tensors, REG, adaptable_layers(unet), model=unet)
-    assert file.not_in(adaptable_layers(unet)) == []
-    with_params = [m for m in file.modules.values() if m.params]
-    assert with_params and all(m.algorithm == "lokr" for m in with_params)
-    handle = loraengine.apply(copy.deepcopy(unet), tensors, mode="merge", host=HOST)
-    assert len(handle.algorithms) == len(with_params)
+
+@pytest.mark.parametrize("name,algorithm", TRAINED)
+def test_trainloranode_files_continue_as_adapter_existing(name, algorithm):
+    """``adapter.existing`` on a TrainLoraNode file: one adapter of the file's algorithm
+    on every weighted layer of the model, its ``diff``/``diff_b`` on the rest, and the
+    network, merged before any step, gives the weights ComfyUI patched."""
+    from types import SimpleNamespace
+
+    from loraengine.api import resolve_config
+    from loraengine.core.build import build_adapters
+
+    unet = _unet(name)
+    source = FIXTURES / f"{name}_trainlora_{algorithm}.safetensors"
+    conf, _ = resolve_config({"adapter": {"algorithm": algorithm, "include": ["*"],
+                                          "dtype": "fp32", "existing": str(source)}},
+                             HOST, has_model=True)
+    loaded = SimpleNamespace(module=unet, default_include=None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no layer starts fresh, nothing is dropped
+        network, _, _ = build_adapters(conf, HOST, loaded, torch.device("cpu"))
+    file = read_adapter_file(source, REG, adaptable_layers(unet), model=unet)
+    assert set(network.paths) == {p for p, m in file.modules.items() if m.params}
+    assert set(network.delta_paths) == {p for p, m in file.modules.items() if m.deltas}
+    assert set(network.paths) | set(network.delta_paths) == set(ldm_names(unet))
+    assert all(layer.algorithm == algorithm for _, layer in network.items())
+    patched = load_file(str(FIXTURES / f"{name}_trainlora_{algorithm}_patched.safetensors"))
+    network.merge()
+    state = unet.state_dict()
+    for key, want in patched.items():
+        err = float((state[key] - want).abs().max() / want.abs().max())
+        assert err <= 1e-4, (key, err)
