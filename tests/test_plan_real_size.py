@@ -4,6 +4,7 @@ values the package carries, on the meta device (nothing downloaded)."""
 from __future__ import annotations
 
 import pytest
+import torch
 from click.testing import CliRunner
 
 from loraengine.cli.main import cli
@@ -152,3 +153,95 @@ def test_the_video_table_names_the_clip_and_the_expert_planned():
     assert f"{params / 1e9:.2f} B parameters" in head
     assert "2 experts" in text and "model.expert: low_noise" in text
     assert "model.expert: both) holds 2× the weights" in text
+
+
+# -- image families beyond the 2026 set: FLUX.1, SD3/3.5, Lumina 2, HiDream, SDXL, SD1.5 ----
+
+#: name -> (published size, where it is published, relative slack of the rounding). The
+#: count is of the tensors the released file holds (parameters and saved buffers: SD3's
+#: positional table is a buffer), as the model hubs count them.
+PUBLISHED = {
+    "flux1_dev": (12e9, "BFL model card: a 12 billion parameter rectified flow transformer",
+                  0.01),
+    "sd3.5_large": (8.1e9, "Stability's SD3.5 release: 8.1 billion parameters", 0.01),
+    "sd3.5_medium": (2.47e9, "the hub's safetensors count of the released file, 2.47B "
+                             "(Stability's release rounds to 2.5 billion)", 0.01),
+    "sd3_medium": (2e9, "Stability's SD3 Medium card: 2 billion parameters", 0.05),
+    "lumina2": (2.6e9, "Lumina-Image 2.0 paper (arXiv 2503.21758): 2.6B parameters "
+                       "(its model card rounds to 2 billion)", 0.01),
+    "hidream_i1": (17e9, "HiDream-I1 README: 17B parameters", 0.01),
+    "sdxl_base_1.0": (2.567e9, "SDXL report: a 2.6B-parameter UNet (2,567,463,684 in "
+                               "diffusers' count)", 1e-3),
+    "sd15": (860e6, "SD v1 model card: an 860M UNet", 0.001),
+}
+
+
+def _file_count(model) -> int:
+    return sum(t.numel() for t in model.state_dict().values())
+
+
+def test_image_records_build_the_published_model_sizes_on_meta():
+    from loraengine.plugins import build_plugin_manager as plugins
+
+    families = set(plugins().registry.names("model"))
+    for name, (size, _source, slack) in PUBLISHED.items():
+        rec = real_size.record(name)
+        assert rec["family"] in families and "source" in rec, name
+        model = real_size.real_model(name)
+        assert type(model).__name__ == rec["class"], name
+        assert all(p.device.type == "meta" for p in model.parameters()), name
+        count = _file_count(model)
+        assert abs(count - size) <= slack * size, (name, count)
+    # the repeated blocks the plan extrapolates in are the ones the family trains
+    flux = real_size.real_model("flux1_dev")
+    assert (len(flux.transformer_blocks), len(flux.single_transformer_blocks)) == (19, 38)
+    hidream = real_size.real_model("hidream_i1", {"num_layers": 2, "num_single_layers": 3})
+    assert len(hidream.caption_projection) == 2 + 3 + 1  # llama_layers cut to 5 blocks
+
+
+def test_image_records_give_the_conditioning_their_family_reads():
+    assert real_size.latent_shape("sd15") == [4, 64, 64]  # SD1.5 is planned at 512²
+    assert real_size.latent_shape("sdxl_base_1.0") == [4, 128, 128]
+    assert real_size.latent_shape("sd15", 768) == [4, 96, 96]
+    shapes = {k: list(v.shape) for k, v in real_size.conditioning("sdxl_base_1.0", 2).items()}
+    assert shapes == {"cond": [2, 77, 2048], "pooled": [2, 1280]}
+    flux = real_size.conditioning("flux1_dev", 1)
+    model = real_size.real_model("flux1_dev", {"num_layers": 1, "num_single_layers": 1})
+    assert flux["cond"].shape[-1] == model.config.joint_attention_dim
+    assert flux["pooled"].shape[-1] == model.config.pooled_projection_dim
+    lumina = real_size.conditioning("lumina2", 1)
+    assert lumina["mask"].dtype == torch.long and lumina["cond"].shape == (1, 256, 2304)
+    hidream = real_size.conditioning("hidream_i1", 1)
+    assert hidream["llama3"].shape == (1, 32, 128, 4096)  # every Llama layer, batch first
+    assert max(real_size.record("hidream_i1")["config"]["llama_layers"]) == 31
+
+
+def test_plan_real_of_a_model_whose_forward_reads_values_is_one_line(host):
+    """Lumina 2 reads its mask's lengths as numbers, HiDream counts the tokens routed to
+    each expert: on the meta device neither has values, and plan says so."""
+    for name, cls in (("lumina2", "Lumina2Transformer2DModel"),
+                      ("hidream_i1", "HiDreamImageTransformer2DModel")):
+        result = CliRunner().invoke(cli, ["plan", "--real", name])
+        assert result.exit_code == 2, (name, result.output)
+        assert f"--real: {name}: {cls}'s forward reads tensor values" in result.output
+        assert "Traceback" not in result.output
+
+
+@pytest.mark.slow
+def test_unet_and_mmdit_plans_hold_the_weights_in_bf16(host):
+    """SDXL (no repeated blocks: one direct dry run) and SD3.5 Large (read off 2 and 3
+    blocks) with checkpointing: the base weights on the device are the model's
+    parameters at two bytes each, and checkpointing cuts the activations."""
+    for name in ("sdxl_base_1.0", "sd3.5_large"):
+        rows = dict(real_size.plan_scenarios(name, host, labels=["bf16",
+                                                                 "bf16 + checkpointing"]))
+        params = sum(p.numel() for p in real_size.real_model(name).parameters())
+        plain, ck = rows["bf16"], rows["bf16 + checkpointing"]
+        assert plain is not None and ck is not None
+        assert ck.weights_device == pytest.approx(2 * params, rel=0.02), name
+        assert ck.activations < plain.activations, name
+    # a UNet has no block counts to offload part of: its partial-offload rows are left
+    # out (asked for alone, nothing is planned)
+    partial = [sc.label for sc in real_size.scenarios(0, 0) if "offload_blocks" in sc.memory]
+    assert len(partial) == 2
+    assert real_size.plan_scenarios("sd15", host, labels=partial) == []

@@ -67,9 +67,9 @@ def _run_real(state: Any, name: str, resolution_text: str | None, frames: int | 
 @click.option("--measure", is_flag=True, help="Also run three real steps and print the "
               "measured peak (this trains for three steps; nothing is written).")
 @click.option("--real", "real", metavar="NAME", help="Plan the released model NAME at "
-              "its real size (qwen_image, flux2_dev, flux2_klein_4b, z_image, chroma, "
-              "wan2.1_t2v_14b, wan2.1_t2v_1.3b, wan2.2_t2v_a14b) instead of a CONFIG: "
-              "nothing is downloaded.")
+              "its real size (qwen_image, flux2_dev, flux1_dev, sd3.5_large, sdxl_base_1.0, "
+              "sd15, wan2.1_t2v_14b, ...; an unknown NAME lists them all) instead of a "
+              "CONFIG: nothing is downloaded.")
 @click.option("--resolution", metavar="SIDE|HxW", default=None,
               help="With --real: a square side (1024) or height x width (480x832) in "
               "pixels. Default: 1024 for an image model, the record's for a video model "

@@ -54,7 +54,8 @@ def parse_resolution(text: str | None) -> tuple[int, int] | None:
 def latent_shape(name: str, resolution: int | tuple[int, int] | None = None,
                  frames: int | None = None) -> list[int]:
     """The latent of one sample of ``name``: ``[C, H, W]`` for an image model at
-    ``resolution`` (default 1024²), ``[C, T, H, W]`` for a video model with ``frames``
+    ``resolution`` (default: the record's ``image_size``, else 1024²), ``[C, T, H, W]``
+    for a video model with ``frames``
     frames (a first latent frame, then one per ``temporal_factor`` frames) at
     ``resolution`` (default: the record's)."""
     rec = record(name)
@@ -64,7 +65,7 @@ def latent_shape(name: str, resolution: int | tuple[int, int] | None = None,
     if "frames" not in rec:
         if frames is not None:
             raise ConfigError(f"--frames: {name} is an image model")
-        height, width = resolution or (1024, 1024)
+        height, width = resolution or tuple(rec.get("image_size", (1024, 1024)))
     else:
         height, width = resolution or tuple(rec["resolution"])
     for side in (height, width):
@@ -90,9 +91,26 @@ def real_model(name: str, blocks: dict[str, int] | None = None) -> torch.nn.Modu
 
     rec = record(name)
     cls = getattr(diffusers, rec["class"])
+    config = {**rec["config"], **(blocks or {})}
+    if blocks:
+        # lists with one entry per block (HiDream's llama_layers) follow the block count
+        count = sum(int(config[k]) for k in rec["blocks"])
+        for key in rec.get("per_block", ()):
+            config[key] = list(config[key])[:count]
     with torch.device("meta"):
-        model: torch.nn.Module = cls.from_config({**rec["config"], **(blocks or {})})
+        model: torch.nn.Module = cls.from_config(config)
     return model
+
+
+def conditioning(name: str, batch: int) -> dict[str, torch.Tensor]:
+    """Zero conditioning of ``batch`` samples as ``prepare`` writes it for ``name``: the
+    record's ``cond`` shapes per key (a ``mask`` is int64, as a tokenizer's), else one
+    ``cond`` of ``text_tokens`` × ``text_width``."""
+    rec = record(name)
+    shapes = rec.get("cond") or {"cond": [rec["text_tokens"], rec["text_width"]]}
+    return {key: torch.zeros(batch, *(int(n) for n in shape),
+                             dtype=torch.long if key == "mask" else torch.float32)
+            for key, shape in shapes.items()}
 
 
 @dataclass
@@ -130,7 +148,7 @@ def _plan_at(name: str, host: PluginHost, sc: Scenario, blocks: dict[str, int],
 
     rec = record(name)
     latents = torch.zeros(batch, *latent_shape(name, resolution, frames))
-    cond = {"cond": torch.zeros(batch, int(rec["text_tokens"]), int(rec["text_width"]))}
+    cond = conditioning(name, batch)
     memory = dict(sc.memory)
     if "offload_blocks" in memory:
         memory["offload_blocks"] = offload
@@ -149,11 +167,12 @@ def _plan_at(name: str, host: PluginHost, sc: Scenario, blocks: dict[str, int],
     try:
         return estimate(conf, host, model=real_model(name, blocks),
                         latents={"latents": latents}, conditioning=cond, count_flops=False)
-    except RuntimeError as exc:
-        if "meta tensor" not in str(exc):
+    except (RuntimeError, NotImplementedError) as exc:
+        if "meta tensor" not in str(exc).lower():
             raise
         # a forward that branches on tensor values (HunyuanVideo 1.5 tests its image
-        # embedding for zeros and selects its text tokens by mask) has no dry run
+        # embedding for zeros and selects its text tokens by mask, Lumina 2 reads its
+        # mask's lengths, HiDream routes tokens to experts by count) has no dry run
         raise ConfigError(f"--real: {name}: {rec['class']}'s forward reads tensor values, "
                           f"which a dry run on the meta device does not have; plan a "
                           f"config of a local model folder instead") from None
@@ -210,6 +229,8 @@ def plan_scenarios(name: str, host: PluginHost,
             continue
         args = (resolution, rank, batch, frames)
         if "offload_blocks" in sc.memory:
+            if not keys:  # a UNet: its levels do not repeat, offloading is all or none
+                continue
             if len(keys) != 1:
                 out.append((sc.label, None))
                 continue
