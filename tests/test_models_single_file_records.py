@@ -417,23 +417,12 @@ def test_a_family_diffusers_reads_no_single_file_of_says_so(tmp_path):
 
 # -- the released sizes, by names and shapes (on the meta device) -------------------------
 
-#: the released config.json values of two models ``real_sizes.json`` does not carry
-#: (FLUX.1 dev, Lumina-Image 2.0), with one block of each kind
-RELEASED = {
-    "flux": ("FluxTransformer2DModel", dict(
-        patch_size=1, in_channels=64, num_layers=1, num_single_layers=1,
-        attention_head_dim=128, num_attention_heads=24, joint_attention_dim=4096,
-        pooled_projection_dim=768, guidance_embeds=True, axes_dims_rope=(16, 56, 56))),
-    "lumina2": ("Lumina2Transformer2DModel", dict(
-        sample_size=128, patch_size=2, in_channels=16, hidden_size=2304, num_layers=1,
-        num_refiner_layers=2, num_attention_heads=24, num_kv_heads=8, multiple_of=256,
-        norm_eps=1e-5, scaling_factor=1.0, axes_dim_rope=(32, 32, 32),
-        axes_lens=(300, 512, 512), cap_feat_dim=2304)),
-}
+#: families checked at the released sizes by name and shape only, with the
+#: ``real_sizes.json`` record of each (one block of each kind)
+RELEASED = {"flux": "flux1_dev", "lumina2": "lumina2"}
 
 
 def _released_models() -> list[tuple[str, Any]]:
-    import diffusers
 
     from loraengine.tools.plan.real_size import real_model, real_sizes
 
@@ -441,9 +430,9 @@ def _released_models() -> list[tuple[str, Any]]:
     for name, rec in real_sizes().items():
         if rec["class"] in SINGLE_FILE_CLASSES:
             out.append((name, real_model(name, {key: 2 for key in rec["blocks"]})))
-    for name, (cls, config) in RELEASED.items():
-        with torch.device("meta"):
-            out.append((name, getattr(diffusers, cls).from_config(config)))
+    for name, record in RELEASED.items():
+        blocks = real_sizes()[record]["blocks"]
+        out.append((name, real_model(record, {key: 1 for key in blocks})))
     return out
 
 
