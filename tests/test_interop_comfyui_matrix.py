@@ -389,27 +389,42 @@ def test_comfyui_leaves_flux_qk_norms_of_the_kohya_export_as_warned(cid):
 @pytest.mark.parametrize("cid", ["lokr-r4", "oft-r4", "boft-r4", "glora-r4"])
 def test_comfyui_leaves_unfused_layers_of_the_kohya_export_as_warned(family, cid):
     """On FLUX.1/SD3 the kohya export keeps parts of a fused layer (and the final
-    modulation, for BOFT) under diffusers' names when the algorithm has no fused form;
+    modulations, for BOFT: SD3's last context one too) under diffusers' names when the algorithm has no fused form;
     ComfyUI left keys unloaded there, and the export warns as the comfyui one does."""
+    import re
+
     _, _, summaries, _ = MAKE.our_case(family, CASES[cid])
     row = RESULTS["cases"][family]["kohya"][cid]
     warned = MAKE.limits_of("kohya", summaries["kohya"], CASES[cid])
     assert any(w.startswith(("ComfyUI's model fuses", "ComfyUI stores the final"))
                for w in warned), warned
     assert row["unloaded"] > 0 and row["unchanged"] > 0
-    assert all("_attn_" in k or "_proj_mlp" in k or "norm_out" in k
+    assert all(re.search(r"_(attn_|proj_mlp|norm_out_linear|norm1_context_linear)", k)
                for k in row["unloaded_first"]), row["unloaded_first"]
 
 
-def test_convert_to_diffusers_names_comfyuis_unet_attention_limit(tmp_path):
-    """``convert --to diffusers --model`` on an SD1.5 file warns with the line ``train``
-    gives for ``adapter.exporter: diffusers``, with the layer count ComfyUI's own code
-    left unchanged (the fixture)."""
-    from loraengine.tools.convert.logic import convert_file
+@pytest.mark.parametrize(("family", "exporter", "cid", "start"), [
+    ("sd15", "diffusers", "lora-r4", "ComfyUI reads a UNet's attention projections"),
+    ("flux", "kohya", "lora-norm_and_bias_deltas=True-r4",
+     "ComfyUI has no lora_unet_* key for FLUX.1's")])
+def test_train_check_gives_the_added_lines_with_the_measured_count(family, exporter, cid,
+                                                                   start):
+    """``core/checks.py``'s ``adapter.exporter`` check (what ``train`` warns with), run
+    on the seeded network on the diffusers model (the parts of a built run it reads),
+    names the layers ComfyUI's own code left unchanged in the fixture, by count."""
+    from types import SimpleNamespace
 
-    src = _unet_file(tmp_path, "lora", {}, rank=4, exporter="comfyui")
-    out = convert_file(src, "diffusers", out=tmp_path / "d.safetensors",
-                       model=MAKE.diffusers_model("sd15"))
-    line = next(w for w in out["warnings"]
-                if w.startswith("ComfyUI reads a UNet's attention projections"))
-    assert _count(line) == RESULTS["cases"]["sd15"]["diffusers"]["lora-r4"]["unchanged"]
+    from loraengine.core import checks
+
+    name, options, rank = CASES[cid]
+    model = MAKE.diffusers_model(family)
+    network, _ = MAKE.build_network(model, name, options, rank)
+    pipe = SimpleNamespace(
+        config=SimpleNamespace(adapter=SimpleNamespace(exporter=exporter)),
+        host=SimpleNamespace(registry=mm.REG), network=network,
+        loaded=SimpleNamespace(module=model, default_exporter=exporter,
+                               base_model_version=""),
+        adapter_spec=mm.REG.get("adapter", name))
+    lines = checks._exporter_limits(pipe)
+    line = next(w for w in lines if w.startswith(f"adapter.exporter: {start}"))
+    assert _count(line) == RESULTS["cases"][family][exporter][cid]["unchanged"]
