@@ -1,8 +1,8 @@
 """loraengine's files in ComfyUI for every algorithm and option, as ComfyUI's own loader
 reads them (tests/fixtures/interop/make_comfyui_matrix_fixtures.py ran ComfyUI a125cd8's
 ``load_lora_for_models`` + ``patch_model`` on the SD1.5- and SDXL-structured tiny UNets
-with the ``comfyui`` and ``kohya`` exports, and on the tiny SD3 and FLUX.1 transformers
-with the ``comfyui`` and ``diffusers`` exports, for every case of
+and the tiny SD3 and FLUX.1 transformers with the ``comfyui``, ``kohya`` and
+``diffusers`` exports, for every case of
 test_merge_matrix.MATRIX; CI cannot fetch ComfyUI, so it reads what the script wrote).
 
 Tolerance for "exact": as in test_interop_webui_lycoris, each element of W + ΔW is a sum
