@@ -1168,6 +1168,7 @@ def loraengine_exporters():
         DIFFUSERS.spec("diffusers/PEFT keys (unet.* / transformer.* with lora_A/lora_B; "
                        "for Flux.2, Lumina 2 and LTX-2 ComfyUI's names, diffusion_model.*, "
                        "which their diffusers loaders convert): diffusers' "
-                       "load_lora_weights, ComfyUI.", diffusers_file_limits),
+                       "load_lora_weights, ComfyUI (a UNet's but for its attention "
+                       "projections).", diffusers_file_limits),
         PEFT.spec("Same keys as diffusers (the PEFT spelling).", diffusers_file_limits),
     ]
