@@ -1028,7 +1028,26 @@ def kohya_file_limits(modules: Mapping[str, tuple[str, Collection[str]]],
     (the ``comfyui`` exporter writes that factor whole); and what diffusers, which reads
     them too, does not read (``diffusers_kohya_limits``)."""
     return (kohya_limits(modules, metadata=metadata) + _comfyui_rules(modules, metadata)
-            + _comfyui_tucker(modules) + diffusers_kohya_limits(modules, metadata))
+            + _comfyui_tucker(modules) + _comfyui_kohya_mmdit(modules)
+            + diffusers_kohya_limits(modules, metadata))
+
+
+def _comfyui_kohya_mmdit(modules: Mapping[str, tuple[str, Collection[str]]]) -> list[str]:
+    """What ComfyUI does not load of a FLUX.1/SD3 file in sd-scripts' names (measured,
+    tests/fixtures/interop/make_comfyui_matrix_fixtures.py, the ``kohya`` columns): the
+    modules kept under diffusers' names (``comfyui_fused_limits``, as for the comfyui
+    export), and FLUX.1's q/k RMSNorm deltas: its key map gives ``lora_unet_*`` names to
+    ``….weight`` tensors only, and those norms' weight is ``….scale``."""
+    if not forge_models(modules):
+        return []
+    out = comfyui_fused_limits(modules)
+    norms = sorted(n for n in modules if QK_NORM_NATIVE.search(n))
+    if norms:
+        out.append(f"ComfyUI has no lora_unet_* key for FLUX.1's attention q/k norms "
+                   f"(their weight is ….scale): {len(norms)} norm delta(s) are not loaded "
+                   f"(e.g. {norms[0]}; the comfyui exporter writes them under ComfyUI's "
+                   f"names, which it reads)")
+    return out
 
 
 def _comfyui_tucker(modules: Mapping[str, tuple[str, Collection[str]]]) -> list[str]:
@@ -1088,6 +1107,7 @@ def diffusers_file_limits(modules: Mapping[str, tuple[str, Collection[str]]],
         out.append(f"ComfyUI does not load DoRA's magnitude under PEFT's name "
                    f"(lora_magnitude_vector): {len(peft_dora)} layer(s) are plain LoRA "
                    f"there (the comfyui exporter writes dora_scale)")
+    out += _comfyui_unet_attention(modules)
     model = comfyui_mmdit(modules)
     swapped = _swapped_in_comfyui(list(modules))
     if model is None:
@@ -1110,6 +1130,26 @@ def diffusers_file_limits(modules: Mapping[str, tuple[str, Collection[str]]],
     return out
 
 
+#: a UNet's attention projections under diffusers' names (UNet2DConditionModel's)
+UNET_ATTENTION = re.compile(r"^(down_blocks\.\d+|mid_block|up_blocks\.\d+)\.attentions\.\d+"
+                            r"\.transformer_blocks\.\d+\.attn[12]\.(to_[qkv]|to_out\.0)$")
+
+
+def _comfyui_unet_attention(modules: Iterable[str]) -> list[str]:
+    """ComfyUI maps a UNet's diffusers names (comfy/lora.py ``model_lora_keys_unet``)
+    with the attention projections in the old attention-processor spelling only
+    (``….attn1.processor.to_q``, ``….processor.to_out``): the diffusers/PEFT names of
+    those layers are not loaded there, every other layer is (measured,
+    make_comfyui_matrix_fixtures.py, the SD1.5/SDXL ``diffusers`` columns)."""
+    hit = sorted(n for n in modules if UNET_ATTENTION.search(n))
+    if not hit:
+        return []
+    return [f"ComfyUI reads a UNet's attention projections under diffusers' names only "
+            f"in the attention-processor spelling (….attn1.processor.to_q): {len(hit)} "
+            f"layer(s) are not loaded there (e.g. {hit[0]}); the comfyui and kohya "
+            f"exporters are read with every layer"]
+
+
 #: ComfyUI and Forge swap a diffusers-named module's ΔW into their row order, and not
 #: its DoRA magnitude (``weight_decompose`` scales by ``dora_scale`` as it is)
 SWAPPED_DORA = "applies DoRA's magnitude (dora_scale) in diffusers' row order"
@@ -1128,6 +1168,7 @@ def loraengine_exporters():
         DIFFUSERS.spec("diffusers/PEFT keys (unet.* / transformer.* with lora_A/lora_B; "
                        "for Flux.2, Lumina 2 and LTX-2 ComfyUI's names, diffusion_model.*, "
                        "which their diffusers loaders convert): diffusers' "
-                       "load_lora_weights, ComfyUI.", diffusers_file_limits),
+                       "load_lora_weights, ComfyUI (a UNet's but for its attention "
+                       "projections).", diffusers_file_limits),
         PEFT.spec("Same keys as diffusers (the PEFT spelling).", diffusers_file_limits),
     ]
