@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 import test_merge_matrix as mm
 import torch
+from conftest import first_of_each
 from safetensors.torch import load_file
 
 HERE = Path(__file__).parent / "fixtures" / "interop"
@@ -59,8 +60,12 @@ def test_the_fixture_covers_every_case_family_and_exporter():
 SLOW = {"boft-block_size=2-r4", "boft-constraint=0.05-r4"}
 
 
-@pytest.mark.parametrize("cid", [pytest.param(c, marks=pytest.mark.slow) if c in SLOW
-                                 else c for c in sorted(CASES)])
+def _algorithm(cid: str) -> str:
+    """The algorithm of a case id (``lokr-factor=-1-r2`` -> ``lokr``)."""
+    return cid.split("-", 1)[0]
+
+
+@pytest.mark.parametrize("cid", first_of_each(list(CASES), _algorithm, slow=SLOW))
 def test_every_cell_is_exact_or_a_comfyui_limit_the_export_warns_about(cid):
     """Per family and exporter: our export today has the key count ComfyUI was given,
     and where ComfyUI did not read it exactly, the exporter's ``limits`` (what ``train``
@@ -141,11 +146,13 @@ def test_the_patched_fixture_is_small_and_covers_every_family():
     assert {f for f, _, _ in KEPT} == set(MAKE.FAMILIES)
 
 
-@pytest.mark.parametrize("group", sorted(KEPT), ids=lambda g: "-".join(g))
-def test_comfyuis_patched_weights_equal_our_merge(group):
+@pytest.mark.parametrize(("family", "exporter", "cid"),
+                         first_of_each(sorted(KEPT, key=lambda g: (list(CASES).index(g[2]), g)),
+                                       lambda g: (g[0], _algorithm(g[2])), ids="-".join))
+def test_comfyuis_patched_weights_equal_our_merge(family, exporter, cid):
     """The tensors ComfyUI patched (committed) against loraengine's merge of the same
     seeded network, computed here; each one the file changes."""
-    family, exporter, cid = group
+    group = (family, exporter, cid)
     model, _, _, _ = MAKE.our_case(family, CASES[cid])
     _, native = _natives()[family]
     want = native(model.state_dict())
