@@ -140,7 +140,7 @@ def test_what_sd_scripts_leaves_is_what_train_warns_about(cid):
                                "lora_unet_time_embed_0", "lora_unet_time_embed_2"]
     assert f"is not placed ({len(outside)} layer(s), e.g. input_blocks.0.0)" in text, lines
     if deltas:
-        assert "norm and bias deltas (diff, diff_b) are not placed" in text, lines
+        assert "norm and bias deltas (diff, diff_b, w_norm, b_norm) are not placed" in text, lines
     if row["max_rel_placed"] > EXACT:
         assert "no DoRA" in text, lines
     assert len(lines) == bool(outside) + bool(deltas) + (row["max_rel_placed"] > EXACT)
