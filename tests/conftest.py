@@ -319,6 +319,20 @@ def convert_round_trip(source: Path, folder: Path, tmp_path: Path) -> dict[str, 
     return load_file(str(tmp_path / "c.safetensors"))
 
 
+def fixture_script(name: str) -> Any:
+    """The fixture-making script ``tests/fixtures/interop/<name>.py`` as a module: the
+    tests read its case lists and summaries, so that what CI checks is what the script
+    measured with the consumer's code."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        name, Path(__file__).parent / "fixtures" / "interop" / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 class SavedPipelines(dict):  # type: ignore[type-arg]
     """Tiny pipeline folders under ``root``, each saved by ``save(name, folder)`` the
     first time a test asks for it (``pipes["flux2"]``)."""

@@ -15,14 +15,13 @@ OFT's Cayley transform, inverted in another order.)
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 import test_merge_matrix as mm
 import torch
-from conftest import first_of_each
+from conftest import first_of_each, fixture_script
 from safetensors.torch import load_file
 
 HERE = Path(__file__).parent / "fixtures" / "interop"
@@ -31,11 +30,7 @@ EXACT = 1e-4
 
 
 def _script():
-    spec = importlib.util.spec_from_file_location(
-        "make_comfyui_matrix_fixtures", HERE / "make_comfyui_matrix_fixtures.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return fixture_script("make_comfyui_matrix_fixtures")
 
 
 MAKE = _script()

@@ -33,7 +33,6 @@ Every other cell must be a limit the exporter's ``limits`` (what ``train`` warns
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 import os
 import re
@@ -43,6 +42,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import fixture_script
 
 HERE = Path(__file__).parent / "fixtures" / "interop"
 EXACT = 1e-4
@@ -69,11 +69,7 @@ def _one_thread():
 
 
 def _script():
-    spec = importlib.util.spec_from_file_location(
-        "make_comfyui_matrix_fixtures", HERE / "make_comfyui_matrix_fixtures.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return fixture_script("make_comfyui_matrix_fixtures")
 
 
 MAKE = _script()

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import test_interop_diffusers_matrix as dm
+from conftest import fixture_script
 
 HERE = Path(__file__).parent / "fixtures" / "interop"
 RESULTS = json.loads((HERE / "sd15_sdscripts_matrix.json").read_text())
@@ -26,13 +27,7 @@ TARGETS = ("Transformer2DModel", "ResnetBlock2D", "Downsample2D", "Upsample2D")
 
 
 def _script():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(
-        "make_sdscripts_matrix_fixtures", HERE / "make_sdscripts_matrix_fixtures.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return fixture_script("make_sdscripts_matrix_fixtures")
 
 
 def test_the_fixture_covers_every_lora_case():

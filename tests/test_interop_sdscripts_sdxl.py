@@ -13,12 +13,12 @@ exporter's limits say so.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from functools import cache
 from pathlib import Path
 
 import pytest
+from conftest import fixture_script
 
 HERE = Path(__file__).parent / "fixtures" / "interop"
 RESULTS = json.loads((HERE / "sdxl_sdscripts_matrix.json").read_text())
@@ -32,11 +32,7 @@ BLOCKS = ("down_blocks", "mid_block", "up_blocks")
 
 
 def _script():
-    spec = importlib.util.spec_from_file_location(
-        "make_sdscripts_sdxl_fixtures", HERE / "make_sdscripts_sdxl_fixtures.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return fixture_script("make_sdscripts_sdxl_fixtures")
 
 
 MAKE = _script()

@@ -20,13 +20,13 @@ exporter's limits for diffusers say.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from functools import cache
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import fixture_script
 from safetensors.torch import load_file
 
 HERE = Path(__file__).parent / "fixtures" / "interop"
@@ -39,11 +39,7 @@ DELTA_KEYS = ("diff", "diff_b", "w_norm", "b_norm")
 
 
 def _script():
-    spec = importlib.util.spec_from_file_location(
-        "make_sdscripts_transformer_fixtures", HERE / "make_sdscripts_transformer_fixtures.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return fixture_script("make_sdscripts_transformer_fixtures")
 
 
 MAKE = _script()

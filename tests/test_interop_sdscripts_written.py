@@ -26,7 +26,6 @@ products (fp64 sums of fp32 weights times Gaussian probes) inherit that relative
 from __future__ import annotations
 
 import copy
-import importlib.util
 import json
 import warnings
 from pathlib import Path
@@ -35,6 +34,7 @@ import pytest
 import torch
 import yaml
 from click.testing import CliRunner
+from conftest import fixture_script
 from diffusers import UNet2DConditionModel
 from safetensors import safe_open
 from safetensors.torch import load_file
@@ -58,11 +58,7 @@ SD15 = ("fp16", "fp32", "bf16")
 
 
 def _script():
-    spec = importlib.util.spec_from_file_location(
-        "make_sdscripts_written_fixtures", HERE / "make_sdscripts_written_fixtures.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return fixture_script("make_sdscripts_written_fixtures")
 
 
 MAKE = _script()

@@ -13,14 +13,13 @@ here. (The measured worst exact cell is 4.5e-7.)
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 import test_merge_matrix as mm
 import torch
-from conftest import first_of_each
+from conftest import first_of_each, fixture_script
 from safetensors.torch import load_file
 
 from loraengine.plugins.exporters import A1111, FORGE, LYCORIS, kohya_limits
@@ -32,11 +31,7 @@ LABELS = {"a1111": A1111, "forge": FORGE, "lycoris": LYCORIS}
 
 
 def _script():
-    spec = importlib.util.spec_from_file_location(
-        "make_webui_lycoris_fixtures", HERE / "make_webui_lycoris_fixtures.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return fixture_script("make_webui_lycoris_fixtures")
 
 
 MAKE = _script()

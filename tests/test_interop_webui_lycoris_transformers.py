@@ -13,7 +13,6 @@ the terms' magnitudes, so by under 1e-4 relative to max |W|.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -22,6 +21,7 @@ import test_merge_matrix as mm
 import torch
 import yaml
 from click.testing import CliRunner
+from conftest import fixture_script
 from safetensors.torch import load_file
 
 from loraengine.core.files import module_layouts, read_adapter_file
@@ -32,12 +32,7 @@ EXACT = 1e-4
 
 
 def _script():
-    spec = importlib.util.spec_from_file_location(
-        "make_webui_lycoris_transformer_fixtures",
-        HERE / "make_webui_lycoris_transformer_fixtures.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return fixture_script("make_webui_lycoris_transformer_fixtures")
 
 
 MAKE = _script()
