@@ -321,14 +321,25 @@ def unplaced_message(file: AdapterFile, unknown: Sequence[str], registry: Regist
     """One line on a file's modules that fit no layer of the model: how many, the first
     ones, the key formats and module layouts tried, and which model they look made for
     when that is another one."""
-    layouts = ["the model's own", *sorted(module_layouts(registry, model))] if model \
-        is not None else ["the model's own"]
-    formats = [spec.name for spec in registry.specs("exporter")]
     line = (f"{file.source}: {len(unknown)} module(s) are not {what} of this model: "
-            f"{', '.join(unknown[:5])}{' ...' if len(unknown) > 5 else ''} (read as "
-            f"{file.key_format or 'no known'} keys; key formats tried: "
-            f"{', '.join(formats)}; module names tried: {', '.join(layouts)})")
+            f"{_first(unknown)} (read as {file.key_format or 'no known'} keys; "
+            f"{_tried(registry, model)})")
     return line + _made_for(registry, unknown, model)
+
+
+def _first(names: Sequence[str], n: int = 5) -> str:
+    """The first ``n`` of ``names``, with `` ...`` when there are more."""
+    return f"{', '.join(names[:n])}{' ...' if len(names) > n else ''}"
+
+
+def _tried(registry: Registry, model: nn.Module | None) -> str:
+    """``key formats tried: …; module names tried: …`` for a file read against
+    ``model``."""
+    layouts = ["the model's own", *(sorted(module_layouts(registry, model))
+                                    if model is not None else [])]
+    formats = [spec.name for spec in registry.specs("exporter")]
+    return (f"key formats tried: {', '.join(formats)}; "
+            f"module names tried: {', '.join(layouts)}")
 
 
 def _made_for(registry: Registry, names: Collection[str], model: nn.Module | None) -> str:
@@ -357,14 +368,9 @@ def unread_message(file: AdapterFile, registry: Registry, model: nn.Module | Non
     other = [k for k in file.unread if not TEXT_ENCODER_KEY.match(k)]
     if not other:
         return ""
-    layouts = ["the model's own", *sorted(module_layouts(registry, model))] if model \
-        is not None else ["the model's own"]
-    formats = [spec.name for spec in registry.specs("exporter")]
     error = (f"{file.source}: {len(other)} key(s) are not read as "
              f"{file.key_format or 'no known'} keys, as the rest of the file is: "
-             f"{', '.join(other[:5])}{' ...' if len(other) > 5 else ''} "
-             f"(key formats tried: "
-             f"{', '.join(formats)}; module names tried: {', '.join(layouts)})")
+             f"{_first(other)} ({_tried(registry, model)})")
     return error + _made_for(registry, [k.rpartition(".")[0] for k in other], model)
 
 
