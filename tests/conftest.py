@@ -166,6 +166,22 @@ def smooth_frame(seed: int, size: tuple[int, int] = (32, 32)) -> Any:
     return Image.fromarray(data, "RGB")
 
 
+def write_mp4(path: Path, images: list[Any]) -> None:
+    """``images`` (PIL, all one size) as an mpeg4 file at 8 frames per second, as a
+    camera or an editor writes one (PyAV)."""
+    import av
+
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("mpeg4", rate=8)
+        stream.width, stream.height = images[0].size
+        stream.pix_fmt = "yuv420p"
+        for image in images:
+            for packet in stream.encode(av.VideoFrame.from_image(image)):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+
+
 def clip_pixels(frames: list[Any], size: int = 32) -> torch.Tensor:
     """RGB frames of ``size``² as one [3, frames, size, size] clip in [-1, 1]."""
     return torch.stack([torch.frombuffer(bytearray(f.tobytes()), dtype=torch.uint8)

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
+from conftest import write_mp4
 
 from loraengine.cli.main import cli
 from loraengine.plugins.models.video_encoders import WanEncoder
@@ -32,17 +33,7 @@ def _grey(i: int):
 
 
 def _write_video(path: Path, frames: int) -> None:
-    import av
-
-    with av.open(str(path), "w") as container:
-        stream = container.add_stream("mpeg4", rate=8)
-        stream.width = stream.height = SIZE
-        stream.pix_fmt = "yuv420p"
-        for i in range(frames):
-            for packet in stream.encode(av.VideoFrame.from_image(_grey(i))):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
+    write_mp4(path, [_grey(i) for i in range(frames)])
 
 
 @pytest.fixture(scope="module")

@@ -16,6 +16,7 @@ from conftest import (
     sample_frame_strip,
     smooth_frame,
     train_prepared,
+    write_mp4,
 )
 
 from loraengine.cli.main import cli
@@ -27,18 +28,7 @@ FRAMES = 9
 
 
 def _video(path: Path, size: tuple[int, int]) -> None:
-    import av
-
-    with av.open(str(path), "w") as container:
-        stream = container.add_stream("mpeg4", rate=8)
-        stream.width, stream.height = size
-        stream.pix_fmt = "yuv420p"
-        for i in range(FRAMES):
-            frame = av.VideoFrame.from_image(smooth_frame(i, size))
-            for packet in stream.encode(frame):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
+    write_mp4(path, [smooth_frame(i, size) for i in range(FRAMES)])
 
 
 @pytest.fixture(scope="module")
