@@ -194,11 +194,20 @@ class _Holder(nn.Module):
         return self.layer(x)
 
 
-def _lycoris_file(adapter, lycoris_alpha: float | None = None) -> dict[str, torch.Tensor]:
+def _lycoris_file(adapter) -> dict[str, torch.Tensor]:
     tensors = {k: v.detach().clone() for k, v in adapter.file_tensors().items()}
-    if lycoris_alpha is not None:
-        tensors["alpha"] = torch.tensor(lycoris_alpha)
     return {f"lycoris_layer.{k}": v for k, v in tensors.items()}
+
+
+def _in_lycoris(base: nn.Module, adapter):
+    """A copy of ``base`` with ``adapter``'s file applied by LyCORIS's own network, and
+    that network (so a test can switch it to bypass, restore it or merge it)."""
+    from lycoris import create_lycoris_from_weights
+
+    holder = _Holder(copy.deepcopy(base))
+    net, _ = create_lycoris_from_weights(1.0, "", holder, _lycoris_file(adapter))
+    net.apply_to()
+    return holder, net
 
 
 LYCORIS_VARIANTS = [
@@ -211,8 +220,6 @@ LYCORIS_VARIANTS = [
 @pytest.mark.parametrize("case", CASES, ids=str)
 @pytest.mark.parametrize("variant", LYCORIS_VARIANTS, ids=_id)
 def test_files_load_into_lycoris_and_give_our_merged_outputs(variant, case):
-    from lycoris import create_lycoris_from_weights
-
     name, options = variant
     base, x = case.layer(), case.input()
     adapter = build_adapter(SPECS[name], base, options)
@@ -231,10 +238,8 @@ def test_files_load_into_lycoris_and_give_our_merged_outputs(variant, case):
         assert beyond != torch.equal(saved["oft_blocks"], raw)
         q = saved["oft_blocks"] - saved["oft_blocks"].transpose(-1, -2)
         assert float(torch.linalg.vector_norm(q)) <= options["constraint"] * (1 + 1e-6)
-    holder = _Holder(copy.deepcopy(base))
-    net, _ = create_lycoris_from_weights(1.0, "", holder, _lycoris_file(adapter))
+    holder, net = _in_lycoris(base, adapter)
     assert len(net.loras) == 1
-    net.apply_to()
     with torch.no_grad():
         theirs = holder(x)
     assert relative_error(theirs, ours) <= 1e-5
@@ -247,16 +252,12 @@ def test_files_load_into_lycoris_and_give_our_merged_outputs(variant, case):
 @pytest.mark.parametrize("name", ["oft", "boft"])
 def test_lycoris_bypass_rotates_the_bias_ours_does_not(name):
     """The reference's bypass differs from its own merged weights by the rotated bias."""
-    from lycoris import create_lycoris_from_weights
-
     case = CASES[0]
     base, x = case.layer(), case.input()
     adapter = build_adapter(SPECS[name], base)
     perturb(adapter, std=0.2)
     ours = outputs(adapter, base, x)
-    holder = _Holder(copy.deepcopy(base))
-    net, _ = create_lycoris_from_weights(1.0, "", holder, _lycoris_file(adapter))
-    net.apply_to()
+    holder, net = _in_lycoris(base, adapter)
     net.loras[0].bypass_mode = True
     with torch.no_grad():
         theirs_bypass = holder(x)
@@ -420,14 +421,10 @@ def test_boft_dense_and_stage_forms_agree_with_lycoris(case, monkeypatch):
     """BOFT's two forms of the butterfly (stage by stage, or one dense matrix built from
     the stages; a row-count rule picks one per call) give LyCORIS's output on the
     factored and the rebuild path, with equal gradients."""
-    from lycoris import create_lycoris_from_weights
-
     base, x = case.layer(), case.input()
     adapter = build_adapter(boft.SPEC, base, {"rescaled": True})
     perturb(adapter, std=0.2)
-    holder = _Holder(copy.deepcopy(base))
-    net, _ = create_lycoris_from_weights(1.0, "", holder, _lycoris_file(adapter))
-    net.apply_to()
+    holder, net = _in_lycoris(base, adapter)
     with torch.no_grad():
         theirs = holder(x)
     g = torch.randn(theirs.shape, generator=torch.Generator().manual_seed(5))
@@ -463,16 +460,12 @@ def test_oft_paired_blocks_agree_with_lycoris(path, monkeypatch):
     """OFT's 8×8 blocks applied two at a time as 16×16 ones (what large CPU inputs
     use) give LyCORIS's output, in the bypass too, and the gradients of the unpaired
     product."""
-    from lycoris import create_lycoris_from_weights
-
     base = nn.Linear(24, 64)  # LyCORIS reads block sizes up to the block count
     x = torch.randn(6, 24, generator=torch.Generator().manual_seed(3))
     adapter = build_adapter(oft.SPEC, base, {"block_size": 8})
     assert adapter.oft_blocks.shape == (8, 8, 8)
     perturb(adapter, std=0.2)
-    holder = _Holder(copy.deepcopy(base))
-    net, _ = create_lycoris_from_weights(1.0, "", holder, _lycoris_file(adapter))
-    net.apply_to()
+    holder, net = _in_lycoris(base, adapter)
     with torch.no_grad():
         theirs = holder(x)
     g = torch.randn(theirs.shape, generator=torch.Generator().manual_seed(4))
