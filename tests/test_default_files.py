@@ -21,20 +21,7 @@ from loraengine.core.adapter import ADAPTABLE, AdapterNetwork
 from loraengine.core.adapter.network import select_layers
 from loraengine.core.files import in_layout, module_layouts
 from loraengine.plugins import build_plugin_manager
-from loraengine.plugins.models import (
-    chroma,
-    flux,
-    flux2,
-    hidream,
-    hunyuan_video15,
-    ltx2,
-    lumina2,
-    qwen_image,
-    sd3,
-    unet,
-    wan,
-    z_image,
-)
+from loraengine.plugins.models import TRANSFORMERS, unet
 from loraengine.testing import tiny_pipelines as tp
 from loraengine.testing import tiny_video as tv
 from loraengine.testing.conformance import perturb
@@ -43,10 +30,7 @@ from loraengine.testing.models import sd15_structure_unet_config, sdxl_structure
 FIXTURES = Path(__file__).parent / "fixtures" / "interop"
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "compatibility.md"
 REG = build_plugin_manager().registry
-RECORDS = {f.name: f for f in (*unet.FAMILIES.values(), sd3.SD3, flux.FLUX, flux2.FLUX2,
-                                qwen_image.QWEN_IMAGE, z_image.Z_IMAGE, lumina2.LUMINA2,
-                                chroma.CHROMA, hidream.HIDREAM, wan.WAN, ltx2.LTX2,
-                                hunyuan_video15.HUNYUAN_VIDEO15)}
+RECORDS = {f.name: f for f in (*unet.FAMILIES.values(), *TRANSFORMERS)}
 
 
 def _unet(config):

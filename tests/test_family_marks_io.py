@@ -26,29 +26,14 @@ from loraengine.core.build import build_pipeline
 from loraengine.core.errors import DataError
 from loraengine.core.files import in_layout, looks_like, module_layouts, save_lora
 from loraengine.plugins import build_plugin_manager
-from loraengine.plugins.models import (
-    chroma,
-    flux,
-    flux2,
-    hidream,
-    hunyuan_video15,
-    ltx2,
-    lumina2,
-    qwen_image,
-    sd3,
-    wan,
-    z_image,
-)
+from loraengine.plugins.models import TRANSFORMERS, flux
 from loraengine.plugins.models.comfy_names import comfyui_layouts
 from loraengine.testing import tiny_pipelines as tp
 from loraengine.testing import tiny_video as tv
 
 HOST = build_plugin_manager()
 REG = HOST.registry
-FAMILIES = {f.name: f for f in (sd3.SD3, flux.FLUX, flux2.FLUX2, qwen_image.QWEN_IMAGE,
-                                z_image.Z_IMAGE, lumina2.LUMINA2, chroma.CHROMA,
-                                hidream.HIDREAM, wan.WAN, ltx2.LTX2,
-                                hunyuan_video15.HUNYUAN_VIDEO15)}
+FAMILIES = {f.name: f for f in TRANSFORMERS}
 BUILD = {"sd3": tp.sd3_transformer, "flux": tp.flux_transformer,
          "flux2": tp.flux2_transformer, "qwen_image": tp.qwen_image_transformer,
          "z_image": tp.z_image_transformer, "lumina2": tp.lumina2_transformer,

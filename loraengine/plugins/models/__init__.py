@@ -30,6 +30,11 @@ from loraengine.plugins.models import (
     z_image,
 )
 
+#: The transformer families' records (the UNet ones are ``unet.FAMILIES``).
+TRANSFORMERS = (sd3.SD3, flux.FLUX, flux2.FLUX2, qwen_image.QWEN_IMAGE, z_image.Z_IMAGE,
+                lumina2.LUMINA2, chroma.CHROMA, hidream.HIDREAM, wan.WAN, ltx2.LTX2,
+                hunyuan_video15.HUNYUAN_VIDEO15)
+
 
 @hookimpl
 def loraengine_models():
@@ -42,11 +47,8 @@ def loraengine_models():
     specs = [dataclasses.replace(spec, layouts=comfy_names.comfyui_layouts)
              if any(spec is n for n in named) else spec for spec in specs]
     # which transformer family a file was made for: one matcher over their records
-    families = (sd3.SD3, flux.FLUX, flux2.FLUX2, qwen_image.QWEN_IMAGE, z_image.Z_IMAGE,
-                lumina2.LUMINA2, chroma.CHROMA, hidream.HIDREAM, wan.WAN, ltx2.LTX2,
-                hunyuan_video15.HUNYUAN_VIDEO15)
-    looks_like = family_marks.looks_like_among(families)
-    names = {f.name for f in families}
+    looks_like = family_marks.looks_like_among(TRANSFORMERS)
+    names = {f.name for f in TRANSFORMERS}
     return [dataclasses.replace(spec, looks_like=looks_like) if spec.name in names else spec
             for spec in specs]
 
