@@ -340,9 +340,12 @@ def fixture_script(name: str) -> Any:
     tests read its case lists and summaries, so that what CI checks is what the script
     measured with the consumer's code."""
     import importlib.util
+    import sys
 
-    spec = importlib.util.spec_from_file_location(
-        name, Path(__file__).parent / "fixtures" / "interop" / f"{name}.py")
+    here = Path(__file__).parent / "fixtures" / "interop"
+    if str(here) not in sys.path:  # the scripts import their shared modules beside them
+        sys.path.append(str(here))
+    spec = importlib.util.spec_from_file_location(name, here / f"{name}.py")
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
