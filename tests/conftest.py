@@ -407,7 +407,6 @@ LONGEST = (
     "test_qwen_image_at_1024_is_within_a_quarter_of_the_published_figures",
     "tests/test_plan_real_size.py::"
     "test_wan_14b_plans_read_off_small_models_equal_the_40_block_plans",
-    "tests/test_resume.py::test_sigkill_at_several_points_then_resume_is_bitwise_identical",
     "tests/test_kill_anywhere.py::"
     "test_kill_9_at_20_random_points_then_resume_is_bitwise_identical",
     "tests/test_training.py::test_quickstart_runs_from_the_repository_root",

@@ -21,6 +21,16 @@ pytestmark = pytest.mark.skipif(shutil.which("torchrun") is None and
                                 not (REPO / ".venv").exists(), reason="needs torchrun")
 
 
+def unet_config(tiny_unet_dir, folder):
+    """The tiny UNet's training config (as the ``unet_config`` fixture has it), with its
+    data files in ``folder``: built here so that the module's one-process reference and
+    each test's runs are the same config by construction."""
+    from loraengine.testing.models import save_tiny_unet_data, tiny_unet_train_config
+
+    return tiny_unet_train_config(tiny_unet_dir, save_tiny_unet_data(folder / "data"),
+                                  {"adapter": {"alpha": 2}})
+
+
 def config(tmp_path, unet_config, name, **extra):
     cfg = json.loads(json.dumps(unet_config))
     cfg["training"].update({"steps": 3, "batch_size": 4, "dist_timeout": 20})
@@ -43,18 +53,27 @@ def launch(cfg, out, nproc: int, *extra: str) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp2"])
-def test_two_processes_match_one_process_and_each_other(tmp_path, unet_config, fsdp):
-    # the same global batch of 4, computed in one process as 2 micro-batches of 2: the
-    # same forward shapes as each rank's, so only the order of the final sum differs
-    single = config(tmp_path, unet_config, "single")
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory, tiny_unet_dir):
+    """The reference of the module's tests, run once: 3 steps of the global batch of 4 in
+    one process as 2 micro-batches of 2 (the same forward shapes as each rank's of a
+    two-process run, so only the order of the final sum differs). Its folder holds
+    ``rank0.safetensors``, ``run.safetensors`` and ``run.loss.json``."""
+    tmp = tmp_path_factory.mktemp("one_process")
+    single = config(tmp, unet_config(tiny_unet_dir, tmp), "single")
     cfg = yaml.safe_load(single.read_text())
     cfg["training"].update({"batch_size": 2, "grad_accumulation_steps": 2})
     single.write_text(yaml.safe_dump(cfg))
-    proc = launch(single, tmp_path / "single", 1)
+    proc = launch(single, tmp / "single", 1)
     assert proc.returncode == 0, proc.stderr
-    double = config(tmp_path, unet_config, "double")
+    return tmp / "single"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp2"])
+def test_two_processes_match_one_process_and_each_other(tmp_path, tiny_unet_dir, fsdp,
+                                                        one_process):
+    double = config(tmp_path, unet_config(tiny_unet_dir, tmp_path), "double")
     cfg = yaml.safe_load(double.read_text())
     cfg["training"]["fsdp"] = fsdp
     double.write_text(yaml.safe_dump(cfg))
@@ -62,7 +81,7 @@ def test_two_processes_match_one_process_and_each_other(tmp_path, unet_config, f
     assert proc.returncode == 0, proc.stderr[-3000:]
     r0 = load_file(str(tmp_path / "double" / "rank0.safetensors"))
     r1 = load_file(str(tmp_path / "double" / "rank1.safetensors"))
-    ref = load_file(str(tmp_path / "single" / "rank0.safetensors"))
+    ref = load_file(str(one_process / "rank0.safetensors"))
     assert all(torch.equal(r0[k], r1[k]) for k in r0)
     # relative error of the whole trained update (all lora_up tensors as one vector)
     ups = [k for k in ref if k.endswith("lora_up.weight")]
@@ -70,14 +89,14 @@ def test_two_processes_match_one_process_and_each_other(tmp_path, unet_config, f
     rel = float(diff / torch.cat([ref[k].flatten() for k in ups]).norm())
     assert rel <= 1e-6, rel
     # only rank 0 wrote the LoRA file, and its losses are the single run's
-    la = json.loads((tmp_path / "single" / "run.loss.json").read_text())["loss"]
+    la = json.loads((one_process / "run.loss.json").read_text())["loss"]
     lb = json.loads((tmp_path / "double" / "run.loss.json").read_text())["loss"]
     assert lb == pytest.approx(la, rel=1e-6)
 
 
 @pytest.mark.slow
-def test_a_rank_that_dies_stops_the_run_and_checkpoints_stay_intact(tmp_path, unet_config):
-    cfg = config(tmp_path, unet_config, "dies", save_every=1)
+def test_a_rank_that_dies_stops_the_run_and_checkpoints_stay_intact(tmp_path, tiny_unet_dir):
+    cfg = config(tmp_path, unet_config(tiny_unet_dir, tmp_path), "dies", save_every=1)
     proc = launch(cfg, tmp_path / "dies", 2, "die:2:1")
     assert proc.returncode != 0
     assert "rank" in proc.stderr.lower() and ("fail" in proc.stderr.lower())
@@ -88,15 +107,14 @@ def test_a_rank_that_dies_stops_the_run_and_checkpoints_stay_intact(tmp_path, un
 
 
 @pytest.mark.slow
-def test_resume_with_another_world_size(tmp_path, unet_config):
+def test_resume_with_another_world_size(tmp_path, tiny_unet_dir, one_process):
     """Checkpoints hold world-size-independent state: two processes stop after step 2,
     one process finishes; the result matches a single uninterrupted process."""
-    ref_cfg = config(tmp_path, unet_config, "ref")
-    cfg = yaml.safe_load(ref_cfg.read_text())
-    cfg["training"].update({"batch_size": 2, "grad_accumulation_steps": 2})
-    ref_cfg.write_text(yaml.safe_dump(cfg))
-    assert launch(ref_cfg, tmp_path / "ref", 1).returncode == 0
-    split = config(tmp_path, unet_config, "split", save_every=1)
+    from click.testing import CliRunner
+
+    from loraengine.cli.main import cli
+
+    split = config(tmp_path, unet_config(tiny_unet_dir, tmp_path), "split", save_every=1)
     cfg = yaml.safe_load(split.read_text())
     cfg["training"]["steps"] = 2
     split.write_text(yaml.safe_dump(cfg))
@@ -104,16 +122,15 @@ def test_resume_with_another_world_size(tmp_path, unet_config):
     assert proc.returncode == 0, proc.stderr[-3000:]
     cfg["training"].update({"steps": 3, "batch_size": 2, "grad_accumulation_steps": 2})
     split.write_text(yaml.safe_dump(cfg))
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "loraengine.cli.main", "train", str(split),
-                           "-q", "--resume", "latest"], env=env, capture_output=True,
-                          text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr
-    a = load_file(str(tmp_path / "ref" / "run.safetensors"))
+    # the one process that finishes is this one (the test is about the checkpoint, not
+    # the process)
+    res = CliRunner().invoke(cli, ["train", str(split), "-q", "--resume", "latest"])
+    assert res.exit_code == 0, res.output[-3000:]
+    a = load_file(str(one_process / "run.safetensors"))
     b = load_file(str(tmp_path / "split" / "run.safetensors"))
     ups = [k for k in a if k.endswith("lora_up.weight")]
     diff = torch.cat([(a[k] - b[k]).flatten() for k in ups]).norm()
     assert float(diff / torch.cat([a[k].flatten() for k in ups]).norm()) <= 1e-6
-    la = json.loads((tmp_path / "ref" / "run.loss.json").read_text())["loss"]
+    la = json.loads((one_process / "run.loss.json").read_text())["loss"]
     lb = json.loads((tmp_path / "split" / "run.loss.json").read_text())["loss"]
     assert lb == pytest.approx(la, rel=1e-6)

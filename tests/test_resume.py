@@ -23,7 +23,7 @@ from loraengine.core.train import checkpoints as ckpt
 from loraengine.core.train.loop import Trainer
 from loraengine.core.train.signals import TrainingInterrupted
 
-HELPER = REPO / "tests" / "helpers" / "crash_train.py"
+HELPER = REPO / "tests" / "helpers" / "kill_server.py"
 
 
 def write_cfg(tmp_path, unet_config, name, **output):
@@ -35,10 +35,17 @@ def write_cfg(tmp_path, unet_config, name, **output):
     return path
 
 
-def run_helper(cfg, point: str) -> int:
+def serve(cfg, points: list[str]) -> tuple[list[int], list[list[str]], str]:
+    """Run ``train CFG --resume latest`` once per point, each a fork of one process
+    that imported everything once (``tests/helpers/kill_server.py``): the wait status of
+    each run, the names in CFG's checkpoint folder after it, and the stderr."""
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    return subprocess.run([sys.executable, str(HELPER), str(cfg), point], env=env,
-                          capture_output=True, text=True, timeout=300).returncode
+    done = subprocess.run([sys.executable, str(HELPER), str(cfg), *points], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    print(f"set-up and each run, seconds: {report['seconds']}")
+    return report["statuses"], report["listings"], done.stderr
 
 
 def tensors(path):
@@ -48,17 +55,21 @@ def tensors(path):
 @pytest.mark.slow
 def test_sigkill_at_several_points_then_resume_is_bitwise_identical(tmp_path, unet_config):
     plain = write_cfg(tmp_path, unet_config, "plain")
-    assert run_helper(plain, "none:0") == 0
     crashy = write_cfg(tmp_path, unet_config, "crashy", save_every=1, keep_last=3)
-    # killed right after step 2 (before its checkpoint); inside the next save (step 2's
-    # again, after its first file sync); right after step 5; then a clean finish
-    assert run_helper(crashy, "step:2") == -signal.SIGKILL
-    assert run_helper(crashy, "save:2") == -signal.SIGKILL
-    leftovers = sorted(p.name for p in (tmp_path / "crashy" / "run.checkpoints").iterdir())
-    assert leftovers[0].startswith(".step_00000002.")  # the half-written one, never used
-    assert leftovers[1:] == ["step_00000001"]
-    assert run_helper(crashy, "step:5") == -signal.SIGKILL
-    assert run_helper(crashy, "none:0") == 0
+    # killed inside the first save (step 1's, after its first file sync), before any
+    # checkpoint is whole; right after step 2 (before its checkpoint); inside the next
+    # save (step 2's again); right after step 5; then a clean finish
+    points = ["save:2", "step:2", "save:2", "step:5", "none"]
+    statuses, listings, err = serve(crashy, [f"plain:{plain}", *points])
+    why = f"statuses {statuses}, listings {listings}\n{err[-3000:]}"
+    assert statuses == [0] + [-signal.SIGKILL] * 4 + [0], why
+    first_save, step_2, second_save, step_5 = listings[1:5]
+    assert len(first_save) == 1 and first_save[0].startswith(".step_00000001."), why
+    # the next run removed the half-written folder and started over from step 1
+    assert step_2 == ["step_00000001"], why
+    assert len(second_save) == 2 and second_save[0].startswith(".step_00000002."), why
+    assert second_save[1:] == ["step_00000001"], why  # the half-written one, never used
+    assert step_5 == ["step_00000002", "step_00000003", "step_00000004"], why
     a = tensors(tmp_path / "plain" / "run.safetensors")
     b = tensors(tmp_path / "crashy" / "run.safetensors")
     assert a.keys() == b.keys()
@@ -66,8 +77,12 @@ def test_sigkill_at_several_points_then_resume_is_bitwise_identical(tmp_path, un
     la = json.loads((tmp_path / "plain" / "run.loss.json").read_text())
     lb = json.loads((tmp_path / "crashy" / "run.loss.json").read_text())
     assert la == lb
-    kept = [s for s, _ in ckpt.list_checkpoints(tmp_path / "crashy" / "run.checkpoints")]
-    assert kept == [4, 5, 6]
+    folder = tmp_path / "crashy" / "run.checkpoints"
+    assert [s for s, _ in ckpt.list_checkpoints(folder)] == [4, 5, 6]
+    # a run after kills inside saves leaves no temporary file
+    out = tmp_path / "crashy"
+    hidden = [p for p in [*out.iterdir(), *folder.iterdir()] if p.name.startswith(".")]
+    assert hidden == [], why
 
 
 def pipeline_for(host, unet_config, tmp_path, **output):
@@ -297,19 +312,6 @@ def test_a_changed_rank_is_one_line(host, unet_config, tmp_path):
     assert "\n" not in message
     assert "step_00000004" in message and "differ in shape" in message
     assert "[4," in message or ", 4]" in message
-
-
-@pytest.mark.slow
-def test_a_run_after_a_kill_inside_a_save_leaves_no_temporary_file(tmp_path, unet_config):
-    crashy = write_cfg(tmp_path, unet_config, "crashy", save_every=1)
-    assert run_helper(crashy, "save:2") == -signal.SIGKILL  # inside step 1's save
-    folder = tmp_path / "crashy" / "run.checkpoints"
-    assert any(p.name.startswith(".step_") for p in folder.iterdir())
-    assert run_helper(crashy, "none:0") == 0
-    out = tmp_path / "crashy"
-    hidden = [p for p in [*out.iterdir(), *folder.iterdir()] if p.name.startswith(".")]
-    assert hidden == []
-    assert [s for s, _ in ckpt.list_checkpoints(folder)] == list(range(1, 7))
 
 
 def test_ctrl_c_draws_the_partial_loss_plot_beside_the_final_one(host, unet_config, tmp_path):

@@ -3,15 +3,19 @@ each fork SIGKILLed at a chosen point, to test that a run survives being killed 
 
 Usage: ``kill_server.py CONFIG POINT [POINT ...]``. A point is ``any:N`` (die at the N-th
 event of the run) or ``final:N`` (die at the N-th event inside the final write, the
-events of the training loop not counted) or ``none`` (run to the end). Events are:
-the end of an optimizer step, each file sync of a checkpoint save (before and after its
-folder is renamed into place), a LoRA or loss file written to its temporary name but not
-yet renamed, and the folder sync after that rename.
+events of the training loop not counted) or ``step:K`` (die right after optimizer step
+K, before its checkpoint) or ``save:N`` (die inside the N-th file sync of a checkpoint
+save of the run, before the checkpoint is renamed into place) or ``none`` (run to the
+end) or ``plain:OTHER_CONFIG`` (run OTHER_CONFIG to the end). Events are: the end of an
+optimizer step, each file sync of a checkpoint save (before and after its folder is
+renamed into place), a LoRA or loss file written to its temporary name but not yet
+renamed, and the folder sync after that rename.
 
 The imports (torch, diffusers, the engine) happen once, here; each run is a fork, so
 twenty kills cost twenty short runs, not twenty interpreter starts. Prints one JSON
-line: the wait status of each run (``-9`` for a kill, else the exit code) and the
-seconds taken by the set-up and by each run."""
+line: the wait status of each run (``-9`` for a kill, else the exit code), the names in
+CONFIG's checkpoint folder after each run, and the seconds taken by the set-up and by
+each run."""
 
 from __future__ import annotations
 
@@ -20,6 +24,7 @@ import os
 import signal
 import sys
 import time
+from pathlib import Path
 
 
 def _run(config: str, point: str) -> None:
@@ -30,7 +35,7 @@ def _run(config: str, point: str) -> None:
 
     kind, _, n = point.partition(":")
     target = int(n) if n else 0
-    seen = {"any": 0, "final": 0}
+    seen = {"any": 0, "final": 0, "save": 0}
     in_final = {"on": False}
 
     def event() -> None:
@@ -43,6 +48,9 @@ def _run(config: str, point: str) -> None:
     real_fsync = checkpoints._fsync
 
     def fsync(path):  # type: ignore[no-untyped-def]
+        seen["save"] += 1
+        if kind == "save" and seen["save"] == target:
+            os.kill(os.getpid(), signal.SIGKILL)
         event()
         real_fsync(path)
 
@@ -78,6 +86,8 @@ def _run(config: str, point: str) -> None:
     class StepEvents:
         @hookimpl
         def loraengine_on_step_end(self, run, step, metrics):  # type: ignore[no-untyped-def]
+            if kind == "step" and step == target and "loss" in metrics:
+                os.kill(os.getpid(), signal.SIGKILL)
             event()
 
     import loraengine.cli.common as common
@@ -116,8 +126,9 @@ def main() -> None:
     host = build_plugin_manager()
     cfg, base_dir = resolve_config(config, host)
     build_pipeline(cfg, host, base_dir=base_dir).close()
+    folder = Path(cfg.output.dir) / f"{cfg.output.name}.checkpoints"  # as the trainer has it
 
-    statuses, seconds = [], []
+    statuses, listings, seconds = [], [], []
     started = time.perf_counter()
     seconds.append(round(started - begun, 2))
     for point in points:
@@ -130,8 +141,9 @@ def main() -> None:
         _, status = os.waitpid(pid, 0)
         statuses.append(-os.WTERMSIG(status) if os.WIFSIGNALED(status)
                         else os.WEXITSTATUS(status))
+        listings.append(sorted(os.listdir(folder)) if folder.is_dir() else [])
         seconds.append(round(time.perf_counter() - t, 2))
-    print(json.dumps({"statuses": statuses, "seconds": seconds}))
+    print(json.dumps({"statuses": statuses, "listings": listings, "seconds": seconds}))
 
 
 if __name__ == "__main__":
