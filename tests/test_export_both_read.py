@@ -99,9 +99,11 @@ def _pipeline(family: str, model: nn.Module):
 
 
 def _check_in_diffusers(family: str, make, network: AdapterNetwork, ours: nn.Module,
-                        file: Path) -> None:
-    """The family's pipeline places every module and fuses our merged weights."""
+                        file: Path) -> nn.Module:
+    """The family's pipeline places every module and fuses our merged weights; returns
+    the model as ``make`` builds it (untouched here), for further checks."""
     network.merge()
+    fresh = make(0).eval()
     pipe = _pipeline(family, make(0).eval())
     with diffusers_warnings() as messages:
         pipe.load_lora_weights(str(file), adapter_name="ours")
@@ -114,9 +116,10 @@ def _check_in_diffusers(family: str, make, network: AdapterNetwork, ours: nn.Mod
     worst = max(relative_error(_base_weight(theirs.get_submodule(p)),
                                ours.get_submodule(p).weight) for p in network.paths)
     changed = min(relative_error(_base_weight(theirs.get_submodule(p)),
-                                 make(0).get_submodule(p).weight) for p in network.paths)
+                                 fresh.get_submodule(p).weight) for p in network.paths)
     assert worst <= TOL, worst
     assert changed > 100 * TOL  # every layer was patched by the file
+    return fresh
 
 
 @pytest.mark.parametrize("targets", [pytest.param("every", marks=pytest.mark.slow),
@@ -155,10 +158,9 @@ def test_lumina2_file_loads_in_lumina2pipeline_with_every_key_and_our_merge(targ
     qkv = tensors["diffusion_model.layers.0.attention.qkv.lora_B.weight"]
     assert tuple(qkv.shape) == (3840, 3 * RANK)  # fused as ComfyUI's model is
     assert diffusers_limits(_summary(network)) == []
-    _check_in_diffusers("lumina2", lumina2_released_width, network, ours,
-                        tmp_path / "f.safetensors")
+    model = _check_in_diffusers("lumina2", lumina2_released_width, network, ours,
+                                tmp_path / "f.safetensors")
     # our readers take it back to the same ΔW (the qkv split back by its bands)
-    model = lumina2_released_width(0)
     fresh = _network(model, "lora", only)
     file = read_adapter_file(tmp_path / "f.safetensors", REG,
                              list(select_layers(model, ["*"], [], ADAPTABLE)), model=model)

@@ -66,7 +66,7 @@ def test_every_cell_is_exact_or_a_comfyui_limit_the_export_warns_about(cid):
     and where ComfyUI did not read it exactly, the exporter's ``limits`` (what ``train``
     warns with, ``core/checks.py``) name a ComfyUI limit for this file."""
     for family in MAKE.FAMILIES:
-        _, files, summaries, refused = MAKE.our_case(family, CASES[cid])
+        files, summaries, refused = MAKE.our_files(family, CASES[cid])
         for exporter in MAKE.FAMILIES[family]:
             row = RESULTS["cases"][family][exporter][cid]
             assert row["keys"] == len(files[exporter]), (family, exporter)
@@ -117,7 +117,7 @@ def test_comfyui_reads_alpha_0_oft_files_as_we_do(cid):
     both UNets, in both exports (2.6e-7 / 5.9e-7 measured, the Cayley inverse's
     rounding), and every alpha of the file is 0."""
     for family in MAKE.UNETS:
-        _, files, _, _ = MAKE.our_case(family, CASES[cid])
+        files, _, _ = MAKE.our_files(family, CASES[cid])
         for exporter in ("comfyui", "kohya"):
             row = RESULTS["cases"][family][exporter][cid]
             assert MAKE.exact(row) and row["changed"] > 0, (family, exporter)
@@ -351,7 +351,7 @@ def test_comfyui_leaves_exactly_the_warned_unet_attention_layers(family, cid):
 
     from loraengine.plugins.exporters import UNET_ATTENTION
 
-    _, files, summaries, _ = MAKE.our_case(family, CASES[cid])
+    files, summaries, _ = MAKE.our_files(family, CASES[cid])
     row = RESULTS["cases"][family]["diffusers"][cid]
     line = next(w for w in MAKE.limits_of("diffusers", summaries["diffusers"], CASES[cid])
                 if w.startswith("ComfyUI reads a UNet's attention projections"))
@@ -377,7 +377,7 @@ def test_comfyui_leaves_flux_qk_norms_of_the_kohya_export_as_warned(cid):
     ComfyUI's ``lora_unet_*`` keys cover ``….weight`` tensors only; those norms are what
     it left unloaded and unchanged, as many as the warning says (the comfyui export
     places them: its cell is exact)."""
-    _, _, summaries, _ = MAKE.our_case("flux", CASES[cid])
+    _, summaries, _ = MAKE.our_files("flux", CASES[cid])
     row = RESULTS["cases"]["flux"]["kohya"][cid]
     line = next(w for w in MAKE.limits_of("kohya", summaries["kohya"], CASES[cid])
                 if w.startswith("ComfyUI has no lora_unet_* key for FLUX.1's"))
@@ -395,7 +395,7 @@ def test_comfyui_leaves_unfused_layers_of_the_kohya_export_as_warned(family, cid
     ComfyUI left keys unloaded there, and the export warns as the comfyui one does."""
     import re
 
-    _, _, summaries, _ = MAKE.our_case(family, CASES[cid])
+    _, summaries, _ = MAKE.our_files(family, CASES[cid])
     row = RESULTS["cases"][family]["kohya"][cid]
     warned = MAKE.limits_of("kohya", summaries["kohya"], CASES[cid])
     assert any(w.startswith(("ComfyUI's model fuses", "ComfyUI stores the final"))

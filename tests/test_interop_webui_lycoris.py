@@ -45,7 +45,7 @@ def _exact(row: dict) -> bool:
 
 def _summary(family: str, case) -> tuple[dict, dict]:
     """Our file's modules for ``case`` as ``kohya_limits`` sees them, and the files."""
-    _, files, summary = MAKE.our_case(family, case)
+    files, summary = MAKE.our_files(family, case)
     return summary, files
 
 

@@ -5,7 +5,9 @@ fixed evaluation batch: same samples, noise, timesteps).
 An optimizer and a loss are separate plugins that meet only through the loss value the
 step backpropagates, so each optimizer runs with the default loss (mse) and each other
 loss with the default optimizer (adamw): every optimizer's and every loss's code runs
-in a training that must lower the loss, in 7 runs rather than the 16 of every pair."""
+in a training that must lower the loss, in 7 runs rather than the 16 of every pair.
+Each run is 10 steps: every pair's evaluation loss is then at least 6 % lower (measured:
+l1 the least, 0.938 of the start; rmsprop 0.613), twice the 3 % asked."""
 
 from __future__ import annotations
 
@@ -44,7 +46,7 @@ def test_optimizer_and_loss_lower_the_loss(host, optimizer, loss):
         "model": {"family": "diffusers", "path": str(QS / "model")},
         "data": {"latents": str(QS / "latents.safetensors"),
                  "conditioning": str(QS / "conditioning.safetensors")},
-        "training": {"steps": 20, "batch_size": 4, "dtype": "fp32", "seed": 1},
+        "training": {"steps": 10, "batch_size": 4, "dtype": "fp32", "seed": 1},
         "optimizer": {"name": optimizer, "lr": LR[optimizer]},
         "loss": {"name": loss},
         "adapter": {"rank": 4, "dtype": "fp32"},

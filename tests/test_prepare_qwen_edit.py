@@ -164,10 +164,11 @@ def test_prepare_train_and_sample_an_edit_model_through_the_cli(pipes, tmp_path,
                                  str(images), "--references", str(refs), "--out", str(data),
                                  "--device", "cpu", "--dtype", "fp32", "-q"])
     assert result.exit_code == 0, result.output
+    # 10 steps lower the fixed-draw loss to 0.83 of the untrained one (both pipelines)
     cfg = {"model": {"family": "qwen_image", "path": str(pipes[name])},
            "data": {"latents": str(data / "latents.safetensors"),
                     "conditioning": str(data / "conditioning.safetensors")},
-           "training": {"steps": 20, "batch_size": 3, "dtype": "fp32", "seed": 0},
+           "training": {"steps": 10, "batch_size": 3, "dtype": "fp32", "seed": 0},
            "optimizer": {"lr": 0.02}, "adapter": {"rank": 4, "alpha": 4, "dtype": "fp32"},
            "output": {"dir": str(tmp_path / "out"), "name": "lora", "plot": False}}
     (tmp_path / "train.yaml").write_text(yaml.safe_dump(cfg))

@@ -221,7 +221,8 @@ def test_hunyuan_video15_clips_prepare_train_then_sample_a_frame_strip(tmp_path,
     decoded by the HunyuanVideo 1.5 VAE, unlike the sample at strength 0."""
     data = tmp_path / "data"
     prepare_clips(hunyuan, clips, data)
-    lora, _ = train_prepared(tmp_path, "hunyuan_video15", hunyuan, data, steps=10, rank=4,
+    # 5 steps: the loss below is then 0.6 of the untrained one
+    lora, _ = train_prepared(tmp_path, "hunyuan_video15", hunyuan, data, steps=5, rank=4,
                              lr=0.02)
     assert all(k.startswith("diffusion_model.double_blocks.") for k in load_file(str(lora)))
     converted = tmp_path / "lora.diffusers.safetensors"
