@@ -419,3 +419,56 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
                    key=lambda item: rank[item.nodeid])
     if first:
         items[:] = first + [item for item in items if item.nodeid not in rank]
+
+
+def linear_network(model: Any, algorithm: str, rank: int, alpha: float,
+                   options: dict[str, Any] | None = None,
+                   keep: Callable[[str], bool] = lambda path: True) -> Any:
+    """An adapter of ``algorithm`` on every Linear of ``model`` whose path ``keep``
+    accepts, each seeded and perturbed by its place in path order (so no factor is zero
+    and no two layers alike): the network the export tests write and merge."""
+    from torch import nn
+
+    from loraengine.core.adapter import ADAPTABLE, AdapterNetwork
+    from loraengine.core.adapter.network import select_layers
+    from loraengine.plugins import build_plugin_manager
+    from loraengine.testing.conformance import perturb
+
+    spec = build_plugin_manager().registry.get("adapter", algorithm)
+    config = spec.config_model.model_validate(options or {})
+    g = torch.Generator().manual_seed(0)
+    layers = {}
+    for i, (path, base) in enumerate(sorted(select_layers(model, ["*"], [], ADAPTABLE).items())):
+        if isinstance(base, nn.Linear) and keep(path):
+            layer = spec.create(base, rank, alpha, config, g)
+            layer.algorithm = algorithm
+            perturb(layer, i)
+            layers[path] = layer
+    return AdapterNetwork(layers)
+
+
+def assert_pipeline_fuses_our_merge(pipe: Any, file: Path, network: Any, ours: Any,
+                                    fresh: Any, factors: tuple[str, ...], tol: float) -> None:
+    """``pipe.load_lora_weights`` reads ``file`` without a warning and puts an adapter
+    (PEFT's ``factors`` attributes) on every layer of ``network``; after ``fuse_lora``
+    each layer's weight is ``ours``'s (the model ``network`` was merged into) within
+    ``tol`` and differs from the untouched ``fresh`` one by far more."""
+    from loraengine.testing.conformance import relative_error
+
+    def weight(module: Any) -> torch.Tensor:
+        return getattr(module, "base_layer", module).weight
+
+    with diffusers_warnings() as messages:
+        pipe.load_lora_weights(str(file), adapter_name="ours")
+    assert messages == []
+    theirs = pipe.transformer
+    placed = [p for p in network.paths
+              if any("ours" in getattr(theirs.get_submodule(p), f, {}) for f in factors)]
+    assert placed == network.paths
+    pipe.fuse_lora()
+    worst = max(relative_error(weight(theirs.get_submodule(p)), ours.get_submodule(p).weight)
+                for p in network.paths)
+    changed = min(relative_error(weight(theirs.get_submodule(p)), fresh.get_submodule(p).weight)
+                  for p in network.paths)
+    assert worst <= tol, worst
+    assert changed > 100 * tol  # every layer was patched by the file

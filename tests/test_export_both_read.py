@@ -36,8 +36,8 @@ from loraengine.plugins import build_plugin_manager
 from loraengine.plugins.exporters import both_read_rule, diffusers_limits
 from loraengine.testing import tiny_pipelines as tp
 from loraengine.testing import tiny_video as tv
-from loraengine.testing.conformance import perturb, relative_error
-from tests.conftest import convert_round_trip, diffusers_warnings
+from loraengine.testing.conformance import relative_error
+from tests.conftest import assert_pipeline_fuses_our_merge, convert_round_trip, linear_network
 
 diffusers = pytest.importorskip("diffusers")
 pytest.importorskip("peft")
@@ -60,17 +60,7 @@ def lumina2_released_width(seed: int = 0) -> nn.Module:
 
 def _network(model: nn.Module, algorithm: str = "lora", only: re.Pattern[str] = EVERY,
              options: dict | None = None) -> AdapterNetwork:
-    spec = REG.get("adapter", algorithm)
-    config = spec.config_model.model_validate(options or {})
-    g = torch.Generator().manual_seed(0)
-    layers = {}
-    for i, (path, base) in enumerate(sorted(select_layers(model, ["*"], [], ADAPTABLE).items())):
-        if isinstance(base, nn.Linear) and only.search(path):
-            layer = spec.create(base, RANK, ALPHA, config, g)
-            layer.algorithm = algorithm
-            perturb(layer, i)
-            layers[path] = layer
-    return AdapterNetwork(layers)
+    return linear_network(model, algorithm, RANK, ALPHA, options, lambda p: bool(only.search(p)))
 
 
 def _write(path: Path, network: AdapterNetwork) -> dict[str, torch.Tensor]:
@@ -80,10 +70,6 @@ def _write(path: Path, network: AdapterNetwork) -> dict[str, torch.Tensor]:
 def _summary(network: AdapterNetwork) -> dict:
     return {p: ("lora", {k: tuple(v.shape) for k, v in t.items()})
             for p, t in network.file_modules().items()}
-
-
-def _base_weight(module: nn.Module) -> torch.Tensor:
-    return getattr(module, "base_layer", module).weight
 
 
 def _pipeline(family: str, model: nn.Module):
@@ -105,20 +91,7 @@ def _check_in_diffusers(family: str, make, network: AdapterNetwork, ours: nn.Mod
     network.merge()
     fresh = make(0).eval()
     pipe = _pipeline(family, make(0).eval())
-    with diffusers_warnings() as messages:
-        pipe.load_lora_weights(str(file), adapter_name="ours")
-    assert messages == []
-    theirs = pipe.transformer
-    placed = [p for p in network.paths if "ours" in getattr(theirs.get_submodule(p),
-                                                            "lora_A", {})]
-    assert placed == network.paths
-    pipe.fuse_lora()
-    worst = max(relative_error(_base_weight(theirs.get_submodule(p)),
-                               ours.get_submodule(p).weight) for p in network.paths)
-    changed = min(relative_error(_base_weight(theirs.get_submodule(p)),
-                                 fresh.get_submodule(p).weight) for p in network.paths)
-    assert worst <= TOL, worst
-    assert changed > 100 * TOL  # every layer was patched by the file
+    assert_pipeline_fuses_our_merge(pipe, file, network, ours, fresh, ("lora_A",), TOL)
     return fresh
 
 

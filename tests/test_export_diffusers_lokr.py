@@ -13,7 +13,6 @@ product, we scale w1 first); the rounding of that is a few ulps of |W|, far belo
 from __future__ import annotations
 
 import pytest
-import torch
 from torch import nn
 
 from loraengine.core.adapter import ADAPTABLE, AdapterNetwork
@@ -22,8 +21,8 @@ from loraengine.core.files import read_adapter_file, write_adapter_file
 from loraengine.plugins import build_plugin_manager
 from loraengine.plugins.exporters import diffusers_limits, lokr_pipeline
 from loraengine.testing import tiny_pipelines as tp
-from loraengine.testing.conformance import perturb, relative_error
-from tests.conftest import diffusers_warnings
+from loraengine.testing.conformance import relative_error
+from tests.conftest import assert_pipeline_fuses_our_merge, linear_network
 
 diffusers = pytest.importorskip("diffusers")
 pytest.importorskip("peft")
@@ -42,22 +41,7 @@ def _transformer(family: str) -> nn.Module:
 
 
 def _lokr_network(model: nn.Module, options: dict) -> AdapterNetwork:
-    spec = REG.get("adapter", "lokr")
-    opts = spec.config_model.model_validate(options)
-    g = torch.Generator().manual_seed(0)
-    layers = {}
-    for i, (path, base) in enumerate(sorted(select_layers(model, ["*"], [], ADAPTABLE).items())):
-        if not isinstance(base, nn.Linear):
-            continue
-        layer = spec.create(base, RANK, ALPHA, opts, g)
-        layer.algorithm = "lokr"
-        perturb(layer, i)
-        layers[path] = layer
-    return AdapterNetwork(layers)
-
-
-def _base_weight(module: nn.Module) -> torch.Tensor:
-    return getattr(module, "base_layer", module).weight
+    return linear_network(model, "lokr", RANK, ALPHA, options)
 
 
 @pytest.mark.parametrize("family", ["flux2", "z_image"])
@@ -81,21 +65,8 @@ def test_the_pipeline_loads_our_lokr_file_and_fuses_our_merged_weights(family, o
     make, sched = tp.DENOISERS[family][1], tp.DENOISERS[family][2]
     pipe = tp.denoiser_pipeline(family, make(0).eval(),
                                 diffusers.FlowMatchEulerDiscreteScheduler(**sched))
-    with diffusers_warnings() as messages:
-        pipe.load_lora_weights(str(path), adapter_name="ours")
-    assert messages == []
-    theirs = pipe.transformer
-    placed = [p for p in network.paths if "ours" in getattr(theirs.get_submodule(p),
-                                                            "lokr_w1", {}) or
-              "ours" in getattr(theirs.get_submodule(p), "lokr_w1_a", {})]
-    assert placed == network.paths
-    pipe.fuse_lora()
-    worst = max(relative_error(_base_weight(theirs.get_submodule(p)),
-                               ours.get_submodule(p).weight) for p in network.paths)
-    changed = min(relative_error(_base_weight(theirs.get_submodule(p)),
-                                 make(0).get_submodule(p).weight) for p in network.paths)
-    assert worst <= TOL, worst
-    assert changed > 100 * TOL  # every layer was patched by the file
+    assert_pipeline_fuses_our_merge(pipe, path, network, ours, make(0),
+                                    ("lokr_w1", "lokr_w1_a"), TOL)
 
 
 def test_our_reader_takes_the_file_back_to_the_same_delta(tmp_path):

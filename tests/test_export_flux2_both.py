@@ -34,8 +34,8 @@ from loraengine.core.files import in_layout, module_layouts, read_adapter_file, 
 from loraengine.plugins import build_plugin_manager
 from loraengine.plugins.exporters import diffusers_limits, flux2_both_read
 from loraengine.testing import tiny_pipelines as tp
-from loraengine.testing.conformance import perturb, relative_error
-from tests.conftest import convert_round_trip, diffusers_warnings
+from loraengine.testing.conformance import relative_error
+from tests.conftest import assert_pipeline_fuses_our_merge, convert_round_trip, linear_network
 
 diffusers = pytest.importorskip("diffusers")
 pytest.importorskip("peft")
@@ -55,26 +55,12 @@ SKIP = {"lora": re.compile(r"^norm_out\."), "loha": re.compile(r"^norm_out\."),
 
 def _network(model: nn.Module, algorithm: str, options: dict | None = None,
              skip: re.Pattern[str] | None = None) -> AdapterNetwork:
-    spec = REG.get("adapter", algorithm)
-    config = spec.config_model.model_validate(options or {})
-    g = torch.Generator().manual_seed(0)
-    layers = {}
     skip = skip or SKIP[algorithm]
-    for i, (path, base) in enumerate(sorted(select_layers(model, ["*"], [], ADAPTABLE).items())):
-        if isinstance(base, nn.Linear) and not skip.search(path):
-            layer = spec.create(base, RANK, ALPHA, config, g)
-            layer.algorithm = algorithm
-            perturb(layer, i)
-            layers[path] = layer
-    return AdapterNetwork(layers)
+    return linear_network(model, algorithm, RANK, ALPHA, options, lambda p: not skip.search(p))
 
 
 def _write(path: Path, network: AdapterNetwork) -> dict[str, torch.Tensor]:
     return write_adapter_file(path, network.file_modules(), REG.get("exporter", "diffusers"), {})
-
-
-def _base_weight(module: nn.Module) -> torch.Tensor:
-    return getattr(module, "base_layer", module).weight
 
 
 @pytest.mark.parametrize("family", ["flux2", "flux2_klein"])
@@ -99,22 +85,9 @@ def test_the_pipeline_places_every_key_and_fuses_our_merged_weights(family, algo
 
     pipe = tp.denoiser_pipeline(family, make(0).eval(),
                                 diffusers.FlowMatchEulerDiscreteScheduler(**sched))
-    with diffusers_warnings() as messages:
-        pipe.load_lora_weights(str(tmp_path / "f.safetensors"), adapter_name="ours")
-    assert messages == []
-    theirs = pipe.transformer
-    factor = "lora_A" if algorithm == "lora" else "lokr_w1"
-    placed = [p for p in network.paths if "ours" in getattr(theirs.get_submodule(p), factor,
-                                                            {})
-              or "ours" in getattr(theirs.get_submodule(p), "lokr_w1_a", {})]
-    assert placed == network.paths
-    pipe.fuse_lora()
-    worst = max(relative_error(_base_weight(theirs.get_submodule(p)),
-                               ours.get_submodule(p).weight) for p in network.paths)
-    changed = min(relative_error(_base_weight(theirs.get_submodule(p)),
-                                 make(0).get_submodule(p).weight) for p in network.paths)
-    assert worst <= TOL, worst
-    assert changed > 100 * TOL  # every layer was patched by the file
+    factors = ("lora_A",) if algorithm == "lora" else ("lokr_w1", "lokr_w1_a")
+    assert_pipeline_fuses_our_merge(pipe, tmp_path / "f.safetensors", network, ours, make(0),
+                                    factors, TOL)
 
 
 @pytest.mark.parametrize("algorithm", ["lora", "loha", "lokr"])
@@ -203,7 +176,8 @@ def test_diffusers_places_the_released_final_modulation_without_swapping_its_hal
                                 diffusers.FlowMatchEulerDiscreteScheduler(**sched))
     pipe.load_lora_weights(str(tmp_path / "n.safetensors"))
     pipe.fuse_lora()
-    got = _base_weight(pipe.transformer.norm_out.linear)
+    linear = pipe.transformer.norm_out.linear
+    got = getattr(linear, "base_layer", linear).weight
     base = make(0).norm_out.linear.weight
     delta = network["norm_out.linear"].delta_weight()
     swapped = torch.cat(delta.chunk(2, dim=0)[::-1])
