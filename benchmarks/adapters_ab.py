@@ -43,7 +43,7 @@ import run as bench  # noqa: E402  (benchmarks/run.py: the workloads and contend
 MODULES = {"OFTLayer": "oft", "BOFTLayer": "boft", "LoKrLayer": "lokr", "LoHaLayer": "loha",
            "LoRALayer": "lora"}
 #: modules the others import, loaded first
-SHARED = ("oft", "lora_fused")
+SHARED = ("lora_fused", "oft")
 
 
 def load_base_module(commit: str, name: str) -> types.ModuleType:

@@ -23,9 +23,10 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable, Collection, Mapping
-from typing import TypeVar
+from typing import Any, TypeVar, cast
 
 import torch
+import torch.nn.functional as F
 from pydantic import Field, model_validator
 from torch import nn
 
@@ -39,6 +40,7 @@ from loraengine.core.adapter import (
 )
 from loraengine.core.plugins.specs import AdapterSpec, PluginOptions
 from loraengine.plugins.adapters.common import CONV_BY_NDIM, frozen_weight_op
+from loraengine.plugins.adapters.lora_fused import fusable
 
 #: Added to ‖Q‖ before dividing, as both reference implementations do.
 NORM_EPS = 1e-8
@@ -285,6 +287,71 @@ def _paired(r: torch.Tensor) -> torch.Tensor:
     return torch.cat([top, bottom], dim=1)
 
 
+#: A convolution's stride, padding and dilation.
+ConvArgs = tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]
+
+
+class _RotatedWeightOp(torch.autograd.Function):
+    """OFT's rebuild path as one node: ``y = op(x, W′, b)`` with ``W′ₖ = Rₖᵀ·Wₖ`` per
+    block of output rows, the frozen ``W``, ``b`` and the base's operation (a Linear, or
+    a zero-padded ungrouped convolution) inside.
+
+    Autograd's own backward of that graph computes the full weight gradient
+    ``dL/dW′ = Gᵀ·X`` (2·N·I·O FLOPs, as much as the layer's forward) only to contract it
+    down to the ``[b, b]`` blocks. The blocks need far less: with ``u = W x`` (per output
+    position, its block k a row of b values), ``y − b`` is ``u·Rₖ`` block by block, so
+    ``dL/dRₖ = Σ uₖᵀ·gₖ = Rₖ·Σ (y − b)ₖᵀ·gₖ`` (``Rₖ`` orthogonal, so ``u = (y − b)·Rₖᵀ``):
+    one pass over the output and its gradient, 2·N·O·b FLOPs. Backward keeps the output
+    (not the input) and ``W′``; ``dL/dx = g·W′`` as the base op's own."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                rotation: torch.Tensor, conv: ConvArgs | None) -> torch.Tensor:
+        n, b, _ = rotation.shape
+        rows = weight.reshape(n, b, -1).to(rotation.dtype)
+        adapted = torch.bmm(rotation.transpose(1, 2), rows).view(weight.shape).to(weight.dtype)
+        if conv is None:
+            y = F.linear(x, adapted, bias)
+        else:
+            y = CONV_BY_NDIM[weight.ndim](x, adapted, bias, *conv)
+        ctx.save_for_backward(adapted, rotation, y, bias)
+        ctx.conv, ctx.x_shape = conv, x.shape
+        return y
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        adapted, rotation, y, bias = ctx.saved_tensors
+        need_x, need_r = ctx.needs_input_grad[0], ctx.needs_input_grad[3]
+        dx = dr = None
+        if need_x:
+            if ctx.conv is None:
+                dx = grad.new_empty(ctx.x_shape)  # not a view: autograd adds into it
+                torch.mm(grad.reshape(-1, grad.shape[-1]), adapted,
+                         out=dx.view(-1, adapted.shape[1]))
+            else:
+                stride, padding, dilation = ctx.conv
+                like = grad.new_empty(1).expand(ctx.x_shape)  # only its shape is read
+                dx = torch.ops.aten.convolution_backward(
+                    grad, like, adapted, None, stride, padding, dilation, False,
+                    [0] * len(stride), 1, (True, False, False))[0]
+        if need_r:
+            n, b, _ = rotation.shape
+            dt = rotation.dtype
+            if ctx.conv is None:  # [positions, blocks, b]
+                yk, gk = y.reshape(-1, n, b).to(dt), grad.reshape(-1, n, b).to(dt)
+                m = torch.einsum("tki,tkj->kij", yk, gk)
+                g_sum = gk.sum(0)  # [n, b]
+            else:  # [batch, blocks, b, spatial]
+                yk = y.reshape(y.shape[0], n, b, -1).to(dt)
+                gk = grad.reshape(grad.shape[0], n, b, -1).to(dt)
+                m = torch.einsum("zkil,zkjl->kij", yk, gk)
+                g_sum = gk.sum((0, 3))
+            if bias is not None:  # Σ (y − b)ᵀg = Σ yᵀg − b·(Σ g)ᵀ
+                m.sub_(bias.to(dt).view(n, b, 1) * g_sum.view(n, 1, b))
+            dr = torch.bmm(rotation, m)
+        return dx, None, None, dr, None
+
+
 class OFTLayer(ChannelMapLayer):
     """Block-diagonal orthogonal rotation of the output rows."""
 
@@ -335,6 +402,36 @@ class OFTLayer(ChannelMapLayer):
     def map_flops(self) -> float:
         n, b, _ = self.oft_blocks.shape
         return 2.0 * n * b * b
+
+    def _one_node(self) -> bool:
+        """Whether the rebuild path runs as ``_RotatedWeightOp``: at multiplier 1 (the
+        adapted weight is then the rotation itself), without ``rescale``, on a frozen
+        Linear or zero-padded ungrouped convolution."""
+        return self.multiplier == 1 and self.rescale is None and fusable(self.base)
+
+    def rebuild(self, x: torch.Tensor) -> torch.Tensor:
+        if not self._one_node():
+            return super().rebuild(x)
+        base = self.base
+        conv = None
+        if not isinstance(base, nn.Linear):
+            c = cast(nn.modules.conv._ConvNd, base)
+            conv = (tuple(c.stride), tuple(cast("tuple[int, ...]", c.padding)),
+                    tuple(c.dilation))
+        out: torch.Tensor = _RotatedWeightOp.apply(x, weight_of(base), bias_of(base),
+                                                   self.rotation(), conv)
+        return out
+
+    def path_flops(self, x: torch.Tensor) -> tuple[float, float] | None:
+        costs = super().path_flops(x)
+        if costs is None or not self._one_node():
+            return costs
+        n, fan_in, out = layer_dims(self.base, x)
+        block = int(self.oft_blocks.shape[1])
+        # rebuild as one node: T on the I weight columns, and backward one contraction
+        # of the output with its gradient (2·N·O·b), which reads both once
+        return costs[0], 3.0 * fan_in * self.map_flops() + 2.0 * n * out * block \
+            + TRAFFIC_FLOPS * 3.0 * n * out
 
 
 # -- what the OFT and BOFT specs share -------------------------------------------------
