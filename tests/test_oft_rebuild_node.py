@@ -40,15 +40,20 @@ def _cayley(blocks):
 @pytest.mark.parametrize("case", list(_cases()), ids=lambda c: c[0])
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
-def test_rotated_weight_node_matches_autograd_of_the_formula(case, bias, dtype):
+@pytest.mark.parametrize("block", [4, 8, 16, 3])
+def test_rotated_weight_node_matches_autograd_of_the_formula(case, bias, dtype, block):
     """Output, dL/dx and dL/d(blocks) (through the Cayley transform) equal autograd's
-    over the formula: to float64 rounding (1e-10) and float32's (1e-5)."""
+    over the formula: to float64 rounding (1e-10) and float32's (1e-5). Blocks of 4 and
+    8 are contracted in groups of 16 wide, 16 and 3 one by one."""
     _, x_shape, w_shape, conv = case
     g = torch.Generator().manual_seed(2)
     x = torch.randn(x_shape, generator=g, dtype=dtype, requires_grad=True)
+    w_shape = (48 if block == 3 else 16, *w_shape[1:])
     w = torch.randn(w_shape, generator=g, dtype=dtype)
     b = torch.randn(w_shape[0], generator=g, dtype=dtype) if bias else None
-    blocks = (torch.randn(4, 4, 4, generator=g, dtype=dtype) * 0.3).requires_grad_(True)
+    count = w_shape[0] // block
+    blocks = (torch.randn(count, block, block, generator=g, dtype=dtype) * 0.3
+              ).requires_grad_(True)
     got = _RotatedWeightOp.apply(x, w, b, _cayley(blocks), conv)
     ref = _reference(x, w, b, _cayley(blocks), conv)
     gy = torch.randn(got.shape, generator=g, dtype=dtype)

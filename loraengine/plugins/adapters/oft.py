@@ -287,6 +287,8 @@ def _paired(r: torch.Tensor) -> torch.Tensor:
     return torch.cat([top, bottom], dim=1)
 
 
+#: The width of the blocks ``_RotatedWeightOp``'s backward contracts at once (see there).
+GROUP_WIDTH = 16
 #: A convolution's stride, padding and dilation.
 ConvArgs = tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]
 
@@ -337,17 +339,30 @@ class _RotatedWeightOp(torch.autograd.Function):
         if need_r:
             n, b, _ = rotation.shape
             dt = rotation.dtype
-            if ctx.conv is None:  # [positions, blocks, b]
-                yk, gk = y.reshape(-1, n, b).to(dt), grad.reshape(-1, n, b).to(dt)
-                m = torch.einsum("tki,tkj->kij", yk, gk)
-                g_sum = gk.sum(0)  # [n, b]
-            else:  # [batch, blocks, b, spatial]
-                yk = y.reshape(y.shape[0], n, b, -1).to(dt)
-                gk = grad.reshape(grad.shape[0], n, b, -1).to(dt)
+            # Blocks narrower than GROUP_WIDTH are contracted p at a time, as blocks of
+            # p·b whose diagonal b×b blocks are the ones wanted: on the CPU the batched
+            # product of 8-wide blocks runs far below its 16-wide rate (twice the FLOPs
+            # take a quarter of the time on 4k rows of 128–768 channels)
+            p = GROUP_WIDTH // b if b < GROUP_WIDTH and GROUP_WIDTH % b == 0 else 1
+            p = p if n % p == 0 else 1
+            wide = b * p
+            if ctx.conv is None:  # [positions, groups, p·b]
+                yk = y.reshape(-1, n // p, wide).to(dt)
+                gk = grad.reshape(-1, n // p, wide).to(dt)
+                m = torch.bmm(yk.permute(1, 2, 0), gk.permute(1, 0, 2))
+                g_sum = gk.sum(0)
+            else:  # [batch, groups, p·b, spatial]
+                yk = y.reshape(y.shape[0], n // p, wide, -1).to(dt)
+                gk = grad.reshape(grad.shape[0], n // p, wide, -1).to(dt)
                 m = torch.einsum("zkil,zkjl->kij", yk, gk)
                 g_sum = gk.sum((0, 3))
+            if p > 1:  # the diagonal b×b blocks of each p·b group
+                m = torch.diagonal(m.view(n // p, p, b, p, b), dim1=1, dim2=3)
+                m = m.permute(0, 3, 1, 2).reshape(n, b, b)
+            else:
+                m = m.view(n, b, b)
             if bias is not None:  # Σ (y − b)ᵀg = Σ yᵀg − b·(Σ g)ᵀ
-                m.sub_(bias.to(dt).view(n, b, 1) * g_sum.view(n, 1, b))
+                m = m - bias.to(dt).view(n, b, 1) * g_sum.reshape(n, 1, b)
             dr = torch.bmm(rotation, m)
         return dx, None, None, dr, None
 
