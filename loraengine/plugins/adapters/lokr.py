@@ -28,14 +28,13 @@ from collections.abc import Collection, Mapping
 from typing import Any, cast
 
 import torch
-import torch.nn.functional as F
 from pydantic import Field, field_validator
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from loraengine.core.adapter import TRAFFIC_FLOPS, bias_of, layer_dims, layer_op, weight_of
 from loraengine.core.plugins.specs import AdapterSpec
-from loraengine.plugins.adapters.common import CONV_BY_NDIM, pointwise, saved_alpha, tucker
+from loraengine.plugins.adapters.common import pointwise, saved_alpha, tucker
 from loraengine.plugins.adapters.dora import (
     AdditiveAdapter,
     DoRAOptions,
@@ -44,7 +43,6 @@ from loraengine.plugins.adapters.dora import (
     load_dora,
     with_dora,
 )
-from loraengine.plugins.adapters.lora_fused import fusable
 
 KEYS = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2")
 
@@ -219,15 +217,6 @@ class LoKrLayer(AdditiveAdapter):
         ones = [1] * len(self.kernel)
         w1 = (self.w1() * (self.scale * self.multiplier)).to(w.dtype)
         w2 = self.w2().to(w.dtype)
-        if fusable(base):
-            conv = None
-            if self.kernel:
-                cb = cast(nn.modules.conv._ConvNd, base)
-                conv = (tuple(cb.stride), tuple(cast("tuple[int, ...]", cb.padding)),
-                        tuple(cb.dilation))
-            out: torch.Tensor = _KronRebuild.apply(x, w, bias_of(base), w1,
-                                                   w2.reshape(self.b, -1), conv)
-            return out
         adapted = torch.addcmul(w.reshape(self.a, self.b, self.c, self.d, *self.kernel),
                                 w1.reshape(self.a, 1, self.c, 1, *ones),
                                 w2.reshape(1, self.b, 1, self.d, *self.kernel))
@@ -338,68 +327,6 @@ class _KronLinear(torch.autograd.Function):
             if ctx.needs_input_grad[2]:
                 dw2 = dh.t() @ x2
         return dx, dw1, dw2
-
-
-#: A convolution's stride, padding and dilation.
-ConvArgs = tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]
-
-
-class _KronRebuild(torch.autograd.Function):
-    """LoKr's rebuild path (channel layout) as one node: ``y = op(x, W′, b)`` with
-    ``W′ = W + kron(w1, w2)`` (``w1`` ``[a, c]`` carrying the scale, ``w2``
-    ``[b, d·k]``), the frozen ``W``, ``b`` and the base's operation (a Linear, or a
-    zero-padded ungrouped convolution) inside, and its backward written out.
-
-    Autograd's graph of the broadcast multiply-add holds a node per factor cast and
-    scale besides it, and its backward makes two weight-sized products (``G·w2``,
-    ``G·w1`` broadcast) before summing them down. Here backward makes ``G = dL/dW′``
-    only, viewed ``[a, b, c, d·k]``, and contracts it with each factor as a batched
-    matrix-vector product: ``dL/dw1 = Σ_b G[a,b]·w2[b]``, ``dL/dw2 = Σ_a w1[a]·G[a,b]``."""
-
-    @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                w1: torch.Tensor, w2: torch.Tensor, conv: ConvArgs | None) -> torch.Tensor:
-        a, c = w1.shape
-        b, dk = w2.shape
-        adapted = torch.addcmul(weight.reshape(a, b, c, dk), w1.view(a, 1, c, 1),
-                                w2.view(1, b, 1, dk)).view(weight.shape)
-        if conv is None:
-            y = F.linear(x, adapted, bias)
-        else:
-            stride, padding, dilation = conv
-            y = CONV_BY_NDIM[weight.ndim](x, adapted, bias, stride, padding, dilation)
-        ctx.save_for_backward(x, adapted, w1, w2)
-        ctx.conv = conv
-        return y
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        x, adapted, w1, w2 = ctx.saved_tensors
-        a, c = w1.shape
-        b, dk = w2.shape
-        need_x = ctx.needs_input_grad[0]
-        need_factors = ctx.needs_input_grad[3] or ctx.needs_input_grad[4]
-        dx = gw = None
-        if ctx.conv is None:
-            g2 = grad.reshape(-1, grad.shape[-1])
-            if need_x:
-                dx = x.new_empty(x.shape)  # not a view of the product: autograd adds into it
-                torch.mm(g2, adapted, out=dx.view(-1, x.shape[-1]))
-            if need_factors:
-                gw = torch.mm(g2.t(), x.reshape(-1, x.shape[-1]))
-        else:
-            stride, padding, dilation = ctx.conv
-            dx, gw, _ = torch.ops.aten.convolution_backward(
-                grad, x, adapted, None, stride, padding, dilation, False,
-                [0] * len(stride), 1, (need_x, need_factors, False))
-        dw1 = dw2 = None
-        if gw is not None:
-            g4 = gw.reshape(a, b, c, dk)
-            if ctx.needs_input_grad[3]:
-                dw1 = torch.matmul(g4, w2.view(1, b, dk, 1)).sum(1).view(a, c)
-            if ctx.needs_input_grad[4]:
-                dw2 = torch.matmul(w1.view(a, 1, 1, c), g4).sum(0).view(b, dk)
-        return dx, None, None, dw1, dw2, None
 
 
 def _given(factor: torch.Tensor | None) -> torch.Tensor:
