@@ -343,18 +343,22 @@ class _RotatedWeightOp(torch.autograd.Function):
             # p·b whose diagonal b×b blocks are the ones wanted: on the CPU the batched
             # product of 8-wide blocks runs far below its 16-wide rate (twice the FLOPs
             # take a quarter of the time on 4k rows of 128–768 channels)
+            # (a convolution's products contract over each sample's positions, rows
+            # of the output: one per sample, at the same rate for any block width)
             p = GROUP_WIDTH // b if b < GROUP_WIDTH and GROUP_WIDTH % b == 0 else 1
-            p = p if n % p == 0 else 1
+            p = p if n % p == 0 and ctx.conv is None else 1
             wide = b * p
             if ctx.conv is None:  # [positions, groups, p·b]
                 yk = y.reshape(-1, n // p, wide).to(dt)
                 gk = grad.reshape(-1, n // p, wide).to(dt)
                 m = torch.bmm(yk.permute(1, 2, 0), gk.permute(1, 0, 2))
                 g_sum = gk.sum(0)
-            else:  # [batch, groups, p·b, spatial]
-                yk = y.reshape(y.shape[0], n // p, wide, -1).to(dt)
-                gk = grad.reshape(grad.shape[0], n // p, wide, -1).to(dt)
-                m = torch.einsum("zkil,zkjl->kij", yk, gk)
+            else:  # per sample [blocks, b, spatial]
+                yk = y.reshape(y.shape[0], n, b, -1).to(dt)
+                gk = grad.reshape(grad.shape[0], n, b, -1).to(dt)
+                m = torch.bmm(yk[0], gk[0].transpose(1, 2))
+                for z in range(1, yk.shape[0]):
+                    m.baddbmm_(yk[z], gk[z].transpose(1, 2))
                 g_sum = gk.sum((0, 3))
             if p > 1:  # the diagonal b×b blocks of each p·b group
                 m = torch.diagonal(m.view(n // p, p, b, p, b), dim1=1, dim2=3)
