@@ -441,17 +441,6 @@ class OFTLayer(ChannelMapLayer):
                                                    self.rotation(), conv)
         return out
 
-    def path_flops(self, x: torch.Tensor) -> tuple[float, float] | None:
-        costs = super().path_flops(x)
-        if costs is None or not self._one_node():
-            return costs
-        n, fan_in, out = layer_dims(self.base, x)
-        block = int(self.oft_blocks.shape[1])
-        # rebuild as one node: T on the I weight columns, and backward one contraction
-        # of the output with its gradient (2·N·O·b), which reads both once
-        return costs[0], 3.0 * fan_in * self.map_flops() + 2.0 * n * out * block \
-            + TRAFFIC_FLOPS * 3.0 * n * out
-
 
 # -- what the OFT and BOFT specs share -------------------------------------------------
 
