@@ -13,13 +13,17 @@ by wall clock and by this thread's CPU time. On a shared machine the wall clock 
 the time other processes held the core; the CPU time does not, so it is the steadier of
 the two there (it still varies with cache contention: put an unchanged algorithm, such
 as ``loha``, in ``--algos`` as a control and read ratios within its before/after gap as
-ties). The base commit's adapter modules must fit the working tree's core (they are
+ties). The user-time column leaves out the kernel's time (mostly minor page faults:
+memory the allocator handed back and touches again), and the last column counts those
+faults per step; the least CPU time of the rounds is the figure other load inflates
+least (it can only add to a step). The base commit's adapter modules must fit the working tree's core (they are
 run against it).
 """
 
 from __future__ import annotations
 
 import argparse
+import resource
 import statistics
 import subprocess
 import sys
@@ -40,7 +44,7 @@ import run as bench  # noqa: E402  (benchmarks/run.py: the workloads and contend
 MODULES = {"OFTLayer": "oft", "BOFTLayer": "boft", "LoKrLayer": "lokr", "LoHaLayer": "loha",
            "LoRALayer": "lora"}
 #: modules the others import, loaded first
-SHARED = ("oft", "lora_fused")
+SHARED = ("lora_fused", "oft")
 
 
 def load_base_module(commit: str, name: str) -> types.ModuleType:
@@ -96,25 +100,35 @@ def main(argv: list[str] | None = None) -> int:
         c.step()  # warm-up
     wall: dict[str, list[float]] = {c.name: [] for c in contenders}
     cpu: dict[str, list[float]] = {c.name: [] for c in contenders}
+    user: dict[str, list[float]] = {c.name: [] for c in contenders}
+    faults: dict[str, list[float]] = {c.name: [] for c in contenders}
     for r in range(args.rounds):
         shift = r % len(contenders)
         for c in contenders[shift:] + contenders[:shift]:
+            u0 = resource.getrusage(resource.RUSAGE_THREAD)
             t0, c0 = time.perf_counter(), time.thread_time()
             c.step()
             wall[c.name].append(time.perf_counter() - t0)
             cpu[c.name].append(time.thread_time() - c0)
+            u1 = resource.getrusage(resource.RUSAGE_THREAD)
+            user[c.name].append(u1.ru_utime - u0.ru_utime)
+            faults[c.name].append((u1.ru_minflt - u0.ru_minflt) / 1e3)
 
     def med(v: list[float]) -> float:
         return statistics.median(v) * 1e3
 
     floor = contenders[0].name
     print(f"{w.title}: {w.setup}\nmedian of {args.rounds} rounds, before = {args.base}")
-    print("| contender | path (factored/rebuild) | wall ms | × floor | CPU ms | × floor |")
-    print("|---|---|---|---|---|---|")
+    print("| contender | path (factored/rebuild) | wall ms | × floor | CPU ms | × floor "
+          "| user ms | × floor | minor faults (k) | least CPU ms | × floor |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for c in contenders:
         print(f"| {c.name} | {c.paths} | {med(wall[c.name]):.1f} | "
               f"{med(wall[c.name]) / med(wall[floor]):.3f} | {med(cpu[c.name]):.1f} | "
-              f"{med(cpu[c.name]) / med(cpu[floor]):.3f} |")
+              f"{med(cpu[c.name]) / med(cpu[floor]):.3f} | {med(user[c.name]):.1f} | "
+              f"{med(user[c.name]) / med(user[floor]):.3f} | "
+              f"{statistics.median(faults[c.name]):.1f} | {min(cpu[c.name]) * 1e3:.1f} | "
+              f"{min(cpu[c.name]) / min(cpu[floor]):.3f} |")
     return 0
 
 

@@ -225,6 +225,9 @@ COMBOS = {
     "lokr_factored+checkpointing": {"adapter": {"algorithm": "lokr", "path": "factored"},
                                     "memory": {"gradient_checkpointing": True}},
     "oft_factored": {"adapter": {"algorithm": "oft", "path": "factored"}},
+    # OFT's rebuild node (it keeps its output for backward) in checkpointed blocks
+    "oft_rebuild+checkpointing": {"adapter": {"algorithm": "oft", "path": "rebuild"},
+                                  "memory": {"gradient_checkpointing": True}},
 }
 
 

@@ -23,15 +23,17 @@ an r² → r² convolution with the layer's stride and padding, and a 1×1 one r
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, cast
 
 import torch
+import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from loraengine.core.adapter import layer_dims, layer_op, weight_of
+from loraengine.core.adapter import bias_of, layer_dims, layer_op, weight_of
 from loraengine.core.plugins.specs import AdapterSpec
 from loraengine.plugins.adapters.common import (
+    CONV_BY_NDIM,
     copy_saved,
     has_keys,
     pointwise,
@@ -77,6 +79,69 @@ class HadamardProduct(torch.autograd.Function):
         g1 = grad * (w2a @ w2b)  # d/d(w1a·w1b)
         g2 = grad * (w1a @ w1b)  # d/d(w2a·w2b)
         return g1 @ w1b.T, w1a.T @ g1, g2 @ w2b.T, w2a.T @ g2, None
+
+
+#: A convolution's stride, padding and dilation.
+ConvArgs = tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]
+
+
+class _RebuildLoHa(torch.autograd.Function):
+    """The rebuild path as one node: ``y = op(x, W + s·(w1a·w1b) ⊙ (w2a·w2b), b)`` with
+    the frozen ``W``, ``b`` and the base's operation (a Linear, or a zero-padded
+    ungrouped convolution) inside, and its backward written out.
+
+    Autograd's graph of the same sum holds seven or eight nodes per layer (two products,
+    the Hadamard product and scale, the multiplier, the add, the base op), each with a
+    weight-sized output or gradient of its own; on a CPU every fresh weight-sized buffer
+    is memory the allocator may have handed back and must fault in again. Here forward
+    makes the two products and ``W'`` (the one tensor kept, as the base op keeps its
+    weight), and backward the weight gradient ``G = dL/dW'`` and one product at a time,
+    each multiplied in place: ``dL/d(w1a·w1b) = s·G ⊙ (w2a·w2b)`` and likewise for the
+    second half."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                w1a: torch.Tensor, w1b: torch.Tensor, w2a: torch.Tensor, w2b: torch.Tensor,
+                scale: float, conv: ConvArgs | None) -> torch.Tensor:
+        # in the factors' dtype (the master fp32 where the base is in half precision)
+        adapted = torch.addcmul(weight.reshape(weight.shape[0], -1).to(w1a.dtype), w1a @ w1b,
+                                w2a @ w2b, value=scale).view(weight.shape).to(weight.dtype)
+        if conv is None:
+            y = F.linear(x, adapted, bias)
+        else:
+            stride, padding, dilation = conv
+            y = CONV_BY_NDIM[weight.ndim](x, adapted, bias, stride, padding, dilation)
+        ctx.save_for_backward(x, adapted, w1a, w1b, w2a, w2b)
+        ctx.scale, ctx.conv = scale, conv
+        return y
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        x, adapted, w1a, w1b, w2a, w2b = ctx.saved_tensors
+        need_x = ctx.needs_input_grad[0]
+        need_factors = any(ctx.needs_input_grad[3:7])
+        dx = gw = None
+        if ctx.conv is None:
+            g2 = grad.reshape(-1, grad.shape[-1])
+            if need_x:
+                dx = x.new_empty(x.shape)  # not a view of the product: autograd adds into it
+                torch.mm(g2, adapted, out=dx.view(-1, x.shape[-1]))
+            if need_factors:
+                gw = torch.mm(g2.t(), x.reshape(-1, x.shape[-1]))
+        else:
+            stride, padding, dilation = ctx.conv
+            dx, gw, _ = torch.ops.aten.convolution_backward(
+                grad, x, adapted, None, stride, padding, dilation, False,
+                [0] * len(stride), 1, (need_x, need_factors, False))
+        d1a = d1b = d2a = d2b = None
+        if gw is not None:
+            gw = gw.reshape(gw.shape[0], -1).to(w1a.dtype).mul_(ctx.scale)
+            half = torch.mm(w2a, w2b).mul_(gw)  # dL/d(w1a·w1b)
+            d1a, d1b = torch.mm(half, w1b.t()), torch.mm(w1a.t(), half)
+            torch.mm(w1a, w1b, out=half)
+            half.mul_(gw)  # dL/d(w2a·w2b)
+            d2a, d2b = torch.mm(half, w2b.t()), torch.mm(w2a.t(), half)
+        return (dx, None, None, d1a, d1b, d2a, d2b, None, None)
 
 
 class LoHaLayer(AdditiveAdapter):
@@ -188,6 +253,23 @@ class LoHaLayer(AdditiveAdapter):
     def build_flops(self) -> float:
         w = weight_of(self.base)
         return 3.0 * w.numel() * (4.0 * self.rank + 2.0)  # two products and the Hadamard
+
+    def rebuild(self, x: torch.Tensor) -> torch.Tensor:
+        """Without Tucker or DoRA, on a frozen Linear or zero-padded convolution: one
+        node (``_RebuildLoHa``); otherwise W+ΔW through autograd."""
+        if not self._fused():
+            return super().rebuild(x)
+        base = self.base
+        w = weight_of(base)
+        conv = None
+        if not isinstance(base, nn.Linear):
+            c = cast(nn.modules.conv._ConvNd, base)
+            conv = (tuple(c.stride), tuple(cast("tuple[int, ...]", c.padding)),
+                    tuple(c.dilation))
+        out: torch.Tensor = _RebuildLoHa.apply(
+            x, w, bias_of(base), self.hada_w1_a, self.hada_w1_b, self.hada_w2_a,
+            self.hada_w2_b, self.scale * self.multiplier, conv)
+        return out
 
     def adapter_tensors(self) -> dict[str, torch.Tensor]:
         out: dict[str, torch.Tensor] = {k: getattr(self, k) for k in KEYS}
