@@ -100,9 +100,10 @@ class Measurement:
 _SHAPES: dict[Any, Any] = {}
 _SHAPES_LIMIT = 200_000
 #: Per operator: whether its outputs may be read from ``_SHAPES`` (``FRESH``: they
-#: are new tensors; ``IN_PLACE``: the result is its first argument, written in place).
+#: are new tensors; ``IN_PLACE``: the result is its first argument, written in place),
+#: or need not be counted (``ALIASING``: every result is, or views, an argument).
 _REUSABLE: dict[Any, int] = {}
-FRESH, IN_PLACE = 1, 2
+FRESH, IN_PLACE, ALIASING = 1, 2, 3
 #: Whether ``LiveBytes`` reads meta outputs from ``_SHAPES`` (tests plan both ways).
 reuse_shapes = True
 
@@ -114,16 +115,21 @@ _TENSORS = (torch.Tensor, torch.nn.Parameter)
 def _reusable(func: Any) -> int:
     """How an ATen operator's outputs follow from its inputs' metadata: ``FRESH`` (no
     argument or result aliased or written: new tensors), ``IN_PLACE`` (writes its
-    first argument's values only, and returns it), 0 for any other (views, ``out=``,
-    metadata changed in place, an output whose shape hangs on values)."""
+    first argument's values only, and returns it), ``ALIASING`` (other operators
+    whose every result aliases an argument, as views and ``out=`` do: nothing new to
+    count), 0 for any other (an output whose shape hangs on values, say)."""
     known = _REUSABLE.get(func)
     if known is None:
         known = 0
         schema = getattr(func, "_schema", None)
         tags = set(getattr(func, "tags", ()))
-        if (getattr(func, "namespace", None) in ("aten", "prims") and schema is not None
-                and not tags & {torch.Tag.dynamic_output_shape,
-                                torch.Tag.data_dependent_output, torch.Tag.inplace_view}):
+        if getattr(func, "namespace", None) not in ("aten", "prims") or schema is None:
+            pass
+        elif all(r.alias_info is not None for r in schema.returns) and not (
+                torch.Tag.inplace in tags and torch.Tag.inplace_view not in tags):
+            known = ALIASING
+        elif not tags & {torch.Tag.dynamic_output_shape, torch.Tag.data_dependent_output,
+                         torch.Tag.inplace_view}:
             args, rets = schema.arguments, schema.returns
             if all(a.alias_info is None for a in (*args, *rets)):
                 known = FRESH
@@ -253,6 +259,8 @@ class LiveBytes(TorchDispatchMode):
         kwargs = kwargs or {}
         key: Any = None
         kind = _reusable(func) if self.device_type == "meta" and reuse_shapes else 0
+        if kind == ALIASING:
+            return func(*args, **kwargs)
         if kind:
             count = [0]
             arg_key: Any = _meta_key(args, count)
@@ -501,20 +509,24 @@ def _cpu_allocation_rise(fn: Callable[[], Any]) -> int:
     return peak
 
 
-def measure(pipe: Any, trainer: Any | None = None) -> Measurement:
+def measure(pipe: Any, trainer: Any | None = None, *, timed: bool = True) -> Measurement:
     """Run one warm-up step (it creates the optimizer state), time one step, then
-    measure the peak of another (on the CPU the profiler slows that one down)."""
+    measure the peak of another (on the CPU the profiler slows that one down). Without
+    ``timed`` the peak is measured in the step after the warm-up and ``seconds`` is NaN
+    (with offloading that step can still peak higher than the later ones)."""
     from loraengine.core.train.loop import Trainer
 
     trainer = trainer or Trainer(pipe, write_files=False)
     trainer.step()
     dev = pipe.device
     sync = (lambda: torch.cuda.synchronize(dev)) if dev.type == "cuda" else (lambda: None)
-    sync()
-    t0 = time.perf_counter()
-    trainer.step()
-    sync()
-    seconds = time.perf_counter() - t0
+    seconds = float("nan")
+    if timed:
+        sync()
+        t0 = time.perf_counter()
+        trainer.step()
+        sync()
+        seconds = time.perf_counter() - t0
     if dev.type == "cuda":
         resident = torch.cuda.memory_allocated(dev)
         torch.cuda.reset_peak_memory_stats(dev)
