@@ -98,6 +98,7 @@ def test_quantized_plan_stores_a_byte_per_linear_weight(host_m, tiny, unet_tenso
                                     + 4 * unet_tensors["linear_rows"])
 
 
+@pytest.mark.slow  # three dry runs, one with every meta kernel run: 5-15 s
 def test_remembered_meta_shapes_give_the_plan_the_shape_functions_give(host_m, tiny,
                                                                        monkeypatch):
     """The dry run makes the outputs of operators it has seen before again from their
