@@ -98,7 +98,7 @@ class Measurement:
 #: The meta device's shape functions (most are Python: ``torch._refs`` and the
 #: decompositions) remembered: per operator and its inputs' metadata, its outputs'.
 _SHAPES: dict[Any, Any] = {}
-_SHAPES_LIMIT = 200_000
+_SHAPES_LIMIT = 50_000
 #: Per operator: whether its outputs may be read from ``_SHAPES`` (``FRESH``: they
 #: are new tensors; ``IN_PLACE``: the result is its first argument, written in place),
 #: or need not be counted (``ALIASING``: every result is, or views, an argument).
@@ -159,7 +159,7 @@ def _meta_key(values: Any, tensors: list[int]) -> tuple[Any, ...] | None:
                         v.is_neg()))
         elif kind in _SCALARS:
             out.append((kind, v))
-        elif kind is list or kind is tuple:
+        elif kind is list or kind is tuple or kind is torch.Size:
             inner = _meta_key(v, tensors)
             if inner is None:
                 return None
