@@ -101,7 +101,7 @@ _SHAPES: dict[Any, Any] = {}
 _SHAPES_LIMIT = 50_000
 #: Per operator: whether its outputs may be read from ``_SHAPES`` (``FRESH``: they
 #: are new tensors; ``IN_PLACE``: the result is its first argument, written in place),
-#: or need not be counted (``ALIASING``: every result is, or views, an argument).
+#: or need not be counted (``ALIASING``: views, every result an argument's storage).
 _REUSABLE: dict[Any, int] = {}
 FRESH, IN_PLACE, ALIASING = 1, 2, 3
 #: Whether ``LiveBytes`` reads meta outputs from ``_SHAPES`` (tests plan both ways).
@@ -115,9 +115,9 @@ _TENSORS = (torch.Tensor, torch.nn.Parameter)
 def _reusable(func: Any) -> int:
     """How an ATen operator's outputs follow from its inputs' metadata: ``FRESH`` (no
     argument or result aliased or written: new tensors), ``IN_PLACE`` (writes its
-    first argument's values only, and returns it), ``ALIASING`` (other operators
-    whose every result aliases an argument, as views and ``out=`` do: nothing new to
-    count), 0 for any other (an output whose shape hangs on values, say)."""
+    first argument's values only, and returns it), ``ALIASING`` (views: nothing
+    written, every result aliases an argument, nothing new to count), 0 for any other
+    (``out=``, metadata changed in place, an output whose shape hangs on values)."""
     known = _REUSABLE.get(func)
     if known is None:
         known = 0
@@ -125,9 +125,10 @@ def _reusable(func: Any) -> int:
         tags = set(getattr(func, "tags", ()))
         if getattr(func, "namespace", None) not in ("aten", "prims") or schema is None:
             pass
-        elif all(r.alias_info is not None for r in schema.returns) and not (
-                torch.Tag.inplace in tags and torch.Tag.inplace_view not in tags):
-            known = ALIASING
+        elif schema.returns and all(r.alias_info is not None for r in schema.returns) \
+                and not any(a.alias_info is not None and a.alias_info.is_write
+                            for a in schema.arguments):
+            known = ALIASING  # a view: nothing written, every result an argument's
         elif not tags & {torch.Tag.dynamic_output_shape, torch.Tag.data_dependent_output,
                          torch.Tag.inplace_view}:
             args, rets = schema.arguments, schema.returns
