@@ -3,6 +3,8 @@ values the package carries, on the meta device (nothing downloaded)."""
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from click.testing import CliRunner
@@ -17,6 +19,28 @@ GB = 1e9
 @pytest.fixture(scope="module")
 def host():
     return build_plugin_manager()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def plans_once():
+    """Each dry run of this module once: ``plan_scenarios`` plans the fit's points with
+    ``_plan_at``, and several tests plan the same points (Qwen-Image with checkpointing
+    at 2 and 3 blocks, for one)."""
+    done: dict = {}
+    plan_at = real_size._plan_at
+
+    def once(name, host, sc, blocks, offload, resolution, rank, batch, frames=None):
+        latent = real_size.latent_shape(name, resolution, frames)  # None: the default
+        key = (name, id(host), sc.label, repr(sc.model), repr(sc.memory),
+               tuple(sorted(blocks.items())), offload, tuple(latent), rank, batch)
+        if key not in done:
+            done[key] = plan_at(name, host, sc, blocks, offload, resolution, rank, batch,
+                                frames)
+        return copy.deepcopy(done[key])
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(real_size, "_plan_at", once)
+        yield
 
 
 @pytest.mark.slow

@@ -36,7 +36,6 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
 
 from loraengine.core.errors import ConfigError
 from loraengine.core.plugins.host import PluginHost
@@ -96,12 +95,142 @@ class Measurement:
 
 # -- counting live bytes ---------------------------------------------------------------
 
+#: The meta device's shape functions (most are Python: ``torch._refs`` and the
+#: decompositions) remembered: per operator and its inputs' metadata, its outputs'.
+_SHAPES: dict[Any, Any] = {}
+_SHAPES_LIMIT = 50_000
+#: Per operator: whether its outputs may be read from ``_SHAPES`` (``FRESH``: they
+#: are new tensors; ``IN_PLACE``: the result is its first argument, written in place),
+#: or need not be counted (``ALIASING``: views, every result an argument's storage).
+_REUSABLE: dict[Any, int] = {}
+FRESH, IN_PLACE, ALIASING = 1, 2, 3
+#: Whether ``LiveBytes`` reads meta outputs from ``_SHAPES`` (tests plan both ways).
+reuse_shapes = True
+
+_SCALARS = frozenset((int, float, bool, complex, str, type(None), torch.dtype, torch.device,
+                      torch.memory_format, torch.layout))
+_TENSORS = (torch.Tensor, torch.nn.Parameter)
+
+
+def _reusable(func: Any) -> int:
+    """How an ATen operator's outputs follow from its inputs' metadata: ``FRESH`` (no
+    argument or result aliased or written: new tensors), ``IN_PLACE`` (writes its
+    first argument's values only, and returns it), ``ALIASING`` (views: nothing
+    written, every result aliases an argument, nothing new to count), 0 for any other
+    (``out=``, metadata changed in place, an output whose shape hangs on values)."""
+    known = _REUSABLE.get(func)
+    if known is None:
+        known = 0
+        schema = getattr(func, "_schema", None)
+        tags = set(getattr(func, "tags", ()))
+        if getattr(func, "namespace", None) not in ("aten", "prims") or schema is None:
+            pass
+        elif schema.returns and all(r.alias_info is not None for r in schema.returns) \
+                and not any(a.alias_info is not None and a.alias_info.is_write
+                            for a in schema.arguments):
+            known = ALIASING  # a view: nothing written, every result an argument's
+        elif not tags & {torch.Tag.dynamic_output_shape, torch.Tag.data_dependent_output,
+                         torch.Tag.inplace_view}:
+            args, rets = schema.arguments, schema.returns
+            if all(a.alias_info is None for a in (*args, *rets)):
+                known = FRESH
+            elif (torch.Tag.inplace in tags and args and len(rets) == 1
+                  and args[0].alias_info is not None and args[0].alias_info.is_write
+                  and args[0].alias_info.before_set
+                  and rets[0].alias_info is not None
+                  and rets[0].alias_info.before_set == args[0].alias_info.before_set
+                  and all(a.alias_info is None for a in args[1:])):
+                known = IN_PLACE
+        _REUSABLE[func] = known
+    return known
+
+
+def _meta_key(values: Any, tensors: list[int]) -> tuple[Any, ...] | None:
+    """A hashable picture of operator arguments as a meta kernel sees them (a meta
+    tensor's dtype, shape, strides, offset and conj/neg bits; scalars with their
+    type), or ``None`` for an argument of another kind; counts tensors in ``tensors``."""
+    out: list[Any] = []
+    for v in values:
+        kind = type(v)
+        if kind in _TENSORS:
+            if not v.is_meta or v.layout != torch.strided:
+                return None
+            tensors[0] += 1
+            out.append((v.dtype, v.shape, v.stride(), v.storage_offset(), v.is_conj(),
+                        v.is_neg()))
+        elif kind in _SCALARS:
+            out.append((kind, v))
+        elif kind is list or kind is tuple or kind is torch.Size:
+            inner = _meta_key(v, tensors)
+            if inner is None:
+                return None
+            out.append((kind, inner))
+        else:
+            return None
+    return tuple(out)
+
+
+def _tensors(value: Any) -> Iterator[torch.Tensor]:
+    """The tensors in an operator's arguments or results (nested lists, tuples, dicts)."""
+    if isinstance(value, torch.Tensor):
+        yield value
+    elif isinstance(value, (list, tuple)):
+        for v in value:
+            yield from _tensors(v)
+    elif isinstance(value, dict):
+        for v in value.values():
+            yield from _tensors(v)
+
+
+def _out_spec(out: Any, inputs: set[int]) -> Any:
+    """How to make ``out`` again (meta tensors of its dtype, shape and strides, alone
+    or in a tuple or list, with ``None`` entries), or ``None`` where an output is
+    another kind of value, shares a storage, or has a storage that ``empty_strided``
+    would not give."""
+    many = isinstance(out, (tuple, list))
+    specs: list[Any] = []
+    seen = set(inputs)
+    for t in (out if many else (out,)):
+        if t is None and many:
+            specs.append(None)
+            continue
+        if (type(t) is not torch.Tensor or not t.is_meta or t.layout != torch.strided
+                or t.is_conj() or t.is_neg() or t.storage_offset() != 0):
+            return None
+        st = t.untyped_storage()
+        if id(st) in seen:
+            return None
+        seen.add(id(st))
+        spec = (t.shape, t.stride(), t.dtype)
+        if torch.empty_strided(spec[0], spec[1], dtype=spec[2], device="meta"
+                               ).untyped_storage().nbytes() != st.nbytes():
+            return None
+        specs.append(spec)
+    return (type(out) if many else None, specs)
+
+
+def _remake(spec: Any) -> Any:
+    kind, specs = spec
+    outs = [None if s is None else torch.empty_strided(s[0], s[1], dtype=s[2], device="meta")
+            for s in specs]
+    return outs[0] if kind is None else kind(outs)
+
+
 class LiveBytes(TorchDispatchMode):
     """Counts the bytes of live storages on one device type, and their peak.
 
     A storage is counted when an operator returns it for the first time (outputs that
     share an input's storage, such as views and in-place results, are not new) and
     uncounted when it is freed, through a weak reference on the storage.
+
+    On the meta device an operator's outputs depend only on its inputs' metadata, and
+    working them out is most of a dry run's time (the shape functions are Python),
+    while a model's repeated blocks call the same operators on the same shapes over
+    and over: within a step, from step to step and from one plan to the next. So the
+    outputs of an operator that makes fresh tensors from tensor inputs are remembered
+    by operator and inputs' metadata (``_SHAPES``, for the process) and made again as
+    empty meta tensors of the same dtype, shape and strides. Views, in-place
+    operators and factories without tensor inputs always run.
     """
 
     def __init__(self, device_type: str):
@@ -118,23 +247,54 @@ class LiveBytes(TorchDispatchMode):
         if self._tracked.pop(key, None) is not None:
             self.live -= nbytes
 
+    def _count(self, st: Any) -> None:
+        key = id(st)
+        nbytes = st.nbytes()
+        self._tracked[key] = weakref.ref(st, functools.partial(self._freed, key, nbytes))
+        self.live += nbytes
+        if self.live > self.peak:
+            self.peak = self.live
+
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None
                            ) -> Any:
         kwargs = kwargs or {}
+        key: Any = None
+        kind = _reusable(func) if self.device_type == "meta" and reuse_shapes else 0
+        if kind == ALIASING:
+            return func(*args, **kwargs)
+        if kind:
+            count = [0]
+            arg_key: Any = _meta_key(args, count)
+            kw_key = _meta_key(tuple(kwargs.items()), count) if kwargs else ()
+            # a factory without tensor inputs may read a global default (its dtype)
+            if arg_key is not None and kw_key is not None and count[0]:
+                key = (func, arg_key, kw_key)
+                spec = _SHAPES.get(key)
+                if spec is not None:
+                    if kind == IN_PLACE:
+                        return args[0]
+                    out = _remake(spec)
+                    for t in (out if spec[0] is not None else (out,)):
+                        if t is not None:
+                            self._count(t.untyped_storage())
+                    return out
         out = func(*args, **kwargs)
-        inputs = {id(_storage(t)) for t in tree_flatten((args, kwargs))[0]
-                  if isinstance(t, torch.Tensor)}
-        for t in tree_flatten(out)[0]:
-            if not isinstance(t, torch.Tensor) or t.device.type != self.device_type:
+        inputs = {id(_storage(t)) for t in _tensors((args, kwargs))}
+        if key is not None and len(_SHAPES) < _SHAPES_LIMIT:
+            if kind == FRESH:
+                spec = _out_spec(out, inputs)
+            else:  # the same tensor back, its metadata as it was
+                spec = IN_PLACE if (out is args[0]
+                                    and _meta_key(args[:1], [0]) == arg_key[:1]) else None
+            if spec is not None:
+                _SHAPES[key] = spec
+        for t in _tensors(out):
+            if t.device.type != self.device_type:
                 continue
             st = _storage(t)
-            key = id(st)
-            if st is None or key in inputs or key in self._tracked:
+            if st is None or id(st) in inputs or id(st) in self._tracked:
                 continue
-            nbytes = st.nbytes()
-            self._tracked[key] = weakref.ref(st, functools.partial(self._freed, key, nbytes))
-            self.live += nbytes
-            self.peak = max(self.peak, self.live)
+            self._count(st)
         return out
 
 
@@ -246,6 +406,23 @@ def enabled_strategies(config: Any, host: PluginHost) -> list[str]:
             if spec.enabled(config)]
 
 
+@contextlib.contextmanager
+def _earlier_objects_frozen() -> Iterator[None]:
+    """Leave the objects that exist before a plan (the imported libraries, most of the
+    process) out of its garbage collections (``gc.freeze``): the collection after the
+    first step looks for cycles among what the dry run made, and walking the rest
+    took as long as a step of a small model. Not done where the caller froze objects
+    itself (``gc.unfreeze`` would release those too)."""
+    if gc.get_freeze_count():
+        yield
+        return
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
+
+
 class _CountFlops:
     """Counts the FLOPs of every forward pass and every backward pass of a step."""
 
@@ -278,7 +455,7 @@ def estimate(config: Any, host: PluginHost, *, model: torch.nn.Module | None = N
         model = copy.deepcopy(model)  # the dry run moves it to meta
     counter = LiveBytes("meta")
     flops = _CountFlops()
-    with counter, _fused_attention():
+    with _earlier_objects_frozen(), counter, _fused_attention():
         pipe = build_pipeline(dry, host, model=model, latents=latents,
                               conditioning=conditioning, base_dir=base_dir)
         try:
@@ -333,20 +510,24 @@ def _cpu_allocation_rise(fn: Callable[[], Any]) -> int:
     return peak
 
 
-def measure(pipe: Any, trainer: Any | None = None) -> Measurement:
+def measure(pipe: Any, trainer: Any | None = None, *, timed: bool = True) -> Measurement:
     """Run one warm-up step (it creates the optimizer state), time one step, then
-    measure the peak of another (on the CPU the profiler slows that one down)."""
+    measure the peak of another (on the CPU the profiler slows that one down). Without
+    ``timed`` the peak is measured in the step after the warm-up and ``seconds`` is NaN
+    (with offloading that step can still peak higher than the later ones)."""
     from loraengine.core.train.loop import Trainer
 
     trainer = trainer or Trainer(pipe, write_files=False)
     trainer.step()
     dev = pipe.device
     sync = (lambda: torch.cuda.synchronize(dev)) if dev.type == "cuda" else (lambda: None)
-    sync()
-    t0 = time.perf_counter()
-    trainer.step()
-    sync()
-    seconds = time.perf_counter() - t0
+    seconds = float("nan")
+    if timed:
+        sync()
+        t0 = time.perf_counter()
+        trainer.step()
+        sync()
+        seconds = time.perf_counter() - t0
     if dev.type == "cuda":
         resident = torch.cuda.memory_allocated(dev)
         torch.cuda.reset_peak_memory_stats(dev)

@@ -211,7 +211,7 @@ def plan_scenarios(name: str, host: PluginHost,
     ``frames`` frames (default: the record's). A record with two experts (Wan 2.2)
     plans the one expert its ``model`` options pick.
 
-    A dry run of a 60-block model takes minutes, and the blocks repeat: the plan is an
+    A dry run of a 60-block model is slow, and the blocks repeat: the plan is an
     affine function of each block count (weights, optimizer state, saved activations
     all grow by one block's worth per block; the transient peak inside a block does not
     grow). So each scenario is planned at 2 and 3 blocks of each kind (2 and 3 resident,
