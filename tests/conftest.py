@@ -396,20 +396,20 @@ def first_of_each(cases: list[Any], kind: Callable[[Any], str],
 
 # -- order: the longest tests first --------------------------------------------------------
 
-#: Tests that each keep one worker busy for a minute or more (measured: per-test times of
-#: the whole suite). Collected first, so that ``-n 2`` starts them at once and spreads
+#: The tests that keep one worker busy longest (measured: per-test times of the whole
+#: suite; none of them shares a module fixture, which moving it would build twice). Collected first, so that ``-n 2`` starts them at once and spreads
 #: the short tests around them, instead of one of them starting late and running alone
 #: at the end while the other worker idles. Only the order changes.
 LONGEST = (
     "tests/test_interop_diffusers_matrix.py::"
     "test_the_docs_show_the_measured_table_and_every_cell_is_exact_or_warned",
-    "tests/test_plan_real_size.py::"
-    "test_qwen_image_at_1024_is_within_a_quarter_of_the_published_figures",
-    "tests/test_plan_real_size.py::"
-    "test_wan_14b_plans_read_off_small_models_equal_the_40_block_plans",
+    "tests/test_training.py::test_quickstart_runs_from_the_repository_root",
+    "tests/test_models_loading.py::test_load_peak_holds_one_copy_of_the_weights",
+    "tests/test_memory_quantized.py::"
+    "test_build_peak_of_a_quantized_base_is_the_quantized_model_plus_one_layer",
     "tests/test_kill_anywhere.py::"
     "test_kill_9_at_20_random_points_then_resume_is_bitwise_identical",
-    "tests/test_training.py::test_quickstart_runs_from_the_repository_root",
+    "tests/test_showcase.py::test_the_lora_teaches_the_new_colour_and_keeps_the_old_ones",
 )
 
 
