@@ -58,6 +58,7 @@ def _run(*args):
     return CliRunner().invoke(cli, ["convert", *map(str, args)])
 
 
+@pytest.mark.slow
 def test_converted_for_comfyui_has_its_names_and_the_same_weights(model_dir, tmp_path):
     folder, unet = model_dir
     src, network = _file(tmp_path, unet, "loha")

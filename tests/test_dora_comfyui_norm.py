@@ -225,6 +225,7 @@ def test_merge_and_convert_read_the_norm(comfyui_file, unet_dir, tmp_path):
         assert torch.allclose(again.state_dict()[key], value, rtol=0, atol=1e-6), key
 
 
+@pytest.mark.slow
 def test_readers_with_the_standard_norm_are_named(comfyui_file, unet_dir, tmp_path):
     """A comfyui-norm file for a reader whose DoRA is the standard one (PEFT in
     diffusers, LyCORIS behind sd-scripts) is warned about with the measured error;

@@ -44,6 +44,7 @@ def _run(mode: str) -> dict[str, int]:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's allocator")
 def test_freed_tensors_leave_the_process():
     on, off = _run("on"), _run("off")

@@ -177,6 +177,7 @@ def test_trainloranodes_other_algorithms_apply_with_comfyuis_weights(family, alg
         assert relative_error(ours[key], want) <= TOL, key
 
 
+@pytest.mark.slow
 def test_a_trainloranode_oft_across_flux2s_qkv_bands_is_refused_in_one_line():
     """TrainLoraNode's OFT on Flux.2's fused q/k/v rotates blocks of rows that straddle
     q, k and v (here 8 blocks of 6 rows over 3·16): no OFT of the diffusers layers is

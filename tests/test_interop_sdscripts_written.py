@@ -296,6 +296,7 @@ def test_sdxl_file_places_every_module_with_its_shape():
         assert (up.shape[0], down.shape[1], *down.shape[2:]) == tuple(weight.shape), path
 
 
+@pytest.mark.slow
 def test_sdxl_layers_of_every_kind_merge_as_sd_scripts_does():
     """Our merge (``loraengine.apply``) of the checked layers' tensors from the
     sd-scripts file, on the diffusers SDXL UNet with only those layers materialised

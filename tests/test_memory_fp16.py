@@ -36,6 +36,7 @@ def config(tmp_path, steps: int) -> dict:
     }
 
 
+@pytest.mark.slow
 def test_fp16_model_with_dtype_none_trains_with_a_grad_scaler(host, tmp_path):
     cfg = parse_config(config(tmp_path, 25), host.registry)
     pipe = build_pipeline(cfg, host, model=fp16_unet(), latents=tiny_latents(),

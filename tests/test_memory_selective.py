@@ -178,6 +178,7 @@ def test_policy_without_checkpointing_is_a_config_error(host, unet_dir, files):
         parse_config(data, host.registry)
 
 
+@pytest.mark.slow
 def test_plan_names_the_policy(unet_dir, files, tmp_path):
     import yaml
 

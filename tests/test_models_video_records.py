@@ -362,6 +362,7 @@ def test_trains_and_the_file_loads_in_diffusers_with_every_key(folders, tmp_path
 
 # -- the released models at real size ------------------------------------------------------
 
+@pytest.mark.slow
 def test_real_size_records_have_the_published_parameter_counts():
     """LTX-2 is published as a 19 B-parameter audio-video model, HunyuanVideo 1.5 as an
     8.3 B-parameter one; the records build those shapes on the meta device."""

@@ -311,6 +311,7 @@ def test_sigterm_during_the_final_write_lets_the_lora_finish(host, unet_config, 
     assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
 
 
+@pytest.mark.slow
 def test_debris_of_a_killed_run_is_removed_by_the_next(host, unet_config, tmp_path):
     out = tmp_path / "out"
     folder = out / "run.checkpoints"

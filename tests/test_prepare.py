@@ -389,6 +389,7 @@ def test_small_images_are_not_enlarged_unless_asked_and_resizes_are_reported(
         "prepare does not enlarge unless asked (--upscale): image_00.png (3x8)"]
 
 
+@pytest.mark.slow
 def test_own_size_buckets_never_exceed_the_image_or_the_area():
     from hypothesis import given, settings
     from hypothesis import strategies as st

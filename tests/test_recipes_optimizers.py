@@ -139,6 +139,7 @@ def test_missing_package_is_a_config_error_naming_the_extra(host, monkeypatch, n
         spec.factory([torch.nn.Parameter(torch.zeros(1))], 1e-3, None)
 
 
+@pytest.mark.slow
 def test_missing_package_on_the_command_line_exits_2_without_traceback(tmp_path):
     cfg = tmp_path / "c.yaml"
     cfg.write_text(yaml.safe_dump({"model": {"family": "module"},

@@ -92,6 +92,7 @@ def pipeline_for(host, unet_config, tmp_path, **output):
     return build_pipeline(parse_config(cfg, host.registry), host)
 
 
+@pytest.mark.slow
 def test_corrupt_checkpoint_is_reported_and_the_previous_one_used(host, unet_config, tmp_path):
     pipe = pipeline_for(host, unet_config, tmp_path, save_every=1)
     Trainer(pipe).run()

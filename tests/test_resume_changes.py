@@ -74,6 +74,7 @@ def test_a_changed_schedule_rules_from_the_resumed_step_and_is_recorded(host, un
     assert changes[0][2]["min_lr_ratio"] == 0.1
 
 
+@pytest.mark.slow
 def test_more_steps_on_resume_stretch_the_schedule_from_the_resumed_step(host, unet_config,
                                                                          tmp_path):
     _train(host, _cfg(unet_config, tmp_path, 4, lr_scheduler={"name": "cosine"}))

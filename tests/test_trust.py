@@ -220,6 +220,7 @@ def test_existing_comfyui_style_file_takes_steps_from_its_name(tmp_path):
     assert train(cfg).steps == 8
 
 
+@pytest.mark.slow
 def test_existing_file_with_another_algorithm_is_a_clear_error(tmp_path):
     path = tmp_path / "loha.safetensors"
     save_file({"lora_unet_conv_in.hada_w1_a": torch.zeros(16, 2),
