@@ -404,7 +404,8 @@ def first_of_each(cases: list[Any], kind: Callable[[Any], str],
 # -- order: the longest tests first --------------------------------------------------------
 
 #: The tests that keep one worker busy longest (measured: per-test times of the whole
-#: suite; none of them shares a module fixture, which moving it would build twice). Collected first, so that ``-n 2`` starts them at once and spreads
+#: suite; none of them shares a module fixture, which moving it would build twice).
+#: Collected first, so that ``-n 2`` starts them at once and spreads
 #: the short tests around them, instead of one of them starting late and running alone
 #: at the end while the other worker idles. Only the order changes.
 LONGEST = (
