@@ -6,7 +6,7 @@ tensor into a fresh parameter."""
 from __future__ import annotations
 
 from collections.abc import Callable, Collection, Mapping
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -16,6 +16,17 @@ from loraengine.core.adapter import layer_op, weight_of
 
 #: The functional convolution for a weight (or batched input) of this many dimensions.
 CONV_BY_NDIM = {3: F.conv1d, 4: F.conv2d, 5: F.conv3d}
+
+#: A convolution's stride, padding and dilation.
+ConvArgs = tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]
+
+
+def conv_args(base: nn.Module) -> ConvArgs | None:
+    """A convolution's stride, padding and dilation as tuples; ``None`` for a Linear."""
+    if isinstance(base, nn.Linear):
+        return None
+    c = cast(nn.modules.conv._ConvNd, base)
+    return (tuple(c.stride), tuple(cast("tuple[int, ...]", c.padding)), tuple(c.dilation))
 
 
 def pointwise(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

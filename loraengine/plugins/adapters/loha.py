@@ -23,7 +23,7 @@ an r² → r² convolution with the layer's stride and padding, and a 1×1 one r
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any, cast
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -34,6 +34,8 @@ from loraengine.core.adapter import bias_of, layer_dims, layer_op, weight_of
 from loraengine.core.plugins.specs import AdapterSpec
 from loraengine.plugins.adapters.common import (
     CONV_BY_NDIM,
+    ConvArgs,
+    conv_args,
     copy_saved,
     has_keys,
     pointwise,
@@ -81,8 +83,6 @@ class HadamardProduct(torch.autograd.Function):
         return g1 @ w1b.T, w1a.T @ g1, g2 @ w2b.T, w2a.T @ g2, None
 
 
-#: A convolution's stride, padding and dilation.
-ConvArgs = tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]
 
 
 class _RebuildLoHa(torch.autograd.Function):
@@ -261,11 +261,7 @@ class LoHaLayer(AdditiveAdapter):
             return super().rebuild(x)
         base = self.base
         w = weight_of(base)
-        conv = None
-        if not isinstance(base, nn.Linear):
-            c = cast(nn.modules.conv._ConvNd, base)
-            conv = (tuple(c.stride), tuple(cast("tuple[int, ...]", c.padding)),
-                    tuple(c.dilation))
+        conv = conv_args(base)
         out: torch.Tensor = _RebuildLoHa.apply(
             x, w, bias_of(base), self.hada_w1_a, self.hada_w1_b, self.hada_w2_a,
             self.hada_w2_b, self.scale * self.multiplier, conv)

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable, Collection, Mapping
-from typing import Any, TypeVar, cast
+from typing import Any, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -39,7 +39,7 @@ from loraengine.core.adapter import (
     weight_of,
 )
 from loraengine.core.plugins.specs import AdapterSpec, PluginOptions
-from loraengine.plugins.adapters.common import CONV_BY_NDIM, frozen_weight_op
+from loraengine.plugins.adapters.common import CONV_BY_NDIM, ConvArgs, conv_args, frozen_weight_op
 from loraengine.plugins.adapters.lora_fused import fusable
 
 #: Added to ‖Q‖ before dividing, as both reference implementations do.
@@ -289,8 +289,6 @@ def _paired(r: torch.Tensor) -> torch.Tensor:
 
 #: The width of the blocks ``_RotatedWeightOp``'s backward contracts at once (see there).
 GROUP_WIDTH = 16
-#: A convolution's stride, padding and dilation.
-ConvArgs = tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]
 
 
 class _RotatedWeightOp(torch.autograd.Function):
@@ -432,11 +430,7 @@ class OFTLayer(ChannelMapLayer):
         if not self._one_node():
             return super().rebuild(x)
         base = self.base
-        conv = None
-        if not isinstance(base, nn.Linear):
-            c = cast(nn.modules.conv._ConvNd, base)
-            conv = (tuple(c.stride), tuple(cast("tuple[int, ...]", c.padding)),
-                    tuple(c.dilation))
+        conv = conv_args(base)
         out: torch.Tensor = _RotatedWeightOp.apply(x, weight_of(base), bias_of(base),
                                                    self.rotation(), conv)
         return out
