@@ -135,10 +135,15 @@ def cayley(blocks: torch.Tensor, constraint: float) -> torch.Tensor:
     blocks scaled down as a whole when ‖Q‖_F exceeds ``constraint`` (> 0;
     ``constrained_blocks``). Computed in fp32."""
     blocks = constrained_blocks(blocks, constraint)
-    q = blocks - blocks.transpose(-1, -2)
-    eye = torch.eye(q.shape[-1], dtype=q.dtype, device=q.device)
-    # (I+Q) and (I−Q)⁻¹ commute, so R = (I−Q)⁻¹(I+Q): one batched solve, no inverse.
-    return torch.linalg.solve(eye - q, eye + q)
+    eye = torch.eye(blocks.shape[-1], dtype=blocks.dtype, device=blocks.device)
+    # With M = (I−Q)⁻¹, which commutes with I+Q: R = M·(I+Q) = M·(2I − (I−Q)) = 2M − I.
+    # One batched inverse, whose backward is two batched products (−Mᵀ·G·Mᵀ), where a
+    # solve costs an LU factoring forward and another LU solve backward, with pivot
+    # checks each time: on blocks this small, the per-call work is most of the cost.
+    # I−Q is never singular (Q is skew-symmetric: its eigenvalues are imaginary), so
+    # the inverse skips torch's error checks.
+    m = torch.linalg.inv_ex(eye - (blocks - blocks.transpose(-1, -2)))[0]
+    return m * 2 - eye
 
 
 class ChannelMapLayer(AdapterLayer):
