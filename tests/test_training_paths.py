@@ -91,6 +91,35 @@ def test_path_options_override_the_cost_model_and_ia3_always_rebuilds(host):
     assert ia3.path_flops(x) is None and ia3.last_path == "rebuild"
 
 
+def test_the_chosen_path_is_remembered_per_shape_and_path_option(host, monkeypatch):
+    """The cost model runs once per input shape; a new shape, a new ``path`` or a
+    change of the cost model (DoRA switched on) asks it again."""
+    base = nn.Linear(64, 64).requires_grad_(False)
+    layer = build_adapter(_spec(host, "lora"), base, rank=4)
+    asked = []
+    real = type(layer).path_flops
+
+    def counting(self, x):
+        asked.append(tuple(x.shape))
+        return real(self, x)
+
+    monkeypatch.setattr(type(layer), "path_flops", counting)
+    for _ in range(3):
+        layer(torch.randn(2, 5, 64))
+    assert asked == [(2, 5, 64)]
+    layer(torch.randn(3, 64))
+    assert asked == [(2, 5, 64), (3, 64)]
+    layer.path = "rebuild"
+    layer(torch.randn(2, 5, 64))
+    assert layer.last_path == "rebuild" and len(asked) == 3
+    layer.path = "auto"
+    layer(torch.randn(2, 5, 64))
+    assert len(asked) == 3  # (auto, 2, 5, 64) is still known
+    layer.enable_dora()
+    layer(torch.randn(2, 5, 64))
+    assert len(asked) == 4
+
+
 def test_an_unknown_path_is_a_config_error(host):
     from loraengine.core.errors import ConfigError
 

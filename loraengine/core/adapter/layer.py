@@ -134,7 +134,29 @@ class AdapterLayer(nn.Module):
 
     def choose_path(self, x: torch.Tensor) -> Literal["factored", "rebuild"]:
         """The path weight mode takes for ``x``: ``path`` unless that is ``auto``, then
-        the cheaper by ``path_flops``; ``rebuild`` where no factored form exists."""
+        the cheaper by ``path_flops``; ``rebuild`` where no factored form exists.
+
+        The answer depends only on ``path``, the input's shape and the layer's own
+        structure, so it is remembered per ``(path, shape)``: the cost model runs once
+        per input shape, not on every forward (a few tens of microseconds per layer and
+        step otherwise). A subclass that changes what ``path_flops`` answers calls
+        ``forget_paths``."""
+        if torch.compiler.is_compiling():  # traced once; no state to keep in the graph
+            return self._cheaper_path(x)
+        key = (self.path, *x.shape)
+        known = self.__dict__.get("_paths")
+        if known is None:
+            known = self.__dict__["_paths"] = {}
+        path = known.get(key)
+        if path is None:
+            path = known[key] = self._cheaper_path(x)
+        return path
+
+    def forget_paths(self) -> None:
+        """Drop the paths ``choose_path`` remembered (the cost model changed)."""
+        self.__dict__.pop("_paths", None)
+
+    def _cheaper_path(self, x: torch.Tensor) -> Literal["factored", "rebuild"]:
         costs = self.path_flops(x)
         if costs is None or self.path == "rebuild":
             return "rebuild"

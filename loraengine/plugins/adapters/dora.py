@@ -155,6 +155,7 @@ class AdditiveAdapter(AdapterLayer):
                 raise ValueError(f"dora_scale of shape {list(saved.shape)} fits neither the "
                                  f"output nor the input channels of weight {list(w.shape)}")
         self.dora_scale = nn.Parameter(value.detach().float().clone())
+        self.forget_paths()  # DoRA's norm changes what each path costs
 
     @property
     def _norm_reads_delta(self) -> bool:
