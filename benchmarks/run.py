@@ -10,7 +10,7 @@ contender, all in one run; writes docs/benchmarks.md:
   width 128), batch 4, latents 4×32×32 packed to 256 tokens, rank 8;
 - ``small`` / ``quick`` / ``large``: the older small UNets (batch 2, rank 4).
 
-    python benchmarks/run.py [--workload compass,flux] [--quick] [--rounds 5]
+    python benchmarks/run.py [--workload compass,flux] [--quick] [--rounds N]
                              [--steps 2] [--threads 1] [--device cpu|cuda] [--no-write]
                              [--clock wall|cpu] [--no-floor-analysis]
 
@@ -163,6 +163,11 @@ class Workload:
     batch: int
     rank: int
     setup: str = ""
+
+
+#: Rounds per workload by default: a Flux step takes a tenth of a compass step and its
+#: ratios move by 0.1 between runs of 5 rounds on a shared machine, so it gets more.
+ROUNDS = {"compass": 6, "flux": 30, "quick": 3}
 
 
 def make_workload(key: str, batch: int | None, rank: int | None) -> Workload:
@@ -651,7 +656,8 @@ def main(argv: list[str] | None = None) -> int:
                     "(the same as --workload quick).")
     ap.add_argument("--rank", type=int, default=None, help="Default: the workload's.")
     ap.add_argument("--batch", type=int, default=None, help="Default: the workload's.")
-    ap.add_argument("--rounds", type=int, default=None, help="Default 5 (quick: 3).")
+    ap.add_argument("--rounds", type=int, default=None, help="Default: the workload's "
+                    "(ROUNDS: compass 6, flux 30, the others 5, quick 3).")
     ap.add_argument("--steps", type=int, default=2, help="Steps per contender per round.")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--device", default="cpu")
@@ -671,12 +677,15 @@ def main(argv: list[str] | None = None) -> int:
     for k in keys:
         if k not in ("compass", "flux", *SIZES):
             ap.error(f"--workload: unknown workload {k!r}")
-    rounds = args.rounds or (3 if keys == ["quick"] else 5)
-    setup = (f"fp32; AdamW; {args.device}, {args.threads} thread(s); median of {rounds} "
-             f"rounds × {args.steps} steps, contenders interleaved; "
+    setup = (f"fp32; AdamW; {args.device}, {args.threads} thread(s); median of the rounds "
+             f"each workload names × {args.steps} steps, contenders interleaved; "
              f"{'CPU' if args.clock == 'cpu' else 'wall'} time")
-    sections = [run_workload(make_workload(k, args.batch, args.rank), args, rounds, device)
-                for k in keys]
+    sections = []
+    for k in keys:
+        rounds = args.rounds or ROUNDS.get(k, 5)
+        w = make_workload(k, args.batch, args.rank)
+        w.setup += f"; median of {rounds} rounds"
+        sections.append(run_workload(w, args, rounds, device))
     if not args.no_write:
         command = "python benchmarks/run.py" + (
             "" if keys == ["compass", "flux"] else f" --workload {','.join(keys)}") + (
