@@ -10,7 +10,9 @@ Every row runs in fresh processes, one at a time: one plans the config (the dry 
 everything first, resets its peak-RSS counter (``/proc/self/clear_refs``) and records
 its resident size as the baseline; the measured peak is its largest ``VmHWM`` less that
 baseline (on the CPU the device is the host, so this counts everything the run holds:
-weights, adapter, optimizer state, activations, allocator slack). The planned figure
+weights, adapter, optimizer state, activations, allocator slack). The runs set
+``training.host_memory: return`` (freed tensors go back to the system at once), the
+mode in which resident memory follows the live tensors that plan counts. The planned figure
 is the plan's device peak plus its host-resident weights (offloading's host copies live
 in the same memory on a CPU). Linux only; CPU.
 
@@ -98,8 +100,9 @@ def config_for(kind: str, unet: Path, data: Path, memory: dict[str, Any],
     return {"model": {"family": family, "path": str(unet), **model},
             "data": {"latents": str(data / "latents.safetensors"),
                      "conditioning": str(data / "cond.safetensors")},
+            # return: resident memory follows the live tensors, which plan predicts
             "training": {"steps": 100, "batch_size": 1, "dtype": dtype, "seed": 0,
-                         "device": "cpu"},
+                         "device": "cpu", "host_memory": "return"},
             "adapter": {"rank": 16, "dtype": dtype},
             "memory": memory, "output": {"plot": False}}
 

@@ -28,7 +28,12 @@ from loraengine.core.data import (
     make_dataset,
     read_safetensors,
 )
-from loraengine.core.devices import DTYPES, resolve_device, return_freed_host_memory
+from loraengine.core.devices import (
+    DTYPES,
+    resolve_device,
+    return_freed_host_memory,
+    set_host_memory,
+)
 from loraengine.core.distributed import DistContext, shard_base, wrap_ddp
 from loraengine.core.errors import ConfigError, DataError, LoraEngineError
 from loraengine.core.files import (
@@ -317,17 +322,22 @@ def build_pipeline(config: Any, host: PluginHost, *, model: nn.Module | None = N
     preflight(config)  # outputs first: a run that cannot write them fails before loading
     device = resolve_device(config.training.device)
     if device.type == "cpu":
-        return_freed_host_memory()  # freed activations do not stay in the process
+        # loading: what the loader frees (a layer's weight once quantized, read buffers)
+        # goes back to the system, so the build's peak is that of the live tensors
+        return_freed_host_memory()
     dist_ctx = DistContext.from_env(config.training.dist_timeout, device.type)
     if dist_ctx.enabled and device.type == "cuda":
         device = torch.device("cuda", dist_ctx.local_rank)
         torch.cuda.set_device(device)
     try:
-        return _assemble(config, host, device, dist_ctx, model, latents, conditioning,
+        pipe = _assemble(config, host, device, dist_ctx, model, latents, conditioning,
                          base_dir)
     except BaseException:
         dist_ctx.close()
         raise
+    if device.type == "cpu":
+        set_host_memory(config.training.host_memory)  # the steps: as the config says
+    return pipe
 
 
 def _assemble(config: Any, host: PluginHost, device: torch.device, dist_ctx: DistContext,
