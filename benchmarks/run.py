@@ -167,7 +167,7 @@ class Workload:
 
 #: Rounds per workload by default: a Flux step takes a tenth of a compass step and its
 #: ratios move by 0.1 between runs of 5 rounds on a shared machine, so it gets more.
-ROUNDS = {"compass": 6, "flux": 30, "quick": 3}
+ROUNDS = {"compass": 10, "flux": 40, "quick": 3}
 
 
 def make_workload(key: str, batch: int | None, rank: int | None) -> Workload:
@@ -657,7 +657,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rank", type=int, default=None, help="Default: the workload's.")
     ap.add_argument("--batch", type=int, default=None, help="Default: the workload's.")
     ap.add_argument("--rounds", type=int, default=None, help="Default: the workload's "
-                    "(ROUNDS: compass 6, flux 30, the others 5, quick 3).")
+                    "(ROUNDS: compass 10, flux 40, the others 5, quick 3).")
     ap.add_argument("--steps", type=int, default=2, help="Steps per contender per round.")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--device", default="cpu")

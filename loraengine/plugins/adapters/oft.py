@@ -21,6 +21,7 @@ specs share: their common options, the Cayley transform, and reading saved block
 
 from __future__ import annotations
 
+import functools
 import warnings
 from collections.abc import Callable, Collection, Mapping
 from typing import Any, TypeVar
@@ -135,15 +136,33 @@ def cayley(blocks: torch.Tensor, constraint: float) -> torch.Tensor:
     blocks scaled down as a whole when ‖Q‖_F exceeds ``constraint`` (> 0;
     ``constrained_blocks``). Computed in fp32."""
     blocks = constrained_blocks(blocks, constraint)
-    eye = torch.eye(blocks.shape[-1], dtype=blocks.dtype, device=blocks.device)
+    eye, minus_eye = _identity(blocks.shape[-1], blocks.dtype, blocks.device)
     # With M = (I−Q)⁻¹, which commutes with I+Q: R = M·(I+Q) = M·(2I − (I−Q)) = 2M − I.
     # One batched inverse, whose backward is two batched products (−Mᵀ·G·Mᵀ), where a
     # solve costs an LU factoring forward and another LU solve backward, with pivot
     # checks each time: on blocks this small, the per-call work is most of the cost.
     # I−Q is never singular (Q is skew-symmetric: its eigenvalues are imaginary), so
     # the inverse skips torch's error checks.
-    m = torch.linalg.inv_ex(eye - (blocks - blocks.transpose(-1, -2)))[0]
-    return m * 2 - eye
+    m = torch.linalg.inv_ex((eye - blocks).add_(blocks.transpose(-1, -2)))[0]
+    return torch.add(minus_eye, m, alpha=2)
+
+
+def _identity(size: int, dtype: torch.dtype, device: torch.device
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """I and −I ``[size, size]``: made once per size, dtype and device (the Cayley
+    transform runs once per layer and step), and in place while torch.compile traces
+    (which does not trace through the cache)."""
+    if torch.compiler.is_compiling():
+        eye = torch.eye(size, dtype=dtype, device=device)
+        return eye, -eye
+    return _cached_identity(size, dtype, device)
+
+
+@functools.lru_cache(maxsize=64)
+def _cached_identity(size: int, dtype: torch.dtype, device: torch.device
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    eye = torch.eye(size, dtype=dtype, device=device)
+    return eye, -eye
 
 
 class ChannelMapLayer(AdapterLayer):
