@@ -372,12 +372,38 @@ def test_the_docs_show_the_measured_table_and_every_cell_is_exact_or_warned(tmp_
     as ``--table`` makes it (the cells the test above measured in this process are
     not measured again), and every cell of every case holds to :func:`check` (exact,
     or a warned limit), as ``--table --check`` asks."""
-    docs = (Path(__file__).parents[1] / "docs" / "compatibility.md").read_text()
-    measured = table(tmp_path)
+    docs = at_rounding((Path(__file__).parents[1] / "docs" / "compatibility.md").read_text())
+    measured = at_rounding(table(tmp_path))
     shown = [line for line in docs.splitlines() if line.startswith("| ")]
     assert measured in docs, [line for line in measured.splitlines()
                               if line.startswith("| ") and line not in shown]
     assert check_all(tmp_path) == []
+
+
+#: A cell's relative error below this is fp32 rounding: our merge and diffusers' fuse
+#: each round every weight once or twice (2⁻²⁴ ≈ 6e-8 each), so such errors are a few
+#: units in the last place, and which few depends on the CPU's matrix kernels (the
+#: same code reads 1.5e-07 on one machine and 1.6e-07 on another).
+ROUNDING = 1e-6
+#: a cell's error (after ``unloaded · ``) of 0 or under ``ROUNDING`` in ``cell``'s format
+_SMALL = re.compile(r"(?<=· )(?:0|\d(?:\.\d+)?e-(?:0[7-9]|[1-9]\d))(?= |$)")
+
+
+def at_rounding(text: str) -> str:
+    """``text`` with every cell's error that is 0 or under ``ROUNDING`` written as
+    ``<1e-06``: the table is compared with the docs to that precision (counts,
+    refusals, notes and larger errors exactly; ``check_all`` still holds every cell to
+    exact or warned)."""
+    return "\n".join(_SMALL.sub("<1e-06", line) for line in text.split("\n"))
+
+
+def test_errors_under_rounding_compare_equal_and_larger_ones_do_not():
+    assert at_rounding("| 0 · 1.5e-07 | 0 · 2.2e-07 | 3 · 0 |") == \
+        at_rounding("| 0 · 1.6e-07 | 0 · 9.9e-08 | 3 · 7.2e-08 |")
+    assert at_rounding("| 0 · 1.5e-06 |") != at_rounding("| 0 · 1.6e-06 |")
+    assert at_rounding("| 0 · 0.031 | 256 · 0.64 (1) |") == "| 0 · 0.031 | 256 · 0.64 (1) |"
+    assert at_rounding("| 0 · 1.5e-07 |") != at_rounding("| 1 · 1.5e-07 |")
+    assert at_rounding("| refused (1405 keys) (5) |") == "| refused (1405 keys) (5) |"
 
 
 if __name__ == "__main__":
