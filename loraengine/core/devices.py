@@ -54,6 +54,8 @@ HOST_MMAP_THRESHOLD = 64 * 1024
 #: up once a large block has been freed (mapping from 32 MiB, trimming above twice that)
 REUSE_MMAP_THRESHOLD = 32 * 1024 * 1024
 REUSE_TRIM_THRESHOLD = 2 * REUSE_MMAP_THRESHOLD
+#: glibc's own trim threshold before it adapts (128 KiB)
+DEFAULT_TRIM_THRESHOLD = 128 * 1024
 #: the mode this process's allocator was last set to here (None: as the C library began)
 _host_mode: str | None = None
 
@@ -91,7 +93,9 @@ def return_freed_host_memory() -> bool:
     mallopt = _mallopt()
     if mallopt is None:
         return False
-    if mallopt(_M_MMAP_THRESHOLD, HOST_MMAP_THRESHOLD):
+    # after reuse, the heap's top is trimmed from glibc's default size again
+    trim = mallopt(_M_TRIM_THRESHOLD, DEFAULT_TRIM_THRESHOLD) if _host_mode else True
+    if mallopt(_M_MMAP_THRESHOLD, HOST_MMAP_THRESHOLD) and trim:
         _host_mode = "return"
     return _host_mode == "return"
 
