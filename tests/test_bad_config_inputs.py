@@ -181,8 +181,15 @@ def earlier_output(tmp_path: Path) -> Path:
     return out
 
 
-@pytest.mark.parametrize("command", ["validate", "train"])
-@pytest.mark.parametrize("case", list(ALL), ids=list(ALL))
+#: the megabyte-long inputs take about a second each: one command each in the fast
+#: default (both in the full suite)
+_SLOW_CELLS = {("key-1mb", "validate"), ("string-1mb", "train")}
+
+
+@pytest.mark.parametrize(("case", "command"), [
+    pytest.param(case, command, id=f"{case}-{command}",
+                 marks=(pytest.mark.slow,) if (case, command) in _SLOW_CELLS else ())
+    for case in ALL for command in ("validate", "train")])
 def test_bad_config_is_one_line_and_leaves_the_output_alone(tmp_path, earlier_output,
                                                             case, command):
     text, overrides, needles = ALL[case]

@@ -88,6 +88,7 @@ def test_training_on_the_cpu_sets_the_configured_host_memory_mode(mode, monkeypa
     assert seen == ["loading", mode]
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's allocator")
 def test_reuse_stops_the_page_faults_of_return():
     """With return, every freed tensor of 64 KiB+ is a mapping given back, so making it

@@ -153,7 +153,14 @@ def test_qwen_edit_reference_latents_join_the_tokens_as_the_edit_pipeline_does(f
 
 # -- training through the CLI, and the file in the pipeline's own loader ----------------
 
-@pytest.mark.parametrize("name", tp.DENOISER_FAMILIES)
+#: in the fast default: a Flux.2-style and a Qwen-Image-style transformer; the other
+#: families run in the full suite
+_FAST_FAMILIES = ("flux2", "qwen_image")
+
+
+@pytest.mark.parametrize("name", [
+    pytest.param(n, marks=() if n in _FAST_FAMILIES else (pytest.mark.slow,))
+    for n in tp.DENOISER_FAMILIES])
 def test_trains_and_the_file_loads_in_the_pipeline_with_every_key(folders, tmp_path, name):
     import diffusers as d
     from peft.tuners.lora import LoraLayer

@@ -206,6 +206,7 @@ def _file_count(model) -> int:
     return sum(t.numel() for t in model.state_dict().values())
 
 
+@pytest.mark.slow  # 1.5–3.4 s: the full suite runs it
 def test_image_records_build_the_published_model_sizes_on_meta():
     from loraengine.plugins import build_plugin_manager as plugins
 

@@ -238,6 +238,7 @@ def _image_sizes(folder: Path) -> dict[str, tuple[int, int]]:
     return sizes
 
 
+@pytest.mark.slow  # 1.5–3.4 s: the full suite runs it
 def test_the_shipped_images_keep_their_own_size(tmp_path):
     """Each latent is its image's size over the VAE's factor (8 for the shipped
     pipeline, read from its config): nothing is enlarged to the family's 512 px."""

@@ -114,6 +114,7 @@ def test_the_frames_taken_from_a_video_file_and_a_frame_folder(tmp_path, wan, cl
     assert seen == [want, want]  # frames/ then movie.mp4
 
 
+@pytest.mark.slow  # 1.5–3.4 s: the full suite runs it
 def test_a_random_window_is_seeded_and_stays_inside_the_kept_frames(tmp_path, wan, clips,
                                                                     seen):
     options = ("--skip-first-frames", "2", "--every-nth-frame", "2", "--frames", "5",

@@ -85,6 +85,7 @@ def test_noise_pred_scale_turns_a_v_loss_into_an_epsilon_loss(host):
     torch.testing.assert_close(eps, torch.ones_like(eps))
 
 
+@pytest.mark.slow  # 1.5–3.4 s: the full suite runs it
 def test_v_pred_like_adds_a_scaled_v_loss(host):
     snr = torch.clamp(oracle_snr(), max=1000.0)
     w = weights(host, {"name": "v_pred_like", "strength": 0.3}, NoiseSchedule.ddpm("epsilon"),

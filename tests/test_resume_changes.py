@@ -104,6 +104,7 @@ def _write(tmp_path, cfg):
     return path
 
 
+@pytest.mark.slow  # 1.5–3.4 s: the full suite runs it
 def test_reset_optimizer_starts_a_fresh_state_says_so_and_is_recorded(host, unet_config,
                                                                       tmp_path):
     _train(host, _cfg(unet_config, tmp_path, 4))

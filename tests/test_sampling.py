@@ -308,6 +308,7 @@ def _pixels(path: Path) -> np.ndarray:
         return np.asarray(im.convert("RGB"))
 
 
+@pytest.mark.slow  # 1.5–3.4 s: the full suite runs it
 def test_previews_are_written_without_changing_training(tmp_path, host, unet_config, unet_dir):
     samples = {"every": 2, "steps": 4, "count": 3, "per_prompt": 2, "seed": 7}
     with_samples = dict(unet_config)

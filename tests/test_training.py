@@ -187,6 +187,7 @@ def test_one_conditioning_entry_is_repeated(host):
     pipe.close()
 
 
+@pytest.mark.slow  # 1.5–3.4 s: the full suite runs it
 def test_training_never_touches_the_global_rng(host):
     model, lat, cond = TinyDenoiser(), tiny_latents(), tiny_conditioning()  # these use it
     torch.manual_seed(1234)
