@@ -94,7 +94,8 @@ def return_freed_host_memory() -> bool:
     if mallopt is None:
         return False
     # after reuse, the heap's top is trimmed from glibc's default size again
-    trim = mallopt(_M_TRIM_THRESHOLD, DEFAULT_TRIM_THRESHOLD) if _host_mode else True
+    trim = (mallopt(_M_TRIM_THRESHOLD, DEFAULT_TRIM_THRESHOLD) if _host_mode == "reuse"
+            else True)
     if mallopt(_M_MMAP_THRESHOLD, HOST_MMAP_THRESHOLD) and trim:
         _host_mode = "return"
     return _host_mode == "return"

@@ -19,7 +19,7 @@ model, per input shape), ``factored`` or ``rebuild``. ``last_path`` says which r
 from __future__ import annotations
 
 import math
-from typing import Literal, cast
+from typing import Any, Literal, cast
 
 import torch
 import torch.nn.functional as F
@@ -101,6 +101,8 @@ class AdapterLayer(nn.Module):
         self.rank = int(rank)
         self.alpha = float(alpha)
         self.multiplier = 1.0
+        #: ``choose_path``'s answers by ``(path, *input shape)``
+        self._paths: dict[tuple[Any, ...], Literal["factored", "rebuild"]] = {}
 
     @property
     def base(self) -> nn.Module:
@@ -144,17 +146,14 @@ class AdapterLayer(nn.Module):
         if torch.compiler.is_compiling():  # traced once; no state to keep in the graph
             return self._cheaper_path(x)
         key = (self.path, *x.shape)
-        known = self.__dict__.get("_paths")
-        if known is None:
-            known = self.__dict__["_paths"] = {}
-        path = known.get(key)
+        path = self._paths.get(key)
         if path is None:
-            path = known[key] = self._cheaper_path(x)
+            path = self._paths[key] = self._cheaper_path(x)
         return path
 
     def forget_paths(self) -> None:
         """Drop the paths ``choose_path`` remembered (the cost model changed)."""
-        self.__dict__.pop("_paths", None)
+        self._paths.clear()
 
     def _cheaper_path(self, x: torch.Tensor) -> Literal["factored", "rebuild"]:
         costs = self.path_flops(x)

@@ -152,17 +152,17 @@ def _identity(size: int, dtype: torch.dtype, device: torch.device
     """I and −I ``[size, size]``: made once per size, dtype and device (the Cayley
     transform runs once per layer and step), and in place while torch.compile traces
     (which does not trace through the cache)."""
-    if torch.compiler.is_compiling():
-        eye = torch.eye(size, dtype=dtype, device=device)
-        return eye, -eye
-    return _cached_identity(size, dtype, device)
+    make = _make_identity if torch.compiler.is_compiling() else _cached_identity
+    return make(size, dtype, device)
 
 
-@functools.lru_cache(maxsize=64)
-def _cached_identity(size: int, dtype: torch.dtype, device: torch.device
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
+def _make_identity(size: int, dtype: torch.dtype, device: torch.device
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
     eye = torch.eye(size, dtype=dtype, device=device)
     return eye, -eye
+
+
+_cached_identity = functools.lru_cache(maxsize=64)(_make_identity)
 
 
 class ChannelMapLayer(AdapterLayer):
