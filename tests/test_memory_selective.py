@@ -131,40 +131,77 @@ def test_budget_keeps_nothing_at_0_and_everything_at_1(host, unet_dir, files):
     assert flops(1.0) == bare.backward_flops
 
 
-def test_choose_fills_the_budget_by_flops_per_byte():
-    # (flops, bytes): intensities 10, 1, 5, 20, 2
-    candidates = [(100, 10), (40, 40), (50, 10), (400, 20), (40, 20)]
+def test_cut_keeps_by_rank_until_the_next_would_exceed_the_share():
+    # (rank, bytes), ranks already in order of FLOPs per byte: 20, 10, 5, 2, 1
+    candidates = [((-10.0, 0, 0), 10), ((-1.0, 0, 1), 40), ((-5.0, 0, 2), 10),
+                  ((-20.0, 1, 0), 20), ((-2.0, 1, 1), 20)]
     total = sum(b for _, b in candidates)
-    for budget in (0.0, 0.1, 0.3, 0.5, 0.75, 1.0):
-        kept = checkpointing.choose(candidates, budget)
-        assert sum(candidates[i][1] for i in kept) <= budget * total
-        # greedy by intensity: each left-out candidate did not fit beside the kept
-        # ones of higher intensity
-        by_intensity = sorted(range(5), key=lambda i: -candidates[i][0] / candidates[i][1])
-        used = 0
-        for i in by_intensity:
-            if i in kept:
-                used += candidates[i][1]
-            else:
-                assert used + candidates[i][1] > budget * total
-    assert checkpointing.choose(candidates, 1.0) == frozenset(range(5))
-    assert checkpointing.choose(candidates, 0.0) == frozenset()
+    order = sorted(candidates)
+    for budget in (0.0, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0):
+        cut = checkpointing.cut_of(candidates, budget)
+        kept = [b for r, b in order if cut is not None and r <= cut]
+        assert sum(kept) <= budget * total
+        if len(kept) < len(order):  # the first left out did not fit
+            assert sum(kept) + order[len(kept)][1] > budget * total
+    assert checkpointing.cut_of(candidates, 0.0) is None
+    assert checkpointing.cut_of(candidates, 1.0) == max(r for r, _ in candidates)
 
 
-def test_budget_chooses_per_input_shape():
-    """A new input shape is noted in its own first pass (recomputing everything)."""
+def _mm_call(decide, index: int, n: int, k: int, m: int) -> bool:
+    """One candidate ``[n, k] @ [k, m]``: 2·n·k·m FLOPs over 4·n·m bytes, k/2 per byte."""
+    a, b = torch.ones(n, k), torch.ones(k, m)
+    return decide(index, torch.ops.aten.mm.default, (a, b), {}, a @ b)
+
+
+def test_budget_ranks_candidates_across_blocks():
+    """One cut for the model: the block whose products cost more FLOPs per byte keeps
+    them all before the other keeps any (a share per block would keep half of each)."""
     policy = checkpointing.BudgetPolicy(0.5)
-    a, b = ((2, 4),), ((3, 4),)
-    mm = torch.ops.aten.mm.default
-    x = torch.ones(2, 4)
-    first = policy.for_call(a)
-    assert not first(0, mm, (x, torch.ones(4, 4)), {}, x @ torch.ones(4, 4))
-    assert not first(1, mm, (x, torch.ones(4, 1)), {}, x @ torch.ones(4, 1))
-    kept = policy.for_call(a)  # the first pass is over: the choice is made
-    # both have 2 FLOPs per byte (2·2·4·n FLOPs over 2·n·4 bytes); the first (32 bytes)
-    # does not fit half of the 40 bytes, the second (8 bytes) does
-    assert [kept(0), kept(1)] == [False, True]
-    assert b not in policy.kept and not policy.for_call(b)(0, mm, (x, x.T), {}, x @ x.T)
+    sig = ((2, 4),)
+    narrow, wide = policy.for_call(0, sig), policy.for_call(1, sig)  # the noting pass
+    assert not any([_mm_call(narrow, 0, 8, 2, 4), _mm_call(narrow, 1, 8, 2, 4),
+                    _mm_call(wide, 0, 8, 16, 4), _mm_call(wide, 1, 8, 16, 4)])
+    narrow, wide = policy.for_call(0, sig), policy.for_call(1, sig)
+    assert [_mm_call(narrow, 0, 8, 2, 4), _mm_call(narrow, 1, 8, 2, 4)] == [False, False]
+    assert [_mm_call(wide, 0, 8, 16, 4), _mm_call(wide, 1, 8, 16, 4)] == [True, True]
+    # remembered per block and signature: the third call decides by index alone
+    again = policy.for_call(1, sig)
+    assert [again(0), again(1), again(2)] == [True, True, False]
+
+
+def test_budget_keeps_by_rank_at_a_new_input_shape_without_noting_it():
+    """Once the cut is fixed, a new input shape keeps what ranks above it at once: a
+    product's FLOPs per byte do not depend on the number of rows."""
+    policy = checkpointing.BudgetPolicy(0.5)
+    first = policy.for_call(0, ((2, 4),))
+    assert not _mm_call(first, 0, 8, 16, 4) and not _mm_call(first, 1, 8, 2, 4)
+    policy.for_call(0, ((2, 4),))  # the repeat fixes the cut: the first product only
+    other = policy.for_call(0, ((6, 4),))
+    assert [_mm_call(other, 0, 24, 16, 4), _mm_call(other, 1, 24, 2, 4)] == [True, False]
+    # a block the noting pass never saw ranks after those it saw at equal FLOPs per byte
+    late = policy.for_call(5, ((2, 4),))
+    assert not _mm_call(late, 0, 8, 16, 4)
+
+
+def test_the_dispatch_mode_watches_only_the_calls_that_run_candidates():
+    """Views, elementwise operators and reductions pass the gate without the dispatch
+    mode; a linear layer and a directly called aten product are watched and kept."""
+    aten = torch.ops.aten
+    seen: list = []
+
+    class Spy(checkpointing._KeepMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            seen.append(func.overloadpacket)
+            return super().__torch_dispatch__(func, types, args, kwargs)
+
+    entries: list = []
+    x, w = torch.randn(3, 4), torch.randn(5, 4)
+    with checkpointing._Gate(Spy(checkpointing._keep_all, entries)):
+        torch.nn.functional.linear((x.relu() * 2).view(3, 4), w).sum()
+        aten.mm(x, w.t())
+    assert seen and not {aten.relu, aten.mul, aten.view, aten.sum} & set(seen)
+    assert [e.func.overloadpacket for e in entries] == [aten.mm, aten.mm]
+    assert all(e.out is not None for e in entries)
 
 
 # -- configuration ------------------------------------------------------------------------
@@ -175,6 +212,18 @@ def test_policy_without_checkpointing_is_a_config_error(host, unet_dir, files):
                                  "checkpoint_policy": "save_matmuls"})
     with pytest.raises(ConfigError, match="memory.checkpoint_policy: save_matmuls needs "
                                           "memory.gradient_checkpointing: true"):
+        parse_config(data, host.registry)
+
+
+@pytest.mark.parametrize("compile_mode", ["blocks", "model"])
+def test_policy_with_compile_is_a_config_error(host, unet_dir, files, compile_mode):
+    data = factored_unet_config(unet_dir, files, "lora",
+                                {"gradient_checkpointing": True,
+                                 "checkpoint_policy": "budget"})
+    data["training"]["compile"] = compile_mode
+    with pytest.raises(ConfigError, match=f"memory.checkpoint_policy: budget runs eagerly "
+                                          f"and cannot be combined with training.compile: "
+                                          f"{compile_mode}"):
         parse_config(data, host.registry)
 
 

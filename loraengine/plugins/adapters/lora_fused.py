@@ -137,10 +137,12 @@ class _LinearBaseLoRA(torch.autograd.Function):
 
 
 def _unwatched() -> bool:
-    """Whether forward may add in place (see the module doc): no dispatch mode is
-    active and nothing is being compiled."""
+    """Whether forward may add in place (see the module doc): no dispatch or function
+    mode is active (selective checkpointing enters its dispatch mode from a function
+    mode, around each product) and nothing is being compiled."""
     return (not torch.compiler.is_compiling()
-            and torch._C._len_torch_dispatch_stack() == 0)
+            and torch._C._len_torch_dispatch_stack() == 0
+            and torch._C._len_torch_function_stack() == 0)
 
 
 class _ConvLoRA(torch.autograd.Function):

@@ -13,17 +13,30 @@ activations during the backward pass.
   (costly to recompute for their size); the elementwise operations and norms between
   them are recomputed;
 - ``budget``: a share ``checkpoint_budget`` of the bytes of those outputs, chosen
-  by FLOPs of recomputation per byte kept, highest first. The choice is made per
-  block and input shape from one forward pass that recomputes everything and notes
-  each candidate's FLOPs and bytes (so the first step of a shape costs what
-  ``none`` costs); from the next pass on the chosen outputs are kept.
+  over the whole model by FLOPs of recomputation per byte kept, highest first, until
+  the next would exceed the share. One forward pass that recomputes everything notes
+  every wrapped block's candidates (FLOPs and bytes, from shapes); when a block is
+  called again with inputs it has seen, the cut is fixed for the model: an output is
+  kept when it ranks above the cut by (FLOPs per byte, highest first; then the
+  block's place in the model; then the operator's place in the block). Later calls,
+  new input shapes included, keep by that rank without another noting pass. (A
+  convolution's FLOPs per byte do not depend on the image size, so a cut found at one
+  bucket keeps the same layers at the others.) One cut for the model rather than one
+  share per block keeps the products that are dearest to recompute wherever they
+  are: in a UNet, the wide low-resolution blocks' convolutions cost several times
+  the FLOPs per byte of the narrow full-resolution ones.
 
-The selection runs as the pair of dispatch modes ``torch.utils.checkpoint`` takes as
-its ``context_fn`` (one in the forward pass, one in the recomputation), as
-``create_selective_checkpoint_contexts`` does. Unlike that helper, the modes number
+The selection runs as a pair of modes ``torch.utils.checkpoint`` takes as its
+``context_fn`` (one in the forward pass, one in the recomputation), as
+``create_selective_checkpoint_contexts`` does, with two differences. The modes number
 only the candidate operators, not every operator of the region: a recomputation may
 run other operators a different number of times than the forward pass did (offloading
-loads a block's weights again) and still find each kept output.
+loads a block's weights again) and still find each kept output. And the dispatch mode
+that sees operators is entered only inside the calls of the few functions that run
+candidates (``F.linear``, the convolutions, attention, the matrix products), from a
+function mode that lets everything else pass: a dispatch mode over the whole region
+takes every view, norm and elementwise operator through Python, twice per step, which
+on the compass UNet cost more than what the policy saved.
 
 A kept output is the very tensor the forward pass computed, and what is recomputed
 runs the same operations on the same inputs, so gradients equal those of a run
@@ -39,6 +52,7 @@ from typing import Any, Literal
 import torch
 from pydantic import Field
 from torch import nn
+from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten, tree_map
 from torch.utils.checkpoint import checkpoint
@@ -63,12 +77,13 @@ class CheckpointOptions(PluginOptions):
         "(recompute everything), save_matmuls (keep every matmul, convolution and "
         "attention output, recompute the elementwise ops and norms between them), "
         "budget (keep the share checkpoint_budget of those outputs' bytes, the ones "
-        "costliest to recompute per byte first).")
+        "costliest to recompute per byte first, over the whole model). Not with "
+        "training.compile.")
     checkpoint_budget: float = Field(
         0.5, ge=0.0, le=1.0, description="With checkpoint_policy budget: the share of "
-        "the bytes of the matmul, convolution and attention outputs of each wrapped "
-        "block that is kept (0 keeps none, as policy none; 1 keeps all, as "
-        "save_matmuls).")
+        "the bytes of the matmul, convolution and attention outputs of all wrapped "
+        "blocks that is kept, ranked over the whole model (0 keeps none, as policy "
+        "none; 1 keeps all, as save_matmuls).")
 
 
 def blocks_at_depth(top: list[nn.Module], depth: int) -> list[nn.Module]:
@@ -129,20 +144,27 @@ def output_bytes(out: Any) -> int:
     return total
 
 
-def choose(candidates: list[tuple[int, int]], budget: float) -> frozenset[int]:
-    """Indices of the candidates ``(flops, bytes)`` to keep: by FLOPs per byte, highest
-    first (ties: earlier first), each one that still fits within ``budget`` × all
-    their bytes."""
+def density(flops: int, nbytes: int) -> float:
+    """FLOPs of recomputation per byte kept."""
+    return flops / max(nbytes, 1)
+
+
+#: A candidate's rank under the budget policy, smallest first: (−FLOPs per byte, the
+#: block's place in the model, the operator's place in the block's call).
+Rank = tuple[float, int, int]
+
+
+def cut_of(candidates: list[tuple[Rank, int]], budget: float) -> Rank | None:
+    """The rank of the last candidate kept when ``(rank, bytes)`` candidates are kept
+    in order of rank until the next would exceed ``budget`` × all their bytes (None:
+    none is kept)."""
     limit = budget * sum(b for _, b in candidates)
-    order = sorted(range(len(candidates)),
-                   key=lambda i: (-candidates[i][0] / max(candidates[i][1], 1), i))
-    kept, used = set(), 0
-    for i in order:
-        nbytes = candidates[i][1]
-        if used + nbytes <= limit:
-            kept.add(i)
-            used += nbytes
-    return frozenset(kept)
+    cut, used = None, 0
+    for rank, nbytes in sorted(candidates):
+        if used + nbytes > limit:
+            break
+        cut, used = rank, used + nbytes
+    return cut
 
 
 def _signature(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, ...]:
@@ -195,10 +217,6 @@ class _ReuseMode(TorchDispatchMode):
         super().__init__()
         self.entries, self.next = entries, 0
 
-    def __enter__(self) -> _ReuseMode:
-        self.next = 0
-        return super().__enter__()
-
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None
                            ) -> Any:
         kwargs = kwargs or {}
@@ -220,9 +238,52 @@ class _ReuseMode(TorchDispatchMode):
         return out
 
 
-def _contexts(decide: Decide) -> tuple[_KeepMode, _ReuseMode]:
+#: Names of the functions (torch.*, torch.nn.functional.*, Tensor methods) whose
+#: operators may be ``SAVEABLE``: only inside their calls do the dispatch modes watch.
+GATED: frozenset[str] = frozenset({
+    "linear", "bilinear", "conv1d", "conv2d", "conv3d", "conv_transpose1d",
+    "conv_transpose2d", "conv_transpose3d", "convolution", "_convolution",
+    "scaled_dot_product_attention", "mm", "addmm", "bmm", "baddbmm", "matmul",
+    "__matmul__", "__rmatmul__", "einsum", "tensordot", "_scaled_mm",
+})
+
+
+def _gated(func: Any) -> bool:
+    """Whether the dispatch mode watches this call: a ``GATED`` function, or one of
+    the ``SAVEABLE`` operators called directly (``torch.ops.aten...``)."""
+    if getattr(func, "__name__", None) in GATED:
+        return True
+    return getattr(func, "overloadpacket", func) in SAVEABLE
+
+
+class _Gate(TorchFunctionMode):
+    """Enters ``mode`` only for the calls of the ``GATED`` functions. A dispatch mode
+    sees every operator of the region (views, elementwise ops, norms), each a round
+    trip into Python; the candidates come from a few functions, so the other
+    operators run without it. Both passes of a checkpointed call run the same code, so
+    both see the same candidates in the same order."""
+
+    def __init__(self, mode: _KeepMode | _ReuseMode):
+        super().__init__()
+        self.mode = mode
+
+    def __enter__(self) -> _Gate:
+        if isinstance(self.mode, _ReuseMode):
+            self.mode.next = 0
+        return super().__enter__()
+
+    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None
+                           ) -> Any:
+        kwargs = kwargs or {}
+        if not _gated(func):
+            return func(*args, **kwargs)
+        with self.mode:
+            return func(*args, **kwargs)
+
+
+def _contexts(decide: Decide) -> tuple[_Gate, _Gate]:
     entries: list[_Entry] = []
-    return _KeepMode(decide, entries), _ReuseMode(entries)
+    return _Gate(_KeepMode(decide, entries)), _Gate(_ReuseMode(entries))
 
 
 def _keep_all(index: int, func: Any, args: Any, kwargs: Any, out: Any) -> bool:
@@ -230,47 +291,75 @@ def _keep_all(index: int, func: Any, args: Any, kwargs: Any, out: Any) -> bool:
 
 
 class BudgetPolicy:
-    """The ``budget`` policy of one wrapped block: per input signature, the first pass
-    notes the candidates (recomputing everything) and later passes keep the chosen."""
+    """The ``budget`` policy of one model: the first pass through each wrapped block
+    notes its candidates (recomputing everything); the first repeated call fixes one
+    cut for all blocks, and from then on each call keeps the candidates ranked above
+    it (remembered per block and input signature)."""
 
     def __init__(self, budget: float):
         self.budget = budget
-        self.noted: dict[tuple[Any, ...], list[tuple[int, int]]] = {}
-        self.kept: dict[tuple[Any, ...], frozenset[int]] = {}
+        self.notes: list[tuple[Rank, int]] = []
+        self.noted: set[tuple[int, tuple[Any, ...]]] = set()
+        self.cut: Rank | None = None
+        self.decided = False
+        self.kept: dict[tuple[int, tuple[Any, ...]], frozenset[int]] = {}
 
-    def for_call(self, signature: tuple[Any, ...]) -> Decide:
-        """The decision of one checkpointed call with these inputs."""
-        if signature not in self.kept and signature in self.noted:
-            self.kept[signature] = choose(self.noted.pop(signature), self.budget)
-        kept = self.kept.get(signature)
-        if kept is not None:
-            return lambda index, *_: index in kept
-        notes: list[tuple[int, int]] = []
-        self.noted[signature] = notes
+    def for_call(self, block: int, signature: tuple[Any, ...]) -> Decide:
+        """The decision of one checkpointed call of the ``block``-th wrapped block with
+        these inputs."""
+        key = (block, signature)
+        if not self.decided and key in self.noted:
+            self.cut, self.decided = cut_of(self.notes, self.budget), True
+            self.notes, self.noted = [], set()
+        if not self.decided:
+            self.noted.add(key)
 
-        def note(index: int, func: Any, args: Any, kwargs: Any, out: Any) -> bool:
-            notes.append((op_flops(func, args, kwargs, out), output_bytes(out)))
-            return False
+            def note(index: int, func: Any, args: Any, kwargs: Any, out: Any) -> bool:
+                nbytes = output_bytes(out)
+                rank = (-density(op_flops(func, args, kwargs, out), nbytes), block, index)
+                self.notes.append((rank, nbytes))
+                return False
 
-        return note
+            return note
+        known = self.kept.get(key)
+        if known is not None:
+            return lambda index, *_: index in known
+        cut, chosen = self.cut, set()
+        self.kept[key] = frozenset()  # filled in as this first call runs
+
+        def rank_and_keep(index: int, func: Any, args: Any, kwargs: Any, out: Any) -> bool:
+            rank = (-density(op_flops(func, args, kwargs, out), output_bytes(out)), block,
+                    index)
+            keep = cut is not None and rank <= cut
+            if keep:
+                chosen.add(index)
+                self.kept[key] = frozenset(chosen)
+            return keep
+
+        return rank_and_keep
 
 
-def _context_maker(policy: Policy, budget: float
-                   ) -> Callable[[tuple[Any, ...], dict[str, Any]], Any] | None:
-    """``make(args, kwargs) -> context_fn`` for one block, or None (plain checkpoint)."""
+ContextMaker = Callable[[tuple[Any, ...], dict[str, Any]], Any]
+
+
+def _context_makers(policy: Policy, budget: float, count: int
+                    ) -> list[ContextMaker | None]:
+    """For each of ``count`` wrapped blocks, ``make(args, kwargs) -> context_fn`` (None:
+    plain checkpoint)."""
     if policy == "save_matmuls" or (policy == "budget" and budget >= 1.0):
-        return lambda args, kwargs: functools.partial(_contexts, _keep_all)
+        return [lambda args, kwargs: functools.partial(_contexts, _keep_all)] * count
     if policy == "budget" and budget > 0.0:
-        per_block = BudgetPolicy(budget)
-        return lambda args, kwargs: functools.partial(
-            _contexts, per_block.for_call(_signature(args, kwargs)))
-    return None
+        model = BudgetPolicy(budget)
+
+        def for_block(i: int) -> ContextMaker:
+            return lambda args, kwargs: functools.partial(
+                _contexts, model.for_call(i, _signature(args, kwargs)))
+
+        return [for_block(i) for i in range(count)]
+    return [None] * count
 
 
-def _wrap(block: nn.Module, policy: Policy = "none", budget: float = 0.0
-          ) -> Callable[[], None]:
-    contexts = _context_maker(policy, budget)
-
+def _wrap(block: nn.Module, contexts: ContextMaker | None) -> Callable[[], None]:
     def make(inner: Callable[..., Any]) -> Callable[..., Any]:
         def forward(_self: nn.Module, *args: Any, **kwargs: Any) -> Any:
             if torch.is_grad_enabled():
@@ -288,8 +377,9 @@ def _wrap(block: nn.Module, policy: Policy = "none", budget: float = 0.0
 
 def apply(ctx: BuildContext, memory: Any) -> StrategyResult:
     top = ctx.loaded.blocks or top_level_blocks(ctx.model)
-    undos = [_wrap(b, memory.checkpoint_policy, memory.checkpoint_budget)
-             for b in blocks_at_depth(top, memory.checkpoint_depth)]
+    blocks = blocks_at_depth(top, memory.checkpoint_depth)
+    makers = _context_makers(memory.checkpoint_policy, memory.checkpoint_budget, len(blocks))
+    undos = [_wrap(b, make) for b, make in zip(blocks, makers, strict=True)]
 
     def undo_all() -> None:
         for u in reversed(undos):
@@ -303,6 +393,13 @@ def validate(config: Any) -> list[str]:
     if memory.checkpoint_policy != "none" and not memory.gradient_checkpointing:
         return [f"memory.checkpoint_policy: {memory.checkpoint_policy} needs "
                 f"memory.gradient_checkpointing: true"]
+    if memory.checkpoint_policy != "none" and config.training.compile:
+        # the policies choose per operator from Python modes, which torch.compile cannot
+        # trace into a graph: it would retrace every block call and fall back to eager
+        return [f"memory.checkpoint_policy: {memory.checkpoint_policy} runs eagerly and "
+                f"cannot be combined with training.compile: "
+                f"{config.training.compile} (set checkpoint_policy: none, or compile: "
+                f"false)"]
     return []
 
 
