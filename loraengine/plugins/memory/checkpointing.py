@@ -290,6 +290,13 @@ def _keep_all(index: int, func: Any, args: Any, kwargs: Any, out: Any) -> bool:
     return True
 
 
+def _ranked(block: int, index: int, func: Any, args: Any, kwargs: Any, out: Any
+            ) -> tuple[Rank, int]:
+    """The rank and bytes of the ``index``-th candidate of the ``block``-th block."""
+    nbytes = output_bytes(out)
+    return (-density(op_flops(func, args, kwargs, out), nbytes), block, index), nbytes
+
+
 class BudgetPolicy:
     """The ``budget`` policy of one model: the first pass through each wrapped block
     notes its candidates (recomputing everything); the first repeated call fixes one
@@ -301,8 +308,8 @@ class BudgetPolicy:
         self.notes: list[tuple[Rank, int]] = []
         self.noted: set[tuple[int, tuple[Any, ...]]] = set()
         self.cut: Rank | None = None
-        self.decided = False
-        self.kept: dict[tuple[int, tuple[Any, ...]], frozenset[int]] = {}
+        self.decided = False  # the cut is fixed (it may be None: nothing fits)
+        self.kept: dict[tuple[int, tuple[Any, ...]], set[int]] = {}
 
     def for_call(self, block: int, signature: tuple[Any, ...]) -> Decide:
         """The decision of one checkpointed call of the ``block``-th wrapped block with
@@ -315,25 +322,20 @@ class BudgetPolicy:
             self.noted.add(key)
 
             def note(index: int, func: Any, args: Any, kwargs: Any, out: Any) -> bool:
-                nbytes = output_bytes(out)
-                rank = (-density(op_flops(func, args, kwargs, out), nbytes), block, index)
-                self.notes.append((rank, nbytes))
+                self.notes.append(_ranked(block, index, func, args, kwargs, out))
                 return False
 
             return note
         known = self.kept.get(key)
         if known is not None:
             return lambda index, *_: index in known
-        cut, chosen = self.cut, set()
-        self.kept[key] = frozenset()  # filled in as this first call runs
+        cut, chosen = self.cut, set[int]()
+        self.kept[key] = chosen  # filled in as this first call runs
 
         def rank_and_keep(index: int, func: Any, args: Any, kwargs: Any, out: Any) -> bool:
-            rank = (-density(op_flops(func, args, kwargs, out), output_bytes(out)), block,
-                    index)
-            keep = cut is not None and rank <= cut
+            keep = cut is not None and _ranked(block, index, func, args, kwargs, out)[0] <= cut
             if keep:
                 chosen.add(index)
-                self.kept[key] = frozenset(chosen)
             return keep
 
         return rank_and_keep
