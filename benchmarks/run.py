@@ -29,6 +29,10 @@ CUDA): weights, adapter, optimizer state, activations and gradients.
 Ratios are contender / baseline: below 1 is faster or smaller. Targets: loraengine's
 LoRA at most 1.05× the PEFT loop and 1.15× the floor; its LoHa, LoKr and OFT at most
 1.3× the floor, at most 0.6× LyCORIS's step time and at most LyCORIS's peak memory.
+A second reference, ``floor + weight gradient``, adds the weight gradient of every
+adapted layer to the floor (no optimizer): a layer that trains through the rebuild path
+(W+ΔW) must compute that gradient before it reaches the adapter's factors, so it is the
+least such a layer can cost; each LoHa, LoKr and OFT row is compared with it too.
 For each missed step-time target against the floor the report adds the top operators
 of a profiled step of that contender and of the floor. On the CPU each workload also
 gets the LoRA floor analysis of ``benchmarks/lora_floor.py``: the lowest ratio to the
@@ -297,6 +301,26 @@ def floor(unet: nn.Module, batches: Cycle) -> Contender:
     return Contender("floor (frozen fwd+bwd)", loop_step(model, batches, None), [], model)
 
 
+def floor_with_weight_gradient(unet: nn.Module, batches: Cycle) -> Contender:
+    """The floor plus the weight gradient of every adapted layer (no optimizer): the
+    least a trainer that rebuilds W+ΔW in those layers can do, since its backward must
+    produce dL/dW′ there (one more product the size of the layer's forward) before it
+    reaches the adapter's factors."""
+    model = copy.deepcopy(unet)
+    names = set(adapted_layer_names(model))
+    weights = [m.weight for n, m in model.named_modules() if n in names]
+    for weight in weights:
+        weight.requires_grad_(True)
+    inner = loop_step(model, batches, None)
+
+    def step() -> None:
+        inner()
+        for weight in weights:
+            weight.grad = None
+
+    return Contender(REBUILD_FLOOR, step, [], model)
+
+
 def adamw(params: list[nn.Parameter]) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, lr=1e-4, weight_decay=0.01)
 
@@ -507,6 +531,7 @@ def ratio(a: float | None, b: float | None) -> str:
 
 
 FLOOR = "floor (frozen fwd+bwd)"
+REBUILD_FLOOR = "floor + weight gradient"
 
 
 def report(by_name: dict[str, Contender], targets: list[Target], comparisons: list[tuple]
@@ -553,8 +578,10 @@ def write_report(sections: list[Section], setup: str, command: str,
         f"<!-- Written by `{command}`; rerun it to refresh. -->", "",
         "Training-step time and peak memory of loraengine against a hand-written PEFT + "
         "torch loop (LoRA), against LyCORIS (LoHa, LoKr, OFT), and against the frozen "
-        "base's forward+backward (the floor no adapter trainer can beat), measured in "
-        "one run on the same model, data and adapted layers. Ratios are contender / "
+        "base's forward+backward (the floor no adapter trainer can beat) and that floor "
+        "plus the adapted layers' weight gradient (the least a layer trained through "
+        "W+ΔW can cost), measured in one run on the same model, data and adapted "
+        "layers. Ratios are contender / "
         "baseline: below 1 is faster or smaller. The path column gives, for loraengine, "
         "how many adapted layers trained through the factored path and how many "
         "rebuilt W+ΔW (`adapter.path: auto`, the per-layer cost model). How it is "
@@ -594,7 +621,8 @@ def run_workload(w: Workload, args: argparse.Namespace, rounds: int, device: tor
     model = w.model.to(device)
     batches = Cycle(make_batches(w.latents, w.cond, w.batch, 16, device))
     rank, alpha = w.rank, float(w.rank)
-    contenders = [floor(model, batches), peft_lora(model, batches, rank, alpha),
+    contenders = [floor(model, batches), floor_with_weight_gradient(model, batches),
+                  peft_lora(model, batches, rank, alpha),
                   loraengine(model, w.latents, w.cond, "lora", {}, rank, alpha, w.batch,
                              device)]
     comparisons = [("loraengine lora", "PEFT LoRA loop")]
@@ -605,7 +633,7 @@ def run_workload(w: Workload, args: argparse.Namespace, rounds: int, device: tor
         contenders.append(loraengine(model, w.latents, w.cond, algo, options, rank, alpha,
                                      w.batch, device))
         ours, theirs = f"loraengine {algo}", f"LyCORIS {name}"
-        comparisons.append((ours, theirs))
+        comparisons += [(ours, theirs), (ours, REBUILD_FLOOR)]
         targets += [Target(ours, FLOOR, 1.3), Target(ours, theirs, 0.6),
                     Target(ours, theirs, 1.0, "peak memory")]
     by_name = {c.name: c for c in contenders}
