@@ -298,7 +298,7 @@ def adapted_layer_names(unet: nn.Module) -> list[str]:
 
 def floor(unet: nn.Module, batches: Cycle) -> Contender:
     model = copy.deepcopy(unet)
-    return Contender("floor (frozen fwd+bwd)", loop_step(model, batches, None), [], model)
+    return Contender(FLOOR, loop_step(model, batches, None), [], model)
 
 
 def floor_with_weight_gradient(unet: nn.Module, batches: Cycle) -> Contender:
