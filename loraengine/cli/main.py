@@ -10,12 +10,14 @@ from types import FrameType
 
 def _interrupted(signum: int, frame: FrameType | None) -> None:
     """Ctrl-C before a command's own handling starts (while the engine, torch and the
-    plugins are imported): one line and exit 130, never a traceback. Raised as
-    ``SystemExit``, so every ``finally`` on the way runs; nothing has been written yet."""
+    plugins are imported): one line and exit 130, never a traceback. Nothing has been
+    written yet, so the process ends at once (``os._exit``) rather than by raising: the
+    signal may land in Python code that torch's C++ import machinery is running, where
+    an exception is a C++ one that nothing catches and the process aborts."""
     sys.stderr.write(f"error: interrupted ({signal.Signals(signum).name}) while starting; "
                      f"nothing was written\n")
     sys.stderr.flush()
-    raise SystemExit(130)
+    os._exit(130)
 
 
 _interrupted.startup_handler = True  # type: ignore[attr-defined]  # see reports_errors
