@@ -172,10 +172,12 @@ class AdapterLayer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Weight mode: the factored or the rebuild path (see ``choose_path``)."""
         path = self.choose_path(x)
-        if not torch.compiler.is_compiling():
+        if not torch.compiler.is_compiling() and path != self.last_path:
             # not while torch.compile traces: an attribute set inside a checkpointed
             # region breaks its graph; compiled code runs the path chosen at trace time
-            # and leaves ``last_path`` as the last eager forward set it
+            # and leaves ``last_path`` as the last eager forward set it (the check comes
+            # first, so tracing reads no attribute to guard on). Set only on a change:
+            # ``nn.Module.__setattr__`` costs microseconds per layer and step.
             self.last_path = path
         return self.run_factored(x) if path == "factored" else self.rebuild(x)
 

@@ -43,18 +43,27 @@ from loraengine.core.adapter import bias_of, layer_op, weight_of
 from loraengine.plugins.adapters.common import CONV_BY_NDIM
 
 
-def fusable(base: nn.Module) -> bool:
-    """Whether the fused functions can run ``base``: a Linear, or a zero-padded,
-    ungrouped Conv1d/2d/3d with numeric padding, whose weight and bias are frozen."""
-    weight, bias = getattr(base, "weight", None), getattr(base, "bias", None)
-    if not isinstance(weight, torch.Tensor) or weight.requires_grad:
-        return False
-    if isinstance(bias, torch.Tensor) and bias.requires_grad:
-        return False
+def fusable_kind(base: nn.Module) -> bool:
+    """Whether ``base`` is a layer the fused functions can run at all: a Linear, or a
+    zero-padded, ungrouped Conv1d/2d/3d with numeric padding. This depends only on the
+    layer's type and geometry, so a caller may work it out once."""
     if isinstance(base, nn.Linear):
         return True
     return (isinstance(base, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) and base.groups == 1
             and base.padding_mode == "zeros" and not isinstance(base.padding, str))
+
+
+def frozen(base: nn.Module) -> bool:
+    """Whether ``base`` has a weight and neither it nor its bias needs a gradient."""
+    weight, bias = getattr(base, "weight", None), getattr(base, "bias", None)
+    if not isinstance(weight, torch.Tensor) or weight.requires_grad:
+        return False
+    return not (isinstance(bias, torch.Tensor) and bias.requires_grad)
+
+
+def fusable(base: nn.Module) -> bool:
+    """Whether the fused functions can run ``base``: ``fusable_kind`` and ``frozen``."""
+    return fusable_kind(base) and frozen(base)
 
 
 class _LinearLoRA(torch.autograd.Function):
@@ -195,7 +204,12 @@ def lora_forward(base: nn.Module, x: torch.Tensor, down: torch.Tensor, up: torch
     Without ``base_out`` (weight mode) a Linear's base op joins the node; otherwise it
     is autograd's own."""
     dt = x.dtype
-    down, up = down.to(dt), up.to(dt)  # no-ops when the factors are in the compute dtype
+    # cast only where needed: ``.to`` with the tensor's own dtype returns it unchanged,
+    # but the call alone is a few microseconds per layer and step
+    if down.dtype != dt:
+        down = down.to(dt)
+    if up.dtype != dt:
+        up = up.to(dt)
     if base_out is None and isinstance(base, nn.Linear):
         folded: torch.Tensor = _LinearBaseLoRA.apply(x, weight_of(base), bias_of(base), down,
                                                      up, scale, _unwatched())
