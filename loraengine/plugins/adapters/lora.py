@@ -24,7 +24,7 @@ from loraengine.plugins.adapters.dora import (
     load_dora,
     with_dora,
 )
-from loraengine.plugins.adapters.lora_fused import frozen, fusable_kind, lora_forward
+from loraengine.plugins.adapters.lora_fused import fusable, lora_forward
 
 
 class LoRAOptions(DoRAOptions):
@@ -57,7 +57,6 @@ class LoRALayer(AdditiveAdapter):
         self.lora_down = nn.Parameter(torch.empty(down_shape, dtype=torch.float32))
         self.lora_up = nn.Parameter(torch.zeros(up_shape, dtype=torch.float32))
         nn.init.kaiming_uniform_(self.lora_down, a=math.sqrt(5), generator=generator)
-        self._fusable_kind = fusable_kind(base)  # the layer's type and geometry: fixed
 
     def raw_delta(self) -> torch.Tensor:
         dw = self.lora_up.flatten(1) @ self.lora_down.flatten(1)
@@ -74,7 +73,7 @@ class LoRALayer(AdditiveAdapter):
     # layer (lora_fused.py) where the base layer allows; DoRA and other layers keep the
     # generic route above.
     def _fused(self) -> bool:
-        return self._fusable_kind and self.dora_scale is None and frozen(self.base)
+        return self.dora_scale is None and fusable(self.base)
 
     def bypass(self, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
         if not self._fused():

@@ -45,8 +45,7 @@ from loraengine.plugins.adapters.common import CONV_BY_NDIM
 
 def fusable_kind(base: nn.Module) -> bool:
     """Whether ``base`` is a layer the fused functions can run at all: a Linear, or a
-    zero-padded, ungrouped Conv1d/2d/3d with numeric padding. This depends only on the
-    layer's type and geometry, so a caller may work it out once."""
+    zero-padded, ungrouped Conv1d/2d/3d with numeric padding (type and geometry only)."""
     if isinstance(base, nn.Linear):
         return True
     return (isinstance(base, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) and base.groups == 1
