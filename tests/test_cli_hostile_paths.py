@@ -47,3 +47,24 @@ def test_an_events_path_that_cannot_be_written_is_one_line(tmp_path, unet_config
                                               str(events)]), 2)
     assert line == f"error: --events {events}: cannot write ({reason})"
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("debug", [False, True])
+def test_an_unforeseen_exception_is_one_line_and_exit_70(tmp_path, monkeypatch, debug):
+    # a defect in a command (here made on purpose) must not print a traceback unless
+    # --debug asks for one; the exit status tells it apart from the engine's own errors
+    import loraengine.tools.inspect.logic as logic
+
+    def broken(*args, **kwargs):
+        raise ZeroDivisionError("division by zero\nsecond line")
+
+    monkeypatch.setattr(logic, "describe", broken)
+    args = (["--debug"] if debug else []) + ["inspect", str(tmp_path / "x.safetensors")]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 70, result.output
+    last = result.output.strip().splitlines()[-1]
+    assert last == ("error: unexpected ZeroDivisionError: division by zero (a bug in "
+                    "loraengine; --debug shows the traceback to report)")
+    assert ("Traceback (most recent call last)" in result.output) is debug
+    if not debug:
+        _one_line(result, 70)

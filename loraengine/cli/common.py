@@ -22,6 +22,9 @@ from loraengine.plugins import build_plugin_manager
 
 F = TypeVar("F", bound=Callable[..., Any])
 
+#: The exit status of an error the engine did not foresee (BSD's EX_SOFTWARE).
+INTERNAL_ERROR = 70
+
 
 class State:
     """What one command-line invocation shares: ``--debug``, ``--strict`` and the plugin
@@ -43,7 +46,9 @@ class State:
 
 
 def reports_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Turn engine errors into one line per problem and the error's exit status."""
+    """Turn engine errors into one line per problem and the error's exit status; any
+    other exception into one line and ``INTERNAL_ERROR``, with its traceback only under
+    ``--debug``."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -61,6 +66,17 @@ def reports_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
             for line in str(exc).splitlines() or [type(exc).__name__]:
                 click.echo(f"error: {line}", err=True)
             sys.exit(exc.exit_code)
+        except click.ClickException:
+            raise  # click's own usage errors print themselves
+        except Exception as exc:  # a bug: one line, the traceback only with --debug
+            if debug:
+                traceback.print_exc()
+            text = str(exc).strip()
+            detail = f"{type(exc).__name__}: {text.splitlines()[0][:300]}" if text \
+                else type(exc).__name__
+            click.echo(f"error: unexpected {detail} (a bug in loraengine; --debug shows "
+                       f"the traceback to report)", err=True)
+            sys.exit(INTERNAL_ERROR)
 
     return wrapper
 

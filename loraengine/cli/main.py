@@ -62,7 +62,8 @@ set_option = click.option("--set", "overrides", multiple=True, metavar="KEY=VALU
 @set_option
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar or summary.")
 @click.option("--events", type=click.Path(path_type=Path), default=None,
-              help="Write one JSON line per step to this file.")
+              help="Also append the run's events (one JSON line each: start, steps, "
+              "files, end) to this file; an existing file must be an events log.")
 @click.option("--resume", default=None, metavar="[DIR|latest]", is_flag=False,
               flag_value="latest", help="Continue from a checkpoint: latest (default), a "
               "checkpoints folder or one step_N folder. A changed optimizer.lr, "
@@ -92,7 +93,7 @@ def train(state: State, config: Path, overrides: tuple[str, ...], quiet: bool,
     if not quiet and main_rank:
         host.register(ProgressBar(), name="loraengine.cli.progress")
     if events is not None and main_rank:
-        host.register(EventLog(events), name="loraengine.cli.events")
+        host.register(EventLog(events, append=True), name="loraengine.cli.events")
     started = time.perf_counter()
     with training_threads(cfg.training.threads):
         # what building says about the config and adapter.existing, as one line each

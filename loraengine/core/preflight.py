@@ -22,6 +22,9 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from pydantic import BaseModel
+from safetensors import safe_open
+
 from loraengine.core.errors import ConfigError
 
 #: What a checkpoint holds per adapter parameter byte: the weights plus an optimizer
@@ -123,6 +126,65 @@ def output_paths(config: Any) -> dict[str, Path]:
     return paths
 
 
+def input_paths(config: Any) -> dict[str, Path]:
+    """Every path the config reads from, by its dotted key (``output.dir`` aside): the
+    model's folder or file, the data files, ``adapter.existing``... found by walking
+    the validated sections, so a plugin's own path options count too."""
+    found: dict[str, Path] = {}
+
+    def walk(value: Any, key: str) -> None:
+        if isinstance(value, Path):
+            if key != "output.dir":
+                found[key] = value
+        elif isinstance(value, BaseModel):
+            for name in type(value).model_fields:
+                walk(getattr(value, name, None), f"{key}.{name}" if key else name)
+        elif isinstance(value, (list, tuple)):
+            for i, item in enumerate(value):
+                walk(item, f"{key}.{i}")
+        elif isinstance(value, dict):
+            for name, item in value.items():
+                walk(item, f"{key}.{name}")
+
+    walk(config, "")
+    return found
+
+
+def _check_apart(outputs: dict[str, Path], inputs: dict[str, Path]) -> None:
+    """No output may replace an input: an output file that is an input file, or an
+    existing safetensors file inside an input folder that this engine did not write
+    (a model's weights), and no output folder (checkpoints, samples) may hold an input.
+    An earlier run's LoRA in the model's folder is replaced as anywhere else."""
+    for out_key, out in outputs.items():
+        real_out = Path(os.path.realpath(out))
+        for in_key, source in inputs.items():
+            real_in = Path(os.path.realpath(source))
+            if real_out == real_in:
+                how = "is"
+            elif real_in.is_relative_to(real_out):
+                how = "holds"
+            elif real_out.is_relative_to(real_in) and _foreign_weights(real_out):
+                how = "would replace a weights file of"
+            else:
+                continue
+            raise ConfigError(f"{out_key}: {out} {how} {in_key} {source}; the run would "
+                              f"write over its own input (choose another output.dir or "
+                              f"output.name)")
+
+
+def _foreign_weights(path: Path) -> bool:
+    """Whether ``path`` is a safetensors file that no loraengine run wrote (its metadata
+    has no ``loraengine.`` entry; unreadable counts as foreign)."""
+    if path.suffix != ".safetensors" or not path.is_file():
+        return False
+    try:
+        with safe_open(str(path), "pt") as fh:
+            meta = fh.metadata() or {}
+    except Exception:  # a damaged header: not a file of ours either
+        return True
+    return not any(key.startswith("loraengine.") for key in meta)
+
+
 def check_outputs(config: Any, *, create: bool = False) -> None:
     """Prove every output path of ``config`` usable; ``ConfigError`` naming the key.
 
@@ -141,7 +203,9 @@ def check_outputs(config: Any, *, create: bool = False) -> None:
         raise ConfigError(f"output.name: {len(out.name)} characters is too long for the "
                           f"file system at {folder}: its file names take at most {limit} "
                           f"bytes and the engine's names add up to {_LONGEST_SUFFIX} to it")
-    for key, path in output_paths(config).items():
+    outputs = output_paths(config)
+    _check_apart(outputs, input_paths(config))
+    for key, path in outputs.items():
         if key in ("output.save_every", "output.samples"):
             if path.exists() and not path.is_dir():
                 raise ConfigError(f"{key}: {path} exists and is not a folder")

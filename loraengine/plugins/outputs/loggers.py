@@ -3,7 +3,8 @@
 - ``events``: one JSON object per line appended to ``<dir>/<name>.events.jsonl`` (the
   run's start with its config, every step's metrics, every file written, the end). It
   is on by default and is what ``loraengine monitor`` reads; ``loraengine train --events PATH``
-  writes the same stream to a file of the caller's choice.
+  appends the same stream to a file of the caller's choice (one that exists must be an
+  events log already: any other file is refused, never written into).
 - ``tensorboard``: event files under ``<dir>/tensorboard/<name>/`` (scalars ``loss``,
   ``lr``, ``val_loss``; the preview grids as images; the config as text). Needs the
   ``tensorboard`` package (the ``[tensorboard]`` extra).
@@ -51,7 +52,9 @@ class EventLog:
     line carries ``time`` (seconds since the epoch) and is flushed as it is written, so
     a reader can follow the file while the run writes it. NaN is written as ``null``.
 
-    ``append`` keeps what the file holds. Made without a path (as the ``events``
+    ``append`` keeps what the file holds; a path given with ``append`` that names a
+    non-empty file which is not an events log is refused (``ConfigError``) before it is
+    opened, so a mistyped path never costs a file. Made without a path (as the ``events``
     logger), it appends to ``<dir>/<name>.events.jsonl`` when the run starts: the file
     is the log of every run of that name, each from its ``train_start`` on (a resumed
     run's ``start_step`` says where it continues), and a run that fails never costs the
@@ -61,11 +64,16 @@ class EventLog:
         self.path = None if path is None else Path(path)
         self.append = append
         self._fh: Any = None
+        self._key = "--events" if path is not None else "output.loggers (events)"
         if self.path is not None:
             self._open(self.path, append)
 
     def _open(self, path: Path, append: bool) -> None:
         self.path = path
+        if append and path.is_file() and not _is_events_log(path):
+            raise ConfigError(f"{self._key} {path}: the file exists and is not an events log "
+                              f"(its first line is no loraengine event); events are "
+                              f"appended, so choose a new file or an earlier run's log")
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             self._fh = path.open("a" if append else "w", encoding="utf-8")
@@ -73,7 +81,7 @@ class EventLog:
             blocking = next((p for p in path.parents if p.is_file()), None)
             reason = f"{blocking} is a file" if blocking is not None else \
                 exc.strerror or str(exc)
-            raise ConfigError(f"--events {path}: cannot write ({reason})") from None
+            raise ConfigError(f"{self._key} {path}: cannot write ({reason})") from None
 
     def _write(self, event: dict[str, Any]) -> None:
         if self._fh is None or self._fh.closed:
@@ -110,6 +118,22 @@ class EventLog:
                 result.files["events"] = self.path
         if self._fh is not None:
             self._fh.close()
+
+
+def _is_events_log(path: Path) -> bool:
+    """Whether ``path`` is empty or starts with a line this logger writes."""
+    try:
+        with path.open("rb") as fh:
+            first = fh.readline(1 << 20)
+    except OSError:
+        return True  # opening it for appending says why it cannot be used
+    if not first:
+        return True  # empty: nothing to lose
+    try:
+        event = json.loads(first)
+    except ValueError:
+        return False
+    return isinstance(event, dict) and isinstance(event.get("event"), str)
 
 
 def events_path(output_dir: Path, name: str) -> Path:
