@@ -68,3 +68,22 @@ def test_an_unforeseen_exception_is_one_line_and_exit_70(tmp_path, monkeypatch, 
     assert ("Traceback (most recent call last)" in result.output) is debug
     if not debug:
         _one_line(result, 70)
+
+
+@pytest.mark.parametrize("link", ["loop", "broken"])
+@pytest.mark.parametrize("below", [False, True])
+def test_an_output_dir_behind_a_dead_link_is_refused_by_validate(tmp_path, unet_config,
+                                                                 link, below):
+    dead = tmp_path / link
+    os.symlink(dead if link == "loop" else tmp_path / "missing" / "x", dead)
+    folder = dead / "sub" if below else dead
+    unet_config["output"] = {"dir": str(folder), "plot": False}
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(unet_config))
+    before = sorted(p.name for p in tmp_path.iterdir())
+    for command in ("validate", "train"):
+        line = _one_line(CliRunner().invoke(cli, [command, str(path), *(["-q"] if command
+                                                                       == "train" else [])]), 2)
+        assert line == (f"error: output.dir: {folder} cannot be created: {dead} is a symbolic "
+                        f"link that leads nowhere (a missing target or a loop)")
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # nothing made

@@ -54,6 +54,17 @@ def _existing_ancestor(path: Path) -> Path:
     return current
 
 
+def _dangling_link(path: Path) -> Path | None:
+    """``path`` or the folder above it that is a symbolic link leading nowhere (to a
+    missing target, or round a loop), which no folder can be made at."""
+    for current in (path, *path.parents):
+        if current.exists():
+            return None
+        if os.path.islink(current):
+            return current
+    return None
+
+
 def _describe(exc: OSError) -> str:
     return exc.strerror or type(exc).__name__
 
@@ -82,6 +93,10 @@ def check_name(name: str, key: str = "output.name") -> None:
 
 def _check_folder(folder: Path, key: str, *, create: bool) -> None:
     """``folder`` is a writable folder, or can become one."""
+    link = _dangling_link(folder)
+    if link is not None:
+        raise ConfigError(f"{key}: {folder} cannot be created: {link} is a symbolic link "
+                          f"that leads nowhere (a missing target or a loop)")
     if folder.exists():
         if not folder.is_dir():
             raise ConfigError(f"{key}: {folder} exists and is not a folder")
