@@ -61,7 +61,9 @@ def resize_lines(resized: list[tuple[str, tuple[int, int], tuple[int, int], bool
              help="Folder of images (video families: of clips, video files or folders of "
              "frames); captions in NAME.txt beside each, or --captions.")
 @path_option("--out", required=True,
-             help="Where latents.safetensors and conditioning.safetensors go.")
+             help="Where latents.safetensors and conditioning.safetensors go. Those of an "
+             "earlier run there are replaced (a rerun reuses OUT/.cache): both are "
+             "written whole beside them first, so a failed run leaves both as they were.")
 @click.option("--family", default="auto", show_default=True,
               help="Model family (sd15, sd2, sdxl, sd3, flux...); auto reads the folder.")
 @path_option("--captions", "captions_file",

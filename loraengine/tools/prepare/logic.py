@@ -13,7 +13,9 @@ encoded at its own size.
 Every encoded image and caption is cached under a key made of its content hash and the
 encoder's fingerprint, so a rerun only encodes what changed. All problems with the
 input (unreadable images, missing captions) are reported together before anything is
-encoded, and the two output files are renamed into place together at the end.
+encoded, and the two output files are renamed into place together at the end, over
+those of an earlier run in the same folder only once both are written whole
+(``write_pair``): a failed run leaves the earlier pair as it was.
 
 Output (DESIGN.md "Files"): ``latents.safetensors`` with ``latents`` and
 ``conditioning.safetensors`` with ``cond`` plus the family's extras; with more than one
@@ -26,6 +28,7 @@ import hashlib
 import io
 import json
 import math
+import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,8 +38,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from loraengine.core.data import stack_padded
-from loraengine.core.errors import DataError
-from loraengine.core.files import atomic_path, read_text, write_atomic
+from loraengine.core.errors import DataError, OutputError
+from loraengine.core.files import atomic_path, read_text, write_atomic, write_failure
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif",
                             ".tiff"})
@@ -162,6 +165,28 @@ def read_captions_file(path: Path) -> dict[str, str]:
     return out
 
 
+def write_pair(lat_path: Path, cond_path: Path, lat: Mapping[str, torch.Tensor],
+               cond: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None
+               ) -> None:
+    """Write a latents file and its conditioning file as a pair: both are written in
+    full (and flushed to disk) to temporary files beside them before either replaces
+    an earlier file, so a failed write leaves both as they were and no temporary file."""
+    meta = dict(metadata) if metadata is not None else None
+    with atomic_path(lat_path) as tmp_lat, atomic_path(cond_path) as tmp_cond:
+        for path, tmp, tensors in ((lat_path, tmp_lat, lat), (cond_path, tmp_cond, cond)):
+            try:
+                save_file(dict(tensors), str(tmp), metadata=meta)
+                with open(tmp, "rb+") as fh:
+                    os.fsync(fh.fileno())
+            except Exception as exc:
+                reason = write_failure(exc)
+                if reason is None:
+                    raise
+                raise OutputError(f"{path}: cannot write ({reason}); neither {lat_path.name} "
+                                  f"nor {cond_path.name} was changed, nothing half-written "
+                                  f"is left") from None
+
+
 def _listing(names: Sequence[str]) -> str:
     shown = ", ".join(names[:MAX_LISTED])
     more = len(names) - MAX_LISTED
@@ -177,6 +202,24 @@ def _upright_size(img: Any) -> tuple[int, int]:
     return (h, w) if orientation in (5, 6, 7, 8) else (w, h)
 
 
+def side_caption(side: Path) -> tuple[str | None, str | None]:
+    """The caption in the file ``side`` beside an image or clip (``None`` when there is
+    none), or else why it cannot be used, e.g. "is a folder" or "cannot be read
+    (Permission denied)"."""
+    if not side.exists():
+        return None, None
+    if side.is_dir():
+        return None, "is a folder"
+    if not side.is_file():
+        return None, "is not a regular file"
+    try:
+        return side.read_bytes().decode("utf-8").strip(), None
+    except OSError as exc:
+        return None, f"cannot be read ({exc.strerror or exc})"
+    except UnicodeDecodeError:
+        return None, "is not UTF-8 text"
+
+
 def scan(images: Iterable[Path], captions: Mapping[str, str] | None, caption_ext: str,
          root: Path) -> list[ImageItem]:
     """Hash, size-check and caption every image; report every problem at once."""
@@ -184,6 +227,7 @@ def scan(images: Iterable[Path], captions: Mapping[str, str] | None, caption_ext
 
     items: list[ImageItem] = []
     unreadable: list[str] = []
+    bad_captions: list[str] = []
     missing: list[str] = []
     for path in images:
         rel = path.relative_to(root).as_posix()
@@ -201,10 +245,9 @@ def scan(images: Iterable[Path], captions: Mapping[str, str] | None, caption_ext
             caption = captions.get(rel, captions.get(path.name))
         else:
             side = path.with_suffix(caption_ext)
-            try:
-                caption = side.read_text(encoding="utf-8").strip() if side.is_file() else None
-            except UnicodeDecodeError:
-                unreadable.append(f"{side.name} (caption is not UTF-8 text)")
+            caption, problem = side_caption(side)
+            if problem is not None:
+                bad_captions.append(f"{side.relative_to(root).as_posix()} {problem}")
                 continue
         if caption is None:
             missing.append(rel)
@@ -214,6 +257,9 @@ def scan(images: Iterable[Path], captions: Mapping[str, str] | None, caption_ext
     if unreadable:
         problems.append(f"{len(unreadable)} unreadable image(s) in {root}: "
                         f"{_listing(unreadable)}")
+    if bad_captions:
+        problems.append(f"{len(bad_captions)} unusable caption file(s) in {root}: "
+                        f"{_listing(bad_captions)}")
     if missing:
         where = "the captions file" if captions is not None else \
             f"a {caption_ext} file beside the image"
@@ -625,10 +671,8 @@ def prepare(encoder: Any, images: Path, out: Path, *, captions_file: Path | None
     meta = {"loraengine.family": str(encoder.family), "loraengine.resolution": str(res),
             "loraengine.buckets": json.dumps(summary), "loraengine.images": json.dumps(files)}
     lat_path, cond_path = out / LATENTS_FILE, out / CONDITIONING_FILE
-    # Both files appear together or not at all.
-    with atomic_path(lat_path) as tmp_lat, atomic_path(cond_path) as tmp_cond:
-        save_file(lat_out, str(tmp_lat), metadata=meta)
-        save_file(cond_out, str(tmp_cond), metadata=meta)
+    # The files of an earlier run are replaced, both together or neither.
+    write_pair(lat_path, cond_path, lat_out, cond_out, meta)
     resized = sorted((item.path.relative_to(images).as_posix(), item.size, item.bucket,
                       item.crop_only) for item in items if item.bucket != item.size)
     return PrepareReport(len(items), summary, len(items) - cached_images, cached_images,

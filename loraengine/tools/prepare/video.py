@@ -22,10 +22,8 @@ from pathlib import Path
 from typing import Any, Literal, get_args
 
 import torch
-from safetensors.torch import save_file
 
 from loraengine.core.errors import ConfigError, DataError
-from loraengine.core.files import atomic_path
 from loraengine.tools.prepare.logic import (
     CONDITIONING_FILE,
     IMAGE_SUFFIXES,
@@ -40,6 +38,8 @@ from loraengine.tools.prepare.logic import (
     encode_captions,
     fit_image,
     read_captions_file,
+    side_caption,
+    write_pair,
 )
 
 VIDEO_SUFFIXES = frozenset({".mp4", ".webm", ".mkv", ".mov", ".avi", ".m4v"})
@@ -195,12 +195,10 @@ def _caption(clip: Path, captions: Mapping[str, str] | None, caption_ext: str,
         return captions.get(rel, captions.get(clip.name))
     side = clip.with_suffix(caption_ext) if clip.is_file() else \
         clip.parent / (clip.name + caption_ext)
-    if not side.is_file():
-        return None
-    try:
-        return side.read_text(encoding="utf-8").strip()
-    except UnicodeDecodeError:
-        raise DataError(f"{side}: caption is not UTF-8 text") from None
+    caption, problem = side_caption(side)
+    if problem is not None:
+        raise DataError(f"{side}: caption {problem}")
+    return caption
 
 
 def prepare_video(encoder: Any, clips_folder: Path, out: Path, *,
@@ -277,9 +275,7 @@ def prepare_video(encoder: Any, clips_folder: Path, out: Path, *,
             "loraengine.images": json.dumps(files),
             "loraengine.frames": sampling.key()}
     lat_path, cond_path = out / LATENTS_FILE, out / CONDITIONING_FILE
-    with atomic_path(lat_path) as tmp_lat, atomic_path(cond_path) as tmp_cond:
-        save_file(lat_out, str(tmp_lat), metadata=meta)
-        save_file(cond_out, str(tmp_cond), metadata=meta)
+    write_pair(lat_path, cond_path, lat_out, cond_out, meta)
     return PrepareReport(len(clips), summary, encoded, len(clips) - encoded, len(todo),
                          cached_captions, lat_path, cond_path, files)
 
