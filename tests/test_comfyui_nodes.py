@@ -570,3 +570,20 @@ def test_bucket_mode_resumes_exactly(tmp_path):
     assert resumed.loss_map["loss"][2:] == straight.loss_map["loss"][2:]
     for k, v in straight.lora.items():
         assert torch.equal(resumed.lora[k], v), k
+
+
+def test_an_apply_model_answer_of_another_shape_is_refused():
+    # ComfyUI's denoised output is combined with x by broadcasting: a model that answers
+    # for the first row only must stop the run, not train on a broadcast loss
+    from loraengine.core.errors import LoraEngineError
+
+    class FirstRow(StandIn):
+        def apply_model(self, x, t, **kw):
+            return super().apply_model(x, t, **kw)[:1]
+
+    with pytest.raises(LoraEngineError) as err:
+        bridge.train_lora(FirstRow(), *comfy_data(4), bridge.NodeInputs(**{**FAST,
+                                                                           "batch_size": 2}))
+    assert str(err.value).startswith("the ComfyUI model's apply_model returned a prediction "
+                                     "of shape [1, 4, 8, 8]; it must be a floating-point "
+                                     "tensor of the noisy input's shape [2, 4, 8, 8]")

@@ -116,3 +116,15 @@ def test_events_appends_to_an_earlier_log(tmp_path, unet_config):
     kinds = [json.loads(line)["event"] for line in events.read_text().splitlines()]
     assert kinds.count("train_start") == 2 and kinds.count("train_end") == 2
     assert kinds.count("step") == 2 * unet_config["training"]["steps"]
+
+
+def test_adapter_existing_that_is_the_output_is_trained_on_in_place(tmp_path, unet_config):
+    unet_config["output"] = {"dir": str(tmp_path / "out"), "name": "run", "plot": False}
+    path = _write(tmp_path, unet_config)
+    assert CliRunner().invoke(cli, ["train", str(path), "-q"]).exit_code == 0
+    lora = tmp_path / "out" / "run.safetensors"
+    first = lora.read_bytes()
+    result = CliRunner().invoke(cli, ["train", str(path), "-q", "--set",
+                                      f"adapter.existing={lora}"])
+    assert result.exit_code == 0, result.output
+    assert lora.read_bytes() != first  # three more steps from where the first run ended

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from loraengine.core.errors import LoraEngineError
 from loraengine.core.schedule import NoiseSchedule
 
 #: predict(module, x_t, model_timesteps, cond) -> model output shaped like x_t
@@ -91,3 +92,21 @@ class ModelLayout:
     latent_ndim: int | None = None
     latent_channels: int | None = None
     cond_widths: dict[str, int] = field(default_factory=dict)
+
+
+def checked_prediction(pred: object, x_t: torch.Tensor, what: str = "the model"
+                       ) -> torch.Tensor:
+    """``pred``, the prediction ``what`` made for the noisy input ``x_t``, refused
+    (``LoraEngineError``) unless it is a floating-point tensor of ``x_t``'s shape: any
+    other shape would be broadcast into the loss and train on a number that means
+    nothing."""
+    if not isinstance(pred, torch.Tensor):
+        raise LoraEngineError(f"{what} returned {type(pred).__name__}, not a tensor: it "
+                              f"must return its prediction for x_t {list(x_t.shape)}")
+    if pred.shape != x_t.shape or not pred.is_floating_point():
+        problem = (f"shape {list(pred.shape)}" if pred.shape != x_t.shape
+                   else f"dtype {pred.dtype}")
+        raise LoraEngineError(f"{what} returned a prediction of {problem}; it must be a "
+                              f"floating-point tensor of the noisy input's shape "
+                              f"{list(x_t.shape)}, one value per latent element")
+    return pred

@@ -169,12 +169,16 @@ def _check_apart(outputs: dict[str, Path], inputs: dict[str, Path]) -> None:
     """No output may replace an input: an output file that is an input file, or an
     existing safetensors file inside an input folder that this engine did not write
     (a model's weights), and no output folder (checkpoints, samples) may hold an input.
-    An earlier run's LoRA in the model's folder is replaced as anywhere else."""
+    An earlier run's LoRA in the model's folder is replaced as anywhere else, and so is
+    an ``adapter.existing`` that is the output itself (it is read before training and
+    the output replaces it whole at the end: training a LoRA on in place)."""
     for out_key, out in outputs.items():
         real_out = Path(os.path.realpath(out))
         for in_key, source in inputs.items():
             real_in = Path(os.path.realpath(source))
             if real_out == real_in:
+                if in_key == "adapter.existing":
+                    continue  # training a LoRA on in place: read first, replaced whole
                 how = "is"
             elif real_in.is_relative_to(real_out):
                 how = "holds"

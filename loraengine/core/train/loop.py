@@ -254,6 +254,7 @@ class Trainer:
                     if guard.received is not None:
                         self._interrupted(step, guard)
                 # still guarded: a signal while the outputs are written lets them finish
+                self._refuse_if_nothing_learned()
                 result = self.finish()
                 result.stopped_early = stopped_early
             if guard.received is not None:
@@ -284,9 +285,26 @@ class Trainer:
         while self._run_plugins:
             self.host.unregister(self._run_plugins.pop())
 
+    def _refuse_if_nothing_learned(self) -> None:
+        """``NonFiniteError`` when every step so far (a resumed run's earlier ones
+        included) was non-finite and skipped: the adapter is still its starting point,
+        and writing it would replace an earlier run's file with an untrained one."""
+        skipped = self.loss_map.get("skipped", [])
+        if not skipped or not all(skipped):
+            return
+        kept = ""
+        if self.writes_files:
+            final = self.output_dir / f"{self.config.output.name}.safetensors"
+            kept = f"; {final} is left as it was" if final.exists() else ""
+        raise NonFiniteError(f"every step (1-{len(skipped)}) was non-finite and skipped, so "
+                             f"the adapter learned nothing and no file is written{kept} "
+                             f"(check the model's output, the data and optimizer.lr)")
+
     def _stop_for(self, streak: NonFiniteStreak) -> None:
         """Act on the watchdog's decision: roll back to the newest checkpoint from
-        before the streak, write that state, and raise ``NonFiniteError``."""
+        before the streak, write that state, and raise ``NonFiniteError`` (writing
+        nothing when no step was ever finite)."""
+        self._refuse_if_nothing_learned()
         found = (self.checkpointer.latest_valid(before=streak.last_good)
                  if self.writes_files else None)
         if found is not None:

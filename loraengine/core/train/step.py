@@ -20,6 +20,7 @@ import torch
 from loraengine.core.build import Pipeline
 from loraengine.core.data import BucketStream, Dataset, IndexStream
 from loraengine.core.distributed import average_gradients, guarded
+from loraengine.core.model import checked_prediction
 
 
 class StepProbe(Protocol):
@@ -72,9 +73,10 @@ def micro_step(pipe: Pipeline, indices: torch.Tensor, generator: torch.Generator
             for k, v in cond.items()}
     model_t = schedule.model_timesteps(t).to(dev)
     if pipe.denoise is not None:
-        pred = pipe.denoise(x_t.to(dev, dt), model_t, cond).float()
+        raw = pipe.denoise(x_t.to(dev, dt), model_t, cond)
     else:
-        pred = pipe.loaded.predict(pipe.model, x_t.to(dev, dt), model_t, cond).float()
+        raw = pipe.loaded.predict(pipe.model, x_t.to(dev, dt), model_t, cond)
+    pred = checked_prediction(raw, x_t).float()
     x0, noise, t, x_t = x0.to(dev), noise.to(dev), t.to(dev), x_t.to(dev)
     if pipe.config.loss.target == "x0":
         pred, target = schedule.predicted_x0(pred, x_t, t), x0

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from loraengine.core.errors import ConfigError
-from loraengine.core.model import LoadedModel, top_level_blocks
+from loraengine.core.model import LoadedModel, checked_prediction, top_level_blocks
 from loraengine.core.plugins.specs import ModelFamilySpec, NoOptions
 from loraengine.core.schedule import NoiseSchedule
 
@@ -118,7 +118,8 @@ class ComfyCall:
         if param is not None and had is not None and had != param.dtype:
             net.dtype = param.dtype
         try:
-            denoised = self.base.apply_model(x, sigma, **kwargs).float()
+            denoised = checked_prediction(self.base.apply_model(x, sigma, **kwargs), x,
+                                          "the ComfyUI model's apply_model").float()
         finally:
             if had is not None:
                 net.dtype = had

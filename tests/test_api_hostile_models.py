@@ -1,0 +1,93 @@
+"""What the trainer does with a model that misbehaves: a prediction of the wrong shape
+or type is refused at the first step with its shapes (never broadcast into the loss), and
+a run whose every step was non-finite writes no file, so an earlier good LoRA of the same
+name survives."""
+
+from __future__ import annotations
+
+import hashlib
+
+import pytest
+import torch
+
+import loraengine
+from loraengine.core.errors import LoraEngineError, NonFiniteError
+from loraengine.testing.harness import tiny_data, tiny_train_config
+from loraengine.testing.models import TinyDenoiser
+
+
+class _NaN(TinyDenoiser):
+    def forward(self, x, t, c):
+        return super().forward(x, t, c) * float("nan")
+
+
+class _FirstRowOnly(TinyDenoiser):
+    def forward(self, x, t, c):
+        return super().forward(x, t, c)[:1]
+
+
+class _Pooled(TinyDenoiser):
+    def forward(self, x, t, c):
+        return super().forward(x, t, c).mean(dim=(2, 3), keepdim=True)
+
+
+class _Pair(TinyDenoiser):
+    def forward(self, x, t, c):
+        return super().forward(x, t, c), None
+
+
+def _md5(path):
+    return hashlib.md5(path.read_bytes()).hexdigest()
+
+
+@pytest.mark.parametrize("steps", [3, 6])  # under and over training.max_bad_steps (5)
+def test_an_all_nan_run_writes_nothing_and_keeps_the_earlier_file(tmp_path, steps):
+    data = tiny_data()
+    cfg = tiny_train_config({"training": {"steps": steps},
+                             "output": {"dir": str(tmp_path), "plot": False}})
+    loraengine.train(cfg, model=TinyDenoiser(), latents=data.latents,
+                     conditioning=data.conditioning)
+    lora = tmp_path / "lora.safetensors"
+    before = _md5(lora), (tmp_path / "lora.loss.json").read_bytes()
+    shown = steps if steps < 5 else 5  # the watchdog stops at the fifth in a row
+    with pytest.raises(NonFiniteError) as err:
+        loraengine.train(cfg, model=_NaN(), latents=data.latents,
+                         conditioning=data.conditioning)
+    assert str(err.value) == (
+        f"every step (1-{shown}) was non-finite and skipped, so the adapter learned "
+        f"nothing and no file is written; {lora} is left as it was (check the model's "
+        "output, the data and optimizer.lr)")
+    assert (_md5(lora), (tmp_path / "lora.loss.json").read_bytes()) == before
+
+
+@pytest.mark.parametrize(("model", "problem"), [
+    (_FirstRowOnly, "a prediction of shape [1, 4, 8, 8]"),
+    (_Pooled, "a prediction of shape [2, 4, 1, 1]"),
+])
+def test_a_prediction_of_another_shape_is_refused_naming_both(model, problem):
+    data = tiny_data()
+    cfg = tiny_train_config({"training": {"batch_size": 2}})
+    with pytest.raises(LoraEngineError) as err:
+        loraengine.train(cfg, model=model(), latents=data.latents,
+                         conditioning=data.conditioning)
+    assert str(err.value) == (f"the model returned {problem}; it must be a floating-point "
+                              "tensor of the noisy input's shape [2, 4, 8, 8], one value "
+                              "per latent element")
+
+
+def test_a_forward_that_returns_no_tensor_is_refused():
+    data = tiny_data()
+    with pytest.raises(LoraEngineError) as err:
+        loraengine.train(tiny_train_config({"training": {"batch_size": 2}}), model=_Pair(),
+                         latents=data.latents, conditioning=data.conditioning)
+    assert str(err.value) == ("the model returned tuple, not a tensor: it must return its "
+                              "prediction for x_t [2, 4, 8, 8]")
+
+
+def test_the_shape_check_leaves_a_correct_model_training():
+    data = tiny_data()
+    torch.manual_seed(0)
+    result = loraengine.train(tiny_train_config({"training": {"steps": 4}}),
+                              model=TinyDenoiser(), latents=data.latents,
+                              conditioning=data.conditioning)
+    assert result.steps == 4 and not any(result.loss_map["skipped"])
