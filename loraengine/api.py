@@ -17,6 +17,7 @@ from torch import nn
 from loraengine.core.build import build_pipeline
 from loraengine.core.checks import pipeline_warnings
 from loraengine.core.config.root import load_config, parse_config
+from loraengine.core.errors import ConfigError, DataError
 from loraengine.core.plugins.host import PluginHost
 from loraengine.core.threads import training_threads
 from loraengine.core.train.loop import Trainer, TrainResult
@@ -96,6 +97,28 @@ def _model_kept_as_it_came(model: nn.Module | None) -> Iterator[None]:
                 mod._buffers.update(state.buffers)
 
 
+def _check_caller_inputs(model: object, latents: object, conditioning: object) -> None:
+    """Refuse, naming the argument, what no run can use: a ``model`` that is no
+    ``nn.Module`` or holds inference tensors (which autograd cannot train through, nor
+    the model be given back as it came), and data tensors without values (meta)."""
+    if model is not None:
+        if not isinstance(model, nn.Module):
+            raise ConfigError(f"model: expected a torch.nn.Module called as model(x_t, t, "
+                              f"cond), got {type(model).__name__}")
+        for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+            if tensor.is_inference():
+                raise ConfigError(f"model: {name} is an inference tensor (made under "
+                                  f"torch.inference_mode), which training cannot use; "
+                                  f"build or load the model outside inference_mode")
+    for what, given in (("latents", latents), ("conditioning", conditioning)):
+        tensors = given.items() if isinstance(given, Mapping) else [(what, given)]
+        for key, value in tensors:
+            if isinstance(value, torch.Tensor) and value.device.type == "meta":
+                shown = what if key == what else f"{what}[{key!r}]"
+                raise DataError(f"{shown}: a tensor on the meta device holds no values to "
+                                f"train on")
+
+
 def train(config: Any, *, model: nn.Module | None = None,
           latents: torch.Tensor | Mapping[str, torch.Tensor] | None = None,
           conditioning: torch.Tensor | Mapping[str, torch.Tensor] | None = None,
@@ -124,6 +147,7 @@ def train(config: Any, *, model: nn.Module | None = None,
     return. Settings the run cannot honour as written (``adapter.rank`` beside a file of
     another rank, a batch larger than the data) are reported as ``UserWarning``.
     """
+    _check_caller_inputs(model, latents, conditioning)
     host = host or build_plugin_manager()
     cfg, base_dir = resolve_config(config, host, has_model=model is not None)
     if write_files is None:

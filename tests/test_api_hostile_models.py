@@ -91,3 +91,51 @@ def test_the_shape_check_leaves_a_correct_model_training():
                               model=TinyDenoiser(), latents=data.latents,
                               conditioning=data.conditioning)
     assert result.steps == 4 and not any(result.loss_map["skipped"])
+
+
+class _Detached(TinyDenoiser):
+    def forward(self, x, t, c):
+        return super().forward(x, t, c).detach()
+
+
+def test_a_detached_prediction_is_refused():
+    data = tiny_data()
+    with pytest.raises(LoraEngineError) as err:
+        loraengine.train(tiny_train_config(), model=_Detached(), latents=data.latents,
+                         conditioning=data.conditioning)
+    assert str(err.value) == ("the model returned a prediction that no gradient reaches the "
+                              "adapter through: its forward detaches its output or runs "
+                              "under torch.no_grad/inference_mode")
+
+
+def test_conditioning_that_does_not_fit_the_model_names_the_shapes():
+    data = tiny_data()
+    narrow = data.conditioning[..., :5]  # the model's cross-attention takes 8 wide
+    with pytest.raises(LoraEngineError) as err:
+        loraengine.train(tiny_train_config(), model=TinyDenoiser(), latents=data.latents,
+                         conditioning=narrow)
+    message = str(err.value)
+    assert message.startswith("the model's forward failed on x_t [2, 4, 8, 8] with cond "
+                              "[2, 3, 5] float32: RuntimeError: "), message
+    assert message.endswith("(does the data fit the model?)")
+
+
+def test_what_no_run_can_use_is_refused_naming_the_argument():
+    from loraengine.core.errors import ConfigError, DataError
+
+    data = tiny_data()
+    with pytest.raises(ConfigError, match=r"^model: expected a torch.nn.Module called as "
+                                          r"model\(x_t, t, cond\), got function$"):
+        loraengine.train(tiny_train_config(), model=lambda x, t, c: x, latents=data.latents,
+                         conditioning=data.conditioning)
+    with torch.inference_mode():
+        frozen = TinyDenoiser()
+    with pytest.raises(ConfigError, match=r"^model: \S+ is an inference tensor \(made under "
+                                          r"torch.inference_mode\)"):
+        loraengine.train(tiny_train_config(), model=frozen, latents=data.latents,
+                         conditioning=data.conditioning)
+    meta = torch.empty(data.latents.shape, device="meta")
+    with pytest.raises(DataError, match=r"^latents: a tensor on the meta device holds no "
+                                        r"values to train on$"):
+        loraengine.train(tiny_train_config(), model=TinyDenoiser(), latents=meta,
+                         conditioning=data.conditioning)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -110,3 +110,17 @@ def checked_prediction(pred: object, x_t: torch.Tensor, what: str = "the model"
                               f"floating-point tensor of the noisy input's shape "
                               f"{list(x_t.shape)}, one value per latent element")
     return pred
+
+
+def forward_failed(exc: BaseException, x_t: torch.Tensor,
+                   cond: Mapping[str, torch.Tensor]) -> LoraEngineError:
+    """The error for a model forward that raised on a batch: the inputs' shapes and
+    dtypes (most such failures are data that does not fit the model, a conditioning
+    width or a latent channel count) and the first line of what was raised."""
+    shown = ", ".join(f"{k} {list(v.shape)} {str(v.dtype).removeprefix('torch.')}"
+                      for k, v in cond.items())
+    text = str(exc).strip()
+    first = text.splitlines()[0][:300] if text else ""
+    return LoraEngineError(f"the model's forward failed on x_t {list(x_t.shape)} with "
+                           f"{shown or 'no conditioning'}: {type(exc).__name__}"
+                           f"{': ' + first if first else ''} (does the data fit the model?)")

@@ -20,7 +20,8 @@ import torch
 from loraengine.core.build import Pipeline
 from loraengine.core.data import BucketStream, Dataset, IndexStream
 from loraengine.core.distributed import average_gradients, guarded
-from loraengine.core.model import checked_prediction
+from loraengine.core.errors import LoraEngineError
+from loraengine.core.model import checked_prediction, forward_failed
 
 
 class StepProbe(Protocol):
@@ -72,11 +73,20 @@ def micro_step(pipe: Pipeline, indices: torch.Tensor, generator: torch.Generator
     cond = {k: v.to(dev, dt) if v.is_floating_point() else v.to(dev)
             for k, v in cond.items()}
     model_t = schedule.model_timesteps(t).to(dev)
-    if pipe.denoise is not None:
-        raw = pipe.denoise(x_t.to(dev, dt), model_t, cond)
-    else:
-        raw = pipe.loaded.predict(pipe.model, x_t.to(dev, dt), model_t, cond)
+    try:
+        if pipe.denoise is not None:
+            raw = pipe.denoise(x_t.to(dev, dt), model_t, cond)
+        else:
+            raw = pipe.loaded.predict(pipe.model, x_t.to(dev, dt), model_t, cond)
+    except (RuntimeError, ValueError, TypeError, IndexError) as exc:
+        if isinstance(exc, torch.OutOfMemoryError):
+            raise
+        raise forward_failed(exc, x_t, cond) from exc
     pred = checked_prediction(raw, x_t).float()
+    if torch.is_grad_enabled() and not pred.requires_grad:
+        raise LoraEngineError("the model returned a prediction that no gradient reaches the "
+                              "adapter through: its forward detaches its output or runs "
+                              "under torch.no_grad/inference_mode")
     x0, noise, t, x_t = x0.to(dev), noise.to(dev), t.to(dev), x_t.to(dev)
     if pipe.config.loss.target == "x0":
         pred, target = schedule.predicted_x0(pred, x_t, t), x0
