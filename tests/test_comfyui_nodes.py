@@ -587,3 +587,69 @@ def test_an_apply_model_answer_of_another_shape_is_refused():
     assert str(err.value).startswith("the ComfyUI model's apply_model returned a prediction "
                                      "of shape [1, 4, 8, 8]; it must be a floating-point "
                                      "tensor of the noisy input's shape [2, 4, 8, 8]")
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    (dict(algorithm_options="exporter: diffusers"),
+     "algorithm_options: 'exporter' is set by the node (ComfyUI's keys); this field takes "
+     "the algorithm's own options"),
+    (dict(algorithm_options="algorithm: loha"),
+     "algorithm_options: 'algorithm' is set by the algorithm widget; this field takes the "
+     "algorithm's own options"),
+    (dict(optimizer=["AdamW"]), "optimizer: ['AdamW'] is not one of "),
+    (dict(algorithm_options="a: " + "[" * 200 + "]" * 200),
+     "algorithm_options:1: nested deeper than "),
+])
+def test_widget_values_that_cannot_work_name_the_input(change, message):
+    with pytest.raises(ConfigError) as err:
+        bridge.config_from_inputs(bridge.NodeInputs(**{**FAST, **change}))
+    assert str(err.value).startswith(message), str(err.value)
+
+
+def test_the_config_input_keeps_comfyuis_keys_and_takes_yaml_text():
+    with pytest.raises(ConfigError, match=r"^config: adapter.exporter: 'kohya' would give "):
+        bridge.config_from_inputs(bridge.NodeInputs(**FAST), {"adapter": {"exporter": "kohya"}})
+    with pytest.raises(ConfigError, match=r"^config: data: expected a mapping of data "
+                                          r"options, got str$"):
+        bridge.config_from_inputs(bridge.NodeInputs(**FAST), {"data": "x"})
+    cfg = bridge.config_from_inputs(bridge.NodeInputs(**FAST), "training: {steps: 7}")
+    assert cfg["training"]["steps"] == 7
+
+
+def test_load_config_names_a_folder_or_a_file_that_is_not_text(tmp_path):
+    with pytest.raises(ConfigError, match=r"is a folder, not a config file$"):
+        bridge.load_config_text("", tmp_path)
+    binary = tmp_path / "c.yaml"
+    binary.write_bytes(b"\xff\xfe training: {}")
+    with pytest.raises(ConfigError, match=r"is not UTF-8 text \(byte 0\)$"):
+        bridge.load_config_text("", binary)
+
+
+@pytest.mark.parametrize(("extras", "message"), [
+    ([1, 2], "positive: entry 0's second item is list; it must be the dict of the "
+             "conditioning's extras"),
+    ("x", "positive: entry 0's second item is str; it must be the dict of the "
+          "conditioning's extras"),
+])
+def test_conditioning_extras_that_are_no_dict_are_named(extras, message):
+    latents, _ = comfy_data(2)
+    with pytest.raises(DataError) as err:
+        bridge.train_lora(StandIn(), latents, [[torch.randn(2, 5, 16), extras]],
+                          bridge.NodeInputs(**FAST))
+    assert str(err.value) == message
+
+
+def test_save_lora_names_a_bad_entry_and_stores_shared_tensors(tmp_path):
+    from safetensors.torch import load_file
+
+    path = tmp_path / "s.safetensors"
+    with pytest.raises(DataError, match=r"^lora: a.alpha is float; a LORA_MODEL maps key "):
+        bridge.save_lora_file({"a.alpha": 1.0}, path)
+    with pytest.raises(DataError, match=r"^lora: key 5 is int; "):
+        bridge.save_lora_file({5: torch.ones(1)}, path)
+    assert not path.exists()
+    alpha = torch.tensor(2.0)  # one tensor under two keys, as a state dict may hold it
+    bridge.save_lora_file({"a.alpha": alpha, "b.alpha": alpha}, path)
+    saved = load_file(str(path))
+    assert sorted(saved) == ["a.alpha", "b.alpha"]
+    assert all(torch.equal(v, alpha) for v in saved.values())

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 import yaml
 
-from loraengine.core.config.source import deep_merge
+from loraengine.core.config.source import deep_merge, load_yaml
 from loraengine.core.errors import ConfigError, DataError
 from loraengine.core.plugins.hookspecs import hookimpl
 
@@ -194,6 +194,12 @@ def _rows(conditioning: Any, what: str) -> list[tuple[torch.Tensor, dict[str, An
         if (not isinstance(entry, Sequence) or len(entry) != 2
                 or not isinstance(entry[0], torch.Tensor)):
             raise DataError(f"{what}: entry {i} is not a [tensor, dict] pair")
+        if entry[1] is not None and not isinstance(entry[1], Mapping):
+            raise DataError(f"{what}: entry {i}'s second item is {type(entry[1]).__name__}; "
+                            f"it must be the dict of the conditioning's extras")
+        if entry[0].device.type == "meta":
+            raise DataError(f"{what}: entry {i}'s tensor is on the meta device and holds no "
+                            f"values")
         cond, extras = entry[0], dict(entry[1] or {})
         if cond.ndim == 2:
             cond = cond.unsqueeze(0)
@@ -354,7 +360,7 @@ class NodeInputs:
 
 
 def _pick(table: Mapping[str, str], value: str, key: str) -> str:
-    if value not in table:
+    if not isinstance(value, str) or value not in table:
         raise ConfigError(f"{key}: {value!r} is not one of {', '.join(table)}")
     return table[value]
 
@@ -364,8 +370,10 @@ def _mapping(text: str | Mapping[str, Any] | None, key: str) -> dict[str, Any]:
         return {}
     if isinstance(text, Mapping):
         return dict(text)
-    try:
-        data = yaml.safe_load(text)
+    if not isinstance(text, str):
+        raise ConfigError(f"{key}: expected YAML text or a mapping, got {type(text).__name__}")
+    try:  # the config reader's own limits (nesting, aliases, size) hold here too
+        data, _ = load_yaml(text, key)
     except yaml.YAMLError as exc:
         raise ConfigError(f"{key}: not valid YAML ({str(exc).splitlines()[0]})") from None
     if data is None:
@@ -380,11 +388,17 @@ def config_from_inputs(inputs: NodeInputs, config: Mapping[str, Any] | None = No
     """The loraengine config of one node run: the widgets, with ``config`` (a mapping
     from the Load loraengine config node) laid over them; ``model`` and ``data`` come
     from the graph whatever ``config`` says."""
+    options = _mapping(inputs.algorithm_options, "algorithm_options")
+    for key, widget in (("algorithm", "the algorithm widget"),
+                        ("exporter", "the node (ComfyUI's keys)")):
+        if key in options:
+            raise ConfigError(f"algorithm_options: {key!r} is set by {widget}; this field "
+                              f"takes the algorithm's own options")
     adapter: dict[str, Any] = {
         "algorithm": _pick(ALGORITHMS, inputs.algorithm, "algorithm"),
         "rank": inputs.rank, "alpha": inputs.alpha, "dtype": inputs.lora_dtype,
         "norm_and_bias_deltas": inputs.norm_and_bias_deltas, "exporter": "comfyui",
-        **_mapping(inputs.algorithm_options, "algorithm_options"),
+        **options,
     }
     if inputs.existing_lora:
         adapter["existing"] = str(inputs.existing_lora)
@@ -424,10 +438,19 @@ def config_from_inputs(inputs: NodeInputs, config: Mapping[str, Any] | None = No
         raise ConfigError("save_every: needs output_folder, where the checkpoints go")
     if inputs.validation_every:
         cfg["validation"] = {"every": inputs.validation_every}
-    cfg = deep_merge(cfg, dict(config or {}))
+    cfg = deep_merge(cfg, _mapping(config, "config"))
+    section = cfg.get("adapter")
+    exporter = section.get("exporter", "comfyui") if isinstance(section, Mapping) else "comfyui"
+    if exporter != "comfyui":
+        raise ConfigError(f"config: adapter.exporter: {exporter!r} would give the LORA_MODEL "
+                          f"another program's keys; the node writes ComfyUI's (convert a "
+                          f"saved file with loraengine convert)")
     cfg["model"] = {"family": "comfyui"}
-    data = {k: v for k, v in dict(cfg.get("data") or {}).items()
-            if k not in ("latents", "conditioning")}
+    given = cfg.get("data") or {}
+    if not isinstance(given, Mapping):
+        raise ConfigError(f"config: data: expected a mapping of data options, got "
+                          f"{type(given).__name__}")
+    data = {k: v for k, v in given.items() if k not in ("latents", "conditioning")}
     if inputs.bucket_mode:
         data["bucket_mode"] = True
     cfg["data"] = data
@@ -444,9 +467,17 @@ def load_config_text(text: str = "", path: str | Path = "") -> dict[str, Any]:
     data: dict[str, Any] = {}
     if str(path):
         file = Path(path).expanduser()
+        if file.is_dir():
+            raise ConfigError(f"config: {file} is a folder, not a config file")
         if not file.is_file():
             raise ConfigError(f"config: no file {file}")
-        data = _mapping(file.read_text(encoding="utf-8"), str(file))
+        try:
+            text_of_file = file.read_bytes().decode("utf-8")
+        except OSError as exc:
+            raise ConfigError(f"config: cannot read {file} ({exc.strerror or exc})") from None
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"config: {file} is not UTF-8 text (byte {exc.start})") from None
+        data = _mapping(text_of_file, str(file))
     data = deep_merge(data, _mapping(text, "config text"))
     probe = deep_merge(data, {"model": {"family": "comfyui"}})
     probe.setdefault("data", {})
@@ -608,10 +639,20 @@ def save_lora_file(lora: Mapping[str, torch.Tensor], path: str | Path,
     config, as ``loraengine inspect`` shows them); ``steps`` updates the step count."""
     from loraengine.core.files import save_lora
 
+    for key, value in lora.items():
+        if not isinstance(key, str):
+            raise DataError(f"lora: key {key!r} is {type(key).__name__}; a LORA_MODEL maps "
+                            f"key names (text) to tensors")
+        if not isinstance(value, torch.Tensor):
+            raise DataError(f"lora: {key} is {type(value).__name__}; a LORA_MODEL maps key "
+                            f"names to tensors")
+        if value.device.type == "meta":
+            raise DataError(f"lora: {key} is on the meta device and holds no values")
     meta = dict(getattr(lora, "metadata", {}) or {})
     meta.setdefault("loraengine.format", "comfyui")
     if steps is not None:
         meta["loraengine.steps"] = meta["ss_steps"] = str(int(steps))
     out = Path(path)
-    save_lora(out, {k: v.detach().contiguous() for k, v in lora.items()}, meta)
+    # a copy of each: keys that share one tensor (an alpha used twice) are stored apart
+    save_lora(out, {k: v.detach().clone() for k, v in lora.items()}, meta)
     return out
