@@ -24,9 +24,11 @@ from loraengine.core.compile import apply_compile
 from loraengine.core.data import (
     DataExpectations,
     Dataset,
+    first_nonfinite,
     make_bucketed_dataset,
     make_dataset,
     read_safetensors,
+    read_safetensors_layout,
 )
 from loraengine.core.devices import (
     DTYPES,
@@ -283,7 +285,12 @@ def _read_existing(path: Path, host: PluginHost, layers: Mapping[str, nn.Module]
     options its metadata records (``AdapterSpec.file_options``: DoRA's norm) must be
     those of ``options`` (the adapter section), which then rebuild it as ``apply``
     would."""
+    if not read_safetensors_layout(path, "adapter.existing"):  # the header alone
+        raise DataError(f"adapter.existing: {path} holds no tensors")
     file = read_adapter_file(path, host.registry, [*layers, *norms], model=model)
+    bad = first_nonfinite(file.tensors)
+    if bad is not None:  # training from it would turn every step non-finite
+        raise DataError(f"adapter.existing: {path}: tensor {bad!r} holds NaN or inf values")
     unknown = file.not_in({**layers, **norms})
     if unknown:
         raise DataError(unplaced_message(file, unknown, host.registry, model,
@@ -301,8 +308,9 @@ def _read_existing(path: Path, host: PluginHost, layers: Mapping[str, nn.Module]
             raise DataError(f"{path}: module {mod_path} is a norm layer; only diff/diff_b "
                             f"can be applied to it (found {sorted(module.params)})")
         if spec.name not in {s.name for s in module.owners}:
-            found = module.algorithm or "an unknown algorithm"
-            raise DataError(f"{path}: module {mod_path} holds a {found} adapter "
+            found = (f"a {module.algorithm} adapter" if module.algorithm
+                     else "an adapter of unknown algorithm")
+            raise DataError(f"{path}: module {mod_path} holds {found} "
                             f"(keys {sorted(module.params)}), but adapter.algorithm is "
                             f"{spec.name!r}")
     grouped = {p: m.params for p, m in file.modules.items() if m.params}

@@ -27,8 +27,9 @@ class DataWarning(UserWarning):
 
 
 def _check_regular_file(path: Path, what: str) -> None:
-    """``DataError`` naming ``what`` unless ``path`` is a regular file: a FIFO or a
-    device would block or stream forever, so it is refused from its ``stat`` alone."""
+    """``DataError`` naming ``what`` unless ``path`` is a regular file that opens for
+    reading: a FIFO or a device would block or stream forever, so it is refused from
+    its ``stat`` alone; one that does not open is refused with the system's reason."""
     try:
         info = os.stat(path)
     except FileNotFoundError:
@@ -41,6 +42,12 @@ def _check_regular_file(path: Path, what: str) -> None:
     if not stat.S_ISREG(info.st_mode):
         kind = next((k for test, k in _FILE_KINDS if test(info.st_mode)), "not a regular file")
         raise DataError(f"{what} path {path} is {kind}, not a safetensors file")
+    try:  # safetensors reports any file it cannot open as "No such file or directory"
+        with open(path, "rb"):
+            pass
+    except OSError as exc:
+        raise DataError(f"{what} file {path}: cannot be read: {exc.strerror or exc}"
+                        ) from None
 
 
 def read_safetensors(path: Path, what: str) -> dict[str, torch.Tensor]:
@@ -249,6 +256,18 @@ def _check_cond(t: torch.Tensor, key: str, name: str, expect: DataExpectations) 
     if width is not None and shape[-1] != width:
         raise DataError(f"{name}: tensor {key!r} is {shape[-1]} wide (shape {shape}), "
                         f"but the model takes {width}")
+
+
+def first_nonfinite(tensors: Mapping[str, torch.Tensor]) -> str | None:
+    """The first name (sorted) of a floating tensor holding NaN or inf, or ``None``."""
+    for key in sorted(tensors):
+        t = tensors[key]
+        if t.is_floating_point() and not t.is_meta:
+            if t.element_size() < 2:
+                t = t.float()  # 8-bit floats have no isfinite kernel everywhere
+            if not bool(torch.isfinite(t).all()):
+                return key
+    return None
 
 
 #: Samples checked for NaN/inf at once (bounds the temporary mask's memory).

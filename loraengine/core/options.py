@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import collections.abc
 import functools
+import math
 import types
 import typing
 from pathlib import Path
@@ -18,6 +19,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import (
     AfterValidator,
+    AllowInfNan,
     BaseModel,
     ConfigDict,
     Field,
@@ -105,6 +107,20 @@ def _numbers_not_bools(cls: type[BaseModel], data: Any) -> Any:
     return spelled
 
 
+def _infinite_defaults_allowed(cls: type[BaseModel]) -> None:
+    """Let a float field whose default is infinite (which stands for "no limit") take
+    an infinite value too: the base models refuse NaN and inf everywhere else."""
+    changed = False
+    for info in cls.model_fields.values():
+        default = info.default
+        if isinstance(default, float) and math.isinf(default) and not any(
+                isinstance(m, AllowInfNan) for m in info.metadata):
+            info.metadata.append(AllowInfNan(True))
+            changed = True
+    if changed:
+        cls.model_rebuild(force=True)
+
+
 class PluginOptions(BaseModel):
     """Base for a plugin's own options: unknown keys are errors.
 
@@ -112,9 +128,15 @@ class PluginOptions(BaseModel):
     model, usually a subclass of this one): its factory receives an instance of that
     model, validated, with the keys its config section adds (``optimizer.lr``...)."""
 
-    model_config = ConfigDict(extra="forbid")
+    # NaN and inf are refused where a number goes, unless the field's default is inf
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     _no_bools = model_validator(mode="before")(_numbers_not_bools)
+
+    @classmethod
+    def __pydantic_init_subclass__(cls, **kwargs: Any) -> None:
+        super().__pydantic_init_subclass__(**kwargs)
+        _infinite_defaults_allowed(cls)
 
 
 class NoOptions(PluginOptions):
@@ -139,9 +161,16 @@ ConfigPath = Annotated[Path, AfterValidator(_resolve_path)]
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_default=True)
+    """Base of the fixed sections: unknown keys, NaN and inf are errors."""
+
+    model_config = ConfigDict(extra="forbid", validate_default=True, allow_inf_nan=False)
 
     _no_bools = model_validator(mode="before")(_numbers_not_bools)
+
+    @classmethod
+    def __pydantic_init_subclass__(cls, **kwargs: Any) -> None:
+        super().__pydantic_init_subclass__(**kwargs)
+        _infinite_defaults_allowed(cls)
 
 
 def _printable_name(value: str) -> str:

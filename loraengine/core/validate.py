@@ -18,6 +18,7 @@ import torch
 
 from loraengine.core.data import (
     DataExpectations,
+    first_nonfinite,
     make_bucketed_dataset,
     make_dataset,
     read_safetensors_layout,
@@ -128,11 +129,16 @@ def _check_existing(config: Any, host: PluginHost, problems: list[str]) -> None:
             return
         if not file.modules:
             problems.append(f"adapter.existing: {path} holds no adapter tensors")
+        bad = first_nonfinite(file.tensors)
+        if bad is not None:
+            problems.append(f"adapter.existing: {path}: tensor {bad!r} holds NaN or inf "
+                            f"values")
         for mod_path, module in file.modules.items():
             if module.params and acfg.algorithm not in {s.name for s in module.owners}:
-                found = module.algorithm or "an unknown algorithm"
-                problems.append(f"adapter.existing: {path}: module {mod_path} holds a "
-                                f"{found} adapter, but adapter.algorithm is "
+                found = (f"a {module.algorithm} adapter" if module.algorithm
+                         else "an adapter of unknown algorithm")
+                problems.append(f"adapter.existing: {path}: module {mod_path} holds "
+                                f"{found}, but adapter.algorithm is "
                                 f"{acfg.algorithm!r}")
                 return
         if any(module.params for module in file.modules.values()):

@@ -17,15 +17,16 @@ import re
 import shutil
 import tempfile
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from safetensors.torch import load_file, save_file
 
 from loraengine.core.errors import DataError, OutputError
 from loraengine.core.files import write_failure
+from loraengine.core.train.state import first_line, state_problem
 
 MANIFEST = "manifest.json"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
@@ -33,6 +34,15 @@ _STEP_DIR = re.compile(r"^step_(\d+)$")
 # where it moves the previous one of the same step while replacing it.
 _TMP_DIR = re.compile(r"^\.step_(\d+)\.[A-Za-z0-9_]+$")
 _OLD_DIR = re.compile(r"^\.(step_\d+)\.old$")
+
+
+#: The files of a checkpoint, each with its hash in the manifest.
+CHECKPOINT_FILES = ("adapter.safetensors", "state.pt", "config.json")
+
+#: (step, adapter tensors, state, folder) of a checkpoint found.
+Found = tuple[int, dict[str, torch.Tensor], dict[str, Any], Path]
+
+T = TypeVar("T")
 
 
 class CheckpointWarning(UserWarning):
@@ -72,7 +82,7 @@ def save_checkpoint(folder: Path, step: int, adapter: Mapping[str, torch.Tensor]
         torch.save(dict(state), tmp / "state.pt")
         (tmp / "config.json").write_text(json.dumps(config, indent=1), encoding="utf-8")
         files = {}
-        for name in ("adapter.safetensors", "state.pt", "config.json"):
+        for name in CHECKPOINT_FILES:
             _fsync(tmp / name)
             files[name] = _sha256(tmp / name)
         (tmp / MANIFEST).write_text(json.dumps({"step": step, "files": files}, indent=1),
@@ -140,47 +150,113 @@ def list_checkpoints(folder: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
+def _manifest(path: Path) -> tuple[int, dict[str, str]]:
+    """The step and the file hashes of a checkpoint's manifest, checked to be those
+    ``save_checkpoint`` writes; ``DataError`` naming the folder and what is wrong."""
+    where = f"checkpoint {path}: {MANIFEST}"
+    try:
+        manifest = json.loads((path / MANIFEST).read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise DataError(f"checkpoint {path}: missing or unreadable {MANIFEST} "
+                        f"({exc.strerror or first_line(exc)})") from None
+    except ValueError:  # not JSON, or not UTF-8
+        raise DataError(f"{where} is not valid JSON") from None
+    if not isinstance(manifest, dict):
+        raise DataError(f"{where} holds {_kind(manifest)}, not a mapping")
+    step, files = manifest.get("step"), manifest.get("files")
+    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+        raise DataError(f"{where}: 'step' is {step!r}, not a step number")
+    if not isinstance(files, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in files.items()):
+        raise DataError(f"{where}: 'files' is {_kind(files)}, not a mapping of file "
+                        f"names to SHA-256 hashes")
+    unlisted = [name for name in CHECKPOINT_FILES if name not in files]
+    if unlisted:
+        raise DataError(f"{where} lists no hash for {', '.join(unlisted)}")
+    return step, files
+
+
+def _kind(value: Any) -> str:
+    """What a JSON or pickled value is, for errors: "a list", "None"."""
+    if value is None:
+        return "None"
+    name = type(value).__name__
+    return f"an {name}" if name[:1] in "aeiou" else f"a {name}"
+
+
 def verify(path: Path) -> None:
     """Raise ``DataError`` unless the checkpoint's files match its manifest."""
     path = Path(path)
-    manifest_path = path / MANIFEST
-    try:
-        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-        files = manifest["files"]
-    except (OSError, ValueError, KeyError, TypeError):
-        raise DataError(f"checkpoint {path}: missing or unreadable {MANIFEST}") from None
+    _, files = _manifest(path)
     for name, digest in files.items():
         f = path / name
         if not f.exists():
             raise DataError(f"checkpoint {path}: {name} is missing")
-        if _sha256(f) != digest:
+        try:
+            actual = _sha256(f)
+        except OSError as exc:
+            raise DataError(f"checkpoint {path}: {name} cannot be read "
+                            f"({exc.strerror or first_line(exc)})") from None
+        if actual != digest:
             raise DataError(f"checkpoint {path}: {name} does not match its hash "
                             f"(truncated or corrupted)")
 
 
 def load_checkpoint(path: Path) -> tuple[int, dict[str, torch.Tensor], dict[str, Any]]:
-    """Verify and read one checkpoint: (step, adapter tensors, state)."""
+    """Verify and read one checkpoint: (step, adapter tensors, state). Whatever is
+    wrong with it (a manifest, adapter or state that is not what ``save_checkpoint``
+    writes) is a ``DataError`` naming the folder and the file."""
+    path = Path(path)
     verify(path)
-    step = int(json.loads((Path(path) / MANIFEST).read_text())["step"])
-    adapter = load_file(str(Path(path) / "adapter.safetensors"))
-    state = torch.load(Path(path) / "state.pt", map_location="cpu", weights_only=True)
+    step, _ = _manifest(path)
+    adapter = _read(path, "adapter.safetensors", lambda f: load_file(str(f)))
+    with warnings.catch_warnings():  # junk read as a pickle may warn of its "protocol"
+        warnings.simplefilter("ignore")
+        state = _read(path, "state.pt", lambda f: torch.load(f, map_location="cpu",
+                                                             weights_only=True))
+    if not isinstance(state, dict):
+        raise DataError(f"checkpoint {path}: state.pt holds {_kind(state)}, not the "
+                        f"state of a run")
+    problem = state_problem(state)
+    if problem:
+        raise DataError(f"checkpoint {path}: state.pt {problem}")
     return step, adapter, state
 
 
-def load_latest_valid(folder: Path, before: int | None = None
-                      ) -> tuple[int, dict[str, torch.Tensor], dict[str, Any], Path] | None:
+def _read(path: Path, name: str, read: Callable[[Path], T]) -> T:
+    """``read(path / name)``; a file that does not parse is a ``DataError``."""
+    try:
+        return read(path / name)
+    except MemoryError:
+        raise
+    except Exception as exc:  # a parser of damaged bytes may raise any kind
+        kind = "safetensors file" if name.endswith(".safetensors") else "saved state"
+        raise DataError(f"checkpoint {path}: {name} is not a readable {kind} "
+                        f"({type(exc).__name__}: {first_line(exc)})") from None
+
+
+def load_latest_valid(folder: Path, before: int | None = None) -> Found | None:
     """The newest checkpoint that verifies; corrupt ones are reported and skipped."""
+    return _newest_valid(folder, before)[0]
+
+
+def _newest_valid(folder: Path, before: int | None = None
+                  ) -> tuple[Found | None, list[DataError]]:
+    """The newest checkpoint at or before ``before`` that loads, and the errors of the
+    newer ones that did not (each also warned about)."""
+    failed: list[DataError] = []
     for step, path in reversed(list_checkpoints(folder)):
         if before is not None and step > before:
             continue
         try:
             s, adapter, state = load_checkpoint(path)
-        except (DataError, RuntimeError, OSError, ValueError) as exc:
+        except DataError as exc:
+            failed.append(exc)
             warnings.warn(f"{exc}; trying the previous checkpoint", CheckpointWarning,
-                          stacklevel=2)
+                          stacklevel=3)
             continue
-        return s, adapter, state, path
-    return None
+        return (s, adapter, state, path), failed
+    return None, failed
 
 
 def prune(folder: Path, keep_last: int) -> None:
@@ -188,9 +264,6 @@ def prune(folder: Path, keep_last: int) -> None:
     found = list_checkpoints(folder)
     for _, path in found[:-keep_last] if keep_last > 0 else []:
         shutil.rmtree(path, ignore_errors=True)
-
-
-Found = tuple[int, dict[str, torch.Tensor], dict[str, Any], Path]
 
 
 class Checkpointer:
@@ -232,7 +305,11 @@ class Checkpointer:
                 folder = path
             if not folder.exists():
                 raise DataError(f"--resume: {where} does not exist")
-        found = load_latest_valid(folder, before)
+        found, failed = _newest_valid(folder, before)
+        if found is None and failed:  # every one damaged: starting over would mix runs
+            newest = str(failed[0]).removeprefix(f"checkpoint {folder}{os.sep}")
+            raise DataError(f"--resume: no usable checkpoint in {folder} ({len(failed)} "
+                            f"damaged; the newest, {newest})")
         if found is None:
             if str(where) != "latest":
                 raise DataError(f"--resume: no usable checkpoint in {folder}")

@@ -22,6 +22,33 @@ def first_line(exc: BaseException) -> str:
 #: What every optimizer step records in the loss map.
 STEP_KEYS = ("loss", "lr", "skipped")
 
+#: The entries of ``TrainState.state_dict()`` a resume needs, with the type of each.
+_NEEDED: dict[str, type] = {
+    "step": int, "optimizer": dict, "lr_scheduler": dict, "noise_gen": torch.Tensor,
+    "data": dict, "loss_map": dict}
+
+
+def state_problem(state: dict[str, Any]) -> str | None:
+    """What keeps ``state`` (a checkpoint's ``state.pt``) from being what
+    ``TrainState.state_dict()`` returned, worded to follow "state.pt ...", or
+    ``None``."""
+    lacking = [k for k in _NEEDED if k not in state]
+    if lacking:
+        return f"lacks {', '.join(lacking)}"
+    for key, kind in _NEEDED.items():
+        value = state[key]
+        if not isinstance(value, kind) or isinstance(value, bool):
+            return (f"has a {type(value).__name__} for {key!r}, not a "
+                    f"{kind.__name__}")
+    if state["step"] < 0:
+        return f"has the step {state['step']}"
+    if state["noise_gen"].dtype != torch.uint8:
+        return "has a 'noise_gen' that is not a random generator's state"
+    bad = [k for k in STEP_KEYS if not isinstance(state["loss_map"].get(k), list)]
+    if bad:
+        return f"has no list of {', '.join(bad)} in its 'loss_map'"
+    return None
+
 
 @dataclass
 class TrainState:
@@ -109,7 +136,7 @@ class TrainState:
         fresh = [set(g) for g in self.optimizer.param_groups]
         try:
             self.optimizer.load_state_dict(state["optimizer"])
-        except (RuntimeError, ValueError, KeyError) as exc:
+        except (RuntimeError, ValueError, KeyError, TypeError) as exc:
             raise DataError(f"checkpoint does not fit this config's adapter: "
                             f"{first_line(exc)}") from None
         lacking = sorted(set().union(*fresh) - set().union(*(

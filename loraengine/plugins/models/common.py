@@ -267,6 +267,8 @@ def load_module(family: Family, where: Located, dtype: Any = None,
             if dtype is not None:
                 module.to(dtype)
         return cast(nn.Module, module)
+    except DataError:  # a weight file that cannot be read, named already
+        raise
     except Exception as exc:
         raise DataError(f"model.path: cannot load {family.model_class} from {where.model}: "
                         f"{_first_line(exc)}") from None
@@ -437,6 +439,8 @@ def check_weights_readable(where: Path, key: str = "model.path") -> None:
     safetensors header reads; no tensor is loaded."""
     from safetensors import safe_open
 
+    from loraengine.plugins.models.weights import header_of
+
     if where.is_dir():
         files = sorted({f for pattern in _WEIGHT_GLOBS for f in where.glob(pattern)})
         if not files:
@@ -446,6 +450,7 @@ def check_weights_readable(where: Path, key: str = "model.path") -> None:
     else:
         headers = [where]
     for file in headers:
+        header_of(file, key)  # a reason of our own for what safetensors says tersely
         try:
             with safe_open(str(file), framework="pt") as fh:
                 if not list(fh.keys()):

@@ -58,6 +58,9 @@ def header(path: Path) -> dict[str, torch.Tensor]:
     header; nothing is read)."""
     from safetensors import safe_open
 
+    from loraengine.plugins.models.weights import header_of
+
+    header_of(path)  # our own reason where safetensors' would be terse or wrong
     out: dict[str, torch.Tensor] = {}
     with safe_open(str(path), framework="pt") as fh:
         for name in fh.keys():

@@ -15,19 +15,25 @@ loaded weights plus that buffer are resident at any moment. A ``prepare`` transf
 on a module as each of its tensors arrives, so a quantized base holds its quantized
 layers plus the one full-precision weight just read. Folders it does not understand (``.bin``
 weights, names that differ from the model's, tensors left without weights) are left
-to ``from_pretrained``: :func:`load_folder` returns ``None`` for them.
+to ``from_pretrained``: :func:`load_folder` returns ``None`` for them. A weight file
+that does not open, or whose header is not a safetensors header, is a ``DataError``
+naming it.
 """
 
 from __future__ import annotations
 
 import json
+import math
+import os
 import struct
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import torch
 from torch import nn
+
+from loraengine.core.errors import DataError
 
 WEIGHTS = "diffusion_pytorch_model.safetensors"
 INDEX = "diffusion_pytorch_model.safetensors.index.json"
@@ -51,8 +57,14 @@ def weight_files(model_dir: Path) -> list[Path] | None:
         return [single]
     index = model_dir / INDEX
     if index.is_file():
-        weight_map = json.loads(index.read_text(encoding="utf-8")).get("weight_map", {})
-        files = sorted({model_dir / name for name in weight_map.values()})
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8")).get("weight_map", {})
+            files = sorted({model_dir / name for name in weight_map.values()})
+        except OSError as exc:
+            raise unreadable(index, exc) from None
+        except (ValueError, AttributeError, TypeError):  # not JSON, or not its layout
+            raise DataError(f"model.path: {index} is not a readable index of weight "
+                            f"files (a JSON object with a weight_map)") from None
         return files if files and all(f.is_file() for f in files) else None
     return None
 
@@ -70,15 +82,90 @@ def read_tensors(path: Path, want: dict[str, torch.dtype | None]
     return out
 
 
+def unreadable(path: Path, exc: OSError, key: str = "model.path") -> DataError:
+    """The error for a weight file that cannot be opened, with the system's reason."""
+    return DataError(f"{key}: cannot read {path}: {exc.strerror or exc}")
+
+
+def open_weights(path: Path, key: str = "model.path") -> IO[bytes]:
+    """``path`` opened for reading, unbuffered; ``DataError`` with the system's reason
+    (``Permission denied``...) when it does not open, which safetensors would report
+    as a missing file."""
+    try:
+        return open(path, "rb", buffering=0)
+    except OSError as exc:
+        raise unreadable(path, exc, key) from None
+
+
+def header_of(path: Path, key: str = "model.path") -> dict[str, Any]:
+    """The tensor entries of the safetensors file ``path`` (see :func:`read_header`);
+    errors name ``key`` and the file."""
+    with open_weights(path, key) as f:
+        return read_header(f, path, key)[0]
+
+
+#: The largest header safetensors itself reads, in bytes.
+MAX_HEADER = 100_000_000
+
+
+def read_header(f: IO[bytes], path: Path, key: str = "model.path"
+                ) -> tuple[dict[str, Any], int]:
+    """The tensor entries of the safetensors file open as ``f`` (its ``__metadata__``
+    left out) and the offset its data starts at, each entry checked to lie in the
+    file; ``DataError`` naming ``key`` and the file when it is not a safetensors file."""
+    def damaged(why: str) -> DataError:
+        return DataError(f"{key}: {path} is not a readable safetensors file (its header "
+                         f"is damaged: {why})")
+
+    size = os.fstat(f.fileno()).st_size
+    first = f.read(8)
+    if len(first) < 8:
+        raise damaged(f"the file is only {size} bytes long")
+    (header_len,) = struct.unpack("<Q", first)
+    if header_len > min(size - 8, MAX_HEADER):
+        raise damaged(f"it gives a header length of {header_len} bytes, in a file of "
+                      f"{size} bytes")
+    try:
+        header = json.loads(f.read(header_len))
+    except ValueError:  # not JSON, or not UTF-8
+        raise damaged("it is not JSON") from None
+    if not isinstance(header, dict):
+        raise damaged("it is not a JSON object")
+    header.pop("__metadata__", None)
+    room = size - 8 - header_len
+    for name, info in header.items():
+        if not _entry_fits(info, room):
+            raise damaged(f"the entry of tensor {name!r} is not a dtype, shape and data "
+                          f"offsets inside the file")
+    return header, 8 + header_len
+
+
+def _entry_fits(info: Any, room: int) -> bool:
+    """Whether a header entry has a dtype, a shape and data offsets that lie within
+    ``room`` bytes and, for a dtype this reader knows, span the shape exactly."""
+    if not isinstance(info, dict):
+        return False
+    dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+    if not isinstance(dtype, str) or not isinstance(shape, list) or not isinstance(
+            offsets, list) or len(offsets) != 2:
+        return False
+    if not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0
+               for n in (*shape, *offsets)):
+        return False
+    begin, end = offsets
+    if not begin <= end <= room:
+        return False
+    known = _DTYPES.get(dtype)
+    return known is None or math.prod(shape) * known.itemsize == end - begin
+
+
 def iter_tensors(path: Path, want: dict[str, torch.dtype | None]
                  ) -> Iterator[tuple[str, torch.Tensor | None]]:
     """:func:`read_tensors` one tensor at a time, in file order; a ``None`` tensor (then
-    the end) when the file cannot be read this way."""
-    with open(path, "rb", buffering=0) as f:
-        (header_len,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(header_len))
-        header.pop("__metadata__", None)
-        start = 8 + header_len
+    the end) when the file cannot be read this way. A file that cannot be opened, or
+    whose header is not that of a safetensors file, is a ``DataError`` naming it."""
+    with open_weights(path) as f:
+        header, start = read_header(f, path)
         entries = sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0])
         if any(name not in want or info["dtype"] not in _DTYPES for name, info in entries):
             yield "", None
