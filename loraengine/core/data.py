@@ -325,7 +325,18 @@ class IndexStream:
         return {"epoch": self.epoch, "pos": self.pos, "perm": self._perm.clone(),
                 "generator": self.generator.get_state()}
 
+    def mismatch(self, state: Mapping[str, Any]) -> str | None:
+        """Why ``state`` (of ``state()``) cannot continue this stream, or ``None``: it
+        was a stream over another number of samples (the data changed)."""
+        made_on = int(state["perm"].numel())
+        if made_on != self.n:
+            return f"it was made on {made_on} samples and the data now has {self.n}"
+        return None
+
     def load_state(self, state: Mapping[str, Any]) -> None:
+        problem = self.mismatch(state)
+        if problem is not None:
+            raise DataError(problem)
         self.epoch = int(state["epoch"])
         self.pos = int(state["pos"])
         self._perm = state["perm"].clone()
@@ -424,7 +435,21 @@ class BucketStream:
         return {"generator": self.generator.get_state(),
                 "streams": [s.state() for s in self.streams]}
 
+    def mismatch(self, state: Mapping[str, Any]) -> str | None:
+        """As ``IndexStream.mismatch``, for the buckets and each one's stream."""
+        if len(state["streams"]) != len(self.streams):
+            return (f"it was made on {len(state['streams'])} buckets and the data now has "
+                    f"{len(self.streams)}")
+        for i, (s, st) in enumerate(zip(self.streams, state["streams"], strict=True)):
+            problem = s.mismatch(st)
+            if problem is not None:
+                return f"bucket {i}: {problem}"
+        return None
+
     def load_state(self, state: Mapping[str, Any]) -> None:
+        problem = self.mismatch(state)
+        if problem is not None:
+            raise DataError(problem)
         self.generator.set_state(state["generator"])
         for s, st in zip(self.streams, state["streams"], strict=True):
             s.load_state(st)

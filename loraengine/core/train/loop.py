@@ -351,6 +351,11 @@ class Trainer:
         missing, unexpected = [], []
         own = self.pipe.network.state_dict()
         where = f"checkpoint {source}" if source is not None else "checkpoint"
+        changed = self.state.stream.mismatch(state["data"])  # before anything is loaded
+        if changed is not None:
+            raise DataError(f"{where} does not fit this run's data: {changed}; resume only "
+                            f"with the data the run was made with (for a new run, choose "
+                            f"another output folder or do not resume)")
         differ = [k for k, v in adapter.items() if k in own and own[k].shape != v.shape]
         if differ:
             k = differ[0]
@@ -432,6 +437,12 @@ class Trainer:
             warnings.warn(f"resuming {path} with a changed config: {'; '.join(changed[:6])}"
                           f"{' ...' if len(changed) > 6 else ''}", ckpt.CheckpointWarning,
                           stacklevel=2)
+        if self.start_step >= self.total_steps:
+            warnings.warn(f"resuming {path}: the checkpoint is at step {self.start_step}, "
+                          f"{'past' if self.start_step > self.total_steps else 'at'} "
+                          f"training.steps={self.total_steps}, so no step is trained; the "
+                          f"result is the checkpoint's adapter (raise training.steps to "
+                          f"train on)", ckpt.CheckpointWarning, stacklevel=2)
         return path
 
     def _schedule_from(self, state: Mapping[str, Any]) -> None:
