@@ -45,7 +45,8 @@ def _train_probed(host: Any, overlay: dict[str, Any] | None = None) -> list[int]
 
 def test_training_threads_is_used_during_the_steps_and_restored(host, restore_threads):
     torch.set_num_threads(1)
-    assert _train_probed(host, {"training": {"threads": 3}}) == [3, 3]
+    want = min(3, len(threads.affinity_cpus()))  # never more than the process's CPUs
+    assert _train_probed(host, {"training": {"threads": want}}) == [want, want]
     assert torch.get_num_threads() == 1
 
 
@@ -153,6 +154,7 @@ def test_processes_on_one_machine_share_the_cores(monkeypatch):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setattr(threads, "user_chose_threads", lambda: False)
     monkeypatch.setattr(threads, "available_cores", lambda: 8)
+    monkeypatch.setattr(threads, "affinity_cpus", lambda: set(range(8)))
     monkeypatch.setattr(os, "getloadavg", lambda: (0.0, 0.0, 0.0))  # a quiet machine
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "3")
     assert threads.choose_threads(None) == 2
@@ -168,6 +170,7 @@ def test_cores_other_work_keeps_busy_are_left_to_it(monkeypatch):
     for name in threads.THREAD_ENV:
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setattr(threads, "available_cores", lambda: 4)
+    monkeypatch.setattr(threads, "affinity_cpus", lambda: set(range(4)))
     monkeypatch.setattr(threads, "user_chose_threads", lambda: False)
     for load, want in ((0.0, 4), (0.4, 4), (1.6, 2), (2.6, 1), (9.0, 1)):
         monkeypatch.setattr(os, "getloadavg", lambda load=load: (load, 0.0, 0.0))
@@ -178,3 +181,24 @@ def test_cores_other_work_keeps_busy_are_left_to_it(monkeypatch):
     monkeypatch.setattr(os, "getloadavg", lambda: (3.0, 0.0, 0.0))
     assert threads.choose_threads(None) == 1
     assert threads.choose_threads(3) == 3  # training.threads rules
+
+
+def test_more_threads_than_cpus_are_capped_with_a_warning(restore_threads):
+    import warnings
+
+    import loraengine
+    from loraengine.testing.harness import tiny_data, tiny_train_config
+    from loraengine.testing.models import TinyDenoiser
+
+    cpus = len(threads.affinity_cpus())
+    assert threads.choose_threads(cpus + 1000) == cpus
+    assert threads.choose_threads(1) == 1
+    data = tiny_data()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        loraengine.train(tiny_train_config({"training": {"threads": cpus + 1000}}),
+                         model=TinyDenoiser(), latents=data.latents,
+                         conditioning=data.conditioning)
+    assert f"training.threads: {cpus + 1000} is more than the {cpus} CPU(s) this process may " \
+           f"use; {cpus} are used (more threads than CPUs only wait on each other)" in \
+           [str(w.message) for w in caught]

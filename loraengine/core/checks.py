@@ -9,13 +9,15 @@ from typing import Any
 
 from loraengine.core.data import BucketedDataset
 from loraengine.core.files import in_layout, module_layouts
+from loraengine.core.threads import threads_over_cpus
 
 
 def pipeline_warnings(pipe: Any) -> list[str]:
     """One line per setting of ``pipe.config`` the built run does not honour as
     written."""
+    threads = threads_over_cpus(pipe.config.training.threads)
     return [*_rank_of_existing(pipe), *_batch_larger_than_data(pipe),
-            *_exporter_limits(pipe)]
+            *_exporter_limits(pipe), *([threads] if threads else [])]
 
 
 def _exporter_limits(pipe: Any) -> list[str]:

@@ -223,7 +223,8 @@ class TrainingConfig(Strict):
         "held 1.4 GB more). While the model loads, freed memory goes back either way. "
         "glibc only; MALLOC_MMAP_THRESHOLD_ in the environment overrides both.")
     threads: int | None = Field(
-        default=None, ge=1, description="CPU threads of torch's intra-op pool while training; "
+        default=None, ge=1, description="CPU threads of torch's intra-op pool while training "
+        "(at most the CPUs the process may use: a larger count is capped, with a warning); "
         "null picks the physical cores available to the process (never more than its CPU "
         "affinity; shared out among torchrun's processes on one machine) unless OMP_NUM_THREADS/MKL_NUM_THREADS or torch.set_num_threads chose a "
         "count.")

@@ -93,15 +93,28 @@ def user_chose_threads() -> bool:
 
 
 def choose_threads(setting: int | None) -> int | None:
-    """The count training should use: ``setting`` (``training.threads``) when given,
+    """The count training should use: ``setting`` (``training.threads``, at most the
+    process's CPUs) when given,
     else ``idle_cores()`` (the physical cores other work leaves free, shared out among
     the processes torchrun started on this machine) unless the user chose one (then
     None: leave torch as is)."""
     if setting is not None:
-        return int(setting)
+        # never more than the CPUs the process may use: more threads only wait on each
+        # other (``threads_over_cpus`` says so when the run is built)
+        return min(int(setting), len(affinity_cpus()))
     if user_chose_threads():
         return None
     return max(1, idle_cores() // _local_processes())
+
+
+def threads_over_cpus(setting: int | None) -> str | None:
+    """The line to warn with when ``training.threads`` asks for more threads than the
+    process has CPUs (``choose_threads`` uses the CPU count instead), else ``None``."""
+    cpus = len(affinity_cpus())
+    if setting is None or int(setting) <= cpus:
+        return None
+    return (f"training.threads: {setting} is more than the {cpus} CPU(s) this process may "
+            f"use; {cpus} are used (more threads than CPUs only wait on each other)")
 
 
 def _local_processes() -> int:
