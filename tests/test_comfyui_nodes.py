@@ -653,3 +653,28 @@ def test_save_lora_names_a_bad_entry_and_stores_shared_tensors(tmp_path):
     saved = load_file(str(path))
     assert sorted(saved) == ["a.alpha", "b.alpha"]
     assert all(torch.equal(v, alpha) for v in saved.values())
+
+
+def test_a_failing_progress_callback_is_named_as_one():
+    from loraengine.core.errors import PluginFailed
+
+    def cancel(step, total):
+        raise RuntimeError("user pressed cancel")
+
+    with pytest.raises(PluginFailed) as err:
+        bridge.train_lora(StandIn(), *comfy_data(4), bridge.NodeInputs(**FAST), progress=cancel)
+    assert str(err.value) == ("plugin 'ProgressCallback' (distribution 'unknown') failed in "
+                              "loraengine_on_step_end: RuntimeError: user pressed cancel")
+
+
+@pytest.mark.parametrize(("latent", "got"), [
+    ({"samples": [[1.0]]}, "a dict whose 'samples' is list"),
+    ({"samples": None}, "a dict whose 'samples' is NoneType"),
+    ({"noise_mask": torch.ones(1)}, "dict without 'samples'"),
+    (torch.ones(1, 4, 8, 8), "Tensor"),
+])
+def test_a_latent_without_a_samples_tensor_says_what_came(latent, got):
+    with pytest.raises(DataError) as err:
+        bridge.latents_tensor(latent)
+    assert str(err.value) == ("latents: expected a ComfyUI LATENT, a dict with a 'samples' "
+                              f"tensor; got {got}")

@@ -146,8 +146,12 @@ def latents_tensor(latent: Any, what: str = "latents") -> torch.Tensor:
     """A ComfyUI ``LATENT`` (``{"samples": [N,C,H,W]}``) as the tensor of samples."""
     samples = latent.get("samples") if isinstance(latent, Mapping) else None
     if not isinstance(samples, torch.Tensor):
+        got = (f"a dict whose 'samples' is {type(samples).__name__}"
+               if isinstance(latent, Mapping) and "samples" in latent
+               else f"{type(latent).__name__}" + (" without 'samples'"
+                                                  if isinstance(latent, Mapping) else ""))
         raise DataError(f"{what}: expected a ComfyUI LATENT, a dict with a 'samples' "
-                        f"tensor; got {type(latent).__name__}")
+                        f"tensor; got {got}")
     if samples.ndim not in (4, 5) or samples.shape[0] < 1:
         raise DataError(f"{what}: 'samples' must be [N,C,H,W] (or [N,C,T,H,W]); got "
                         f"shape {list(samples.shape)}")
@@ -487,7 +491,7 @@ def load_config_text(text: str = "", path: str | Path = "") -> dict[str, Any]:
 
 # -- a run ----------------------------------------------------------------------------------
 
-class _Progress:
+class ProgressCallback:
     """A plugin reporting each step to ``callback(step, total)`` (ComfyUI's progress
     bar; it may raise ComfyUI's interruption to stop the run)."""
 
@@ -587,7 +591,7 @@ def _train_lora(model: Any, latents: Any, positive: Any, inputs: NodeInputs,
                             f"turn on bucket_mode to train each size as a bucket")
         samples = torch.cat(parts) if len(parts) > 1 else parts[0]
         cond = conditioning_tensors(positive, samples, extra)
-    extras = [_Progress(progress)] if progress is not None else []
+    extras = [ProgressCallback(progress)] if progress is not None else []
     host = build_plugin_manager(extra=extras)
     with tempfile.TemporaryDirectory(prefix="loraengine-comfyui-") as tmp:
         if validation_latents is not None:

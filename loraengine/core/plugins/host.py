@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import types
 import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -61,13 +62,26 @@ class PluginHost:
     # -- registration -------------------------------------------------------------
     def register(self, plugin: Plugin, name: str | None = None, distribution: str | None = None,
                  version: str | None = None) -> str:
-        """Register one plugin object (module or instance). Returns its name."""
+        """Register one plugin object (module or instance). Returns its name: ``name``,
+        or else the module's name or the object's class (``#2``... after it when taken),
+        which is how an error in one of its hooks names it."""
+        if name is None:
+            name = self._default_name(plugin)
         registered = self.pm.register(plugin, name=name)
         if registered is None:
             raise PluginError(f"plugin {name or plugin!r} is already registered")
         self.distributions[registered] = (distribution, version)
         self._registry = None
         return registered
+
+    def _default_name(self, plugin: Plugin) -> str:
+        base = getattr(plugin, "__name__", None) if isinstance(plugin, types.ModuleType) \
+            else type(plugin).__qualname__
+        name, n = str(base), 1
+        while self.pm.get_plugin(name) is not None or self.pm.is_blocked(name):
+            n += 1
+            name = f"{base} #{n}"
+        return name
 
     def unregister(self, name: str) -> None:
         self.pm.unregister(name=name)
