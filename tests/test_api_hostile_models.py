@@ -139,3 +139,15 @@ def test_what_no_run_can_use_is_refused_naming_the_argument():
                                         r"values to train on$"):
         loraengine.train(tiny_train_config(), model=TinyDenoiser(), latents=meta,
                          conditioning=data.conditioning)
+
+
+def test_two_d_conditioning_with_a_row_per_latent_is_warned_about():
+    from loraengine.core.data import DataWarning
+
+    data = tiny_data()  # 6 latents
+    pooled = data.conditioning[:, 0]  # [6, 8]: looks like one vector per latent
+    with pytest.warns(DataWarning, match=r"tensor 'cond' \[6, 8\] is 2-D, read as one "
+                                         r"sequence of 6 tokens shared by every latent; "
+                                         r"for one embedding per latent give \[N,1,D\]"):
+        loraengine.train(tiny_train_config(), model=TinyDenoiser(), latents=data.latents,
+                         conditioning=pooled)

@@ -183,6 +183,11 @@ def make_dataset(latents: torch.Tensor | Mapping[str, torch.Tensor],
         if not isinstance(t, torch.Tensor):
             raise DataError(f"{cond_name}: {key!r} is not a tensor")
         if key == "cond" and t.ndim == 2:
+            if t.shape[0] == n and n > 1:  # as many rows as latents: one vector each?
+                warnings.warn(f"{cond_name}: tensor 'cond' {list(t.shape)} is 2-D, read as "
+                              f"one sequence of {t.shape[0]} tokens shared by every latent; "
+                              f"for one embedding per latent give [N,1,D]", DataWarning,
+                              stacklevel=3)
             t = t.unsqueeze(0)  # one [L, D] entry
         if key == "cond" and t.ndim != 3:
             raise DataError(f"{cond_name}: tensor 'cond' must be [N,L,D] or [1,L,D]; "
