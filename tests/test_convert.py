@@ -184,3 +184,15 @@ def test_diffusers_names_from_original_names_need_the_model(model_dir, tmp_path)
     res = _run(src, "--to", "diffusers", "--model", folder, "--out", out)
     assert res.exit_code == 0, res.output
     assert all(k.startswith("unet.down_blocks.1.") for k in load_file(str(out)))
+
+
+def test_a_file_of_no_tensors_is_refused_and_nothing_written(tmp_path):
+    from safetensors.torch import save_file
+
+    empty = tmp_path / "empty.safetensors"
+    save_file({}, str(empty))
+    result = _run(empty, "--to", "kohya")
+    assert result.exit_code == 1, result.output
+    assert result.output.strip() == (f"error: {empty}: holds no adapter tensors to convert; "
+                                     "nothing written")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty.safetensors"]

@@ -287,6 +287,8 @@ def split_modules(tensors: Mapping[str, torch.Tensor], exporters: Iterable[Expor
             first = first or (exporter.name, out, unread)
     if first is not None:
         return first
+    if not tensors:
+        raise DataError("the file holds no tensors")
     sample = ", ".join(sorted(tensors)[:3])
     raise DataError(f"no key format matches this file's tensors (e.g. {sample}) against "
                     f"the model's layers (key formats tried: "

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from loraengine.core.errors import ConfigError
+from loraengine.core.errors import ConfigError, DataError
 from loraengine.core.files import (
     AdapterFile,
     in_layout,
@@ -423,6 +423,8 @@ def convert_file(source: Path, target: str, model_path: Path | None = None,
                      if not line.startswith(skip)] + fused
     tensors = exporter.to_file(in_layout(modules, exporter, layouts))
     tensors.update(_text_encoder_tensors(file, target, warnings))
+    if not tensors:
+        raise DataError(f"{source}: holds no adapter tensors to convert; nothing written")
     meta = dict(file.metadata) | {"loraengine.converted_for": target}
     save_lora(out, tensors, meta)
     return {"out": out, "format": file.key_format or "unknown", "modules": len(modules),
