@@ -178,3 +178,96 @@ def test_out_under_a_file_is_one_line_and_writes_nothing(inputs, tmp_path):
                 str(tmp_path / "afile" / "merged"))
     one_line_error(res, 1, "--out:", "afile", "nothing was written")
     assert _snapshot(model, lora, tmp_path / "afile") == before
+
+
+# -- hostile inputs: broken weights, non-finite strengths and adapters ---------------------
+
+WEIGHTS = "unet/diffusion_pytorch_model.safetensors"
+HEADER = "Error while deserializing header: "  # safetensors' own words
+
+
+@pytest.mark.parametrize(("kind", "dtype", "reason"), [
+    ("truncated", "auto", HEADER + "incomplete metadata, file not fully covered"),
+    ("truncated", "fp16", HEADER + "incomplete metadata, file not fully covered"),
+    ("garbage", "auto", HEADER + "header too large"),
+    ("folder", "auto", "not a regular file"),
+])
+def test_broken_weights_are_one_line_and_nothing_is_written(inputs, tmp_path, kind, dtype,
+                                                            reason):
+    _, model, lora = inputs
+    weights = model / WEIGHTS
+    if kind == "truncated":
+        os.truncate(weights, weights.stat().st_size // 2)
+    elif kind == "garbage":
+        weights.write_bytes(b"\xff" * 1000)
+    else:
+        weights.unlink()
+        weights.mkdir()
+    before = _snapshot(model, lora)
+    res = merge("--model", str(model), "--lora", str(lora), "--out", str(tmp_path / "m"),
+                "--dtype", dtype)
+    err = one_line_error(res, 1)
+    assert err == f"error: --model: cannot read the weights file {weights}: {reason}"
+    assert not (tmp_path / "m").exists() and _snapshot(model, lora) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["O"]  # no temporary folder
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("setpriv"),
+                    reason="needs root and setpriv to drop the right to read any file")
+def test_weights_the_user_may_not_read_are_one_line(inputs, tmp_path):
+    import subprocess
+    import sys
+
+    _, model, lora = inputs
+    weights = model / WEIGHTS
+    weights.chmod(0)
+    out = tmp_path / "m"
+    # root reads any file; without these capabilities it is refused as anyone would be
+    res = subprocess.run(["setpriv", "--bounding-set", "-dac_override,-dac_read_search",
+                          str(Path(sys.executable).parent / "loraengine"), "merge",
+                          "--model", str(model), "--lora", str(lora), "--out", str(out)],
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 1, res.stderr
+    assert "Traceback" not in res.stderr and res.stdout == ""
+    assert res.stderr.splitlines() == [
+        f"error: --model: cannot read the weights file {weights}: Permission denied"]
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
+def test_a_non_finite_strength_is_refused_at_once(inputs, tmp_path, value):
+    _, model, lora = inputs
+    res = merge("--model", str(model), "--lora", str(lora), "--out", str(tmp_path / "m"),
+                "--strength", value)
+    err = one_line_error(res, 2)
+    assert err == f"error: --strength: must be a finite number, got {float(value)}"
+    assert not (tmp_path / "m").exists()
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_an_adapter_holding_nan_or_inf_is_refused_naming_the_tensor(inputs, tmp_path, value):
+    from safetensors.torch import load_file, save_file
+
+    _, model, lora = inputs
+    tensors = load_file(str(lora))
+    name = sorted(k for k in tensors if k.endswith("lora_up.weight"))[3]
+    tensors[name][0, 0] = value
+    bad = tmp_path / "bad.safetensors"
+    save_file(tensors, str(bad))
+    before = _snapshot(model, bad)
+    res = merge("--model", str(model), "--lora", str(bad), "--out", str(tmp_path / "m"))
+    err = one_line_error(res, 1)
+    assert err == (f"error: --lora {bad}: tensor {name!r} holds NaN or inf values; nothing "
+                   f"was merged or written")
+    assert not (tmp_path / "m").exists() and _snapshot(model, bad) == before
+
+
+def test_a_finite_strength_that_overflows_the_weights_writes_nothing(inputs, tmp_path):
+    _, model, lora = inputs
+    res = merge("--model", str(model), "--lora", str(lora), "--out", str(tmp_path / "m"),
+                "--strength", "1e39")
+    err = one_line_error(res, 1, f"--lora {lora}: merged at strength 1e+39, the weight ",
+                         "holds NaN or inf values in float32; nothing was written")
+    assert "Traceback" not in err
+    assert not (tmp_path / "m").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["O"]

@@ -20,6 +20,8 @@ def inspect(state: State, file: Path, as_json: bool) -> None:
     from loraengine.tools.inspect.logic import describe
 
     info = describe(file, state.host.registry)
+    for line in info["warnings"]:
+        click.echo(f"warning: {line}", err=True)
     if as_json:
         click.echo(json.dumps(info, indent=1))
         return

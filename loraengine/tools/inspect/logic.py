@@ -19,7 +19,8 @@ _RANK_PARAMS = ("lora_down.weight", "hada_w1_b")
 def describe(path: Path, registry: Registry | None = None) -> dict[str, Any]:
     """What a LoRA file holds: its algorithm (from the metadata, else the algorithm
     most modules are read as), rank, alpha, modules (and text-encoder modules, which
-    no reader applies), parameters, steps and metadata.
+    no reader applies), parameters, steps and metadata, and ``warnings`` (one line each:
+    a metadata entry that does not read as it should, shown as written).
 
     Modules and their algorithms come from the one adapter-file reader, asked without a
     model; ``registry`` supplies the key formats and algorithms (default: the plugins
@@ -40,6 +41,14 @@ def describe(path: Path, registry: Registry | None = None) -> dict[str, Any]:
                             f"(e.g. {sample}); is it a model's weights rather than an "
                             f"adapter file?")
         algo = counts.most_common(1)[0][0] if counts else "unknown"
+    warnings = []
+    config = meta.get("loraengine.config")
+    if config is not None:
+        try:
+            config = json.dumps(json.loads(config))
+        except (ValueError, RecursionError) as exc:  # the rest of the file still reads
+            warnings.append(f"{path}: the metadata entry loraengine.config is not JSON "
+                            f"({exc}); shown as written")
     ranks = sorted({int(m.params[p].shape[0]) for m in file.modules.values()
                     for p in _RANK_PARAMS if p in m.params})
     alphas = sorted({float(t) for k, t in tensors.items() if k.endswith(".alpha")})
@@ -56,6 +65,6 @@ def describe(path: Path, registry: Registry | None = None) -> dict[str, Any]:
         "steps": file.steps,
         "dtypes": sorted({str(t.dtype).replace("torch.", "") for t in tensors.values()}),
         "metadata": {k: v for k, v in meta.items() if k != "loraengine.config"} | (
-            {"loraengine.config": json.dumps(json.loads(meta["loraengine.config"]))}
-            if "loraengine.config" in meta else {}),
+            {"loraengine.config": config} if config is not None else {}),
+        "warnings": warnings,
     }

@@ -15,8 +15,10 @@ only a folder an earlier merge wrote, which it recognises by the marker file
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +26,7 @@ import torch
 from safetensors import SafetensorError
 
 from loraengine.core.config.source import shorten
+from loraengine.core.data import first_nonfinite
 from loraengine.core.devices import DTYPES, SAFETENSORS_DTYPES
 from loraengine.core.errors import ConfigError, DataError
 from loraengine.core.files import atomic_folder, read_adapter_file, text_encoder_note
@@ -88,20 +91,44 @@ def locate_denoiser(root: Path, subfolder: str | None) -> tuple[Path, str | None
 
 
 def saved_dtype(folder: Path) -> torch.dtype:
-    """The floating dtype the model's weights are stored in (fp32 when unknown)."""
+    """The floating dtype the model's weights are stored in (fp32 when unknown). Every
+    weights file's header is read, so a corrupt, truncated or unreadable file is a
+    ``DataError`` naming it before anything loads."""
     from safetensors import safe_open
 
     # the file from_pretrained loads, not a variant such as *.fp16.safetensors
     main = folder / "diffusion_pytorch_model.safetensors"
     files = [main] if main.exists() else sorted(
         f for f in folder.glob("*.safetensors") if f.name.count(".") == 1)
+    found = []
     for file in files:
-        with safe_open(str(file), framework="pt") as fh:
-            for key in fh.keys():
-                dtype = fh.get_slice(key).get_dtype()
-                if dtype in SAFETENSORS_DTYPES:
-                    return SAFETENSORS_DTYPES[dtype]
-    return torch.float32
+        reason = "not a regular file"  # a folder, or a FIFO that would block the read
+        try:
+            if file.is_file():
+                # safetensors reports a file it may not read as missing: open it here first
+                with open(file, "rb"), safe_open(str(file), framework="pt") as fh:
+                    found += [fh.get_slice(key).get_dtype() for key in fh.keys()]
+                continue
+        except (OSError, SafetensorError) as exc:
+            reason = getattr(exc, "strerror", None) or shorten(
+                (str(exc).splitlines() or [type(exc).__name__])[0])
+        raise DataError(f"--model: cannot read the weights file {file}: {reason}")
+    return next((SAFETENSORS_DTYPES[d] for d in found if d in SAFETENSORS_DTYPES),
+                torch.float32)
+
+
+def check_strength(strength: float, option: str = "--strength") -> None:
+    """Refuse a NaN or infinite strength: every merged or adapted weight would be."""
+    if not math.isfinite(strength):
+        raise ConfigError(f"{option}: must be a finite number, got {strength}")
+
+
+def check_finite(tensors: Mapping[str, torch.Tensor], source: Path | str) -> None:
+    """Refuse an adapter file holding NaN or inf values, naming the first tensor."""
+    bad = first_nonfinite(tensors)
+    if bad is not None:
+        raise DataError(f"--lora {source}: tensor {bad!r} holds NaN or inf values; "
+                        f"nothing was merged or written")
 
 
 def load_diffusers_model(folder: Path) -> Any:
@@ -120,7 +147,7 @@ def load_diffusers_model(folder: Path) -> Any:
     try:
         # fp32 for the merge itself; the result is cast back to the stored dtype.
         return cls.from_pretrained(str(folder), local_files_only=True, torch_dtype=torch.float32)
-    except (OSError, ValueError, RuntimeError) as exc:
+    except (OSError, ValueError, RuntimeError, SafetensorError) as exc:
         raise DataError(f"--model: cannot load {cls_name} from {folder}: "
                         f"{str(exc).splitlines()[0]}") from None
 
@@ -139,16 +166,26 @@ def merge_model(model_path: Path, lora: Path, out: Path, strength: float = 1.0,
 
         host = build_plugin_manager()
     model_path, lora, out = Path(model_path), Path(lora), Path(out)
+    check_strength(strength)
     check_output(model_path, lora, out, overwrite)
     folder, sub = locate_denoiser(model_path, subfolder)
-    target = saved_dtype(folder) if dtype == "auto" else DTYPES[dtype]
+    stored = saved_dtype(folder)  # reads every weights header: a bad file fails here
+    target = stored if dtype == "auto" else DTYPES[dtype]
     model = load_diffusers_model(folder)
     file = read_adapter_file(lora, host.registry, adaptable_layers(model), model=model)
+    check_finite(file.tensors, lora)
     network, key_format, algorithms = network_from_file(model, file, host.registry)
     network.set_multiplier(strength)
     with torch.no_grad():
         network.merge()
     model.to(target)
+    # finite inputs can still overflow (a large strength, or a delta beyond fp16's range)
+    bad = next((n for n, p in model.named_parameters() if p.is_floating_point()
+                and not bool(torch.isfinite(p).all())), None)
+    if bad is not None:
+        raise DataError(f"--lora {lora}: merged at strength {strength:g}, the weight {bad} "
+                        f"holds NaN or inf values in {str(target).replace('torch.', '')}; "
+                        f"nothing was written")
     info = {"out": str(out), "modules": len(network.paths), "format": key_format,
             "algorithms": sorted(set(algorithms.values())),
             "dtype": str(target).replace("torch.", ""),

@@ -11,6 +11,7 @@ endpoint goes through any SSH tunnel or proxy unchanged.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,20 +27,30 @@ SUFFIX = ".events.jsonl"
 def find_events(run: Path, name: str | None = None) -> Path:
     """The event stream to follow: ``run`` itself when it is a file, else
     ``<run>/<name>.events.jsonl`` (which may not exist yet: the page waits for it), else
-    the newest ``*.events.jsonl`` in the folder. A ``ConfigError`` (exit 2) when there is
-    no such folder or it holds no stream."""
+    the newest ``*.events.jsonl`` file in the folder. A ``ConfigError`` (exit 2) when
+    there is no such folder, it holds no stream, the stream is a folder, or ``name`` is
+    not a plain file name (``../..`` would reach out of the run folder)."""
     run = Path(run)
+    if name is not None and (name in ("", ".", "..") or Path(name).name != name
+                             or "\0" in name):
+        raise ConfigError(f"--name {name!r}: not a plain file name (the run's output.name, "
+                          f"without a folder)")
     if run.is_file():
         return run
     if not run.is_dir():
         raise ConfigError(f"RUN_DIR: {run} is not a folder or an events file")
     if name is not None:
-        return run / f"{name}{SUFFIX}"
-    found = sorted(run.glob(f"*{SUFFIX}"), key=lambda p: (p.stat().st_mtime, p.name))
+        events = run / f"{name}{SUFFIX}"
+        if os.path.lexists(events) and not events.is_file():
+            raise ConfigError(f"--name: {events} is not a file (a folder?); the page "
+                              f"follows the run's events file")
+        return events
+    found = sorted((p for p in run.glob(f"*{SUFFIX}") if p.is_file()),
+                   key=lambda p: (p.stat().st_mtime, p.name))
     if not found:
-        raise ConfigError(f"RUN_DIR: no *{SUFFIX} in {run}; a run writes <name>{SUFFIX} "
-                          f"with output.loggers: [events] (the default), or pass --name "
-                          f"to wait for one")
+        raise ConfigError(f"RUN_DIR: no *{SUFFIX} file in {run}; a run writes "
+                          f"<name>{SUFFIX} with output.loggers: [events] (the default), or "
+                          f"pass --name to wait for one")
     return found[-1]
 
 
@@ -91,8 +102,11 @@ def served_file(root: Path, requested: str) -> Path | None:
     ``root``; ``None`` for anything else, so the page can show grids and nothing more."""
     root = root.resolve()
     path = Path(requested)
-    path = (path if path.is_absolute() else root / path).resolve()
-    if path.suffix.lower() != ".png" or not path.is_file():
+    try:
+        path = (path if path.is_absolute() else root / path).resolve()
+        if path.suffix.lower() != ".png" or not path.is_file():
+            return None
+    except (OSError, ValueError):  # a NUL byte, a name too long, a loop of links
         return None
     try:
         path.relative_to(root)
@@ -119,7 +133,11 @@ def make_app(events: Path) -> Any:
             since = int(request.query_params.get("since", "0"))
         except ValueError:
             return JSONResponse({"error": "since: expected a byte offset"}, status_code=400)
-        chunk = read_events(events, since)
+        try:
+            chunk = read_events(events, since)
+        except OSError as exc:  # the stream became a folder, or unreadable
+            return JSONResponse({"error": f"{events.name}: cannot be read "
+                                 f"({exc.strerror or exc})"}, status_code=409)
         body = chunk.as_json() | {"file": events.name}
         return JSONResponse(body, headers={"Cache-Control": "no-store"})
 

@@ -15,6 +15,15 @@ from pathlib import Path
 from typing import Any
 
 import click
+from click.core import ParameterSource
+
+from loraengine.cli.common import field_option, reports_errors
+from loraengine.core.config.root import AdapterOptions, TrainingConfig
+from loraengine.core.errors import ConfigError
+
+#: Options that only ``--real`` reads, and those only a CONFIG does (by parameter name).
+REAL_ONLY = ("resolution", "frames", "rank", "batch", "offload_blocks")
+CONFIG_ONLY = ("overrides", "measure")
 
 
 def _run(state: Any, config: Path, overrides: tuple[str, ...], as_json: bool,
@@ -76,9 +85,9 @@ def _run_real(state: Any, name: str, resolution_text: str | None, frames: int | 
               "(480x832).")
 @click.option("--frames", type=int, default=None,
               help="With --real, a video model: frames per clip (default 81).")
-@click.option("--rank", type=int, default=16, show_default=True, help="With --real.")
-@click.option("--batch", type=int, default=1, show_default=True, help="With --real.")
-@click.option("--offload-blocks", type=int, default=None,
+@field_option(AdapterOptions, "rank", "--rank", default=16, help="With --real.")
+@field_option(TrainingConfig, "batch_size", "--batch", help="With --real.")
+@click.option("--offload-blocks", type=click.IntRange(1), default=None,
               help="With --real: blocks offloaded in the partial-offload rows "
               "(default: 16 of 60, scaled to the model).")
 @click.pass_obj
@@ -86,17 +95,29 @@ def plan(state: Any, config: Path | None, overrides: tuple[str, ...], as_json: b
          measure: bool, real: str | None, resolution: str | None, frames: int | None,
          rank: int, batch: int, offload_blocks: int | None) -> None:
     """Estimate CONFIG's peak memory and step cost without training."""
-    from loraengine.cli.common import reports_errors
-    from loraengine.core.errors import ConfigError
+    ctx = click.get_current_context()
 
+    def given(names: tuple[str, ...]) -> str:
+        """The options of ``names`` on the command line, as the user spells them."""
+        options = {p.name: p.opts[0] for p in ctx.command.params}
+        return ", ".join(options[n] for n in names
+                         if ctx.get_parameter_source(n) in (ParameterSource.COMMANDLINE,
+                                                            ParameterSource.ENVIRONMENT))
+
+    def checked() -> None:
+        if real is not None and config is not None:
+            raise ConfigError("plan: give a CONFIG file or --real NAME, not both")
+        if real is not None and given(CONFIG_ONLY):
+            raise ConfigError(f"{given(CONFIG_ONLY)}: only with a CONFIG, not with --real")
+        if real is None and given(REAL_ONLY):
+            raise ConfigError(f"{given(REAL_ONLY)}: only with --real NAME (a CONFIG sets "
+                              f"these itself; change it with --set KEY=VALUE)")
+        if real is None and config is None:
+            raise ConfigError("plan: give a CONFIG file, or --real NAME")
+
+    reports_errors(checked)()
     if real is not None:
         reports_errors(_run_real)(state, real, resolution, frames, rank, batch,
                                   offload_blocks, as_json)
-        return
-    if config is None:
-        def missing(*_: Any) -> None:
-            raise ConfigError("plan: give a CONFIG file, or --real NAME")
-
-        reports_errors(missing)()
-        return
-    reports_errors(_run)(state, config, overrides, as_json, measure)
+    else:
+        reports_errors(_run)(state, config, overrides, as_json, measure)

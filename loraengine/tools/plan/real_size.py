@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any
 
 import torch
 
-from loraengine.core.errors import ConfigError
+from loraengine.core.errors import ConfigError, LoraEngineError
 from loraengine.core.plugins.host import PluginHost
 from loraengine.tools.plan.logic import MemoryPlan, MiB, estimate
 
@@ -84,6 +85,22 @@ def latent_shape(name: str, resolution: int | tuple[int, int] | None = None,
     return shape
 
 
+#: The most values of latents and conditioning a dry run holds for its batch: they
+#: (and the step's noise) are real tensors on the host, 1 GiB in fp32 at this limit.
+MAX_HOST_VALUES = 1 << 28
+
+
+def check_host_size(name: str, shape: list[int], batch: int) -> None:
+    """Refuse a ``--batch``, ``--resolution`` or ``--frames`` whose data would not fit in
+    host memory (the model itself is on the meta device and takes none)."""
+    values = batch * (math.prod(shape) + sum(math.prod(s) for s in _cond_shapes(name).values()))
+    if values > MAX_HOST_VALUES:
+        raise ConfigError(f"--batch/--resolution/--frames: a batch of {batch} latents "
+                          f"{shape} with their conditioning holds {values:,} values, more "
+                          f"than the {MAX_HOST_VALUES:,} a dry run keeps in host memory; "
+                          f"plan a smaller batch or size")
+
+
 def real_model(name: str, blocks: dict[str, int] | None = None) -> torch.nn.Module:
     """The released denoiser ``name`` on the meta device; ``blocks`` overrides the
     counts of its repeated blocks (config keys of the record's ``blocks``)."""
@@ -106,11 +123,16 @@ def conditioning(name: str, batch: int) -> dict[str, torch.Tensor]:
     """Zero conditioning of ``batch`` samples as ``prepare`` writes it for ``name``: the
     record's ``cond`` shapes per key (a ``mask`` is int64, as a tokenizer's), else one
     ``cond`` of ``text_tokens`` × ``text_width``."""
+    return {key: torch.zeros(batch, *shape,
+                             dtype=torch.long if key == "mask" else torch.float32)
+            for key, shape in _cond_shapes(name).items()}
+
+
+def _cond_shapes(name: str) -> dict[str, list[int]]:
+    """One sample's conditioning shapes by key, as ``conditioning`` makes them."""
     rec = record(name)
     shapes = rec.get("cond") or {"cond": [rec["text_tokens"], rec["text_width"]]}
-    return {key: torch.zeros(batch, *(int(n) for n in shape),
-                             dtype=torch.long if key == "mask" else torch.float32)
-            for key, shape in shapes.items()}
+    return {key: [int(n) for n in shape] for key, shape in shapes.items()}
 
 
 @dataclass
@@ -167,8 +189,10 @@ def _plan_at(name: str, host: PluginHost, sc: Scenario, blocks: dict[str, int],
     try:
         return estimate(conf, host, model=real_model(name, blocks),
                         latents={"latents": latents}, conditioning=cond, count_flops=False)
-    except (RuntimeError, NotImplementedError) as exc:
-        if "meta tensor" not in str(exc).lower():
+    except (RuntimeError, NotImplementedError, LoraEngineError) as exc:
+        # the training step reports a failed forward as an engine error, caused by it
+        cause = exc.__cause__ if isinstance(exc, LoraEngineError) else exc
+        if "meta tensor" not in str(cause).lower():
             raise
         # a forward that branches on tensor values (HunyuanVideo 1.5 tests its image
         # embedding for zeros and selects its text tokens by mask, Lumina 2 reads its
@@ -218,10 +242,16 @@ def plan_scenarios(name: str, host: PluginHost,
     2 and 3 offloaded) and read at the real counts. Partial offloading, affine in the resident and the offloaded blocks,
     is planned for a model with one kind of block (else ``None``)."""
     rec = record(name)
-    latent_shape(name, resolution, frames)  # a bad size fails before any dry run
+    # a bad size fails before any dry run
+    check_host_size(name, latent_shape(name, resolution, frames), batch)
     keys = list(rec["blocks"])
     real = [int(rec["config"][k]) for k in keys]
     total = sum(real)
+    if offload is not None and (len(keys) != 1 or not 1 <= offload <= total):
+        kinds = {0: "a UNet, whose levels are offloaded all or none",
+                 1: f"{total} blocks"}.get(len(keys), "two kinds of block, whose "
+                                                      "partial offloading is not planned")
+        raise ConfigError(f"--offload-blocks: {offload} for {name}, which has {kinds}")
     offload = total * 16 // 60 if offload is None else offload
     out: list[tuple[str, MemoryPlan | None]] = []
     for sc in scenarios(total, offload):

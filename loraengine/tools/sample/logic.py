@@ -11,6 +11,7 @@ model's VAE when it has one; otherwise their first three channels are shown as R
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -450,6 +451,21 @@ def check_out_folder(out: Path, overwrite: bool = False) -> None:
         raise ConfigError(f"--out {out}: cannot be made ({parent} is not writable)")
 
 
+#: The largest latents ``loraengine sample`` renders: a side of ``--size``, ``--frames``,
+#: and the values of one sample (1 GiB in fp32); beyond them the starting noise alone
+#: would exhaust the memory.
+MAX_SIDE, MAX_FRAMES, MAX_VALUES = 2048, 1024, 1 << 28
+
+
+def check_size(size: tuple[int, int] | None, frames: int | None = None) -> None:
+    """Refuse a ``--size`` or ``--frames`` out of range, before anything loads."""
+    if size is not None and not 1 <= min(size) <= max(size) <= MAX_SIDE:
+        raise ConfigError(f"--size: height and width must be 1 to {MAX_SIDE} (latent "
+                          f"pixels), got {list(size)}")
+    if frames is not None and not 1 <= frames <= MAX_FRAMES:
+        raise ConfigError(f"--frames: must be 1 to {MAX_FRAMES} (latent frames), got {frames}")
+
+
 def latent_shape(loaded: Any, size: tuple[int, int] | None, vae: Any,
                  frames: int | None = None) -> tuple[int, ...]:
     """(channels, height, width) of the latents to sample; (channels, frames, height,
@@ -468,13 +484,17 @@ def latent_shape(loaded: Any, size: tuple[int, int] | None, vae: Any,
             size = (side, side) if isinstance(side, int) else (int(side[0]), int(side[1]))
     if size is None:
         raise ConfigError("--size: required for this model (latent height and width)")
-    if min(size) < 1:
-        raise ConfigError(f"--size: height and width must be positive, got {list(size)}")
+    check_size(size, frames)
+    shape: tuple[int, ...] = (int(channels), int(size[0]), int(size[1]))
     if getattr(loaded, "latent_ndim", 4) == 5:
-        return int(channels), int(frames or 1), int(size[0]), int(size[1])
-    if frames is not None:
+        shape = (shape[0], int(frames or 1), *shape[1:])
+    elif frames is not None:
         raise ConfigError(f"--frames: the {loaded.family} model makes images, not video")
-    return int(channels), int(size[0]), int(size[1])
+    if math.prod(shape) > MAX_VALUES:
+        raise ConfigError(f"--size/--frames: a latent of {'x'.join(map(str, shape))} holds "
+                          f"{math.prod(shape):,} values, more than the {MAX_VALUES:,} one "
+                          f"sample may hold")
+    return shape
 
 
 def sample_to_folder(model: Path, prompts: Path, out: Path, *, host: Any,
@@ -488,8 +508,11 @@ def sample_to_folder(model: Path, prompts: Path, out: Path, *, host: Any,
     """Everything ``loraengine sample`` does; returns what was written. The output
     folder and text prompts are checked before the model is loaded."""
     from loraengine.inference import apply
+    from loraengine.tools.merge.logic import check_strength
 
     settings = settings or SampleSettings()
+    check_strength(strength)
+    check_size(size, frames)
     check_out_folder(out, overwrite)
     for path, what in ((prompts, "--prompts"), (negative, "--negative")):
         if path is not None and Path(path).suffix.lower() == ".txt":
