@@ -191,3 +191,13 @@ def test_monitor_answers_bad_requests_and_an_unreadable_stream_with_a_4xx(tmp_pa
         res = client.get("/api/events")
         assert res.status_code == 409
         assert res.json() == {"error": "run.events.jsonl: cannot be read (Is a directory)"}
+
+
+def test_inspect_of_a_file_of_no_tensors_says_so(tmp_path):
+    from safetensors.torch import save_file
+
+    empty = tmp_path / "empty.safetensors"
+    save_file({}, str(empty))
+    result = CliRunner().invoke(cli, ["inspect", str(empty)])
+    assert result.exit_code == 1, result.output
+    assert result.output.strip() == f"error: {empty}: the file holds no tensors"

@@ -35,6 +35,8 @@ def describe(path: Path, registry: Registry | None = None) -> dict[str, Any]:
     algo = meta.get("loraengine.algorithm")
     if not algo:
         counts = Counter(m.algorithm for m in file.modules.values() if m.algorithm)
+        if not tensors:
+            raise DataError(f"{path}: the file holds no tensors")
         if not counts and not any(m.deltas for m in file.modules.values()):
             sample = ", ".join(sorted(tensors)[:3])
             raise DataError(f"{path}: no installed adapter algorithm claims its tensors "
