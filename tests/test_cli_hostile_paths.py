@@ -11,14 +11,7 @@ import yaml
 from click.testing import CliRunner
 
 from loraengine.cli.main import cli
-
-
-def _one_line(result, code):
-    assert result.exit_code == code, result.output
-    assert "Traceback" not in result.output
-    lines = [x for x in result.output.splitlines() if x.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.output
-    return lines[0]
+from loraengine.testing.harness import one_error_line
 
 
 @pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no FIFOs on this system")
@@ -26,13 +19,13 @@ def test_a_fifo_as_the_config_is_refused_at_once(tmp_path):
     fifo = tmp_path / "c.yaml"
     os.mkfifo(fifo)
     start = time.perf_counter()
-    line = _one_line(CliRunner().invoke(cli, ["validate", str(fifo)]), 2)
+    line = one_error_line(CliRunner().invoke(cli, ["validate", str(fifo)]), 2)
     assert line == f"error: {fifo}: the config is a FIFO (named pipe), not a regular file"
     assert time.perf_counter() - start < 5  # reading it would wait for a writer forever
 
 
 @pytest.mark.parametrize("where", ["folder", "under-a-file"])
-def test_an_events_path_that_cannot_be_written_is_one_line(tmp_path, unet_config, where):
+def test_an_events_path_that_cannot_be_written_isone_error_line(tmp_path, unet_config, where):
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump(unet_config))
     if where == "folder":
@@ -43,7 +36,7 @@ def test_an_events_path_that_cannot_be_written_is_one_line(tmp_path, unet_config
         (tmp_path / "afile").write_text("keep")
         events = tmp_path / "afile" / "events.jsonl"
         reason = f"{tmp_path / 'afile'} is a file"
-    line = _one_line(CliRunner().invoke(cli, ["train", str(path), "-q", "--events",
+    line = one_error_line(CliRunner().invoke(cli, ["train", str(path), "-q", "--events",
                                               str(events)]), 2)
     assert line == f"error: --events {events}: cannot write ({reason})"
     assert not (tmp_path / "out").exists()
@@ -67,7 +60,7 @@ def test_an_unforeseen_exception_is_one_line_and_exit_70(tmp_path, monkeypatch, 
                     "loraengine; --debug shows the traceback to report)")
     assert ("Traceback (most recent call last)" in result.output) is debug
     if not debug:
-        _one_line(result, 70)
+        one_error_line(result, 70)
 
 
 @pytest.mark.parametrize("link", ["loop", "broken"])
@@ -82,7 +75,7 @@ def test_an_output_dir_behind_a_dead_link_is_refused_by_validate(tmp_path, unet_
     path.write_text(yaml.safe_dump(unet_config))
     before = sorted(p.name for p in tmp_path.iterdir())
     for command in ("validate", "train"):
-        line = _one_line(CliRunner().invoke(cli, [command, str(path), *(["-q"] if command
+        line = one_error_line(CliRunner().invoke(cli, [command, str(path), *(["-q"] if command
                                                                        == "train" else [])]), 2)
         assert line == (f"error: output.dir: {folder} cannot be created: {dead} is a symbolic "
                         f"link that leads nowhere (a missing target or a loop)")

@@ -7,6 +7,7 @@ from click.testing import CliRunner
 from safetensors.torch import save_file
 
 from loraengine.cli.main import cli
+from loraengine.testing.harness import one_error_line
 from loraengine.testing.models import tiny_conditioning
 
 
@@ -14,19 +15,12 @@ def _run(*args):
     return CliRunner().invoke(cli, list(args))
 
 
-def _one_error(result, code):
-    assert result.exit_code == code, result.output
-    assert "Traceback" not in result.output
-    lines = [x for x in result.output.splitlines() if x.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.output
-    return lines[0]
-
 
 def test_prompts_that_are_not_utf8_name_the_file_offset_and_line(tmp_path):
     prompts = tmp_path / "p.txt"
     raw = b"a red square\nun caf" + b"\xe9" + b" noir\n"
     prompts.write_bytes(raw)
-    line = _one_error(_run("sample", "--model", str(tmp_path / "no-model"), "--prompts",
+    line = one_error_line(_run("sample", "--model", str(tmp_path / "no-model"), "--prompts",
                            str(prompts), "--out", str(tmp_path / "o")), 1)
     offset = raw.index(b"\xe9")
     assert line == (f"error: --prompts {prompts}: not UTF-8 text (byte 0xe9 at offset "
@@ -39,12 +33,12 @@ def test_negative_prompts_are_checked_too_and_binary_files_are_refused(tmp_path)
     good.write_text("a cat\n")
     neg = tmp_path / "n.txt"
     neg.write_bytes(b"blurry\nugly\x00\x01\x02")
-    line = _one_error(_run("sample", "--model", str(tmp_path / "m"), "--prompts", str(good),
+    line = one_error_line(_run("sample", "--model", str(tmp_path / "m"), "--prompts", str(good),
                            "--negative", str(neg), "--out", str(tmp_path / "o")), 1)
     assert line == f"error: --negative {neg}: a NUL character at line 2 (not a text file?)"
     folder = tmp_path / "folder.txt"
     folder.mkdir()
-    line = _one_error(_run("sample", "--model", str(tmp_path / "m"), "--prompts",
+    line = one_error_line(_run("sample", "--model", str(tmp_path / "m"), "--prompts",
                            str(folder), "--out", str(tmp_path / "o")), 1)
     assert line == f"error: --prompts {folder}: not a regular file"
 
@@ -55,12 +49,12 @@ def test_an_out_that_is_a_file_is_refused_before_the_model_loads(tmp_path):
     prompts = tmp_path / "p.txt"
     prompts.write_text("x\n")
     # the model does not exist: the --out check comes first, before any loading
-    line = _one_error(_run("sample", "--model", str(tmp_path / "no-model"), "--prompts",
+    line = one_error_line(_run("sample", "--model", str(tmp_path / "no-model"), "--prompts",
                            str(prompts), "--out", str(out)), 2)
     assert line.startswith(f"error: --out {out}: exists and is not a folder")
     assert out.read_bytes() == b"keep me"
     under = out / "sub"
-    line = _one_error(_run("sample", "--model", str(tmp_path / "no-model"), "--prompts",
+    line = one_error_line(_run("sample", "--model", str(tmp_path / "no-model"), "--prompts",
                            str(prompts), "--out", str(under)), 2)
     assert line == f"error: --out {under}: {out} is a file, so the folder cannot be made"
 
@@ -74,7 +68,7 @@ def test_an_earlier_sample_is_kept_unless_overwrite(tmp_path, unet_dir):
     first = _run(*common, "--seed", "1")
     assert first.exit_code == 0, first.output
     grid = (out / "grid.png").read_bytes()
-    line = _one_error(_run(*common, "--seed", "2"), 2)
+    line = one_error_line(_run(*common, "--seed", "2"), 2)
     assert line == (f"error: --out {out}: holds the images of an earlier sample (grid.png, "
                     f"image_0_0.png); add --overwrite to replace them, or give another "
                     f"folder")

@@ -16,6 +16,7 @@ from safetensors.torch import save_file
 
 from loraengine.cli.main import cli
 from loraengine.core.errors import ConfigError
+from loraengine.testing.harness import one_error_line
 from loraengine.tools.monitor.logic import make_app
 from loraengine.tools.sample import logic as sample_logic
 
@@ -23,13 +24,6 @@ from loraengine.tools.sample import logic as sample_logic
 def _run(*args):
     return CliRunner().invoke(cli, list(args))
 
-
-def _one_line(result, code):
-    assert result.exit_code == code, result.output
-    assert "Traceback" not in result.output
-    lines = [x for x in result.output.splitlines() if x.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.output
-    return lines[0]
 
 
 # -- inspect ------------------------------------------------------------------------------
@@ -65,7 +59,7 @@ def test_sample_refuses_a_non_finite_strength_before_loading(tmp_path, value):
     prompts = tmp_path / "p.txt"
     prompts.write_text("a cat\n")
     # the model does not exist: the strength is checked first
-    line = _one_line(_run("sample", "--model", str(tmp_path / "no-model"), "--prompts",
+    line = one_error_line(_run("sample", "--model", str(tmp_path / "no-model"), "--prompts",
                           str(prompts), "--out", str(tmp_path / "o"), "--strength", value), 2)
     assert line == f"error: --strength: must be a finite number, got {float(value)}"
     assert not (tmp_path / "o").exists()
@@ -81,7 +75,7 @@ def test_sample_refuses_a_non_finite_strength_before_loading(tmp_path, value):
 def test_sample_refuses_absurd_sizes_before_loading(tmp_path, args, message):
     prompts = tmp_path / "p.txt"
     prompts.write_text("a cat\n")
-    line = _one_line(_run("sample", "--model", str(tmp_path / "no-model"), "--prompts",
+    line = one_error_line(_run("sample", "--model", str(tmp_path / "no-model"), "--prompts",
                           str(prompts), "--out", str(tmp_path / "o"), *args), 2)
     assert line == f"error: {message}"
     assert not (tmp_path / "o").exists()
@@ -130,7 +124,7 @@ def test_plan_refuses_options_that_do_nothing_or_do_not_fit(tmp_path, args, mess
     config = tmp_path / "c.yaml"
     config.write_text("model: {family: sd15}\n")
     start = time.perf_counter()
-    line = _one_line(_run("plan", *[str(config) if a == "CONFIG" else a for a in args]), 2)
+    line = one_error_line(_run("plan", *[str(config) if a == "CONFIG" else a for a in args]), 2)
     assert line == f"error: {message}"
     assert time.perf_counter() - start < 10  # refused before any dry run
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c.yaml"]
@@ -161,17 +155,17 @@ def no_serving(monkeypatch):
 
 @pytest.mark.parametrize("name", ["../..", "sub/run", "..", "."])
 def test_monitor_refuses_a_name_that_is_not_a_plain_file_name(tmp_path, no_serving, name):
-    line = _one_line(_run("monitor", str(tmp_path), "--name", name), 2)
+    line = one_error_line(_run("monitor", str(tmp_path), "--name", name), 2)
     assert line == (f"error: --name {name!r}: not a plain file name (the run's output.name, "
                     f"without a folder)")
 
 
 def test_monitor_refuses_an_events_path_that_is_a_folder(tmp_path, no_serving):
     (tmp_path / "run.events.jsonl").mkdir()
-    line = _one_line(_run("monitor", str(tmp_path), "--name", "run"), 2)
+    line = one_error_line(_run("monitor", str(tmp_path), "--name", "run"), 2)
     assert line == (f"error: --name: {tmp_path / 'run.events.jsonl'} is not a file (a "
                     f"folder?); the page follows the run's events file")
-    line = _one_line(_run("monitor", str(tmp_path)), 2)  # the newest stream: none is a file
+    line = one_error_line(_run("monitor", str(tmp_path)), 2)  # the newest stream: none is a file
     assert line.startswith(f"error: RUN_DIR: no *.events.jsonl file in {tmp_path}")
 
 

@@ -19,9 +19,19 @@ import torch
 from loraengine.core.config.source import deep_merge
 
 __all__ = [
-    "TinyData", "deep_merge", "is_spec", "make_plugin", "registered", "tiny_data",
-    "tiny_train_config", "train_tiny",
+    "TinyData", "deep_merge", "is_spec", "make_plugin", "one_error_line", "registered",
+    "tiny_data", "tiny_train_config", "train_tiny",
 ]
+
+
+def one_error_line(result: Any, code: int) -> str:
+    """The one line a command printed for its error (a click ``Result``), after
+    asserting the exit ``code``, no traceback, and that nothing else was printed."""
+    assert result.exit_code == code, result.output
+    assert "Traceback" not in result.output
+    lines = [x for x in result.output.splitlines() if x.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.output
+    return str(lines[0])
 
 
 def is_spec(obj: Any) -> bool:
