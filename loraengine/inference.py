@@ -12,6 +12,7 @@ later) or ``merge`` (W+ΔW written into the weights, what ComfyUI's LoRA loader 
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -22,6 +23,7 @@ import torch
 from torch import nn
 
 from loraengine.core.adapter import AdapterLayer, AdapterNetwork, ChannelDelta
+from loraengine.core.data import first_nonfinite
 from loraengine.core.errors import ConfigError, DataError, LoraEngineError
 from loraengine.core.files import (
     AdapterFile,
@@ -176,9 +178,15 @@ def apply(model: nn.Module, path: str | Path | Mapping[str, torch.Tensor],
     """
     if mode not in ("bypass", "merge"):
         raise ConfigError(f"mode: expected 'bypass' or 'merge', got {mode!r}")
+    if not math.isfinite(strength):
+        raise ConfigError(f"strength: must be a finite number, got {strength}")
     host = host if host is not None else _default_host()
     file = read_adapter_file(path if isinstance(path, Mapping) else Path(path), host.registry,
                              adaptable_layers(model), model=model)
+    bad = first_nonfinite(file.tensors)
+    if bad is not None:  # every output of the adapted model would be NaN
+        raise DataError(f"{file.source}: tensor {bad!r} holds NaN or inf values; the adapter "
+                        f"is not applied")
     network, key_format, algorithms = network_from_file(model, file, host.registry,
                                                         strict=strict)
     note = text_encoder_note(file, "applied")

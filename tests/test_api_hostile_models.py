@@ -151,3 +151,30 @@ def test_two_d_conditioning_with_a_row_per_latent_is_warned_about():
                                          r"for one embedding per latent give \[N,1,D\]"):
         loraengine.train(tiny_train_config(), model=TinyDenoiser(), latents=data.latents,
                          conditioning=pooled)
+
+
+def test_apply_refuses_a_non_finite_adapter_or_strength(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from loraengine.core.errors import ConfigError, DataError
+
+    data = tiny_data()
+    cfg = tiny_train_config({"output": {"dir": str(tmp_path), "plot": False}})
+    path = loraengine.train(cfg, model=TinyDenoiser(), latents=data.latents,
+                            conditioning=data.conditioning).path
+    tensors = load_file(str(path))
+    key = sorted(k for k in tensors if "lora_up" in k)[0]
+    tensors[key][0] = float("inf")
+    bad = tmp_path / "bad.safetensors"
+    save_file(tensors, str(bad))
+    model = TinyDenoiser()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    for mode in ("bypass", "merge"):
+        with pytest.raises(DataError) as err:
+            loraengine.apply(model, bad, mode=mode)
+        assert str(err.value) == (f"{bad}: tensor {key!r} holds NaN or inf values; the "
+                                  "adapter is not applied")
+    with pytest.raises(ConfigError, match=r"^strength: must be a finite number, got nan$"):
+        loraengine.apply(model, path, strength=float("nan"))
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert not model._forward_hooks and not any(m._forward_hooks for m in model.modules())
