@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import torch
 from click.testing import CliRunner
 from safetensors.torch import save_file
 
@@ -76,3 +77,17 @@ def test_an_earlier_sample_is_kept_unless_overwrite(tmp_path, unet_dir):
     again = _run(*common, "--seed", "2", "--overwrite")
     assert again.exit_code == 0, again.output
     assert (out / "grid.png").read_bytes() != grid  # another seed, another picture
+
+
+def test_a_device_that_is_not_here_names_the_option(tmp_path, tiny_unet_dir):
+    prompts = tmp_path / "p.safetensors"
+    save_file({"cond": tiny_conditioning(1)}, str(prompts))
+    cases = [("bogus", "unknown device 'bogus'")]
+    if not torch.cuda.is_available():
+        cases.append(("cuda:7", "'cuda:7' requested but CUDA is not available"))
+    for device, why in cases:
+        line = one_error_line(_run("sample", "--model", str(tiny_unet_dir), "--prompts",
+                                   str(prompts), "--out", str(tmp_path / "o"), "--device",
+                                   device), 2)
+        assert line == f"error: --device: {why}"
+    assert not (tmp_path / "o").exists()

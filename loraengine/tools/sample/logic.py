@@ -385,12 +385,12 @@ def load_model_for_sampling(model: Path, family: str | None, host: Any, device: 
         section = {"family": family or detect_family(model, host.registry),
                    "path": str(model.resolve())}
         base_dir = Path.cwd()
+    dev = resolve_device(device, key="--device")  # before the config, which says training.
     # the model is loaded in the dtype it samples in (not training.dtype's default)
     cfg = parse_config({"model": section, "training": {"device": device, "dtype": dtype}},
                        host.registry,
                        base_dir=base_dir)
     loaded = load_model(cfg, host, base_dir=base_dir)
-    dev = resolve_device(device)
     loaded.module.requires_grad_(False).eval().to(dev, DTYPES[dtype])
     return loaded, cfg
 
