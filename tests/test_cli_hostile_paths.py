@@ -80,3 +80,22 @@ def test_an_output_dir_behind_a_dead_link_is_refused_by_validate(tmp_path, unet_
         assert line == (f"error: output.dir: {folder} cannot be created: {dead} is a symbolic "
                         f"link that leads nowhere (a missing target or a loop)")
     assert sorted(p.name for p in tmp_path.iterdir()) == before  # nothing made
+
+
+def test_a_reader_that_goes_away_ends_the_command_quietly(tmp_path):
+    # `loraengine inspect FILE | head -1`: the pipe closes while the command writes
+    import subprocess
+    import sys
+
+    import torch
+    from safetensors.torch import save_file
+
+    path = tmp_path / "l.safetensors"
+    save_file({"lora_unet_a.lora_down.weight": torch.zeros(2, 5),
+               "lora_unet_a.lora_up.weight": torch.zeros(3, 2)}, str(path))
+    proc = subprocess.Popen([sys.executable, "-m", "loraengine.cli.main", "inspect", str(path)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()  # before it writes a line
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 141, err  # 128 + SIGPIPE, as a shell reports it
+    assert err == ""

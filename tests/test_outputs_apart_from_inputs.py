@@ -128,3 +128,16 @@ def test_adapter_existing_that_is_the_output_is_trained_on_in_place(tmp_path, un
                                       f"adapter.existing={lora}"])
     assert result.exit_code == 0, result.output
     assert lora.read_bytes() != first  # three more steps from where the first run ended
+
+
+@pytest.mark.parametrize("own", ["run.events.jsonl", "run.loss.json", "run.safetensors"])
+def test_events_may_not_be_a_file_the_run_writes(tmp_path, unet_config, own):
+    out = tmp_path / "out"
+    unet_config["output"] = {"dir": str(out), "name": "run", "plot": False}
+    path = _write(tmp_path, unet_config)
+    result = CliRunner().invoke(cli, ["train", str(path), "-q", "--events", str(out / own)])
+    key = {"run.events.jsonl": "output.loggers (events)", "run.loss.json":
+           "output.name (loss map)", "run.safetensors": "output.name"}[own]
+    assert _refused(result) == [f"error: --events {out / own}: is the file the run writes "
+                                f"for {key}; choose another path"]
+    assert not out.exists()

@@ -4,6 +4,7 @@ click options made from the config fields they mirror."""
 from __future__ import annotations
 
 import functools
+import os
 import signal
 import sys
 import threading
@@ -68,6 +69,11 @@ def reports_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
             sys.exit(exc.exit_code)
         except click.ClickException:
             raise  # click's own usage errors print themselves
+        except BrokenPipeError:
+            # the reader went away (``| head``): nothing to report, and nothing more may
+            # be written to the closed pipe, not even at exit
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            sys.exit(128 + signal.SIGPIPE)
         except Exception as exc:  # a bug: one line, the traceback only with --debug
             if debug:
                 traceback.print_exc()

@@ -32,6 +32,7 @@ import json  # noqa: E402
 import time  # noqa: E402
 import warnings  # noqa: E402
 from pathlib import Path  # noqa: E402
+from typing import Any  # noqa: E402
 
 import click  # noqa: E402
 
@@ -93,6 +94,7 @@ def train(state: State, config: Path, overrides: tuple[str, ...], quiet: bool,
     if not quiet and main_rank:
         host.register(ProgressBar(), name="loraengine.cli.progress")
     if events is not None and main_rank:
+        _check_events_apart(events, cfg)
         host.register(EventLog(events, append=True), name="loraengine.cli.events")
     started = time.perf_counter()
     with training_threads(cfg.training.threads):
@@ -125,6 +127,22 @@ def train(state: State, config: Path, overrides: tuple[str, ...], quiet: bool,
         click.echo(summary_line(result, time.perf_counter() - started))
         for kind, path in result.files.items():
             click.echo(f"  {kind}: {path}")
+
+
+def _check_events_apart(events: Path, cfg: Any) -> None:
+    """``--events`` may not be a file the run itself writes: the LoRA or loss map would
+    replace the events, and the events logger's own file would get each line twice."""
+    from loraengine.core.preflight import output_paths
+    from loraengine.plugins.outputs.loggers import events_path
+
+    owned = dict(output_paths(cfg))
+    if "events" in cfg.output.loggers:
+        owned["output.loggers (events)"] = events_path(Path(cfg.output.dir), cfg.output.name)
+    real = os.path.realpath(events)
+    for key, path in owned.items():
+        if os.path.realpath(path) == real:
+            raise ConfigError(f"--events {events}: is the file the run writes for {key}; "
+                              f"choose another path")
 
 
 @cli.command()
