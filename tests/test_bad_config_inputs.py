@@ -136,6 +136,10 @@ CONFIG_CASES: dict[str, tuple[str, list[str], list[str]]] = {
                            ["optimizer.eps.1", "'true'"]),
     "samples-size-true": (BASE.replace("  name: test", "  name: test\n  samples: {size: "
                                        "[true, 8]}"), [], ["output.samples.size.0", "'true'"]),
+    "samples-size-huge": (BASE.replace("  name: test", "  name: test\n  samples: {size: "
+                                       "[100000, 8]}"), [],
+                          ["output.samples.size: height and width must be 1 to 2048 (latent "
+                           "pixels), got [100000, 8]"]),
 }
 
 SET_CASES: dict[str, tuple[str, list[str], list[str]]] = {

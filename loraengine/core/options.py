@@ -268,6 +268,18 @@ class EarlyStopConfig(Strict):
     min_delta: float = Field(default=0.0, ge=0)
 
 
+#: The largest side of latents the engine renders (``output.samples.size``, ``sample
+#: --size``): beyond it the starting noise of one image alone outgrows memory.
+MAX_LATENT_SIDE = 2048
+
+
+def _latent_size(value: tuple[int, int]) -> tuple[int, int]:
+    if not all(1 <= side <= MAX_LATENT_SIDE for side in value):
+        raise ValueError(f"height and width must be 1 to {MAX_LATENT_SIDE} (latent pixels), "
+                         f"got {list(value)}")
+    return value
+
+
 class SamplesConfig(Strict):
     """Preview images rendered while training (``<name>.samples/``); off unless set."""
 
@@ -292,8 +304,9 @@ class SamplesConfig(Strict):
     sampler_options: dict[str, Any] = Field(
         default_factory=dict, description="The sampler's own options (ddim: eta; euler: "
         "karras, rho, shift).")
-    size: tuple[int, int] | None = Field(default=None, description="Latent height and width; "
-                                         "default: the training latents'.")
+    size: Annotated[tuple[int, int], AfterValidator(_latent_size)] | None = Field(
+        default=None, description=f"Latent height and width (1 to {MAX_LATENT_SIDE} each); "
+        "default: the training latents'.")
     compare: bool = Field(default=True, description="At the end also write compare.png: the base "
                           "model beside the adapted one, same prompts and seeds.")
 

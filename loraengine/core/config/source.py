@@ -325,6 +325,8 @@ def error_message(err: Mapping[str, Any]) -> str:
     if kind == "missing":
         return "required key is missing"
     msg = str(err.get("msg", "invalid value"))
+    if kind == "value_error":  # a validator's own sentence, without pydantic's label
+        msg = msg.removeprefix("Value error, ")
     if "input" in err and kind not in ("union_tag_invalid",) and not isinstance(
             err["input"], (dict, list)):
         msg += f" (got {echo(err['input'])})"

@@ -27,6 +27,7 @@ from loraengine.core.devices import DTYPES, resolve_device
 from loraengine.core.errors import ConfigError, DataError
 from loraengine.core.files import read_text, write_atomic
 from loraengine.core.model import LoadedModel
+from loraengine.core.options import MAX_LATENT_SIDE
 from loraengine.core.samplers import resolve_sampler
 from loraengine.core.schedule import NoiseSchedule
 from loraengine.core.seeding import make_generator
@@ -454,7 +455,7 @@ def check_out_folder(out: Path, overwrite: bool = False) -> None:
 #: The largest latents ``loraengine sample`` renders: a side of ``--size``, ``--frames``,
 #: and the values of one sample (1 GiB in fp32); beyond them the starting noise alone
 #: would exhaust the memory.
-MAX_SIDE, MAX_FRAMES, MAX_VALUES = 2048, 1024, 1 << 28
+MAX_SIDE, MAX_FRAMES, MAX_VALUES = MAX_LATENT_SIDE, 1024, 1 << 28
 
 
 def check_size(size: tuple[int, int] | None, frames: int | None = None) -> None:
