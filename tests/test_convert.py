@@ -153,9 +153,26 @@ def test_non_lora_for_diffusers_warns(model_dir, tmp_path):
     folder, unet = model_dir
     src, _ = _file(tmp_path, unet, "lokr", {"factor": -1}, exporter="kohya",
                    include=("down_blocks.1.*",))
-    res = _run(src, "--to", "diffusers", "--out", tmp_path / "x.safetensors")
+    res = _run(src, "--to", "diffusers", "--model", folder, "--out", tmp_path / "x.safetensors")
     assert res.exit_code == 0, res.output
-    assert "diffusers reads only LoRA (found lokr)" in res.output
+    # measured with the model: every LoKr layer is left out by diffusers' reader
+    assert "warning: diffusers: diffusers reads only LoRA (lokr layers left unchanged): " \
+           "52 layer(s), max relative weight error 1" in res.output
+
+
+@pytest.mark.parametrize("target", ["comfyui", "diffusers", "kohya", "a1111"])
+def test_a_kohya_file_needs_the_model_to_be_rekeyed(model_dir, tmp_path, target):
+    # its names lost their dots: without the model, each target got names nothing reads
+    # (diffusion_model.lora_unet_..., lora_unet_lora_unet_...)
+    folder, unet = model_dir
+    src, _ = _file(tmp_path, unet, "lora", exporter="kohya", include=("down_blocks.1.*",))
+    out = tmp_path / f"{target}.safetensors"
+    res = _run(src, "--to", target, "--out", out)
+    assert res.exit_code == 2, res.output
+    assert res.output.startswith(f"error: --model: {src} has kohya's flattened names (e.g. "
+                                 "lora_unet_down_blocks_1_"), res.output
+    assert res.output.strip().endswith("so pass --model PATH") and not out.exists()
+    assert _run(src, "--to", target, "--model", folder, "--out", out).exit_code == 0
 
 
 def test_never_writes_over_the_input(model_dir, tmp_path):

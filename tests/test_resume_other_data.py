@@ -49,3 +49,23 @@ def test_a_checkpoint_past_the_steps_says_nothing_is_trained(tmp_path):
         "is trained; the result is the checkpoint's adapter (raise training.steps to train "
         "on)") for w in caught), [str(w.message) for w in caught]
     assert result.steps == 3
+
+
+def test_a_fresh_run_among_an_earlier_runs_checkpoints_is_refused(tmp_path):
+    _run(tmp_path, 6, 3)  # checkpoints at steps 1-3
+    folder = tmp_path / "lora.checkpoints"
+    before = sorted(p.name for p in folder.iterdir())
+    data = tiny_data()
+    cfg = tiny_train_config({"training": {"steps": 2}, "adapter": {"rank": 4},
+                             "output": {"dir": str(tmp_path), "save_every": 1,
+                                        "keep_last": 1, "plot": False}})
+    from loraengine.core.errors import ConfigError
+
+    with pytest.raises(ConfigError) as err:
+        loraengine.train(cfg, model=TinyDenoiser(), latents=data.latents,
+                         conditioning=data.conditioning)
+    assert str(err.value) == (
+        f"output.save_every: {folder} holds the checkpoints of an earlier run (steps 1-3); "
+        "continue that run with --resume (resume= in loraengine.train), or start afresh "
+        "under another output.name or after removing the folder")
+    assert sorted(p.name for p in folder.iterdir()) == before

@@ -218,6 +218,7 @@ class Trainer:
         """Train from ``start_step`` to ``total_steps``: checkpoints, validation, early
         stop, the non-finite watchdog and Ctrl-C handling included."""
         out = self.config.output
+        self._refuse_foreign_checkpoints()
         try:
             self._start_loggers()
             self.host.on_train_start(self.view())
@@ -284,6 +285,20 @@ class Trainer:
     def _unregister_run_plugins(self) -> None:
         while self._run_plugins:
             self.host.unregister(self._run_plugins.pop())
+
+    def _refuse_foreign_checkpoints(self) -> None:
+        """``ConfigError`` when a run that starts afresh would write its checkpoints
+        among an earlier run's: saving step N replaces theirs and ``keep_last`` prunes
+        the rest, so the earlier run could no longer be resumed."""
+        if not (self.writes_files and self.config.output.save_every and self.start_step == 0):
+            return
+        found = ckpt.list_checkpoints(self.checkpointer.folder)
+        if found:
+            raise ConfigError(
+                f"output.save_every: {self.checkpointer.folder} holds the checkpoints of an "
+                f"earlier run (steps {found[0][0]}-{found[-1][0]}); continue that run with "
+                f"--resume (resume= in loraengine.train), or start afresh under another "
+                f"output.name or after removing the folder")
 
     def _refuse_if_nothing_learned(self) -> None:
         """``NonFiniteError`` when every step so far (a resumed run's earlier ones

@@ -384,6 +384,10 @@ def convert_file(source: Path, target: str, model_path: Path | None = None,
                             f"error {err:.2g} (worst {worst})")
     else:
         file = read_adapter_file(source, host.registry)
+        if file.key_format == "kohya":  # lora_unet_down_blocks_0_...: dots lost to "_"
+            raise ConfigError(f"--model: {source} has kohya's flattened names (e.g. "
+                              f"{next(iter(sorted(file.modules)), '')}); which layer each is "
+                              f"can only be read off the model, so pass --model PATH")
         modules = {path: {**m.params, **m.deltas} for path, m in file.modules.items()}
         original = sorted(p for p in modules if p.split(".", 1)[0] in ORIGINAL_ROOTS)
         if target == "diffusers" and original:
