@@ -99,3 +99,23 @@ def test_a_reader_that_goes_away_ends_the_command_quietly(tmp_path):
     err = proc.stderr.read().decode()
     assert proc.wait(timeout=120) == 141, err  # 128 + SIGPIPE, as a shell reports it
     assert err == ""
+
+
+@pytest.mark.parametrize(("device", "why"), [
+    ("meta", "'meta' holds no values to train on (loraengine plan estimates a run without "
+             "one) (got 'meta')"),
+    ("mps", "'mps' is not usable here: Could not run 'aten::empty.memory_format' with "
+            "arguments from the 'MPS' backend. ..."),
+])
+def test_validate_refuses_a_training_device_train_cannot_use(tmp_path, unet_config, device,
+                                                             why):
+    import torch
+
+    if device == "mps" and torch.backends.mps.is_available():
+        pytest.skip("this machine has MPS")
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(unet_config))
+    result = CliRunner().invoke(cli, ["validate", str(path), "--set",
+                                      f"training.device={device}"])
+    line = one_error_line(result, 2)
+    assert line == f"error: training.device: {why}" + (" (--set)" if device == "meta" else "")

@@ -17,12 +17,13 @@ SAFETENSORS_DTYPES: dict[str, torch.dtype] = {"F32": torch.float32, "F16": torch
 
 
 def resolve_device(name: str, *, key: str = "training.device",
-                   error: type[LoraEngineError] = ConfigError, probe: bool = True
-                   ) -> torch.device:
+                   error: type[LoraEngineError] = ConfigError, probe: bool = True,
+                   allow_meta: bool = True) -> torch.device:
     """The device ``name`` means (``auto``: CUDA when available, else the CPU).
 
     With ``probe`` the device must also be usable here (CUDA present, a tensor can be
-    made on it); errors name ``key`` and are raised as ``error``."""
+    made on it), and ``meta`` (which holds no values) only with ``allow_meta``; errors
+    name ``key`` and are raised as ``error``."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -31,15 +32,18 @@ def resolve_device(name: str, *, key: str = "training.device",
         raise error(f"{key}: unknown device {name!r}") from None
     if not probe:
         return dev
+    if dev.type == "meta" and not allow_meta:
+        raise error(f"{key}: 'meta' holds no values to compute on")
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise error(f"{key}: {name!r} requested but CUDA is not available")
     if dev.type != "meta":
         try:
             torch.empty(0, device=dev)
         except (RuntimeError, AssertionError) as exc:
-            raise error(f"{key}: {name!r} is not usable here: "
-                        f"{str(exc).splitlines()[0] if str(exc) else 'unavailable'}"
-                        ) from None
+            first = str(exc).splitlines()[0] if str(exc) else "unavailable"
+            if len(first) > 160:  # torch's dispatcher lists every backend it knows
+                first = first[:first.find(". ") + 1 or 160].rstrip() + " ..."
+            raise error(f"{key}: {name!r} is not usable here: {first}") from None
     return dev
 
 

@@ -173,6 +173,14 @@ class Strict(BaseModel):
         _infinite_defaults_allowed(cls)
 
 
+def _real_device(value: str) -> str:
+    """A device that holds values: ``meta`` is for ``plan``'s own dry runs only."""
+    if value.strip().lower().startswith("meta"):
+        raise ValueError("'meta' holds no values to train on (loraengine plan estimates a "
+                         "run without one)")
+    return value
+
+
 def _printable_name(value: str) -> str:
     """A file name free of control characters (NUL, ESC, newlines...): a file system or
     a terminal would refuse or misread them."""
@@ -196,8 +204,8 @@ class TrainingConfig(Strict):
         "(an fp16 model then trains with a gradient scaler).")
     max_grad_norm: float | None = Field(
         default=None, gt=0, description="Clip the adapter gradients' global norm to this value.")
-    device: str = Field(default="auto",
-                        description="auto (cuda when available), cpu, cuda, cuda:N.")
+    device: Annotated[str, AfterValidator(_real_device)] = Field(
+        default="auto", description="auto (cuda when available), cpu, cuda, cuda:N.")
     dist_timeout: float = Field(
         default=600.0, gt=0, description="Seconds a process waits for the others (torchrun) before "
         "the run stops with an error.")

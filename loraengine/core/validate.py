@@ -23,6 +23,7 @@ from loraengine.core.data import (
     make_dataset,
     read_safetensors_layout,
 )
+from loraengine.core.devices import resolve_device
 from loraengine.core.errors import LoraEngineError
 from loraengine.core.files import looks_like, option_conflicts, read_adapter_file
 from loraengine.core.model import ModelLayout
@@ -42,6 +43,7 @@ def validate_config(config: Any, host: PluginHost, base_dir: Path | None = None
     _check_data(config, layout, problems)
     _check_existing(config, host, problems)
     _attempt(problems, lambda: check_outputs(config))
+    _attempt(problems, lambda: resolve_device(config.training.device))  # as train will
     return problems, notes
 
 

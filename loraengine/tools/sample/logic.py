@@ -386,7 +386,8 @@ def load_model_for_sampling(model: Path, family: str | None, host: Any, device: 
         section = {"family": family or detect_family(model, host.registry),
                    "path": str(model.resolve())}
         base_dir = Path.cwd()
-    dev = resolve_device(device, key="--device")  # before the config, which says training.
+    # before the config, whose errors would name training.device
+    dev = resolve_device(device, key="--device", allow_meta=False)
     # the model is loaded in the dtype it samples in (not training.dtype's default)
     cfg = parse_config({"model": section, "training": {"device": device, "dtype": dtype}},
                        host.registry,
