@@ -550,3 +550,18 @@ def test_guidance_with_a_negative_lacking_extra_keys(host):
     out = S.sample_latents(loaded, cond, (1, 2, 2), settings, host.registry,
                            negative={"cond": torch.zeros(1, 2, 4)})
     assert bool(torch.isfinite(out).all())
+
+
+def test_cli_sample_refuses_to_write_images_of_non_finite_samples(tmp_path, unet_config,
+                                                                  unet_dir):
+    # finite weights, but a strength that takes the adapted model's output past fp32
+    lora = loraengine.train(unet_config).path
+    prompts = tmp_path / "prompts.safetensors"
+    save_file({"cond": tiny_conditioning(1, dim=16, seed=4)}, str(prompts))
+    result = run_cli("sample", "--model", str(unet_dir), "--prompts", str(prompts), "--steps",
+                     "1", "--lora", str(lora), "--strength", "1e30", "--out", str(tmp_path / "a"))
+    assert result.exit_code == 1, result.output
+    assert result.output.strip().splitlines()[-1] == (
+        f"error: the model's samples with --lora {lora} at --strength 1e+30 hold NaN or inf "
+        "values; no image is written")
+    assert not (tmp_path / "a").exists()

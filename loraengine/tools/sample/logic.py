@@ -528,9 +528,14 @@ def sample_to_folder(model: Path, prompts: Path, out: Path, *, host: Any,
     vae = find_vae(loaded)
     shape = latent_shape(loaded, size, vae, frames)
 
-    def render() -> torch.Tensor:
+    def render(adapted: bool = False) -> torch.Tensor:
         latents = sample_latents(loaded, cond, shape, settings, host.registry,
                                    negative=neg, per_prompt=per_prompt, progress=progress)
+        if not bool(torch.isfinite(latents).all()):  # they would be written as black images
+            cause = (f"with --lora {lora} at --strength {strength:g}" if adapted
+                     else "without an adapter")
+            raise DataError(f"the model's samples {cause} hold NaN or inf values; no image "
+                            f"is written")
         return decode(loaded, latents, vae)
 
     out = Path(out)
@@ -539,7 +544,7 @@ def sample_to_folder(model: Path, prompts: Path, out: Path, *, host: Any,
     if lora is not None:
         handle = apply(loaded.module, lora, strength=strength, mode=mode, host=host)
         written["modules"] = len(handle.modules)
-    images = render() if lora is not None or base is None else base
+    images = render(adapted=lora is not None) if lora is not None or base is None else base
     written["grid"] = save_png(grid_image(images, per_prompt), out / "grid.png")
     for i in range(images.shape[0]):
         p, j = divmod(i, per_prompt)
