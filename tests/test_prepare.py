@@ -429,3 +429,23 @@ def test_a_family_that_is_not_the_pipelines_is_one_line_not_a_traceback(tmp_path
     assert "StableDiffusionPipeline" in lines[0] and "sdxl" in lines[0]
     assert "StableDiffusionXLPipeline" in lines[0]
     assert not (tmp_path / "d").exists()
+
+
+@pytest.mark.parametrize("kind", ["16-bit", "float"])
+def test_deep_greyscale_images_are_scaled_not_clipped(tmp_path, kind):
+    # PIL's own RGB conversion clips: a 16-bit image came out nearly white, a float one
+    # in [0, 1] black; each must read as the 8-bit image of the same picture
+    import numpy as np
+    from PIL import Image
+
+    from loraengine.tools.prepare.logic import load_pixels
+
+    eight = np.arange(256, dtype=np.uint8).repeat(64).reshape(128, 128)
+    deep = (eight.astype(np.uint16) * 257 if kind == "16-bit"
+            else eight.astype(np.float32) / 255)
+    paths = tmp_path / "eight.png", tmp_path / ("deep.png" if kind == "16-bit" else "deep.tif")
+    Image.fromarray(eight).save(paths[0])
+    Image.fromarray(deep).save(paths[1])
+    want, _, _ = load_pixels(paths[0], (64, 64))
+    got, _, _ = load_pixels(paths[1], (64, 64))
+    assert torch.equal(got, want)

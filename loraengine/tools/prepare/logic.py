@@ -369,6 +369,27 @@ def collect(images: Path, captions_file: Path | None = None, caption_ext: str = 
     return scan(find_images(Path(images)), captions, caption_ext, Path(images))
 
 
+def to_rgb(img: Any) -> Any:
+    """A PIL image as 8-bit RGB. 16-bit and 32-bit integer and float greyscale images
+    are scaled to 8 bits first (PIL's own conversion clips them: a 16-bit image turns
+    almost white, a float one in [0, 1] black): 16-bit (and 32-bit ones whose values fit
+    in 16 bits) by 257, float ones in [0, 1] by 255."""
+    from PIL import Image
+
+    if img.mode.startswith("I;16") or img.mode in ("I", "F"):
+        import numpy as np
+
+        values = np.asarray(img, dtype=np.float64)
+        top = float(values.max()) if values.size else 0.0
+        if img.mode == "F":
+            scale = 255.0 if top <= 1.0 else 1.0
+        else:
+            scale = 1 / 257 if top <= 65535 else 255 / max(top, 1.0)
+        eight = np.clip(np.rint(values * scale), 0, 255).astype(np.uint8)
+        return Image.fromarray(eight, mode="L").convert("RGB")
+    return img.convert("RGB")
+
+
 def load_pixels(path: Path, bucket: tuple[int, int], crop_only: bool = False
                 ) -> tuple[torch.Tensor, tuple[int, int], tuple[int, int]]:
     """The image resized to cover ``bucket`` (kept as it is with ``crop_only``) and
@@ -378,7 +399,7 @@ def load_pixels(path: Path, bucket: tuple[int, int], crop_only: bool = False
 
     try:
         with Image.open(path) as opened:
-            rgb = ImageOps.exif_transpose(opened).convert("RGB")
+            rgb = to_rgb(ImageOps.exif_transpose(opened))
     except (OSError, SyntaxError, ValueError) as exc:
         raise DataError(f"{path}: cannot decode image: {exc}") from None
     return fit_image(rgb, bucket, crop_only)
@@ -419,7 +440,7 @@ def load_picture(path: Path, bucket: tuple[int, int]) -> Any:
 
     try:
         with Image.open(path) as opened:
-            rgb = ImageOps.exif_transpose(opened).convert("RGB")
+            rgb = to_rgb(ImageOps.exif_transpose(opened))
     except (OSError, SyntaxError, ValueError) as exc:
         raise DataError(f"{path}: cannot decode image: {exc}") from None
     return fit_picture(rgb, bucket)[0]

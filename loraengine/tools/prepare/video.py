@@ -39,6 +39,7 @@ from loraengine.tools.prepare.logic import (
     fit_image,
     read_captions_file,
     side_caption,
+    to_rgb,
     write_pair,
 )
 
@@ -170,7 +171,7 @@ def read_frames(clip: Path) -> tuple[list[Any], str]:
             h.update(f.name.encode() + b"\0" + data)
             try:
                 with Image.open(f) as img:
-                    frames.append(ImageOps.exif_transpose(img).convert("RGB"))
+                    frames.append(to_rgb(ImageOps.exif_transpose(img)))
             except (OSError, SyntaxError, ValueError) as exc:
                 raise DataError(f"{f}: cannot decode frame: {exc}") from None
         return frames, h.hexdigest()
