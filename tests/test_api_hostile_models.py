@@ -178,3 +178,26 @@ def test_apply_refuses_a_non_finite_adapter_or_strength(tmp_path):
         loraengine.apply(model, path, strength=float("nan"))
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert not model._forward_hooks and not any(m._forward_hooks for m in model.modules())
+
+
+def test_settings_that_change_nothing_are_warned_about(tmp_path):
+    import warnings
+
+    data = tiny_data()
+    cfg = tiny_train_config({
+        "training": {"steps": 3},
+        "output": {"dir": str(tmp_path), "plot": False, "save_every": 100},
+        "lr_scheduler": {"name": "linear", "warmup_steps": 3},
+        "early_stop": {"min_delta": 0.5}})
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        loraengine.train(cfg, model=TinyDenoiser(), latents=data.latents,
+                         conditioning=data.conditioning)
+    said = [str(w.message) for w in caught]
+    for line in ("output.save_every: 100 is more than training.steps (3); no checkpoint is "
+                 "written",
+                 "early_stop.min_delta: has no effect without early_stop.patience",
+                 "lr_scheduler.warmup_steps: 3 is not below training.steps (3); the rate "
+                 "never reaches optimizer.lr"):
+        assert line in said, said
+    assert not (tmp_path / "lora.checkpoints").exists()

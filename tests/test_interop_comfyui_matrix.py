@@ -215,7 +215,10 @@ def test_convert_to_comfyui_warns_about_oft_rescale(tmp_path):
 
     cid = "oft-constraint=0.5-rescaled=True-r4"
     src = _unet_file(tmp_path, *CASES[cid][:2], rank=CASES[cid][2])
-    plain = convert_file(src, "comfyui", out=tmp_path / "a.safetensors")["warnings"]
+    # a kohya file's flattened names need the model; a file in diffusers' names does not
+    named = _unet_file(tmp_path / "named", *CASES[cid][:2], rank=CASES[cid][2],
+                       exporter="diffusers")
+    plain = convert_file(named, "comfyui", out=tmp_path / "a.safetensors")["warnings"]
     assert any(line.startswith("ComfyUI: ComfyUI never applies OFT's rescale")
                for line in plain), plain
     measured = convert_file(src, "comfyui", out=tmp_path / "b.safetensors",

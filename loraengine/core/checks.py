@@ -17,7 +17,30 @@ def pipeline_warnings(pipe: Any) -> list[str]:
     written."""
     threads = threads_over_cpus(pipe.config.training.threads)
     return [*_rank_of_existing(pipe), *_batch_larger_than_data(pipe),
-            *_exporter_limits(pipe), *([threads] if threads else [])]
+            *_exporter_limits(pipe), *([threads] if threads else []),
+            *_settings_without_effect(pipe.config)]
+
+
+def _settings_without_effect(cfg: Any) -> list[str]:
+    """Keys set to values that change nothing in this run (each would otherwise pass
+    silently): checkpoints after the last step, validation data no schedule uses, a
+    min_delta without patience, a warmup that outlasts the run."""
+    steps = int(cfg.training.steps)
+    out: list[str] = []
+    save_every = cfg.output.save_every
+    if save_every is not None and save_every > steps:
+        out.append(f"output.save_every: {save_every} is more than training.steps ({steps}); "
+                   f"no checkpoint is written")
+    if cfg.data.validation is not None and cfg.validation.every is None:
+        out.append("data.validation: no validation loss is computed without "
+                   "validation.every")
+    if "min_delta" in cfg.early_stop.model_fields_set and cfg.early_stop.patience is None:
+        out.append("early_stop.min_delta: has no effect without early_stop.patience")
+    warmup = getattr(cfg.lr_scheduler, "warmup_steps", None)
+    if isinstance(warmup, int) and warmup >= steps > 0:
+        out.append(f"lr_scheduler.warmup_steps: {warmup} is not below training.steps "
+                   f"({steps}); the rate never reaches optimizer.lr")
+    return out
 
 
 def _exporter_limits(pipe: Any) -> list[str]:

@@ -384,7 +384,9 @@ def convert_file(source: Path, target: str, model_path: Path | None = None,
                             f"error {err:.2g} (worst {worst})")
     else:
         file = read_adapter_file(source, host.registry)
-        if file.key_format == "kohya":  # lora_unet_down_blocks_0_...: dots lost to "_"
+        if file.key_format == "kohya" and target in ("comfyui", "diffusers"):
+            # lora_unet_down_blocks_0_...: the dots of the module paths these keys need
+            # were lost to "_"
             raise ConfigError(f"--model: {source} has kohya's flattened names (e.g. "
                               f"{next(iter(sorted(file.modules)), '')}); which layer each is "
                               f"can only be read off the model, so pass --model PATH")
