@@ -213,3 +213,16 @@ def test_a_file_of_no_tensors_is_refused_and_nothing_written(tmp_path):
     assert result.output.strip() == (f"error: {empty}: holds no adapter tensors to convert; "
                                      "nothing written")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["empty.safetensors"]
+
+
+@pytest.mark.parametrize("target", ["kohya", "a1111"])
+def test_a_kohya_file_converted_without_a_model_keeps_its_keys(model_dir, tmp_path, target):
+    # the writer adds lora_unet_ to names that carry it already: it came out doubled
+    folder, unet = model_dir
+    src, _ = _file(tmp_path, unet, "lora", exporter="kohya", include=("down_blocks.1.*",))
+    out = tmp_path / f"{target}.safetensors"
+    res = _run(src, "--to", target, "--out", out)
+    assert res.exit_code == 0, res.output
+    before, after = load_file(str(src)), load_file(str(out))
+    assert sorted(after) == sorted(before)
+    assert all(torch.equal(after[k], before[k]) for k in before)

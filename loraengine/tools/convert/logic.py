@@ -347,6 +347,10 @@ def _text_encoder_tensors(file: AdapterFile, target: str, warnings: list[str]
     return {k: v for k, v in file.tensors.items() if k.split(".", 1)[0] in names}
 
 
+#: The prefix kohya's writer puts before a denoiser module's flattened name.
+KOHYA_PREFIX = "lora_unet_"
+
+
 def convert_file(source: Path, target: str, model_path: Path | None = None,
                  out: Path | None = None, overwrite: bool = False, *,
                  host: PluginHost | None = None, model: nn.Module | None = None
@@ -390,6 +394,11 @@ def convert_file(source: Path, target: str, model_path: Path | None = None,
             raise ConfigError(f"--model: {source} has kohya's flattened names (e.g. "
                               f"{next(iter(sorted(file.modules)), '')}); which layer each is "
                               f"can only be read off the model, so pass --model PATH")
+        if file.key_format == "kohya":
+            # kohya (and a1111) keep the file's own flattened names: the writer adds the
+            # prefix the names already carry, so it comes off first (not doubled)
+            file = dataclasses.replace(file, modules={
+                path.removeprefix(KOHYA_PREFIX): m for path, m in file.modules.items()})
         modules = {path: {**m.params, **m.deltas} for path, m in file.modules.items()}
         original = sorted(p for p in modules if p.split(".", 1)[0] in ORIGINAL_ROOTS)
         if target == "diffusers" and original:
