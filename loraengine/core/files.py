@@ -178,6 +178,20 @@ def write_atomic(path: Path, writer: Callable[[Path], object]) -> None:
         writer(tmp)
 
 
+def path_overlap(out: Path, source: Path) -> str | None:
+    """How an output path collides with an input, links resolved: ``"is"`` (the same
+    file or folder), ``"contains"`` (the input lies inside the output), ``"is inside"``
+    (the output lies inside the input), or ``None`` when they are apart."""
+    out, source = Path(os.path.realpath(out)), Path(os.path.realpath(source))
+    if out == source:
+        return "is"
+    if source.is_relative_to(out):
+        return "contains"
+    if out.is_relative_to(source):
+        return "is inside"
+    return None
+
+
 def write_text_atomic(path: Path, text: str) -> None:
     write_atomic(path, lambda p: p.write_text(text, encoding="utf-8"))
 

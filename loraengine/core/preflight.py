@@ -26,6 +26,7 @@ from pydantic import BaseModel
 from safetensors import safe_open
 
 from loraengine.core.errors import ConfigError
+from loraengine.core.files import path_overlap
 
 #: What a checkpoint holds per adapter parameter byte: the weights plus an optimizer
 #: state of about twice their size (Adam's two moments); the basis of the disk estimate.
@@ -173,18 +174,16 @@ def _check_apart(outputs: dict[str, Path], inputs: dict[str, Path]) -> None:
     an ``adapter.existing`` that is the output itself (it is read before training and
     the output replaces it whole at the end: training a LoRA on in place)."""
     for out_key, out in outputs.items():
-        real_out = Path(os.path.realpath(out))
         for in_key, source in inputs.items():
-            real_in = Path(os.path.realpath(source))
-            if real_out == real_in:
-                if in_key == "adapter.existing":
-                    continue  # training a LoRA on in place: read first, replaced whole
-                how = "is"
-            elif real_in.is_relative_to(real_out):
-                how = "holds"
-            elif real_out.is_relative_to(real_in) and _foreign_weights(real_out):
-                how = "would replace a weights file of"
-            else:
+            relation = path_overlap(out, source)
+            if relation == "is" and in_key == "adapter.existing":
+                continue  # training a LoRA on in place: read first, replaced whole
+            if relation == "is inside" and not _foreign_weights(
+                    Path(os.path.realpath(out))):
+                continue
+            how = {"is": "is", "contains": "holds",
+                   "is inside": "would replace a weights file of"}.get(relation or "")
+            if how is None:
                 continue
             raise ConfigError(f"{out_key}: {out} {how} {in_key} {source}; the run would "
                               f"write over its own input (choose another output.dir or "

@@ -29,7 +29,12 @@ from loraengine.core.config.source import shorten
 from loraengine.core.data import first_nonfinite
 from loraengine.core.devices import DTYPES, SAFETENSORS_DTYPES
 from loraengine.core.errors import ConfigError, DataError
-from loraengine.core.files import atomic_folder, read_adapter_file, text_encoder_note
+from loraengine.core.files import (
+    atomic_folder,
+    path_overlap,
+    read_adapter_file,
+    text_encoder_note,
+)
 from loraengine.core.plugins.host import PluginHost
 
 DENOISERS = ("unet", "transformer")
@@ -39,23 +44,11 @@ DENOISERS = ("unet", "transformer")
 MARKER = "loraengine_merge.json"
 
 
-def _overlap(out: Path, source: Path) -> str | None:
-    """How ``out`` collides with an input (real paths), or None when apart."""
-    out, source = Path(os.path.realpath(out)), Path(os.path.realpath(source))
-    if out == source:
-        return "is"
-    if source.is_relative_to(out):
-        return "contains"
-    if out.is_relative_to(source):
-        return "is inside"
-    return None
-
-
 def check_output(model_path: Path, lora: Path, out: Path, overwrite: bool) -> None:
     """Refuse an ``--out`` that would destroy an input or a folder merge did not write,
     before anything is loaded."""
     for option, source in (("--model", model_path), ("--lora", lora)):
-        how = _overlap(out, source)
+        how = path_overlap(out, source)
         if how is not None:
             raise ConfigError(f"--out: {out} {how} {option} {source}; write the merged "
                               f"model to a folder apart from the inputs")
