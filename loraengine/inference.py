@@ -12,7 +12,6 @@ later) or ``merge`` (W+ΔW written into the weights, what ComfyUI's LoRA loader 
 
 from __future__ import annotations
 
-import math
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -23,6 +22,7 @@ import torch
 from torch import nn
 
 from loraengine.core.adapter import AdapterLayer, AdapterNetwork, ChannelDelta
+from loraengine.core.adapter.network import check_strength
 from loraengine.core.data import first_nonfinite
 from loraengine.core.errors import ConfigError, DataError, LoraEngineError
 from loraengine.core.files import (
@@ -178,8 +178,7 @@ def apply(model: nn.Module, path: str | Path | Mapping[str, torch.Tensor],
     """
     if mode not in ("bypass", "merge"):
         raise ConfigError(f"mode: expected 'bypass' or 'merge', got {mode!r}")
-    if not math.isfinite(strength):
-        raise ConfigError(f"strength: must be a finite number, got {strength}")
+    check_strength(strength, "strength")
     host = host if host is not None else _default_host()
     file = read_adapter_file(path if isinstance(path, Mapping) else Path(path), host.registry,
                              adaptable_layers(model), model=model)

@@ -295,7 +295,7 @@ def test_validate_says_permission_denied_for_data_and_weights(tmp_path, unreadab
     data_cfg, model_cfg, latents, weights = unreadable
     (data_code, data_err), (model_code, model_err) = _as_unprivileged(
         tmp_path, ["validate", str(data_cfg)], ["validate", str(model_cfg)])
-    data_line = f"error: data.latents file {latents}: cannot be read: Permission denied"
+    data_line = f"error: data.latents: cannot read {latents}: Permission denied"
     model_line = f"error: model.path: cannot read {weights}: Permission denied"
     assert data_code == 2 and data_line in data_err.splitlines(), data_err
     assert model_code == 2 and model_line in model_err.splitlines(), model_err
@@ -312,7 +312,7 @@ def test_train_says_permission_denied_for_data_and_weights(tmp_path, unreadable)
     assert the_error_line(model_err) == \
         f"error: model.path: cannot read {weights}: Permission denied"
     assert the_error_line(data_err) == \
-        f"error: latents file {latents}: cannot be read: Permission denied"
+        f"error: latents: cannot read {latents}: Permission denied"
 
 
 # -- 5. model weights that are not safetensors ------------------------------------------

@@ -190,7 +190,7 @@ HEADER = "Error while deserializing header: "  # safetensors' own words
     ("truncated", "auto", HEADER + "incomplete metadata, file not fully covered"),
     ("truncated", "fp16", HEADER + "incomplete metadata, file not fully covered"),
     ("garbage", "auto", HEADER + "header too large"),
-    ("folder", "auto", "not a regular file"),
+    ("folder", "auto", None),
 ])
 def test_broken_weights_are_one_line_and_nothing_is_written(inputs, tmp_path, kind, dtype,
                                                             reason):
@@ -207,7 +207,8 @@ def test_broken_weights_are_one_line_and_nothing_is_written(inputs, tmp_path, ki
     res = merge("--model", str(model), "--lora", str(lora), "--out", str(tmp_path / "m"),
                 "--dtype", dtype)
     err = one_line_error(res, 1)
-    assert err == f"error: --model: cannot read the weights file {weights}: {reason}"
+    assert err == (f"error: --model: cannot read {weights}: {reason}" if reason else
+                   f"error: --model path is a folder, not a safetensors file: {weights}")
     assert not (tmp_path / "m").exists() and _snapshot(model, lora) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["O"]  # no temporary folder
 
@@ -230,7 +231,7 @@ def test_weights_the_user_may_not_read_are_one_line(inputs, tmp_path):
     assert res.returncode == 1, res.stderr
     assert "Traceback" not in res.stderr and res.stdout == ""
     assert res.stderr.splitlines() == [
-        f"error: --model: cannot read the weights file {weights}: Permission denied"]
+        f"error: --model: cannot read {weights}: Permission denied"]
     assert not out.exists()
 
 

@@ -9,7 +9,7 @@ import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 from safetensors import SafetensorError
@@ -26,28 +26,39 @@ class DataWarning(UserWarning):
     """Training data was accepted with a change (e.g. samples skipped)."""
 
 
-def _check_regular_file(path: Path, what: str) -> None:
-    """``DataError`` naming ``what`` unless ``path`` is a regular file that opens for
-    reading: a FIFO or a device would block or stream forever, so it is refused from
-    its ``stat`` alone; one that does not open is refused with the system's reason."""
+def open_regular(path: Path, what: str) -> BinaryIO:
+    """``path`` opened for reading, unbuffered, once its ``stat`` shows a regular file:
+    a FIFO or a device would block or stream forever. Anything else is a ``DataError``
+    naming ``what`` and the file, with the system's reason where one did not open.
+    safetensors reports every file it cannot open as missing, so a reader opens the file
+    here first to say why."""
     try:
         info = os.stat(path)
     except FileNotFoundError:
         raise DataError(f"{what} file not found: {path}") from None
     except (OSError, ValueError) as exc:  # ValueError: a NUL byte in the name
-        reason = getattr(exc, "strerror", None) or str(exc)
-        raise DataError(f"{what} file {path!r}: cannot be read: {reason}") from None
+        raise unreadable(path, what, exc) from None
     if stat.S_ISDIR(info.st_mode):
         raise DataError(f"{what} path is a folder, not a safetensors file: {path}")
     if not stat.S_ISREG(info.st_mode):
         kind = next((k for test, k in _FILE_KINDS if test(info.st_mode)), "not a regular file")
         raise DataError(f"{what} path {path} is {kind}, not a safetensors file")
-    try:  # safetensors reports any file it cannot open as "No such file or directory"
-        with open(path, "rb"):
-            pass
+    try:
+        return open(path, "rb", buffering=0)
     except OSError as exc:
-        raise DataError(f"{what} file {path}: cannot be read: {exc.strerror or exc}"
-                        ) from None
+        raise unreadable(path, what, exc) from None
+
+
+def unreadable(path: Path, what: str, exc: BaseException) -> DataError:
+    """The error for a file that does not open, with the system's reason."""
+    return DataError(f"{what}: cannot read {path}: "
+                     f"{getattr(exc, 'strerror', None) or exc}")
+
+
+def _check_regular_file(path: Path, what: str) -> None:
+    """:func:`open_regular`, for a reader that opens the file by name afterwards."""
+    with open_regular(path, what):
+        pass
 
 
 def read_safetensors(path: Path, what: str) -> dict[str, torch.Tensor]:

@@ -196,6 +196,28 @@ def write_text_atomic(path: Path, text: str) -> None:
     write_atomic(path, lambda p: p.write_text(text, encoding="utf-8"))
 
 
+def write_pair(lat_path: Path, cond_path: Path, lat: Mapping[str, torch.Tensor],
+               cond: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None
+               ) -> None:
+    """Write a latents file and its conditioning file as a pair: both are written in
+    full (and flushed to disk) to temporary files beside them before either replaces
+    an earlier file, so a failed write leaves both as they were and no temporary file."""
+    meta = dict(metadata) if metadata is not None else None
+    with atomic_path(lat_path) as tmp_lat, atomic_path(cond_path) as tmp_cond:
+        for path, tmp, tensors in ((lat_path, tmp_lat, lat), (cond_path, tmp_cond, cond)):
+            try:
+                save_file(dict(tensors), str(tmp), metadata=meta)
+                with open(tmp, "rb+") as fh:
+                    os.fsync(fh.fileno())
+            except Exception as exc:
+                reason = write_failure(exc)
+                if reason is None:
+                    raise
+                raise OutputError(f"{path}: cannot write ({reason}); neither {lat_path.name} "
+                                  f"nor {cond_path.name} was changed, nothing half-written "
+                                  f"is left") from None
+
+
 def save_lora(path: Path, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, Any]
               ) -> None:
     """Write a LoRA file atomically. Refuses non-finite tensors (nothing is written)."""

@@ -4,6 +4,7 @@ patching each layer's forward (rebuild), as forward hooks (bypass), or merged.""
 from __future__ import annotations
 
 import fnmatch
+import math
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, cast
 
@@ -104,6 +105,13 @@ class AdapterNetwork(nn.Module):
                     v = v.to(dtype)
                 tensors[k] = v.contiguous().cpu()
         return out
+
+
+def check_strength(strength: float, option: str = "--strength") -> None:
+    """Refuse a NaN or infinite strength (the multiplier of every adapter): each adapted
+    output, or merged weight, would be NaN or infinite. ``option`` names the input."""
+    if not math.isfinite(strength):
+        raise ConfigError(f"{option}: must be a finite number, got {strength}")
 
 
 def _key(path: str) -> str:

@@ -33,6 +33,7 @@ from typing import IO, Any
 import torch
 from torch import nn
 
+from loraengine.core.data import open_regular, unreadable
 from loraengine.core.errors import DataError
 
 WEIGHTS = "diffusion_pytorch_model.safetensors"
@@ -61,7 +62,7 @@ def weight_files(model_dir: Path) -> list[Path] | None:
             weight_map = json.loads(index.read_text(encoding="utf-8")).get("weight_map", {})
             files = sorted({model_dir / name for name in weight_map.values()})
         except OSError as exc:
-            raise unreadable(index, exc) from None
+            raise unreadable(index, "model.path", exc) from None
         except (ValueError, AttributeError, TypeError):  # not JSON, or not its layout
             raise DataError(f"model.path: {index} is not a readable index of weight "
                             f"files (a JSON object with a weight_map)") from None
@@ -82,19 +83,10 @@ def read_tensors(path: Path, want: dict[str, torch.dtype | None]
     return out
 
 
-def unreadable(path: Path, exc: OSError, key: str = "model.path") -> DataError:
-    """The error for a weight file that cannot be opened, with the system's reason."""
-    return DataError(f"{key}: cannot read {path}: {exc.strerror or exc}")
-
-
 def open_weights(path: Path, key: str = "model.path") -> IO[bytes]:
-    """``path`` opened for reading, unbuffered; ``DataError`` with the system's reason
-    (``Permission denied``...) when it does not open, which safetensors would report
-    as a missing file."""
-    try:
-        return open(path, "rb", buffering=0)
-    except OSError as exc:
-        raise unreadable(path, exc, key) from None
+    """``path`` opened for reading, unbuffered; a ``DataError`` naming ``key`` and the
+    file, with the system's reason, when it is not a regular file that opens."""
+    return open_regular(path, key)
 
 
 def header_of(path: Path, key: str = "model.path") -> dict[str, Any]:

@@ -12,7 +12,8 @@ import torch
 from loraengine.cli.common import path_option, reports_errors
 from loraengine.core.data import group_into_buckets, read_safetensors
 from loraengine.core.errors import ConfigError, DataError, OutputError
-from loraengine.tools.prepare.logic import CONDITIONING_FILE, LATENTS_FILE, write_pair
+from loraengine.core.files import write_pair
+from loraengine.tools.prepare.logic import CONDITIONING_FILE, LATENTS_FILE
 
 
 def check_out(out_dir: Path, inputs: Mapping[str, Path], overwrite: bool) -> None:

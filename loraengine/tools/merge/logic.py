@@ -15,7 +15,6 @@ only a folder an earlier merge wrote, which it recognises by the marker file
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
 from collections.abc import Mapping
@@ -25,8 +24,9 @@ from typing import Any
 import torch
 from safetensors import SafetensorError
 
+from loraengine.core.adapter.network import check_strength
 from loraengine.core.config.source import shorten
-from loraengine.core.data import first_nonfinite
+from loraengine.core.data import first_nonfinite, open_regular
 from loraengine.core.devices import DTYPES, SAFETENSORS_DTYPES
 from loraengine.core.errors import ConfigError, DataError
 from loraengine.core.files import (
@@ -95,25 +95,15 @@ def saved_dtype(folder: Path) -> torch.dtype:
         f for f in folder.glob("*.safetensors") if f.name.count(".") == 1)
     found = []
     for file in files:
-        reason = "not a regular file"  # a folder, or a FIFO that would block the read
-        try:
-            if file.is_file():
-                # safetensors reports a file it may not read as missing: open it here first
-                with open(file, "rb"), safe_open(str(file), framework="pt") as fh:
+        with open_regular(file, "--model"):
+            try:
+                with safe_open(str(file), framework="pt") as fh:
                     found += [fh.get_slice(key).get_dtype() for key in fh.keys()]
-                continue
-        except (OSError, SafetensorError) as exc:
-            reason = getattr(exc, "strerror", None) or shorten(
-                (str(exc).splitlines() or [type(exc).__name__])[0])
-        raise DataError(f"--model: cannot read the weights file {file}: {reason}")
+            except (OSError, SafetensorError) as exc:
+                reason = shorten((str(exc).splitlines() or [type(exc).__name__])[0])
+                raise DataError(f"--model: cannot read {file}: {reason}") from None
     return next((SAFETENSORS_DTYPES[d] for d in found if d in SAFETENSORS_DTYPES),
                 torch.float32)
-
-
-def check_strength(strength: float, option: str = "--strength") -> None:
-    """Refuse a NaN or infinite strength: every merged or adapted weight would be."""
-    if not math.isfinite(strength):
-        raise ConfigError(f"{option}: must be a finite number, got {strength}")
 
 
 def check_finite(tensors: Mapping[str, torch.Tensor], source: Path | str) -> None:

@@ -28,7 +28,6 @@ import hashlib
 import io
 import json
 import math
-import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,8 +37,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from loraengine.core.data import stack_padded
-from loraengine.core.errors import DataError, OutputError
-from loraengine.core.files import atomic_path, read_text, write_atomic, write_failure
+from loraengine.core.errors import DataError
+from loraengine.core.files import read_text, write_atomic, write_pair
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif",
                             ".tiff"})
@@ -163,28 +162,6 @@ def read_captions_file(path: Path) -> dict[str, str]:
                             f"names to captions")
         out = dict(data)
     return out
-
-
-def write_pair(lat_path: Path, cond_path: Path, lat: Mapping[str, torch.Tensor],
-               cond: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None
-               ) -> None:
-    """Write a latents file and its conditioning file as a pair: both are written in
-    full (and flushed to disk) to temporary files beside them before either replaces
-    an earlier file, so a failed write leaves both as they were and no temporary file."""
-    meta = dict(metadata) if metadata is not None else None
-    with atomic_path(lat_path) as tmp_lat, atomic_path(cond_path) as tmp_cond:
-        for path, tmp, tensors in ((lat_path, tmp_lat, lat), (cond_path, tmp_cond, cond)):
-            try:
-                save_file(dict(tensors), str(tmp), metadata=meta)
-                with open(tmp, "rb+") as fh:
-                    os.fsync(fh.fileno())
-            except Exception as exc:
-                reason = write_failure(exc)
-                if reason is None:
-                    raise
-                raise OutputError(f"{path}: cannot write ({reason}); neither {lat_path.name} "
-                                  f"nor {cond_path.name} was changed, nothing half-written "
-                                  f"is left") from None
 
 
 def _listing(names: Sequence[str]) -> str:

@@ -24,6 +24,7 @@ from typing import Any, Literal, get_args
 import torch
 
 from loraengine.core.errors import ConfigError, DataError
+from loraengine.core.files import write_pair
 from loraengine.tools.prepare.logic import (
     CONDITIONING_FILE,
     IMAGE_SUFFIXES,
@@ -40,7 +41,6 @@ from loraengine.tools.prepare.logic import (
     read_captions_file,
     side_caption,
     to_rgb,
-    write_pair,
 )
 
 VIDEO_SUFFIXES = frozenset({".mp4", ".webm", ".mkv", ".mov", ".avi", ".m4v"})

@@ -509,8 +509,8 @@ def sample_to_folder(model: Path, prompts: Path, out: Path, *, host: Any,
                      overwrite: bool = False, frames: int | None = None) -> dict[str, Any]:
     """Everything ``loraengine sample`` does; returns what was written. The output
     folder and text prompts are checked before the model is loaded."""
+    from loraengine.core.adapter.network import check_strength
     from loraengine.inference import apply
-    from loraengine.tools.merge.logic import check_strength
 
     settings = settings or SampleSettings()
     check_strength(strength)
