@@ -16,6 +16,7 @@ import pytest
 from click.testing import CliRunner
 
 from loraengine.cli.main import cli
+from loraengine.core.errors import ConfigError
 
 BASE = """\
 model: {family: sd15, path: model}
@@ -263,3 +264,87 @@ def test_nesting_just_inside_the_limit_is_read(tmp_path):
     path.write_text(BASE + f"  samples: {{sampler_options: {{x: {deep}}}}}\n", encoding="utf-8")
     res = CliRunner().invoke(cli, ["validate", "--syntax-only", str(path)])
     assert res.exit_code == 0, res.output
+
+
+def _refuse_composing(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make composing a node graph an error: a document refused before it is reached."""
+    from loraengine.core.config import source
+
+    def compose(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the document was composed")
+
+    monkeypatch.setattr(source.yaml, "compose", compose)
+
+
+def test_a_large_config_without_aliases_is_too_many_values_not_aliases(tmp_path, monkeypatch):
+    """200000 plain integers: the message says the file holds too many values (there is
+    no alias to blame), and reading stops at the limit, before the graph is composed."""
+    from loraengine.core.config.source import MAX_VALUES
+    from loraengine.testing.harness import one_error_line
+
+    path = tmp_path / "config.yaml"
+    path.write_text(BASE + "x:\n" + "".join(f"- {i}\n" for i in range(200_000)),
+                    encoding="utf-8")
+    _refuse_composing(monkeypatch)
+    err = one_error_line(CliRunner().invoke(cli, ["validate", str(path)]), 2)
+    assert f"{path}:" in err
+    assert f"the document holds more than {MAX_VALUES} values" in err
+    assert "aliases" not in err
+    # the line reading stopped at: about MAX_VALUES items in, not the whole file
+    line = int(err.split(f"{path}:", 1)[1].split(":", 1)[0])
+    assert MAX_VALUES - 100 < line < MAX_VALUES + 100, err  # of 200008 lines
+
+
+@pytest.mark.parametrize("shape", ["block-list", "flow-list", "mapping", "nested"])
+def test_too_many_values_as_written_names_the_file_and_line(shape, monkeypatch):
+    from loraengine.core.config import source
+
+    monkeypatch.setattr(source, "MAX_VALUES", 100)
+    text = {
+        "block-list": "x:\n" + "".join(f"- {i}\n" for i in range(200)),
+        "flow-list": "x: [" + ", ".join(str(i) for i in range(200)) + "]\n",
+        # each key and each value counts: 60 pairs are 121 values with the mapping
+        "mapping": "".join(f"k{i}: {i}\n" for i in range(60)),
+        "nested": "".join(f"s{i}: {{a: 1}}\n" for i in range(40)),
+    }[shape]
+    _refuse_composing(monkeypatch)
+    with pytest.raises(ConfigError) as err:
+        source.load_yaml(text, "big.yaml")
+    assert str(err.value).startswith("big.yaml:")
+    assert "the document holds more than 100 values" in str(err.value)
+
+
+def test_exactly_the_limit_of_values_is_read(monkeypatch):
+    from loraengine.core.config import source
+
+    monkeypatch.setattr(source, "MAX_VALUES", 100)
+    # the mapping, the key and the list: 3, then 97 items make 100
+    data, _ = source.load_yaml("x: [" + ", ".join(["1"] * 97) + "]\n", "c.yaml")
+    assert data == {"x": [1] * 97}
+    with pytest.raises(ConfigError, match="holds more than 100 values"):
+        source.load_yaml("x: [" + ", ".join(["1"] * 98) + "]\n", "c.yaml")
+
+
+def test_aliases_over_the_limit_keep_the_alias_message(monkeypatch):
+    """Few values as written, many once the aliases expand: the aliases are named."""
+    from loraengine.core.config import source
+
+    monkeypatch.setattr(source, "MAX_VALUES", 100)
+    text = "a: &a [1, 2, 3, 4, 5, 6, 7, 8, 9, 10]\nb: [" + ", ".join(["*a"] * 12) + "]\n"
+    with pytest.raises(ConfigError) as err:
+        source.load_yaml(text, "c.yaml")
+    assert "aliases expand to more than 100 values" in str(err.value)
+    assert "holds" not in str(err.value)
+
+
+def test_a_set_item_of_too_many_values_names_the_set_item(tmp_path, monkeypatch):
+    from loraengine.core.config import source
+    from loraengine.testing.harness import one_error_line
+
+    monkeypatch.setattr(source, "MAX_VALUES", 100)
+    path = tmp_path / "config.yaml"
+    path.write_text(BASE, encoding="utf-8")
+    item = "data.x=[" + ", ".join(["1"] * 200) + "]"
+    err = one_error_line(CliRunner().invoke(cli, ["validate", str(path), "--set", item]), 2)
+    assert "--set 'data.x=[1, 1" in err
+    assert "the document holds more than 100 values" in err

@@ -38,7 +38,7 @@ import click  # noqa: E402
 
 from loraengine import __version__  # noqa: E402
 from loraengine.cli.common import State, reports_errors  # noqa: E402
-from loraengine.core.errors import ConfigError, LoraEngineError  # noqa: E402
+from loraengine.core.errors import ConfigError, LoraEngineError, PluginError  # noqa: E402
 from loraengine.core.plugins.host import PluginLoadWarning  # noqa: E402
 from loraengine.plugins import build_plugin_manager  # noqa: E402
 
@@ -181,12 +181,29 @@ def validate(state: State, config: Path, overrides: tuple[str, ...],
 @click.pass_obj
 @reports_errors
 def plugins_cmd(state: State, as_json: bool) -> None:
-    """List every installed plugin record."""
-    records = [{"category": p.category, "name": p.name, "plugin": p.plugin,
-                "distribution": p.distribution, "version": p.version}
-               for p in state.host.registry.all()]
+    """List every installed plugin record.
+
+    A plugin that failed to load, or whose registration hook failed, is listed too:
+    with ``--json`` as a record with an ``error`` (and ``name`` null, there being no
+    record; ``category`` null when it never loaded), and as a ``failed:`` line on
+    stderr either way. The listing still exits 0; with ``--strict`` it is an error."""
+    host = state.host
+    registry, hook_failures = host.survey()
+    if hook_failures and state.strict:
+        raise PluginError("\n".join(f.describe() for f in hook_failures))
+    records: list[dict[str, str | None]] = [
+        {"category": p.category, "name": p.name, "plugin": p.plugin,
+         "distribution": p.distribution, "version": p.version} for p in registry.all()]
+    failed: list[dict[str, str | None]] = [
+        {"category": None, "name": None, "plugin": f.entry_point,
+         "distribution": f.distribution, "version": f.version, "error": f.describe()}
+        for f in host.failures]
+    failed += [{"category": f.category, "name": None, "plugin": f.plugin,
+                "distribution": f.distribution, "version": f.version, "error": f.describe()}
+               for f in hook_failures]
     if as_json:
-        click.echo(json.dumps(records, indent=1))
+        click.echo(json.dumps(records + failed, indent=1))
+        _echo_failed(failed)
         return
     from rich.console import Console
     from rich.table import Table
@@ -201,8 +218,13 @@ def plugins_cmd(state: State, as_json: bool) -> None:
         table.add_row(*(str(r[k] or "-") for k in ("category", "name", "plugin",
                                                      "distribution", "version")))
     Console().print(table)
-    for f in state.host.failures:
-        click.echo(f"failed: {f.describe()}", err=True)
+    _echo_failed(failed)
+
+
+def _echo_failed(failed: list[dict[str, str | None]]) -> None:
+    """One ``failed:`` line on stderr for each plugin ``plugins`` could not list whole."""
+    for f in failed:
+        click.echo(f"failed: {f['error']}", err=True)
 
 
 @cli.group("config")

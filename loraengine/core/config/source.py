@@ -3,7 +3,8 @@ pydantic errors turned into ``path.to.key: message (file:line)``.
 
 YAML is read defensively: a config file may come from anywhere, so the document is
 checked before anything walks it. Nesting, the length of a scalar, the digits of an
-integer and the number of values that aliases expand to are bounded, a recursive alias
+integer and the number of values (as written, and as aliases expand them) are bounded,
+a document holding too many values is refused while it is parsed, a recursive alias
 and a key given twice in one mapping are errors, and every check visits each node once
 (an alias is a reference to a node already seen, never a copy of it).
 """
@@ -75,6 +76,7 @@ class _Checked:
         height: dict[int, int] = {}
         size: dict[int, int] = {}
         active: set[int] = set()
+        aliased = False  # some node was reached a second time (an alias)
         stack: list[tuple[yaml.Node, bool]] = [(root, False)]
         while stack:
             node, done = stack.pop()
@@ -87,9 +89,13 @@ class _Checked:
                 if height[key] > MAX_DEPTH:
                     raise self.fail(node, f"nested deeper than {MAX_DEPTH} levels")
                 if size[key] > MAX_VALUES:
-                    raise self.fail(node, f"aliases expand to more than {MAX_VALUES} values")
+                    # ``load_yaml`` refuses a document of too many values as written
+                    # before it gets here, so this is the aliases' doing there
+                    raise self.fail(node, f"aliases expand to more than {MAX_VALUES} values"
+                                    if aliased else _too_many_values())
                 continue
             if key in height:
+                aliased = True
                 continue  # an alias of a node already checked
             if key in active:
                 raise self.fail(node, "recursive alias (a node contains itself)")
@@ -143,9 +149,18 @@ class _Checked:
                 self._record(v, key, seen)
 
 
-def _check_depth_of_events(text: str, where: str) -> None:
-    """Refuse deep nesting before composing: the composer recurses per level."""
-    depth = 0
+def _too_many_values() -> str:
+    return (f"the document holds more than {MAX_VALUES} values (each key, list item and "
+            f"section counts one)")
+
+
+def _check_events(text: str, where: str) -> None:
+    """Refuse deep nesting and too many values before composing: the composer recurses
+    per level, and composing and checking a node graph cost several times what parsing
+    does. Every event but an alias is a node of its own, so more than ``MAX_VALUES`` of
+    them is a document too large whatever its aliases, found as soon as the limit is
+    passed rather than after the whole file is read."""
+    depth = values = 0
     for event in yaml.parse(text, Loader=yaml.SafeLoader):
         if isinstance(event, (yaml.MappingStartEvent, yaml.SequenceStartEvent)):
             depth += 1
@@ -154,6 +169,12 @@ def _check_depth_of_events(text: str, where: str) -> None:
                                   f"{MAX_DEPTH} levels")
         elif isinstance(event, (yaml.MappingEndEvent, yaml.SequenceEndEvent)):
             depth -= 1
+            continue
+        elif not isinstance(event, yaml.ScalarEvent):
+            continue  # stream and document events, and aliases
+        values += 1
+        if values > MAX_VALUES:
+            raise ConfigError(f"{where}:{event.start_mark.line + 1}: {_too_many_values()}")
 
 
 def load_yaml(text: str, where: str) -> tuple[Any, dict[tuple[str, ...], int]]:
@@ -161,7 +182,7 @@ def load_yaml(text: str, where: str) -> tuple[Any, dict[tuple[str, ...], int]]:
 
     ``where`` names the source in errors (a file, or ``--set item``). Raises
     ``ConfigError`` for a limit and lets ``yaml.YAMLError`` through for a syntax error."""
-    _check_depth_of_events(text, where)
+    _check_events(text, where)
     root = yaml.compose(text, Loader=yaml.SafeLoader)
     if root is None:
         return None, {}

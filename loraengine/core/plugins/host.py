@@ -37,10 +37,28 @@ class PluginFailure:
     entry_point: str
     distribution: str | None
     error: str
+    version: str | None = None
 
     def describe(self) -> str:
         dist = self.distribution or "unknown distribution"
         return f"plugin {self.entry_point!r} from distribution {dist!r} failed to load: {self.error}"
+
+
+@dataclass(frozen=True)
+class HookFailure:
+    """A registered plugin whose registration hook for ``category`` raised, or returned
+    something other than records of the hook's type, while its records were surveyed
+    (``PluginHost.survey``). ``error`` is the whole message, naming the plugin."""
+
+    plugin: str
+    distribution: str | None
+    version: str | None
+    category: str
+    hook: str
+    error: str
+
+    def describe(self) -> str:
+        return self.error
 
 
 class PluginLoadWarning(UserWarning):
@@ -103,9 +121,7 @@ class PluginHost:
         for category, (hook, record_type) in CATEGORIES.items():
             for plugin_name, spec in self.provided(hook):
                 if not isinstance(spec, record_type):
-                    raise PluginError(
-                        f"plugin {plugin_name!r} returned {type(spec).__name__} from {hook}; "
-                        f"expected {record_type.__name__}")
+                    raise PluginError(_wrong_record(plugin_name, hook, record_type, spec))
                 dist, version = self.distributions.get(plugin_name, (None, None))
                 yield ProvidedSpec(category, spec, plugin_name, dist, version)
 
@@ -115,14 +131,43 @@ class PluginHost:
         caller = getattr(self.pm.hook, hook_name)
         for impl in reversed(caller.get_hookimpls()):  # registration order
             try:
-                result = impl.function()
+                # inside the guard: a result that is not iterable, or a generator that
+                # raises part way, is the plugin's failure too
+                result = list(impl.function() or ())
             except LoraEngineError:
                 raise
             except Exception as exc:
                 raise PluginFailed(impl.plugin_name, self.distribution_of(impl.plugin_name),
                                    hook_name, exc) from exc
-            for spec in result or ():
+            for spec in result:
                 yield impl.plugin_name, spec
+
+    def survey(self) -> tuple[Registry, list[HookFailure]]:
+        """The registry of every record that can be had, and a ``HookFailure`` for each
+        registration hook that could not give its records: it raised (an engine error
+        included), or returned a record of the wrong type. That hook's records are left
+        out; the plugin's other hooks, and every other plugin, still count. For listing
+        what is installed: ``registry`` is what runs use, and fails at the first such
+        hook. A name two plugins provide is still a ``PluginError``. Nothing is cached."""
+        records: list[ProvidedSpec] = []
+        failures: list[HookFailure] = []
+        for category, (hook, record_type) in CATEGORIES.items():
+            for impl in reversed(getattr(self.pm.hook, hook).get_hookimpls()):
+                name = impl.plugin_name
+                dist, version = self.distributions.get(name, (None, None))
+                try:
+                    specs = list(impl.function() or ())
+                except Exception as exc:
+                    error = str(PluginFailed(name, dist, hook, exc))
+                else:
+                    wrong = [s for s in specs if not isinstance(s, record_type)]
+                    error = _wrong_record(name, hook, record_type, wrong[0]) if wrong else ""
+                if error:
+                    failures.append(HookFailure(name, dist, version, category, hook, error))
+                    continue
+                records.extend(ProvidedSpec(category, spec, name, dist, version)
+                               for spec in specs)
+        return Registry.of(records, self.failure_note()), failures
 
     def distribution_of(self, plugin_name: str) -> str | None:
         """The distribution a registered plugin came from (``None`` when unknown)."""
@@ -184,6 +229,11 @@ class PluginHost:
         self.pm.hook.loraengine_register_commands(cli=cli)
 
 
+def _wrong_record(plugin: str, hook: str, record_type: type, spec: object) -> str:
+    return (f"plugin {plugin!r} returned {type(spec).__name__} from {hook}; "
+            f"expected {record_type.__name__}")
+
+
 def _distribution_of(ep: metadata.EntryPoint) -> tuple[str | None, str | None]:
     dist = getattr(ep, "dist", None)
     if dist is None:
@@ -216,7 +266,7 @@ def make_host(builtin_modules: Sequence[str] = (), *, entry_points: bool = True,
             try:
                 plugin = ep.load()
             except Exception as exc:  # a broken third-party plugin must not stop the tool
-                failure = PluginFailure(ep.name, dist, f"{type(exc).__name__}: {exc}")
+                failure = PluginFailure(ep.name, dist, f"{type(exc).__name__}: {exc}", ver)
                 if strict:
                     raise PluginError(failure.describe()) from exc
                 warnings.warn(failure.describe(), PluginLoadWarning, stacklevel=2)
@@ -237,4 +287,5 @@ def _installed() -> bool:
     return True
 
 
-__all__ = ["CATEGORIES", "PluginFailure", "PluginHost", "PluginLoadWarning", "make_host"]
+__all__ = ["CATEGORIES", "HookFailure", "PluginFailure", "PluginHost", "PluginLoadWarning",
+           "make_host"]
