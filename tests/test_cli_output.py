@@ -54,6 +54,21 @@ def test_plugins_table_keeps_names_whole_at_80_columns(host):
         assert record.category in cells, record.category
 
 
+def test_plugins_table_to_a_pipe_keeps_every_cell_on_one_line(host, monkeypatch):
+    # CliRunner's output is no terminal, as a pipe is not: no width bounds the table
+    monkeypatch.delenv("COLUMNS", raising=False)
+    out = CliRunner().invoke(cli, ["plugins"])
+    assert out.exit_code == 0, out.output
+    lines = out.output.splitlines()
+    head = [[c.strip() for c in line.split("┃")[1:-1]] for line in lines if line.startswith("┃")]
+    rows = [[c.strip() for c in line.split("│")[1:-1]] for line in lines if line.startswith("│")]
+    assert head == [["category", "name", "plugin", "distribution", "version"]]
+    listed = {tuple(row) for row in rows}
+    assert len(rows) == len(host.registry.all())  # one line per record, none folded
+    for r in host.registry.all():
+        assert (r.category, r.name, r.plugin, r.distribution or "-", r.version or "-") in listed
+
+
 def test_sample_and_prepare_options_have_help():
     runner = CliRunner()
     for command, options in (("sample", ("--seed", "--strength", "--device", "--dtype")),

@@ -210,15 +210,24 @@ def plugins_cmd(state: State, as_json: bool) -> None:
 
     # Category and name are what a user copies into a config: kept whole on one line
     # (no_wrap columns are the last rich narrows); the other columns fold onto further
-    # lines at a narrow terminal; nothing is cut with an ellipsis.
+    # lines at a narrow terminal; nothing is cut with an ellipsis. Written to a pipe or a
+    # file, where no terminal's width applies (rich would assume 80 columns), every
+    # column is kept whole.
     table = Table()
     for column in ("category", "name", "plugin", "distribution", "version"):
         table.add_column(column, overflow="fold", no_wrap=column in ("category", "name"))
     for r in records:
         table.add_row(*(str(r[k] or "-") for k in ("category", "name", "plugin",
                                                      "distribution", "version")))
-    Console().print(table)
+    console = Console()
+    if not console.is_terminal and "COLUMNS" not in os.environ:
+        console = Console(width=_UNBOUNDED)
+    console.print(table)
     _echo_failed(failed)
+
+
+#: The width the plugins table is given where no terminal bounds it (wider than any row).
+_UNBOUNDED = 10_000
 
 
 def _echo_failed(failed: list[dict[str, str | None]]) -> None:
