@@ -1,10 +1,11 @@
 """The training loop: optimizer steps, validation and early stopping, checkpoints, the
-non-finite watchdog, Ctrl-C, and the run's output files.
+non-finite watchdog, Ctrl-C, the output lock, and the run's output files.
 
 ``Trainer`` composes the parts: the ``TrainState`` a checkpoint keeps, a
 ``Checkpointer`` for its folder, a ``Watchdog`` that decides when non-finite steps
-stop the run and a ``SignalGuard``; each optimizer step is ``step.train_step``. To
-lifecycle hooks the trainer is a ``RunView``.
+stop the run, a ``SignalGuard`` and an ``OutputLock`` (one run at a time per output);
+each optimizer step is ``step.train_step``. To lifecycle hooks the trainer is a
+``RunView``.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from loraengine.core.plugins.registry import Registry
 from loraengine.core.plugins.run import RunView
 from loraengine.core.seeding import make_generator
 from loraengine.core.train import checkpoints as ckpt
+from loraengine.core.train.output_lock import OutputLock
 from loraengine.core.train.signals import SignalGuard, TrainingInterrupted
 from loraengine.core.train.state import STEP_KEYS, TrainState, first_line
 from loraengine.core.train.step import StepProbe, draw_noise, micro_step, train_step
@@ -107,13 +109,27 @@ class Trainer:
         self.watchdog = Watchdog(self.config.training.max_bad_steps)
         self._files: dict[str, Path] = {}  # the files of the result being made
         self._run_plugins: list[str] = []  # names of plugins registered for this run
+        #: one run at a time per output: held from before the first write to the end of
+        #: ``run`` (``close`` gives it back for a trainer that is not run)
+        self.output_lock = OutputLock(self.output_dir, out.name) if self.writes_files \
+            else None
         if self.writes_files:
             self._prepare_outputs()
 
     def _prepare_outputs(self) -> None:
         """Before the first step: the outputs are writable and fit on the disk, and what
-        a killed earlier run of this name left half-written is gone."""
+        a killed earlier run of this name left half-written is gone. The output lock
+        is taken as soon as the output folder exists (it lives there), before anything
+        else is written or cleaned up: the debris of a run still writing is no debris."""
         preflight.check_outputs(self.config, create=True)
+        self._hold_output()
+        try:
+            self._check_and_clean_outputs()
+        except BaseException:
+            self.close()
+            raise
+
+    def _check_and_clean_outputs(self) -> None:
         params = [p for p in self.pipe.network.parameters()]
         adapter_bytes = sum(p.numel() * p.element_size() for p in params)
         file_bytes = sum(p.numel() for p in params) * self.pipe.save_dtype.itemsize
@@ -214,9 +230,28 @@ class Trainer:
                           self.state.scaler, probe)
 
     # -- the run ----------------------------------------------------------------------
+    def _hold_output(self) -> None:
+        if self.output_lock is not None:
+            self.output_lock.acquire()
+
+    def close(self) -> None:
+        """Give back the output lock: ``run`` does at its end, also on an error or an
+        interruption, and so does a ``resume`` that fails; for a trainer made and then
+        not run. Calling it again does nothing."""
+        if self.output_lock is not None:
+            self.output_lock.release()
+
     def run(self) -> TrainResult:
         """Train from ``start_step`` to ``total_steps``: checkpoints, validation, early
-        stop, the non-finite watchdog and Ctrl-C handling included."""
+        stop, the non-finite watchdog and Ctrl-C handling included. The output lock is
+        held throughout and given back at the end, however the run ends."""
+        self._hold_output()  # again, when an earlier run or a failed resume gave it back
+        try:
+            return self._run()
+        finally:
+            self.close()
+
+    def _run(self) -> TrainResult:
         out = self.config.output
         self._refuse_foreign_checkpoints()
         try:
@@ -228,8 +263,8 @@ class Trainer:
         self.pipe.network.train()
         stopped_early = False
         result: TrainResult | None = None
-        try:
-            with SignalGuard() as guard:
+        with SignalGuard() as guard:
+            try:
                 compiling = bool(self.config.training.compile)
                 for step in range(self.start_step + 1, self.total_steps + 1):
                     began = time.perf_counter()
@@ -258,17 +293,22 @@ class Trainer:
                 self._refuse_if_nothing_learned()
                 result = self.finish()
                 result.stopped_early = stopped_early
-            if guard.received is not None:
-                raise TrainingInterrupted(
-                    f"{guard.name}: received while the outputs were written; training had "
-                    f"finished (step {self.steps_done}) and {result.path or 'the result'} "
-                    f"is complete")
-        finally:
-            # also when training stops with an error: loggers close, displays stop
-            try:
-                self.host.on_train_end(self.view(), result)
             finally:
-                self._unregister_run_plugins()
+                # also when training stops with an error: loggers close, displays stop.
+                # Still guarded: a signal while these hooks run (a last preview can take
+                # seconds to render) lets them finish, the events logger records the
+                # end, and the run ends as interrupted below, its files kept.
+                before_hooks = guard.received
+                try:
+                    self.host.on_train_end(self.view(), result)
+                finally:
+                    self._unregister_run_plugins()
+        if guard.received is not None:
+            when = ("the outputs were written" if before_hooks is not None
+                    else "the end-of-run hooks ran")
+            raise TrainingInterrupted(
+                f"{guard.name}: received while {when}; training had finished (step "
+                f"{self.steps_done}) and {result.path or 'the result'} is complete")
         return result
 
     def _start_loggers(self) -> None:
@@ -409,56 +449,63 @@ class Trainer:
         since an optimizer's state fits only the optimizer that made it, unless
         ``reset_optimizer`` starts a fresh optimizer state (recorded in
         ``loraengine.optimizer_resets``). Other changes are warned about and take
-        effect as they are."""
-        found = self.checkpointer.find(where)
-        if found is None:
-            return None
-        _, adapter, state, path = found
-        saved = ckpt.saved_config(path)
-        if not reset_optimizer:
-            self._check_optimizer(saved, path)
-        self.restore(adapter, state, path, reset_optimizer=reset_optimizer)
-        now = config_to_dict(self.config)
-        changed = ckpt.config_changes(path, now)
-        first = self.steps_done + 1
-        notes: list[str] = []
-        if reset_optimizer:
-            had = _section(saved, "optimizer").get("name")
-            self.state.optimizer_resets.append([first, had, self.config.optimizer.name])
-            notes.append(f"fresh optimizer state ({had!r} -> "
-                         f"{self.config.optimizer.name!r}) from step {first}; the "
-                         f"checkpoint's optimizer state is not used")
-        old_sched, new_sched = _section(saved, "lr_scheduler"), _section(now, "lr_scheduler")
-        sched_changed = saved is not None and old_sched != new_sched
-        steps_changed = saved is not None and _section(saved, "training").get(
-            "steps") != self.config.training.steps
-        if (sched_changed or steps_changed) and not reset_optimizer:
-            self._schedule_from(state)  # (after a reset it already is)
-        if sched_changed:
-            self.state.schedule_changes.append([first, old_sched, new_sched])
-        old_lr = _lr_of(saved)
-        new_lr = float(self.config.optimizer.lr)
-        if old_lr is not None and old_lr != new_lr:
-            if reset_optimizer:  # the fresh optimizer already has the new rate
-                self.state.lr_changes.append([first, old_lr, new_lr])
-            else:
-                self._change_lr(old_lr, new_lr)
-        changed = [f"{c} (in effect from step {first})"
-                   if c.startswith(("optimizer.", "lr_scheduler.")) else c for c in changed]
-        if notes:
-            warnings.warn(f"resuming {path}: {'; '.join(notes)}", ckpt.CheckpointWarning,
-                          stacklevel=2)
-        if changed:
-            warnings.warn(f"resuming {path} with a changed config: {'; '.join(changed[:6])}"
-                          f"{' ...' if len(changed) > 6 else ''}", ckpt.CheckpointWarning,
-                          stacklevel=2)
-        if self.start_step >= self.total_steps:
-            warnings.warn(f"resuming {path}: the checkpoint is at step {self.start_step}, "
-                          f"{'past' if self.start_step > self.total_steps else 'at'} "
-                          f"training.steps={self.total_steps}, so no step is trained; the "
-                          f"result is the checkpoint's adapter (raise training.steps to "
-                          f"train on)", ckpt.CheckpointWarning, stacklevel=2)
-        return path
+        effect as they are.
+
+        A resume that fails gives the output lock back (the run cannot go on as asked;
+        ``run`` takes it again should it still be called)."""
+        try:
+            found = self.checkpointer.find(where)
+            if found is None:
+                return None
+            _, adapter, state, path = found
+            saved = ckpt.saved_config(path)
+            if not reset_optimizer:
+                self._check_optimizer(saved, path)
+            self.restore(adapter, state, path, reset_optimizer=reset_optimizer)
+            now = config_to_dict(self.config)
+            changed = ckpt.config_changes(path, now)
+            first = self.steps_done + 1
+            notes: list[str] = []
+            if reset_optimizer:
+                had = _section(saved, "optimizer").get("name")
+                self.state.optimizer_resets.append([first, had, self.config.optimizer.name])
+                notes.append(f"fresh optimizer state ({had!r} -> "
+                             f"{self.config.optimizer.name!r}) from step {first}; the "
+                             f"checkpoint's optimizer state is not used")
+            old_sched, new_sched = _section(saved, "lr_scheduler"), _section(now, "lr_scheduler")
+            sched_changed = saved is not None and old_sched != new_sched
+            steps_changed = saved is not None and _section(saved, "training").get(
+                "steps") != self.config.training.steps
+            if (sched_changed or steps_changed) and not reset_optimizer:
+                self._schedule_from(state)  # (after a reset it already is)
+            if sched_changed:
+                self.state.schedule_changes.append([first, old_sched, new_sched])
+            old_lr = _lr_of(saved)
+            new_lr = float(self.config.optimizer.lr)
+            if old_lr is not None and old_lr != new_lr:
+                if reset_optimizer:  # the fresh optimizer already has the new rate
+                    self.state.lr_changes.append([first, old_lr, new_lr])
+                else:
+                    self._change_lr(old_lr, new_lr)
+            changed = [f"{c} (in effect from step {first})"
+                       if c.startswith(("optimizer.", "lr_scheduler.")) else c for c in changed]
+            if notes:
+                warnings.warn(f"resuming {path}: {'; '.join(notes)}", ckpt.CheckpointWarning,
+                              stacklevel=2)
+            if changed:
+                warnings.warn(f"resuming {path} with a changed config: {'; '.join(changed[:6])}"
+                              f"{' ...' if len(changed) > 6 else ''}", ckpt.CheckpointWarning,
+                              stacklevel=2)
+            if self.start_step >= self.total_steps:
+                warnings.warn(f"resuming {path}: the checkpoint is at step {self.start_step}, "
+                              f"{'past' if self.start_step > self.total_steps else 'at'} "
+                              f"training.steps={self.total_steps}, so no step is trained; the "
+                              f"result is the checkpoint's adapter (raise training.steps to "
+                              f"train on)", ckpt.CheckpointWarning, stacklevel=2)
+            return path
+        except BaseException:
+            self.close()
+            raise
 
     def _schedule_from(self, state: Mapping[str, Any]) -> None:
         """Make this config's LR schedule rule from the checkpoint's step: a fresh one

@@ -12,7 +12,9 @@ from loraengine.core.errors import LoraEngineError
 
 class TrainingInterrupted(LoraEngineError):
     """SIGINT/SIGTERM: the current step finished, a checkpoint and the LoRA so far were
-    written."""
+    written; or, for a signal that came while the final outputs were written or the
+    end-of-run hooks (``loraengine_on_train_end``) ran, those finished first and the
+    run's outputs are complete."""
 
     exit_code = 130
 
