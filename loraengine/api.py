@@ -21,6 +21,7 @@ from loraengine.core.errors import ConfigError, DataError
 from loraengine.core.plugins.host import PluginHost
 from loraengine.core.threads import training_threads
 from loraengine.core.train.loop import Trainer, TrainResult
+from loraengine.core.train.output_lock import lock_early
 from loraengine.plugins import build_plugin_manager
 
 
@@ -153,15 +154,21 @@ def train(config: Any, *, model: nn.Module | None = None,
     if write_files is None:
         write_files = isinstance(config, (str, Path)) or (
             isinstance(config, Mapping) and "output" in config) or isinstance(config, BaseModel)
-    with _model_kept_as_it_came(model), training_threads(cfg.training.threads):
-        pipe = build_pipeline(cfg, host, model=model, latents=latents,
-                              conditioning=conditioning, base_dir=base_dir)
-        try:
-            for message in pipeline_warnings(pipe):
-                warnings.warn(message, UserWarning, stacklevel=2)
-            trainer = Trainer(pipe, write_files=write_files)
-            if resume is not None:
-                trainer.resume(resume)
-            return trainer.run()
-        finally:
-            pipe.close()
+    # a second run of this output is refused before the model is built
+    early = lock_early(cfg.output.dir, cfg.output.name) if write_files else None
+    try:
+        with _model_kept_as_it_came(model), training_threads(cfg.training.threads):
+            pipe = build_pipeline(cfg, host, model=model, latents=latents,
+                                  conditioning=conditioning, base_dir=base_dir)
+            try:
+                for message in pipeline_warnings(pipe):
+                    warnings.warn(message, UserWarning, stacklevel=2)
+                trainer = Trainer(pipe, write_files=write_files, output_lock=early)
+                if resume is not None:
+                    trainer.resume(resume)
+                return trainer.run()
+            finally:
+                pipe.close()
+    finally:
+        if early is not None:
+            early.release()

@@ -365,3 +365,55 @@ def test_sigterm_in_an_end_of_run_hook_exits_130_from_the_command_line(
     last = events_of(out)[-1]
     assert (last["event"], last["steps"]) == ("train_end", 2)
     assert_free(out)
+
+
+# -- refused before the model is built ------------------------------------------------------
+
+def _never_built(*args, **kwargs):
+    raise AssertionError("the model was built for a run that could not write its output")
+
+
+def test_the_command_line_refuses_a_held_output_before_building_the_model(
+        tmp_path, unet_config, monkeypatch):
+    import loraengine.core.build
+
+    path = config_file(tmp_path, unet_config)
+    out = tmp_path / "out"
+    out.mkdir()
+    monkeypatch.setattr(loraengine.core.build, "build_pipeline", _never_built)
+    with OutputLock(out, "run"):
+        result = CliRunner().invoke(cli, ["train", str(path), "-q"])
+        assert error_line(result, 1) == busy_line(out)
+    assert_free(out)
+
+
+def test_the_python_api_refuses_a_held_output_before_building_the_model(
+        tmp_path, unet_config, monkeypatch):
+    import loraengine.api
+
+    out = tmp_path / "out"
+    out.mkdir()
+    monkeypatch.setattr(loraengine.api, "build_pipeline", _never_built)
+    with OutputLock(out, "run"), pytest.raises(OutputError, match="another run is writing"):
+        loraengine.train(config_dict(tmp_path, unet_config))
+    assert_free(out)
+
+
+def test_an_early_lock_is_given_back_when_building_fails(tmp_path, unet_config,
+                                                         monkeypatch):
+    import loraengine.api
+
+    out = tmp_path / "out"
+    out.mkdir()
+
+    def broken(*args, **kwargs):
+        assert lock_path(out, "run").exists()  # held while the model is built
+        raise OutputError("the build failed")
+
+    monkeypatch.setattr(loraengine.api, "build_pipeline", broken)
+    with pytest.raises(OutputError, match="the build failed"):
+        loraengine.train(config_dict(tmp_path, unet_config))
+    assert_free(out)
+    result = CliRunner().invoke(cli, ["train", str(config_file(tmp_path, unet_config)), "-q"])
+    assert result.exit_code == 0, result.output  # nothing left held: the next run trains
+    assert_free(out)

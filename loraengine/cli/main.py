@@ -27,10 +27,12 @@ _interrupted.startup_handler = True  # type: ignore[attr-defined]  # see reports
 if __name__ == "__main__" or os.path.basename(sys.argv[0] if sys.argv else "") == "loraengine":
     signal.signal(signal.SIGINT, _interrupted)
 
+import contextlib  # noqa: E402
 import importlib  # noqa: E402
 import json  # noqa: E402
 import time  # noqa: E402
 import warnings  # noqa: E402
+from collections.abc import Iterator  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
 
@@ -87,6 +89,7 @@ def train(state: State, config: Path, overrides: tuple[str, ...], quiet: bool,
     from loraengine.core.checks import pipeline_warnings
     from loraengine.core.threads import training_threads
     from loraengine.core.train.loop import Trainer
+    from loraengine.core.train.output_lock import lock_early
 
     host = state.host
     cfg, base_dir = resolve_config(config, host, overrides=list(overrides))
@@ -97,7 +100,9 @@ def train(state: State, config: Path, overrides: tuple[str, ...], quiet: bool,
         _check_events_apart(events, cfg)
         host.register(EventLog(events, append=True), name="loraengine.cli.events")
     started = time.perf_counter()
-    with training_threads(cfg.training.threads):
+    # a second run of this output is refused before its model loads
+    early = lock_early(cfg.output.dir, cfg.output.name) if main_rank else None
+    with training_threads(cfg.training.threads), _released(early):
         # what building says about the config and adapter.existing, as one line each
         with warnings.catch_warnings(record=True) as built:
             warnings.simplefilter("always", UserWarning)
@@ -111,7 +116,7 @@ def train(state: State, config: Path, overrides: tuple[str, ...], quiet: bool,
                         warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
                 for message in pipeline_warnings(pipe):
                     click.echo(f"warning: {message}", err=True)
-            trainer = Trainer(pipe)
+            trainer = Trainer(pipe, output_lock=early)
             if resume is not None:
                 with warnings.catch_warnings(record=True) as caught:
                     warnings.simplefilter("always")
@@ -127,6 +132,16 @@ def train(state: State, config: Path, overrides: tuple[str, ...], quiet: bool,
         click.echo(summary_line(result, time.perf_counter() - started))
         for kind, path in result.files.items():
             click.echo(f"  {kind}: {path}")
+
+
+@contextlib.contextmanager
+def _released(lock: Any) -> Iterator[None]:
+    """Give ``lock`` (an ``OutputLock`` or ``None``) back on leaving, however."""
+    try:
+        yield
+    finally:
+        if lock is not None:
+            lock.release()
 
 
 def _check_events_apart(events: Path, cfg: Any) -> None:

@@ -82,7 +82,8 @@ def _make_scaler(pipe: Pipeline) -> torch.amp.GradScaler | None:
 class Trainer:
     """Runs a built pipeline from ``start_step`` to ``total_steps``."""
 
-    def __init__(self, pipeline: Pipeline, *, write_files: bool = True):
+    def __init__(self, pipeline: Pipeline, *, write_files: bool = True,
+                 output_lock: OutputLock | None = None):
         self.pipe = pipeline
         self.config = pipeline.config
         #: the first step's wall time when ``training.compile`` is on (see ``run``)
@@ -111,8 +112,12 @@ class Trainer:
         self._run_plugins: list[str] = []  # names of plugins registered for this run
         #: one run at a time per output: held from before the first write to the end of
         #: ``run`` (``close`` gives it back for a trainer that is not run)
-        self.output_lock = OutputLock(self.output_dir, out.name) if self.writes_files \
-            else None
+        #: (``output_lock``: one taken already, by ``lock_early`` before the model loaded)
+        self.output_lock: OutputLock | None = None
+        if self.writes_files:
+            self.output_lock = output_lock or OutputLock(self.output_dir, out.name)
+        elif output_lock is not None:  # this trainer writes nothing: nothing to guard
+            output_lock.release()
         if self.writes_files:
             self._prepare_outputs()
 

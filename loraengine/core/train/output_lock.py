@@ -117,6 +117,19 @@ class OutputLock:
             self.release()
 
 
+def lock_early(folder: Path | str, name: str) -> OutputLock | None:
+    """The output's lock, taken before the model is built where the output folder
+    exists already (the usual case: a loras folder), so that a second run is refused
+    before it spends minutes loading a model; ``None`` where the folder does not exist
+    yet: the run takes the lock when it creates the folder, and nothing is created for
+    a run that may still fail while it builds. Give it to ``Trainer(output_lock=...)``."""
+    if not Path(folder).is_dir():
+        return None
+    lock = OutputLock(folder, name)
+    lock.acquire()
+    return lock
+
+
 def _marker_lock(lock: filelock.BaseFileLock) -> bool:
     """Whether ``lock`` fell back to filelock's marker file, which deletes its file
     itself on release: only that kind records its holder's PID (asking a flock lock
