@@ -1,5 +1,6 @@
-"""``loraengine sample`` with hostile inputs: prompt files that are not UTF-8 text, an
-``--out`` that is a file or holds an earlier sample; each one line, before rendering."""
+"""``loraengine sample`` with hostile inputs: prompt files that are not UTF-8 text, text
+prompts for a pipeline without its text encoders, an ``--out`` that is a file or holds
+an earlier sample; each one line, before rendering."""
 
 from __future__ import annotations
 
@@ -91,3 +92,63 @@ def test_a_device_that_is_not_here_names_the_option(tmp_path, tiny_unet_dir):
                                    device), 2)
         assert line == f"error: --device: {why}"
     assert not (tmp_path / "o").exists()
+
+
+def _refuse_loading(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr("loraengine.tools.sample.logic.load_model_for_sampling", refuse)
+
+
+def test_text_prompts_without_the_text_encoders_name_the_folders(tmp_path, unet_dir,
+                                                                 monkeypatch):
+    """The tiny pipeline folder has a UNet and a scheduler only: text prompts are one
+    line naming the missing folders and the conditioning file to give instead, before
+    the model loads (not diffusers' complaint about the components it was not passed)."""
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red square\n")
+    cond = tmp_path / "c.safetensors"
+    save_file({"cond": tiny_conditioning(1, dim=16)}, str(cond))
+    with monkeypatch.context() as m:
+        _refuse_loading(m)
+        for model in (unet_dir, unet_dir / "unet"):  # the pipeline or its model folder
+            line = one_error_line(_run("sample", "--model", str(model), "--prompts",
+                                       str(prompts), "--out", str(tmp_path / "o")), 2)
+            assert line == (f"error: --prompts: p.txt holds text prompts, which need the "
+                            f"model's text encoders, but {unet_dir} has no text_encoder/, "
+                            f"tokenizer/; give --prompts a conditioning .safetensors instead "
+                            f"(loraengine prepare writes one with a pipeline folder that has "
+                            f"them)")
+        line = one_error_line(_run("sample", "--model", str(unet_dir), "--prompts", str(cond),
+                                   "--negative", str(prompts), "--out", str(tmp_path / "o")), 2)
+        assert line.startswith("error: --negative: p.txt holds text prompts") and \
+            "give --negative a conditioning .safetensors" in line
+    # a training config as --model: known once loaded, and said the same way
+    config = tmp_path / "run.yaml"
+    config.write_text(f"model:\n  family: sd15\n  path: {unet_dir}\n")
+    line = one_error_line(_run("sample", "--model", str(config), "--prompts", str(prompts),
+                               "--out", str(tmp_path / "o")), 2)
+    assert line.startswith("error: --prompts: p.txt holds text prompts, which need the "
+                           f"model's text encoders, but {unet_dir} has no text_encoder/")
+
+
+def test_only_the_text_components_a_pipeline_lists_are_needed(tmp_path):
+    """An SDXL refiner saves its first text encoder as null: only the second and its
+    tokenizer are needed; a folder holding those needs nothing more."""
+    import json
+
+    from loraengine.tools.sample.logic import missing_text_components
+
+    root = tmp_path / "refiner"
+    root.mkdir()
+    (root / "model_index.json").write_text(json.dumps({
+        "_class_name": "StableDiffusionXLImg2ImgPipeline",
+        "text_encoder": [None, None], "tokenizer": [None, None],
+        "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
+        "tokenizer_2": ["transformers", "CLIPTokenizer"],
+        "unet": ["diffusers", "UNet2DConditionModel"]}))
+    assert missing_text_components(root) == ["text_encoder_2", "tokenizer_2"]
+    (root / "text_encoder_2").mkdir()
+    (root / "tokenizer_2").mkdir()
+    assert missing_text_components(root) == []

@@ -188,6 +188,14 @@ def test_adapter_existing_of_another_algorithm_is_named(unet_dir, data_files, tm
     assert res.exit_code == 0, res.output
 
 
+def _layers(module: torch.nn.Module) -> dict[str, tuple[type, tuple[int, ...]]]:
+    """The adaptable layers of ``module``: path -> (type, weight shape)."""
+    from loraengine.core.adapter import ADAPTABLE
+
+    return {p: (type(m), tuple(m.weight.shape)) for p, m in module.named_modules()
+            if isinstance(m, ADAPTABLE)}
+
+
 @pytest.mark.slow  # saves a tiny pipeline of every family
 @pytest.mark.parametrize("family", ["sd15", "sdxl", "sd3", "flux"])
 def test_what_a_family_describes_is_what_it_loads(tmp_path, family):
@@ -207,6 +215,9 @@ def test_what_a_family_describes_is_what_it_loads(tmp_path, family):
             layout.cond_keys, layout.source) == \
         (loaded.latent_ndim, loaded.latent_channels, loaded.cond_widths, loaded.cond_keys,
          loaded.source)
+    # the skeleton validate selects adapter targets on: the loaded model's layers
+    assert _layers(layout.skeleton()) == _layers(loaded.module)
+    assert layout.default_include == loaded.default_include
     if family in ("sdxl", "sd3"):
         state = loaded.module.state_dict()
         original = tp.sd3_to_original(state) if family == "sd3" else \
@@ -218,3 +229,99 @@ def test_what_a_family_describes_is_what_it_loads(tmp_path, family):
         without = spec.config_model(path=ckpt)
         with pytest.raises(Exception, match="model.config: required"):
             spec.describe(without, context)
+
+
+def _run_error(cfg: dict, tmp_path: Path) -> str:
+    """The one error line ``loraengine train`` gives for ``cfg`` (after loading)."""
+    from loraengine.testing.harness import one_error_line
+
+    return one_error_line(run("train", str(write(tmp_path, cfg)), "-q"), 2)
+
+
+def test_an_include_that_matches_no_layer_is_named_as_the_run_names_it(
+        unet_dir, data_files, tmp_path, monkeypatch):
+    cfg = config(unet_dir, data_files, tmp_path,
+                 adapter={"include": ["*to_qq", "*attn1.to_kk"]})
+    import diffusers
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("validate loaded the model's weights")
+
+    for family in ("diffusers", "sd15"):
+        cfg["model"]["family"] = family
+        trained = _run_error(cfg, tmp_path)  # what the run says once it has loaded
+        with monkeypatch.context() as m:
+            m.setattr(diffusers.UNet2DConditionModel, "from_pretrained", refuse)
+            m.setattr("loraengine.plugins.models.weights.load_folder", refuse)
+            res = run("validate", str(write(tmp_path, cfg)))
+        assert res.exit_code == 2, res.output
+        [line] = problems(res)
+        assert line == trained, (line, trained)
+        assert line.startswith("error: adapter.include: no Linear/Conv layer matches "
+                               "['*to_qq', '*attn1.to_kk']"), line
+        assert "'*to_qq', '*attn1.to_kk' match no layer of the model" in line
+
+
+def test_only_the_pattern_that_matches_nothing_is_named(unet_dir, data_files, tmp_path):
+    cfg = config(unet_dir, data_files, tmp_path,
+                 adapter={"include": ["*to_qq", "conv_in"], "exclude": ["conv_in"]})
+    [line] = problems(run("validate", str(write(tmp_path, cfg))))
+    assert "'*to_qq' matches no layer of the model (its layers are named like " in line
+    cfg["adapter"] = {"include": ["conv_*"], "exclude": ["conv_*"]}
+    [line] = problems(run("validate", str(write(tmp_path, cfg))))
+    assert line.endswith(": adapter.exclude removes every layer it matches"), line
+    cfg["adapter"] = {"include": ["*attn1.to_q"]}
+    res = run("validate", str(write(tmp_path, cfg)))
+    assert res.exit_code == 0, res.output
+
+
+def test_a_family_without_a_skeleton_leaves_the_targets_to_the_run(host, unet_dir, data_files,
+                                                                   tmp_path):
+    """A family whose description has no skeleton (or one that cannot be built) gets a
+    note for ``adapter.include``, not a problem."""
+    from loraengine.api import resolve_config
+    from loraengine.core.model import ModelLayout
+    from loraengine.core.plugins.specs import ModelFamilySpec
+    from loraengine.core.validate import validate_config
+    from loraengine.plugins.models.common import FamilyOptions
+    from loraengine.testing.harness import registered
+
+    def broken() -> torch.nn.Module:
+        raise RuntimeError("no meta kernel for this")
+
+    for name, skeleton in (("bare", None), ("brittle", broken)):
+        spec = ModelFamilySpec(name, lambda options, context: None, FamilyOptions, "",
+                               describe=lambda options, context, s=skeleton: ModelLayout(
+                                   source=str(options.path), skeleton=s))
+        cfg = config(unet_dir, data_files, tmp_path, model={"family": name},
+                     adapter={"include": ["*to_qq"]})
+        with registered(host, spec):
+            found, notes = validate_config(resolve_config(cfg, host)[0], host)
+        assert found == [], found
+        [note] = [n for n in notes if n.startswith("adapter.include: ")]
+        assert ("cannot build its model without loading it" if skeleton is None else
+                "no meta kernel for this") in note, note
+
+
+@pytest.mark.slow  # saves tiny Wan pipelines
+@pytest.mark.parametrize("family", ["wan", "wan22"])
+def test_wans_skeleton_is_the_expert_or_experts_it_trains(tmp_path, family):
+    """Wan 2.2's two experts train as one module, each under its prefix, and so
+    does the skeleton; one expert picked is that expert's."""
+    from loraengine.plugins import build_plugin_manager
+    from loraengine.testing.tiny_video import save_video
+
+    folder = save_video(family, tmp_path / family)
+    spec = build_plugin_manager().registry.get("model", "wan")
+    context = {"base_dir": None, "module": None}
+    prefixes = {}
+    for expert in ("auto", "low_noise") if family == "wan22" else ("auto",):
+        options = spec.config_model(path=folder, expert=expert)
+        loaded, layout = spec.load(options, context), spec.describe(options, context)
+        layers = _layers(layout.skeleton())
+        assert layers == _layers(loaded.module)
+        assert layout.default_include == loaded.default_include
+        prefixes[expert] = {p.split(".")[0] for p in layers}
+    if family == "wan22":
+        assert {"high_noise", "low_noise"} <= prefixes["auto"]  # both, under their names
+        assert "low_noise" not in prefixes["low_noise"]  # one transformer, unprefixed

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -193,15 +193,20 @@ def _given_or_read(given: Any, path: Path | None, key: str, tensor: str
     return read_safetensors(path, key), str(path)
 
 
+def adapter_include(acfg: Any, default_include: Sequence[str] | None) -> list[str]:
+    """The target patterns of the adapter section ``acfg``: ``adapter.include`` as set,
+    else the family's own default targets where it has them."""
+    if "include" not in acfg.model_fields_set and default_include:
+        return list(default_include)
+    return list(acfg.include)
+
+
 def build_adapters(config: Any, host: PluginHost, loaded: LoadedModel, device: torch.device
                    ) -> tuple[AdapterNetwork, Any, int]:
     """Create (or restore from ``adapter.existing``) one adapter per selected layer."""
     acfg = config.adapter
     spec = host.registry.get("adapter", acfg.algorithm)
-    include = acfg.include
-    default_include = getattr(loaded, "default_include", None)
-    if "include" not in acfg.model_fields_set and default_include:
-        include = list(default_include)  # the family's own default targets
+    include = adapter_include(acfg, getattr(loaded, "default_include", None))
     layers = select_layers(loaded.module, include, acfg.exclude,
                            spec.layer_types or ADAPTABLE)
     alpha = float(acfg.alpha) if acfg.alpha is not None else float(acfg.rank)

@@ -16,7 +16,8 @@ def pipeline_warnings(pipe: Any) -> list[str]:
     """One line per setting of ``pipe.config`` the built run does not honour as
     written."""
     threads = threads_over_cpus(pipe.config.training.threads)
-    return [*_rank_of_existing(pipe), *_batch_larger_than_data(pipe),
+    return [*_rank_of_existing(pipe), *_rank_above_width(pipe),
+            *_batch_larger_than_data(pipe),
             *_exporter_limits(pipe), *([threads] if threads else []),
             *_settings_without_effect(pipe.config)]
 
@@ -92,6 +93,34 @@ def _rank_of_existing(pipe: Any) -> list[str]:
     return [f"adapter.rank: {acfg.rank} is ignored for the {count} layer(s) restored from "
             f"adapter.existing ({acfg.existing}), which hold rank {held}; they continue at "
             f"the file's rank"]
+
+
+def _rank_above_width(pipe: Any) -> list[str]:
+    """``adapter.rank`` above the width of some adapted layers (for LoRA min(out, in),
+    a conv's kernel counted into ``in``): the update of such a layer has at most that
+    rank, so the adapter's extra rank is parameters it trains for nothing. The bound is
+    the algorithm's own (``AdapterSpec.full_rank``); an algorithm without one is not
+    checked. Layers restored from ``adapter.existing`` at another rank are left out."""
+    spec = pipe.adapter_spec
+    bound = getattr(spec, "full_rank", None)
+    if bound is None:
+        return []
+    rank = int(pipe.config.adapter.rank)
+    layers = list(pipe.network.items())
+    narrow: list[tuple[int, str]] = []
+    with pipe.host.registry.blame("adapter", spec.name, "full_rank"):
+        for path, layer in layers:
+            if getattr(layer, "rank", None) != rank:
+                continue
+            width = bound(layer)
+            if width is not None and rank > width:
+                narrow.append((int(width), path))
+    if not narrow:
+        return []
+    width, path = min(narrow)
+    return [f"adapter.rank: {rank} is above the width of {len(narrow)} of {len(layers)} "
+            f"adapted layers (the narrowest: {path}, {width}); their updates cannot use "
+            f"the extra rank, which only adds parameters"]
 
 
 def _batch_larger_than_data(pipe: Any) -> list[str]:

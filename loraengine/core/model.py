@@ -92,6 +92,13 @@ class ModelLayout:
     latent_ndim: int | None = None
     latent_channels: int | None = None
     cond_widths: dict[str, int] = field(default_factory=dict)
+    #: Builds the denoiser the run would adapt from its config alone, its parameters on
+    #: the ``meta`` device (no weights read, no memory taken), with the module paths
+    #: loading gives it: ``validate`` resolves the adapter targets on it. ``None``:
+    #: the family cannot build it so.
+    skeleton: Callable[[], nn.Module] | None = None
+    #: The family's default adapter targets, as ``LoadedModel.default_include``.
+    default_include: tuple[str, ...] = ()
 
 
 def checked_prediction(pred: object, x_t: torch.Tensor, what: str = "the model"

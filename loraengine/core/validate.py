@@ -1,8 +1,10 @@
 """What ``loraengine validate`` checks of a parsed config without training: the model
 is there and its config readable by its family (no weights loaded), the data files
 exist, are regular files and hold the tensors the model takes (read from their
-headers), ``adapter.existing`` is an adapter file of ``adapter.algorithm``, and the
-outputs can be written (probed; nothing is left behind).
+headers), ``adapter.include`` selects some layer of the model (on its skeleton, built
+from its config without weights), ``adapter.existing`` is an adapter file of
+``adapter.algorithm``, and the outputs can be written (probed; nothing is left
+behind).
 
 Every check runs, so one call reports all problems: one line each, naming the key and
 the file, as the run itself would report it when it got there.
@@ -16,6 +18,8 @@ from typing import Any, TypeVar
 
 import torch
 
+from loraengine.core.adapter import ADAPTABLE, select_layers
+from loraengine.core.build import adapter_include
 from loraengine.core.data import (
     DataExpectations,
     first_nonfinite,
@@ -40,6 +44,7 @@ def validate_config(config: Any, host: PluginHost, base_dir: Path | None = None
     problems: list[str] = []
     notes: list[str] = []
     layout = _model_layout(config, host, base_dir, problems, notes)
+    _check_targets(config, host, layout, problems, notes)
     _check_data(config, layout, problems)
     _check_existing(config, host, problems)
     _attempt(problems, lambda: check_outputs(config))
@@ -72,6 +77,33 @@ def _model_layout(config: Any, host: PluginHost, base_dir: Path | None,
                 "looks_like": lambda names: looks_like(host.registry, names)})
 
     return _attempt(problems, run)
+
+
+def _check_targets(config: Any, host: PluginHost, layout: ModelLayout | None,
+                   problems: list[str], notes: list[str]) -> None:
+    """``adapter.include`` and ``adapter.exclude`` select some layer of the model, as
+    the run selects them (``select_layers``, with the run's error), on the family's
+    skeleton of it: the model built from its config, no weights read."""
+    if layout is None:
+        return  # not described: reported or noted already
+    if layout.skeleton is None:
+        notes.append(f"adapter.include: model.family {config.model.family!r} cannot build "
+                     f"its model without loading it; the layers it selects are checked "
+                     f"once the run has loaded the model")
+        return
+    build = layout.skeleton
+    try:
+        with host.registry.blame("model", config.model.family, "skeleton"):
+            module = build()
+    except LoraEngineError as exc:
+        notes.append(f"adapter.include: not checked, the model could not be built "
+                     f"without its weights: {str(exc).splitlines()[0]}")
+        return
+    acfg = config.adapter
+    spec = host.registry.get("adapter", acfg.algorithm)
+    include = adapter_include(acfg, layout.default_include)
+    _attempt(problems, lambda: select_layers(module, include, acfg.exclude,
+                                             spec.layer_types or ADAPTABLE))
 
 
 def _check_data(config: Any, layout: ModelLayout | None, problems: list[str]) -> None:

@@ -134,5 +134,25 @@ def select_layers(model: nn.Module, include: Iterable[str], exclude: Iterable[st
             found[path] = mod
     if not found:
         raise ConfigError(f"adapter.include: no Linear/Conv layer matches {include} "
-                          f"(minus {exclude})")
+                          f"(minus {exclude}){_why_none(model, include, types_)}")
     return found
+
+
+def _why_none(model: nn.Module, include: list[str], types_: tuple[type[nn.Module], ...]
+              ) -> str:
+    """What ``select_layers`` found for no layer: the include patterns that match none
+    of the model's layers of ``types_`` (else: ``exclude`` removed every match), with
+    an example of how its layers are named."""
+    paths = [p for p, m in model.named_modules()
+             if p and isinstance(m, types_) and getattr(m, "groups", 1) == 1]
+    if not paths:
+        return ": the model has no such layer"
+    if not include:
+        return ": the list is empty"
+    dead = [p for p in include if not any(fnmatch.fnmatchcase(path, p) for path in paths)]
+    if not dead:
+        return ": adapter.exclude removes every layer it matches"
+    which = ", ".join(repr(p) for p in dead)
+    like = next((path for path in paths if "." in path), paths[0])
+    return (f": {which} match{'es' if len(dead) == 1 else ''} no layer of the model "
+            f"(its layers are named like {like!r})")

@@ -114,6 +114,13 @@ class AdapterSpec(Generic[OptionsT]):
     #: norm); every reader passes them to ``load`` (``core/files.py``'s
     #: ``load_options``). Raises ``ValueError`` for a value it does not know.
     file_options: Callable[[Mapping[str, str]], dict[str, object]] | None = None
+    #: ``full_rank(adapter) -> rank | None``: for a built adapter, the rank at which an
+    #: adapter of this algorithm on that base layer can already reach any update of
+    #: the layer's weight, so a larger ``adapter.rank`` adds parameters and nothing
+    #: more it can learn (LoRA: min(out, in·kernel)). ``None``, as the field or as
+    #: the answer for one layer, where the algorithm has no such clear bound. ``train``
+    #: warns when ``adapter.rank`` is above it (``core/checks.py``).
+    full_rank: Callable[[AdapterLayer], int | None] | None = None
 
 
 @dataclass(frozen=True)
@@ -191,7 +198,9 @@ class ModelFamilySpec(Generic[OptionsT]):
     looks_like: Callable[[Collection[str]], str | None] | None = None
     #: ``describe(options, context) -> ModelLayout``: what the model takes, read from its
     #: config files without loading weights (``loraengine validate``); raises the error
-    #: ``load`` would for a missing or unreadable model. ``None``: not checkable unloaded.
+    #: ``load`` would for a missing or unreadable model; with a ``skeleton`` (the model
+    #: on the meta device) validate also resolves the adapter targets. ``None``: not
+    #: checkable unloaded.
     describe: Callable[[OptionsT, Mapping[str, object]], ModelLayout] | None = None
 
 

@@ -1,10 +1,12 @@
 """What the built-in algorithm modules share: a few tensor operations (a pointwise
-channel map, the Tucker product, the base layer's own forward) and, for reading a saved
+channel map, the Tucker product, the base layer's own forward), the rank beyond which a
+low-rank update gains nothing and, for reading a saved
 module, its ``alpha``, the key test behind ``owns_keys`` and the checked copy of a saved
 tensor into a fresh parameter."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Collection, Mapping
 from typing import Any, cast
 
@@ -12,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from loraengine.core.adapter import layer_op, weight_of
+from loraengine.core.adapter import AdapterLayer, layer_op, weight_of
 
 #: The functional convolution for a weight (or batched input) of this many dimensions.
 CONV_BY_NDIM = {3: F.conv1d, 4: F.conv2d, 5: F.conv3d}
@@ -27,6 +29,27 @@ def conv_args(base: nn.Module) -> ConvArgs | None:
         return None
     c = cast(nn.modules.conv._ConvNd, base)
     return (tuple(c.stride), tuple(cast("tuple[int, ...]", c.padding)), tuple(c.dilation))
+
+
+def update_width(base: nn.Module) -> int | None:
+    """The largest rank an update of ``base``'s weight can have: min(out, in) for a
+    Linear, min(out, in/groups · kernel) for a convolution (its kernel flattened into
+    the columns); ``None`` for another kind of layer. Read from the layer's settings,
+    not its weight, which a memory strategy may have moved away."""
+    if isinstance(base, nn.Linear):
+        return min(int(base.out_features), int(base.in_features))
+    if isinstance(base, nn.modules.conv._ConvNd):
+        fan_in = int(base.in_channels) // int(base.groups) * math.prod(base.kernel_size)
+        return min(int(base.out_channels), fan_in)
+    return None
+
+
+def low_rank_bound(adapter: AdapterLayer) -> int | None:
+    """``AdapterSpec.full_rank`` of an algorithm whose update holds a free low-rank
+    product ``up·down`` of the adapter's rank (LoRA, GLoRA's ``B``) or one free
+    factor of it (each LoHa half): at the layer's :func:`update_width` that product
+    is any matrix of the weight's shape, so every update is reachable."""
+    return update_width(adapter.base)
 
 
 def pointwise(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

@@ -24,6 +24,7 @@ from loraengine.plugins.adapters.common import (
     base_forward,
     copy_saved,
     has_keys,
+    low_rank_bound,
     pointwise,
     saved_alpha,
 )
@@ -106,6 +107,6 @@ owns_keys = has_keys(*KEYS)
 
 
 SPEC = AdapterSpec(
-    name="glora", create=create, load=load, owns_keys=owns_keys,
+    name="glora", create=create, load=load, owns_keys=owns_keys, full_rank=low_rank_bound,
     network_module="lycoris.kohya",
     description="Generalised LoRA: a low-rank map of the input plus a LoRA.")

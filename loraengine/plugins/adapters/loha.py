@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from loraengine.core.adapter import bias_of, layer_dims, layer_op, weight_of
+from loraengine.core.adapter import AdapterLayer, bias_of, layer_dims, layer_op, weight_of
 from loraengine.core.plugins.specs import AdapterSpec
 from loraengine.plugins.adapters.common import (
     CONV_BY_NDIM,
@@ -41,6 +41,7 @@ from loraengine.plugins.adapters.common import (
     pointwise,
     saved_alpha,
     tucker,
+    update_width,
 )
 from loraengine.plugins.adapters.dora import (
     AdditiveAdapter,
@@ -299,8 +300,16 @@ def load(base: nn.Module, tensors: Mapping[str, torch.Tensor], options: object) 
     return load_dora(layer, tensors, options)
 
 
+def full_rank(adapter: AdapterLayer) -> int | None:
+    """At the layer's width one half alone can be any matrix (the other all ones), so
+    a higher rank reaches nothing new. Below it the product of the halves may already
+    reach every update (its rank can be r²) but where exactly is not clear, so no bound
+    is claimed there; nor for Tucker halves, whose cores mix the kernel taps."""
+    return None if getattr(adapter, "tucker", False) else update_width(adapter.base)
+
+
 SPEC = AdapterSpec(
-    name="loha", create=create, load=load, owns_keys=owns_keys,
+    name="loha", create=create, load=load, owns_keys=owns_keys, full_rank=full_rank,
     file_metadata=dora_metadata, file_options=dora_file_options, config_model=LoHaOptions,
     network_module="lycoris.kohya", description="LoHa: Hadamard product of two low-rank "
     "updates (LyCORIS), optional Tucker conv and DoRA.")

@@ -15,7 +15,13 @@ from torch import nn
 
 from loraengine.core.adapter import layer_dims, layer_op, weight_of
 from loraengine.core.plugins.specs import AdapterSpec
-from loraengine.plugins.adapters.common import copy_saved, has_keys, pointwise, saved_alpha
+from loraengine.plugins.adapters.common import (
+    copy_saved,
+    has_keys,
+    low_rank_bound,
+    pointwise,
+    saved_alpha,
+)
 from loraengine.plugins.adapters.dora import (
     AdditiveAdapter,
     DoRAOptions,
@@ -121,5 +127,5 @@ def load(base: nn.Module, tensors: Mapping[str, torch.Tensor], options: object) 
 SPEC = AdapterSpec(
     name="lora", create=create, load=load, owns_keys=owns_keys,
     file_metadata=dora_metadata, file_options=dora_file_options, config_model=LoRAOptions,
-    network_module="networks.lora", description="Low-rank adaptation (LoRA / LoCon), "
+    full_rank=low_rank_bound, network_module="networks.lora", description="Low-rank adaptation (LoRA / LoCon), "
     "optionally rank-stabilised or weight-decomposed (DoRA).")

@@ -494,7 +494,26 @@ def describe_family(family: Family, options: FamilyOptions, context: Mapping[str
     channels, widths = family.inputs(config_view(cfg_dir))
     return ModelLayout(source=str(where.model), cond_keys=family.cond_keys,
                        latent_ndim=family.latent_ndim,
-                       latent_channels=channels, cond_widths=widths)
+                       latent_channels=channels, cond_widths=widths,
+                       skeleton=skeleton_of(family.model_class, cfg_dir),
+                       default_include=family.default_include)
+
+
+def skeleton_of(model_class: str, cfg_dir: Path) -> Callable[[], nn.Module]:
+    """``ModelLayout.skeleton`` of the diffusers ``model_class`` configured in
+    ``cfg_dir``: the model built from its ``config.json`` as loading starts it (a
+    folder's weights or a single file's fill that very skeleton), parameters on the
+    ``meta`` device."""
+    def build() -> nn.Module:
+        import diffusers
+
+        from loraengine.plugins.models.single_file import skeleton
+
+        diffusers.utils.logging.set_verbosity_error()  # as load_module
+        cls = getattr(diffusers, model_class)
+        return skeleton(cls, cls.load_config(str(cfg_dir)))
+
+    return build
 
 
 def unet_blocks(unet: nn.Module) -> list[nn.Module]:

@@ -24,6 +24,7 @@ from loraengine.plugins.models.common import (
     ddpm_from_config,
     locate_folder,
     read_json,
+    skeleton_of,
     unet_blocks,
     unet_inputs,
 )
@@ -132,13 +133,14 @@ def _cond_keys(module: Any) -> tuple[str, ...]:
 def describe(options: DiffusersOptions, context: Mapping[str, Any]) -> ModelLayout:
     """What ``load`` would find, from the config files alone (no weights loaded)."""
     model_dir, sched_path = locate(options)
-    _supported_class(model_dir)
+    cls_name = _supported_class(model_dir)
     check_weights_readable(model_dir)
     schedule_from(options, sched_path)
     view = config_view(model_dir)
     channels, widths = unet_inputs(view)
     return ModelLayout(source=str(model_dir), cond_keys=_cond_keys(view), latent_ndim=4,
-                       latent_channels=channels, cond_widths=widths)
+                       latent_channels=channels, cond_widths=widths,
+                       skeleton=skeleton_of(cls_name, model_dir))
 
 
 __all__ = ["SPEC", "DiffusersOptions", "describe", "load", "locate", "schedule_from", "unet_blocks"]

@@ -42,6 +42,7 @@ from loraengine.plugins.models.common import (
     pipeline_class,
     read_json,
     scheduler_config,
+    skeleton_of,
     submodules,
 )
 
@@ -271,8 +272,7 @@ def load_wan(options: WanOptions, context: Mapping[str, Any]) -> LoadedModel:
 def _loaded(options: WanOptions, module: nn.Module, schedule: NoiseSchedule,
             expert: str | None, parts: dict[str, str], source: str, root: Path | None,
             single_file: bool) -> LoadedModel:
-    include = WAN.default_include if not parts else tuple(
-        f"{name}.{glob}" for name in EXPERTS for glob in WAN.default_include)
+    include = _targets(bool(parts))
     channels, widths = wan_inputs(module)
     return LoadedModel(
         module=module, predict=WAN.predictor(options, module, schedule, WAN.vae_factor),
@@ -283,6 +283,12 @@ def _loaded(options: WanOptions, module: nn.Module, schedule: NoiseSchedule,
         single_file=single_file, vae=wan_vae_loader(root),
         default_include=include, latent_ndim=5, latent_channels=channels,
         cond_widths=widths, file_parts=parts)
+
+
+def _targets(both: bool) -> tuple[str, ...]:
+    """The default adapter targets: under each expert's prefix when both train."""
+    return tuple(f"{name}.{glob}" for name in EXPERTS for glob in WAN.default_include) \
+        if both else WAN.default_include
 
 
 def _expert_folder(where: Any, expert: str) -> Any:
@@ -301,8 +307,26 @@ def _family_of(path: Any) -> bool:
 
 def _describe(options: WanOptions, context: Mapping[str, Any]) -> Any:
     """``loraengine validate``: the (first expert's) model and its weights' header, a
-    single file's names against its config, without loading; video latents."""
-    return dataclasses.replace(describe_family(WAN, options, context), latent_ndim=5)
+    single file's names against its config, without loading; video latents. The
+    skeleton is what ``load_wan`` would adapt: the expert it picks, or both experts
+    under their prefixes."""
+    layout = describe_family(WAN, options, context)
+    where = locate(WAN, options)
+    expert, _ = (None, None) if options.subfolder or where.single_file else \
+        choose_expert(options, where.root)
+    skeleton = layout.skeleton
+    if expert == "low_noise":
+        skeleton = skeleton_of(WAN.model_class, _expert_folder(where, "low_noise").model)
+    elif expert == "both" and skeleton is not None:
+        high = skeleton
+        low = skeleton_of(WAN.model_class, _expert_folder(where, "low_noise").model)
+
+        def both() -> nn.Module:  # the boundary only routes the forward
+            return WanExperts(high(), low(), 0.0)
+
+        skeleton = both
+    return dataclasses.replace(layout, latent_ndim=5, skeleton=skeleton,
+                               default_include=_targets(expert == "both"))
 
 
 SPEC = ModelFamilySpec(WAN.name, load_wan, WanOptions, WAN.description,

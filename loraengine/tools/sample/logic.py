@@ -412,6 +412,7 @@ def read_prompts(path: Path, loaded: Any, host: Any, what: str = "--prompts"
         raise ConfigError(f"{what}: the {loaded.family} model has no text encoders to "
                           f"read {path.name}; give a conditioning .safetensors instead "
                           f"(loraengine prepare writes one)")
+    check_text_encoders(Path(root), path, what)
     encoder = spec.make_encoder(Path(root), {"device": "cpu", "dtype": "fp32"})
     return {k: v.float() if v.is_floating_point() else v
             for k, v in encoder.encode_captions(prompts).items()}
@@ -422,6 +423,54 @@ def prompt_lines(path: Path, what: str = "--prompts") -> list[str]:
     not UTF-8 text is one line naming the byte offset and line of the first bad byte."""
     text = read_text(Path(path), what)
     return [line.strip() for line in text.splitlines() if line.strip()] or [""]
+
+
+#: Pipeline components that turn a prompt into conditioning (by name prefix).
+TEXT_COMPONENTS = ("text_encoder", "tokenizer")
+
+
+def pipeline_folder(model: Path) -> Path | None:
+    """The diffusers pipeline folder ``--model`` is or is a component folder of (as
+    the families locate it), or ``None`` for a single file, a config or another folder."""
+    model = Path(model)
+    for folder in (model, model.parent):
+        if model.is_dir() and (folder / "model_index.json").is_file():
+            return folder
+    return None
+
+
+def missing_text_components(root: Path) -> list[str]:
+    """The text encoders and tokenizers the pipeline at ``root`` needs to encode
+    prompts that have no folder there: those its ``model_index.json`` lists (an entry
+    saved as ``null``, such as an SDXL refiner's first text encoder, is not needed);
+    an index that lists none misses the first text encoder and tokenizer."""
+    import json
+
+    try:
+        index = json.loads((root / "model_index.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return []  # unreadable: the loader names what is wrong with it
+    if not isinstance(index, dict):
+        return []
+    text = [name for name in sorted(index) if name.startswith(TEXT_COMPONENTS)]
+    if not text:
+        return [name for name in ("text_encoder", "tokenizer") if not (root / name).is_dir()]
+    needed = [name for name in text
+              if not (isinstance(index[name], list) and index[name][:1] == [None])]
+    return [name for name in needed if not (root / name).is_dir()]
+
+
+def check_text_encoders(root: Path, prompts: Path, what: str = "--prompts") -> None:
+    """Refuse text ``prompts`` for the pipeline at ``root`` when the text encoders or
+    tokenizers that encode them are not there: one line naming the folders, instead of
+    what diffusers says when it fails to load them."""
+    missing = missing_text_components(root)
+    if missing:
+        folders = ", ".join(f"{name}/" for name in missing)
+        raise ConfigError(f"{what}: {prompts.name} holds text prompts, which need the "
+                          f"model's text encoders, but {root} has no {folders}; give "
+                          f"{what} a conditioning .safetensors instead (loraengine prepare "
+                          f"writes one with a pipeline folder that has them)")
 
 
 #: What ``sample_to_folder`` writes into its folder.
@@ -519,6 +568,9 @@ def sample_to_folder(model: Path, prompts: Path, out: Path, *, host: Any,
     for path, what in ((prompts, "--prompts"), (negative, "--negative")):
         if path is not None and Path(path).suffix.lower() == ".txt":
             prompt_lines(Path(path), what)
+            root = pipeline_folder(model)
+            if root is not None:  # else known once the model is loaded
+                check_text_encoders(root, Path(path), what)
     loaded, _ = load_model_for_sampling(model, family, host, device, dtype)
     cond = read_prompts(prompts, loaded, host)
     neg = None
