@@ -1,8 +1,11 @@
 """loraengine: train LoRA-family adapters on diffusion models.
 
-Public API: ``train``, ``TrainResult``, ``apply``, ``hookimpl``, the spec records, what
-plugins are handed (``RunView`` in lifecycle hooks; ``BuildContext``, ``StrategyResult``
-and the ``Recipe`` base while a run is assembled) and ``build_plugin_manager``.
+Public API: ``train``, ``TrainResult``, ``apply``, ``hookimpl``, the spec records (with
+the protocols their fields name: ``ExporterLimits``, ``SampleFn``, ``DataEncoder``),
+what plugins are handed (``RunView`` in lifecycle hooks; ``NoiseSchedule`` in timestep
+samplers, loss weightings and timestep-aware losses; ``BuildContext``,
+``StrategyResult`` and the ``Recipe`` base while a run is assembled) and
+``build_plugin_manager``.
 """
 
 from __future__ import annotations
@@ -19,6 +22,8 @@ if TYPE_CHECKING:  # imported on first use below; named here for type checkers
     from loraengine.core.plugins.run import RunView
     from loraengine.core.plugins.specs import (
         AdapterSpec,
+        DataEncoder,
+        ExporterLimits,
         ExporterSpec,
         LoggerSpec,
         LossSpec,
@@ -30,17 +35,22 @@ if TYPE_CHECKING:  # imported on first use below; named here for type checkers
         OptimizerSpec,
         PluginOptions,
         RecipeSpec,
+        SampleFn,
+        SamplerSpec,
         TimestepSamplerSpec,
     )
+    from loraengine.core.schedule import NoiseSchedule
     from loraengine.core.train.loop import TrainResult
     from loraengine.inference import apply
     from loraengine.plugins import build_plugin_manager
 
 __all__ = [
-    "AdapterSpec", "BuildContext", "ExporterSpec", "LRSchedulerSpec", "LoggerSpec", "LossSpec", "LossWeightingSpec",
-    "MemoryStrategySpec", "ModelFamilySpec", "NoOptions", "OptimizerSpec", "PluginOptions",
-    "Recipe", "RecipeSpec", "RunView", "StrategyResult", "TimestepSamplerSpec", "TrainResult",
-    "__version__", "apply", "build_plugin_manager", "hookimpl", "train",
+    "AdapterSpec", "BuildContext", "DataEncoder", "ExporterLimits", "ExporterSpec",
+    "LRSchedulerSpec", "LoggerSpec", "LossSpec", "LossWeightingSpec", "MemoryStrategySpec",
+    "ModelFamilySpec", "NoOptions", "NoiseSchedule", "OptimizerSpec", "PluginOptions",
+    "Recipe", "RecipeSpec", "RunView", "SampleFn", "SamplerSpec", "StrategyResult",
+    "TimestepSamplerSpec", "TrainResult", "__version__", "apply", "build_plugin_manager",
+    "hookimpl", "train",
 ]
 
 
@@ -50,11 +60,14 @@ _HOMES = {
     "train": "loraengine.api", "TrainResult": "loraengine.core.train.loop",
     "apply": "loraengine.inference", "build_plugin_manager": "loraengine.plugins",
     "hookimpl": "loraengine.core.plugins.hookspecs", "RunView": "loraengine.core.plugins.run",
+    "NoiseSchedule": "loraengine.core.schedule",
     **dict.fromkeys(("BuildContext", "Recipe", "StrategyResult"),
                     "loraengine.core.plugins.assembly"),
-    **dict.fromkeys(("AdapterSpec", "ExporterSpec", "LoggerSpec", "LossSpec", "LossWeightingSpec",
-                     "LRSchedulerSpec", "MemoryStrategySpec", "ModelFamilySpec", "NoOptions",
-                     "OptimizerSpec", "PluginOptions", "RecipeSpec", "TimestepSamplerSpec"),
+    **dict.fromkeys(("AdapterSpec", "DataEncoder", "ExporterLimits", "ExporterSpec",
+                     "LoggerSpec", "LossSpec", "LossWeightingSpec", "LRSchedulerSpec",
+                     "MemoryStrategySpec", "ModelFamilySpec", "NoOptions", "OptimizerSpec",
+                     "PluginOptions", "RecipeSpec", "SampleFn", "SamplerSpec",
+                     "TimestepSamplerSpec"),
                     "loraengine.core.plugins.specs"),
 }
 

@@ -4,6 +4,13 @@ must satisfy.
 For each layer case (Linear, Conv1d, Conv2d 3×3, Conv2d 1×3, Conv2d stride 2, Conv3d,
 all with a bias) and an ``alpha`` different from ``rank``, the checks are:
 
+- ``options``: the options model forbids unknown keys, has a valid default for every
+  option, defines none of the keys the engine gives every algorithm (``adapter.rank``,
+  ``adapter.alpha``...: the engine refuses such a plugin) and gives a JSON schema;
+- ``parameters``: the adapter ``spec.create`` builds has at least one trainable
+  ``nn.Parameter``, and no tensor attribute (or buffer) of it requires a gradient
+  without being a registered parameter (the optimizer never sees such a tensor, so it
+  never trains);
 - ``zero_init``: ΔW (and Δb) is exactly zero at init, and the bypass and weight-mode
   outputs equal the base layer's output bit for bit;
 - ``paths_agree``: after perturbing the adapter's parameters (seeded), the bypass
@@ -12,7 +19,8 @@ all with a bias) and an ``alpha`` different from ``rank``, the checks are:
   relative to the output's largest magnitude), and differ from the base output;
 - ``file_roundtrip``: ``file_tensors()`` written to safetensors and read back, then
   ``spec.load`` into a fresh copy of the base layer, gives identical outputs; the
-  spec's ``owns_keys`` recognises the keys;
+  spec's ``owns_keys`` recognises the keys, and the loaded adapter passes the
+  ``parameters`` check too (training resumed from a file must train);
 - ``gradients``: with the base frozen, every adapter parameter gets a finite gradient,
   none is the base layer's own tensor, and the base weight/bias get no gradient;
 - ``training_paths``: weight mode forced onto the factored path and onto the rebuild
@@ -34,7 +42,9 @@ or parametrised, one test per case and check::
     def test_conformance(case, check):
         run_check(MY_SPEC, case, check, {"my_option": 2})
 
-Every failure is an ``AssertionError`` naming the algorithm, options, case and check.
+Every failure is an ``AssertionError`` naming the algorithm, options, case and check:
+an output of the wrong shape, and an exception from the algorithm's own code
+(``create``, ``load``, ``file_tensors``, ``bypass``...) included.
 """
 
 from __future__ import annotations
@@ -45,7 +55,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from pydantic import BaseModel
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 from torch import nn
@@ -53,11 +62,20 @@ from torch import nn
 from loraengine.core.adapter import AdapterLayer, AdapterNetwork, AttachMode, layer_op
 from loraengine.core.adapter.layer import bias_of, weight_of
 from loraengine.core.plugins.specs import AdapterSpec
-from loraengine.testing.suite import Checks, ConformanceReport, Failing, relative_error, resolve
+from loraengine.testing.suite import (
+    Checks,
+    ConformanceReport,
+    Failing,
+    options_check,
+    options_text,
+    relative_error,
+    resolve,
+)
 
 __all__ = [
     "CHECKS", "ConformanceReport", "LayerCase", "adapter_cases", "build_adapter",
-    "perturb", "relative_error", "resolve_options", "run_adapter_conformance", "run_check",
+    "parameter_problem", "perturb", "relative_error", "resolve_options",
+    "run_adapter_conformance", "run_check",
 ]
 
 #: Defaults of the suite: alpha deliberately differs from rank.
@@ -131,10 +149,55 @@ def resolve_options(spec: AdapterSpec, options: Any = None) -> Any:
 def build_adapter(spec: AdapterSpec, base: nn.Module, options: Any = None, *,
                   rank: int = RANK, alpha: float = ALPHA, seed: int = 0) -> AdapterLayer:
     """A fresh adapter from ``spec.create`` with a seeded generator."""
-    g = torch.Generator().manual_seed(3000 + seed)
-    layer: AdapterLayer = spec.create(base, rank, alpha, resolve_options(spec, options), g)
+    layer = _create(spec, base, resolve_options(spec, options), rank, alpha, seed)
     layer.algorithm = spec.name
     return layer
+
+
+def _create(spec: AdapterSpec, base: nn.Module, options: Any, rank: int, alpha: float,
+            seed: int) -> AdapterLayer:
+    g = torch.Generator().manual_seed(3000 + seed)
+    return spec.create(base, rank, alpha, options, g)
+
+
+def _unregistered(adapter: nn.Module) -> list[str]:
+    """Tensors of the adapter that require a gradient without being registered
+    parameters: plain attributes (also inside a list, tuple or dict attribute) and
+    buffers. The optimizer is handed ``parameters()``, so none of them ever trains."""
+    found = []
+    for prefix, module in adapter.named_modules():
+        at = f"{prefix}." if prefix else ""
+        for name, value in vars(module).items():
+            members: Iterable[tuple[str, Any]] = [(name, value)]
+            if isinstance(value, (list, tuple)):
+                members = [(f"{name}[{i}]", v) for i, v in enumerate(value)]
+            elif isinstance(value, dict) and not name.startswith("_"):
+                members = [(f"{name}[{k!r}]", v) for k, v in value.items()]
+            found += [f"{at}{n}" for n, v in members
+                      if isinstance(v, torch.Tensor) and v.requires_grad]
+        found += [f"{at}{n} (a buffer)" for n, b in module.named_buffers(recurse=False)
+                  if b.requires_grad]
+    return found
+
+
+def parameter_problem(adapter: nn.Module) -> str | None:
+    """What the ``parameters`` check finds wrong with an adapter's parameters, or
+    ``None``."""
+    stray = _unregistered(adapter)
+    if len(stray) == 1:
+        stray_text = (f"{stray[0]} requires a gradient but is not a registered "
+                      f"nn.Parameter: the optimizer never receives it, so it never trains")
+    else:
+        stray_text = (f"{', '.join(stray)} require a gradient but are not registered "
+                      f"nn.Parameters: the optimizer never receives them, so they never "
+                      f"train")
+    stray_text += (" (assign an nn.Parameter to the attribute, or use register_buffer "
+                   "for a tensor that stays fixed)")
+    if not any(p.requires_grad for p in adapter.parameters()):
+        return ("the adapter has no trainable parameters (no registered nn.Parameter "
+                "with requires_grad=True): training would have nothing to optimise"
+                + (f"; {stray_text}" if stray else ""))
+    return stray_text if stray else None
 
 
 @torch.no_grad()
@@ -169,10 +232,14 @@ def _attached(adapter: AdapterLayer, x: torch.Tensor, mode: AttachMode) -> torch
         net.detach()
 
 
-def _roundtrip_tensors(adapter: AdapterLayer) -> dict[str, torch.Tensor]:
-    """``file_tensors()`` through a real safetensors serialisation."""
-    tensors = {k: v.detach().contiguous().cpu() for k, v in adapter.file_tensors().items()}
-    return st_load(st_save(tensors))
+def _roundtrip_tensors(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``tensors`` (an adapter's ``file_tensors()``) through a real safetensors
+    serialisation."""
+    return st_load(st_save({k: v.detach().contiguous().cpu() for k, v in tensors.items()}))
+
+
+def _shape(t: Any) -> Any:
+    return list(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
 
 
 # -- the checks -----------------------------------------------------------------------
@@ -180,21 +247,67 @@ def _roundtrip_tensors(adapter: AdapterLayer) -> dict[str, torch.Tensor]:
 class _Ctx:
     """Everything one check needs, with a failure message prefix."""
 
-    def __init__(self, spec: AdapterSpec, case: LayerCase, options: Any, rank: int,
-                 alpha: float, seed: int, rtol: float):
-        self.spec, self.case, self.rank, self.alpha = spec, case, rank, alpha
+    def __init__(self, spec: AdapterSpec, case: LayerCase, check: str, options: Any,
+                 rank: int, alpha: float, seed: int, rtol: float):
+        self.spec, self.case, self.check, self.rank, self.alpha = spec, case, check, rank, alpha
         self.options = resolve_options(spec, options)
         self.seed, self.rtol = seed, rtol
-        opts = self.options.model_dump() if isinstance(self.options, BaseModel) else {}
-        self.fail = Failing(f"{spec.name}{opts or ''} on {case.name}")
+        self.fail = Failing(f"{spec.name}{options_text(self.options) or ''} on {case.name}")
 
     def input(self) -> torch.Tensor:
         return self.case.input(self.seed)
 
     def fresh(self) -> tuple[nn.Module, AdapterLayer]:
         base = self.case.layer(self.seed)
-        return base, build_adapter(self.spec, base, self.options, rank=self.rank,
-                                   alpha=self.alpha, seed=self.seed)
+        with self.fail.calling(self.check, "spec.create(layer, rank, alpha, options, "
+                               "generator)"):
+            adapter = _create(self.spec, base, self.options, self.rank, self.alpha,
+                              self.seed)
+        if not isinstance(adapter, AdapterLayer):
+            raise self.fail(self.check, f"spec.create returned {type(adapter).__name__}, "
+                            f"not an AdapterLayer")
+        adapter.algorithm = self.spec.name
+        return base, adapter
+
+    def load(self, base: nn.Module, tensors: dict[str, torch.Tensor]) -> AdapterLayer:
+        """``spec.load`` on ``base``, failing the check when it raises or returns
+        something else than an adapter."""
+        with self.fail.calling(self.check, "spec.load(layer, tensors, options)"):
+            loaded = self.spec.load(base, tensors, self.options)
+        if not isinstance(loaded, AdapterLayer):
+            raise self.fail(self.check, f"spec.load returned {type(loaded).__name__}, not "
+                            f"an AdapterLayer")
+        loaded.algorithm = self.spec.name
+        return loaded
+
+    def file_tensors(self, adapter: AdapterLayer) -> dict[str, torch.Tensor]:
+        """``file_tensors()`` through a real safetensors serialisation, failing the
+        check when the adapter does not give a mapping of names to tensors."""
+        if type(adapter).file_tensors is AdapterLayer.file_tensors:
+            raise self.fail(self.check, f"{type(adapter).__name__} does not implement "
+                            f"file_tensors() (AdapterLayer's raises NotImplementedError): "
+                            f"return the tensors to save under their key names, alpha "
+                            f"included")
+        with self.fail.calling(self.check, "file_tensors()"):
+            tensors = adapter.file_tensors()
+        if not isinstance(tensors, Mapping) or not all(
+                isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in tensors.items()):
+            raise self.fail(self.check, f"file_tensors() returned {type(tensors).__name__}, "
+                            f"not a mapping of key names to tensors")
+        with self.fail.calling(self.check, "saving file_tensors() as safetensors"):
+            return _roundtrip_tensors(tensors)
+
+    def shape_matches(self, label: str, out: Any, want: torch.Tensor, of: str) -> None:
+        """Fail the check unless ``out`` is a tensor of ``want``'s shape."""
+        if not isinstance(out, torch.Tensor) or out.shape != want.shape:
+            raise self.fail(self.check, f"{label} output shape {_shape(out)} != {of} "
+                            f"shape {list(want.shape)}")
+
+    def error(self, label: str, out: Any, want: torch.Tensor, of: str) -> float:
+        """:func:`relative_error` of ``out`` from ``want``, after failing the check when
+        their shapes differ."""
+        self.shape_matches(label, out, want, of)
+        return relative_error(out, want)
 
     def perturbed(self) -> tuple[nn.Module, AdapterLayer]:
         base, adapter = self.fresh()
@@ -202,15 +315,26 @@ class _Ctx:
         return base, adapter
 
     def identical(self, check: str, outputs: Iterable[tuple[str, torch.Tensor, torch.Tensor]],
-                  differs: str) -> None:
-        """Fail ``check`` unless each ``(label, out, want)`` matches bit for bit."""
+                  differs: str, of: str) -> None:
+        """Fail ``check`` unless each ``(label, out, want)`` matches bit for bit; ``of``
+        names what ``want`` is (for a difference in shape)."""
         for label, out, want in outputs:
+            self.shape_matches(label, out, want, of)
             if not torch.equal(out, want):
                 raise self.fail(check, f"{label} output {differs} "
                                 f"(relative {relative_error(out, want):.3g})")
 
 
 _TABLE: Checks[_Ctx] = Checks()
+_TABLE("options")(options_check("adapter"))
+
+
+@_TABLE("parameters")
+def _check_parameters(c: _Ctx) -> None:
+    _, adapter = c.fresh()
+    problem = parameter_problem(adapter)
+    if problem is not None:
+        raise c.fail("parameters", problem)
 
 
 @_TABLE("zero_init")
@@ -234,7 +358,7 @@ def _check_zero_init(c: _Ctx) -> None:
         ("bypass", adapter.bypass(x, base(x))),
         ("bypass hook", _attached(adapter, x, "bypass")),
         ("weight mode", _attached(adapter, x, "weight")))),
-        "differs from the base output at init")
+        "differs from the base output at init", "the base layer's output")
 
 
 @_TABLE("paths_agree")
@@ -256,10 +380,7 @@ def _check_paths_agree(c: _Ctx) -> None:
     adapter.merge()
     outs["merged"] = base(x)
     for label, out in outs.items():
-        if out.shape != rebuilt.shape:
-            raise c.fail("paths_agree", f"{label} output shape {list(out.shape)} != "
-                         f"{list(rebuilt.shape)}")
-        err = relative_error(out, rebuilt)
+        err = c.error(label, out, rebuilt, "the rebuilt-weight output's")
         if not err <= c.rtol:
             raise c.fail("paths_agree", f"{label} output differs from the rebuilt-weight "
                          f"output by {err:.3g} relative (tolerance {c.rtol:g})")
@@ -271,21 +392,25 @@ def _check_file_roundtrip(c: _Ctx) -> None:
     base, adapter = c.perturbed()
     fresh_base = c.case.layer(c.seed)
     x = c.input()
-    tensors = _roundtrip_tensors(adapter)
-    if not c.spec.owns_keys(set(tensors)):
+    tensors = c.file_tensors(adapter)
+    with c.fail.calling("file_roundtrip", "owns_keys(keys)"):
+        owned = c.spec.owns_keys(set(tensors))
+    if not owned:
         raise c.fail("file_roundtrip", f"owns_keys does not recognise its own keys "
                      f"{sorted(tensors)}")
-    loaded = c.spec.load(fresh_base, tensors, c.options)
-    loaded.algorithm = c.spec.name
+    loaded = c.load(fresh_base, tensors)
     if loaded.base is not fresh_base:
         raise c.fail("file_roundtrip", "spec.load did not wrap the layer it was given")
+    problem = parameter_problem(loaded)
+    if problem is not None:
+        raise c.fail("file_roundtrip", f"the adapter spec.load rebuilt: {problem}")
     c.identical("file_roundtrip",
                 (("bypass", loaded.bypass(x, fresh_base(x)), adapter.bypass(x, base(x))),
                  ("adapter forward", loaded(x), adapter(x))),
-                "after save/load differs")
+                "after save/load differs", "the saved adapter's output")
     if not torch.equal(loaded.delta_weight(), adapter.delta_weight()):
         raise c.fail("file_roundtrip", "ΔW after save/load differs")
-    again = _roundtrip_tensors(loaded)
+    again = c.file_tensors(loaded)
     if set(again) != set(tensors):
         raise c.fail("file_roundtrip", f"keys change on a second save: {sorted(tensors)} "
                      f"-> {sorted(again)}")
@@ -349,7 +474,7 @@ def _check_training_paths(c: _Ctx) -> None:
         results[path] = got
     adapter.path = "auto"
     for (label, f), (_, r) in zip(results["factored"], results["rebuild"], strict=True):
-        err = relative_error(f, r)
+        err = c.error(f"factored {label}", f, r, "the rebuild path's")
         if not err <= c.rtol:
             raise c.fail("training_paths", f"factored {label} differs from the rebuild "
                          f"path's by {err:.3g} relative (tolerance {c.rtol:g})")
@@ -373,7 +498,7 @@ def _check_low_precision(c: _Ctx) -> None:
     for dtype, tol in LOW_PRECISION_TOL.items():
         for adapter_dtype in (torch.float32, dtype):
             b = copy.deepcopy(base).to(dtype)
-            a = c.spec.load(b, _roundtrip_tensors(adapter), c.options).to(adapter_dtype)
+            a = c.load(b, c.file_tensors(adapter)).to(adapter_dtype)
             x = x32.to(dtype)
             for mode in modes:
                 out = _attached(a, x, mode)
@@ -382,7 +507,7 @@ def _check_low_precision(c: _Ctx) -> None:
                     raise c.fail("low_precision", f"{what}: output dtype {out.dtype}")
                 if not bool(torch.isfinite(out).all()):
                     raise c.fail("low_precision", f"{what}: non-finite output")
-                err = relative_error(out, ref)
+                err = c.error(what, out, ref, "the fp32 output's")
                 if not err <= tol:
                     raise c.fail("low_precision", f"{what}: {err:.3g} relative from fp32 "
                                  f"(tolerance {tol:g})")
@@ -398,7 +523,8 @@ def run_check(spec: AdapterSpec, case: LayerCase, check: str, options: Any = Non
               rank: int = RANK, alpha: float = ALPHA, seed: int = 0,
               rtol: float = 1e-5) -> None:
     """Run one check on one case; raise ``AssertionError`` when it fails."""
-    _TABLE.run(check, lambda: _Ctx(spec, case, options, rank, alpha, seed, rtol))
+    _TABLE.run(check, lambda: _Ctx(spec, case, check, options, rank, alpha, seed, rtol),
+               f"{spec.name} on {case.name}")
 
 
 def run_adapter_conformance(spec: AdapterSpec, options: Mapping[str, Any] | Any = None, *,

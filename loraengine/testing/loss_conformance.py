@@ -7,7 +7,8 @@ itself: per sample (then weighted), then over the batch. The checks, on image
 ``[B,C,H,W]`` and video ``[B,C,T,H,W]`` shapes, and for a timestep-aware loss under a
 DDPM and a flow schedule:
 
-- ``options``: the options model forbids unknown keys, has a default for every option
+- ``options``: the options model forbids unknown keys, has a valid default for every
+  option, defines none of the keys the engine gives every loss (``loss.target``...)
   and gives a JSON schema;
 - ``elementwise``: the output has the prediction's shape, is floating point and finite;
 - ``minimum_at_target``: no element's loss is lower anywhere than at ``pred == target``;
@@ -23,7 +24,8 @@ Use it in one line::
     from loraengine.testing.loss_conformance import run_loss_conformance
     run_loss_conformance(MY_SPEC, {"eps": 1e-3})
 
-Every failure is an ``AssertionError`` naming the loss, the case and the check.
+Every failure is an ``AssertionError`` naming the loss, the case and the check, also
+when the loss raises (a ``factory`` that is not callable included).
 """
 
 from __future__ import annotations
@@ -36,7 +38,14 @@ import torch
 
 from loraengine.core.plugins.specs import LossSpec
 from loraengine.core.schedule import NoiseSchedule
-from loraengine.testing.suite import Checks, ConformanceReport, Failing, check_options, resolve
+from loraengine.testing.suite import (
+    Checks,
+    ConformanceReport,
+    Failing,
+    options_check,
+    options_text,
+    resolve,
+)
 
 __all__ = ["LOSS_CHECKS", "LossCase", "loss_cases", "run_loss_check", "run_loss_conformance"]
 
@@ -78,28 +87,46 @@ class _Ctx:
                  rtol: float):
         self.spec, self.case, self.seed, self.rtol = spec, case, seed, rtol
         self.options = resolve(spec.config_model, options)
-        # Called with two or four arguments, as ``timestep_aware`` says.
-        self.fn: Callable[..., torch.Tensor] = spec.factory(self.options)
         self.schedule = case.schedule()
         self.fail = Failing(f"loss {spec.name!r} "
-                            f"({self.options.model_dump() or 'default options'}) on {case}")
+                            f"({options_text(self.options) or 'default options'}) on {case}")
+        self._fn: Callable[..., torch.Tensor] | None = None
 
-    def __call__(self, pred: torch.Tensor, target: torch.Tensor, t: torch.Tensor
-                 ) -> torch.Tensor:
-        if self.spec.timestep_aware:
-            return self.fn(pred, target, t, self.schedule)
-        return self.fn(pred, target)
+    def fn(self, check: str) -> Callable[..., torch.Tensor]:
+        """The loss function from ``factory(options)``, made on first use (the
+        ``options`` check runs without it); called with two or four arguments, as
+        ``timestep_aware`` says."""
+        if self._fn is None:
+            factory = self.spec.factory
+            if not callable(factory):
+                raise self.fail(check, f"the record's factory is {factory!r}, not a "
+                                f"callable factory(options) -> loss function")
+            with self.fail.calling(check, "factory(options)"):
+                fn = factory(self.options)
+            if not callable(fn):
+                raise self.fail(check, f"factory(options) returned {type(fn).__name__}, "
+                                f"not a loss function fn(pred, target)")
+            self._fn = fn
+        return self._fn
+
+    def __call__(self, pred: torch.Tensor, target: torch.Tensor, t: torch.Tensor,
+                 check: str) -> torch.Tensor:
+        fn = self.fn(check)
+        with self.fail.calling(check, "the loss"):
+            if self.spec.timestep_aware:
+                return fn(pred, target, t, self.schedule)
+            return fn(pred, target)
 
 
 _TABLE: Checks[_Ctx] = Checks()
-_TABLE("options")(check_options)
+_TABLE("options")(options_check("loss"))
 
 
 @_TABLE("elementwise")
 @torch.no_grad()
 def _check_elementwise(c: _Ctx) -> None:
     pred, target, t = c.case.tensors(c.seed)
-    out = c(pred, target, t)
+    out = c(pred, target, t, "elementwise")
     if not isinstance(out, torch.Tensor) or tuple(out.shape) != tuple(pred.shape):
         shape = list(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
         raise c.fail("elementwise", f"returned {shape} for a prediction of "
@@ -112,8 +139,8 @@ def _check_elementwise(c: _Ctx) -> None:
 @torch.no_grad()
 def _check_minimum_at_target(c: _Ctx) -> None:
     pred, target, t = c.case.tensors(c.seed)
-    at_target = c(target.clone(), target, t)
-    off = c(pred, target, t)
+    at_target = c(target.clone(), target, t, "minimum_at_target")
+    off = c(pred, target, t, "minimum_at_target")
     if not bool(torch.isfinite(at_target).all()):
         raise c.fail("minimum_at_target", "the loss at pred == target is not finite")
     slack = 1e-6 * (1.0 + at_target.abs())
@@ -128,7 +155,7 @@ def _check_gradient(c: _Ctx) -> None:
     pred, target, t = c.case.tensors(c.seed)
     pred.requires_grad_(True)
     try:
-        c(pred, target, t).sum().backward()
+        c(pred, target, t, "gradient").sum().backward()
     except RuntimeError as exc:
         raise c.fail("gradient", f"backward through the loss failed: {exc}") from exc
     grad = pred.grad
@@ -144,9 +171,9 @@ def _check_gradient(c: _Ctx) -> None:
 @torch.no_grad()
 def _check_per_sample(c: _Ctx) -> None:
     pred, target, t = c.case.tensors(c.seed)
-    together = c(pred, target, t)
+    together = c(pred, target, t, "per_sample")
     for i in range(pred.shape[0]):
-        alone = c(pred[i:i + 1], target[i:i + 1], t[i:i + 1])[0]
+        alone = c(pred[i:i + 1], target[i:i + 1], t[i:i + 1], "per_sample")[0]
         err = float((alone - together[i]).abs().max())
         scale = float(together[i].abs().max().clamp_min(1e-12))
         if not err <= c.rtol * scale:
@@ -159,8 +186,8 @@ def _check_per_sample(c: _Ctx) -> None:
 def _check_deterministic(c: _Ctx) -> None:
     pred, target, t = c.case.tensors(c.seed)
     with c.fail.if_global_rng_drawn("deterministic"):
-        first = c(pred, target, t)
-        second = c(pred, target, t)
+        first = c(pred, target, t, "deterministic")
+        second = c(pred, target, t, "deterministic")
     if not torch.equal(first, second):
         raise c.fail("deterministic", "the same inputs gave different losses")
 
@@ -172,7 +199,8 @@ LOSS_CHECKS: tuple[str, ...] = _TABLE.names
 def run_loss_check(spec: LossSpec, case: LossCase, check: str, options: Any = None, *,
                    seed: int = 0, rtol: float = 1e-5) -> None:
     """Run one check on one case; raise ``AssertionError`` when it fails."""
-    _TABLE.run(check, lambda: _Ctx(spec, case, options, seed, rtol))
+    _TABLE.run(check, lambda: _Ctx(spec, case, options, seed, rtol),
+               f"loss {spec.name!r} on {case}")
 
 
 def run_loss_conformance(spec: LossSpec, options: Mapping[str, Any] | Any = None, *,

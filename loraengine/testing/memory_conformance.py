@@ -6,8 +6,8 @@ Each check trains ``TinyDenoiser`` for two SGD steps from ``tiny_train_config`` 
 built-in strategy off) with and without ``enable``, the config overlay that switches
 the strategy on (``{"memory": {"my_option": True}}``). The checks:
 
-- ``options``: the options model forbids unknown keys, has a default for every option
-  and gives a JSON schema;
+- ``options``: the options model forbids unknown keys, has a valid default for every
+  option and gives a JSON schema;
 - ``switch``: ``enabled(config)`` is true with the overlay and false without it, and
   ``validate`` (when given) finds no problem in either config;
 - ``same_training``: the loss map and the trained adapter tensors match the run without
@@ -26,7 +26,8 @@ Use it in one line::
     from loraengine.testing.memory_conformance import run_memory_conformance
     run_memory_conformance(MY_SPEC, enable={"memory": {"my_option": True}})
 
-Every failure is an ``AssertionError`` naming the strategy and the check.
+Every failure is an ``AssertionError`` naming the strategy and the check, also when the
+strategy's own code raises.
 """
 
 from __future__ import annotations
@@ -243,5 +244,7 @@ def run_memory_conformance(spec: MemoryStrategySpec, enable: Mapping[str, Any], 
     ``AssertionError`` on the first failure, else return what ran. ``host`` defaults to
     the built-ins (``spec`` is registered on it for the run when it is not there)."""
     with _host_with(spec, host) as h:
-        ctx = _Ctx(spec, enable, h, model_factory or _default_model, rtol, restore_rtol)
-        return _TABLE.run_all(spec.name, ctx, checks, "tiny_denoiser")
+        return _TABLE.run_all(
+            spec.name, lambda: _Ctx(spec, enable, h, model_factory or _default_model, rtol,
+                                    restore_rtol),
+            checks, "tiny_denoiser", f"memory strategy {spec.name!r} (enabled by {dict(enable)})")

@@ -4,8 +4,9 @@ party, must satisfy for the trainer to use it.
 The problem is a small seeded least-squares fit (a weight and a bias, plus a third
 parameter that never gets a gradient). The checks:
 
-- ``options``: the options model forbids unknown keys, has a default for every option
-  and gives a JSON schema;
+- ``options``: the options model forbids unknown keys, has a valid default for every
+  option, defines none of the keys the engine gives every optimizer (``lr``: the
+  engine refuses such a plugin) and gives a JSON schema;
 - ``builds``: ``factory(params, lr, options)`` returns a ``torch.optim.Optimizer``
   holding exactly the given parameters, each group's ``lr`` equal to the given one (LR
   schedulers and the loss map read and write ``param_groups[i]["lr"]``);
@@ -26,7 +27,7 @@ Use it in one line::
 
 Optimizers with ``train()``/``eval()`` modes (schedule-free) are put in train mode
 before stepping, as the trainer does. Every failure is an ``AssertionError`` naming the
-optimizer and the check.
+optimizer and the check, also when the factory or ``step()`` raises.
 """
 
 from __future__ import annotations
@@ -38,7 +39,14 @@ from typing import Any
 import torch
 
 from loraengine.core.plugins.specs import OptimizerSpec
-from loraengine.testing.suite import Checks, ConformanceReport, Failing, check_options, resolve
+from loraengine.testing.suite import (
+    Checks,
+    ConformanceReport,
+    Failing,
+    options_check,
+    options_text,
+    resolve,
+)
 
 __all__ = ["OPTIMIZER_CHECKS", "Problem", "run_optimizer_check", "run_optimizer_conformance"]
 
@@ -61,28 +69,12 @@ class Problem:
         return (self.x @ p["weight"].T + p["bias"] - self.y).square().mean()
 
 
-def _make(spec: OptimizerSpec, params: Iterable[torch.nn.Parameter], lr: float,
-          options: Any) -> torch.optim.Optimizer:
-    opt = spec.factory(list(params), lr, options)
-    _train_mode(opt)
-    return opt
-
-
 def _train_mode(opt: torch.optim.Optimizer) -> None:
     """Put an optimizer with modes (schedule-free) in train mode, as the trainer does
     before each step; ``torch.optim.Optimizer`` itself has no modes."""
     train = getattr(opt, "train", None)
     if callable(train):
         train()
-
-
-def _step(problem: Problem, p: Mapping[str, torch.nn.Parameter],
-          opt: torch.optim.Optimizer) -> float:
-    opt.zero_grad(set_to_none=True)
-    loss = problem.loss(p)
-    loss.backward()
-    opt.step()
-    return float(loss.detach())
 
 
 class _Ctx:
@@ -92,24 +84,47 @@ class _Ctx:
         self.options = resolve(spec.config_model, options)
         self.problem = Problem(seed)
         self.fail = Failing(f"optimizer {spec.name!r} (lr {lr:g}, "
-                            f"{self.options.model_dump() or 'default options'})")
+                            f"{options_text(self.options) or 'default options'})")
 
-    def run(self, n: int) -> tuple[dict[str, torch.nn.Parameter], torch.optim.Optimizer,
-                                   list[float]]:
+    def make(self, check: str, params: Iterable[torch.nn.Parameter]) -> torch.optim.Optimizer:
+        """``factory(params, lr, options)``, in train mode; ``check`` fails when it
+        cannot be called or raises."""
+        factory = self.spec.factory
+        if not callable(factory):
+            raise self.fail(check, f"the record's factory is {factory!r}, not a callable "
+                            f"factory(params, lr, options)")
+        with self.fail.calling(check, "factory(params, lr, options)"):
+            opt = factory(list(params), self.lr, self.options)
+            _train_mode(opt)
+        return opt
+
+    def step(self, check: str, p: Mapping[str, torch.nn.Parameter],
+             opt: torch.optim.Optimizer) -> float:
+        """One optimizer step on the problem; the loss before it."""
+        with self.fail.calling(check, "optimizer.zero_grad()"):
+            opt.zero_grad(set_to_none=True)
+        loss = self.problem.loss(p)
+        loss.backward()
+        with self.fail.calling(check, "optimizer.step()"):
+            opt.step()
+        return float(loss.detach())
+
+    def run(self, check: str, n: int) -> tuple[dict[str, torch.nn.Parameter],
+                                               torch.optim.Optimizer, list[float]]:
         p = self.problem.params()
-        opt = _make(self.spec, p.values(), self.lr, self.options)
-        losses = [_step(self.problem, p, opt) for _ in range(n)]
+        opt = self.make(check, p.values())
+        losses = [self.step(check, p, opt) for _ in range(n)]
         return p, opt, losses
 
 
 _TABLE: Checks[_Ctx] = Checks()
-_TABLE("options")(check_options)
+_TABLE("options")(options_check("optimizer"))
 
 
 @_TABLE("builds")
 def _check_builds(c: _Ctx) -> None:
     p = c.problem.params()
-    opt = _make(c.spec, p.values(), c.lr, c.options)
+    opt = c.make("builds", p.values())
     if not isinstance(opt, torch.optim.Optimizer):
         raise c.fail("builds", f"factory returned {type(opt).__name__}, not a "
                      f"torch.optim.Optimizer")
@@ -126,7 +141,7 @@ def _check_builds(c: _Ctx) -> None:
 
 @_TABLE("descends")
 def _check_descends(c: _Ctx) -> None:
-    p, _, losses = c.run(c.steps)
+    p, _, losses = c.run("descends", c.steps)
     final = float(c.problem.loss(p).detach())
     if not all(bool(torch.isfinite(q).all()) for q in p.values()):
         raise c.fail("descends", "a parameter became non-finite")
@@ -137,7 +152,7 @@ def _check_descends(c: _Ctx) -> None:
 
 @_TABLE("skips_missing_grads")
 def _check_skips_missing_grads(c: _Ctx) -> None:
-    p, _, _ = c.run(3)
+    p, _, _ = c.run("skips_missing_grads", 3)
     if p["idle"].grad is not None:
         raise c.fail("skips_missing_grads", "the optimizer created a gradient for a "
                      "parameter that had none")
@@ -148,8 +163,8 @@ def _check_skips_missing_grads(c: _Ctx) -> None:
 @_TABLE("deterministic")
 def _check_deterministic(c: _Ctx) -> None:
     with c.fail.if_global_rng_drawn("deterministic"):
-        first, _, _ = c.run(5)
-        second, _, _ = c.run(5)
+        first, _, _ = c.run("deterministic", 5)
+        second, _, _ = c.run("deterministic", 5)
     for name in first:
         if not torch.equal(first[name].detach(), second[name].detach()):
             raise c.fail("deterministic", f"two runs from the same start differ in {name}")
@@ -157,12 +172,12 @@ def _check_deterministic(c: _Ctx) -> None:
 
 @_TABLE("state_roundtrip")
 def _check_state_roundtrip(c: _Ctx) -> None:
-    p, opt, _ = c.run(3)
+    p, opt, _ = c.run("state_roundtrip", 3)
     buffer = io.BytesIO()
     torch.save(opt.state_dict(), buffer)
     buffer.seek(0)
     q = {k: torch.nn.Parameter(v.detach().clone()) for k, v in p.items()}
-    fresh = _make(c.spec, q.values(), c.lr, c.options)
+    fresh = c.make("state_roundtrip", q.values())
     try:
         fresh.load_state_dict(torch.load(buffer, weights_only=False))
     except Exception as exc:  # noqa: BLE001
@@ -170,8 +185,8 @@ def _check_state_roundtrip(c: _Ctx) -> None:
                      f"{exc}") from exc
     _train_mode(fresh)
     for _ in range(3):
-        _step(c.problem, p, opt)
-        _step(c.problem, q, fresh)
+        c.step("state_roundtrip", p, opt)
+        c.step("state_roundtrip", q, fresh)
     for name in p:
         if not torch.equal(p[name].detach(), q[name].detach()):
             err = float((p[name] - q[name]).detach().abs().max())
@@ -197,5 +212,5 @@ def run_optimizer_conformance(spec: OptimizerSpec, options: Mapping[str, Any] | 
                               ) -> ConformanceReport:
     """Run the checks on ``spec`` with ``options`` at learning rate ``lr``; raise
     ``AssertionError`` on the first failure, else return what ran."""
-    ctx = _Ctx(spec, options, lr, steps, descent, seed)
-    return _TABLE.run_all(spec.name, ctx, checks, "least_squares")
+    return _TABLE.run_all(spec.name, lambda: _Ctx(spec, options, lr, steps, descent, seed),
+                          checks, "least_squares", f"optimizer {spec.name!r} (lr {lr:g})")
