@@ -29,7 +29,8 @@ INTERNAL_ERROR = 70
 
 class State:
     """What one command-line invocation shares: ``--debug``, ``--strict`` and the plugin
-    host, built on first use (plugin load failures are echoed as warnings)."""
+    host, built on first use (plugin load failures are echoed as warnings, and so are
+    the records of installed plugins left out when the host makes its registry)."""
 
     def __init__(self, debug: bool, strict: bool):
         self.debug, self.strict = debug, strict
@@ -40,10 +41,16 @@ class State:
         if self._host is None:
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always", PluginLoadWarning)
-                self._host = build_plugin_manager(strict=self.strict)
+                host = build_plugin_manager(strict=self.strict)
             for w in caught:
-                click.echo(f"warning: {w.message}", err=True)
+                _echo_warning(str(w.message))
+            host.report = _echo_warning
+            self._host = host
         return self._host
+
+
+def _echo_warning(message: str) -> None:
+    click.echo(f"warning: {message}", err=True)
 
 
 def reports_errors(fn: Callable[..., Any]) -> Callable[..., Any]:

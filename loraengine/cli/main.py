@@ -172,7 +172,8 @@ def validate(state: State, config: Path, overrides: tuple[str, ...],
     """Check CONFIG without training: its keys and values, then that the model is there
     and readable (no weights loaded), the data files hold the tensors the model takes,
     adapter.existing is readable and the outputs can be written. Every problem is one
-    line; exit status 2 when there is any."""
+    line; exit status 2 when the config has any, 1 when a plugin is broken under
+    --strict."""
     from loraengine.api import resolve_config
     from loraengine.core.errors import ConfigError
     from loraengine.core.preflight import check_outputs

@@ -46,19 +46,35 @@ _SpecList = (
     | list[S.LoggerSpec] | list[S.AnySpec])
 
 
+@dataclass(frozen=True)
+class Unavailable:
+    """Why a record someone asks for may be missing: a plugin that failed to load or
+    whose registration hook failed (``category`` ``None``: it may have been meant to
+    provide any name), or one record that was left out (``category`` and ``name``)."""
+
+    reason: str
+    category: str | None = None
+    name: str | None = None
+
+    def covers(self, category: str, name: str) -> bool:
+        return self.category is None or (self.category, self.name) == (category, name)
+
+
 @dataclass(frozen=True, eq=False)  # compared (and hashed, e.g. as a cache key) by identity
 class Registry:
     """Every provided record, by category and name.
 
-    ``failure_note`` is appended to unknown-name errors: it names the external plugins
-    that failed to load, one of which may have been meant to provide the name.
+    Unknown-name errors end with a note of each ``unavailable`` entry that covers the
+    name, and with ``failure_note`` (text made by the caller), when there are any.
     """
 
     entries: Mapping[str, Mapping[str, S.ProvidedSpec]]
     failure_note: str = ""
+    unavailable: tuple[Unavailable, ...] = ()
 
     @classmethod
-    def of(cls, records: Iterable[S.ProvidedSpec], failure_note: str = "") -> Registry:
+    def of(cls, records: Iterable[S.ProvidedSpec], failure_note: str = "",
+           unavailable: Iterable[Unavailable] = ()) -> Registry:
         """The registry of ``records`` (in registration order); two records of one
         category with the same name are a ``PluginError`` naming both plugins."""
         entries: dict[str, dict[str, S.ProvidedSpec]] = {c: {} for c in CATEGORIES}
@@ -70,7 +86,7 @@ class Registry:
                     f"by both {_who(existing)} and {_who(provided)}")
             entries[provided.category][provided.name] = provided
         frozen = {c: MappingProxyType(by_name) for c, by_name in entries.items()}
-        return cls(MappingProxyType(frozen), failure_note)
+        return cls(MappingProxyType(frozen), failure_note, tuple(unavailable))
 
     def names(self, category: str) -> list[str]:
         return sorted(self.entries[category])
@@ -144,9 +160,12 @@ class Registry:
             raise ConfigError(self.unknown(category, name)) from None
 
     def unknown(self, category: str, name: str) -> str:
-        """The message for a name no plugin of ``category`` provides."""
+        """The message for a name no plugin of ``category`` provides: the installed
+        names, and what failed that may have been meant to provide it."""
+        reasons = dict.fromkeys(u.reason for u in self.unavailable if u.covers(category, name))
+        note = f" (note: {'; '.join(reasons)})" if reasons else ""
         return (f"unknown {category} {name!r}; installed: "
-                f"{', '.join(self.names(category))}{self.failure_note}")
+                f"{', '.join(self.names(category))}{note}{self.failure_note}")
 
     @contextmanager
     def blame(self, category: str, name: str, what: str) -> Iterator[None]:
