@@ -6,9 +6,10 @@ import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import torch
+from pydantic import BaseModel, PydanticUserError, TypeAdapter, ValidationError
 from torch import nn
 
 from loraengine.core.adapter import (
@@ -21,6 +22,7 @@ from loraengine.core.adapter import (
     select_layers,
 )
 from loraengine.core.compile import apply_compile
+from loraengine.core.config.root import PLUGIN_SECTIONS
 from loraengine.core.data import (
     DataExpectations,
     Dataset,
@@ -49,6 +51,7 @@ from loraengine.core.files import (
 from loraengine.core.model import LoadedModel
 from loraengine.core.plugins.assembly import BuildContext, HostStreaming, StrategyResult
 from loraengine.core.plugins.host import PluginHost
+from loraengine.core.plugins.registry import Registry
 from loraengine.core.plugins.specs import LossFn
 from loraengine.core.preflight import preflight
 from loraengine.core.recipe import Recipe, build_recipes
@@ -86,6 +89,8 @@ class Pipeline:
     loss_weighting: Callable[[torch.Tensor], torch.Tensor] | None = None
     loss_timestep_aware: bool = False
     recipes: list[Recipe] = field(default_factory=list)
+    #: The record name of each of ``recipes`` (what an error in one of its hooks names).
+    recipe_names: tuple[str, ...] = ()
     #: Tensors a memory strategy keeps on the host (offloading's copies of the base).
     host_resident: tuple[torch.Tensor, ...] = ()
     #: The transfer counter of a strategy that streams the base from the host.
@@ -101,23 +106,92 @@ class Pipeline:
     def per_sample_loss(self, pred: torch.Tensor, target: torch.Tensor, t: torch.Tensor
                         ) -> torch.Tensor:
         """Each sample's loss ``[B]``: the elementwise loss averaged over all but the
-        batch dimension."""
+        batch dimension. The loss plugin is named when its function raises or breaks
+        its contract (a tensor of ``pred``'s shape that gradients flow through)."""
         fn: Any = self.loss_fn
-        elem = fn(pred, target, t, self.loaded.schedule) if self.loss_timestep_aware else \
-            fn(pred, target)
+        try:
+            elem = fn(pred, target, t, self.loaded.schedule) if self.loss_timestep_aware \
+                else fn(pred, target)
+            if not isinstance(elem, torch.Tensor) or elem.shape != pred.shape or (
+                    pred.requires_grad and not elem.requires_grad):
+                raise loss_contract_error(elem, pred)
+        except torch.OutOfMemoryError:
+            raise
+        except Exception:
+            with self.host.registry.blame("loss", self.config.loss.name, "function"):
+                raise
         result: torch.Tensor = elem.flatten(1).mean(dim=1)
         return result
 
     def loss_weights(self, t: torch.Tensor) -> torch.Tensor:
-        """Per-sample loss weights ``[B]`` for the timesteps ``t`` (ones by default)."""
+        """Per-sample loss weights ``[B]`` for the timesteps ``t`` (ones by default); the
+        weighting plugin is named when it raises or returns anything but ``[B]``."""
         if self.loss_weighting is None:
             return torch.ones(t.shape[0], device=t.device)
-        return self.loss_weighting(t)
+        try:
+            weights = self.loss_weighting(t)
+            if not isinstance(weights, torch.Tensor) or weights.shape != t.shape[:1]:
+                got = (f"shape {list(weights.shape)}" if isinstance(weights, torch.Tensor)
+                       else _returned(weights))
+                raise TypeError(f"it returned {got} for {t.shape[0]} timesteps; weights(t) "
+                                f"returns a tensor [B], one weight per sample")
+        except torch.OutOfMemoryError:
+            raise
+        except Exception:
+            with self.host.registry.blame("loss_weighting", self.config.loss_weighting.name,
+                                          "weights"):
+                raise
+        return weights
 
     def close(self) -> None:
         """Remove every hook and patch the pipeline put on the model."""
         _undo_all(self.undo, self.network)
         self.dist.close()
+
+
+def _returned(value: object) -> str:
+    """``None``, or ``a float``: what a plugin returned, for its error."""
+    return "None" if value is None else f"a {type(value).__name__}"
+
+
+def loss_contract_error(elem: object, pred: torch.Tensor) -> TypeError:
+    """What is wrong with ``elem``, a loss function's output for ``pred``."""
+    if not isinstance(elem, torch.Tensor):
+        return TypeError(f"it returned {_returned(elem)}, not a tensor; fn(pred, target) returns "
+                         f"the elementwise loss, a tensor of pred's shape")
+    if elem.shape != pred.shape:
+        return TypeError(f"it returned shape {list(elem.shape)} for a prediction of shape "
+                         f"{list(pred.shape)}; fn(pred, target) returns the elementwise "
+                         f"loss in pred's shape, unreduced (the engine averages it)")
+    return TypeError("it returned a tensor no gradient flows back through (detached, or "
+                     "computed under torch.no_grad); the loss must stay differentiable")
+
+
+def check_optimizer(optimizer: object) -> None:
+    """A ``TypeError`` (the factory's ``blame`` names the plugin) when what an optimizer
+    factory returned lacks what the trainer uses: ``step``, ``zero_grad`` and
+    ``param_groups``, a non-empty list of groups each with its ``lr``."""
+    missing = [a for a in ("step", "zero_grad") if not callable(getattr(optimizer, a, None))]
+    groups = getattr(optimizer, "param_groups", None)
+    if not (isinstance(groups, Sequence) and groups
+            and all(isinstance(g, Mapping) and "lr" in g for g in groups)):
+        missing.append("param_groups")
+    if missing:
+        named = " or ".join([", ".join(missing[:-1]), missing[-1]] if len(missing) > 1
+                            else missing)
+        raise TypeError(f"it returned {_returned(optimizer)}, which has no usable {named}; the "
+                        f"factory returns a torch.optim.Optimizer over the parameters it is "
+                        f"given")
+
+
+def check_lr_scheduler(scheduler: object) -> None:
+    """A ``TypeError`` (the factory's ``blame`` names the plugin) when what a learning
+    rate schedule factory returned has no ``step``."""
+    if not callable(getattr(scheduler, "step", None)):
+        hint = (" (a function of the step goes in torch.optim.lr_scheduler.LambdaLR("
+                "optimizer, fn))" if callable(scheduler) else "")
+        raise TypeError(f"it returned {_returned(scheduler)}, which has no step(); the factory "
+                        f"returns a torch.optim.lr_scheduler.LRScheduler{hint}")
 
 
 def _undo_all(undo: list[Callable[[], None]], network: AdapterNetwork) -> None:
@@ -232,9 +306,12 @@ def build_adapters(config: Any, host: PluginHost, loaded: LoadedModel, device: t
             except Exception as exc:
                 raise DataError(f"{acfg.existing}: module {path}: cannot restore "
                                 f"{spec.name} adapter: {exc}") from None
+            with host.registry.blame("adapter", spec.name, "load"):
+                check_adapter_layer(layer, path)
         else:
             with host.registry.blame("adapter", spec.name, "create"):
                 layer = spec.create(base, acfg.rank, alpha, acfg, g)
+                check_adapter_layer(layer, path)
             if saved:
                 fresh.append(path)
         layer.algorithm = spec.name
@@ -252,6 +329,30 @@ def build_adapters(config: Any, host: PluginHost, loaded: LoadedModel, device: t
     for delta in deltas.values():
         delta.to(device=device, dtype=param_dtype)
     return AdapterNetwork(built, deltas), spec, previous_steps
+
+
+def check_adapter_layer(layer: object, path: str) -> None:
+    """A ``TypeError`` (the ``blame`` around ``create``/``load`` names the plugin) for
+    a layer that could not train: not an ``AdapterLayer``, without a trainable
+    parameter, or holding a tensor that asks for gradients as a plain attribute (it is
+    no registered parameter, so the optimizer never sees it and it never learns)."""
+    if not isinstance(layer, AdapterLayer):
+        raise TypeError(f"it returned {_returned(layer)} for layer {path}, not a loraengine "
+                        f"AdapterLayer")
+    kind = type(layer).__name__
+    for owner, module in layer.named_modules():
+        for attr, value in vars(module).items():
+            if isinstance(value, torch.Tensor) and value.requires_grad and not isinstance(
+                    value, nn.Parameter):
+                where = f"{owner}.{attr}" if owner else attr
+                raise TypeError(f"its {kind} for layer {path} holds tensor {where!r} with "
+                                f"requires_grad=True as a plain attribute, not an "
+                                f"nn.Parameter: the optimizer never sees it and it never "
+                                f"learns (assign nn.Parameter(tensor) instead)")
+    if not any(p.requires_grad for p in layer.parameters()):
+        raise TypeError(f"its {kind} for layer {path} has no trainable parameter (none "
+                        f"registered as an nn.Parameter with requires_grad=True), so "
+                        f"there is nothing to train")
 
 
 def _norm_layers(model: nn.Module, include: list[str], exclude: list[str]
@@ -353,10 +454,60 @@ def build_pipeline(config: Any, host: PluginHost, *, model: nn.Module | None = N
     return pipe
 
 
+def check_option_defaults(config: Any, registry: Registry) -> None:
+    """The defaults of every option this config leaves unset, validated as a value
+    written in the config would be (pydantic takes a plugin's defaults unchecked): a
+    default its own field refuses (``Field(-1.0, gt=0)``) is the error of the plugin
+    that declares it, which the message names with the option."""
+    for section, (category, key) in PLUGIN_SECTIONS.items():
+        options = getattr(config, section, None)
+        if options is not None:
+            name = getattr(options, key)
+            _check_defaults(registry, category, name, section,
+                            registry.get(category, name).config_model, options)
+    memory = getattr(config, "memory", None)
+    for strategy in registry.specs("memory"):
+        if memory is not None:
+            _check_defaults(registry, "memory", strategy.name, "memory",
+                            strategy.config_model, memory)
+        for section, extra in strategy.extends.items():
+            options = getattr(config, section, None)
+            if options is not None:
+                _check_defaults(registry, "memory", strategy.name, section, extra, options)
+    recipe_section = getattr(config, "recipe", None)
+    if recipe_section is not None:
+        for recipe in registry.specs("recipe"):
+            _check_defaults(registry, "recipe", recipe.name, "recipe", recipe.config_model,
+                            recipe_section)
+
+
+def _check_defaults(registry: Registry, category: str, name: str, section: str,
+                    model: type[BaseModel], options: BaseModel) -> None:
+    for field_name, info in model.model_fields.items():
+        if field_name in options.model_fields_set or info.is_required():
+            continue
+        value = getattr(options, field_name, None)
+        form: Any = Annotated[info.annotation, info]  # a type form, as pydantic takes it
+        try:
+            check: TypeAdapter[object] = TypeAdapter(form)
+        except PydanticUserError:  # a type pydantic takes only inside its model
+            continue
+        try:
+            check.validate_python(value)
+        except ValidationError as exc:
+            why = exc.errors()[0]["msg"]
+            with registry.blame(category, name, "options"):
+                raise ValueError(f"option {field_name!r} defaults to {value!r}, which its "
+                                 f"own field refuses: {why} (the plugin's default is "
+                                 f"wrong; setting {section}.{field_name} in the config "
+                                 f"avoids it)") from None
+
+
 def _assemble(config: Any, host: PluginHost, device: torch.device, dist_ctx: DistContext,
               model: nn.Module | None, latents: Any, conditioning: Any,
               base_dir: Path | None) -> Pipeline:
     reg = host.registry
+    check_option_defaults(config, reg)
     strategies = []
     for strategy in reg.specs("memory"):
         with reg.blame("memory", strategy.name, "enabled"):
@@ -389,11 +540,16 @@ def _assemble(config: Any, host: PluginHost, device: torch.device, dist_ctx: Dis
         optimizer = reg.get("optimizer", opt_name).factory(
             list(p for p in network.parameters() if p.requires_grad), config.optimizer.lr,
             config.optimizer)
+        check_optimizer(optimizer)
     with reg.blame("lr_scheduler", sched_name, "factory"):
         lr_scheduler = reg.get("lr_scheduler", sched_name).factory(
             optimizer, config.training.steps, config.lr_scheduler)
+        check_lr_scheduler(lr_scheduler)
     with reg.blame("loss", loss_name, "factory"):
         loss_fn = reg.get("loss", loss_name).factory(config.loss)
+        if not callable(loss_fn):
+            raise TypeError(f"it returned {_returned(loss_fn)}, not a function; the factory "
+                            f"returns fn(pred, target), the elementwise loss")
     ctx = BuildContext(config=config, loaded=loaded, network=network, device=device)
     undo: list[Callable[[], None]] = []
     attach_mode: AttachMode = "weight"
@@ -433,6 +589,7 @@ def _assemble(config: Any, host: PluginHost, device: torch.device, dist_ctx: Dis
                     undo=undo, timestep_sampler=parts.timestep_sampler,
                     loss_weighting=parts.loss_weighting,
                     loss_timestep_aware=parts.loss_timestep_aware, recipes=parts.recipes,
+                    recipe_names=parts.recipe_names,
                     host_resident=tuple(host_resident), offloader=offloader)
 
 

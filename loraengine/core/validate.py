@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 import torch
 
 from loraengine.core.adapter import ADAPTABLE, select_layers
-from loraengine.core.build import adapter_include
+from loraengine.core.build import adapter_include, check_option_defaults
 from loraengine.core.data import (
     DataExpectations,
     first_nonfinite,
@@ -43,6 +43,8 @@ def validate_config(config: Any, host: PluginHost, base_dir: Path | None = None
     says what could not be checked without loading the model."""
     problems: list[str] = []
     notes: list[str] = []
+    # a plugin's option default its own field refuses, as the build would refuse it
+    _attempt(problems, lambda: check_option_defaults(config, host.registry))
     layout = _model_layout(config, host, base_dir, problems, notes)
     _check_targets(config, host, layout, problems, notes)
     _check_data(config, layout, problems)

@@ -24,7 +24,7 @@ import torch
 
 from loraengine.core import preflight
 from loraengine.core.adapter import AdapterNetwork
-from loraengine.core.build import Pipeline
+from loraengine.core.build import Pipeline, check_lr_scheduler
 from loraengine.core.config.root import config_to_dict
 from loraengine.core.data import BucketedDataset, BucketStream, Dataset, IndexStream
 from loraengine.core.errors import ConfigError, DataError, NonFiniteError
@@ -528,8 +528,10 @@ class Trainer:
             with registry.blame("lr_scheduler", name, "factory"):
                 fresh = registry.get("lr_scheduler", name).factory(
                     self.pipe.optimizer, self.total_steps, self.config.lr_scheduler)
-            for _ in range(steps):
-                fresh.step()
+                check_lr_scheduler(fresh)
+            with registry.blame("lr_scheduler", name, "step"):
+                for _ in range(steps):
+                    fresh.step()
         self.pipe = dataclasses.replace(self.pipe, lr_scheduler=fresh)
         self.state.lr_scheduler = fresh
 
@@ -654,8 +656,9 @@ class Trainer:
         reached, as its checkpoint is numbered) names the files for it,
         ``<name>.step_000123.safetensors``, beside the final ones."""
         to_eval = getattr(self.pipe.optimizer, "eval", None)
-        if callable(to_eval):
-            to_eval()  # schedule-free optimizers: save the averaged x
+        if callable(to_eval):  # schedule-free optimizers: save the averaged x
+            with self.registry.blame("optimizer", self.config.optimizer.name, "eval"):
+                to_eval()
         parts = dict(self.pipe.loaded.file_parts)
         by_part = {part: self.lora_tensors(prefix) for part, prefix in parts.items()}
         # a model of several parts: its parts' tensors, each key under "<part>."

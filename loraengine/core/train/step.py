@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 import torch
 
@@ -22,6 +22,9 @@ from loraengine.core.data import BucketStream, Dataset, IndexStream
 from loraengine.core.distributed import average_gradients, guarded
 from loraengine.core.errors import LoraEngineError
 from loraengine.core.model import checked_prediction, forward_failed
+from loraengine.core.schedule import NoiseSchedule
+
+_R = TypeVar("_R")
 
 
 class StepProbe(Protocol):
@@ -32,25 +35,109 @@ class StepProbe(Protocol):
     def backward(self) -> AbstractContextManager[object]: ...
 
 
+def plugin_call(pipe: Pipeline, category: str, name: str, what: str,
+                fn: Callable[..., _R], *args: object, **kwargs: object) -> _R:
+    """``fn(*args, **kwargs)``, a call into what plugin ``name`` of ``category`` built:
+    an exception it raises becomes the ``PluginFailed`` naming that plugin and ``what``
+    was called (running out of memory and the engine's own errors pass as they are).
+    Nothing is entered unless it raises: the hot path pays one Python call."""
+    try:
+        return fn(*args, **kwargs)
+    except torch.OutOfMemoryError:
+        raise
+    except Exception:
+        with pipe.host.registry.blame(category, name, what):
+            raise
+
+
+def _recipe_name(pipe: Pipeline, index: int) -> str:
+    names = pipe.recipe_names
+    return names[index] if index < len(names) else pipe.recipes[index].name
+
+
 def draw_noise(pipe: Pipeline, x0: torch.Tensor, generator: torch.Generator
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-sample draws, so a batch of k·b sees exactly the draws of k batches of b.
     Returns the target's noise, the timesteps and the noise that makes ``x_t`` (the
-    two noises differ only when a recipe such as input perturbation says so)."""
+    two noises differ only when a recipe such as input perturbation says so). The
+    timestep sampler's draws are checked against the schedule (``timestep_problem``)
+    and a failure names the sampler, or the recipe whose ``perturb_noise`` raised."""
     schedule = pipe.loaded.schedule
-    draw_t = schedule.restrict(pipe.timestep_sampler or schedule.sample_timestep)
+    sampler = pipe.timestep_sampler
+    draw_t = schedule.restrict(sampler or schedule.sample_timestep)
     noises, ts, xt_noises = [], [], []
     # a model shifting by resolution draws with the shift of this batch's latent size
     with schedule.shifted_for(x0.shape[1:]):
         for _ in range(x0.shape[0]):  # sample by sample: noise, its timestep, tweaks
             noise = torch.randn(x0.shape[1:], generator=generator)
-            ts.append(draw_t(generator))
+            try:
+                t = draw_t(generator)
+                if not isinstance(t, torch.Tensor) or t.ndim != 0:
+                    raise TypeError(f"it returned {_drawn(t)}; draw(generator) returns "
+                                    f"one timestep, a 0-dim tensor")
+            except Exception:
+                if sampler is None:
+                    raise
+                with pipe.host.registry.blame("timestep_sampler",
+                                              pipe.config.timestep_sampler.name, "draw"):
+                    raise
+            ts.append(t)
             xt_noise = noise
-            for recipe in pipe.recipes:
-                xt_noise, noise = recipe.perturb_noise(xt_noise, noise, generator)
+            for i, recipe in enumerate(pipe.recipes):
+                try:
+                    xt_noise, noise = recipe.perturb_noise(xt_noise, noise, generator)
+                except torch.OutOfMemoryError:
+                    raise
+                except Exception:
+                    with pipe.host.registry.blame("recipe", _recipe_name(pipe, i),
+                                                  "perturb_noise"):
+                        raise
             noises.append(noise)
             xt_noises.append(xt_noise)
-    return torch.stack(noises), torch.stack(ts), torch.stack(xt_noises)
+    timesteps = torch.stack(ts)
+    if sampler is not None:
+        problem = timestep_problem(schedule, timesteps)
+        if problem is not None:
+            with pipe.host.registry.blame("timestep_sampler",
+                                          pipe.config.timestep_sampler.name, "draw"):
+                raise ValueError(problem)
+    return torch.stack(noises), timesteps, torch.stack(xt_noises)
+
+
+def _drawn(t: object) -> str:
+    if isinstance(t, torch.Tensor):
+        return f"a tensor of shape {list(t.shape)}"
+    value = f" ({t:g})" if isinstance(t, (int, float)) else ""
+    return f"a {type(t).__name__}{value}, not a tensor"
+
+
+def timestep_problem(schedule: NoiseSchedule, t: torch.Tensor) -> str | None:
+    """What is wrong with the timesteps ``t`` (``[B]``, one draw per sample) for
+    ``schedule``: values that are not finite or fall outside it (flow: σ in [0, 1];
+    DDPM: integer steps 0 to N-1), or fractional values on a DDPM schedule (σ drawn for
+    a model that takes steps); ``None`` when nothing is. The draws are host tensors of
+    B values: one read and a pass over them."""
+    if t.is_meta:
+        return None
+    end = schedule.range_end
+    values = t.tolist()
+    bad = next((v for v in values if not 0 <= v <= end), None)  # NaN fails it too
+    if bad is not None:
+        return f"it drew {bad:g}, outside the schedule: a timestep here is {_units(schedule)}"
+    if not schedule.is_flow and t.is_floating_point():
+        fraction = next((v for v in values if v != int(v)), None)
+        if fraction is not None:
+            return (f"it drew {fraction:g}, not an integer step: a timestep here is "
+                    f"{_units(schedule)} (a sigma in [0, 1] is for flow models; "
+                    f"schedule.is_flow tells them apart)")
+    return None
+
+
+def _units(schedule: NoiseSchedule) -> str:
+    if schedule.is_flow:
+        return "sigma in [0, 1] for this flow-matching model"
+    n = schedule.num_timesteps
+    return f"an integer step in [0, {n - 1}] for this {n}-step DDPM schedule"
 
 
 def micro_step(pipe: Pipeline, indices: torch.Tensor, generator: torch.Generator,
@@ -129,10 +216,12 @@ def train_step(pipe: Pipeline, stream: IndexStream | BucketStream,
     tcfg = pipe.config.training
     accum = tcfg.grad_accumulation_steps
     optimizer = pipe.optimizer
+    opt_name, sched_name = pipe.config.optimizer.name, pipe.config.lr_scheduler.name
     to_train = getattr(optimizer, "train", None)
-    if callable(to_train):
-        to_train()  # schedule-free optimizers take gradients at y
-    optimizer.zero_grad(set_to_none=True)
+    if callable(to_train):  # schedule-free optimizers take gradients at y
+        plugin_call(pipe, "optimizer", opt_name, "train", to_train)
+    plugin_call(pipe, "optimizer", opt_name, "zero_grad", optimizer.zero_grad,
+                set_to_none=True)
     total = 0.0
     finite = True
     dist = pipe.dist
@@ -176,22 +265,24 @@ def train_step(pipe: Pipeline, stream: IndexStream | BucketStream,
     if tcfg.max_grad_norm is not None and applied:
         torch.nn.utils.clip_grads_with_norm_(params, tcfg.max_grad_norm, total_norm)
     if scaler is not None:
-        if finite:
-            scaler.step(optimizer)  # skips overflowing steps itself
+        if finite:  # the scaler skips overflowing steps itself
+            plugin_call(pipe, "optimizer", opt_name, "step", scaler.step, optimizer)
         scaler.update()
     elif applied:
-        optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
+        plugin_call(pipe, "optimizer", opt_name, "step", optimizer.step)
+    plugin_call(pipe, "optimizer", opt_name, "zero_grad", optimizer.zero_grad,
+                set_to_none=True)
     if applied:
-        pipe.lr_scheduler.step()
+        plugin_call(pipe, "lr_scheduler", sched_name, "step", pipe.lr_scheduler.step)
     else:
         # The schedule advances on a skipped step too (it counts steps, not updates).
         # When no update has been applied yet, torch warns that the scheduler ran before
         # the optimizer, about exactly this on purpose; that warning alone is dropped.
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=_SCHEDULER_FIRST, category=UserWarning)
-            pipe.lr_scheduler.step()
+            plugin_call(pipe, "lr_scheduler", sched_name, "step", pipe.lr_scheduler.step)
     if applied:
-        for recipe in pipe.recipes:
-            recipe.after_optimizer_step()  # e.g. the EMA of the adapter weights
+        for i, recipe in enumerate(pipe.recipes):  # e.g. the EMA of the adapter weights
+            plugin_call(pipe, "recipe", _recipe_name(pipe, i), "after_optimizer_step",
+                        recipe.after_optimizer_step)
     return {"loss": total, "lr": lr, "skipped": float(skipped)}
