@@ -144,6 +144,7 @@ def test_offload_units_are_the_blocks_and_the_layers_around_them():
     assert covered == {id(p) for p in unet.parameters()}
 
 
+@pytest.mark.slow  # seconds a run: kept out of the fast default
 def test_offloaded_training_writes_the_same_lora_as_plain(host, offload_config, tmp_path):
     from loraengine.api import train
 

@@ -213,6 +213,7 @@ def test_broken_weights_are_one_line_and_nothing_is_written(inputs, tmp_path, ki
     assert sorted(p.name for p in tmp_path.iterdir()) == ["O"]  # no temporary folder
 
 
+@pytest.mark.slow  # seconds a run: kept out of the fast default
 @pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("setpriv"),
                     reason="needs root and setpriv to drop the right to read any file")
 def test_weights_the_user_may_not_read_are_one_line(inputs, tmp_path):

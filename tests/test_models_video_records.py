@@ -181,6 +181,7 @@ def _ltx2_pack(x):
     return d.LTX2Pipeline._pack_latents(x)
 
 
+@pytest.mark.slow  # seconds a run: kept out of the fast default
 def test_ltx23_real_size_record_is_ltx2_configured_otherwise():
     """The LTX-2.3 record (diffusers' converter's 2.3 config) builds on the meta device
     as an ltx2 model with gated attention and prompt modulation and no caption

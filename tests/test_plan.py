@@ -264,6 +264,7 @@ def test_plan_command_json_takes_overrides(tiny, tmp_path):
                                                "gradients", "other_resident", "activations"))
 
 
+@pytest.mark.slow  # seconds a run: kept out of the fast default
 def test_plan_command_measure_reports_the_ratio(tiny, tmp_path):
     path = write_yaml(tmp_path, make_config(tiny["model_dir"], tiny["lat"], tiny["cond"], {}))
     res = CliRunner().invoke(cli, ["plan", str(path), "--measure", "--json"])

@@ -44,6 +44,7 @@ def test_logit_normal_sample_moments(host):
     assert float(s.median()) == pytest.approx(1 / (1 + math.exp(-mean)), abs=0.01)
 
 
+@pytest.mark.slow  # seconds a run: kept out of the fast default
 def test_shift_moves_sigma_and_inverts_exactly(host):
     shift = 3.0
     base = draws(sampler(host, {"name": "logit_normal"}, NoiseSchedule.flow()))

@@ -217,6 +217,7 @@ def test_ctrl_c_writes_the_partial_lora_beside_the_final_one(host, unet_config, 
     assert set(load_file(str(partial))) == set(load_file(str(final)))
 
 
+@pytest.mark.slow  # seconds a run: kept out of the fast default
 def test_resume_with_a_changed_config_warns_naming_the_keys(host, unet_config, tmp_path):
     pipe = pipeline_for(host, unet_config, tmp_path, save_every=2)
     Trainer(pipe).run()

@@ -168,6 +168,7 @@ def test_bucket_out_that_is_a_file_is_one_line(tmp_path, inputs):
     assert afile.read_bytes() == b"keep me"
 
 
+@pytest.mark.slow  # seconds a run: kept out of the fast default
 def test_bucket_out_in_a_read_only_folder_is_one_line(tmp_path, inputs):
     locked = tmp_path / "locked"
     locked.mkdir()
