@@ -300,9 +300,8 @@ def test_validate_names_an_options_default_its_own_field_refuses(cli_validate):
 
 # -- through the command line -------------------------------------------------------------
 
-@pytest.fixture
-def cli_validate(monkeypatch, tmp_path, unet_config):
-    """``loraengine validate`` of a tiny UNet config with ``specs`` installed."""
+def _cli(monkeypatch, tmp_path, unet_config, *command: str) -> Callable[..., Any]:
+    """``loraengine COMMAND`` on a tiny UNet config with ``specs`` installed."""
     def run(specs: list[Any], overlay: dict[str, Any]) -> Any:
         import loraengine.cli.common as common
 
@@ -312,26 +311,19 @@ def cli_validate(monkeypatch, tmp_path, unet_config):
                "output": {"dir": str(tmp_path / "out"), "name": "run", "plot": False}}
         path = tmp_path / "config.yaml"
         path.write_text(yaml.safe_dump(cfg, sort_keys=False))
-        return CliRunner().invoke(cli, ["validate", str(path)])
+        return CliRunner().invoke(cli, [*command, str(path)])
 
     return run
+
+
+@pytest.fixture
+def cli_validate(monkeypatch, tmp_path, unet_config):
+    return _cli(monkeypatch, tmp_path, unet_config, "validate")
 
 
 @pytest.fixture
 def cli_train(monkeypatch, tmp_path, unet_config):
-    """``loraengine train`` on the tiny UNet with ``specs`` installed."""
-    def run(specs: list[Any], overlay: dict[str, Any]) -> Any:
-        import loraengine.cli.common as common
-
-        host = host_with(*specs)
-        monkeypatch.setattr(common, "build_plugin_manager", lambda strict=False: host)
-        cfg = {**unet_config, **overlay,
-               "output": {"dir": str(tmp_path / "out"), "name": "run", "plot": False}}
-        path = tmp_path / "config.yaml"
-        path.write_text(yaml.safe_dump(cfg, sort_keys=False))
-        return CliRunner().invoke(cli, ["train", "-q", str(path)])
-
-    return run
+    return _cli(monkeypatch, tmp_path, unet_config, "train", "-q")
 
 
 CLI_CASES: dict[str, tuple[Callable[[], list[Any]], dict[str, Any], str]] = {
